@@ -1,0 +1,133 @@
+//! Every limit and timeout of the transport layer, in one place.
+
+use std::time::Duration;
+
+use courier_wire::{Checksum, FrameCodec, DEFAULT_MAX_FRAME_SIZE};
+
+/// Liveness checking for a connection.
+///
+/// When set, the sending half sends a `Ping` after `interval` without
+/// sending anything else, and the receiving half fails with
+/// [`crate::RecvError::PeerSilent`] when nothing at all (data, ping or pong)
+/// has arrived for `timeout`. Every connection answers pings with pongs
+/// whether or not it has heartbeats configured itself, so one side can watch
+/// the other alone — as long as the other side is calling `recv`: a peer that
+/// never reads is, rightly, indistinguishable from a frozen one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Idle time after which a ping is sent.
+    pub interval: Duration,
+    /// Silence after which the peer is declared dead. Should be several intervals.
+    pub timeout: Duration,
+}
+
+impl Heartbeat {
+    /// Pings every `interval`, declares the peer dead after three intervals of silence.
+    pub fn every(interval: Duration) -> Heartbeat {
+        Heartbeat {
+            interval,
+            timeout: interval * 3,
+        }
+    }
+}
+
+/// Limits and timeouts for listeners and connections.
+///
+/// `Default` gives values suited to a LAN service; every field can be
+/// changed:
+///
+/// ```
+/// use std::time::Duration;
+/// use courier_transport::{Heartbeat, TransportConfig};
+/// let mut config = TransportConfig::default();
+/// config.max_frame_size = 64 * 1024;
+/// config.heartbeat = Some(Heartbeat::every(Duration::from_secs(5)));
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct TransportConfig {
+    /// Largest frame sent or accepted (bytes after the length prefix).
+    /// Default 4 MiB. Both sides enforce it: an oversized frame is refused
+    /// before any I/O on send, and ends the connection on receive.
+    pub max_frame_size: usize,
+    /// CRC32C on stream connections. Default off: TCP and Unix sockets have
+    /// their own checks. UDP always uses CRC32C, whatever this says.
+    pub stream_checksum: Checksum,
+    /// How long `connect` may take to establish a socket. Default 10 s.
+    pub connect_timeout: Duration,
+    /// How long the preamble exchange may take on either side. Default 5 s.
+    /// A client that opens a socket and says nothing is dropped after this.
+    pub handshake_timeout: Duration,
+    /// Optional liveness checking. Default none.
+    pub heartbeat: Option<Heartbeat>,
+    /// Bytes of encoded frames a stream connection buffers before senders
+    /// wait for the socket. Default 256 KiB.
+    pub send_buffer: usize,
+    /// Frames an in-process (`mem://`) connection buffers per direction. Default 1024.
+    pub mem_capacity: usize,
+    /// Largest UDP datagram sent or accepted. Default 65,507 (the IPv4
+    /// maximum); lower it to the path MTU (e.g. 1,472) to avoid IP fragmentation.
+    pub max_datagram_size: usize,
+    /// Datagrams buffered per UDP peer before further ones are dropped (and
+    /// counted). Default 1024.
+    pub udp_peer_queue: usize,
+    /// Peers a UDP listener tracks at once; datagrams from further peers are
+    /// dropped (and counted). Default 1024.
+    pub max_udp_peers: usize,
+    /// Connections that finished their handshake and wait for `accept`.
+    /// Default 128. When full, the listener stops accepting (the kernel's
+    /// backlog holds further clients).
+    pub accept_queue: usize,
+    /// Handshakes a listener runs at once. Default 256. Bounds the cost of
+    /// clients that connect and stall.
+    pub max_pending_handshakes: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            stream_checksum: Checksum::Off,
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            heartbeat: None,
+            send_buffer: 256 * 1024,
+            mem_capacity: 1024,
+            max_datagram_size: 65_507,
+            udp_peer_queue: 1024,
+            max_udp_peers: 1024,
+            accept_queue: 128,
+            max_pending_handshakes: 256,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// The same configuration with heartbeats.
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> TransportConfig {
+        self.heartbeat = Some(heartbeat);
+        self
+    }
+
+    /// The same configuration with another frame size limit.
+    pub fn with_max_frame_size(mut self, limit: usize) -> TransportConfig {
+        self.max_frame_size = limit;
+        self
+    }
+
+    pub(crate) fn stream_codec(&self) -> FrameCodec {
+        FrameCodec::new()
+            .max_frame_size(self.max_frame_size)
+            .checksum(self.stream_checksum)
+    }
+
+    pub(crate) fn datagram_codec(&self) -> FrameCodec {
+        let limit = self.max_frame_size.min(
+            self.max_datagram_size
+                .saturating_sub(courier_wire::LENGTH_PREFIX_LEN),
+        );
+        FrameCodec::new()
+            .max_frame_size(limit)
+            .checksum(Checksum::Crc32c)
+    }
+}

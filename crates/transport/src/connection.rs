@@ -1,0 +1,444 @@
+//! A framed, full-duplex connection and its two halves.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use courier_wire::{Frame, FrameKind};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::mem::{MemReader, MemWriter};
+use crate::stream::{StreamReader, StreamWriter, Urgency};
+use crate::udp::{UdpReader, UdpWriter};
+use crate::{Address, Heartbeat, RecvError, SendError};
+
+pub(crate) enum SendLink {
+    Stream(StreamWriter),
+    Mem(MemWriter),
+    Udp(UdpWriter),
+}
+
+pub(crate) enum RecvLink {
+    Stream(StreamReader),
+    Mem(MemReader),
+    Udp(UdpReader),
+}
+
+impl RecvLink {
+    async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {
+        match self {
+            RecvLink::Stream(reader) => reader.recv().await,
+            RecvLink::Mem(reader) => Ok(reader.recv().await),
+            RecvLink::Udp(reader) => reader.recv().await,
+        }
+    }
+}
+
+/// State shared by every clone of a [`FrameSender`].
+struct SenderShared {
+    link: SendLink,
+    /// Set when heartbeats are on: when the last frame went out.
+    idle: Option<IdleClock>,
+}
+
+/// Tracks the time of the last send, cheaply, for the heartbeat task.
+struct IdleClock {
+    born: Instant,
+    last_send_nanos: AtomicU64,
+}
+
+impl IdleClock {
+    fn touch(&self) {
+        let nanos = self.born.elapsed().as_nanos() as u64;
+        self.last_send_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_send_nanos.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
+    }
+}
+
+impl SenderShared {
+    async fn send(&self, frame: Frame, urgency: Urgency) -> Result<(), SendError> {
+        match &self.link {
+            SendLink::Stream(writer) => {
+                writer
+                    .enqueue(urgency, |codec, buf| codec.encode_frame(&frame, buf))
+                    .await?
+            }
+            SendLink::Mem(writer) => writer.send(frame).await?,
+            SendLink::Udp(writer) => {
+                writer
+                    .send(|codec, buf| codec.encode_frame(&frame, buf))
+                    .await?
+            }
+        }
+        if let Some(idle) = &self.idle {
+            idle.touch();
+        }
+        Ok(())
+    }
+
+    /// Queues a pong and gets it written without making the caller wait.
+    fn reply_pong(self: Arc<Self>, id: u64) {
+        let pong = Frame::new(FrameKind::Pong, id, Bytes::new());
+        match &self.link {
+            SendLink::Mem(writer) => writer.try_send(pong),
+            SendLink::Stream(writer) => {
+                if writer
+                    .enqueue_nowait(|codec, buf| codec.encode_frame(&pong, buf))
+                    .is_ok()
+                {
+                    tokio::spawn(async move {
+                        if let SendLink::Stream(writer) = &self.link {
+                            let _ = writer.flush().await;
+                        }
+                    });
+                }
+            }
+            SendLink::Udp(_) => {
+                tokio::spawn(async move {
+                    let _ = self.send(pong, Urgency::Now).await;
+                });
+            }
+        }
+    }
+}
+
+/// The sending half of a [`Connection`]. Cheap to clone; clones share one
+/// link and may send from different tasks at once.
+///
+/// Frames from one task arrive in the order that task sent them. `Ok` from
+/// [`FrameSender::send`] means the frame was handed to the link: written to
+/// the socket (or queued behind a write already under way in another task,
+/// which writes it before it lets go), placed in the in-process channel, or
+/// sent as a datagram. It does **not** mean the peer received it; the
+/// messaging layer's acknowledgements say that.
+///
+/// When every clone is dropped the link is closed; bytes still queued are
+/// lost unless [`FrameSender::close`] or [`FrameSender::flush`] was awaited.
+#[derive(Clone)]
+pub struct FrameSender {
+    shared: Arc<SenderShared>,
+}
+
+impl std::fmt::Debug for FrameSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameSender").finish_non_exhaustive()
+    }
+}
+
+impl FrameSender {
+    /// Sends one frame now (see the type's docs for what `Ok` means). Waits
+    /// only when the link's buffer is full. An oversized frame is refused
+    /// before any I/O and the connection stays usable.
+    pub async fn send(&self, frame: Frame) -> Result<(), SendError> {
+        self.shared.send(frame, Urgency::Now).await
+    }
+
+    /// Queues one frame without writing it yet, so that many frames share
+    /// one syscall; it is written when the buffer fills, or by the next
+    /// [`send`](Self::send) or [`flush`](Self::flush). For streaming many
+    /// frames: `feed` each, then `flush` once. On datagram and in-process
+    /// links this is the same as `send`.
+    pub async fn feed(&self, frame: Frame) -> Result<(), SendError> {
+        self.shared.send(frame, Urgency::Later).await
+    }
+
+    /// Sends a frame whose payload is `value` encoded with postcard. On
+    /// stream links the value is serialized straight into the send buffer.
+    pub async fn send_message<T: Serialize + ?Sized>(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        value: &T,
+    ) -> Result<(), SendError> {
+        match &self.shared.link {
+            SendLink::Stream(writer) => {
+                writer
+                    .enqueue(Urgency::Now, |codec, buf| {
+                        codec.encode_message(kind, id, value, buf)
+                    })
+                    .await?;
+                if let Some(idle) = &self.shared.idle {
+                    idle.touch();
+                }
+                Ok(())
+            }
+            SendLink::Udp(writer) => {
+                writer
+                    .send(|codec, buf| codec.encode_message(kind, id, value, buf))
+                    .await?;
+                if let Some(idle) = &self.shared.idle {
+                    idle.touch();
+                }
+                Ok(())
+            }
+            SendLink::Mem(writer) => {
+                let frame = writer.encode_message(kind, id, value)?;
+                self.shared.send(frame, Urgency::Now).await
+            }
+        }
+    }
+
+    /// Writes every queued frame to the link.
+    pub async fn flush(&self) -> Result<(), SendError> {
+        match &self.shared.link {
+            SendLink::Stream(writer) => writer.flush().await,
+            SendLink::Mem(_) | SendLink::Udp(_) => Ok(()),
+        }
+    }
+
+    /// Closes the sending direction gracefully: refuses further frames,
+    /// writes everything queued, then signals end of stream to the peer,
+    /// which sees `Ok(None)` from `recv` after the last frame.
+    pub async fn close(&self) -> Result<(), SendError> {
+        match &self.shared.link {
+            SendLink::Stream(writer) => writer.close().await,
+            SendLink::Mem(writer) => writer.close().await,
+            SendLink::Udp(writer) => {
+                writer.close();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The receiving half of a [`Connection`].
+///
+/// Pings are answered and pongs absorbed here; neither is returned.
+pub struct FrameReceiver {
+    link: RecvLink,
+    /// For answering pings without keeping the sending half alive.
+    pong: Weak<SenderShared>,
+    dead_after: Option<Duration>,
+    last_heard: Instant,
+    peer: Option<Address>,
+}
+
+impl std::fmt::Debug for FrameReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameReceiver")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrameReceiver {
+    /// The next frame; `Ok(None)` when the peer closed the connection cleanly.
+    ///
+    /// Cancel-safe: if the future is dropped before it completes, no frame is
+    /// lost. With heartbeats on, fails with [`RecvError::PeerSilent`] when
+    /// nothing arrived for the configured timeout. After an error the
+    /// connection should be dropped.
+    pub async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {
+        loop {
+            let next = match self.dead_after {
+                None => self.link.recv().await,
+                Some(after) => {
+                    match tokio::time::timeout_at(self.last_heard + after, self.link.recv()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            tracing::debug!(peer = ?self.peer, ?after, "peer silent, giving up on it");
+                            return Err(RecvError::PeerSilent { after });
+                        }
+                    }
+                }
+            };
+            let frame = match next {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(None),
+                Err(err) => {
+                    if let RecvError::Decode(reason) = &err {
+                        tracing::warn!(peer = ?self.peer, %reason, "peer sent an invalid frame; closing");
+                    }
+                    return Err(err);
+                }
+            };
+            self.last_heard = Instant::now();
+            match frame.kind {
+                FrameKind::Ping => {
+                    if let Some(sender) = self.pong.upgrade() {
+                        sender.reply_pong(frame.id);
+                    }
+                }
+                FrameKind::Pong => {}
+                _ => return Ok(Some(frame)),
+            }
+        }
+    }
+
+    /// Datagrams discarded on this connection because they failed their
+    /// checksum, were malformed or oversized. Always 0 on stream and
+    /// in-process links, where such input ends the connection instead.
+    pub fn discarded_datagrams(&self) -> u64 {
+        match &self.link {
+            RecvLink::Udp(reader) => reader.discarded(),
+            _ => 0,
+        }
+    }
+
+    /// The peer's address, where the transport knows it.
+    pub fn peer_addr(&self) -> Option<&Address> {
+        self.peer.as_ref()
+    }
+}
+
+/// A framed, full-duplex connection, the same for every transport.
+///
+/// Use it whole from one task, or [`split`](Connection::split) it into a
+/// [`FrameSender`] (cloneable) and a [`FrameReceiver`] for separate tasks.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> anyhow::Result<()> {
+/// use courier_transport::{bind, connect, Address, Frame, TransportConfig};
+///
+/// let config = TransportConfig::default();
+/// let mut listener = bind(&"tcp://127.0.0.1:0".parse()?, &config).await?;
+/// let address = listener.local_addr().clone();
+/// tokio::spawn(async move {
+///     let mut conn = listener.accept().await.unwrap();
+///     while let Ok(Some(frame)) = conn.recv().await {
+///         conn.send(frame).await.unwrap(); // echo
+///     }
+/// });
+///
+/// let mut conn = connect(&address, &config).await?;
+/// conn.send(Frame::data(1, &b"hello"[..])).await?;
+/// let echo = conn.recv().await?.expect("an echo");
+/// assert_eq!(&echo.payload[..], b"hello");
+/// # Ok(()) }
+/// ```
+pub struct Connection {
+    sender: FrameSender,
+    receiver: FrameReceiver,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.receiver.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Assembles a connection from its links; starts the heartbeat task when
+    /// configured. Must be called within a tokio runtime.
+    pub(crate) fn new(
+        send: SendLink,
+        recv: RecvLink,
+        heartbeat: Option<Heartbeat>,
+        peer: Option<Address>,
+    ) -> Connection {
+        let now = Instant::now();
+        let shared = Arc::new(SenderShared {
+            link: send,
+            idle: heartbeat.map(|_| IdleClock {
+                born: now,
+                last_send_nanos: AtomicU64::new(0),
+            }),
+        });
+        if let Some(heartbeat) = heartbeat {
+            tokio::spawn(send_pings(Arc::downgrade(&shared), heartbeat.interval));
+        }
+        let receiver = FrameReceiver {
+            link: recv,
+            pong: Arc::downgrade(&shared),
+            dead_after: heartbeat.map(|h| h.timeout),
+            last_heard: now,
+            peer,
+        };
+        Connection {
+            sender: FrameSender { shared },
+            receiver,
+        }
+    }
+
+    /// See [`FrameSender::send`].
+    pub async fn send(&self, frame: Frame) -> Result<(), SendError> {
+        self.sender.send(frame).await
+    }
+
+    /// See [`FrameSender::feed`].
+    pub async fn feed(&self, frame: Frame) -> Result<(), SendError> {
+        self.sender.feed(frame).await
+    }
+
+    /// See [`FrameSender::send_message`].
+    pub async fn send_message<T: Serialize + ?Sized>(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        value: &T,
+    ) -> Result<(), SendError> {
+        self.sender.send_message(kind, id, value).await
+    }
+
+    /// See [`FrameSender::flush`].
+    pub async fn flush(&self) -> Result<(), SendError> {
+        self.sender.flush().await
+    }
+
+    /// See [`FrameReceiver::recv`].
+    pub async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {
+        self.receiver.recv().await
+    }
+
+    /// A sending handle that can be moved to another task.
+    pub fn sender(&self) -> FrameSender {
+        self.sender.clone()
+    }
+
+    /// The two halves, for use from different tasks.
+    pub fn split(self) -> (FrameSender, FrameReceiver) {
+        (self.sender, self.receiver)
+    }
+
+    /// The peer's address, where the transport knows it.
+    pub fn peer_addr(&self) -> Option<&Address> {
+        self.receiver.peer_addr()
+    }
+
+    /// See [`FrameReceiver::discarded_datagrams`].
+    pub fn discarded_datagrams(&self) -> u64 {
+        self.receiver.discarded_datagrams()
+    }
+
+    /// Flushes what is queued, ends the sending direction, and drops the
+    /// connection.
+    pub async fn close(self) -> Result<(), SendError> {
+        self.sender.close().await
+    }
+}
+
+/// Sends a ping whenever the link has been idle for `interval`. Holds only a
+/// weak reference, so it ends when the last sender is dropped.
+async fn send_pings(shared: Weak<SenderShared>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sequence = 0u64;
+    loop {
+        ticks.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let idle = shared
+            .idle
+            .as_ref()
+            .map_or(Duration::MAX, IdleClock::idle_for);
+        if idle < interval {
+            continue;
+        }
+        sequence += 1;
+        let ping = Frame::new(FrameKind::Ping, sequence, Bytes::new());
+        match tokio::time::timeout(interval, shared.send(ping, Urgency::Now)).await {
+            Ok(Ok(())) | Err(_) => {}
+            Ok(Err(_)) => return, // the link is closed or broken; recv will say why
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! Listeners, and the TCP and Unix socket plumbing shared by `bind` and `connect`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::connection::{RecvLink, SendLink};
+use crate::mem::MemRegistration;
+use crate::stream::{exchange_preamble, BoxRead, BoxWrite, StreamReader, StreamWriter};
+use crate::{
+    udp, AcceptError, Address, BindError, ConnectError, Connection, HandshakeError, TransportConfig,
+};
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) dropped_datagrams: AtomicU64,
+}
+
+/// What a listener has seen so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerStats {
+    /// Connections that completed their handshake (UDP: peers that sent a
+    /// first valid frame).
+    pub accepted: u64,
+    /// Connections turned away: bad preamble, handshake timeout, I/O error.
+    pub refused: u64,
+    /// UDP datagrams dropped by the listener: corrupt first datagrams, peer
+    /// queue full, too many peers, oversized.
+    pub dropped_datagrams: u64,
+}
+
+/// Accepts connections on one address. Created by [`crate::bind`].
+///
+/// Handshakes run in the background, many at once and each under a timeout,
+/// so a slow or hostile client never holds up the others; `accept` returns
+/// connections that are ready. Dropping the listener stops accepting (and
+/// removes a Unix socket file or a `mem://` name); connections already
+/// accepted live on.
+pub struct Listener {
+    local: Address,
+    incoming: mpsc::Receiver<Connection>,
+    counters: Arc<Counters>,
+    task: Option<JoinHandle<()>>,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Nothing,
+    UnixSocketFile(PathBuf),
+    MemName(#[allow(dead_code)] MemRegistration),
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        if let Cleanup::UnixSocketFile(path) = &self.cleanup {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Listener {
+    /// The next connection whose handshake completed.
+    pub async fn accept(&mut self) -> Result<Connection, AcceptError> {
+        self.incoming
+            .recv()
+            .await
+            .ok_or_else(|| AcceptError::Stopped {
+                address: self.local.clone(),
+            })
+    }
+
+    /// The address this listener is bound to, with the port the system chose
+    /// when port 0 was asked for.
+    pub fn local_addr(&self) -> &Address {
+        &self.local
+    }
+
+    /// Counters of what this listener has accepted and refused.
+    pub fn stats(&self) -> ListenerStats {
+        ListenerStats {
+            accepted: self.counters.accepted.load(Ordering::Relaxed),
+            refused: self.counters.refused.load(Ordering::Relaxed),
+            dropped_datagrams: self.counters.dropped_datagrams.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A freshly accepted or connected socket, before its handshake.
+enum RawStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl RawStream {
+    /// Exchanges preambles and wraps the socket as a framed connection.
+    async fn establish(
+        self,
+        config: &TransportConfig,
+        peer: Option<Address>,
+    ) -> Result<Connection, HandshakeError> {
+        let (read, write): (BoxRead, BoxWrite) = match self {
+            RawStream::Tcp(mut stream) => {
+                stream.set_nodelay(true)?;
+                exchange_preamble(&mut stream, config.handshake_timeout).await?;
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            RawStream::Unix(mut stream) => {
+                exchange_preamble(&mut stream, config.handshake_timeout).await?;
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        };
+        let codec = config.stream_codec();
+        Ok(Connection::new(
+            SendLink::Stream(StreamWriter::new(write, codec, config.send_buffer)),
+            RecvLink::Stream(StreamReader::new(read, codec)),
+            config.heartbeat,
+            peer,
+        ))
+    }
+}
+
+enum RawListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl RawListener {
+    async fn accept(&self) -> io::Result<(RawStream, Option<Address>)> {
+        match self {
+            RawListener::Tcp(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                Ok((RawStream::Tcp(stream), Some(Address::tcp(peer))))
+            }
+            RawListener::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                Ok((RawStream::Unix(stream), None))
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: RawListener,
+    incoming: mpsc::Sender<Connection>,
+    config: TransportConfig,
+    counters: Arc<Counters>,
+) {
+    let config = Arc::new(config);
+    let handshakes = Arc::new(Semaphore::new(config.max_pending_handshakes.max(1)));
+    loop {
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Typically EMFILE: back off instead of spinning on it.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (incoming, config, counters) = (incoming.clone(), config.clone(), counters.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            match stream.establish(&config, peer.clone()).await {
+                Ok(conn) => {
+                    counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    let _ = incoming.send(conn).await;
+                }
+                Err(reason) => {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = ?peer, %reason, "refused connection");
+                }
+            }
+        });
+    }
+}
+
+async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "name resolved to no addresses",
+        ));
+    }
+    Ok(addrs)
+}
+
+/// Binds a listener on any address kind.
+pub(crate) async fn bind(
+    address: &Address,
+    config: &TransportConfig,
+) -> Result<Listener, BindError> {
+    let counters = Arc::new(Counters::default());
+    let io_err = |source: io::Error| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            BindError::InUse {
+                address: address.clone(),
+            }
+        } else {
+            BindError::Io {
+                address: address.clone(),
+                source,
+            }
+        }
+    };
+    let resolve_err = |source| BindError::Resolve {
+        address: address.clone(),
+        source,
+    };
+    let (tx, rx) = mpsc::channel(config.accept_queue.max(1));
+    let (local, task, cleanup) = match address {
+        Address::Tcp { host, port } => {
+            let addrs = resolve(host, *port).await.map_err(resolve_err)?;
+            let listener = TcpListener::bind(&addrs[..]).await.map_err(io_err)?;
+            let local = Address::tcp(listener.local_addr().map_err(io_err)?);
+            let task = tokio::spawn(accept_loop(
+                RawListener::Tcp(listener),
+                tx,
+                config.clone(),
+                counters.clone(),
+            ));
+            (local, Some(task), Cleanup::Nothing)
+        }
+        Address::Unix(path) => {
+            let listener = bind_unix(path).await.map_err(io_err)?;
+            let task = tokio::spawn(accept_loop(
+                RawListener::Unix(listener),
+                tx,
+                config.clone(),
+                counters.clone(),
+            ));
+            (
+                address.clone(),
+                Some(task),
+                Cleanup::UnixSocketFile(path.clone()),
+            )
+        }
+        Address::Udp { host, port } => {
+            let addrs = resolve(host, *port).await.map_err(resolve_err)?;
+            let (socket, local) = udp::bind_socket(addrs[0]).await.map_err(io_err)?;
+            let task = tokio::spawn(udp::route(socket, tx, config.clone(), counters.clone()));
+            (Address::udp(local), Some(task), Cleanup::Nothing)
+        }
+        Address::Mem(name) => {
+            let (rx, registration) = crate::mem::bind(address, name, config, counters.clone())?;
+            return Ok(Listener {
+                local: address.clone(),
+                incoming: rx,
+                counters,
+                task: None,
+                cleanup: Cleanup::MemName(registration),
+            });
+        }
+    };
+    Ok(Listener {
+        local,
+        incoming: rx,
+        counters,
+        task,
+        cleanup,
+    })
+}
+
+/// Binds a Unix socket, replacing a stale socket file left by a dead process
+/// but never one that a live listener still answers on.
+async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Err(err) if err.kind() == io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(err);
+            }
+            tracing::info!(path = %path.display(), "removing stale unix socket file");
+            std::fs::remove_file(path)?;
+            UnixListener::bind(path)
+        }
+        other => other,
+    }
+}
+
+/// Opens a connection on any address kind.
+pub(crate) async fn connect(
+    address: &Address,
+    config: &TransportConfig,
+) -> Result<Connection, ConnectError> {
+    let timeout = |_| ConnectError::Timeout {
+        address: address.clone(),
+        after: config.connect_timeout,
+    };
+    let io_err = |source| ConnectError::Io {
+        address: address.clone(),
+        source,
+    };
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let (raw, peer) = match address {
+        Address::Tcp { host, port } => {
+            let addrs = tokio::time::timeout_at(deadline, resolve(host, *port))
+                .await
+                .map_err(timeout)?
+                .map_err(|source| ConnectError::Resolve {
+                    address: address.clone(),
+                    source,
+                })?;
+            let mut last_err = None;
+            let mut connected = None;
+            for addr in addrs {
+                match tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+                    .await
+                    .map_err(timeout)?
+                {
+                    Ok(stream) => {
+                        connected = Some((stream, addr));
+                        break;
+                    }
+                    Err(err) => last_err = Some(err),
+                }
+            }
+            let (stream, addr) = connected
+                .ok_or_else(|| io_err(last_err.expect("at least one address was tried")))?;
+            (RawStream::Tcp(stream), Address::tcp(addr))
+        }
+        Address::Unix(path) => {
+            let stream = tokio::time::timeout_at(deadline, UnixStream::connect(path))
+                .await
+                .map_err(timeout)?
+                .map_err(io_err)?;
+            (RawStream::Unix(stream), address.clone())
+        }
+        Address::Udp { host, port } => return udp::connect(address, host, *port, config).await,
+        Address::Mem(name) => return crate::mem::connect(address, name, config).await,
+    };
+    raw.establish(config, Some(peer))
+        .await
+        .map_err(|source| ConnectError::Handshake {
+            address: address.clone(),
+            source,
+        })
+}
