@@ -113,6 +113,8 @@ fn link(capacity: usize, codec: FrameCodec) -> (MemWriter, MemReader) {
 struct Entry {
     incoming: mpsc::Sender<Connection>,
     counters: Arc<Counters>,
+    /// The listener's own settings, for the server's side of each connection.
+    config: TransportConfig,
 }
 
 static LISTENERS: LazyLock<Mutex<HashMap<String, Entry>>> = LazyLock::new(Default::default);
@@ -159,6 +161,7 @@ pub(crate) fn bind(
         Entry {
             incoming: tx.clone(),
             counters,
+            config: config.clone(),
         },
     );
     Ok((
@@ -175,21 +178,29 @@ pub(crate) async fn connect(
     name: &str,
     config: &TransportConfig,
 ) -> Result<Connection, ConnectError> {
-    let (incoming, counters) = {
+    let (incoming, counters, server_config) = {
         let map = listeners();
         let entry = map.get(name).ok_or_else(|| ConnectError::NoListener {
             address: address.clone(),
         })?;
-        (entry.incoming.clone(), entry.counters.clone())
+        (
+            entry.incoming.clone(),
+            entry.counters.clone(),
+            entry.config.clone(),
+        )
     };
-    let codec = config.stream_codec();
-    let (to_server, from_client) = link(config.mem_capacity, codec);
+    // A frame over either side's limit would end a socket connection; here
+    // it is refused by the sender. Each direction is bounded by its
+    // receiver's capacity, and each side's heartbeat is its own.
+    let limit = config.max_frame_size.min(server_config.max_frame_size);
+    let codec = FrameCodec::new().max_frame_size(limit);
+    let (to_server, from_client) = link(server_config.mem_capacity, codec);
     let (to_client, from_server) = link(config.mem_capacity, codec);
     let peer = Some(address.clone());
     let server = Connection::new(
         SendLink::Mem(to_client),
         RecvLink::Mem(from_client),
-        config.heartbeat,
+        server_config.heartbeat,
         peer.clone(),
     );
     let client = Connection::new(
