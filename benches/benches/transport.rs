@@ -1,0 +1,295 @@
+//! End-to-end transport workloads beside a raw tokio TCP baseline measured
+//! in the same run and placement:
+//!
+//! - ping-pong of 64-byte frames, one connection, sequential (p50/p99/p99.9);
+//! - one-way streaming of 128-byte frames (msgs/s and MB/s of payload).
+//!
+//! Targets (issue 2): round trip within 1.1x of raw, streaming at least 0.8x.
+//! `cargo xtask bench` runs it in full; `cargo test --benches` runs a smoke.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use courier_benches::{latency_histogram, median_and_spread, output_dir, record, run_pair, Mode, Placement, Report};
+use courier_transport::{bind, connect, Address, Frame, FrameKind, TransportConfig};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+
+const PING_SIZE: usize = 64;
+const STREAM_SIZE: usize = 128;
+const SUBJECTS: [&str; 3] = ["tcp", "unix", "mem"];
+
+fn address_for(subject: &str, run: usize) -> Address {
+    match subject {
+        "tcp" => "tcp://127.0.0.1:0".parse().unwrap(),
+        "unix" => Address::unix(std::env::temp_dir().join(format!("courier-bench-{}-{run}.sock", std::process::id()))),
+        "mem" => Address::mem(format!("bench-{run}")),
+        other => unreachable!("{other}"),
+    }
+}
+
+// ---------- raw baseline: tokio TCP, length-prefixed, one read and one write per message
+
+async fn raw_server(announce: std::sync::mpsc::Sender<Address>, mode: RawMode) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    announce.send(Address::tcp(listener.local_addr().unwrap())).unwrap();
+    let (mut socket, _) = listener.accept().await.unwrap();
+    socket.set_nodelay(true).unwrap();
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut received = 0u64;
+    loop {
+        while buf.len() >= 4 {
+            let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+            if buf.len() < 4 + len {
+                break;
+            }
+            let message = buf.split_to(4 + len);
+            match mode {
+                RawMode::Echo => socket.write_all(&message).await.unwrap(),
+                RawMode::Count(total) => {
+                    received += 1;
+                    if received == total {
+                        socket.write_all(&[1]).await.unwrap();
+                    }
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        if socket.read_buf(&mut buf).await.unwrap() == 0 {
+            return;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum RawMode {
+    Echo,
+    Count(u64),
+}
+
+fn raw_message(size: usize) -> Bytes {
+    let mut message = BytesMut::new();
+    message.put_u32_le(size as u32);
+    message.put_slice(&vec![0xA5; size]);
+    message.freeze()
+}
+
+async fn raw_connect(address: &Address) -> TcpStream {
+    let Address::Tcp { host, port } = address else { unreachable!() };
+    let socket = TcpStream::connect((host.as_str(), *port)).await.unwrap();
+    socket.set_nodelay(true).unwrap();
+    socket
+}
+
+fn raw_pingpong(placement: Placement, warmup: usize, count: usize) -> Histogram<u64> {
+    run_pair(
+        placement,
+        |announce| raw_server(announce, RawMode::Echo),
+        |address| async move {
+            let mut socket = raw_connect(&address).await;
+            let message = raw_message(PING_SIZE);
+            let mut reply = vec![0u8; message.len()];
+            let mut histogram = latency_histogram();
+            for i in 0..warmup + count {
+                let started = Instant::now();
+                socket.write_all(&message).await.unwrap();
+                socket.read_exact(&mut reply).await.unwrap();
+                if i >= warmup {
+                    record(&mut histogram, started.elapsed());
+                }
+            }
+            histogram
+        },
+    )
+}
+
+fn raw_stream(placement: Placement, count: u64) -> Duration {
+    run_pair(
+        placement,
+        move |announce| raw_server(announce, RawMode::Count(count)),
+        move |address| async move {
+            let socket = raw_connect(&address).await;
+            let (mut read, write) = socket.into_split();
+            let mut writer = BufWriter::with_capacity(64 * 1024, write);
+            let message = raw_message(STREAM_SIZE);
+            let started = Instant::now();
+            for _ in 0..count {
+                writer.write_all(&message).await.unwrap();
+            }
+            writer.flush().await.unwrap();
+            let mut done = [0u8; 1];
+            read.read_exact(&mut done).await.unwrap();
+            started.elapsed()
+        },
+    )
+}
+
+// ---------- Courier
+
+async fn courier_server(announce: std::sync::mpsc::Sender<Address>, address: Address, count: Option<u64>) {
+    let config = TransportConfig::default();
+    let mut listener = bind(&address, &config).await.unwrap();
+    announce.send(listener.local_addr().clone()).unwrap();
+    let mut conn = listener.accept().await.unwrap();
+    let mut received = 0u64;
+    while let Ok(Some(frame)) = conn.recv().await {
+        match count {
+            None => conn.send(frame).await.unwrap(),
+            Some(total) => {
+                received += 1;
+                if received == total {
+                    conn.send(Frame::new(FrameKind::Ack, received, Bytes::new())).await.unwrap();
+                }
+            }
+        }
+    }
+}
+
+fn courier_pingpong(placement: Placement, address: Address, warmup: usize, count: usize) -> Histogram<u64> {
+    run_pair(
+        placement,
+        |announce| courier_server(announce, address, None),
+        |address| async move {
+            let mut conn = connect(&address, &TransportConfig::default()).await.unwrap();
+            let ping = Frame::data(1, vec![0xA5; PING_SIZE]);
+            let mut histogram = latency_histogram();
+            for i in 0..warmup + count {
+                let started = Instant::now();
+                conn.send(ping.clone()).await.unwrap();
+                conn.recv().await.unwrap().unwrap();
+                if i >= warmup {
+                    record(&mut histogram, started.elapsed());
+                }
+            }
+            histogram
+        },
+    )
+}
+
+fn courier_stream(placement: Placement, address: Address, count: u64) -> Duration {
+    run_pair(
+        placement,
+        move |announce| courier_server(announce, address, Some(count)),
+        move |address| async move {
+            let mut conn = connect(&address, &TransportConfig::default()).await.unwrap();
+            let payload = Bytes::from(vec![0xA5; STREAM_SIZE]);
+            let started = Instant::now();
+            for id in 0..count {
+                conn.feed(Frame::data(id, payload.clone())).await.unwrap();
+            }
+            conn.flush().await.unwrap();
+            let ack = conn.recv().await.unwrap().unwrap();
+            assert_eq!(ack.id, count, "every frame arrived");
+            started.elapsed()
+        },
+    )
+}
+
+fn micros(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    histogram.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let mode = Mode::from_args();
+    let repeats = mode.pick(3, 1);
+    let warmup = mode.pick(2_000, 20);
+    let round_trips = mode.pick(20_000, 200);
+    let stream_repeats = mode.pick(5, 1);
+    let streamed = mode.pick(1_000_000u64, 5_000);
+    let mut report = Report::default();
+    let mut run = 0;
+
+    println!("transport benchmarks ({mode:?}); placements: same = one CPU, split = two CPUs\n");
+    println!(
+        "{:<14} {:<8} {:<6} {:>9} {:>9} {:>9} {:>12} {:>9}",
+        "workload", "subject", "place", "p50 µs", "p99 µs", "p99.9 µs", "msgs/s", "vs raw"
+    );
+    for placement in Placement::available() {
+        // Ping-pong: all repeats merged into one histogram per subject.
+        let mut raw = latency_histogram();
+        for _ in 0..repeats {
+            raw.add(raw_pingpong(placement, warmup, round_trips)).unwrap();
+        }
+        let raw_p50 = micros(&raw, 0.5);
+        print_latency("pingpong_64B", "raw-tcp", placement, &raw, None);
+        add_latency(&mut report, "pingpong_64B", "raw-tcp", placement, &raw);
+        for subject in SUBJECTS {
+            let mut histogram = latency_histogram();
+            for _ in 0..repeats {
+                run += 1;
+                histogram
+                    .add(courier_pingpong(placement, address_for(subject, run), warmup, round_trips))
+                    .unwrap();
+            }
+            let ratio = micros(&histogram, 0.5) / raw_p50;
+            print_latency("pingpong_64B", subject, placement, &histogram, Some(ratio));
+            add_latency(&mut report, "pingpong_64B", subject, placement, &histogram);
+            report.ratio("pingpong_64B", subject, placement, ratio, 1.1, false);
+        }
+
+        // Streaming: median rate over repeats.
+        let rate = |took: Duration| streamed as f64 / took.as_secs_f64();
+        let (raw_rate, raw_spread) =
+            median_and_spread(&mut (0..stream_repeats).map(|_| rate(raw_stream(placement, streamed))).collect::<Vec<_>>());
+        print_rate("stream_128B", "raw-tcp", placement, raw_rate, raw_spread, None);
+        add_rate(&mut report, "stream_128B", "raw-tcp", placement, raw_rate);
+        for subject in SUBJECTS {
+            let mut rates: Vec<f64> = (0..stream_repeats)
+                .map(|_| {
+                    run += 1;
+                    rate(courier_stream(placement, address_for(subject, run), streamed))
+                })
+                .collect();
+            let (median, spread) = median_and_spread(&mut rates);
+            let ratio = median / raw_rate;
+            print_rate("stream_128B", subject, placement, median, spread, Some(ratio));
+            add_rate(&mut report, "stream_128B", subject, placement, median);
+            report.ratio("stream_128B", subject, placement, ratio, 0.8, true);
+        }
+    }
+
+    println!("\n{}", report.ratio_table());
+    let (tsv, svg) = report.write(&output_dir(mode), "transport").context("writing results")?;
+    println!("figures: {}\nplot:    {}", tsv.display(), svg.display());
+    Ok(())
+}
+
+fn print_latency(workload: &str, subject: &str, placement: Placement, h: &Histogram<u64>, ratio: Option<f64>) {
+    println!(
+        "{workload:<14} {subject:<8} {:<6} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>9}",
+        placement.label(),
+        micros(h, 0.5),
+        micros(h, 0.99),
+        micros(h, 0.999),
+        "",
+        ratio.map_or(String::new(), |r| format!("{r:.2}x"))
+    );
+}
+
+fn add_latency(report: &mut Report, workload: &str, subject: &str, placement: Placement, h: &Histogram<u64>) {
+    report.add(workload, subject, placement, "p50_us", micros(h, 0.5));
+    report.add(workload, subject, placement, "p99_us", micros(h, 0.99));
+    report.add(workload, subject, placement, "p999_us", micros(h, 0.999));
+}
+
+fn print_rate(workload: &str, subject: &str, placement: Placement, rate: f64, spread: f64, ratio: Option<f64>) {
+    println!(
+        "{workload:<14} {subject:<8} {:<6} {:>9} {:>9} {:>9} {:>12.0} {:>9}  (spread {:.0}%)",
+        placement.label(),
+        "",
+        "",
+        "",
+        rate,
+        ratio.map_or(String::new(), |r| format!("{r:.2}x")),
+        spread * 100.0
+    );
+}
+
+fn add_rate(report: &mut Report, workload: &str, subject: &str, placement: Placement, rate: f64) {
+    report.add(workload, subject, placement, "msgs_per_s", rate);
+    report.add(workload, subject, placement, "payload_MB_per_s", rate * STREAM_SIZE as f64 / 1e6);
+}
