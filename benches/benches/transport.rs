@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use courier_benches::{latency_histogram, median_and_spread, output_dir, record, run_pair, Mode, Placement, Report};
+use courier_benches::{
+    latency_histogram, median_and_spread, output_dir, record, run_pair, Mode, Placement, Report,
+};
 use courier_transport::{bind, connect, Address, Frame, FrameKind, TransportConfig};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -24,7 +26,9 @@ const SUBJECTS: [&str; 3] = ["tcp", "unix", "mem"];
 fn address_for(subject: &str, run: usize) -> Address {
     match subject {
         "tcp" => "tcp://127.0.0.1:0".parse().unwrap(),
-        "unix" => Address::unix(std::env::temp_dir().join(format!("courier-bench-{}-{run}.sock", std::process::id()))),
+        "unix" => Address::unix(
+            std::env::temp_dir().join(format!("courier-bench-{}-{run}.sock", std::process::id())),
+        ),
         "mem" => Address::mem(format!("bench-{run}")),
         other => unreachable!("{other}"),
     }
@@ -34,7 +38,9 @@ fn address_for(subject: &str, run: usize) -> Address {
 
 async fn raw_server(announce: std::sync::mpsc::Sender<Address>, mode: RawMode) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    announce.send(Address::tcp(listener.local_addr().unwrap())).unwrap();
+    announce
+        .send(Address::tcp(listener.local_addr().unwrap()))
+        .unwrap();
     let (mut socket, _) = listener.accept().await.unwrap();
     socket.set_nodelay(true).unwrap();
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -79,7 +85,9 @@ fn raw_message(size: usize) -> Bytes {
 }
 
 async fn raw_connect(address: &Address) -> TcpStream {
-    let Address::Tcp { host, port } = address else { unreachable!() };
+    let Address::Tcp { host, port } = address else {
+        unreachable!()
+    };
     let socket = TcpStream::connect((host.as_str(), *port)).await.unwrap();
     socket.set_nodelay(true).unwrap();
     socket
@@ -130,7 +138,11 @@ fn raw_stream(placement: Placement, count: u64) -> Duration {
 
 // ---------- Courier
 
-async fn courier_server(announce: std::sync::mpsc::Sender<Address>, address: Address, count: Option<u64>) {
+async fn courier_server(
+    announce: std::sync::mpsc::Sender<Address>,
+    address: Address,
+    count: Option<u64>,
+) {
     let config = TransportConfig::default();
     let mut listener = bind(&address, &config).await.unwrap();
     announce.send(listener.local_addr().clone()).unwrap();
@@ -142,19 +154,28 @@ async fn courier_server(announce: std::sync::mpsc::Sender<Address>, address: Add
             Some(total) => {
                 received += 1;
                 if received == total {
-                    conn.send(Frame::new(FrameKind::Ack, received, Bytes::new())).await.unwrap();
+                    conn.send(Frame::new(FrameKind::Ack, received, Bytes::new()))
+                        .await
+                        .unwrap();
                 }
             }
         }
     }
 }
 
-fn courier_pingpong(placement: Placement, address: Address, warmup: usize, count: usize) -> Histogram<u64> {
+fn courier_pingpong(
+    placement: Placement,
+    address: Address,
+    warmup: usize,
+    count: usize,
+) -> Histogram<u64> {
     run_pair(
         placement,
         |announce| courier_server(announce, address, None),
         |address| async move {
-            let mut conn = connect(&address, &TransportConfig::default()).await.unwrap();
+            let mut conn = connect(&address, &TransportConfig::default())
+                .await
+                .unwrap();
             let ping = Frame::data(1, vec![0xA5; PING_SIZE]);
             let mut histogram = latency_histogram();
             for i in 0..warmup + count {
@@ -175,7 +196,9 @@ fn courier_stream(placement: Placement, address: Address, count: u64) -> Duratio
         placement,
         move |announce| courier_server(announce, address, Some(count)),
         move |address| async move {
-            let mut conn = connect(&address, &TransportConfig::default()).await.unwrap();
+            let mut conn = connect(&address, &TransportConfig::default())
+                .await
+                .unwrap();
             let payload = Bytes::from(vec![0xA5; STREAM_SIZE]);
             let started = Instant::now();
             for id in 0..count {
@@ -212,7 +235,8 @@ fn main() -> anyhow::Result<()> {
         // Ping-pong: all repeats merged into one histogram per subject.
         let mut raw = latency_histogram();
         for _ in 0..repeats {
-            raw.add(raw_pingpong(placement, warmup, round_trips)).unwrap();
+            raw.add(raw_pingpong(placement, warmup, round_trips))
+                .unwrap();
         }
         let raw_p50 = micros(&raw, 0.5);
         print_latency("pingpong_64B", "raw-tcp", placement, &raw, None);
@@ -222,7 +246,12 @@ fn main() -> anyhow::Result<()> {
             for _ in 0..repeats {
                 run += 1;
                 histogram
-                    .add(courier_pingpong(placement, address_for(subject, run), warmup, round_trips))
+                    .add(courier_pingpong(
+                        placement,
+                        address_for(subject, run),
+                        warmup,
+                        round_trips,
+                    ))
                     .unwrap();
             }
             let ratio = micros(&histogram, 0.5) / raw_p50;
@@ -233,32 +262,61 @@ fn main() -> anyhow::Result<()> {
 
         // Streaming: median rate over repeats.
         let rate = |took: Duration| streamed as f64 / took.as_secs_f64();
-        let (raw_rate, raw_spread) =
-            median_and_spread(&mut (0..stream_repeats).map(|_| rate(raw_stream(placement, streamed))).collect::<Vec<_>>());
-        print_rate("stream_128B", "raw-tcp", placement, raw_rate, raw_spread, None);
+        let (raw_rate, raw_spread) = median_and_spread(
+            &mut (0..stream_repeats)
+                .map(|_| rate(raw_stream(placement, streamed)))
+                .collect::<Vec<_>>(),
+        );
+        print_rate(
+            "stream_128B",
+            "raw-tcp",
+            placement,
+            raw_rate,
+            raw_spread,
+            None,
+        );
         add_rate(&mut report, "stream_128B", "raw-tcp", placement, raw_rate);
         for subject in SUBJECTS {
             let mut rates: Vec<f64> = (0..stream_repeats)
                 .map(|_| {
                     run += 1;
-                    rate(courier_stream(placement, address_for(subject, run), streamed))
+                    rate(courier_stream(
+                        placement,
+                        address_for(subject, run),
+                        streamed,
+                    ))
                 })
                 .collect();
             let (median, spread) = median_and_spread(&mut rates);
             let ratio = median / raw_rate;
-            print_rate("stream_128B", subject, placement, median, spread, Some(ratio));
+            print_rate(
+                "stream_128B",
+                subject,
+                placement,
+                median,
+                spread,
+                Some(ratio),
+            );
             add_rate(&mut report, "stream_128B", subject, placement, median);
             report.ratio("stream_128B", subject, placement, ratio, 0.8, true);
         }
     }
 
     println!("\n{}", report.ratio_table());
-    let (tsv, svg) = report.write(&output_dir(mode), "transport").context("writing results")?;
+    let (tsv, svg) = report
+        .write(&output_dir(mode), "transport")
+        .context("writing results")?;
     println!("figures: {}\nplot:    {}", tsv.display(), svg.display());
     Ok(())
 }
 
-fn print_latency(workload: &str, subject: &str, placement: Placement, h: &Histogram<u64>, ratio: Option<f64>) {
+fn print_latency(
+    workload: &str,
+    subject: &str,
+    placement: Placement,
+    h: &Histogram<u64>,
+    ratio: Option<f64>,
+) {
     println!(
         "{workload:<14} {subject:<8} {:<6} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>9}",
         placement.label(),
@@ -270,13 +328,26 @@ fn print_latency(workload: &str, subject: &str, placement: Placement, h: &Histog
     );
 }
 
-fn add_latency(report: &mut Report, workload: &str, subject: &str, placement: Placement, h: &Histogram<u64>) {
+fn add_latency(
+    report: &mut Report,
+    workload: &str,
+    subject: &str,
+    placement: Placement,
+    h: &Histogram<u64>,
+) {
     report.add(workload, subject, placement, "p50_us", micros(h, 0.5));
     report.add(workload, subject, placement, "p99_us", micros(h, 0.99));
     report.add(workload, subject, placement, "p999_us", micros(h, 0.999));
 }
 
-fn print_rate(workload: &str, subject: &str, placement: Placement, rate: f64, spread: f64, ratio: Option<f64>) {
+fn print_rate(
+    workload: &str,
+    subject: &str,
+    placement: Placement,
+    rate: f64,
+    spread: f64,
+    ratio: Option<f64>,
+) {
     println!(
         "{workload:<14} {subject:<8} {:<6} {:>9} {:>9} {:>9} {:>12.0} {:>9}  (spread {:.0}%)",
         placement.label(),
@@ -291,5 +362,11 @@ fn print_rate(workload: &str, subject: &str, placement: Placement, rate: f64, sp
 
 fn add_rate(report: &mut Report, workload: &str, subject: &str, placement: Placement, rate: f64) {
     report.add(workload, subject, placement, "msgs_per_s", rate);
-    report.add(workload, subject, placement, "payload_MB_per_s", rate * STREAM_SIZE as f64 / 1e6);
+    report.add(
+        workload,
+        subject,
+        placement,
+        "payload_MB_per_s",
+        rate * STREAM_SIZE as f64 / 1e6,
+    );
 }

@@ -1,8 +1,8 @@
 //! Encode and decode throughput of the frame codec (frames/s and bytes/s).
 
 use bytes::BytesMut;
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use courier_wire::{Checksum, Frame, FrameCodec, FrameKind};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 
 const SIZES: [usize; 3] = [64, 1024, 64 * 1024];
@@ -20,7 +20,10 @@ fn encode(c: &mut Criterion) {
         for size in SIZES {
             let frame = Frame::data(42, vec![7u8; size]);
             let wire_len = (frame.body_len() + 4) as u64;
-            group.throughput(Throughput::ElementsAndBytes { elements: 1, bytes: wire_len });
+            group.throughput(Throughput::ElementsAndBytes {
+                elements: 1,
+                bytes: wire_len,
+            });
             let mut buf = BytesMut::with_capacity(size + 64);
             group.bench_with_input(BenchmarkId::new(name, size), &frame, |b, frame| {
                 b.iter(|| {
@@ -39,12 +42,17 @@ fn encode_message(c: &mut Criterion) {
     let codec = FrameCodec::new();
     for size in SIZES {
         let value = (42u64, "subject.name", vec![7u8; size]);
-        group.throughput(Throughput::ElementsAndBytes { elements: 1, bytes: size as u64 });
+        group.throughput(Throughput::ElementsAndBytes {
+            elements: 1,
+            bytes: size as u64,
+        });
         let mut buf = BytesMut::with_capacity(size + 64);
         group.bench_with_input(BenchmarkId::new("postcard", size), &value, |b, value| {
             b.iter(|| {
                 buf.clear();
-                codec.encode_message(FrameKind::Data, 1, black_box(value), &mut buf).unwrap();
+                codec
+                    .encode_message(FrameKind::Data, 1, black_box(value), &mut buf)
+                    .unwrap();
                 black_box(&buf);
             })
         });
@@ -57,9 +65,14 @@ fn decode(c: &mut Criterion) {
     for (name, codec) in codecs() {
         for size in SIZES {
             let mut wire = BytesMut::new();
-            codec.encode_frame(&Frame::data(42, vec![7u8; size]), &mut wire).unwrap();
+            codec
+                .encode_frame(&Frame::data(42, vec![7u8; size]), &mut wire)
+                .unwrap();
             let wire = wire.freeze();
-            group.throughput(Throughput::ElementsAndBytes { elements: 1, bytes: wire.len() as u64 });
+            group.throughput(Throughput::ElementsAndBytes {
+                elements: 1,
+                bytes: wire.len() as u64,
+            });
             group.bench_with_input(BenchmarkId::new(name, size), &wire, |b, wire| {
                 // The input copy is setup, not timed.
                 b.iter_batched(

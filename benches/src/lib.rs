@@ -170,7 +170,14 @@ pub struct Report {
 
 impl Report {
     /// Adds a figure.
-    pub fn add(&mut self, workload: &str, subject: &str, placement: Placement, metric: &str, value: f64) {
+    pub fn add(
+        &mut self,
+        workload: &str,
+        subject: &str,
+        placement: Placement,
+        metric: &str,
+        value: f64,
+    ) {
         self.figures.push(Figure {
             workload: workload.into(),
             subject: subject.into(),
@@ -181,17 +188,40 @@ impl Report {
     }
 
     /// Adds a Courier/raw ratio with its target.
-    pub fn ratio(&mut self, workload: &str, subject: &str, placement: Placement, ratio: f64, target: f64, higher_is_better: bool) {
+    pub fn ratio(
+        &mut self,
+        workload: &str,
+        subject: &str,
+        placement: Placement,
+        ratio: f64,
+        target: f64,
+        higher_is_better: bool,
+    ) {
         self.add(workload, subject, placement, "ratio_to_raw", ratio);
-        self.ratios.push((workload.into(), subject.into(), placement.label().into(), ratio, target, higher_is_better));
+        self.ratios.push((
+            workload.into(),
+            subject.into(),
+            placement.label().into(),
+            ratio,
+            target,
+            higher_is_better,
+        ));
     }
 
     /// The ratios table, as text.
     pub fn ratio_table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "{:<16} {:<8} {:<6} {:>10} {:>8}  verdict", "workload", "subject", "place", "vs raw", "target");
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:<6} {:>10} {:>8}  verdict",
+            "workload", "subject", "place", "vs raw", "target"
+        );
         for (workload, subject, placement, ratio, target, higher) in &self.ratios {
-            let met = if *higher { ratio >= target } else { ratio <= target };
+            let met = if *higher {
+                ratio >= target
+            } else {
+                ratio <= target
+            };
             let sign = if *higher { ">=" } else { "<=" };
             let _ = writeln!(
                 out,
@@ -208,7 +238,11 @@ impl Report {
         std::fs::create_dir_all(dir)?;
         let mut tsv = String::from("workload\tsubject\tplacement\tmetric\tvalue\n");
         for f in &self.figures {
-            let _ = writeln!(tsv, "{}\t{}\t{}\t{}\t{}", f.workload, f.subject, f.placement, f.metric, f.value);
+            let _ = writeln!(
+                tsv,
+                "{}\t{}\t{}\t{}\t{}",
+                f.workload, f.subject, f.placement, f.metric, f.value
+            );
         }
         let tsv_path = dir.join(format!("{name}.tsv"));
         std::fs::write(&tsv_path, tsv)?;
@@ -223,7 +257,12 @@ impl Report {
         let left = 260.0;
         let width = 760.0;
         let plot = width - left - 40.0;
-        let max = self.ratios.iter().map(|r| r.3.max(r.4)).fold(1.5_f64, f64::max) * 1.1;
+        let max = self
+            .ratios
+            .iter()
+            .map(|r| r.3.max(r.4))
+            .fold(1.5_f64, f64::max)
+            * 1.1;
         let height = 60.0 + row_height * self.ratios.len() as f64 + 30.0;
         let x = |v: f64| left + plot * v / max;
         let mut svg = format!(
@@ -231,9 +270,15 @@ impl Report {
              <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
              <text x=\"10\" y=\"22\" font-size=\"15\">{title}: Courier / raw socket baseline (same run, same placement)</text>\n"
         );
-        for (i, (workload, subject, placement, ratio, target, higher)) in self.ratios.iter().enumerate() {
+        for (i, (workload, subject, placement, ratio, target, higher)) in
+            self.ratios.iter().enumerate()
+        {
             let y = 45.0 + row_height * i as f64;
-            let met = if *higher { ratio >= target } else { ratio <= target };
+            let met = if *higher {
+                ratio >= target
+            } else {
+                ratio <= target
+            };
             let colour = if met { "#4a90d9" } else { "#d9534f" };
             let _ = writeln!(
                 svg,
@@ -273,7 +318,9 @@ impl Report {
 /// `target/bench` in the workspace; smoke runs write to a temporary folder.
 pub fn output_dir(mode: Mode) -> PathBuf {
     match (mode, std::env::var_os("COURIER_BENCH_OUT")) {
-        (Mode::Smoke, _) => std::env::temp_dir().join(format!("courier-bench-smoke-{}", std::process::id())),
+        (Mode::Smoke, _) => {
+            std::env::temp_dir().join(format!("courier-bench-smoke-{}", std::process::id()))
+        }
         (Mode::Full, Some(dir)) => PathBuf::from(dir),
         (Mode::Full, None) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
     }

@@ -71,13 +71,21 @@ fn seed_corpus() -> Vec<Vec<u8>> {
             }
         }
         let mut buf = BytesMut::new();
-        let sample = Sample { name: "fuzz", values: vec![1, 1 << 40, u64::MAX], nested: Some((-3, b"abc")) };
-        codec.encode_message(FrameKind::Request, 7, &sample, &mut buf).unwrap();
+        let sample = Sample {
+            name: "fuzz",
+            values: vec![1, 1 << 40, u64::MAX],
+            nested: Some((-3, b"abc")),
+        };
+        codec
+            .encode_message(FrameKind::Request, 7, &sample, &mut buf)
+            .unwrap();
         corpus.push(buf.to_vec());
         // Several frames back to back.
         let mut stream = BytesMut::new();
         for id in 0..4 {
-            codec.encode_frame(&Frame::data(id, vec![id as u8; 40]), &mut stream).unwrap();
+            codec
+                .encode_frame(&Frame::data(id, vec![id as u8; 40]), &mut stream)
+                .unwrap();
         }
         corpus.push(stream.to_vec());
     }
@@ -89,7 +97,21 @@ fn seed_corpus() -> Vec<Vec<u8>> {
 const INTERESTING_BYTES: [u8; 8] = [0, 1, 0x7F, 0x80, 0xFF, 12, 13, 16];
 
 fn interesting_length(rng: &mut Rng) -> u32 {
-    let choices = [0, 1, 11, 12, 13, 15, 16, 17, LIMIT as u32 - 1, LIMIT as u32, LIMIT as u32 + 1, u32::MAX, u32::MAX / 2];
+    let choices = [
+        0,
+        1,
+        11,
+        12,
+        13,
+        15,
+        16,
+        17,
+        LIMIT as u32 - 1,
+        LIMIT as u32,
+        LIMIT as u32 + 1,
+        u32::MAX,
+        u32::MAX / 2,
+    ];
     choices[rng.below(choices.len())]
 }
 
@@ -111,7 +133,11 @@ fn mutate(input: &mut Vec<u8>, corpus: &[Vec<u8>], rng: &mut Rng) {
             }
             3 => {
                 // Overwrite a length prefix (at the start or anywhere).
-                let at = if rng.below(2) == 0 { 0 } else { rng.below(len + 1) };
+                let at = if rng.below(2) == 0 {
+                    0
+                } else {
+                    rng.below(len + 1)
+                };
                 let bytes = interesting_length(rng).to_le_bytes();
                 for (k, b) in bytes.iter().enumerate() {
                     if at + k < input.len() {
@@ -171,7 +197,11 @@ fn decode_stream(codec: &FrameCodec, input: &[u8], pieces: &[usize]) -> (Vec<Fra
             }
             Ok(None) => {
                 if fed == input.len() {
-                    let end = if buf.is_empty() { "end".to_string() } else { format!("truncated:{}", buf.len().min(20)) };
+                    let end = if buf.is_empty() {
+                        "end".to_string()
+                    } else {
+                        format!("truncated:{}", buf.len().min(20))
+                    };
                     return (frames, end);
                 }
                 let size = pieces[piece_index % pieces.len()].max(1);
@@ -182,7 +212,10 @@ fn decode_stream(codec: &FrameCodec, input: &[u8], pieces: &[usize]) -> (Vec<Fra
             }
             Err(err) => {
                 let name = format!("{err:?}");
-                return (frames, name.split([' ', '(', '{']).next().unwrap_or("").to_string());
+                return (
+                    frames,
+                    name.split([' ', '(', '{']).next().unwrap_or("").to_string(),
+                );
             }
         }
         assert!(
@@ -196,10 +229,21 @@ fn decode_stream(codec: &FrameCodec, input: &[u8], pieces: &[usize]) -> (Vec<Fra
 
 fn check_reencode(codec: &FrameCodec, frame: &Frame, original: &[u8]) {
     let had_checksum = original.get(6).is_some_and(|flags| flags & 1 == 1);
-    let policy = if had_checksum { Checksum::Crc32c } else { Checksum::Off };
+    let policy = if had_checksum {
+        Checksum::Crc32c
+    } else {
+        Checksum::Off
+    };
     let mut again = BytesMut::new();
-    codec.checksum(policy).encode_frame(frame, &mut again).expect("a decoded frame re-encodes");
-    assert_eq!(&again[..], original, "re-encoding a decoded frame changed its bytes");
+    codec
+        .checksum(policy)
+        .encode_frame(frame, &mut again)
+        .expect("a decoded frame re-encodes");
+    assert_eq!(
+        &again[..],
+        original,
+        "re-encoding a decoded frame changed its bytes"
+    );
 }
 
 /// Runs every decoder on one input; returns an outcome signature.
@@ -209,7 +253,10 @@ fn run_one(input: &[u8], rng_pieces: &[usize]) -> String {
         let codec = FrameCodec::new().max_frame_size(LIMIT).checksum(checksum);
         let (whole, end) = decode_stream(&codec, input, &[input.len().max(1)]);
         let (fragmented, end2) = decode_stream(&codec, input, rng_pieces);
-        assert_eq!(whole, fragmented, "fragmentation changed the frames decoded");
+        assert_eq!(
+            whole, fragmented,
+            "fragmentation changed the frames decoded"
+        );
         assert_eq!(end, end2, "fragmentation changed how decoding ended");
         signature.push_str(&format!("{}:{end};", whole.len().min(3)));
         for frame in &whole {
@@ -219,12 +266,21 @@ fn run_one(input: &[u8], rng_pieces: &[usize]) -> String {
         }
         match codec.decode_datagram(Bytes::copy_from_slice(input)) {
             Ok(_) => signature.push_str("dgram-ok;"),
-            Err(err) => signature.push_str(format!("{err:?}").split([' ', '(', '{']).next().unwrap_or("")),
+            Err(err) => signature.push_str(
+                format!("{err:?}")
+                    .split([' ', '(', '{'])
+                    .next()
+                    .unwrap_or(""),
+            ),
         }
     }
     if let Some(first) = input.get(..preamble::PREAMBLE_LEN) {
         let first: [u8; preamble::PREAMBLE_LEN] = first.try_into().unwrap();
-        signature.push_str(if preamble::check(&first).is_ok() { ";pre-ok" } else { ";pre-err" });
+        signature.push_str(if preamble::check(&first).is_ok() {
+            ";pre-ok"
+        } else {
+            ";pre-err"
+        });
     }
     signature
 }
@@ -281,7 +337,10 @@ fn main() {
                     let path = dir.join(format!("crash-{seed}-{tried}.bin"));
                     let _ = std::fs::write(&path, &input);
                     eprintln!("FAILURE after {tried} inputs: {message}");
-                    eprintln!("input saved to {}; replay with --seed {seed}", path.display());
+                    eprintln!(
+                        "input saved to {}; replay with --seed {seed}",
+                        path.display()
+                    );
                     std::process::exit(1);
                 }
             }
