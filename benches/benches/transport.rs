@@ -10,9 +10,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use courier_benches::{
-    latency_histogram, median_and_spread, output_dir, record, run_pair, Mode, Placement, Report,
+    filters, latency_histogram, median_and_spread, output_dir, record, run_pair, selected, Mode,
+    Placement, Report,
 };
 use courier_transport::{bind, connect, Address, Frame, FrameKind, TransportConfig};
 use hdrhistogram::Histogram;
@@ -225,6 +226,7 @@ fn main() -> anyhow::Result<()> {
     let streamed = mode.pick(1_000_000u64, 5_000);
     let mut report = Report::default();
     let mut run = 0;
+    let filters = filters();
 
     println!("transport benchmarks ({mode:?}); placements: same = one CPU, split = two CPUs\n");
     println!(
@@ -232,73 +234,76 @@ fn main() -> anyhow::Result<()> {
         "workload", "subject", "place", "p50 µs", "p99 µs", "p99.9 µs", "msgs/s", "vs raw"
     );
     for placement in Placement::available() {
-        // Ping-pong: all repeats merged into one histogram per subject.
-        let mut raw = latency_histogram();
-        for _ in 0..repeats {
-            raw.add(raw_pingpong(placement, warmup, round_trips))
-                .unwrap();
-        }
-        let raw_p50 = micros(&raw, 0.5);
-        print_latency("pingpong_64B", "raw-tcp", placement, &raw, None);
-        add_latency(&mut report, "pingpong_64B", "raw-tcp", placement, &raw);
-        for subject in SUBJECTS {
-            let mut histogram = latency_histogram();
+        if selected(&filters, "pingpong_64B") {
+            // All repeats merged into one histogram per subject.
+            let mut raw = latency_histogram();
             for _ in 0..repeats {
-                run += 1;
-                histogram
-                    .add(courier_pingpong(
-                        placement,
-                        address_for(subject, run),
-                        warmup,
-                        round_trips,
-                    ))
+                raw.add(raw_pingpong(placement, warmup, round_trips))
                     .unwrap();
             }
-            let ratio = micros(&histogram, 0.5) / raw_p50;
-            print_latency("pingpong_64B", subject, placement, &histogram, Some(ratio));
-            add_latency(&mut report, "pingpong_64B", subject, placement, &histogram);
-            report.ratio("pingpong_64B", subject, placement, ratio, 1.1, false);
+            let raw_p50 = micros(&raw, 0.5);
+            print_latency("pingpong_64B", "raw-tcp", placement, &raw, None);
+            add_latency(&mut report, "pingpong_64B", "raw-tcp", placement, &raw);
+            for subject in SUBJECTS {
+                let mut histogram = latency_histogram();
+                for _ in 0..repeats {
+                    run += 1;
+                    histogram
+                        .add(courier_pingpong(
+                            placement,
+                            address_for(subject, run),
+                            warmup,
+                            round_trips,
+                        ))
+                        .unwrap();
+                }
+                let ratio = micros(&histogram, 0.5) / raw_p50;
+                print_latency("pingpong_64B", subject, placement, &histogram, Some(ratio));
+                add_latency(&mut report, "pingpong_64B", subject, placement, &histogram);
+                report.ratio("pingpong_64B", subject, placement, ratio, 1.1, false);
+            }
         }
 
-        // Streaming: median rate over repeats.
-        let rate = |took: Duration| streamed as f64 / took.as_secs_f64();
-        let (raw_rate, raw_spread) = median_and_spread(
-            &mut (0..stream_repeats)
+        if selected(&filters, "stream_128B") {
+            // The median rate over repeats.
+            let rate = |took: Duration| streamed as f64 / took.as_secs_f64();
+            let mut raw_rates: Vec<f64> = (0..stream_repeats)
                 .map(|_| rate(raw_stream(placement, streamed)))
-                .collect::<Vec<_>>(),
-        );
-        print_rate(
-            "stream_128B",
-            "raw-tcp",
-            placement,
-            raw_rate,
-            raw_spread,
-            None,
-        );
-        add_rate(&mut report, "stream_128B", "raw-tcp", placement, raw_rate);
-        for subject in SUBJECTS {
-            let mut rates: Vec<f64> = (0..stream_repeats)
-                .map(|_| {
-                    run += 1;
-                    rate(courier_stream(
-                        placement,
-                        address_for(subject, run),
-                        streamed,
-                    ))
-                })
                 .collect();
-            let (median, spread) = median_and_spread(&mut rates);
-            let ratio = median / raw_rate;
+            let (raw_rate, raw_spread) = median_and_spread(&mut raw_rates);
             print_rate(
                 "stream_128B",
-                subject,
+                "raw-tcp",
                 placement,
-                median,
-                spread,
-                Some(ratio),
+                raw_rate,
+                raw_spread,
+                None,
             );
-            add_rate(&mut report, "stream_128B", subject, placement, median);
-            report.ratio("stream_128B", subject, placement, ratio, 0.8, true);
+            add_rate(&mut report, "stream_128B", "raw-tcp", placement, raw_rate);
+            for subject in SUBJECTS {
+                let mut rates: Vec<f64> = (0..stream_repeats)
+                    .map(|_| {
+                        run += 1;
+                        rate(courier_stream(
+                            placement,
+                            address_for(subject, run),
+                            streamed,
+                        ))
+                    })
+                    .collect();
+                let (median, spread) = median_and_spread(&mut rates);
+                let ratio = median / raw_rate;
+                print_rate(
+                    "stream_128B",
+                    subject,
+                    placement,
+                    median,
+                    spread,
+                    Some(ratio),
+                );
+                add_rate(&mut report, "stream_128B", subject, placement, median);
+                report.ratio("stream_128B", subject, placement, ratio, 0.8, true);
+            }
         }
     }
 

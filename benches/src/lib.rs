@@ -81,6 +81,21 @@ impl Mode {
     }
 }
 
+/// Workload filters from the command line: any argument that is not a flag,
+/// e.g. `cargo bench --bench transport -- stream_128B`. A workload runs when
+/// there are no filters or its name contains one of them.
+pub fn filters() -> Vec<String> {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect()
+}
+
+/// Whether `name` passes the command-line filters.
+pub fn selected(filters: &[String], name: &str) -> bool {
+    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+}
+
 fn pin(core: usize) {
     if let Some(ids) = core_affinity::get_core_ids() {
         if let Some(id) = ids.into_iter().find(|id| id.id == core) {

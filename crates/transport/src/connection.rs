@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-use courier_wire::{Frame, FrameKind};
+use bytes::{Bytes, BytesMut};
+use courier_wire::{EncodeError, Frame, FrameCodec, FrameKind};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -27,6 +27,16 @@ pub(crate) enum RecvLink {
 }
 
 impl RecvLink {
+    /// A frame (or the end) that is already buffered; `None` when waiting
+    /// is needed. Synchronous, so a buffered frame costs no async machinery.
+    fn try_recv(&mut self) -> Option<Result<Option<Frame>, RecvError>> {
+        match self {
+            RecvLink::Stream(reader) => reader.try_recv().transpose().map(|r| r.map(Some)),
+            RecvLink::Mem(reader) => reader.try_recv().map(Ok),
+            RecvLink::Udp(_) => None,
+        }
+    }
+
     async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {
         match self {
             RecvLink::Stream(reader) => reader.recv().await,
@@ -64,22 +74,59 @@ impl IdleClock {
 impl SenderShared {
     async fn send(&self, frame: Frame, urgency: Urgency) -> Result<(), SendError> {
         match &self.link {
-            SendLink::Stream(writer) => {
-                writer
-                    .enqueue(urgency, |codec, buf| codec.encode_frame(&frame, buf))
-                    .await?
+            SendLink::Mem(writer) => {
+                if writer.push(frame, urgency)? {
+                    Box::pin(writer.flush()).await?;
+                }
+                self.touch();
+                Ok(())
             }
-            SendLink::Mem(writer) => writer.send(frame).await?,
-            SendLink::Udp(writer) => {
-                writer
-                    .send(|codec, buf| codec.encode_frame(&frame, buf))
-                    .await?
+            _ => {
+                self.send_encoded(urgency, |codec, buf| codec.encode_frame(&frame, buf))
+                    .await
             }
         }
+    }
+
+    /// Encodes straight into the link's send buffer. The common case (a
+    /// frame appended while no I/O is due) is synchronous; the I/O, when
+    /// due, runs in a boxed future, so the future of every send stays small
+    /// and cheap to create.
+    async fn send_encoded(
+        &self,
+        urgency: Urgency,
+        encode: impl FnOnce(&FrameCodec, &mut BytesMut) -> Result<(), EncodeError>,
+    ) -> Result<(), SendError> {
+        match &self.link {
+            SendLink::Stream(writer) => {
+                if let Some(flush) = writer.push(urgency, encode)? {
+                    Box::pin(writer.complete(flush)).await?;
+                }
+            }
+            SendLink::Udp(writer) => Box::pin(writer.send(encode)).await?,
+            SendLink::Mem(writer) => {
+                // In-process frames are values: encode, then take the frame
+                // back out of the bytes (no copy of the payload).
+                let codec = writer.codec();
+                let mut buf = BytesMut::new();
+                encode(&codec, &mut buf)?;
+                let frame = codec
+                    .decode_frame(&mut buf)
+                    .map_err(|err| SendError::Io(std::io::Error::other(err)))?
+                    .expect("a whole frame was just encoded");
+                if writer.push(frame, urgency)? {
+                    Box::pin(writer.flush()).await?;
+                }
+            }
+        }
+        self.touch();
+        Ok(())
+    }
+
+    fn touch(&self) {
         if let Some(idle) = &self.idle {
             idle.touch();
         }
-        Ok(())
     }
 
     /// Queues a pong and gets it written without making the caller wait.
@@ -156,39 +203,19 @@ impl FrameSender {
         id: u64,
         value: &T,
     ) -> Result<(), SendError> {
-        match &self.shared.link {
-            SendLink::Stream(writer) => {
-                writer
-                    .enqueue(Urgency::Now, |codec, buf| {
-                        codec.encode_message(kind, id, value, buf)
-                    })
-                    .await?;
-                if let Some(idle) = &self.shared.idle {
-                    idle.touch();
-                }
-                Ok(())
-            }
-            SendLink::Udp(writer) => {
-                writer
-                    .send(|codec, buf| codec.encode_message(kind, id, value, buf))
-                    .await?;
-                if let Some(idle) = &self.shared.idle {
-                    idle.touch();
-                }
-                Ok(())
-            }
-            SendLink::Mem(writer) => {
-                let frame = writer.encode_message(kind, id, value)?;
-                self.shared.send(frame, Urgency::Now).await
-            }
-        }
+        self.shared
+            .send_encoded(Urgency::Now, |codec, buf| {
+                codec.encode_message(kind, id, value, buf)
+            })
+            .await
     }
 
     /// Writes every queued frame to the link.
     pub async fn flush(&self) -> Result<(), SendError> {
         match &self.shared.link {
             SendLink::Stream(writer) => writer.flush().await,
-            SendLink::Mem(_) | SendLink::Udp(_) => Ok(()),
+            SendLink::Mem(writer) => writer.flush().await,
+            SendLink::Udp(_) => Ok(()),
         }
     }
 
@@ -236,17 +263,9 @@ impl FrameReceiver {
     /// connection should be dropped.
     pub async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {
         loop {
-            let next = match self.dead_after {
-                None => self.link.recv().await,
-                Some(after) => {
-                    match tokio::time::timeout_at(self.last_heard + after, self.link.recv()).await {
-                        Ok(next) => next,
-                        Err(_) => {
-                            tracing::debug!(peer = ?self.peer, ?after, "peer silent, giving up on it");
-                            return Err(RecvError::PeerSilent { after });
-                        }
-                    }
-                }
+            let next = match self.link.try_recv() {
+                Some(next) => next,
+                None => Box::pin(self.wait()).await,
             };
             let frame = match next {
                 Ok(Some(frame)) => frame,
@@ -258,7 +277,9 @@ impl FrameReceiver {
                     return Err(err);
                 }
             };
-            self.last_heard = Instant::now();
+            if self.dead_after.is_some() {
+                self.last_heard = Instant::now();
+            }
             match frame.kind {
                 FrameKind::Ping => {
                     if let Some(sender) = self.pong.upgrade() {
@@ -267,6 +288,20 @@ impl FrameReceiver {
                 }
                 FrameKind::Pong => {}
                 _ => return Ok(Some(frame)),
+            }
+        }
+    }
+
+    /// Waits for the link, within the heartbeat timeout if there is one.
+    async fn wait(&mut self) -> Result<Option<Frame>, RecvError> {
+        let Some(after) = self.dead_after else {
+            return self.link.recv().await;
+        };
+        match tokio::time::timeout_at(self.last_heard + after, self.link.recv()).await {
+            Ok(next) => next,
+            Err(_) => {
+                tracing::debug!(peer = ?self.peer, ?after, "peer silent, giving up on it");
+                Err(RecvError::PeerSilent { after })
             }
         }
     }

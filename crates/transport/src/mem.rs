@@ -1,5 +1,8 @@
 //! `mem://`: in-process connections. Frames move through bounded tokio
 //! channels as values: no sockets, no serialization, no payload copies.
+//! Fed frames travel in batches of up to 64, so streaming pays for one
+//! channel operation and one wake-up per batch; a frame that is `send`-ed
+//! goes at once.
 //!
 //! tokio's mpsc rather than crossbeam: both ends are awaited from async
 //! tasks, and a crossbeam channel cannot wake a task without an extra
@@ -9,26 +12,50 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
-use bytes::BytesMut;
-use courier_wire::{payload, EncodeError, Frame, FrameCodec, FrameKind, HEADER_LEN};
-use serde::Serialize;
+use courier_wire::{Frame, FrameCodec};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
 use crate::connection::{RecvLink, SendLink};
 use crate::listener::Counters;
+use crate::stream::Urgency;
 use crate::{Address, BindError, ConnectError, Connection, SendError, TransportConfig};
 
-/// `None` in the channel is the sender's orderly close.
-type Slot = Option<Frame>;
+/// What travels in a `mem://` channel.
+pub(crate) enum Slot {
+    One(Frame),
+    /// Frames fed together: one channel operation, and one wake-up of the
+    /// receiver, for up to [`BATCH`] frames.
+    Batch(Vec<Frame>),
+    /// The sender's orderly close.
+    End,
+}
+
+/// Most frames fed before they are handed to the channel as one batch.
+const BATCH: usize = 64;
 
 pub(crate) struct MemWriter {
     tx: mpsc::Sender<Slot>,
     codec: FrameCodec,
     closed: AtomicBool,
+    /// Frames fed but not yet in the channel. Frames enter the channel only
+    /// while this lock is held, which keeps every task's frames in order.
+    fed: Mutex<Vec<Frame>>,
 }
 
 impl MemWriter {
-    pub(crate) async fn send(&self, frame: Frame) -> Result<(), SendError> {
+    fn fed(&self) -> std::sync::MutexGuard<'_, Vec<Frame>> {
+        self.fed.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    pub(crate) fn codec(&self) -> FrameCodec {
+        self.codec
+    }
+
+    /// Takes one frame without waiting. Returns `true` when the channel is
+    /// full and the caller must [`flush`](Self::flush) before the frame
+    /// counts as sent (its frame is kept, in order, meanwhile).
+    pub(crate) fn push(&self, frame: Frame, urgency: Urgency) -> Result<bool, SendError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(SendError::Closed);
         }
@@ -41,37 +68,53 @@ impl MemWriter {
                 limit: self.codec.limit(),
             });
         }
-        self.tx
-            .send(Some(frame))
-            .await
-            .map_err(|_| SendError::Closed)
+        let mut fed = self.fed();
+        fed.push(frame);
+        if urgency == Urgency::Later && fed.len() < BATCH {
+            return Ok(false);
+        }
+        let slot = if fed.len() == 1 {
+            Slot::One(fed.pop().expect("one frame"))
+        } else {
+            Slot::Batch(std::mem::take(&mut *fed))
+        };
+        match self.tx.try_send(slot) {
+            Ok(()) => Ok(false),
+            Err(TrySendError::Closed(_)) => Err(SendError::Closed),
+            Err(TrySendError::Full(slot)) => {
+                *fed = match slot {
+                    Slot::One(frame) => vec![frame],
+                    Slot::Batch(frames) => frames,
+                    Slot::End => unreachable!("only frames are pushed here"),
+                };
+                Ok(true)
+            }
+        }
+    }
+
+    /// Hands every fed frame to the channel, waiting for room.
+    pub(crate) async fn flush(&self) -> Result<(), SendError> {
+        loop {
+            if self.fed().is_empty() {
+                return Ok(());
+            }
+            let permit = self.tx.reserve().await.map_err(|_| SendError::Closed)?;
+            let frames = std::mem::take(&mut *self.fed());
+            if !frames.is_empty() {
+                permit.send(Slot::Batch(frames));
+            }
+        }
     }
 
     /// Best effort, never waits: for pongs.
     pub(crate) fn try_send(&self, frame: Frame) {
-        let _ = self.tx.try_send(Some(frame));
-    }
-
-    pub(crate) fn encode_message<T: Serialize + ?Sized>(
-        &self,
-        kind: FrameKind,
-        id: u64,
-        value: &T,
-    ) -> Result<Frame, SendError> {
-        let mut buf = BytesMut::new();
-        match payload::encode_into(value, &mut buf, self.codec.max_payload_len()) {
-            Ok(_) => Ok(Frame::new(kind, id, buf.freeze())),
-            Err(EncodeError::FrameTooLarge { size, .. }) => Err(SendError::FrameTooLarge {
-                size: size + HEADER_LEN,
-                limit: self.codec.limit(),
-            }),
-            Err(other) => Err(other.into()),
-        }
+        let _ = self.tx.try_send(Slot::One(frame));
     }
 
     pub(crate) async fn close(&self) -> Result<(), SendError> {
+        self.flush().await?;
         if !self.closed.swap(true, Ordering::AcqRel) {
-            let _ = self.tx.send(None).await;
+            let _ = self.tx.send(Slot::End).await;
         }
         Ok(())
     }
@@ -79,18 +122,58 @@ impl MemWriter {
 
 pub(crate) struct MemReader {
     rx: mpsc::Receiver<Slot>,
+    batch: std::vec::IntoIter<Frame>,
     ended: bool,
 }
 
 impl MemReader {
-    pub(crate) async fn recv(&mut self) -> Option<Frame> {
-        if self.ended {
-            return None;
+    /// A frame that is already there: `Some(Some(frame))`, `Some(None)` at
+    /// the end, `None` when the caller must wait.
+    pub(crate) fn try_recv(&mut self) -> Option<Option<Frame>> {
+        loop {
+            if let Some(frame) = self.batch.next() {
+                return Some(Some(frame));
+            }
+            if self.ended {
+                return Some(None);
+            }
+            match self.rx.try_recv() {
+                Ok(slot) => {
+                    if let Some(frame) = self.take(slot) {
+                        return Some(Some(frame));
+                    }
+                }
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => self.ended = true,
+            }
         }
-        match self.rx.recv().await {
-            Some(Some(frame)) => Some(frame),
-            // Closed by the peer, or every sender dropped.
-            Some(None) | None => {
+    }
+
+    pub(crate) async fn recv(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(next) = self.try_recv() {
+                return next;
+            }
+            match self.rx.recv().await {
+                Some(slot) => {
+                    if let Some(frame) = self.take(slot) {
+                        return Some(frame);
+                    }
+                }
+                // Every sender dropped.
+                None => self.ended = true,
+            }
+        }
+    }
+
+    fn take(&mut self, slot: Slot) -> Option<Frame> {
+        match slot {
+            Slot::One(frame) => Some(frame),
+            Slot::Batch(frames) => {
+                self.batch = frames.into_iter();
+                None
+            }
+            Slot::End => {
                 self.ended = true;
                 None
             }
@@ -105,8 +188,13 @@ fn link(capacity: usize, codec: FrameCodec) -> (MemWriter, MemReader) {
             tx,
             codec,
             closed: AtomicBool::new(false),
+            fed: Mutex::new(Vec::new()),
         },
-        MemReader { rx, ended: false },
+        MemReader {
+            rx,
+            batch: Vec::new().into_iter(),
+            ended: false,
+        },
     )
 }
 

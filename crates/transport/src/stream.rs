@@ -17,7 +17,7 @@ pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Sync + Unpin>;
 pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Smallest read the receiver asks the socket for.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 
 /// Sends our preamble and checks the peer's, within `limit`. Both sides write
 /// first, so neither waits for the other.
@@ -66,7 +66,7 @@ struct Pending {
     state: LinkState,
 }
 
-struct Writer {
+pub(crate) struct Writer {
     io: BoxWrite,
     /// Bytes taken from `pending` but not yet accepted by the socket. Kept
     /// here, not on a task's stack, so a cancelled send leaves the stream
@@ -89,6 +89,14 @@ pub(crate) struct StreamWriter {
     high_water: usize,
     pending: SyncMutex<Pending>,
     writer: AsyncMutex<Writer>,
+}
+
+/// What a sender must still do after [`StreamWriter::push`].
+pub(crate) enum Flush<'a> {
+    /// It holds the socket: write everything pending.
+    Locked(MutexGuard<'a, Writer>),
+    /// The buffer is full and another task is writing: wait for the socket.
+    Wait,
 }
 
 /// When an enqueued frame must reach the socket.
@@ -125,28 +133,51 @@ impl StreamWriter {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Encodes a frame into the pending buffer with `encode`, then makes sure
-    /// it is written as `urgency` asks.
-    pub(crate) async fn enqueue(
+    /// Encodes a frame into the pending buffer with `encode`. Synchronous and
+    /// cheap; returns what the caller must still do, if anything, to honour
+    /// `urgency`: nothing (the frame waits for a flush, or a task already
+    /// writing will take it), or [`StreamWriter::complete`] the returned
+    /// [`Flush`].
+    pub(crate) fn push(
         &self,
         urgency: Urgency,
         encode: impl FnOnce(&FrameCodec, &mut BytesMut) -> Result<(), EncodeError>,
-    ) -> Result<(), SendError> {
+    ) -> Result<Option<Flush<'_>>, SendError> {
         let over_high_water = {
             let mut pending = self.pending();
             pending.state.check()?;
             encode(&self.codec, &mut pending.buf)?;
             pending.buf.len() >= self.high_water
         };
+        if urgency == Urgency::Later && !over_high_water {
+            return Ok(None);
+        }
         match self.writer.try_lock() {
-            Ok(guard) if urgency == Urgency::Now || over_high_water => self.drain(guard).await,
-            Ok(_) => Ok(()),
+            Ok(guard) => Ok(Some(Flush::Locked(guard))),
             // Another task is writing and will take our bytes before it lets go.
-            Err(_) if !over_high_water => Ok(()),
-            Err(_) => {
-                let guard = self.writer.lock().await;
-                self.drain(guard).await
-            }
+            Err(_) if !over_high_water => Ok(None),
+            Err(_) => Ok(Some(Flush::Wait)),
+        }
+    }
+
+    /// Does the I/O that [`StreamWriter::push`] asked for.
+    pub(crate) async fn complete(&self, flush: Flush<'_>) -> Result<(), SendError> {
+        let guard = match flush {
+            Flush::Locked(guard) => guard,
+            Flush::Wait => self.writer.lock().await,
+        };
+        self.drain(guard).await
+    }
+
+    #[cfg(test)]
+    async fn enqueue(
+        &self,
+        urgency: Urgency,
+        encode: impl FnOnce(&FrameCodec, &mut BytesMut) -> Result<(), EncodeError>,
+    ) -> Result<(), SendError> {
+        match self.push(urgency, encode)? {
+            Some(flush) => self.complete(flush).await,
+            None => Ok(()),
         }
     }
 
@@ -214,6 +245,9 @@ impl StreamWriter {
                     Err(err) => return Err(self.fail(err)),
                 }
             }
+            // Let go of the written buffer, so `pending` can reuse its
+            // allocation instead of allocating a new one for every batch.
+            writer.inflight = Bytes::new();
         }
         writer.io.flush().await.map_err(|err| self.fail(err))
     }
@@ -243,11 +277,17 @@ impl StreamReader {
         }
     }
 
+    /// A frame already buffered, if there is one. Synchronous, so the common
+    /// case of a read that brought many frames costs no async machinery.
+    pub(crate) fn try_recv(&mut self) -> Result<Option<courier_wire::Frame>, RecvError> {
+        Ok(self.codec.decode_frame(&mut self.buf)?)
+    }
+
     /// The next frame, `None` at a clean end of stream. Cancel-safe: bytes
     /// read before a cancellation stay buffered.
     pub(crate) async fn recv(&mut self) -> Result<Option<courier_wire::Frame>, RecvError> {
         loop {
-            if let Some(frame) = self.codec.decode_frame(&mut self.buf)? {
+            if let Some(frame) = self.try_recv()? {
                 return Ok(Some(frame));
             }
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {

@@ -221,19 +221,22 @@ impl FrameCodec {
             src.reserve(LENGTH_PREFIX_LEN + HEADER_LEN);
             return Ok(None);
         };
+        // `length` is at least HEADER_LEN, so a whole frame includes a whole header.
         let total = LENGTH_PREFIX_LEN + length;
-        if src.len() >= LENGTH_PREFIX_LEN + HEADER_LEN {
-            // Validate the header before waiting for a payload of up to the
-            // limit: garbage is refused as early as possible.
-            check_header(&src[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + HEADER_LEN])?;
+        if src.len() < LENGTH_PREFIX_LEN + HEADER_LEN {
+            src.reserve(total - src.len());
+            return Ok(None);
         }
+        // Validate the header before waiting for a payload of up to the
+        // limit: garbage is refused as early as possible.
+        let kind = check_header(&src[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + HEADER_LEN])?;
         if src.len() < total {
             src.reserve(total - src.len());
             return Ok(None);
         }
         let mut bytes = src.split_to(total);
         bytes.advance(LENGTH_PREFIX_LEN);
-        self.parse_body(bytes.freeze()).map(Some)
+        self.parse_checked_body(kind, bytes.freeze()).map(Some)
     }
 
     /// Decodes a datagram holding exactly one frame. The length prefix must
@@ -281,8 +284,13 @@ impl FrameCodec {
     }
 
     /// Parses header, payload and trailer of one frame (prefix removed).
-    fn parse_body(&self, mut body: Bytes) -> Result<Frame, DecodeError> {
+    fn parse_body(&self, body: Bytes) -> Result<Frame, DecodeError> {
         let kind = check_header(&body[..HEADER_LEN])?;
+        self.parse_checked_body(kind, body)
+    }
+
+    /// [`Self::parse_body`] for a body whose header was already checked.
+    fn parse_checked_body(&self, kind: FrameKind, mut body: Bytes) -> Result<Frame, DecodeError> {
         let flag_bits = body[2];
         let id = u64::from_le_bytes(body[4..12].try_into().expect("eight bytes"));
         if flag_bits & Flags::CHECKSUM != 0 {
