@@ -86,7 +86,7 @@ async fn exercise(name: &'static str, address: &Address) -> anyhow::Result<Row> 
                         // Streamed frames are counted, and acknowledged in batches.
                         FrameKind::StreamItem => {
                             received += 1;
-                            if received % 256 == 0 || frame.id == STREAMED - 1 {
+                            if received.is_multiple_of(256) || frame.id == STREAMED - 1 {
                                 let _ = conn
                                     .send(Frame::new(FrameKind::Credit, received, Bytes::new()))
                                     .await;

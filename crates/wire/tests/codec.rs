@@ -62,12 +62,7 @@ proptest! {
         bytes in proptest::collection::vec(any::<u8>(), 0..2000),
     ) {
         let mut buf = BytesMut::from(&bytes[..]);
-        loop {
-            match codec.decode_frame(&mut buf) {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(_)) = codec.decode_frame(&mut buf) {}
         prop_assert!(buf.capacity() <= 2000 + LENGTH_PREFIX_LEN + codec.limit() + 64);
         let _ = codec.decode_datagram(Bytes::from(bytes));
     }
