@@ -63,7 +63,9 @@ pub struct TransportConfig {
     /// Bytes of encoded frames a stream connection buffers before senders
     /// wait for the socket. Default 256 KiB.
     pub send_buffer: usize,
-    /// Frames an in-process (`mem://`) connection buffers per direction. Default 1024.
+    /// Sends an in-process (`mem://`) connection buffers per direction, each
+    /// one frame, or a batch of up to 64 frames that were `feed`-ed.
+    /// Default 1024.
     pub mem_capacity: usize,
     /// Largest UDP datagram sent or accepted. Default 65,507 (the IPv4
     /// maximum); lower it to the path MTU (e.g. 1,472) to avoid IP fragmentation.

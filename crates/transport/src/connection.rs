@@ -129,6 +129,23 @@ impl SenderShared {
         }
     }
 
+    /// Closes a link whose peer broke the protocol: later sends fail, and
+    /// the peer sees the connection end. Only stream links can see invalid
+    /// frames (UDP discards them; in-process frames are never decoded).
+    fn abort(self: Arc<Self>) {
+        if let SendLink::Stream(writer) = &self.link {
+            writer.refuse(
+                std::io::ErrorKind::InvalidData,
+                "peer sent an invalid frame",
+            );
+            tokio::spawn(async move {
+                if let SendLink::Stream(writer) = &self.link {
+                    writer.shutdown().await;
+                }
+            });
+        }
+    }
+
     /// Queues a pong and gets it written without making the caller wait.
     fn reply_pong(self: Arc<Self>, id: u64) {
         let pong = Frame::new(FrameKind::Pong, id, Bytes::new());
@@ -273,6 +290,9 @@ impl FrameReceiver {
                 Err(err) => {
                     if let RecvError::Decode(reason) = &err {
                         tracing::warn!(peer = ?self.peer, %reason, "peer sent an invalid frame; closing");
+                        if let Some(sender) = self.pong.upgrade() {
+                            sender.abort();
+                        }
                     }
                     return Err(err);
                 }

@@ -252,6 +252,22 @@ impl StreamWriter {
         writer.io.flush().await.map_err(|err| self.fail(err))
     }
 
+    /// Refuses every later send with `kind` and `reason` and drops what is
+    /// queued: for a peer that broke the protocol. Follow with
+    /// [`StreamWriter::shutdown`] so the peer sees the end.
+    pub(crate) fn refuse(&self, kind: io::ErrorKind, reason: &str) {
+        let mut pending = self.pending();
+        pending.state = LinkState::Failed(kind, reason.to_string());
+        pending.buf.clear();
+    }
+
+    /// Shuts the write direction down without writing anything more.
+    pub(crate) async fn shutdown(&self) {
+        let mut writer = self.writer.lock().await;
+        writer.inflight = Bytes::new();
+        let _ = writer.io.shutdown().await;
+    }
+
     /// Marks the link broken so every later send reports why.
     fn fail(&self, err: io::Error) -> SendError {
         let mut pending = self.pending();

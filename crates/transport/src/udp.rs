@@ -177,7 +177,10 @@ pub(crate) async fn route(
         let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(received) => received,
             Err(err) => {
-                tracing::debug!(%err, "udp receive failed");
+                // Not expected on an unconnected socket; pause rather than
+                // spin if the error persists.
+                tracing::warn!(%err, "udp receive failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
         };

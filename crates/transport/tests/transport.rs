@@ -366,6 +366,22 @@ async fn garbage_and_oversized_frames_end_only_their_own_connection() {
         "{err:?}"
     );
 
+    // The offender's connection is closed: it reads the end of the stream,
+    // and the server's side refuses to send on it.
+    for raw in [&mut oversized, &mut garbage] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+    }
+    let refused = bad_garbage
+        .send(Frame::data(9, Bytes::new()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, SendError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData),
+        "{refused:?}"
+    );
+
     good.send(Frame::data(3, &b"unaffected"[..])).await.unwrap();
     assert_eq!(
         &good_server.recv().await.unwrap().unwrap().payload[..],

@@ -23,7 +23,12 @@ impl Flavor for LimitedBytesMut<'_> {
     type Output = usize;
 
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.try_extend(&[data])
+        // Hot for byte sequences, which postcard pushes one byte at a time.
+        if self.written < self.limit {
+            self.buf.put_u8(data);
+        }
+        self.written += 1;
+        Ok(())
     }
 
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
