@@ -28,7 +28,7 @@ impl NodeId {
     pub fn random() -> NodeId {
         use std::sync::atomic::{AtomicU64, Ordering};
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let mut half = |salt: u64| {
+        let half = |salt: u64| {
             let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
             hasher.write_u64(salt);
             hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
