@@ -14,6 +14,8 @@
 //!   per sender stream), which together give effectively-once delivery to
 //!   the handler. The module docs state exactly what each side promises.
 //! - [`requests`]: correlation ids, deadlines and out-of-order replies.
+//! - [`schema`]: a fingerprint of a message type's serde shape, so nodes
+//!   built with different versions of a type refuse each other by name.
 //!
 //! The tokio shell that drives them over `courier-transport` connections
 //! (handshake, typed channels, managed connections, sync face) comes next.
@@ -53,7 +55,9 @@
 mod id;
 pub mod reliable;
 pub mod requests;
+pub mod schema;
 
 pub use id::{NodeId, NodeIdError};
 pub use reliable::{DedupWindow, Inbox, Outbox, OutboxEvent, RetryPolicy, Seq, Transmit, Verdict};
 pub use requests::Requests;
+pub use schema::Schema;
