@@ -52,12 +52,18 @@
 
 #![warn(missing_docs)]
 
+mod error;
 mod id;
+mod node;
+mod protocol;
 pub mod reliable;
 pub mod requests;
 pub mod schema;
 
+pub use error::{EndpointError, RequestError, SendError, SendErrorKind, StartError};
 pub use id::{NodeId, NodeIdError};
+pub use node::{Delivery, Envelope, Mailbox, Node, NodeConfig, Progress, Sender};
+pub use protocol::Rejection;
 pub use reliable::{DedupWindow, Inbox, Outbox, OutboxEvent, RetryPolicy, Seq, Transmit, Verdict};
 pub use requests::Requests;
 pub use schema::Schema;

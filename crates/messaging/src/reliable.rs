@@ -16,8 +16,9 @@
 //! # What each side promises
 //!
 //! - [`Outbox`]: every message pushed is transmitted, and retransmitted
-//!   until acknowledged or expired; it then reports exactly one of
-//!   [`OutboxEvent::Acked`] or [`OutboxEvent::Expired`]. At most `capacity`
+//!   until acknowledged, refused or expired; it then reports exactly one of
+//!   [`OutboxEvent::Acked`], [`OutboxEvent::Rejected`] or
+//!   [`OutboxEvent::Expired`]. At most `capacity`
 //!   messages are in flight; `push` refuses more and hands the message back.
 //! - [`Inbox`]: within a stream, a message is accepted ([`Verdict::Deliver`])
 //!   at most once, as long as its stream's window is remembered. Windows are
@@ -88,6 +89,14 @@ pub enum OutboxEvent {
         seq: Seq,
         /// Transmissions it took.
         attempts: u32,
+    },
+    /// The receiver refused it (no such endpoint, wrong schema): it was not
+    /// delivered and will not be sent again.
+    Rejected {
+        /// Its sequence number.
+        seq: Seq,
+        /// The message, handed back.
+        payload: Bytes,
     },
     /// Its deadline passed unacknowledged. It may or may not have been
     /// delivered; it will not be sent again.
@@ -220,6 +229,18 @@ impl Outbox {
         }
     }
 
+    /// The receiver refused `seq`. Refusals of messages no longer in flight
+    /// are ignored.
+    pub fn handle_reject(&mut self, seq: Seq) {
+        if let Some(entry) = self.in_flight.remove(&seq) {
+            self.forget_timers(seq, &entry);
+            self.events.push_back(OutboxEvent::Rejected {
+                seq,
+                payload: entry.payload,
+            });
+        }
+    }
+
     /// Expires every message whose deadline is at or before `now`.
     pub fn handle_timeout(&mut self, now: Duration) {
         while let Some(&(deadline, seq)) = self.deadlines.first() {
@@ -254,6 +275,12 @@ impl Outbox {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// The earliest deadline of a message in flight: all that needs a timer
+    /// while there is no connection to transmit on.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.deadlines.first().map(|(t, _)| *t)
     }
 
     /// The next outcome to report.

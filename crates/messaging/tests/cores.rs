@@ -86,6 +86,7 @@ fn each_message_gets_exactly_one_outcome() {
     assert!(matches!(events[2], OutboxEvent::Expired { seq: 2, .. }));
     assert_eq!(outbox.in_flight(), 0);
     assert_eq!(outbox.poll_timeout(), None);
+    assert_eq!(outbox.next_deadline(), None);
 }
 
 #[test]

@@ -182,6 +182,9 @@ impl Scenario {
                         );
                         outcome.acked[seq as usize] = true;
                     }
+                    OutboxEvent::Rejected { seq, .. } => {
+                        panic!("seed {}: {seq} rejected; nothing here rejects", self.seed)
+                    }
                     OutboxEvent::Expired { seq, payload, .. } => {
                         assert!(
                             !outcome.acked[seq as usize] && !outcome.expired[seq as usize],
