@@ -10,6 +10,9 @@ pub enum StartError {
     /// A listen address could not be bound.
     #[error(transparent)]
     Bind(courier_transport::BindError),
+    /// The blocking face could not start its runtime.
+    #[error("cannot start the node's runtime: {0}")]
+    Runtime(String),
 }
 
 /// Why an endpoint could not be opened.

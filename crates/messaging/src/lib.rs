@@ -52,6 +52,7 @@
 
 #![warn(missing_docs)]
 
+pub mod blocking;
 mod error;
 mod id;
 mod node;
@@ -62,7 +63,7 @@ pub mod schema;
 
 pub use error::{EndpointError, RequestError, SendError, SendErrorKind, StartError};
 pub use id::{NodeId, NodeIdError};
-pub use node::{Delivery, Envelope, Mailbox, Node, NodeConfig, Progress, Sender};
+pub use node::{Delivery, Envelope, Mailbox, Node, NodeConfig, Progress, Sender, ShutdownReport};
 pub use protocol::Rejection;
 pub use reliable::{DedupWindow, Inbox, Outbox, OutboxEvent, RetryPolicy, Seq, Transmit, Verdict};
 pub use requests::Requests;

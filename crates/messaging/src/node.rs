@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -147,13 +148,36 @@ enum Endpoint {
     },
 }
 
+struct PeerEntry {
+    commands: mpsc::Sender<Command>,
+    /// Messages and requests the driver holds unfinished, kept current by it.
+    unfinished: Arc<AtomicUsize>,
+}
+
+impl PeerEntry {
+    /// Unfinished work, counting commands still queued for the driver.
+    fn unfinished(&self) -> usize {
+        let queued = self.commands.max_capacity() - self.commands.capacity();
+        self.unfinished.load(Ordering::Relaxed) + queued
+    }
+}
+
+/// What [`Node::shutdown`] left behind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Messages not acknowledged and requests not answered when the grace
+    /// period ended. Each of their callers got a `NodeShutdown` error.
+    pub unfinished: usize,
+}
+
 struct NodeInner {
     id: NodeId,
     incarnation: u64,
     config: NodeConfig,
     addresses: Vec<Address>,
     endpoints: Mutex<HashMap<String, Endpoint>>,
-    peers: Mutex<HashMap<Address, mpsc::Sender<Command>>>,
+    peers: Mutex<HashMap<Address, PeerEntry>>,
     inbox: Mutex<Inbox<(NodeId, u64)>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -377,28 +401,45 @@ impl Node {
 
     fn peer(&self, to: &Address) -> mpsc::Sender<Command> {
         let mut peers = lock(&self.inner.peers);
-        if let Some(peer) = peers.get(to).filter(|p| !p.is_closed()) {
-            return peer.clone();
+        if let Some(peer) = peers.get(to).filter(|p| !p.commands.is_closed()) {
+            return peer.commands.clone();
         }
         let (tx, rx) = mpsc::channel(self.inner.config.peer_queue.max(1));
         let hello = Hello {
             node: self.inner.id.as_u128(),
             incarnation: self.inner.incarnation,
         };
-        let driver = PeerDriver::new(to.clone(), self.inner.config.clone(), hello);
+        let unfinished = Arc::new(AtomicUsize::new(0));
+        let driver = PeerDriver::new(
+            to.clone(),
+            self.inner.config.clone(),
+            hello,
+            unfinished.clone(),
+        );
         let task = tokio::spawn(driver.run(rx));
         lock(&self.inner.tasks).push(task);
-        peers.insert(to.clone(), tx.clone());
+        peers.insert(
+            to.clone(),
+            PeerEntry {
+                commands: tx.clone(),
+                unfinished,
+            },
+        );
         tx
     }
 
-    /// Stops the node: no new connections are accepted, then it waits until
-    /// every peer has had its unacknowledged messages acknowledged and its
-    /// requests answered, or until `grace` has passed, whichever is first;
-    /// then everything still running is stopped and its callers get
+    /// Stops the node: it waits until every peer has had its unacknowledged
+    /// messages acknowledged and its requests answered, or until `grace` has
+    /// passed, whichever is first; then everything still running is stopped
+    /// (listeners included) and its callers get
     /// [`SendErrorKind::NodeShutdown`] or [`RequestError::NodeShutdown`].
-    pub async fn shutdown(self, grace: Duration) {
-        let peers: Vec<_> = lock(&self.inner.peers).values().cloned().collect();
+    /// The report says how much was left unfinished: nothing is dropped
+    /// without being counted.
+    pub async fn shutdown(self, grace: Duration) -> ShutdownReport {
+        let peers: Vec<_> = lock(&self.inner.peers)
+            .values()
+            .map(|p| p.commands.clone())
+            .collect();
         let mut drained = Vec::new();
         for peer in peers {
             let (done, wait) = oneshot::channel();
@@ -412,9 +453,20 @@ impl Node {
             }
         })
         .await;
+        let unfinished = lock(&self.inner.peers)
+            .values()
+            .map(PeerEntry::unfinished)
+            .sum();
         for task in lock(&self.inner.tasks).drain(..) {
             task.abort();
         }
+        if unfinished > 0 {
+            tracing::warn!(
+                unfinished,
+                "node stopped with messages unacknowledged or requests unanswered"
+            );
+        }
+        ShutdownReport { unfinished }
     }
 }
 
@@ -607,10 +659,16 @@ struct PeerDriver {
     next_attempt: Instant,
     last_error: String,
     drains: Vec<oneshot::Sender<()>>,
+    unfinished: Arc<AtomicUsize>,
 }
 
 impl PeerDriver {
-    fn new(address: Address, config: NodeConfig, hello: Hello) -> PeerDriver {
+    fn new(
+        address: Address,
+        config: NodeConfig,
+        hello: Hello,
+        unfinished: Arc<AtomicUsize>,
+    ) -> PeerDriver {
         let now = Instant::now();
         PeerDriver {
             outbox: Outbox::new(config.max_in_flight, config.retry),
@@ -622,6 +680,7 @@ impl PeerDriver {
             next_attempt: now,
             last_error: String::new(),
             drains: Vec::new(),
+            unfinished,
             epoch: now,
             address,
             config,
@@ -750,7 +809,9 @@ impl PeerDriver {
         while let Some((_, reply)) = self.requests.poll_expired(now) {
             let _ = reply.send(Err(RequestError::Timeout));
         }
-        if self.outbox.in_flight() == 0 && self.requests.is_empty() {
+        let unfinished = self.outbox.in_flight() + self.requests.len();
+        self.unfinished.store(unfinished, Ordering::Relaxed);
+        if unfinished == 0 {
             for drain in self.drains.drain(..) {
                 let _ = drain.send(());
             }

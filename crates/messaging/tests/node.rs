@@ -276,7 +276,7 @@ async fn at_least_once_messages_reach_a_receiver_that_restarts() {
 
     // The receiver goes away; a message sent meanwhile waits in the outbox.
     drop(mailbox);
-    receiver.shutdown(Duration::ZERO).await;
+    assert_eq!(receiver.shutdown(Duration::ZERO).await.unfinished, 0);
     let pending = tokio::spawn({
         let to = to.clone();
         async move { to.send(2).await }
@@ -341,9 +341,29 @@ async fn shutdown_waits_out_its_grace_then_fails_what_is_left() {
     let pending = tokio::spawn(async move { to.send(7).await });
     tokio::task::yield_now().await;
     let started = tokio::time::Instant::now();
-    node.shutdown(Duration::from_secs(2)).await;
+    let report = node.shutdown(Duration::from_secs(2)).await;
     assert_eq!(started.elapsed(), Duration::from_secs(2));
+    assert_eq!(
+        report.unfinished, 1,
+        "the one unacknowledged message is counted"
+    );
     let err = pending.await.unwrap().unwrap_err();
     assert_eq!(err.kind, SendErrorKind::NodeShutdown);
     assert_eq!(err.into_inner(), 7);
+}
+
+#[tokio::test]
+async fn shutdown_returns_as_soon_as_everything_is_acknowledged() {
+    let receiver = receiver_at(mem("drain")).await;
+    let mut mailbox = receiver.mailbox::<u32>("in").unwrap();
+    let sender = sender_node().await;
+    let to = sender.sender::<u32>(&receiver.addresses()[0], "in", Delivery::AtLeastOnce);
+    for n in 0..10 {
+        to.try_send(n).unwrap();
+    }
+    let report = within("shutdown", sender.shutdown(Duration::from_secs(3600))).await;
+    assert_eq!(report.unfinished, 0);
+    for n in 0..10 {
+        assert_eq!(mailbox.recv().await.unwrap().body, n);
+    }
 }
