@@ -10,15 +10,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use courier_benches::{
-    filters, latency_histogram, median_and_spread, output_dir, record, run_pair, selected, Mode,
-    Placement, Report,
+    filters, latency_histogram, median_and_spread, output_dir, raw, record, run_pair, selected,
+    Mode, Placement, Report,
 };
 use courier_transport::{bind, connect, Address, Frame, FrameKind, TransportConfig};
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
 
 const PING_SIZE: usize = 64;
 const STREAM_SIZE: usize = 128;
@@ -33,108 +31,6 @@ fn address_for(subject: &str, run: usize) -> Address {
         "mem" => Address::mem(format!("bench-{run}")),
         other => unreachable!("{other}"),
     }
-}
-
-// ---------- raw baseline: tokio TCP, length-prefixed, one read and one write per message
-
-async fn raw_server(announce: std::sync::mpsc::Sender<Address>, mode: RawMode) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    announce
-        .send(Address::tcp(listener.local_addr().unwrap()))
-        .unwrap();
-    let (mut socket, _) = listener.accept().await.unwrap();
-    socket.set_nodelay(true).unwrap();
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut received = 0u64;
-    loop {
-        while buf.len() >= 4 {
-            let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
-            if buf.len() < 4 + len {
-                break;
-            }
-            let message = buf.split_to(4 + len);
-            match mode {
-                RawMode::Echo => socket.write_all(&message).await.unwrap(),
-                RawMode::Count(total) => {
-                    received += 1;
-                    if received == total {
-                        socket.write_all(&[1]).await.unwrap();
-                    }
-                }
-            }
-        }
-        if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
-        }
-        if socket.read_buf(&mut buf).await.unwrap() == 0 {
-            return;
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-enum RawMode {
-    Echo,
-    Count(u64),
-}
-
-fn raw_message(size: usize) -> Bytes {
-    let mut message = BytesMut::new();
-    message.put_u32_le(size as u32);
-    message.put_slice(&vec![0xA5; size]);
-    message.freeze()
-}
-
-async fn raw_connect(address: &Address) -> TcpStream {
-    let Address::Tcp { host, port } = address else {
-        unreachable!()
-    };
-    let socket = TcpStream::connect((host.as_str(), *port)).await.unwrap();
-    socket.set_nodelay(true).unwrap();
-    socket
-}
-
-fn raw_pingpong(placement: Placement, warmup: usize, count: usize) -> Histogram<u64> {
-    run_pair(
-        placement,
-        |announce| raw_server(announce, RawMode::Echo),
-        |address| async move {
-            let mut socket = raw_connect(&address).await;
-            let message = raw_message(PING_SIZE);
-            let mut reply = vec![0u8; message.len()];
-            let mut histogram = latency_histogram();
-            for i in 0..warmup + count {
-                let started = Instant::now();
-                socket.write_all(&message).await.unwrap();
-                socket.read_exact(&mut reply).await.unwrap();
-                if i >= warmup {
-                    record(&mut histogram, started.elapsed());
-                }
-            }
-            histogram
-        },
-    )
-}
-
-fn raw_stream(placement: Placement, count: u64) -> Duration {
-    run_pair(
-        placement,
-        move |announce| raw_server(announce, RawMode::Count(count)),
-        move |address| async move {
-            let socket = raw_connect(&address).await;
-            let (mut read, write) = socket.into_split();
-            let mut writer = BufWriter::with_capacity(64 * 1024, write);
-            let message = raw_message(STREAM_SIZE);
-            let started = Instant::now();
-            for _ in 0..count {
-                writer.write_all(&message).await.unwrap();
-            }
-            writer.flush().await.unwrap();
-            let mut done = [0u8; 1];
-            read.read_exact(&mut done).await.unwrap();
-            started.elapsed()
-        },
-    )
 }
 
 // ---------- Courier
@@ -238,7 +134,7 @@ fn main() -> anyhow::Result<()> {
             // All repeats merged into one histogram per subject.
             let mut raw = latency_histogram();
             for _ in 0..repeats {
-                raw.add(raw_pingpong(placement, warmup, round_trips))
+                raw.add(raw::pingpong(placement, PING_SIZE, warmup, round_trips))
                     .unwrap();
             }
             let raw_p50 = micros(&raw, 0.5);
@@ -268,7 +164,7 @@ fn main() -> anyhow::Result<()> {
             // The median rate over repeats.
             let rate = |took: Duration| streamed as f64 / took.as_secs_f64();
             let mut raw_rates: Vec<f64> = (0..stream_repeats)
-                .map(|_| rate(raw_stream(placement, streamed)))
+                .map(|_| rate(raw::stream(placement, STREAM_SIZE, streamed)))
                 .collect();
             let (raw_rate, raw_spread) = median_and_spread(&mut raw_rates);
             print_rate(

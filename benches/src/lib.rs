@@ -18,6 +18,8 @@ use std::time::Duration;
 use courier_transport::Address;
 use hdrhistogram::Histogram;
 
+pub mod raw;
+
 /// Where the two sides of a workload run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
@@ -202,7 +204,7 @@ impl Report {
         });
     }
 
-    /// Adds a Courier/raw ratio with its target.
+    /// Adds a Courier/raw ratio with its target (`f64::NAN` for none).
     pub fn ratio(
         &mut self,
         workload: &str,
@@ -232,6 +234,14 @@ impl Report {
             "workload", "subject", "place", "vs raw", "target"
         );
         for (workload, subject, placement, ratio, target, higher) in &self.ratios {
+            if target.is_nan() {
+                let _ = writeln!(
+                    out,
+                    "{workload:<16} {subject:<8} {placement:<6} {ratio:>9.2}x {:>8}  no target set",
+                    "-"
+                );
+                continue;
+            }
             let met = if *higher {
                 ratio >= target
             } else {
@@ -275,7 +285,7 @@ impl Report {
         let max = self
             .ratios
             .iter()
-            .map(|r| r.3.max(r.4))
+            .map(|r| r.3.max(if r.4.is_nan() { 0.0 } else { r.4 }))
             .fold(1.5_f64, f64::max)
             * 1.1;
         let height = 60.0 + row_height * self.ratios.len() as f64 + 30.0;
@@ -289,11 +299,13 @@ impl Report {
             self.ratios.iter().enumerate()
         {
             let y = 45.0 + row_height * i as f64;
-            let met = if *higher {
-                ratio >= target
-            } else {
-                ratio <= target
-            };
+            let met = target.is_nan()
+                || if *higher {
+                    ratio >= target
+                } else {
+                    ratio <= target
+                };
+            let target = if target.is_nan() { ratio } else { target };
             let colour = if met { "#4a90d9" } else { "#d9534f" };
             let _ = writeln!(
                 svg,
@@ -361,6 +373,8 @@ mod tests {
         assert!(svg.contains("#d9534f"), "the missed target is red");
         let table = report.ratio_table();
         assert!(table.contains("meets target") && table.contains("misses target"));
+        report.ratio("oneway", "x", Placement::Same, 0.2, f64::NAN, true);
+        assert!(report.ratio_table().contains("no target set"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -185,7 +185,7 @@ fn bench(rest: &[String]) -> Result<(), String> {
         &[&["bench", "-p", "courier-benches"], &extra[..]].concat(),
         &[("COURIER_BENCH_OUT", out.as_str())],
     )?;
-    eprintln!("\nresults: {out}/transport.tsv (one figure per line) and {out}/transport.svg");
+    eprintln!("\nresults in {out}: one .tsv (a figure per line) and one .svg plot per benchmark");
     Ok(())
 }
 

@@ -1,25 +1,43 @@
 //! # courier-messaging
 //!
-//! Message passing between Courier nodes: identity, reliable delivery and
-//! request/response correlation.
+//! Message passing between Courier nodes: typed messages between uniquely
+//! identified endpoints, with acknowledgements, retries and
+//! de-duplication, plus request/response.
 //!
-//! **Status.** This crate holds the protocol cores so far, written as pure
-//! state machines with no sockets and no clock, so that loss, duplication,
-//! reordering and restarts can be tested deterministically:
+//! - [`Node`]: a process's identity ([`NodeId`]), its listeners, its named
+//!   endpoints, and managed connections to peers (made on first use, remade
+//!   with backoff after failures, unacknowledged messages resent).
+//! - [`Mailbox`] / [`Sender`]: typed receive and send, in one of three
+//!   [`Delivery`] modes, each documented with exactly what its `Ok` means
+//!   ([`Progress`]). Failed sends hand the message back ([`SendError`]).
+//! - [`Node::respond`] / [`Node::request`]: request/response with
+//!   correlation ids, a timeout per request, many in flight per connection,
+//!   replies matched in any order.
+//! - [`blocking`]: the same node for programs without a runtime.
+//! - Schema checks: every message carries its type's [`Schema`]
+//!   fingerprint; a receiver built with another version of the type refuses
+//!   it, naming its own type, instead of decoding garbage.
 //!
-//! - [`NodeId`]: 128-bit node identity, printable and parseable.
-//! - [`reliable`]: at-least-once delivery ([`Outbox`]: sequence numbers,
-//!   acknowledgements, retransmission with backoff until acknowledged or a
-//!   deadline) and receiver-side de-duplication ([`Inbox`], a bounded window
-//!   per sender stream), which together give effectively-once delivery to
-//!   the handler. The module docs state exactly what each side promises.
-//! - [`requests`]: correlation ids, deadlines and out-of-order replies.
-//! - [`schema`]: a fingerprint of a message type's serde shape, so nodes
-//!   built with different versions of a type refuse each other by name.
+//! The protocol logic is pure state machines with no sockets and no clock,
+//! tested deterministically under a simulated lossy network:
+//! [`reliable`] ([`Outbox`], [`Inbox`]) and [`requests`] ([`Requests`]).
+//! The node is the thin tokio shell that drives them.
 //!
-//! The tokio shell that drives them over `courier-transport` connections
-//! (handshake, typed channels, managed connections, sync face) comes next.
+//! ## Delivery semantics
 //!
+//! | mode | `send` returns `Ok` when | the handler sees a message |
+//! |---|---|---|
+//! | [`Delivery::AtMostOnce`] | it is written to the connection | at most once |
+//! | [`Delivery::AtLeastOnce`] | the receiving node acknowledged it (it is in the mailbox) | at least once |
+//! | [`Delivery::EffectivelyOnce`] | as at-least-once | once, while the receiver remembers the sender's stream (a bounded window; not across a receiver restart) |
+//!
+//! At-least-once messages are retried, with exponential backoff and across
+//! reconnections, until acknowledged, refused by the receiver
+//! ([`SendErrorKind::Rejected`]) or [`NodeConfig::send_timeout`] passes
+//! ([`SendErrorKind::Expired`]: delivery unknown). Each send gets exactly one
+//! of these outcomes. A full mailbox slows the sending connection down; it
+//! never drops a message.
+
 //! ## Example
 //!
 //! A sender and a receiver exchanging one message over a "network" that

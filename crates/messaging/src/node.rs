@@ -660,6 +660,8 @@ struct PeerDriver {
     last_error: String,
     drains: Vec<oneshot::Sender<()>>,
     unfinished: Arc<AtomicUsize>,
+    /// At-most-once messages fed but not yet flushed.
+    unflushed: Vec<AckWaiter>,
 }
 
 impl PeerDriver {
@@ -681,6 +683,7 @@ impl PeerDriver {
             last_error: String::new(),
             drains: Vec::new(),
             unfinished,
+            unflushed: Vec::new(),
             epoch: now,
             address,
             config,
@@ -705,10 +708,24 @@ impl PeerDriver {
             let room = self.outbox.has_room() && self.requests.len() < self.config.max_requests;
             tokio::select! {
                 command = commands.recv(), if room => match command {
-                    Some(command) => self.handle(command).await,
+                    Some(command) => {
+                        self.handle(command).await;
+                        // Take everything else already queued in the same
+                        // turn, so its frames share one flush.
+                        while self.outbox.has_room() && self.requests.len() < self.config.max_requests {
+                            let Ok(command) = commands.try_recv() else { break };
+                            self.handle(command).await;
+                        }
+                        self.flush_unreliable().await;
+                    }
                     None => return,
                 },
-                frame = recv(&mut self.connection) => self.receive(frame),
+                frame = recv(&mut self.connection) => {
+                    self.receive(frame);
+                    while let Some(frame) = self.connection.as_mut().and_then(|(_, receiver)| receiver.try_recv()) {
+                        self.receive(frame);
+                    }
+                }
                 _ = sleep_until(wake) => {}
             }
             let now = self.clock(Instant::now());
@@ -855,24 +872,29 @@ impl PeerDriver {
             } => {
                 let outcome = match self.ready().await {
                     Some(sender) => sender
-                        .send(Frame::new(
+                        .feed(Frame::new(
                             FrameKind::Data,
                             0,
                             protocol::data_payload(0, &rest),
                         ))
                         .await
-                        .map(|()| Progress::Written)
                         .map_err(|err| SendErrorKind::Unavailable(err.to_string())),
                     None => Err(SendErrorKind::Unavailable(self.last_error.clone())),
                 };
-                if let (Err(SendErrorKind::Unavailable(reason)), Some(_)) =
-                    (&outcome, &self.connection)
-                {
-                    let reason = reason.clone();
-                    self.disconnect(reason);
-                }
-                if let Some(done) = done {
-                    let _ = done.send(outcome);
+                match outcome {
+                    // Reported as written once the batch is flushed.
+                    Ok(()) => self.unflushed.push(done),
+                    Err(kind) => {
+                        if let (SendErrorKind::Unavailable(reason), Some(_)) =
+                            (&kind, &self.connection)
+                        {
+                            let reason = reason.clone();
+                            self.disconnect(reason);
+                        }
+                        if let Some(done) = done {
+                            let _ = done.send(Err(kind));
+                        }
+                    }
                 }
             }
             Command::Request {
@@ -902,6 +924,28 @@ impl PeerDriver {
                 }
             }
             Command::Drain(done) => self.drains.push(done),
+        }
+    }
+
+    /// Flushes at-most-once messages fed this turn and reports them written.
+    async fn flush_unreliable(&mut self) {
+        if self.unflushed.is_empty() {
+            return;
+        }
+        let outcome = match &self.connection {
+            Some((sender, _)) => sender
+                .flush()
+                .await
+                .map(|()| Progress::Written)
+                .map_err(|err| SendErrorKind::Unavailable(err.to_string())),
+            None => Err(SendErrorKind::Unavailable(self.last_error.clone())),
+        };
+        if let (Err(SendErrorKind::Unavailable(reason)), Some(_)) = (&outcome, &self.connection) {
+            let reason = reason.clone();
+            self.disconnect(reason);
+        }
+        for done in self.unflushed.drain(..).flatten() {
+            let _ = done.send(outcome.clone());
         }
     }
 
@@ -1058,7 +1102,18 @@ async fn serve(node: Weak<NodeInner>, connection: Connection) {
     let from = NodeId::from_u128(peer.node);
     let stream = (from, peer.incarnation);
     let handlers = Arc::new(Semaphore::new(max_handlers.max(1)));
-    while let Ok(Some(frame)) = receiver.recv().await {
+    loop {
+        // Handle everything a read brought in, then flush the acks once.
+        let next = match receiver.try_recv() {
+            Some(next) => next,
+            None => {
+                if sender.flush().await.is_err() {
+                    return;
+                }
+                receiver.recv().await
+            }
+        };
+        let Ok(Some(frame)) = next else { return };
         let Some(inner) = node.upgrade() else { return };
         match frame.kind {
             FrameKind::Data => {
@@ -1068,7 +1123,7 @@ async fn serve(node: Weak<NodeInner>, connection: Connection) {
                         frame.id,
                         postcard::to_stdvec(&rejection).unwrap_or_default(),
                     );
-                    let _ = sender.send(refusal).await;
+                    let _ = sender.feed(refusal).await;
                 }
             }
             FrameKind::Request => {
@@ -1147,15 +1202,28 @@ async fn deliver(
             }
         };
         // A full mailbox makes this connection wait: backpressure, not loss.
-        if tx.send(Incoming { from, body: value }).await.is_err() {
+        // Acks already fed go out first, so the sender does not retransmit
+        // what was delivered.
+        let incoming = Incoming { from, body: value };
+        let sent = match tx.try_send(incoming) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(incoming)) => {
+                let _ = sender.flush().await;
+                tx.send(incoming).await.map_err(|_| ())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        };
+        if sent.is_err() {
             return Err(Rejection::NoSuchEndpoint {
                 endpoint: header.endpoint.to_string(),
             });
         }
     }
     if header.reliable {
+        // Fed, not sent: the serving loop flushes acks once it has handled
+        // everything already received.
         let _ = sender
-            .send(Frame::new(FrameKind::Ack, frame.id, Bytes::new()))
+            .feed(Frame::new(FrameKind::Ack, frame.id, Bytes::new()))
             .await;
     }
     Ok(())

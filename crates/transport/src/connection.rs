@@ -312,6 +312,31 @@ impl FrameReceiver {
         }
     }
 
+    /// A frame that has already arrived, without waiting: `None` when
+    /// nothing is buffered (then [`recv`](Self::recv) would wait), otherwise
+    /// what `recv` would return. Lets a consumer process everything a read
+    /// brought in, then flush its replies once.
+    pub fn try_recv(&mut self) -> Option<Result<Option<Frame>, RecvError>> {
+        loop {
+            let frame = match self.link.try_recv()? {
+                Ok(Some(frame)) => frame,
+                other => return Some(other),
+            };
+            if self.dead_after.is_some() {
+                self.last_heard = Instant::now();
+            }
+            match frame.kind {
+                FrameKind::Ping => {
+                    if let Some(sender) = self.pong.upgrade() {
+                        sender.reply_pong(frame.id);
+                    }
+                }
+                FrameKind::Pong => {}
+                _ => return Some(Ok(Some(frame))),
+            }
+        }
+    }
+
     /// Waits for the link, within the heartbeat timeout if there is one.
     async fn wait(&mut self) -> Result<Option<Frame>, RecvError> {
         let Some(after) = self.dead_after else {
@@ -442,6 +467,11 @@ impl Connection {
     /// See [`FrameReceiver::recv`].
     pub async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {
         self.receiver.recv().await
+    }
+
+    /// See [`FrameReceiver::try_recv`].
+    pub fn try_recv(&mut self) -> Option<Result<Option<Frame>, RecvError>> {
+        self.receiver.try_recv()
     }
 
     /// A sending handle that can be moved to another task.

@@ -557,3 +557,29 @@ async fn a_client_that_never_finishes_the_handshake_is_dropped() {
         tokio::task::yield_now().await;
     }
 }
+
+#[tokio::test]
+async fn try_recv_returns_what_has_arrived_without_waiting() {
+    let config = TransportConfig::default();
+    for kind in STREAMS {
+        let (_listener, client, mut server) = pair(kind, &config).await;
+        assert!(server.try_recv().is_none(), "{kind}: nothing yet");
+        for id in 0..3 {
+            client.feed(Frame::data(id, &b"x"[..])).await.unwrap();
+        }
+        client.flush().await.unwrap();
+        // The first recv waits for the read; the rest are already buffered.
+        assert_eq!(server.recv().await.unwrap().unwrap().id, 0);
+        let mut rest = Vec::new();
+        while rest.len() < 2 {
+            match server.try_recv() {
+                Some(frame) => rest.push(frame.unwrap().unwrap().id),
+                None => rest.push(server.recv().await.unwrap().unwrap().id),
+            }
+        }
+        assert_eq!(rest, [1, 2], "{kind}");
+        drop(client);
+        assert!(server.recv().await.unwrap().is_none(), "{kind}");
+        assert!(matches!(server.try_recv(), Some(Ok(None)) | None), "{kind}");
+    }
+}
