@@ -183,7 +183,17 @@ struct NodeInner {
 }
 
 impl Drop for NodeInner {
+    /// Dropping the last `Node` without [`Node::shutdown`] stops everything
+    /// at once; what was unfinished is at least counted in the log.
     fn drop(&mut self) {
+        let unfinished: usize = lock(&self.peers).values().map(PeerEntry::unfinished).sum();
+        if unfinished > 0 {
+            tracing::warn!(
+                node = %self.id,
+                unfinished,
+                "node dropped without shutdown(): messages unacknowledged or requests unanswered were abandoned"
+            );
+        }
         for task in lock(&self.tasks).drain(..) {
             task.abort();
         }
