@@ -1,0 +1,246 @@
+//! The `#[courier_rpc::service]` attribute. Use it through `courier-rpc`,
+//! which re-exports it and documents what it generates.
+
+use proc_macro::TokenStream;
+use quote::{format_ident, quote};
+use syn::{parse_macro_input, FnArg, ItemTrait, Pat, ReturnType, TraitItem};
+
+/// Turns a trait of `async fn`s into a Courier RPC service: the trait
+/// (with `Send` futures, so servers can run calls concurrently), a typed
+/// client `<Trait>Client`, a blocking client `<Trait>BlockingClient`, and
+/// server dispatch `<Trait>Server`. See the `courier-rpc` crate docs.
+#[proc_macro_attribute]
+pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        return syn::Error::new(
+            proc_macro2::Span::call_site(),
+            "#[service] takes no arguments",
+        )
+        .to_compile_error()
+        .into();
+    }
+    let service = parse_macro_input!(item as ItemTrait);
+    match expand(service) {
+        Ok(tokens) => tokens.into(),
+        Err(err) => err.to_compile_error().into(),
+    }
+}
+
+struct Method {
+    attrs: Vec<syn::Attribute>,
+    name: syn::Ident,
+    args: Vec<syn::Ident>,
+    types: Vec<syn::Type>,
+    output: syn::Type,
+}
+
+fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
+    if !service.generics.params.is_empty() {
+        return Err(syn::Error::new_spanned(
+            &service.generics,
+            "service traits cannot be generic",
+        ));
+    }
+    let mut methods = Vec::new();
+    for item in &service.items {
+        let TraitItem::Fn(method) = item else {
+            return Err(syn::Error::new_spanned(
+                item,
+                "a service trait holds only async methods",
+            ));
+        };
+        let sig = &method.sig;
+        if sig.asyncness.is_none() {
+            return Err(syn::Error::new_spanned(
+                sig,
+                "service methods must be `async fn`",
+            ));
+        }
+        if method.default.is_some() {
+            return Err(syn::Error::new_spanned(
+                method,
+                "service methods cannot have default bodies",
+            ));
+        }
+        let mut inputs = sig.inputs.iter();
+        match inputs.next() {
+            Some(FnArg::Receiver(receiver))
+                if receiver.reference.is_some() && receiver.mutability.is_none() => {}
+            _ => {
+                return Err(syn::Error::new_spanned(
+                    sig,
+                    "service methods take `&self` first",
+                ))
+            }
+        }
+        let (mut args, mut types) = (Vec::new(), Vec::new());
+        for input in inputs {
+            let FnArg::Typed(typed) = input else {
+                unreachable!("only the first argument can be a receiver")
+            };
+            let Pat::Ident(ident) = &*typed.pat else {
+                return Err(syn::Error::new_spanned(
+                    &typed.pat,
+                    "arguments must be plain names",
+                ));
+            };
+            args.push(ident.ident.clone());
+            types.push((*typed.ty).clone());
+        }
+        let output = match &sig.output {
+            ReturnType::Default => syn::parse_quote!(()),
+            ReturnType::Type(_, ty) => (**ty).clone(),
+        };
+        methods.push(Method {
+            attrs: method.attrs.clone(),
+            name: sig.ident.clone(),
+            args,
+            types,
+            output,
+        });
+    }
+
+    let vis = &service.vis;
+    let attrs = &service.attrs;
+    let name = &service.ident;
+    let name_str = name.to_string();
+    let client = format_ident!("{}Client", name);
+    let blocking = format_ident!("{}BlockingClient", name);
+    let server = format_ident!("{}Server", name);
+
+    let trait_methods = methods.iter().map(|m| {
+        let Method { attrs, name, args, types, output } = m;
+        quote! {
+            #(#attrs)*
+            fn #name(&self, #(#args: #types),*) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send;
+        }
+    });
+    let fingerprint_parts = methods.iter().map(|m| {
+        let method = m.name.to_string();
+        let (types, output) = (&m.types, &m.output);
+        quote! {
+            (#method, ::courier_rpc::__private::schema::<(#(#types,)*)>(), ::courier_rpc::__private::schema::<#output>())
+        }
+    });
+    let client_methods = methods.iter().map(|m| {
+        let Method { attrs, name, args, types, output } = m;
+        let method = name.to_string();
+        quote! {
+            #(#attrs)*
+            pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<#output, ::courier_rpc::RpcError> {
+                self.inner.call::<(#(#types,)*), #output>(#name_str, #method, Self::fingerprint(), &(#(#args,)*)).await
+            }
+        }
+    });
+    let blocking_methods = methods.iter().map(|m| {
+        let Method { attrs, name, args, types, output } = m;
+        quote! {
+            #(#attrs)*
+            pub fn #name(&self, #(#args: #types),*) -> ::core::result::Result<#output, ::courier_rpc::RpcError> {
+                self.runtime.block_on(self.inner.#name(#(#args),*))
+            }
+        }
+    });
+    let dispatch_arms = methods.iter().map(|m| {
+        let Method {
+            name, args, types, ..
+        } = m;
+        let method = name.to_string();
+        quote! {
+            #method => {
+                let (#(#args,)*): (#(#types,)*) = ::courier_rpc::__private::decode_args(args)?;
+                let service = ::std::sync::Arc::clone(&self.0);
+                ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
+                    ::courier_rpc::__private::encode_reply(&service.#name(#(#args),*).await)
+                }))
+            }
+        }
+    });
+
+    Ok(quote! {
+        #(#attrs)*
+        #vis trait #name: ::core::marker::Send + ::core::marker::Sync + 'static {
+            #(#trait_methods)*
+        }
+
+        #[doc = concat!("Client for the `", #name_str, "` service: each method calls the remote one.")]
+        #[derive(Clone, Debug)]
+        #vis struct #client {
+            inner: ::courier_rpc::Client,
+        }
+
+        impl #client {
+            /// Calls go through `client` (one multiplexed connection).
+            pub fn new(client: ::courier_rpc::Client) -> Self {
+                Self { inner: client }
+            }
+
+            /// The untyped client underneath.
+            pub fn client(&self) -> &::courier_rpc::Client {
+                &self.inner
+            }
+
+            /// The same client with another deadline for each call.
+            pub fn with_timeout(&self, timeout: ::std::time::Duration) -> Self {
+                Self { inner: self.inner.with_timeout(timeout) }
+            }
+
+            /// Fingerprint of this service's definition: its name, and each
+            /// method's name, argument types and result type.
+            pub fn fingerprint() -> u64 {
+                static FINGERPRINT: ::std::sync::OnceLock<u64> = ::std::sync::OnceLock::new();
+                *FINGERPRINT.get_or_init(|| ::courier_rpc::__private::fingerprint(#name_str, &[#(#fingerprint_parts),*]))
+            }
+
+            #(#client_methods)*
+        }
+
+        #[doc = concat!("Blocking client for the `", #name_str, "` service, for code without a runtime.")]
+        #[derive(Debug)]
+        #vis struct #blocking {
+            inner: #client,
+            runtime: ::courier_rpc::blocking::Runtime,
+        }
+
+        impl #blocking {
+            /// Connects to `address` on a runtime of its own.
+            pub fn connect(address: &::courier_rpc::Address, config: ::courier_rpc::ClientConfig) -> ::core::result::Result<Self, ::courier_rpc::RpcError> {
+                let runtime = ::courier_rpc::blocking::Runtime::new()?;
+                let client = runtime.block_on(::courier_rpc::Client::connect(address, config))?;
+                Ok(Self { inner: #client::new(client), runtime })
+            }
+
+            #(#blocking_methods)*
+        }
+
+        #[doc = concat!("Serves an implementation of `", #name_str, "`; register it with `courier_rpc::Server::service`.")]
+        #vis struct #server<T>(::std::sync::Arc<T>);
+
+        impl<T: #name> #server<T> {
+            /// Wraps the implementation.
+            pub fn new(service: T) -> Self {
+                Self(::std::sync::Arc::new(service))
+            }
+        }
+
+        impl<T: #name> ::courier_rpc::Service for #server<T> {
+            fn name(&self) -> &'static str {
+                #name_str
+            }
+
+            fn fingerprint(&self) -> u64 {
+                #client::fingerprint()
+            }
+
+            fn call(&self, method: &str, args: &[u8]) -> ::core::result::Result<::courier_rpc::__private::Reply, ::courier_rpc::RpcFault> {
+                match method {
+                    #(#dispatch_arms)*
+                    other => ::core::result::Result::Err(::courier_rpc::RpcFault::UnknownMethod {
+                        service: #name_str.into(),
+                        method: other.into(),
+                    }),
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,285 @@
+//! The client: one multiplexed connection, calls written straight from the
+//! caller's task, replies routed by a reader task.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use courier_transport::{
+    connect, Address, Frame, FrameKind, FrameReceiver, FrameSender, SendError, TransportConfig,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::protocol::RequestHeader;
+use crate::{RpcError, RpcFault};
+
+/// Client settings.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// Transport limits and heartbeats (heartbeats make a dead server fail
+    /// calls promptly even when its host vanishes without closing sockets).
+    pub transport: TransportConfig,
+    /// Deadline of each call unless changed with `with_timeout`. Default 10 s.
+    pub timeout: Duration,
+    /// Calls in flight on the connection; further calls wait. Default 10,000.
+    pub max_in_flight: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            transport: TransportConfig::default(),
+            timeout: Duration::from_secs(10),
+            max_in_flight: 10_000,
+        }
+    }
+}
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, RpcError>>>>;
+
+/// One live connection and the calls waiting on it.
+struct Link {
+    sender: FrameSender,
+    pending: Pending,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    slots: Arc<Semaphore>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(reader) = lock(&self.reader).take() {
+            reader.abort();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl Link {
+    fn complete(&self, frame: Frame) {
+        let outcome = match frame.kind {
+            FrameKind::Response => Ok(frame.payload),
+            FrameKind::Error => Err(match crate::__private::decode::<RpcFault>(&frame.payload) {
+                Ok(fault) => fault.into(),
+                Err(err) => RpcError::Decode(format!("undecodable error report: {err}")),
+            }),
+            _ => return,
+        };
+        // A reply to a call that was cancelled or timed out finds nobody.
+        if let Some(waiter) = lock(&self.pending).remove(&frame.id) {
+            let _ = waiter.send(outcome);
+        }
+    }
+
+    /// Fails every waiting call: the connection is gone.
+    fn fail(&self, reason: &str) {
+        self.closed.store(true, Ordering::Release);
+        for (_, waiter) in lock(&self.pending).drain() {
+            let _ = waiter.send(Err(RpcError::Unavailable(reason.to_string())));
+        }
+    }
+}
+
+async fn read_replies(link: Weak<Link>, mut receiver: FrameReceiver) {
+    let reason = loop {
+        match receiver.recv().await {
+            Ok(Some(frame)) => match link.upgrade() {
+                Some(link) => link.complete(frame),
+                None => return,
+            },
+            Ok(None) => break "the server closed the connection".to_string(),
+            Err(err) => break err.to_string(),
+        }
+    };
+    if let Some(link) = link.upgrade() {
+        link.fail(&reason);
+    }
+}
+
+struct ClientInner {
+    address: Address,
+    config: ClientConfig,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+}
+
+/// An RPC client for one server address. Cheap to clone; clones share the
+/// connection. It connects on first use, and again on the next call after
+/// the connection dies. Generated clients (`<Service>Client`) wrap it.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("address", &self.inner.address)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes the call's entry when the call ends, however it ends, and tells
+/// the server to stop working on it unless it already answered.
+struct CallGuard {
+    link: Arc<Link>,
+    id: u64,
+    answered: bool,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        lock(&self.link.pending).remove(&self.id);
+        if self.answered || self.link.closed.load(Ordering::Acquire) {
+            return;
+        }
+        // Dropped mid-call (cancelled) or timed out: stop the server's work.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (sender, id) = (self.link.sender.clone(), self.id);
+            runtime.spawn(async move {
+                let _ = sender
+                    .send(Frame::new(FrameKind::Cancel, id, Bytes::new()))
+                    .await;
+            });
+        }
+    }
+}
+
+impl Client {
+    /// Connects now, so that a wrong address fails here.
+    pub async fn connect(address: &Address, config: ClientConfig) -> Result<Client, RpcError> {
+        let client = Client::lazy(address, config);
+        client.link().await?;
+        Ok(client)
+    }
+
+    /// A client that connects on its first call.
+    pub fn lazy(address: &Address, config: ClientConfig) -> Client {
+        let timeout = config.timeout;
+        Client {
+            inner: Arc::new(ClientInner {
+                address: address.clone(),
+                config,
+                link: tokio::sync::Mutex::new(None),
+            }),
+            timeout,
+        }
+    }
+
+    /// The same client (same connection) with another deadline per call.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            timeout,
+        }
+    }
+
+    /// The deadline of each call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    async fn link(&self) -> Result<Arc<Link>, RpcError> {
+        let mut current = self.inner.link.lock().await;
+        if let Some(link) = current
+            .as_ref()
+            .filter(|l| !l.closed.load(Ordering::Acquire))
+        {
+            return Ok(link.clone());
+        }
+        let connection = connect(&self.inner.address, &self.inner.config.transport)
+            .await
+            .map_err(|err| RpcError::Unavailable(err.to_string()))?;
+        let (sender, receiver) = connection.split();
+        let link = Arc::new(Link {
+            sender,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            slots: Arc::new(Semaphore::new(self.inner.config.max_in_flight.max(1))),
+            reader: Mutex::new(None),
+        });
+        let reader = tokio::spawn(read_replies(Arc::downgrade(&link), receiver));
+        *lock(&link.reader) = Some(reader);
+        *current = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Calls `service.method(args)`. Generated clients call this; use it
+    /// directly only for services without a Rust definition.
+    ///
+    /// Dropping the returned future cancels the call on the server.
+    pub async fn call<A: Serialize, R: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        fingerprint: u64,
+        args: &A,
+    ) -> Result<R, RpcError> {
+        let deadline = Instant::now() + self.timeout;
+        let link = tokio::time::timeout_at(deadline, self.link())
+            .await
+            .map_err(|_| RpcError::DeadlineExceeded)??;
+        let _slot = tokio::time::timeout_at(deadline, link.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| RpcError::Overloaded)?
+            .map_err(|_| RpcError::Unavailable("client closed".into()))?;
+        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        let (waiter, reply) = oneshot::channel();
+        lock(&link.pending).insert(id, waiter);
+        let mut guard = CallGuard {
+            link: link.clone(),
+            id,
+            answered: false,
+        };
+        let header = RequestHeader {
+            service,
+            method,
+            fingerprint,
+            timeout_ms: deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64,
+        };
+        if let Err(err) = link
+            .sender
+            .send_message(FrameKind::Request, id, &(header, args))
+            .await
+        {
+            guard.answered = true;
+            return Err(match err {
+                SendError::FrameTooLarge { .. } | SendError::Serialize(_) => {
+                    RpcError::Serialize(err.to_string())
+                }
+                other => {
+                    link.fail(&other.to_string());
+                    RpcError::Unavailable(other.to_string())
+                }
+            });
+        }
+        match tokio::time::timeout_at(deadline, reply).await {
+            Ok(Ok(outcome)) => {
+                guard.answered = true;
+                let bytes = outcome?;
+                crate::__private::decode(&bytes).map_err(|err| RpcError::Decode(err.to_string()))
+            }
+            Ok(Err(_)) => {
+                guard.answered = true;
+                Err(RpcError::Unavailable("connection closed".into()))
+            }
+            // The guard tells the server to stop.
+            Err(_) => Err(RpcError::DeadlineExceeded),
+        }
+    }
+}

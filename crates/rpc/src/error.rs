@@ -1,0 +1,123 @@
+//! What can go wrong with a call. Framework errors ([`RpcError`]) are kept
+//! apart from the service's own errors, which are part of the method's
+//! return type (`Result<T, E>` arrives as `Ok(Err(e))`).
+
+use serde::{Deserialize, Serialize};
+
+/// A refusal or failure reported by the server, on the wire.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcFault {
+    /// The server hosts no service of that name.
+    #[error("the server has no service named {service:?}")]
+    UnknownService {
+        /// The name asked for.
+        service: String,
+    },
+    /// The service has no method of that name.
+    #[error("service {service:?} has no method {method:?}")]
+    UnknownMethod {
+        /// The service.
+        service: String,
+        /// The name asked for.
+        method: String,
+    },
+    /// Client and server were built from different definitions of the service.
+    #[error(
+        "client and server disagree on the definition of service {service:?} (rebuild one of them)"
+    )]
+    Mismatch {
+        /// The service.
+        service: String,
+    },
+    /// The call's deadline passed on the server; the handler was stopped.
+    #[error("deadline exceeded on the server")]
+    DeadlineExceeded,
+    /// The server stopped the call because it is shutting down.
+    #[error("cancelled by the server, which is shutting down")]
+    Cancelled,
+    /// The server could not decode the arguments.
+    #[error("the server could not decode the arguments: {reason}")]
+    Malformed {
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Why a call did not produce the method's return value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// No reply before the deadline (on either side). Retryable if the
+    /// method is idempotent: it may have run.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// The server cannot be reached, or the connection died with the call
+    /// in flight. Retryable (the client reconnects on the next call).
+    #[error("server unavailable: {0}")]
+    Unavailable(String),
+    /// The server cancelled the call (it is shutting down). Retryable.
+    #[error("the server cancelled the call")]
+    Cancelled,
+    /// The server has no such service. Not retryable.
+    #[error("unknown service {service:?}")]
+    UnknownService {
+        /// The name asked for.
+        service: String,
+    },
+    /// The service has no such method. Not retryable.
+    #[error("unknown method {method:?} of service {service:?}")]
+    UnknownMethod {
+        /// The service.
+        service: String,
+        /// The name asked for.
+        method: String,
+    },
+    /// Client and server were built from different definitions of the
+    /// service, or speak different protocol versions. Not retryable.
+    #[error("protocol mismatch: client and server disagree on service {service:?}")]
+    ProtocolMismatch {
+        /// The service.
+        service: String,
+    },
+    /// Too many calls in flight on this connection for the deadline to allow
+    /// another. Retryable.
+    #[error("too many calls in flight")]
+    Overloaded,
+    /// The arguments could not be serialized, or exceed the frame limit. Not retryable.
+    #[error("arguments could not be sent: {0}")]
+    Serialize(String),
+    /// The reply, or the server's report, could not be decoded. Not retryable.
+    #[error("reply could not be decoded: {0}")]
+    Decode(String),
+}
+
+impl RpcError {
+    /// Whether calling again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            RpcError::DeadlineExceeded
+                | RpcError::Unavailable(_)
+                | RpcError::Cancelled
+                | RpcError::Overloaded
+        )
+    }
+}
+
+impl From<RpcFault> for RpcError {
+    fn from(fault: RpcFault) -> RpcError {
+        match fault {
+            RpcFault::UnknownService { service } => RpcError::UnknownService { service },
+            RpcFault::UnknownMethod { service, method } => {
+                RpcError::UnknownMethod { service, method }
+            }
+            RpcFault::Mismatch { service } => RpcError::ProtocolMismatch { service },
+            RpcFault::DeadlineExceeded => RpcError::DeadlineExceeded,
+            RpcFault::Cancelled => RpcError::Cancelled,
+            RpcFault::Malformed { reason } => RpcError::ProtocolMismatch {
+                service: format!("(arguments refused: {reason})"),
+            },
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! # courier-rpc
+//!
+//! Call a function on another machine as if it were local. A service is a
+//! Rust trait of `async fn`s marked `#[courier_rpc::service]`; the
+//! attribute generates a typed client (`<Trait>Client`), a blocking client
+//! (`<Trait>BlockingClient`) and server dispatch (`<Trait>Server`).
+//!
+//! - **Many calls in flight** on one connection, replies matched by id in
+//!   any order; each call is written straight from the caller's task.
+//! - **Deadlines** travel with each request as the time remaining (not a
+//!   clock reading, which would break under clock skew). The client gives
+//!   up at the deadline; the server stops the handler at the same deadline.
+//! - **Cancellation**: dropping a call's future (or its timing out) sends
+//!   `Cancel`; the server aborts the handler task, so the handler's state is
+//!   dropped where it stands.
+//! - **Backpressure**: a server runs at most `max_in_flight` calls per
+//!   connection and stops reading the connection while at the limit.
+//! - **Errors**: [`RpcError`] says what went wrong in the framework
+//!   (deadline, unavailable, cancelled, unknown service or method, protocol
+//!   mismatch); the method's own `Result<T, E>` is the service's business
+//!   and arrives untouched as `Ok(Err(e))`.
+//! - **Versioning**: a client built against a changed service definition
+//!   gets [`RpcError::ProtocolMismatch`]: the service's fingerprint covers
+//!   every method's name and the serde shapes of its arguments and result.
+//!
+//! Transports are whatever `courier-transport` offers: `tcp://`,
+//! `unix://`, `mem://` (and `udp://`, though RPC needs no datagrams).
+//!
+//! ## Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! use courier_rpc::{Client, ClientConfig, RpcError, Server, ServerConfig};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+//! enum MathError { DivideByZero }
+//!
+//! #[courier_rpc::service]
+//! trait Calculator {
+//!     async fn add(&self, a: i64, b: i64) -> i64;
+//!     async fn divide(&self, a: i64, b: i64) -> Result<i64, MathError>;
+//! }
+//!
+//! struct Calc;
+//! impl Calculator for Calc {
+//!     async fn add(&self, a: i64, b: i64) -> i64 { a + b }
+//!     async fn divide(&self, a: i64, b: i64) -> Result<i64, MathError> {
+//!         if b == 0 { Err(MathError::DivideByZero) } else { Ok(a / b) }
+//!     }
+//! }
+//!
+//! let listener = courier_transport::bind(&"tcp://127.0.0.1:0".parse()?, &Default::default()).await?;
+//! let server = Server::new(ServerConfig::default()).service(CalculatorServer::new(Calc)).spawn(listener);
+//!
+//! let calc = CalculatorClient::new(Client::connect(server.local_addr(), ClientConfig::default()).await?);
+//! assert_eq!(calc.add(2, 3).await?, 5);
+//! assert_eq!(calc.divide(1, 0).await?, Err(MathError::DivideByZero)); // the service's error
+//! let fast = calc.with_timeout(std::time::Duration::from_secs(1));
+//! assert_eq!(fast.divide(9, 3).await?, Ok(3));
+//! # let _: Option<RpcError> = None;
+//! # Ok(()) }
+//! ```
+//!
+//! Two processes talking over loopback: `crates/rpc/examples/server.rs` and
+//! `client.rs` (`cargo run -p courier-rpc --example server`, then in
+//! another terminal `cargo run -p courier-rpc --example client -- ADDRESS`).
+//!
+//! ## Not yet
+//!
+//! Server streaming (a method returning a stream with flow control) is the
+//! next addition.
+
+#![warn(missing_docs)]
+
+pub mod blocking;
+mod client;
+mod error;
+mod protocol;
+mod server;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use client::{Client, ClientConfig};
+pub use courier_rpc_macros::service;
+pub use courier_transport::Address;
+pub use error::{RpcError, RpcFault};
+pub use server::{Server, ServerConfig, ServerHandle};
+
+/// A service the server can dispatch to. Implemented by the generated
+/// `<Trait>Server`; there is rarely a reason to implement it by hand.
+pub trait Service: Send + Sync + 'static {
+    /// The service's name (the trait's name).
+    fn name(&self) -> &'static str;
+    /// Fingerprint of the definition; must equal the client's.
+    fn fingerprint(&self) -> u64;
+    /// Starts `method` with postcard-encoded `args`.
+    fn call(&self, method: &str, args: &[u8]) -> Result<__private::Reply, RpcFault>;
+}
+
+/// Support for generated code. Not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+
+    /// A running call: its encoded reply, or a fault.
+    pub type Reply = Pin<Box<dyn Future<Output = Result<bytes::Bytes, RpcFault>> + Send>>;
+
+    pub fn schema<T: DeserializeOwned>() -> u64 {
+        courier_messaging::Schema::of::<T>().fingerprint
+    }
+
+    /// FNV-1a over the service name and each method's name and schemas.
+    pub fn fingerprint(service: &str, methods: &[(&str, u64, u64)]) -> u64 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut write = |bytes: &[u8]| {
+            for byte in bytes {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        write(service.as_bytes());
+        for (name, args, result) in methods {
+            write(b"\n");
+            write(name.as_bytes());
+            write(&args.to_le_bytes());
+            write(&result.to_le_bytes());
+        }
+        hash
+    }
+
+    pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
+        let (value, rest) = postcard::take_from_bytes(bytes)?;
+        if rest.is_empty() {
+            Ok(value)
+        } else {
+            Err(postcard::Error::DeserializeBadEncoding)
+        }
+    }
+
+    pub fn decode_args<T: DeserializeOwned>(args: &[u8]) -> Result<T, RpcFault> {
+        decode(args).map_err(|err| RpcFault::Malformed {
+            reason: err.to_string(),
+        })
+    }
+
+    pub fn encode_reply<T: Serialize>(value: &T) -> Result<bytes::Bytes, RpcFault> {
+        postcard::to_stdvec(value)
+            .map(bytes::Bytes::from)
+            .map_err(|err| RpcFault::Malformed {
+                reason: format!("reply could not be serialized: {err}"),
+            })
+    }
+}

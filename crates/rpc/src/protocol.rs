@@ -1,0 +1,23 @@
+//! RPC frames on a courier-transport connection.
+//!
+//! | frame kind | id | payload | direction |
+//! |---|---|---|---|
+//! | `Request` | call id | [`RequestHeader`], then the arguments tuple | client → server |
+//! | `Response` | call id | the method's return value | server → client |
+//! | `Error` | call id | [`crate::RpcFault`] | server → client |
+//! | `Cancel` | call id | empty | client → server |
+//!
+//! The deadline travels as the time remaining, in milliseconds, not as a
+//! clock reading: client and server clocks need not agree.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RequestHeader<'a> {
+    #[serde(borrow)]
+    pub service: &'a str,
+    #[serde(borrow)]
+    pub method: &'a str,
+    pub fingerprint: u64,
+    pub timeout_ms: u64,
+}

@@ -1,0 +1,295 @@
+//! The server: accepts connections, runs calls concurrently (bounded per
+//! connection), enforces deadlines and honours cancellation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use courier_transport::{Address, Connection, Frame, FrameKind, FrameSender, Listener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+
+use crate::protocol::RequestHeader;
+use crate::{RpcFault, Service};
+
+/// Server settings.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Calls running at once per connection. When reached, the server stops
+    /// reading that connection until one finishes: backpressure, not an
+    /// unbounded pile of tasks. Default 256.
+    pub max_in_flight: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { max_in_flight: 256 }
+    }
+}
+
+impl ServerConfig {
+    /// The same settings with another per-connection limit.
+    pub fn with_max_in_flight(mut self, limit: usize) -> ServerConfig {
+        self.max_in_flight = limit;
+        self
+    }
+}
+
+/// A set of services to serve.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> anyhow::Result<()> {
+/// use courier_rpc::{Client, ClientConfig, Server, ServerConfig};
+///
+/// #[courier_rpc::service]
+/// trait Greeter {
+///     async fn greet(&self, name: String) -> String;
+/// }
+///
+/// struct English;
+/// impl Greeter for English {
+///     async fn greet(&self, name: String) -> String {
+///         format!("hello, {name}")
+///     }
+/// }
+///
+/// let listener = courier_transport::bind(&"mem://greeter-doc".parse()?, &Default::default()).await?;
+/// let server = Server::new(ServerConfig::default()).service(GreeterServer::new(English)).spawn(listener);
+///
+/// let greeter = GreeterClient::new(Client::connect(server.local_addr(), ClientConfig::default()).await?);
+/// assert_eq!(greeter.greet("ada".into()).await?, "hello, ada");
+/// server.shutdown(std::time::Duration::from_secs(1)).await;
+/// # Ok(()) }
+/// ```
+pub struct Server {
+    services: HashMap<&'static str, Arc<dyn Service>>,
+    config: ServerConfig,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server with no services yet.
+    pub fn new(config: ServerConfig) -> Server {
+        Server {
+            services: HashMap::new(),
+            config,
+        }
+    }
+
+    /// Adds a service (a generated `<Service>Server`). A second service of
+    /// the same name replaces the first.
+    pub fn service(mut self, service: impl Service) -> Server {
+        self.services.insert(service.name(), Arc::new(service));
+        self
+    }
+
+    /// Serves every connection `listener` accepts, in the background.
+    pub fn spawn(self, mut listener: Listener) -> ServerHandle {
+        let local = listener.local_addr().clone();
+        let (stop, stopped) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            services: self.services,
+            config: self.config,
+        });
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let connections = connections.clone();
+            tokio::spawn(async move {
+                while let Ok(connection) = listener.accept().await {
+                    let task = tokio::spawn(serve(shared.clone(), connection, stopped.clone()));
+                    let mut all = lock(&connections);
+                    all.retain(|t| !t.is_finished());
+                    all.push(task);
+                }
+            })
+        };
+        ServerHandle {
+            local,
+            stop,
+            accept,
+            connections,
+        }
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    local: Address,
+    stop: watch::Sender<Option<Instant>>,
+    accept: JoinHandle<()>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl ServerHandle {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> &Address {
+        &self.local
+    }
+
+    /// Stops accepting, lets calls in flight finish within `grace`, then
+    /// cancels the rest (their clients get [`crate::RpcError::Cancelled`])
+    /// and closes every connection.
+    pub async fn shutdown(self, grace: Duration) {
+        self.accept.abort();
+        let _ = self.stop.send(Some(Instant::now() + grace));
+        let connections: Vec<_> = lock(&self.connections).drain(..).collect();
+        for connection in connections {
+            let _ = connection.await;
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for connection in lock(&self.connections).drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+struct Shared {
+    services: HashMap<&'static str, Arc<dyn Service>>,
+    config: ServerConfig,
+}
+
+type Running = Arc<Mutex<HashMap<u64, AbortHandle>>>;
+
+async fn serve(
+    shared: Arc<Shared>,
+    connection: Connection,
+    mut stop: watch::Receiver<Option<Instant>>,
+) {
+    let (sender, mut receiver) = connection.split();
+    let slots = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
+    let running: Running = Arc::default();
+    let shutdown_at = loop {
+        tokio::select! {
+            frame = receiver.recv() => match frame {
+                Ok(Some(frame)) => handle(&shared, frame, &sender, &slots, &running).await,
+                // The client is gone: nobody is waiting for these calls.
+                _ => {
+                    for (_, call) in lock(&running).drain() {
+                        call.abort();
+                    }
+                    return;
+                }
+            },
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if let Some(at) = *stop.borrow() {
+                    break at;
+                }
+            }
+        }
+    };
+    // Shutting down: no new calls are read; give those running until the
+    // grace period ends, then cancel the rest.
+    while !lock(&running).is_empty() && Instant::now() < shutdown_at {
+        tokio::time::sleep(Duration::from_millis(5).min(shutdown_at - Instant::now())).await;
+    }
+    let cancelled: Vec<_> = lock(&running).drain().collect();
+    for (id, call) in cancelled {
+        call.abort();
+        let _ = sender.feed(fault_frame(id, &RpcFault::Cancelled)).await;
+    }
+    let _ = sender.close().await;
+}
+
+fn fault_frame(id: u64, fault: &RpcFault) -> Frame {
+    Frame::new(
+        FrameKind::Error,
+        id,
+        postcard::to_stdvec(fault).unwrap_or_default(),
+    )
+}
+
+async fn handle(
+    shared: &Shared,
+    frame: Frame,
+    sender: &FrameSender,
+    slots: &Arc<Semaphore>,
+    running: &Running,
+) {
+    match frame.kind {
+        FrameKind::Request => {}
+        FrameKind::Cancel => {
+            if let Some(call) = lock(running).remove(&frame.id) {
+                call.abort();
+            }
+            return;
+        }
+        _ => return,
+    }
+    let id = frame.id;
+    let started = match start(shared, &frame.payload) {
+        Ok(started) => started,
+        Err(fault) => {
+            let _ = sender.send(fault_frame(id, &fault)).await;
+            return;
+        }
+    };
+    let (reply, deadline) = started;
+    // Bounded concurrency: wait for a slot before reading further frames.
+    let Ok(slot) = slots.clone().acquire_owned().await else {
+        return;
+    };
+    let task_sender = sender.clone();
+    let task_running = running.clone();
+    // Registered under the lock, so the task cannot finish and deregister
+    // before it is registered.
+    let mut calls = lock(running);
+    let task = tokio::spawn(async move {
+        let frame = match tokio::time::timeout_at(deadline, reply).await {
+            Ok(Ok(bytes)) => Frame::new(FrameKind::Response, id, bytes),
+            Ok(Err(fault)) => fault_frame(id, &fault),
+            Err(_) => fault_frame(id, &RpcFault::DeadlineExceeded),
+        };
+        lock(&task_running).remove(&id);
+        drop(slot);
+        let _ = task_sender.send(frame).await;
+    });
+    calls.insert(id, task.abort_handle());
+}
+
+/// Finds the service and method and decodes the arguments.
+fn start(shared: &Shared, payload: &Bytes) -> Result<(crate::__private::Reply, Instant), RpcFault> {
+    let (header, args): (RequestHeader<'_>, &[u8]) =
+        postcard::take_from_bytes(payload).map_err(|err| RpcFault::Malformed {
+            reason: err.to_string(),
+        })?;
+    let service = shared
+        .services
+        .get(header.service)
+        .ok_or_else(|| RpcFault::UnknownService {
+            service: header.service.to_string(),
+        })?;
+    if service.fingerprint() != header.fingerprint {
+        return Err(RpcFault::Mismatch {
+            service: header.service.to_string(),
+        });
+    }
+    let reply = service.call(header.method, args)?;
+    Ok((
+        reply,
+        Instant::now() + Duration::from_millis(header.timeout_ms),
+    ))
+}
