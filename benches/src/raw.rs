@@ -113,3 +113,30 @@ pub fn stream(placement: Placement, size: usize, count: u64) -> Duration {
         },
     )
 }
+
+/// Round trips of `size`-byte messages with `window` outstanding at all
+/// times (a pipelined client); the time for `count` of them.
+pub fn pipelined(placement: Placement, size: usize, window: usize, count: u64) -> Duration {
+    run_pair(
+        placement,
+        |announce| server(announce, Mode::Echo),
+        move |address| async move {
+            let socket = connect(&address).await;
+            let (mut read, mut write) = socket.into_split();
+            let message = message(size);
+            let started = Instant::now();
+            let mut reply = vec![0u8; message.len()];
+            let mut sent = 0u64;
+            let mut received = 0u64;
+            while received < count {
+                while sent < count && sent - received < window as u64 {
+                    write.write_all(&message).await.unwrap();
+                    sent += 1;
+                }
+                read.read_exact(&mut reply).await.unwrap();
+                received += 1;
+            }
+            started.elapsed()
+        },
+    )
+}

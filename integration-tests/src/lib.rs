@@ -67,3 +67,15 @@ impl Drop for Peer {
         self.kill();
     }
 }
+
+/// The RPC service the `courier-rpc-peer` process serves.
+pub mod rpc_service {
+    /// Calls that take as long as asked.
+    #[courier_rpc::service]
+    pub trait Slow {
+        /// Sleeps `ms` milliseconds, then returns it.
+        async fn wait(&self, ms: u64) -> u64;
+        /// Returns `x` at once.
+        async fn echo(&self, x: u64) -> u64;
+    }
+}

@@ -1,0 +1,215 @@
+//! RPC echo of 64 bytes: sequential round trips (p50/p99) beside raw TCP
+//! ping-pong, and throughput with 32 calls in flight on one connection
+//! beside a raw pipelined client, both in the same run and placement.
+//!
+//! Targets (issue 3): sequential round trip within 1.3x of raw.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use courier_benches::{
+    filters, latency_histogram, median_and_spread, output_dir, raw, record, run_pair, selected,
+    Mode, Placement, Report,
+};
+use courier_rpc::{Client, ClientConfig, Server, ServerConfig};
+use hdrhistogram::Histogram;
+
+const SIZE: usize = 64;
+const WINDOW: usize = 32;
+
+#[courier_rpc::service]
+trait Echo {
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+}
+
+struct Echoer;
+
+impl Echo for Echoer {
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+}
+
+/// Set by the client when it is done, so the server thread can stop.
+/// `run_pair` joins both threads, so one run never sees another's flag.
+static FINISHED: AtomicBool = AtomicBool::new(false);
+
+async fn server(announce: std::sync::mpsc::Sender<courier_transport::Address>) {
+    let listener =
+        courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
+            .await
+            .unwrap();
+    let server = Server::new(ServerConfig::default())
+        .service(EchoServer::new(Echoer))
+        .spawn(listener);
+    announce.send(server.local_addr().clone()).unwrap();
+    while !FINISHED.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.shutdown(Duration::ZERO).await;
+}
+
+fn sequential(placement: Placement, warmup: usize, count: usize) -> Histogram<u64> {
+    FINISHED.store(false, Ordering::Release);
+    run_pair(placement, server, move |address| async move {
+        let echo = EchoClient::new(
+            Client::connect(&address, ClientConfig::default())
+                .await
+                .unwrap(),
+        );
+        let data = vec![0xA5u8; SIZE];
+        let mut histogram = latency_histogram();
+        for i in 0..warmup + count {
+            let started = Instant::now();
+            let reply = echo.echo(data.clone()).await.unwrap();
+            if i >= warmup {
+                record(&mut histogram, started.elapsed());
+            }
+            debug_assert_eq!(reply.len(), SIZE);
+        }
+        FINISHED.store(true, Ordering::Release);
+        histogram
+    })
+}
+
+fn windowed(placement: Placement, count: u64) -> Duration {
+    FINISHED.store(false, Ordering::Release);
+    run_pair(placement, server, move |address| async move {
+        let echo = EchoClient::new(
+            Client::connect(&address, ClientConfig::default())
+                .await
+                .unwrap(),
+        );
+        let data = vec![0xA5u8; SIZE];
+        let started = Instant::now();
+        let next = std::sync::Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..WINDOW)
+            .map(|_| {
+                let (echo, data, next) = (echo.clone(), data.clone(), next.clone());
+                tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::Relaxed) < count {
+                        echo.echo(data.clone()).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        let took = started.elapsed();
+        FINISHED.store(true, Ordering::Release);
+        took
+    })
+}
+
+fn micros(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    histogram.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let mode = Mode::from_args();
+    let repeats = mode.pick(3, 1);
+    let warmup = mode.pick(2_000, 20);
+    let count = mode.pick(20_000, 200);
+    let calls = mode.pick(200_000u64, 2_000);
+    let filters = filters();
+    let mut report = Report::default();
+    println!("rpc benchmarks ({mode:?}): echo of {SIZE} B\n");
+    println!(
+        "{:<18} {:<8} {:<6} {:>9} {:>9} {:>12} {:>8}",
+        "workload", "subject", "place", "p50 µs", "p99 µs", "calls/s", "vs raw"
+    );
+    for placement in Placement::available() {
+        if selected(&filters, "echo_sequential") {
+            let mut raw_h = latency_histogram();
+            let mut rpc_h = latency_histogram();
+            for _ in 0..repeats {
+                raw_h
+                    .add(raw::pingpong(placement, SIZE, warmup, count))
+                    .unwrap();
+                rpc_h.add(sequential(placement, warmup, count)).unwrap();
+            }
+            let ratio = micros(&rpc_h, 0.5) / micros(&raw_h, 0.5);
+            for (subject, h, r) in [("raw-tcp", &raw_h, None), ("rpc", &rpc_h, Some(ratio))] {
+                println!(
+                    "{:<18} {:<8} {:<6} {:>9.1} {:>9.1} {:>12} {:>8}",
+                    "echo_sequential",
+                    subject,
+                    placement.label(),
+                    micros(h, 0.5),
+                    micros(h, 0.99),
+                    "",
+                    r.map_or(String::new(), |r| format!("{r:.2}x"))
+                );
+                report.add(
+                    "echo_sequential",
+                    subject,
+                    placement,
+                    "p50_us",
+                    micros(h, 0.5),
+                );
+                report.add(
+                    "echo_sequential",
+                    subject,
+                    placement,
+                    "p99_us",
+                    micros(h, 0.99),
+                );
+            }
+            report.ratio("echo_sequential", "rpc", placement, ratio, 1.3, false);
+        }
+        if selected(&filters, "echo_32_in_flight") {
+            let rate = |took: Duration| calls as f64 / took.as_secs_f64();
+            let (raw_rate, _) = median_and_spread(
+                &mut (0..repeats)
+                    .map(|_| rate(raw::pipelined(placement, SIZE, WINDOW, calls)))
+                    .collect::<Vec<_>>(),
+            );
+            let (rpc_rate, spread) = median_and_spread(
+                &mut (0..repeats)
+                    .map(|_| rate(windowed(placement, calls)))
+                    .collect::<Vec<_>>(),
+            );
+            let ratio = rpc_rate / raw_rate;
+            println!(
+                "{:<18} {:<8} {:<6} {:>9} {:>9} {:>12.0}",
+                "echo_32_in_flight",
+                "raw-tcp",
+                placement.label(),
+                "",
+                "",
+                raw_rate
+            );
+            println!(
+                "{:<18} {:<8} {:<6} {:>9} {:>9} {:>12.0} {:>7.2}x  (spread {:.0}%)",
+                "echo_32_in_flight",
+                "rpc",
+                placement.label(),
+                "",
+                "",
+                rpc_rate,
+                ratio,
+                spread * 100.0
+            );
+            report.add(
+                "echo_32_in_flight",
+                "raw-tcp",
+                placement,
+                "calls_per_s",
+                raw_rate,
+            );
+            report.add(
+                "echo_32_in_flight",
+                "rpc",
+                placement,
+                "calls_per_s",
+                rpc_rate,
+            );
+            report.ratio("echo_32_in_flight", "rpc", placement, ratio, f64::NAN, true);
+        }
+    }
+    println!("\n{}", report.ratio_table());
+    let (tsv, svg) = report.write(&output_dir(mode), "rpc")?;
+    println!("figures: {}\nplot:    {}", tsv.display(), svg.display());
+    Ok(())
+}
