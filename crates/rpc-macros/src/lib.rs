@@ -29,9 +29,32 @@ pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
 struct Method {
     attrs: Vec<syn::Attribute>,
     name: syn::Ident,
+    /// Every argument after `&self`, as the trait declares them.
+    inputs: Vec<(syn::Ident, syn::Type)>,
+    /// The arguments sent on the wire (all but a streaming sink).
     args: Vec<syn::Ident>,
     types: Vec<syn::Type>,
     output: syn::Type,
+    /// For a streaming method: the sink parameter's name and the item type.
+    stream: Option<(syn::Ident, syn::Type)>,
+}
+
+/// `T` if `ty` is `Items<T>` (by its last path segment).
+fn item_type(ty: &syn::Type) -> Option<syn::Type> {
+    let syn::Type::Path(path) = ty else {
+        return None;
+    };
+    let last = path.path.segments.last()?;
+    if last.ident != "Items" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(generics) = &last.arguments else {
+        return None;
+    };
+    match generics.args.first()? {
+        syn::GenericArgument::Type(item) if generics.args.len() == 1 => Some(item.clone()),
+        _ => None,
+    }
 }
 
 fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
@@ -73,8 +96,8 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 ))
             }
         }
-        let (mut args, mut types) = (Vec::new(), Vec::new());
-        for input in inputs {
+        let mut inputs = Vec::new();
+        for input in sig.inputs.iter().skip(1) {
             let FnArg::Typed(typed) = input else {
                 unreachable!("only the first argument can be a receiver")
             };
@@ -84,19 +107,39 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                     "arguments must be plain names",
                 ));
             };
-            args.push(ident.ident.clone());
-            types.push((*typed.ty).clone());
+            inputs.push((ident.ident.clone(), (*typed.ty).clone()));
         }
         let output = match &sig.output {
             ReturnType::Default => syn::parse_quote!(()),
             ReturnType::Type(_, ty) => (**ty).clone(),
         };
+        let mut stream = None;
+        for (position, (ident, ty)) in inputs.iter().enumerate() {
+            if let Some(item) = item_type(ty) {
+                if position + 1 != inputs.len() {
+                    return Err(syn::Error::new_spanned(
+                        ty,
+                        "an `Items<T>` sink must be the last parameter",
+                    ));
+                }
+                if !matches!(&sig.output, ReturnType::Default) {
+                    return Err(syn::Error::new_spanned(
+                        &sig.output,
+                        "streaming methods return `()`; put failures in the item type",
+                    ));
+                }
+                stream = Some((ident.clone(), item));
+            }
+        }
+        let wire = &inputs[..inputs.len() - usize::from(stream.is_some())];
         methods.push(Method {
             attrs: method.attrs.clone(),
             name: sig.ident.clone(),
-            args,
-            types,
+            args: wire.iter().map(|(ident, _)| ident.clone()).collect(),
+            types: wire.iter().map(|(_, ty)| ty.clone()).collect(),
+            inputs,
             output,
+            stream,
         });
     }
 
@@ -109,50 +152,78 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
     let server = format_ident!("{}Server", name);
 
     let trait_methods = methods.iter().map(|m| {
-        let Method { attrs, name, args, types, output } = m;
+        let (attrs, name, output) = (&m.attrs, &m.name, &m.output);
+        let (names, types): (Vec<_>, Vec<_>) = m.inputs.iter().cloned().unzip();
         quote! {
             #(#attrs)*
-            fn #name(&self, #(#args: #types),*) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send;
+            fn #name(&self, #(#names: #types),*) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send;
         }
     });
     let fingerprint_parts = methods.iter().map(|m| {
-        let method = m.name.to_string();
-        let (types, output) = (&m.types, &m.output);
+        let types = &m.types;
+        let (method, result) = match &m.stream {
+            Some((_, item)) => (format!("{}:stream", m.name), quote!(#item)),
+            None => (m.name.to_string(), {
+                let output = &m.output;
+                quote!(#output)
+            }),
+        };
         quote! {
-            (#method, ::courier_rpc::__private::schema::<(#(#types,)*)>(), ::courier_rpc::__private::schema::<#output>())
+            (#method, ::courier_rpc::__private::schema::<(#(#types,)*)>(), ::courier_rpc::__private::schema::<#result>())
         }
     });
     let client_methods = methods.iter().map(|m| {
-        let Method { attrs, name, args, types, output } = m;
+        let Method { attrs, name, args, types, output, .. } = m;
         let method = name.to_string();
-        quote! {
-            #(#attrs)*
-            pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<#output, ::courier_rpc::RpcError> {
-                self.inner.call::<(#(#types,)*), #output>(#name_str, #method, Self::fingerprint(), &(#(#args,)*)).await
-            }
+        match &m.stream {
+            Some((_, item)) => quote! {
+                #(#attrs)*
+                pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<::courier_rpc::ItemStream<#item>, ::courier_rpc::RpcError> {
+                    self.inner.call_stream::<(#(#types,)*), #item>(#name_str, #method, Self::fingerprint(), &(#(#args,)*)).await
+                }
+            },
+            None => quote! {
+                #(#attrs)*
+                pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<#output, ::courier_rpc::RpcError> {
+                    self.inner.call::<(#(#types,)*), #output>(#name_str, #method, Self::fingerprint(), &(#(#args,)*)).await
+                }
+            },
         }
     });
     let blocking_methods = methods.iter().map(|m| {
-        let Method { attrs, name, args, types, output } = m;
-        quote! {
-            #(#attrs)*
-            pub fn #name(&self, #(#args: #types),*) -> ::core::result::Result<#output, ::courier_rpc::RpcError> {
-                self.runtime.block_on(self.inner.#name(#(#args),*))
-            }
+        let Method { attrs, name, args, types, output, .. } = m;
+        match &m.stream {
+            Some((_, item)) => quote! {
+                #(#attrs)*
+                pub fn #name(&self, #(#args: #types),*) -> ::core::result::Result<::courier_rpc::blocking::BlockingItems<'_, #item>, ::courier_rpc::RpcError> {
+                    let stream = self.runtime.block_on(self.inner.#name(#(#args),*))?;
+                    Ok(::courier_rpc::blocking::BlockingItems::new(stream, &self.runtime))
+                }
+            },
+            None => quote! {
+                #(#attrs)*
+                pub fn #name(&self, #(#args: #types),*) -> ::core::result::Result<#output, ::courier_rpc::RpcError> {
+                    self.runtime.block_on(self.inner.#name(#(#args),*))
+                }
+            },
         }
     });
     let dispatch_arms = methods.iter().map(|m| {
-        let Method {
-            name, args, types, ..
-        } = m;
+        let Method { name, args, types, .. } = m;
         let method = name.to_string();
+        let (sink, call) = match &m.stream {
+            Some((ident, item)) => (
+                quote! { let #ident = __items.typed::<#item>(); },
+                quote! { service.#name(#(#args,)* #ident).await; ::courier_rpc::__private::encode_reply(&()) },
+            ),
+            None => (quote! {}, quote! { ::courier_rpc::__private::encode_reply(&service.#name(#(#args),*).await) }),
+        };
         quote! {
             #method => {
                 let (#(#args,)*): (#(#types,)*) = ::courier_rpc::__private::decode_args(args)?;
+                #sink
                 let service = ::std::sync::Arc::clone(&self.0);
-                ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
-                    ::courier_rpc::__private::encode_reply(&service.#name(#(#args),*).await)
-                }))
+                ::core::result::Result::Ok(::std::boxed::Box::pin(async move { #call }))
             }
         }
     });
@@ -232,7 +303,7 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 #client::fingerprint()
             }
 
-            fn call(&self, method: &str, args: &[u8]) -> ::core::result::Result<::courier_rpc::__private::Reply, ::courier_rpc::RpcFault> {
+            fn call(&self, method: &str, args: &[u8], __items: ::courier_rpc::ItemSink) -> ::core::result::Result<::courier_rpc::__private::Reply, ::courier_rpc::RpcFault> {
                 match method {
                     #(#dispatch_arms)*
                     other => ::core::result::Result::Err(::courier_rpc::RpcFault::UnknownMethod {

@@ -29,3 +29,31 @@ impl Runtime {
         self.runtime.block_on(future)
     }
 }
+
+/// The items of a streaming call, for code without a runtime: an iterator
+/// that blocks for each item. Dropping it cancels the call.
+pub struct BlockingItems<'a, T> {
+    stream: crate::ItemStream<T>,
+    runtime: &'a Runtime,
+}
+
+impl<T> std::fmt::Debug for BlockingItems<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.stream.fmt(f)
+    }
+}
+
+impl<'a, T> BlockingItems<'a, T> {
+    #[doc(hidden)]
+    pub fn new(stream: crate::ItemStream<T>, runtime: &'a Runtime) -> Self {
+        BlockingItems { stream, runtime }
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Iterator for BlockingItems<'_, T> {
+    type Item = Result<T, crate::RpcError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.runtime.block_on(self.stream.next())
+    }
+}

@@ -12,11 +12,12 @@ use courier_transport::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::protocol::RequestHeader;
+use crate::stream::{ItemStream, WINDOW};
 use crate::{RpcError, RpcFault};
 
 /// Client settings.
@@ -42,11 +43,32 @@ impl Default for ClientConfig {
     }
 }
 
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, RpcError>>>>;
+/// Who waits for what a call brings back.
+pub(crate) enum Waiter {
+    Unary(oneshot::Sender<Result<Bytes, RpcError>>),
+    /// Items, then `Ok(None)` at the end. The channel holds the whole
+    /// window, so the server, bound by credit, can never overrun it.
+    Stream(mpsc::Sender<Result<Option<Bytes>, RpcError>>),
+}
+
+impl Waiter {
+    fn fail(self, err: RpcError) {
+        match self {
+            Waiter::Unary(waiter) => {
+                let _ = waiter.send(Err(err));
+            }
+            Waiter::Stream(items) => {
+                let _ = items.try_send(Err(err));
+            }
+        }
+    }
+}
+
+type Pending = Mutex<HashMap<u64, Waiter>>;
 
 /// One live connection and the calls waiting on it.
-struct Link {
-    sender: FrameSender,
+pub(crate) struct Link {
+    pub(crate) sender: FrameSender,
     pending: Pending,
     next_id: AtomicU64,
     closed: AtomicBool,
@@ -68,17 +90,41 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Link {
     fn complete(&self, frame: Frame) {
-        let outcome = match frame.kind {
-            FrameKind::Response => Ok(frame.payload),
-            FrameKind::Error => Err(match crate::__private::decode::<RpcFault>(&frame.payload) {
-                Ok(fault) => fault.into(),
-                Err(err) => RpcError::Decode(format!("undecodable error report: {err}")),
-            }),
-            _ => return,
-        };
-        // A reply to a call that was cancelled or timed out finds nobody.
-        if let Some(waiter) = lock(&self.pending).remove(&frame.id) {
-            let _ = waiter.send(outcome);
+        let mut pending = lock(&self.pending);
+        match frame.kind {
+            FrameKind::Response => {
+                // A reply to a call that was cancelled or timed out finds nobody.
+                if let Some(Waiter::Unary(waiter)) = pending.remove(&frame.id) {
+                    let _ = waiter.send(Ok(frame.payload));
+                }
+            }
+            FrameKind::StreamItem => {
+                if let Some(Waiter::Stream(items)) = pending.get(&frame.id) {
+                    if items.try_send(Ok(Some(frame.payload))).is_err() {
+                        // More items than credit: the server broke the protocol.
+                        if let Some(waiter) = pending.remove(&frame.id) {
+                            waiter.fail(RpcError::Decode(
+                                "server sent more items than it had credit for".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+            FrameKind::StreamEnd => {
+                if let Some(Waiter::Stream(items)) = pending.remove(&frame.id) {
+                    let _ = items.try_send(Ok(None));
+                }
+            }
+            FrameKind::Error => {
+                let err = match crate::__private::decode::<RpcFault>(&frame.payload) {
+                    Ok(fault) => fault.into(),
+                    Err(err) => RpcError::Decode(format!("undecodable error report: {err}")),
+                };
+                if let Some(waiter) = pending.remove(&frame.id) {
+                    waiter.fail(err);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -86,7 +132,7 @@ impl Link {
     fn fail(&self, reason: &str) {
         self.closed.store(true, Ordering::Release);
         for (_, waiter) in lock(&self.pending).drain() {
-            let _ = waiter.send(Err(RpcError::Unavailable(reason.to_string())));
+            waiter.fail(RpcError::Unavailable(reason.to_string()));
         }
     }
 }
@@ -133,10 +179,10 @@ impl std::fmt::Debug for Client {
 
 /// Removes the call's entry when the call ends, however it ends, and tells
 /// the server to stop working on it unless it already answered.
-struct CallGuard {
-    link: Arc<Link>,
-    id: u64,
-    answered: bool,
+pub(crate) struct CallGuard {
+    pub(crate) link: Arc<Link>,
+    pub(crate) id: u64,
+    pub(crate) answered: bool,
 }
 
 impl Drop for CallGuard {
@@ -217,6 +263,56 @@ impl Client {
         Ok(link)
     }
 
+    /// Registers a call and sends its request; the guard cancels it if it
+    /// is dropped unanswered.
+    async fn start<A: Serialize>(
+        &self,
+        service: &str,
+        method: &str,
+        fingerprint: u64,
+        args: &A,
+        deadline: Instant,
+        waiter: Waiter,
+        window: u32,
+    ) -> Result<CallGuard, RpcError> {
+        let link = tokio::time::timeout_at(deadline, self.link())
+            .await
+            .map_err(|_| RpcError::DeadlineExceeded)??;
+        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&link.pending).insert(id, waiter);
+        let mut guard = CallGuard {
+            link: link.clone(),
+            id,
+            answered: false,
+        };
+        let header = RequestHeader {
+            service,
+            method,
+            fingerprint,
+            timeout_ms: deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64,
+            window,
+        };
+        if let Err(err) = link
+            .sender
+            .send_message(FrameKind::Request, id, &(header, args))
+            .await
+        {
+            guard.answered = true;
+            return Err(match err {
+                SendError::FrameTooLarge { .. } | SendError::Serialize(_) => {
+                    RpcError::Serialize(err.to_string())
+                }
+                other => {
+                    link.fail(&other.to_string());
+                    RpcError::Unavailable(other.to_string())
+                }
+            });
+        }
+        Ok(guard)
+    }
+
     /// Calls `service.method(args)`. Generated clients call this; use it
     /// directly only for services without a Rust definition.
     ///
@@ -236,38 +332,18 @@ impl Client {
             .await
             .map_err(|_| RpcError::Overloaded)?
             .map_err(|_| RpcError::Unavailable("client closed".into()))?;
-        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (waiter, reply) = oneshot::channel();
-        lock(&link.pending).insert(id, waiter);
-        let mut guard = CallGuard {
-            link: link.clone(),
-            id,
-            answered: false,
-        };
-        let header = RequestHeader {
-            service,
-            method,
-            fingerprint,
-            timeout_ms: deadline
-                .saturating_duration_since(Instant::now())
-                .as_millis() as u64,
-        };
-        if let Err(err) = link
-            .sender
-            .send_message(FrameKind::Request, id, &(header, args))
-            .await
-        {
-            guard.answered = true;
-            return Err(match err {
-                SendError::FrameTooLarge { .. } | SendError::Serialize(_) => {
-                    RpcError::Serialize(err.to_string())
-                }
-                other => {
-                    link.fail(&other.to_string());
-                    RpcError::Unavailable(other.to_string())
-                }
-            });
-        }
+        let mut guard = self
+            .start(
+                service,
+                method,
+                fingerprint,
+                args,
+                deadline,
+                Waiter::Unary(waiter),
+                0,
+            )
+            .await?;
         match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(outcome)) => {
                 guard.answered = true;
@@ -281,5 +357,39 @@ impl Client {
             // The guard tells the server to stop.
             Err(_) => Err(RpcError::DeadlineExceeded),
         }
+    }
+
+    /// Calls a streaming method: the items arrive through the returned
+    /// [`ItemStream`], within this client's deadline for the whole stream.
+    pub async fn call_stream<A: Serialize, T: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        fingerprint: u64,
+        args: &A,
+    ) -> Result<ItemStream<T>, RpcError> {
+        let deadline = Instant::now() + self.timeout;
+        // Room for the whole window, plus the end or an error.
+        let (items, receiver) = mpsc::channel(WINDOW as usize + 2);
+        let guard = self
+            .start(
+                service,
+                method,
+                fingerprint,
+                args,
+                deadline,
+                Waiter::Stream(items),
+                WINDOW,
+            )
+            .await?;
+        Ok(ItemStream {
+            items: receiver,
+            link: guard.link.clone(),
+            guard,
+            deadline,
+            consumed: 0,
+            finished: false,
+            _type: std::marker::PhantomData,
+        })
     }
 }

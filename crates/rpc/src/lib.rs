@@ -66,10 +66,48 @@
 //! `client.rs` (`cargo run -p courier-rpc --example server`, then in
 //! another terminal `cargo run -p courier-rpc --example client -- ADDRESS`).
 //!
-//! ## Not yet
+//! ## Server streaming
 //!
-//! Server streaming (a method returning a stream with flow control) is the
-//! next addition.
+//! A method whose last parameter is [`Items<T>`] streams: the handler sends
+//! items as it produces them, and the client's stub returns an
+//! [`ItemStream<T>`] to pull them from. The client grants credit (32 items
+//! ahead) as it consumes, and [`Items::send`] waits when the credit runs
+//! out, so a slow client never makes the server buffer more than that.
+//! Dropping the stream cancels the handler. Streaming methods return `()`;
+//! put per-item failures in the item type (`Result<T, E>`).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! use courier_rpc::{Client, ClientConfig, Items, Server, ServerConfig};
+//!
+//! #[courier_rpc::service]
+//! trait Counter {
+//!     async fn count(&self, to: u32, items: Items<u32>);
+//! }
+//!
+//! struct Counting;
+//! impl Counter for Counting {
+//!     async fn count(&self, to: u32, items: Items<u32>) {
+//!         for n in 1..=to {
+//!             if items.send(n).await.is_err() {
+//!                 return; // the client went away
+//!             }
+//!         }
+//!     }
+//! }
+//!
+//! let listener = courier_transport::bind(&"mem://counter-doc".parse()?, &Default::default()).await?;
+//! let server = Server::new(ServerConfig::default()).service(CounterServer::new(Counting)).spawn(listener);
+//! let counter = CounterClient::new(Client::connect(server.local_addr(), ClientConfig::default()).await?);
+//! let mut numbers = counter.count(100).await?;
+//! let mut sum = 0;
+//! while let Some(n) = numbers.next().await {
+//!     sum += n?;
+//! }
+//! assert_eq!(sum, 5050);
+//! # Ok(()) }
+//! ```
 
 #![warn(missing_docs)]
 
@@ -78,6 +116,7 @@ mod client;
 mod error;
 mod protocol;
 mod server;
+mod stream;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -87,6 +126,9 @@ pub use courier_rpc_macros::service;
 pub use courier_transport::Address;
 pub use error::{RpcError, RpcFault};
 pub use server::{Server, ServerConfig, ServerHandle};
+#[doc(hidden)]
+pub use stream::ItemSink;
+pub use stream::{ItemStream, Items, StreamClosed};
 
 /// A service the server can dispatch to. Implemented by the generated
 /// `<Trait>Server`; there is rarely a reason to implement it by hand.
@@ -95,8 +137,14 @@ pub trait Service: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Fingerprint of the definition; must equal the client's.
     fn fingerprint(&self) -> u64;
-    /// Starts `method` with postcard-encoded `args`.
-    fn call(&self, method: &str, args: &[u8]) -> Result<__private::Reply, RpcFault>;
+    /// Starts `method` with postcard-encoded `args`; a streaming method sends
+    /// its items through `items`.
+    fn call(
+        &self,
+        method: &str,
+        args: &[u8],
+        items: ItemSink,
+    ) -> Result<__private::Reply, RpcFault>;
 }
 
 /// Support for generated code. Not a stable API.

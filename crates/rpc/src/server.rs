@@ -12,6 +12,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
 use crate::protocol::RequestHeader;
+use crate::stream::ItemSink;
 use crate::{RpcFault, Service};
 
 /// Server settings.
@@ -169,7 +170,8 @@ struct Shared {
     config: ServerConfig,
 }
 
-type Running = Arc<Mutex<HashMap<u64, AbortHandle>>>;
+/// Calls running on a connection: how to stop each, and its stream credit.
+type Running = Arc<Mutex<HashMap<u64, (AbortHandle, Option<Arc<Semaphore>>)>>>;
 
 async fn serve(
     shared: Arc<Shared>,
@@ -185,7 +187,7 @@ async fn serve(
                 Ok(Some(frame)) => handle(&shared, frame, &sender, &slots, &running).await,
                 // The client is gone: nobody is waiting for these calls.
                 _ => {
-                    for (_, call) in lock(&running).drain() {
+                    for (_, (call, _)) in lock(&running).drain() {
                         call.abort();
                     }
                     return;
@@ -207,7 +209,7 @@ async fn serve(
         tokio::time::sleep(Duration::from_millis(5).min(shutdown_at - Instant::now())).await;
     }
     let cancelled: Vec<_> = lock(&running).drain().collect();
-    for (id, call) in cancelled {
+    for (id, (call, _)) in cancelled {
         call.abort();
         let _ = sender.feed(fault_frame(id, &RpcFault::Cancelled)).await;
     }
@@ -232,22 +234,39 @@ async fn handle(
     match frame.kind {
         FrameKind::Request => {}
         FrameKind::Cancel => {
-            if let Some(call) = lock(running).remove(&frame.id) {
+            if let Some((call, _)) = lock(running).remove(&frame.id) {
                 call.abort();
+            }
+            return;
+        }
+        FrameKind::Credit => {
+            let granted = frame
+                .payload
+                .get(..4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("four bytes")));
+            if let (Some(granted), Some((_, Some(credit)))) =
+                (granted, lock(running).get(&frame.id))
+            {
+                // Bounded by what a semaphore can count; a lying client only
+                // hurts its own stream (its channel overflows and it fails).
+                credit.add_permits(
+                    (granted as usize).min(Semaphore::MAX_PERMITS - credit.available_permits()),
+                );
             }
             return;
         }
         _ => return,
     }
     let id = frame.id;
-    let started = match start(shared, &frame.payload) {
+    let started = match start(shared, &frame.payload, id, sender) {
         Ok(started) => started,
         Err(fault) => {
             let _ = sender.send(fault_frame(id, &fault)).await;
             return;
         }
     };
-    let (reply, deadline) = started;
+    let (reply, deadline, credit) = started;
+    let streaming = credit.is_some();
     // Bounded concurrency: wait for a slot before reading further frames.
     let Ok(slot) = slots.clone().acquire_owned().await else {
         return;
@@ -259,6 +278,7 @@ async fn handle(
     let mut calls = lock(running);
     let task = tokio::spawn(async move {
         let frame = match tokio::time::timeout_at(deadline, reply).await {
+            Ok(Ok(_)) if streaming => Frame::new(FrameKind::StreamEnd, id, Bytes::new()),
             Ok(Ok(bytes)) => Frame::new(FrameKind::Response, id, bytes),
             Ok(Err(fault)) => fault_frame(id, &fault),
             Err(_) => fault_frame(id, &RpcFault::DeadlineExceeded),
@@ -267,11 +287,17 @@ async fn handle(
         drop(slot);
         let _ = task_sender.send(frame).await;
     });
-    calls.insert(id, task.abort_handle());
+    calls.insert(id, (task.abort_handle(), credit));
 }
 
-/// Finds the service and method and decodes the arguments.
-fn start(shared: &Shared, payload: &Bytes) -> Result<(crate::__private::Reply, Instant), RpcFault> {
+/// Finds the service and method, decodes the arguments, and sets up the
+/// stream credit of a streaming call.
+fn start(
+    shared: &Shared,
+    payload: &Bytes,
+    id: u64,
+    sender: &FrameSender,
+) -> Result<(crate::__private::Reply, Instant, Option<Arc<Semaphore>>), RpcFault> {
     let (header, args): (RequestHeader<'_>, &[u8]) =
         postcard::take_from_bytes(payload).map_err(|err| RpcFault::Malformed {
             reason: err.to_string(),
@@ -287,9 +313,16 @@ fn start(shared: &Shared, payload: &Bytes) -> Result<(crate::__private::Reply, I
             service: header.service.to_string(),
         });
     }
-    let reply = service.call(header.method, args)?;
+    let credit = (header.window > 0).then(|| Arc::new(Semaphore::new(header.window as usize)));
+    let items = ItemSink {
+        id,
+        sender: sender.clone(),
+        credit: credit.clone(),
+    };
+    let reply = service.call(header.method, args, items)?;
     Ok((
         reply,
         Instant::now() + Duration::from_millis(header.timeout_ms),
+        credit,
     ))
 }

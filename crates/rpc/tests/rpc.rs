@@ -256,12 +256,14 @@ async fn the_server_enforces_the_deadline_it_was_given_even_without_a_cancel() {
         method: &'a str,
         fingerprint: u64,
         timeout_ms: u64,
+        window: u32,
     }
     let header = Header {
         service: "Lab",
         method: "sleep",
         fingerprint: LabClient::fingerprint(),
         timeout_ms: 100,
+        window: 0,
     };
     conn.send_message(
         courier_transport::FrameKind::Request,

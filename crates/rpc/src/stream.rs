@@ -1,0 +1,153 @@
+//! Server streaming: items pushed by the handler, pulled by the client,
+//! with credit-based flow control.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use courier_transport::{Frame, FrameKind, FrameSender};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
+
+use crate::client::{CallGuard, Link};
+use crate::RpcError;
+
+/// Items a client asks for at a time, and grants again as it consumes.
+pub(crate) const WINDOW: u32 = 32;
+
+/// Where a streaming handler sends its items.
+///
+/// Each [`send`](Items::send) waits while the client has no credit left,
+/// so a slow client slows the handler down instead of filling the server's
+/// memory.
+pub struct Items<T> {
+    sink: ItemSink,
+    _type: PhantomData<fn(T)>,
+}
+
+impl<T> std::fmt::Debug for Items<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Items")
+            .field("call", &self.sink.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The client went away (or cancelled the call): stop producing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the client is no longer receiving this stream")]
+pub struct StreamClosed;
+
+impl<T: Serialize> Items<T> {
+    /// Sends one item, waiting for credit if the client is behind.
+    pub async fn send(&self, item: T) -> Result<(), StreamClosed> {
+        let Some(credit) = &self.sink.credit else {
+            return Err(StreamClosed);
+        };
+        credit.acquire().await.map_err(|_| StreamClosed)?.forget();
+        let bytes = postcard::to_stdvec(&item).map_err(|_| StreamClosed)?;
+        self.sink
+            .sender
+            .send(Frame::new(FrameKind::StreamItem, self.sink.id, bytes))
+            .await
+            .map_err(|_| StreamClosed)
+    }
+}
+
+/// The untyped sink the server hands to generated dispatch code.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct ItemSink {
+    pub(crate) id: u64,
+    pub(crate) sender: FrameSender,
+    /// `None` for a unary call: sending items there is a protocol error.
+    pub(crate) credit: Option<Arc<Semaphore>>,
+}
+
+impl std::fmt::Debug for ItemSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ItemSink")
+            .field("call", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ItemSink {
+    /// The typed view for a streaming method.
+    pub fn typed<T>(self) -> Items<T> {
+        Items {
+            sink: self,
+            _type: PhantomData,
+        }
+    }
+}
+
+/// The client's end of a streaming call: items in the order the handler
+/// sent them. Dropping it cancels the call on the server.
+pub struct ItemStream<T> {
+    pub(crate) items: mpsc::Receiver<Result<Option<Bytes>, RpcError>>,
+    pub(crate) guard: CallGuard,
+    pub(crate) link: Arc<Link>,
+    pub(crate) deadline: Instant,
+    pub(crate) consumed: u32,
+    pub(crate) finished: bool,
+    pub(crate) _type: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for ItemStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ItemStream")
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: DeserializeOwned> ItemStream<T> {
+    /// The next item; `None` when the handler finished. An error ends the
+    /// stream (the deadline passed, the connection died, the server
+    /// refused or cancelled the call).
+    pub async fn next(&mut self) -> Option<Result<T, RpcError>> {
+        if self.finished {
+            return None;
+        }
+        let next = match tokio::time::timeout_at(self.deadline, self.items.recv()).await {
+            Ok(Some(next)) => next,
+            Ok(None) => Err(RpcError::Unavailable("connection closed".into())),
+            Err(_) => Err(RpcError::DeadlineExceeded),
+        };
+        match next {
+            Ok(Some(bytes)) => {
+                self.consumed += 1;
+                if self.consumed >= WINDOW / 2 {
+                    // Grant what was consumed, keeping the window full.
+                    let credit = Frame::new(
+                        FrameKind::Credit,
+                        self.guard.id,
+                        Bytes::from(self.consumed.to_le_bytes().to_vec()),
+                    );
+                    self.consumed = 0;
+                    if let Err(err) = self.link.sender.send(credit).await {
+                        self.finished = true;
+                        return Some(Err(RpcError::Unavailable(err.to_string())));
+                    }
+                }
+                Some(
+                    crate::__private::decode(&bytes)
+                        .map_err(|err| RpcError::Decode(err.to_string())),
+                )
+            }
+            Ok(None) => {
+                self.finished = true;
+                self.guard.answered = true;
+                None
+            }
+            Err(err) => {
+                self.finished = true;
+                self.guard.answered = !matches!(err, RpcError::DeadlineExceeded);
+                Some(Err(err))
+            }
+        }
+    }
+}
