@@ -273,8 +273,11 @@ impl Client {
         args: &A,
         deadline: Instant,
         waiter: Waiter,
-        window: u32,
     ) -> Result<CallGuard, RpcError> {
+        let window = match waiter {
+            Waiter::Unary(_) => 0,
+            Waiter::Stream(_) => WINDOW,
+        };
         let link = tokio::time::timeout_at(deadline, self.link())
             .await
             .map_err(|_| RpcError::DeadlineExceeded)??;
@@ -341,7 +344,6 @@ impl Client {
                 args,
                 deadline,
                 Waiter::Unary(waiter),
-                0,
             )
             .await?;
         match tokio::time::timeout_at(deadline, reply).await {
@@ -379,7 +381,6 @@ impl Client {
                 args,
                 deadline,
                 Waiter::Stream(items),
-                WINDOW,
             )
             .await?;
         Ok(ItemStream {
