@@ -391,3 +391,26 @@ async fn an_unreachable_server_is_a_clear_retryable_error() {
         Err(RpcError::Unavailable(_))
     ));
 }
+
+#[tokio::test]
+async fn a_closed_connection_cancels_its_calls_on_the_server() {
+    let (server, lab) = serve(mem(), ServerConfig::default()).await;
+    let client = client(&server).await;
+    let started = lab.started.notified();
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.sleep(3_600_000).await }
+    });
+    started.await;
+    // The whole client goes away: its connection closes, with no Cancel sent.
+    call.abort();
+    let _ = call.await;
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while lab.dropped.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the server dropped the handler when the connection closed");
+}
