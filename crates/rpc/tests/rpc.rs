@@ -394,18 +394,37 @@ async fn an_unreachable_server_is_a_clear_retryable_error() {
 
 #[tokio::test]
 async fn a_closed_connection_cancels_its_calls_on_the_server() {
+    // A raw connection that sends a request and then simply goes away: no
+    // Cancel frame, only the connection closing.
     let (server, lab) = serve(mem(), ServerConfig::default()).await;
-    let client = client(&server).await;
+    let conn = courier_transport::connect(server.local_addr(), &TransportConfig::default())
+        .await
+        .unwrap();
+    #[derive(serde::Serialize)]
+    struct Header<'a> {
+        service: &'a str,
+        method: &'a str,
+        fingerprint: u64,
+        timeout_ms: u64,
+        window: u32,
+    }
+    let header = Header {
+        service: "Lab",
+        method: "sleep",
+        fingerprint: LabClient::fingerprint(),
+        timeout_ms: 3_600_000,
+        window: 0,
+    };
     let started = lab.started.notified();
-    let call = tokio::spawn({
-        let client = client.clone();
-        async move { client.sleep(3_600_000).await }
-    });
+    conn.send_message(
+        courier_transport::FrameKind::Request,
+        1,
+        &(header, (3_600_000u64,)),
+    )
+    .await
+    .unwrap();
     started.await;
-    // The whole client goes away: its connection closes, with no Cancel sent.
-    call.abort();
-    let _ = call.await;
-    drop(client);
+    drop(conn);
     tokio::time::timeout(Duration::from_secs(10), async {
         while lab.dropped.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
