@@ -22,6 +22,8 @@ commands:
   demo                frames over every transport, with round-trip times
   fuzz [--seconds N] [--seed S]
                       mutation-fuzz the frame decoder for N seconds (default 60)
+  crash [--seeds N]   the kill -9 crash test of the durable log with N seeds
+                      (default 200; CI runs 5)
   layers              check that every crate depends only on lower layers
 ";
 
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         ]),
         "fuzz" => fuzz(rest, true),
         "layers" => check_layers(),
+        "crash" => crash(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
@@ -187,6 +190,18 @@ fn bench(rest: &[String]) -> Result<(), String> {
     )?;
     eprintln!("\nresults in {out}: one .tsv (a figure per line) and one .svg plot per benchmark");
     Ok(())
+}
+
+fn crash(rest: &[String]) -> Result<(), String> {
+    let seeds = match strs(rest)[..] {
+        [] => "200",
+        ["--seeds", n] if n.parse::<u32>().is_ok() => n,
+        _ => return Err("usage: cargo xtask crash [--seeds N]".into()),
+    };
+    cargo_env(
+        &["test", "--release", "-p", "courier-integration-tests", "--test", "crash", "--", "--nocapture"],
+        &[("COURIER_CRASH_SEEDS", seeds)],
+    )
 }
 
 fn fuzz(rest: &[String], release: bool) -> Result<(), String> {

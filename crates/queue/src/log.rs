@@ -1,0 +1,644 @@
+//! The durable log: append-only segment files of CRC-checked records,
+//! written by one thread that commits many producers' appends with one
+//! fsync.
+//!
+//! # On disk
+//!
+//! A log is a directory of segments named by the sequence number of their
+//! first record (`00000000000000000042.log`). Each record:
+//!
+//! ```text
+//! +------------+------------+------+----------+-----------------+
+//! | length u32 | crc32c u32 | kind | seq u64  | payload         |
+//! |   (LE)     |   (LE)     |  u8  |  (LE)    | length - 9 bytes|
+//! +------------+------------+------+----------+-----------------+
+//! ```
+//!
+//! `length` counts the bytes after the CRC; the CRC covers exactly those.
+//! Sequence numbers run on without gaps across segments.
+//!
+//! # Recovery
+//!
+//! [`Log::open`] replays every segment in order. At the end of the last
+//! segment, an incomplete record or one whose CRC fails (a write torn by a
+//! crash) is cut off and reported in [`Recovery::truncated_bytes`]. A bad
+//! record with readable data after it is corruption, not a torn write: it
+//! is reported with its segment and byte position in
+//! [`Recovery::corruption`], nothing from it or after it in that segment is
+//! replayed, the file is left as it is for inspection, and new appends go
+//! to a fresh segment. Nothing corrupt is ever handed to the caller.
+//!
+//! # Durability: what a crash can lose
+//!
+//! | [`FsyncPolicy`] | an append returns once | a crash of the process loses | a crash of the machine loses |
+//! |---|---|---|---|
+//! | `Always` | its batch is written and fsynced | nothing that returned | nothing that returned |
+//! | `Interval(d)` | its batch is written | nothing that returned | what returned in the last `d` |
+//! | `Never` | its batch is written | nothing that returned | whatever the OS had not written back |
+//!
+//! Appends that arrive together share one write and, under `Always`, one
+//! fsync (group commit), so throughput grows with the number of producers
+//! while each still waits only for its own batch.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+
+/// A record's position in the log.
+pub type Seq = u64;
+
+const HEADER: usize = 8;
+/// kind (1) + seq (8)
+const BODY_PREFIX: usize = 9;
+
+/// When appends are fsynced. See the [module docs](self) for what each can lose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// fsync every batch before its appends return.
+    Always,
+    /// fsync at most this long after a write; appends return once written.
+    Interval(Duration),
+    /// Never fsync (the OS writes back when it likes).
+    Never,
+}
+
+/// Settings of a log.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct LogOptions {
+    /// When to fsync. Default `Always`.
+    pub fsync: FsyncPolicy,
+    /// A segment is closed and a new one started once it exceeds this. Default 64 MiB.
+    pub segment_size: u64,
+    /// Largest payload accepted. Default 4 MiB.
+    pub max_record_size: usize,
+    /// Appends waiting for the writer before `append` itself waits. Default 4096.
+    pub queue_depth: usize,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            fsync: FsyncPolicy::Always,
+            segment_size: 64 * 1024 * 1024,
+            max_record_size: 4 * 1024 * 1024,
+            queue_depth: 4096,
+        }
+    }
+}
+
+impl LogOptions {
+    /// The same options with another fsync policy.
+    pub fn with_fsync(mut self, fsync: FsyncPolicy) -> LogOptions {
+        self.fsync = fsync;
+        self
+    }
+
+    /// The same options with another segment size.
+    pub fn with_segment_size(mut self, bytes: u64) -> LogOptions {
+        self.segment_size = bytes;
+        self
+    }
+}
+
+/// One record, as replayed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Its position.
+    pub seq: Seq,
+    /// What the layer above says it is.
+    pub kind: u8,
+    /// Its bytes.
+    pub payload: Bytes,
+}
+
+/// A record that could not be read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Corruption {
+    /// The segment file.
+    pub segment: PathBuf,
+    /// Byte position of the bad record in it.
+    pub position: u64,
+    /// Bytes from there to the end of the segment that were not replayed.
+    pub unreadable_bytes: u64,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// What [`Log::open`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Segments read.
+    pub segments: usize,
+    /// Records replayed.
+    pub records: u64,
+    /// Bytes of a torn last record cut off the end of the log.
+    pub truncated_bytes: u64,
+    /// Corrupt records found before the end, each with its location.
+    pub corruption: Vec<Corruption>,
+}
+
+/// Why a log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// A file or the directory could not be read or written.
+    #[error("cannot open the log at {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
+}
+
+/// Why an append did not become durable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// The payload exceeds [`LogOptions::max_record_size`]. Not retryable.
+    #[error("record of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Writing or syncing failed (disk full, I/O error). The append did not
+    /// happen; the log is still readable and takes later appends.
+    /// Retryable once the cause is fixed.
+    #[error("log write failed: {0}")]
+    Io(String),
+    /// The log was closed. Not retryable.
+    #[error("the log is closed")]
+    Closed,
+}
+
+impl AppendError {
+    /// Whether appending again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, AppendError::Io(_))
+    }
+}
+
+fn segment_name(first: Seq) -> String {
+    format!("{first:020}.log")
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A segment on disk: its first sequence number and path.
+#[derive(Debug, Clone)]
+struct Segment {
+    first: Seq,
+    path: PathBuf,
+}
+
+/// Reads one segment, handing each good record to `replay`. Returns the
+/// length of the good prefix, the next sequence number, and the problem
+/// that stopped the scan, with whether it sits at the very end.
+fn scan(
+    segment: &Segment,
+    max_record: usize,
+    replay: &mut dyn FnMut(Record),
+) -> Result<(u64, Seq, Option<(String, bool)>), OpenError> {
+    let data = Bytes::from(fs::read(&segment.path).map_err(io_err(&segment.path))?);
+    let mut position = 0usize;
+    let mut next = segment.first;
+    let problem = loop {
+        let rest = data.len() - position;
+        if rest == 0 {
+            break None;
+        }
+        if rest < HEADER {
+            break Some((format!("incomplete record header ({rest} bytes)"), true));
+        }
+        let length = u32::from_le_bytes(data[position..position + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[position + 4..position + 8].try_into().expect("4 bytes"));
+        if length < BODY_PREFIX || length > max_record + BODY_PREFIX {
+            break Some((format!("impossible record length {length}"), false));
+        }
+        if rest < HEADER + length {
+            break Some((format!("incomplete record: {} of {} bytes", rest, HEADER + length), true));
+        }
+        let body = data.slice(position + HEADER..position + HEADER + length);
+        let at_end = rest == HEADER + length;
+        if crc32c::crc32c(&body) != crc {
+            break Some(("checksum mismatch".to_string(), at_end));
+        }
+        let seq = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
+        if seq != next {
+            break Some((format!("sequence number {seq} where {next} was expected"), false));
+        }
+        replay(Record {
+            seq,
+            kind: body[0],
+            payload: body.slice(BODY_PREFIX..),
+        });
+        next += 1;
+        position += HEADER + length;
+    };
+    Ok((position as u64, next, problem))
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<Segment>, OpenError> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(first) = name.to_str().and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse::<Seq>().ok()) else {
+            continue;
+        };
+        segments.push(Segment { first, path: entry.path() });
+    }
+    segments.sort_by_key(|s| s.first);
+    Ok(segments)
+}
+
+enum Command {
+    Append {
+        records: Vec<(u8, Bytes)>,
+        done: oneshot::Sender<Result<Seq, AppendError>>,
+    },
+    RemoveBefore {
+        seq: Seq,
+        done: oneshot::Sender<Result<usize, AppendError>>,
+    },
+    Sync {
+        done: oneshot::Sender<Result<(), AppendError>>,
+    },
+}
+
+/// Counters kept by the writer.
+#[derive(Debug, Default)]
+struct Counters {
+    bytes_on_disk: AtomicU64,
+    segments: AtomicU64,
+    fsyncs: AtomicU64,
+}
+
+/// An open log. Appends may come from many tasks at once.
+#[derive(Debug)]
+pub struct Log {
+    commands: mpsc::Sender<Command>,
+    counters: Arc<Counters>,
+    max_record_size: usize,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Log {
+    /// Opens (creating if needed) the log in `dir`, replaying every record
+    /// into `replay` in order before it returns. See the module docs for
+    /// how torn and corrupt records are handled.
+    pub fn open(dir: impl AsRef<Path>, options: LogOptions, mut replay: impl FnMut(Record)) -> Result<(Log, Recovery), OpenError> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut segments: VecDeque<Segment> = list_segments(&dir)?.into();
+        let mut recovery = Recovery::default();
+        let mut next = segments.front().map_or(0, |s| s.first);
+        let mut records = 0u64;
+        let mut counting = |record: Record| {
+            records += 1;
+            replay(record);
+        };
+        let mut must_roll = false;
+        let last_index = segments.len().saturating_sub(1);
+        for (index, segment) in segments.iter().enumerate() {
+            let (good, after, problem) = scan(segment, options.max_record_size, &mut counting)?;
+            next = after;
+            recovery.segments += 1;
+            let size = fs::metadata(&segment.path).map_err(io_err(&segment.path))?.len();
+            match problem {
+                None => {}
+                Some((reason, true)) if index == last_index => {
+                    // A torn write at the very end: cut it off.
+                    tracing::warn!(segment = %segment.path.display(), position = good, %reason, "truncating a torn record");
+                    let file = OpenOptions::new().write(true).open(&segment.path).map_err(io_err(&segment.path))?;
+                    file.set_len(good).map_err(io_err(&segment.path))?;
+                    file.sync_all().map_err(io_err(&segment.path))?;
+                    recovery.truncated_bytes += size - good;
+                }
+                Some((reason, _)) => {
+                    tracing::error!(segment = %segment.path.display(), position = good, %reason, "corrupt record; the rest of this segment is skipped");
+                    recovery.corruption.push(Corruption {
+                        segment: segment.path.clone(),
+                        position: good,
+                        unreadable_bytes: size - good,
+                        reason,
+                    });
+                    if index == last_index {
+                        must_roll = true;
+                    }
+                }
+            }
+        }
+        recovery.records = records;
+        let (file, tail) = match segments.back() {
+            Some(last) if !must_roll => {
+                let file = OpenOptions::new().append(true).open(&last.path).map_err(io_err(&last.path))?;
+                (file, last.clone())
+            }
+            _ => {
+                let tail = Segment {
+                    first: next,
+                    path: dir.join(segment_name(next)),
+                };
+                let file = create_segment(&dir, &tail.path)?;
+                segments.push_back(tail.clone());
+                (file, tail)
+            }
+        };
+        let counters = Arc::new(Counters::default());
+        let mut on_disk = 0;
+        for segment in &segments {
+            on_disk += fs::metadata(&segment.path).map_err(io_err(&segment.path))?.len();
+        }
+        counters.bytes_on_disk.store(on_disk, Ordering::Relaxed);
+        counters.segments.store(segments.len() as u64, Ordering::Relaxed);
+        let tail_len = file.metadata().map_err(io_err(&tail.path))?.len();
+        let (commands, inbox) = mpsc::channel(options.queue_depth.max(1));
+        let writer = Writer {
+            dir: dir.clone(),
+            options: options.clone(),
+            segments,
+            file,
+            tail_len,
+            next,
+            counters: counters.clone(),
+            dirty: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("courier-log".into())
+            .spawn(move || writer.run(inbox))
+            .map_err(io_err(&dir))?;
+        Ok((
+            Log {
+                commands,
+                counters,
+                max_record_size: options.max_record_size,
+                writer: Some(thread),
+            },
+            recovery,
+        ))
+    }
+
+    /// Appends one record; returns its sequence number once it is durable
+    /// under the log's [`FsyncPolicy`].
+    pub async fn append(&self, kind: u8, payload: Bytes) -> Result<Seq, AppendError> {
+        self.append_batch(vec![(kind, payload)]).await
+    }
+
+    /// Appends records together (consecutive sequence numbers, one write);
+    /// returns the first one's sequence number. All or none are appended.
+    pub async fn append_batch(&self, records: Vec<(u8, Bytes)>) -> Result<Seq, AppendError> {
+        if let Some((_, too_big)) = records.iter().find(|(_, p)| p.len() > self.max_record_size) {
+            return Err(AppendError::TooLarge {
+                size: too_big.len(),
+                limit: self.max_record_size,
+            });
+        }
+        let (done, outcome) = oneshot::channel();
+        self.commands
+            .send(Command::Append { records, done })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        outcome.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Deletes every segment all of whose records come before `seq`, oldest
+    /// first; returns how many. Later segments are never deleted before
+    /// earlier ones, so replay never sees a record without its history.
+    pub async fn remove_before(&self, seq: Seq) -> Result<usize, AppendError> {
+        let (done, outcome) = oneshot::channel();
+        self.commands
+            .send(Command::RemoveBefore { seq, done })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        outcome.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// fsyncs now, whatever the policy.
+    pub async fn sync(&self) -> Result<(), AppendError> {
+        let (done, outcome) = oneshot::channel();
+        self.commands.send(Command::Sync { done }).await.map_err(|_| AppendError::Closed)?;
+        outcome.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Bytes the log occupies on disk.
+    pub fn bytes_on_disk(&self) -> u64 {
+        self.counters.bytes_on_disk.load(Ordering::Relaxed)
+    }
+
+    /// Segment files on disk.
+    pub fn segments(&self) -> u64 {
+        self.counters.segments.load(Ordering::Relaxed)
+    }
+
+    /// fsyncs performed so far (for observing group commit).
+    pub fn fsyncs(&self) -> u64 {
+        self.counters.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Stops the writer after everything queued is written and fsynced.
+    pub fn close(mut self) {
+        let writer = self.writer.take();
+        drop(self);
+        if let Some(writer) = writer {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn create_segment(dir: &Path, path: &Path) -> Result<File, OpenError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    // The new file's name must survive a crash too.
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    Ok(file)
+}
+
+struct Writer {
+    dir: PathBuf,
+    options: LogOptions,
+    segments: VecDeque<Segment>,
+    file: File,
+    tail_len: u64,
+    next: Seq,
+    counters: Arc<Counters>,
+    /// Written since the last fsync.
+    dirty: bool,
+}
+
+impl Writer {
+    fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a timer-only runtime");
+        runtime.block_on(async {
+            loop {
+                let interval = match self.options.fsync {
+                    FsyncPolicy::Interval(every) if self.dirty => Some(every),
+                    _ => None,
+                };
+                let first = match interval {
+                    Some(every) => match tokio::time::timeout(every, inbox.recv()).await {
+                        Ok(command) => command,
+                        Err(_) => {
+                            let _ = self.fsync();
+                            continue;
+                        }
+                    },
+                    None => inbox.recv().await,
+                };
+                let Some(first) = first else { break };
+                let mut batch = vec![first];
+                while batch.len() < 1024 {
+                    match inbox.try_recv() {
+                        Ok(command) => batch.push(command),
+                        Err(_) => break,
+                    }
+                }
+                self.handle(batch);
+            }
+        });
+        // Closing: whatever was written becomes durable.
+        if self.dirty {
+            let _ = self.fsync();
+        }
+    }
+
+    fn handle(&mut self, batch: Vec<Command>) {
+        let mut appends = Vec::new();
+        for command in batch {
+            match command {
+                Command::Append { records, done } => appends.push((records, done)),
+                Command::RemoveBefore { seq, done } => {
+                    let _ = done.send(self.remove_before(seq));
+                }
+                Command::Sync { done } => {
+                    let _ = done.send(self.fsync().map_err(|e| AppendError::Io(e.to_string())));
+                }
+            }
+        }
+        if appends.is_empty() {
+            return;
+        }
+        // One write (per segment) and at most one fsync for the whole batch.
+        let start_next = self.next;
+        let start_len = self.tail_len;
+        let mut firsts = Vec::with_capacity(appends.len());
+        let mut buf = BytesMut::new();
+        let mut outcome: Result<(), io::Error> = Ok(());
+        for (records, _) in &appends {
+            firsts.push(self.next);
+            for (kind, payload) in records {
+                let length = BODY_PREFIX + payload.len();
+                let at = buf.len();
+                buf.put_u32_le(length as u32);
+                buf.put_u32_le(0);
+                buf.put_u8(*kind);
+                buf.put_u64_le(self.next);
+                buf.put_slice(payload);
+                let crc = crc32c::crc32c(&buf[at + HEADER..]);
+                buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+                self.next += 1;
+            }
+            if self.tail_len + buf.len() as u64 >= self.options.segment_size {
+                if let Err(err) = self.write(&buf).and_then(|()| self.roll()) {
+                    outcome = Err(err);
+                    break;
+                }
+                buf.clear();
+            }
+        }
+        if outcome.is_ok() && !buf.is_empty() {
+            outcome = self.write(&buf);
+        }
+        if outcome.is_ok() && self.options.fsync == FsyncPolicy::Always {
+            outcome = self.fsync();
+        }
+        match outcome {
+            Ok(()) => {
+                for ((_, done), first) in appends.into_iter().zip(firsts) {
+                    let _ = done.send(Ok(first));
+                }
+            }
+            Err(err) => {
+                tracing::error!(%err, "log append failed; the batch is undone");
+                // Undo the partial write so the file holds only whole
+                // records and later appends line up. A batch that crossed a
+                // segment boundary keeps its earlier, complete part; its
+                // appends are still reported as failed, and replay shows
+                // them, which at-least-once callers tolerate.
+                if self.next > start_next && self.segments.back().is_some_and(|s| s.first <= start_next) {
+                    let _ = self.file.set_len(start_len);
+                    self.tail_len = start_len;
+                    self.next = start_next;
+                }
+                let message = err.to_string();
+                for (_, done) in appends {
+                    let _ = done.send(Err(AppendError::Io(message.clone())));
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.tail_len += bytes.len() as u64;
+        self.dirty = true;
+        self.counters.bytes_on_disk.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn fsync(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        self.dirty = false;
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Closes the current segment (durably) and starts the next.
+    fn roll(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        let path = self.dir.join(segment_name(self.next));
+        self.file = OpenOptions::new().create(true).append(true).open(&path)?;
+        File::open(&self.dir)?.sync_all()?;
+        self.segments.push_back(Segment { first: self.next, path });
+        self.tail_len = 0;
+        self.counters.segments.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn remove_before(&mut self, seq: Seq) -> Result<usize, AppendError> {
+        let mut removed = 0;
+        // A segment's records end where the next segment begins; the tail
+        // segment is never removed.
+        while self.segments.len() > 1 && self.segments[1].first <= seq {
+            let segment = self.segments.pop_front().expect("more than one segment");
+            let size = fs::metadata(&segment.path).map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&segment.path).map_err(|e| AppendError::Io(e.to_string()))?;
+            self.counters.bytes_on_disk.fetch_sub(size, Ordering::Relaxed);
+            self.counters.segments.fetch_sub(1, Ordering::Relaxed);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
