@@ -13,7 +13,10 @@ const WRITER: &str = env!("CARGO_BIN_EXE_courier-log-writer");
 
 fn seeds() -> std::ops::Range<u64> {
     // A handful on every `cargo test`; `COURIER_CRASH_SEEDS=200` for a long run.
-    let count = std::env::var("COURIER_CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let count = std::env::var("COURIER_CRASH_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     0..count
 }
 
@@ -57,11 +60,22 @@ fn acknowledged_appends_survive_kill_minus_nine() {
             found.push(id.parse::<u64>().unwrap());
         })
         .unwrap();
-        assert!(recovery.corruption.is_empty(), "seed {seed}: {:?}", recovery.corruption);
+        assert!(
+            recovery.corruption.is_empty(),
+            "seed {seed}: {:?}",
+            recovery.corruption
+        );
         let unique: HashSet<_> = found.iter().copied().collect();
-        assert_eq!(unique.len(), found.len(), "seed {seed}: an append appears twice");
+        assert_eq!(
+            unique.len(),
+            found.len(),
+            "seed {seed}: an append appears twice"
+        );
         let missing: Vec<_> = acknowledged.difference(&unique).collect();
-        assert!(missing.is_empty(), "seed {seed}: acknowledged but lost: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "seed {seed}: acknowledged but lost: {missing:?}"
+        );
         println!(
             "seed {seed}: killed after {} acknowledged appends; {} in the log, {} torn bytes cut",
             acknowledged.len(),

@@ -199,7 +199,16 @@ fn crash(rest: &[String]) -> Result<(), String> {
         _ => return Err("usage: cargo xtask crash [--seeds N]".into()),
     };
     cargo_env(
-        &["test", "--release", "-p", "courier-integration-tests", "--test", "crash", "--", "--nocapture"],
+        &[
+            "test",
+            "--release",
+            "-p",
+            "courier-integration-tests",
+            "--test",
+            "crash",
+            "--",
+            "--nocapture",
+        ],
         &[("COURIER_CRASH_SEEDS", seeds)],
     )
 }

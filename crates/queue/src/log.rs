@@ -226,13 +226,21 @@ fn scan(
         if rest < HEADER {
             break Some((format!("incomplete record header ({rest} bytes)"), true));
         }
-        let length = u32::from_le_bytes(data[position..position + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(data[position + 4..position + 8].try_into().expect("4 bytes"));
+        let length =
+            u32::from_le_bytes(data[position..position + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(
+            data[position + 4..position + 8]
+                .try_into()
+                .expect("4 bytes"),
+        );
         if length < BODY_PREFIX || length > max_record + BODY_PREFIX {
             break Some((format!("impossible record length {length}"), false));
         }
         if rest < HEADER + length {
-            break Some((format!("incomplete record: {} of {} bytes", rest, HEADER + length), true));
+            break Some((
+                format!("incomplete record: {} of {} bytes", rest, HEADER + length),
+                true,
+            ));
         }
         let body = data.slice(position + HEADER..position + HEADER + length);
         let at_end = rest == HEADER + length;
@@ -241,7 +249,10 @@ fn scan(
         }
         let seq = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
         if seq != next {
-            break Some((format!("sequence number {seq} where {next} was expected"), false));
+            break Some((
+                format!("sequence number {seq} where {next} was expected"),
+                false,
+            ));
         }
         replay(Record {
             seq,
@@ -259,10 +270,17 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>, OpenError> {
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let name = entry.file_name();
-        let Some(first) = name.to_str().and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse::<Seq>().ok()) else {
+        let Some(first) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<Seq>().ok())
+        else {
             continue;
         };
-        segments.push(Segment { first, path: entry.path() });
+        segments.push(Segment {
+            first,
+            path: entry.path(),
+        });
     }
     segments.sort_by_key(|s| s.first);
     Ok(segments)
@@ -303,7 +321,11 @@ impl Log {
     /// Opens (creating if needed) the log in `dir`, replaying every record
     /// into `replay` in order before it returns. See the module docs for
     /// how torn and corrupt records are handled.
-    pub fn open(dir: impl AsRef<Path>, options: LogOptions, mut replay: impl FnMut(Record)) -> Result<(Log, Recovery), OpenError> {
+    pub fn open(
+        dir: impl AsRef<Path>,
+        options: LogOptions,
+        mut replay: impl FnMut(Record),
+    ) -> Result<(Log, Recovery), OpenError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let mut segments: VecDeque<Segment> = list_segments(&dir)?.into();
@@ -320,13 +342,18 @@ impl Log {
             let (good, after, problem) = scan(segment, options.max_record_size, &mut counting)?;
             next = after;
             recovery.segments += 1;
-            let size = fs::metadata(&segment.path).map_err(io_err(&segment.path))?.len();
+            let size = fs::metadata(&segment.path)
+                .map_err(io_err(&segment.path))?
+                .len();
             match problem {
                 None => {}
                 Some((reason, true)) if index == last_index => {
                     // A torn write at the very end: cut it off.
                     tracing::warn!(segment = %segment.path.display(), position = good, %reason, "truncating a torn record");
-                    let file = OpenOptions::new().write(true).open(&segment.path).map_err(io_err(&segment.path))?;
+                    let file = OpenOptions::new()
+                        .write(true)
+                        .open(&segment.path)
+                        .map_err(io_err(&segment.path))?;
                     file.set_len(good).map_err(io_err(&segment.path))?;
                     file.sync_all().map_err(io_err(&segment.path))?;
                     recovery.truncated_bytes += size - good;
@@ -348,7 +375,10 @@ impl Log {
         recovery.records = records;
         let (file, tail) = match segments.back() {
             Some(last) if !must_roll => {
-                let file = OpenOptions::new().append(true).open(&last.path).map_err(io_err(&last.path))?;
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(&last.path)
+                    .map_err(io_err(&last.path))?;
                 (file, last.clone())
             }
             _ => {
@@ -364,10 +394,14 @@ impl Log {
         let counters = Arc::new(Counters::default());
         let mut on_disk = 0;
         for segment in &segments {
-            on_disk += fs::metadata(&segment.path).map_err(io_err(&segment.path))?.len();
+            on_disk += fs::metadata(&segment.path)
+                .map_err(io_err(&segment.path))?
+                .len();
         }
         counters.bytes_on_disk.store(on_disk, Ordering::Relaxed);
-        counters.segments.store(segments.len() as u64, Ordering::Relaxed);
+        counters
+            .segments
+            .store(segments.len() as u64, Ordering::Relaxed);
         let tail_len = file.metadata().map_err(io_err(&tail.path))?.len();
         let (commands, inbox) = mpsc::channel(options.queue_depth.max(1));
         let writer = Writer {
@@ -433,7 +467,10 @@ impl Log {
     /// fsyncs now, whatever the policy.
     pub async fn sync(&self) -> Result<(), AppendError> {
         let (done, outcome) = oneshot::channel();
-        self.commands.send(Command::Sync { done }).await.map_err(|_| AppendError::Closed)?;
+        self.commands
+            .send(Command::Sync { done })
+            .await
+            .map_err(|_| AppendError::Closed)?;
         outcome.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -469,7 +506,9 @@ fn create_segment(dir: &Path, path: &Path) -> Result<File, OpenError> {
         .open(path)
         .map_err(io_err(path))?;
     // The new file's name must survive a crash too.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
     Ok(file)
 }
 
@@ -587,7 +626,9 @@ impl Writer {
                 // segment boundary keeps its earlier, complete part; its
                 // appends are still reported as failed, and replay shows
                 // them, which at-least-once callers tolerate.
-                if self.next > start_next && self.segments.back().is_some_and(|s| s.first <= start_next) {
+                if self.next > start_next
+                    && self.segments.back().is_some_and(|s| s.first <= start_next)
+                {
                     let _ = self.file.set_len(start_len);
                     self.tail_len = start_len;
                     self.next = start_next;
@@ -604,7 +645,9 @@ impl Writer {
         self.file.write_all(bytes)?;
         self.tail_len += bytes.len() as u64;
         self.dirty = true;
-        self.counters.bytes_on_disk.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_on_disk
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -621,7 +664,10 @@ impl Writer {
         let path = self.dir.join(segment_name(self.next));
         self.file = OpenOptions::new().create(true).append(true).open(&path)?;
         File::open(&self.dir)?.sync_all()?;
-        self.segments.push_back(Segment { first: self.next, path });
+        self.segments.push_back(Segment {
+            first: self.next,
+            path,
+        });
         self.tail_len = 0;
         self.counters.segments.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -635,7 +681,9 @@ impl Writer {
             let segment = self.segments.pop_front().expect("more than one segment");
             let size = fs::metadata(&segment.path).map(|m| m.len()).unwrap_or(0);
             fs::remove_file(&segment.path).map_err(|e| AppendError::Io(e.to_string()))?;
-            self.counters.bytes_on_disk.fetch_sub(size, Ordering::Relaxed);
+            self.counters
+                .bytes_on_disk
+                .fetch_sub(size, Ordering::Relaxed);
             self.counters.segments.fetch_sub(1, Ordering::Relaxed);
             removed += 1;
         }

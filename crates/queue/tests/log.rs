@@ -40,7 +40,10 @@ fn payload(n: u64) -> Bytes {
 }
 
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     files
 }
@@ -48,13 +51,18 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test]
 async fn records_replay_in_order_across_segments() {
     let dir = TempDir::new("replay");
-    let options = LogOptions::default().with_segment_size(4096).with_fsync(FsyncPolicy::Never);
+    let options = LogOptions::default()
+        .with_segment_size(4096)
+        .with_fsync(FsyncPolicy::Never);
     let (log, recovery, records) = reopen(&dir.0, &options);
     assert_eq!((recovery.records, records.len()), (0, 0));
     for n in 0..1000u64 {
         assert_eq!(log.append((n % 3) as u8, payload(n)).await.unwrap(), n);
     }
-    let first = log.append_batch((1000..1100).map(|n| (7, payload(n))).collect()).await.unwrap();
+    let first = log
+        .append_batch((1000..1100).map(|n| (7, payload(n))).collect())
+        .await
+        .unwrap();
     assert_eq!(first, 1000);
     assert!(log.segments() > 5, "rolled into several segments");
     log.close();
@@ -69,7 +77,11 @@ async fn records_replay_in_order_across_segments() {
         assert_eq!(record.payload, payload(n));
         assert_eq!(record.kind, if n < 1000 { (n % 3) as u8 } else { 7 });
     }
-    assert_eq!(log.append(0, payload(0)).await.unwrap(), 1100, "numbering continues");
+    assert_eq!(
+        log.append(0, payload(0)).await.unwrap(),
+        1100,
+        "numbering continues"
+    );
 }
 
 #[tokio::test]
@@ -77,7 +89,9 @@ async fn a_batch_is_one_fsync_and_concurrent_appends_share_them() {
     let dir = TempDir::new("group");
     let (log, _, _) = reopen(&dir.0, &LogOptions::default());
     let before = log.fsyncs();
-    log.append_batch((0..100).map(|n| (0, payload(n))).collect()).await.unwrap();
+    log.append_batch((0..100).map(|n| (0, payload(n))).collect())
+        .await
+        .unwrap();
     assert_eq!(log.fsyncs() - before, 1, "one fsync for a batch of 100");
 
     let log = std::sync::Arc::new(log);
@@ -92,7 +106,11 @@ async fn a_batch_is_one_fsync_and_concurrent_appends_share_them() {
         seqs.push(append.await.unwrap());
     }
     seqs.sort();
-    assert_eq!(seqs, (100..300).collect::<Vec<_>>(), "every append got its own place");
+    assert_eq!(
+        seqs,
+        (100..300).collect::<Vec<_>>(),
+        "every append got its own place"
+    );
     assert!(log.fsyncs() - before <= 201);
 }
 
@@ -120,14 +138,23 @@ async fn a_torn_last_record_is_cut_off_at_every_possible_offset() {
             std::fs::copy(&file, dir.0.join(file.file_name().unwrap())).unwrap();
         }
         let file = segment_files(&dir.0).pop().unwrap();
-        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(cut).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
 
         let (log, recovery, records) = reopen(&dir.0, &LogOptions::default());
         assert_eq!(records.len(), 19, "cut at {cut}");
         assert_eq!(recovery.truncated_bytes, cut - last_start, "cut at {cut}");
         assert!(recovery.corruption.is_empty());
         assert_eq!(std::fs::metadata(&file).unwrap().len(), last_start);
-        assert_eq!(log.append(0, payload(19)).await.unwrap(), 19, "the log goes on where it was cut");
+        assert_eq!(
+            log.append(0, payload(19)).await.unwrap(),
+            19,
+            "the log goes on where it was cut"
+        );
         log.close();
         let (_, recovery, records) = reopen(&dir.0, &LogOptions::default());
         assert_eq!((records.len(), recovery.truncated_bytes), (20, 0));
@@ -159,14 +186,24 @@ async fn corruption_in_the_middle_is_reported_with_its_location_and_never_replay
 
     let (log, recovery, records) = reopen(&dir.0, &LogOptions::default());
     assert_eq!(records.len(), 4, "only the records before the damage");
-    assert!(records.iter().enumerate().all(|(n, r)| r.payload == payload(n as u64)));
+    assert!(records
+        .iter()
+        .enumerate()
+        .all(|(n, r)| r.payload == payload(n as u64)));
     assert_eq!(recovery.corruption.len(), 1);
     let corruption = &recovery.corruption[0];
     assert_eq!(corruption.segment, file);
     assert_eq!(corruption.position, fifth);
     assert_eq!(corruption.unreadable_bytes, bytes.len() as u64 - fifth);
-    assert!(corruption.reason.contains("checksum"), "{}", corruption.reason);
-    assert_eq!(recovery.truncated_bytes, 0, "evidence is kept, not truncated");
+    assert!(
+        corruption.reason.contains("checksum"),
+        "{}",
+        corruption.reason
+    );
+    assert_eq!(
+        recovery.truncated_bytes, 0,
+        "evidence is kept, not truncated"
+    );
 
     // New appends go to a fresh segment and survive the next open.
     let seq = log.append(0, Bytes::from_static(b"after")).await.unwrap();
@@ -194,7 +231,9 @@ async fn garbage_files_never_panic_or_replay() {
 #[tokio::test]
 async fn consumed_segments_are_removed_oldest_first() {
     let dir = TempDir::new("remove");
-    let options = LogOptions::default().with_segment_size(2048).with_fsync(FsyncPolicy::Never);
+    let options = LogOptions::default()
+        .with_segment_size(2048)
+        .with_fsync(FsyncPolicy::Never);
     let (log, _, _) = reopen(&dir.0, &options);
     for n in 0..500 {
         log.append(0, payload(n)).await.unwrap();
@@ -204,12 +243,19 @@ async fn consumed_segments_are_removed_oldest_first() {
     assert!(removed > 0);
     assert_eq!(log.segments(), segments - removed as u64);
     assert!(log.bytes_on_disk() < bytes);
-    assert_eq!(log.remove_before(250).await.unwrap(), 0, "nothing more below 250");
+    assert_eq!(
+        log.remove_before(250).await.unwrap(),
+        0,
+        "nothing more below 250"
+    );
     log.close();
     let (_, recovery, records) = reopen(&dir.0, &options);
     assert!(recovery.corruption.is_empty());
     let first = records[0].seq;
-    assert!(first <= 250 && first > 0, "kept everything from 250 on, first is {first}");
+    assert!(
+        first <= 250 && first > 0,
+        "kept everything from 250 on, first is {first}"
+    );
     assert_eq!(records.last().unwrap().seq, 499);
     assert!(records.windows(2).all(|w| w[1].seq == w[0].seq + 1));
 }
@@ -218,8 +264,17 @@ async fn consumed_segments_are_removed_oldest_first() {
 async fn oversized_records_are_refused_and_nothing_is_written() {
     let dir = TempDir::new("limit");
     let (log, _, _) = reopen(&dir.0, &LogOptions::default());
-    let err = log.append(0, Bytes::from(vec![0u8; 5 * 1024 * 1024])).await.unwrap_err();
-    assert_eq!(err, AppendError::TooLarge { size: 5 * 1024 * 1024, limit: 4 * 1024 * 1024 });
+    let err = log
+        .append(0, Bytes::from(vec![0u8; 5 * 1024 * 1024]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AppendError::TooLarge {
+            size: 5 * 1024 * 1024,
+            limit: 4 * 1024 * 1024
+        }
+    );
     assert!(!err.is_retryable());
     assert_eq!(log.append(0, Bytes::new()).await.unwrap(), 0);
 }
@@ -235,7 +290,8 @@ async fn the_interval_policy_returns_before_syncing_and_syncs_soon_after() {
 
     // A short interval: the background fsync comes (bounded wait).
     let dir = TempDir::new("interval");
-    let options = LogOptions::default().with_fsync(FsyncPolicy::Interval(Duration::from_millis(20)));
+    let options =
+        LogOptions::default().with_fsync(FsyncPolicy::Interval(Duration::from_millis(20)));
     let (log, _, _) = reopen(&dir.0, &options);
     log.append(0, payload(1)).await.unwrap();
     for _ in 0..500 {

@@ -12,9 +12,13 @@ use courier_queue::log::{FsyncPolicy, Log, LogOptions};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let dir = std::env::args().nth(1).ok_or_else(|| anyhow::anyhow!("usage: courier-log-writer DIR"))?;
+    let dir = std::env::args()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("usage: courier-log-writer DIR"))?;
     // Small segments, so a kill can also land during a roll.
-    let options = LogOptions::default().with_fsync(FsyncPolicy::Always).with_segment_size(16 * 1024);
+    let options = LogOptions::default()
+        .with_fsync(FsyncPolicy::Always)
+        .with_segment_size(16 * 1024);
     let (log, _) = Log::open(&dir, options, |_| {})?;
     let log = Arc::new(log);
     let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
