@@ -207,14 +207,28 @@ struct Segment {
     path: PathBuf,
 }
 
-/// Reads one segment, handing each good record to `replay`. Returns the
-/// length of the good prefix, the next sequence number, and the problem
-/// that stopped the scan, with whether it sits at the very end.
+/// What stopped a scan early.
+struct Problem {
+    reason: String,
+    /// The bad record is the last thing in the file (a torn write).
+    at_end: bool,
+}
+
+/// What a scan of one segment found.
+struct Scanned {
+    /// Length of the readable prefix.
+    good: u64,
+    /// The sequence number after the last good record.
+    next: Seq,
+    problem: Option<Problem>,
+}
+
+/// Reads one segment, handing each good record to `replay`.
 fn scan(
     segment: &Segment,
     max_record: usize,
     replay: &mut dyn FnMut(Record),
-) -> Result<(u64, Seq, Option<(String, bool)>), OpenError> {
+) -> Result<Scanned, OpenError> {
     let data = Bytes::from(fs::read(&segment.path).map_err(io_err(&segment.path))?);
     let mut position = 0usize;
     let mut next = segment.first;
@@ -224,7 +238,10 @@ fn scan(
             break None;
         }
         if rest < HEADER {
-            break Some((format!("incomplete record header ({rest} bytes)"), true));
+            break Some(Problem {
+                reason: format!("incomplete record header ({rest} bytes)"),
+                at_end: true,
+            });
         }
         let length =
             u32::from_le_bytes(data[position..position + 4].try_into().expect("4 bytes")) as usize;
@@ -234,25 +251,31 @@ fn scan(
                 .expect("4 bytes"),
         );
         if length < BODY_PREFIX || length > max_record + BODY_PREFIX {
-            break Some((format!("impossible record length {length}"), false));
+            break Some(Problem {
+                reason: format!("impossible record length {length}"),
+                at_end: false,
+            });
         }
         if rest < HEADER + length {
-            break Some((
-                format!("incomplete record: {} of {} bytes", rest, HEADER + length),
-                true,
-            ));
+            break Some(Problem {
+                reason: format!("incomplete record: {} of {} bytes", rest, HEADER + length),
+                at_end: true,
+            });
         }
         let body = data.slice(position + HEADER..position + HEADER + length);
         let at_end = rest == HEADER + length;
         if crc32c::crc32c(&body) != crc {
-            break Some(("checksum mismatch".to_string(), at_end));
+            break Some(Problem {
+                reason: "checksum mismatch".to_string(),
+                at_end,
+            });
         }
         let seq = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
         if seq != next {
-            break Some((
-                format!("sequence number {seq} where {next} was expected"),
-                false,
-            ));
+            break Some(Problem {
+                reason: format!("sequence number {seq} where {next} was expected"),
+                at_end: false,
+            });
         }
         replay(Record {
             seq,
@@ -262,7 +285,11 @@ fn scan(
         next += 1;
         position += HEADER + length;
     };
-    Ok((position as u64, next, problem))
+    Ok(Scanned {
+        good: position as u64,
+        next,
+        problem,
+    })
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<Segment>, OpenError> {
@@ -339,7 +366,11 @@ impl Log {
         let mut must_roll = false;
         let last_index = segments.len().saturating_sub(1);
         for (index, segment) in segments.iter().enumerate() {
-            let (good, after, problem) = scan(segment, options.max_record_size, &mut counting)?;
+            let Scanned {
+                good,
+                next: after,
+                problem,
+            } = scan(segment, options.max_record_size, &mut counting)?;
             next = after;
             recovery.segments += 1;
             let size = fs::metadata(&segment.path)
@@ -347,7 +378,10 @@ impl Log {
                 .len();
             match problem {
                 None => {}
-                Some((reason, true)) if index == last_index => {
+                Some(Problem {
+                    reason,
+                    at_end: true,
+                }) if index == last_index => {
                     // A torn write at the very end: cut it off.
                     tracing::warn!(segment = %segment.path.display(), position = good, %reason, "truncating a torn record");
                     let file = OpenOptions::new()
@@ -358,7 +392,7 @@ impl Log {
                     file.sync_all().map_err(io_err(&segment.path))?;
                     recovery.truncated_bytes += size - good;
                 }
-                Some((reason, _)) => {
+                Some(Problem { reason, .. }) => {
                     tracing::error!(segment = %segment.path.display(), position = good, %reason, "corrupt record; the rest of this segment is skipped");
                     recovery.corruption.push(Corruption {
                         segment: segment.path.clone(),
