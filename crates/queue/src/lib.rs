@@ -34,4 +34,5 @@
 
 #![warn(missing_docs)]
 
+pub mod core;
 pub mod log;

@@ -1,0 +1,514 @@
+//! Queue semantics as a pure state machine: no storage, no clock, no tasks.
+//! Time is a [`Duration`] since an epoch the caller picks.
+//!
+//! # Rules
+//!
+//! - A message is *ready* once its delay has passed, and is delivered to
+//!   one consumer at a time under a *lease* (visibility timeout). Ready
+//!   messages go out oldest first.
+//! - Each consumer holds at most `prefetch` leased messages (its credit).
+//! - `ack` removes the message. `nack` makes it ready again, after an
+//!   optional delay. A lease that expires, or a consumer that goes away,
+//!   makes its messages ready again at once.
+//! - Each delivery has a number (1, 2, …). `ack`, `nack` and `extend` name
+//!   the delivery they answer; one for an earlier delivery of a message
+//!   that has since been redelivered is refused, so a slow consumer can
+//!   never acknowledge another consumer's delivery.
+//! - A message that has been delivered `max_deliveries` times and comes back
+//!   is dead-lettered instead, with its delivery history.
+//! - A message whose time-to-live passes before it is acknowledged is
+//!   dropped (reported as expired).
+//! - An enqueue with an idempotency key seen among the last
+//!   `dedup_window` keys is a duplicate: it is not stored again, and the
+//!   caller is told which message it duplicates.
+//!
+//! # Driving it
+//!
+//! After any input, drain [`QueueCore::poll_event`] (the storage layer
+//! persists removals) and arm a timer for [`QueueCore::poll_timeout`],
+//! calling [`QueueCore::handle_timeout`] when it fires.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+/// A message's identity: the log position of its enqueue.
+pub type MessageId = u64;
+
+/// A consumer's identity, chosen by the caller.
+pub type ConsumerId = u64;
+
+/// Queue settings.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct QueueConfig {
+    /// How long a delivery is leased before it is given to someone else. Default 30 s.
+    pub visibility_timeout: Duration,
+    /// Deliveries after which a returning message is dead-lettered. Default 5.
+    pub max_deliveries: u32,
+    /// Idempotency keys remembered (the most recent ones). Default 100,000.
+    pub dedup_window: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            visibility_timeout: Duration::from_secs(30),
+            max_deliveries: 5,
+            dedup_window: 100_000,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The same settings with another visibility timeout.
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> QueueConfig {
+        self.visibility_timeout = timeout;
+        self
+    }
+
+    /// The same settings with another delivery limit.
+    pub fn with_max_deliveries(mut self, limit: u32) -> QueueConfig {
+        self.max_deliveries = limit.max(1);
+        self
+    }
+}
+
+/// One delivery of a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The message.
+    pub id: MessageId,
+    /// 1 for the first delivery, then 2, …
+    pub delivery: u32,
+    /// When the lease runs out.
+    pub lease_until: Duration,
+}
+
+/// A past delivery, kept for the dead-letter record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    /// Who got it.
+    pub consumer: ConsumerId,
+    /// When.
+    pub at: Duration,
+    /// How it ended.
+    pub outcome: DeliveryOutcome,
+}
+
+/// How a delivery ended without an acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// The consumer refused it.
+    Nacked,
+    /// The lease expired.
+    LeaseExpired,
+    /// The consumer went away.
+    ConsumerGone,
+}
+
+/// Something the storage layer must make durable or act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueEvent {
+    /// Acknowledged: remove it for good.
+    Acked(MessageId),
+    /// Its time-to-live passed: remove it.
+    Expired(MessageId),
+    /// Delivered `max_deliveries` times: move it to the dead-letter queue.
+    DeadLettered {
+        /// The message.
+        id: MessageId,
+        /// Every delivery, in order.
+        history: Vec<DeliveryRecord>,
+    },
+}
+
+/// Why `ack`, `nack` or `extend` was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeaseError {
+    /// The message is not leased to this consumer under this delivery
+    /// number: the lease expired and the message went elsewhere, or it was
+    /// already acknowledged.
+    #[error("message {id} delivery {delivery} is not leased to this consumer (the lease may have expired)")]
+    NotLeased {
+        /// The message.
+        id: MessageId,
+        /// The delivery named.
+        delivery: u32,
+    },
+}
+
+/// Counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Messages stored and not leased (ready or delayed).
+    pub depth: u64,
+    /// Messages leased to consumers.
+    pub in_flight: u64,
+    /// Deliveries made.
+    pub delivered: u64,
+    /// Messages acknowledged.
+    pub acknowledged: u64,
+    /// Deliveries after the first.
+    pub redelivered: u64,
+    /// Messages moved to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Messages dropped at the end of their time-to-live.
+    pub expired: u64,
+    /// Enqueues refused as duplicates.
+    pub duplicates: u64,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Waiting in `ready` from this time on.
+    Ready(Duration),
+    Leased {
+        consumer: ConsumerId,
+        until: Duration,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: State,
+    deliveries: u32,
+    expires_at: Option<Duration>,
+    history: Vec<DeliveryRecord>,
+}
+
+#[derive(Debug, Default)]
+struct Consumer {
+    prefetch: usize,
+    leased: HashSet<MessageId>,
+}
+
+/// The state machine. See the [module docs](self).
+#[derive(Debug)]
+pub struct QueueCore {
+    config: QueueConfig,
+    messages: BTreeMap<MessageId, Entry>,
+    /// (available from, id) of every ready message.
+    ready: BTreeSet<(Duration, MessageId)>,
+    /// (lease end, id) of every leased message.
+    leases: BTreeSet<(Duration, MessageId)>,
+    /// (expiry, id) of every message with a time-to-live.
+    expiries: BTreeSet<(Duration, MessageId)>,
+    consumers: HashMap<ConsumerId, Consumer>,
+    keys: HashMap<String, MessageId>,
+    key_order: VecDeque<String>,
+    events: VecDeque<QueueEvent>,
+    stats: QueueStats,
+}
+
+impl QueueCore {
+    /// An empty queue.
+    pub fn new(config: QueueConfig) -> QueueCore {
+        QueueCore {
+            config,
+            messages: BTreeMap::new(),
+            ready: BTreeSet::new(),
+            leases: BTreeSet::new(),
+            expiries: BTreeSet::new(),
+            consumers: HashMap::new(),
+            keys: HashMap::new(),
+            key_order: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: QueueStats::default(),
+        }
+    }
+
+    /// The message an idempotency key already names, if it is in the window.
+    pub fn duplicate_of(&mut self, key: &str) -> Option<MessageId> {
+        let id = self.keys.get(key).copied();
+        if id.is_some() {
+            self.stats.duplicates += 1;
+        }
+        id
+    }
+
+    /// Adds a stored message: ready at `available_at`, gone at `expires_at`.
+    pub fn handle_enqueue(
+        &mut self,
+        id: MessageId,
+        key: Option<String>,
+        available_at: Duration,
+        expires_at: Option<Duration>,
+    ) {
+        if let Some(key) = key {
+            if self.keys.insert(key.clone(), id).is_none() {
+                self.key_order.push_back(key);
+                while self.key_order.len() > self.config.dedup_window {
+                    if let Some(old) = self.key_order.pop_front() {
+                        self.keys.remove(&old);
+                    }
+                }
+            }
+        }
+        if let Some(expiry) = expires_at {
+            self.expiries.insert((expiry, id));
+        }
+        self.ready.insert((available_at, id));
+        self.messages.insert(
+            id,
+            Entry {
+                state: State::Ready(available_at),
+                deliveries: 0,
+                expires_at,
+                history: Vec::new(),
+            },
+        );
+    }
+
+    /// Removes a message that storage says was already acknowledged (during replay).
+    pub fn forget(&mut self, id: MessageId) {
+        if let Some(entry) = self.messages.remove(&id) {
+            self.unindex(id, &entry);
+        }
+    }
+
+    fn unindex(&mut self, id: MessageId, entry: &Entry) {
+        match entry.state {
+            State::Ready(at) => {
+                self.ready.remove(&(at, id));
+            }
+            State::Leased { consumer, until } => {
+                self.leases.remove(&(until, id));
+                if let Some(c) = self.consumers.get_mut(&consumer) {
+                    c.leased.remove(&id);
+                }
+            }
+        }
+        if let Some(expiry) = entry.expires_at {
+            self.expiries.remove(&(expiry, id));
+        }
+    }
+
+    /// Adds a consumer holding at most `prefetch` messages at a time.
+    pub fn add_consumer(&mut self, consumer: ConsumerId, prefetch: usize) {
+        self.consumers.insert(
+            consumer,
+            Consumer {
+                prefetch: prefetch.max(1),
+                leased: HashSet::new(),
+            },
+        );
+    }
+
+    /// Removes a consumer; its leased messages are ready again at once.
+    pub fn remove_consumer(&mut self, consumer: ConsumerId, now: Duration) {
+        let Some(gone) = self.consumers.remove(&consumer) else {
+            return;
+        };
+        for id in gone.leased {
+            self.release(id, now, now, DeliveryOutcome::ConsumerGone);
+        }
+    }
+
+    /// Leases the next ready message to `consumer`, if its credit allows.
+    pub fn poll_delivery(&mut self, consumer: ConsumerId, now: Duration) -> Option<Delivery> {
+        let credit = self
+            .consumers
+            .get(&consumer)
+            .map(|c| c.leased.len() < c.prefetch)?;
+        if !credit {
+            return None;
+        }
+        let &(available, id) = self.ready.first()?;
+        if available > now {
+            return None;
+        }
+        self.ready.remove(&(available, id));
+        let until = now + self.config.visibility_timeout;
+        let entry = self
+            .messages
+            .get_mut(&id)
+            .expect("ready messages are stored");
+        entry.deliveries += 1;
+        entry.state = State::Leased { consumer, until };
+        entry.history.push(DeliveryRecord {
+            consumer,
+            at: now,
+            outcome: DeliveryOutcome::LeaseExpired,
+        });
+        let delivery = entry.deliveries;
+        self.leases.insert((until, id));
+        self.consumers
+            .get_mut(&consumer)
+            .expect("checked above")
+            .leased
+            .insert(id);
+        self.stats.delivered += 1;
+        if delivery > 1 {
+            self.stats.redelivered += 1;
+        }
+        Some(Delivery {
+            id,
+            delivery,
+            lease_until: until,
+        })
+    }
+
+    fn check_lease(
+        &self,
+        consumer: ConsumerId,
+        id: MessageId,
+        delivery: u32,
+    ) -> Result<Duration, LeaseError> {
+        match self.messages.get(&id) {
+            Some(Entry {
+                state:
+                    State::Leased {
+                        consumer: holder,
+                        until,
+                    },
+                deliveries,
+                ..
+            }) if *holder == consumer && *deliveries == delivery => Ok(*until),
+            _ => Err(LeaseError::NotLeased { id, delivery }),
+        }
+    }
+
+    /// The consumer processed the message: it is removed.
+    pub fn ack(
+        &mut self,
+        consumer: ConsumerId,
+        id: MessageId,
+        delivery: u32,
+    ) -> Result<(), LeaseError> {
+        self.check_lease(consumer, id, delivery)?;
+        let entry = self.messages.remove(&id).expect("checked");
+        self.unindex(id, &entry);
+        self.stats.acknowledged += 1;
+        self.events.push_back(QueueEvent::Acked(id));
+        Ok(())
+    }
+
+    /// The consumer gives the message back; it is ready again after `delay`.
+    pub fn nack(
+        &mut self,
+        consumer: ConsumerId,
+        id: MessageId,
+        delivery: u32,
+        delay: Duration,
+        now: Duration,
+    ) -> Result<(), LeaseError> {
+        self.check_lease(consumer, id, delivery)?;
+        self.release(id, now + delay, now, DeliveryOutcome::Nacked);
+        Ok(())
+    }
+
+    /// Extends the lease by `by` from now; returns its new end.
+    pub fn extend(
+        &mut self,
+        consumer: ConsumerId,
+        id: MessageId,
+        delivery: u32,
+        by: Duration,
+        now: Duration,
+    ) -> Result<Duration, LeaseError> {
+        let until = self.check_lease(consumer, id, delivery)?;
+        let extended = now + by;
+        self.leases.remove(&(until, id));
+        self.leases.insert((extended, id));
+        let entry = self.messages.get_mut(&id).expect("checked");
+        entry.state = State::Leased {
+            consumer,
+            until: extended,
+        };
+        Ok(extended)
+    }
+
+    /// Ends a lease: the message is ready again at `ready_at`, or
+    /// dead-lettered if it has had all its deliveries.
+    fn release(
+        &mut self,
+        id: MessageId,
+        ready_at: Duration,
+        _now: Duration,
+        outcome: DeliveryOutcome,
+    ) {
+        let Some(entry) = self.messages.get_mut(&id) else {
+            return;
+        };
+        let State::Leased { consumer, until } = entry.state else {
+            return;
+        };
+        self.leases.remove(&(until, id));
+        if let Some(c) = self.consumers.get_mut(&consumer) {
+            c.leased.remove(&id);
+        }
+        if let Some(last) = entry.history.last_mut() {
+            last.outcome = outcome;
+        }
+        if entry.deliveries >= self.config.max_deliveries {
+            let entry = self.messages.remove(&id).expect("present");
+            if let Some(expiry) = entry.expires_at {
+                self.expiries.remove(&(expiry, id));
+            }
+            self.stats.dead_lettered += 1;
+            self.events.push_back(QueueEvent::DeadLettered {
+                id,
+                history: entry.history,
+            });
+            return;
+        }
+        entry.state = State::Ready(ready_at);
+        self.ready.insert((ready_at, id));
+    }
+
+    /// Ends leases that ran out and drops messages whose time-to-live passed.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        while let Some(&(until, id)) = self.leases.first() {
+            if until > now {
+                break;
+            }
+            self.release(id, now, now, DeliveryOutcome::LeaseExpired);
+        }
+        while let Some(&(expiry, id)) = self.expiries.first() {
+            if expiry > now {
+                break;
+            }
+            let entry = self
+                .messages
+                .remove(&id)
+                .expect("expiries track stored messages");
+            self.unindex(id, &entry);
+            self.stats.expired += 1;
+            self.events.push_back(QueueEvent::Expired(id));
+        }
+    }
+
+    /// The next time something changes on its own: a lease ends, a delayed
+    /// message becomes ready, or a time-to-live passes.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        [
+            self.leases.first().map(|(t, _)| *t),
+            self.ready.first().map(|(t, _)| *t),
+            self.expiries.first().map(|(t, _)| *t),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The next change storage must record.
+    pub fn poll_event(&mut self) -> Option<QueueEvent> {
+        self.events.pop_front()
+    }
+
+    /// The oldest message still stored (storage may delete everything before it).
+    pub fn oldest(&self) -> Option<MessageId> {
+        self.messages.keys().next().copied()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> QueueStats {
+        QueueStats {
+            depth: self.ready.len() as u64,
+            in_flight: self.leases.len() as u64,
+            ..self.stats
+        }
+    }
+}
