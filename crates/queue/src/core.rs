@@ -158,6 +158,8 @@ pub struct QueueStats {
     pub expired: u64,
     /// Enqueues refused as duplicates.
     pub duplicates: u64,
+    /// Bytes on disk (filled in by the storage layer; 0 from the core).
+    pub bytes_on_disk: u64,
 }
 
 #[derive(Debug)]
@@ -480,12 +482,18 @@ impl QueueCore {
         }
     }
 
-    /// The next time something changes on its own: a lease ends, a delayed
-    /// message becomes ready, or a time-to-live passes.
-    pub fn poll_timeout(&self) -> Option<Duration> {
+    /// The next time after `now` that something changes on its own: a lease
+    /// ends, a delayed message becomes ready, or a time-to-live passes.
+    /// Messages already ready need no timer, so they do not count.
+    pub fn poll_timeout(&self, now: Duration) -> Option<Duration> {
+        let next_ready = self
+            .ready
+            .range((now + Duration::from_nanos(1), 0)..)
+            .next()
+            .map(|(t, _)| *t);
         [
             self.leases.first().map(|(t, _)| *t),
-            self.ready.first().map(|(t, _)| *t),
+            next_ready,
             self.expiries.first().map(|(t, _)| *t),
         ]
         .into_iter()

@@ -36,3 +36,8 @@
 
 pub mod core;
 pub mod log;
+mod queue;
+
+pub use queue::{
+    parse_dead_letter, Consumer, Delivery, Enqueued, Message, Queue, QueueError, QueueOptions,
+};

@@ -619,7 +619,7 @@ impl Writer {
         let mut firsts = Vec::with_capacity(appends.len());
         let mut buf = BytesMut::new();
         let mut outcome: Result<(), io::Error> = Ok(());
-        for (records, _) in &appends {
+        'appends: for (records, _) in &appends {
             firsts.push(self.next);
             for (kind, payload) in records {
                 let length = BODY_PREFIX + payload.len();
@@ -632,13 +632,15 @@ impl Writer {
                 let crc = crc32c::crc32c(&buf[at + HEADER..]);
                 buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
                 self.next += 1;
-            }
-            if self.tail_len + buf.len() as u64 >= self.options.segment_size {
-                if let Err(err) = self.write(&buf).and_then(|()| self.roll()) {
-                    outcome = Err(err);
-                    break;
+                // Segments roll between records, whatever the batch size,
+                // so that consumed segments can be deleted.
+                if self.tail_len + buf.len() as u64 >= self.options.segment_size {
+                    if let Err(err) = self.write(&buf).and_then(|()| self.roll()) {
+                        outcome = Err(err);
+                        break 'appends;
+                    }
+                    buf.clear();
                 }
-                buf.clear();
             }
         }
         if outcome.is_ok() && !buf.is_empty() {

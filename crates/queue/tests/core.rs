@@ -75,7 +75,7 @@ fn an_expired_lease_goes_to_another_consumer_and_the_late_ack_is_refused() {
     core.add_consumer(1, 1);
     core.add_consumer(2, 1);
     let first = core.poll_delivery(1, T0).unwrap();
-    assert_eq!(core.poll_timeout(), Some(10 * S));
+    assert_eq!(core.poll_timeout(T0), Some(10 * S));
     core.handle_timeout(10 * S);
     let second = core.poll_delivery(2, 10 * S).unwrap();
     assert_eq!((second.id, second.delivery), (0, 2));
@@ -111,9 +111,14 @@ fn nack_with_delay_comes_back_by_itself_after_the_delay() {
     }
     assert_eq!(core.poll_delivery(1, 4 * S), None, "not before the delay");
     assert_eq!(
-        core.poll_timeout(),
+        core.poll_timeout(4 * S),
         Some(5 * S),
         "the caller knows when to look again"
+    );
+    assert_eq!(
+        core.poll_timeout(5 * S),
+        None,
+        "ready messages need no timer"
     );
     let again = core.poll_delivery(1, 5 * S).unwrap();
     assert_eq!(

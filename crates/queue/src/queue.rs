@@ -1,0 +1,663 @@
+//! The embedded queue: [`QueueCore`]'s rules over a durable [`Log`], in
+//! process, with no broker.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::core::{
+    ConsumerId, DeliveryOutcome, DeliveryRecord, LeaseError, MessageId, QueueConfig, QueueCore,
+    QueueEvent, QueueStats,
+};
+use crate::log::{AppendError, Log, LogOptions, OpenError, Recovery};
+
+const ENQUEUE: u8 = 1;
+const REMOVE: u8 = 2;
+/// Removals between attempts to delete consumed segments.
+const COMPACT_EVERY: u64 = 256;
+
+/// Settings of a queue.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct QueueOptions {
+    /// Storage: fsync policy, segment size, record limit.
+    pub log: LogOptions,
+    /// Semantics: visibility timeout, delivery limit, idempotency window.
+    pub queue: QueueConfig,
+}
+
+impl QueueOptions {
+    /// Options with these storage and queue settings.
+    pub fn new(log: LogOptions, queue: QueueConfig) -> QueueOptions {
+        QueueOptions { log, queue }
+    }
+}
+
+/// A message to enqueue.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Message {
+    /// Its bytes.
+    pub payload: Bytes,
+    /// Idempotency key: an enqueue with a key seen recently is a duplicate.
+    pub key: Option<String>,
+    /// Not delivered before this much time has passed.
+    pub delay: Option<Duration>,
+    /// Dropped if not acknowledged within this much time.
+    pub ttl: Option<Duration>,
+}
+
+impl Message {
+    /// A plain message.
+    pub fn new(payload: impl Into<Bytes>) -> Message {
+        Message {
+            payload: payload.into(),
+            ..Message::default()
+        }
+    }
+
+    /// With an idempotency key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Message {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Delivered only after `delay`.
+    pub fn with_delay(mut self, delay: Duration) -> Message {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Dropped unless acknowledged within `ttl`.
+    pub fn with_ttl(mut self, ttl: Duration) -> Message {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// What an enqueue did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Stored durably (under the log's fsync policy) as this message.
+    Stored(MessageId),
+    /// Its idempotency key names an earlier message, which it duplicates;
+    /// nothing new was stored.
+    Duplicate(MessageId),
+}
+
+/// What went wrong with a queue operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The queue name is not valid.
+    #[error("invalid queue name {0:?}: expected 1 to 200 of [A-Za-z0-9._-]")]
+    InvalidName(String),
+    /// The queue's log could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// Storing failed (disk full, I/O error, oversized message). Nothing
+    /// already stored or acknowledged is affected. Retryable when the log
+    /// says so.
+    #[error(transparent)]
+    Append(#[from] AppendError),
+    /// The delivery is no longer leased to this consumer (its lease expired).
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+}
+
+impl QueueError {
+    /// Whether trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            QueueError::Append(err) => err.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+struct State {
+    core: QueueCore,
+    payloads: HashMap<MessageId, Bytes>,
+    next_consumer: ConsumerId,
+    removals: u64,
+}
+
+struct Inner {
+    name: String,
+    log: Log,
+    state: Mutex<State>,
+    changed: Arc<Notify>,
+    epoch: Instant,
+    keyed: tokio::sync::Mutex<()>,
+    dead_letters: Option<Queue>,
+    timer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(timer) = lock(&self.timer).take() {
+            timer.abort();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A durable queue, embedded in this process. Cheap to clone.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use courier_queue::{Message, Queue, QueueOptions};
+///
+/// let dir = std::env::temp_dir().join(format!("courier-queue-doc-{}", std::process::id()));
+/// let orders = Queue::open(&dir, "orders", QueueOptions::default()).await?;
+/// orders.enqueue(Message::new("tea")).await?; // durable when this returns
+///
+/// let consumer = orders.consumer(10);
+/// let delivery = consumer.recv().await;
+/// assert_eq!(&delivery.payload[..], b"tea");
+/// delivery.ack().await?; // after processing; unacknowledged messages come back
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn encode_enqueue(message: &Message) -> Bytes {
+    let key = message.key.as_deref().unwrap_or("");
+    let mut buf = BytesMut::with_capacity(27 + key.len() + message.payload.len());
+    buf.put_u64_le(wall_ms());
+    buf.put_u64_le(message.delay.map_or(0, |d| d.as_millis() as u64));
+    buf.put_u64_le(message.ttl.map_or(u64::MAX, |d| d.as_millis() as u64));
+    buf.put_u16_le(key.len().min(u16::MAX as usize) as u16);
+    buf.put_slice(&key.as_bytes()[..key.len().min(u16::MAX as usize)]);
+    buf.put_slice(&message.payload);
+    buf.freeze()
+}
+
+/// (enqueued at, delay ms, ttl ms or MAX, key, payload)
+fn decode_enqueue(mut record: Bytes) -> Option<(u64, u64, u64, Option<String>, Bytes)> {
+    if record.len() < 26 {
+        return None;
+    }
+    let at = record.get_u64_le();
+    let delay = record.get_u64_le();
+    let ttl = record.get_u64_le();
+    let key_len = record.get_u16_le() as usize;
+    if record.len() < key_len {
+        return None;
+    }
+    let key = String::from_utf8(record.split_to(key_len).to_vec()).ok()?;
+    Some((at, delay, ttl, (!key.is_empty()).then_some(key), record))
+}
+
+/// A dead-lettered message: its delivery history, then the original payload.
+fn encode_dead_letter(history: &[DeliveryRecord], payload: &Bytes) -> Bytes {
+    let mut buf = BytesMut::new();
+    buf.put_u16_le(history.len() as u16);
+    for record in history {
+        buf.put_u64_le(record.consumer);
+        buf.put_u64_le(record.at.as_millis() as u64);
+        buf.put_u8(match record.outcome {
+            DeliveryOutcome::Nacked => 0,
+            DeliveryOutcome::LeaseExpired => 1,
+            DeliveryOutcome::ConsumerGone => 2,
+        });
+    }
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// Splits a message of a dead-letter queue into the delivery history of
+/// the original and its payload. `None` if it is not a dead letter.
+pub fn parse_dead_letter(mut payload: Bytes) -> Option<(Vec<DeliveryRecord>, Bytes)> {
+    if payload.len() < 2 {
+        return None;
+    }
+    let count = payload.get_u16_le() as usize;
+    if payload.len() < count * 17 {
+        return None;
+    }
+    let history = (0..count)
+        .map(|_| DeliveryRecord {
+            consumer: payload.get_u64_le(),
+            at: Duration::from_millis(payload.get_u64_le()),
+            outcome: match payload.get_u8() {
+                0 => DeliveryOutcome::Nacked,
+                1 => DeliveryOutcome::LeaseExpired,
+                _ => DeliveryOutcome::ConsumerGone,
+            },
+        })
+        .collect();
+    Some((history, payload))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl Queue {
+    /// Opens (or creates) the queue `name` under `dir`, and its dead-letter
+    /// queue `name.dlq`. Every message stored and not acknowledged before is
+    /// back, ready for delivery (delivery counts start again from zero).
+    pub async fn open(
+        dir: impl AsRef<Path>,
+        name: &str,
+        options: QueueOptions,
+    ) -> Result<Queue, QueueError> {
+        let dead_letters = Box::pin(Queue::open_one(
+            dir.as_ref(),
+            &format!("{name}.dlq"),
+            options.clone(),
+            None,
+        ))
+        .await?;
+        Queue::open_one(dir.as_ref(), name, options, Some(dead_letters)).await
+    }
+
+    async fn open_one(
+        dir: &Path,
+        name: &str,
+        options: QueueOptions,
+        dead_letters: Option<Queue>,
+    ) -> Result<Queue, QueueError> {
+        if !valid_name(name) {
+            return Err(QueueError::InvalidName(name.to_string()));
+        }
+        let epoch = Instant::now();
+        let now_wall = wall_ms();
+        let mut core = QueueCore::new(options.queue.clone());
+        let mut payloads = HashMap::new();
+        let (log, recovery): (Log, Recovery) =
+            Log::open(dir.join(name), options.log.clone(), |record| {
+                match record.kind {
+                    ENQUEUE => {
+                        if let Some((at, delay, ttl, key, payload)) = decode_enqueue(record.payload)
+                        {
+                            // Delays and lifetimes run on from when the message was stored.
+                            let remaining = |ms: u64| {
+                                Duration::from_millis(
+                                    (at.saturating_add(ms)).saturating_sub(now_wall),
+                                )
+                            };
+                            let expires = (ttl != u64::MAX).then(|| remaining(ttl));
+                            core.handle_enqueue(record.seq, key, remaining(delay), expires);
+                            payloads.insert(record.seq, payload);
+                        }
+                    }
+                    REMOVE if record.payload.len() == 8 => {
+                        let id =
+                            u64::from_le_bytes(record.payload[..].try_into().expect("8 bytes"));
+                        core.forget(id);
+                        payloads.remove(&id);
+                    }
+                    _ => {}
+                }
+            })?;
+        if recovery.truncated_bytes > 0 || !recovery.corruption.is_empty() {
+            tracing::warn!(queue = name, ?recovery, "queue recovered with damage");
+        }
+        let inner = Arc::new(Inner {
+            name: name.to_string(),
+            log,
+            state: Mutex::new(State {
+                core,
+                payloads,
+                next_consumer: 0,
+                removals: 0,
+            }),
+            changed: Arc::new(Notify::new()),
+            epoch,
+            keyed: tokio::sync::Mutex::new(()),
+            dead_letters,
+            timer: Mutex::new(None),
+        });
+        let timer = tokio::spawn(run_timers(Arc::downgrade(&inner), inner.changed.clone()));
+        *lock(&inner.timer) = Some(timer);
+        let queue = Queue { inner };
+        // Anything that expired while the queue was closed goes now.
+        queue.settle().await?;
+        Ok(queue)
+    }
+
+    fn now(&self) -> Duration {
+        self.inner.epoch.elapsed()
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Its dead-letter queue (messages delivered `max_deliveries` times;
+    /// see [`parse_dead_letter`]).
+    pub fn dead_letters(&self) -> Option<&Queue> {
+        self.inner.dead_letters.as_ref()
+    }
+
+    /// Stores one message; returns once it is durable under the fsync policy.
+    pub async fn enqueue(&self, message: Message) -> Result<Enqueued, QueueError> {
+        Ok(self.enqueue_batch(vec![message]).await?[0])
+    }
+
+    /// Stores messages together (one write, one fsync); all or none are stored.
+    pub async fn enqueue_batch(&self, messages: Vec<Message>) -> Result<Vec<Enqueued>, QueueError> {
+        // Keyed enqueues are serialized, so two of them with the same key
+        // cannot both pass the duplicate check.
+        let _keyed = if messages.iter().any(|m| m.key.is_some()) {
+            Some(self.inner.keyed.lock().await)
+        } else {
+            None
+        };
+        let mut outcomes = vec![None; messages.len()];
+        let mut fresh = Vec::new();
+        {
+            let mut state = lock(&self.inner.state);
+            let mut seen_in_batch = HashMap::new();
+            for (index, message) in messages.iter().enumerate() {
+                if let Some(key) = &message.key {
+                    if let Some(id) = state.core.duplicate_of(key) {
+                        outcomes[index] = Some(Enqueued::Duplicate(id));
+                        continue;
+                    }
+                    if seen_in_batch.insert(key.clone(), index).is_some() {
+                        continue; // resolved below, after the first is stored
+                    }
+                }
+                fresh.push(index);
+            }
+        }
+        if !fresh.is_empty() {
+            let records = fresh
+                .iter()
+                .map(|&i| (ENQUEUE, encode_enqueue(&messages[i])))
+                .collect();
+            let first = self.inner.log.append_batch(records).await?;
+            let now = self.now();
+            let mut state = lock(&self.inner.state);
+            for (offset, &index) in fresh.iter().enumerate() {
+                let id = first + offset as u64;
+                let message = &messages[index];
+                state.core.handle_enqueue(
+                    id,
+                    message.key.clone(),
+                    now + message.delay.unwrap_or_default(),
+                    message.ttl.map(|ttl| now + ttl),
+                );
+                state.payloads.insert(id, message.payload.clone());
+                outcomes[index] = Some(Enqueued::Stored(id));
+            }
+            // Later copies of a key within this batch duplicate the first.
+            for (index, message) in messages.iter().enumerate() {
+                if outcomes[index].is_none() {
+                    let key = message
+                        .key
+                        .as_deref()
+                        .expect("only keyed messages are left");
+                    outcomes[index] = state.core.duplicate_of(key).map(Enqueued::Duplicate);
+                }
+            }
+        }
+        self.inner.changed.notify_waiters();
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every message has an outcome"))
+            .collect())
+    }
+
+    /// A consumer holding at most `prefetch` unacknowledged messages.
+    pub fn consumer(&self, prefetch: usize) -> Consumer {
+        let mut state = lock(&self.inner.state);
+        let id = state.next_consumer;
+        state.next_consumer += 1;
+        state.core.add_consumer(id, prefetch);
+        Consumer {
+            queue: self.clone(),
+            id,
+        }
+    }
+
+    /// Counters, and the bytes the queue occupies on disk.
+    pub fn stats(&self) -> QueueStats {
+        let mut stats = lock(&self.inner.state).core.stats();
+        stats.bytes_on_disk = self.inner.log.bytes_on_disk();
+        stats
+    }
+
+    /// Makes removals durable, moves dead letters, deletes consumed segments.
+    async fn settle(&self) -> Result<(), QueueError> {
+        let (removals, dead, oldest, compact) = {
+            let mut state = lock(&self.inner.state);
+            let mut removals = Vec::new();
+            let mut dead = Vec::new();
+            while let Some(event) = state.core.poll_event() {
+                let id = match event {
+                    QueueEvent::Acked(id) | QueueEvent::Expired(id) => id,
+                    QueueEvent::DeadLettered { id, history } => {
+                        if let Some(payload) = state.payloads.get(&id) {
+                            dead.push(Message::new(encode_dead_letter(&history, payload)));
+                        }
+                        id
+                    }
+                };
+                state.payloads.remove(&id);
+                removals.push((REMOVE, Bytes::copy_from_slice(&id.to_le_bytes())));
+            }
+            let before = state.removals;
+            state.removals += removals.len() as u64;
+            let compact = before / COMPACT_EVERY != state.removals / COMPACT_EVERY;
+            (removals, dead, state.core.oldest(), compact)
+        };
+        if let (false, Some(dlq)) = (dead.is_empty(), &self.inner.dead_letters) {
+            // Into the dead-letter queue first: a crash between the two
+            // leaves a copy in both, never in neither.
+            dlq.enqueue_batch(dead).await?;
+        }
+        if !removals.is_empty() {
+            self.inner.log.append_batch(removals).await?;
+        }
+        if compact {
+            let keep_from = oldest.unwrap_or(u64::MAX);
+            self.inner.log.remove_before(keep_from).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs lease expiries, delays and TTLs for a queue. Holds the queue only
+/// while it works, so dropping every handle stops it.
+async fn run_timers(queue: Weak<Inner>, changed: Arc<Notify>) {
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let wake = {
+            let Some(inner) = queue.upgrade() else { return };
+            let now = inner.epoch.elapsed();
+            let next = lock(&inner.state).core.poll_timeout(now);
+            next.map(|t| inner.epoch + t)
+        };
+        match wake {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = &mut notified => continue,
+                }
+            }
+            None => {
+                notified.await;
+                continue;
+            }
+        }
+        let Some(inner) = queue.upgrade() else { return };
+        let now = inner.epoch.elapsed();
+        lock(&inner.state).core.handle_timeout(now);
+        let queue = Queue { inner };
+        if let Err(err) = queue.settle().await {
+            tracing::error!(queue = queue.name(), %err, "could not record expired messages");
+        }
+        queue.inner.changed.notify_waiters();
+    }
+}
+
+/// Takes messages from a queue. Dropping it makes every message it holds
+/// deliverable again at once.
+pub struct Consumer {
+    queue: Queue,
+    id: ConsumerId,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("queue", &self.queue.inner.name)
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Consumer {
+    /// Waits for the next message this consumer may take.
+    pub async fn recv(&self) -> Delivery {
+        loop {
+            let notified = self.queue.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(delivery) = self.try_recv() {
+                return delivery;
+            }
+            notified.await;
+        }
+    }
+
+    /// The next message, if one is deliverable now.
+    pub fn try_recv(&self) -> Option<Delivery> {
+        let now = self.queue.now();
+        let mut state = lock(&self.queue.inner.state);
+        let delivery = state.core.poll_delivery(self.id, now)?;
+        let payload = state
+            .payloads
+            .get(&delivery.id)
+            .cloned()
+            .unwrap_or_default();
+        Some(Delivery {
+            id: delivery.id,
+            delivery: delivery.delivery,
+            payload,
+            queue: self.queue.clone(),
+            consumer: self.id,
+        })
+    }
+
+    /// Processes the next message with `handler`: acknowledged if it
+    /// returns `Ok`, given back for redelivery at once if it returns `Err`.
+    pub async fn process<F, Fut, E>(&self, handler: F) -> Result<Result<(), E>, QueueError>
+    where
+        F: FnOnce(Bytes) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let delivery = self.recv().await;
+        match handler(delivery.payload.clone()).await {
+            Ok(()) => delivery.ack().await.map(|()| Ok(())),
+            Err(err) => delivery.nack(Duration::ZERO).await.map(|()| Err(err)),
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        let now = self.queue.now();
+        lock(&self.queue.inner.state)
+            .core
+            .remove_consumer(self.id, now);
+        self.queue.inner.changed.notify_waiters();
+    }
+}
+
+/// One delivery of a message. Acknowledge it after processing; dropping it
+/// unacknowledged lets its lease run out, and the message comes back.
+pub struct Delivery {
+    /// The message.
+    pub id: MessageId,
+    /// 1 for the first delivery, then 2, …
+    pub delivery: u32,
+    /// Its bytes.
+    pub payload: Bytes,
+    queue: Queue,
+    consumer: ConsumerId,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.id)
+            .field("delivery", &self.delivery)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// Done with it: removed for good (durably, under the fsync policy).
+    pub async fn ack(self) -> Result<(), QueueError> {
+        lock(&self.queue.inner.state)
+            .core
+            .ack(self.consumer, self.id, self.delivery)?;
+        self.queue.settle().await
+    }
+
+    /// Give it back, to be delivered again after `delay`.
+    pub async fn nack(self, delay: Duration) -> Result<(), QueueError> {
+        let now = self.queue.now();
+        lock(&self.queue.inner.state).core.nack(
+            self.consumer,
+            self.id,
+            self.delivery,
+            delay,
+            now,
+        )?;
+        self.queue.inner.changed.notify_waiters();
+        self.queue.settle().await
+    }
+
+    /// Keep the lease for `by` from now.
+    pub fn extend(&self, by: Duration) -> Result<(), QueueError> {
+        let now = self.queue.now();
+        lock(&self.queue.inner.state).core.extend(
+            self.consumer,
+            self.id,
+            self.delivery,
+            by,
+            now,
+        )?;
+        self.queue.inner.changed.notify_waiters();
+        Ok(())
+    }
+}

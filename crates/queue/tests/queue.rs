@@ -1,0 +1,301 @@
+//! The embedded queue over real storage. Real time, with generous bounds:
+//! the log's writer is a real thread, which tokio's paused clock would
+//! race.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use courier_queue::core::{DeliveryOutcome, QueueConfig};
+use courier_queue::log::{FsyncPolicy, LogOptions};
+use courier_queue::{parse_dead_letter, Enqueued, Message, Queue, QueueError, QueueOptions};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "courier-queue-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn options() -> QueueOptions {
+    QueueOptions::new(
+        LogOptions::default().with_fsync(FsyncPolicy::Never),
+        QueueConfig::default(),
+    )
+}
+
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 30 s"))
+}
+
+#[tokio::test]
+async fn unacknowledged_messages_survive_a_restart_and_acknowledged_ones_do_not() {
+    let dir = TempDir::new("restart");
+    {
+        let queue = Queue::open(&dir.0, "jobs", options()).await.unwrap();
+        for n in 0..10u8 {
+            assert!(matches!(
+                queue.enqueue(Message::new(vec![n])).await.unwrap(),
+                Enqueued::Stored(_)
+            ));
+        }
+        let consumer = queue.consumer(10);
+        for _ in 0..4 {
+            consumer.recv().await.ack().await.unwrap();
+        }
+        let _held = (consumer.recv().await, consumer.recv().await); // delivered, never acknowledged
+        assert_eq!(queue.stats().in_flight, 2);
+    }
+    let queue = Queue::open(&dir.0, "jobs", options()).await.unwrap();
+    assert_eq!(queue.stats().depth, 6);
+    let consumer = queue.consumer(10);
+    let mut payloads = Vec::new();
+    while let Some(delivery) = consumer.try_recv() {
+        payloads.push(delivery.payload[0]);
+        delivery.ack().await.unwrap();
+    }
+    payloads.sort();
+    assert_eq!(payloads, [4, 5, 6, 7, 8, 9]);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_seen_before_is_an_explicit_duplicate() {
+    let dir = TempDir::new("dedup");
+    let queue = Queue::open(&dir.0, "payments", options()).await.unwrap();
+    let first = queue
+        .enqueue(Message::new("pay 10").with_key("invoice-1"))
+        .await
+        .unwrap();
+    let Enqueued::Stored(id) = first else {
+        panic!("{first:?}")
+    };
+    assert_eq!(
+        queue
+            .enqueue(Message::new("pay 10").with_key("invoice-1"))
+            .await
+            .unwrap(),
+        Enqueued::Duplicate(id)
+    );
+    let batch = queue
+        .enqueue_batch(vec![
+            Message::new("a").with_key("k2"),
+            Message::new("b").with_key("k2"),
+            Message::new("c"),
+        ])
+        .await
+        .unwrap();
+    let Enqueued::Stored(k2) = batch[0] else {
+        panic!("{batch:?}")
+    };
+    assert_eq!(batch[1], Enqueued::Duplicate(k2), "within one batch too");
+    assert!(matches!(batch[2], Enqueued::Stored(_)));
+    assert_eq!(queue.stats().depth, 3);
+    // The window survives a restart.
+    drop(queue);
+    let queue = Queue::open(&dir.0, "payments", options()).await.unwrap();
+    assert_eq!(
+        queue
+            .enqueue(Message::new("pay 10").with_key("invoice-1"))
+            .await
+            .unwrap(),
+        Enqueued::Duplicate(id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_consumers_share_the_work_and_each_message_is_processed_once() {
+    let dir = TempDir::new("compete");
+    let queue = Queue::open(&dir.0, "work", options()).await.unwrap();
+    let messages: Vec<_> = (0..400u32)
+        .map(|n| Message::new(n.to_le_bytes().to_vec()))
+        .collect();
+    queue.enqueue_batch(messages).await.unwrap();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let consumer = queue.consumer(8);
+                let mut mine = Vec::new();
+                while let Some(delivery) = consumer.try_recv() {
+                    mine.push(u32::from_le_bytes(delivery.payload[..].try_into().unwrap()));
+                    delivery.ack().await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut shares = Vec::new();
+    for worker in workers {
+        let mine = within("worker", worker).await.unwrap();
+        shares.push(mine.len());
+        all.extend(mine);
+    }
+    all.sort();
+    assert_eq!(all, (0..400).collect::<Vec<_>>(), "every message once");
+    assert!(
+        shares.iter().filter(|s| **s > 0).count() >= 2,
+        "shared: {shares:?}"
+    );
+    assert_eq!(queue.stats().acknowledged, 400);
+}
+
+#[tokio::test]
+async fn a_consumer_that_goes_away_gives_its_messages_to_another() {
+    let dir = TempDir::new("gone");
+    let queue = Queue::open(&dir.0, "work", options()).await.unwrap();
+    queue
+        .enqueue_batch((0..3u8).map(|n| Message::new(vec![n])).collect())
+        .await
+        .unwrap();
+    let doomed = queue.consumer(3);
+    let held: Vec<_> = (0..3).map(|_| doomed.try_recv().unwrap()).collect();
+    let survivor = queue.consumer(3);
+    assert!(survivor.try_recv().is_none());
+    drop(held);
+    drop(doomed);
+    let again = within("redelivery", survivor.recv()).await;
+    assert_eq!(again.delivery, 2);
+    // The dead consumer's late ack would be refused; the survivor's works.
+    again.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_handler_gets_its_message_back_and_then_it_is_dead_lettered() {
+    let dir = TempDir::new("dlq");
+    let options = QueueOptions::new(
+        LogOptions::default().with_fsync(FsyncPolicy::Never),
+        QueueConfig::default().with_max_deliveries(2),
+    );
+    let queue = Queue::open(&dir.0, "fragile", options).await.unwrap();
+    queue.enqueue(Message::new("poison")).await.unwrap();
+    let consumer = queue.consumer(1);
+    for _ in 0..2 {
+        let outcome = consumer
+            .process(|_| async { Err::<(), _>("cannot parse") })
+            .await
+            .unwrap();
+        assert_eq!(outcome, Err("cannot parse"));
+    }
+    assert!(consumer.try_recv().is_none(), "not delivered a third time");
+    assert_eq!(queue.stats().dead_lettered, 1);
+    let dlq = queue.dead_letters().unwrap();
+    let dead = dlq
+        .consumer(1)
+        .try_recv()
+        .expect("in the dead-letter queue");
+    let (history, payload) = parse_dead_letter(dead.payload.clone()).unwrap();
+    assert_eq!(&payload[..], b"poison");
+    assert_eq!(history.len(), 2);
+    assert!(history.iter().all(|h| h.outcome == DeliveryOutcome::Nacked));
+}
+
+#[tokio::test]
+async fn delayed_messages_wait_and_expired_ones_are_dropped() {
+    let dir = TempDir::new("time");
+    let queue = Queue::open(&dir.0, "timed", options()).await.unwrap();
+    queue
+        .enqueue(Message::new("later").with_delay(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    queue
+        .enqueue(Message::new("short-lived").with_ttl(Duration::from_millis(50)))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    // The short-lived message expires unclaimed (bounded wait).
+    within("expiry", async {
+        while queue.stats().expired == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let consumer = queue.consumer(1);
+    let later = within("delayed message", consumer.recv()).await;
+    assert_eq!(&later.payload[..], b"later");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "delivered only after its delay"
+    );
+    later.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_lease_redelivers() {
+    let dir = TempDir::new("lease");
+    let options = QueueOptions::new(
+        LogOptions::default().with_fsync(FsyncPolicy::Never),
+        QueueConfig::default().with_visibility_timeout(Duration::from_millis(100)),
+    );
+    let queue = Queue::open(&dir.0, "leases", options).await.unwrap();
+    queue.enqueue(Message::new("m")).await.unwrap();
+    let slow = queue.consumer(1);
+    let first = slow.recv().await;
+    let other = queue.consumer(1);
+    let second = within("redelivery after the lease", other.recv()).await;
+    assert_eq!(second.delivery, 2);
+    assert!(
+        matches!(first.ack().await, Err(QueueError::Lease(_))),
+        "the late ack is refused"
+    );
+    second.ack().await.unwrap();
+    assert_eq!(queue.stats().redelivered, 1);
+}
+
+#[tokio::test]
+async fn disk_use_follows_the_backlog() {
+    let dir = TempDir::new("compact");
+    let options = QueueOptions::new(
+        LogOptions::default()
+            .with_fsync(FsyncPolicy::Never)
+            .with_segment_size(16 * 1024),
+        QueueConfig::default(),
+    );
+    let queue = Queue::open(&dir.0, "big", options).await.unwrap();
+    queue
+        .enqueue_batch((0..2000u32).map(|_| Message::new(vec![7u8; 200])).collect())
+        .await
+        .unwrap();
+    let full = queue.stats().bytes_on_disk;
+    let consumer = queue.consumer(100);
+    let mut acked = HashMap::new();
+    while let Some(delivery) = consumer.try_recv() {
+        acked.insert(delivery.id, ());
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(acked.len(), 2000);
+    let after = queue.stats().bytes_on_disk;
+    assert!(after < full / 4, "{after} bytes left of {full}");
+}
+
+#[tokio::test]
+async fn bad_queue_names_are_refused() {
+    let dir = TempDir::new("names");
+    for bad in ["", "has space", "a/b", &"x".repeat(201)] {
+        assert!(
+            matches!(
+                Queue::open(&dir.0, bad, options()).await,
+                Err(QueueError::InvalidName(_))
+            ),
+            "{bad}"
+        );
+    }
+}
