@@ -37,6 +37,7 @@
 pub mod core;
 pub mod log;
 mod queue;
+pub mod storage;
 
 pub use queue::{
     parse_dead_letter, Consumer, Delivery, Enqueued, Message, Queue, QueueError, QueueOptions,

@@ -16,6 +16,7 @@ use crate::core::{
     QueueEvent, QueueStats,
 };
 use crate::log::{AppendError, Log, LogOptions, OpenError, Recovery};
+use crate::storage::Storage;
 
 const ENQUEUE: u8 = 1;
 const REMOVE: u8 = 2;
@@ -129,7 +130,7 @@ struct State {
 
 struct Inner {
     name: String,
-    log: Log,
+    storage: Box<dyn Storage>,
     state: Mutex<State>,
     changed: Arc<Notify>,
     epoch: Instant,
@@ -327,7 +328,7 @@ impl Queue {
         }
         let inner = Arc::new(Inner {
             name: name.to_string(),
-            log,
+            storage: Box::new(log),
             state: Mutex::new(State {
                 core,
                 payloads,
@@ -400,7 +401,7 @@ impl Queue {
                 .iter()
                 .map(|&i| (ENQUEUE, encode_enqueue(&messages[i])))
                 .collect();
-            let first = self.inner.log.append_batch(records).await?;
+            let first = self.inner.storage.append_batch(records).await?;
             let now = self.now();
             let mut state = lock(&self.inner.state);
             for (offset, &index) in fresh.iter().enumerate() {
@@ -448,7 +449,7 @@ impl Queue {
     /// Counters, and the bytes the queue occupies on disk.
     pub fn stats(&self) -> QueueStats {
         let mut stats = lock(&self.inner.state).core.stats();
-        stats.bytes_on_disk = self.inner.log.bytes_on_disk();
+        stats.bytes_on_disk = self.inner.storage.bytes_on_disk();
         stats
     }
 
@@ -482,11 +483,11 @@ impl Queue {
             dlq.enqueue_batch(dead).await?;
         }
         if !removals.is_empty() {
-            self.inner.log.append_batch(removals).await?;
+            self.inner.storage.append_batch(removals).await?;
         }
         if compact {
             let keep_from = oldest.unwrap_or(u64::MAX);
-            self.inner.log.remove_before(keep_from).await?;
+            self.inner.storage.remove_before(keep_from).await?;
         }
         Ok(())
     }
