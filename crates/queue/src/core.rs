@@ -139,7 +139,7 @@ pub enum LeaseError {
 }
 
 /// Counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct QueueStats {
     /// Messages stored and not leased (ready or delayed).

@@ -37,6 +37,7 @@
 pub mod core;
 pub mod log;
 mod queue;
+pub mod remote;
 pub mod storage;
 
 pub use queue::{

@@ -41,7 +41,7 @@ impl QueueOptions {
 }
 
 /// A message to enqueue.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     /// Its bytes.
     pub payload: Bytes,
@@ -82,7 +82,7 @@ impl Message {
 }
 
 /// What an enqueue did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Enqueued {
     /// Stored durably (under the log's fsync policy) as this message.
     Stored(MessageId),
@@ -631,6 +631,8 @@ impl Delivery {
         lock(&self.queue.inner.state)
             .core
             .ack(self.consumer, self.id, self.delivery)?;
+        // The consumer has credit again: wake it if it waits in `recv`.
+        self.queue.inner.changed.notify_waiters();
         self.queue.settle().await
     }
 

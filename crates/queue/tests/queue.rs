@@ -299,3 +299,23 @@ async fn bad_queue_names_are_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_ack_wakes_a_consumer_waiting_at_its_prefetch_limit() {
+    let dir = TempDir::new("wake");
+    let queue = Queue::open(&dir.0, "q", options()).await.unwrap();
+    queue
+        .enqueue_batch((0..2u8).map(|n| Message::new(vec![n])).collect())
+        .await
+        .unwrap();
+    let consumer = std::sync::Arc::new(queue.consumer(1));
+    let first = consumer.recv().await;
+    let waiting = tokio::spawn({
+        let consumer = consumer.clone();
+        async move { consumer.recv().await.payload[0] }
+    });
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished(), "held back by the prefetch of 1");
+    first.ack().await.unwrap();
+    assert_eq!(within("the waiting consumer", waiting).await.unwrap(), 1);
+}

@@ -1,0 +1,358 @@
+//! The same queues served over the network: a courier-rpc service, with
+//! deliveries as a server stream under credit.
+//!
+//! A [`QueueHost`] serves every queue under one directory; a
+//! [`RemoteQueue`] uses one of them from another process. Semantics are the
+//! embedded queue's: a consumer whose connection dies (its process was
+//! killed, its machine vanished) gives its unacknowledged messages back at
+//! once, for other consumers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use courier_rpc::{Client, ClientConfig, ItemStream, Items, RpcError};
+use courier_transport::Address;
+
+use crate::core::{MessageId, QueueStats};
+use crate::{Delivery, Enqueued, Message, Queue, QueueError, QueueOptions};
+
+/// A queue error as it crosses the network.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteError {
+    /// The host refused or failed the operation.
+    #[error("{reason}")]
+    Queue {
+        /// What went wrong, as the host says it.
+        reason: String,
+        /// Whether trying again may succeed.
+        retryable: bool,
+    },
+    /// The delivery is unknown to the host: already answered, or its
+    /// consumer went away and it was given to someone else.
+    #[error("unknown delivery (already answered, or its consumer went away)")]
+    UnknownDelivery,
+}
+
+impl From<QueueError> for RemoteError {
+    fn from(err: QueueError) -> RemoteError {
+        RemoteError::Queue {
+            retryable: err.is_retryable(),
+            reason: err.to_string(),
+        }
+    }
+}
+
+/// One delivery as it crosses the network.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireDelivery {
+    /// Names this delivery when answering it.
+    pub token: u64,
+    /// The message.
+    pub id: MessageId,
+    /// 1 for the first delivery, then 2, …
+    pub delivery: u32,
+    /// Its bytes.
+    pub payload: Bytes,
+}
+
+/// The queue protocol.
+#[courier_rpc::service]
+pub trait QueueService {
+    /// Stores messages in `queue` (created on first use).
+    async fn enqueue(
+        &self,
+        queue: String,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Enqueued>, RemoteError>;
+    /// Streams deliveries to one consumer holding at most `prefetch` of them.
+    async fn consume(
+        &self,
+        queue: String,
+        prefetch: u32,
+        items: Items<Result<WireDelivery, RemoteError>>,
+    );
+    /// Acknowledges a delivery.
+    async fn ack(&self, token: u64) -> Result<(), RemoteError>;
+    /// Gives a delivery back, to come again after `delay_ms`.
+    async fn nack(&self, token: u64, delay_ms: u64) -> Result<(), RemoteError>;
+    /// Extends a delivery's lease by `by_ms` from now.
+    async fn extend(&self, token: u64, by_ms: u64) -> Result<(), RemoteError>;
+    /// A queue's counters.
+    async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError>;
+}
+
+/// Serves every queue under a directory.
+pub struct QueueHost {
+    dir: PathBuf,
+    options: QueueOptions,
+    queues: tokio::sync::Mutex<HashMap<String, Queue>>,
+    outstanding: Arc<Mutex<HashMap<u64, Delivery>>>,
+    next_token: AtomicU64,
+}
+
+impl std::fmt::Debug for QueueHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueHost")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// Forgets a consumer's outstanding deliveries when its stream ends, so
+/// nobody can answer them after the messages went back to the queue.
+struct Outstanding {
+    table: Arc<Mutex<HashMap<u64, Delivery>>>,
+    mine: Vec<u64>,
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        let mut table = lock(&self.table);
+        for token in &self.mine {
+            table.remove(token);
+        }
+    }
+}
+
+impl QueueHost {
+    /// A host for the queues under `dir`; wrap it in
+    /// [`QueueServiceServer::new`] and add it to a `courier_rpc::Server`.
+    pub fn new(dir: impl Into<PathBuf>, options: QueueOptions) -> QueueHost {
+        QueueHost {
+            dir: dir.into(),
+            options,
+            queues: tokio::sync::Mutex::new(HashMap::new()),
+            outstanding: Arc::default(),
+            next_token: AtomicU64::new(1),
+        }
+    }
+
+    async fn queue(&self, name: &str) -> Result<Queue, RemoteError> {
+        let mut queues = self.queues.lock().await;
+        if let Some(queue) = queues.get(name) {
+            return Ok(queue.clone());
+        }
+        let queue = Queue::open(&self.dir, name, self.options.clone()).await?;
+        queues.insert(name.to_string(), queue.clone());
+        Ok(queue)
+    }
+
+    fn take(&self, token: u64) -> Result<Delivery, RemoteError> {
+        lock(&self.outstanding)
+            .remove(&token)
+            .ok_or(RemoteError::UnknownDelivery)
+    }
+}
+
+impl QueueService for QueueHost {
+    async fn enqueue(
+        &self,
+        queue: String,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Enqueued>, RemoteError> {
+        Ok(self.queue(&queue).await?.enqueue_batch(messages).await?)
+    }
+
+    async fn consume(
+        &self,
+        queue: String,
+        prefetch: u32,
+        items: Items<Result<WireDelivery, RemoteError>>,
+    ) {
+        let queue = match self.queue(&queue).await {
+            Ok(queue) => queue,
+            Err(err) => {
+                let _ = items.send(Err(err)).await;
+                return;
+            }
+        };
+        // Dropped when the client goes away (the call is cancelled): its
+        // messages go back to the queue and its tokens are forgotten.
+        let consumer = queue.consumer(prefetch as usize);
+        let mut outstanding = Outstanding {
+            table: self.outstanding.clone(),
+            mine: Vec::new(),
+        };
+        loop {
+            let delivery = consumer.recv().await;
+            let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+            let wire = WireDelivery {
+                token,
+                id: delivery.id,
+                delivery: delivery.delivery,
+                payload: delivery.payload.clone(),
+            };
+            lock(&self.outstanding).insert(token, delivery);
+            outstanding
+                .mine
+                .retain(|t| lock(&self.outstanding).contains_key(t));
+            outstanding.mine.push(token);
+            if items.send(Ok(wire)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn ack(&self, token: u64) -> Result<(), RemoteError> {
+        Ok(self.take(token)?.ack().await?)
+    }
+
+    async fn nack(&self, token: u64, delay_ms: u64) -> Result<(), RemoteError> {
+        Ok(self
+            .take(token)?
+            .nack(Duration::from_millis(delay_ms))
+            .await?)
+    }
+
+    async fn extend(&self, token: u64, by_ms: u64) -> Result<(), RemoteError> {
+        let outstanding = lock(&self.outstanding);
+        let delivery = outstanding
+            .get(&token)
+            .ok_or(RemoteError::UnknownDelivery)?;
+        Ok(delivery.extend(Duration::from_millis(by_ms))?)
+    }
+
+    async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError> {
+        Ok(self.queue(&queue).await?.stats())
+    }
+}
+
+/// What can go wrong using a remote queue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteQueueError {
+    /// The call failed (host unreachable, deadline, ...).
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// The host answered with an error.
+    #[error(transparent)]
+    Queue(#[from] RemoteError),
+}
+
+/// A queue on a [`QueueHost`] in another process or on another machine.
+#[derive(Clone, Debug)]
+pub struct RemoteQueue {
+    client: QueueServiceClient,
+    name: String,
+}
+
+/// Consumers keep their stream open this long (it is cancelled by dropping
+/// the consumer, not by a deadline).
+const CONSUMER_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+impl RemoteQueue {
+    /// The queue `name` on the host at `address`.
+    pub async fn connect(
+        address: &Address,
+        name: &str,
+        config: ClientConfig,
+    ) -> Result<RemoteQueue, RemoteQueueError> {
+        let client = QueueServiceClient::new(Client::connect(address, config).await?);
+        Ok(RemoteQueue {
+            client,
+            name: name.to_string(),
+        })
+    }
+
+    /// Stores one message; see [`Queue::enqueue`].
+    pub async fn enqueue(&self, message: Message) -> Result<Enqueued, RemoteQueueError> {
+        Ok(self.enqueue_batch(vec![message]).await?[0])
+    }
+
+    /// Stores messages together; see [`Queue::enqueue_batch`].
+    pub async fn enqueue_batch(
+        &self,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Enqueued>, RemoteQueueError> {
+        Ok(self.client.enqueue(self.name.clone(), messages).await??)
+    }
+
+    /// A consumer holding at most `prefetch` unacknowledged messages.
+    pub async fn consumer(&self, prefetch: u32) -> Result<RemoteConsumer, RemoteQueueError> {
+        let stream = self
+            .client
+            .with_timeout(CONSUMER_LIFETIME)
+            .consume(self.name.clone(), prefetch)
+            .await?;
+        Ok(RemoteConsumer {
+            stream,
+            client: self.client.clone(),
+        })
+    }
+
+    /// The queue's counters.
+    pub async fn stats(&self) -> Result<QueueStats, RemoteQueueError> {
+        Ok(self.client.stats(self.name.clone()).await??)
+    }
+}
+
+/// Takes messages from a remote queue. Dropping it gives back everything it
+/// holds unacknowledged.
+#[derive(Debug)]
+pub struct RemoteConsumer {
+    stream: ItemStream<Result<WireDelivery, RemoteError>>,
+    client: QueueServiceClient,
+}
+
+impl RemoteConsumer {
+    /// The next delivery; `None` if the host went away.
+    pub async fn recv(&mut self) -> Option<Result<RemoteDelivery, RemoteQueueError>> {
+        let wire = match self.stream.next().await? {
+            Ok(Ok(wire)) => wire,
+            Ok(Err(err)) => return Some(Err(err.into())),
+            Err(err) => return Some(Err(err.into())),
+        };
+        Some(Ok(RemoteDelivery {
+            id: wire.id,
+            delivery: wire.delivery,
+            payload: wire.payload,
+            token: wire.token,
+            client: self.client.clone(),
+        }))
+    }
+}
+
+/// One delivery from a remote queue. Acknowledge it after processing.
+#[derive(Debug)]
+pub struct RemoteDelivery {
+    /// The message.
+    pub id: MessageId,
+    /// 1 for the first delivery, then 2, …
+    pub delivery: u32,
+    /// Its bytes.
+    pub payload: Bytes,
+    token: u64,
+    client: QueueServiceClient,
+}
+
+impl RemoteDelivery {
+    /// Done with it; see [`Delivery::ack`].
+    pub async fn ack(self) -> Result<(), RemoteQueueError> {
+        Ok(self.client.ack(self.token).await??)
+    }
+
+    /// Give it back; see [`Delivery::nack`].
+    pub async fn nack(self, delay: Duration) -> Result<(), RemoteQueueError> {
+        Ok(self
+            .client
+            .nack(self.token, delay.as_millis() as u64)
+            .await??)
+    }
+
+    /// Keep the lease longer; see [`Delivery::extend`].
+    pub async fn extend(&self, by: Duration) -> Result<(), RemoteQueueError> {
+        Ok(self
+            .client
+            .extend(self.token, by.as_millis() as u64)
+            .await??)
+    }
+}
