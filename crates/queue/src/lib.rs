@@ -34,12 +34,14 @@
 
 #![warn(missing_docs)]
 
+mod api;
 pub mod core;
 pub mod log;
 mod queue;
 pub mod remote;
 pub mod storage;
 
+pub use api::{ConsumerHandle, DeliveryHandle, QueueHandle};
 pub use queue::{
     parse_dead_letter, Consumer, Delivery, Enqueued, Message, Queue, QueueError, QueueOptions,
 };

@@ -109,3 +109,41 @@ async fn a_dropped_remote_consumer_gives_its_messages_to_another() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Written once against the shared traits, run on both faces below.
+async fn exercise<Q: courier_queue::QueueHandle>(queue: &Q) {
+    use courier_queue::{ConsumerHandle, DeliveryHandle};
+    queue
+        .enqueue_batch((0..3u8).map(|n| Message::new(vec![n])).collect())
+        .await
+        .unwrap();
+    let mut consumer = queue.consumer(3).await.unwrap();
+    let first = within("first", consumer.next()).await.unwrap();
+    assert_eq!((first.payload()[0], first.delivery_count()), (0, 1));
+    first.nack(Duration::ZERO).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let delivery = within("delivery", consumer.next()).await.unwrap();
+        seen.push((delivery.payload()[0], delivery.delivery_count()));
+        delivery.ack().await.unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, [(0, 2), (1, 1), (2, 1)]);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.acknowledged, stats.redelivered), (3, 1));
+}
+
+#[tokio::test]
+async fn embedded_and_remote_queues_share_one_api() {
+    let (server, dir) = host("one-api").await;
+    let remote = RemoteQueue::connect(server.local_addr(), "shared", ClientConfig::default())
+        .await
+        .unwrap();
+    exercise(&remote).await;
+    let embedded_dir = dir.join("embedded");
+    let embedded = courier_queue::Queue::open(&embedded_dir, "shared", QueueOptions::default())
+        .await
+        .unwrap();
+    exercise(&embedded).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
