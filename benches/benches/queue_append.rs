@@ -122,6 +122,29 @@ fn recovery_time(records: u64) -> (Duration, u64) {
     (took, replayed)
 }
 
+/// Enqueue → consume → ack of `count` messages through one face of the
+/// queue API (the same code for embedded and remote); messages per second.
+async fn end_to_end<Q: courier_queue::QueueHandle + 'static>(queue: Arc<Q>, count: u64) -> f64 {
+    use courier_queue::{ConsumerHandle, DeliveryHandle, Message};
+    let started = Instant::now();
+    let producer = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let payload = Bytes::from(vec![0xA5u8; SIZE]);
+            for _ in 0..count / 100 {
+                let batch = (0..100).map(|_| Message::new(payload.clone())).collect();
+                queue.enqueue_batch(batch).await.unwrap();
+            }
+        })
+    };
+    let mut consumer = queue.consumer(256).await.unwrap();
+    for _ in 0..count / 100 * 100 {
+        consumer.next().await.unwrap().ack().await.unwrap();
+    }
+    producer.await.unwrap();
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
 fn main() -> anyhow::Result<()> {
     let mode = Mode::from_args();
     let duration = mode.pick(Duration::from_secs(2), Duration::from_millis(100));
@@ -175,6 +198,52 @@ fn main() -> anyhow::Result<()> {
                 report.ratio("append_256B", &subject, place, ratio, f64::NAN, true);
             }
         }
+    }
+    if selected(&filters, "end_to_end") {
+        use courier_queue::remote::{QueueHost, QueueServiceServer, RemoteQueue};
+        let options = || {
+            courier_queue::QueueOptions::new(
+                LogOptions::default().with_fsync(FsyncPolicy::Interval(Duration::from_millis(5))),
+                Default::default(),
+            )
+        };
+        let embedded_count = mode.pick(200_000, 1_000);
+        let remote_count = mode.pick(50_000, 1_000);
+        let dir = scratch("e2e");
+        let embedded = runtime.block_on(async {
+            let queue = Arc::new(
+                courier_queue::Queue::open(&dir, "e2e", options())
+                    .await
+                    .unwrap(),
+            );
+            end_to_end(queue, embedded_count).await
+        });
+        let remote = runtime.block_on(async {
+            let listener =
+                courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
+                    .await
+                    .unwrap();
+            let server = courier_rpc::Server::new(courier_rpc::ServerConfig::default())
+                .service(QueueServiceServer::new(QueueHost::new(
+                    dir.join("host"),
+                    options(),
+                )))
+                .spawn(listener);
+            let queue = RemoteQueue::connect(
+                server.local_addr(),
+                "e2e",
+                courier_rpc::ClientConfig::default(),
+            )
+            .await
+            .unwrap();
+            end_to_end(Arc::new(queue), remote_count).await
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("\nend to end (enqueue in batches of 100, consume, ack one by one; interval(5ms) fsync):");
+        println!("  embedded:           {embedded:>10.0} msgs/s");
+        println!("  over loopback TCP:  {remote:>10.0} msgs/s");
+        report.add("end_to_end", "embedded", place, "msgs_per_s", embedded);
+        report.add("end_to_end", "remote-tcp", place, "msgs_per_s", remote);
     }
     if selected(&filters, "recovery") {
         let records = mode.pick(1_000_000, 10_000);

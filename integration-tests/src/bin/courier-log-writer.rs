@@ -1,6 +1,6 @@
-//! A process that appends to a log with `FsyncPolicy::Always` from several
-//! tasks at once and prints the id of every append that returned, until it
-//! is killed. The crash test kills it with SIGKILL and checks the log.
+//! A process that enqueues into a durable queue (`FsyncPolicy::Always`)
+//! from several tasks at once and prints the id of every enqueue that
+//! returned, until it is killed. The crash test kills it with SIGKILL.
 //!
 //! `courier-log-writer DIR`: the first line printed is `ready`.
 
@@ -8,7 +8,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use courier_queue::log::{FsyncPolicy, Log, LogOptions};
+use courier_queue::log::{FsyncPolicy, LogOptions};
+use courier_queue::{Message, Queue, QueueOptions};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -16,22 +17,22 @@ async fn main() -> anyhow::Result<()> {
         .nth(1)
         .ok_or_else(|| anyhow::anyhow!("usage: courier-log-writer DIR"))?;
     // Small segments, so a kill can also land during a roll.
-    let options = LogOptions::default()
+    let log = LogOptions::default()
         .with_fsync(FsyncPolicy::Always)
         .with_segment_size(16 * 1024);
-    let (log, _) = Log::open(&dir, options, |_| {})?;
-    let log = Arc::new(log);
+    let queue =
+        Arc::new(Queue::open(&dir, "crash", QueueOptions::new(log, Default::default())).await?);
     let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
     println!("ready");
     let writers: Vec<_> = (0..4u64)
         .map(|writer| {
-            let (log, stdout) = (log.clone(), stdout.clone());
+            let (queue, stdout) = (queue.clone(), stdout.clone());
             tokio::spawn(async move {
                 for n in 0u64.. {
                     let id = writer << 48 | n;
                     let payload = Bytes::from(format!("{id}:{}", "p".repeat((n % 200) as usize)));
-                    log.append(1, payload).await.expect("append");
-                    // Printed only after the append is durable.
+                    queue.enqueue(Message::new(payload)).await.expect("enqueue");
+                    // Printed only after the enqueue is durable.
                     let mut out = stdout.lock().unwrap();
                     writeln!(out, "{id}").unwrap();
                     out.flush().unwrap();
