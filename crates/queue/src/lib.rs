@@ -1,11 +1,33 @@
 //! # courier-queue
 //!
-//! Durable message queues. **Status:** the storage engine is here — the
-//! [`log`] of CRC-checked records in segment files, with recovery of torn
-//! writes, group commit under an explicit fsync policy, and deletion of
-//! consumed segments. Queue semantics (leases, redelivery, dead letters,
-//! competing consumers) and the remote face come next, on top of it.
+//! Durable message queues: a message stays stored until a consumer has
+//! processed and acknowledged it.
 //!
+//! - [`Queue`]: embedded, in this process, no broker. [`Queue::enqueue`]
+//!   returns once the message is durable under the fsync policy; consumers
+//!   take messages under leases, `ack` after processing, `nack` (with an
+//!   optional delay) or `extend`; expired leases and departed consumers give
+//!   messages back; after `max_deliveries` a message goes to the
+//!   `<name>.dlq` queue with its delivery history; per-message
+//!   time-to-live, delayed delivery, and idempotency keys answered with an
+//!   explicit [`Enqueued::Duplicate`].
+//! - [`remote`]: the same queues served as a courier-rpc service
+//!   ([`remote::QueueHost`]) and used from other processes
+//!   ([`remote::RemoteQueue`]); deliveries stream under credit. A consumer
+//!   whose connection dies gives its messages back at once.
+//! - [`QueueHandle`] and friends: one API over both faces.
+//! - [`core`]: the lease, redelivery, dead-letter and de-duplication rules
+//!   as a pure state machine driven by explicit time.
+//! - [`log`]: the storage engine — CRC-checked records in segment files,
+//!   recovery of torn writes, group commit under an explicit
+//!   [`log::FsyncPolicy`] (whose docs say what a crash can lose), deletion
+//!   of consumed segments — behind the [`storage::Storage`] trait.
+//!
+//! Delivery counts and leases live in memory: after a restart, every
+//! unacknowledged message is ready again with its count starting over.
+//! Payloads of stored messages are kept in memory too, so memory follows
+//! the backlog.
+
 //! ## Example
 //!
 //! ```
