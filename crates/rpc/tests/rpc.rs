@@ -78,6 +78,34 @@ impl Lab for LabImpl {
     async fn ping(&self) {}
 }
 
+/// Sends `sleep(ms)` as a raw request frame, as a client that never sends
+/// `Cancel` would, with the given deadline.
+async fn raw_sleep_request(
+    conn: &courier_transport::Connection,
+    id: u64,
+    ms: u64,
+    timeout_ms: u64,
+) {
+    #[derive(serde::Serialize)]
+    struct Header<'a> {
+        service: &'a str,
+        method: &'a str,
+        fingerprint: u64,
+        timeout_ms: u64,
+        window: u32,
+    }
+    let header = Header {
+        service: "Lab",
+        method: "sleep",
+        fingerprint: LabClient::fingerprint(),
+        timeout_ms,
+        window: 0,
+    };
+    conn.send_message(courier_transport::FrameKind::Request, id, &(header, (ms,)))
+        .await
+        .unwrap();
+}
+
 fn mem() -> Address {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     Address::mem(format!(
@@ -250,28 +278,7 @@ async fn the_server_enforces_the_deadline_it_was_given_even_without_a_cancel() {
     let mut conn = courier_transport::connect(server.local_addr(), &TransportConfig::default())
         .await
         .unwrap();
-    #[derive(serde::Serialize)]
-    struct Header<'a> {
-        service: &'a str,
-        method: &'a str,
-        fingerprint: u64,
-        timeout_ms: u64,
-        window: u32,
-    }
-    let header = Header {
-        service: "Lab",
-        method: "sleep",
-        fingerprint: LabClient::fingerprint(),
-        timeout_ms: 100,
-        window: 0,
-    };
-    conn.send_message(
-        courier_transport::FrameKind::Request,
-        7,
-        &(header, (60_000u64,)),
-    )
-    .await
-    .unwrap();
+    raw_sleep_request(&conn, 7, 60_000, 100).await;
     let reply = conn.recv().await.unwrap().unwrap();
     assert_eq!(
         (reply.kind, reply.id),
@@ -400,29 +407,8 @@ async fn a_closed_connection_cancels_its_calls_on_the_server() {
     let conn = courier_transport::connect(server.local_addr(), &TransportConfig::default())
         .await
         .unwrap();
-    #[derive(serde::Serialize)]
-    struct Header<'a> {
-        service: &'a str,
-        method: &'a str,
-        fingerprint: u64,
-        timeout_ms: u64,
-        window: u32,
-    }
-    let header = Header {
-        service: "Lab",
-        method: "sleep",
-        fingerprint: LabClient::fingerprint(),
-        timeout_ms: 3_600_000,
-        window: 0,
-    };
     let started = lab.started.notified();
-    conn.send_message(
-        courier_transport::FrameKind::Request,
-        1,
-        &(header, (3_600_000u64,)),
-    )
-    .await
-    .unwrap();
+    raw_sleep_request(&conn, 1, 3_600_000, 3_600_000).await;
     started.await;
     drop(conn);
     tokio::time::timeout(Duration::from_secs(10), async {

@@ -284,30 +284,8 @@ impl FrameReceiver {
                 Some(next) => next,
                 None => Box::pin(self.wait()).await,
             };
-            let frame = match next {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return Ok(None),
-                Err(err) => {
-                    if let RecvError::Decode(reason) = &err {
-                        tracing::warn!(peer = ?self.peer, %reason, "peer sent an invalid frame; closing");
-                        if let Some(sender) = self.pong.upgrade() {
-                            sender.abort();
-                        }
-                    }
-                    return Err(err);
-                }
-            };
-            if self.dead_after.is_some() {
-                self.last_heard = Instant::now();
-            }
-            match frame.kind {
-                FrameKind::Ping => {
-                    if let Some(sender) = self.pong.upgrade() {
-                        sender.reply_pong(frame.id);
-                    }
-                }
-                FrameKind::Pong => {}
-                _ => return Ok(Some(frame)),
+            if let Some(outcome) = self.absorb(next) {
+                return outcome;
             }
         }
     }
@@ -318,22 +296,45 @@ impl FrameReceiver {
     /// brought in, then flush its replies once.
     pub fn try_recv(&mut self) -> Option<Result<Option<Frame>, RecvError>> {
         loop {
-            let frame = match self.link.try_recv()? {
-                Ok(Some(frame)) => frame,
-                other => return Some(other),
-            };
-            if self.dead_after.is_some() {
-                self.last_heard = Instant::now();
+            let next = self.link.try_recv()?;
+            if let Some(outcome) = self.absorb(next) {
+                return Some(outcome);
             }
-            match frame.kind {
-                FrameKind::Ping => {
+        }
+    }
+
+    /// What both `recv` and `try_recv` do with what the link produced:
+    /// close a connection whose peer broke the protocol, note liveness,
+    /// answer pings and absorb pongs (`None`: keep reading).
+    fn absorb(
+        &mut self,
+        next: Result<Option<Frame>, RecvError>,
+    ) -> Option<Result<Option<Frame>, RecvError>> {
+        let frame = match next {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Some(Ok(None)),
+            Err(err) => {
+                if let RecvError::Decode(reason) = &err {
+                    tracing::warn!(peer = ?self.peer, %reason, "peer sent an invalid frame; closing");
                     if let Some(sender) = self.pong.upgrade() {
-                        sender.reply_pong(frame.id);
+                        sender.abort();
                     }
                 }
-                FrameKind::Pong => {}
-                _ => return Some(Ok(Some(frame))),
+                return Some(Err(err));
             }
+        };
+        if self.dead_after.is_some() {
+            self.last_heard = Instant::now();
+        }
+        match frame.kind {
+            FrameKind::Ping => {
+                if let Some(sender) = self.pong.upgrade() {
+                    sender.reply_pong(frame.id);
+                }
+                None
+            }
+            FrameKind::Pong => None,
+            _ => Some(Ok(Some(frame))),
         }
     }
 
