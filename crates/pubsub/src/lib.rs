@@ -1,0 +1,16 @@
+//! # courier-pubsub
+//!
+//! Publish–subscribe on subjects with wildcards.
+//!
+//! **Status:** subjects and filters ([`subject`]), the trie router
+//! ([`router`]) and the in-process [`Bus`] are here. Serving the bus through
+//! the broker to other processes, durable subscriptions on courier-queue,
+//! and request-reply over subjects come next.
+
+#![warn(missing_docs)]
+
+pub mod router;
+pub mod subject;
+
+pub use router::{Router, SubscriptionId};
+pub use subject::{Filter, Subject, SubjectError};
