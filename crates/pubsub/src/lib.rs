@@ -9,8 +9,10 @@
 
 #![warn(missing_docs)]
 
+mod bus;
 pub mod router;
 pub mod subject;
 
+pub use bus::{Bus, Event, Message, Publisher, SlowConsumer, SubscribeOptions, Subscription};
 pub use router::{Router, SubscriptionId};
 pub use subject::{Filter, Subject, SubjectError};

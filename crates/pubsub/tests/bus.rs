@@ -1,0 +1,308 @@
+//! The in-process bus: delivery, fan-out, groups, order, gaps and every
+//! slow-consumer policy.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use courier_pubsub::{Bus, Event, SlowConsumer, SubscribeOptions, Subscription};
+
+fn message(event: Option<Event>) -> courier_pubsub::Message {
+    match event {
+        Some(Event::Message(message)) => message,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 30 s"))
+}
+
+#[tokio::test]
+async fn a_message_published_right_after_subscribe_is_always_delivered() {
+    let bus = Bus::new();
+    let publisher = bus.publisher();
+    for round in 0..5_000u32 {
+        // Both orders: subscribe first, or the publisher existing first.
+        let mut sub = bus
+            .subscribe("race.test", SubscribeOptions::default())
+            .unwrap();
+        publisher
+            .publish("race.test", round.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+        let got = message(sub.try_recv());
+        assert_eq!(&got.payload[..], &round.to_le_bytes());
+    }
+    assert_eq!(bus.subscriptions(), 0, "dropped subscriptions are gone");
+}
+
+#[tokio::test]
+async fn fan_out_to_a_hundred_subscribers() {
+    let bus = Bus::new();
+    let mut subs: Vec<Subscription> = (0..100)
+        .map(|i| {
+            bus.subscribe(
+                if i % 2 == 0 { "fan.>" } else { "fan.*" },
+                SubscribeOptions::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let publisher = bus.publisher();
+    for n in 0..50u8 {
+        assert_eq!(publisher.publish("fan.out", vec![n]).await.unwrap(), 100);
+    }
+    for sub in &mut subs {
+        for n in 0..50u8 {
+            let got = message(sub.try_recv());
+            assert_eq!((got.payload[0], got.seq), (n, n as u64));
+        }
+        assert!(sub.try_recv().is_none());
+    }
+}
+
+#[tokio::test]
+async fn a_queue_group_shares_messages_while_plain_subscribers_get_all() {
+    let bus = Bus::new();
+    let mut workers: Vec<_> = (0..3)
+        .map(|_| {
+            bus.subscribe("jobs.>", SubscribeOptions::default().group("workers"))
+                .unwrap()
+        })
+        .collect();
+    let mut auditor = bus
+        .subscribe("jobs.>", SubscribeOptions::default())
+        .unwrap();
+    let publisher = bus.publisher();
+    for n in 0..300u32 {
+        assert_eq!(
+            publisher
+                .publish("jobs.new", n.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+            2
+        );
+    }
+    let mut counts = Vec::new();
+    let mut all = Vec::new();
+    for worker in &mut workers {
+        let mut count = 0;
+        while let Some(Event::Message(m)) = worker.try_recv() {
+            all.push(u32::from_le_bytes(m.payload[..].try_into().unwrap()));
+            count += 1;
+        }
+        counts.push(count);
+    }
+    all.sort();
+    assert_eq!(
+        all,
+        (0..300).collect::<Vec<_>>(),
+        "each job to exactly one worker"
+    );
+    assert_eq!(counts, [100, 100, 100], "in turn");
+    let mut audited = 0;
+    while auditor.try_recv().is_some() {
+        audited += 1;
+    }
+    assert_eq!(audited, 300);
+}
+
+#[tokio::test]
+async fn subscribers_join_and_leave_mid_stream() {
+    let bus = Bus::new();
+    let publisher = bus.publisher();
+    let mut early = bus.subscribe("s", SubscribeOptions::default()).unwrap();
+    publisher.publish("s", "1").await.unwrap();
+    let mut late = bus.subscribe("s", SubscribeOptions::default()).unwrap();
+    publisher.publish("s", "2").await.unwrap();
+    drop(early.try_recv());
+    drop(early);
+    assert_eq!(
+        publisher.publish("s", "3").await.unwrap(),
+        1,
+        "only the late one is left"
+    );
+    let payloads: Vec<_> = std::iter::from_fn(|| late.try_recv())
+        .map(|e| message(Some(e)).payload)
+        .collect();
+    assert_eq!(payloads, ["2", "3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_publisher_order_is_kept_for_every_subscriber() {
+    let bus = Bus::new();
+    let mut subs: Vec<_> = (0..4)
+        .map(|_| {
+            bus.subscribe("ordered.>", SubscribeOptions::default().buffer(100_000))
+                .unwrap()
+        })
+        .collect();
+    let publishers: Vec<_> = (0..3)
+        .map(|p| {
+            let publisher = bus.publisher();
+            tokio::spawn(async move {
+                for n in 0..2000u32 {
+                    publisher
+                        .publish(&format!("ordered.p{p}"), n.to_le_bytes().to_vec())
+                        .await
+                        .unwrap();
+                }
+                publisher.id()
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    for sub in &mut subs {
+        let mut next: HashMap<u64, u32> = HashMap::new();
+        while let Some(event) = sub.try_recv() {
+            let m = message(Some(event));
+            let expected = next.entry(m.publisher).or_default();
+            assert_eq!(
+                u32::from_le_bytes(m.payload[..].try_into().unwrap()),
+                *expected
+            );
+            assert_eq!(m.seq, *expected as u64);
+            *expected += 1;
+        }
+        assert!(next.values().all(|n| *n == 2000));
+    }
+}
+
+#[tokio::test]
+async fn dropped_messages_are_reported_as_a_gap() {
+    let bus = Bus::new();
+    let mut sub = bus
+        .subscribe(
+            "g",
+            SubscribeOptions::default()
+                .buffer(2)
+                .policy(SlowConsumer::DropNewest),
+        )
+        .unwrap();
+    let publisher = bus.publisher();
+    for n in 0..5u8 {
+        publisher.publish("g", vec![n]).await.unwrap();
+    }
+    assert_eq!(sub.dropped(), 3);
+    assert_eq!(message(sub.try_recv()).seq, 0);
+    assert_eq!(message(sub.try_recv()).seq, 1);
+    publisher.publish("g", vec![5]).await.unwrap();
+    assert_eq!(
+        sub.try_recv(),
+        Some(Event::Gap {
+            publisher: publisher.id(),
+            from: 2,
+            to: 5
+        })
+    );
+    let after = message(sub.try_recv());
+    assert_eq!((after.seq, after.payload[0]), (5, 5));
+}
+
+#[tokio::test]
+async fn a_stalled_subscriber_stays_bounded_and_does_not_slow_a_healthy_one() {
+    const MESSAGES: u64 = 1_000_000;
+    const BUFFER: usize = 1024;
+    let bus = Bus::new();
+    let stalled = bus
+        .subscribe(
+            "firehose",
+            SubscribeOptions::default()
+                .buffer(BUFFER)
+                .policy(SlowConsumer::DropOldest),
+        )
+        .unwrap();
+    // The healthy subscriber chose backpressure, so it provably gets everything.
+    let mut healthy = bus
+        .subscribe(
+            "firehose",
+            SubscribeOptions::default()
+                .buffer(BUFFER)
+                .policy(SlowConsumer::Backpressure),
+        )
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let mut received = 0u64;
+        while received < MESSAGES {
+            match healthy.recv().await {
+                Some(Event::Message(m)) => {
+                    assert_eq!(m.seq, received);
+                    received += 1;
+                }
+                other => panic!("healthy subscriber got {other:?}"),
+            }
+        }
+        received
+    });
+    let publisher = bus.publisher();
+    let payload = bytes::Bytes::from_static(&[7u8; 16]);
+    for _ in 0..MESSAGES {
+        publisher
+            .publish("firehose", payload.clone())
+            .await
+            .unwrap();
+        assert!(
+            stalled.buffered() <= BUFFER,
+            "the stalled buffer is bounded"
+        );
+    }
+    assert_eq!(within("healthy reader", reader).await.unwrap(), MESSAGES);
+    assert_eq!(stalled.buffered(), BUFFER);
+    assert_eq!(
+        stalled.dropped(),
+        MESSAGES - BUFFER as u64,
+        "every drop counted"
+    );
+}
+
+#[tokio::test]
+async fn a_disconnecting_subscriber_ends_when_it_falls_behind() {
+    let bus = Bus::new();
+    let mut sub = bus
+        .subscribe(
+            "d",
+            SubscribeOptions::default()
+                .buffer(2)
+                .policy(SlowConsumer::Disconnect),
+        )
+        .unwrap();
+    let publisher = bus.publisher();
+    for n in 0..3u8 {
+        publisher.publish("d", vec![n]).await.unwrap();
+    }
+    assert_eq!(sub.dropped(), 3);
+    assert_eq!(
+        within("end", sub.recv()).await,
+        None,
+        "the subscription ended"
+    );
+}
+
+#[tokio::test]
+async fn backpressure_makes_the_publisher_wait_for_room() {
+    let bus = Bus::new();
+    let mut sub = bus
+        .subscribe(
+            "b",
+            SubscribeOptions::default()
+                .buffer(1)
+                .policy(SlowConsumer::Backpressure),
+        )
+        .unwrap();
+    let publisher = bus.publisher();
+    publisher.publish("b", "first").await.unwrap();
+    let second = tokio::spawn({
+        let publisher = publisher.clone();
+        async move { publisher.publish("b", "second").await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!second.is_finished(), "waits while the buffer is full");
+    assert_eq!(message(sub.try_recv()).payload, "first");
+    within("publish", second).await.unwrap().unwrap();
+    assert_eq!(message(sub.recv().await).payload, "second");
+    assert_eq!(sub.dropped(), 0);
+}
