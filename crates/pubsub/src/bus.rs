@@ -123,13 +123,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Registry {
     router: Router,
     subs: HashMap<SubscriptionId, Arc<Sub>>,
-    /// Round-robin position per (filter, group).
-    turns: HashMap<(String, String), usize>,
 }
 
 #[derive(Default)]
 struct Inner {
     registry: RwLock<Registry>,
+    /// Round-robin position per (filter, group); touched only when a
+    /// message matches a queue group.
+    turns: Mutex<HashMap<(String, String), usize>>,
     next_id: AtomicU64,
     next_publisher: AtomicU64,
 }
@@ -225,32 +226,44 @@ impl Bus {
     }
 
     /// The subscriptions a message on `subject` goes to: every plain one,
-    /// and one member of each queue group (in turn).
+    /// and one member of each queue group (in turn). Matching holds only a
+    /// read lock, so publishers do not exclude each other.
     fn targets(&self, subject: &Subject) -> Vec<Arc<Sub>> {
         let mut ids = Vec::new();
-        let mut registry = self
+        let registry = self
             .inner
             .registry
-            .write()
+            .read()
             .unwrap_or_else(|p| p.into_inner());
         registry.router.matches(subject, &mut ids);
-        ids.sort_unstable();
         let mut targets = Vec::with_capacity(ids.len());
-        let mut groups: HashMap<(String, String), Vec<Arc<Sub>>> = HashMap::new();
+        let mut grouped = Vec::new();
         for id in ids {
             let Some(sub) = registry.subs.get(&id) else {
                 continue;
             };
             match &sub.options.group {
                 None => targets.push(sub.clone()),
-                Some(group) => groups
-                    .entry((sub.filter.as_str().to_string(), group.clone()))
-                    .or_default()
-                    .push(sub.clone()),
+                Some(_) => grouped.push((id, sub.clone())),
             }
         }
+        drop(registry);
+        if grouped.is_empty() {
+            return targets;
+        }
+        // Members in a stable order, so turns go round fairly.
+        grouped.sort_unstable_by_key(|(id, _)| *id);
+        let mut groups: HashMap<(String, String), Vec<Arc<Sub>>> = HashMap::new();
+        for (_, sub) in grouped {
+            let key = (
+                sub.filter.as_str().to_string(),
+                sub.options.group.clone().unwrap_or_default(),
+            );
+            groups.entry(key).or_default().push(sub);
+        }
+        let mut turns = lock(&self.inner.turns);
         for (key, members) in groups {
-            let turn = registry.turns.entry(key).or_default();
+            let turn = turns.entry(key).or_default();
             targets.push(members[*turn % members.len()].clone());
             *turn = turn.wrapping_add(1);
         }
@@ -289,9 +302,14 @@ impl Publisher {
         subject: &str,
         payload: impl Into<Bytes>,
     ) -> Result<usize, crate::SubjectError> {
-        let subject = Subject::new(subject)?;
+        Ok(self.publish_to(&Subject::new(subject)?, payload).await)
+    }
+
+    /// [`publish`](Self::publish) to a subject parsed once, for publishers
+    /// that send many messages to the same subject.
+    pub async fn publish_to(&self, subject: &Subject, payload: impl Into<Bytes>) -> usize {
         let payload = payload.into();
-        let targets = self.bus.targets(&subject);
+        let targets = self.bus.targets(subject);
         for sub in &targets {
             let message = Message {
                 subject: subject.clone(),
@@ -301,7 +319,7 @@ impl Publisher {
             };
             deliver(sub, message).await;
         }
-        Ok(targets.len())
+        targets.len()
     }
 }
 

@@ -1,0 +1,182 @@
+//! Publish–subscribe: routing cost with 100,000 subscriptions and memory
+//! per subscription; in-process delivery, 1 publisher to 1, 4 and 16
+//! subscribers, 128-byte messages, beside raw framed TCP streaming of the
+//! same messages in the same run.
+
+use std::time::{Duration, Instant};
+
+use courier_benches::{
+    filters, median_and_spread, output_dir, raw, selected, Mode, Placement, Report,
+};
+use courier_pubsub::{Bus, Event, Filter, Router, SlowConsumer, Subject, SubscribeOptions};
+
+const SIZE: usize = 128;
+
+/// Resident memory of this process, in bytes (Linux).
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn filter_for(n: u64) -> String {
+    let (region, service, event) = (n % 50, (n / 50) % 40, (n / 2000) % 50);
+    match n % 10 {
+        0..=6 => format!("region{region}.service{service}.event{event}"),
+        7 | 8 => format!("region{region}.*.event{event}"),
+        _ => format!("region{region}.service{service}.>"),
+    }
+}
+
+fn routing(subscriptions: u64, lookups: u64) -> (f64, f64, f64) {
+    let before = resident_bytes();
+    let mut router = Router::new();
+    let filters: Vec<Filter> = (0..subscriptions)
+        .map(|n| Filter::new(&filter_for(n)).unwrap())
+        .collect();
+    for (id, filter) in filters.iter().enumerate() {
+        router.insert(filter, id as u64);
+    }
+    let per_subscription = (resident_bytes().saturating_sub(before)) as f64 / subscriptions as f64;
+    let subjects: Vec<Subject> = (0..1000u64)
+        .map(|n| {
+            Subject::new(&format!(
+                "region{}.service{}.event{}",
+                n % 50,
+                (n * 7) % 40,
+                (n * 13) % 50
+            ))
+            .unwrap()
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut matched = 0u64;
+    let started = Instant::now();
+    for i in 0..lookups {
+        out.clear();
+        router.matches(&subjects[(i % 1000) as usize], &mut out);
+        matched += out.len() as u64;
+    }
+    let per_lookup = started.elapsed().as_nanos() as f64 / lookups as f64;
+    std::hint::black_box(&filters);
+    (
+        per_lookup,
+        matched as f64 / lookups as f64,
+        per_subscription,
+    )
+}
+
+fn in_process(subscribers: usize, count: u64) -> Duration {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let bus = Bus::new();
+        let readers: Vec<_> = (0..subscribers)
+            .map(|_| {
+                let mut sub = bus
+                    .subscribe(
+                        "bench.stream",
+                        SubscribeOptions::default()
+                            .buffer(4096)
+                            .policy(SlowConsumer::Backpressure),
+                    )
+                    .unwrap();
+                tokio::spawn(async move {
+                    let mut received = 0u64;
+                    while received < count {
+                        match sub.recv().await {
+                            Some(Event::Message(_)) => received += 1,
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        let publisher = bus.publisher();
+        let payload = bytes::Bytes::from(vec![0xA5u8; SIZE]);
+        let subject = Subject::new("bench.stream").unwrap();
+        let started = Instant::now();
+        for _ in 0..count {
+            publisher.publish_to(&subject, payload.clone()).await;
+        }
+        for reader in readers {
+            reader.await.unwrap();
+        }
+        started.elapsed()
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let mode = Mode::from_args();
+    let filters = filters();
+    let mut report = Report::default();
+    let place = Placement::Same;
+    println!("pub/sub benchmarks ({mode:?})\n");
+    if selected(&filters, "routing") {
+        let subscriptions = mode.pick(100_000, 2_000);
+        let (ns, matched, bytes) = routing(subscriptions, mode.pick(2_000_000, 10_000));
+        println!(
+            "routing: {subscriptions} subscriptions (70% literal, 20% '*', 10% '>'): {ns:.0} ns per match ({matched:.1} matching each), ~{bytes:.0} bytes of memory per subscription"
+        );
+        report.add(
+            "routing",
+            &format!("{subscriptions}"),
+            place,
+            "ns_per_match",
+            ns,
+        );
+        report.add(
+            "routing",
+            &format!("{subscriptions}"),
+            place,
+            "bytes_per_subscription",
+            bytes,
+        );
+    }
+    if selected(&filters, "in_process") {
+        let count = mode.pick(500_000u64, 5_000);
+        let repeats = mode.pick(3, 1);
+        let rate = |took: Duration, fan: usize| (count * fan as u64) as f64 / took.as_secs_f64();
+        let (raw_rate, _) = median_and_spread(
+            &mut (0..repeats)
+                .map(|_| count as f64 / raw::stream(place, SIZE, count).as_secs_f64())
+                .collect::<Vec<_>>(),
+        );
+        println!("\nraw framed TCP streaming, {SIZE} B: {raw_rate:.0} msgs/s");
+        report.add("stream_128B", "raw-tcp", place, "msgs_per_s", raw_rate);
+        for fan in [1, 4, 16] {
+            let (delivered, spread) = median_and_spread(
+                &mut (0..repeats)
+                    .map(|_| rate(in_process(fan, count), fan))
+                    .collect::<Vec<_>>(),
+            );
+            let ratio = delivered / raw_rate;
+            println!("in-process 1 -> {fan:>2}: {delivered:>12.0} delivered msgs/s ({ratio:.2}x raw TCP, spread {:.0}%)", spread * 100.0);
+            report.add(
+                "in_process_128B",
+                &format!("1to{fan}"),
+                place,
+                "delivered_per_s",
+                delivered,
+            );
+            report.ratio(
+                "in_process_128B",
+                &format!("1to{fan}"),
+                place,
+                ratio,
+                f64::NAN,
+                true,
+            );
+        }
+    }
+    println!("\n{}", report.ratio_table());
+    let (tsv, svg) = report.write(&output_dir(mode), "pubsub")?;
+    println!("figures: {}\nplot:    {}", tsv.display(), svg.display());
+    Ok(())
+}
