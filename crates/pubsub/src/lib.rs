@@ -13,13 +13,18 @@
 //!   sequence numbers and an [`Event::Gap`] for anything it missed;
 //!   `subscribe` returns with the subscription already active.
 //!
-//! **Status:** serving the bus to other processes (through the broker),
-//! durable subscriptions on courier-queue, and request-reply over subjects
-//! come next.
+//! - [`remote`]: the bus served to other processes as a courier-rpc service
+//!   ([`remote::PubSubHost`], [`remote::RemotePubSub`]); a subscription is
+//!   active at the host before `subscribe` returns.
+//!
+//! **Status:** durable subscriptions on courier-queue, request-reply over
+//! subjects, restoring subscriptions after a host restart, and batched
+//! remote publishing come next.
 
 #![warn(missing_docs)]
 
 mod bus;
+pub mod remote;
 pub mod router;
 pub mod subject;
 
