@@ -81,6 +81,23 @@ pub struct Message {
     /// This subscription's count of messages from that publisher: 0, 1, 2,
     /// … with no gaps unless messages were dropped.
     pub seq: u64,
+    /// Where the publisher wants a reply, for request-reply.
+    pub reply_to: Option<Subject>,
+}
+
+/// Why a request got no reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The subject is invalid.
+    #[error(transparent)]
+    Subject(#[from] crate::SubjectError),
+    /// Nobody subscribes to the subject: the request went nowhere.
+    #[error("no responders for {0}")]
+    NoResponders(String),
+    /// No reply within the timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// What a subscription receives.
@@ -308,7 +325,24 @@ impl Publisher {
     /// [`publish`](Self::publish) to a subject parsed once, for publishers
     /// that send many messages to the same subject.
     pub async fn publish_to(&self, subject: &Subject, payload: impl Into<Bytes>) -> usize {
-        let payload = payload.into();
+        self.send(subject, None, payload.into()).await
+    }
+
+    /// Answers `request` by publishing `payload` to its `reply_to` subject.
+    /// Returns 0 if the request asked for no reply.
+    pub async fn reply(&self, request: &Message, payload: impl Into<Bytes>) -> usize {
+        match &request.reply_to {
+            Some(inbox) => self.send(inbox, None, payload.into()).await,
+            None => 0,
+        }
+    }
+
+    pub(crate) async fn send(
+        &self,
+        subject: &Subject,
+        reply_to: Option<Subject>,
+        payload: Bytes,
+    ) -> usize {
         let targets = self.bus.targets(subject);
         for sub in &targets {
             let message = Message {
@@ -316,10 +350,40 @@ impl Publisher {
                 payload: payload.clone(),
                 publisher: self.id,
                 seq: 0,
+                reply_to: reply_to.clone(),
             };
             deliver(sub, message).await;
         }
         targets.len()
+    }
+}
+
+impl Bus {
+    /// Sends a request to `subject` and waits at most `timeout` for the
+    /// first reply. Services answer with [`Publisher::reply`]; several
+    /// instances in one queue group share the requests. The reply inbox is
+    /// subscribed before the request goes out, so no reply can be missed.
+    pub async fn request(
+        &self,
+        subject: &str,
+        payload: impl Into<Bytes>,
+        timeout: std::time::Duration,
+    ) -> Result<Message, RequestError> {
+        let subject = Subject::new(subject)?;
+        let inbox = Subject::new(&format!(
+            "_inbox.{}",
+            self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+        ))?;
+        let mut replies = self.subscribe(inbox.as_str(), SubscribeOptions::default().buffer(1))?;
+        let requester = self.publisher();
+        if requester.send(&subject, Some(inbox), payload.into()).await == 0 {
+            return Err(RequestError::NoResponders(subject.to_string()));
+        }
+        match tokio::time::timeout(timeout, replies.recv()).await {
+            Ok(Some(Event::Message(reply))) => Ok(reply),
+            Ok(_) => Err(RequestError::NoResponders(subject.to_string())),
+            Err(_) => Err(RequestError::Timeout(timeout)),
+        }
     }
 }
 

@@ -17,8 +17,10 @@
 //!   ([`remote::PubSubHost`], [`remote::RemotePubSub`]); a subscription is
 //!   active at the host before `subscribe` returns.
 //!
-//! **Status:** durable subscriptions on courier-queue, request-reply over
-//! subjects, restoring subscriptions after a host restart, and batched
+//! - Request-reply: [`Bus::request`] and [`Publisher::reply`], services
+//!   reached by subject, load-balanced over a queue group.
+//!
+//! **Status:** durable subscriptions on courier-queue, restoring subscriptions after a host restart, and batched
 //! remote publishing come next.
 
 #![warn(missing_docs)]
@@ -28,6 +30,8 @@ pub mod remote;
 pub mod router;
 pub mod subject;
 
-pub use bus::{Bus, Event, Message, Publisher, SlowConsumer, SubscribeOptions, Subscription};
+pub use bus::{
+    Bus, Event, Message, Publisher, RequestError, SlowConsumer, SubscribeOptions, Subscription,
+};
 pub use router::{Router, SubscriptionId};
 pub use subject::{Filter, Subject, SubjectError};

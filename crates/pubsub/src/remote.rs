@@ -41,6 +41,8 @@ pub enum WireEvent {
         publisher: u64,
         /// Per-publisher sequence number, for this subscription.
         seq: u64,
+        /// Where to reply, for request-reply.
+        reply_to: Option<String>,
     },
     /// Messages `from..to` of `publisher` were dropped.
     Gap {
@@ -56,11 +58,13 @@ pub enum WireEvent {
 /// The pub/sub protocol.
 #[courier_rpc::service]
 pub trait PubSubService {
-    /// Publishes under the client-chosen publisher identity `publisher`.
+    /// Publishes under the client-chosen publisher identity `publisher`,
+    /// asking for replies on `reply_to` if given.
     async fn publish(
         &self,
         publisher: u64,
         subject: String,
+        reply_to: Option<String>,
         payload: Bytes,
     ) -> Result<u64, RemoteError>;
     /// Subscribes; the stream starts with `Active`. `policy`: 0 drop oldest,
@@ -115,9 +119,15 @@ impl PubSubService for PubSubHost {
         &self,
         publisher: u64,
         subject: String,
+        reply_to: Option<String>,
         payload: Bytes,
     ) -> Result<u64, RemoteError> {
-        let subject = Subject::new(&subject).map_err(|e| RemoteError::Invalid(e.to_string()))?;
+        let invalid = |e: crate::SubjectError| RemoteError::Invalid(e.to_string());
+        let subject = Subject::new(&subject).map_err(invalid)?;
+        let reply_to = reply_to
+            .map(|r| Subject::new(&r))
+            .transpose()
+            .map_err(invalid)?;
         let local = {
             let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
             publishers
@@ -125,7 +135,7 @@ impl PubSubService for PubSubHost {
                 .or_insert_with(|| self.bus.publisher())
                 .clone()
         };
-        Ok(local.publish_to(&subject, payload).await as u64)
+        Ok(local.send(&subject, reply_to, payload).await as u64)
     }
 
     async fn subscribe(
@@ -161,6 +171,7 @@ impl PubSubService for PubSubHost {
                     payload: m.payload,
                     publisher: m.publisher,
                     seq: m.seq,
+                    reply_to: m.reply_to.map(|r| r.as_str().to_string()),
                 },
                 Event::Gap {
                     publisher,
@@ -192,6 +203,12 @@ pub enum RemotePubSubError {
     /// The host broke the protocol (a stream that did not start with `Active`).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A request found nobody subscribed to its subject.
+    #[error("no responders for {0}")]
+    NoResponders(String),
+    /// A request got no reply within its timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Subscriptions stay open this long (they end when dropped, not by deadline).
@@ -226,6 +243,39 @@ impl RemotePubSub {
         RemotePublisher {
             client: self.client.clone(),
             id: hasher.finish(),
+        }
+    }
+
+    /// Sends a request to `subject` and waits at most `timeout` for the
+    /// first reply; see [`Bus::request`].
+    pub async fn request(
+        &self,
+        subject: &str,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Message, RemotePubSubError> {
+        let publisher = self.publisher();
+        let inbox = format!("_inbox.{}", publisher.id);
+        let mut replies = self
+            .subscribe(&inbox, SubscribeOptions::default().buffer(1))
+            .await?;
+        let delivered = self
+            .client
+            .publish(
+                publisher.id,
+                subject.to_string(),
+                Some(inbox),
+                payload.into(),
+            )
+            .await??;
+        if delivered == 0 {
+            return Err(RemotePubSubError::NoResponders(subject.to_string()));
+        }
+        match tokio::time::timeout(timeout, replies.recv()).await {
+            Ok(Some(Ok(Event::Message(reply)))) => Ok(reply),
+            Ok(Some(Err(err))) => Err(err),
+            Ok(_) => Err(RemotePubSubError::NoResponders(subject.to_string())),
+            Err(_) => Err(RemotePubSubError::Timeout(timeout)),
         }
     }
 
@@ -273,8 +323,20 @@ impl RemotePublisher {
     ) -> Result<u64, RemotePubSubError> {
         Ok(self
             .client
-            .publish(self.id, subject.to_string(), payload.into())
+            .publish(self.id, subject.to_string(), None, payload.into())
             .await??)
+    }
+
+    /// Answers `request` on its `reply_to` subject; 0 if it wants no reply.
+    pub async fn reply(
+        &self,
+        request: &Message,
+        payload: impl Into<Bytes>,
+    ) -> Result<u64, RemotePubSubError> {
+        match &request.reply_to {
+            Some(inbox) => self.publish(inbox.as_str(), payload).await,
+            None => Ok(0),
+        }
     }
 }
 
@@ -300,12 +362,14 @@ impl RemoteSubscription {
                 payload,
                 publisher,
                 seq,
+                reply_to,
             } => match Subject::new(&subject) {
                 Ok(subject) => Ok(Event::Message(Message {
                     subject,
                     payload,
                     publisher,
                     seq,
+                    reply_to: reply_to.and_then(|r| Subject::new(&r).ok()),
                 })),
                 Err(err) => Err(RemotePubSubError::Protocol(err.to_string())),
             },

@@ -306,3 +306,69 @@ async fn backpressure_makes_the_publisher_wait_for_room() {
     assert_eq!(message(sub.recv().await).payload, "second");
     assert_eq!(sub.dropped(), 0);
 }
+
+/// A service answering requests on `subject`: replies with the payload
+/// upper-cased and tagged with its name.
+fn spawn_service(bus: &Bus, subject: &str, name: &'static str) {
+    let mut requests = bus
+        .subscribe(subject, SubscribeOptions::default().group("upper"))
+        .unwrap();
+    let publisher = bus.publisher();
+    tokio::spawn(async move {
+        while let Some(Event::Message(request)) = requests.recv().await {
+            let answer = format!(
+                "{}:{}",
+                name,
+                String::from_utf8_lossy(&request.payload).to_uppercase()
+            );
+            publisher.reply(&request, answer).await;
+        }
+    });
+}
+
+#[tokio::test]
+async fn requests_reach_a_service_by_subject_load_balanced_over_its_group() {
+    let bus = Bus::new();
+    spawn_service(&bus, "svc.upper", "a");
+    spawn_service(&bus, "svc.upper", "b");
+    let mut answered_by = HashMap::new();
+    for n in 0..10 {
+        let reply = within(
+            "reply",
+            bus.request("svc.upper", format!("hi{n}"), Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+        let text = String::from_utf8(reply.payload.to_vec()).unwrap();
+        let (name, upper) = text.split_once(':').unwrap();
+        assert_eq!(upper, format!("HI{n}"));
+        *answered_by.entry(name.to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(answered_by.get("a"), Some(&5));
+    assert_eq!(answered_by.get("b"), Some(&5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_nobody_answers_fails_clearly() {
+    let bus = Bus::new();
+    let err = bus
+        .request("svc.none", "x", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        courier_pubsub::RequestError::NoResponders("svc.none".into())
+    );
+    // A subscriber that never replies: the request times out.
+    let _silent = bus
+        .subscribe("svc.silent", SubscribeOptions::default())
+        .unwrap();
+    let err = bus
+        .request("svc.silent", "x", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        courier_pubsub::RequestError::Timeout(Duration::from_secs(1))
+    );
+}

@@ -152,3 +152,45 @@ async fn a_stalled_remote_subscriber_is_told_what_it_missed() {
     );
     assert_eq!(delivered + missed, 201);
 }
+
+#[tokio::test]
+async fn a_remote_service_answers_requests_by_subject() {
+    let server = host().await;
+    let service = connect(&server).await;
+    let mut requests = service
+        .subscribe("svc.echo", SubscribeOptions::default().group("echo"))
+        .await
+        .unwrap();
+    let replier = service.publisher();
+    tokio::spawn(async move {
+        while let Some(Ok(Event::Message(request))) = requests.recv().await {
+            replier
+                .reply(&request, request.payload.clone())
+                .await
+                .unwrap();
+        }
+    });
+    let client = connect(&server).await;
+    for n in 0..20u32 {
+        let reply = client
+            .request(
+                "svc.echo",
+                n.to_le_bytes().to_vec(),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&reply.payload[..], &n.to_le_bytes());
+    }
+    let err = client
+        .request("svc.nobody", "x", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            courier_pubsub::remote::RemotePubSubError::NoResponders(_)
+        ),
+        "{err:?}"
+    );
+}
