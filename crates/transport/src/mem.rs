@@ -100,10 +100,15 @@ impl MemWriter {
                 return Ok(());
             }
             let permit = self.tx.reserve().await.map_err(|_| SendError::Closed)?;
-            let frames = std::mem::take(&mut *self.fed());
+            // Taken and sent under one hold of the lock: released in
+            // between, another send of the same task could overtake these
+            // frames (a reordering this once had).
+            let mut fed = self.fed();
+            let frames = std::mem::take(&mut *fed);
             if !frames.is_empty() {
                 permit.send(Slot::Batch(frames));
             }
+            drop(fed);
         }
     }
 
