@@ -1,14 +1,105 @@
 //! Publish–subscribe: routing cost with 100,000 subscriptions and memory
-//! per subscription; in-process delivery, 1 publisher to 1, 4 and 16
-//! subscribers, 128-byte messages, beside raw framed TCP streaming of the
-//! same messages in the same run.
+//! per subscription; delivery from 1 publisher to 1, 4 and 16 subscribers,
+//! 128-byte messages, in process and through a host over TCP, beside raw
+//! framed TCP streaming of the same messages in the same run.
+//!
+//! Through the host, the publisher sends batches of [`BATCH`] messages with
+//! [`IN_FLIGHT`] batches outstanding; subscriptions use backpressure, so
+//! nothing is dropped and every message is counted at every subscriber.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use courier_benches::{
-    filters, median_and_spread, output_dir, raw, selected, Mode, Placement, Report,
+    filters, median_and_spread, output_dir, raw, run_pair, selected, Mode, Placement, Report,
 };
+use courier_pubsub::remote::{PubSubHost, PubSubServiceServer, RemotePubSub};
 use courier_pubsub::{Bus, Event, Filter, Router, SlowConsumer, Subject, SubscribeOptions};
+use courier_rpc::{ClientConfig, Server, ServerConfig};
+
+const BATCH: usize = 256;
+const IN_FLIGHT: usize = 4;
+
+/// Set by the client when it is done, so the host thread can stop.
+static FINISHED: AtomicBool = AtomicBool::new(false);
+
+async fn host(announce: std::sync::mpsc::Sender<courier_transport::Address>) {
+    let listener =
+        courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
+            .await
+            .unwrap();
+    let server = Server::new(ServerConfig::default())
+        .service(PubSubServiceServer::new(PubSubHost::new(Bus::new())))
+        .spawn(listener);
+    announce.send(server.local_addr().clone()).unwrap();
+    while !FINISHED.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.shutdown(Duration::ZERO).await;
+}
+
+/// One publisher and `subscribers` subscribers (each on its own
+/// connection) in the client thread, the host in the other.
+fn remote(placement: Placement, subscribers: usize, count: u64) -> Duration {
+    FINISHED.store(false, Ordering::Release);
+    run_pair(placement, host, move |address| async move {
+        let mut readers = Vec::new();
+        for _ in 0..subscribers {
+            let bus = RemotePubSub::connect(&address, ClientConfig::default())
+                .await
+                .unwrap();
+            let mut sub = bus
+                .subscribe(
+                    "bench.stream",
+                    SubscribeOptions::default()
+                        .buffer(4096)
+                        .policy(SlowConsumer::Backpressure),
+                )
+                .await
+                .unwrap();
+            readers.push(tokio::spawn(async move {
+                let mut received = 0u64;
+                while received < count {
+                    match sub.recv().await {
+                        Some(Ok(Event::Message(_))) => received += 1,
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }));
+        }
+        let publisher = RemotePubSub::connect(&address, ClientConfig::default())
+            .await
+            .unwrap()
+            .publisher();
+        let payload = bytes::Bytes::from(vec![0xA5u8; SIZE]);
+        let started = Instant::now();
+        let mut batches = tokio::task::JoinSet::new();
+        let mut sent = 0u64;
+        while sent < count {
+            if batches.len() == IN_FLIGHT {
+                batches.join_next().await.unwrap().unwrap();
+            }
+            let n = (count - sent).min(BATCH as u64);
+            let (publisher, payload) = (publisher.clone(), payload.clone());
+            batches.spawn(async move {
+                publisher
+                    .publish_batch((0..n).map(|_| ("bench.stream", payload.clone())))
+                    .await
+                    .unwrap()
+            });
+            sent += n;
+        }
+        while let Some(done) = batches.join_next().await {
+            done.unwrap();
+        }
+        for reader in readers {
+            reader.await.unwrap();
+        }
+        let took = started.elapsed();
+        FINISHED.store(true, Ordering::Release);
+        took
+    })
+}
 
 const SIZE: usize = 128;
 
@@ -173,6 +264,47 @@ fn main() -> anyhow::Result<()> {
                 f64::NAN,
                 true,
             );
+        }
+    }
+    if selected(&filters, "remote") {
+        let count = mode.pick(200_000u64, 2_000);
+        let repeats = mode.pick(3, 1);
+        for place in Placement::available() {
+            let (raw_rate, _) = median_and_spread(
+                &mut (0..repeats)
+                    .map(|_| count as f64 / raw::stream(place, SIZE, count).as_secs_f64())
+                    .collect::<Vec<_>>(),
+            );
+            println!(
+                "\nthrough a host over TCP ({}), raw framed TCP streaming {SIZE} B: {raw_rate:.0} msgs/s",
+                place.label()
+            );
+            report.add(
+                "stream_128B",
+                "raw-tcp-beside-remote",
+                place,
+                "msgs_per_s",
+                raw_rate,
+            );
+            for fan in [1, 4, 16] {
+                let (delivered, spread) = median_and_spread(
+                    &mut (0..repeats)
+                        .map(|_| {
+                            (count * fan as u64) as f64 / remote(place, fan, count).as_secs_f64()
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                let ratio = delivered / raw_rate;
+                println!("remote 1 -> {fan:>2}: {delivered:>12.0} delivered msgs/s ({ratio:.2}x raw TCP, spread {:.0}%)", spread * 100.0);
+                report.add(
+                    "remote_128B",
+                    &format!("1to{fan}"),
+                    place,
+                    "delivered_per_s",
+                    delivered,
+                );
+                report.ratio("remote_128B", &format!("1to{fan}"), place, ratio, 0.5, true);
+            }
         }
     }
     println!("\n{}", report.ratio_table());

@@ -102,6 +102,7 @@ pub enum RequestError {
 
 /// What a subscription receives.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A message.
     Message(Message),
@@ -115,6 +116,11 @@ pub enum Event {
         /// One past the last missing.
         to: u64,
     },
+    /// Remote subscriptions only: the connection to the host was lost and
+    /// the subscription made again. Messages published in between were
+    /// missed (use a durable subscription to keep them), and sequence
+    /// numbers may start again from 1.
+    Restored,
 }
 
 struct Buffer {

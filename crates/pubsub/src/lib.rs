@@ -17,15 +17,22 @@
 //!   ([`remote::PubSubHost`], [`remote::RemotePubSub`]); a subscription is
 //!   active at the host before `subscribe` returns.
 //!
+//!   Subscriptions restore themselves when the host comes back
+//!   ([`Event::Restored`]); publishing and delivery travel in batches.
+//! - [`durable`]: named subscriptions backed by a courier-queue, so a
+//!   subscriber that was away gets what was published meanwhile, with acks.
 //! - Request-reply: [`Bus::request`] and [`Publisher::reply`], services
 //!   reached by subject, load-balanced over a queue group.
+//! - [`blocking`]: the same, for code without an async runtime.
 //!
-//! **Status:** durable subscriptions on courier-queue, restoring subscriptions after a host restart, and batched
-//! remote publishing come next.
+//! Dependencies beyond the workspace's usual ones: courier-queue (durable
+//! subscriptions) and postcard (their stored form and registry).
 
 #![warn(missing_docs)]
 
+pub mod blocking;
 mod bus;
+pub mod durable;
 pub mod remote;
 pub mod router;
 pub mod subject;

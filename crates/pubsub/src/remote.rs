@@ -6,15 +6,26 @@
 //! subscribed), so a message published after that is delivered: no slow
 //! joiner loss. Slow-consumer policies apply at the host, per
 //! subscription, exactly as in process.
+//!
+//! Messages travel in batches both ways: [`RemotePublisher::publish_batch`]
+//! sends many in one call, and a subscription stream carries whatever the
+//! host has buffered for it (up to [`MAX_EVENTS_PER_ITEM`]) in one frame.
+//!
+//! A [`RemoteSubscription`] whose host goes away (restart, crash, cut
+//! connection) subscribes again by itself, with backoff, and reports
+//! [`Event::Restored`] so the subscriber knows it may have missed messages.
+//! Durable subscriptions ([`crate::durable`]) keep what a subscriber misses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use courier_queue::remote::RemoteQueue;
 use courier_rpc::{Client, ClientConfig, ItemStream, Items, RpcError};
-use courier_transport::Address;
+use courier_transport::{Address, Backoff};
 
+use crate::durable::{Durable, DurableError};
 use crate::{Bus, Event, Message, Publisher, SlowConsumer, Subject, SubscribeOptions};
 
 /// A pub/sub error as it crosses the network.
@@ -24,6 +35,49 @@ pub enum RemoteError {
     /// The subject or filter is invalid (the message names the token).
     #[error("{0}")]
     Invalid(String),
+    /// A durable subscription refused or failed.
+    #[error("{reason}")]
+    Durable {
+        /// What went wrong, as the host says it.
+        reason: String,
+        /// Whether trying again may succeed.
+        retryable: bool,
+    },
+    /// The host keeps no durable subscriptions.
+    #[error("this host has no durable subscriptions")]
+    NoDurable,
+}
+
+impl From<crate::SubjectError> for RemoteError {
+    fn from(err: crate::SubjectError) -> RemoteError {
+        RemoteError::Invalid(err.to_string())
+    }
+}
+
+impl From<DurableError> for RemoteError {
+    fn from(err: DurableError) -> RemoteError {
+        match err {
+            DurableError::Subject(err) => err.into(),
+            err => RemoteError::Durable {
+                retryable: err.is_retryable(),
+                reason: err.to_string(),
+            },
+        }
+    }
+}
+
+/// The most events one subscription stream item carries.
+pub const MAX_EVENTS_PER_ITEM: usize = 256;
+
+/// One message of a [`PubSubService::publish_batch`].
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WirePublish {
+    /// Its subject.
+    pub subject: String,
+    /// Where to reply, for request-reply.
+    pub reply_to: Option<String>,
+    /// Its bytes.
+    pub payload: Bytes,
 }
 
 /// One item of a subscription stream.
@@ -59,7 +113,9 @@ pub enum WireEvent {
 #[courier_rpc::service]
 pub trait PubSubService {
     /// Publishes under the client-chosen publisher identity `publisher`,
-    /// asking for replies on `reply_to` if given.
+    /// asking for replies on `reply_to` if given. Returns how many live
+    /// subscriptions it reached, after storing it in every matching durable
+    /// subscription.
     async fn publish(
         &self,
         publisher: u64,
@@ -67,33 +123,113 @@ pub trait PubSubService {
         reply_to: Option<String>,
         payload: Bytes,
     ) -> Result<u64, RemoteError>;
-    /// Subscribes; the stream starts with `Active`. `policy`: 0 drop oldest,
-    /// 1 drop newest, 2 disconnect, 3 backpressure.
+    /// Publishes many messages in order, as [`publish`](Self::publish)
+    /// each; returns the live deliveries in total. All are checked before
+    /// any is published: one invalid subject refuses the whole batch.
+    async fn publish_batch(
+        &self,
+        publisher: u64,
+        messages: Vec<WirePublish>,
+    ) -> Result<u64, RemoteError>;
+    /// Subscribes; the stream starts with `[Active]`, then carries batches
+    /// of events. `policy`: 0 drop oldest, 1 drop newest, 2 disconnect, 3
+    /// backpressure.
     async fn subscribe(
         &self,
         filter: String,
         buffer: u32,
         policy: u8,
         group: Option<String>,
-        items: Items<Result<WireEvent, RemoteError>>,
+        items: Items<Result<Vec<WireEvent>, RemoteError>>,
     );
+    /// Creates (or finds, if the filter is the same) the durable
+    /// subscription `name`; returns the queue that holds its messages.
+    async fn durable_subscribe(&self, name: String, filter: String) -> Result<String, RemoteError>;
+    /// Ends the durable subscription `name`; returns whether it existed.
+    async fn durable_unsubscribe(&self, name: String) -> Result<bool, RemoteError>;
+    /// The durable subscriptions, as (name, filter).
+    async fn durable_list(&self) -> Result<Vec<(String, String)>, RemoteError>;
 }
 
 /// Serves a [`Bus`] to other processes.
 #[derive(Debug, Default)]
 pub struct PubSubHost {
     bus: Bus,
+    durable: Option<Durable>,
     publishers: Mutex<HashMap<u64, Publisher>>,
 }
 
 impl PubSubHost {
-    /// A host for `bus` (which local publishers and subscribers may share).
+    /// A host for `bus` (which local publishers and subscribers may share),
+    /// without durable subscriptions.
     pub fn new(bus: Bus) -> PubSubHost {
         PubSubHost {
             bus,
+            durable: None,
             publishers: Mutex::new(HashMap::new()),
         }
     }
+
+    /// A host for `bus` that keeps `durable` subscriptions. Serve their
+    /// queues (the same `QueueSet`) with a `courier_queue::remote::QueueHost`
+    /// on the same server so that subscribers can consume them.
+    pub fn with_durable(bus: Bus, durable: Durable) -> PubSubHost {
+        PubSubHost {
+            durable: Some(durable),
+            ..PubSubHost::new(bus)
+        }
+    }
+
+    fn publisher(&self, id: u64) -> Publisher {
+        let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
+        publishers
+            .entry(id)
+            .or_insert_with(|| self.bus.publisher())
+            .clone()
+    }
+
+    fn durable(&self) -> Result<&Durable, RemoteError> {
+        self.durable.as_ref().ok_or(RemoteError::NoDurable)
+    }
+
+    /// Stores in durable subscriptions, then delivers live.
+    async fn publish_all(
+        &self,
+        publisher: u64,
+        messages: Vec<(Subject, Option<Subject>, Bytes)>,
+    ) -> Result<u64, RemoteError> {
+        if let Some(durable) = &self.durable {
+            durable.store(&messages).await?;
+        }
+        let local = self.publisher(publisher);
+        let mut delivered = 0;
+        for (subject, reply_to, payload) in messages {
+            delivered += local.send(&subject, reply_to, payload).await as u64;
+        }
+        Ok(delivered)
+    }
+}
+
+fn wire_event(event: Event) -> Option<WireEvent> {
+    Some(match event {
+        Event::Message(m) => WireEvent::Message {
+            subject: m.subject.as_str().to_string(),
+            payload: m.payload,
+            publisher: m.publisher,
+            seq: m.seq,
+            reply_to: m.reply_to.map(|r| r.as_str().to_string()),
+        },
+        Event::Gap {
+            publisher,
+            from,
+            to,
+        } => WireEvent::Gap {
+            publisher,
+            from,
+            to,
+        },
+        _ => return None,
+    })
 }
 
 fn policy_code(policy: SlowConsumer) -> u8 {
@@ -122,20 +258,31 @@ impl PubSubService for PubSubHost {
         reply_to: Option<String>,
         payload: Bytes,
     ) -> Result<u64, RemoteError> {
-        let invalid = |e: crate::SubjectError| RemoteError::Invalid(e.to_string());
-        let subject = Subject::new(&subject).map_err(invalid)?;
-        let reply_to = reply_to
-            .map(|r| Subject::new(&r))
-            .transpose()
-            .map_err(invalid)?;
-        let local = {
-            let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
-            publishers
-                .entry(publisher)
-                .or_insert_with(|| self.bus.publisher())
-                .clone()
-        };
-        Ok(local.send(&subject, reply_to, payload).await as u64)
+        let subject = Subject::new(&subject)?;
+        let reply_to = reply_to.map(|r| Subject::new(&r)).transpose()?;
+        self.publish_all(publisher, vec![(subject, reply_to, payload)])
+            .await
+    }
+
+    async fn publish_batch(
+        &self,
+        publisher: u64,
+        messages: Vec<WirePublish>,
+    ) -> Result<u64, RemoteError> {
+        let mut parsed: Vec<(Subject, Option<Subject>, Bytes)> = Vec::with_capacity(messages.len());
+        for m in messages {
+            // Batches often repeat a subject: parse it once.
+            let subject = match parsed.last() {
+                Some((last, _, _)) if last.as_str() == m.subject => last.clone(),
+                _ => Subject::new(&m.subject)?,
+            };
+            parsed.push((
+                subject,
+                m.reply_to.map(|r| Subject::new(&r)).transpose()?,
+                m.payload,
+            ));
+        }
+        self.publish_all(publisher, parsed).await
     }
 
     async fn subscribe(
@@ -144,7 +291,7 @@ impl PubSubService for PubSubHost {
         buffer: u32,
         policy: u8,
         group: Option<String>,
-        items: Items<Result<WireEvent, RemoteError>>,
+        items: Items<Result<Vec<WireEvent>, RemoteError>>,
     ) {
         let mut options = SubscribeOptions::default()
             .buffer(buffer as usize)
@@ -155,38 +302,41 @@ impl PubSubService for PubSubHost {
         let mut subscription = match self.bus.subscribe(&filter, options) {
             Ok(subscription) => subscription,
             Err(err) => {
-                let _ = items.send(Err(RemoteError::Invalid(err.to_string()))).await;
+                let _ = items.send(Err(err.into())).await;
                 return;
             }
         };
-        if items.send(Ok(WireEvent::Active)).await.is_err() {
+        if items.send(Ok(vec![WireEvent::Active])).await.is_err() {
             return;
         }
         // Ends when the client goes away (the call is cancelled and the
         // subscription dropped) or the subscription is disconnected.
         while let Some(event) = subscription.recv().await {
-            let wire = match event {
-                Event::Message(m) => WireEvent::Message {
-                    subject: m.subject.as_str().to_string(),
-                    payload: m.payload,
-                    publisher: m.publisher,
-                    seq: m.seq,
-                    reply_to: m.reply_to.map(|r| r.as_str().to_string()),
-                },
-                Event::Gap {
-                    publisher,
-                    from,
-                    to,
-                } => WireEvent::Gap {
-                    publisher,
-                    from,
-                    to,
-                },
-            };
-            if items.send(Ok(wire)).await.is_err() {
+            // Whatever else is buffered goes in the same frame.
+            let mut batch: Vec<WireEvent> = wire_event(event).into_iter().collect();
+            while batch.len() < MAX_EVENTS_PER_ITEM {
+                match subscription.try_recv() {
+                    Some(event) => batch.extend(wire_event(event)),
+                    None => break,
+                }
+            }
+            if items.send(Ok(batch)).await.is_err() {
                 return;
             }
         }
+    }
+
+    async fn durable_subscribe(&self, name: String, filter: String) -> Result<String, RemoteError> {
+        self.durable()?.subscribe(&name, &filter).await?;
+        Ok(crate::durable::queue_name(&name))
+    }
+
+    async fn durable_unsubscribe(&self, name: String) -> Result<bool, RemoteError> {
+        Ok(self.durable()?.unsubscribe(&name).await?)
+    }
+
+    async fn durable_list(&self) -> Result<Vec<(String, String)>, RemoteError> {
+        Ok(self.durable()?.list())
     }
 }
 
@@ -214,10 +364,26 @@ pub enum RemotePubSubError {
 /// Subscriptions stay open this long (they end when dropped, not by deadline).
 const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// How long a subscription keeps trying to restore itself after losing its
+/// host, unless changed with [`RemotePubSub::with_restore_window`].
+pub const DEFAULT_RESTORE_WINDOW: Duration = Duration::from_secs(300);
+
 /// A bus on a [`PubSubHost`] in another process.
 #[derive(Clone, Debug)]
 pub struct RemotePubSub {
     client: PubSubServiceClient,
+    restore_window: Duration,
+}
+
+fn fresh_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
 }
 
 impl RemotePubSub {
@@ -226,23 +392,36 @@ impl RemotePubSub {
         address: &Address,
         config: ClientConfig,
     ) -> Result<RemotePubSub, RemotePubSubError> {
-        Ok(RemotePubSub {
-            client: PubSubServiceClient::new(Client::connect(address, config).await?),
-        })
+        Ok(RemotePubSub::with_client(
+            Client::connect(address, config).await?,
+        ))
+    }
+
+    /// Uses an existing client (and its connection).
+    pub fn with_client(client: Client) -> RemotePubSub {
+        RemotePubSub {
+            client: PubSubServiceClient::new(client),
+            restore_window: DEFAULT_RESTORE_WINDOW,
+        }
+    }
+
+    /// The client underneath, to reach other services on the same host.
+    pub fn client(&self) -> &Client {
+        self.client.client()
+    }
+
+    /// The same bus, whose subscriptions give up restoring themselves after
+    /// `window` without a host (and then return the error).
+    pub fn with_restore_window(mut self, window: Duration) -> RemotePubSub {
+        self.restore_window = window;
+        self
     }
 
     /// A publisher with a fresh identity.
     pub fn publisher(&self) -> RemotePublisher {
-        use std::hash::{BuildHasher, Hasher};
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
         RemotePublisher {
             client: self.client.clone(),
-            id: hasher.finish(),
+            id: fresh_id(),
         }
     }
 
@@ -280,29 +459,74 @@ impl RemotePubSub {
     }
 
     /// Subscribes; returns once the subscription is active at the host.
+    /// If the host goes away, the subscription restores itself (see
+    /// [`Event::Restored`]).
     pub async fn subscribe(
         &self,
         filter: &str,
         options: SubscribeOptions,
     ) -> Result<RemoteSubscription, RemotePubSubError> {
-        let mut stream = self
+        let stream = open_subscription(&self.client, filter, &options).await?;
+        Ok(RemoteSubscription {
+            stream,
+            pending: VecDeque::new(),
+            last_subject: None,
+            client: self.client.clone(),
+            filter: filter.to_string(),
+            options,
+            restore_window: self.restore_window,
+            restored: 0,
+        })
+    }
+
+    /// Creates (or finds, if its filter is the same) the durable
+    /// subscription `name` on `filter`, and returns its queue on the same
+    /// host: consume it like any queue, and decode each delivery with
+    /// [`DurableMessage::decode`](crate::durable::DurableMessage::decode).
+    pub async fn durable(
+        &self,
+        name: &str,
+        filter: &str,
+    ) -> Result<RemoteQueue, RemotePubSubError> {
+        let queue = self
             .client
-            .with_timeout(SUBSCRIPTION_LIFETIME)
-            .subscribe(
-                filter.to_string(),
-                options.buffer as u32,
-                policy_code(options.policy),
-                options.group.clone(),
-            )
-            .await?;
-        match stream.next().await {
-            Some(Ok(Ok(WireEvent::Active))) => Ok(RemoteSubscription { stream }),
-            Some(Ok(Err(err))) => Err(err.into()),
-            Some(Err(err)) => Err(err.into()),
-            other => Err(RemotePubSubError::Protocol(format!(
-                "expected Active, got {other:?}"
-            ))),
-        }
+            .durable_subscribe(name.to_string(), filter.to_string())
+            .await??;
+        Ok(RemoteQueue::with_client(self.client().clone(), &queue))
+    }
+
+    /// Ends the durable subscription `name`; returns whether it existed.
+    pub async fn durable_unsubscribe(&self, name: &str) -> Result<bool, RemotePubSubError> {
+        Ok(self.client.durable_unsubscribe(name.to_string()).await??)
+    }
+
+    /// The host's durable subscriptions, as (name, filter).
+    pub async fn durable_list(&self) -> Result<Vec<(String, String)>, RemotePubSubError> {
+        Ok(self.client.durable_list().await??)
+    }
+}
+
+async fn open_subscription(
+    client: &PubSubServiceClient,
+    filter: &str,
+    options: &SubscribeOptions,
+) -> Result<ItemStream<Result<Vec<WireEvent>, RemoteError>>, RemotePubSubError> {
+    let mut stream = client
+        .with_timeout(SUBSCRIPTION_LIFETIME)
+        .subscribe(
+            filter.to_string(),
+            options.buffer as u32,
+            policy_code(options.policy),
+            options.group.clone(),
+        )
+        .await?;
+    match stream.next().await {
+        Some(Ok(Ok(first))) if first == [WireEvent::Active] => Ok(stream),
+        Some(Ok(Err(err))) => Err(err.into()),
+        Some(Err(err)) => Err(err.into()),
+        other => Err(RemotePubSubError::Protocol(format!(
+            "expected [Active], got {other:?}"
+        ))),
     }
 }
 
@@ -314,8 +538,14 @@ pub struct RemotePublisher {
 }
 
 impl RemotePublisher {
-    /// Publishes; returns how many subscriptions it was delivered (or
-    /// dropped) to, once the host has done so.
+    /// This publisher's identity, as subscribers see it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Publishes; returns how many live subscriptions it was delivered (or
+    /// dropped) to, once the host has done so and stored it in every
+    /// matching durable subscription.
     pub async fn publish(
         &self,
         subject: &str,
@@ -325,6 +555,25 @@ impl RemotePublisher {
             .client
             .publish(self.id, subject.to_string(), None, payload.into())
             .await??)
+    }
+
+    /// Publishes many messages in one call, in order; returns the live
+    /// deliveries in total. One invalid subject refuses the whole batch.
+    /// Several batches may be in flight at once (from clones of this
+    /// publisher); their order relative to each other is then not defined.
+    pub async fn publish_batch<S: Into<String>, P: Into<Bytes>>(
+        &self,
+        messages: impl IntoIterator<Item = (S, P)>,
+    ) -> Result<u64, RemotePubSubError> {
+        let messages = messages
+            .into_iter()
+            .map(|(subject, payload)| WirePublish {
+                subject: subject.into(),
+                reply_to: None,
+                payload: payload.into(),
+            })
+            .collect();
+        Ok(self.client.publish_batch(self.id, messages).await??)
     }
 
     /// Answers `request` on its `reply_to` subject; 0 if it wants no reply.
@@ -345,44 +594,118 @@ impl RemotePublisher {
 /// message published in that moment may still be counted for it.
 #[derive(Debug)]
 pub struct RemoteSubscription {
-    stream: ItemStream<Result<WireEvent, RemoteError>>,
+    stream: ItemStream<Result<Vec<WireEvent>, RemoteError>>,
+    pending: VecDeque<WireEvent>,
+    /// The last subject parsed: consecutive messages often share it.
+    last_subject: Option<Subject>,
+    client: PubSubServiceClient,
+    filter: String,
+    options: SubscribeOptions,
+    restore_window: Duration,
+    restored: u64,
+}
+
+/// Errors after which the host may come back: subscribe again.
+fn host_lost(err: &RpcError) -> bool {
+    matches!(err, RpcError::Unavailable(_) | RpcError::Cancelled)
 }
 
 impl RemoteSubscription {
-    /// The next event; `None` when the subscription ended.
+    /// The next event; `None` when the subscription ended (the host
+    /// disconnected it as a slow consumer).
     pub async fn recv(&mut self) -> Option<Result<Event, RemotePubSubError>> {
-        let wire = match self.stream.next().await? {
-            Ok(Ok(wire)) => wire,
-            Ok(Err(err)) => return Some(Err(err.into())),
-            Err(err) => return Some(Err(err.into())),
-        };
-        Some(match wire {
-            WireEvent::Message {
+        loop {
+            if let Some(wire) = self.pending.pop_front() {
+                return Some(event_from(wire, &mut self.last_subject));
+            }
+            match self.stream.next().await? {
+                Ok(Ok(batch)) => self.pending.extend(batch),
+                Ok(Err(err)) => return Some(Err(err.into())),
+                Err(err) if host_lost(&err) => {
+                    return Some(match self.restore(err).await {
+                        Ok(()) => Ok(Event::Restored),
+                        Err(err) => Err(err),
+                    })
+                }
+                Err(err) => return Some(Err(err.into())),
+            }
+        }
+    }
+
+    /// How many times this subscription restored itself.
+    pub fn restored(&self) -> u64 {
+        self.restored
+    }
+
+    /// Subscribes again, with backoff, until the host takes it or the
+    /// restore window closes.
+    async fn restore(&mut self, lost: RpcError) -> Result<(), RemotePubSubError> {
+        let give_up = tokio::time::Instant::now() + self.restore_window;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_secs(2),
+            fresh_id(),
+        );
+        let mut last = RemotePubSubError::Rpc(lost);
+        loop {
+            let delay = backoff.next_delay();
+            if tokio::time::Instant::now() + delay > give_up {
+                return Err(last);
+            }
+            tokio::time::sleep(delay).await;
+            match open_subscription(&self.client, &self.filter, &self.options).await {
+                Ok(stream) => {
+                    self.stream = stream;
+                    self.restored += 1;
+                    return Ok(());
+                }
+                Err(RemotePubSubError::Rpc(err)) if host_lost(&err) => last = err.into(),
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+/// Parses `subject`, reusing `last` when it is the same.
+fn parse_subject(
+    subject: &str,
+    last: &mut Option<Subject>,
+) -> Result<Subject, crate::SubjectError> {
+    if let Some(same) = last.as_ref().filter(|l| l.as_str() == subject) {
+        return Ok(same.clone());
+    }
+    let parsed = Subject::new(subject)?;
+    *last = Some(parsed.clone());
+    Ok(parsed)
+}
+
+fn event_from(wire: WireEvent, last: &mut Option<Subject>) -> Result<Event, RemotePubSubError> {
+    match wire {
+        WireEvent::Message {
+            subject,
+            payload,
+            publisher,
+            seq,
+            reply_to,
+        } => match parse_subject(&subject, last) {
+            Ok(subject) => Ok(Event::Message(Message {
                 subject,
                 payload,
                 publisher,
                 seq,
-                reply_to,
-            } => match Subject::new(&subject) {
-                Ok(subject) => Ok(Event::Message(Message {
-                    subject,
-                    payload,
-                    publisher,
-                    seq,
-                    reply_to: reply_to.and_then(|r| Subject::new(&r).ok()),
-                })),
-                Err(err) => Err(RemotePubSubError::Protocol(err.to_string())),
-            },
-            WireEvent::Gap {
-                publisher,
-                from,
-                to,
-            } => Ok(Event::Gap {
-                publisher,
-                from,
-                to,
-            }),
-            WireEvent::Active => Err(RemotePubSubError::Protocol("a second Active".into())),
-        })
+                reply_to: reply_to.and_then(|r| Subject::new(&r).ok()),
+            })),
+            Err(err) => Err(RemotePubSubError::Protocol(err.to_string())),
+        },
+        WireEvent::Gap {
+            publisher,
+            from,
+            to,
+        } => Ok(Event::Gap {
+            publisher,
+            from,
+            to,
+        }),
+        WireEvent::Active => Err(RemotePubSubError::Protocol("a second Active".into())),
     }
 }

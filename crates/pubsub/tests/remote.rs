@@ -144,6 +144,7 @@ async fn a_stalled_remote_subscriber_is_told_what_it_missed() {
             }
             Event::Message(_) => delivered += 1,
             Event::Gap { from, to, .. } => missed += to - from,
+            other => panic!("unexpected {other:?}"),
         }
     }
     assert!(
@@ -193,4 +194,256 @@ async fn a_remote_service_answers_requests_by_subject() {
         ),
         "{err:?}"
     );
+}
+
+/// A fresh directory, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "courier-pubsub-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A host with durable subscriptions and the queue protocol for their
+/// queues, on `address`.
+async fn durable_host(
+    address: &courier_transport::Address,
+    data: &std::path::Path,
+) -> ServerHandle {
+    use courier_pubsub::durable::Durable;
+    use courier_queue::remote::{QueueHost, QueueServiceServer, QueueSet};
+    let listener = courier_transport::bind(address, &Default::default())
+        .await
+        .unwrap();
+    let queues = QueueSet::new(data, Default::default());
+    let durable = Durable::open(queues.clone()).await.unwrap();
+    Server::new(ServerConfig::default())
+        .service(PubSubServiceServer::new(PubSubHost::with_durable(
+            Bus::new(),
+            durable,
+        )))
+        .service(QueueServiceServer::new(QueueHost::serving(queues)))
+        .spawn(listener)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_and_group_memberships_come_back_after_a_host_restart() {
+    let dir = TempDir::new("restore");
+    let address: courier_transport::Address =
+        format!("unix://{}", dir.0.join("host.sock").display())
+            .parse()
+            .unwrap();
+    let server = durable_host(&address, &dir.0.join("data")).await;
+    let bus = connect(&server).await;
+    let mut plain = Vec::new();
+    for n in 0..50 {
+        plain.push(
+            bus.subscribe(&format!("restore.{n}"), SubscribeOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut members = Vec::new();
+    for _ in 0..2 {
+        members.push(
+            bus.subscribe("restore.work", SubscribeOptions::default().group("workers"))
+                .await
+                .unwrap(),
+        );
+    }
+    server.shutdown(Duration::from_millis(100)).await;
+    let server = durable_host(&address, &dir.0.join("data")).await;
+    // Each subscription notices, subscribes again and says so.
+    for sub in plain.iter_mut().chain(members.iter_mut()) {
+        assert_eq!(next(sub).await, Event::Restored);
+        assert_eq!(sub.restored(), 1);
+    }
+    let publisher = bus.publisher();
+    for n in 0..50 {
+        assert_eq!(
+            publisher
+                .publish(&format!("restore.{n}"), format!("{n}"))
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    for (n, sub) in plain.iter_mut().enumerate() {
+        let Event::Message(m) = next(sub).await else {
+            panic!("a message")
+        };
+        assert_eq!(m.payload, format!("{n}").as_bytes());
+    }
+    // The group membership is back too: one member each.
+    for _ in 0..10 {
+        assert_eq!(publisher.publish("restore.work", "job").await.unwrap(), 1);
+    }
+    let mut got = 0;
+    for member in &mut members {
+        while let Ok(Some(Ok(Event::Message(_)))) =
+            tokio::time::timeout(Duration::from_millis(200), member.recv()).await
+        {
+            got += 1;
+        }
+    }
+    assert_eq!(got, 10);
+    server.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_keeps_what_was_published_across_subscriber_and_host_restarts() {
+    use courier_pubsub::durable::DurableMessage;
+    use std::collections::BTreeSet;
+    let dir = TempDir::new("durable");
+    let address: courier_transport::Address =
+        format!("unix://{}", dir.0.join("host.sock").display())
+            .parse()
+            .unwrap();
+    let data = dir.0.join("data");
+    let server = durable_host(&address, &data).await;
+    let publisher = connect(&server).await.publisher();
+    let expected: BTreeSet<String> = (0..150).map(|n| format!("order {n}")).collect();
+
+    // Subscriber one: registers, takes 50 and acknowledges them, goes away.
+    let subscriber = connect(&server).await;
+    let audit = subscriber.durable("audit", "orders.>").await.unwrap();
+    // Also matches a batch and a single publish; other subjects do not.
+    publisher
+        .publish_batch((0..100).map(|n| (format!("orders.eu.{n}"), format!("order {n}"))))
+        .await
+        .unwrap();
+    publisher
+        .publish("payments.eu", "not for audit")
+        .await
+        .unwrap();
+    let mut acknowledged = BTreeSet::new();
+    {
+        let mut consumer = audit.consumer(10).await.unwrap();
+        while acknowledged.len() < 50 {
+            let delivery = consumer.recv().await.unwrap().unwrap();
+            let message = DurableMessage::decode(&delivery.payload).unwrap();
+            assert!(message.subject.as_str().starts_with("orders.eu."));
+            acknowledged.insert(String::from_utf8(message.payload.to_vec()).unwrap());
+            delivery.ack().await.unwrap();
+        }
+    }
+    drop(subscriber);
+    // Published while no subscriber is connected: each acknowledged to the
+    // publisher, so each must survive what follows.
+    for n in 100..150 {
+        publisher
+            .publish(&format!("orders.us.{n}"), format!("order {n}"))
+            .await
+            .unwrap();
+    }
+    server.shutdown(Duration::from_millis(100)).await;
+    let server = durable_host(&address, &data).await;
+
+    // Subscriber two, after the host restart: the durable subscription is
+    // still registered and holds everything not acknowledged.
+    let subscriber = connect(&server).await;
+    assert_eq!(
+        subscriber.durable_list().await.unwrap(),
+        vec![("audit".to_string(), "orders.>".to_string())]
+    );
+    let audit = subscriber.durable("audit", "orders.>").await.unwrap();
+    let mut consumer = audit.consumer(10).await.unwrap();
+    let mut rest = BTreeSet::new();
+    while acknowledged.len() + rest.len() < expected.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("a delivery within 30 s")
+            .unwrap()
+            .unwrap();
+        let message = DurableMessage::decode(&delivery.payload).unwrap();
+        let body = String::from_utf8(message.payload.to_vec()).unwrap();
+        assert!(
+            !acknowledged.contains(&body),
+            "{body} came back after its ack"
+        );
+        rest.insert(body);
+        delivery.ack().await.unwrap();
+    }
+    let all: BTreeSet<String> = acknowledged.union(&rest).cloned().collect();
+    assert_eq!(all, expected);
+    // The same name with another filter is refused, with both filters named.
+    let err = subscriber.durable("audit", "payments.>").await.unwrap_err();
+    assert!(
+        err.to_string().contains("orders.>") && err.to_string().contains("payments.>"),
+        "{err}"
+    );
+    assert!(subscriber.durable_unsubscribe("audit").await.unwrap());
+    assert!(subscriber.durable_list().await.unwrap().is_empty());
+    server.shutdown(Duration::from_millis(100)).await;
+}
+
+#[test]
+fn the_blocking_face_publishes_subscribes_and_requests() {
+    use courier_pubsub::blocking::BlockingPubSub;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(host());
+    let address = server.local_addr().clone();
+    let bus = BlockingPubSub::connect(&address, ClientConfig::default()).unwrap();
+    let mut sub = bus
+        .subscribe("blocking.>", SubscribeOptions::default())
+        .unwrap();
+    let publisher = bus.publisher();
+    assert_eq!(
+        publisher
+            .publish_batch((0..10).map(|n| (format!("blocking.{n}"), vec![n as u8])))
+            .unwrap(),
+        10
+    );
+    for n in 0..10u8 {
+        let Some(Ok(Event::Message(m))) = sub.recv_timeout(Duration::from_secs(30)) else {
+            panic!("a message")
+        };
+        assert_eq!(
+            (m.subject.as_str(), &m.payload[..]),
+            (&*format!("blocking.{n}"), &[n][..])
+        );
+    }
+    // Nothing more: the timeout says so.
+    assert!(matches!(
+        sub.recv_timeout(Duration::from_millis(50)),
+        Some(Err(_))
+    ));
+    // A responder on its own thread, reached by subject.
+    let mut requests = bus
+        .subscribe(
+            "blocking-svc.upper",
+            SubscribeOptions::default().group("upper"),
+        )
+        .unwrap();
+    let replier = bus.publisher();
+    let responder = std::thread::spawn(move || {
+        let Some(Ok(Event::Message(request))) = requests.recv() else {
+            panic!("a request")
+        };
+        replier
+            .reply(&request, request.payload.to_ascii_uppercase())
+            .unwrap();
+    });
+    let reply = bus
+        .request("blocking-svc.upper", "shout", Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(&reply.payload[..], b"SHOUT");
+    responder.join().unwrap();
+    drop(sub);
+    drop(bus);
+    runtime.block_on(server.shutdown(Duration::from_millis(100)));
 }

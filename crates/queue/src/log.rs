@@ -158,6 +158,12 @@ pub enum OpenError {
         /// What the system said.
         source: io::Error,
     },
+    /// Another log (in this process or another) has the directory open.
+    #[error("the log at {path} is in use by another process or queue")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
 }
 
 /// Why an append did not become durable.
@@ -292,6 +298,23 @@ fn scan(
     })
 }
 
+/// Takes the directory's lock file, so that two logs (two processes, or a
+/// queue opened twice) never write the same segments.
+fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
+    let path = dir.join("LOCK");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(OpenError::Locked { path }),
+        Err(fs::TryLockError::Error(err)) => Err(io_err(&path)(err)),
+    }
+}
+
 fn list_segments(dir: &Path) -> Result<Vec<Segment>, OpenError> {
     let mut segments = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -355,6 +378,7 @@ impl Log {
     ) -> Result<(Log, Recovery), OpenError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock = lock_dir(&dir)?;
         let mut segments: VecDeque<Segment> = list_segments(&dir)?.into();
         let mut recovery = Recovery::default();
         let mut next = segments.front().map_or(0, |s| s.first);
@@ -450,7 +474,11 @@ impl Log {
         };
         let thread = std::thread::Builder::new()
             .name("courier-log".into())
-            .spawn(move || writer.run(inbox))
+            .spawn(move || {
+                writer.run(inbox);
+                // Only now may another process (or a reopen) write here.
+                drop(lock);
+            })
             .map_err(io_err(&dir))?;
         Ok((
             Log {
@@ -523,11 +551,20 @@ impl Log {
         self.counters.fsyncs.load(Ordering::Relaxed)
     }
 
-    /// Stops the writer after everything queued is written and fsynced.
-    pub fn close(mut self) {
-        let writer = self.writer.take();
+    /// Stops the writer after everything queued is written and fsynced
+    /// (dropping the log does the same).
+    pub fn close(self) {
         drop(self);
-        if let Some(writer) = writer {
+    }
+}
+
+impl Drop for Log {
+    /// Waits for the writer to finish what was queued and release the
+    /// directory, so the log can be opened again as soon as this returns.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.commands, closed));
+        if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
     }

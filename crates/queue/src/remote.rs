@@ -86,11 +86,96 @@ pub trait QueueService {
     async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError>;
 }
 
-/// Serves every queue under a directory.
-pub struct QueueHost {
+/// The queues under one directory, each opened once and shared by whoever
+/// uses it (the queue protocol, durable subscriptions, a broker's stats).
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct QueueSet {
+    inner: Arc<QueueSetInner>,
+}
+
+struct QueueSetInner {
     dir: PathBuf,
     options: QueueOptions,
     queues: tokio::sync::Mutex<HashMap<String, Queue>>,
+}
+
+impl std::fmt::Debug for QueueSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueSet")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueSet {
+    /// The queues under `dir`, opened on first use with `options`.
+    pub fn new(dir: impl Into<PathBuf>, options: QueueOptions) -> QueueSet {
+        QueueSet {
+            inner: Arc::new(QueueSetInner {
+                dir: dir.into(),
+                options,
+                queues: tokio::sync::Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Where the queues live.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.inner.dir
+    }
+
+    /// The queue `name`, opened (and recovered) on first use.
+    pub async fn open(&self, name: &str) -> Result<Queue, QueueError> {
+        let mut queues = self.inner.queues.lock().await;
+        if let Some(queue) = queues.get(name) {
+            return Ok(queue.clone());
+        }
+        let queue = Queue::open(&self.inner.dir, name, self.inner.options.clone()).await?;
+        queues.insert(name.to_string(), queue.clone());
+        Ok(queue)
+    }
+
+    /// The queues open now, by name (dead-letter queues through their
+    /// queue's [`Queue::dead_letters`]).
+    pub async fn opened(&self) -> Vec<Queue> {
+        let mut queues: Vec<Queue> = self.inner.queues.lock().await.values().cloned().collect();
+        queues.sort_by(|a, b| a.name().cmp(b.name()));
+        queues
+    }
+
+    /// Opens every queue found in the directory (not their `.dlq`s, which
+    /// open with them), so that a restarted host serves them at once.
+    pub async fn open_all(&self) -> Result<Vec<Queue>, QueueError> {
+        let mut names = Vec::new();
+        match std::fs::read_dir(&self.inner.dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if entry.path().is_dir() && !name.ends_with(".dlq") {
+                        names.push(name);
+                    }
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(QueueError::Open(crate::log::OpenError::Io {
+                    path: self.inner.dir.clone(),
+                    source,
+                }))
+            }
+        }
+        names.sort();
+        for name in names {
+            self.open(&name).await?;
+        }
+        Ok(self.opened().await)
+    }
+}
+
+/// Serves every queue of a [`QueueSet`].
+pub struct QueueHost {
+    queues: QueueSet,
     outstanding: Arc<Mutex<HashMap<u64, Delivery>>>,
     next_token: AtomicU64,
 }
@@ -98,7 +183,7 @@ pub struct QueueHost {
 impl std::fmt::Debug for QueueHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueueHost")
-            .field("dir", &self.dir)
+            .field("queues", &self.queues)
             .finish_non_exhaustive()
     }
 }
@@ -127,23 +212,20 @@ impl QueueHost {
     /// A host for the queues under `dir`; wrap it in
     /// [`QueueServiceServer::new`] and add it to a `courier_rpc::Server`.
     pub fn new(dir: impl Into<PathBuf>, options: QueueOptions) -> QueueHost {
+        QueueHost::serving(QueueSet::new(dir, options))
+    }
+
+    /// A host for `queues`, which others may share.
+    pub fn serving(queues: QueueSet) -> QueueHost {
         QueueHost {
-            dir: dir.into(),
-            options,
-            queues: tokio::sync::Mutex::new(HashMap::new()),
+            queues,
             outstanding: Arc::default(),
             next_token: AtomicU64::new(1),
         }
     }
 
     async fn queue(&self, name: &str) -> Result<Queue, RemoteError> {
-        let mut queues = self.queues.lock().await;
-        if let Some(queue) = queues.get(name) {
-            return Ok(queue.clone());
-        }
-        let queue = Queue::open(&self.dir, name, self.options.clone()).await?;
-        queues.insert(name.to_string(), queue.clone());
-        Ok(queue)
+        Ok(self.queues.open(name).await?)
     }
 
     fn take(&self, token: u64) -> Result<Delivery, RemoteError> {
@@ -256,11 +338,24 @@ impl RemoteQueue {
         name: &str,
         config: ClientConfig,
     ) -> Result<RemoteQueue, RemoteQueueError> {
-        let client = QueueServiceClient::new(Client::connect(address, config).await?);
-        Ok(RemoteQueue {
-            client,
+        Ok(RemoteQueue::with_client(
+            Client::connect(address, config).await?,
+            name,
+        ))
+    }
+
+    /// The queue `name` on the host `client` is connected to, sharing its
+    /// connection.
+    pub fn with_client(client: Client, name: &str) -> RemoteQueue {
+        RemoteQueue {
+            client: QueueServiceClient::new(client),
             name: name.to_string(),
-        })
+        }
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Stores one message; see [`Queue::enqueue`].

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier_queue::log::{AppendError, FsyncPolicy, Log, LogOptions, Record};
+use courier_queue::log::{AppendError, FsyncPolicy, Log, LogOptions, OpenError, Record};
 
 mod common;
 
@@ -25,6 +25,7 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
         .collect();
     files.sort();
     files
@@ -107,6 +108,21 @@ async fn write_records(dir: &Path, count: u64) -> (PathBuf, u64, u64) {
     let len = std::fs::metadata(&file).unwrap().len();
     let last_len = 8 + 9 + payload(count - 1).len() as u64;
     (file, len - last_len, len)
+}
+
+#[tokio::test]
+async fn a_log_directory_in_use_cannot_be_opened_twice() {
+    let dir = TempDir::new("locked");
+    let (log, _, _) = reopen(&dir.0, &LogOptions::default());
+    let second = Log::open(&dir.0, LogOptions::default(), |_| {});
+    assert!(
+        matches!(second, Err(OpenError::Locked { .. })),
+        "{:?}",
+        second.map(|_| ())
+    );
+    // Free again as soon as the first is closed.
+    log.close();
+    let (_log, _, _) = reopen(&dir.0, &LogOptions::default());
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use courier_transport::{Address, Connection, Frame, FrameKind, FrameSender, Listener};
 use tokio::sync::{watch, Semaphore};
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::protocol::RequestHeader;
@@ -142,8 +142,11 @@ impl ServerHandle {
     /// Stops accepting, lets calls in flight finish within `grace`, then
     /// cancels the rest (their clients get [`crate::RpcError::Cancelled`])
     /// and closes every connection.
-    pub async fn shutdown(self, grace: Duration) {
+    ///
+    /// When it returns, every call has ended and dropped what it held.
+    pub async fn shutdown(mut self, grace: Duration) {
         self.accept.abort();
+        let _ = (&mut self.accept).await;
         let _ = self.stop.send(Some(Instant::now() + grace));
         let connections: Vec<_> = lock(&self.connections).drain(..).collect();
         for connection in connections {
@@ -171,7 +174,7 @@ struct Shared {
 }
 
 /// Calls running on a connection: how to stop each, and its stream credit.
-type Running = Arc<Mutex<HashMap<u64, (AbortHandle, Option<Arc<Semaphore>>)>>>;
+type Running = Arc<Mutex<HashMap<u64, (JoinHandle<()>, Option<Arc<Semaphore>>)>>>;
 
 async fn serve(
     shared: Arc<Shared>,
@@ -187,8 +190,12 @@ async fn serve(
                 Ok(Some(frame)) => handle(&shared, frame, &sender, &slots, &running).await,
                 // The client is gone: nobody is waiting for these calls.
                 _ => {
-                    for (_, (call, _)) in lock(&running).drain() {
+                    let calls: Vec<_> = lock(&running).drain().collect();
+                    for (_, (call, _)) in calls {
                         call.abort();
+                        // Awaited, so the call's state is dropped when the
+                        // connection task ends.
+                        let _ = call.await;
                     }
                     return;
                 }
@@ -211,6 +218,7 @@ async fn serve(
     let cancelled: Vec<_> = lock(&running).drain().collect();
     for (id, (call, _)) in cancelled {
         call.abort();
+        let _ = call.await;
         let _ = sender.feed(fault_frame(id, &RpcFault::Cancelled)).await;
     }
     let _ = sender.close().await;
@@ -287,7 +295,7 @@ async fn handle(
         drop(slot);
         let _ = task_sender.send(frame).await;
     });
-    calls.insert(id, (task.abort_handle(), credit));
+    calls.insert(id, (task, credit));
 }
 
 /// Finds the service and method, decodes the arguments, and sets up the
