@@ -19,7 +19,10 @@ commands:
   test [ARGS..]       cargo test --workspace [ARGS..]
   bench [ARGS..]      the benchmarks (criterion and end-to-end, release build);
                       results in target/bench/
-  demo                frames over every transport, with round-trip times
+  demo                `courier demo`: a broker and worker processes on loopback,
+                      all five mechanisms at work, a table of what happened
+  cluster [--nodes N] N brokers on loopback (ports 7878.., data under
+                      target/cluster/), until Ctrl-C stops them cleanly
   fuzz [--seconds N] [--seed S]
                       mutation-fuzz the frame decoder for N seconds (default 60)
   crash [--seeds N]   the kill -9 crash test of the durable log with N seeds
@@ -43,10 +46,11 @@ fn main() -> ExitCode {
             "--quiet",
             "--release",
             "-p",
-            "courier-transport",
-            "--example",
+            "courier-cli",
+            "--",
             "demo",
         ]),
+        "cluster" => cluster(rest),
         "fuzz" => fuzz(rest, true),
         "layers" => check_layers(),
         "crash" => crash(rest),
@@ -63,6 +67,51 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Starts N brokers on loopback, each with its own port and data
+/// directory, and waits for them. Ctrl-C reaches every process in the
+/// terminal's group, so each broker shuts down gracefully by itself.
+fn cluster(args: &[String]) -> Result<(), String> {
+    let nodes: u16 = match args {
+        [] => 3,
+        [flag, n] if flag == "--nodes" => n
+            .parse()
+            .map_err(|_| format!("--nodes {n:?} is not a number"))?,
+        _ => return Err("usage: cargo xtask cluster [--nodes N]".into()),
+    };
+    cargo(&["build", "--quiet", "--release", "-p", "courier-cli"])?;
+    let courier = root().join("target/release/courier");
+    let mut children = Vec::new();
+    for n in 0..nodes {
+        let port = 7878 + 2 * n;
+        let data = root().join(format!("target/cluster/node{n}"));
+        let child = Command::new(&courier)
+            .args(["serve", "--listen", &format!("tcp://127.0.0.1:{port}")])
+            .args(["--metrics", &format!("127.0.0.1:{}", port + 1)])
+            .arg("--data")
+            .arg(&data)
+            .spawn()
+            .map_err(|err| format!("cannot start {}: {err}", courier.display()))?;
+        println!(
+            "node {n}: tcp://127.0.0.1:{port}, metrics http://127.0.0.1:{}/metrics, data {}",
+            port + 1,
+            data.display()
+        );
+        children.push(child);
+    }
+    println!("\ntry: target/release/courier --url tcp://127.0.0.1:7878 sub 'demo.>'\nCtrl-C stops every node.");
+    let mut failed = 0;
+    for mut child in children {
+        match child.wait() {
+            Ok(status) if status.success() => {}
+            _ => failed += 1,
+        }
+    }
+    if failed > 0 {
+        return Err(format!("{failed} node(s) did not stop cleanly"));
+    }
+    Ok(())
 }
 
 fn strs(args: &[String]) -> Vec<&str> {

@@ -156,6 +156,8 @@ struct Inner {
     turns: Mutex<HashMap<(String, String), usize>>,
     next_id: AtomicU64,
     next_publisher: AtomicU64,
+    /// Messages dropped by slow-consumer policies, over all subscriptions.
+    dropped: AtomicU64,
 }
 
 /// An in-process publish–subscribe bus. Cheap to clone.
@@ -238,7 +240,13 @@ impl Bus {
         }
     }
 
-    /// Subscriptions currently active.
+    /// Messages dropped by slow-consumer policies so far, over every
+    /// subscription (including those gone).
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// How many subscriptions are open.
     pub fn subscriptions(&self) -> usize {
         self.inner
             .registry
@@ -358,7 +366,7 @@ impl Publisher {
                 seq: 0,
                 reply_to: reply_to.clone(),
             };
-            deliver(sub, message).await;
+            deliver(sub, message, &self.bus.inner.dropped).await;
         }
         targets.len()
     }
@@ -405,16 +413,17 @@ enum Step {
     Done,
 }
 
-async fn deliver(sub: &Sub, mut message: Message) {
+async fn deliver(sub: &Sub, mut message: Message, dropped_total: &AtomicU64) {
     loop {
         let room = sub.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
         // The guard lives only in this block, never across an await.
-        let step = {
+        let (step, lost) = {
             let mut buffer = lock(&sub.buffer);
+            let before = buffer.dropped;
             let full = buffer.queue.len() >= sub.options.buffer;
-            if buffer.closed {
+            let step = if buffer.closed {
                 Step::Done
             } else if full && sub.options.policy == SlowConsumer::Backpressure {
                 Step::Wait
@@ -444,8 +453,12 @@ async fn deliver(sub: &Sub, mut message: Message) {
                         Step::Ended
                     }
                 }
-            }
+            };
+            (step, buffer.dropped - before)
         };
+        if lost > 0 {
+            dropped_total.fetch_add(lost, Ordering::Relaxed);
+        }
         match step {
             Step::Wait => room.await,
             Step::Buffered => return sub.readable.notify_one(),

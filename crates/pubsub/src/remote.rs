@@ -17,7 +17,8 @@
 //! Durable subscriptions ([`crate::durable`]) keep what a subscriber misses.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -157,6 +158,42 @@ pub struct PubSubHost {
     bus: Bus,
     durable: Option<Durable>,
     publishers: Mutex<HashMap<u64, Publisher>>,
+    counters: Arc<HostCounters>,
+}
+
+/// Upper bounds, in microseconds, of the publish latency buckets.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
+];
+
+/// What a host has done, for metrics. Counters only grow.
+#[derive(Debug, Default)]
+pub struct HostCounters {
+    /// Messages published.
+    pub published: AtomicU64,
+    /// Live deliveries (each message counts once per subscription it reached).
+    pub delivered: AtomicU64,
+    /// Copies stored in durable subscriptions.
+    pub stored: AtomicU64,
+    /// Publish calls refused because a durable subscription could not store them.
+    pub refused: AtomicU64,
+    /// Publish calls by how long the host took (store and deliver), per
+    /// [`LATENCY_BUCKETS_US`] bound, plus one for anything slower.
+    pub latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of those latencies, in microseconds.
+    pub latency_sum_us: AtomicU64,
+}
+
+impl HostCounters {
+    fn record(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|bound| us <= *bound)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
 }
 
 impl PubSubHost {
@@ -167,7 +204,13 @@ impl PubSubHost {
             bus,
             durable: None,
             publishers: Mutex::new(HashMap::new()),
+            counters: Arc::default(),
         }
+    }
+
+    /// The host's counters (keep this before handing the host to a server).
+    pub fn counters(&self) -> Arc<HostCounters> {
+        self.counters.clone()
     }
 
     /// A host for `bus` that keeps `durable` subscriptions. Serve their
@@ -198,14 +241,26 @@ impl PubSubHost {
         publisher: u64,
         messages: Vec<(Subject, Option<Subject>, Bytes)>,
     ) -> Result<u64, RemoteError> {
+        let started = std::time::Instant::now();
+        let counters = &self.counters;
         if let Some(durable) = &self.durable {
-            durable.store(&messages).await?;
+            match durable.store(&messages).await {
+                Ok(stored) => counters.stored.fetch_add(stored as u64, Ordering::Relaxed),
+                Err(err) => {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(err.into());
+                }
+            };
         }
         let local = self.publisher(publisher);
         let mut delivered = 0;
+        let count = messages.len() as u64;
         for (subject, reply_to, payload) in messages {
             delivered += local.send(&subject, reply_to, payload).await as u64;
         }
+        counters.published.fetch_add(count, Ordering::Relaxed);
+        counters.delivered.fetch_add(delivered, Ordering::Relaxed);
+        counters.record(started.elapsed());
         Ok(delivered)
     }
 }

@@ -257,6 +257,7 @@ async fn a_stalled_subscriber_stays_bounded_and_does_not_slow_a_healthy_one() {
         MESSAGES - BUFFER as u64,
         "every drop counted"
     );
+    assert_eq!(bus.dropped(), stalled.dropped(), "and in the bus total");
 }
 
 #[tokio::test]

@@ -144,6 +144,20 @@ impl QueueSet {
         queues
     }
 
+    /// Forgets every open queue. Each closes (its log flushed and fsynced)
+    /// when the last handle to it goes, here if nobody else holds one.
+    pub async fn close_all(&self) {
+        let queues: Vec<Queue> = self
+            .inner
+            .queues
+            .lock()
+            .await
+            .drain()
+            .map(|(_, q)| q)
+            .collect();
+        drop(queues);
+    }
+
     /// Opens every queue found in the directory (not their `.dlq`s, which
     /// open with them), so that a restarted host serves them at once.
     pub async fn open_all(&self) -> Result<Vec<Queue>, QueueError> {

@@ -42,6 +42,12 @@ pub enum RpcFault {
         /// What failed.
         reason: String,
     },
+    /// The connection already has as many streams open as the server allows.
+    #[error("the server allows at most {limit} open streams per connection")]
+    TooManyStreams {
+        /// The server's limit.
+        limit: u32,
+    },
 }
 
 /// Why a call did not produce the method's return value.
@@ -84,6 +90,13 @@ pub enum RpcError {
     /// another. Retryable.
     #[error("too many calls in flight")]
     Overloaded,
+    /// The connection has as many streams (subscriptions, consumers) open
+    /// as the server allows; close one first. Not retryable as such.
+    #[error("the server allows at most {limit} open streams per connection")]
+    TooManyStreams {
+        /// The server's limit.
+        limit: u32,
+    },
     /// The arguments could not be serialized, or exceed the frame limit. Not retryable.
     #[error("arguments could not be sent: {0}")]
     Serialize(String),
@@ -118,6 +131,7 @@ impl From<RpcFault> for RpcError {
             RpcFault::Malformed { reason } => RpcError::ProtocolMismatch {
                 service: format!("(arguments refused: {reason})"),
             },
+            RpcFault::TooManyStreams { limit } => RpcError::TooManyStreams { limit },
         }
     }
 }

@@ -19,15 +19,24 @@ use crate::{RpcFault, Service};
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ServerConfig {
-    /// Calls running at once per connection. When reached, the server stops
-    /// reading that connection until one finishes: backpressure, not an
-    /// unbounded pile of tasks. Default 256.
+    /// Unary calls running at once per connection. When reached, the server
+    /// stops reading that connection until one finishes: backpressure, not
+    /// an unbounded pile of tasks. Default 256.
     pub max_in_flight: usize,
+    /// Streaming calls open at once per connection. Streams may live for
+    /// the connection's lifetime (subscriptions, consumers), so they do not
+    /// count against `max_in_flight` (which would stall the connection for
+    /// good); one past this limit is refused with
+    /// [`crate::RpcError::TooManyStreams`]. Default 10,000.
+    pub max_streams: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_in_flight: 256 }
+        ServerConfig {
+            max_in_flight: 256,
+            max_streams: 10_000,
+        }
     }
 }
 
@@ -35,6 +44,12 @@ impl ServerConfig {
     /// The same settings with another per-connection limit.
     pub fn with_max_in_flight(mut self, limit: usize) -> ServerConfig {
         self.max_in_flight = limit;
+        self
+    }
+
+    /// The same settings with another per-connection stream limit.
+    pub fn with_max_streams(mut self, limit: usize) -> ServerConfig {
+        self.max_streams = limit;
         self
     }
 }
@@ -96,25 +111,35 @@ impl Server {
     }
 
     /// Serves every connection `listener` accepts, in the background.
-    pub fn spawn(self, mut listener: Listener) -> ServerHandle {
-        let local = listener.local_addr().clone();
+    pub fn spawn(self, listener: Listener) -> ServerHandle {
+        self.spawn_all(vec![listener])
+    }
+
+    /// Serves every connection any of `listeners` accepts (say tcp and unix
+    /// at once), with the same services, in the background.
+    pub fn spawn_all(self, listeners: Vec<Listener>) -> ServerHandle {
+        let local: Vec<Address> = listeners.iter().map(|l| l.local_addr().clone()).collect();
         let (stop, stopped) = watch::channel(None);
         let shared = Arc::new(Shared {
             services: self.services,
             config: self.config,
         });
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let accept = {
-            let connections = connections.clone();
-            tokio::spawn(async move {
-                while let Ok(connection) = listener.accept().await {
-                    let task = tokio::spawn(serve(shared.clone(), connection, stopped.clone()));
-                    let mut all = lock(&connections);
-                    all.retain(|t| !t.is_finished());
-                    all.push(task);
-                }
+        let accept = listeners
+            .into_iter()
+            .map(|mut listener| {
+                let (connections, shared, stopped) =
+                    (connections.clone(), shared.clone(), stopped.clone());
+                tokio::spawn(async move {
+                    while let Ok(connection) = listener.accept().await {
+                        let task = tokio::spawn(serve(shared.clone(), connection, stopped.clone()));
+                        let mut all = lock(&connections);
+                        all.retain(|t| !t.is_finished());
+                        all.push(task);
+                    }
+                })
             })
-        };
+            .collect();
         ServerHandle {
             local,
             stop,
@@ -127,16 +152,28 @@ impl Server {
 /// A running server.
 #[derive(Debug)]
 pub struct ServerHandle {
-    local: Address,
+    local: Vec<Address>,
     stop: watch::Sender<Option<Instant>>,
-    accept: JoinHandle<()>,
+    accept: Vec<JoinHandle<()>>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl ServerHandle {
-    /// The address it listens on.
+    /// The address it listens on (the first, if several).
     pub fn local_addr(&self) -> &Address {
+        &self.local[0]
+    }
+
+    /// Every address it listens on.
+    pub fn local_addrs(&self) -> &[Address] {
         &self.local
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        let mut all = lock(&self.connections);
+        all.retain(|t| !t.is_finished());
+        all.len()
     }
 
     /// Stops accepting, lets calls in flight finish within `grace`, then
@@ -145,8 +182,10 @@ impl ServerHandle {
     ///
     /// When it returns, every call has ended and dropped what it held.
     pub async fn shutdown(mut self, grace: Duration) {
-        self.accept.abort();
-        let _ = (&mut self.accept).await;
+        for accept in &mut self.accept {
+            accept.abort();
+            let _ = accept.await;
+        }
         let _ = self.stop.send(Some(Instant::now() + grace));
         let connections: Vec<_> = lock(&self.connections).drain(..).collect();
         for connection in connections {
@@ -157,7 +196,9 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        self.accept.abort();
+        for accept in &self.accept {
+            accept.abort();
+        }
         for connection in lock(&self.connections).drain(..) {
             connection.abort();
         }
@@ -183,11 +224,12 @@ async fn serve(
 ) {
     let (sender, mut receiver) = connection.split();
     let slots = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
+    let streams = Arc::new(Semaphore::new(shared.config.max_streams.max(1)));
     let running: Running = Arc::default();
     let shutdown_at = loop {
         tokio::select! {
             frame = receiver.recv() => match frame {
-                Ok(Some(frame)) => handle(&shared, frame, &sender, &slots, &running).await,
+                Ok(Some(frame)) => handle(&shared, frame, &sender, (&slots, &streams), &running).await,
                 // The client is gone: nobody is waiting for these calls.
                 _ => {
                     let calls: Vec<_> = lock(&running).drain().collect();
@@ -236,7 +278,7 @@ async fn handle(
     shared: &Shared,
     frame: Frame,
     sender: &FrameSender,
-    slots: &Arc<Semaphore>,
+    (slots, streams): (&Arc<Semaphore>, &Arc<Semaphore>),
     running: &Running,
 ) {
     match frame.kind {
@@ -275,9 +317,24 @@ async fn handle(
     };
     let (reply, deadline, credit) = started;
     let streaming = credit.is_some();
-    // Bounded concurrency: wait for a slot before reading further frames.
-    let Ok(slot) = slots.clone().acquire_owned().await else {
-        return;
+    let slot = if streaming {
+        // A stream may never end: refuse one too many instead of waiting.
+        match streams.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let limit = shared.config.max_streams.min(u32::MAX as usize) as u32;
+                let _ = sender
+                    .send(fault_frame(id, &RpcFault::TooManyStreams { limit }))
+                    .await;
+                return;
+            }
+        }
+    } else {
+        // Bounded concurrency: wait for a slot before reading further frames.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        slot
     };
     let task_sender = sender.clone();
     let task_running = running.clone();

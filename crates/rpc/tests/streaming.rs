@@ -174,3 +174,57 @@ fn the_blocking_client_iterates_a_stream() {
     drop(feed);
     drop(server);
 }
+
+#[tokio::test]
+async fn streams_past_the_limit_are_refused_and_never_stall_unary_calls() {
+    let feed = FeedImpl::default();
+    let listener = bind(&mem(), &TransportConfig::default()).await.unwrap();
+    let server = Server::new(
+        ServerConfig::default()
+            .with_max_in_flight(1)
+            .with_max_streams(3),
+    )
+    .service(FeedServer::new(feed.clone()))
+    .spawn(listener);
+    let client = FeedClient::new(
+        Client::connect(server.local_addr(), ClientConfig::default())
+            .await
+            .unwrap(),
+    );
+    // More open streams than unary slots: streams do not take those slots.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut stream = client
+            .with_timeout(Duration::from_secs(3600))
+            .endless()
+            .await
+            .unwrap();
+        assert!(stream.next().await.unwrap().is_ok());
+        open.push(stream);
+    }
+    let mut refused = client.numbers(1).await.unwrap();
+    assert_eq!(
+        refused.next().await.unwrap().unwrap_err(),
+        RpcError::TooManyStreams { limit: 3 }
+    );
+    assert_eq!(
+        client.plain().await.unwrap(),
+        7,
+        "the connection still serves"
+    );
+    // Closing one makes room for another.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut numbers = client.numbers(2).await.unwrap();
+        match numbers.next().await.unwrap() {
+            Ok(0) => break,
+            Err(RpcError::TooManyStreams { .. }) => {
+                // The cancellation is still on its way to the server.
+                assert!(tokio::time::Instant::now() < deadline);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The broker's settings: a TOML file, every key optional, with defaults
+//! that work with no file at all. The `courier` command lays flags and
+//! environment variables over the file.
+//!
+//! ```toml
+//! # Addresses to serve on (tcp:// and unix://), all at once.
+//! listen = ["tcp://127.0.0.1:7878", "unix:///run/courier.sock"]
+//! # Queues, durable subscriptions and their registry.
+//! data_dir = "/var/lib/courier"
+//! # Prometheus text endpoint over HTTP ("" turns it off).
+//! metrics = "127.0.0.1:7879"
+//! # "always" (fsync before acknowledging), "interval", or "never".
+//! fsync = "always"
+//! fsync_interval_ms = 5
+//! # A delivery not acknowledged within this comes back.
+//! visibility_timeout_ms = 30000
+//! # Deliveries before a message goes to the dead-letter queue.
+//! max_deliveries = 5
+//! # On shutdown, calls in flight get this long to finish.
+//! shutdown_grace_ms = 5000
+//! # Largest frame accepted from a client.
+//! max_frame_size = 16777216
+//! # Calls running at once per connection (then the connection waits).
+//! max_in_flight = 256
+//! # Subscriptions and consumers open at once per connection (more are refused).
+//! max_streams = 10000
+//! # Pings on idle connections; a peer silent for 3 intervals is dropped.
+//! heartbeat_ms = 5000
+//! # Log level: error, warn, info, debug, trace.
+//! log = "info"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use courier_queue::core::QueueConfig;
+use courier_queue::log::{FsyncPolicy, LogOptions};
+use courier_queue::QueueOptions;
+use courier_transport::{Address, Heartbeat, TransportConfig};
+
+/// When queue writes are fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    /// Before an enqueue or ack is acknowledged (group commit).
+    Always,
+    /// At most `fsync_interval_ms` after a write.
+    Interval,
+    /// Never; the operating system writes back when it likes.
+    Never,
+}
+
+/// Everything the broker can be told. See the module docs for the file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    /// Addresses to serve on. Default `tcp://127.0.0.1:7878`.
+    pub listen: Vec<String>,
+    /// Where queues and durable subscriptions live. Default
+    /// `$XDG_DATA_HOME/courier`, else `~/.local/share/courier`, else
+    /// `./courier-data`.
+    pub data_dir: PathBuf,
+    /// The HTTP address of the Prometheus endpoint; empty for none.
+    /// Default `127.0.0.1:7879`.
+    pub metrics: String,
+    /// Default `always`.
+    pub fsync: Fsync,
+    /// For `fsync = "interval"`. Default 5.
+    pub fsync_interval_ms: u64,
+    /// Default 30,000.
+    pub visibility_timeout_ms: u64,
+    /// Default 5.
+    pub max_deliveries: u32,
+    /// Default 5,000.
+    pub shutdown_grace_ms: u64,
+    /// Default 16 MiB.
+    pub max_frame_size: usize,
+    /// Default 256.
+    pub max_in_flight: usize,
+    /// Default 10,000.
+    pub max_streams: usize,
+    /// 0 for no heartbeats. Default 5,000.
+    pub heartbeat_ms: u64,
+    /// Default `info`.
+    pub log: String,
+}
+
+/// The data directory used when none is configured.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("courier");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".local/share/courier");
+    }
+    PathBuf::from("courier-data")
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        let queue = QueueConfig::default();
+        BrokerConfig {
+            listen: vec!["tcp://127.0.0.1:7878".into()],
+            data_dir: default_data_dir(),
+            metrics: "127.0.0.1:7879".into(),
+            fsync: Fsync::Always,
+            fsync_interval_ms: 5,
+            visibility_timeout_ms: queue.visibility_timeout.as_millis() as u64,
+            max_deliveries: queue.max_deliveries,
+            shutdown_grace_ms: 5_000,
+            max_frame_size: TransportConfig::default().max_frame_size,
+            max_in_flight: 256,
+            max_streams: 10_000,
+            heartbeat_ms: 5_000,
+            log: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has an unknown key or a wrong type.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and where.
+        reason: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid {key}: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl BrokerConfig {
+    /// Reads a TOML file; missing keys take their defaults.
+    pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        BrokerConfig::parse(&text).map_err(|reason| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// Parses TOML text; the error says what is wrong and where.
+    pub fn parse(text: &str) -> Result<BrokerConfig, String> {
+        toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())
+    }
+
+    /// The listen addresses, parsed.
+    pub fn addresses(&self) -> Result<Vec<Address>, ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                reason: "at least one address is needed".into(),
+            });
+        }
+        self.listen
+            .iter()
+            .map(|a| {
+                a.parse().map_err(|err| ConfigError::Invalid {
+                    key: "listen",
+                    reason: format!("{err}"),
+                })
+            })
+            .collect()
+    }
+
+    /// The metrics address, if any.
+    pub fn metrics_address(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.metrics.is_empty() {
+            return Ok(None);
+        }
+        self.metrics
+            .parse()
+            .map(Some)
+            .map_err(|err| ConfigError::Invalid {
+                key: "metrics",
+                reason: format!(
+                    "{:?}: {err} (expected host:port, e.g. 127.0.0.1:7879)",
+                    self.metrics
+                ),
+            })
+    }
+
+    /// Queue settings from this configuration.
+    pub fn queue_options(&self) -> QueueOptions {
+        let fsync = match self.fsync {
+            Fsync::Always => FsyncPolicy::Always,
+            Fsync::Interval => {
+                FsyncPolicy::Interval(Duration::from_millis(self.fsync_interval_ms.max(1)))
+            }
+            Fsync::Never => FsyncPolicy::Never,
+        };
+        QueueOptions::new(
+            LogOptions::default().with_fsync(fsync),
+            QueueConfig::default()
+                .with_visibility_timeout(Duration::from_millis(self.visibility_timeout_ms.max(1)))
+                .with_max_deliveries(self.max_deliveries.max(1)),
+        )
+    }
+
+    /// Transport settings from this configuration.
+    pub fn transport(&self) -> TransportConfig {
+        let mut transport = TransportConfig::default().with_max_frame_size(self.max_frame_size);
+        if self.heartbeat_ms > 0 {
+            transport = transport
+                .with_heartbeat(Heartbeat::every(Duration::from_millis(self.heartbeat_ms)));
+        }
+        transport
+    }
+}

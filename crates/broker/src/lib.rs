@@ -1,0 +1,322 @@
+//! # courier-broker
+//!
+//! One node that hosts queues, topics, durable subscriptions and named
+//! services, on every address it is told to listen on at once.
+//!
+//! - **Queues**: the courier-queue protocol over the queues under the data
+//!   directory; every queue found there is opened (and recovered) at start.
+//! - **Pub/sub**: the courier-pubsub protocol on one bus, with durable
+//!   subscriptions kept beside the queues.
+//! - **Named services**: a service instance subscribes to its subject (say
+//!   `svc.billing`) in a queue group named after the service; requests to the
+//!   subject ([`courier_pubsub::remote::RemotePubSub::request`]) go to one
+//!   instance each, in turn. An instance that dies loses its subscription
+//!   with its connection, so requests fail over to the others.
+//! - **Stats**: [`BrokerService::stats`] over RPC (what `courier stats`
+//!   shows), and the same as Prometheus text over HTTP ([`metrics`]).
+//!
+//! [`Broker::shutdown`] stops accepting, lets calls in flight finish within
+//! the grace period, then closes the queues (their logs flush and fsync).
+//! A restart with the same data directory brings back every queue, durable
+//! subscription and unacknowledged message.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use courier_broker::{Broker, BrokerConfig};
+//!
+//! let dir = std::env::temp_dir().join(format!("courier-broker-doc-{}", std::process::id()));
+//! let mut config = BrokerConfig::default();
+//! config.listen = vec!["tcp://127.0.0.1:0".into()];
+//! config.data_dir = dir.clone();
+//! config.metrics = String::new();
+//! let broker = Broker::start(config).await?;
+//! println!("serving on {}", broker.addresses()[0]);
+//! let stats = broker.stats().await;
+//! assert_eq!(stats.published, 0);
+//! broker.shutdown().await;
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok(()) }
+//! ```
+//!
+//! Dependencies beyond the workspace's usual ones: `toml` (the
+//! configuration file; serde-based, no other parser in the tree).
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod metrics;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use courier_pubsub::durable::{Durable, DurableError};
+use courier_pubsub::remote::{HostCounters, PubSubHost, PubSubServiceServer};
+use courier_pubsub::Bus;
+use courier_queue::core::QueueStats;
+use courier_queue::remote::{QueueHost, QueueServiceServer, QueueSet};
+use courier_queue::QueueError;
+use courier_rpc::{Server, ServerConfig, ServerHandle};
+use courier_transport::Address;
+
+pub use config::{BrokerConfig, ConfigError, Fsync};
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {address}: {reason}")]
+    Bind {
+        /// The address.
+        address: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The data directory could not be opened (in use by another broker?).
+    #[error("data directory: {0}")]
+    Queue(#[from] QueueError),
+    /// The durable subscriptions could not be restored.
+    #[error("durable subscriptions: {0}")]
+    Durable(#[from] DurableError),
+}
+
+/// One queue's counters.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueReport {
+    /// The queue.
+    pub name: String,
+    /// Its counters.
+    pub stats: QueueStats,
+}
+
+/// What a broker has done, as `courier stats` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BrokerStats {
+    /// Since start, in milliseconds.
+    pub uptime_ms: u64,
+    /// Client connections open.
+    pub connections: u64,
+    /// Live subscriptions.
+    pub subscriptions: u64,
+    /// Messages published.
+    pub published: u64,
+    /// Live deliveries.
+    pub delivered: u64,
+    /// Messages dropped by slow-consumer policies.
+    pub dropped: u64,
+    /// Copies stored in durable subscriptions.
+    pub stored: u64,
+    /// Publish calls by host latency, per
+    /// [`courier_pubsub::remote::LATENCY_BUCKETS_US`] bound, then the rest.
+    pub publish_latency: Vec<u64>,
+    /// Sum of publish latencies, in microseconds.
+    pub publish_latency_sum_us: u64,
+    /// Every open queue (dead-letter queues included), by name.
+    pub queues: Vec<QueueReport>,
+    /// Durable subscriptions, as (name, filter).
+    pub durable: Vec<(String, String)>,
+}
+
+/// The broker's own protocol.
+#[courier_rpc::service]
+pub trait BrokerService {
+    /// Counters of everything the broker hosts.
+    async fn stats(&self) -> BrokerStats;
+}
+
+/// What the broker's parts share.
+pub(crate) struct State {
+    started: Instant,
+    queues: QueueSet,
+    bus: Bus,
+    durable: Durable,
+    counters: Arc<HostCounters>,
+    server: Mutex<Option<ServerHandle>>,
+}
+
+impl State {
+    pub(crate) async fn stats(&self) -> BrokerStats {
+        let connections = self
+            .server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |s| s.connections()) as u64;
+        let mut queues = Vec::new();
+        for queue in self.queues.opened().await {
+            if let Some(dead) = queue.dead_letters() {
+                queues.push(QueueReport {
+                    name: dead.name().to_string(),
+                    stats: dead.stats(),
+                });
+            }
+            queues.push(QueueReport {
+                name: queue.name().to_string(),
+                stats: queue.stats(),
+            });
+        }
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        let c = &self.counters;
+        BrokerStats {
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            connections,
+            subscriptions: self.bus.subscriptions() as u64,
+            published: c.published.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            dropped: self.bus.dropped(),
+            stored: c.stored.load(Ordering::Relaxed),
+            publish_latency: c
+                .latency
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            publish_latency_sum_us: c.latency_sum_us.load(Ordering::Relaxed),
+            queues,
+            durable: self.durable.list(),
+        }
+    }
+}
+
+struct StatsHost(Arc<State>);
+
+impl BrokerService for StatsHost {
+    async fn stats(&self) -> BrokerStats {
+        self.0.stats().await
+    }
+}
+
+/// A running broker.
+pub struct Broker {
+    state: Arc<State>,
+    addresses: Vec<Address>,
+    metrics: Option<metrics::Endpoint>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("addresses", &self.addresses)
+            .field("data_dir", &self.state.queues.dir())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Opens the data directory (recovering every queue and durable
+    /// subscription in it), binds every listen address and the metrics
+    /// endpoint, and starts serving.
+    pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        let addresses = config.addresses()?;
+        let metrics_address = config.metrics_address()?;
+        let queues = QueueSet::new(&config.data_dir, config.queue_options());
+        let recovered = queues.open_all().await?;
+        let durable = Durable::open(queues.clone()).await?;
+        let bus = Bus::new();
+        let host = PubSubHost::with_durable(bus.clone(), durable.clone());
+        let state = Arc::new(State {
+            started: Instant::now(),
+            queues: queues.clone(),
+            bus,
+            durable: durable.clone(),
+            counters: host.counters(),
+            server: Mutex::new(None),
+        });
+        let transport = config.transport();
+        let mut listeners = Vec::new();
+        for address in &addresses {
+            let listener = courier_transport::bind(address, &transport)
+                .await
+                .map_err(|err| BrokerError::Bind {
+                    address: address.to_string(),
+                    reason: err.to_string(),
+                })?;
+            listeners.push(listener);
+        }
+        let metrics = match metrics_address {
+            Some(address) => Some(
+                metrics::Endpoint::start(address, state.clone())
+                    .await
+                    .map_err(|err| BrokerError::Bind {
+                        address: address.to_string(),
+                        reason: err.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
+        let bound: Vec<Address> = listeners.iter().map(|l| l.local_addr().clone()).collect();
+        let server = Server::new(
+            ServerConfig::default()
+                .with_max_in_flight(config.max_in_flight)
+                .with_max_streams(config.max_streams),
+        )
+        .service(PubSubServiceServer::new(host))
+        .service(QueueServiceServer::new(QueueHost::serving(queues)))
+        .service(BrokerServiceServer::new(StatsHost(state.clone())))
+        .spawn_all(listeners);
+        *state.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
+        tracing::info!(
+            listen = ?bound.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            data_dir = %config.data_dir.display(),
+            queues = recovered.len(),
+            durable = durable.len(),
+            metrics = ?metrics.as_ref().map(|m| m.address()),
+            "broker started"
+        );
+        Ok(Broker {
+            state,
+            addresses: bound,
+            metrics,
+            grace: Duration::from_millis(config.shutdown_grace_ms),
+        })
+    }
+
+    /// The addresses it serves on (with ports chosen, if 0 was asked for).
+    pub fn addresses(&self) -> &[Address] {
+        &self.addresses
+    }
+
+    /// The metrics endpoint's address, if it has one.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.address())
+    }
+
+    /// Its counters now.
+    pub async fn stats(&self) -> BrokerStats {
+        self.state.stats().await
+    }
+
+    /// The metrics, as the HTTP endpoint serves them.
+    pub async fn metrics_text(&self) -> String {
+        metrics::render(&self.state.stats().await)
+    }
+
+    /// Stops accepting, gives calls in flight the grace period, then closes
+    /// every queue (flushing and fsyncing its log) before returning.
+    pub async fn shutdown(self) {
+        let server = self
+            .state
+            .server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(server) = server {
+            server.shutdown(self.grace).await;
+        }
+        if let Some(metrics) = self.metrics {
+            metrics.stop().await;
+        }
+        let state = self.state;
+        // The last references to the queues go with the state; their logs
+        // join their writers (flush and fsync) on drop.
+        let queues = state.queues.clone();
+        drop(state);
+        queues.close_all().await;
+        tracing::info!("broker stopped");
+    }
+}

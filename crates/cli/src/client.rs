@@ -1,0 +1,445 @@
+//! The client commands: pub, sub, request, queue, stats.
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use courier_broker::{BrokerServiceClient, BrokerStats};
+use courier_pubsub::remote::RemotePubSub;
+use courier_pubsub::{Event, Message, SubscribeOptions};
+use courier_queue::remote::RemoteQueue;
+use courier_rpc::{Client, ClientConfig};
+use courier_transport::Address;
+
+use crate::Failure;
+
+/// How many lines `--lines` sends per call.
+const LINES_PER_BATCH: usize = 256;
+
+fn address(url: &str) -> anyhow::Result<Address> {
+    url.parse::<Address>()
+        .map_err(|err| Failure::usage(format!("--url {url:?}: {err}")).into())
+}
+
+/// Connects, or fails with exit code 3 and the address in the message.
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let address = address(url)?;
+    Client::connect(&address, ClientConfig::default())
+        .await
+        .with_context(|| format!("cannot reach the broker at {url} (is `courier serve` running?)"))
+}
+
+/// Text as given, or bytes from stdin.
+fn data_or_stdin(data: Option<String>) -> anyhow::Result<Bytes> {
+    match data {
+        Some(data) => Ok(Bytes::from(data)),
+        None => {
+            let mut buffer = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buffer)
+                .context("cannot read stdin")?;
+            Ok(Bytes::from(buffer))
+        }
+    }
+}
+
+/// Calls `send` with batches of stdin's lines; returns how many were sent.
+async fn each_line_batch<F, Fut>(mut send: F) -> anyhow::Result<u64>
+where
+    F: FnMut(Vec<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let mut sent = 0u64;
+    loop {
+        let mut batch = Vec::with_capacity(LINES_PER_BATCH);
+        for line in lines.by_ref().take(LINES_PER_BATCH) {
+            batch.push(Bytes::from(line.context("cannot read stdin")?));
+        }
+        if batch.is_empty() {
+            return Ok(sent);
+        }
+        sent += batch.len() as u64;
+        send(batch).await?;
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// The subject, e.g. orders.eu.created.
+    subject: String,
+    /// The message; stdin if absent.
+    data: Option<String>,
+    /// Each line of stdin is one message.
+    #[arg(long, conflicts_with = "data")]
+    lines: bool,
+}
+
+pub async fn publish(url: &str, args: PublishArgs) -> anyhow::Result<()> {
+    courier_pubsub::Subject::new(&args.subject).map_err(Failure::usage)?;
+    let publisher = RemotePubSub::with_client(connect(url).await?).publisher();
+    if args.lines {
+        let subject = args.subject.clone();
+        let sent = each_line_batch(|batch| {
+            let (publisher, subject) = (publisher.clone(), subject.clone());
+            async move {
+                publisher
+                    .publish_batch(batch.into_iter().map(|line| (subject.clone(), line)))
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        eprintln!("published {sent} messages to {}", args.subject);
+    } else {
+        let delivered = publisher
+            .publish(&args.subject, data_or_stdin(args.data)?)
+            .await?;
+        eprintln!(
+            "published to {} ({delivered} live subscribers)",
+            args.subject
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct SubscribeArgs {
+    /// Subjects to follow: `*` matches one token, `>` the rest.
+    filter: String,
+    /// Share messages with other subscribers of this queue group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Messages buffered at the broker before the oldest are dropped.
+    #[arg(long, default_value_t = 4096)]
+    buffer: usize,
+}
+
+fn print_message(json: bool, message: &Message) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let line = serde_json::json!({
+            "subject": message.subject.as_str(),
+            "data": String::from_utf8_lossy(&message.payload),
+            "publisher": message.publisher,
+            "seq": message.seq,
+            "reply_to": message.reply_to.as_ref().map(|r| r.as_str()),
+        });
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(
+            out,
+            "{}: {}",
+            message.subject.as_str(),
+            String::from_utf8_lossy(&message.payload)
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+pub async fn subscribe(url: &str, json: bool, args: SubscribeArgs) -> anyhow::Result<()> {
+    courier_pubsub::Filter::new(&args.filter).map_err(Failure::usage)?;
+    let bus = RemotePubSub::with_client(connect(url).await?);
+    let mut options = SubscribeOptions::default().buffer(args.buffer.max(1));
+    if let Some(group) = args.group {
+        options = options.group(group);
+    }
+    let mut subscription = bus.subscribe(&args.filter, options).await?;
+    eprintln!("subscribed to {}", args.filter);
+    let mut seen = 0u64;
+    while args.count.is_none_or(|count| seen < count) {
+        match subscription.recv().await {
+            Some(Ok(Event::Message(message))) => {
+                print_message(json, &message)?;
+                seen += 1;
+            }
+            Some(Ok(Event::Gap {
+                publisher,
+                from,
+                to,
+            })) => eprintln!(
+                "missed {} messages from publisher {publisher} (slow consumer)",
+                to - from
+            ),
+            Some(Ok(Event::Restored)) => {
+                eprintln!("reconnected; messages published meanwhile were missed")
+            }
+            Some(Ok(_)) => {}
+            Some(Err(err)) => return Err(err.into()),
+            None => anyhow::bail!("the broker ended the subscription"),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct RequestArgs {
+    /// The service's subject, e.g. svc.billing.
+    subject: String,
+    /// The request; stdin if absent.
+    data: Option<String>,
+    /// How long to wait for the reply.
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
+    timeout: Duration,
+}
+
+pub async fn request(url: &str, json: bool, args: RequestArgs) -> anyhow::Result<()> {
+    courier_pubsub::Subject::new(&args.subject).map_err(Failure::usage)?;
+    let bus = RemotePubSub::with_client(connect(url).await?);
+    let reply = bus
+        .request(&args.subject, data_or_stdin(args.data)?, args.timeout)
+        .await?;
+    if json {
+        print_message(true, &reply)
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(&reply.payload)?;
+        out.write_all(b"\n")?;
+        Ok(())
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Store a message: DATA, or stdin (one message per line with --lines).
+    #[command(
+        after_help = "Examples:\n  courier queue push jobs 'resize 1.png'\n  ls *.png | courier queue push jobs --lines"
+    )]
+    Push {
+        /// The queue (created on first use).
+        queue: String,
+        /// The message; stdin if absent.
+        data: Option<String>,
+        /// Each line of stdin is one message.
+        #[arg(long, conflicts_with = "data")]
+        lines: bool,
+        /// An idempotency key: a second push with the same key stores nothing.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Take messages, print them and acknowledge each once printed.
+    #[command(
+        after_help = "Examples:\n  courier queue pop jobs\n  courier queue pop jobs --count 10 --wait 30s\n  courier queue pop jobs --requeue   # look without taking"
+    )]
+    Pop {
+        /// The queue.
+        queue: String,
+        /// How many to take.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// How long to wait for each message (exit code 4 if none comes).
+        #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
+        wait: Duration,
+        /// Give each message back instead of acknowledging it.
+        #[arg(long)]
+        requeue: bool,
+    },
+    /// Acknowledge messages by id: pop them with --requeue first to look.
+    /// Takes deliveries until it has seen each id, acknowledging those and
+    /// giving the others back.
+    Ack {
+        /// The queue.
+        queue: String,
+        /// Message ids, as `pop` prints them.
+        ids: Vec<u64>,
+        /// How long to look for them.
+        #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
+        wait: Duration,
+    },
+    /// A queue's counters.
+    Stats {
+        /// The queue.
+        queue: String,
+    },
+    /// Every queue the broker has open, with its depth.
+    List,
+}
+
+pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Result<()> {
+    let client = connect(url).await?;
+    match command {
+        QueueCommand::Push {
+            queue,
+            data,
+            lines,
+            key,
+        } => {
+            let queue = RemoteQueue::with_client(client, &queue);
+            let message = |payload: Bytes| {
+                let message = courier_queue::Message::new(payload);
+                match &key {
+                    Some(key) => message.with_key(key.clone()),
+                    None => message,
+                }
+            };
+            if lines {
+                let sent = each_line_batch(|batch| {
+                    let queue = queue.clone();
+                    let batch: Vec<_> = batch.into_iter().map(&message).collect();
+                    async move {
+                        queue.enqueue_batch(batch).await?;
+                        Ok(())
+                    }
+                })
+                .await?;
+                eprintln!("stored {sent} messages in {}", queue.name());
+            } else {
+                let outcome = queue.enqueue(message(data_or_stdin(data)?)).await?;
+                match outcome {
+                    courier_queue::Enqueued::Stored(id) => {
+                        eprintln!("stored as message {id} in {}", queue.name())
+                    }
+                    courier_queue::Enqueued::Duplicate(id) => eprintln!(
+                        "duplicate of message {id} (same key); nothing stored in {}",
+                        queue.name()
+                    ),
+                }
+            }
+            Ok(())
+        }
+        QueueCommand::Pop {
+            queue,
+            count,
+            wait,
+            requeue,
+        } => {
+            let queue = RemoteQueue::with_client(client, &queue);
+            let mut consumer = queue.consumer(count.clamp(1, 1000) as u32).await?;
+            for _ in 0..count {
+                let delivery = match tokio::time::timeout(wait, consumer.recv()).await {
+                    Ok(Some(delivery)) => delivery?,
+                    Ok(None) => anyhow::bail!("the broker ended the consumer"),
+                    Err(_) => {
+                        return Err(Failure::nothing(format!(
+                            "no message in {} within {wait:?}",
+                            queue.name()
+                        ))
+                        .into())
+                    }
+                };
+                let mut out = std::io::stdout().lock();
+                if json {
+                    let line = serde_json::json!({
+                        "id": delivery.id,
+                        "delivery": delivery.delivery,
+                        "data": String::from_utf8_lossy(&delivery.payload),
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}: {}",
+                        delivery.id,
+                        String::from_utf8_lossy(&delivery.payload)
+                    )?;
+                }
+                out.flush()?;
+                drop(out);
+                if requeue {
+                    delivery.nack(Duration::ZERO).await?;
+                } else {
+                    delivery.ack().await?;
+                }
+            }
+            Ok(())
+        }
+        QueueCommand::Ack { queue, ids, wait } => {
+            let queue = RemoteQueue::with_client(client, &queue);
+            let mut wanted: std::collections::BTreeSet<u64> = ids.into_iter().collect();
+            let mut consumer = queue.consumer(1000).await?;
+            let mut held = Vec::new();
+            let deadline = tokio::time::Instant::now() + wait;
+            while !wanted.is_empty() {
+                let delivery = match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                    Ok(Some(delivery)) => delivery?,
+                    _ => break,
+                };
+                if wanted.remove(&delivery.id) {
+                    let id = delivery.id;
+                    delivery.ack().await?;
+                    eprintln!("acknowledged {id}");
+                } else {
+                    held.push(delivery);
+                }
+            }
+            for delivery in held {
+                delivery.nack(Duration::ZERO).await?;
+            }
+            if !wanted.is_empty() {
+                return Err(Failure::nothing(format!(
+                    "not found waiting in {} within {wait:?}: {wanted:?}",
+                    queue.name()
+                ))
+                .into());
+            }
+            Ok(())
+        }
+        QueueCommand::Stats { queue } => {
+            let stats = RemoteQueue::with_client(client, &queue).stats().await?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("{queue}: {stats:#?}");
+            }
+            Ok(())
+        }
+        QueueCommand::List => {
+            let stats = BrokerServiceClient::new(client).stats().await?;
+            for queue in &stats.queues {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"queue": queue.name, "depth": queue.stats.depth, "in_flight": queue.stats.in_flight})
+                    );
+                } else {
+                    println!(
+                        "{:<40} depth {:>8}  in flight {:>6}",
+                        queue.name, queue.stats.depth, queue.stats.in_flight
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn print_stats(stats: &BrokerStats) {
+    println!(
+        "up {:.1} s, {} connections, {} subscriptions",
+        stats.uptime_ms as f64 / 1000.0,
+        stats.connections,
+        stats.subscriptions
+    );
+    println!(
+        "pub/sub: {} published, {} delivered, {} dropped, {} stored durably",
+        stats.published, stats.delivered, stats.dropped, stats.stored
+    );
+    for (name, filter) in &stats.durable {
+        println!("durable subscription {name} on {filter}");
+    }
+    for queue in &stats.queues {
+        let s = &queue.stats;
+        println!(
+            "queue {}: depth {}, in flight {}, delivered {}, acknowledged {}, redelivered {}, dead-lettered {}",
+            queue.name, s.depth, s.in_flight, s.delivered, s.acknowledged, s.redelivered, s.dead_lettered
+        );
+    }
+}
+
+pub async fn stats(url: &str, json: bool) -> anyhow::Result<()> {
+    let stats = BrokerServiceClient::new(connect(url).await?)
+        .stats()
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string(&stats)?);
+    } else {
+        print_stats(&stats);
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! `courier`: run a broker, publish, subscribe, send requests, use queues,
+//! benchmark a broker and watch a demonstration of everything.
+//!
+//! Exit codes scripts can rely on:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | done |
+//! | 1 | failed (the broker refused, storage failed, ...) |
+//! | 2 | bad usage or bad input (unknown flag, invalid subject, bad config) |
+//! | 3 | the broker cannot be reached |
+//! | 4 | nothing arrived in time (no reply, no responders, empty queue) |
+
+mod bench;
+mod client;
+mod demo;
+mod serve;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Where clients find the broker unless told otherwise.
+pub const DEFAULT_URL: &str = "tcp://127.0.0.1:7878";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "courier",
+    version,
+    about = "Courier: message passing, RPC, queues and pub/sub over one wire format",
+    after_help = "Examples:\n  courier serve                          # a broker on tcp://127.0.0.1:7878\n  courier sub 'orders.>'                 # print everything under orders.\n  courier pub orders.eu.created 'tea'    # publish one message\n  courier queue push jobs 'resize 1.png' # store a job\n  courier queue pop jobs                 # take it (and acknowledge it)\n  courier demo                           # see all five mechanisms at work"
+)]
+struct Cli {
+    /// The broker's address.
+    #[arg(long, global = true, env = "COURIER_URL", default_value = DEFAULT_URL)]
+    url: String,
+    /// Print JSON (one object per line) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a broker.
+    Serve(serve::ServeArgs),
+    /// Publish to a subject: DATA, or stdin (one message per line with --lines).
+    #[command(
+        name = "pub",
+        after_help = "Examples:\n  courier pub orders.eu.created '{\"id\": 1}'\n  seq 1 1000 | courier pub numbers --lines"
+    )]
+    Publish(client::PublishArgs),
+    /// Print messages on subjects matching FILTER (`*` one token, `>` the rest).
+    #[command(
+        name = "sub",
+        after_help = "Examples:\n  courier sub 'orders.*.created'\n  courier sub jobs --group workers --count 10"
+    )]
+    Subscribe(client::SubscribeArgs),
+    /// Send a request to SUBJECT and print the first reply.
+    #[command(after_help = "Example:\n  courier request svc.upper 'hello' --timeout 2s")]
+    Request(client::RequestArgs),
+    /// Use durable queues.
+    #[command(subcommand)]
+    Queue(client::QueueCommand),
+    /// Show the broker's counters.
+    Stats,
+    /// Measure a broker: pub/sub throughput and fan-out, request-reply
+    /// latency, durable queue throughput.
+    Bench(bench::BenchArgs),
+    /// Start a broker and worker processes on loopback and exercise all
+    /// five mechanisms, then print what happened.
+    Demo(demo::DemoArgs),
+    /// A demo worker process (used by `courier demo`).
+    #[command(hide = true)]
+    Worker(demo::WorkerArgs),
+}
+
+/// An error with the exit code it should end the process with.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    /// Bad usage or input.
+    pub fn usage(message: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: 2,
+            message: message.to_string(),
+        }
+    }
+
+    /// Nothing arrived in time.
+    pub fn nothing(message: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: 4,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The exit code for an error: see the table in the crate docs.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    use courier_pubsub::remote::RemotePubSubError;
+    use courier_queue::remote::RemoteQueueError;
+    use courier_rpc::RpcError;
+    fn rpc(err: &RpcError) -> u8 {
+        match err {
+            RpcError::Unavailable(_) => 3,
+            RpcError::DeadlineExceeded => 4,
+            _ => 1,
+        }
+    }
+    if let Some(failure) = err.downcast_ref::<Failure>() {
+        return failure.code;
+    }
+    if let Some(err) = err.downcast_ref::<RpcError>() {
+        return rpc(err);
+    }
+    if let Some(err) = err.downcast_ref::<RemotePubSubError>() {
+        return match err {
+            RemotePubSubError::Rpc(err) => rpc(err),
+            RemotePubSubError::NoResponders(_) | RemotePubSubError::Timeout(_) => 4,
+            RemotePubSubError::Remote(courier_pubsub::remote::RemoteError::Invalid(_)) => 2,
+            _ => 1,
+        };
+    }
+    if let Some(RemoteQueueError::Rpc(err)) = err.downcast_ref::<RemoteQueueError>() {
+        return rpc(err);
+    }
+    1
+}
+
+/// Parses `500ms`, `2s`, `1m` or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (try 500ms, 2s or 1m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("courier: error: cannot start a runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let url = cli.url.clone();
+    let json = cli.json;
+    let outcome = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Publish(args) => client::publish(&url, args).await,
+            Command::Subscribe(args) => client::subscribe(&url, json, args).await,
+            Command::Request(args) => client::request(&url, json, args).await,
+            Command::Queue(command) => client::queue(&url, json, command).await,
+            Command::Stats => client::stats(&url, json).await,
+            Command::Bench(args) => bench::run(&url, json, args).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Worker(args) => demo::worker(&url, args).await,
+        }
+    });
+    // Streams and subscriptions may still be open: do not wait for them.
+    runtime.shutdown_background();
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, the causes joined: no backtrace.
+            eprintln!("courier: error: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,513 @@
+//! The `courier` command and broker as real processes on loopback: every
+//! command's output and exit code, a broker killed with SIGKILL under load
+//! and restarted, competing consumer processes with one killed, and 5,000
+//! subscriptions restored after a broker restart. Each test cleans up its
+//! processes (killed on drop) and directories.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use courier_pubsub::remote::RemotePubSub;
+use courier_pubsub::{Event, SubscribeOptions};
+use courier_queue::remote::RemoteQueue;
+use courier_rpc::{Client, ClientConfig};
+
+const COURIER: &str = env!("CARGO_BIN_EXE_courier");
+
+/// A fresh directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("courier-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `courier serve` process, killed when dropped.
+struct BrokerProcess {
+    child: Child,
+    url: String,
+}
+
+impl BrokerProcess {
+    /// Starts a broker on `listen` (port 0 for any) with data in `data`.
+    fn start(data: &Path, listen: &str) -> BrokerProcess {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut child = Command::new(COURIER)
+                .args([
+                    "serve",
+                    "--listen",
+                    listen,
+                    "--metrics",
+                    "",
+                    "--grace",
+                    "1s",
+                ])
+                .arg("--data")
+                .arg(data)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("courier serve starts");
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("listening ") => {
+                    // Keep reading its stdout so it never blocks on a full pipe.
+                    std::thread::spawn(move || for _ in lines {});
+                    return BrokerProcess {
+                        child,
+                        url: line["listening ".len()..].to_string(),
+                    };
+                }
+                _ => {
+                    // The port may still be held by a broker just killed.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    assert!(Instant::now() < deadline, "courier serve did not start");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn address(&self) -> courier_transport::Address {
+        self.url.parse().unwrap()
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `courier --url URL ARGS…` with `stdin` and returns its output.
+fn courier(url: &str, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(COURIER)
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A `courier worker …` process, killed when dropped.
+struct WorkerProcess {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl WorkerProcess {
+    fn start(url: &str, args: &[&str]) -> WorkerProcess {
+        let mut child = Command::new(COURIER)
+            .args(["--url", url, "worker"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines.next().unwrap().unwrap();
+        assert!(ready.starts_with("ready"), "{ready}");
+        WorkerProcess { child, lines }
+    }
+
+    fn finish(mut self) -> u64 {
+        drop(self.child.stdin.take());
+        let done = self.lines.next().unwrap().unwrap();
+        done.strip_prefix("done ").unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn every_command_prints_what_it_should_and_exits_with_the_documented_code() {
+    let dir = TempDir::new("commands");
+    let broker = BrokerProcess::start(&dir.0.join("data"), "tcp://127.0.0.1:0");
+    let url = broker.url.clone();
+
+    // sub: started first, told when it is active (on stderr).
+    let mut sub = Command::new(COURIER)
+        .args(["--url", &url, "--json", "sub", "cli.>", "--count", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sub_err = BufReader::new(sub.stderr.take().unwrap()).lines();
+    assert!(sub_err.next().unwrap().unwrap().starts_with("subscribed"));
+    let published = courier(&url, &["pub", "cli.lines", "--lines"], "a\nb\nc\n");
+    assert!(published.status.success(), "{}", stderr(&published));
+    let got = sub.wait_with_output().unwrap();
+    assert!(got.status.success());
+    let lines: Vec<serde_json::Value> = stdout(&got)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let data: Vec<&str> = lines.iter().map(|l| l["data"].as_str().unwrap()).collect();
+    assert_eq!(data, ["a", "b", "c"]);
+    assert_eq!(lines[0]["subject"], "cli.lines");
+
+    // queue push, pop, stats, list, ack by id.
+    let pushed = courier(
+        &url,
+        &["queue", "push", "work", "--lines"],
+        "one\ntwo\nthree\n",
+    );
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let popped = courier(
+        &url,
+        &["--json", "queue", "pop", "work", "--count", "2"],
+        "",
+    );
+    assert!(popped.status.success(), "{}", stderr(&popped));
+    let popped: Vec<serde_json::Value> = stdout(&popped)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(popped[0]["data"], "one");
+    assert_eq!(popped[1]["data"], "two");
+    let looked = courier(&url, &["queue", "pop", "work", "--requeue"], "");
+    let id = stdout(&looked).split(':').next().unwrap().to_string();
+    let acked = courier(&url, &["queue", "ack", "work", &id], "");
+    assert!(acked.status.success(), "{}", stderr(&acked));
+    let stats = courier(&url, &["--json", "queue", "stats", "work"], "");
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&stats)).unwrap();
+    assert_eq!(
+        (stats["depth"].as_u64(), stats["acknowledged"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert!(stdout(&courier(&url, &["queue", "list"], "")).contains("work"));
+    let empty = courier(&url, &["queue", "pop", "work", "--wait", "100ms"], "");
+    assert_eq!(empty.status.code(), Some(4), "{}", stderr(&empty));
+
+    // request to a service instance in another process.
+    let responder = WorkerProcess::start(&url, &["respond", "svc.shout", "shout"]);
+    let reply = courier(&url, &["request", "svc.shout", "hello"], "");
+    assert!(reply.status.success(), "{}", stderr(&reply));
+    assert!(
+        stdout(&reply).starts_with("HELLO (from process"),
+        "{}",
+        stdout(&reply)
+    );
+    assert_eq!(responder.finish(), 1);
+
+    // stats over RPC.
+    let stats = courier(&url, &["--json", "stats"], "");
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&stats)).unwrap();
+    assert!(stats["published"].as_u64().unwrap() >= 4, "{stats}");
+
+    // Errors: one line on stderr, and the documented code.
+    for (args, code) in [
+        (vec!["pub", "bad..subject", "x"], 2),
+        (vec!["request", "nobody.home", "x", "--timeout", "200ms"], 4),
+        (vec!["sub", "a.>.b"], 2),
+        (vec!["no-such-command"], 2),
+    ] {
+        let output = courier(&url, &args, "");
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    let unreachable = courier("tcp://127.0.0.1:1", &["pub", "a", "b"], "");
+    assert_eq!(unreachable.status.code(), Some(3));
+    let message = stderr(&unreachable);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.starts_with("courier: error: cannot reach the broker at tcp://127.0.0.1:1"),
+        "{message}"
+    );
+
+    // SIGTERM: a graceful exit with status 0.
+    assert_eq!(broker.terminate().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_under_load_loses_no_acknowledged_message_and_clients_reconnect() {
+    let dir = TempDir::new("kill9");
+    let data = dir.0.join("data");
+    let broker = BrokerProcess::start(&data, "tcp://127.0.0.1:0");
+    let listen = broker.url.clone();
+    let client = Client::connect(&broker.address(), ClientConfig::default())
+        .await
+        .unwrap();
+    let queue = RemoteQueue::with_client(client.clone(), "ledger");
+    let bus = RemotePubSub::with_client(client);
+    let mut subscription = bus
+        .subscribe("load.>", SubscribeOptions::default())
+        .await
+        .unwrap();
+
+    // A producer enqueues one message at a time, remembering which the
+    // broker acknowledged, until told to stop.
+    let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (queue, acknowledged, attempts, stop) = (
+            queue.clone(),
+            acknowledged.clone(),
+            attempts.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                match queue
+                    .enqueue(courier_queue::Message::new(n.to_le_bytes().to_vec()))
+                    .await
+                {
+                    Ok(_) => {
+                        acknowledged.lock().unwrap().insert(n);
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+                n += 1;
+            }
+        })
+    };
+    let wait_for = |what: &'static str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for("300 acknowledged enqueues", &|| {
+        acknowledged.lock().unwrap().len() >= 300
+    });
+    broker.kill9();
+    let before_restart = acknowledged.lock().unwrap().len();
+
+    // While the broker is down, a publish fails: it never vanishes silently.
+    let publisher = bus.publisher();
+    assert!(publisher.publish("load.lost", "x").await.is_err());
+
+    let broker = BrokerProcess::start(&data, &listen);
+    assert_eq!(broker.url, listen);
+    wait_for("300 more acknowledged enqueues", &|| {
+        acknowledged.lock().unwrap().len() >= before_restart + 300
+    });
+    stop.store(true, Ordering::Release);
+    producer.await.unwrap();
+
+    // The subscription restored itself and hears new messages.
+    let event = tokio::time::timeout(Duration::from_secs(30), subscription.recv())
+        .await
+        .expect("the subscription noticed the restart")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event, Event::Restored);
+    assert_eq!(publisher.publish("load.after", "y").await.unwrap(), 1);
+    let Event::Message(m) = subscription.recv().await.unwrap().unwrap() else {
+        panic!("a message")
+    };
+    assert_eq!(&m.payload[..], b"y");
+
+    // Every acknowledged enqueue is there (unacknowledged ones may be too).
+    let mut stored = BTreeSet::new();
+    // Counted before the consumer takes any.
+    let depth = queue.stats().await.unwrap().depth;
+    let mut consumer = queue.consumer(256).await.unwrap();
+    for _ in 0..depth {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        stored.insert(u64::from_le_bytes(delivery.payload[..].try_into().unwrap()));
+        delivery.ack().await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let lost: Vec<_> = acknowledged.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    // Some enqueues failed while the broker was down, and the rest went on.
+    assert!(attempts.load(Ordering::Relaxed) > acknowledged.len() as u64);
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_consumer_processes_share_the_work_and_a_killed_one_hands_its_messages_back() {
+    let dir = TempDir::new("compete");
+    let broker = BrokerProcess::start(&dir.0.join("data"), "tcp://127.0.0.1:0");
+    let queue = RemoteQueue::with_client(
+        Client::connect(&broker.address(), ClientConfig::default())
+            .await
+            .unwrap(),
+        "jobs",
+    );
+    const JOBS: u64 = 1500;
+    queue
+        .enqueue_batch(
+            (0..JOBS)
+                .map(|n| courier_queue::Message::new(n.to_le_bytes().to_vec()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let mut workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::start(&broker.url, &["consume", "jobs"]))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while queue.stats().await.unwrap().acknowledged < JOBS / 5 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let victim = workers.remove(0);
+    drop(victim); // SIGKILL, holding up to its prefetch of leased messages.
+    loop {
+        let stats = queue.stats().await.unwrap();
+        if stats.acknowledged == JOBS {
+            assert_eq!((stats.depth, stats.in_flight), (0, 0));
+            assert!(
+                stats.redelivered >= 1,
+                "the victim's leases came back: {stats:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shares: Vec<u64> = workers.into_iter().map(WorkerProcess::finish).collect();
+    assert!(
+        shares.iter().all(|s| *s > 0),
+        "both survivors worked: {shares:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_subscriptions_and_a_group_membership_come_back_after_a_broker_restart() {
+    const SUBSCRIPTIONS: usize = 5000;
+    let dir = TempDir::new("many");
+    let data = dir.0.join("data");
+    let broker = BrokerProcess::start(&data, "tcp://127.0.0.1:0");
+    let listen = broker.url.clone();
+    let bus = RemotePubSub::connect(&broker.address(), ClientConfig::default())
+        .await
+        .unwrap();
+    let (events, mut arrivals) = tokio::sync::mpsc::channel::<(usize, Event)>(1024);
+    for n in 0..=SUBSCRIPTIONS {
+        // The last one is a queue-group membership.
+        let (filter, options) = if n == SUBSCRIPTIONS {
+            (
+                "many.group".to_string(),
+                SubscribeOptions::default().group("g"),
+            )
+        } else {
+            (format!("many.{n}"), SubscribeOptions::default())
+        };
+        let mut subscription = bus.subscribe(&filter, options).await.unwrap();
+        let events = events.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(event)) = subscription.recv().await {
+                if events.send((n, event)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    broker.kill9();
+    let broker = BrokerProcess::start(&data, &listen);
+    let mut restored = BTreeSet::new();
+    while restored.len() <= SUBSCRIPTIONS {
+        let (n, event) = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
+            .await
+            .expect("every subscription restores itself")
+            .unwrap();
+        assert_eq!(event, Event::Restored, "subscription {n}");
+        restored.insert(n);
+    }
+    let publisher = bus.publisher();
+    let delivered = publisher
+        .publish_batch(
+            (0..SUBSCRIPTIONS)
+                .map(|n| (format!("many.{n}"), n.to_string()))
+                .chain([("many.group".to_string(), "g".to_string())]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(delivered, SUBSCRIPTIONS as u64 + 1);
+    let mut heard = BTreeSet::new();
+    while heard.len() <= SUBSCRIPTIONS {
+        let (n, event) = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let Event::Message(m) = event else {
+            panic!("{event:?}")
+        };
+        if n < SUBSCRIPTIONS {
+            assert_eq!(m.payload, n.to_string().as_bytes());
+        }
+        heard.insert(n);
+    }
+    drop(broker);
+}
