@@ -46,9 +46,14 @@ struct BrokerProcess {
 impl BrokerProcess {
     /// Starts a broker on `listen` (port 0 for any) with data in `data`.
     fn start(data: &Path, listen: &str) -> BrokerProcess {
+        BrokerProcess::start_with(&[], data, listen)
+    }
+
+    /// The same, run through `prefix` (say `ip netns exec NAME`).
+    fn start_with(prefix: &[&str], data: &Path, listen: &str) -> BrokerProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let mut child = Command::new(COURIER)
+            let mut child = command(prefix)
                 .args([
                     "serve",
                     "--listen",
@@ -122,9 +127,26 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// `courier`, run through `prefix` if any.
+fn command(prefix: &[&str]) -> Command {
+    match prefix {
+        [] => Command::new(COURIER),
+        [program, args @ ..] => {
+            let mut command = Command::new(program);
+            command.args(args).arg(COURIER);
+            command
+        }
+    }
+}
+
 /// Runs `courier --url URL ARGS…` with `stdin` and returns its output.
 fn courier(url: &str, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(COURIER)
+    courier_with(&[], url, args, stdin)
+}
+
+/// The same, run through `prefix`.
+fn courier_with(prefix: &[&str], url: &str, args: &[&str], stdin: &str) -> Output {
+    let mut child = command(prefix)
         .arg("--url")
         .arg(url)
         .args(args)
@@ -509,5 +531,122 @@ async fn five_thousand_subscriptions_and_a_group_membership_come_back_after_a_br
         }
         heard.insert(n);
     }
+    drop(broker);
+}
+
+/// Two network namespaces joined by a veth pair, removed when dropped.
+struct Namespaces {
+    broker: String,
+    client: String,
+}
+
+impl Namespaces {
+    const BROKER_IP: &'static str = "10.231.0.1";
+
+    /// Creates them, or says why it cannot (not root, no iproute2, no
+    /// permission to make namespaces).
+    fn create() -> Result<Namespaces, String> {
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let output = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|err| format!("cannot run ip (iproute2): {err}"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            }
+        };
+        let id = std::process::id() % 100_000;
+        let spaces = Namespaces {
+            broker: format!("courier-b{id}"),
+            client: format!("courier-c{id}"),
+        };
+        let (vb, vc) = (format!("cvb{id}"), format!("cvc{id}"));
+        ip(&["netns", "add", &spaces.broker])?;
+        // From here on, dropping `spaces` removes what was made.
+        ip(&["netns", "add", &spaces.client])?;
+        ip(&["link", "add", &vb, "type", "veth", "peer", "name", &vc])?;
+        ip(&["link", "set", &vb, "netns", &spaces.broker])?;
+        ip(&["link", "set", &vc, "netns", &spaces.client])?;
+        for (space, link, address) in [
+            (&spaces.broker, &vb, "10.231.0.1/24"),
+            (&spaces.client, &vc, "10.231.0.2/24"),
+        ] {
+            ip(&["-n", space, "addr", "add", address, "dev", link])?;
+            ip(&["-n", space, "link", "set", link, "up"])?;
+            ip(&["-n", space, "link", "set", "lo", "up"])?;
+        }
+        Ok(spaces)
+    }
+
+    fn exec(space: &str) -> [&str; 4] {
+        ["ip", "netns", "exec", space]
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and the pair with it.
+        for space in [&self.broker, &self.client] {
+            let _ = Command::new("ip").args(["netns", "del", space]).status();
+        }
+    }
+}
+
+#[test]
+fn across_network_namespaces_pub_sub_and_queues_survive_a_broker_kill() {
+    let spaces = match Namespaces::create() {
+        Ok(spaces) => spaces,
+        Err(reason) => {
+            println!("skipped: cannot create network namespaces ({reason})");
+            return;
+        }
+    };
+    let dir = TempDir::new("netns");
+    let in_broker = Namespaces::exec(&spaces.broker);
+    let in_client = Namespaces::exec(&spaces.client);
+    let listen = format!("tcp://{}:0", Namespaces::BROKER_IP);
+    let broker = BrokerProcess::start_with(&in_broker, &dir.0.join("data"), &listen);
+    let url = broker.url.clone();
+    assert!(url.starts_with("tcp://10.231.0.1:"), "{url}");
+
+    // From the client namespace, over the veth link only.
+    let mut sub = command(&in_client)
+        .args(["--url", &url, "sub", "net.>", "--count", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sub_err = BufReader::new(sub.stderr.take().unwrap()).lines();
+    assert!(sub_err.next().unwrap().unwrap().starts_with("subscribed"));
+    let published = courier_with(&in_client, &url, &["pub", "net.a", "--lines"], "x\ny\n");
+    assert!(published.status.success(), "{}", stderr(&published));
+    let got = sub.wait_with_output().unwrap();
+    assert_eq!(stdout(&got), "net.a: x\nnet.a: y\n");
+    let pushed = courier_with(&in_client, &url, &["queue", "push", "netq", "kept"], "");
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+
+    // kill -9 the broker: a publish from the other namespace fails loudly.
+    let port = url.rsplit(':').next().unwrap().to_string();
+    broker.kill9();
+    let down = courier_with(&in_client, &url, &["pub", "net.a", "lost"], "");
+    assert_eq!(down.status.code(), Some(3), "{}", stderr(&down));
+
+    // Restarted on the same address and data: the stored message is there.
+    let listen = format!("tcp://{}:{port}", Namespaces::BROKER_IP);
+    let broker = BrokerProcess::start_with(&in_broker, &dir.0.join("data"), &listen);
+    let popped = courier_with(
+        &in_client,
+        &broker.url,
+        &["queue", "pop", "netq", "--wait", "10s"],
+        "",
+    );
+    assert!(popped.status.success(), "{}", stderr(&popped));
+    assert!(stdout(&popped).ends_with(": kept\n"), "{}", stdout(&popped));
     drop(broker);
 }
