@@ -15,6 +15,7 @@ pub const MAX_MEM_NAME: usize = 255;
 /// | form | meaning |
 /// |---|---|
 /// | `tcp://host:port` | TCP; `host` is a name, an IPv4 address or `[IPv6]` |
+/// | `tls://host:port` | TLS 1.2/1.3 over TCP (rustls); the client checks the server's certificate against `host` |
 /// | `udp://host:port` | UDP, one frame per datagram, CRC32C on every frame |
 /// | `unix:///path/to/socket` | Unix stream socket (the path after `unix://`) |
 /// | `mem://name` | in-process: frames move through channels, no sockets, no copies |
@@ -40,6 +41,14 @@ pub enum Address {
         /// Port; 0 = any when binding.
         port: u16,
     },
+    /// `tls://host:port`
+    Tls {
+        /// Host name or IP literal (IPv6 without brackets); the server's
+        /// certificate must be valid for it.
+        host: String,
+        /// Port; 0 = any when binding.
+        port: u16,
+    },
     /// `udp://host:port`
     Udp {
         /// Host name or IP literal (IPv6 without brackets).
@@ -58,10 +67,10 @@ pub enum Address {
 #[non_exhaustive]
 pub enum AddressError {
     /// No `scheme://` at the start.
-    #[error("address {0:?} has no scheme; expected one of tcp://host:port, udp://host:port, unix:///path, mem://name")]
+    #[error("address {0:?} has no scheme; expected one of tcp://host:port, tls://host:port, udp://host:port, unix:///path, mem://name")]
     MissingScheme(String),
     /// A scheme Courier does not know (or does not support yet).
-    #[error("unsupported scheme {scheme:?} in {address:?}; expected one of tcp://, udp://, unix://, mem://")]
+    #[error("unsupported scheme {scheme:?} in {address:?}; expected one of tcp://, tls://, udp://, unix://, mem://")]
     UnsupportedScheme {
         /// The scheme found.
         scheme: String,
@@ -131,10 +140,19 @@ impl Address {
         Address::Mem(name.into())
     }
 
-    /// The scheme: `tcp`, `udp`, `unix` or `mem`.
+    /// A TLS address for a socket address.
+    pub fn tls(addr: SocketAddr) -> Address {
+        Address::Tls {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+
+    /// The scheme: `tcp`, `tls`, `udp`, `unix` or `mem`.
     pub fn scheme(&self) -> &'static str {
         match self {
             Address::Tcp { .. } => "tcp",
+            Address::Tls { .. } => "tls",
             Address::Udp { .. } => "udp",
             Address::Unix(_) => "unix",
             Address::Mem(_) => "mem",
@@ -189,6 +207,10 @@ impl FromStr for Address {
             "tcp" => {
                 let (host, port) = parse_host_port("tcp", rest, s)?;
                 Ok(Address::Tcp { host, port })
+            }
+            "tls" => {
+                let (host, port) = parse_host_port("tls", rest, s)?;
+                Ok(Address::Tls { host, port })
             }
             "udp" => {
                 let (host, port) = parse_host_port("udp", rest, s)?;
@@ -248,6 +270,7 @@ impl fmt::Display for Address {
         };
         match self {
             Address::Tcp { host, port } => host_port(f, "tcp", host, *port),
+            Address::Tls { host, port } => host_port(f, "tls", host, *port),
             Address::Udp { host, port } => host_port(f, "udp", host, *port),
             Address::Unix(path) => write!(f, "unix://{}", path.display()),
             Address::Mem(name) => write!(f, "mem://{name}"),

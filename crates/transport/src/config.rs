@@ -83,6 +83,13 @@ pub struct TransportConfig {
     /// Handshakes a listener runs at once. Default 256. Bounds the cost of
     /// clients that connect and stall.
     pub max_pending_handshakes: usize,
+    /// Certificate and key for `tls://` listeners. Default none (binding a
+    /// `tls://` address then fails).
+    pub tls_server: Option<crate::TlsServer>,
+    /// Trusted CAs (and an identity, for mutual TLS) for `tls://`
+    /// connections. Default none (connecting to `tls://` then fails: there
+    /// is no fallback to plain text).
+    pub tls_client: Option<crate::TlsClient>,
 }
 
 impl Default for TransportConfig {
@@ -100,6 +107,8 @@ impl Default for TransportConfig {
             max_udp_peers: 1024,
             accept_queue: 128,
             max_pending_handshakes: 256,
+            tls_server: None,
+            tls_client: None,
         }
     }
 }
@@ -108,6 +117,18 @@ impl TransportConfig {
     /// The same configuration with heartbeats.
     pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> TransportConfig {
         self.heartbeat = Some(heartbeat);
+        self
+    }
+
+    /// The same configuration serving `tls://` with `server`.
+    pub fn with_tls_server(mut self, server: crate::TlsServer) -> TransportConfig {
+        self.tls_server = Some(server);
+        self
+    }
+
+    /// The same configuration connecting to `tls://` with `client`.
+    pub fn with_tls_client(mut self, client: crate::TlsClient) -> TransportConfig {
+        self.tls_client = Some(client);
         self
     }
 

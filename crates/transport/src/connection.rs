@@ -261,6 +261,7 @@ pub struct FrameReceiver {
     dead_after: Option<Duration>,
     last_heard: Instant,
     peer: Option<Address>,
+    identity: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for FrameReceiver {
@@ -366,6 +367,12 @@ impl FrameReceiver {
     pub fn peer_addr(&self) -> Option<&Address> {
         self.peer.as_ref()
     }
+
+    /// Who the peer proved to be: under mutual TLS, the identity in its
+    /// verified certificate; `None` otherwise.
+    pub fn peer_identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
 }
 
 /// A framed, full-duplex connection, the same for every transport.
@@ -433,6 +440,7 @@ impl Connection {
             dead_after: heartbeat.map(|h| h.timeout),
             last_heard: now,
             peer,
+            identity: None,
         };
         Connection {
             sender: FrameSender { shared },
@@ -488,6 +496,15 @@ impl Connection {
     /// The peer's address, where the transport knows it.
     pub fn peer_addr(&self) -> Option<&Address> {
         self.receiver.peer_addr()
+    }
+
+    /// See [`FrameReceiver::peer_identity`].
+    pub fn peer_identity(&self) -> Option<&str> {
+        self.receiver.peer_identity()
+    }
+
+    pub(crate) fn set_identity(&mut self, identity: Option<String>) {
+        self.receiver.identity = identity.map(Arc::from);
     }
 
     /// See [`FrameReceiver::discarded_datagrams`].

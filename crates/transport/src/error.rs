@@ -21,6 +21,13 @@ pub enum HandshakeError {
     /// The socket failed during the exchange. Retryable when transient.
     #[error("i/o error during handshake: {0}")]
     Io(#[from] io::Error),
+    /// The TLS handshake failed: an untrusted or expired certificate, a
+    /// name mismatch, a peer that does not speak TLS. Not retryable.
+    #[error("tls handshake failed: {0}")]
+    Tls(String),
+    /// A `tls://` address without TLS settings in the configuration.
+    #[error("tls:// needs {0} in the TransportConfig")]
+    TlsNotConfigured(&'static str),
 }
 
 impl HandshakeError {
@@ -32,6 +39,7 @@ impl HandshakeError {
             HandshakeError::Io(err) => {
                 io_is_retryable(err) || err.kind() == io::ErrorKind::UnexpectedEof
             }
+            HandshakeError::Tls(_) | HandshakeError::TlsNotConfigured(_) => false,
         }
     }
 }

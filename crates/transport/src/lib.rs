@@ -1,7 +1,7 @@
 //! # courier-transport
 //!
 //! Framed connections over every kind of link Courier supports, behind one
-//! API. Whatever the address — `tcp://`, `unix://`, `udp://` or `mem://` —
+//! API. Whatever the address — `tcp://`, `tls://`, `unix://`, `udp://` or `mem://` —
 //! [`bind`] gives a [`Listener`], [`connect`] gives a [`Connection`], and a
 //! connection sends and receives [`Frame`]s of the
 //! [courier-wire](courier_wire) format. Upper layers (messaging, rpc, queues,
@@ -10,6 +10,7 @@
 //! | transport | framing | integrity | notes |
 //! |---|---|---|---|
 //! | `tcp://host:port` | length-prefixed stream | TCP (+ optional CRC32C) | `TCP_NODELAY`, writes coalesced |
+//! | `tls://host:port` | the same, inside TLS 1.2/1.3 | authenticated encryption | rustls (ring); optional mutual TLS; see [`tls`] |
 //! | `unix:///path` | length-prefixed stream | kernel | stale socket files replaced on bind, removed on drop |
 //! | `udp://host:port` | one frame per datagram | CRC32C on every frame | lossy: bad or excess datagrams dropped and counted |
 //! | `mem://name` | frames as values in channels | n/a | in-process, no sockets, no copies |
@@ -55,8 +56,13 @@
 //! The set of transports is closed and known to this crate, so a
 //! [`Connection`] holds an enum of link kinds: no boxing per frame, no
 //! `async-trait`, and the compiler sees every case. Byte streams (TCP, Unix,
-//! later TLS) share one implementation over boxed `AsyncRead`/`AsyncWrite`
+//! TLS) share one implementation over boxed `AsyncRead`/`AsyncWrite`
 //! halves, whose cost is one virtual call per syscall.
+//!
+//! Dependencies beyond the workspace's usual ones: `rustls`,
+//! `tokio-rustls` and `rustls-webpki` (TLS without OpenSSL, with the *ring*
+//! provider), and `rcgen` (development certificates for
+//! [`tls::generate_dev_certs`]).
 
 #![warn(missing_docs)]
 
@@ -68,6 +74,7 @@ mod error;
 mod listener;
 mod mem;
 mod stream;
+pub mod tls;
 mod udp;
 
 pub use address::{Address, AddressError, MAX_MEM_NAME, MAX_UNIX_PATH};
@@ -77,6 +84,7 @@ pub use connection::{Connection, FrameReceiver, FrameSender};
 pub use courier_wire::{Checksum, Flags, Frame, FrameKind};
 pub use error::{AcceptError, BindError, ConnectError, HandshakeError, RecvError, SendError};
 pub use listener::{Listener, ListenerStats};
+pub use tls::{TlsClient, TlsError, TlsServer};
 
 /// Listens on `address`. Port 0 picks a free port; see [`Listener::local_addr`].
 pub async fn bind(address: &Address, config: &TransportConfig) -> Result<Listener, BindError> {

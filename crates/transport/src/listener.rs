@@ -110,6 +110,14 @@ impl Listener {
 enum RawStream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Accepted on a `tls://` listener.
+    TlsAccept(TcpStream, crate::TlsServer),
+    /// Connected to a `tls://` address: the certificate must be valid for `host`.
+    TlsConnect(TcpStream, crate::TlsClient, String),
+}
+
+fn tls_failed(err: io::Error) -> HandshakeError {
+    HandshakeError::Tls(err.to_string())
 }
 
 impl RawStream {
@@ -119,31 +127,71 @@ impl RawStream {
         config: &TransportConfig,
         peer: Option<Address>,
     ) -> Result<Connection, HandshakeError> {
+        let limit = config.handshake_timeout;
+        // TLS and the preamble together get one handshake timeout.
+        let deadline = tokio::time::Instant::now() + limit;
+        let within = |_| HandshakeError::Timeout(limit);
+        let mut identity = None;
         let (read, write): (BoxRead, BoxWrite) = match self {
             RawStream::Tcp(mut stream) => {
                 stream.set_nodelay(true)?;
-                exchange_preamble(&mut stream, config.handshake_timeout).await?;
+                exchange_preamble(&mut stream, limit).await?;
                 let (r, w) = stream.into_split();
                 (Box::new(r), Box::new(w))
             }
             RawStream::Unix(mut stream) => {
-                exchange_preamble(&mut stream, config.handshake_timeout).await?;
+                exchange_preamble(&mut stream, limit).await?;
                 let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            RawStream::TlsAccept(stream, server) => {
+                stream.set_nodelay(true)?;
+                let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());
+                let mut tls = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+                    .await
+                    .map_err(within)?
+                    .map_err(tls_failed)?;
+                identity = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(crate::tls::identity_of);
+                exchange_preamble(&mut tls, deadline - tokio::time::Instant::now()).await?;
+                let (r, w) = tokio::io::split(tls);
+                (Box::new(r), Box::new(w))
+            }
+            RawStream::TlsConnect(stream, client, host) => {
+                stream.set_nodelay(true)?;
+                let name =
+                    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|err| {
+                        HandshakeError::Tls(format!("{host:?} is not a valid server name: {err}"))
+                    })?;
+                let connector = tokio_rustls::TlsConnector::from(client.config.clone());
+                let mut tls = tokio::time::timeout_at(deadline, connector.connect(name, stream))
+                    .await
+                    .map_err(within)?
+                    .map_err(tls_failed)?;
+                exchange_preamble(&mut tls, deadline - tokio::time::Instant::now()).await?;
+                let (r, w) = tokio::io::split(tls);
                 (Box::new(r), Box::new(w))
             }
         };
         let codec = config.stream_codec();
-        Ok(Connection::new(
+        let mut connection = Connection::new(
             SendLink::Stream(StreamWriter::new(write, codec, config.send_buffer)),
             RecvLink::Stream(StreamReader::new(read, codec)),
             config.heartbeat,
             peer,
-        ))
+        );
+        connection.set_identity(identity);
+        Ok(connection)
     }
 }
 
 enum RawListener {
     Tcp(TcpListener),
+    Tls(TcpListener, crate::TlsServer),
     Unix(UnixListener),
 }
 
@@ -153,6 +201,13 @@ impl RawListener {
             RawListener::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
                 Ok((RawStream::Tcp(stream), Some(Address::tcp(peer))))
+            }
+            RawListener::Tls(listener, server) => {
+                let (stream, peer) = listener.accept().await?;
+                Ok((
+                    RawStream::TlsAccept(stream, server.clone()),
+                    Some(Address::tls(peer)),
+                ))
             }
             RawListener::Unix(listener) => {
                 let (stream, _) = listener.accept().await?;
@@ -192,8 +247,10 @@ async fn accept_loop(
                     let _ = incoming.send(conn).await;
                 }
                 Err(reason) => {
+                    // Counted, and logged at debug only: a flood of bad
+                    // connections must not become a flood of log lines.
                     counters.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(peer = ?peer, %reason, "refused connection");
+                    tracing::debug!(peer = ?peer, %reason, "refused connection");
                 }
             }
         });
@@ -241,6 +298,25 @@ pub(crate) async fn bind(
             let local = Address::tcp(listener.local_addr().map_err(io_err)?);
             let task = tokio::spawn(accept_loop(
                 RawListener::Tcp(listener),
+                tx,
+                config.clone(),
+                counters.clone(),
+            ));
+            (local, Some(task), Cleanup::Nothing)
+        }
+        Address::Tls { host, port } => {
+            let server = config.tls_server.clone().ok_or_else(|| BindError::Io {
+                address: address.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "tls:// needs a certificate and key (TransportConfig::with_tls_server)",
+                ),
+            })?;
+            let addrs = resolve(host, *port).await.map_err(resolve_err)?;
+            let listener = TcpListener::bind(&addrs[..]).await.map_err(io_err)?;
+            let local = Address::tls(listener.local_addr().map_err(io_err)?);
+            let task = tokio::spawn(accept_loop(
+                RawListener::Tls(listener, server),
                 tx,
                 config.clone(),
                 counters.clone(),
@@ -318,7 +394,7 @@ pub(crate) async fn connect(
     };
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
     let (raw, peer) = match address {
-        Address::Tcp { host, port } => {
+        Address::Tcp { host, port } | Address::Tls { host, port } => {
             let addrs = tokio::time::timeout_at(deadline, resolve(host, *port))
                 .await
                 .map_err(timeout)?
@@ -342,7 +418,25 @@ pub(crate) async fn connect(
             }
             let (stream, addr) = connected
                 .ok_or_else(|| io_err(last_err.expect("at least one address was tried")))?;
-            (RawStream::Tcp(stream), Address::tcp(addr))
+            match address {
+                Address::Tls { .. } => {
+                    let client =
+                        config
+                            .tls_client
+                            .clone()
+                            .ok_or_else(|| ConnectError::Handshake {
+                                address: address.clone(),
+                                source: HandshakeError::TlsNotConfigured(
+                                    "trusted CAs (TransportConfig::with_tls_client)",
+                                ),
+                            })?;
+                    (
+                        RawStream::TlsConnect(stream, client, host.clone()),
+                        Address::tls(addr),
+                    )
+                }
+                _ => (RawStream::Tcp(stream), Address::tcp(addr)),
+            }
         }
         Address::Unix(path) => {
             let stream = tokio::time::timeout_at(deadline, UnixStream::connect(path))
