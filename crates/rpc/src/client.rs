@@ -31,6 +31,9 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Calls in flight on the connection; further calls wait. Default 10,000.
     pub max_in_flight: usize,
+    /// The bearer token sent in the hello, for servers that authenticate.
+    /// Default none.
+    pub token: Option<crate::Secret>,
 }
 
 impl Default for ClientConfig {
@@ -39,6 +42,7 @@ impl Default for ClientConfig {
             transport: TransportConfig::default(),
             timeout: Duration::from_secs(10),
             max_in_flight: 10_000,
+            token: None,
         }
     }
 }
@@ -153,6 +157,39 @@ async fn read_replies(link: Weak<Link>, mut receiver: FrameReceiver) {
     }
 }
 
+/// Says hello with the configured token and waits for the server's answer.
+async fn hello(
+    sender: &FrameSender,
+    receiver: &mut FrameReceiver,
+    config: &ClientConfig,
+) -> Result<(), RpcError> {
+    let unavailable = |reason: String| RpcError::Unavailable(reason);
+    let hello = crate::auth::Hello {
+        token: config.token.clone(),
+    };
+    sender
+        .send_message(FrameKind::Hello, 0, &hello)
+        .await
+        .map_err(|err| unavailable(err.to_string()))?;
+    let answer = tokio::time::timeout(config.timeout, receiver.recv())
+        .await
+        .map_err(|_| RpcError::DeadlineExceeded)?
+        .map_err(|err| unavailable(err.to_string()))?
+        .ok_or_else(|| unavailable("the server closed the connection during hello".into()))?;
+    match answer.kind {
+        FrameKind::Hello => crate::__private::decode::<crate::auth::Welcome>(&answer.payload)
+            .map(|_| ())
+            .map_err(|err| RpcError::Decode(format!("undecodable welcome: {err}"))),
+        FrameKind::Error => Err(match crate::__private::decode::<RpcFault>(&answer.payload) {
+            Ok(fault) => fault.into(),
+            Err(err) => RpcError::Decode(format!("undecodable refusal: {err}")),
+        }),
+        other => Err(RpcError::Decode(format!(
+            "expected the server's hello, got {other:?}"
+        ))),
+    }
+}
+
 struct ClientInner {
     address: Address,
     config: ClientConfig,
@@ -248,7 +285,8 @@ impl Client {
         let connection = connect(&self.inner.address, &self.inner.config.transport)
             .await
             .map_err(|err| RpcError::Unavailable(err.to_string()))?;
-        let (sender, receiver) = connection.split();
+        let (sender, mut receiver) = connection.split();
+        hello(&sender, &mut receiver, &self.inner.config).await?;
         let link = Arc::new(Link {
             sender,
             pending: Mutex::new(HashMap::new()),

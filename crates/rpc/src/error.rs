@@ -48,6 +48,27 @@ pub enum RpcFault {
         /// The server's limit.
         limit: u32,
     },
+    /// The hello was refused: no or a wrong token, or no hello at all.
+    #[error("not authenticated: {reason}")]
+    Unauthenticated {
+        /// Why (never containing the token).
+        reason: String,
+    },
+    /// The caller may not do this.
+    #[error("permission denied: {what}")]
+    PermissionDenied {
+        /// What was refused.
+        what: String,
+    },
+    /// The server has as many connections (in total, or for this identity)
+    /// as it allows.
+    #[error("the server allows at most {limit} connections{scope}")]
+    TooManyConnections {
+        /// The limit reached.
+        limit: u32,
+        /// "" for the total, " per identity" for an identity's.
+        scope: String,
+    },
 }
 
 /// Why a call did not produce the method's return value.
@@ -97,6 +118,23 @@ pub enum RpcError {
         /// The server's limit.
         limit: u32,
     },
+    /// The server did not accept the credentials (or their absence). Not
+    /// retryable with the same credentials.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller's identity may not call this service. Not retryable. The
+    /// connection stays usable for what is allowed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The server refused the connection: it has as many as it allows.
+    /// Retryable later.
+    #[error("the server allows at most {limit} connections{scope}")]
+    TooManyConnections {
+        /// The limit reached.
+        limit: u32,
+        /// "" for the total, " per identity" for an identity's.
+        scope: String,
+    },
     /// The arguments could not be serialized, or exceed the frame limit. Not retryable.
     #[error("arguments could not be sent: {0}")]
     Serialize(String),
@@ -114,6 +152,7 @@ impl RpcError {
                 | RpcError::Unavailable(_)
                 | RpcError::Cancelled
                 | RpcError::Overloaded
+                | RpcError::TooManyConnections { .. }
         )
     }
 }
@@ -132,6 +171,11 @@ impl From<RpcFault> for RpcError {
                 service: format!("(arguments refused: {reason})"),
             },
             RpcFault::TooManyStreams { limit } => RpcError::TooManyStreams { limit },
+            RpcFault::Unauthenticated { reason } => RpcError::Unauthenticated(reason),
+            RpcFault::PermissionDenied { what } => RpcError::PermissionDenied(what),
+            RpcFault::TooManyConnections { limit, scope } => {
+                RpcError::TooManyConnections { limit, scope }
+            }
         }
     }
 }

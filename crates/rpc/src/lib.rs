@@ -111,6 +111,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod blocking;
 mod client;
 mod error;
@@ -125,7 +126,8 @@ pub use client::{Client, ClientConfig};
 pub use courier_rpc_macros::service;
 pub use courier_transport::Address;
 pub use error::{RpcError, RpcFault};
-pub use server::{Server, ServerConfig, ServerHandle};
+pub use auth::{caller, Authenticator, Secret};
+pub use server::{Server, ServerConfig, ServerHandle, ServiceAccess};
 #[doc(hidden)]
 pub use stream::ItemSink;
 pub use stream::{ItemStream, Items, StreamClosed};

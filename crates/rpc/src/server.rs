@@ -15,8 +15,11 @@ use crate::protocol::RequestHeader;
 use crate::stream::ItemSink;
 use crate::{RpcFault, Service};
 
+/// May this identity (`None`: anonymous) call this service?
+pub type ServiceAccess = Arc<dyn Fn(Option<&str>, &str) -> bool + Send + Sync>;
+
 /// Server settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
     /// Unary calls running at once per connection. When reached, the server
@@ -29,6 +32,43 @@ pub struct ServerConfig {
     /// good); one past this limit is refused with
     /// [`crate::RpcError::TooManyStreams`]. Default 10,000.
     pub max_streams: usize,
+    /// Connections served at once; one more is refused
+    /// ([`crate::RpcError::TooManyConnections`]). Default 10,000.
+    pub max_connections: usize,
+    /// Connections at once per authenticated identity. Default 1,000.
+    pub max_connections_per_identity: usize,
+    /// How long a new connection has to say hello. Default 5 s.
+    pub hello_timeout: Duration,
+    /// A connection with no call running and no frame from its client for
+    /// this long is closed (its client reconnects on its next call).
+    /// Default none.
+    pub idle_timeout: Option<Duration>,
+    /// Turns tokens into identities. Default none: tokens are ignored.
+    pub authenticator: Option<Arc<dyn crate::auth::Authenticator>>,
+    /// Refuse connections that prove no identity (by token or client
+    /// certificate). Default false.
+    pub require_identity: bool,
+    /// Decides which identity may call which service. Default: anyone.
+    pub service_access: Option<ServiceAccess>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_streams", &self.max_streams)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_identity",
+                &self.max_connections_per_identity,
+            )
+            .field("hello_timeout", &self.hello_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("authenticator", &self.authenticator.is_some())
+            .field("require_identity", &self.require_identity)
+            .field("service_access", &self.service_access.is_some())
+            .finish()
+    }
 }
 
 impl Default for ServerConfig {
@@ -36,6 +76,13 @@ impl Default for ServerConfig {
         ServerConfig {
             max_in_flight: 256,
             max_streams: 10_000,
+            max_connections: 10_000,
+            max_connections_per_identity: 1_000,
+            hello_timeout: Duration::from_secs(5),
+            idle_timeout: None,
+            authenticator: None,
+            require_identity: false,
+            service_access: None,
         }
     }
 }
@@ -50,6 +97,37 @@ impl ServerConfig {
     /// The same settings with another per-connection stream limit.
     pub fn with_max_streams(mut self, limit: usize) -> ServerConfig {
         self.max_streams = limit;
+        self
+    }
+
+    /// The same settings with other connection limits (total, per identity).
+    pub fn with_max_connections(mut self, total: usize, per_identity: usize) -> ServerConfig {
+        self.max_connections = total;
+        self.max_connections_per_identity = per_identity;
+        self
+    }
+
+    /// The same settings with an idle timeout.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> ServerConfig {
+        self.idle_timeout = Some(idle);
+        self
+    }
+
+    /// The same settings authenticating tokens with `authenticator`, and
+    /// refusing anonymous connections if `required`.
+    pub fn with_authenticator(
+        mut self,
+        authenticator: Arc<dyn crate::auth::Authenticator>,
+        required: bool,
+    ) -> ServerConfig {
+        self.authenticator = Some(authenticator);
+        self.require_identity = required;
+        self
+    }
+
+    /// The same settings deciding service access with `access`.
+    pub fn with_service_access(mut self, access: ServiceAccess) -> ServerConfig {
+        self.service_access = Some(access);
         self
     }
 }
@@ -120,9 +198,11 @@ impl Server {
     pub fn spawn_all(self, listeners: Vec<Listener>) -> ServerHandle {
         let local: Vec<Address> = listeners.iter().map(|l| l.local_addr().clone()).collect();
         let (stop, stopped) = watch::channel(None);
+        assert!(!listeners.is_empty(), "a server needs at least one listener");
         let shared = Arc::new(Shared {
             services: self.services,
             config: self.config,
+            admitted: Mutex::default(),
         });
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = listeners
@@ -212,6 +292,98 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Shared {
     services: HashMap<&'static str, Arc<dyn Service>>,
     config: ServerConfig,
+    /// Connections admitted, in total and per identity.
+    admitted: Mutex<Admitted>,
+}
+
+#[derive(Default)]
+struct Admitted {
+    total: usize,
+    per_identity: HashMap<Arc<str>, usize>,
+}
+
+/// A connection's place in the limits; given back when dropped.
+struct Admission<'a> {
+    shared: &'a Shared,
+    identity: Option<Arc<str>>,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        let mut admitted = lock(&self.shared.admitted);
+        admitted.total -= 1;
+        if let Some(identity) = &self.identity {
+            if let Some(count) = admitted.per_identity.get_mut(identity) {
+                *count -= 1;
+                if *count == 0 {
+                    admitted.per_identity.remove(identity);
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn admit(&self, identity: Option<Arc<str>>) -> Result<Admission<'_>, RpcFault> {
+        let mut admitted = lock(&self.admitted);
+        let limit = |n: usize| n.min(u32::MAX as usize) as u32;
+        if admitted.total >= self.config.max_connections {
+            return Err(RpcFault::TooManyConnections {
+                limit: limit(self.config.max_connections),
+                scope: String::new(),
+            });
+        }
+        if let Some(identity) = &identity {
+            let count = admitted.per_identity.entry(identity.clone()).or_default();
+            if *count >= self.config.max_connections_per_identity {
+                return Err(RpcFault::TooManyConnections {
+                    limit: limit(self.config.max_connections_per_identity),
+                    scope: " per identity".into(),
+                });
+            }
+            *count += 1;
+        }
+        admitted.total += 1;
+        Ok(Admission {
+            shared: self,
+            identity,
+        })
+    }
+
+    /// Reads the client's hello and decides who it is.
+    async fn greet(
+        &self,
+        receiver: &mut courier_transport::FrameReceiver,
+    ) -> Result<Option<Arc<str>>, RpcFault> {
+        let refused = |reason: &str| RpcFault::Unauthenticated {
+            reason: reason.to_string(),
+        };
+        let frame = match tokio::time::timeout(self.config.hello_timeout, receiver.recv()).await {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(_) => return Err(refused("the connection ended before its hello")),
+            Err(_) => return Err(refused("no hello in time")),
+        };
+        if frame.kind != FrameKind::Hello {
+            return Err(refused("the first frame must be a hello"));
+        }
+        let hello = crate::auth::decode_hello(&frame.payload)
+            .map_err(|_| refused("malformed hello"))?;
+        // A verified client certificate speaks for itself.
+        if let Some(identity) = receiver.peer_identity() {
+            return Ok(Some(Arc::from(identity)));
+        }
+        let identity = match (&self.config.authenticator, &hello.token) {
+            (Some(authenticator), Some(token)) => match authenticator.authenticate(token) {
+                Some(identity) => Some(Arc::from(identity.as_str())),
+                None => return Err(refused("invalid token")),
+            },
+            _ => None,
+        };
+        if identity.is_none() && self.config.require_identity {
+            return Err(refused("this server requires a token or a client certificate"));
+        }
+        Ok(identity)
+    }
 }
 
 /// Calls running on a connection: how to stop each, and its stream credit.
@@ -223,13 +395,45 @@ async fn serve(
     mut stop: watch::Receiver<Option<Instant>>,
 ) {
     let (sender, mut receiver) = connection.split();
+    // Nothing but a hello is read until the client is known and admitted.
+    let admitted = match shared.greet(&mut receiver).await {
+        Ok(identity) => shared.admit(identity),
+        Err(fault) => Err(fault),
+    };
+    let admission = match admitted {
+        Ok(admission) => admission,
+        Err(fault) => {
+            tracing::debug!(%fault, "connection refused");
+            let _ = sender.feed(fault_frame(0, &fault)).await;
+            let _ = sender.close().await;
+            return;
+        }
+    };
+    let identity = admission.identity.clone();
+    let welcome = crate::auth::Welcome {
+        identity: identity.as_deref().map(str::to_string),
+    };
+    if sender
+        .send_message(FrameKind::Hello, 0, &welcome)
+        .await
+        .is_err()
+    {
+        return;
+    }
     let slots = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
     let streams = Arc::new(Semaphore::new(shared.config.max_streams.max(1)));
     let running: Running = Arc::default();
+    let idle = shared.config.idle_timeout;
+    let mut last_heard = Instant::now();
     let shutdown_at = loop {
+        // Far in the future when there is no idle timeout.
+        let idle_at = last_heard + idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
         tokio::select! {
             frame = receiver.recv() => match frame {
-                Ok(Some(frame)) => handle(&shared, frame, &sender, (&slots, &streams), &running).await,
+                Ok(Some(frame)) => {
+                    last_heard = Instant::now();
+                    handle(&shared, &identity, frame, &sender, (&slots, &streams), &running).await
+                }
                 // The client is gone: nobody is waiting for these calls.
                 _ => {
                     let calls: Vec<_> = lock(&running).drain().collect();
@@ -242,6 +446,15 @@ async fn serve(
                     return;
                 }
             },
+            () = tokio::time::sleep_until(idle_at) => {
+                if lock(&running).is_empty() {
+                    tracing::debug!(?idle, "closing an idle connection");
+                    let _ = sender.close().await;
+                    return;
+                }
+                // Calls (streams, say) are running: not idle.
+                last_heard = Instant::now();
+            }
             changed = stop.changed() => {
                 if changed.is_err() {
                     return;
@@ -276,6 +489,7 @@ fn fault_frame(id: u64, fault: &RpcFault) -> Frame {
 
 async fn handle(
     shared: &Shared,
+    identity: &Option<Arc<str>>,
     frame: Frame,
     sender: &FrameSender,
     (slots, streams): (&Arc<Semaphore>, &Arc<Semaphore>),
@@ -308,7 +522,7 @@ async fn handle(
         _ => return,
     }
     let id = frame.id;
-    let started = match start(shared, &frame.payload, id, sender) {
+    let started = match start(shared, identity.as_deref(), &frame.payload, id, sender) {
         Ok(started) => started,
         Err(fault) => {
             let _ = sender.send(fault_frame(id, &fault)).await;
@@ -341,7 +555,9 @@ async fn handle(
     // Registered under the lock, so the task cannot finish and deregister
     // before it is registered.
     let mut calls = lock(running);
+    let caller = identity.clone();
     let task = tokio::spawn(async move {
+        let reply = crate::auth::as_caller(caller, reply);
         let frame = match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(_)) if streaming => Frame::new(FrameKind::StreamEnd, id, Bytes::new()),
             Ok(Ok(bytes)) => Frame::new(FrameKind::Response, id, bytes),
@@ -359,6 +575,7 @@ async fn handle(
 /// stream credit of a streaming call.
 fn start(
     shared: &Shared,
+    identity: Option<&str>,
     payload: &Bytes,
     id: u64,
     sender: &FrameSender,
@@ -373,6 +590,13 @@ fn start(
         .ok_or_else(|| RpcFault::UnknownService {
             service: header.service.to_string(),
         })?;
+    if let Some(access) = &shared.config.service_access {
+        if !access(identity, header.service) {
+            return Err(RpcFault::PermissionDenied {
+                what: format!("calling service {}", header.service),
+            });
+        }
+    }
     if service.fingerprint() != header.fingerprint {
         return Err(RpcFault::Mismatch {
             service: header.service.to_string(),

@@ -275,9 +275,7 @@ async fn the_client_gives_up_at_the_deadline_and_the_server_stops_the_handler() 
 async fn the_server_enforces_the_deadline_it_was_given_even_without_a_cancel() {
     // A client that never cancels: raw frames, deadline 100 ms.
     let (server, lab) = serve(mem(), ServerConfig::default()).await;
-    let mut conn = courier_transport::connect(server.local_addr(), &TransportConfig::default())
-        .await
-        .unwrap();
+    let mut conn = raw_connection(&server).await;
     raw_sleep_request(&conn, 7, 60_000, 100).await;
     let reply = conn.recv().await.unwrap().unwrap();
     assert_eq!(
@@ -399,14 +397,29 @@ async fn an_unreachable_server_is_a_clear_retryable_error() {
     ));
 }
 
+/// A transport connection that has said hello, for sending raw frames.
+async fn raw_connection(server: &ServerHandle) -> courier_transport::Connection {
+    let mut conn = courier_transport::connect(server.local_addr(), &TransportConfig::default())
+        .await
+        .unwrap();
+    conn.send_message(
+        courier_transport::FrameKind::Hello,
+        0,
+        &courier_rpc::auth::Hello { token: None },
+    )
+    .await
+    .unwrap();
+    let welcome = conn.recv().await.unwrap().unwrap();
+    assert_eq!(welcome.kind, courier_transport::FrameKind::Hello);
+    conn
+}
+
 #[tokio::test]
 async fn a_closed_connection_cancels_its_calls_on_the_server() {
     // A raw connection that sends a request and then simply goes away: no
     // Cancel frame, only the connection closing.
     let (server, lab) = serve(mem(), ServerConfig::default()).await;
-    let conn = courier_transport::connect(server.local_addr(), &TransportConfig::default())
-        .await
-        .unwrap();
+    let conn = raw_connection(&server).await;
     let started = lab.started.notified();
     raw_sleep_request(&conn, 1, 3_600_000, 3_600_000).await;
     started.await;
