@@ -28,6 +28,20 @@
 //! heartbeat_ms = 5000
 //! # Log level: error, warn, info, debug, trace.
 //! log = "info"
+//! # TLS for tls:// listen addresses (PEM files); with a client CA, every
+//! # client must present a certificate it signed (mutual TLS).
+//! tls_cert = "server.pem"
+//! tls_key = "server-key.pem"
+//! tls_client_ca = "ca.pem"
+//! # Limits.
+//! max_connections = 10000
+//! max_connections_per_identity = 1000
+//! handshake_timeout_ms = 5000     # TLS, preamble and hello together
+//! idle_timeout_ms = 0             # 0: idle connections stay open
+//! max_queue_depth = 1000000       # messages per queue
+//! # Who may do what: see the auth module.
+//! [auth]
+//! required = false
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -36,7 +50,7 @@ use std::time::Duration;
 use courier_queue::core::QueueConfig;
 use courier_queue::log::{FsyncPolicy, LogOptions};
 use courier_queue::QueueOptions;
-use courier_transport::{Address, Heartbeat, TransportConfig};
+use courier_transport::{Address, Heartbeat, TlsServer, TransportConfig};
 
 /// When queue writes are fsynced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -84,6 +98,24 @@ pub struct BrokerConfig {
     pub heartbeat_ms: u64,
     /// Default `info`.
     pub log: String,
+    /// Certificate chain (PEM) for `tls://` listen addresses.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Default 10,000.
+    pub max_connections: usize,
+    /// Default 1,000.
+    pub max_connections_per_identity: usize,
+    /// Default 5,000.
+    pub handshake_timeout_ms: u64,
+    /// 0 for none. Default 0.
+    pub idle_timeout_ms: u64,
+    /// Default 1,000,000.
+    pub max_queue_depth: u64,
+    /// Who may connect and do what.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The data directory used when none is configured.
@@ -114,6 +146,15 @@ impl Default for BrokerConfig {
             max_streams: 10_000,
             heartbeat_ms: 5_000,
             log: "info".into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            max_connections: 10_000,
+            max_connections_per_identity: 1_000,
+            handshake_timeout_ms: 5_000,
+            idle_timeout_ms: 0,
+            max_queue_depth: queue.max_depth,
+            auth: Default::default(),
         }
     }
 }
@@ -215,17 +256,40 @@ impl BrokerConfig {
             LogOptions::default().with_fsync(fsync),
             QueueConfig::default()
                 .with_visibility_timeout(Duration::from_millis(self.visibility_timeout_ms.max(1)))
-                .with_max_deliveries(self.max_deliveries.max(1)),
+                .with_max_deliveries(self.max_deliveries.max(1))
+                .with_max_depth(self.max_queue_depth),
         )
     }
 
-    /// Transport settings from this configuration.
-    pub fn transport(&self) -> TransportConfig {
+    /// Transport settings from this configuration, with TLS if configured.
+    pub fn transport(&self) -> Result<TransportConfig, ConfigError> {
         let mut transport = TransportConfig::default().with_max_frame_size(self.max_frame_size);
+        transport.handshake_timeout = Duration::from_millis(self.handshake_timeout_ms.max(1));
         if self.heartbeat_ms > 0 {
             transport = transport
                 .with_heartbeat(Heartbeat::every(Duration::from_millis(self.heartbeat_ms)));
         }
-        transport
+        let wants_tls = self.listen.iter().any(|a| a.starts_with("tls://"));
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let tls = match &self.tls_client_ca {
+                    Some(ca) => TlsServer::with_mutual_tls(cert, key, ca),
+                    None => TlsServer::from_pem_files(cert, key),
+                }
+                .map_err(|err| ConfigError::Invalid {
+                    key: "tls_cert",
+                    reason: err.to_string(),
+                })?;
+                transport = transport.with_tls_server(tls);
+            }
+            (None, None) if !wants_tls => {}
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "tls_cert",
+                    reason: "tls:// listen addresses need both tls_cert and tls_key".into(),
+                })
+            }
+        }
+        Ok(transport)
     }
 }

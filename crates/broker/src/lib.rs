@@ -44,6 +44,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod config;
 pub mod metrics;
 
@@ -217,8 +218,14 @@ impl Broker {
         let queues = QueueSet::new(&config.data_dir, config.queue_options());
         let recovered = queues.open_all().await?;
         let durable = Durable::open(queues.clone()).await?;
+        let policy = Arc::new(auth::Policy::new(&config.auth)?);
         let bus = Bus::new();
-        let host = PubSubHost::with_durable(bus.clone(), durable.clone());
+        let mut host = PubSubHost::with_durable(bus.clone(), durable.clone());
+        let mut queue_host = QueueHost::serving(queues.clone());
+        if !policy.is_open() {
+            host = host.with_access(policy.clone());
+            queue_host = queue_host.with_access(policy.clone());
+        }
         let state = Arc::new(State {
             started: Instant::now(),
             queues: queues.clone(),
@@ -227,7 +234,7 @@ impl Broker {
             counters: host.counters(),
             server: Mutex::new(None),
         });
-        let transport = config.transport();
+        let transport = config.transport()?;
         let mut listeners = Vec::new();
         for address in &addresses {
             let listener = courier_transport::bind(address, &transport)
@@ -250,15 +257,26 @@ impl Broker {
             None => None,
         };
         let bound: Vec<Address> = listeners.iter().map(|l| l.local_addr().clone()).collect();
-        let server = Server::new(
-            ServerConfig::default()
-                .with_max_in_flight(config.max_in_flight)
-                .with_max_streams(config.max_streams),
-        )
-        .service(PubSubServiceServer::new(host))
-        .service(QueueServiceServer::new(QueueHost::serving(queues)))
-        .service(BrokerServiceServer::new(StatsHost(state.clone())))
-        .spawn_all(listeners);
+        let mut server_config = ServerConfig::default()
+            .with_max_in_flight(config.max_in_flight)
+            .with_max_streams(config.max_streams)
+            .with_max_connections(config.max_connections, config.max_connections_per_identity)
+            .with_authenticator(policy.clone(), config.auth.required);
+        server_config.hello_timeout = Duration::from_millis(config.handshake_timeout_ms.max(1));
+        if config.idle_timeout_ms > 0 {
+            server_config =
+                server_config.with_idle_timeout(Duration::from_millis(config.idle_timeout_ms));
+        }
+        if !policy.is_open() {
+            let access = policy.clone();
+            server_config = server_config
+                .with_service_access(Arc::new(move |who, service| access.may_call(who, service)));
+        }
+        let server = Server::new(server_config)
+            .service(PubSubServiceServer::new(host))
+            .service(QueueServiceServer::new(queue_host))
+            .service(BrokerServiceServer::new(StatsHost(state.clone())))
+            .spawn_all(listeners);
         *state.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
         tracing::info!(
             listen = ?bound.iter().map(ToString::to_string).collect::<Vec<_>>(),

@@ -138,6 +138,7 @@ async fn clients_behind_a_misbehaving_network_notice_reconnect_and_resume() {
     config.data_dir = dir.clone();
     config.metrics = String::new();
     config.heartbeat_ms = 100;
+    config.shutdown_grace_ms = 100;
     let broker = Broker::start(config).await.unwrap();
     let target = broker.addresses()[0].to_string()["tcp://".len()..]
         .parse()

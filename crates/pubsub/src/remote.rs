@@ -47,6 +47,20 @@ pub enum RemoteError {
     /// The host keeps no durable subscriptions.
     #[error("this host has no durable subscriptions")]
     NoDurable,
+    /// The caller may not do this (nothing else about the connection changes).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+}
+
+/// Decides what each caller may do on a [`PubSubHost`]. `who` is the
+/// caller's identity ([`courier_rpc::caller`]); `None` is anonymous.
+pub trait PubSubAccess: Send + Sync + 'static {
+    /// May `who` publish to `subject`?
+    fn may_publish(&self, who: Option<&str>, subject: &Subject) -> bool;
+    /// May `who` send a request (a publish asking for a reply) to `subject`?
+    fn may_request(&self, who: Option<&str>, subject: &Subject) -> bool;
+    /// May `who` subscribe to `filter` (live or durable)?
+    fn may_subscribe(&self, who: Option<&str>, filter: &crate::Filter) -> bool;
 }
 
 impl From<crate::SubjectError> for RemoteError {
@@ -159,6 +173,13 @@ pub struct PubSubHost {
     durable: Option<Durable>,
     publishers: Mutex<HashMap<u64, Publisher>>,
     counters: Arc<HostCounters>,
+    access: Option<Arc<dyn PubSubAccess>>,
+}
+
+impl std::fmt::Debug for dyn PubSubAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PubSubAccess")
+    }
 }
 
 /// Upper bounds, in microseconds, of the publish latency buckets.
@@ -205,6 +226,47 @@ impl PubSubHost {
             durable: None,
             publishers: Mutex::new(HashMap::new()),
             counters: Arc::default(),
+            access: None,
+        }
+    }
+
+    /// The same host, asking `access` before every publish and subscribe.
+    pub fn with_access(mut self, access: Arc<dyn PubSubAccess>) -> PubSubHost {
+        self.access = Some(access);
+        self
+    }
+
+    fn check_publish(&self, subject: &Subject, request: bool) -> Result<(), RemoteError> {
+        let Some(access) = &self.access else {
+            return Ok(());
+        };
+        let who = courier_rpc::caller();
+        let allowed = if request {
+            access.may_request(who.as_deref(), subject)
+        } else {
+            access.may_publish(who.as_deref(), subject)
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(RemoteError::PermissionDenied(format!(
+                "{} to {subject}",
+                if request { "requests" } else { "publishing" }
+            )))
+        }
+    }
+
+    fn check_subscribe(&self, filter: &str) -> Result<(), RemoteError> {
+        let Some(access) = &self.access else {
+            return Ok(());
+        };
+        let filter = crate::Filter::new(filter)?;
+        if access.may_subscribe(courier_rpc::caller().as_deref(), &filter) {
+            Ok(())
+        } else {
+            Err(RemoteError::PermissionDenied(format!(
+                "subscribing to {filter}"
+            )))
         }
     }
 
@@ -315,6 +377,7 @@ impl PubSubService for PubSubHost {
     ) -> Result<u64, RemoteError> {
         let subject = Subject::new(&subject)?;
         let reply_to = reply_to.map(|r| Subject::new(&r)).transpose()?;
+        self.check_publish(&subject, reply_to.is_some())?;
         self.publish_all(publisher, vec![(subject, reply_to, payload)])
             .await
     }
@@ -331,11 +394,9 @@ impl PubSubService for PubSubHost {
                 Some((last, _, _)) if last.as_str() == m.subject => last.clone(),
                 _ => Subject::new(&m.subject)?,
             };
-            parsed.push((
-                subject,
-                m.reply_to.map(|r| Subject::new(&r)).transpose()?,
-                m.payload,
-            ));
+            let reply_to = m.reply_to.map(|r| Subject::new(&r)).transpose()?;
+            self.check_publish(&subject, reply_to.is_some())?;
+            parsed.push((subject, reply_to, m.payload));
         }
         self.publish_all(publisher, parsed).await
     }
@@ -348,6 +409,10 @@ impl PubSubService for PubSubHost {
         group: Option<String>,
         items: Items<Result<Vec<WireEvent>, RemoteError>>,
     ) {
+        if let Err(err) = self.check_subscribe(&filter) {
+            let _ = items.send(Err(err)).await;
+            return;
+        }
         let mut options = SubscribeOptions::default()
             .buffer(buffer as usize)
             .policy(policy_from(policy));
@@ -382,12 +447,18 @@ impl PubSubService for PubSubHost {
     }
 
     async fn durable_subscribe(&self, name: String, filter: String) -> Result<String, RemoteError> {
+        self.check_subscribe(&filter)?;
         self.durable()?.subscribe(&name, &filter).await?;
         Ok(crate::durable::queue_name(&name))
     }
 
     async fn durable_unsubscribe(&self, name: String) -> Result<bool, RemoteError> {
-        Ok(self.durable()?.unsubscribe(&name).await?)
+        let durable = self.durable()?;
+        // Only someone who could subscribe to its filter may end it.
+        if let Some((_, filter)) = durable.list().into_iter().find(|(n, _)| *n == name) {
+            self.check_subscribe(&filter)?;
+        }
+        Ok(durable.unsubscribe(&name).await?)
     }
 
     async fn durable_list(&self) -> Result<Vec<(String, String)>, RemoteError> {

@@ -193,6 +193,26 @@ impl Filter {
         self.tokens.len() == subject.len()
     }
 
+    /// Whether every subject this filter matches is also matched by
+    /// `other`: for permissions, where a subscription must stay within what
+    /// an identity may see.
+    pub fn is_within(&self, other: &Filter) -> bool {
+        let (mine, theirs) = (&self.tokens[..], &other.tokens[..]);
+        for (i, token) in theirs.iter().enumerate() {
+            match (token, mine.get(i)) {
+                // `>` covers one or more tokens: anything from here on, as
+                // long as this filter has at least one more token.
+                (Token::Rest, Some(_)) => return true,
+                (Token::Rest, None) => return false,
+                (_, None) | (_, Some(Token::Rest)) => return false,
+                (Token::One, Some(_)) => {}
+                (Token::Literal(a), Some(Token::Literal(b))) if a == b => {}
+                (Token::Literal(_), Some(_)) => return false,
+            }
+        }
+        mine.len() == theirs.len()
+    }
+
     /// The filter as text.
     pub fn as_str(&self) -> &str {
         &self.text

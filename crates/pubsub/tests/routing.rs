@@ -152,3 +152,59 @@ fn removing_everything_leaves_an_empty_trie() {
         "pruned to the root: {router:?}"
     );
 }
+
+fn small_filter() -> impl Strategy<Value = String> {
+    (
+        proptest::collection::vec(
+            prop_oneof![
+                Just("a".to_string()),
+                Just("b".to_string()),
+                Just("*".to_string())
+            ],
+            0..5,
+        ),
+        any::<bool>(),
+    )
+        .prop_filter_map("non-empty", |(mut tokens, rest)| {
+            if rest {
+                tokens.push(">".into());
+            }
+            (!tokens.is_empty()).then(|| tokens.join("."))
+        })
+}
+
+/// Every subject over {a, b, z} up to six tokens: long enough to tell any
+/// two of these filters apart, with `z` standing for "any other token".
+fn all_small_subjects() -> Vec<Subject> {
+    let mut all = Vec::new();
+    let mut layer = vec![String::new()];
+    for _ in 0..6 {
+        layer = layer
+            .iter()
+            .flat_map(|prefix| {
+                ["a", "b", "z"].into_iter().map(move |t| {
+                    if prefix.is_empty() {
+                        t.to_string()
+                    } else {
+                        format!("{prefix}.{t}")
+                    }
+                })
+            })
+            .collect();
+        all.extend(layer.iter().map(|s| Subject::new(s).unwrap()));
+    }
+    all
+}
+
+proptest! {
+    /// `is_within` (used for subscribe permissions) agrees with brute force:
+    /// f is within g exactly when every subject f matches, g matches too.
+    #[test]
+    fn containment_agrees_with_brute_force(f in small_filter(), g in small_filter()) {
+        let (f, g) = (Filter::new(&f).unwrap(), Filter::new(&g).unwrap());
+        let brute = all_small_subjects()
+            .iter()
+            .all(|s| !f.matches(s) || g.matches(s));
+        prop_assert_eq!(f.is_within(&g), brute, "{} within {}", f, g);
+    }
+}

@@ -47,6 +47,12 @@ pub struct QueueConfig {
     pub max_deliveries: u32,
     /// Idempotency keys remembered (the most recent ones). Default 100,000.
     pub dedup_window: usize,
+    /// Messages stored (ready, delayed or leased) at most; an enqueue that
+    /// would go past it is refused ([`crate::QueueError::Full`]). Payloads
+    /// are held in memory, so this also bounds a queue's memory. Default
+    /// 1,000,000. Dead-letter queues are not limited (dead-lettering must not
+    /// fail).
+    pub max_depth: u64,
 }
 
 impl Default for QueueConfig {
@@ -55,6 +61,7 @@ impl Default for QueueConfig {
             visibility_timeout: Duration::from_secs(30),
             max_deliveries: 5,
             dedup_window: 100_000,
+            max_depth: 1_000_000,
         }
     }
 }
@@ -63,6 +70,12 @@ impl QueueConfig {
     /// The same settings with another visibility timeout.
     pub fn with_visibility_timeout(mut self, timeout: Duration) -> QueueConfig {
         self.visibility_timeout = timeout;
+        self
+    }
+
+    /// The same settings with another depth limit.
+    pub fn with_max_depth(mut self, limit: u64) -> QueueConfig {
+        self.max_depth = limit;
         self
     }
 
@@ -205,6 +218,11 @@ pub struct QueueCore {
 }
 
 impl QueueCore {
+    /// The settings it runs with.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
     /// An empty queue.
     pub fn new(config: QueueConfig) -> QueueCore {
         QueueCore {

@@ -109,6 +109,16 @@ pub enum QueueError {
     /// The delivery is no longer leased to this consumer (its lease expired).
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    /// The queue holds as many messages as it may
+    /// ([`crate::core::QueueConfig::max_depth`]); nothing was stored.
+    /// Retryable once consumers catch up.
+    #[error("queue {queue} is full ({limit} messages); nothing was stored")]
+    Full {
+        /// The queue.
+        queue: String,
+        /// Its limit.
+        limit: u64,
+    },
 }
 
 impl QueueError {
@@ -116,6 +126,7 @@ impl QueueError {
     pub fn is_retryable(&self) -> bool {
         match self {
             QueueError::Append(err) => err.is_retryable(),
+            QueueError::Full { .. } => true,
             _ => false,
         }
     }
@@ -274,10 +285,12 @@ impl Queue {
         name: &str,
         options: QueueOptions,
     ) -> Result<Queue, QueueError> {
+        let mut unlimited = options.clone();
+        unlimited.queue.max_depth = u64::MAX;
         let dead_letters = Box::pin(Queue::open_one(
             dir.as_ref(),
             &format!("{name}.dlq"),
-            options.clone(),
+            unlimited,
             None,
         ))
         .await?;
@@ -382,6 +395,15 @@ impl Queue {
         let mut fresh = Vec::new();
         {
             let mut state = lock(&self.inner.state);
+            // Checked here, not reserved: concurrent batches may overshoot
+            // the limit by at most what they carry.
+            let limit = state.core.config().max_depth;
+            if state.payloads.len() as u64 + messages.len() as u64 > limit {
+                return Err(QueueError::Full {
+                    queue: self.inner.name.clone(),
+                    limit,
+                });
+            }
             let mut seen_in_batch = HashMap::new();
             for (index, message) in messages.iter().enumerate() {
                 if let Some(key) = &message.key {

@@ -33,9 +33,22 @@ pub enum RemoteError {
         retryable: bool,
     },
     /// The delivery is unknown to the host: already answered, or its
-    /// consumer went away and it was given to someone else.
+    /// consumer went away and it was given to someone else (or it was
+    /// delivered to another identity).
     #[error("unknown delivery (already answered, or its consumer went away)")]
     UnknownDelivery,
+    /// The caller may not do this (nothing else about the connection changes).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+}
+
+/// Decides what each caller may do on a [`QueueHost`]. `who` is the
+/// caller's identity ([`courier_rpc::caller`]); `None` is anonymous.
+pub trait QueueAccess: Send + Sync + 'static {
+    /// May `who` store messages in `queue`?
+    fn may_produce(&self, who: Option<&str>, queue: &str) -> bool;
+    /// May `who` take messages from `queue` (and see its counters)?
+    fn may_consume(&self, who: Option<&str>, queue: &str) -> bool;
 }
 
 impl From<QueueError> for RemoteError {
@@ -187,11 +200,18 @@ impl QueueSet {
     }
 }
 
+/// A delivery waiting for its answer, and who it was delivered to.
+struct Held {
+    delivery: Delivery,
+    owner: Option<Arc<str>>,
+}
+
 /// Serves every queue of a [`QueueSet`].
 pub struct QueueHost {
     queues: QueueSet,
-    outstanding: Arc<Mutex<HashMap<u64, Delivery>>>,
+    outstanding: Arc<Mutex<HashMap<u64, Held>>>,
     next_token: AtomicU64,
+    access: Option<Arc<dyn QueueAccess>>,
 }
 
 impl std::fmt::Debug for QueueHost {
@@ -209,7 +229,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Forgets a consumer's outstanding deliveries when its stream ends, so
 /// nobody can answer them after the messages went back to the queue.
 struct Outstanding {
-    table: Arc<Mutex<HashMap<u64, Delivery>>>,
+    table: Arc<Mutex<HashMap<u64, Held>>>,
     mine: Vec<u64>,
 }
 
@@ -235,6 +255,37 @@ impl QueueHost {
             queues,
             outstanding: Arc::default(),
             next_token: AtomicU64::new(1),
+            access: None,
+        }
+    }
+
+    /// The same host, asking `access` before every enqueue and consume.
+    pub fn with_access(mut self, access: Arc<dyn QueueAccess>) -> QueueHost {
+        self.access = Some(access);
+        self
+    }
+
+    fn check(&self, queue: &str, produce: bool) -> Result<(), RemoteError> {
+        let Some(access) = &self.access else {
+            return Ok(());
+        };
+        let who = courier_rpc::caller();
+        let allowed = if produce {
+            access.may_produce(who.as_deref(), queue)
+        } else {
+            access.may_consume(who.as_deref(), queue)
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(RemoteError::PermissionDenied(format!(
+                "{} queue {queue}",
+                if produce {
+                    "producing to"
+                } else {
+                    "consuming from"
+                }
+            )))
         }
     }
 
@@ -242,10 +293,17 @@ impl QueueHost {
         Ok(self.queues.open(name).await?)
     }
 
+    /// The delivery under `token`, if it was delivered to the caller.
     fn take(&self, token: u64) -> Result<Delivery, RemoteError> {
-        lock(&self.outstanding)
+        let mut outstanding = lock(&self.outstanding);
+        match outstanding.get(&token) {
+            Some(held) if held.owner == courier_rpc::caller() => {}
+            _ => return Err(RemoteError::UnknownDelivery),
+        }
+        Ok(outstanding
             .remove(&token)
-            .ok_or(RemoteError::UnknownDelivery)
+            .expect("present: checked under the same lock")
+            .delivery)
     }
 }
 
@@ -255,6 +313,7 @@ impl QueueService for QueueHost {
         queue: String,
         messages: Vec<Message>,
     ) -> Result<Vec<Enqueued>, RemoteError> {
+        self.check(&queue, true)?;
         Ok(self.queue(&queue).await?.enqueue_batch(messages).await?)
     }
 
@@ -264,6 +323,11 @@ impl QueueService for QueueHost {
         prefetch: u32,
         items: Items<Result<WireDelivery, RemoteError>>,
     ) {
+        if let Err(err) = self.check(&queue, false) {
+            let _ = items.send(Err(err)).await;
+            return;
+        }
+        let owner = courier_rpc::caller();
         let queue = match self.queue(&queue).await {
             Ok(queue) => queue,
             Err(err) => {
@@ -287,7 +351,13 @@ impl QueueService for QueueHost {
                 delivery: delivery.delivery,
                 payload: delivery.payload.clone(),
             };
-            lock(&self.outstanding).insert(token, delivery);
+            lock(&self.outstanding).insert(
+                token,
+                Held {
+                    delivery,
+                    owner: owner.clone(),
+                },
+            );
             outstanding
                 .mine
                 .retain(|t| lock(&self.outstanding).contains_key(t));
@@ -311,13 +381,15 @@ impl QueueService for QueueHost {
 
     async fn extend(&self, token: u64, by_ms: u64) -> Result<(), RemoteError> {
         let outstanding = lock(&self.outstanding);
-        let delivery = outstanding
+        let held = outstanding
             .get(&token)
+            .filter(|held| held.owner == courier_rpc::caller())
             .ok_or(RemoteError::UnknownDelivery)?;
-        Ok(delivery.extend(Duration::from_millis(by_ms))?)
+        Ok(held.delivery.extend(Duration::from_millis(by_ms))?)
     }
 
     async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError> {
+        self.check(&queue, false)?;
         Ok(self.queue(&queue).await?.stats())
     }
 }

@@ -300,3 +300,28 @@ async fn an_ack_wakes_a_consumer_waiting_at_its_prefetch_limit() {
     first.ack().await.unwrap();
     assert_eq!(within("the waiting consumer", waiting).await.unwrap(), 1);
 }
+
+#[tokio::test]
+async fn a_full_queue_refuses_more_and_takes_again_once_consumed() {
+    let dir = TempDir::new("full");
+    let options = QueueOptions::new(Default::default(), QueueConfig::default().with_max_depth(3));
+    let queue = Queue::open(&dir.0, "bounded", options).await.unwrap();
+    queue
+        .enqueue_batch((0..3u8).map(|n| Message::new(vec![n])).collect())
+        .await
+        .unwrap();
+    let err = queue
+        .enqueue(Message::new("one too many"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QueueError::Full { limit: 3, .. }), "{err}");
+    assert!(err.is_retryable());
+    assert_eq!(
+        queue.stats().depth,
+        3,
+        "nothing stored by the refused enqueue"
+    );
+    let consumer = queue.consumer(1);
+    consumer.recv().await.ack().await.unwrap();
+    queue.enqueue(Message::new("fits now")).await.unwrap();
+}

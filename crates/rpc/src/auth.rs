@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 /// A secret (a bearer token): never printed, compared in constant time.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -98,7 +99,13 @@ mod tests {
     fn secrets_are_never_printed_and_compare_by_content() {
         let secret = Secret::new("hunter2");
         assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
-        assert!(!format!("{:?}", Hello { token: Some(secret.clone()) }).contains("hunter2"));
+        assert!(!format!(
+            "{:?}",
+            Hello {
+                token: Some(secret.clone())
+            }
+        )
+        .contains("hunter2"));
         assert!(secret.matches(&Secret::new("hunter2")));
         assert!(!secret.matches(&Secret::new("hunter3")));
         assert!(!secret.matches(&Secret::new("hunter")));

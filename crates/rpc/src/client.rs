@@ -180,10 +180,12 @@ async fn hello(
         FrameKind::Hello => crate::__private::decode::<crate::auth::Welcome>(&answer.payload)
             .map(|_| ())
             .map_err(|err| RpcError::Decode(format!("undecodable welcome: {err}"))),
-        FrameKind::Error => Err(match crate::__private::decode::<RpcFault>(&answer.payload) {
-            Ok(fault) => fault.into(),
-            Err(err) => RpcError::Decode(format!("undecodable refusal: {err}")),
-        }),
+        FrameKind::Error => Err(
+            match crate::__private::decode::<RpcFault>(&answer.payload) {
+                Ok(fault) => fault.into(),
+                Err(err) => RpcError::Decode(format!("undecodable refusal: {err}")),
+            },
+        ),
         other => Err(RpcError::Decode(format!(
             "expected the server's hello, got {other:?}"
         ))),

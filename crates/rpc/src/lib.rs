@@ -122,11 +122,11 @@ mod stream;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use auth::{caller, Authenticator, Secret};
 pub use client::{Client, ClientConfig};
 pub use courier_rpc_macros::service;
 pub use courier_transport::Address;
 pub use error::{RpcError, RpcFault};
-pub use auth::{caller, Authenticator, Secret};
 pub use server::{Server, ServerConfig, ServerHandle, ServiceAccess};
 #[doc(hidden)]
 pub use stream::ItemSink;

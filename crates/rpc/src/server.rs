@@ -198,7 +198,10 @@ impl Server {
     pub fn spawn_all(self, listeners: Vec<Listener>) -> ServerHandle {
         let local: Vec<Address> = listeners.iter().map(|l| l.local_addr().clone()).collect();
         let (stop, stopped) = watch::channel(None);
-        assert!(!listeners.is_empty(), "a server needs at least one listener");
+        assert!(
+            !listeners.is_empty(),
+            "a server needs at least one listener"
+        );
         let shared = Arc::new(Shared {
             services: self.services,
             config: self.config,
@@ -366,8 +369,8 @@ impl Shared {
         if frame.kind != FrameKind::Hello {
             return Err(refused("the first frame must be a hello"));
         }
-        let hello = crate::auth::decode_hello(&frame.payload)
-            .map_err(|_| refused("malformed hello"))?;
+        let hello =
+            crate::auth::decode_hello(&frame.payload).map_err(|_| refused("malformed hello"))?;
         // A verified client certificate speaks for itself.
         if let Some(identity) = receiver.peer_identity() {
             return Ok(Some(Arc::from(identity)));
@@ -380,7 +383,9 @@ impl Shared {
             _ => None,
         };
         if identity.is_none() && self.config.require_identity {
-            return Err(refused("this server requires a token or a client certificate"));
+            return Err(refused(
+                "this server requires a token or a client certificate",
+            ));
         }
         Ok(identity)
     }

@@ -143,9 +143,8 @@ async fn nothing_but_a_hello_is_read_from_a_new_connection() {
 
 #[tokio::test]
 async fn a_denied_service_is_refused_and_the_connection_serves_the_rest() {
-    let access: courier_rpc::ServiceAccess = Arc::new(|who: Option<&str>, service: &str| {
-        service != "Admin" || who == Some("alice")
-    });
+    let access: courier_rpc::ServiceAccess =
+        Arc::new(|who: Option<&str>, service: &str| service != "Admin" || who == Some("alice"));
     let server = serve(guarded().with_service_access(access)).await;
     let bob = Client::connect(server.local_addr(), as_user(Some("bob-token")))
         .await

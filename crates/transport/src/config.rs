@@ -81,7 +81,8 @@ pub struct TransportConfig {
     /// backlog holds further clients).
     pub accept_queue: usize,
     /// Handshakes a listener runs at once. Default 256. Bounds the cost of
-    /// clients that connect and stall.
+    /// clients that connect and stall: when full, the oldest handshake is
+    /// dropped for the new one, so stallers cannot starve real clients.
     pub max_pending_handshakes: usize,
     /// Certificate and key for `tls://` listeners. Default none (binding a
     /// `tls://` address then fails).

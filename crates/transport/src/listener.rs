@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::connection::{RecvLink, SendLink};
@@ -217,6 +217,17 @@ impl RawListener {
     }
 }
 
+/// Handshakes under way, oldest first. When full, the listener waits for
+/// one to finish, unless the oldest has already taken longer than a real
+/// client would (a fiftieth of the handshake timeout, at least 50 ms): then that one is
+/// dropped to make room. A burst of real clients waits its turn in the
+/// kernel's backlog; a flood of connections that stall cannot starve them.
+#[derive(Default)]
+struct Handshakes {
+    next: u64,
+    running: std::collections::BTreeMap<u64, (tokio::time::Instant, tokio::task::AbortHandle)>,
+}
+
 async fn accept_loop(
     listener: RawListener,
     incoming: mpsc::Sender<Connection>,
@@ -224,11 +235,39 @@ async fn accept_loop(
     counters: Arc<Counters>,
 ) {
     let config = Arc::new(config);
-    let handshakes = Arc::new(Semaphore::new(config.max_pending_handshakes.max(1)));
+    let capacity = config.max_pending_handshakes.max(1);
+    let handshakes = Arc::new(std::sync::Mutex::new(Handshakes::default()));
+    let finished = Arc::new(tokio::sync::Notify::new());
+    let stalled_after = (config.handshake_timeout / 50).max(Duration::from_millis(50));
     loop {
-        let Ok(permit) = handshakes.clone().acquire_owned().await else {
-            return;
-        };
+        // Make room before accepting.
+        loop {
+            let wait = {
+                let mut table = handshakes
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner());
+                match table.running.first_key_value() {
+                    _ if table.running.len() < capacity => None,
+                    Some((_, (started, _))) if started.elapsed() >= stalled_after => {
+                        if let Some((_, (_, oldest))) = table.running.pop_first() {
+                            oldest.abort();
+                            counters.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None
+                    }
+                    Some((_, (started, _))) => {
+                        Some(stalled_after.saturating_sub(started.elapsed()))
+                    }
+                    None => None,
+                }
+            };
+            match wait {
+                None => break,
+                Some(wait) => {
+                    let _ = tokio::time::timeout(wait, finished.notified()).await;
+                }
+            }
+        }
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
@@ -238,22 +277,38 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (incoming, config, counters) = (incoming.clone(), config.clone(), counters.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            match stream.establish(&config, peer.clone()).await {
+        let (incoming, config, task_counters) =
+            (incoming.clone(), config.clone(), counters.clone());
+        let registry = handshakes.clone();
+        // Held only for map updates, never across an await.
+        let finished_one = finished.clone();
+        let mut table = handshakes
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let id = table.next;
+        table.next += 1;
+        // Registered under the lock, so the task cannot deregister first.
+        let task = tokio::spawn(async move {
+            let outcome = stream.establish(&config, peer.clone()).await;
+            match outcome {
                 Ok(conn) => {
-                    counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    task_counters.accepted.fetch_add(1, Ordering::Relaxed);
                     let _ = incoming.send(conn).await;
                 }
                 Err(reason) => {
                     // Counted, and logged at debug only: a flood of bad
                     // connections must not become a flood of log lines.
-                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    task_counters.refused.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(peer = ?peer, %reason, "refused connection");
                 }
             }
+            let mut table = registry.lock().unwrap_or_else(|poison| poison.into_inner());
+            table.running.remove(&id);
+            finished_one.notify_one();
         });
+        table
+            .running
+            .insert(id, (tokio::time::Instant::now(), task.abort_handle()));
     }
 }
 

@@ -583,3 +583,41 @@ async fn try_recv_returns_what_has_arrived_without_waiting() {
         assert!(matches!(server.try_recv(), Some(Ok(None)) | None), "{kind}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_stall_cannot_starve_a_real_client() {
+    let mut config = TransportConfig::default();
+    config.max_pending_handshakes = 8;
+    config.handshake_timeout = Duration::from_secs(20);
+    let mut listener = bind(&"tcp://127.0.0.1:0".parse().unwrap(), &config)
+        .await
+        .unwrap();
+    let Address::Tcp { port, .. } = listener.local_addr().clone() else {
+        panic!()
+    };
+    // Fifty clients that connect and say nothing: with handshakes simply
+    // queued, the real client below would wait behind all of them
+    // (50 / 8 x 20 s) and time out.
+    let mut stallers = Vec::new();
+    for _ in 0..50 {
+        stallers.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut client_config = TransportConfig::default();
+    client_config.connect_timeout = Duration::from_secs(10);
+    client_config.handshake_timeout = Duration::from_secs(10);
+    let client = connect(listener.local_addr(), &client_config)
+        .await
+        .unwrap();
+    let mut server = listener.accept().await.unwrap();
+    client
+        .send(Frame::new(FrameKind::Data, 1, "through"))
+        .await
+        .unwrap();
+    assert_eq!(server.recv().await.unwrap().unwrap().id, 1);
+    assert!(listener.stats().refused >= 1, "stallers were dropped");
+    drop(stallers);
+}
