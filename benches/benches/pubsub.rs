@@ -22,12 +22,32 @@ const IN_FLIGHT: usize = 4;
 
 /// Set by the client when it is done, so the host thread can stop.
 static FINISHED: AtomicBool = AtomicBool::new(false);
+/// Whether the next run goes over `tls://` instead of `tcp://`.
+static TLS: AtomicBool = AtomicBool::new(false);
+
+fn client_config() -> ClientConfig {
+    let mut config = ClientConfig::default();
+    if TLS.load(Ordering::Acquire) {
+        config.transport = config
+            .transport
+            .with_tls_client(courier_benches::dev_tls().1);
+    }
+    config
+}
 
 async fn host(announce: std::sync::mpsc::Sender<courier_transport::Address>) {
-    let listener =
-        courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
-            .await
-            .unwrap();
+    let (address, transport) = if TLS.load(Ordering::Acquire) {
+        (
+            "tls://127.0.0.1:0",
+            courier_transport::TransportConfig::default()
+                .with_tls_server(courier_benches::dev_tls().0),
+        )
+    } else {
+        ("tcp://127.0.0.1:0", Default::default())
+    };
+    let listener = courier_transport::bind(&address.parse().unwrap(), &transport)
+        .await
+        .unwrap();
     let server = Server::new(ServerConfig::default())
         .service(PubSubServiceServer::new(PubSubHost::new(Bus::new())))
         .spawn(listener);
@@ -45,7 +65,7 @@ fn remote(placement: Placement, subscribers: usize, count: u64) -> Duration {
     run_pair(placement, host, move |address| async move {
         let mut readers = Vec::new();
         for _ in 0..subscribers {
-            let bus = RemotePubSub::connect(&address, ClientConfig::default())
+            let bus = RemotePubSub::connect(&address, client_config())
                 .await
                 .unwrap();
             let mut sub = bus
@@ -67,7 +87,7 @@ fn remote(placement: Placement, subscribers: usize, count: u64) -> Duration {
                 }
             }));
         }
-        let publisher = RemotePubSub::connect(&address, ClientConfig::default())
+        let publisher = RemotePubSub::connect(&address, client_config())
             .await
             .unwrap()
             .publisher();
@@ -305,6 +325,30 @@ fn main() -> anyhow::Result<()> {
                 );
                 report.ratio("remote_128B", &format!("1to{fan}"), place, ratio, 0.5, true);
             }
+        }
+    }
+    if selected(&filters, "tls") {
+        let count = mode.pick(200_000u64, 2_000);
+        println!("\nTLS cost: 1 -> 1 through a host, tls:// and tcp://, same run");
+        for place in Placement::available() {
+            let mut rate = |tls: bool| {
+                TLS.store(tls, Ordering::Release);
+                median_and_spread(
+                    &mut (0..mode.pick(3, 1))
+                        .map(|_| count as f64 / remote(place, 1, count).as_secs_f64())
+                        .collect::<Vec<_>>(),
+                )
+                .0
+            };
+            let (plain, tls) = (rate(false), rate(true));
+            TLS.store(false, Ordering::Release);
+            println!(
+                "  {:<6} tcp {plain:.0} msgs/s, tls {tls:.0} msgs/s ({:.2}x)",
+                place.label(),
+                tls / plain
+            );
+            report.add("tls_remote_128B", "tcp", place, "msgs_per_s", plain);
+            report.add("tls_remote_128B", "tls", place, "msgs_per_s", tls);
         }
     }
     println!("\n{}", report.ratio_table());

@@ -30,15 +30,36 @@ impl Echo for Echoer {
     }
 }
 
+/// Whether the next run goes over `tls://` instead of `tcp://`.
+static TLS: AtomicBool = AtomicBool::new(false);
+
+fn client_config() -> ClientConfig {
+    let mut config = ClientConfig::default();
+    if TLS.load(Ordering::Acquire) {
+        config.transport = config
+            .transport
+            .with_tls_client(courier_benches::dev_tls().1);
+    }
+    config
+}
+
 /// Set by the client when it is done, so the server thread can stop.
 /// `run_pair` joins both threads, so one run never sees another's flag.
 static FINISHED: AtomicBool = AtomicBool::new(false);
 
 async fn server(announce: std::sync::mpsc::Sender<courier_transport::Address>) {
-    let listener =
-        courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
-            .await
-            .unwrap();
+    let (address, transport) = if TLS.load(Ordering::Acquire) {
+        (
+            "tls://127.0.0.1:0",
+            courier_transport::TransportConfig::default()
+                .with_tls_server(courier_benches::dev_tls().0),
+        )
+    } else {
+        ("tcp://127.0.0.1:0", Default::default())
+    };
+    let listener = courier_transport::bind(&address.parse().unwrap(), &transport)
+        .await
+        .unwrap();
     let server = Server::new(ServerConfig::default())
         .service(EchoServer::new(Echoer))
         .spawn(listener);
@@ -52,11 +73,7 @@ async fn server(announce: std::sync::mpsc::Sender<courier_transport::Address>) {
 fn sequential(placement: Placement, warmup: usize, count: usize) -> Histogram<u64> {
     FINISHED.store(false, Ordering::Release);
     run_pair(placement, server, move |address| async move {
-        let echo = EchoClient::new(
-            Client::connect(&address, ClientConfig::default())
-                .await
-                .unwrap(),
-        );
+        let echo = EchoClient::new(Client::connect(&address, client_config()).await.unwrap());
         let data = vec![0xA5u8; SIZE];
         let mut histogram = latency_histogram();
         for i in 0..warmup + count {
@@ -75,11 +92,7 @@ fn sequential(placement: Placement, warmup: usize, count: usize) -> Histogram<u6
 fn windowed(placement: Placement, count: u64) -> Duration {
     FINISHED.store(false, Ordering::Release);
     run_pair(placement, server, move |address| async move {
-        let echo = EchoClient::new(
-            Client::connect(&address, ClientConfig::default())
-                .await
-                .unwrap(),
-        );
+        let echo = EchoClient::new(Client::connect(&address, client_config()).await.unwrap());
         let data = vec![0xA5u8; SIZE];
         let started = Instant::now();
         let next = std::sync::Arc::new(AtomicU64::new(0));
@@ -206,6 +219,38 @@ fn main() -> anyhow::Result<()> {
                 rpc_rate,
             );
             report.ratio("echo_32_in_flight", "rpc", placement, ratio, f64::NAN, true);
+        }
+    }
+    if selected(&filters, "tls") {
+        println!("\nTLS cost: the same echo over tls:// and tcp://, same run");
+        for placement in Placement::available() {
+            let mut over = |tls: bool| {
+                TLS.store(tls, Ordering::Release);
+                let mut h = latency_histogram();
+                for _ in 0..repeats {
+                    h.add(sequential(placement, warmup, count)).unwrap();
+                }
+                let rate = median_and_spread(
+                    &mut (0..repeats)
+                        .map(|_| calls as f64 / windowed(placement, calls).as_secs_f64())
+                        .collect::<Vec<_>>(),
+                )
+                .0;
+                (micros(&h, 0.5), rate)
+            };
+            let (plain_p50, plain_rate) = over(false);
+            let (tls_p50, tls_rate) = over(true);
+            TLS.store(false, Ordering::Release);
+            println!(
+                "  {:<6} round trip p50: tcp {plain_p50:.1} µs, tls {tls_p50:.1} µs ({:.2}x); 32 in flight: tcp {plain_rate:.0}/s, tls {tls_rate:.0}/s ({:.2}x)",
+                placement.label(),
+                tls_p50 / plain_p50,
+                tls_rate / plain_rate
+            );
+            report.add("tls_echo_p50_us", "tcp", placement, "p50_us", plain_p50);
+            report.add("tls_echo_p50_us", "tls", placement, "p50_us", tls_p50);
+            report.add("tls_echo_32", "tcp", placement, "calls_per_s", plain_rate);
+            report.add("tls_echo_32", "tls", placement, "calls_per_s", tls_rate);
         }
     }
     println!("\n{}", report.ratio_table());

@@ -7,7 +7,9 @@
 //! ways that break parsers (bit flips, interesting bytes and lengths,
 //! insertions, deletions, splices), and feeds each input to every decoder:
 //! the stream decoder whole and in random fragments, the datagram decoder,
-//! the preamble check and typed payload decoding. Inputs that produce an
+//! and the handshake: the preamble check, and the hello that opens every
+//! RPC connection (as the whole input, and as the payload of each frame it
+//! decodes to), plus typed payload decoding. Inputs that produce an
 //! outcome not seen before join the corpus, a cheap stand-in for coverage
 //! feedback.
 //!
@@ -88,6 +90,17 @@ fn seed_corpus() -> Vec<Vec<u8>> {
                 .unwrap();
         }
         corpus.push(stream.to_vec());
+        // A handshake as a client sends it: preamble, then a hello frame.
+        for token in [None, Some("a-bearer-token")] {
+            let hello = courier_rpc::auth::Hello {
+                token: token.map(courier_rpc::Secret::new),
+            };
+            let mut handshake = BytesMut::from(&preamble::preamble()[..]);
+            codec
+                .encode_message(FrameKind::Hello, 0, &hello, &mut handshake)
+                .unwrap();
+            corpus.push(handshake.to_vec());
+        }
     }
     corpus.push(preamble::preamble().to_vec());
     corpus.push(b"GET / HTTP/1.1\r\n\r\n".to_vec());
@@ -263,6 +276,17 @@ fn run_one(input: &[u8], rng_pieces: &[usize]) -> String {
             // Typed decoding of arbitrary payloads must fail cleanly.
             let _ = frame.decode_payload::<Sample<'_>>();
             let _ = frame.decode_payload::<Vec<String>>();
+            let _ = courier_rpc::auth::decode_hello(&frame.payload);
+        }
+        // The bytes after a preamble, as a server reads a handshake.
+        if let Some(rest) = input.get(preamble::PREAMBLE_LEN..) {
+            let (after, _) = decode_stream(&codec, rest, rng_pieces);
+            for frame in after.iter().filter(|f| f.kind == FrameKind::Hello) {
+                signature.push_str(match courier_rpc::auth::decode_hello(&frame.payload) {
+                    Ok(_) => "hello-ok;",
+                    Err(_) => "hello-err;",
+                });
+            }
         }
         match codec.decode_datagram(Bytes::copy_from_slice(input)) {
             Ok(_) => signature.push_str("dgram-ok;"),
@@ -303,7 +327,7 @@ fn main() {
             }
         }
     }
-    println!("fuzzing the frame decoders for {seconds} s, seed {seed} (replay with --seed {seed})");
+    println!("fuzzing the frame decoders and the handshake for {seconds} s, seed {seed} (replay with --seed {seed})");
     let mut rng = Rng(seed);
     let mut corpus = seed_corpus();
     let seeds = corpus.len();

@@ -23,12 +23,50 @@ fn address(url: &str) -> anyhow::Result<Address> {
         .map_err(|err| Failure::usage(format!("--url {url:?}: {err}")).into())
 }
 
+/// Credentials from the global flags, for every connection this process makes.
+#[derive(Debug, Default)]
+pub struct Security {
+    pub token: Option<String>,
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+static CLIENT_CONFIG: std::sync::OnceLock<ClientConfig> = std::sync::OnceLock::new();
+
+/// Builds the client configuration once, from the global flags.
+pub fn set_security(security: Security) -> anyhow::Result<()> {
+    let mut config = ClientConfig::default();
+    config.token = security.token.map(courier_rpc::Secret::new);
+    if let Some(ca) = &security.tls_ca {
+        let tls = match &security.tls_identity {
+            Some((cert, key)) => courier_transport::TlsClient::with_identity(ca, cert, key),
+            None => courier_transport::TlsClient::trusting(ca),
+        }
+        .map_err(Failure::usage)?;
+        config.transport = config.transport.with_tls_client(tls);
+    }
+    let _ = CLIENT_CONFIG.set(config);
+    Ok(())
+}
+
+fn client_config() -> ClientConfig {
+    CLIENT_CONFIG.get().cloned().unwrap_or_default()
+}
+
 /// Connects, or fails with exit code 3 and the address in the message.
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
     let address = address(url)?;
-    Client::connect(&address, ClientConfig::default())
-        .await
-        .with_context(|| format!("cannot reach the broker at {url} (is `courier serve` running?)"))
+    match Client::connect(&address, client_config()).await {
+        Ok(client) => Ok(client),
+        // Refused credentials are not an unreachable broker.
+        Err(
+            err @ (courier_rpc::RpcError::Unauthenticated(_)
+            | courier_rpc::RpcError::TooManyConnections { .. }),
+        ) => Err(err.into()),
+        Err(err) => Err(anyhow::Error::from(err).context(format!(
+            "cannot reach the broker at {url} (is `courier serve` running?)"
+        ))),
+    }
 }
 
 /// Text as given, or bytes from stdin.

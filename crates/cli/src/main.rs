@@ -10,8 +10,10 @@
 //! | 2 | bad usage or bad input (unknown flag, invalid subject, bad config) |
 //! | 3 | the broker cannot be reached |
 //! | 4 | nothing arrived in time (no reply, no responders, empty queue) |
+//! | 5 | refused: not authenticated, or not permitted |
 
 mod bench;
+mod cert;
 mod client;
 mod demo;
 mod serve;
@@ -38,6 +40,18 @@ struct Cli {
     /// Print JSON (one object per line) instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Bearer token for brokers that require one (never printed).
+    #[arg(long, global = true, env = "COURIER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to trust for tls:// brokers.
+    #[arg(long, global = true, env = "COURIER_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for brokers that require one (mutual TLS).
+    #[arg(long, global = true, env = "COURIER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "COURIER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +86,9 @@ enum Command {
     /// Start a broker and worker processes on loopback and exercise all
     /// five mechanisms, then print what happened.
     Demo(demo::DemoArgs),
+    /// Development certificates for trying TLS.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
     /// A demo worker process (used by `courier demo`).
     #[command(hide = true)]
     Worker(demo::WorkerArgs),
@@ -119,6 +136,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         match err {
             RpcError::Unavailable(_) => 3,
             RpcError::DeadlineExceeded => 4,
+            RpcError::Unauthenticated(_) | RpcError::PermissionDenied(_) => 5,
             _ => 1,
         }
     }
@@ -133,11 +151,18 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             RemotePubSubError::Rpc(err) => rpc(err),
             RemotePubSubError::NoResponders(_) | RemotePubSubError::Timeout(_) => 4,
             RemotePubSubError::Remote(courier_pubsub::remote::RemoteError::Invalid(_)) => 2,
+            RemotePubSubError::Remote(courier_pubsub::remote::RemoteError::PermissionDenied(_)) => {
+                5
+            }
             _ => 1,
         };
     }
-    if let Some(RemoteQueueError::Rpc(err)) = err.downcast_ref::<RemoteQueueError>() {
-        return rpc(err);
+    match err.downcast_ref::<RemoteQueueError>() {
+        Some(RemoteQueueError::Rpc(err)) => return rpc(err),
+        Some(RemoteQueueError::Queue(courier_queue::remote::RemoteError::PermissionDenied(_))) => {
+            return 5
+        }
+        _ => {}
     }
     1
 }
@@ -176,6 +201,15 @@ fn main() -> ExitCode {
     };
     let url = cli.url.clone();
     let json = cli.json;
+    let security = client::Security {
+        token: cli.token.clone(),
+        tls_ca: cli.tls_ca.clone(),
+        tls_identity: cli.tls_cert.clone().zip(cli.tls_key.clone()),
+    };
+    if let Err(err) = client::set_security(security) {
+        eprintln!("courier: error: {err:#}");
+        return ExitCode::from(exit_code(&err));
+    }
     let outcome = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
@@ -186,6 +220,7 @@ fn main() -> ExitCode {
             Command::Stats => client::stats(&url, json).await,
             Command::Bench(args) => bench::run(&url, json, args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Cert(command) => cert::run(command),
             Command::Worker(args) => demo::worker(&url, args).await,
         }
     });

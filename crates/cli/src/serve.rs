@@ -34,6 +34,15 @@ pub struct ServeArgs {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "COURIER_LOG")]
     log: Option<String>,
+    /// Certificate chain (PEM) for tls:// listen addresses.
+    #[arg(long = "cert", env = "COURIER_SERVER_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long = "key", env = "COURIER_SERVER_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long = "client-ca", env = "COURIER_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// Grace period for calls in flight at shutdown, e.g. 5s.
     #[arg(long, value_parser = crate::parse_duration)]
     grace: Option<std::time::Duration>,
@@ -79,6 +88,15 @@ fn config(args: ServeArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(log) = args.log {
         config.log = log;
+    }
+    if args.tls_cert.is_some() {
+        config.tls_cert = args.tls_cert;
+    }
+    if args.tls_key.is_some() {
+        config.tls_key = args.tls_key;
+    }
+    if args.tls_client_ca.is_some() {
+        config.tls_client_ca = args.tls_client_ca;
     }
     if let Some(grace) = args.grace {
         config.shutdown_grace_ms = grace.as_millis() as u64;

@@ -650,3 +650,160 @@ fn across_network_namespaces_pub_sub_and_queues_survive_a_broker_kill() {
     assert!(stdout(&popped).ends_with(": kept\n"), "{}", stdout(&popped));
     drop(broker);
 }
+
+#[test]
+fn tls_and_tokens_from_the_command_line() {
+    let dir = TempDir::new("tls");
+    let certs = dir.0.join("certs");
+    let generated = courier(
+        "tcp://127.0.0.1:1",
+        &["cert", "generate", "--dir", certs.to_str().unwrap()],
+        "",
+    );
+    assert!(generated.status.success(), "{}", stderr(&generated));
+    let config = dir.0.join("courier.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_cert = {:?}\ntls_key = {:?}\n[auth]\nrequired = true\n[[auth.users]]\nname = \"app\"\ntoken = \"app-token-123\"\npublish = [\"tls.>\"]\nproduce = [\"tlsq\"]\nconsume = [\"tlsq\"]\n",
+            certs.join("server.pem"),
+            certs.join("server-key.pem")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(COURIER)
+        .args([
+            "serve",
+            "--listen",
+            "tls://127.0.0.1:0",
+            "--metrics",
+            "",
+            "--grace",
+            "1s",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data")
+        .arg(dir.0.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let broker = BrokerProcess {
+        child,
+        url: line["listening ".len()..].replace("127.0.0.1", "localhost"),
+    };
+    let url = broker.url.clone();
+    let ca = certs.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let tls = |args: &[&str], token: &str| {
+        let mut all = vec!["--tls-ca", ca, "--token", token];
+        all.extend_from_slice(args);
+        courier(&url, &all, "")
+    };
+    let ok = tls(&["queue", "push", "tlsq", "secret work"], "app-token-123");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let popped = tls(&["queue", "pop", "tlsq"], "app-token-123");
+    assert!(
+        stdout(&popped).ends_with(": secret work\n"),
+        "{}",
+        stderr(&popped)
+    );
+    // Wrong token, and a permission the token does not carry: exit 5.
+    let wrong = tls(&["pub", "tls.x", "y"], "nope");
+    assert_eq!(wrong.status.code(), Some(5), "{}", stderr(&wrong));
+    assert!(!stderr(&wrong).contains("nope"));
+    let denied = tls(&["pub", "other.x", "y"], "app-token-123");
+    assert_eq!(denied.status.code(), Some(5), "{}", stderr(&denied));
+    // Without the CA, no fallback to plain text: a clear error.
+    let no_ca = courier(&url, &["--token", "app-token-123", "pub", "tls.x", "y"], "");
+    assert!(!no_ca.status.success());
+    assert!(stderr(&no_ca).contains("tls://"), "{}", stderr(&no_ca));
+}
+
+/// The soft limit on open files, from /proc (Linux).
+fn open_file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_garbage_and_silent_connections_does_not_stop_a_legitimate_client() {
+    let dir = TempDir::new("flood");
+    let broker = BrokerProcess::start(&dir.0.join("data"), "tcp://127.0.0.1:0");
+    let target: std::net::SocketAddr = broker.url["tcp://".len()..].parse().unwrap();
+    // 10,000, or as many as this process may open.
+    let flood = 10_000.min(open_file_limit().saturating_sub(500));
+    println!("flooding with {flood} connections");
+
+    let client = Client::connect(&broker.address(), ClientConfig::default())
+        .await
+        .unwrap();
+    let bus = RemotePubSub::with_client(client.clone());
+    let mut sub = bus
+        .subscribe("legit", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let publisher = bus.publisher();
+    let queue = RemoteQueue::with_client(client, "legit");
+    let mut consumer = queue.consumer(1).await.unwrap();
+
+    let flooding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for n in 0..flood {
+            let Ok(mut stream) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            if n % 2 == 0 {
+                // Garbage: refused at the preamble.
+                let _ = tokio::io::AsyncWriteExt::write_all(
+                    &mut stream,
+                    b"GET / HTTP/1.1\r\n\r\n\xff\xfe",
+                )
+                .await;
+            }
+            // Silent ones are held open: half-open handshakes.
+            held.push(stream);
+        }
+        held
+    });
+    // The legitimate client works all through the flood.
+    let mut rounds = 0u64;
+    while !flooding.is_finished() || rounds < 20 {
+        publisher
+            .publish("legit", rounds.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+        let Some(Ok(Event::Message(m))) = sub.recv().await else {
+            panic!("a message")
+        };
+        assert_eq!(&m.payload[..], &rounds.to_le_bytes());
+        queue
+            .enqueue(courier_queue::Message::new(rounds.to_le_bytes().to_vec()))
+            .await
+            .unwrap();
+        let delivery = consumer.recv().await.unwrap().unwrap();
+        delivery.ack().await.unwrap();
+        rounds += 1;
+    }
+    let held = flooding.await.unwrap();
+    // A new client gets in while the silent connections are still open.
+    let late = RemotePubSub::connect(&broker.address(), ClientConfig::default())
+        .await
+        .expect("a new client is not starved");
+    assert_eq!(late.publisher().publish("legit", "late").await.unwrap(), 1);
+    println!("{rounds} publish/consume rounds during the flood");
+    drop(held);
+}
