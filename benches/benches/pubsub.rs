@@ -331,7 +331,7 @@ fn main() -> anyhow::Result<()> {
         let count = mode.pick(200_000u64, 2_000);
         println!("\nTLS cost: 1 -> 1 through a host, tls:// and tcp://, same run");
         for place in Placement::available() {
-            let mut rate = |tls: bool| {
+            let rate = |tls: bool| {
                 TLS.store(tls, Ordering::Release);
                 median_and_spread(
                     &mut (0..mode.pick(3, 1))
