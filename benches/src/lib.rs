@@ -353,6 +353,31 @@ pub fn output_dir(mode: Mode) -> PathBuf {
     }
 }
 
+/// TLS settings for benchmarks: a development CA and a certificate for
+/// 127.0.0.1, generated once per process under the system's temporary
+/// directory.
+pub fn dev_tls() -> (courier_transport::TlsServer, courier_transport::TlsClient) {
+    static TLS: std::sync::OnceLock<(courier_transport::TlsServer, courier_transport::TlsClient)> =
+        std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("courier-bench-certs-{}", std::process::id()));
+        let certs = courier_transport::tls::generate_dev_certs(
+            &dir,
+            &["127.0.0.1".into()],
+            &[],
+            courier_transport::tls::Validity::default(),
+        )
+        .expect("development certificates");
+        let server =
+            courier_transport::TlsServer::from_pem_files(&certs.server_cert, &certs.server_key)
+                .expect("server certificate");
+        let client = courier_transport::TlsClient::trusting(&certs.ca_cert).expect("CA");
+        let _ = std::fs::remove_dir_all(&dir);
+        (server, client)
+    })
+    .clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,29 +409,4 @@ mod tests {
         assert_eq!(median, 2.0);
         assert_eq!(spread, 1.0);
     }
-}
-
-/// TLS settings for benchmarks: a development CA and a certificate for
-/// 127.0.0.1, generated once per process under the system's temporary
-/// directory.
-pub fn dev_tls() -> (courier_transport::TlsServer, courier_transport::TlsClient) {
-    static TLS: std::sync::OnceLock<(courier_transport::TlsServer, courier_transport::TlsClient)> =
-        std::sync::OnceLock::new();
-    TLS.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("courier-bench-certs-{}", std::process::id()));
-        let certs = courier_transport::tls::generate_dev_certs(
-            &dir,
-            &["127.0.0.1".into()],
-            &[],
-            courier_transport::tls::Validity::default(),
-        )
-        .expect("development certificates");
-        let server =
-            courier_transport::TlsServer::from_pem_files(&certs.server_cert, &certs.server_key)
-                .expect("server certificate");
-        let client = courier_transport::TlsClient::trusting(&certs.ca_cert).expect("CA");
-        let _ = std::fs::remove_dir_all(&dir);
-        (server, client)
-    })
-    .clone()
 }
