@@ -224,7 +224,7 @@ fn main() -> anyhow::Result<()> {
     if selected(&filters, "tls") {
         println!("\nTLS cost: the same echo over tls:// and tcp://, same run");
         for placement in Placement::available() {
-            let mut over = |tls: bool| {
+            let over = |tls: bool| {
                 TLS.store(tls, Ordering::Release);
                 let mut h = latency_histogram();
                 for _ in 0..repeats {
