@@ -35,11 +35,7 @@ static TLS: AtomicBool = AtomicBool::new(false);
 
 fn client_config() -> ClientConfig {
     let mut config = ClientConfig::default();
-    if TLS.load(Ordering::Acquire) {
-        config.transport = config
-            .transport
-            .with_tls_client(courier_benches::dev_tls().1);
-    }
+    config.transport = courier_benches::client_transport(TLS.load(Ordering::Acquire));
     config
 }
 
@@ -48,18 +44,7 @@ fn client_config() -> ClientConfig {
 static FINISHED: AtomicBool = AtomicBool::new(false);
 
 async fn server(announce: std::sync::mpsc::Sender<courier_transport::Address>) {
-    let (address, transport) = if TLS.load(Ordering::Acquire) {
-        (
-            "tls://127.0.0.1:0",
-            courier_transport::TransportConfig::default()
-                .with_tls_server(courier_benches::dev_tls().0),
-        )
-    } else {
-        ("tcp://127.0.0.1:0", Default::default())
-    };
-    let listener = courier_transport::bind(&address.parse().unwrap(), &transport)
-        .await
-        .unwrap();
+    let listener = courier_benches::loopback_listener(TLS.load(Ordering::Acquire)).await;
     let server = Server::new(ServerConfig::default())
         .service(EchoServer::new(Echoer))
         .spawn(listener);

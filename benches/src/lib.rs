@@ -378,6 +378,31 @@ pub fn dev_tls() -> (courier_transport::TlsServer, courier_transport::TlsClient)
     .clone()
 }
 
+/// A loopback listener on `tcp://`, or `tls://` with [`dev_tls`].
+pub async fn loopback_listener(tls: bool) -> courier_transport::Listener {
+    let (address, config) = if tls {
+        (
+            "tls://127.0.0.1:0",
+            courier_transport::TransportConfig::default().with_tls_server(dev_tls().0),
+        )
+    } else {
+        ("tcp://127.0.0.1:0", Default::default())
+    };
+    courier_transport::bind(&address.parse().expect("valid"), &config)
+        .await
+        .expect("a loopback listener")
+}
+
+/// Client transport settings for [`loopback_listener`].
+pub fn client_transport(tls: bool) -> courier_transport::TransportConfig {
+    let config = courier_transport::TransportConfig::default();
+    if tls {
+        config.with_tls_client(dev_tls().1)
+    } else {
+        config
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
