@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 
 const PING_SIZE: usize = 64;
 const STREAM_SIZE: usize = 128;
-const SUBJECTS: [&str; 3] = ["tcp", "unix", "mem"];
+const SUBJECTS: [&str; 4] = ["tcp", "unix", "shm", "mem"];
 
 fn address_for(subject: &str, run: usize) -> Address {
     match subject {
@@ -29,6 +29,7 @@ fn address_for(subject: &str, run: usize) -> Address {
             std::env::temp_dir().join(format!("courier-bench-{}-{run}.sock", std::process::id())),
         ),
         "mem" => Address::mem(format!("bench-{run}")),
+        "shm" => Address::Shm(format!("bench-{}-{run}", std::process::id())),
         other => unreachable!("{other}"),
     }
 }
@@ -140,6 +141,7 @@ fn main() -> anyhow::Result<()> {
             let raw_p50 = micros(&raw, 0.5);
             print_latency("pingpong_64B", "raw-tcp", placement, &raw, None);
             add_latency(&mut report, "pingpong_64B", "raw-tcp", placement, &raw);
+            let mut p50 = std::collections::HashMap::new();
             for subject in SUBJECTS {
                 let mut histogram = latency_histogram();
                 for _ in 0..repeats {
@@ -154,10 +156,29 @@ fn main() -> anyhow::Result<()> {
                         .unwrap();
                 }
                 let ratio = micros(&histogram, 0.5) / raw_p50;
+                p50.insert(subject, micros(&histogram, 0.5));
                 print_latency("pingpong_64B", subject, placement, &histogram, Some(ratio));
                 add_latency(&mut report, "pingpong_64B", subject, placement, &histogram);
                 report.ratio("pingpong_64B", subject, placement, ratio, 1.1, false);
             }
+            // shm's own targets: at most a third of unix's round trip on
+            // one CPU; under 2 µs (spinning) across two.
+            let shm_vs_unix = p50["shm"] / p50["unix"];
+            println!(
+                "{:<14} {:<8} {:<6} shm p50 {:.2} µs = {shm_vs_unix:.2}x unix",
+                "pingpong_64B",
+                "shm/unix",
+                placement.label(),
+                p50["shm"]
+            );
+            report.ratio(
+                "pingpong_64B",
+                "shm/unix",
+                placement,
+                shm_vs_unix,
+                1.0 / 3.0,
+                false,
+            );
         }
 
         if selected(&filters, "stream_128B") {
@@ -176,6 +197,7 @@ fn main() -> anyhow::Result<()> {
                 None,
             );
             add_rate(&mut report, "stream_128B", "raw-tcp", placement, raw_rate);
+            let mut medians = std::collections::HashMap::new();
             for subject in SUBJECTS {
                 let mut rates: Vec<f64> = (0..stream_repeats)
                     .map(|_| {
@@ -188,6 +210,7 @@ fn main() -> anyhow::Result<()> {
                     })
                     .collect();
                 let (median, spread) = median_and_spread(&mut rates);
+                medians.insert(subject, median);
                 let ratio = median / raw_rate;
                 print_rate(
                     "stream_128B",
@@ -200,6 +223,14 @@ fn main() -> anyhow::Result<()> {
                 add_rate(&mut report, "stream_128B", subject, placement, median);
                 report.ratio("stream_128B", subject, placement, ratio, 0.8, true);
             }
+            let shm_vs_unix = medians["shm"] / medians["unix"];
+            println!(
+                "{:<14} {:<8} {:<6} shm {shm_vs_unix:.2}x unix",
+                "stream_128B",
+                "shm/unix",
+                placement.label()
+            );
+            report.ratio("stream_128B", "shm/unix", placement, shm_vs_unix, 2.0, true);
         }
     }
 

@@ -447,3 +447,33 @@ fn the_blocking_face_publishes_subscribes_and_requests() {
     drop(bus);
     runtime.block_on(server.shutdown(Duration::from_millis(100)));
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_is_served_over_shared_memory_too() {
+    let address = courier_transport::Address::Shm(format!("pubsub-{}", std::process::id()));
+    let listener = courier_transport::bind(&address, &Default::default())
+        .await
+        .unwrap();
+    let server = Server::new(ServerConfig::default())
+        .service(PubSubServiceServer::new(PubSubHost::new(Bus::new())))
+        .spawn(listener);
+    let bus = connect(&server).await;
+    let mut sub = bus
+        .subscribe("shm.>", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let publisher = bus.publisher();
+    publisher
+        .publish_batch((0..1000u32).map(|n| ("shm.n", n.to_le_bytes().to_vec())))
+        .await
+        .unwrap();
+    for n in 0..1000u32 {
+        let Event::Message(m) = next(&mut sub).await else {
+            panic!("a message")
+        };
+        assert_eq!(&m.payload[..], &n.to_le_bytes());
+    }
+    drop(sub);
+    server.shutdown(Duration::from_millis(100)).await;
+}

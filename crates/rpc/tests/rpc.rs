@@ -152,11 +152,15 @@ async fn client(server: &ServerHandle) -> LabClient {
 }
 
 #[tokio::test]
-async fn calls_work_over_tcp_unix_and_mem() {
+async fn calls_work_over_tcp_unix_mem_and_shm() {
     let unix = Address::unix(
         std::env::temp_dir().join(format!("courier-rpc-{}.sock", std::process::id())),
     );
-    for address in ["tcp://127.0.0.1:0".parse().unwrap(), unix, mem()] {
+    let mut addresses = vec!["tcp://127.0.0.1:0".parse().unwrap(), unix, mem()];
+    if cfg!(target_os = "linux") {
+        addresses.push(Address::Shm(format!("rpc-{}", std::process::id())));
+    }
+    for address in addresses {
         let (server, _) = serve(address, ServerConfig::default()).await;
         let lab = client(&server).await;
         assert_eq!(lab.add(40, 2).await.unwrap(), 42);

@@ -19,6 +19,7 @@ pub const MAX_MEM_NAME: usize = 255;
 /// | `udp://host:port` | UDP, one frame per datagram, CRC32C on every frame |
 /// | `unix:///path/to/socket` | Unix stream socket (the path after `unix://`) |
 /// | `mem://name` | in-process: frames move through channels, no sockets, no copies |
+/// | `shm://name` | same machine, through shared-memory rings (Linux) |
 ///
 /// Port `0` asks the system for a free port when binding;
 /// [`crate::Listener::local_addr`] tells which one it chose.
@@ -60,6 +61,8 @@ pub enum Address {
     Unix(PathBuf),
     /// `mem://name`
     Mem(String),
+    /// `shm://name`
+    Shm(String),
 }
 
 /// Why a string is not a valid [`Address`]. Each message shows the expected form.
@@ -67,10 +70,10 @@ pub enum Address {
 #[non_exhaustive]
 pub enum AddressError {
     /// No `scheme://` at the start.
-    #[error("address {0:?} has no scheme; expected one of tcp://host:port, tls://host:port, udp://host:port, unix:///path, mem://name")]
+    #[error("address {0:?} has no scheme; expected one of tcp://host:port, tls://host:port, udp://host:port, unix:///path, mem://name, shm://name")]
     MissingScheme(String),
     /// A scheme Courier does not know (or does not support yet).
-    #[error("unsupported scheme {scheme:?} in {address:?}; expected one of tcp://, tls://, udp://, unix://, mem://")]
+    #[error("unsupported scheme {scheme:?} in {address:?}; expected one of tcp://, tls://, udp://, unix://, mem://, shm://")]
     UnsupportedScheme {
         /// The scheme found.
         scheme: String,
@@ -156,6 +159,7 @@ impl Address {
             Address::Udp { .. } => "udp",
             Address::Unix(_) => "unix",
             Address::Mem(_) => "mem",
+            Address::Shm(_) => "shm",
         }
     }
 }
@@ -232,7 +236,7 @@ impl FromStr for Address {
                 }
                 Ok(Address::Unix(PathBuf::from(rest)))
             }
-            "mem" => {
+            "mem" | "shm" => {
                 let invalid = |reason| AddressError::InvalidMemName {
                     address: s.to_string(),
                     reason,
@@ -249,7 +253,11 @@ impl FromStr for Address {
                 {
                     return Err(invalid("name contains a character outside [A-Za-z0-9._-]"));
                 }
-                Ok(Address::Mem(rest.to_string()))
+                Ok(if scheme == "mem" {
+                    Address::Mem(rest.to_string())
+                } else {
+                    Address::Shm(rest.to_string())
+                })
             }
             other => Err(AddressError::UnsupportedScheme {
                 scheme: other.to_string(),
@@ -274,6 +282,7 @@ impl fmt::Display for Address {
             Address::Udp { host, port } => host_port(f, "udp", host, *port),
             Address::Unix(path) => write!(f, "unix://{}", path.display()),
             Address::Mem(name) => write!(f, "mem://{name}"),
+            Address::Shm(name) => write!(f, "shm://{name}"),
         }
     }
 }

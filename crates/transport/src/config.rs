@@ -87,6 +87,15 @@ pub struct TransportConfig {
     /// Certificate and key for `tls://` listeners. Default none (binding a
     /// `tls://` address then fails).
     pub tls_server: Option<crate::TlsServer>,
+    /// Bytes of each `shm://` ring (one per direction), a power of two.
+    /// Default 1 MiB. Frames larger than a ring pass through it in pieces.
+    pub shm_ring_size: usize,
+    /// How long an `shm://` side spins, checking the ring, before it sleeps
+    /// until the peer rings. Default 20 µs: long enough to catch a reply
+    /// from a peer on another CPU, short enough that an idle connection
+    /// costs nothing. Zero never spins; tens of microseconds suit pinned
+    /// threads chasing the lowest latency.
+    pub shm_spin: Duration,
     /// Trusted CAs (and an identity, for mutual TLS) for `tls://`
     /// connections. Default none (connecting to `tls://` then fails: there
     /// is no fallback to plain text).
@@ -110,6 +119,8 @@ impl Default for TransportConfig {
             max_pending_handshakes: 256,
             tls_server: None,
             tls_client: None,
+            shm_ring_size: 1 << 20,
+            shm_spin: Duration::from_micros(20),
         }
     }
 }

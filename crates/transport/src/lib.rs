@@ -14,6 +14,7 @@
 //! | `unix:///path` | length-prefixed stream | kernel | stale socket files replaced on bind, removed on drop |
 //! | `udp://host:port` | one frame per datagram | CRC32C on every frame | lossy: bad or excess datagrams dropped and counted |
 //! | `mem://name` | frames as values in channels | n/a | in-process, no sockets, no copies |
+//! | `shm://name` | length-prefixed bytes through shared-memory rings | shared memory (indices checked) | same machine, Linux; see [`shm`] |
 //!
 //! Stream connections open with an eight-byte preamble (magic and protocol
 //! version) from both sides, so a stray client is turned away with a clear
@@ -59,7 +60,8 @@
 //! TLS) share one implementation over boxed `AsyncRead`/`AsyncWrite`
 //! halves, whose cost is one virtual call per syscall.
 //!
-//! Dependencies beyond the workspace's usual ones: `rustls`,
+//! Dependencies beyond the workspace's usual ones: `memmap2` (mapping the
+//! `shm://` rings), `rustls`,
 //! `tokio-rustls` and `rustls-webpki` (TLS without OpenSSL, with the *ring*
 //! provider), and `rcgen` (development certificates for
 //! [`tls::generate_dev_certs`]).
@@ -73,6 +75,8 @@ mod connection;
 mod error;
 mod listener;
 mod mem;
+#[cfg(target_os = "linux")]
+pub mod shm;
 mod stream;
 pub mod tls;
 mod udp;

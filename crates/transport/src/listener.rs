@@ -114,6 +114,12 @@ enum RawStream {
     TlsAccept(TcpStream, crate::TlsServer),
     /// Connected to a `tls://` address: the certificate must be valid for `host`.
     TlsConnect(TcpStream, crate::TlsClient, String),
+    /// The control socket of an `shm://` listener, accepted.
+    #[cfg(target_os = "linux")]
+    ShmAccept(UnixStream, String),
+    /// The control socket of an `shm://` listener, connected.
+    #[cfg(target_os = "linux")]
+    ShmConnect(UnixStream),
 }
 
 fn tls_failed(err: io::Error) -> HandshakeError {
@@ -161,6 +167,34 @@ impl RawStream {
                 let (r, w) = tokio::io::split(tls);
                 (Box::new(r), Box::new(w))
             }
+            #[cfg(target_os = "linux")]
+            RawStream::ShmAccept(control, name) => {
+                let ring = config.shm_ring_size.next_power_of_two().max(4096) as u64;
+                let (reader, writer) = tokio::time::timeout_at(
+                    deadline,
+                    crate::shm::accept(control, &name, ring, config.shm_spin),
+                )
+                .await
+                .map_err(within)??;
+                let mut both = tokio::io::join(reader, writer);
+                exchange_preamble(&mut both, deadline - tokio::time::Instant::now()).await?;
+                let (r, w) = both.into_inner();
+                (Box::new(r), Box::new(w))
+            }
+            #[cfg(target_os = "linux")]
+            RawStream::ShmConnect(control) => {
+                let most = config.shm_ring_size.next_power_of_two().max(1 << 24) as u64;
+                let (reader, writer) = tokio::time::timeout_at(
+                    deadline,
+                    crate::shm::connect(control, most, config.shm_spin),
+                )
+                .await
+                .map_err(within)??;
+                let mut both = tokio::io::join(reader, writer);
+                exchange_preamble(&mut both, deadline - tokio::time::Instant::now()).await?;
+                let (r, w) = both.into_inner();
+                (Box::new(r), Box::new(w))
+            }
             RawStream::TlsConnect(stream, client, host) => {
                 stream.set_nodelay(true)?;
                 let name =
@@ -193,6 +227,8 @@ enum RawListener {
     Tcp(TcpListener),
     Tls(TcpListener, crate::TlsServer),
     Unix(UnixListener),
+    #[cfg(target_os = "linux")]
+    Shm(UnixListener, String),
 }
 
 impl RawListener {
@@ -212,6 +248,11 @@ impl RawListener {
             RawListener::Unix(listener) => {
                 let (stream, _) = listener.accept().await?;
                 Ok((RawStream::Unix(stream), None))
+            }
+            #[cfg(target_os = "linux")]
+            RawListener::Shm(listener, name) => {
+                let (stream, _) = listener.accept().await?;
+                Ok((RawStream::ShmAccept(stream, name.clone()), None))
             }
         }
     }
@@ -398,6 +439,28 @@ pub(crate) async fn bind(
             let task = tokio::spawn(udp::route(socket, tx, config.clone(), counters.clone()));
             (Address::udp(local), Some(task), Cleanup::Nothing)
         }
+        #[cfg(target_os = "linux")]
+        Address::Shm(name) => {
+            let path = crate::shm::control_path(name);
+            let listener = bind_unix(&path).await.map_err(io_err)?;
+            let task = tokio::spawn(accept_loop(
+                RawListener::Shm(listener, name.clone()),
+                tx,
+                config.clone(),
+                counters.clone(),
+            ));
+            (address.clone(), Some(task), Cleanup::UnixSocketFile(path))
+        }
+        #[cfg(not(target_os = "linux"))]
+        Address::Shm(_) => {
+            return Err(BindError::Io {
+                address: address.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "shm:// is supported on Linux only",
+                ),
+            })
+        }
         Address::Mem(name) => {
             let (rx, registration) = crate::mem::bind(address, name, config, counters.clone())?;
             return Ok(Listener {
@@ -502,6 +565,24 @@ pub(crate) async fn connect(
         }
         Address::Udp { host, port } => return udp::connect(address, host, *port, config).await,
         Address::Mem(name) => return crate::mem::connect(address, name, config).await,
+        #[cfg(target_os = "linux")]
+        Address::Shm(name) => {
+            let stream = tokio::time::timeout_at(
+                deadline,
+                UnixStream::connect(crate::shm::control_path(name)),
+            )
+            .await
+            .map_err(timeout)?
+            .map_err(io_err)?;
+            (RawStream::ShmConnect(stream), address.clone())
+        }
+        #[cfg(not(target_os = "linux"))]
+        Address::Shm(_) => {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "shm:// is supported on Linux only",
+            )))
+        }
     };
     raw.establish(config, Some(peer))
         .await
