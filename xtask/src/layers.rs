@@ -18,6 +18,10 @@ pub const LAYERS: &[&str] = &[
     "cli",
 ];
 
+/// Test helpers (std only, outside the layers) that any crate may use as a
+/// dev-dependency, and nothing may use otherwise.
+pub const TEST_ONLY: &[&str] = &["courier-test-support"];
+
 /// The layer of a folder under `crates/`, in half-steps so that `rpc-macros`
 /// fits between `messaging` and `rpc`.
 pub fn layer_of(folder: &str) -> Option<u32> {
@@ -88,6 +92,14 @@ pub fn check(root: &Path) -> Result<Vec<String>, String> {
         let manifest = fs::read_to_string(&manifest_path)
             .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
         for (dependency, section) in courier_dependencies(&manifest) {
+            if TEST_ONLY.contains(&dependency.as_str()) {
+                if !section.ends_with("dev-dependencies") {
+                    violations.push(format!(
+                        "crates/{folder} depends on {dependency} in [{section}]; it is for tests only ([dev-dependencies])"
+                    ));
+                }
+                continue;
+            }
             let target = dependency.trim_start_matches("courier-");
             match layer_of(target) {
                 Some(theirs) if theirs < own => {}
@@ -158,7 +170,11 @@ courier-cli = []
         };
         write(
             "wire",
-            "[dev-dependencies]\ncourier-transport.workspace = true\n",
+            "[dev-dependencies]\ncourier-transport.workspace = true\ncourier-test-support.workspace = true\n",
+        );
+        write(
+            "queue",
+            "[dependencies]\ncourier-test-support.workspace = true\n",
         );
         write(
             "transport",
@@ -176,7 +192,10 @@ courier-cli = []
         let violations = check(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let joined = violations.join("\n");
-        assert_eq!(violations.len(), 4, "{joined}");
+        assert_eq!(violations.len(), 5, "{joined}");
+        assert!(joined.contains(
+            "crates/queue depends on courier-test-support in [dependencies]; it is for tests only"
+        ));
         assert!(joined.contains("crates/wire depends on courier-transport in [dev-dependencies]"));
         assert!(joined.contains("crates/transport depends on courier-transport"));
         assert!(joined.contains("crates/rpc-macros depends on courier-rpc"));

@@ -1,6 +1,7 @@
 //! The broker in process: configuration, several listeners, metrics over
 //! HTTP, restart with the same data directory, one broker per directory.
 
+use courier_test_support::TempDir;
 use std::time::Duration;
 
 use courier_broker::{Broker, BrokerConfig, BrokerServiceClient};
@@ -9,25 +10,6 @@ use courier_pubsub::{Event, SubscribeOptions};
 use courier_queue::remote::RemoteQueue;
 use courier_rpc::{Client, ClientConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A fresh directory, removed when dropped.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path =
-            std::env::temp_dir().join(format!("courier-broker-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn config(dir: &TempDir) -> BrokerConfig {
     let mut config = BrokerConfig::default();

@@ -2,6 +2,7 @@
 //! what each identity may do (every permission kind, allowed and denied),
 //! and that a denial leaves the connection usable.
 
+use courier_test_support::TempDir;
 use std::time::Duration;
 
 use courier_broker::auth::{AuthConfig, UserConfig};
@@ -12,25 +13,6 @@ use courier_queue::remote::{RemoteQueue, RemoteQueueError};
 use courier_rpc::{Client, ClientConfig, RpcError, Secret};
 use courier_transport::tls::{generate_dev_certs, DevCerts, Validity};
 use courier_transport::{TlsClient, TransportConfig};
-
-/// A fresh directory, removed when dropped.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path =
-            std::env::temp_dir().join(format!("courier-broker-sec-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn user(name: &str, token: Option<&str>) -> UserConfig {
     UserConfig {

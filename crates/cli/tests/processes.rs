@@ -4,9 +4,10 @@
 //! subscriptions restored after a broker restart. Each test cleans up its
 //! processes (killed on drop) and directories.
 
+use courier_test_support::TempDir;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,24 +19,6 @@ use courier_queue::remote::RemoteQueue;
 use courier_rpc::{Client, ClientConfig};
 
 const COURIER: &str = env!("CARGO_BIN_EXE_courier");
-
-/// A fresh directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("courier-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A `courier serve` process, killed when dropped.
 struct BrokerProcess {

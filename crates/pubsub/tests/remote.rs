@@ -1,5 +1,6 @@
 //! The bus served over TCP: no slow joiners, wildcards and groups, gaps.
 
+use courier_test_support::TempDir;
 use std::time::Duration;
 
 use courier_pubsub::remote::{PubSubHost, PubSubServiceServer, RemotePubSub};
@@ -194,28 +195,6 @@ async fn a_remote_service_answers_requests_by_subject() {
         ),
         "{err:?}"
     );
-}
-
-/// A fresh directory, removed when dropped.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!(
-            "courier-pubsub-{name}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A host with durable subscriptions and the queue protocol for their

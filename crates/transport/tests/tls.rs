@@ -2,8 +2,8 @@
 //! refuse: plain peers on either side, untrusted and expired certificates,
 //! missing settings, and bytes altered in transit.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use courier_test_support::TempDir;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,28 +13,6 @@ use courier_transport::{
     TransportConfig,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A fresh directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "courier-tls-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn certs(dir: &TempDir, validity: Validity) -> DevCerts {
     generate_dev_certs(
