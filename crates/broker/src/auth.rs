@@ -19,9 +19,10 @@
 //!
 //! With no users configured, the broker is open: anyone may do anything.
 //! With users, an identity not listed (or an anonymous connection) may do
-//! nothing, except what request-reply needs: subscribing to one exact
-//! `_inbox.<id>` subject and publishing replies to such subjects. Inbox ids
-//! are random, and a wildcard over `_inbox` needs an explicit permission.
+//! nothing, except what request-reply needs: subscribing to its own inbox
+//! (`_inbox.<id>` or `_inbox.<id>.*`, the id written out) and publishing
+//! replies to inbox subjects. Inbox ids are random, and a wildcard in the id
+//! position needs an explicit permission.
 //!
 //! Queue names are matched as subjects (`jobs.>` covers `jobs.eu`); a
 //! durable subscription `name` keeps its messages in queue `durable.<name>`.
@@ -96,8 +97,9 @@ fn filters(user: &str, what: &'static str, list: &[String]) -> Result<Vec<Filter
         .collect()
 }
 
+/// A reply subject: `_inbox.<id>` or `_inbox.<id>.<n>`.
 fn is_inbox(subject: &Subject) -> bool {
-    matches!(subject.tokens(), [first, _] if &**first == "_inbox")
+    matches!(subject.tokens(), [first, _] | [first, _, _] if &**first == "_inbox")
 }
 
 impl Policy {
@@ -188,9 +190,13 @@ impl PubSubAccess for Policy {
     }
 
     fn may_subscribe(&self, who: Option<&str>, filter: &Filter) -> bool {
+        // One's own inbox: `_inbox.<id>` or `_inbox.<id>.*`, with the random
+        // id written out (a wildcard in its place would be eavesdropping).
+        use courier_pubsub::subject::Token;
         let own_inbox = matches!(
             filter.tokens(),
-            [courier_pubsub::subject::Token::Literal(first), courier_pubsub::subject::Token::Literal(_)]
+            [Token::Literal(first), Token::Literal(_)]
+                | [Token::Literal(first), Token::Literal(_), Token::One]
                 if &**first == "_inbox"
         );
         self.open
@@ -258,6 +264,10 @@ mod tests {
         assert!(p.may_call(alice, "PubSubService"));
         // Request-reply plumbing: one's own inbox, and replies.
         assert!(p.may_subscribe(None, &f("_inbox.12345")));
+        assert!(p.may_subscribe(None, &f("_inbox.12345.*")));
+        assert!(!p.may_subscribe(None, &f("_inbox.*.*")));
+        assert!(!p.may_subscribe(None, &f("_inbox.12345.>")));
+        assert!(p.may_publish(None, &s("_inbox.12345.7")));
         assert!(!p.may_subscribe(alice, &f("_inbox.*")), "no eavesdropping");
         assert!(!p.may_subscribe(alice, &f(">")));
         assert!(p.may_publish(None, &s("_inbox.12345")));

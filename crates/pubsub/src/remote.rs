@@ -499,6 +499,57 @@ pub const DEFAULT_RESTORE_WINDOW: Duration = Duration::from_secs(300);
 pub struct RemotePubSub {
     client: PubSubServiceClient,
     restore_window: Duration,
+    inbox: Arc<tokio::sync::Mutex<Option<Arc<Inbox>>>>,
+}
+
+type Waiting = Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Message>>>;
+
+/// One subscription, `_inbox.<id>.*`, shared by every request a
+/// [`RemotePubSub`] sends: each request waits for the reply to its own
+/// `_inbox.<id>.<n>`, so a request costs one publish, not a subscription.
+struct Inbox {
+    prefix: String,
+    next: AtomicU64,
+    waiting: Arc<Waiting>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hands each reply to the request waiting for it.
+async fn route_replies(mut replies: RemoteSubscription, waiting: Arc<Waiting>) {
+    while let Some(event) = replies.recv().await {
+        let Ok(Event::Message(reply)) = event else {
+            continue; // Restored (requests in flight time out), or an error.
+        };
+        let n = reply
+            .subject
+            .tokens()
+            .last()
+            .and_then(|t| t.parse::<u64>().ok());
+        let waiter = n.and_then(|n| lock_waiting(&waiting).remove(&n));
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(reply);
+        }
+    }
+}
+
+fn lock_waiting(
+    waiting: &Waiting,
+) -> std::sync::MutexGuard<'_, HashMap<u64, tokio::sync::oneshot::Sender<Message>>> {
+    waiting.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn fresh_id() -> u64 {
@@ -528,6 +579,7 @@ impl RemotePubSub {
         RemotePubSub {
             client: PubSubServiceClient::new(client),
             restore_window: DEFAULT_RESTORE_WINDOW,
+            inbox: Arc::default(),
         }
     }
 
@@ -552,36 +604,68 @@ impl RemotePubSub {
     }
 
     /// Sends a request to `subject` and waits at most `timeout` for the
-    /// first reply; see [`Bus::request`].
+    /// first reply; see [`Bus::request`]. Requests share one inbox
+    /// subscription, made on the first.
     pub async fn request(
         &self,
         subject: &str,
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Message, RemotePubSubError> {
-        let publisher = self.publisher();
-        let inbox = format!("_inbox.{}", publisher.id);
-        let mut replies = self
-            .subscribe(&inbox, SubscribeOptions::default().buffer(1))
-            .await?;
+        let inbox = self.inbox().await?;
+        let n = inbox.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock_waiting(&inbox.waiting).insert(n, tx);
+        // Forgets the request however this ends.
+        struct Forget<'a>(&'a Waiting, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                lock_waiting(self.0).remove(&self.1);
+            }
+        }
+        let _forget = Forget(&inbox.waiting, n);
         let delivered = self
             .client
             .publish(
-                publisher.id,
+                fresh_id(),
                 subject.to_string(),
-                Some(inbox),
+                Some(format!("{}.{n}", inbox.prefix)),
                 payload.into(),
             )
             .await??;
         if delivered == 0 {
             return Err(RemotePubSubError::NoResponders(subject.to_string()));
         }
-        match tokio::time::timeout(timeout, replies.recv()).await {
-            Ok(Some(Ok(Event::Message(reply)))) => Ok(reply),
-            Ok(Some(Err(err))) => Err(err),
-            Ok(_) => Err(RemotePubSubError::NoResponders(subject.to_string())),
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(RemotePubSubError::NoResponders(subject.to_string())),
             Err(_) => Err(RemotePubSubError::Timeout(timeout)),
         }
+    }
+
+    /// The shared inbox, subscribed on first use.
+    async fn inbox(&self) -> Result<Arc<Inbox>, RemotePubSubError> {
+        let mut slot = self.inbox.lock().await;
+        if let Some(inbox) = slot.as_ref().filter(|i| !i.task.is_finished()) {
+            return Ok(inbox.clone());
+        }
+        let prefix = format!("_inbox.{}", fresh_id());
+        let replies = self
+            .subscribe(
+                &format!("{prefix}.*"),
+                SubscribeOptions::default().buffer(4096),
+            )
+            .await?;
+        let waiting: Arc<Waiting> = Arc::default();
+        let task = tokio::spawn(route_replies(replies, waiting.clone()));
+        let inbox = Arc::new(Inbox {
+            prefix,
+            next: AtomicU64::new(0),
+            waiting,
+            task,
+        });
+        *slot = Some(inbox.clone());
+        Ok(inbox)
     }
 
     /// Subscribes; returns once the subscription is active at the host.

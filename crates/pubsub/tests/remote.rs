@@ -456,3 +456,44 @@ async fn the_bus_is_served_over_shared_memory_too() {
     drop(sub);
     server.shutdown(Duration::from_millis(100)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_inbox_and_each_gets_its_own_reply() {
+    let server = host().await;
+    let service = connect(&server).await;
+    let mut requests = service
+        .subscribe("svc.echo", SubscribeOptions::default().group("echo"))
+        .await
+        .unwrap();
+    let replier = service.publisher();
+    tokio::spawn(async move {
+        while let Some(Ok(Event::Message(request))) = requests.recv().await {
+            let replier = replier.clone();
+            // Answer out of order, to show replies are matched, not queued.
+            tokio::spawn(async move {
+                let delay = request.payload[0] as u64 % 7;
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                replier
+                    .reply(&request, request.payload.clone())
+                    .await
+                    .unwrap();
+            });
+        }
+    });
+    let client = connect(&server).await;
+    let calls: Vec<_> = (0..50u8)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let reply = client
+                    .request("svc.echo", vec![n], Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                assert_eq!(&reply.payload[..], &[n]);
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+}
