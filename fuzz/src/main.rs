@@ -27,30 +27,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use courier_test_support::Rng;
 use courier_wire::{preamble, Checksum, Flags, Frame, FrameCodec, FrameKind, LENGTH_PREFIX_LEN};
 
 const LIMIT: usize = 64 * 1024;
 const MAX_INPUT: usize = 3 * LIMIT;
-
-/// splitmix64: a seeded generator, so any run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-}
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
 struct Sample<'a> {
@@ -125,31 +106,31 @@ fn interesting_length(rng: &mut Rng) -> u32 {
         u32::MAX,
         u32::MAX / 2,
     ];
-    choices[rng.below(choices.len())]
+    choices[rng.index(choices.len())]
 }
 
 fn mutate(input: &mut Vec<u8>, corpus: &[Vec<u8>], rng: &mut Rng) {
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + rng.index(4) {
         let len = input.len();
-        match rng.below(9) {
+        match rng.index(9) {
             0 if len > 0 => {
-                let i = rng.below(len);
-                input[i] ^= 1 << rng.below(8);
+                let i = rng.index(len);
+                input[i] ^= 1 << rng.index(8);
             }
             1 if len > 0 => {
-                let i = rng.below(len);
-                input[i] = INTERESTING_BYTES[rng.below(INTERESTING_BYTES.len())];
+                let i = rng.index(len);
+                input[i] = INTERESTING_BYTES[rng.index(INTERESTING_BYTES.len())];
             }
             2 if len > 0 => {
-                let i = rng.below(len);
-                input[i] = rng.next() as u8;
+                let i = rng.index(len);
+                input[i] = rng.next_u64() as u8;
             }
             3 => {
                 // Overwrite a length prefix (at the start or anywhere).
-                let at = if rng.below(2) == 0 {
+                let at = if rng.index(2) == 0 {
                     0
                 } else {
-                    rng.below(len + 1)
+                    rng.index(len + 1)
                 };
                 let bytes = interesting_length(rng).to_le_bytes();
                 for (k, b) in bytes.iter().enumerate() {
@@ -159,35 +140,35 @@ fn mutate(input: &mut Vec<u8>, corpus: &[Vec<u8>], rng: &mut Rng) {
                 }
             }
             4 => {
-                let at = rng.below(len + 1);
-                let count = 1 + rng.below(16);
-                let bytes: Vec<u8> = (0..count).map(|_| rng.next() as u8).collect();
+                let at = rng.index(len + 1);
+                let count = 1 + rng.index(16);
+                let bytes: Vec<u8> = (0..count).map(|_| rng.next_u64() as u8).collect();
                 input.splice(at..at, bytes);
             }
             5 if len > 0 => {
-                let start = rng.below(len);
-                let end = (start + 1 + rng.below(32)).min(len);
+                let start = rng.index(len);
+                let end = (start + 1 + rng.index(32)).min(len);
                 input.drain(start..end);
             }
             6 if len > 0 => {
-                let cut = rng.below(len);
+                let cut = rng.index(len);
                 input.truncate(cut);
             }
             7 => {
-                let other = &corpus[rng.below(corpus.len())];
-                let at = rng.below(len + 1);
-                let from = rng.below(other.len() + 1);
-                let to = (from + rng.below(other.len() - from + 1)).min(other.len());
+                let other = &corpus[rng.index(corpus.len())];
+                let at = rng.index(len + 1);
+                let from = rng.index(other.len() + 1);
+                let to = (from + rng.index(other.len() - from + 1)).min(other.len());
                 input.splice(at..at, other[from..to].iter().copied());
             }
             _ if len > 1 => {
-                let start = rng.below(len);
-                let end = (start + 1 + rng.below(64)).min(len);
+                let start = rng.index(len);
+                let end = (start + 1 + rng.index(64)).min(len);
                 let copy = input[start..end].to_vec();
-                let at = rng.below(input.len() + 1);
+                let at = rng.index(input.len() + 1);
                 input.splice(at..at, copy);
             }
-            _ => input.push(rng.next() as u8),
+            _ => input.push(rng.next_u64() as u8),
         }
     }
     input.truncate(MAX_INPUT);
@@ -339,9 +320,9 @@ fn main() {
     std::panic::set_hook(Box::new(|_| {}));
     while Instant::now() < deadline {
         for _ in 0..256 {
-            let mut input = corpus[rng.below(corpus.len())].clone();
+            let mut input = corpus[rng.index(corpus.len())].clone();
             mutate(&mut input, &corpus, &mut rng);
-            let pieces: Vec<usize> = (0..8).map(|_| 1 + rng.below(40)).collect();
+            let pieces: Vec<usize> = (0..8).map(|_| 1 + rng.index(40)).collect();
             let outcome = catch_unwind(AssertUnwindSafe(|| run_one(&input, &pieces)));
             tried += 1;
             match outcome {

@@ -1,5 +1,5 @@
-//! Helpers shared by the tests of every Courier crate. Depends on nothing
-//! but std, so any crate may take it as a dev-dependency.
+//! Helpers shared by the tests of every Courier crate (and the fuzzer).
+//! Depends on nothing but std, so any crate may take it as a dev-dependency.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,9 +37,62 @@ impl Drop for TempDir {
     }
 }
 
+/// splitmix64: a small seeded generator, so every run of a seed is the same
+/// run (deterministic simulations, fuzzing, property checks).
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+
+    /// An index in `0..n` (0 when `n` is 0).
+    pub fn index(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    /// A duration in `low..high` (`low` when they are equal).
+    pub fn between(
+        &mut self,
+        low: std::time::Duration,
+        high: std::time::Duration,
+    ) -> std::time::Duration {
+        let span = (high.saturating_sub(low)).as_nanos() as u64;
+        low + std::time::Duration::from_nanos(self.below(span))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seed_always_gives_the_same_numbers() {
+        let (mut a, mut b) = (Rng(7), Rng(7));
+        assert!((0..100).all(|_| a.next_u64() == b.next_u64()));
+        assert!((0..100).all(|_| a.below(10) < 10));
+        assert_eq!(a.index(0), 0);
+    }
 
     #[test]
     fn each_is_fresh_and_gone_when_dropped() {

@@ -8,25 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use courier_messaging::{Inbox, Outbox, OutboxEvent, RetryPolicy, Verdict};
-
-/// splitmix64, seeded: every run of a seed is the same run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
-    fn between(&mut self, low: Duration, high: Duration) -> Duration {
-        low + Duration::from_nanos(self.next() % (high - low).as_nanos() as u64)
-    }
-}
+use courier_test_support::Rng;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Packet {

@@ -1,5 +1,6 @@
 //! Queue semantics, step by step and under a seeded crowd of consumers.
 
+use courier_test_support::Rng;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -191,21 +192,6 @@ fn idempotency_keys_are_remembered_within_the_window() {
     assert_eq!(core.duplicate_of("a"), None, "pushed out of the window");
     assert_eq!(core.duplicate_of("c"), Some(2));
     assert_eq!(core.stats().duplicates, 2);
-}
-
-/// splitmix64
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[test]
