@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::error::{EndpointError, RequestError, SendError, SendErrorKind, StartError};
 use crate::protocol::{self, DataHeader, Hello, Rejection, RequestHeader};
+use crate::schema::SchemaCache;
 use crate::{Inbox, NodeId, Outbox, OutboxEvent, Requests, RetryPolicy, Schema};
 
 /// Flag on an `Error` frame: it refuses a request, not a data message.
@@ -180,6 +181,15 @@ struct NodeInner {
     peers: Mutex<HashMap<Address, PeerEntry>>,
     inbox: Mutex<Inbox<(NodeId, u64)>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Fingerprints traced once per type: tracing walks the whole type, and
+    /// `request` would otherwise pay for it on every call.
+    schemas: Mutex<SchemaCache>,
+}
+
+impl NodeInner {
+    fn fingerprint<T: DeserializeOwned + 'static>(&self) -> u64 {
+        lock(&self.schemas).get::<T>().fingerprint
+    }
 }
 
 impl Drop for NodeInner {
@@ -262,6 +272,7 @@ impl Node {
             peers: Mutex::new(HashMap::new()),
             inbox: Mutex::new(Inbox::new(config.dedup_window, config.max_streams)),
             tasks: Mutex::new(Vec::new()),
+            schemas: Mutex::default(),
             config,
         });
         for listener in listeners {
@@ -367,7 +378,7 @@ impl Node {
         Sender {
             peer: self.peer(to),
             endpoint: endpoint.into(),
-            fingerprint: Schema::of::<T>().fingerprint,
+            fingerprint: self.inner.fingerprint::<T>(),
             delivery,
             send_timeout: self.inner.config.send_timeout,
             _type: PhantomData,
@@ -390,8 +401,8 @@ impl Node {
     {
         let header = RequestHeader {
             endpoint,
-            fingerprint: Schema::of::<Req>().fingerprint,
-            reply_fingerprint: Schema::of::<Resp>().fingerprint,
+            fingerprint: self.inner.fingerprint::<Req>(),
+            reply_fingerprint: self.inner.fingerprint::<Resp>(),
         };
         let payload = postcard::to_stdvec(&(&header, request))
             .map_err(|err| RequestError::Serialize(err.to_string()))?;
@@ -651,6 +662,20 @@ enum Command {
 
 type AckWaiter = Option<oneshot::Sender<Result<Progress, SendErrorKind>>>;
 
+/// A connection attempt (connect and hello) under way, polled by the
+/// driver's loop beside everything else so that deadlines, drains and
+/// incoming commands are served while it lasts.
+type Connecting =
+    Pin<Box<dyn Future<Output = Result<(FrameSender, FrameReceiver), String>> + Send>>;
+
+/// Work that needs a connection, held while one is being made.
+enum Unsent {
+    /// A request already in the `Requests` table (so its deadline runs).
+    Request { id: u64, payload: Bytes },
+    /// An at-most-once message.
+    Unreliable { payload: Bytes, done: AckWaiter },
+}
+
 /// Owns everything about one peer: the connection (made lazily, remade
 /// after failures with backoff), the outbox of unacknowledged messages and
 /// the table of requests awaiting replies.
@@ -665,6 +690,10 @@ struct PeerDriver {
     rejections: HashMap<u64, Rejection>,
     requests: Requests<oneshot::Sender<Result<Bytes, RequestError>>>,
     connection: Option<(FrameSender, FrameReceiver)>,
+    connecting: Option<Connecting>,
+    /// Requests and at-most-once messages waiting for `connecting`; bounded
+    /// by `max_in_flight` (commands are not read while it is full).
+    unsent: Vec<Unsent>,
     backoff: Backoff,
     next_attempt: Instant,
     last_error: String,
@@ -689,6 +718,8 @@ impl PeerDriver {
             waiting: HashMap::new(),
             rejections: HashMap::new(),
             connection: None,
+            connecting: None,
+            unsent: Vec::new(),
             next_attempt: now,
             last_error: String::new(),
             drains: Vec::new(),
@@ -707,22 +738,19 @@ impl PeerDriver {
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         loop {
-            let now = Instant::now();
-            if self.connection.is_none() && self.outbox.in_flight() > 0 && now >= self.next_attempt
-            {
-                self.connect().await;
+            if self.outbox.in_flight() > 0 {
+                self.start_connecting();
             }
             self.transmit().await;
             self.settle();
             let wake = self.next_wake();
-            let room = self.outbox.has_room() && self.requests.len() < self.config.max_requests;
             tokio::select! {
-                command = commands.recv(), if room => match command {
+                command = commands.recv(), if self.has_room() => match command {
                     Some(command) => {
                         self.handle(command).await;
                         // Take everything else already queued in the same
                         // turn, so its frames share one flush.
-                        while self.outbox.has_room() && self.requests.len() < self.config.max_requests {
+                        while self.has_room() {
                             let Ok(command) = commands.try_recv() else { break };
                             self.handle(command).await;
                         }
@@ -736,11 +764,23 @@ impl PeerDriver {
                         self.receive(frame);
                     }
                 }
+                outcome = connecting(&mut self.connecting) => {
+                    self.connecting = None;
+                    self.connected(outcome).await;
+                }
                 _ = sleep_until(wake) => {}
             }
             let now = self.clock(Instant::now());
             self.outbox.handle_timeout(now);
         }
+    }
+
+    /// Whether another command may be taken: the outbox, the request table
+    /// and the work waiting for a connection all have room.
+    fn has_room(&self) -> bool {
+        self.outbox.has_room()
+            && self.requests.len() < self.config.max_requests
+            && self.unsent.len() < self.config.max_in_flight.max(1)
     }
 
     /// The next time a timer needs attention. Without a connection,
@@ -756,24 +796,105 @@ impl PeerDriver {
             .flatten()
             .min()
             .map(|t| self.epoch + t);
-        if self.connection.is_none() && self.outbox.in_flight() > 0 {
+        if self.connection.is_none() && self.connecting.is_none() && self.outbox.in_flight() > 0 {
             wake = Some(wake.map_or(self.next_attempt, |w| w.min(self.next_attempt)));
         }
         wake
     }
 
-    async fn connect(&mut self) {
-        match open(&self.address, &self.config.transport, self.hello).await {
+    /// Starts a connection attempt unless one is open or under way, or the
+    /// backoff says not yet. Returns whether a connection is open or coming.
+    fn start_connecting(&mut self) -> bool {
+        if self.connection.is_some() || self.connecting.is_some() {
+            return true;
+        }
+        if Instant::now() < self.next_attempt {
+            return false;
+        }
+        let (address, config, hello) = (
+            self.address.clone(),
+            self.config.transport.clone(),
+            self.hello,
+        );
+        self.connecting = Some(Box::pin(
+            async move { open(&address, &config, hello).await },
+        ));
+        true
+    }
+
+    /// The end of a connection attempt: on success everything waiting for
+    /// it is written; on failure it is refused and the backoff grows.
+    async fn connected(&mut self, outcome: Result<(FrameSender, FrameReceiver), String>) {
+        match outcome {
             Ok(connection) => {
+                let sender = connection.0.clone();
                 self.connection = Some(connection);
                 self.backoff.reset();
                 let now = self.clock(Instant::now());
                 self.outbox.retransmit_all(now);
+                let mut failed = None;
+                for unsent in std::mem::take(&mut self.unsent) {
+                    match unsent {
+                        // Skip requests that expired while we waited.
+                        Unsent::Request { id, payload } if self.requests.contains(id) => {
+                            if let Err(err) = sender
+                                .feed(Frame::new(FrameKind::Request, id, payload))
+                                .await
+                            {
+                                failed = Some(err.to_string());
+                                break;
+                            }
+                        }
+                        Unsent::Request { .. } => {}
+                        Unsent::Unreliable { payload, done } => {
+                            let frame =
+                                Frame::new(FrameKind::Data, 0, protocol::data_payload(0, &payload));
+                            if let Err(err) = sender.feed(frame).await {
+                                if let Some(done) = done {
+                                    let _ =
+                                        done.send(Err(SendErrorKind::Unavailable(err.to_string())));
+                                }
+                                failed = Some(err.to_string());
+                                break;
+                            }
+                            self.unflushed.push(done);
+                        }
+                    }
+                }
+                if failed.is_none() {
+                    if let Err(err) = sender.flush().await {
+                        failed = Some(err.to_string());
+                    }
+                }
+                if let Some(reason) = failed {
+                    self.fail_unsent(&reason);
+                    self.disconnect(reason);
+                }
+                self.flush_unreliable().await;
             }
             Err(reason) => {
                 tracing::debug!(peer = %self.address, %reason, "connect failed");
+                self.fail_unsent(&reason);
                 self.last_error = reason;
                 self.next_attempt = Instant::now() + self.backoff.next_delay();
+            }
+        }
+    }
+
+    /// Refuses everything that was waiting for a connection.
+    fn fail_unsent(&mut self, reason: &str) {
+        for unsent in std::mem::take(&mut self.unsent) {
+            match unsent {
+                Unsent::Request { id, .. } => {
+                    if let Some(reply) = self.requests.complete(id) {
+                        let _ = reply.send(Err(RequestError::Unavailable(reason.to_string())));
+                    }
+                }
+                Unsent::Unreliable { done, .. } => {
+                    if let Some(done) = done {
+                        let _ = done.send(Err(SendErrorKind::Unavailable(reason.to_string())));
+                    }
+                }
             }
         }
     }
@@ -836,7 +957,7 @@ impl PeerDriver {
         while let Some((_, reply)) = self.requests.poll_expired(now) {
             let _ = reply.send(Err(RequestError::Timeout));
         }
-        let unfinished = self.outbox.in_flight() + self.requests.len();
+        let unfinished = self.outbox.in_flight() + self.requests.len() + self.unsent.len();
         self.unfinished.store(unfinished, Ordering::Relaxed);
         if unfinished == 0 {
             for drain in self.drains.drain(..) {
@@ -880,29 +1001,26 @@ impl PeerDriver {
                 done,
                 ..
             } => {
-                let outcome = match self.ready().await {
-                    Some(sender) => sender
-                        .feed(Frame::new(
-                            FrameKind::Data,
-                            0,
-                            protocol::data_payload(0, &rest),
-                        ))
-                        .await
-                        .map_err(|err| SendErrorKind::Unavailable(err.to_string())),
-                    None => Err(SendErrorKind::Unavailable(self.last_error.clone())),
+                let Some((sender, _)) = &self.connection else {
+                    if self.start_connecting() {
+                        self.unsent.push(Unsent::Unreliable {
+                            payload: rest,
+                            done,
+                        });
+                    } else if let Some(done) = done {
+                        let _ = done.send(Err(SendErrorKind::Unavailable(self.last_error.clone())));
+                    }
+                    return;
                 };
-                match outcome {
+                let frame = Frame::new(FrameKind::Data, 0, protocol::data_payload(0, &rest));
+                match sender.feed(frame).await {
                     // Reported as written once the batch is flushed.
                     Ok(()) => self.unflushed.push(done),
-                    Err(kind) => {
-                        if let (SendErrorKind::Unavailable(reason), Some(_)) =
-                            (&kind, &self.connection)
-                        {
-                            let reason = reason.clone();
-                            self.disconnect(reason);
-                        }
+                    Err(err) => {
+                        let reason = err.to_string();
+                        self.disconnect(reason.clone());
                         if let Some(done) = done {
-                            let _ = done.send(Err(kind));
+                            let _ = done.send(Err(SendErrorKind::Unavailable(reason)));
                         }
                     }
                 }
@@ -912,16 +1030,21 @@ impl PeerDriver {
                 deadline,
                 reply,
             } => {
-                let Some(sender) = self.ready().await else {
+                if !self.start_connecting() {
                     let _ = reply.send(Err(RequestError::Unavailable(self.last_error.clone())));
                     return;
-                };
+                }
                 let id = match self.requests.start(reply, self.clock(deadline)) {
                     Ok(id) => id,
                     Err(reply) => {
                         let _ = reply.send(Err(RequestError::Full));
                         return;
                     }
+                };
+                let Some((sender, _)) = &self.connection else {
+                    // Sent once the connection is made; the deadline runs.
+                    self.unsent.push(Unsent::Request { id, payload });
+                    return;
                 };
                 if let Err(err) = sender
                     .send(Frame::new(FrameKind::Request, id, payload))
@@ -957,14 +1080,6 @@ impl PeerDriver {
         for done in self.unflushed.drain(..).flatten() {
             let _ = done.send(outcome.clone());
         }
-    }
-
-    /// The connection, made now if there is none and a retry is allowed.
-    async fn ready(&mut self) -> Option<FrameSender> {
-        if self.connection.is_none() && Instant::now() >= self.next_attempt {
-            self.connect().await;
-        }
-        self.connection.as_ref().map(|(sender, _)| sender.clone())
     }
 
     fn receive(&mut self, frame: Result<Option<Frame>, courier_transport::RecvError>) {
@@ -1006,6 +1121,17 @@ async fn recv(
 ) -> Result<Option<Frame>, courier_transport::RecvError> {
     match connection {
         Some((_, receiver)) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome of the connection attempt under way; pending without one.
+/// Cancel-safe: the attempt lives in the driver, not in this future.
+async fn connecting(
+    attempt: &mut Option<Connecting>,
+) -> Result<(FrameSender, FrameReceiver), String> {
+    match attempt {
+        Some(attempt) => attempt.await,
         None => std::future::pending().await,
     }
 }

@@ -79,6 +79,11 @@ impl<W> Requests<W> {
         self.pending.drain().map(|(id, (waiter, _))| (id, waiter))
     }
 
+    /// Whether `id` is still pending (not answered, cancelled or expired).
+    pub fn contains(&self, id: u64) -> bool {
+        self.pending.contains_key(&id)
+    }
+
     /// Requests in flight.
     pub fn len(&self) -> usize {
         self.pending.len()

@@ -367,3 +367,58 @@ async fn shutdown_returns_as_soon_as_everything_is_acknowledged() {
         assert_eq!(mailbox.recv().await.unwrap().body, n);
     }
 }
+
+/// A TCP listener that accepts and then says nothing: every connection to
+/// it hangs in the handshake until the handshake timeout.
+async fn silent_listener() -> (Address, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address: Address = format!("tcp://{}", listener.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (address, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_times_out_on_its_own_deadline_while_the_connection_hangs() {
+    let (address, _listener) = silent_listener().await;
+    let mut config = NodeConfig::default();
+    config.transport.handshake_timeout = Duration::from_secs(15);
+    let node = Node::start(config).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let outcome = node
+        .request::<u32, u32>(&address, "echo", &1, Duration::from_millis(200))
+        .await;
+    // Before, the driver awaited the connect inline, so the request failed
+    // only when the 15 s handshake timeout ended it, as Unavailable.
+    assert!(matches!(outcome, Err(RequestError::Timeout)), "{outcome:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_is_answered_while_a_connection_attempt_hangs() {
+    let (address, _listener) = silent_listener().await;
+    let mut config = NodeConfig::default();
+    config.transport.handshake_timeout = Duration::from_secs(15);
+    config.send_timeout = Duration::from_millis(200);
+    let node = Node::start(config).await.unwrap();
+    let to = node.sender::<u32>(&address, "box", Delivery::AtLeastOnce);
+    let waiting = tokio::spawn(async move { to.send(7).await });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let started = tokio::time::Instant::now();
+    // The message expires at its 200 ms deadline, so the drain completes
+    // then. Before, the driver sat in the 15 s connect and the drain waited
+    // out the whole grace period.
+    let report = node.shutdown(Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the drain waited for the connect"
+    );
+    assert_eq!(report.unfinished, 0);
+    assert!(waiting.await.unwrap().is_err());
+}
