@@ -69,6 +69,13 @@ pub enum RpcFault {
         /// "" for the total, " per identity" for an identity's.
         scope: String,
     },
+    /// A streaming handler produced an item that could not be sent (too
+    /// large for a frame, or not serializable); the stream ended there.
+    #[error("the server could not send a stream item: {reason}")]
+    ItemNotSent {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Why a call did not produce the method's return value.
@@ -141,6 +148,11 @@ pub enum RpcError {
     /// The reply, or the server's report, could not be decoded. Not retryable.
     #[error("reply could not be decoded: {0}")]
     Decode(String),
+    /// The server's handler produced a stream item it could not send (too
+    /// large for a frame, or not serializable), so the stream ended early:
+    /// items after it were never sent. Not retryable as such.
+    #[error("the stream ended because the server could not send an item: {0}")]
+    ItemNotSent(String),
 }
 
 impl RpcError {
@@ -176,6 +188,7 @@ impl From<RpcFault> for RpcError {
             RpcFault::TooManyConnections { limit, scope } => {
                 RpcError::TooManyConnections { limit, scope }
             }
+            RpcFault::ItemNotSent { reason } => RpcError::ItemNotSent(reason),
         }
     }
 }

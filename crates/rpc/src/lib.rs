@@ -130,7 +130,7 @@ pub use error::{RpcError, RpcFault};
 pub use server::{Server, ServerConfig, ServerHandle, ServiceAccess};
 #[doc(hidden)]
 pub use stream::ItemSink;
-pub use stream::{ItemStream, Items, StreamClosed};
+pub use stream::{ItemError, ItemStream, Items, StreamClosed};
 
 /// A service the server can dispatch to. Implemented by the generated
 /// `<Trait>Server`; there is rarely a reason to implement it by hand.

@@ -5,14 +5,14 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use courier_transport::{Frame, FrameKind, FrameSender};
+use courier_transport::{Frame, FrameKind, FrameSender, SendError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
 use crate::client::{CallGuard, Link};
-use crate::RpcError;
+use crate::{RpcError, RpcFault};
 
 /// Items a client asks for at a time, and grants again as it consumes.
 pub(crate) const WINDOW: u32 = 32;
@@ -40,19 +40,79 @@ impl<T> std::fmt::Debug for Items<T> {
 #[error("the client is no longer receiving this stream")]
 pub struct StreamClosed;
 
+/// Why [`Items::send_checked`] did not send an item.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ItemError {
+    /// The client went away (or cancelled the call): stop producing.
+    #[error(transparent)]
+    Closed(#[from] StreamClosed),
+    /// The encoded item exceeds the connection's frame limit. Nothing was
+    /// sent, the credit was kept and the stream stays usable: send it in
+    /// smaller pieces.
+    #[error("a stream item of {size} bytes exceeds the frame limit of {limit} bytes")]
+    TooLarge {
+        /// Its encoded size (frame header included).
+        size: usize,
+        /// The connection's limit.
+        limit: usize,
+    },
+    /// The item could not be serialized. Nothing was sent; the stream
+    /// stays usable.
+    #[error("a stream item could not be serialized: {0}")]
+    Encode(String),
+}
+
 impl<T: Serialize> Items<T> {
     /// Sends one item, waiting for credit if the client is behind.
+    ///
+    /// An item that cannot be sent (too large for a frame, or not
+    /// serializable) ends the stream: the client's
+    /// [`ItemStream::next`] returns an error rather than a silent end, and
+    /// this returns [`StreamClosed`], as every later send does. Use
+    /// [`send_checked`](Self::send_checked) to handle such items yourself.
     pub async fn send(&self, item: T) -> Result<(), StreamClosed> {
+        match self.send_checked(&item).await {
+            Ok(()) => Ok(()),
+            Err(ItemError::Closed(closed)) => Err(closed),
+            Err(err) => {
+                self.sink.fail(&err.to_string()).await;
+                Err(StreamClosed)
+            }
+        }
+    }
+
+    /// Sends one item, waiting for credit if the client is behind; an item
+    /// that cannot be sent is refused before any I/O and the stream goes on.
+    pub async fn send_checked(&self, item: &T) -> Result<(), ItemError> {
         let Some(credit) = &self.sink.credit else {
-            return Err(StreamClosed);
+            return Err(StreamClosed.into());
         };
-        credit.acquire().await.map_err(|_| StreamClosed)?.forget();
-        let bytes = postcard::to_stdvec(&item).map_err(|_| StreamClosed)?;
-        self.sink
+        let permit = credit.acquire().await.map_err(|_| StreamClosed)?;
+        let bytes = match postcard::to_stdvec(item) {
+            Ok(bytes) => bytes,
+            // The permit goes back: nothing was sent.
+            Err(err) => return Err(ItemError::Encode(err.to_string())),
+        };
+        match self
+            .sink
             .sender
             .send(Frame::new(FrameKind::StreamItem, self.sink.id, bytes))
             .await
-            .map_err(|_| StreamClosed)
+        {
+            Ok(()) => {
+                permit.forget();
+                Ok(())
+            }
+            Err(SendError::FrameTooLarge { size, limit }) => {
+                Err(ItemError::TooLarge { size, limit })
+            }
+            Err(SendError::Serialize(err)) => Err(ItemError::Encode(err.to_string())),
+            Err(_) => {
+                permit.forget();
+                Err(StreamClosed.into())
+            }
+        }
     }
 }
 
@@ -63,6 +123,9 @@ pub struct ItemSink {
     pub(crate) id: u64,
     pub(crate) sender: FrameSender,
     /// `None` for a unary call: sending items there is a protocol error.
+    /// Closed once an item could not be sent and the stream was ended with
+    /// an error, so later sends fail instead of reaching a client that saw
+    /// it end.
     pub(crate) credit: Option<Arc<Semaphore>>,
 }
 
@@ -75,6 +138,31 @@ impl std::fmt::Debug for ItemSink {
 }
 
 impl ItemSink {
+    /// Ends the stream with an error the client sees, because an item could
+    /// not be sent (it would otherwise see a clean end when the handler
+    /// returns, and never know items were lost). The end the server sends
+    /// when the handler returns then reaches no one.
+    async fn fail(&self, reason: &str) {
+        let Some(credit) = &self.credit else {
+            return;
+        };
+        // A permit is held while the report is sent, so the client's
+        // channel (as large as the window) has room for it.
+        let Ok(permit) = credit.acquire().await else {
+            return; // Already failed.
+        };
+        credit.close();
+        let fault = RpcFault::ItemNotSent {
+            reason: reason.to_string(),
+        };
+        let payload = postcard::to_stdvec(&fault).unwrap_or_default();
+        let _ = self
+            .sender
+            .send(Frame::new(FrameKind::Error, self.id, payload))
+            .await;
+        drop(permit);
+    }
+
     /// The typed view for a streaming method.
     pub fn typed<T>(self) -> Items<T> {
         Items {

@@ -4,7 +4,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_rpc::{Client, ClientConfig, Items, RpcError, Server, ServerConfig, ServerHandle};
+use courier_rpc::{
+    Client, ClientConfig, ItemError, Items, RpcError, Server, ServerConfig, ServerHandle,
+};
 use courier_transport::{bind, Address, TransportConfig};
 
 #[courier_rpc::service]
@@ -14,6 +16,9 @@ pub trait Feed {
     /// Sends forever, counting what it managed to send.
     async fn endless(&self, items: Items<Vec<u8>>);
     async fn plain(&self) -> u8;
+    /// Sends items of these sizes; with `checked`, an item too large for a
+    /// frame is replaced by an empty one and the stream goes on.
+    async fn sized(&self, sizes: Vec<u32>, checked: bool, items: Items<Vec<u8>>);
 }
 
 #[derive(Default, Clone)]
@@ -47,6 +52,25 @@ impl Feed for FeedImpl {
     }
     async fn plain(&self) -> u8 {
         7
+    }
+    async fn sized(&self, sizes: Vec<u32>, checked: bool, items: Items<Vec<u8>>) {
+        for size in sizes {
+            let item = vec![1u8; size as usize];
+            if !checked {
+                if items.send(item).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            match items.send_checked(&item).await {
+                Ok(()) => {}
+                Err(ItemError::TooLarge { size, limit }) => {
+                    assert!(size > limit);
+                    items.send(Vec::new()).await.unwrap();
+                }
+                Err(err) => panic!("{err}"),
+            }
+        }
     }
 }
 
@@ -227,4 +251,33 @@ async fn streams_past_the_limit_are_refused_and_never_stall_unary_calls() {
             other => panic!("{other:?}"),
         }
     }
+}
+
+/// Issue 12, item 3: an item too large for a frame once ended the stream
+/// as if the handler had finished.
+#[tokio::test]
+async fn an_item_that_cannot_be_sent_ends_the_stream_with_an_error() {
+    let (server, _) = serve("tcp://127.0.0.1:0".parse().unwrap()).await;
+    let feed = FeedClient::new(
+        Client::connect(server.local_addr(), ClientConfig::default())
+            .await
+            .unwrap(),
+    );
+    let too_large = 8 << 20; // past the default 4 MiB frame limit
+    let mut items = feed.sized(vec![10, too_large, 10], false).await.unwrap();
+    assert_eq!(items.next().await.unwrap().unwrap().len(), 10);
+    match items.next().await {
+        Some(Err(RpcError::ItemNotSent(reason))) => assert!(reason.contains("exceeds")),
+        other => panic!("expected ItemNotSent, got {other:?}"),
+    }
+    assert!(items.next().await.is_none(), "ended after the error");
+    assert_eq!(feed.plain().await.unwrap(), 7, "the connection is fine");
+
+    // send_checked refuses the item and the stream goes on.
+    let mut items = feed.sized(vec![10, too_large, 10], true).await.unwrap();
+    let mut sizes = Vec::new();
+    while let Some(item) = items.next().await {
+        sizes.push(item.unwrap().len());
+    }
+    assert_eq!(sizes, [10, 0, 10]);
 }
