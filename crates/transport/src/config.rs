@@ -61,8 +61,14 @@ pub struct TransportConfig {
     /// Optional liveness checking. Default none.
     pub heartbeat: Option<Heartbeat>,
     /// Bytes of encoded frames a stream connection buffers before senders
-    /// wait for the socket. Default 256 KiB.
+    /// wait for the socket. Default 256 KiB. It also bounds what a peer
+    /// that does not read can make us queue for it: pongs (and our own
+    /// pings) that find the buffer this full are not sent at all.
     pub send_buffer: usize,
+    /// How long a stream connection keeps writing what is still queued
+    /// after its last [`crate::FrameSender`] is dropped; what the peer has
+    /// not taken by then is discarded and the socket closed. Default 5 s.
+    pub linger: Duration,
     /// Sends an in-process (`mem://`) connection buffers per direction, each
     /// one frame, or a batch of up to 64 frames that were `feed`-ed.
     /// Default 1024.
@@ -111,6 +117,7 @@ impl Default for TransportConfig {
             handshake_timeout: Duration::from_secs(5),
             heartbeat: None,
             send_buffer: 256 * 1024,
+            linger: Duration::from_secs(5),
             mem_capacity: 1024,
             max_datagram_size: 65_507,
             udp_peer_queue: 1024,

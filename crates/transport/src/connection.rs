@@ -1,6 +1,6 @@
 //! A framed, full-duplex connection and its two halves.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -49,6 +49,9 @@ impl RecvLink {
 /// State shared by every clone of a [`FrameSender`].
 struct SenderShared {
     link: SendLink,
+    /// The largest frame the peer accepts, when it said so and it is lower
+    /// than our own limit (see [`FrameSender::limit_frame_size`]).
+    peer_limit: AtomicUsize,
     /// Set when heartbeats are on: when the last frame went out.
     idle: Option<IdleClock>,
 }
@@ -75,6 +78,13 @@ impl SenderShared {
     async fn send(&self, frame: Frame, urgency: Urgency) -> Result<(), SendError> {
         match &self.link {
             SendLink::Mem(writer) => {
+                let limit = self.peer_limit.load(Ordering::Relaxed);
+                if frame.body_len() > limit {
+                    return Err(SendError::FrameTooLarge {
+                        size: frame.body_len(),
+                        limit,
+                    });
+                }
                 if writer.push(frame, urgency)? {
                     Box::pin(writer.flush()).await?;
                 }
@@ -97,10 +107,20 @@ impl SenderShared {
         urgency: Urgency,
         encode: impl FnOnce(&FrameCodec, &mut BytesMut) -> Result<(), EncodeError>,
     ) -> Result<(), SendError> {
+        // The peer's limit, when lower than ours, is checked by the same
+        // encoder, so an oversized frame is refused before any I/O.
+        let peer_limit = self.peer_limit.load(Ordering::Relaxed);
+        let encode = move |codec: &FrameCodec, buf: &mut BytesMut| {
+            if peer_limit < codec.limit() {
+                encode(&codec.max_frame_size(peer_limit), buf)
+            } else {
+                encode(codec, buf)
+            }
+        };
         match &self.link {
             SendLink::Stream(writer) => {
-                if let Some(flush) = writer.push(urgency, encode)? {
-                    Box::pin(writer.complete(flush)).await?;
+                if let Some(position) = writer.push(urgency, encode)? {
+                    Box::pin(writer.wait_written(position)).await?;
                 }
             }
             SendLink::Udp(writer) => Box::pin(writer.send(encode)).await?,
@@ -132,42 +152,27 @@ impl SenderShared {
     /// Closes a link whose peer broke the protocol: later sends fail, and
     /// the peer sees the connection end. Only stream links can see invalid
     /// frames (UDP discards them; in-process frames are never decoded).
-    fn abort(self: Arc<Self>) {
+    fn abort_invalid(&self) {
         if let SendLink::Stream(writer) = &self.link {
-            writer.refuse(
+            writer.abort(
                 std::io::ErrorKind::InvalidData,
                 "peer sent an invalid frame",
             );
-            tokio::spawn(async move {
-                if let SendLink::Stream(writer) = &self.link {
-                    writer.shutdown().await;
-                }
-            });
         }
     }
 
-    /// Queues a pong and gets it written without making the caller wait.
-    fn reply_pong(self: Arc<Self>, id: u64) {
-        let pong = Frame::new(FrameKind::Pong, id, Bytes::new());
+    /// Sends a control frame (a pong, a heartbeat ping) without ever
+    /// waiting or spawning: if the link has no room for it right now (the
+    /// peer is not reading), it is dropped. What a peer can make us queue
+    /// by sending pings is therefore bounded by the send buffer.
+    fn send_control(&self, kind: FrameKind, id: u64) {
+        let frame = Frame::new(kind, id, Bytes::new());
         match &self.link {
-            SendLink::Mem(writer) => writer.try_send(pong),
+            SendLink::Mem(writer) => writer.try_send(frame),
             SendLink::Stream(writer) => {
-                if writer
-                    .enqueue_nowait(|codec, buf| codec.encode_frame(&pong, buf))
-                    .is_ok()
-                {
-                    tokio::spawn(async move {
-                        if let SendLink::Stream(writer) = &self.link {
-                            let _ = writer.flush().await;
-                        }
-                    });
-                }
+                writer.try_control(|codec, buf| codec.encode_frame(&frame, buf));
             }
-            SendLink::Udp(_) => {
-                tokio::spawn(async move {
-                    let _ = self.send(pong, Urgency::Now).await;
-                });
-            }
+            SendLink::Udp(writer) => writer.try_send(&frame),
         }
     }
 }
@@ -177,13 +182,17 @@ impl SenderShared {
 ///
 /// Frames from one task arrive in the order that task sent them. `Ok` from
 /// [`FrameSender::send`] means the frame was handed to the link: written to
-/// the socket (or queued behind a write already under way in another task,
-/// which writes it before it lets go), placed in the in-process channel, or
-/// sent as a datagram. It does **not** mean the peer received it; the
-/// messaging layer's acknowledgements say that.
+/// the socket, or queued for the link's writer (a task that owns the
+/// socket's write side and writes, in order, whatever the socket could not
+/// take at once), placed in the in-process channel, or sent as a datagram.
+/// It does **not** mean the peer received it; the messaging layer's
+/// acknowledgements say that. Cancelling a send (dropping its future) never
+/// strands another task's frame: nothing but the writer waits on the socket.
 ///
-/// When every clone is dropped the link is closed; bytes still queued are
-/// lost unless [`FrameSender::close`] or [`FrameSender::flush`] was awaited.
+/// When every clone is dropped the link is closed: what is still queued is
+/// written for up to [`TransportConfig::linger`](crate::TransportConfig::linger),
+/// then discarded. [`FrameSender::close`] or [`FrameSender::flush`] wait for
+/// it instead; [`FrameSender::abort`] discards it at once.
 #[derive(Clone)]
 pub struct FrameSender {
     shared: Arc<SenderShared>,
@@ -236,9 +245,67 @@ impl FrameSender {
         }
     }
 
+    /// Gives up on the peer: refuses further frames, discards everything
+    /// queued and closes the sending direction at once, without waiting for
+    /// the peer to read anything. For a peer that stopped reading (frozen,
+    /// half-open, hostile) when [`close`](Self::close) would wait for it.
+    /// The peer sees the connection end, possibly in the middle of a frame.
+    pub fn abort(&self) {
+        match &self.shared.link {
+            SendLink::Stream(writer) => {
+                writer.abort(std::io::ErrorKind::ConnectionAborted, "connection aborted")
+            }
+            SendLink::Mem(writer) => writer.abort(),
+            SendLink::Udp(writer) => writer.close(),
+        }
+    }
+
+    /// Bytes queued on this connection and not yet accepted by the socket
+    /// (stream links; 0 on other links, which queue frames, not bytes).
+    /// Bounded by [`TransportConfig::send_buffer`](crate::TransportConfig::send_buffer)
+    /// plus one frame per waiting sender, whatever the peer does.
+    pub fn buffered_bytes(&self) -> usize {
+        match &self.shared.link {
+            SendLink::Stream(writer) => writer.buffered(),
+            _ => 0,
+        }
+    }
+
+    /// Pongs and pings not sent because the send buffer was full: the peer
+    /// was not reading what we sent. Always 0 on non-stream links.
+    pub fn dropped_control_frames(&self) -> u64 {
+        match &self.shared.link {
+            SendLink::Stream(writer) => writer.dropped_control(),
+            _ => 0,
+        }
+    }
+
+    /// Lowers the largest frame this connection sends to `limit` (the
+    /// peer's, when it announced one): larger frames are then refused with
+    /// [`SendError::FrameTooLarge`] before any I/O, naming `limit`, and the
+    /// connection stays usable. A `limit` above the configured
+    /// [`max_frame_size`](crate::TransportConfig::max_frame_size) changes
+    /// nothing.
+    pub fn limit_frame_size(&self, limit: usize) {
+        self.shared.peer_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// The largest frame this connection sends (header and payload, after
+    /// the length prefix): the configured limit, or the peer's if lower.
+    pub fn max_frame_size(&self) -> usize {
+        let own = match &self.shared.link {
+            SendLink::Stream(writer) => writer.codec_limit(),
+            SendLink::Mem(writer) => writer.codec().limit(),
+            SendLink::Udp(writer) => writer.codec_limit(),
+        };
+        own.min(self.shared.peer_limit.load(Ordering::Relaxed))
+    }
+
     /// Closes the sending direction gracefully: refuses further frames,
     /// writes everything queued, then signals end of stream to the peer,
-    /// which sees `Ok(None)` from `recv` after the last frame.
+    /// which sees `Ok(None)` from `recv` after the last frame. Waits for the
+    /// peer to take what is queued; bound it with a timeout and fall back
+    /// to [`abort`](Self::abort) for a peer that may have stopped reading.
     pub async fn close(&self) -> Result<(), SendError> {
         match &self.shared.link {
             SendLink::Stream(writer) => writer.close().await,
@@ -318,7 +385,7 @@ impl FrameReceiver {
                 if let RecvError::Decode(reason) = &err {
                     tracing::warn!(peer = ?self.peer, %reason, "peer sent an invalid frame; closing");
                     if let Some(sender) = self.pong.upgrade() {
-                        sender.abort();
+                        sender.abort_invalid();
                     }
                 }
                 return Some(Err(err));
@@ -330,7 +397,7 @@ impl FrameReceiver {
         match frame.kind {
             FrameKind::Ping => {
                 if let Some(sender) = self.pong.upgrade() {
-                    sender.reply_pong(frame.id);
+                    sender.send_control(FrameKind::Pong, frame.id);
                 }
                 None
             }
@@ -426,6 +493,7 @@ impl Connection {
         let now = Instant::now();
         let shared = Arc::new(SenderShared {
             link: send,
+            peer_limit: AtomicUsize::new(usize::MAX),
             idle: heartbeat.map(|_| IdleClock {
                 born: now,
                 last_send_nanos: AtomicU64::new(0),
@@ -538,10 +606,10 @@ async fn send_pings(shared: Weak<SenderShared>, interval: Duration) {
             continue;
         }
         sequence += 1;
-        let ping = Frame::new(FrameKind::Ping, sequence, Bytes::new());
-        match tokio::time::timeout(interval, shared.send(ping, Urgency::Now)).await {
-            Ok(Ok(())) | Err(_) => {}
-            Ok(Err(_)) => return, // the link is closed or broken; recv will say why
-        }
+        // Never waits: a ping that finds the buffer full is skipped (the
+        // link is not idle then, only slow), so no ping is ever cancelled
+        // half-written either.
+        shared.send_control(FrameKind::Ping, sequence);
+        shared.touch();
     }
 }

@@ -213,7 +213,12 @@ impl RawStream {
         };
         let codec = config.stream_codec();
         let mut connection = Connection::new(
-            SendLink::Stream(StreamWriter::new(write, codec, config.send_buffer)),
+            SendLink::Stream(StreamWriter::new(
+                write,
+                codec,
+                config.send_buffer,
+                config.linger,
+            )),
             RecvLink::Stream(StreamReader::new(read, codec)),
             config.heartbeat,
             peer,

@@ -117,6 +117,15 @@ impl MemWriter {
         let _ = self.tx.try_send(Slot::One(frame));
     }
 
+    /// Refuses further frames, drops those not yet in the channel and tells
+    /// the peer the stream ended, without waiting for room.
+    pub(crate) fn abort(&self) {
+        self.fed().clear();
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            let _ = self.tx.try_send(Slot::End);
+        }
+    }
+
     pub(crate) async fn close(&self) -> Result<(), SendError> {
         self.flush().await?;
         if !self.closed.swap(true, Ordering::AcqRel) {

@@ -46,6 +46,26 @@ impl UdpWriter {
         Ok(())
     }
 
+    /// Sends a control frame if the socket takes it now; drops it otherwise
+    /// (datagrams are lossy anyway, and a pong must never wait or queue).
+    pub(crate) fn try_send(&self, frame: &Frame) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut datagram = BytesMut::new();
+        if self.codec.encode_frame(frame, &mut datagram).is_err() {
+            return;
+        }
+        let _ = match self.target {
+            Some(target) => self.socket.try_send_to(&datagram, target),
+            None => self.socket.try_send(&datagram),
+        };
+    }
+
+    pub(crate) fn codec_limit(&self) -> usize {
+        self.codec.limit()
+    }
+
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
     }

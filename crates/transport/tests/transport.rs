@@ -621,3 +621,92 @@ async fn connections_that_stall_cannot_starve_a_real_client() {
     assert!(listener.stats().refused >= 1, "stallers were dropped");
     drop(stallers);
 }
+
+/// A peer that sends its preamble and then pings without ever reading our
+/// pongs is a slow consumer: what we queue for it stays within the send
+/// buffer, and the pongs that do not fit are dropped, not queued.
+#[tokio::test]
+async fn a_peer_that_pings_and_never_reads_cannot_grow_our_send_buffer() {
+    let mut config = TransportConfig::default();
+    config.send_buffer = 64 * 1024;
+    let mut listener = bind(&fresh("tcp"), &config).await.unwrap();
+    let mut raw = raw_client(&listener).await;
+    let mut server = listener.accept().await.unwrap();
+    let sender = server.sender();
+    let reader = tokio::spawn(async move {
+        // Pings are absorbed (and answered) inside recv; the data frame at
+        // the end says every ping before it has been seen.
+        let last = server.recv().await.unwrap().unwrap();
+        assert_eq!(last.kind, FrameKind::Data);
+        server
+    });
+
+    // 16 bytes a ping: 400,000 pings are 6.4 MB of pongs owed, far more
+    // than the socket buffers of both sides hold.
+    let codec = FrameCodec::new();
+    let mut pings = BytesMut::new();
+    for id in 0..400_000u64 {
+        codec
+            .encode_frame(&Frame::new(FrameKind::Ping, id, Bytes::new()), &mut pings)
+            .unwrap();
+    }
+    codec
+        .encode_frame(&Frame::data(0, &b"end"[..]), &mut pings)
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), raw.write_all(&pings))
+        .await
+        .expect("the server keeps reading")
+        .unwrap();
+    let _server = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("every ping read")
+        .unwrap();
+
+    let buffered = sender.buffered_bytes();
+    assert!(
+        buffered <= config.send_buffer + 64,
+        "{buffered} bytes queued for a peer that does not read"
+    );
+    assert!(sender.dropped_control_frames() > 0, "pongs were dropped");
+    drop(raw);
+}
+
+/// Two tasks send against a reader that is not reading yet; the one that is
+/// writing is cancelled mid-write. The other's frame (and the cancelled
+/// one's, already handed to the link) still arrive, with no further send.
+#[tokio::test]
+async fn a_send_cancelled_mid_write_strands_no_other_frame() {
+    // Larger than the socket buffers of both ends together, even on a
+    // loopback that autotunes them to several MiB.
+    let config = TransportConfig::default().with_max_frame_size(64 << 20);
+    let (_listener, client, mut server) = pair("tcp", &config).await;
+    let big = Bytes::from(vec![1u8; 32 << 20]);
+    let writing = tokio::spawn({
+        let sender = client.sender();
+        let big = big.clone();
+        async move { sender.send(Frame::data(1, big)).await }
+    });
+    // Let it start writing: the socket fills long before 32 MiB are taken.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !writing.is_finished(),
+        "a 32 MiB frame waits for the reader"
+    );
+    client.send(Frame::data(2, &b"small"[..])).await.unwrap();
+    writing.abort();
+    assert!(writing.await.unwrap_err().is_cancelled());
+
+    let mut ids = Vec::new();
+    while ids.len() < 2 {
+        let frame = tokio::time::timeout(Duration::from_secs(30), server.recv())
+            .await
+            .expect("no frame is stranded")
+            .unwrap()
+            .unwrap();
+        ids.push(frame.id);
+    }
+    assert_eq!(ids, vec![1, 2]);
+    drop(client);
+}
