@@ -2,7 +2,7 @@
 //! sockets, no serialization (payloads are shared `Bytes`).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use bytes::Bytes;
@@ -37,6 +37,10 @@ pub struct SubscribeOptions {
     /// Queue group: subscribers with the same filter and group share the
     /// messages, each going to one of them.
     pub group: Option<String>,
+    /// Bytes buffered before the policy applies, if lower than the bus's
+    /// [`BusConfig::max_subscription_bytes`] (which is also the default and
+    /// the ceiling). In process only: a remote subscription gets the host's.
+    pub max_bytes: Option<usize>,
 }
 
 impl Default for SubscribeOptions {
@@ -45,6 +49,7 @@ impl Default for SubscribeOptions {
             buffer: 1024,
             policy: SlowConsumer::default(),
             group: None,
+            max_bytes: None,
         }
     }
 }
@@ -65,6 +70,70 @@ impl SubscribeOptions {
     /// As a member of queue group `group`.
     pub fn group(mut self, group: impl Into<String>) -> SubscribeOptions {
         self.group = Some(group.into());
+        self
+    }
+
+    /// With a lower byte cap than the bus's (see [`SubscribeOptions::max_bytes`]).
+    pub fn max_bytes(mut self, bytes: usize) -> SubscribeOptions {
+        self.max_bytes = Some(bytes);
+        self
+    }
+}
+
+/// What a subscription's buffered message is counted as, against the byte
+/// caps: its payload, subject and reply subject plus this much for the
+/// rest. Payloads are shared between subscriptions but counted for each, so
+/// the caps bound memory from above rather than measure it.
+pub const MESSAGE_OVERHEAD: usize = 64;
+
+/// Limits of a [`Bus`], beside each subscription's message-count buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BusConfig {
+    /// Bytes buffered for all subscriptions together. When a message would
+    /// pass it, the subscription it is for applies its [`SlowConsumer`]
+    /// policy, as if its own buffer were full (backpressure waits for any
+    /// subscription to make room). Concurrent publishers may pass it by a
+    /// message each. Default 1 GiB.
+    pub max_buffered_bytes: usize,
+    /// Bytes buffered for one subscription, the same way. Default 64 MiB.
+    pub max_subscription_bytes: usize,
+    /// Publishers whose sequence numbers one subscription keeps. Past this,
+    /// publishers with nothing buffered and nothing unreported are forgotten
+    /// (one that publishes again starts again from 0, like a new one); if
+    /// that is not enough, publishers whose drops are not yet reported are
+    /// forgotten too and their drops reported as [`Event::Dropped`].
+    /// Publishers with messages in the buffer are never forgotten, so the
+    /// bound is the larger of this and the buffer size. Default 4096.
+    pub max_publishers_per_subscription: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            max_buffered_bytes: 1 << 30,
+            max_subscription_bytes: 64 << 20,
+            max_publishers_per_subscription: 4096,
+        }
+    }
+}
+
+impl BusConfig {
+    /// With another total byte cap.
+    pub fn with_max_buffered_bytes(mut self, bytes: usize) -> BusConfig {
+        self.max_buffered_bytes = bytes;
+        self
+    }
+
+    /// With another per-subscription byte cap.
+    pub fn with_max_subscription_bytes(mut self, bytes: usize) -> BusConfig {
+        self.max_subscription_bytes = bytes;
+        self
+    }
+
+    /// With another per-subscription publisher bound (at least 1).
+    pub fn with_max_publishers_per_subscription(mut self, publishers: usize) -> BusConfig {
+        self.max_publishers_per_subscription = publishers.max(1);
         self
     }
 }
@@ -107,7 +176,10 @@ pub enum Event {
     /// A message.
     Message(Message),
     /// Messages from `publisher` with sequence numbers `from..to` were
-    /// dropped (slow-consumer policy) before the next one.
+    /// dropped (slow-consumer policy). Reported before the publisher's next
+    /// message, or, if none follows, once the buffer is empty: when the
+    /// buffer has drained, the gaps (and [`Event::Dropped`]) reported add
+    /// up to the subscription's drop count.
     Gap {
         /// The publisher.
         publisher: u64,
@@ -119,20 +191,131 @@ pub enum Event {
     /// Remote subscriptions only: the connection to the host was lost and
     /// the subscription made again. Messages published in between were
     /// missed (use a durable subscription to keep them), and sequence
-    /// numbers may start again from 1.
+    /// numbers may start again from 0.
+    ///
+    /// How many were missed is not knowable: the old subscription's buffer
+    /// at the host (and anything in flight) went with the connection or
+    /// the host, and nobody counts what is published while no subscription
+    /// exists. What is known is in
+    /// [`RemoteSubscription::dropped`](crate::remote::RemoteSubscription::dropped):
+    /// every drop the host reported before the loss.
     Restored,
+    /// `count` messages were dropped whose publisher this subscription no
+    /// longer tracks (see [`BusConfig::max_publishers_per_subscription`]),
+    /// so no [`Event::Gap`] names them. Reported once the buffer is empty.
+    Dropped {
+        /// How many.
+        count: u64,
+    },
+}
+
+/// What a subscription knows about one publisher.
+#[derive(Default)]
+struct PubState {
+    /// The next sequence number to assign.
+    next: u64,
+    /// The next sequence number the subscriber expects: everything below
+    /// was received or reported in a gap.
+    delivered: u64,
+    /// Messages from this publisher in the buffer (it is not forgotten
+    /// while any are, so their gaps stay exact).
+    queued: usize,
+}
+
+impl PubState {
+    /// Nothing buffered and nothing unreported: forgetting it loses nothing
+    /// but the numbering.
+    fn settled(&self) -> bool {
+        self.queued == 0 && self.delivered == self.next
+    }
 }
 
 struct Buffer {
     queue: VecDeque<Message>,
-    next_seq: HashMap<u64, u64>,
+    /// Bytes of `queue`, as [`cost`] counts them.
+    bytes: usize,
+    publishers: HashMap<u64, PubState>,
     dropped: u64,
+    /// Drops not yet reported to the subscriber in a gap or `Dropped`.
+    unreported: u64,
+    /// Drops of forgotten publishers, reported as `Event::Dropped`.
+    unattributed: u64,
     closed: bool,
+}
+
+impl Buffer {
+    fn pop_front(&mut self) -> Option<Message> {
+        let message = self.queue.pop_front()?;
+        self.bytes -= cost(&message);
+        if let Some(state) = self.publishers.get_mut(&message.publisher) {
+            state.queued -= 1;
+        }
+        Some(message)
+    }
+
+    /// Room for one more publisher, forgetting others if at the bound:
+    /// settled ones first (lossless), then ones with unreported drops only
+    /// (their drops move to `unattributed`), never ones with messages
+    /// buffered. Each sweep frees a quarter of the bound or more, or stops
+    /// at what is buffered, so the cost is amortised.
+    fn make_room_for_publisher(&mut self, bound: usize) {
+        if self.publishers.len() < bound {
+            return;
+        }
+        self.publishers.retain(|_, state| !state.settled());
+        let target = bound - bound / 4;
+        if self.publishers.len() <= target {
+            return;
+        }
+        let mut excess = self.publishers.len() - target;
+        let mut moved = 0;
+        self.publishers.retain(|_, state| {
+            if excess == 0 || state.queued > 0 {
+                return true;
+            }
+            excess -= 1;
+            moved += state.next - state.delivered;
+            false
+        });
+        self.unattributed += moved;
+    }
+
+    fn number(&mut self, message: &mut Message, bound: usize) {
+        if !self.publishers.contains_key(&message.publisher) {
+            self.make_room_for_publisher(bound);
+        }
+        let state = self.publishers.entry(message.publisher).or_default();
+        message.seq = state.next;
+        state.next += 1;
+    }
+
+    fn push_back(&mut self, message: Message) {
+        self.bytes += cost(&message);
+        if let Some(state) = self.publishers.get_mut(&message.publisher) {
+            state.queued += 1;
+        }
+        self.queue.push_back(message);
+    }
+
+    fn count_dropped(&mut self, count: u64) {
+        self.dropped += count;
+        self.unreported += count;
+    }
+}
+
+/// What a message counts against the byte caps.
+fn cost(message: &Message) -> usize {
+    message.payload.len()
+        + message.subject.as_str().len()
+        + message.reply_to.as_ref().map_or(0, |r| r.as_str().len())
+        + MESSAGE_OVERHEAD
 }
 
 struct Sub {
     filter: Filter,
     options: SubscribeOptions,
+    /// The effective per-subscription byte cap.
+    max_bytes: usize,
     buffer: Mutex<Buffer>,
     readable: Notify,
     room: Notify,
@@ -150,6 +333,7 @@ struct Registry {
 
 #[derive(Default)]
 struct Inner {
+    config: BusConfig,
     registry: RwLock<Registry>,
     /// Round-robin position per (filter, group); touched only when a
     /// message matches a queue group.
@@ -158,6 +342,27 @@ struct Inner {
     next_publisher: AtomicU64,
     /// Messages dropped by slow-consumer policies, over all subscriptions.
     dropped: AtomicU64,
+    /// Bytes buffered over all subscriptions (see [`cost`]).
+    buffered_bytes: AtomicUsize,
+    /// Backpressured publishers waiting for the total to fall; only while
+    /// there are any do readers pay for waking them.
+    total_waiters: AtomicUsize,
+    total_room: Notify,
+}
+
+impl Inner {
+    /// `bytes` left the buffers: wake publishers waiting on the total.
+    fn released(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        // SeqCst pairs with the waiter's increment-then-load in `deliver`:
+        // either it sees the lower total or this sees it waiting.
+        self.buffered_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        if self.total_waiters.load(Ordering::SeqCst) > 0 {
+            self.total_room.notify_waiters();
+        }
+    }
 }
 
 /// An in-process publish–subscribe bus. Cheap to clone.
@@ -189,9 +394,24 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// An empty bus.
+    /// An empty bus with the default [`BusConfig`].
     pub fn new() -> Bus {
         Bus::default()
+    }
+
+    /// An empty bus with these limits.
+    pub fn with_config(config: BusConfig) -> Bus {
+        Bus {
+            inner: Arc::new(Inner {
+                config,
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Its limits.
+    pub fn config(&self) -> &BusConfig {
+        &self.inner.config
     }
 
     /// Subscribes to `filter`. The subscription is active when this
@@ -203,13 +423,21 @@ impl Bus {
     ) -> Result<Subscription, crate::SubjectError> {
         let filter = Filter::new(filter)?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let max_bytes = options
+            .max_bytes
+            .unwrap_or(usize::MAX)
+            .min(self.inner.config.max_subscription_bytes);
         let sub = Arc::new(Sub {
             filter: filter.clone(),
             options,
+            max_bytes,
             buffer: Mutex::new(Buffer {
                 queue: VecDeque::new(),
-                next_seq: HashMap::new(),
+                bytes: 0,
+                publishers: HashMap::new(),
                 dropped: 0,
+                unreported: 0,
+                unattributed: 0,
                 closed: false,
             }),
             readable: Notify::new(),
@@ -226,8 +454,8 @@ impl Bus {
             id,
             sub,
             bus: Arc::downgrade(&self.inner),
-            last_seen: HashMap::new(),
             pending_gap: None,
+            trailing: VecDeque::new(),
         })
     }
 
@@ -246,14 +474,34 @@ impl Bus {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
+    /// Bytes buffered for subscribers now, as the caps count them (see
+    /// [`MESSAGE_OVERHEAD`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.inner.buffered_bytes.load(Ordering::Relaxed)
+    }
+
     /// How many subscriptions are open.
     pub fn subscriptions(&self) -> usize {
+        self.registry().subs.len()
+    }
+
+    /// The most publishers any one subscription tracks now (for tests of
+    /// the bound).
+    #[doc(hidden)]
+    pub fn most_tracked_publishers(&self) -> usize {
+        self.registry()
+            .subs
+            .values()
+            .map(|sub| lock(&sub.buffer).publishers.len())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
         self.inner
             .registry
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .subs
-            .len()
     }
 
     /// The subscriptions a message on `subject` goes to: every plain one,
@@ -261,11 +509,7 @@ impl Bus {
     /// read lock, so publishers do not exclude each other.
     fn targets(&self, subject: &Subject) -> Vec<Arc<Sub>> {
         let mut ids = Vec::new();
-        let registry = self
-            .inner
-            .registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let registry = self.registry();
         registry.router.matches(subject, &mut ids);
         let mut targets = Vec::with_capacity(ids.len());
         let mut grouped = Vec::new();
@@ -311,7 +555,6 @@ impl Bus {
         registry.subs.remove(&id);
     }
 }
-
 /// Publishes messages under one publisher identity.
 #[derive(Clone, Debug)]
 pub struct Publisher {
@@ -366,7 +609,7 @@ impl Publisher {
                 seq: 0,
                 reply_to: reply_to.clone(),
             };
-            deliver(sub, message, &self.bus.inner.dropped).await;
+            deliver(sub, message, &self.bus.inner).await;
         }
         targets.len()
     }
@@ -403,65 +646,133 @@ impl Bus {
 
 /// What `deliver` decided under the buffer's lock.
 enum Step {
-    /// Full, under backpressure: wait for room and try again.
+    /// Full, under backpressure: wait for room in this buffer and try again.
     Wait,
+    /// Under backpressure, the bus's total is full: wait for any room.
+    WaitTotal,
     /// Buffered: wake the reader.
     Buffered,
     /// Disconnected: wake every reader to see the end.
     Ended,
-    /// Nothing more to do (dropped, or the subscription is gone).
+    /// Dropped: wake the reader, which reports the drop once it has drained
+    /// the buffer.
+    Dropped,
+    /// Nothing more to do (the subscription is gone).
     Done,
 }
 
-async fn deliver(sub: &Sub, mut message: Message, dropped_total: &AtomicU64) {
+async fn deliver(sub: &Sub, mut message: Message, inner: &Inner) {
+    let size = cost(&message);
+    let config = &inner.config;
+    let backpressure = sub.options.policy == SlowConsumer::Backpressure;
     loop {
         let room = sub.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
+        let total_room = inner.total_room.notified();
+        tokio::pin!(total_room);
+        if backpressure {
+            total_room.as_mut().enable();
+            // Before reading the total; see `Inner::released`.
+            inner.total_waiters.fetch_add(1, Ordering::SeqCst);
+        }
+        // Whether `size` more bytes pass the total, once `freed` bytes this
+        // buffer just dropped (not yet subtracted from the total) are gone.
+        let total_full_after = |freed: usize| {
+            inner.buffered_bytes.load(Ordering::SeqCst) + size
+                > config.max_buffered_bytes.saturating_add(freed)
+        };
+        let total_full = || total_full_after(0);
         // The guard lives only in this block, never across an await.
-        let (step, lost) = {
+        let (step, lost, released) = {
             let mut buffer = lock(&sub.buffer);
-            let before = buffer.dropped;
-            let full = buffer.queue.len() >= sub.options.buffer;
+            let before = (buffer.dropped, buffer.bytes);
+            let own_full = |buffer: &Buffer| {
+                buffer.queue.len() >= sub.options.buffer || buffer.bytes + size > sub.max_bytes
+            };
             let step = if buffer.closed {
                 Step::Done
-            } else if full && sub.options.policy == SlowConsumer::Backpressure {
+            } else if backpressure && own_full(&buffer) && size <= sub.max_bytes {
                 Step::Wait
+            } else if backpressure && total_full() && size <= config.max_buffered_bytes {
+                Step::WaitTotal
             } else {
                 // Numbered before any drop, so the subscriber sees what it missed.
-                let seq = buffer.next_seq.entry(message.publisher).or_default();
-                message.seq = *seq;
-                *seq += 1;
-                match (full, sub.options.policy) {
-                    (false, _) | (true, SlowConsumer::DropOldest) => {
-                        if full {
-                            buffer.queue.pop_front();
-                            buffer.dropped += 1;
+                buffer.number(&mut message, config.max_publishers_per_subscription);
+                if size > sub.max_bytes || size > config.max_buffered_bytes {
+                    // No amount of room would fit it: drop it whatever the
+                    // policy (emptying the buffer or waiting would not help).
+                    buffer.count_dropped(1);
+                    Step::Dropped
+                } else if !own_full(&buffer) && !total_full() {
+                    buffer.push_back(message.clone());
+                    Step::Buffered
+                } else {
+                    match sub.options.policy {
+                        SlowConsumer::DropOldest => {
+                            // Make room from this subscription's own buffer;
+                            // if the total is full with others' messages,
+                            // emptying it may not be enough.
+                            let over = |buffer: &Buffer| {
+                                own_full(buffer) || total_full_after(before.1 - buffer.bytes)
+                            };
+                            while over(&buffer) && buffer.pop_front().is_some() {
+                                buffer.count_dropped(1);
+                            }
+                            if over(&buffer) {
+                                buffer.count_dropped(1);
+                                Step::Dropped
+                            } else {
+                                buffer.push_back(message.clone());
+                                Step::Buffered
+                            }
                         }
-                        buffer.queue.push_back(message.clone());
-                        Step::Buffered
-                    }
-                    (true, SlowConsumer::DropNewest) => {
-                        buffer.dropped += 1;
-                        Step::Done
-                    }
-                    (true, _) => {
-                        // Disconnect (backpressure was handled above).
-                        buffer.dropped += buffer.queue.len() as u64 + 1;
-                        buffer.queue.clear();
-                        buffer.closed = true;
-                        Step::Ended
+                        SlowConsumer::DropNewest | SlowConsumer::Backpressure => {
+                            buffer.count_dropped(1);
+                            Step::Dropped
+                        }
+                        SlowConsumer::Disconnect => {
+                            while buffer.pop_front().is_some() {
+                                buffer.count_dropped(1);
+                            }
+                            buffer.count_dropped(1);
+                            buffer.closed = true;
+                            Step::Ended
+                        }
                     }
                 }
             };
-            (step, buffer.dropped - before)
+            // Bytes this buffer gained (`push_back`) or released (drops).
+            let (added, released) = if buffer.bytes >= before.1 {
+                (buffer.bytes - before.1, 0)
+            } else {
+                (0, before.1 - buffer.bytes)
+            };
+            if added > 0 {
+                // Counted while the guard is held, so a reader that pops it
+                // right after cannot subtract before it was added.
+                inner.buffered_bytes.fetch_add(added, Ordering::SeqCst);
+            }
+            (step, buffer.dropped - before.0, released)
         };
+        if backpressure {
+            inner.total_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+        inner.released(released);
         if lost > 0 {
-            dropped_total.fetch_add(lost, Ordering::Relaxed);
+            inner.dropped.fetch_add(lost, Ordering::Relaxed);
         }
         match step {
             Step::Wait => room.await,
-            Step::Buffered => return sub.readable.notify_one(),
+            Step::WaitTotal => {
+                inner.total_waiters.fetch_add(1, Ordering::SeqCst);
+                // Re-checked after registering: a release in between is seen.
+                if total_full() {
+                    total_room.await;
+                }
+                inner.total_waiters.fetch_sub(1, Ordering::SeqCst);
+            }
+            Step::Buffered | Step::Dropped => return sub.readable.notify_one(),
             Step::Ended => return sub.readable.notify_waiters(),
             Step::Done => return,
         }
@@ -473,8 +784,10 @@ pub struct Subscription {
     id: SubscriptionId,
     sub: Arc<Sub>,
     bus: Weak<Inner>,
-    last_seen: HashMap<u64, u64>,
+    /// A message held back while the gap before it is reported.
     pending_gap: Option<Message>,
+    /// Reports of trailing drops, found when the buffer ran empty.
+    trailing: VecDeque<Event>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -487,7 +800,8 @@ impl std::fmt::Debug for Subscription {
 
 impl Subscription {
     /// The next event; `None` once the subscription was disconnected (its
-    /// policy is [`SlowConsumer::Disconnect`] and it fell behind).
+    /// policy is [`SlowConsumer::Disconnect`] and it fell behind), after
+    /// the gaps that say what was dropped.
     pub async fn recv(&mut self) -> Option<Event> {
         loop {
             if let Some(event) = self.try_recv() {
@@ -509,32 +823,57 @@ impl Subscription {
 
     /// An event that is already there.
     pub fn try_recv(&mut self) -> Option<Event> {
-        let message = match self.pending_gap.take() {
-            Some(message) => message,
-            None => {
-                let message = lock(&self.sub.buffer).queue.pop_front()?;
-                self.sub.room.notify_one();
-                let expected = self
-                    .last_seen
-                    .get(&message.publisher)
-                    .map_or(0, |last| last + 1);
-                if message.seq > expected {
-                    let gap = Event::Gap {
-                        publisher: message.publisher,
-                        from: expected,
-                        to: message.seq,
-                    };
-                    self.pending_gap = Some(message);
-                    return Some(gap);
+        if let Some(message) = self.pending_gap.take() {
+            return Some(Event::Message(message));
+        }
+        if let Some(event) = self.trailing.pop_front() {
+            return Some(event);
+        }
+        let (message, released) = {
+            let mut buffer = lock(&self.sub.buffer);
+            let before = buffer.bytes;
+            match buffer.pop_front() {
+                Some(message) => {
+                    let state = buffer.publishers.entry(message.publisher).or_default();
+                    let expected = state.delivered;
+                    state.delivered = state.delivered.max(message.seq + 1);
+                    let gap = message.seq.saturating_sub(expected);
+                    buffer.unreported = buffer.unreported.saturating_sub(gap);
+                    let released = before - buffer.bytes;
+                    if gap > 0 {
+                        self.trailing.push_back(Event::Gap {
+                            publisher: message.publisher,
+                            from: expected,
+                            to: message.seq,
+                        });
+                    }
+                    (Some(message), released)
                 }
-                message
+                None => {
+                    collect_trailing(&mut buffer, &mut self.trailing);
+                    (None, 0)
+                }
             }
         };
-        self.last_seen.insert(message.publisher, message.seq);
-        Some(Event::Message(message))
+        if let Some(inner) = self.bus.upgrade() {
+            inner.released(released);
+        }
+        let Some(message) = message else {
+            return self.trailing.pop_front();
+        };
+        self.sub.room.notify_one();
+        match self.trailing.pop_front() {
+            Some(gap) => {
+                self.pending_gap = Some(message);
+                Some(gap)
+            }
+            None => Some(Event::Message(message)),
+        }
     }
 
-    /// Messages dropped by this subscription's slow-consumer policy.
+    /// Messages dropped by this subscription's slow-consumer policy and
+    /// byte caps. Exact at any time; [`Event::Gap`] and [`Event::Dropped`]
+    /// say which, at the latest once the buffer has drained.
     pub fn dropped(&self) -> u64 {
         lock(&self.sub.buffer).dropped
     }
@@ -543,6 +882,53 @@ impl Subscription {
     pub fn buffered(&self) -> usize {
         lock(&self.sub.buffer).queue.len()
     }
+
+    /// Bytes waiting in its buffer, as the byte caps count them.
+    pub fn buffered_bytes(&self) -> usize {
+        lock(&self.sub.buffer).bytes
+    }
+
+    /// Publishers whose numbering it tracks now (for tests of the bound).
+    #[doc(hidden)]
+    pub fn tracked_publishers(&self) -> usize {
+        lock(&self.sub.buffer).publishers.len()
+    }
+
+    /// Counts `count` messages taken from this subscription as dropped after
+    /// all (a remote host could not send them). The caller reports them to
+    /// the subscriber itself, as gaps.
+    pub(crate) fn count_undeliverable(&self, count: u64) {
+        lock(&self.sub.buffer).dropped += count;
+        if let Some(inner) = self.bus.upgrade() {
+            inner.dropped.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The buffer is empty: whatever was dropped and not yet reported (no later
+/// message from its publisher revealed it) is reported now. At most one
+/// report per tracked publisher, so `trailing` stays bounded too.
+fn collect_trailing(buffer: &mut Buffer, trailing: &mut VecDeque<Event>) {
+    if buffer.unreported == 0 {
+        return;
+    }
+    for (&publisher, state) in buffer.publishers.iter_mut() {
+        if state.delivered < state.next {
+            trailing.push_back(Event::Gap {
+                publisher,
+                from: state.delivered,
+                to: state.next,
+            });
+            state.delivered = state.next;
+        }
+    }
+    if buffer.unattributed > 0 {
+        trailing.push_back(Event::Dropped {
+            count: buffer.unattributed,
+        });
+        buffer.unattributed = 0;
+    }
+    buffer.unreported = 0;
 }
 
 impl Drop for Subscription {
@@ -551,7 +937,17 @@ impl Drop for Subscription {
             Bus { inner }.remove(self.id, &self.sub.filter);
         }
         // Publishers waiting for room must not wait on a subscription that is gone.
-        lock(&self.sub.buffer).closed = true;
+        let released = {
+            let mut buffer = lock(&self.sub.buffer);
+            buffer.closed = true;
+            let released = buffer.bytes;
+            buffer.queue.clear();
+            buffer.bytes = 0;
+            released
+        };
+        if let Some(inner) = self.bus.upgrade() {
+            inner.released(released);
+        }
         self.sub.room.notify_waiters();
     }
 }

@@ -10,8 +10,11 @@
 //!   message (queue groups share theirs, one member each); a subscription's
 //!   buffer is bounded and its [`SlowConsumer`] policy decides what happens
 //!   when it is full, with a drop counter; each subscriber gets per-publisher
-//!   sequence numbers and an [`Event::Gap`] for anything it missed;
-//!   `subscribe` returns with the subscription already active.
+//!   sequence numbers and an [`Event::Gap`] for anything it missed (at the
+//!   latest once its buffer drains, so gaps add up to the drop count);
+//!   `subscribe` returns with the subscription already active. Buffers are
+//!   bounded in bytes too, per subscription and in total ([`BusConfig`]),
+//!   and so is the per-publisher state each subscription keeps.
 //!
 //! - [`remote`]: the bus served to other processes as a courier-rpc service
 //!   ([`remote::PubSubHost`], [`remote::RemotePubSub`]); a subscription is
@@ -38,7 +41,8 @@ pub mod router;
 pub mod subject;
 
 pub use bus::{
-    Bus, Event, Message, Publisher, RequestError, SlowConsumer, SubscribeOptions, Subscription,
+    Bus, BusConfig, Event, Message, Publisher, RequestError, SlowConsumer, SubscribeOptions,
+    Subscription, MESSAGE_OVERHEAD,
 };
 pub use router::{Router, SubscriptionId};
 pub use subject::{Filter, Subject, SubjectError};

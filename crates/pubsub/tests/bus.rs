@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use courier_pubsub::{Bus, Event, SlowConsumer, SubscribeOptions, Subscription};
+use courier_pubsub::{Bus, BusConfig, Event, SlowConsumer, SubscribeOptions, Subscription};
 
 fn message(event: Option<Event>) -> courier_pubsub::Message {
     match event {
@@ -277,6 +277,15 @@ async fn a_disconnecting_subscriber_ends_when_it_falls_behind() {
     }
     assert_eq!(sub.dropped(), 3);
     assert_eq!(
+        within("gap", sub.recv()).await,
+        Some(Event::Gap {
+            publisher: publisher.id(),
+            from: 0,
+            to: 3
+        }),
+        "told what it lost first"
+    );
+    assert_eq!(
         within("end", sub.recv()).await,
         None,
         "the subscription ended"
@@ -372,4 +381,170 @@ async fn a_request_nobody_answers_fails_clearly() {
         err,
         courier_pubsub::RequestError::Timeout(Duration::from_secs(1))
     );
+}
+
+/// Drains what is buffered: (messages, missed by gaps, missed by `Dropped`).
+fn drain(sub: &mut Subscription) -> (u64, u64, u64) {
+    let (mut messages, mut gaps, mut unattributed) = (0, 0, 0);
+    while let Some(event) = sub.try_recv() {
+        match event {
+            Event::Message(_) => messages += 1,
+            Event::Gap { from, to, .. } => gaps += to - from,
+            Event::Dropped { count } => unattributed += count,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (messages, gaps, unattributed)
+}
+
+/// Issue 12, E4: drops at the end of a publisher's run were never reported.
+#[tokio::test]
+async fn drops_at_the_end_of_a_run_are_reported_once_the_buffer_drains() {
+    for policy in [SlowConsumer::DropNewest, SlowConsumer::DropOldest] {
+        let bus = Bus::new();
+        let mut sub = bus
+            .subscribe("t", SubscribeOptions::default().buffer(2).policy(policy))
+            .unwrap();
+        let publisher = bus.publisher();
+        for n in 0..5u8 {
+            publisher.publish("t", vec![n]).await.unwrap();
+        }
+        assert_eq!(sub.dropped(), 3);
+        let mut events = Vec::new();
+        while let Some(event) = sub.try_recv() {
+            events.push(event);
+        }
+        let gap = |from, to| Event::Gap {
+            publisher: publisher.id(),
+            from,
+            to,
+        };
+        match policy {
+            // 0 and 1 kept, 2..5 dropped: reported after the last message.
+            SlowConsumer::DropNewest => assert_eq!(events[2], gap(2, 5), "{events:?}"),
+            // 3 and 4 kept: the gap comes first, as before.
+            _ => assert_eq!(events[0], gap(0, 3), "{events:?}"),
+        }
+        assert_eq!(events.len(), 3, "{events:?}");
+        // Nothing is reported twice.
+        publisher.publish("t", "again").await.unwrap();
+        assert!(matches!(sub.try_recv(), Some(Event::Message(_))));
+        assert_eq!(sub.try_recv(), None);
+    }
+}
+
+/// Issue 12, item 7 on the bus: a subscription tracks a bounded number of
+/// publishers, and what it forgets is still reported.
+#[tokio::test]
+async fn a_subscription_tracks_a_bounded_number_of_publishers() {
+    const PUBLISHERS: u64 = 100_000;
+    let bus = Bus::with_config(BusConfig::default().with_max_publishers_per_subscription(64));
+    // One that keeps up (every publisher settles), one stalled (every
+    // publisher but the last few leaves a drop behind).
+    let mut quick = bus.subscribe("t", SubscribeOptions::default()).unwrap();
+    let mut stalled = bus
+        .subscribe("t", SubscribeOptions::default().buffer(16))
+        .unwrap();
+    let (mut got, mut most) = (0, 0);
+    for _ in 0..PUBLISHERS {
+        bus.publisher().publish("t", "x").await.unwrap();
+        got += drain(&mut quick).0;
+        most = most
+            .max(quick.tracked_publishers())
+            .max(stalled.tracked_publishers());
+    }
+    assert_eq!(got, PUBLISHERS);
+    assert!(most <= 64, "tracked at most {most}");
+    let (messages, gaps, unattributed) = drain(&mut stalled);
+    assert_eq!(messages, 16);
+    assert_eq!(
+        messages + gaps + unattributed,
+        PUBLISHERS,
+        "all accounted for"
+    );
+    assert_eq!(stalled.dropped(), gaps + unattributed);
+    assert!(
+        unattributed > 0,
+        "forgotten publishers' drops are reported too"
+    );
+}
+
+/// Issue 12, E5: bytes are capped per subscription and in total, besides
+/// the message count.
+#[tokio::test]
+async fn byte_caps_apply_the_slow_consumer_policy() {
+    let size = 1000 + 1 + courier_pubsub::MESSAGE_OVERHEAD; // payload, subject "t", overhead
+    let bus = Bus::with_config(
+        BusConfig::default()
+            .with_max_subscription_bytes(10 * size)
+            .with_max_buffered_bytes(15 * size),
+    );
+    let mut oldest = bus.subscribe("t", SubscribeOptions::default()).unwrap();
+    let mut newest = bus
+        .subscribe(
+            "t",
+            SubscribeOptions::default().policy(SlowConsumer::DropNewest),
+        )
+        .unwrap();
+    let publisher = bus.publisher();
+    for _ in 0..50 {
+        publisher.publish("t", vec![0u8; 1000]).await.unwrap();
+    }
+    // Each at most 10 by its own cap, both together at most 15.
+    assert!(oldest.buffered_bytes() <= 10 * size);
+    assert!(
+        bus.buffered_bytes() <= 15 * size,
+        "{}",
+        bus.buffered_bytes()
+    );
+    assert_eq!(
+        bus.buffered_bytes(),
+        oldest.buffered_bytes() + newest.buffered_bytes()
+    );
+    for sub in [&mut oldest, &mut newest] {
+        let buffered = sub.buffered() as u64;
+        assert_eq!(sub.dropped(), 50 - buffered);
+        let (messages, gaps, _) = drain(sub);
+        assert_eq!((messages, messages + gaps), (buffered, 50));
+    }
+    assert_eq!(bus.buffered_bytes(), 0);
+    // A message larger than the cap on its own is dropped and counted.
+    let before = oldest.dropped();
+    publisher.publish("t", vec![0u8; 20 * size]).await.unwrap();
+    assert_eq!(oldest.dropped(), before + 1);
+    assert!(matches!(oldest.try_recv(), Some(Event::Gap { .. })));
+    // Dropping a subscription gives its bytes back.
+    publisher.publish("t", vec![0u8; 1000]).await.unwrap();
+    drop(oldest);
+    drop(newest);
+    assert_eq!(bus.buffered_bytes(), 0);
+}
+
+/// Under backpressure, a full total makes the publisher wait until some
+/// subscription makes room.
+#[tokio::test(start_paused = true)]
+async fn backpressure_waits_for_room_in_the_total() {
+    let size = 1000 + 1 + courier_pubsub::MESSAGE_OVERHEAD;
+    let bus = Bus::with_config(BusConfig::default().with_max_buffered_bytes(3 * size));
+    let mut other = bus.subscribe("t", SubscribeOptions::default()).unwrap();
+    let mut waiting = bus
+        .subscribe(
+            "u",
+            SubscribeOptions::default().policy(SlowConsumer::Backpressure),
+        )
+        .unwrap();
+    let publisher = bus.publisher();
+    for _ in 0..3 {
+        publisher.publish("t", vec![0u8; 1000]).await.unwrap();
+    }
+    let blocked = tokio::spawn({
+        let publisher = publisher.clone();
+        async move { publisher.publish("u", vec![0u8; 1000]).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!blocked.is_finished(), "waits while the total is full");
+    assert!(matches!(other.try_recv(), Some(Event::Message(_))));
+    within("room", blocked).await.unwrap();
+    assert!(matches!(waiting.try_recv(), Some(Event::Message(_))));
+    assert_eq!(waiting.dropped(), 0);
 }
