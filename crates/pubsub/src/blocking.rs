@@ -181,4 +181,9 @@ impl BlockingSubscription {
                 RpcError::DeadlineExceeded,
             ))))
     }
+
+    /// See [`RemoteSubscription::dropped`].
+    pub fn dropped(&self) -> u64 {
+        self.subscription.dropped()
+    }
 }

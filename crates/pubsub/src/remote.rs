@@ -9,7 +9,18 @@
 //!
 //! Messages travel in batches both ways: [`RemotePublisher::publish_batch`]
 //! sends many in one call, and a subscription stream carries whatever the
-//! host has buffered for it (up to [`MAX_EVENTS_PER_ITEM`]) in one frame.
+//! host has buffered for it (up to [`MAX_EVENTS_PER_ITEM`] events and
+//! [`HostConfig::max_batch_bytes`]) in one frame. A message too large to
+//! travel in a frame of its own is dropped, counted and reported as a gap;
+//! every message is either received or counted.
+//!
+//! The host's per-subscription drop count travels with the events, so
+//! [`RemoteSubscription::dropped`] is what the host counted, and gaps
+//! (including those at the end of a publisher's run) arrive as in process.
+//!
+//! Client-chosen publisher identities cost the host a bounded map
+//! ([`HostConfig::max_publishers`]), and each subscription a bounded one
+//! ([`crate::BusConfig::max_publishers_per_subscription`]).
 //!
 //! A [`RemoteSubscription`] whose host goes away (restart, crash, cut
 //! connection) subscribes again by itself, with backoff, and reports
@@ -50,6 +61,10 @@ pub enum RemoteError {
     /// The caller may not do this (nothing else about the connection changes).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The host could not send the subscription's events; the subscription
+    /// ended there (what it held is lost, beyond the drop count).
+    #[error("the host could not send events: {0}")]
+    Undeliverable(String),
 }
 
 /// Decides what each caller may do on a [`PubSubHost`]. `who` is the
@@ -83,6 +98,82 @@ impl From<DurableError> for RemoteError {
 
 /// The most events one subscription stream item carries.
 pub const MAX_EVENTS_PER_ITEM: usize = 256;
+
+/// What a subscription stream item may hold, by default: a quarter of the
+/// transport's default 4 MiB frame limit, so a batch never nears it.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Client-chosen publisher identities a host remembers, by default.
+pub const DEFAULT_MAX_PUBLISHERS: usize = 65_536;
+
+/// Limits of a [`PubSubHost`]; the bus's own are in [`crate::BusConfig`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HostConfig {
+    /// Client-chosen publisher identities mapped to the host's own. Past
+    /// this the least recently used are forgotten: a forgotten client
+    /// publisher that publishes again is a new publisher to subscribers
+    /// (its sequence numbers start again from 0). Default
+    /// [`DEFAULT_MAX_PUBLISHERS`].
+    pub max_publishers: usize,
+    /// Bytes of events (payloads, subjects and a little more) in one
+    /// subscription stream item. Keep it well under the connection's
+    /// `max_frame_size`; if a batch still does not fit, the host halves the
+    /// frame limit it learns from the refusal and sends smaller ones.
+    /// Default [`DEFAULT_MAX_BATCH_BYTES`].
+    pub max_batch_bytes: usize,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            max_publishers: DEFAULT_MAX_PUBLISHERS,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+        }
+    }
+}
+
+impl HostConfig {
+    /// With another bound on remembered publisher identities (at least 2).
+    pub fn with_max_publishers(mut self, publishers: usize) -> HostConfig {
+        self.max_publishers = publishers.max(2);
+        self
+    }
+
+    /// With another byte bound per stream item (at least 1).
+    pub fn with_max_batch_bytes(mut self, bytes: usize) -> HostConfig {
+        self.max_batch_bytes = bytes.max(1);
+        self
+    }
+}
+
+/// Client publisher identities and the bus publishers they map to, in two
+/// generations: lookups promote from the old to the new, and when the new
+/// is full it becomes the old (the old one dropped). So at most `bound`
+/// are kept, the least recently used go first, and each step is O(1).
+#[derive(Debug, Default)]
+struct Publishers {
+    current: HashMap<u64, Publisher>,
+    previous: HashMap<u64, Publisher>,
+}
+
+impl Publishers {
+    fn get(&mut self, id: u64, bound: usize, bus: &Bus) -> Publisher {
+        if let Some(publisher) = self.current.get(&id) {
+            return publisher.clone();
+        }
+        let publisher = self.previous.remove(&id).unwrap_or_else(|| bus.publisher());
+        if self.current.len() >= (bound / 2).max(1) {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(id, publisher.clone());
+        publisher
+    }
+
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+}
 
 /// One message of a [`PubSubService::publish_batch`].
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -121,6 +212,17 @@ pub enum WireEvent {
         from: u64,
         /// One past the last missing.
         to: u64,
+    },
+    /// [`Event::Dropped`]: drops of publishers no longer tracked.
+    Dropped {
+        /// How many.
+        count: u64,
+    },
+    /// The host's drop count for this subscription so far; sent with the
+    /// next batch whenever it changed. Not an event for the subscriber.
+    DropCount {
+        /// Dropped in total.
+        total: u64,
     },
 }
 
@@ -171,7 +273,8 @@ pub trait PubSubService {
 pub struct PubSubHost {
     bus: Bus,
     durable: Option<Durable>,
-    publishers: Mutex<HashMap<u64, Publisher>>,
+    config: HostConfig,
+    publishers: Mutex<Publishers>,
     counters: Arc<HostCounters>,
     access: Option<Arc<dyn PubSubAccess>>,
 }
@@ -224,10 +327,26 @@ impl PubSubHost {
         PubSubHost {
             bus,
             durable: None,
-            publishers: Mutex::new(HashMap::new()),
+            config: HostConfig::default(),
+            publishers: Mutex::default(),
             counters: Arc::default(),
             access: None,
         }
+    }
+
+    /// The same host with these limits.
+    pub fn with_config(mut self, config: HostConfig) -> PubSubHost {
+        self.config = config;
+        self
+    }
+
+    /// Client publisher identities remembered now (for tests of the bound).
+    #[doc(hidden)]
+    pub fn tracked_publishers(&self) -> usize {
+        self.publishers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// The same host, asking `access` before every publish and subscribe.
@@ -287,10 +406,7 @@ impl PubSubHost {
 
     fn publisher(&self, id: u64) -> Publisher {
         let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
-        publishers
-            .entry(id)
-            .or_insert_with(|| self.bus.publisher())
-            .clone()
+        publishers.get(id, self.config.max_publishers, &self.bus)
     }
 
     fn durable(&self) -> Result<&Durable, RemoteError> {
@@ -345,8 +461,24 @@ fn wire_event(event: Event) -> Option<WireEvent> {
             from,
             to,
         },
+        Event::Dropped { count } => WireEvent::Dropped { count },
         _ => return None,
     })
+}
+
+/// What a wire event counts against [`HostConfig::max_batch_bytes`]: its
+/// variable parts plus a margin for the fixed ones (postcard varints).
+fn wire_size(event: &WireEvent) -> usize {
+    const FIXED: usize = 32;
+    match event {
+        WireEvent::Message {
+            subject,
+            payload,
+            reply_to,
+            ..
+        } => FIXED + subject.len() + payload.len() + reply_to.as_ref().map_or(0, String::len),
+        _ => FIXED,
+    }
 }
 
 fn policy_code(policy: SlowConsumer) -> u8 {
@@ -429,21 +561,7 @@ impl PubSubService for PubSubHost {
         if items.send(Ok(vec![WireEvent::Active])).await.is_err() {
             return;
         }
-        // Ends when the client goes away (the call is cancelled and the
-        // subscription dropped) or the subscription is disconnected.
-        while let Some(event) = subscription.recv().await {
-            // Whatever else is buffered goes in the same frame.
-            let mut batch: Vec<WireEvent> = wire_event(event).into_iter().collect();
-            while batch.len() < MAX_EVENTS_PER_ITEM {
-                match subscription.try_recv() {
-                    Some(event) => batch.extend(wire_event(event)),
-                    None => break,
-                }
-            }
-            if items.send(Ok(batch)).await.is_err() {
-                return;
-            }
-        }
+        forward(&mut subscription, &items, self.config.max_batch_bytes).await;
     }
 
     async fn durable_subscribe(&self, name: String, filter: String) -> Result<String, RemoteError> {
@@ -463,6 +581,107 @@ impl PubSubService for PubSubHost {
 
     async fn durable_list(&self) -> Result<Vec<(String, String)>, RemoteError> {
         Ok(self.durable()?.list())
+    }
+}
+
+/// Sends a subscription's events until the client goes away (the call is
+/// cancelled and the subscription dropped) or the subscription is
+/// disconnected. Events are taken from the subscription only into a bounded
+/// batch, and none is ever lost without a count: a batch the connection
+/// refuses as too large is split, a single message that still does not fit
+/// becomes a counted gap, and anything else that cannot be sent ends the
+/// stream with an error the subscriber sees.
+async fn forward(
+    subscription: &mut crate::Subscription,
+    items: &Items<Result<Vec<WireEvent>, RemoteError>>,
+    max_batch_bytes: usize,
+) {
+    let mut budget = max_batch_bytes.max(1);
+    // Events taken but not yet sent: at most one batch, put back by a split.
+    let mut carry: VecDeque<WireEvent> = VecDeque::new();
+    let mut reported_drops = 0;
+    loop {
+        if carry.is_empty() {
+            match subscription.recv().await {
+                Some(event) => carry.extend(wire_event(event)),
+                None => {
+                    // Disconnected as a slow consumer: say how many, then end.
+                    let total = subscription.dropped();
+                    if total != reported_drops {
+                        let _ = items.send(Ok(vec![WireEvent::DropCount { total }])).await;
+                    }
+                    return;
+                }
+            }
+        }
+        // Whatever else is buffered goes in the same frame, within bounds;
+        // the first event always goes, however large.
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while batch.len() < MAX_EVENTS_PER_ITEM {
+            let next = match carry.pop_front() {
+                Some(event) => event,
+                None => match subscription.try_recv() {
+                    Some(event) => match wire_event(event) {
+                        Some(event) => event,
+                        None => continue,
+                    },
+                    None => break,
+                },
+            };
+            let size = wire_size(&next);
+            if !batch.is_empty() && bytes + size > budget {
+                carry.push_front(next);
+                break;
+            }
+            bytes += size;
+            batch.push(next);
+        }
+        let total = subscription.dropped();
+        if total != reported_drops {
+            // First, so the count is current when the events are read.
+            batch.insert(0, WireEvent::DropCount { total });
+        }
+        let batch = Ok(batch);
+        match items.send_checked(&batch).await {
+            Ok(()) => {
+                reported_drops = total;
+                continue;
+            }
+            Err(courier_rpc::ItemError::Closed(_)) => return,
+            Err(courier_rpc::ItemError::TooLarge { limit, .. }) => {
+                let Ok(mut batch) = batch else { return };
+                batch.retain(|e| !matches!(e, WireEvent::DropCount { .. }));
+                if batch.len() > 1 {
+                    // Smaller batches from now on; these go back in front.
+                    budget = budget.min(limit / 2).max(1);
+                    for event in batch.into_iter().rev() {
+                        carry.push_front(event);
+                    }
+                    continue;
+                }
+                // One message alone is too large for the connection: it is
+                // dropped, counted, and reported as a gap.
+                if let Some(WireEvent::Message { publisher, seq, .. }) = batch.pop() {
+                    subscription.count_undeliverable(1);
+                    carry.push_front(WireEvent::Gap {
+                        publisher,
+                        from: seq,
+                        to: seq + 1,
+                    });
+                } else {
+                    let reason = format!("an event exceeds the frame limit of {limit} bytes");
+                    let _ = items.send(Err(RemoteError::Undeliverable(reason))).await;
+                    return;
+                }
+            }
+            Err(err) => {
+                let _ = items
+                    .send(Err(RemoteError::Undeliverable(err.to_string())))
+                    .await;
+                return;
+            }
+        }
     }
 }
 
@@ -509,6 +728,10 @@ type Waiting = Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Message>>>;
 /// `_inbox.<id>.<n>`, so a request costs one publish, not a subscription.
 struct Inbox {
     prefix: String,
+    /// The publisher identity every request from this client uses: a fresh
+    /// one per request would cost the host and every responder's
+    /// subscription an entry per request.
+    requester: u64,
     next: AtomicU64,
     waiting: Arc<Waiting>,
     task: tokio::task::JoinHandle<()>,
@@ -627,7 +850,7 @@ impl RemotePubSub {
         let delivered = self
             .client
             .publish(
-                fresh_id(),
+                inbox.requester,
                 subject.to_string(),
                 Some(format!("{}.{n}", inbox.prefix)),
                 payload.into(),
@@ -660,6 +883,7 @@ impl RemotePubSub {
         let task = tokio::spawn(route_replies(replies, waiting.clone()));
         let inbox = Arc::new(Inbox {
             prefix,
+            requester: fresh_id(),
             next: AtomicU64::new(0),
             waiting,
             task,
@@ -686,6 +910,8 @@ impl RemotePubSub {
             options,
             restore_window: self.restore_window,
             restored: 0,
+            dropped_before: 0,
+            dropped_now: 0,
         })
     }
 
@@ -813,6 +1039,10 @@ pub struct RemoteSubscription {
     options: SubscribeOptions,
     restore_window: Duration,
     restored: u64,
+    /// Drops the host reported for the subscriptions before the last restore.
+    dropped_before: u64,
+    /// Drops the host reported for the current one.
+    dropped_now: u64,
 }
 
 /// Errors after which the host may come back: subscribe again.
@@ -826,6 +1056,10 @@ impl RemoteSubscription {
     pub async fn recv(&mut self) -> Option<Result<Event, RemotePubSubError>> {
         loop {
             if let Some(wire) = self.pending.pop_front() {
+                if let WireEvent::DropCount { total } = wire {
+                    self.dropped_now = total;
+                    continue;
+                }
                 return Some(event_from(wire, &mut self.last_subject));
             }
             match self.stream.next().await? {
@@ -847,6 +1081,17 @@ impl RemoteSubscription {
         self.restored
     }
 
+    /// Messages the host dropped for this subscription (slow-consumer
+    /// policy, byte caps, too large to send), over every restore, as far
+    /// as the host reported them: the count travels with the events, so it
+    /// is exact up to the last event received. Gaps and
+    /// [`Event::Dropped`] say which, at the latest once the host's buffer
+    /// has drained. Not counted (not knowable): what a lost connection or
+    /// host took with it; see [`Event::Restored`].
+    pub fn dropped(&self) -> u64 {
+        self.dropped_before + self.dropped_now
+    }
+
     /// Subscribes again, with backoff, until the host takes it or the
     /// restore window closes.
     async fn restore(&mut self, lost: RpcError) -> Result<(), RemotePubSubError> {
@@ -866,6 +1111,8 @@ impl RemoteSubscription {
             match open_subscription(&self.client, &self.filter, &self.options).await {
                 Ok(stream) => {
                     self.stream = stream;
+                    self.pending.clear();
+                    self.dropped_before += std::mem::take(&mut self.dropped_now);
                     self.restored += 1;
                     return Ok(());
                 }
@@ -916,6 +1163,10 @@ fn event_from(wire: WireEvent, last: &mut Option<Subject>) -> Result<Event, Remo
             from,
             to,
         }),
+        WireEvent::Dropped { count } => Ok(Event::Dropped { count }),
         WireEvent::Active => Err(RemotePubSubError::Protocol("a second Active".into())),
+        WireEvent::DropCount { .. } => {
+            Err(RemotePubSubError::Protocol("a misplaced drop count".into()))
+        }
     }
 }

@@ -3,7 +3,7 @@
 use courier_test_support::TempDir;
 use std::time::Duration;
 
-use courier_pubsub::remote::{PubSubHost, PubSubServiceServer, RemotePubSub};
+use courier_pubsub::remote::{HostConfig, PubSubHost, PubSubServiceServer, RemotePubSub};
 use courier_pubsub::{Bus, Event, SlowConsumer, SubscribeOptions};
 use courier_rpc::{ClientConfig, Server, ServerConfig, ServerHandle};
 
@@ -496,4 +496,195 @@ async fn concurrent_requests_share_one_inbox_and_each_gets_its_own_reply() {
     for call in calls {
         call.await.unwrap();
     }
+}
+
+/// Issue 12, item 3: 512 KiB messages once ended the stream silently (a
+/// batch of 256 of them is far past the 4 MiB frame limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_to_a_slow_subscriber_are_all_received_or_counted() {
+    const COUNT: u64 = 100;
+    let server = host().await;
+    let bus = connect(&server).await;
+    let mut slow = bus
+        .subscribe("big", SubscribeOptions::default().buffer(16))
+        .await
+        .unwrap();
+    let publisher = connect(&server).await.publisher();
+    let payload = bytes::Bytes::from(vec![7u8; 512 * 1024]);
+    // The subscriber reads nothing while all of them are published.
+    for _ in 0..COUNT {
+        publisher.publish("big", payload.clone()).await.unwrap();
+    }
+    publisher.publish("big", "marker").await.unwrap();
+    let (mut received, mut missed) = (0u64, 0u64);
+    loop {
+        match next(&mut slow).await {
+            Event::Message(m) if &m.payload[..] == b"marker" => break,
+            Event::Message(m) => {
+                assert_eq!(m.payload.len(), payload.len());
+                received += 1;
+            }
+            Event::Gap { from, to, .. } => missed += to - from,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(received > 0);
+    assert_eq!(
+        received + missed,
+        COUNT,
+        "received {received}, missed {missed}"
+    );
+    assert_eq!(slow.dropped(), missed, "the drop count says the same");
+}
+
+/// A batch past the connection's frame limit is split; a message that does
+/// not fit a frame alone becomes a counted gap, and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_past_the_frame_limit_are_split_and_an_unsendable_message_is_a_gap() {
+    let bus = Bus::new();
+    let config = courier_transport::TransportConfig::default().with_max_frame_size(256 * 1024);
+    let listener = courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &config)
+        .await
+        .unwrap();
+    // Batches allowed far past the frame limit, so the host must learn it.
+    let host = PubSubHost::new(bus.clone())
+        .with_config(HostConfig::default().with_max_batch_bytes(64 << 20));
+    let server = Server::new(ServerConfig::default())
+        .service(PubSubServiceServer::new(host))
+        .spawn(listener);
+    let mut sub = connect(&server)
+        .await
+        .subscribe("big", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let publisher = bus.publisher();
+    for n in 0..20u8 {
+        publisher.publish("big", vec![n; 100 * 1024]).await.unwrap();
+    }
+    publisher.publish("big", vec![0; 1 << 20]).await.unwrap(); // never fits
+    publisher.publish("big", "marker").await.unwrap();
+    let mut received = Vec::new();
+    let mut gaps = Vec::new();
+    loop {
+        match next(&mut sub).await {
+            Event::Message(m) if &m.payload[..] == b"marker" => break,
+            Event::Message(m) => received.push(m.payload[0]),
+            Event::Gap { from, to, .. } => gaps.push((from, to)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        received,
+        (0..20).collect::<Vec<u8>>(),
+        "in order, none lost"
+    );
+    assert_eq!(gaps, [(20, 21)], "the one too large");
+    assert_eq!(sub.dropped(), 1);
+}
+
+/// Issue 12, item 7: client-chosen publisher ids once grew the host's map
+/// (and every subscription's) by one entry per id, for good.
+#[tokio::test]
+async fn client_chosen_publisher_ids_keep_host_state_bounded() {
+    use courier_pubsub::remote::PubSubService;
+    const IDS: u64 = 200_000;
+    let bus = Bus::with_config(
+        courier_pubsub::BusConfig::default().with_max_publishers_per_subscription(256),
+    );
+    let host =
+        PubSubHost::new(bus.clone()).with_config(HostConfig::default().with_max_publishers(1024));
+    let mut responder = bus.subscribe("svc", SubscribeOptions::default()).unwrap();
+    let _stalled = bus
+        .subscribe("svc", SubscribeOptions::default().buffer(8))
+        .unwrap();
+    let payload = bytes::Bytes::from_static(b"x");
+    let mut most = (0, 0);
+    // A hostile client: a fresh id on every call, as fast as it can.
+    for id in 0..IDS {
+        let reached = host
+            .publish(id, "svc".into(), None, payload.clone())
+            .await
+            .unwrap();
+        assert_eq!(reached, 2);
+        assert!(matches!(responder.try_recv(), Some(Event::Message(_))));
+        most.0 = most.0.max(host.tracked_publishers());
+        most.1 = most.1.max(bus.most_tracked_publishers());
+    }
+    assert!(most.0 <= 1024, "host kept {} publishers", most.0);
+    assert!(most.1 <= 256, "a subscription kept {} publishers", most.1);
+    // A forgotten id publishing again is a new publisher: nothing breaks.
+    host.publish(0, "svc".into(), None, payload).await.unwrap();
+    let Some(Event::Message(m)) = responder.try_recv() else {
+        panic!("delivered")
+    };
+    assert_eq!(m.seq, 0);
+}
+
+/// Requests from one client share one publisher identity, so a responder's
+/// subscription does not track one publisher per request.
+#[tokio::test]
+async fn requests_from_one_client_use_one_publisher_identity() {
+    let bus = Bus::new();
+    let listener =
+        courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
+            .await
+            .unwrap();
+    let server = Server::new(ServerConfig::default())
+        .service(PubSubServiceServer::new(PubSubHost::new(bus.clone())))
+        .spawn(listener);
+    let mut service = bus.subscribe("echo", SubscribeOptions::default()).unwrap();
+    let replier = bus.publisher();
+    tokio::spawn(async move {
+        while let Some(Event::Message(request)) = service.recv().await {
+            replier.reply(&request, request.payload.clone()).await;
+        }
+    });
+    let client = connect(&server).await;
+    for n in 0..200u32 {
+        let reply = client
+            .request("echo", n.to_le_bytes().to_vec(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(&reply.payload[..], &n.to_le_bytes());
+    }
+    assert_eq!(
+        bus.most_tracked_publishers(),
+        1,
+        "one requester, one replier"
+    );
+}
+
+/// Issue 12, E4 remotely: drops at the end of a run reach the subscriber as
+/// a gap, and its drop count is the host's.
+#[tokio::test]
+async fn a_remote_subscriber_learns_of_trailing_drops_and_its_drop_count() {
+    let server = host().await;
+    let bus = connect(&server).await;
+    let mut slow = bus
+        .subscribe(
+            "tail",
+            SubscribeOptions::default()
+                .buffer(4)
+                .policy(SlowConsumer::DropNewest),
+        )
+        .await
+        .unwrap();
+    let publisher = bus.publisher();
+    // One batch reaches the host's buffer of 4 at once: most are dropped,
+    // and no marker follows the drops.
+    publisher
+        .publish_batch((0..100u32).map(|n| ("tail", n.to_le_bytes().to_vec())))
+        .await
+        .unwrap();
+    let (mut received, mut missed) = (0u64, 0u64);
+    while received + missed < 100 {
+        match next(&mut slow).await {
+            Event::Message(_) => received += 1,
+            Event::Gap { from, to, .. } => missed += to - from,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(received + missed, 100);
+    assert!(missed > 0);
+    assert_eq!(slow.dropped(), missed);
 }
