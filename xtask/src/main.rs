@@ -27,6 +27,10 @@ commands:
                       mutation-fuzz the frame decoder for N seconds (default 60)
   crash [--seeds N]   the kill -9 crash test of the durable log with N seeds
                       (default 200; CI runs 5)
+  soak [--minutes N] [--seed S]
+                      a mixed workload over a broker process with faults
+                      injected from the seed (kill -9, SIGSTOP, stalled and
+                      cut connections), checked throughout (CI runs 1 min)
   layers              check that every crate depends only on lower layers
 ";
 
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(rest, true),
         "layers" => check_layers(),
         "crash" => crash(rest),
+        "soak" => soak(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
@@ -112,6 +117,24 @@ fn cluster(args: &[String]) -> Result<(), String> {
         return Err(format!("{failed} node(s) did not stop cleanly"));
     }
     Ok(())
+}
+
+/// Builds `courier` (the dev profile, which CI's tests have built already)
+/// and runs its soak with the given arguments.
+fn soak(args: &[String]) -> Result<(), String> {
+    cargo(&["build", "--quiet", "-p", "courier-cli"])?;
+    let courier = root().join("target/debug/courier");
+    eprintln!("$ {} soak {}", courier.display(), args.join(" "));
+    let status = Command::new(&courier)
+        .arg("soak")
+        .args(args)
+        .status()
+        .map_err(|err| format!("cannot run {}: {err}", courier.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the soak found violations ({status})"))
+    }
 }
 
 fn strs(args: &[String]) -> Vec<&str> {
@@ -185,6 +208,10 @@ fn ci() -> Result<(), String> {
         (
             "benchmark smoke",
             Box::new(|| cargo(&["test", "--workspace", "--benches"])),
+        ),
+        (
+            "soak (1 min)",
+            Box::new(|| soak(&["--minutes".into(), "1".into()])),
         ),
         (
             "fuzz smoke",

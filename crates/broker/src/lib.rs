@@ -86,6 +86,10 @@ pub enum BrokerError {
     Durable(#[from] DurableError),
 }
 
+/// How long [`Broker::shutdown`] waits for connections beyond the grace
+/// period before it abandons them and closes the queues anyway.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
+
 /// One queue's counters.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueReport {
@@ -316,6 +320,11 @@ impl Broker {
 
     /// Stops accepting, gives calls in flight the grace period, then closes
     /// every queue (flushing and fsyncing its log) before returning.
+    ///
+    /// The server's part is bounded by the grace period plus
+    /// [`SHUTDOWN_MARGIN`], whatever the peers do: a client that stopped
+    /// reading (frozen, or half-open behind a dead network) cannot keep the
+    /// broker from closing its queues.
     pub async fn shutdown(self) {
         let server = self
             .state
@@ -324,7 +333,16 @@ impl Broker {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(server) = server {
-            server.shutdown(self.grace).await;
+            let bound = self.grace + SHUTDOWN_MARGIN;
+            if tokio::time::timeout(bound, server.shutdown(self.grace))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    ?bound,
+                    "connections did not close within the grace period; abandoning them"
+                );
+            }
         }
         if let Some(metrics) = self.metrics {
             metrics.stop().await;

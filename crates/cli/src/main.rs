@@ -17,6 +17,7 @@ mod cert;
 mod client;
 mod demo;
 mod serve;
+mod soak;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -89,6 +90,13 @@ enum Command {
     /// Development certificates for trying TLS.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// A mixed workload over a broker process with faults injected from a
+    /// seed, checked throughout (what `cargo xtask soak` runs).
+    #[command(
+        hide = true,
+        after_help = "Examples:\n  courier soak --minutes 1\n  courier soak --minutes 30 --seed 42"
+    )]
+    Soak(soak::SoakArgs),
     /// A demo worker process (used by `courier demo`).
     #[command(hide = true)]
     Worker(demo::WorkerArgs),
@@ -222,6 +230,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Cert(command) => cert::run(command),
             Command::Worker(args) => demo::worker(&url, args).await,
+            Command::Soak(args) => soak::run(args).await,
         }
     });
     // Streams and subscriptions may still be open: do not wait for them.

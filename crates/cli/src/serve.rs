@@ -68,12 +68,91 @@ fn level(name: &str) -> anyhow::Result<tracing::Level> {
     })
 }
 
+/// `COURIER_*` variables that clap reads itself (as flags of `serve` or as
+/// global client options), by the name after `COURIER_`.
+const FLAG_VARIABLES: &[&str] = &[
+    "CONFIG",
+    "LISTEN",
+    "DATA_DIR",
+    "METRICS",
+    "FSYNC",
+    "LOG",
+    "SERVER_CERT",
+    "SERVER_KEY",
+    "CLIENT_CA",
+    "URL",
+    "TOKEN",
+    "TLS_CA",
+    "TLS_CERT",
+    "TLS_KEY",
+];
+
+/// Lays `COURIER_<KEY>` variables over `config`, for every top-level key of
+/// the file (`COURIER_MAX_DELIVERIES=3` is `max_deliveries = 3`). A value
+/// is read as JSON when it parses as JSON (numbers, booleans), else as a
+/// string. A `COURIER_*` name that is neither a key nor one of the flags'
+/// variables is an error, exactly as an unknown key in the file is: a typo
+/// must not silently leave a default in force.
+fn apply_environment(
+    config: BrokerConfig,
+    variables: impl IntoIterator<Item = (String, String)>,
+) -> Result<BrokerConfig, String> {
+    let serde_json::Value::Object(mut table) =
+        serde_json::to_value(&config).map_err(|err| err.to_string())?
+    else {
+        return Err("the configuration is not a table".into());
+    };
+    let mut changed = false;
+    for (name, raw) in variables {
+        let Some(key) = name.strip_prefix("COURIER_") else {
+            continue;
+        };
+        if FLAG_VARIABLES.contains(&key) {
+            continue;
+        }
+        let field = key.to_ascii_lowercase();
+        match table.get(&field) {
+            Some(serde_json::Value::Object(_)) => {
+                return Err(format!(
+                    "{name}: the [{field}] section can only be set in the configuration file"
+                ))
+            }
+            Some(_) => {}
+            None => {
+                let mut known: Vec<String> = table
+                    .iter()
+                    .filter(|(_, v)| !v.is_object())
+                    .map(|(k, _)| format!("COURIER_{}", k.to_ascii_uppercase()))
+                    .collect();
+                known.extend(FLAG_VARIABLES.iter().map(|v| format!("COURIER_{v}")));
+                known.sort();
+                return Err(format!(
+                    "{name} is not a setting; the COURIER_* variables are: {}",
+                    known.join(", ")
+                ));
+            }
+        }
+        let value = serde_json::from_str::<serde_json::Value>(&raw)
+            .ok()
+            .filter(|v| !v.is_object() && !v.is_array())
+            .unwrap_or(serde_json::Value::String(raw));
+        table.insert(field, value);
+        changed = true;
+    }
+    if !changed {
+        return Ok(config);
+    }
+    serde_json::from_value(serde_json::Value::Object(table))
+        .map_err(|err| format!("in the COURIER_* environment variables: {err}"))
+}
+
 /// The configuration the arguments describe.
 fn config(args: ServeArgs) -> anyhow::Result<BrokerConfig> {
-    let mut config = match &args.config {
+    let config = match &args.config {
         Some(path) => BrokerConfig::load(path).map_err(Failure::usage)?,
         None => BrokerConfig::default(),
     };
+    let mut config = apply_environment(config, std::env::vars()).map_err(Failure::usage)?;
     if !args.listen.is_empty() {
         config.listen = args.listen;
     }
@@ -125,6 +204,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("metrics http://{metrics}/metrics");
     }
     println!("data {}", config.data_dir.display());
+    let grace = std::time::Duration::from_millis(config.shutdown_grace_ms);
 
     wait_for_signal().await?;
     tracing::info!("shutting down (a second signal exits at once)");
@@ -134,9 +214,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(130);
         }
     });
-    broker.shutdown().await;
+    // A hard deadline over everything: past it the process exits whatever
+    // is still running (a disk that stopped answering, say). What was
+    // acknowledged is on disk already under `fsync = always`, and in the
+    // page cache otherwise, which outlives the process.
+    let hard = grace + HARD_DEADLINE_MARGIN;
+    if tokio::time::timeout(hard, broker.shutdown()).await.is_err() {
+        eprintln!("courier: shutdown did not finish within {hard:?}, exiting now");
+        std::process::exit(1);
+    }
     Ok(())
 }
+
+/// How long after the grace period `courier serve` exits whatever is left.
+const HARD_DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(unix)]
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -155,4 +246,52 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c()
         .await
         .context("cannot handle Ctrl-C")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn every_key_of_the_file_is_also_a_variable() {
+        let config = apply_environment(
+            BrokerConfig::default(),
+            vars(&[
+                ("COURIER_MAX_DELIVERIES", "3"),
+                ("COURIER_FSYNC_INTERVAL_MS", "20"),
+                ("COURIER_FSYNC", "never"), // a flag's variable: clap's to read
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.max_deliveries, 3);
+        assert_eq!(config.fsync_interval_ms, 20);
+        assert_eq!(config.fsync, BrokerConfig::default().fsync);
+    }
+
+    #[test]
+    fn an_unknown_variable_is_an_error_like_an_unknown_key() {
+        let err = apply_environment(
+            BrokerConfig::default(),
+            vars(&[("COURIER_MAX_DELIVERYS", "3")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("COURIER_MAX_DELIVERYS is not a setting"),
+            "{err}"
+        );
+        assert!(err.contains("COURIER_MAX_DELIVERIES"), "{err}");
+        let err = apply_environment(
+            BrokerConfig::default(),
+            vars(&[("COURIER_MAX_DELIVERIES", "many")]),
+        )
+        .unwrap_err();
+        assert!(err.contains("COURIER_"), "{err}");
+    }
 }

@@ -790,3 +790,66 @@ async fn a_flood_of_garbage_and_silent_connections_does_not_stop_a_legitimate_cl
     println!("{rounds} publish/consume rounds during the flood");
     drop(held);
 }
+
+/// Sends `signal` (STOP, CONT, ...) to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_within_its_deadline_with_a_frozen_subscriber() {
+    let dir = TempDir::new("frozen-subscriber");
+    let broker = BrokerProcess::start(&dir.0.join("data"), "tcp://127.0.0.1:0");
+    let mut subscriber = Command::new(COURIER)
+        .args(["--url", &broker.url, "sub", "big.>"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(subscriber.stderr.take().unwrap()).lines();
+    let ready = lines.next().unwrap().unwrap();
+    assert!(ready.starts_with("subscribed"), "{ready}");
+    signal(subscriber.id(), "STOP");
+
+    // Far more than the socket buffers hold, so the broker's writes to the
+    // frozen subscriber block.
+    let bus = RemotePubSub::connect(&broker.address(), ClientConfig::default())
+        .await
+        .unwrap()
+        .publisher();
+    let payload = vec![7u8; 512 * 1024];
+    for _ in 0..100 {
+        bus.publish("big.data", payload.clone()).await.unwrap();
+    }
+
+    // `--grace 1s`: the broker gives up on the subscriber and exits well
+    // before `terminate`'s 30 s limit (it used to hang for good).
+    let status = broker.terminate();
+    assert!(status.success(), "{status:?}");
+    signal(subscriber.id(), "CONT");
+    let _ = subscriber.kill();
+    let _ = subscriber.wait();
+}
+
+#[test]
+fn serve_refuses_an_unknown_courier_variable_as_it_refuses_an_unknown_key() {
+    let dir = TempDir::new("env-typo");
+    let output = Command::new(COURIER)
+        .args(["serve", "--listen", "tcp://127.0.0.1:0", "--metrics", ""])
+        .arg("--data")
+        .arg(&dir.0)
+        .env("COURIER_MAX_DELIVERYS", "3")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("COURIER_MAX_DELIVERYS is not a setting"),
+        "{}",
+        stderr(&output)
+    );
+}
