@@ -104,7 +104,8 @@ pub struct BusConfig {
     /// that is not enough, publishers whose drops are not yet reported are
     /// forgotten too and their drops reported as [`Event::Dropped`].
     /// Publishers with messages in the buffer are never forgotten, so the
-    /// bound is the larger of this and the buffer size. Default 4096.
+    /// bound is about the larger of this and the buffer size (plus a
+    /// quarter of this). Default 4096.
     pub max_publishers_per_subscription: usize,
 }
 
@@ -240,6 +241,8 @@ struct Buffer {
     unreported: u64,
     /// Drops of forgotten publishers, reported as `Event::Dropped`.
     unattributed: u64,
+    /// How many publishers the next sweep waits for.
+    sweep_at: usize,
     closed: bool,
 }
 
@@ -256,16 +259,24 @@ impl Buffer {
     /// Room for one more publisher, forgetting others if at the bound:
     /// settled ones first (lossless), then ones with unreported drops only
     /// (their drops move to `unattributed`), never ones with messages
-    /// buffered. Each sweep frees a quarter of the bound or more, or stops
-    /// at what is buffered, so the cost is amortised.
+    /// buffered. The next sweep waits for a quarter of the bound more
+    /// publishers than this one left, so the cost per publisher stays
+    /// constant even when most have messages buffered (a buffer larger than
+    /// the bound); the map then holds at most those plus a quarter bound.
     fn make_room_for_publisher(&mut self, bound: usize) {
-        if self.publishers.len() < bound {
+        if self.publishers.len() < bound.max(self.sweep_at) {
             return;
         }
+        self.sweep_at = self.sweep(bound) + (bound / 4).max(1);
+    }
+
+    /// Forgets publishers down to three quarters of `bound` if it can;
+    /// returns how many are left.
+    fn sweep(&mut self, bound: usize) -> usize {
         self.publishers.retain(|_, state| !state.settled());
         let target = bound - bound / 4;
         if self.publishers.len() <= target {
-            return;
+            return self.publishers.len();
         }
         let mut excess = self.publishers.len() - target;
         let mut moved = 0;
@@ -278,6 +289,7 @@ impl Buffer {
             false
         });
         self.unattributed += moved;
+        self.publishers.len()
     }
 
     fn number(&mut self, message: &mut Message, bound: usize) {
@@ -438,6 +450,7 @@ impl Bus {
                 dropped: 0,
                 unreported: 0,
                 unattributed: 0,
+                sweep_at: 0,
                 closed: false,
             }),
             readable: Notify::new(),
