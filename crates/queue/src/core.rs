@@ -14,8 +14,13 @@
 //!   the delivery they answer; one for an earlier delivery of a message
 //!   that has since been redelivered is refused, so a slow consumer can
 //!   never acknowledge another consumer's delivery.
+//! - A lease covers `[delivered, lease_until)`: an answer given at or after
+//!   its end is refused even if [`QueueCore::handle_timeout`] has not run
+//!   yet, since the message may already be with someone else.
 //! - A message that has been delivered `max_deliveries` times and comes back
-//!   is dead-lettered instead, with its delivery history.
+//!   is dead-lettered instead, with its delivery history — unless
+//!   dead-lettering is off ([`QueueConfig::dead_lettering`], as in a
+//!   dead-letter queue itself: nothing dead-letters a dead letter).
 //! - A message whose time-to-live passes before it is acknowledged is
 //!   dropped (reported as expired).
 //! - An enqueue with an idempotency key seen among the last
@@ -53,6 +58,10 @@ pub struct QueueConfig {
     /// 1,000,000. Dead-letter queues are not limited (dead-lettering must not
     /// fail).
     pub max_depth: u64,
+    /// Whether a message that has had `max_deliveries` deliveries is
+    /// dead-lettered when it comes back. Off in a dead-letter queue: a dead
+    /// letter stays until it is acknowledged or purged. Default on.
+    pub dead_lettering: bool,
 }
 
 impl Default for QueueConfig {
@@ -62,6 +71,7 @@ impl Default for QueueConfig {
             max_deliveries: 5,
             dedup_window: 100_000,
             max_depth: 1_000_000,
+            dead_lettering: true,
         }
     }
 }
@@ -76,6 +86,12 @@ impl QueueConfig {
     /// The same settings with another depth limit.
     pub fn with_max_depth(mut self, limit: u64) -> QueueConfig {
         self.max_depth = limit;
+        self
+    }
+
+    /// The same settings with dead-lettering on or off.
+    pub fn with_dead_lettering(mut self, on: bool) -> QueueConfig {
+        self.dead_lettering = on;
         self
     }
 
@@ -345,7 +361,9 @@ impl QueueCore {
             .messages
             .get_mut(&id)
             .expect("ready messages are stored");
-        entry.deliveries += 1;
+        // Saturating: in a queue that never dead-letters, a message may be
+        // delivered any number of times.
+        entry.deliveries = entry.deliveries.saturating_add(1);
         entry.state = State::Leased { consumer, until };
         entry.history.push(DeliveryRecord {
             consumer,
@@ -370,11 +388,14 @@ impl QueueCore {
         })
     }
 
+    /// The lease's end, if `consumer` holds delivery `delivery` of `id`
+    /// and (when `now` is known) the lease has not run out by `now`.
     fn check_lease(
         &self,
         consumer: ConsumerId,
         id: MessageId,
         delivery: u32,
+        now: Option<Duration>,
     ) -> Result<Duration, LeaseError> {
         match self.messages.get(&id) {
             Some(Entry {
@@ -385,19 +406,49 @@ impl QueueCore {
                     },
                 deliveries,
                 ..
-            }) if *holder == consumer && *deliveries == delivery => Ok(*until),
+            }) if *holder == consumer
+                && *deliveries == delivery
+                && now.is_none_or(|now| now < *until) =>
+            {
+                Ok(*until)
+            }
             _ => Err(LeaseError::NotLeased { id, delivery }),
         }
     }
 
-    /// The consumer processed the message: it is removed.
+    /// The consumer processed the message: it is removed. Does not look at
+    /// the clock; prefer [`QueueCore::ack_at`], which refuses an ack that
+    /// comes after the lease ended.
     pub fn ack(
         &mut self,
         consumer: ConsumerId,
         id: MessageId,
         delivery: u32,
     ) -> Result<(), LeaseError> {
-        self.check_lease(consumer, id, delivery)?;
+        self.ack_checked(consumer, id, delivery, None)
+    }
+
+    /// The consumer processed the message at `now`: it is removed, unless
+    /// the lease ended by `now` (refused, whether or not
+    /// [`QueueCore::handle_timeout`] has released it yet).
+    pub fn ack_at(
+        &mut self,
+        consumer: ConsumerId,
+        id: MessageId,
+        delivery: u32,
+        now: Duration,
+    ) -> Result<(), LeaseError> {
+        self.ack_checked(consumer, id, delivery, Some(now))
+    }
+
+    fn ack_checked(
+        &mut self,
+        consumer: ConsumerId,
+        id: MessageId,
+        delivery: u32,
+        now: Option<Duration>,
+    ) -> Result<(), LeaseError> {
+        self.check_lease(consumer, id, delivery, now)?;
         let entry = self.messages.remove(&id).expect("checked");
         self.unindex(id, &entry);
         self.stats.acknowledged += 1;
@@ -406,6 +457,7 @@ impl QueueCore {
     }
 
     /// The consumer gives the message back; it is ready again after `delay`.
+    /// Refused if the lease ended by `now`.
     pub fn nack(
         &mut self,
         consumer: ConsumerId,
@@ -414,12 +466,13 @@ impl QueueCore {
         delay: Duration,
         now: Duration,
     ) -> Result<(), LeaseError> {
-        self.check_lease(consumer, id, delivery)?;
+        self.check_lease(consumer, id, delivery, Some(now))?;
         self.release(id, now + delay, now, DeliveryOutcome::Nacked);
         Ok(())
     }
 
-    /// Extends the lease by `by` from now; returns its new end.
+    /// Extends the lease by `by` from now; returns its new end. Refused if
+    /// the lease ended by `now`.
     pub fn extend(
         &mut self,
         consumer: ConsumerId,
@@ -428,7 +481,7 @@ impl QueueCore {
         by: Duration,
         now: Duration,
     ) -> Result<Duration, LeaseError> {
-        let until = self.check_lease(consumer, id, delivery)?;
+        let until = self.check_lease(consumer, id, delivery, Some(now))?;
         let extended = now + by;
         self.leases.remove(&(until, id));
         self.leases.insert((extended, id));
@@ -462,7 +515,7 @@ impl QueueCore {
         if let Some(last) = entry.history.last_mut() {
             last.outcome = outcome;
         }
-        if entry.deliveries >= self.config.max_deliveries {
+        if self.config.dead_lettering && entry.deliveries >= self.config.max_deliveries {
             let entry = self.messages.remove(&id).expect("present");
             if let Some(expiry) = entry.expires_at {
                 self.expiries.remove(&(expiry, id));
@@ -517,6 +570,19 @@ impl QueueCore {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Removes every message that is not leased (ready or delayed) and
+    /// returns their ids, for storage to record as removed. Leased messages
+    /// stay with their consumers, whose answers still count.
+    pub fn purge(&mut self) -> Vec<MessageId> {
+        let ids: Vec<MessageId> = self.ready.iter().map(|&(_, id)| id).collect();
+        for &id in &ids {
+            if let Some(entry) = self.messages.remove(&id) {
+                self.unindex(id, &entry);
+            }
+        }
+        ids
     }
 
     /// The next change storage must record.

@@ -257,3 +257,76 @@ fn sixteen_consumers_with_expiring_leases_never_share_a_delivery() {
         }
     }
 }
+
+#[test]
+fn an_answer_after_the_lease_ended_is_refused_before_any_timeout_runs() {
+    let mut core = queue(1);
+    core.add_consumer(1, 1);
+    let d = core.poll_delivery(1, T0).unwrap();
+    // handle_timeout has not run: the message is still marked leased.
+    let late = d.lease_until;
+    let refused = Err(LeaseError::NotLeased {
+        id: d.id,
+        delivery: d.delivery,
+    });
+    assert_eq!(core.ack_at(1, d.id, d.delivery, late), refused);
+    assert_eq!(
+        core.nack(1, d.id, d.delivery, Duration::ZERO, late),
+        refused
+    );
+    assert_eq!(
+        core.extend(1, d.id, d.delivery, S, late).map(|_| ()),
+        refused
+    );
+    // Just before the end it is still the consumer's.
+    core.ack_at(1, d.id, d.delivery, late - Duration::from_nanos(1))
+        .unwrap();
+}
+
+#[test]
+fn without_dead_lettering_a_message_comes_back_however_often_it_is_nacked() {
+    let mut core = QueueCore::new(
+        QueueConfig::default()
+            .with_max_deliveries(2)
+            .with_dead_lettering(false),
+    );
+    core.handle_enqueue(7, None, T0, None);
+    core.add_consumer(1, 1);
+    for round in 1..=10 {
+        let d = core.poll_delivery(1, T0).unwrap();
+        assert_eq!(d.delivery, round);
+        core.nack(1, d.id, d.delivery, Duration::ZERO, T0).unwrap();
+    }
+    assert_eq!(core.poll_event(), None, "never dead-lettered");
+    assert_eq!(core.stats().depth, 1);
+}
+
+#[test]
+fn a_consumer_holding_a_hundred_thousand_still_gets_deliveries() {
+    const HELD: u64 = 100_000;
+    let mut core = queue(HELD + 10);
+    core.add_consumer(1, HELD as usize + 10);
+    for _ in 0..HELD {
+        core.poll_delivery(1, T0).unwrap();
+    }
+    assert_eq!(core.stats().in_flight, HELD);
+    for n in 0..10 {
+        let d = core.poll_delivery(1, T0).unwrap();
+        assert_eq!(d.id, HELD + n);
+        core.ack_at(1, d.id, d.delivery, T0).unwrap();
+    }
+}
+
+#[test]
+fn purge_removes_what_waits_and_leaves_what_is_leased() {
+    let mut core = queue(5);
+    core.handle_enqueue(5, None, 100 * S, None); // delayed
+    core.add_consumer(1, 2);
+    let held = core.poll_delivery(1, T0).unwrap();
+    let mut purged = core.purge();
+    purged.sort();
+    assert_eq!(purged, [1, 2, 3, 4, 5]);
+    assert_eq!((core.stats().depth, core.stats().in_flight), (0, 1));
+    core.ack_at(1, held.id, held.delivery, T0).unwrap();
+    assert_eq!(core.poll_timeout(T0), None, "nothing left to wait for");
+}
