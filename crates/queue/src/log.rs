@@ -64,6 +64,8 @@ pub enum FsyncPolicy {
     /// fsync every batch before its appends return.
     Always,
     /// fsync at most this long after a write; appends return once written.
+    /// The deadline runs from the first write not yet fsynced, so a steady
+    /// stream of appends cannot put the fsync off.
     Interval(Duration),
     /// Never fsync (the OS writes back when it likes).
     Never,
@@ -471,6 +473,7 @@ impl Log {
             next,
             counters: counters.clone(),
             dirty: false,
+            dirty_since: None,
         };
         let thread = std::thread::Builder::new()
             .name("courier-log".into())
@@ -593,6 +596,22 @@ struct Writer {
     counters: Arc<Counters>,
     /// Written since the last fsync.
     dirty: bool,
+    /// When the first write since the last fsync happened: under
+    /// `Interval(d)` the fsync is due `d` after it.
+    dirty_since: Option<std::time::Instant>,
+}
+
+/// When an `Interval(every)` fsync is due: `every` after the first write
+/// not yet fsynced (`None`: nothing to sync). Not `every` after the latest
+/// command, which under continuous load would never come.
+fn interval_deadline(
+    policy: FsyncPolicy,
+    dirty_since: Option<std::time::Instant>,
+) -> Option<std::time::Instant> {
+    match policy {
+        FsyncPolicy::Interval(every) => dirty_since.map(|since| since + every),
+        _ => None,
+    }
 }
 
 impl Writer {
@@ -603,18 +622,18 @@ impl Writer {
             .expect("a timer-only runtime");
         runtime.block_on(async {
             loop {
-                let interval = match self.options.fsync {
-                    FsyncPolicy::Interval(every) if self.dirty => Some(every),
-                    _ => None,
-                };
-                let first = match interval {
-                    Some(every) => match tokio::time::timeout(every, inbox.recv()).await {
-                        Ok(command) => command,
-                        Err(_) => {
-                            let _ = self.fsync();
-                            continue;
+                let deadline = interval_deadline(self.options.fsync, self.dirty_since);
+                let first = match deadline {
+                    Some(at) => {
+                        let at = tokio::time::Instant::from_std(at);
+                        match tokio::time::timeout_at(at, inbox.recv()).await {
+                            Ok(command) => command,
+                            Err(_) => {
+                                self.interval_fsync();
+                                continue;
+                            }
                         }
-                    },
+                    }
                     None => inbox.recv().await,
                 };
                 let Some(first) = first else { break };
@@ -626,6 +645,12 @@ impl Writer {
                     }
                 }
                 self.handle(batch);
+                // Due while the batch was handled (or commands kept coming).
+                if interval_deadline(self.options.fsync, self.dirty_since)
+                    .is_some_and(|at| at <= std::time::Instant::now())
+                {
+                    self.interval_fsync();
+                }
             }
         });
         // Closing: whatever was written becomes durable.
@@ -718,6 +743,7 @@ impl Writer {
         self.file.write_all(bytes)?;
         self.tail_len += bytes.len() as u64;
         self.dirty = true;
+        self.dirty_since.get_or_insert_with(std::time::Instant::now);
         self.counters
             .bytes_on_disk
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -727,8 +753,18 @@ impl Writer {
     fn fsync(&mut self) -> io::Result<()> {
         self.file.sync_data()?;
         self.dirty = false;
+        self.dirty_since = None;
         self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The `Interval` policy's fsync. A failure is logged and the deadline
+    /// starts over, so a failing disk is retried, not spun on.
+    fn interval_fsync(&mut self) {
+        if let Err(err) = self.fsync() {
+            tracing::error!(%err, "interval fsync failed; retrying after the interval");
+            self.dirty_since = Some(std::time::Instant::now());
+        }
     }
 
     /// Closes the current segment (durably) and starts the next.

@@ -300,3 +300,21 @@ async fn the_interval_policy_returns_before_syncing_and_syncs_soon_after() {
     }
     assert!(log.fsyncs() >= 1);
 }
+
+#[tokio::test]
+async fn the_interval_policy_syncs_under_continuous_load() {
+    // Appends every 2 ms against a 20 ms interval: a timer restarted by
+    // each append never fires; a deadline from the first unsynced write
+    // does. Counted in fsyncs, not timed: the loop lasts at least 600 ms
+    // (300 sleeps of 2 ms), so at least one interval has passed after a
+    // write.
+    let dir = TempDir::new("interval-load");
+    let options =
+        LogOptions::default().with_fsync(FsyncPolicy::Interval(Duration::from_millis(20)));
+    let (log, _, _) = reopen(&dir.0, &options);
+    for n in 0..300 {
+        log.append(1, payload(n)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(log.fsyncs() >= 1, "no fsync in {} appends", 300);
+}
