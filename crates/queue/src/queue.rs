@@ -96,7 +96,7 @@ pub enum Enqueued {
 #[non_exhaustive]
 pub enum QueueError {
     /// The queue name is not valid.
-    #[error("invalid queue name {0:?}: expected 1 to 200 of [A-Za-z0-9._-]")]
+    #[error("invalid queue name {0:?}: expected 1 to 200 of [A-Za-z0-9._-], not . or ..")]
     InvalidName(String),
     /// The queue's log could not be opened.
     #[error(transparent)]
@@ -119,6 +119,9 @@ pub enum QueueError {
         /// Its limit.
         limit: u64,
     },
+    /// No queue of this name exists (and asking did not create one).
+    #[error("no queue named {0:?}")]
+    NotFound(String),
 }
 
 impl QueueError {
@@ -137,6 +140,17 @@ struct State {
     payloads: HashMap<MessageId, Bytes>,
     next_consumer: ConsumerId,
     removals: u64,
+    /// When the timer task will next wake by itself (`None`: only when
+    /// told). A new lease ending earlier than this must wake it, or the
+    /// lease would never expire on an otherwise idle queue.
+    timer_at: Option<Duration>,
+    /// Dead letters taken from the core and not yet stored in the
+    /// dead-letter queue (kept for the next [`Queue::settle`] if storing
+    /// fails). Bounded by the messages stored.
+    pending_dead: Vec<Message>,
+    /// Removal records taken from the core and not yet durable (kept for
+    /// the next settle if appending fails). Bounded by the messages stored.
+    pending_removals: Vec<(u8, Bytes)>,
 }
 
 struct Inner {
@@ -144,8 +158,14 @@ struct Inner {
     storage: Box<dyn Storage>,
     state: Mutex<State>,
     changed: Arc<Notify>,
+    /// Wakes the timer task to look again at the next deadline.
+    timer_wake: Arc<Notify>,
     epoch: Instant,
     keyed: tokio::sync::Mutex<()>,
+    /// Held while removals are written: a settle that finds nothing left
+    /// to write may return only once the settle that took its events has
+    /// made them durable (or failed and put them back).
+    settling: tokio::sync::Mutex<()>,
     dead_letters: Option<Queue>,
     timer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -268,8 +288,32 @@ pub fn parse_dead_letter(mut payload: Bytes) -> Option<(Vec<DeliveryRecord>, Byt
     Some((history, payload))
 }
 
+/// The suffix that names a queue's dead-letter queue.
+const DLQ_SUFFIX: &str = ".dlq";
+
+/// Settings of a dead-letter queue made from its queue's: never full
+/// (dead-lettering must not fail) and never dead-lettering (nothing
+/// dead-letters a dead letter: it stays until acknowledged or purged).
+fn dead_letter_options(options: &QueueOptions) -> QueueOptions {
+    let mut options = options.clone();
+    options.queue.max_depth = u64::MAX;
+    options.queue.dead_lettering = false;
+    options
+}
+
+impl Queue {
+    /// Whether `name` may name a queue (and so a directory).
+    pub(crate) fn valid_name(name: &str) -> bool {
+        valid_name(name)
+    }
+}
+
 fn valid_name(name: &str) -> bool {
+    // `.` and `..` are directories already: a queue so named would escape
+    // the queue directory.
     !name.is_empty()
+        && name != "."
+        && name != ".."
         && name.len() <= 200
         && name
             .chars()
@@ -280,21 +324,100 @@ impl Queue {
     /// Opens (or creates) the queue `name` under `dir`, and its dead-letter
     /// queue `name.dlq`. Every message stored and not acknowledged before is
     /// back, ready for delivery (delivery counts start again from zero).
+    ///
+    /// A name ending in `.dlq` opens that dead-letter queue by itself (with
+    /// no dead-letter queue of its own, never full, never dead-lettering);
+    /// while its queue is open, use [`Queue::dead_letters`] instead, since a
+    /// queue's log can be open only once.
     pub async fn open(
         dir: impl AsRef<Path>,
         name: &str,
         options: QueueOptions,
     ) -> Result<Queue, QueueError> {
-        let mut unlimited = options.clone();
-        unlimited.queue.max_depth = u64::MAX;
-        let dead_letters = Box::pin(Queue::open_one(
+        if name.ends_with(DLQ_SUFFIX) {
+            return Queue::open_one(dir.as_ref(), name, dead_letter_options(&options), None).await;
+        }
+        if !valid_name(name) {
+            return Err(QueueError::InvalidName(name.to_string()));
+        }
+        let dead_letters = Queue::open_one(
             dir.as_ref(),
-            &format!("{name}.dlq"),
-            unlimited,
+            &format!("{name}{DLQ_SUFFIX}"),
+            dead_letter_options(&options),
             None,
-        ))
+        )
         .await?;
         Queue::open_one(dir.as_ref(), name, options, Some(dead_letters)).await
+    }
+
+    /// Whether `name` names a dead-letter queue (`<queue>.dlq`); if so, the
+    /// queue it belongs to.
+    pub fn dead_letter_parent(name: &str) -> Option<&str> {
+        name.strip_suffix(DLQ_SUFFIX)
+            .filter(|parent| !parent.is_empty())
+    }
+
+    /// A queue over `storage`, which holds nothing yet (records written
+    /// through it are not replayed here), with no dead-letter queue, so
+    /// with dead-lettering off. For storage backends other than the local
+    /// [`Log`], and for tests that watch what the queue writes.
+    pub fn with_storage(
+        name: &str,
+        storage: Box<dyn Storage>,
+        config: QueueConfig,
+    ) -> Result<Queue, QueueError> {
+        if !valid_name(name) {
+            return Err(QueueError::InvalidName(name.to_string()));
+        }
+        let config = QueueConfig {
+            dead_lettering: false,
+            ..config
+        };
+        Ok(Queue::build(
+            name,
+            storage,
+            QueueCore::new(config),
+            HashMap::new(),
+            None,
+            Instant::now(),
+        ))
+    }
+
+    fn build(
+        name: &str,
+        storage: Box<dyn Storage>,
+        core: QueueCore,
+        payloads: HashMap<MessageId, Bytes>,
+        dead_letters: Option<Queue>,
+        epoch: Instant,
+    ) -> Queue {
+        let inner = Arc::new(Inner {
+            name: name.to_string(),
+            storage,
+            state: Mutex::new(State {
+                core,
+                payloads,
+                next_consumer: 0,
+                removals: 0,
+                timer_at: None,
+                pending_dead: Vec::new(),
+                pending_removals: Vec::new(),
+            }),
+            changed: Arc::new(Notify::new()),
+            timer_wake: Arc::new(Notify::new()),
+            epoch,
+            keyed: tokio::sync::Mutex::new(()),
+            settling: tokio::sync::Mutex::new(()),
+            dead_letters,
+            timer: Mutex::new(None),
+        });
+        let timer = tokio::spawn(run_timers(
+            Arc::downgrade(&inner),
+            inner.changed.clone(),
+            inner.timer_wake.clone(),
+        ));
+        *lock(&inner.timer) = Some(timer);
+        Queue { inner }
     }
 
     async fn open_one(
@@ -306,6 +429,7 @@ impl Queue {
         if !valid_name(name) {
             return Err(QueueError::InvalidName(name.to_string()));
         }
+        // Replayed delays and lifetimes are measured from here.
         let epoch = Instant::now();
         let now_wall = wall_ms();
         let mut core = QueueCore::new(options.queue.clone());
@@ -324,7 +448,11 @@ impl Queue {
                             };
                             let expires = (ttl != u64::MAX).then(|| remaining(ttl));
                             core.handle_enqueue(record.seq, key, remaining(delay), expires);
-                            payloads.insert(record.seq, payload);
+                            // A copy: the record is a slice of the whole
+                            // segment as read, which would stay in memory
+                            // (up to a segment's size) as long as any one of
+                            // its messages does. Memory follows the backlog.
+                            payloads.insert(record.seq, Bytes::copy_from_slice(&payload));
                         }
                     }
                     REMOVE if record.payload.len() == 8 => {
@@ -339,24 +467,7 @@ impl Queue {
         if recovery.truncated_bytes > 0 || !recovery.corruption.is_empty() {
             tracing::warn!(queue = name, ?recovery, "queue recovered with damage");
         }
-        let inner = Arc::new(Inner {
-            name: name.to_string(),
-            storage: Box::new(log),
-            state: Mutex::new(State {
-                core,
-                payloads,
-                next_consumer: 0,
-                removals: 0,
-            }),
-            changed: Arc::new(Notify::new()),
-            epoch,
-            keyed: tokio::sync::Mutex::new(()),
-            dead_letters,
-            timer: Mutex::new(None),
-        });
-        let timer = tokio::spawn(run_timers(Arc::downgrade(&inner), inner.changed.clone()));
-        *lock(&inner.timer) = Some(timer);
-        let queue = Queue { inner };
+        let queue = Queue::build(name, Box::new(log), core, payloads, dead_letters, epoch);
         // Anything that expired while the queue was closed goes now.
         queue.settle().await?;
         Ok(queue)
@@ -475,25 +586,60 @@ impl Queue {
         stats
     }
 
+    /// Removes every message not leased to a consumer (ready or delayed);
+    /// returns how many, once their removal is durable. Leased messages stay
+    /// until answered. On a dead-letter queue this is how dead letters are
+    /// discarded.
+    pub async fn purge(&self) -> Result<u64, QueueError> {
+        let purged = {
+            let mut state = lock(&self.inner.state);
+            let state = &mut *state;
+            let ids = state.core.purge();
+            for id in &ids {
+                state.payloads.remove(id);
+                state
+                    .pending_removals
+                    .push((REMOVE, Bytes::copy_from_slice(&id.to_le_bytes())));
+            }
+            ids.len() as u64
+        };
+        self.inner.changed.notify_waiters();
+        self.settle().await?;
+        Ok(purged)
+    }
+
     /// Makes removals durable, moves dead letters, deletes consumed segments.
+    ///
+    /// Returns once every removal the core reported before the call is
+    /// durable (under the fsync policy), including removals another
+    /// concurrent settle took: settles run one at a time, so one that
+    /// finds nothing left waits for the one that took its events. A failed
+    /// write puts its records back for the next settle, and fails every
+    /// call that was waiting on it.
     async fn settle(&self) -> Result<(), QueueError> {
+        let _settling = self.inner.settling.lock().await;
         let (removals, dead, oldest, compact) = {
             let mut state = lock(&self.inner.state);
-            let mut removals = Vec::new();
-            let mut dead = Vec::new();
+            let state = &mut *state;
             while let Some(event) = state.core.poll_event() {
                 let id = match event {
                     QueueEvent::Acked(id) | QueueEvent::Expired(id) => id,
                     QueueEvent::DeadLettered { id, history } => {
                         if let Some(payload) = state.payloads.get(&id) {
-                            dead.push(Message::new(encode_dead_letter(&history, payload)));
+                            state
+                                .pending_dead
+                                .push(Message::new(encode_dead_letter(&history, payload)));
                         }
                         id
                     }
                 };
                 state.payloads.remove(&id);
-                removals.push((REMOVE, Bytes::copy_from_slice(&id.to_le_bytes())));
+                state
+                    .pending_removals
+                    .push((REMOVE, Bytes::copy_from_slice(&id.to_le_bytes())));
             }
+            let removals = std::mem::take(&mut state.pending_removals);
+            let dead = std::mem::take(&mut state.pending_dead);
             let before = state.removals;
             state.removals += removals.len() as u64;
             let compact = before / COMPACT_EVERY != state.removals / COMPACT_EVERY;
@@ -502,10 +648,16 @@ impl Queue {
         if let (false, Some(dlq)) = (dead.is_empty(), &self.inner.dead_letters) {
             // Into the dead-letter queue first: a crash between the two
             // leaves a copy in both, never in neither.
-            dlq.enqueue_batch(dead).await?;
+            if let Err(err) = dlq.enqueue_batch(dead.clone()).await {
+                self.put_back(removals, dead);
+                return Err(err);
+            }
         }
         if !removals.is_empty() {
-            self.inner.storage.append_batch(removals).await?;
+            if let Err(err) = self.inner.storage.append_batch(removals.clone()).await {
+                self.put_back(removals, Vec::new());
+                return Err(err.into());
+            }
         }
         if compact {
             let keep_from = oldest.unwrap_or(u64::MAX);
@@ -513,11 +665,32 @@ impl Queue {
         }
         Ok(())
     }
+
+    /// Returns records a failed settle took, ahead of any taken since.
+    fn put_back(&self, mut removals: Vec<(u8, Bytes)>, mut dead: Vec<Message>) {
+        let mut state = lock(&self.inner.state);
+        state.removals -= removals.len() as u64;
+        removals.append(&mut state.pending_removals);
+        state.pending_removals = removals;
+        dead.append(&mut state.pending_dead);
+        state.pending_dead = dead;
+    }
+
+    /// Wakes the timer task if a deadline at `at` is earlier than the one
+    /// it sleeps towards.
+    fn arm(&self, state: &mut State, at: Duration) {
+        if state.timer_at.is_none_or(|armed| at < armed) {
+            state.timer_at = Some(at);
+            // A stored permit if the task is not waiting yet, so the wake-up
+            // cannot be lost between its look at the deadline and its wait.
+            self.inner.timer_wake.notify_one();
+        }
+    }
 }
 
 /// Runs lease expiries, delays and TTLs for a queue. Holds the queue only
 /// while it works, so dropping every handle stops it.
-async fn run_timers(queue: Weak<Inner>, changed: Arc<Notify>) {
+async fn run_timers(queue: Weak<Inner>, changed: Arc<Notify>, wake_up: Arc<Notify>) {
     loop {
         let notified = changed.notified();
         tokio::pin!(notified);
@@ -525,7 +698,10 @@ async fn run_timers(queue: Weak<Inner>, changed: Arc<Notify>) {
         let wake = {
             let Some(inner) = queue.upgrade() else { return };
             let now = inner.epoch.elapsed();
-            let next = lock(&inner.state).core.poll_timeout(now);
+            let mut state = lock(&inner.state);
+            let next = state.core.poll_timeout(now);
+            // Anything due earlier than this must wake the task (see `arm`).
+            state.timer_at = next;
             next.map(|t| inner.epoch + t)
         };
         match wake {
@@ -533,10 +709,14 @@ async fn run_timers(queue: Weak<Inner>, changed: Arc<Notify>) {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
                     _ = &mut notified => continue,
+                    _ = wake_up.notified() => continue,
                 }
             }
             None => {
-                notified.await;
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = wake_up.notified() => {}
+                }
                 continue;
             }
         }
@@ -586,6 +766,9 @@ impl Consumer {
         let now = self.queue.now();
         let mut state = lock(&self.queue.inner.state);
         let delivery = state.core.poll_delivery(self.id, now)?;
+        // The lease must end by itself, even if nothing else happens on
+        // this queue.
+        self.queue.arm(&mut state, delivery.lease_until);
         let payload = state
             .payloads
             .get(&delivery.id)
@@ -648,11 +831,14 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// Done with it: removed for good (durably, under the fsync policy).
+    /// Done with it: removed for good (durably, under the fsync policy,
+    /// when this returns). Refused once the lease has ended, even if the
+    /// message has not been given to anyone else yet.
     pub async fn ack(self) -> Result<(), QueueError> {
+        let now = self.queue.now();
         lock(&self.queue.inner.state)
             .core
-            .ack(self.consumer, self.id, self.delivery)?;
+            .ack_at(self.consumer, self.id, self.delivery, now)?;
         // The consumer has credit again: wake it if it waits in `recv`.
         self.queue.inner.changed.notify_waiters();
         self.queue.settle().await
@@ -672,16 +858,15 @@ impl Delivery {
         self.queue.settle().await
     }
 
-    /// Keep the lease for `by` from now.
+    /// Keep the lease for `by` from now (refused once it has ended).
     pub fn extend(&self, by: Duration) -> Result<(), QueueError> {
         let now = self.queue.now();
-        lock(&self.queue.inner.state).core.extend(
-            self.consumer,
-            self.id,
-            self.delivery,
-            by,
-            now,
-        )?;
+        let mut state = lock(&self.queue.inner.state);
+        let until = state
+            .core
+            .extend(self.consumer, self.id, self.delivery, by, now)?;
+        self.queue.arm(&mut state, until);
+        drop(state);
         self.queue.inner.changed.notify_waiters();
         Ok(())
     }

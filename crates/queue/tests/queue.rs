@@ -325,3 +325,123 @@ async fn a_full_queue_refuses_more_and_takes_again_once_consumed() {
     consumer.recv().await.ack().await.unwrap();
     queue.enqueue(Message::new("fits now")).await.unwrap();
 }
+
+/// Waits (bounded) until `done` holds, looking every 10 ms.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    within(what, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_lease_expires_by_itself_on_an_idle_queue_and_the_late_ack_is_refused() {
+    let dir = TempDir::new("idle-lease");
+    let options = QueueOptions::new(
+        LogOptions::default().with_fsync(FsyncPolicy::Never),
+        QueueConfig::default().with_visibility_timeout(Duration::from_millis(100)),
+    );
+    let queue = Queue::open(&dir.0, "idle", options).await.unwrap();
+    queue.enqueue(Message::new("m")).await.unwrap();
+    // Let the queue's timer see the enqueue and go idle (a ready message
+    // needs no timer), so that nothing but the delivery can arm it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let hung = queue.consumer(1);
+    let held = hung.try_recv().expect("ready");
+    // Nothing else happens on the queue: the lease must end on its own.
+    until("the lease to expire", || queue.stats().in_flight == 0).await;
+    assert!(
+        matches!(held.ack().await, Err(QueueError::Lease(_))),
+        "an ack after the lease ended is refused"
+    );
+    let other = queue.consumer(1);
+    let again = within("redelivery", other.recv()).await;
+    assert_eq!(again.delivery, 2);
+    again.ack().await.unwrap();
+    assert_eq!(queue.stats().acknowledged, 1);
+}
+
+#[tokio::test]
+async fn a_restarted_queue_copies_its_payloads_out_of_the_segment() {
+    // Two live messages stored side by side in one segment. Replayed as
+    // slices of the segment as read, they would sit in one allocation
+    // exactly one record apart (and keep the whole segment alive); copied
+    // out, each has an allocation of its own.
+    let dir = TempDir::new("replay-copies");
+    let payload = vec![9u8; 1000];
+    {
+        let queue = Queue::open(&dir.0, "pinned", options()).await.unwrap();
+        queue
+            .enqueue_batch(vec![Message::new(payload.clone()); 2])
+            .await
+            .unwrap();
+    }
+    let queue = Queue::open(&dir.0, "pinned", options()).await.unwrap();
+    let consumer = queue.consumer(2);
+    let (a, b) = (consumer.try_recv().unwrap(), consumer.try_recv().unwrap());
+    assert_eq!(
+        (&a.payload[..], &b.payload[..]),
+        (&payload[..], &payload[..])
+    );
+    let (first, second) = if a.id < b.id { (&a, &b) } else { (&b, &a) };
+    // On disk: 8 header + 9 kind/seq + 26 enqueue header (no key) + payload.
+    let record = 8 + 9 + 26 + payload.len();
+    let distance = (second.payload.as_ptr() as usize).wrapping_sub(first.payload.as_ptr() as usize);
+    assert_ne!(
+        distance, record,
+        "replayed payloads are slices of one segment buffer"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_letter_queue_never_dead_letters_and_can_be_purged() {
+    let dir = TempDir::new("dlq-is-a-queue");
+    let options = QueueOptions::new(
+        LogOptions::default().with_fsync(FsyncPolicy::Never),
+        QueueConfig::default().with_max_deliveries(1),
+    );
+    let queue = Queue::open(&dir.0, "jobs", options.clone()).await.unwrap();
+    queue.enqueue(Message::new("poison")).await.unwrap();
+    queue
+        .consumer(1)
+        .try_recv()
+        .unwrap()
+        .nack(Duration::ZERO)
+        .await
+        .unwrap();
+    let dlq = queue.dead_letters().unwrap().clone();
+    assert_eq!(dlq.stats().depth, 1);
+    // Nacked from the dead-letter queue many more times than
+    // max_deliveries: it stays.
+    let consumer = dlq.consumer(1);
+    for round in 1..=5 {
+        let dead = within("the dead letter", consumer.recv()).await;
+        assert_eq!(dead.delivery, round);
+        dead.nack(Duration::ZERO).await.unwrap();
+    }
+    assert_eq!((dlq.stats().depth, dlq.stats().dead_lettered), (1, 0));
+    assert!(
+        dlq.dead_letters().is_none(),
+        "no dead-letter queue of its own"
+    );
+    assert_eq!(dlq.purge().await.unwrap(), 1);
+    assert_eq!(dlq.stats().depth, 0);
+    drop((consumer, dlq, queue));
+    // Purged for good, and no `jobs.dlq.dlq` was made.
+    let queue = Queue::open(&dir.0, "jobs", options).await.unwrap();
+    assert_eq!(queue.dead_letters().unwrap().stats().depth, 0);
+    assert!(!dir.0.join("jobs.dlq.dlq").exists());
+}
+
+#[tokio::test]
+async fn names_that_are_directories_already_are_refused() {
+    let dir = TempDir::new("dot-names");
+    for bad in [".", ".."] {
+        assert!(matches!(
+            Queue::open(&dir.0, bad, options()).await,
+            Err(QueueError::InvalidName(_))
+        ));
+    }
+}
