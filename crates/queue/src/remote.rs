@@ -6,8 +6,17 @@
 //! embedded queue's: a consumer whose connection dies (its process was
 //! killed, its machine vanished) gives its unacknowledged messages back at
 //! once, for other consumers.
+//!
+//! A consumer holds at most the `prefetch` it asked for: a delivery counts
+//! against it from when the host sends it until the consumer answers it
+//! (`ack`, `nack`, even one refused because the lease had ended) or goes
+//! away, whatever happens to the lease meanwhile.
+//!
+//! A dead-letter queue (`<queue>.dlq`) is served like any queue, by name:
+//! the host hands out the one its queue owns. Errors sent to clients never
+//! carry the host's filesystem paths (those are logged on the host).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use courier_rpc::{Client, ClientConfig, ItemStream, Items, RpcError};
 use courier_transport::Address;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::core::{MessageId, QueueStats};
 use crate::{Delivery, Enqueued, Message, Queue, QueueError, QueueOptions};
@@ -40,6 +50,10 @@ pub enum RemoteError {
     /// The caller may not do this (nothing else about the connection changes).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// No queue of this name exists on the host (asking for its counters or
+    /// purging it does not create it).
+    #[error("no queue named {0:?}")]
+    NotFound(String),
 }
 
 /// Decides what each caller may do on a [`QueueHost`]. `who` is the
@@ -49,13 +63,31 @@ pub trait QueueAccess: Send + Sync + 'static {
     fn may_produce(&self, who: Option<&str>, queue: &str) -> bool;
     /// May `who` take messages from `queue` (and see its counters)?
     fn may_consume(&self, who: Option<&str>, queue: &str) -> bool;
+    /// May `who` discard every waiting message of `queue`? By default,
+    /// whoever may consume from it.
+    fn may_purge(&self, who: Option<&str>, queue: &str) -> bool {
+        self.may_consume(who, queue)
+    }
 }
 
 impl From<QueueError> for RemoteError {
     fn from(err: QueueError) -> RemoteError {
-        RemoteError::Queue {
-            retryable: err.is_retryable(),
-            reason: err.to_string(),
+        match err {
+            QueueError::NotFound(name) => RemoteError::NotFound(name),
+            // Opening errors name files on the host: the path stays in the
+            // host's log, the client gets a message without it.
+            QueueError::Open(open) => {
+                tracing::error!(error = %open, "could not open a queue");
+                RemoteError::Queue {
+                    reason: "the host could not open the queue's storage (details in its log)"
+                        .into(),
+                    retryable: false,
+                }
+            }
+            err => RemoteError::Queue {
+                retryable: err.is_retryable(),
+                reason: err.to_string(),
+            },
         }
     }
 }
@@ -95,8 +127,10 @@ pub trait QueueService {
     async fn nack(&self, token: u64, delay_ms: u64) -> Result<(), RemoteError>;
     /// Extends a delivery's lease by `by_ms` from now.
     async fn extend(&self, token: u64, by_ms: u64) -> Result<(), RemoteError>;
-    /// A queue's counters.
+    /// A queue's counters (`NotFound` if it does not exist).
     async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError>;
+    /// Discards every message of `queue` not leased to a consumer; how many.
+    async fn purge(&self, queue: String) -> Result<u64, RemoteError>;
 }
 
 /// The queues under one directory, each opened once and shared by whoever
@@ -138,15 +172,55 @@ impl QueueSet {
         &self.inner.dir
     }
 
-    /// The queue `name`, opened (and recovered) on first use.
+    /// The queue `name`, opened (and recovered, or created) on first use.
+    ///
+    /// `<queue>.dlq` is the dead-letter queue that `<queue>` owns (opening
+    /// `<queue>` if needed): the same one, shared, since a queue's log can
+    /// be open only once.
     pub async fn open(&self, name: &str) -> Result<Queue, QueueError> {
-        let mut queues = self.inner.queues.lock().await;
-        if let Some(queue) = queues.get(name) {
-            return Ok(queue.clone());
+        self.get(name, true).await
+    }
+
+    /// The queue `name` if it is open or stored under the directory;
+    /// [`QueueError::NotFound`] otherwise, creating nothing.
+    pub async fn open_existing(&self, name: &str) -> Result<Queue, QueueError> {
+        self.get(name, false).await
+    }
+
+    async fn get(&self, name: &str, create: bool) -> Result<Queue, QueueError> {
+        let parent = Queue::dead_letter_parent(name);
+        let owner = parent.unwrap_or(name);
+        if Queue::dead_letter_parent(owner).is_some() {
+            // A dead-letter queue has no dead-letter queue of its own.
+            return Err(QueueError::NotFound(name.to_string()));
         }
-        let queue = Queue::open(&self.inner.dir, name, self.inner.options.clone()).await?;
-        queues.insert(name.to_string(), queue.clone());
-        Ok(queue)
+        let mut queues = self.inner.queues.lock().await;
+        let queue = match queues.get(owner) {
+            Some(queue) => queue.clone(),
+            None => {
+                if !create {
+                    // Checked before touching the disk: the name becomes a
+                    // path below.
+                    if !Queue::valid_name(name) {
+                        return Err(QueueError::InvalidName(name.to_string()));
+                    }
+                    let stored = |n: &str| self.inner.dir.join(n).is_dir();
+                    if !stored(owner) && !stored(name) {
+                        return Err(QueueError::NotFound(name.to_string()));
+                    }
+                }
+                let queue = Queue::open(&self.inner.dir, owner, self.inner.options.clone()).await?;
+                queues.insert(owner.to_string(), queue.clone());
+                queue
+            }
+        };
+        match parent {
+            None => Ok(queue),
+            Some(_) => queue
+                .dead_letters()
+                .cloned()
+                .ok_or_else(|| QueueError::NotFound(name.to_string())),
+        }
     }
 
     /// The queues open now, by name (dead-letter queues through their
@@ -204,13 +278,60 @@ impl QueueSet {
 struct Held {
     delivery: Delivery,
     owner: Option<Arc<str>>,
+    /// The consumer stream it went out on.
+    stream: u64,
+    /// One of the consumer's `prefetch` permits, returned when this is
+    /// dropped: when the delivery is answered or its consumer goes away,
+    /// not when its lease expires (the client still holds it then).
+    _credit: OwnedSemaphorePermit,
+}
+
+/// Every delivery waiting for its answer, by token and by consumer stream,
+/// so that each operation costs the same however many a consumer holds.
+#[derive(Default)]
+struct Table {
+    held: HashMap<u64, Held>,
+    by_stream: HashMap<u64, HashSet<u64>>,
+}
+
+impl Table {
+    fn insert(&mut self, token: u64, held: Held) {
+        self.by_stream.entry(held.stream).or_default().insert(token);
+        self.held.insert(token, held);
+    }
+
+    fn get(&self, token: u64, who: &Option<Arc<str>>) -> Option<&Held> {
+        self.held.get(&token).filter(|held| held.owner == *who)
+    }
+
+    /// The delivery under `token`, if it was delivered to `who`.
+    fn take(&mut self, token: u64, who: &Option<Arc<str>>) -> Option<Held> {
+        self.get(token, who)?;
+        let held = self.held.remove(&token)?;
+        if let Some(tokens) = self.by_stream.get_mut(&held.stream) {
+            tokens.remove(&token);
+        }
+        Some(held)
+    }
+
+    /// Forgets a stream's deliveries (its consumer went away).
+    fn forget_stream(&mut self, stream: u64) {
+        for token in self.by_stream.remove(&stream).unwrap_or_default() {
+            self.held.remove(&token);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.held.len()
+    }
 }
 
 /// Serves every queue of a [`QueueSet`].
 pub struct QueueHost {
     queues: QueueSet,
-    outstanding: Arc<Mutex<HashMap<u64, Held>>>,
+    outstanding: Arc<Mutex<Table>>,
     next_token: AtomicU64,
+    next_stream: AtomicU64,
     access: Option<Arc<dyn QueueAccess>>,
 }
 
@@ -229,16 +350,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Forgets a consumer's outstanding deliveries when its stream ends, so
 /// nobody can answer them after the messages went back to the queue.
 struct Outstanding {
-    table: Arc<Mutex<HashMap<u64, Held>>>,
-    mine: Vec<u64>,
+    table: Arc<Mutex<Table>>,
+    stream: u64,
 }
 
 impl Drop for Outstanding {
     fn drop(&mut self) {
-        let mut table = lock(&self.table);
-        for token in &self.mine {
-            table.remove(token);
-        }
+        lock(&self.table).forget_stream(self.stream);
     }
 }
 
@@ -255,6 +373,7 @@ impl QueueHost {
             queues,
             outstanding: Arc::default(),
             next_token: AtomicU64::new(1),
+            next_stream: AtomicU64::new(1),
             access: None,
         }
     }
@@ -265,26 +384,26 @@ impl QueueHost {
         self
     }
 
-    fn check(&self, queue: &str, produce: bool) -> Result<(), RemoteError> {
+    /// Deliveries sent to consumers and not answered yet, over all queues.
+    pub fn outstanding(&self) -> usize {
+        lock(&self.outstanding).len()
+    }
+
+    fn check(&self, queue: &str, action: Action) -> Result<(), RemoteError> {
         let Some(access) = &self.access else {
             return Ok(());
         };
         let who = courier_rpc::caller();
-        let allowed = if produce {
-            access.may_produce(who.as_deref(), queue)
-        } else {
-            access.may_consume(who.as_deref(), queue)
+        let (allowed, doing) = match action {
+            Action::Produce => (access.may_produce(who.as_deref(), queue), "producing to"),
+            Action::Consume => (access.may_consume(who.as_deref(), queue), "consuming from"),
+            Action::Purge => (access.may_purge(who.as_deref(), queue), "purging"),
         };
         if allowed {
             Ok(())
         } else {
             Err(RemoteError::PermissionDenied(format!(
-                "{} queue {queue}",
-                if produce {
-                    "producing to"
-                } else {
-                    "consuming from"
-                }
+                "{doing} queue {queue}"
             )))
         }
     }
@@ -293,18 +412,21 @@ impl QueueHost {
         Ok(self.queues.open(name).await?)
     }
 
-    /// The delivery under `token`, if it was delivered to the caller.
+    /// The delivery under `token`, if it was delivered to the caller. Taking
+    /// it gives the consumer's credit back, whatever the answer's outcome.
     fn take(&self, token: u64) -> Result<Delivery, RemoteError> {
-        let mut outstanding = lock(&self.outstanding);
-        match outstanding.get(&token) {
-            Some(held) if held.owner == courier_rpc::caller() => {}
-            _ => return Err(RemoteError::UnknownDelivery),
-        }
-        Ok(outstanding
-            .remove(&token)
-            .expect("present: checked under the same lock")
-            .delivery)
+        let held = lock(&self.outstanding)
+            .take(token, &courier_rpc::caller())
+            .ok_or(RemoteError::UnknownDelivery)?;
+        Ok(held.delivery)
     }
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Produce,
+    Consume,
+    Purge,
 }
 
 impl QueueService for QueueHost {
@@ -313,7 +435,7 @@ impl QueueService for QueueHost {
         queue: String,
         messages: Vec<Message>,
     ) -> Result<Vec<Enqueued>, RemoteError> {
-        self.check(&queue, true)?;
+        self.check(&queue, Action::Produce)?;
         Ok(self.queue(&queue).await?.enqueue_batch(messages).await?)
     }
 
@@ -323,7 +445,7 @@ impl QueueService for QueueHost {
         prefetch: u32,
         items: Items<Result<WireDelivery, RemoteError>>,
     ) {
-        if let Err(err) = self.check(&queue, false) {
+        if let Err(err) = self.check(&queue, Action::Consume) {
             let _ = items.send(Err(err)).await;
             return;
         }
@@ -335,14 +457,22 @@ impl QueueService for QueueHost {
                 return;
             }
         };
+        // The consumer's credit: one permit per delivery it holds, taken
+        // before a message is leased and returned only by its answer or the
+        // consumer's end, so it never holds more than it asked for.
+        let prefetch = (prefetch.max(1) as usize).min(Semaphore::MAX_PERMITS);
+        let credit = Arc::new(Semaphore::new(prefetch));
         // Dropped when the client goes away (the call is cancelled): its
         // messages go back to the queue and its tokens are forgotten.
-        let consumer = queue.consumer(prefetch as usize);
-        let mut outstanding = Outstanding {
+        let consumer = queue.consumer(prefetch);
+        let _outstanding = Outstanding {
             table: self.outstanding.clone(),
-            mine: Vec::new(),
+            stream: self.next_stream.fetch_add(1, Ordering::Relaxed),
         };
         loop {
+            let Ok(permit) = credit.clone().acquire_owned().await else {
+                return; // never closed; nothing to serve if it were
+            };
             let delivery = consumer.recv().await;
             let token = self.next_token.fetch_add(1, Ordering::Relaxed);
             let wire = WireDelivery {
@@ -356,12 +486,10 @@ impl QueueService for QueueHost {
                 Held {
                     delivery,
                     owner: owner.clone(),
+                    stream: _outstanding.stream,
+                    _credit: permit,
                 },
             );
-            outstanding
-                .mine
-                .retain(|t| lock(&self.outstanding).contains_key(t));
-            outstanding.mine.push(token);
             if items.send(Ok(wire)).await.is_err() {
                 return;
             }
@@ -382,15 +510,19 @@ impl QueueService for QueueHost {
     async fn extend(&self, token: u64, by_ms: u64) -> Result<(), RemoteError> {
         let outstanding = lock(&self.outstanding);
         let held = outstanding
-            .get(&token)
-            .filter(|held| held.owner == courier_rpc::caller())
+            .get(token, &courier_rpc::caller())
             .ok_or(RemoteError::UnknownDelivery)?;
         Ok(held.delivery.extend(Duration::from_millis(by_ms))?)
     }
 
     async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError> {
-        self.check(&queue, false)?;
-        Ok(self.queue(&queue).await?.stats())
+        self.check(&queue, Action::Consume)?;
+        Ok(self.queues.open_existing(&queue).await?.stats())
+    }
+
+    async fn purge(&self, queue: String) -> Result<u64, RemoteError> {
+        self.check(&queue, Action::Purge)?;
+        Ok(self.queues.open_existing(&queue).await?.purge().await?)
     }
 }
 
@@ -470,9 +602,14 @@ impl RemoteQueue {
         })
     }
 
-    /// The queue's counters.
+    /// The queue's counters ([`RemoteError::NotFound`] if it does not exist).
     pub async fn stats(&self) -> Result<QueueStats, RemoteQueueError> {
         Ok(self.client.stats(self.name.clone()).await??)
+    }
+
+    /// Discards every message not leased to a consumer; see [`Queue::purge`].
+    pub async fn purge(&self) -> Result<u64, RemoteQueueError> {
+        Ok(self.client.purge(self.name.clone()).await??)
     }
 }
 

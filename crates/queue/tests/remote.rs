@@ -2,20 +2,22 @@
 
 use std::time::Duration;
 
+use courier_queue::core::QueueConfig;
 use courier_queue::log::{FsyncPolicy, LogOptions};
 use courier_queue::remote::{
     QueueHost, QueueServiceServer, RemoteError, RemoteQueue, RemoteQueueError,
 };
-use courier_queue::{Enqueued, Message, QueueOptions};
+use courier_queue::{parse_dead_letter, Enqueued, Message, QueueOptions};
 use courier_rpc::{ClientConfig, Server, ServerConfig, ServerHandle};
 
 async fn host(name: &str) -> (ServerHandle, std::path::PathBuf) {
+    host_with(name, QueueConfig::default()).await
+}
+
+async fn host_with(name: &str, config: QueueConfig) -> (ServerHandle, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("courier-remote-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let options = QueueOptions::new(
-        LogOptions::default().with_fsync(FsyncPolicy::Never),
-        Default::default(),
-    );
+    let options = QueueOptions::new(LogOptions::default().with_fsync(FsyncPolicy::Never), config);
     let listener =
         courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
             .await
@@ -145,5 +147,187 @@ async fn embedded_and_remote_queues_share_one_api() {
         .await
         .unwrap();
     exercise(&embedded).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Waits (bounded) until the queue's counters satisfy `done`.
+async fn until_stats(
+    queue: &RemoteQueue,
+    what: &str,
+    done: impl Fn(&courier_queue::core::QueueStats) -> bool,
+) {
+    within(what, async {
+        while !done(&queue.stats().await.unwrap()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// Whether the consumer receives nothing for a while (a bound on a
+/// negative, not a measurement: anything that arrives fails the test).
+async fn receives_nothing(consumer: &mut courier_queue::remote::RemoteConsumer) -> bool {
+    tokio::time::timeout(Duration::from_millis(600), consumer.recv())
+        .await
+        .is_err()
+}
+
+#[tokio::test]
+async fn a_remote_lease_expires_on_an_idle_queue_and_the_late_ack_is_refused() {
+    let config = QueueConfig::default().with_visibility_timeout(Duration::from_millis(300));
+    let (server, dir) = host_with("idle-lease", config).await;
+    let queue = RemoteQueue::connect(server.local_addr(), "idle", ClientConfig::default())
+        .await
+        .unwrap();
+    queue.enqueue(Message::new("m")).await.unwrap();
+    // The queue's timer goes idle before the consumer comes.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut hung = queue.consumer(1).await.unwrap();
+    let held = within("delivery", hung.recv()).await.unwrap().unwrap();
+    until_stats(&queue, "the lease to expire", |s| s.in_flight == 0).await;
+    assert!(
+        matches!(
+            held.ack().await,
+            Err(RemoteQueueError::Queue(RemoteError::Queue { .. }))
+        ),
+        "the late ack is refused"
+    );
+    // (The refused answer gave the hung consumer its credit back, so it may
+    // have taken the message again before it went.)
+    drop(hung);
+    let mut other = queue.consumer(1).await.unwrap();
+    let again = within("redelivery", other.recv()).await.unwrap().unwrap();
+    assert!(again.delivery >= 2);
+    again.ack().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_remote_consumer_never_holds_more_than_its_prefetch_whatever_expires() {
+    let config = QueueConfig::default().with_visibility_timeout(Duration::from_millis(200));
+    let (server, dir) = host_with("prefetch", config).await;
+    let queue = RemoteQueue::connect(server.local_addr(), "work", ClientConfig::default())
+        .await
+        .unwrap();
+    queue
+        .enqueue_batch((0..10u8).map(|n| Message::new(vec![n])).collect())
+        .await
+        .unwrap();
+    // A consumer that never acknowledges.
+    let mut greedy = queue.consumer(2).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(within("delivery", greedy.recv()).await.unwrap().unwrap());
+    }
+    // Its leases expire; its credit stays spent: it still holds both.
+    until_stats(&queue, "the leases to expire", |s| {
+        s.in_flight == 0 || s.delivered > 2
+    })
+    .await;
+    assert!(receives_nothing(&mut greedy).await, "held more than 2");
+    assert_eq!(queue.stats().await.unwrap().delivered, 2);
+    // Answering one, even too late to count, gives one delivery's credit back.
+    assert!(held.pop().unwrap().ack().await.is_err(), "late ack refused");
+    held.push(within("one more", greedy.recv()).await.unwrap().unwrap());
+    assert!(receives_nothing(&mut greedy).await, "held more than 2");
+    assert_eq!(queue.stats().await.unwrap().delivered, 3);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_dead_letter_queue_is_a_queue_over_the_network() {
+    let config = QueueConfig::default().with_max_deliveries(1);
+    let (server, dir) = host_with("dlq", config).await;
+    let jobs = RemoteQueue::connect(server.local_addr(), "jobs", ClientConfig::default())
+        .await
+        .unwrap();
+    jobs.enqueue(Message::new("poison")).await.unwrap();
+    let mut consumer = jobs.consumer(1).await.unwrap();
+    let poison = within("delivery", consumer.recv()).await.unwrap().unwrap();
+    poison.nack(Duration::ZERO).await.unwrap();
+    drop(consumer);
+
+    let dlq = RemoteQueue::connect(server.local_addr(), "jobs.dlq", ClientConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(dlq.stats().await.unwrap().depth, 1);
+    let mut dead = dlq.consumer(1).await.unwrap();
+    // Nacked from the dead-letter queue past max_deliveries: it stays.
+    for round in 1..=3 {
+        let letter = within("dead letter", dead.recv()).await.unwrap().unwrap();
+        assert_eq!(letter.delivery, round);
+        let (history, payload) = parse_dead_letter(letter.payload.clone()).unwrap();
+        assert_eq!((&payload[..], history.len()), (&b"poison"[..], 1));
+        letter.nack(Duration::ZERO).await.unwrap();
+    }
+    drop(dead);
+    until_stats(&dlq, "the consumer to go", |s| s.in_flight == 0).await;
+    assert_eq!(dlq.purge().await.unwrap(), 1);
+    assert_eq!(dlq.stats().await.unwrap().depth, 0);
+    // The queue itself still takes messages, and nothing was made for the
+    // dead-letter queue's own sake.
+    jobs.enqueue(Message::new("fine")).await.unwrap();
+    assert!(!dir.join("jobs.dlq.dlq").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_stats_of_a_missing_queue_are_not_found_and_create_nothing() {
+    let (server, dir) = host("missing").await;
+    let connect = |name: &'static str| {
+        RemoteQueue::connect(server.local_addr(), name, ClientConfig::default())
+    };
+    for name in ["orders.dlq", "orders", "orders.dlq.dlq"] {
+        let queue = connect(name).await.unwrap();
+        assert!(
+            matches!(
+                queue.stats().await,
+                Err(RemoteQueueError::Queue(RemoteError::NotFound(_)))
+            ),
+            "{name}"
+        );
+        assert!(matches!(
+            queue.purge().await,
+            Err(RemoteQueueError::Queue(RemoteError::NotFound(_)))
+        ));
+    }
+    assert!(!dir.join("orders").exists() && !dir.join("orders.dlq").exists());
+    // Asking did not break the queue.
+    let orders = connect("orders").await.unwrap();
+    orders.enqueue(Message::new("o")).await.unwrap();
+    assert_eq!(
+        connect("orders.dlq")
+            .await
+            .unwrap()
+            .stats()
+            .await
+            .unwrap()
+            .depth,
+        0
+    );
+    assert_eq!(orders.stats().await.unwrap().depth, 1);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn errors_sent_to_clients_do_not_reveal_server_paths() {
+    let (server, dir) = host("paths").await;
+    // A file where the queue's directory should be: its log cannot open.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("broken"), b"not a directory").unwrap();
+    let queue = RemoteQueue::connect(server.local_addr(), "broken", ClientConfig::default())
+        .await
+        .unwrap();
+    let err = queue.enqueue(Message::new("m")).await.unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(
+        matches!(err, RemoteQueueError::Queue(RemoteError::Queue { .. })),
+        "{text}"
+    );
+    let root = std::env::temp_dir();
+    assert!(
+        !text.contains(root.to_str().unwrap()) && !text.contains("broken/"),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
