@@ -8,7 +8,9 @@
 //!   take messages under leases, `ack` after processing, `nack` (with an
 //!   optional delay) or `extend`; expired leases and departed consumers give
 //!   messages back; after `max_deliveries` a message goes to the
-//!   `<name>.dlq` queue with its delivery history; per-message
+//!   `<name>.dlq` queue with its delivery history (a dead-letter queue is
+//!   a queue like any other, except that it never dead-letters: a dead
+//!   letter stays until acknowledged or [`Queue::purge`]d); per-message
 //!   time-to-live, delayed delivery, and idempotency keys answered with an
 //!   explicit [`Enqueued::Duplicate`].
 //! - [`remote`]: the same queues served as a courier-rpc service
