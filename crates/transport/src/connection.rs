@@ -260,6 +260,15 @@ impl FrameSender {
         }
     }
 
+    /// Tells the peer we are alive without waiting: sends a pong nobody
+    /// asked for (peers absorb pongs, and any frame counts as life for
+    /// their heartbeat), or nothing if the send buffer is full. For a side
+    /// that stops reading for a while (backpressure), and so stops
+    /// answering pings, while it is busy rather than dead.
+    pub fn keepalive(&self) {
+        self.shared.send_control(FrameKind::Pong, 0);
+    }
+
     /// Bytes queued on this connection and not yet accepted by the socket
     /// (stream links; 0 on other links, which queue frames, not bytes).
     /// Bounded by [`TransportConfig::send_buffer`](crate::TransportConfig::send_buffer)
