@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use courier_transport::{
-    connect, Address, Frame, FrameKind, FrameReceiver, FrameSender, SendError, TransportConfig,
+    connect, Address, Frame, FrameKind, FrameReceiver, FrameSender, Heartbeat, SendError,
+    TransportConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -16,16 +17,34 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::protocol::RequestHeader;
+use crate::protocol::{decode_ext, limit_from_wire, HelloExt, RequestHeader, WelcomeExt};
 use crate::stream::{ItemStream, WINDOW};
 use crate::{RpcError, RpcFault};
+
+/// The heartbeat a [`ClientConfig`] has by default: a ping after 250 ms
+/// without sending anything, the server declared dead after 1 s without
+/// hearing anything from it. So a call to a frozen (SIGSTOP'd) server, or one
+/// whose host vanished without closing its sockets, fails with
+/// [`RpcError::Unavailable`] in about a second instead of at its deadline,
+/// and the next call connects again. A live server answers pings whenever
+/// it reads the connection, and sends keepalives while its per-connection
+/// call limit keeps it from reading, so idle or busy connections to a live
+/// server are never dropped.
+pub const DEFAULT_HEARTBEAT: Heartbeat = Heartbeat {
+    interval: Duration::from_millis(250),
+    timeout: Duration::from_secs(1),
+};
 
 /// Client settings.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// Transport limits and heartbeats (heartbeats make a dead server fail
-    /// calls promptly even when its host vanishes without closing sockets).
+    /// Transport limits and heartbeats. Default: the transport's defaults
+    /// with [`DEFAULT_HEARTBEAT`] (heartbeats make a dead server fail calls
+    /// promptly even when its host vanishes without closing sockets). Set
+    /// `transport.heartbeat = None` to turn them off, or another
+    /// [`Heartbeat`] for other timings; a replaced `transport` keeps only
+    /// the heartbeat it has itself.
     pub transport: TransportConfig,
     /// Deadline of each call unless changed with `with_timeout`. Default 10 s.
     pub timeout: Duration,
@@ -39,7 +58,7 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
-            transport: TransportConfig::default(),
+            transport: TransportConfig::default().with_heartbeat(DEFAULT_HEARTBEAT),
             timeout: Duration::from_secs(10),
             max_in_flight: 10_000,
             token: None,
@@ -167,8 +186,13 @@ async fn hello(
     let hello = crate::auth::Hello {
         token: config.token.clone(),
     };
+    // Servers of every version ignore what follows the hello; see
+    // `protocol` for how the extensions stay compatible.
+    let ext = HelloExt {
+        max_frame_size: sender.max_frame_size() as u64,
+    };
     sender
-        .send_message(FrameKind::Hello, 0, &hello)
+        .send_message(FrameKind::Hello, 0, &(hello, ext))
         .await
         .map_err(|err| unavailable(err.to_string()))?;
     let answer = tokio::time::timeout(config.timeout, receiver.recv())
@@ -177,9 +201,18 @@ async fn hello(
         .map_err(|err| unavailable(err.to_string()))?
         .ok_or_else(|| unavailable("the server closed the connection during hello".into()))?;
     match answer.kind {
-        FrameKind::Hello => crate::__private::decode::<crate::auth::Welcome>(&answer.payload)
-            .map(|_| ())
-            .map_err(|err| RpcError::Decode(format!("undecodable welcome: {err}"))),
+        FrameKind::Hello => {
+            let (_welcome, rest) =
+                postcard::take_from_bytes::<crate::auth::Welcome>(&answer.payload)
+                    .map_err(|err| RpcError::Decode(format!("undecodable welcome: {err}")))?;
+            // A server that announces its frame limit: requests it would
+            // refuse (by ending the connection) are refused here, before
+            // any I/O, with its limit.
+            if let Some(ext) = decode_ext::<WelcomeExt>(rest) {
+                sender.limit_frame_size(limit_from_wire(ext.max_frame_size));
+            }
+            Ok(())
+        }
         FrameKind::Error => Err(
             match crate::__private::decode::<RpcFault>(&answer.payload) {
                 Ok(fault) => fault.into(),
@@ -276,6 +309,15 @@ impl Client {
         self.timeout
     }
 
+    /// The largest request frame this client sends on its current
+    /// connection: its own `max_frame_size`, or the server's if that is
+    /// lower (servers announce theirs in the welcome). `None` before the
+    /// first connection.
+    pub async fn max_frame_size(&self) -> Option<usize> {
+        let link = self.inner.link.lock().await;
+        link.as_ref().map(|link| link.sender.max_frame_size())
+    }
+
     async fn link(&self) -> Result<Arc<Link>, RpcError> {
         let mut current = self.inner.link.lock().await;
         if let Some(link) = current
@@ -344,9 +386,8 @@ impl Client {
         {
             guard.answered = true;
             return Err(match err {
-                SendError::FrameTooLarge { .. } | SendError::Serialize(_) => {
-                    RpcError::Serialize(err.to_string())
-                }
+                SendError::FrameTooLarge { size, limit } => RpcError::TooLarge { size, limit },
+                SendError::Serialize(_) => RpcError::Serialize(err.to_string()),
                 other => {
                     link.fail(&other.to_string());
                     RpcError::Unavailable(other.to_string())

@@ -69,6 +69,14 @@ pub enum RpcFault {
         /// "" for the total, " per identity" for an identity's.
         scope: String,
     },
+    /// The handler panicked (or its reply could not be sent). The panic is
+    /// logged on the server with the service and method; the reason here
+    /// says no more than that.
+    #[error("internal error on the server: {reason}")]
+    Internal {
+        /// What failed, without the server's internals.
+        reason: String,
+    },
     /// A streaming handler produced an item that could not be sent (too
     /// large for a frame, or not serializable); the stream ended there.
     #[error("the server could not send a stream item: {reason}")]
@@ -142,12 +150,28 @@ pub enum RpcError {
         /// "" for the total, " per identity" for an identity's.
         scope: String,
     },
-    /// The arguments could not be serialized, or exceed the frame limit. Not retryable.
+    /// The arguments could not be serialized. Not retryable. (A request too
+    /// large for the frame limit is [`RpcError::TooLarge`].)
     #[error("arguments could not be sent: {0}")]
     Serialize(String),
     /// The reply, or the server's report, could not be decoded. Not retryable.
     #[error("reply could not be decoded: {0}")]
     Decode(String),
+    /// The request exceeds the frame limit: the smaller of this client's
+    /// `max_frame_size` and the one the server announced in its welcome.
+    /// Refused before any I/O; the connection stays usable. Not retryable.
+    #[error("a request of {size} bytes exceeds the frame limit of {limit} bytes")]
+    TooLarge {
+        /// The encoded request's size (frame header included).
+        size: usize,
+        /// The limit it exceeds.
+        limit: usize,
+    },
+    /// The server failed while handling the call: its handler panicked, or
+    /// its reply could not be sent. Answered at once (not at the deadline).
+    /// Not retryable by default: the same call is likely to fail the same way.
+    #[error("internal error on the server: {0}")]
+    Internal(String),
     /// The server's handler produced a stream item it could not send (too
     /// large for a frame, or not serializable), so the stream ended early:
     /// items after it were never sent. Not retryable as such.
@@ -189,6 +213,7 @@ impl From<RpcFault> for RpcError {
                 RpcError::TooManyConnections { limit, scope }
             }
             RpcFault::ItemNotSent { reason } => RpcError::ItemNotSent(reason),
+            RpcFault::Internal { reason } => RpcError::Internal(reason),
         }
     }
 }

@@ -12,7 +12,19 @@
 //!   up at the deadline; the server stops the handler at the same deadline.
 //! - **Cancellation**: dropping a call's future (or its timing out) sends
 //!   `Cancel`; the server aborts the handler task, so the handler's state is
-//!   dropped where it stands.
+//!   dropped where it stands. Work a handler handed elsewhere (a spawned
+//!   task, a blocking thread) can see it through a [`CallContext`]
+//!   ([`CallContext::current`], [`cancelled`], [`remaining`]), which also
+//!   gives the call's deadline.
+//! - **Failures are answered at once**: a handler that panics gets its
+//!   caller [`RpcError::Internal`] straight away (and the panic is logged
+//!   with the service and method), not a wait until the deadline.
+//! - **Liveness**: clients send heartbeats by default
+//!   ([`DEFAULT_HEARTBEAT`]), so a call to a frozen server fails in about a
+//!   second.
+//! - **Frame limits** are exchanged in the hello: a request larger than the
+//!   server accepts fails locally with [`RpcError::TooLarge`], before any
+//!   I/O, and the connection stays usable.
 //! - **Backpressure**: a server runs at most `max_in_flight` calls per
 //!   connection and stops reading the connection while at the limit.
 //! - **Errors**: [`RpcError`] says what went wrong in the framework
@@ -123,11 +135,13 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use auth::{caller, Authenticator, Secret};
-pub use client::{Client, ClientConfig};
+pub use client::{Client, ClientConfig, DEFAULT_HEARTBEAT};
 pub use courier_rpc_macros::service;
 pub use courier_transport::Address;
 pub use error::{RpcError, RpcFault};
-pub use server::{Server, ServerConfig, ServerHandle, ServiceAccess};
+pub use server::{
+    cancelled, remaining, CallContext, Server, ServerConfig, ServerHandle, ServiceAccess,
+};
 #[doc(hidden)]
 pub use stream::ItemSink;
 pub use stream::{ItemError, ItemStream, Items, StreamClosed};

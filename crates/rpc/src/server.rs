@@ -2,16 +2,17 @@
 //! connection), enforces deadlines and honours cancellation.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier_transport::{Address, Connection, Frame, FrameKind, FrameSender, Listener};
-use tokio::sync::{watch, Semaphore};
+use courier_transport::{Address, Connection, Frame, FrameKind, FrameSender, Listener, SendError};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::protocol::RequestHeader;
+use crate::protocol::{decode_ext, limit_from_wire, HelloExt, RequestHeader, WelcomeExt};
 use crate::stream::ItemSink;
 use crate::{RpcFault, Service};
 
@@ -37,7 +38,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Connections at once per authenticated identity. Default 1,000.
     pub max_connections_per_identity: usize,
-    /// How long a new connection has to say hello. Default 5 s.
+    /// How long a new connection has to say hello. Default 5 s. It holds
+    /// whatever the client sends meanwhile (pings included): a connection
+    /// without a hello in time is refused and closed.
     pub hello_timeout: Duration,
     /// A connection with no call running and no frame from its client for
     /// this long is closed (its client reconnects on its next call).
@@ -50,6 +53,13 @@ pub struct ServerConfig {
     pub require_identity: bool,
     /// Decides which identity may call which service. Default: anyone.
     pub service_access: Option<ServiceAccess>,
+    /// How long the server waits for a client to take its last frames (a
+    /// refusal, the `Cancelled` reports at shutdown, an idle close) before
+    /// it drops the connection without them. Default 1 s. A client that
+    /// does not read (frozen, half-open, hostile) holds nothing up for
+    /// longer than this: [`ServerHandle::shutdown`] returns within its
+    /// grace period plus this.
+    pub close_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -67,6 +77,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("authenticator", &self.authenticator.is_some())
             .field("require_identity", &self.require_identity)
             .field("service_access", &self.service_access.is_some())
+            .field("close_timeout", &self.close_timeout)
             .finish()
     }
 }
@@ -83,6 +94,7 @@ impl Default for ServerConfig {
             authenticator: None,
             require_identity: false,
             service_access: None,
+            close_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -202,6 +214,7 @@ impl Server {
             !listeners.is_empty(),
             "a server needs at least one listener"
         );
+        let close_timeout = self.config.close_timeout;
         let shared = Arc::new(Shared {
             services: self.services,
             config: self.config,
@@ -225,6 +238,7 @@ impl Server {
             .collect();
         ServerHandle {
             local,
+            close_timeout,
             stop,
             accept,
             connections,
@@ -236,6 +250,7 @@ impl Server {
 #[derive(Debug)]
 pub struct ServerHandle {
     local: Vec<Address>,
+    close_timeout: Duration,
     stop: watch::Sender<Option<Instant>>,
     accept: Vec<JoinHandle<()>>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -264,15 +279,31 @@ impl ServerHandle {
     /// and closes every connection.
     ///
     /// When it returns, every call has ended and dropped what it held.
+    ///
+    /// Every write gives up with the grace period: a client that stopped
+    /// reading (frozen, half-open) gets at most
+    /// [`ServerConfig::close_timeout`] more to take the `Cancelled` reports,
+    /// then its connection is dropped. So this returns within `grace` plus
+    /// `close_timeout` (and a little scheduling), whatever the clients do.
     pub async fn shutdown(mut self, grace: Duration) {
         for accept in &mut self.accept {
             accept.abort();
             let _ = accept.await;
         }
-        let _ = self.stop.send(Some(Instant::now() + grace));
+        let grace_ends = Instant::now() + grace;
+        let _ = self.stop.send(Some(grace_ends));
+        // The connection tasks bound their own writes; this is the backstop
+        // for a call task that never yields, so shutdown cannot hang on it.
+        let hard_stop = grace_ends + self.close_timeout + Duration::from_secs(1);
         let connections: Vec<_> = lock(&self.connections).drain(..).collect();
-        for connection in connections {
-            let _ = connection.await;
+        for mut connection in connections {
+            if tokio::time::timeout_at(hard_stop, &mut connection)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a connection did not stop within its grace period; aborting it");
+                connection.abort();
+            }
         }
     }
 }
@@ -353,11 +384,16 @@ impl Shared {
         })
     }
 
-    /// Reads the client's hello and decides who it is.
+    /// Reads the client's hello and decides who it is. Also returns the
+    /// client's hello extension, if it sent one.
+    ///
+    /// The hello timeout bounds the whole wait, whatever arrives meanwhile:
+    /// pings are absorbed by the transport (and their pongs bounded by its
+    /// send buffer), so they cannot keep a connection that never says hello.
     async fn greet(
         &self,
         receiver: &mut courier_transport::FrameReceiver,
-    ) -> Result<Option<Arc<str>>, RpcFault> {
+    ) -> Result<(Option<Arc<str>>, Option<HelloExt>), RpcFault> {
         let refused = |reason: &str| RpcFault::Unauthenticated {
             reason: reason.to_string(),
         };
@@ -369,11 +405,12 @@ impl Shared {
         if frame.kind != FrameKind::Hello {
             return Err(refused("the first frame must be a hello"));
         }
-        let hello =
-            crate::auth::decode_hello(&frame.payload).map_err(|_| refused("malformed hello"))?;
+        let (hello, rest) = postcard::take_from_bytes::<crate::auth::Hello>(&frame.payload)
+            .map_err(|_| refused("malformed hello"))?;
+        let ext = decode_ext::<HelloExt>(rest);
         // A verified client certificate speaks for itself.
         if let Some(identity) = receiver.peer_identity() {
-            return Ok(Some(Arc::from(identity)));
+            return Ok((Some(Arc::from(identity)), ext));
         }
         let identity = match (&self.config.authenticator, &hello.token) {
             (Some(authenticator), Some(token)) => match authenticator.authenticate(token) {
@@ -387,12 +424,63 @@ impl Shared {
                 "this server requires a token or a client certificate",
             ));
         }
-        Ok(identity)
+        Ok((identity, ext))
     }
 }
 
-/// Calls running on a connection: how to stop each, and its stream credit.
-type Running = Arc<Mutex<HashMap<u64, (JoinHandle<()>, Option<Arc<Semaphore>>)>>>;
+/// A call running on a connection.
+struct RunningCall {
+    task: JoinHandle<()>,
+    /// A streaming call's credit.
+    credit: Option<Arc<Semaphore>>,
+    /// Tells the handler (and whatever it handed the context to) to stop.
+    cancel: Arc<CancelSignal>,
+}
+
+impl RunningCall {
+    /// Signals cancellation, then stops the handler where it stands.
+    fn stop(&self) {
+        self.cancel.trigger();
+        self.task.abort();
+    }
+}
+
+/// Calls running on a connection, by call id.
+type Running = Arc<Mutex<HashMap<u64, RunningCall>>>;
+
+/// How often a connection that stopped reading because it is at
+/// `max_in_flight` tells its client it is alive. Well under the client's
+/// default heartbeat timeout ([`crate::DEFAULT_HEARTBEAT`]): such a client
+/// hears nothing else from a server that is busy, not dead.
+const KEEPALIVE: Duration = Duration::from_millis(200);
+
+/// Writes `last` (if any) and closes the connection within `limit`; past
+/// it, gives up on the client (it is not reading) and drops what is queued.
+async fn close_within(sender: &FrameSender, last: Vec<Frame>, limit: Duration) {
+    let close = async {
+        for frame in last {
+            sender.feed(frame).await?;
+        }
+        sender.close().await
+    };
+    if tokio::time::timeout(limit, close).await.is_err() {
+        tracing::debug!(?limit, "the client did not take our last frames in time");
+        sender.abort();
+    }
+}
+
+/// Resolves once the server is shutting down, with the end of the grace
+/// period; with `None` when the server handle is gone.
+async fn stopping(stop: &mut watch::Receiver<Option<Instant>>) -> Option<Instant> {
+    loop {
+        if let Some(at) = *stop.borrow_and_update() {
+            return Some(at);
+        }
+        if stop.changed().await.is_err() {
+            return None;
+        }
+    }
+}
 
 async fn serve(
     shared: Arc<Shared>,
@@ -400,17 +488,19 @@ async fn serve(
     mut stop: watch::Receiver<Option<Instant>>,
 ) {
     let (sender, mut receiver) = connection.split();
+    let close_timeout = shared.config.close_timeout;
     // Nothing but a hello is read until the client is known and admitted.
     let admitted = match shared.greet(&mut receiver).await {
-        Ok(identity) => shared.admit(identity),
+        Ok((identity, ext)) => shared.admit(identity).map(|admission| (admission, ext)),
         Err(fault) => Err(fault),
     };
-    let admission = match admitted {
-        Ok(admission) => admission,
+    let (admission, ext) = match admitted {
+        Ok(admitted) => admitted,
         Err(fault) => {
             tracing::debug!(%fault, "connection refused");
-            let _ = sender.feed(fault_frame(0, &fault)).await;
-            let _ = sender.close().await;
+            // A refused client may not be reading (it may be flooding us):
+            // the refusal gets `close_timeout`, not forever.
+            close_within(&sender, vec![fault_frame(0, &fault)], close_timeout).await;
             return;
         }
     };
@@ -418,11 +508,22 @@ async fn serve(
     let welcome = crate::auth::Welcome {
         identity: identity.as_deref().map(str::to_string),
     };
-    if sender
-        .send_message(FrameKind::Hello, 0, &welcome)
-        .await
-        .is_err()
-    {
+    let sent = match ext {
+        // Replies too large for the client are refused here rather than
+        // ending the connection at the client; and only a client that sent
+        // an extension understands one after the welcome.
+        Some(ext) => {
+            sender.limit_frame_size(limit_from_wire(ext.max_frame_size));
+            let ours = WelcomeExt {
+                max_frame_size: sender.max_frame_size() as u64,
+            };
+            sender
+                .send_message(FrameKind::Hello, 0, &(welcome, ours))
+                .await
+        }
+        None => sender.send_message(FrameKind::Hello, 0, &welcome).await,
+    };
+    if sent.is_err() {
         return;
     }
     let slots = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
@@ -437,16 +538,26 @@ async fn serve(
             frame = receiver.recv() => match frame {
                 Ok(Some(frame)) => {
                     last_heard = Instant::now();
-                    handle(&shared, &identity, frame, &sender, (&slots, &streams), &running).await
+                    // `handle` may wait (for a call slot, or for a client
+                    // that does not read to take an error report): a
+                    // shutdown must not wait for it.
+                    let handled = handle(&shared, &identity, frame, &sender, (&slots, &streams), &running);
+                    tokio::select! {
+                        () = handled => {}
+                        at = stopping(&mut stop) => match at {
+                            Some(at) => break at,
+                            None => return,
+                        },
+                    }
                 }
                 // The client is gone: nobody is waiting for these calls.
                 _ => {
                     let calls: Vec<_> = lock(&running).drain().collect();
-                    for (_, (call, _)) in calls {
-                        call.abort();
+                    for (_, call) in calls {
+                        call.stop();
                         // Awaited, so the call's state is dropped when the
                         // connection task ends.
-                        let _ = call.await;
+                        let _ = call.task.await;
                     }
                     return;
                 }
@@ -454,20 +565,16 @@ async fn serve(
             () = tokio::time::sleep_until(idle_at) => {
                 if lock(&running).is_empty() {
                     tracing::debug!(?idle, "closing an idle connection");
-                    let _ = sender.close().await;
+                    close_within(&sender, Vec::new(), close_timeout).await;
                     return;
                 }
                 // Calls (streams, say) are running: not idle.
                 last_heard = Instant::now();
             }
-            changed = stop.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                if let Some(at) = *stop.borrow() {
-                    break at;
-                }
-            }
+            at = stopping(&mut stop) => match at {
+                Some(at) => break at,
+                None => return,
+            },
         }
     };
     // Shutting down: no new calls are read; give those running until the
@@ -476,12 +583,15 @@ async fn serve(
         tokio::time::sleep(Duration::from_millis(5).min(shutdown_at - Instant::now())).await;
     }
     let cancelled: Vec<_> = lock(&running).drain().collect();
-    for (id, (call, _)) in cancelled {
-        call.abort();
-        let _ = call.await;
-        let _ = sender.feed(fault_frame(id, &RpcFault::Cancelled)).await;
+    let mut reports = Vec::with_capacity(cancelled.len());
+    for (id, call) in cancelled {
+        call.stop();
+        let _ = call.task.await;
+        reports.push(fault_frame(id, &RpcFault::Cancelled));
     }
-    let _ = sender.close().await;
+    // The grace period is over: a client that does not read gets
+    // `close_timeout` to take the reports, then is dropped.
+    close_within(&sender, reports, close_timeout).await;
 }
 
 fn fault_frame(id: u64, fault: &RpcFault) -> Frame {
@@ -503,8 +613,8 @@ async fn handle(
     match frame.kind {
         FrameKind::Request => {}
         FrameKind::Cancel => {
-            if let Some((call, _)) = lock(running).remove(&frame.id) {
-                call.abort();
+            if let Some(call) = lock(running).remove(&frame.id) {
+                call.stop();
             }
             return;
         }
@@ -513,8 +623,13 @@ async fn handle(
                 .payload
                 .get(..4)
                 .map(|b| u32::from_le_bytes(b.try_into().expect("four bytes")));
-            if let (Some(granted), Some((_, Some(credit)))) =
-                (granted, lock(running).get(&frame.id))
+            if let (
+                Some(granted),
+                Some(RunningCall {
+                    credit: Some(credit),
+                    ..
+                }),
+            ) = (granted, lock(running).get(&frame.id))
             {
                 // Bounded by what a semaphore can count; a lying client only
                 // hurts its own stream (its channel overflows and it fails).
@@ -534,7 +649,12 @@ async fn handle(
             return;
         }
     };
-    let (reply, deadline, credit) = started;
+    let Started {
+        reply,
+        deadline,
+        credit,
+        service,
+    } = started;
     let streaming = credit.is_some();
     let slot = if streaming {
         // A stream may never end: refuse one too many instead of waiting.
@@ -549,31 +669,90 @@ async fn handle(
             }
         }
     } else {
-        // Bounded concurrency: wait for a slot before reading further frames.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        slot
+        // Bounded concurrency: wait for a slot before reading further
+        // frames. Not reading means not answering the client's pings, so
+        // say we are alive meanwhile: a busy server is not a dead one.
+        let acquire = slots.clone().acquire_owned();
+        tokio::pin!(acquire);
+        loop {
+            tokio::select! {
+                slot = &mut acquire => match slot {
+                    Ok(slot) => break slot,
+                    Err(_) => return,
+                },
+                () = tokio::time::sleep(KEEPALIVE) => sender.keepalive(),
+            }
+        }
     };
     let task_sender = sender.clone();
     let task_running = running.clone();
+    let cancel = Arc::new(CancelSignal::default());
+    let context = CallContext {
+        cancel: cancel.clone(),
+        deadline,
+    };
+    let stop = cancel.clone();
     // Registered under the lock, so the task cannot finish and deregister
     // before it is registered.
     let mut calls = lock(running);
     let caller = identity.clone();
+    let request = frame.payload;
     let task = tokio::spawn(async move {
-        let reply = crate::auth::as_caller(caller, reply);
+        let reply = crate::auth::as_caller(caller, CONTEXT.scope(context, CatchUnwind(reply)));
         let frame = match tokio::time::timeout_at(deadline, reply).await {
-            Ok(Ok(_)) if streaming => Frame::new(FrameKind::StreamEnd, id, Bytes::new()),
-            Ok(Ok(bytes)) => Frame::new(FrameKind::Response, id, bytes),
-            Ok(Err(fault)) => fault_frame(id, &fault),
-            Err(_) => fault_frame(id, &RpcFault::DeadlineExceeded),
+            Ok(Ok(Ok(_))) if streaming => Frame::new(FrameKind::StreamEnd, id, Bytes::new()),
+            Ok(Ok(Ok(bytes))) => Frame::new(FrameKind::Response, id, bytes),
+            Ok(Ok(Err(fault))) => fault_frame(id, &fault),
+            Ok(Err(panic)) => {
+                let method = method_name(&request);
+                tracing::error!(
+                    service,
+                    method,
+                    panic = panic_message(panic.as_ref()),
+                    "a handler panicked; the caller gets an internal error"
+                );
+                fault_frame(
+                    id,
+                    &RpcFault::Internal {
+                        reason: format!("the handler of {service}.{method} panicked"),
+                    },
+                )
+            }
+            Err(_) => {
+                cancel.trigger();
+                fault_frame(id, &RpcFault::DeadlineExceeded)
+            }
         };
         lock(&task_running).remove(&id);
         drop(slot);
-        let _ = task_sender.send(frame).await;
+        // A reply the client could not accept (over its frame limit, or
+        // ours): it still gets an answer now, not at its deadline.
+        if let Err(SendError::FrameTooLarge { size, limit }) = task_sender.send(frame).await {
+            let method = method_name(&request);
+            let reason = format!("the reply of {service}.{method} ({size} bytes)");
+            let fault = RpcFault::Internal {
+                reason: format!("{reason} exceeds the frame limit of {limit} bytes"),
+            };
+            let _ = task_sender.send(fault_frame(id, &fault)).await;
+        }
     });
-    calls.insert(id, (task, credit));
+    calls.insert(
+        id,
+        RunningCall {
+            task,
+            credit,
+            cancel: stop,
+        },
+    );
+}
+
+/// A call, decoded and ready to run.
+struct Started {
+    reply: crate::__private::Reply,
+    deadline: Instant,
+    credit: Option<Arc<Semaphore>>,
+    /// The service's name, for logs.
+    service: &'static str,
 }
 
 /// Finds the service and method, decodes the arguments, and sets up the
@@ -584,7 +763,7 @@ fn start(
     payload: &Bytes,
     id: u64,
     sender: &FrameSender,
-) -> Result<(crate::__private::Reply, Instant, Option<Arc<Semaphore>>), RpcFault> {
+) -> Result<Started, RpcFault> {
     let (header, args): (RequestHeader<'_>, &[u8]) =
         postcard::take_from_bytes(payload).map_err(|err| RpcFault::Malformed {
             reason: err.to_string(),
@@ -614,9 +793,155 @@ fn start(
         credit: credit.clone(),
     };
     let reply = service.call(header.method, args, items)?;
-    Ok((
+    Ok(Started {
         reply,
-        Instant::now() + Duration::from_millis(header.timeout_ms),
+        deadline: Instant::now() + Duration::from_millis(header.timeout_ms),
         credit,
-    ))
+        service: service.name(),
+    })
+}
+
+/// The method a request names, for logs (decoded again only when needed, so
+/// a call costs no copy of it).
+fn method_name(request: &Bytes) -> String {
+    postcard::take_from_bytes::<RequestHeader<'_>>(request)
+        .map(|(header, _)| header.method.to_string())
+        .unwrap_or_default()
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
+}
+
+/// Runs a handler's future, turning a panic inside it into an `Err` with
+/// the panic's payload, so the caller can be answered at once.
+struct CatchUnwind(crate::__private::Reply);
+
+impl std::future::Future for CatchUnwind {
+    type Output = Result<Result<Bytes, RpcFault>, Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // Unwind safety: after a panic the future is never polled again
+        // (Ready is returned and the task drops it), so no broken state is
+        // observed.
+        let reply = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply.as_mut().poll(cx))) {
+            Ok(poll) => poll.map(Ok),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// Set when a call is cancelled: by its client, by the server's shutdown,
+/// or because its deadline passed.
+#[derive(Debug, Default)]
+struct CancelSignal {
+    cancelled: AtomicBool,
+    notify: Notify,
+}
+
+impl CancelSignal {
+    fn trigger(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+}
+
+tokio::task_local! {
+    static CONTEXT: CallContext;
+}
+
+/// What a handler can know about the call it is handling: its deadline, and
+/// whether it was cancelled.
+///
+/// A call ends when its client cancels it (drops the call, or its stream),
+/// when its deadline passes, or when the server shuts down; the server then
+/// stops the handler's future where it stands. Work the handler handed
+/// elsewhere (a spawned task, a blocking thread) is not stopped by that:
+/// give it a clone of the context and let it check
+/// [`is_cancelled`](CallContext::is_cancelled) or await
+/// [`cancelled`](CallContext::cancelled) to stop early.
+///
+/// ```
+/// # async fn handler() {
+/// if let Some(call) = courier_rpc::CallContext::current() {
+///     let work = tokio::task::spawn_blocking(move || {
+///         while !call.is_cancelled() {
+///             // one step of long work
+/// #           break;
+///         }
+///     });
+/// #   let _ = work.await;
+/// }
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct CallContext {
+    cancel: Arc<CancelSignal>,
+    deadline: Instant,
+}
+
+impl CallContext {
+    /// The context of the call being handled; `None` outside a handler (and
+    /// in tasks a handler spawned: pass them a clone).
+    pub fn current() -> Option<CallContext> {
+        CONTEXT.try_with(Clone::clone).ok()
+    }
+
+    /// When the caller stops waiting (the server's view of the caller's
+    /// deadline, which travels as the time remaining).
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Time left before the deadline (zero once it passed).
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the call was cancelled or its deadline passed: nobody waits
+    /// for its result any more.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.cancelled.load(Ordering::Acquire) || Instant::now() >= self.deadline
+    }
+
+    /// Resolves when the call is cancelled or its deadline passes.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.cancel.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so no trigger is missed.
+            notified.as_mut().enable();
+            if self.cancel.cancelled.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(self.deadline) => return,
+            }
+        }
+    }
+}
+
+/// Resolves when the call being handled is cancelled by its client, stopped
+/// by the server's shutdown, or reaches its deadline; never, outside a
+/// handler. See [`CallContext`].
+pub async fn cancelled() {
+    match CallContext::current() {
+        Some(call) => call.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Time left before the deadline of the call being handled; `None` outside
+/// a handler.
+pub fn remaining() -> Option<Duration> {
+    CallContext::current().map(|call| call.remaining())
 }
