@@ -99,6 +99,22 @@ pub(crate) struct Link {
     reader: Mutex<Option<JoinHandle<()>>>,
 }
 
+impl Link {
+    /// A link over `sender` with no reader task, for unit tests that feed
+    /// a call's channel themselves.
+    #[cfg(test)]
+    pub(crate) fn for_test(sender: FrameSender) -> Arc<Link> {
+        Arc::new(Link {
+            sender,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            slots: Arc::new(Semaphore::new(1)),
+            reader: Mutex::new(None),
+        })
+    }
+}
+
 impl Drop for Link {
     fn drop(&mut self) {
         if let Some(reader) = lock(&self.reader).take() {

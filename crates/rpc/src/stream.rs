@@ -196,9 +196,36 @@ impl<T: DeserializeOwned> ItemStream<T> {
     /// The next item; `None` when the handler finished. An error ends the
     /// stream (the deadline passed, the connection died, the server
     /// refused or cancelled the call).
+    ///
+    /// Cancel-safe: dropping the future (in `select!`, under a `timeout`)
+    /// loses no item and no credit. Credit for what was consumed is granted
+    /// at the start of the next call, before waiting, and counted as given
+    /// only once its frame is queued; an item, once taken, is returned
+    /// without another await.
     pub async fn next(&mut self) -> Option<Result<T, RpcError>> {
         if self.finished {
             return None;
+        }
+        if self.consumed >= WINDOW / 2 {
+            // Grant what was consumed, keeping the window full.
+            let credit = Frame::new(
+                FrameKind::Credit,
+                self.guard.id,
+                Bytes::from(self.consumed.to_le_bytes().to_vec()),
+            );
+            // A frame fed is the connection's writer's to deliver even if
+            // this future is dropped during the flush.
+            let granted = match self.link.sender.feed(credit).await {
+                Ok(()) => {
+                    self.consumed = 0;
+                    self.link.sender.flush().await
+                }
+                Err(err) => Err(err),
+            };
+            if let Err(err) = granted {
+                self.finished = true;
+                return Some(Err(RpcError::Unavailable(err.to_string())));
+            }
         }
         let next = match tokio::time::timeout_at(self.deadline, self.items.recv()).await {
             Ok(Some(next)) => next,
@@ -208,19 +235,6 @@ impl<T: DeserializeOwned> ItemStream<T> {
         match next {
             Ok(Some(bytes)) => {
                 self.consumed += 1;
-                if self.consumed >= WINDOW / 2 {
-                    // Grant what was consumed, keeping the window full.
-                    let credit = Frame::new(
-                        FrameKind::Credit,
-                        self.guard.id,
-                        Bytes::from(self.consumed.to_le_bytes().to_vec()),
-                    );
-                    self.consumed = 0;
-                    if let Err(err) = self.link.sender.send(credit).await {
-                        self.finished = true;
-                        return Some(Err(RpcError::Unavailable(err.to_string())));
-                    }
-                }
                 Some(
                     crate::__private::decode(&bytes)
                         .map_err(|err| RpcError::Decode(err.to_string())),
@@ -237,5 +251,84 @@ impl<T: DeserializeOwned> ItemStream<T> {
                 Some(Err(err))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_transport::{bind, connect, Address, TransportConfig};
+    use std::time::Duration;
+
+    /// `next` polled once and dropped whenever it is not ready, over a link
+    /// whose writes block until the test lets the peer read: the credit it
+    /// grants waits, and no item may be lost while it does.
+    #[tokio::test]
+    async fn next_cancelled_while_its_credit_waits_loses_no_item() {
+        let address = Address::mem(format!("stream-unit-{}", std::process::id()));
+        let config = TransportConfig::default();
+        let mut listener = bind(&address, &config).await.unwrap();
+        let (client, server) = tokio::join!(connect(&address, &config), listener.accept());
+        let (sender, _client_receiver) = client.unwrap().split();
+        let (_server_sender, mut server_receiver) = server.unwrap().split();
+        // Fill the link: the peer reads nothing until told to.
+        let mut filled = 0;
+        loop {
+            let frame = Frame::new(FrameKind::Data, 0, Bytes::from_static(b"filler"));
+            match tokio::time::timeout(Duration::ZERO, sender.feed(frame)).await {
+                Ok(Ok(())) => filled += 1,
+                Ok(Err(err)) => panic!("{err}"),
+                Err(_) => break,
+            }
+            assert!(filled < 1_000_000, "the link never filled");
+        }
+        let link = Link::for_test(sender);
+        let (tx, rx) = mpsc::channel(WINDOW as usize);
+        let total = WINDOW as u64;
+        for n in 0..total {
+            tx.send(Ok(Some(Bytes::from(postcard::to_stdvec(&n).unwrap()))))
+                .await
+                .unwrap();
+        }
+        let mut stream: ItemStream<u64> = ItemStream {
+            items: rx,
+            guard: CallGuard {
+                link: link.clone(),
+                id: 1,
+                answered: true,
+            },
+            link,
+            deadline: Instant::now() + Duration::from_secs(60),
+            consumed: 0,
+            finished: false,
+            _type: PhantomData,
+        };
+        let mut expected = 0;
+        let mut stalls = 0;
+        while expected < total {
+            match tokio::time::timeout(Duration::ZERO, stream.next()).await {
+                Ok(Some(Ok(n))) => {
+                    assert_eq!(n, expected, "an item was lost while credit waited");
+                    expected += 1;
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => {
+                    // Blocked on the credit: let the peer read a little.
+                    stalls += 1;
+                    assert!(stalls < 10_000, "stuck at {expected}");
+                    for _ in 0..64 {
+                        match server_receiver.try_recv() {
+                            Some(Ok(Some(_))) => {}
+                            _ => break,
+                        }
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        assert!(
+            stalls > 0,
+            "the credit never had to wait: the test proves nothing"
+        );
     }
 }
