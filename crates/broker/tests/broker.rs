@@ -195,3 +195,50 @@ async fn a_restart_brings_back_queues_durable_subscriptions_and_unacknowledged_m
     drop(consumer);
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_remote_subscriber_accounts_for_every_message_through_the_broker() {
+    let dir = TempDir::new("slow-accounting");
+    let broker = Broker::start(config(&dir)).await.unwrap();
+    let tcp = &broker.addresses()[0];
+    let mut slow = RemotePubSub::with_client(client(tcp).await)
+        .subscribe(
+            "acct.>",
+            SubscribeOptions::default()
+                .buffer(16)
+                .policy(courier_pubsub::SlowConsumer::DropNewest),
+        )
+        .await
+        .unwrap();
+    let publisher = RemotePubSub::with_client(client(tcp).await).publisher();
+    let total = 5_000u64;
+    for n in 0..total {
+        publisher
+            .publish("acct.x", n.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    // Read everything there is, slowly at first, until the broker has been
+    // quiet for a while.
+    let (mut received, mut missed) = (0u64, 0u64);
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(2), slow.recv()).await {
+        match event.unwrap() {
+            Event::Message(_) => {
+                received += 1;
+                if received < 50 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            Event::Gap { from, to, .. } => missed += to - from,
+            Event::Dropped { count } => missed += count,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        received + missed,
+        total,
+        "received {received}, missed {missed}"
+    );
+    assert_eq!(slow.dropped(), missed);
+    broker.shutdown().await;
+}

@@ -15,9 +15,17 @@ async fn host(name: &str) -> (ServerHandle, std::path::PathBuf) {
 }
 
 async fn host_with(name: &str, config: QueueConfig) -> (ServerHandle, std::path::PathBuf) {
+    host_synced(name, config, FsyncPolicy::Never).await
+}
+
+async fn host_synced(
+    name: &str,
+    config: QueueConfig,
+    fsync: FsyncPolicy,
+) -> (ServerHandle, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("courier-remote-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let options = QueueOptions::new(LogOptions::default().with_fsync(FsyncPolicy::Never), config);
+    let options = QueueOptions::new(LogOptions::default().with_fsync(fsync), config);
     let listener =
         courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
             .await
@@ -329,5 +337,136 @@ async fn errors_sent_to_clients_do_not_reveal_server_paths() {
         !text.contains(root.to_str().unwrap()) && !text.contains("broken/"),
         "{text}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn competing_consumers_that_nack_poison_and_ack_the_rest_drain_the_queue() {
+    let mut config = QueueConfig::default();
+    config.max_deliveries = 4;
+    // `always`, as a broker runs: dead letters are written to the
+    // dead-letter queue's own log inside the parent's settle.
+    let (server, dir) = host_synced("poison", config, FsyncPolicy::Always).await;
+    let queue = RemoteQueue::connect(server.local_addr(), "jobs", ClientConfig::default())
+        .await
+        .unwrap();
+    let total = 400u32;
+    queue
+        .enqueue_batch(
+            (0..total)
+                .map(|n| Message::new(n.to_le_bytes().to_vec()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let poison = |n: u32| n.is_multiple_of(7);
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let mut consumer = queue.consumer(8).await.unwrap();
+        workers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            while let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await
+            {
+                let n = u32::from_le_bytes(delivery.payload[..4].try_into().unwrap());
+                if poison(n) {
+                    delivery.nack(Duration::ZERO).await.unwrap();
+                } else {
+                    delivery.ack().await.unwrap();
+                    acked.push(n);
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for worker in workers {
+        acked.extend(within("worker", worker).await.unwrap());
+    }
+    acked.sort_unstable();
+    let expected: Vec<u32> = (0..total).filter(|n| !poison(*n)).collect();
+    assert_eq!(acked, expected);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.in_flight), (0, 0), "{stats:?}");
+    assert_eq!(
+        stats.dead_lettered,
+        (0..total).filter(|n| poison(*n)).count() as u64
+    );
+    server.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_that_hold_some_deliveries_past_their_lease_still_drain_the_queue() {
+    let mut config = QueueConfig::default();
+    config.max_deliveries = 4;
+    config.visibility_timeout = Duration::from_millis(300);
+    let (server, dir) = host_with("held", config).await;
+    let queue = RemoteQueue::connect(server.local_addr(), "jobs", ClientConfig::default())
+        .await
+        .unwrap();
+    let total = 300u32;
+    queue
+        .enqueue_batch(
+            (0..total)
+                .map(|n| Message::new(n.to_le_bytes().to_vec()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let mut workers = Vec::new();
+    for w in 0..3u32 {
+        let mut consumer = queue.consumer(8).await.unwrap();
+        workers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut held = Vec::new();
+            let mut turn = w;
+            loop {
+                // Answer what was held once its lease has surely ended.
+                while held
+                    .first()
+                    .is_some_and(|(at, _): &(tokio::time::Instant, _)| {
+                        at.elapsed() > Duration::from_millis(900)
+                    })
+                {
+                    let (_, delivery): (_, courier_queue::remote::RemoteDelivery) = held.remove(0);
+                    assert!(delivery.ack().await.is_err(), "a late ack was accepted");
+                }
+                let next = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
+                let delivery = match next {
+                    Err(_) if held.is_empty() && turn > 100 => break,
+                    Err(_) => {
+                        turn += 1;
+                        continue;
+                    }
+                    Ok(Some(Ok(delivery))) => delivery,
+                    Ok(other) => panic!("consumer ended: {other:?}"),
+                };
+                turn += 1;
+                let n = u32::from_le_bytes(delivery.payload[..4].try_into().unwrap());
+                if turn % 10 == 0 {
+                    held.push((tokio::time::Instant::now(), delivery));
+                } else {
+                    delivery.ack().await.unwrap();
+                    acked.push(n);
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for worker in workers {
+        acked.extend(within("worker", worker).await.unwrap());
+    }
+    acked.sort_unstable();
+    acked.dedup();
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.in_flight), (0, 0), "{stats:?}");
+    assert_eq!(
+        acked.len() as u64 + stats.dead_lettered,
+        total as u64,
+        "{stats:?}"
+    );
+    server.shutdown(Duration::from_secs(1)).await;
     let _ = std::fs::remove_dir_all(dir);
 }
