@@ -59,12 +59,20 @@ pub struct SoakArgs {
     /// The broker's resident memory may not exceed this many MiB.
     #[arg(long, default_value_t = 512)]
     max_rss_mib: u64,
+    /// Run the workload and its checks without injecting faults (a baseline).
+    #[arg(long)]
+    no_faults: bool,
 }
 
 /// Lease of a delivery in the soak's broker: short, so leases expire often.
 const LEASE_MS: u64 = 600;
 /// Deliveries before a job is dead-lettered.
 const MAX_DELIVERIES: u32 = 4;
+/// Deliveries a consumer sits on at once (of its prefetch of 8).
+const HELD: usize = 2;
+/// Enqueues per second per producer: below what the consumers can take, so
+/// the backlog stays small and the drain at the end is quick.
+const PRODUCER_RATE: u64 = 400;
 /// Every job whose number is a multiple of this is poison: always refused.
 const POISON_EVERY: u64 = 97;
 /// How much longer than its own deadline an operation may take before it
@@ -282,6 +290,8 @@ async fn pipe(
 struct Ledger {
     confirmed: BTreeSet<u64>,
     acked: BTreeSet<u64>,
+    /// Acks whose answer never came: taken effect or not, nobody can say.
+    ack_unknown: BTreeSet<u64>,
     deliveries: u64,
     enqueue_failures: u64,
     published: u64,
@@ -369,12 +379,16 @@ async fn producer(shared: Arc<Shared>, index: u64) {
             }
         }
         n += 1;
+        // Paced: a soak checks correctness under faults, not throughput.
+        tokio::time::sleep(Duration::from_micros(1_000_000 / PRODUCER_RATE)).await;
     }
 }
 
 async fn consumer(shared: Arc<Shared>, seed: u64) {
     let mut rng = Rng(seed);
-    let mut held = Vec::new();
+    // Deliveries this consumer sits on, as a hung worker would, answered
+    // only after their lease has surely ended.
+    let mut held: Vec<(Instant, courier_queue::remote::RemoteDelivery)> = Vec::new();
     while !shared.stop_all.load(Ordering::Relaxed) {
         let Some(client) = connect(&shared).await else {
             return;
@@ -388,23 +402,15 @@ async fn consumer(shared: Arc<Shared>, seed: u64) {
             if shared.stop_all.load(Ordering::Relaxed) {
                 return;
             }
-            let next = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await;
+            answer_late(&shared, &mut held).await;
+            let next = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
             let delivery = match next {
-                Err(_) => {
-                    // Quiet: let held leases go (they have expired by now).
-                    held.clear();
-                    continue;
-                }
+                Err(_) => continue,
                 Ok(Some(Ok(delivery))) => delivery,
                 Ok(_) => break,
             };
             shared.ledger().deliveries += 1;
-            let Some(job) = delivery
-                .payload
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes)
-            else {
+            let Some(job) = job_of(&delivery.payload) else {
                 shared
                     .violations
                     .report(format!("a job with a bad payload: {:?}", delivery.payload));
@@ -420,8 +426,15 @@ async fn consumer(shared: Arc<Shared>, seed: u64) {
                 .await;
                 continue;
             }
-            match rng.range(0, 100) {
-                0..=84 => {
+            // Hold a few (never more than HELD at once, so the consumer
+            // keeps most of its prefetch), nack some, ack the rest.
+            let choice = match rng.range(0, 100) {
+                97.. if held.len() < HELD => 2,
+                90..=96 => 1,
+                _ => 0,
+            };
+            match choice {
+                0 => {
                     let acked = bounded(
                         &shared.violations,
                         "ack",
@@ -429,11 +442,19 @@ async fn consumer(shared: Arc<Shared>, seed: u64) {
                         delivery.ack(),
                     )
                     .await;
-                    if let Some(Ok(())) = acked {
-                        shared.ledger().acked.insert(job);
+                    match acked {
+                        Some(Ok(())) => {
+                            shared.ledger().acked.insert(job);
+                        }
+                        // The answer was lost (the connection or the broker
+                        // died): the ack may have taken effect.
+                        Some(Err(courier_queue::remote::RemoteQueueError::Rpc(_))) => {
+                            shared.ledger().ack_unknown.insert(job);
+                        }
+                        _ => {}
                     }
                 }
-                85..=92 => {
+                1 => {
                     let _ = bounded(
                         &shared.violations,
                         "nack",
@@ -443,15 +464,45 @@ async fn consumer(shared: Arc<Shared>, seed: u64) {
                     .await;
                 }
                 // Hold it: the lease expires and it goes to someone else.
-                _ => {
-                    held.push(delivery);
-                    if held.len() > 4 {
-                        held.remove(0);
-                    }
-                }
+                _ => held.push((Instant::now(), delivery)),
             }
         }
+        held.clear();
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn job_of(payload: &[u8]) -> Option<u64> {
+    payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+}
+
+/// Acknowledges held deliveries once their lease has ended: the host must
+/// refuse each (the message may be with another consumer by now), and the
+/// answer gives the consumer's credit back.
+async fn answer_late(
+    shared: &Shared,
+    held: &mut Vec<(Instant, courier_queue::remote::RemoteDelivery)>,
+) {
+    let late = Duration::from_millis(LEASE_MS * 2);
+    while held.first().is_some_and(|(at, _)| at.elapsed() > late) {
+        let (_, delivery) = held.remove(0);
+        let job = job_of(&delivery.payload);
+        let outcome = bounded(
+            &shared.violations,
+            "late ack",
+            CALL_TIMEOUT + HANG_MARGIN,
+            delivery.ack(),
+        )
+        .await;
+        if let (Some(Ok(())), Some(job)) = (outcome, job) {
+            shared.violations.report(format!(
+                "job {job} acknowledged {:?} after its {LEASE_MS} ms lease began (it should have expired)",
+                late
+            ));
+        }
     }
 }
 
@@ -486,7 +537,7 @@ async fn publisher(shared: Arc<Shared>, index: u64, seed: u64) {
             _ => shared.ledger().publish_failures += 1,
         }
         n += 1;
-        if n % 64 == 0 {
+        if n.is_multiple_of(64) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -501,12 +552,28 @@ struct Track {
     gaps: Vec<(u64, u64)>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SubscriberReport {
     received: u64,
     gap_messages: u64,
     restores: u64,
     endings: u64,
+    last_event: Instant,
+    /// The host's drop count for the current subscription.
+    host_dropped: u64,
+}
+
+impl Default for SubscriberReport {
+    fn default() -> Self {
+        SubscriberReport {
+            received: 0,
+            gap_messages: 0,
+            restores: 0,
+            endings: 0,
+            last_event: Instant::now(),
+            host_dropped: 0,
+        }
+    }
 }
 
 /// Receives and checks: per publisher, numbers strictly increase, and every
@@ -561,6 +628,11 @@ async fn consume(
                 Ok(Some(Ok(event))) => event,
                 Ok(_) => return,
             };
+        {
+            let mut report = lock(report);
+            report.last_event = Instant::now();
+            report.host_dropped = subscription.dropped();
+        }
         match event {
             Event::Message(message) => {
                 lock(report).received += 1;
@@ -619,6 +691,7 @@ async fn consume(
                     track.gaps.push((from, to));
                 }
             }
+            Event::Dropped { count } => lock(report).gap_messages += count,
             Event::Restored => {
                 lock(report).restores += 1;
                 // Missed while away is not knowable: start afresh.
@@ -746,7 +819,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
     });
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;
-    let outcome = soak(seed, args.minutes, &data, args.max_rss_mib).await;
+    let outcome = soak(seed, args.minutes, &data, args.max_rss_mib, !args.no_faults).await;
     if temporary {
         let _ = std::fs::remove_dir_all(&data);
     }
@@ -758,6 +831,7 @@ async fn soak(
     minutes: f64,
     data: &std::path::Path,
     max_rss_mib: u64,
+    faults_on: bool,
 ) -> anyhow::Result<()> {
     let mut rng = Rng(seed);
     let mut broker = BrokerProcess::start(data)?;
@@ -843,7 +917,11 @@ async fn soak(
                 max_rss >> 20
             );
         }
-        match rng.range(0, 6) {
+        let fault = rng.range(0, 6);
+        if !faults_on {
+            continue;
+        }
+        match fault {
             0 => {
                 faults.count("proxy stall");
                 proxy.stalled.send_replace(true);
@@ -907,6 +985,36 @@ async fn soak(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Let subscribers read what is buffered for them and hear of the last
+    // drops, then check that every subscription that lived through the
+    // whole run accounts for every publish: received or reported missing.
+    let quiet_deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < quiet_deadline
+        && reports
+            .iter()
+            .any(|(_, r)| lock(r).last_event.elapsed() < Duration::from_millis(1500))
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    {
+        let (published, attempted) = {
+            let ledger = shared.ledger();
+            (ledger.published, ledger.published + ledger.publish_failures)
+        };
+        for (name, report) in &reports {
+            let report = lock(report);
+            if report.restores > 0 || report.endings > 0 {
+                continue; // what was missed while away is not knowable
+            }
+            let accounted = report.received + report.gap_messages;
+            if accounted < published || accounted > attempted {
+                shared.violations.report(format!(
+                    "{name}: {} received + {} reported missing = {accounted}, but {published} publishes were confirmed ({attempted} attempted)",
+                    report.received, report.gap_messages
+                ));
+            }
+        }
+    }
     shared.stop_all.store(true, Ordering::Relaxed);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
@@ -917,38 +1025,42 @@ async fn soak(
     let mut dead = BTreeSet::new();
     let dlq = RemoteQueue::with_client(client, &format!("{QUEUE}.dlq"));
     match dlq.consumer(64).await {
-        Ok(mut consumer) => loop {
-            match tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {
-                Ok(Some(Ok(delivery))) => {
-                    let original = courier_queue::parse_dead_letter(delivery.payload.clone())
-                        .map(|(_, payload)| payload);
-                    match original
-                        .as_ref()
-                        .and_then(|p| p.get(..8))
-                        .and_then(|b| b.try_into().ok())
-                    {
-                        Some(bytes) => {
-                            dead.insert(u64::from_le_bytes(bytes));
-                        }
-                        None => shared
-                            .violations
-                            .report("an undecodable dead letter".to_string()),
+        Ok(mut consumer) => {
+            while let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await
+            {
+                let original = courier_queue::parse_dead_letter(delivery.payload.clone())
+                    .map(|(_, payload)| payload);
+                match original.as_deref().and_then(job_of) {
+                    Some(job) => {
+                        dead.insert(job);
                     }
-                    let _ = delivery.ack().await;
+                    None => shared
+                        .violations
+                        .report("an undecodable dead letter".to_string()),
                 }
-                _ => break,
+                let _ = delivery.ack().await;
             }
-        },
+        }
         Err(err) => shared
             .violations
             .report(format!("the dead-letter queue cannot be read: {err}")),
     }
 
     let ledger = shared.ledger();
+    let unaccounted = |job: &&u64| !ledger.acked.contains(job) && !dead.contains(job);
+    // A job whose last ack lost its answer was most likely acknowledged.
+    let uncertain = ledger
+        .confirmed
+        .iter()
+        .filter(unaccounted)
+        .filter(|job| ledger.ack_unknown.contains(job))
+        .count();
     let lost: Vec<u64> = ledger
         .confirmed
         .iter()
-        .filter(|job| !ledger.acked.contains(job) && !dead.contains(job))
+        .filter(unaccounted)
+        .filter(|job| !ledger.ack_unknown.contains(job))
         .copied()
         .collect();
     if !lost.is_empty() {
@@ -973,7 +1085,7 @@ async fn soak(
     println!("\nsoak: seed {seed}, {:.0?}", started.elapsed());
     println!("faults injected: {:?}", faults.0);
     println!(
-        "queue: {} confirmed ({} enqueue attempts failed), {} deliveries, {} acknowledged, {} dead-lettered ({poison_dead} of them poison), {} lost",
+        "queue: {} confirmed ({} enqueue attempts failed), {} deliveries, {} acknowledged ({uncertain} more whose ack lost its answer), {} dead-lettered ({poison_dead} of them poison), {} lost",
         ledger.confirmed.len(),
         ledger.enqueue_failures,
         ledger.deliveries,
@@ -990,8 +1102,8 @@ async fn soak(
     for (name, report) in &reports {
         let report = lock(report);
         println!(
-            "  {name:<20} received {:>8}, gaps reported {:>8}, restores {:>3}, ended {:>3}",
-            report.received, report.gap_messages, report.restores, report.endings
+            "  {name:<20} received {:>8}, reported missing {:>8} (host counted {:>8}), restores {:>3}, ended {:>3}",
+            report.received, report.gap_messages, report.host_dropped, report.restores, report.endings
         );
     }
     println!(
