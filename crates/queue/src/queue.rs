@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -576,6 +577,8 @@ impl Queue {
         Consumer {
             queue: self.clone(),
             id,
+            prefetch: prefetch.max(1),
+            holding: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -736,6 +739,27 @@ async fn run_timers(queue: Weak<Inner>, changed: Arc<Notify>, wake_up: Arc<Notif
 pub struct Consumer {
     queue: Queue,
     id: ConsumerId,
+    prefetch: usize,
+    /// Deliveries handed out and not yet answered or dropped. The core's
+    /// credit comes back when a lease expires; this does not, so a
+    /// consumer sitting on expired deliveries cannot take more than it
+    /// asked for.
+    holding: Arc<AtomicUsize>,
+}
+
+/// A delivery's place in its consumer's prefetch, given back on drop (so
+/// also by `ack` and `nack`, which consume the delivery).
+struct Slot {
+    holding: Arc<AtomicUsize>,
+    changed: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.holding.fetch_sub(1, Ordering::AcqRel);
+        // The consumer may wait in `recv` for this very slot.
+        self.changed.notify_waiters();
+    }
 }
 
 impl std::fmt::Debug for Consumer {
@@ -761,8 +785,13 @@ impl Consumer {
         }
     }
 
-    /// The next message, if one is deliverable now.
+    /// The next message, if one is deliverable now and this consumer holds
+    /// fewer than its prefetch (a delivery counts until it is answered or
+    /// dropped, whether or not its lease has expired).
     pub fn try_recv(&self) -> Option<Delivery> {
+        if self.holding.load(Ordering::Acquire) >= self.prefetch {
+            return None;
+        }
         let now = self.queue.now();
         let mut state = lock(&self.queue.inner.state);
         let delivery = state.core.poll_delivery(self.id, now)?;
@@ -774,12 +803,17 @@ impl Consumer {
             .get(&delivery.id)
             .cloned()
             .unwrap_or_default();
+        self.holding.fetch_add(1, Ordering::AcqRel);
         Some(Delivery {
             id: delivery.id,
             delivery: delivery.delivery,
             payload,
             queue: self.queue.clone(),
             consumer: self.id,
+            _slot: Slot {
+                holding: self.holding.clone(),
+                changed: self.queue.inner.changed.clone(),
+            },
         })
     }
 
@@ -819,6 +853,7 @@ pub struct Delivery {
     pub payload: Bytes,
     queue: Queue,
     consumer: ConsumerId,
+    _slot: Slot,
 }
 
 impl std::fmt::Debug for Delivery {

@@ -445,3 +445,50 @@ async fn names_that_are_directories_already_are_refused() {
         ));
     }
 }
+
+#[tokio::test]
+async fn an_embedded_consumer_never_holds_more_than_its_prefetch_whatever_expires() {
+    let dir = TempDir::new("embedded-prefetch");
+    let options = QueueOptions::new(
+        LogOptions::default().with_fsync(FsyncPolicy::Never),
+        QueueConfig::default().with_visibility_timeout(Duration::from_millis(100)),
+    );
+    let queue = Queue::open(&dir.0, "work", options).await.unwrap();
+    for n in 0..10u8 {
+        queue.enqueue(Message::new(vec![n])).await.unwrap();
+    }
+    let greedy = queue.consumer(2);
+    let mut held = vec![greedy.recv().await, greedy.recv().await];
+    // Both leases expire (another consumer gets the messages again); the
+    // greedy one still holds its two deliveries, so it may take no more.
+    let other = queue.consumer(2);
+    within("a redelivery after the leases", async {
+        loop {
+            let delivery = other.recv().await;
+            if delivery.delivery == 2 {
+                break;
+            }
+            delivery.ack().await.unwrap();
+        }
+    })
+    .await;
+    assert!(
+        greedy.try_recv().is_none(),
+        "held more than its prefetch of 2"
+    );
+    // Answering one (too late to count) gives its place back.
+    assert!(held.pop().unwrap().ack().await.is_err(), "late ack refused");
+    held.push(within("one more", greedy.recv()).await);
+    assert!(
+        greedy.try_recv().is_none(),
+        "held more than its prefetch of 2"
+    );
+    // So does dropping one.
+    queue.enqueue(Message::new("more")).await.unwrap();
+    assert!(
+        greedy.try_recv().is_none(),
+        "held more than its prefetch of 2"
+    );
+    drop(held.pop());
+    assert!(greedy.try_recv().is_some());
+}
