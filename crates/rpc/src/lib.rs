@@ -140,7 +140,8 @@ pub use courier_rpc_macros::service;
 pub use courier_transport::Address;
 pub use error::{RpcError, RpcFault};
 pub use server::{
-    cancelled, remaining, CallContext, Server, ServerConfig, ServerHandle, ServiceAccess,
+    cancelled, remaining, CallContext, Privileged, Server, ServerConfig, ServerHandle,
+    ServiceAccess,
 };
 #[doc(hidden)]
 pub use stream::ItemSink;

@@ -19,6 +19,10 @@ use crate::{RpcFault, Service};
 /// May this identity (`None`: anonymous) call this service?
 pub type ServiceAccess = Arc<dyn Fn(Option<&str>, &str) -> bool + Send + Sync>;
 
+/// Decides which identities may use the connections held back for
+/// operators ([`ServerConfig::reserved_connections`]).
+pub type Privileged = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Server settings.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -36,6 +40,14 @@ pub struct ServerConfig {
     /// Connections served at once; one more is refused
     /// ([`crate::RpcError::TooManyConnections`]). Default 10,000.
     pub max_connections: usize,
+    /// Of `max_connections`, how many only [`privileged`](Self::privileged)
+    /// identities may take, so that an operator can still connect (to see
+    /// stats, say) to a server that others have filled, as PostgreSQL keeps
+    /// connections for superusers. Default 8, held back only once a
+    /// `privileged` predicate is set (without one nobody could use them).
+    pub reserved_connections: usize,
+    /// Which identities may use the reserved connections. Default none.
+    pub privileged: Option<Privileged>,
     /// Connections at once per authenticated identity. Default 1,000.
     pub max_connections_per_identity: usize,
     /// How long a new connection has to say hello. Default 5 s. It holds
@@ -68,6 +80,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_streams", &self.max_streams)
             .field("max_connections", &self.max_connections)
+            .field("reserved_connections", &self.reserved_connections)
+            .field("privileged", &self.privileged.is_some())
             .field(
                 "max_connections_per_identity",
                 &self.max_connections_per_identity,
@@ -88,6 +102,8 @@ impl Default for ServerConfig {
             max_in_flight: 256,
             max_streams: 10_000,
             max_connections: 10_000,
+            reserved_connections: 8,
+            privileged: None,
             max_connections_per_identity: 1_000,
             hello_timeout: Duration::from_secs(5),
             idle_timeout: None,
@@ -116,6 +132,18 @@ impl ServerConfig {
     pub fn with_max_connections(mut self, total: usize, per_identity: usize) -> ServerConfig {
         self.max_connections = total;
         self.max_connections_per_identity = per_identity;
+        self
+    }
+
+    /// The same settings keeping `reserved` of the connections for the
+    /// identities `privileged` accepts.
+    pub fn with_reserved_connections(
+        mut self,
+        reserved: usize,
+        privileged: Privileged,
+    ) -> ServerConfig {
+        self.reserved_connections = reserved;
+        self.privileged = Some(privileged);
         self
     }
 
@@ -361,9 +389,24 @@ impl Shared {
     fn admit(&self, identity: Option<Arc<str>>) -> Result<Admission<'_>, RpcFault> {
         let mut admitted = lock(&self.admitted);
         let limit = |n: usize| n.min(u32::MAX as usize) as u32;
-        if admitted.total >= self.config.max_connections {
+        let privileged = match (&identity, &self.config.privileged) {
+            (Some(identity), Some(privileged)) => privileged(identity),
+            _ => false,
+        };
+        // Everyone else stops short of the reserved connections.
+        let reserved = match self.config.privileged {
+            Some(_) => self.config.reserved_connections,
+            None => 0,
+        };
+        let open_to_all = self.config.max_connections.saturating_sub(reserved);
+        let ceiling = if privileged {
+            self.config.max_connections
+        } else {
+            open_to_all
+        };
+        if admitted.total >= ceiling {
             return Err(RpcFault::TooManyConnections {
-                limit: limit(self.config.max_connections),
+                limit: limit(ceiling),
                 scope: String::new(),
             });
         }

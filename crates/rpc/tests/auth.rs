@@ -196,6 +196,42 @@ async fn connections_are_limited_in_total_and_per_identity() {
 }
 
 #[tokio::test]
+async fn reserved_connections_let_an_operator_into_a_full_server() {
+    let operators: courier_rpc::Privileged = Arc::new(|who: &str| who == "alice");
+    let server = serve(
+        guarded()
+            .with_max_connections(3, 10)
+            .with_reserved_connections(1, operators),
+    )
+    .await;
+    let connect = |token: &'static str| {
+        let address = server.local_addr().clone();
+        async move { Client::connect(&address, as_user(Some(token))).await }
+    };
+    let _b1 = connect("bob-token").await.unwrap();
+    let _b2 = connect("bob-token").await.unwrap();
+    let err = connect("bob-token").await.unwrap_err();
+    assert!(
+        matches!(&err, RpcError::TooManyConnections { limit: 2, .. }),
+        "everyone else stops short of the reserved one: {err}"
+    );
+    let alice = connect("alice-token").await.unwrap();
+    assert_eq!(
+        WhoClient::new(alice.clone())
+            .who()
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("alice")
+    );
+    let err = connect("alice-token").await.unwrap_err();
+    assert!(
+        matches!(&err, RpcError::TooManyConnections { limit: 3, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn an_idle_connection_is_closed_and_the_client_reconnects_on_its_next_call() {
     let server = serve(ServerConfig::default().with_idle_timeout(Duration::from_millis(100))).await;
     let who = WhoClient::new(
