@@ -147,6 +147,11 @@ impl Policy {
         who.and_then(|who| self.users.get(who))
     }
 
+    /// Is `who` a user with `admin = true`?
+    pub fn is_admin(&self, who: &str) -> bool {
+        self.users.get(who).is_some_and(|rules| rules.admin)
+    }
+
     /// May `who` call the RPC service `service`?
     pub fn may_call(&self, who: Option<&str>, service: &str) -> bool {
         self.open || service != "BrokerService" || self.rules(who).is_some_and(|r| r.admin)

@@ -18,8 +18,8 @@
 //! max_deliveries = 5
 //! # On shutdown, calls in flight get this long to finish.
 //! shutdown_grace_ms = 5000
-//! # Largest frame accepted from a client.
-//! max_frame_size = 16777216
+//! # Largest frame accepted from a client (and announced to it).
+//! max_frame_size = 4194304
 //! # Calls running at once per connection (then the connection waits).
 //! max_in_flight = 256
 //! # Subscriptions and consumers open at once per connection (more are refused).
@@ -35,10 +35,16 @@
 //! tls_client_ca = "ca.pem"
 //! # Limits.
 //! max_connections = 10000
+//! reserved_admin_connections = 8  # of max_connections, kept for admins
 //! max_connections_per_identity = 1000
 //! handshake_timeout_ms = 5000     # TLS, preamble and hello together
 //! idle_timeout_ms = 0             # 0: idle connections stay open
 //! max_queue_depth = 1000000       # messages per queue
+//! # Bytes buffered for subscribers that fall behind, in total and per
+//! # subscription; past either, the subscription's slow-consumer policy
+//! # applies and the drops are counted and reported to it.
+//! max_buffered_bytes = 1073741824
+//! max_subscription_bytes = 67108864
 //! # Who may do what: see the auth module.
 //! [auth]
 //! required = false
@@ -47,6 +53,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use courier_pubsub::BusConfig;
 use courier_queue::core::QueueConfig;
 use courier_queue::log::{FsyncPolicy, LogOptions};
 use courier_queue::QueueOptions;
@@ -88,7 +95,7 @@ pub struct BrokerConfig {
     pub max_deliveries: u32,
     /// Default 5,000.
     pub shutdown_grace_ms: u64,
-    /// Default 16 MiB.
+    /// Default 4 MiB (the transport's default).
     pub max_frame_size: usize,
     /// Default 256.
     pub max_in_flight: usize,
@@ -106,6 +113,10 @@ pub struct BrokerConfig {
     pub tls_client_ca: Option<PathBuf>,
     /// Default 10,000.
     pub max_connections: usize,
+    /// Of `max_connections`, how many only users with `admin = true` may
+    /// take, so an operator can still reach a full broker. Held back only
+    /// when users are configured (an open broker has no admins). Default 8.
+    pub reserved_admin_connections: usize,
     /// Default 1,000.
     pub max_connections_per_identity: usize,
     /// Default 5,000.
@@ -114,6 +125,10 @@ pub struct BrokerConfig {
     pub idle_timeout_ms: u64,
     /// Default 1,000,000.
     pub max_queue_depth: u64,
+    /// Bytes buffered for all subscribers together. Default 1 GiB.
+    pub max_buffered_bytes: usize,
+    /// Bytes buffered for one subscription. Default 64 MiB.
+    pub max_subscription_bytes: usize,
     /// Who may connect and do what.
     pub auth: crate::auth::AuthConfig,
 }
@@ -132,6 +147,7 @@ pub fn default_data_dir() -> PathBuf {
 impl Default for BrokerConfig {
     fn default() -> Self {
         let queue = QueueConfig::default();
+        let bus = BusConfig::default();
         BrokerConfig {
             listen: vec!["tcp://127.0.0.1:7878".into()],
             data_dir: default_data_dir(),
@@ -150,10 +166,13 @@ impl Default for BrokerConfig {
             tls_key: None,
             tls_client_ca: None,
             max_connections: 10_000,
+            reserved_admin_connections: 8,
             max_connections_per_identity: 1_000,
             handshake_timeout_ms: 5_000,
             idle_timeout_ms: 0,
             max_queue_depth: queue.max_depth,
+            max_buffered_bytes: bus.max_buffered_bytes,
+            max_subscription_bytes: bus.max_subscription_bytes,
             auth: Default::default(),
         }
     }
@@ -259,6 +278,13 @@ impl BrokerConfig {
                 .with_max_deliveries(self.max_deliveries.max(1))
                 .with_max_depth(self.max_queue_depth),
         )
+    }
+
+    /// Bus settings from this configuration.
+    pub fn bus_config(&self) -> BusConfig {
+        BusConfig::default()
+            .with_max_buffered_bytes(self.max_buffered_bytes)
+            .with_max_subscription_bytes(self.max_subscription_bytes)
     }
 
     /// Transport settings from this configuration, with TLS if configured.

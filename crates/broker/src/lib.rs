@@ -223,7 +223,7 @@ impl Broker {
         let recovered = queues.open_all().await?;
         let durable = Durable::open(queues.clone()).await?;
         let policy = Arc::new(auth::Policy::new(&config.auth)?);
-        let bus = Bus::new();
+        let bus = Bus::with_config(config.bus_config());
         let mut host = PubSubHost::with_durable(bus.clone(), durable.clone());
         let mut queue_host = QueueHost::serving(queues.clone());
         if !policy.is_open() {
@@ -275,6 +275,11 @@ impl Broker {
             let access = policy.clone();
             server_config = server_config
                 .with_service_access(Arc::new(move |who, service| access.may_call(who, service)));
+            let admins = policy.clone();
+            server_config = server_config.with_reserved_connections(
+                config.reserved_admin_connections,
+                Arc::new(move |who| admins.is_admin(who)),
+            );
         }
         let server = Server::new(server_config)
             .service(PubSubServiceServer::new(host))

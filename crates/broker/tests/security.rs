@@ -254,3 +254,35 @@ async fn a_client_certificate_is_an_identity_and_no_certificate_gets_nowhere() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_broker_keeps_connections_for_its_admins() {
+    let dir = TempDir::new("reserved");
+    let certs = generate_dev_certs(
+        &dir.0.join("certs"),
+        &["localhost".into(), "127.0.0.1".into()],
+        &[],
+        Validity::default(),
+    )
+    .unwrap();
+    let mut config = secured(&dir, &certs, false);
+    config.max_connections = 3;
+    config.reserved_admin_connections = 1;
+    let broker = Broker::start(config).await.unwrap();
+    let address = broker.addresses()[0].clone();
+    let alice = || Client::connect(&address, client_config(&certs, Some("alice-secret-token")));
+    let _a1 = alice().await.unwrap();
+    let _a2 = alice().await.unwrap();
+    let err = alice().await.unwrap_err();
+    assert!(
+        matches!(err, RpcError::TooManyConnections { limit: 2, .. }),
+        "{err}"
+    );
+    // The operator still gets in, and sees the broker full.
+    let ops = Client::connect(&address, client_config(&certs, Some("ops-secret-token")))
+        .await
+        .unwrap();
+    let stats = BrokerServiceClient::new(ops).stats().await.unwrap();
+    assert_eq!(stats.connections, 3);
+    broker.shutdown().await;
+}

@@ -205,6 +205,9 @@ pub async fn subscribe(url: &str, json: bool, args: SubscribeArgs) -> anyhow::Re
                 "missed {} messages from publisher {publisher} (slow consumer)",
                 to - from
             ),
+            Some(Ok(Event::Dropped { count })) => {
+                eprintln!("missed {count} messages (slow consumer)")
+            }
             Some(Ok(Event::Restored)) => {
                 eprintln!("reconnected; messages published meanwhile were missed")
             }

@@ -145,6 +145,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             RpcError::Unavailable(_) => 3,
             RpcError::DeadlineExceeded => 4,
             RpcError::Unauthenticated(_) | RpcError::PermissionDenied(_) => 5,
+            RpcError::TooLarge { .. } => 2,
             _ => 1,
         }
     }
