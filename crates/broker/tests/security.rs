@@ -22,6 +22,17 @@ fn user(name: &str, token: Option<&str>) -> UserConfig {
     }
 }
 
+/// Development certificates for a loopback server, and client ones.
+fn server_certs(dir: &TempDir, clients: &[String]) -> DevCerts {
+    generate_dev_certs(
+        &dir.0.join("certs"),
+        &["localhost".into(), "127.0.0.1".into()],
+        clients,
+        Validity::default(),
+    )
+    .unwrap()
+}
+
 fn secured(dir: &TempDir, certs: &DevCerts, mutual: bool) -> BrokerConfig {
     let mut config = BrokerConfig::default();
     config.listen = vec!["tls://127.0.0.1:0".into()];
@@ -77,13 +88,7 @@ fn denied_queue(err: &RemoteQueueError) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_permission_is_enforced_and_a_denial_leaves_the_connection_usable() {
     let dir = TempDir::new("perms");
-    let certs = generate_dev_certs(
-        &dir.0.join("certs"),
-        &["localhost".into(), "127.0.0.1".into()],
-        &[],
-        Validity::default(),
-    )
-    .unwrap();
+    let certs = server_certs(&dir, &[]);
     let config = secured(&dir, &certs, false);
     assert!(
         !format!("{config:?}").contains("alice-secret-token"),
@@ -208,13 +213,7 @@ async fn every_permission_is_enforced_and_a_denial_leaves_the_connection_usable(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_is_an_identity_and_no_certificate_gets_nowhere() {
     let dir = TempDir::new("mtls");
-    let certs = generate_dev_certs(
-        &dir.0.join("certs"),
-        &["localhost".into(), "127.0.0.1".into()],
-        &["alice".into(), "mallory".into()],
-        Validity::default(),
-    )
-    .unwrap();
+    let certs = server_certs(&dir, &["alice".into(), "mallory".into()]);
     let broker = Broker::start(secured(&dir, &certs, true)).await.unwrap();
     let address = broker.addresses()[0].clone();
     let with_cert = |name: &str| {
@@ -258,13 +257,7 @@ async fn a_client_certificate_is_an_identity_and_no_certificate_gets_nowhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_broker_keeps_connections_for_its_admins() {
     let dir = TempDir::new("reserved");
-    let certs = generate_dev_certs(
-        &dir.0.join("certs"),
-        &["localhost".into(), "127.0.0.1".into()],
-        &[],
-        Validity::default(),
-    )
-    .unwrap();
+    let certs = server_certs(&dir, &[]);
     let mut config = secured(&dir, &certs, false);
     config.max_connections = 3;
     config.reserved_admin_connections = 1;

@@ -618,16 +618,7 @@ async fn consume(
     tracks: &mut HashMap<u64, Track>,
     report: &Mutex<SubscriberReport>,
 ) {
-    loop {
-        if shared.stop_all.load(Ordering::Relaxed) {
-            return;
-        }
-        let event =
-            match tokio::time::timeout(Duration::from_millis(500), subscription.recv()).await {
-                Err(_) => continue,
-                Ok(Some(Ok(event))) => event,
-                Ok(_) => return,
-            };
+    while let Some(event) = next_event(shared, subscription).await {
         {
             let mut report = lock(report);
             report.last_event = Instant::now();
@@ -702,6 +693,19 @@ async fn consume(
     }
 }
 
+/// The next event, waiting in short steps so that the soak's end is
+/// noticed; `None` once the soak ends or the subscription does.
+async fn next_event(shared: &Shared, subscription: &mut RemoteSubscription) -> Option<Event> {
+    while !shared.stop_all.load(Ordering::Relaxed) {
+        match tokio::time::timeout(Duration::from_millis(500), subscription.recv()).await {
+            Err(_) => continue,
+            Ok(Some(Ok(event))) => return Some(event),
+            Ok(_) => return None,
+        }
+    }
+    None
+}
+
 async fn requester(shared: Arc<Shared>) {
     let Some(client) = connect(&shared).await else {
         return;
@@ -750,16 +754,7 @@ async fn responder(shared: Arc<Shared>) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        loop {
-            if shared.stop_all.load(Ordering::Relaxed) {
-                return;
-            }
-            let event =
-                match tokio::time::timeout(Duration::from_millis(500), subscription.recv()).await {
-                    Err(_) => continue,
-                    Ok(Some(Ok(event))) => event,
-                    Ok(_) => break,
-                };
+        while let Some(event) = next_event(&shared, &mut subscription).await {
             if let Event::Message(request) = event {
                 let answer = String::from_utf8_lossy(&request.payload).to_uppercase();
                 let _ = bounded(

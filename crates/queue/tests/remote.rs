@@ -340,6 +340,33 @@ async fn errors_sent_to_clients_do_not_reveal_server_paths() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Enqueues jobs numbered `0..total`.
+async fn enqueue_numbered(queue: &RemoteQueue, total: u32) {
+    queue
+        .enqueue_batch(
+            (0..total)
+                .map(|n| Message::new(n.to_le_bytes().to_vec()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+}
+
+/// A job's number.
+fn number(payload: &[u8]) -> u32 {
+    u32::from_le_bytes(payload[..4].try_into().unwrap())
+}
+
+/// What the workers acknowledged, sorted.
+async fn acked_by(workers: Vec<tokio::task::JoinHandle<Vec<u32>>>) -> Vec<u32> {
+    let mut acked = Vec::new();
+    for worker in workers {
+        acked.extend(within("worker", worker).await.unwrap());
+    }
+    acked.sort_unstable();
+    acked
+}
+
 #[tokio::test]
 async fn competing_consumers_that_nack_poison_and_ack_the_rest_drain_the_queue() {
     let mut config = QueueConfig::default();
@@ -351,14 +378,7 @@ async fn competing_consumers_that_nack_poison_and_ack_the_rest_drain_the_queue()
         .await
         .unwrap();
     let total = 400u32;
-    queue
-        .enqueue_batch(
-            (0..total)
-                .map(|n| Message::new(n.to_le_bytes().to_vec()))
-                .collect(),
-        )
-        .await
-        .unwrap();
+    enqueue_numbered(&queue, total).await;
     let poison = |n: u32| n.is_multiple_of(7);
     let mut workers = Vec::new();
     for _ in 0..3 {
@@ -368,7 +388,7 @@ async fn competing_consumers_that_nack_poison_and_ack_the_rest_drain_the_queue()
             while let Ok(Some(Ok(delivery))) =
                 tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await
             {
-                let n = u32::from_le_bytes(delivery.payload[..4].try_into().unwrap());
+                let n = number(&delivery.payload);
                 if poison(n) {
                     delivery.nack(Duration::ZERO).await.unwrap();
                 } else {
@@ -379,11 +399,7 @@ async fn competing_consumers_that_nack_poison_and_ack_the_rest_drain_the_queue()
             acked
         }));
     }
-    let mut acked = Vec::new();
-    for worker in workers {
-        acked.extend(within("worker", worker).await.unwrap());
-    }
-    acked.sort_unstable();
+    let acked = acked_by(workers).await;
     let expected: Vec<u32> = (0..total).filter(|n| !poison(*n)).collect();
     assert_eq!(acked, expected);
     let stats = queue.stats().await.unwrap();
@@ -406,14 +422,7 @@ async fn consumers_that_hold_some_deliveries_past_their_lease_still_drain_the_qu
         .await
         .unwrap();
     let total = 300u32;
-    queue
-        .enqueue_batch(
-            (0..total)
-                .map(|n| Message::new(n.to_le_bytes().to_vec()))
-                .collect(),
-        )
-        .await
-        .unwrap();
+    enqueue_numbered(&queue, total).await;
     let mut workers = Vec::new();
     for w in 0..3u32 {
         let mut consumer = queue.consumer(8).await.unwrap();
@@ -443,7 +452,7 @@ async fn consumers_that_hold_some_deliveries_past_their_lease_still_drain_the_qu
                     Ok(other) => panic!("consumer ended: {other:?}"),
                 };
                 turn += 1;
-                let n = u32::from_le_bytes(delivery.payload[..4].try_into().unwrap());
+                let n = number(&delivery.payload);
                 if turn % 10 == 0 {
                     held.push((tokio::time::Instant::now(), delivery));
                 } else {
@@ -454,11 +463,7 @@ async fn consumers_that_hold_some_deliveries_past_their_lease_still_drain_the_qu
             acked
         }));
     }
-    let mut acked = Vec::new();
-    for worker in workers {
-        acked.extend(within("worker", worker).await.unwrap());
-    }
-    acked.sort_unstable();
+    let mut acked = acked_by(workers).await;
     acked.dedup();
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.depth, stats.in_flight), (0, 0), "{stats:?}");

@@ -648,8 +648,17 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn frames_queued_while_the_socket_is_busy_share_one_write() {
+    /// A writer over a sink that counts its writes, keeps what it is given
+    /// and blocks in `write` until its gate opens.
+    #[allow(clippy::type_complexity)]
+    fn gated_writer(
+        high_water: usize,
+    ) -> (
+        Arc<StreamWriter>,
+        Arc<AtomicUsize>,
+        Arc<Gate>,
+        Arc<SyncMutex<Vec<u8>>>,
+    ) {
         let writes = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Gate::default());
         let data = Arc::new(SyncMutex::new(Vec::new()));
@@ -658,13 +667,19 @@ mod tests {
             gate: gate.clone(),
             data: data.clone(),
         };
-        let codec = FrameCodec::new();
-        let writer = Arc::new(StreamWriter::new(
+        let writer = StreamWriter::new(
             Box::new(sink),
-            codec,
-            1 << 20,
+            FrameCodec::new(),
+            high_water,
             Duration::from_secs(5),
-        ));
+        );
+        (Arc::new(writer), writes, gate, data)
+    }
+
+    #[tokio::test]
+    async fn frames_queued_while_the_socket_is_busy_share_one_write() {
+        let (writer, writes, gate, data) = gated_writer(1 << 20);
+        let codec = FrameCodec::new();
 
         // The first sender takes the socket and blocks in `write`.
         let first = tokio::spawn({
@@ -706,22 +721,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_sender_cancelled_mid_write_strands_no_frame() {
-        let writes = Arc::new(AtomicUsize::new(0));
-        let gate = Arc::new(Gate::default());
-        let data = Arc::new(SyncMutex::new(Vec::new()));
-        let sink = CountingSink {
-            writes: writes.clone(),
-            gate: gate.clone(),
-            data: data.clone(),
-        };
-        let codec = FrameCodec::new();
         // A small buffer, so the first sender waits for the socket itself.
-        let writer = Arc::new(StreamWriter::new(
-            Box::new(sink),
-            codec,
-            100,
-            Duration::from_secs(5),
-        ));
+        let (writer, _writes, gate, data) = gated_writer(100);
+        let codec = FrameCodec::new();
         let big = Frame::data(1, vec![7u8; 1000]);
         let first = tokio::spawn({
             let writer = writer.clone();
