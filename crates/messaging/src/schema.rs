@@ -304,7 +304,22 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, TraceError> {
-        let index = self.choices.pick(variants.len());
+        // Past the depth limit an enum takes its first variant, which for
+        // most recursive types (an error holding the first of several, a
+        // tree of nodes) is a leaf; one whose first variant recurses again
+        // is cut off at twice the limit with an error, so the trace (and
+        // the stack) stays bounded whatever the type.
+        if self.depth >= 2 * MAX_DEPTH {
+            return Err(TraceError(format!(
+                "{name} nests deeper than {} levels",
+                2 * MAX_DEPTH
+            )));
+        }
+        let index = if self.too_deep() {
+            0
+        } else {
+            self.choices.pick(variants.len())
+        };
         let _ = write!(
             self.out,
             "{name}[{}]::{}",

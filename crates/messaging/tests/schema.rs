@@ -170,3 +170,29 @@ fn the_cache_traces_each_type_once() {
     assert_eq!(cache.get::<v1::Order>(), &first);
     assert_ne!(cache.get::<u8>().fingerprint, first.fingerprint);
 }
+
+/// An error that holds another, as error types often do.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Nested {
+    Leaf(String),
+    Wrapped { count: u64, first: Box<Nested> },
+}
+
+/// A list whose first variant recurses.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum List {
+    Cons(u8, Box<List>),
+    Nil,
+}
+
+#[test]
+fn recursive_types_are_traced_within_bounds() {
+    // These overflowed the stack before: the recursive variant was chosen
+    // at every depth.
+    let nested = Schema::of::<Nested>();
+    assert!(nested.shape.contains("Nested"), "{}", nested.shape);
+    assert_eq!(nested.fingerprint, Schema::of::<Nested>().fingerprint);
+    let list = Schema::of::<List>();
+    assert_eq!(list.fingerprint, Schema::of::<List>().fingerprint);
+    assert_ne!(nested.fingerprint, list.fingerprint);
+}
