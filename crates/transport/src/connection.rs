@@ -236,6 +236,22 @@ impl FrameSender {
             .await
     }
 
+    /// [`send_message`](Self::send_message) with flags (the upper layers'
+    /// bits, [`Flags::USER_MASK`](courier_wire::Flags::USER_MASK)).
+    pub async fn send_message_with_flags<T: Serialize + ?Sized>(
+        &self,
+        kind: FrameKind,
+        flags: courier_wire::Flags,
+        id: u64,
+        value: &T,
+    ) -> Result<(), SendError> {
+        self.shared
+            .send_encoded(Urgency::Now, |codec, buf| {
+                codec.encode_message_with_flags(kind, flags, id, value, buf)
+            })
+            .await
+    }
+
     /// Writes every queued frame to the link.
     pub async fn flush(&self) -> Result<(), SendError> {
         match &self.shared.link {
