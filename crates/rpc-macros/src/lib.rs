@@ -37,6 +37,8 @@ struct Method {
     output: syn::Type,
     /// For a streaming method: the sink parameter's name and the item type.
     stream: Option<(syn::Ident, syn::Type)>,
+    /// Marked `#[oneway]`: the client sends it and waits for no reply.
+    oneway: bool,
 }
 
 /// `T` if `ty` is `Items<T>` (by its last path segment).
@@ -132,8 +134,21 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             }
         }
         let wire = &inputs[..inputs.len() - usize::from(stream.is_some())];
+        let oneway = method.attrs.iter().any(|a| a.path().is_ident("oneway"));
+        if oneway && (stream.is_some() || !matches!(&sig.output, ReturnType::Default)) {
+            return Err(syn::Error::new_spanned(
+                sig,
+                "a #[oneway] method returns `()` and does not stream: nothing comes back",
+            ));
+        }
         methods.push(Method {
-            attrs: method.attrs.clone(),
+            attrs: method
+                .attrs
+                .iter()
+                .filter(|a| !a.path().is_ident("oneway"))
+                .cloned()
+                .collect(),
+            oneway,
             name: sig.ident.clone(),
             args: wire.iter().map(|(ident, _)| ident.clone()).collect(),
             types: wire.iter().map(|(_, ty)| ty.clone()).collect(),
@@ -163,6 +178,7 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
         let types = &m.types;
         let (method, result) = match &m.stream {
             Some((_, item)) => (format!("{}:stream", m.name), quote!(#item)),
+            None if m.oneway => (format!("{}:oneway", m.name), quote!(())),
             None => (m.name.to_string(), {
                 let output = &m.output;
                 quote!(#output)
@@ -180,6 +196,16 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 #(#attrs)*
                 pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<::courier_rpc::ItemStream<#item>, ::courier_rpc::RpcError> {
                     self.inner.call_stream::<(#(#types,)*), #item>(#name_str, #method, Self::fingerprint(), &(#(#args,)*)).await
+                }
+            },
+            None if m.oneway => quote! {
+                #(#attrs)*
+                ///
+                /// One way: returns once the request is queued (see
+                /// `courier_rpc::Client::notify`); no reply and no error
+                /// from the server comes back.
+                pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<(), ::courier_rpc::RpcError> {
+                    self.inner.notify::<(#(#types,)*)>(#name_str, #method, Self::fingerprint(), &(#(#args,)*)).await.map(|_| ())
                 }
             },
             None => quote! {

@@ -92,6 +92,8 @@ type Pending = Mutex<HashMap<u64, Waiter>>;
 /// One live connection and the calls waiting on it.
 pub(crate) struct Link {
     pub(crate) sender: FrameSender,
+    /// Which of the client's connections this is (1, 2, ...).
+    epoch: u64,
     pending: Pending,
     next_id: AtomicU64,
     closed: AtomicBool,
@@ -106,6 +108,7 @@ impl Link {
     pub(crate) fn for_test(sender: FrameSender) -> Arc<Link> {
         Arc::new(Link {
             sender,
+            epoch: 1,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -245,6 +248,8 @@ struct ClientInner {
     address: Address,
     config: ClientConfig,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    /// Connections made so far: the epoch of the next one.
+    links_made: AtomicU64,
 }
 
 /// An RPC client for one server address. Cheap to clone; clones share the
@@ -307,6 +312,7 @@ impl Client {
                 address: address.clone(),
                 config,
                 link: tokio::sync::Mutex::new(None),
+                links_made: AtomicU64::new(0),
             }),
             timeout,
         }
@@ -349,6 +355,7 @@ impl Client {
         hello(&sender, &mut receiver, &self.inner.config).await?;
         let link = Arc::new(Link {
             sender,
+            epoch: self.inner.links_made.fetch_add(1, Ordering::Relaxed) + 1,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -456,6 +463,65 @@ impl Client {
             // The guard tells the server to stop.
             Err(_) => Err(RpcError::DeadlineExceeded),
         }
+    }
+
+    /// Sends `service.method(args)` one way: no reply comes, and this returns
+    /// once the request is queued on the connection (waiting only while the
+    /// connection's send buffer is full: that is the flow control). The
+    /// server runs one-way requests in the order they arrive, before it
+    /// reads anything after them, so requests sent one after another over
+    /// one connection take effect in that order, and a later ordinary call
+    /// is answered only after they have run. Generated clients call this
+    /// for `#[oneway]` methods.
+    ///
+    /// Returns the connection's epoch (see [`Client::epoch`]): requests
+    /// queued on a connection that then dies are lost without a word, so a
+    /// caller that must know compares it with the epoch after a later call.
+    pub async fn notify<A: Serialize>(
+        &self,
+        service: &str,
+        method: &str,
+        fingerprint: u64,
+        args: &A,
+    ) -> Result<u64, RpcError> {
+        let deadline = Instant::now() + self.timeout;
+        let link = tokio::time::timeout_at(deadline, self.link())
+            .await
+            .map_err(|_| RpcError::DeadlineExceeded)??;
+        let header = RequestHeader {
+            service,
+            method,
+            fingerprint,
+            // Bounds the handler's run on the server.
+            timeout_ms: self.timeout.as_millis() as u64,
+            window: 0,
+        };
+        let flags = courier_transport::Flags::from_bits(crate::protocol::ONEWAY);
+        match link
+            .sender
+            .send_message_with_flags(FrameKind::Request, flags, 0, &(header, args))
+            .await
+        {
+            Ok(()) => Ok(link.epoch),
+            Err(SendError::FrameTooLarge { size, limit }) => {
+                Err(RpcError::TooLarge { size, limit })
+            }
+            Err(err @ SendError::Serialize(_)) => Err(RpcError::Serialize(err.to_string())),
+            Err(other) => {
+                link.fail(&other.to_string());
+                Err(RpcError::Unavailable(other.to_string()))
+            }
+        }
+    }
+
+    /// The epoch of the connection in use: 1 for the first this client
+    /// made, 2 for the next, and so on; 0 before the first.
+    pub async fn epoch(&self) -> u64 {
+        let current = self.inner.link.lock().await;
+        current
+            .as_ref()
+            .filter(|l| !l.closed.load(Ordering::Acquire))
+            .map_or(0, |l| l.epoch)
     }
 
     /// Calls a streaming method: the items arrive through the returned

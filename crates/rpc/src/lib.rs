@@ -120,6 +120,52 @@
 //! assert_eq!(sum, 5050);
 //! # Ok(()) }
 //! ```
+//!
+//! ## One-way calls
+//!
+//! A method marked `#[oneway]` (returning `()`, not streaming) is sent
+//! without waiting for an answer: its client method returns once the
+//! request is queued on the connection, waiting only while the send buffer
+//! is full (flow control). The server runs one-way calls inline, in the
+//! order they arrive, before it reads the next frame, so calls sent one
+//! after another over one connection take effect in that order, and an
+//! ordinary call sent after them is answered only once they have run: that
+//! call is how a client learns they are done (see
+//! [`Client::notify`] for what is lost with a connection).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! use std::sync::{Arc, Mutex};
+//! use courier_rpc::{Client, ClientConfig, Server, ServerConfig};
+//!
+//! #[courier_rpc::service]
+//! trait Tally {
+//!     #[oneway]
+//!     async fn add(&self, n: u64);
+//!     async fn total(&self) -> u64;
+//! }
+//!
+//! #[derive(Default)]
+//! struct Sum(Arc<Mutex<u64>>);
+//! impl Tally for Sum {
+//!     async fn add(&self, n: u64) {
+//!         *self.0.lock().unwrap() += n;
+//!     }
+//!     async fn total(&self) -> u64 {
+//!         *self.0.lock().unwrap()
+//!     }
+//! }
+//!
+//! let listener = courier_transport::bind(&"mem://tally-doc".parse()?, &Default::default()).await?;
+//! let server = Server::new(ServerConfig::default()).service(TallyServer::new(Sum::default())).spawn(listener);
+//! let tally = TallyClient::new(Client::connect(server.local_addr(), ClientConfig::default()).await?);
+//! for n in 1..=100 {
+//!     tally.add(n).await?; // no round trip
+//! }
+//! assert_eq!(tally.total().await?, 5050); // answered after every add ran
+//! # Ok(()) }
+//! ```
 
 #![warn(missing_docs)]
 

@@ -10,6 +10,10 @@
 //! | `StreamEnd` | call id | empty | server → client |
 //! | `Credit` | call id | u32: items the client can take beyond those granted | client → server |
 //!
+//! A `Request` with the [`ONEWAY`] flag wants no reply: the server runs it
+//! inline, in arrival order, before reading the next frame, and answers
+//! nothing, not even an error (see [`crate::Client::notify`]).
+//!
 //! A streaming call carries a non-zero `window` in its header: the server
 //! may send that many items, and more only as the client grants credit, so
 //! a slow client bounds what the server buffers.
@@ -36,6 +40,9 @@
 //! limit, instead of ending the connection at the peer.
 
 use serde::{Deserialize, Serialize};
+
+/// Flag on a `Request` frame: a one-way call, never answered.
+pub const ONEWAY: u8 = 0b0000_0010;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RequestHeader<'a> {

@@ -574,6 +574,10 @@ async fn serve(
     let running: Running = Arc::default();
     let idle = shared.config.idle_timeout;
     let mut last_heard = Instant::now();
+    // A reader working through a long backlog (one-way calls, say) reads
+    // the client's pings late, and one-way calls get no answers: so it
+    // tells the client it is alive at least every `KEEPALIVE` meanwhile.
+    let mut last_keepalive = last_heard;
     let shutdown_at = loop {
         // Far in the future when there is no idle timeout.
         let idle_at = last_heard + idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
@@ -581,6 +585,10 @@ async fn serve(
             frame = receiver.recv() => match frame {
                 Ok(Some(frame)) => {
                     last_heard = Instant::now();
+                    if last_heard.duration_since(last_keepalive) >= KEEPALIVE {
+                        sender.keepalive();
+                        last_keepalive = last_heard;
+                    }
                     // `handle` may wait (for a call slot, or for a client
                     // that does not read to take an error report): a
                     // shutdown must not wait for it.
@@ -683,6 +691,11 @@ async fn handle(
             return;
         }
         _ => return,
+    }
+    if frame.flags.contains(crate::protocol::ONEWAY) {
+        // Boxed: its state would otherwise swell every connection's future
+        // (and, in debug builds, the stack frame that polls it).
+        return Box::pin(run_oneway(shared, identity, frame, sender)).await;
     }
     let id = frame.id;
     let started = match start(shared, identity.as_deref(), &frame.payload, id, sender) {
@@ -787,6 +800,65 @@ async fn handle(
             cancel: stop,
         },
     );
+}
+
+/// Runs a one-way call to its end before the connection's next frame is
+/// read, so one-way calls take effect in the order they were sent and
+/// before any later call on the connection; it is never answered. Its
+/// deadline and panics are handled as for any call, and reported only in
+/// the log. A one-way call to a streaming method is refused (logged).
+async fn run_oneway(
+    shared: &Shared,
+    identity: &Option<Arc<str>>,
+    frame: Frame,
+    sender: &FrameSender,
+) {
+    let started = match start(shared, identity.as_deref(), &frame.payload, 0, sender) {
+        Ok(started) if started.credit.is_none() => started,
+        Ok(started) => {
+            tracing::debug!(
+                service = started.service,
+                "a one-way call to a streaming method was ignored"
+            );
+            return;
+        }
+        Err(fault) => {
+            tracing::debug!(%fault, "a one-way call was refused");
+            return;
+        }
+    };
+    let context = CallContext {
+        cancel: Arc::new(CancelSignal::default()),
+        deadline: started.deadline,
+    };
+    let reply = crate::auth::as_caller(
+        identity.clone(),
+        CONTEXT.scope(context, CatchUnwind(started.reply)),
+    );
+    let run = tokio::time::timeout_at(started.deadline, reply);
+    tokio::pin!(run);
+    // The reader waits for this call: say we are alive meanwhile, as while
+    // waiting for a call slot.
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut run => break outcome,
+            () = tokio::time::sleep(KEEPALIVE) => sender.keepalive(),
+        }
+    };
+    match outcome {
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(fault))) => tracing::debug!(%fault, "a one-way call failed"),
+        Ok(Err(panic)) => tracing::error!(
+            service = started.service,
+            method = method_name(&frame.payload),
+            panic = panic_message(panic.as_ref()),
+            "a one-way handler panicked"
+        ),
+        Err(_) => tracing::debug!(
+            service = started.service,
+            "a one-way call passed its deadline"
+        ),
+    }
 }
 
 /// A call, decoded and ready to run.
