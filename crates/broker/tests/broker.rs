@@ -83,7 +83,13 @@ async fn one_broker_serves_tcp_and_unix_and_reports_metrics() {
         .await
         .unwrap();
     let publisher = RemotePubSub::with_client(client(tcp).await).publisher();
-    assert_eq!(publisher.publish("metrics.test", "hi").await.unwrap(), 1);
+    assert_eq!(
+        publisher
+            .publish_confirmed("metrics.test", "hi")
+            .await
+            .unwrap(),
+        1
+    );
     let Some(Ok(Event::Message(m))) = sub.recv().await else {
         panic!("a message")
     };

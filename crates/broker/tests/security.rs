@@ -129,10 +129,24 @@ async fn every_permission_is_enforced_and_a_denial_leaves_the_connection_usable(
         .unwrap_err();
     assert!(denied_pubsub(&err), "wider than allowed: {err}");
     let publisher = bus.publisher();
-    let err = publisher.publish("payments.eu", "x").await.unwrap_err();
+    let err = publisher
+        .publish_confirmed("payments.eu", "x")
+        .await
+        .unwrap_err();
     assert!(denied_pubsub(&err), "{err}");
+    // One way, the denial comes with the next flush.
+    publisher.publish("payments.eu", "x").await.unwrap();
+    let err = publisher.flush().await.unwrap_err();
+    assert!(
+        matches!(&err, RemotePubSubError::Remote(RemoteError::Refused { count: 1, first })
+            if matches!(**first, RemoteError::PermissionDenied(_))),
+        "{err}"
+    );
     assert_eq!(
-        publisher.publish("orders.eu.created", "ok").await.unwrap(),
+        publisher
+            .publish_confirmed("orders.eu.created", "ok")
+            .await
+            .unwrap(),
         1
     );
     let Some(Ok(Event::Message(m))) = orders.recv().await else {
@@ -201,7 +215,7 @@ async fn every_permission_is_enforced_and_a_denial_leaves_the_connection_usable(
     // After all those denials, alice's connection still works.
     assert_eq!(
         publisher
-            .publish("orders.eu.created", "still")
+            .publish_confirmed("orders.eu.created", "still")
             .await
             .unwrap(),
         1
@@ -230,7 +244,7 @@ async fn a_client_certificate_is_an_identity_and_no_certificate_gets_nowhere() {
     assert_eq!(
         alice
             .publisher()
-            .publish("orders.eu.x", "hi")
+            .publish_confirmed("orders.eu.x", "hi")
             .await
             .unwrap(),
         0
@@ -241,7 +255,7 @@ async fn a_client_certificate_is_an_identity_and_no_certificate_gets_nowhere() {
         .unwrap();
     let err = mallory
         .publisher()
-        .publish("orders.eu.x", "hi")
+        .publish_confirmed("orders.eu.x", "hi")
         .await
         .unwrap_err();
     assert!(denied_pubsub(&err), "{err}");

@@ -17,7 +17,8 @@ use crate::client::connect;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Workload {
-    /// One publisher to --fan-out subscribers, batched publishing.
+    /// One publisher to --fan-out subscribers: one `publish` call per
+    /// message, then `publish_batch` of 256, in the same run.
     Pubsub,
     /// Request-reply through the broker to a responder in this process.
     Request,
@@ -85,13 +86,17 @@ pub async fn run(url: &str, json: bool, args: BenchArgs) -> anyhow::Result<()> {
     for workload in workloads {
         match workload {
             Workload::Pubsub => {
-                let rate = pubsub(url, count, args.fan_out.max(1), payload.clone()).await?;
+                let fan_out = args.fan_out.max(1);
+                let plain = pubsub(url, count, fan_out, payload.clone(), Publishing::Plain).await?;
+                let batched =
+                    pubsub(url, count, fan_out, payload.clone(), Publishing::Batched).await?;
                 report(
                     json,
                     "pubsub",
                     serde_json::json!({
-                        "fan_out": args.fan_out.max(1),
-                        "delivered_msgs_per_s": rate.round(),
+                        "fan_out": fan_out,
+                        "plain_delivered_msgs_per_s": plain.round(),
+                        "batched_delivered_msgs_per_s": batched.round(),
                     }),
                 );
             }
@@ -127,11 +132,30 @@ pub async fn run(url: &str, json: bool, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the pub/sub workload publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Publishing {
+    /// One `publish` call per message, as a user writes it.
+    Plain,
+    /// `publish_batch` of 256 messages at a time.
+    Batched,
+}
+
+/// The message numbered `n`: its number in the first eight bytes, so the
+/// receivers check order.
+fn numbered(payload: &bytes::Bytes, n: u64) -> bytes::Bytes {
+    let mut body = payload.to_vec();
+    let len = body.len().min(8);
+    body[..len].copy_from_slice(&n.to_le_bytes()[..len]);
+    body.into()
+}
+
 async fn pubsub(
     url: &str,
     count: u64,
     fan_out: usize,
     payload: bytes::Bytes,
+    publishing: Publishing,
 ) -> anyhow::Result<f64> {
     let subject = format!("bench.{}", std::process::id());
     let bar = progress(count * fan_out as u64, "pubsub");
@@ -147,11 +171,19 @@ async fn pubsub(
             )
             .await?;
         let bar = bar.clone();
+        let checked = payload.len() >= 8;
         readers.push(tokio::spawn(async move {
             let mut received = 0u64;
             while received < count {
                 match sub.recv().await {
-                    Some(Ok(Event::Message(_))) => {
+                    Some(Ok(Event::Message(message))) => {
+                        if checked {
+                            let n = u64::from_le_bytes(message.payload[..8].try_into()?);
+                            anyhow::ensure!(
+                                n == received,
+                                "message {n} arrived as number {received}: out of order"
+                            );
+                        }
                         received += 1;
                         if received.is_multiple_of(1024) {
                             bar.inc(1024);
@@ -167,24 +199,26 @@ async fn pubsub(
     }
     let publisher = RemotePubSub::with_client(connect(url).await?).publisher();
     let started = Instant::now();
-    let mut in_flight = tokio::task::JoinSet::new();
-    let mut sent = 0;
-    while sent < count {
-        if in_flight.len() == 4 {
-            in_flight.join_next().await.expect("non-empty")??;
+    match publishing {
+        Publishing::Plain => {
+            for n in 0..count {
+                publisher.publish(&subject, numbered(&payload, n)).await?;
+            }
         }
-        let n = (count - sent).min(256);
-        let (publisher, payload, subject) = (publisher.clone(), payload.clone(), subject.clone());
-        in_flight.spawn(async move {
-            publisher
-                .publish_batch((0..n).map(|_| (subject.clone(), payload.clone())))
-                .await
-        });
-        sent += n;
+        Publishing::Batched => {
+            let mut sent = 0;
+            while sent < count {
+                let n = (count - sent).min(256);
+                publisher
+                    .publish_batch(
+                        (sent..sent + n).map(|i| (subject.clone(), numbered(&payload, i))),
+                    )
+                    .await?;
+                sent += n;
+            }
+        }
     }
-    while let Some(done) = in_flight.join_next().await {
-        done??;
-    }
+    publisher.flush().await?;
     for reader in readers {
         reader.await??;
     }

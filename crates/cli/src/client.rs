@@ -130,10 +130,14 @@ pub async fn publish(url: &str, args: PublishArgs) -> anyhow::Result<()> {
             }
         })
         .await?;
+        // One way: what the broker refused is known once it has them all.
+        publisher.flush().await?;
         eprintln!("published {sent} messages to {}", args.subject);
     } else {
+        // One message: confirmed, so the count of live subscribers can be
+        // shown (many use the batched path above).
         let delivered = publisher
-            .publish(&args.subject, data_or_stdin(args.data)?)
+            .publish_confirmed(&args.subject, data_or_stdin(args.data)?)
             .await?;
         eprintln!(
             "published to {} ({delivered} live subscribers)",

@@ -505,6 +505,7 @@ async fn steps(url: &Address, count: u64) -> anyhow::Result<Vec<Row>> {
             sent += n;
         }
     }
+    publisher.flush().await?;
     let took = started.elapsed();
     let everything = all.finish().await?;
     let mut group = Vec::new();

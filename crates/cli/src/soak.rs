@@ -514,7 +514,33 @@ async fn publisher(shared: Arc<Shared>, index: u64, seed: u64) {
     };
     let bus = RemotePubSub::with_client(client).publisher();
     let mut n = 0u64;
-    while !shared.stop_producing.load(Ordering::Relaxed) {
+    // One-way publishes since the last flush; a flush that succeeds
+    // confirms them all (the host has applied them), one that fails leaves
+    // them attempted only.
+    let mut unflushed = 0u64;
+    loop {
+        let stopping = shared.stop_producing.load(Ordering::Relaxed);
+        if stopping || (unflushed > 0 && n.is_multiple_of(64)) {
+            let flushed = bounded(
+                &shared.violations,
+                "flush",
+                CALL_TIMEOUT + HANG_MARGIN,
+                bus.flush(),
+            )
+            .await;
+            {
+                let mut ledger = shared.ledger();
+                match flushed {
+                    Some(Ok(())) => ledger.published += unflushed,
+                    _ => ledger.publish_failures += unflushed,
+                }
+            }
+            unflushed = 0;
+            if stopping {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let large = rng.chance(3);
         let size = if large { 256 * 1024 } else { 64 };
         let mut payload = vec![0u8; size];
@@ -528,8 +554,8 @@ async fn publisher(shared: Arc<Shared>, index: u64, seed: u64) {
         )
         .await;
         match outcome {
-            Some(Ok(_)) => {
-                shared.ledger().published += 1;
+            Some(Ok(())) => {
+                unflushed += 1;
                 if large {
                     shared.large_sent.fetch_add(1, Ordering::Relaxed);
                 }
@@ -537,9 +563,6 @@ async fn publisher(shared: Arc<Shared>, index: u64, seed: u64) {
             _ => shared.ledger().publish_failures += 1,
         }
         n += 1;
-        if n.is_multiple_of(64) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 }
 

@@ -352,9 +352,12 @@ async fn a_broker_killed_under_load_loses_no_acknowledged_message_and_clients_re
     broker.kill9();
     let before_restart = acknowledged.lock().unwrap().len();
 
-    // While the broker is down, a publish fails: it never vanishes silently.
+    // While the broker is down, a publish never vanishes silently: a
+    // confirmed one fails, and a one-way one fails itself or its flush.
     let publisher = bus.publisher();
-    assert!(publisher.publish("load.lost", "x").await.is_err());
+    assert!(publisher.publish_confirmed("load.lost", "x").await.is_err());
+    let queued = publisher.publish("load.lost", "x").await;
+    assert!(queued.is_err() || publisher.flush().await.is_err());
 
     let broker = BrokerProcess::start(&data, &listen);
     assert_eq!(broker.url, listen);
@@ -371,7 +374,13 @@ async fn a_broker_killed_under_load_loses_no_acknowledged_message_and_clients_re
         .unwrap()
         .unwrap();
     assert_eq!(event, Event::Restored);
-    assert_eq!(publisher.publish("load.after", "y").await.unwrap(), 1);
+    assert_eq!(
+        publisher
+            .publish_confirmed("load.after", "y")
+            .await
+            .unwrap(),
+        1
+    );
     let Event::Message(m) = subscription.recv().await.unwrap().unwrap() else {
         panic!("a message")
     };
@@ -492,7 +501,7 @@ async fn five_thousand_subscriptions_and_a_group_membership_come_back_after_a_br
     }
     let publisher = bus.publisher();
     let delivered = publisher
-        .publish_batch(
+        .publish_batch_confirmed(
             (0..SUBSCRIPTIONS)
                 .map(|n| (format!("many.{n}"), n.to_string()))
                 .chain([("many.group".to_string(), "g".to_string())]),
@@ -786,7 +795,13 @@ async fn a_flood_of_garbage_and_silent_connections_does_not_stop_a_legitimate_cl
     let late = RemotePubSub::connect(&broker.address(), ClientConfig::default())
         .await
         .expect("a new client is not starved");
-    assert_eq!(late.publisher().publish("legit", "late").await.unwrap(), 1);
+    assert_eq!(
+        late.publisher()
+            .publish_confirmed("legit", "late")
+            .await
+            .unwrap(),
+        1
+    );
     println!("{rounds} publish/consume rounds during the flood");
     drop(held);
 }

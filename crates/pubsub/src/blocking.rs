@@ -129,23 +129,47 @@ pub struct BlockingPublisher {
 }
 
 impl BlockingPublisher {
-    /// See [`RemotePublisher::publish`].
+    /// See [`RemotePublisher::publish`] (one way, in order).
     pub fn publish(
+        &self,
+        subject: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), RemotePubSubError> {
+        self.runtime
+            .block_on(self.publisher.publish(subject, payload))
+    }
+
+    /// See [`RemotePublisher::publish_confirmed`].
+    pub fn publish_confirmed(
         &self,
         subject: &str,
         payload: impl Into<Bytes>,
     ) -> Result<u64, RemotePubSubError> {
         self.runtime
-            .block_on(self.publisher.publish(subject, payload))
+            .block_on(self.publisher.publish_confirmed(subject, payload))
     }
 
-    /// See [`RemotePublisher::publish_batch`].
+    /// See [`RemotePublisher::flush`].
+    pub fn flush(&self) -> Result<(), RemotePubSubError> {
+        self.runtime.block_on(self.publisher.flush())
+    }
+
+    /// See [`RemotePublisher::publish_batch`] (one way, in order).
     pub fn publish_batch<S: Into<String>, P: Into<Bytes>>(
+        &self,
+        messages: impl IntoIterator<Item = (S, P)>,
+    ) -> Result<(), RemotePubSubError> {
+        self.runtime
+            .block_on(self.publisher.publish_batch(messages))
+    }
+
+    /// See [`RemotePublisher::publish_batch_confirmed`].
+    pub fn publish_batch_confirmed<S: Into<String>, P: Into<Bytes>>(
         &self,
         messages: impl IntoIterator<Item = (S, P)>,
     ) -> Result<u64, RemotePubSubError> {
         self.runtime
-            .block_on(self.publisher.publish_batch(messages))
+            .block_on(self.publisher.publish_batch_confirmed(messages))
     }
 
     /// See [`RemotePublisher::reply`].
@@ -153,7 +177,7 @@ impl BlockingPublisher {
         &self,
         request: &Message,
         payload: impl Into<Bytes>,
-    ) -> Result<u64, RemotePubSubError> {
+    ) -> Result<(), RemotePubSubError> {
         self.runtime
             .block_on(self.publisher.reply(request, payload))
     }

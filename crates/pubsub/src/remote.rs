@@ -65,6 +65,16 @@ pub enum RemoteError {
     /// ended there (what it held is lost, beyond the drop count).
     #[error("the host could not send events: {0}")]
     Undeliverable(String),
+    /// [`RemotePublisher::flush`]: the host refused `count` of the one-way
+    /// publishes since the last flush; `first` says why it refused the
+    /// first of them.
+    #[error("{count} publish(es) refused since the last flush; the first: {first}")]
+    Refused {
+        /// How many were refused.
+        count: u64,
+        /// Why the first was.
+        first: Box<RemoteError>,
+    },
 }
 
 /// Decides what each caller may do on a [`PubSubHost`]. `who` is the
@@ -151,23 +161,41 @@ impl HostConfig {
 /// generations: lookups promote from the old to the new, and when the new
 /// is full it becomes the old (the old one dropped). So at most `bound`
 /// are kept, the least recently used go first, and each step is O(1).
+///
+/// Each remembers the one-way publishes refused since its last flush, for
+/// [`PubSubService::flush`] to report; forgetting a publisher (only when
+/// `bound` others publish after it) forgets those too.
 #[derive(Debug, Default)]
 struct Publishers {
-    current: HashMap<u64, Publisher>,
-    previous: HashMap<u64, Publisher>,
+    current: HashMap<u64, Known>,
+    previous: HashMap<u64, Known>,
+}
+
+#[derive(Debug, Clone)]
+struct Known {
+    publisher: Publisher,
+    /// One-way publishes refused since the last flush: how many, and why
+    /// the first was.
+    refused: Option<(u64, RemoteError)>,
 }
 
 impl Publishers {
+    fn entry(&mut self, id: u64, bound: usize, bus: &Bus) -> &mut Known {
+        if !self.current.contains_key(&id) {
+            let known = self.previous.remove(&id).unwrap_or_else(|| Known {
+                publisher: bus.publisher(),
+                refused: None,
+            });
+            if self.current.len() >= (bound / 2).max(1) {
+                self.previous = std::mem::take(&mut self.current);
+            }
+            self.current.insert(id, known);
+        }
+        self.current.get_mut(&id).expect("just inserted")
+    }
+
     fn get(&mut self, id: u64, bound: usize, bus: &Bus) -> Publisher {
-        if let Some(publisher) = self.current.get(&id) {
-            return publisher.clone();
-        }
-        let publisher = self.previous.remove(&id).unwrap_or_else(|| bus.publisher());
-        if self.current.len() >= (bound / 2).max(1) {
-            self.previous = std::mem::take(&mut self.current);
-        }
-        self.current.insert(id, publisher.clone());
-        publisher
+        self.entry(id, bound, bus).publisher.clone()
     }
 
     fn len(&self) -> usize {
@@ -240,6 +268,25 @@ pub trait PubSubService {
         reply_to: Option<String>,
         payload: Bytes,
     ) -> Result<u64, RemoteError>;
+    /// Publishes one way: nothing comes back. The host applies one-way
+    /// publishes in the order they arrive on the connection; a refused one
+    /// is remembered for [`flush`](Self::flush).
+    #[oneway]
+    async fn publish_oneway(
+        &self,
+        publisher: u64,
+        subject: String,
+        reply_to: Option<String>,
+        payload: Bytes,
+    );
+    /// [`publish_batch`](Self::publish_batch), one way: a refused batch
+    /// counts each of its messages as refused, for [`flush`](Self::flush).
+    #[oneway]
+    async fn publish_batch_oneway(&self, publisher: u64, messages: Vec<WirePublish>);
+    /// Answered once every one-way publish sent before it on the
+    /// connection has been applied; reports the one-way publishes of
+    /// `publisher` refused since its last flush.
+    async fn flush(&self, publisher: u64) -> Result<(), RemoteError>;
     /// Publishes many messages in order, as [`publish`](Self::publish)
     /// each; returns the live deliveries in total. All are checked before
     /// any is published: one invalid subject refuses the whole batch.
@@ -409,6 +456,17 @@ impl PubSubHost {
         publishers.get(id, self.config.max_publishers, &self.bus)
     }
 
+    /// Remembers `count` one-way publishes of `publisher` refused with
+    /// `err`, for its next flush.
+    fn refused(&self, publisher: u64, count: u64, err: RemoteError) {
+        let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
+        let known = publishers.entry(publisher, self.config.max_publishers, &self.bus);
+        match &mut known.refused {
+            Some((refused, _)) => *refused += count,
+            None => known.refused = Some((count, err)),
+        }
+    }
+
     fn durable(&self) -> Result<&Durable, RemoteError> {
         self.durable.as_ref().ok_or(RemoteError::NoDurable)
     }
@@ -512,6 +570,42 @@ impl PubSubService for PubSubHost {
         self.check_publish(&subject, reply_to.is_some())?;
         self.publish_all(publisher, vec![(subject, reply_to, payload)])
             .await
+    }
+
+    async fn publish_oneway(
+        &self,
+        publisher: u64,
+        subject: String,
+        reply_to: Option<String>,
+        payload: Bytes,
+    ) {
+        if let Err(err) = self.publish(publisher, subject, reply_to, payload).await {
+            self.refused(publisher, 1, err);
+        }
+    }
+
+    async fn publish_batch_oneway(&self, publisher: u64, messages: Vec<WirePublish>) {
+        let count = messages.len() as u64;
+        if let Err(err) = self.publish_batch(publisher, messages).await {
+            self.refused(publisher, count, err);
+        }
+    }
+
+    async fn flush(&self, publisher: u64) -> Result<(), RemoteError> {
+        let refused = {
+            let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
+            publishers
+                .entry(publisher, self.config.max_publishers, &self.bus)
+                .refused
+                .take()
+        };
+        match refused {
+            Some((count, first)) => Err(RemoteError::Refused {
+                count,
+                first: Box::new(first),
+            }),
+            None => Ok(()),
+        }
     }
 
     async fn publish_batch(
@@ -704,6 +798,14 @@ pub enum RemotePubSubError {
     /// A request got no reply within its timeout.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    /// [`RemotePublisher::flush`]: the connection was lost after one-way
+    /// publishes since the last flush were sent, so some may never have
+    /// reached the host. Retryable (publish them again if they matter, or
+    /// use [`RemotePublisher::publish_confirmed`]).
+    #[error(
+        "the connection to the host was lost after publishes were sent; some may not have arrived"
+    )]
+    PublishesLost,
 }
 
 /// Subscriptions stay open this long (they end when dropped, not by deadline).
@@ -823,6 +925,7 @@ impl RemotePubSub {
         RemotePublisher {
             client: self.client.clone(),
             id: fresh_id(),
+            shared: Arc::default(),
         }
     }
 
@@ -966,12 +1069,66 @@ async fn open_subscription(
     }
 }
 
-/// Publishes to a remote bus under one identity.
+/// Publishes to a remote bus under one identity. Clones share it.
+///
+/// # Order, errors and flow control
+///
+/// [`publish`](Self::publish) is one way: it returns once the message is
+/// queued on the connection, without waiting for the host. Every
+/// subscriber receives one publisher's messages in the order its
+/// `publish` calls were made, however many are in flight: calls from one
+/// task in that task's order, and for clones used by several tasks, each
+/// task's in its own order. A publisher faster than the host is slowed:
+/// `publish` waits while the connection's send buffer is full, so nothing
+/// is buffered without bound.
+///
+/// What the host refuses (a permission, a durable store that failed) is
+/// reported by the next [`flush`](Self::flush), which also says whether the
+/// connection was lost while publishes since the previous flush were on
+/// their way. What can be checked here (the subject, the size against the
+/// host's frame limit) fails the `publish` call itself.
+/// [`publish_confirmed`](Self::publish_confirmed) waits for the host and
+/// answers each message on its own.
 #[derive(Clone, Debug)]
 pub struct RemotePublisher {
     client: PubSubServiceClient,
     id: u64,
+    shared: Arc<PublisherShared>,
 }
+
+#[derive(Debug, Default)]
+struct PublisherShared {
+    /// Taken by each one-way publish while it queues its frame, and by
+    /// `flush`: a fair (first come, first served) lock, so publishes are
+    /// queued in the order they were called.
+    turn: tokio::sync::Mutex<()>,
+    /// The connection epoch of the first publish since the last flush
+    /// (0: none), and whether a later one went out on another connection.
+    unflushed: std::sync::Mutex<(u64, bool)>,
+}
+
+/// A batch for the wire, every subject checked first.
+fn wire_batch<S: Into<String>, P: Into<Bytes>>(
+    messages: impl IntoIterator<Item = (S, P)>,
+) -> Result<Vec<WirePublish>, RemotePubSubError> {
+    let mut batch: Vec<WirePublish> = Vec::new();
+    for (subject, payload) in messages {
+        let subject = subject.into();
+        // Batches often repeat a subject: check it once.
+        if batch.last().is_none_or(|last| last.subject != subject) {
+            Subject::new(&subject).map_err(RemoteError::from)?;
+        }
+        batch.push(WirePublish {
+            subject,
+            reply_to: None,
+            payload: payload.into(),
+        });
+    }
+    Ok(batch)
+}
+
+/// The service's name on the wire, for one-way calls made directly.
+const SERVICE: &str = "PubSubService";
 
 impl RemotePublisher {
     /// This publisher's identity, as subscribers see it.
@@ -979,48 +1136,151 @@ impl RemotePublisher {
         self.id
     }
 
-    /// Publishes; returns how many live subscriptions it was delivered (or
-    /// dropped) to, once the host has done so and stored it in every
-    /// matching durable subscription.
+    /// Publishes one way, in order (see the type's docs): returns once the
+    /// message is queued for the host. An invalid subject or a message
+    /// larger than the host accepts fails here; what the host refuses is
+    /// reported by [`flush`](Self::flush).
     pub async fn publish(
         &self,
         subject: &str,
         payload: impl Into<Bytes>,
-    ) -> Result<u64, RemotePubSubError> {
-        Ok(self
-            .client
-            .publish(self.id, subject.to_string(), None, payload.into())
-            .await??)
+    ) -> Result<(), RemotePubSubError> {
+        self.publish_one_way(subject, None, payload.into()).await
     }
 
-    /// Publishes many messages in one call, in order; returns the live
-    /// deliveries in total. One invalid subject refuses the whole batch.
-    /// Several batches may be in flight at once (from clones of this
-    /// publisher); their order relative to each other is then not defined.
+    async fn publish_one_way(
+        &self,
+        subject: &str,
+        reply_to: Option<&str>,
+        payload: Bytes,
+    ) -> Result<(), RemotePubSubError> {
+        Subject::new(subject).map_err(RemoteError::from)?;
+        let _turn = self.shared.turn.lock().await;
+        let epoch = self
+            .client
+            .client()
+            .notify(
+                SERVICE,
+                "publish_oneway",
+                PubSubServiceClient::fingerprint(),
+                &(self.id, subject, reply_to, payload),
+            )
+            .await?;
+        self.sent_on(epoch);
+        Ok(())
+    }
+
+    /// Notes that a one-way publish went out on connection `epoch`.
+    fn sent_on(&self, epoch: u64) {
+        let mut unflushed = self
+            .shared
+            .unflushed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match unflushed.0 {
+            0 => unflushed.0 = epoch,
+            first if first != epoch => unflushed.1 = true,
+            _ => {}
+        }
+    }
+
+    /// Returns once the host has applied every publish this publisher (and
+    /// its clones) made before the call, as NATS's flush does. Fails with
+    /// [`RemoteError::Refused`] if the host refused any of them, and with
+    /// [`RemotePubSubError::PublishesLost`] if the connection was lost
+    /// while some were on their way; either way, each is reported once.
+    pub async fn flush(&self) -> Result<(), RemotePubSubError> {
+        let _turn = self.shared.turn.lock().await;
+        let answered = self.client.flush(self.id).await;
+        let now = self.client.client().epoch().await;
+        let (first, crossed) = std::mem::take(
+            &mut *self
+                .shared
+                .unflushed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        match answered {
+            // The flush found the connection dead: so did what it follows.
+            Err(RpcError::Unavailable(_)) if first != 0 => {
+                return Err(RemotePubSubError::PublishesLost)
+            }
+            answered => answered??,
+        }
+        if crossed || (first != 0 && first != now) {
+            return Err(RemotePubSubError::PublishesLost);
+        }
+        Ok(())
+    }
+
+    /// Publishes and waits for the host: returns how many live
+    /// subscriptions it was delivered (or dropped) to, once the host has
+    /// done so and stored it in every matching durable subscription. A
+    /// round trip per message; [`publish`](Self::publish) is the fast path.
+    /// Ordered with this publisher's other publishes.
+    pub async fn publish_confirmed(
+        &self,
+        subject: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<u64, RemotePubSubError> {
+        // Held for the whole call, so it is ordered after every earlier
+        // publish and before every later one. Concurrent confirmed publishes
+        // from one publisher therefore wait for each other: use several
+        // publishers for those.
+        let _turn = self.shared.turn.lock().await;
+        let outcome = self
+            .client
+            .publish(self.id, subject.to_string(), None, payload.into())
+            .await;
+        Ok(outcome??)
+    }
+
+    /// Publishes many messages in one frame, one way and in order with
+    /// this publisher's other publishes (see the type's docs). Every
+    /// subject is checked here first; one the host refuses refuses the whole
+    /// batch, which the next [`flush`](Self::flush) reports.
     pub async fn publish_batch<S: Into<String>, P: Into<Bytes>>(
         &self,
         messages: impl IntoIterator<Item = (S, P)>,
+    ) -> Result<(), RemotePubSubError> {
+        let messages = wire_batch(messages)?;
+        let _turn = self.shared.turn.lock().await;
+        let epoch = self
+            .client
+            .client()
+            .notify(
+                SERVICE,
+                "publish_batch_oneway",
+                PubSubServiceClient::fingerprint(),
+                &(self.id, messages),
+            )
+            .await?;
+        self.sent_on(epoch);
+        Ok(())
+    }
+
+    /// Publishes many messages in one call and waits for the host: returns
+    /// the live deliveries in total. One invalid subject refuses the whole
+    /// batch. Ordered with this publisher's other publishes.
+    pub async fn publish_batch_confirmed<S: Into<String>, P: Into<Bytes>>(
+        &self,
+        messages: impl IntoIterator<Item = (S, P)>,
     ) -> Result<u64, RemotePubSubError> {
-        let messages = messages
-            .into_iter()
-            .map(|(subject, payload)| WirePublish {
-                subject: subject.into(),
-                reply_to: None,
-                payload: payload.into(),
-            })
-            .collect();
+        let messages = wire_batch(messages)?;
+        let _turn = self.shared.turn.lock().await;
         Ok(self.client.publish_batch(self.id, messages).await??)
     }
 
-    /// Answers `request` on its `reply_to` subject; 0 if it wants no reply.
+    /// Answers `request` on its `reply_to` subject, one way (as
+    /// [`publish`](Self::publish)); nothing if it wants no reply.
     pub async fn reply(
         &self,
         request: &Message,
         payload: impl Into<Bytes>,
-    ) -> Result<u64, RemotePubSubError> {
+    ) -> Result<(), RemotePubSubError> {
         match &request.reply_to {
             Some(inbox) => self.publish(inbox.as_str(), payload).await,
-            None => Ok(0),
+            None => Ok(()),
         }
     }
 }

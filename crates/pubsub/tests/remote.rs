@@ -50,7 +50,7 @@ async fn a_message_published_right_after_subscribe_returns_is_delivered() {
         // At least this subscription (earlier rounds' may still be closing).
         assert!(
             publisher
-                .publish("race.now", round.to_le_bytes().to_vec())
+                .publish_confirmed("race.now", round.to_le_bytes().to_vec())
                 .await
                 .unwrap()
                 >= 1
@@ -84,16 +84,22 @@ async fn wildcards_and_queue_groups_work_through_the_host() {
         .unwrap();
     let publisher = bus.publisher();
     assert_eq!(
-        publisher.publish("orders.eu.created", "1").await.unwrap(),
+        publisher
+            .publish_confirmed("orders.eu.created", "1")
+            .await
+            .unwrap(),
         2
     );
     assert_eq!(
-        publisher.publish("orders.us.created", "2").await.unwrap(),
+        publisher
+            .publish_confirmed("orders.us.created", "2")
+            .await
+            .unwrap(),
         1
     );
     for _ in 0..10 {
         assert_eq!(
-            publisher.publish("jobs", "j").await.unwrap(),
+            publisher.publish_confirmed("jobs", "j").await.unwrap(),
             1,
             "one group member each time"
         );
@@ -255,7 +261,7 @@ async fn subscriptions_and_group_memberships_come_back_after_a_host_restart() {
     for n in 0..50 {
         assert_eq!(
             publisher
-                .publish(&format!("restore.{n}"), format!("{n}"))
+                .publish_confirmed(&format!("restore.{n}"), format!("{n}"))
                 .await
                 .unwrap(),
             1
@@ -269,7 +275,13 @@ async fn subscriptions_and_group_memberships_come_back_after_a_host_restart() {
     }
     // The group membership is back too: one member each.
     for _ in 0..10 {
-        assert_eq!(publisher.publish("restore.work", "job").await.unwrap(), 1);
+        assert_eq!(
+            publisher
+                .publish_confirmed("restore.work", "job")
+                .await
+                .unwrap(),
+            1
+        );
     }
     let mut got = 0;
     for member in &mut members {
@@ -321,14 +333,16 @@ async fn a_durable_subscription_keeps_what_was_published_across_subscriber_and_h
         }
     }
     drop(subscriber);
-    // Published while no subscriber is connected: each acknowledged to the
-    // publisher, so each must survive what follows.
+    // Published while no subscriber is connected, one way, then flushed:
+    // once the flush returns, the host has stored each, so each must
+    // survive what follows.
     for n in 100..150 {
         publisher
             .publish(&format!("orders.us.{n}"), format!("order {n}"))
             .await
             .unwrap();
     }
+    publisher.flush().await.unwrap();
     server.shutdown(Duration::from_millis(100)).await;
     let server = durable_host(&address, &data).await;
 
@@ -383,7 +397,7 @@ fn the_blocking_face_publishes_subscribes_and_requests() {
     let publisher = bus.publisher();
     assert_eq!(
         publisher
-            .publish_batch((0..10).map(|n| (format!("blocking.{n}"), vec![n as u8])))
+            .publish_batch_confirmed((0..10).map(|n| (format!("blocking.{n}"), vec![n as u8])))
             .unwrap(),
         10
     );

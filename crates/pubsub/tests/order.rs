@@ -1,0 +1,241 @@
+//! One-way publishing: each publisher's messages reach subscribers in the
+//! order its publish calls were made, however many are in flight and from
+//! however many tasks, over tcp, unix and shm; `flush` reports what the
+//! host refused and connections lost on the way.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use courier_pubsub::remote::{
+    PubSubAccess, PubSubHost, PubSubServiceServer, RemoteError, RemotePubSub, RemotePubSubError,
+};
+use courier_pubsub::{Bus, Event, Filter, SlowConsumer, Subject, SubscribeOptions};
+use courier_rpc::{ClientConfig, Server, ServerConfig, ServerHandle};
+use courier_transport::Address;
+
+async fn host_at(address: &Address, access: Option<Arc<dyn PubSubAccess>>) -> ServerHandle {
+    let listener = courier_transport::bind(address, &Default::default())
+        .await
+        .unwrap();
+    let mut host = PubSubHost::new(Bus::new());
+    if let Some(access) = access {
+        host = host.with_access(access);
+    }
+    Server::new(ServerConfig::default())
+        .service(PubSubServiceServer::new(host))
+        .spawn(listener)
+}
+
+async fn connect(address: &Address) -> RemotePubSub {
+    RemotePubSub::connect(address, ClientConfig::default())
+        .await
+        .unwrap()
+}
+
+fn unix(name: &str) -> Address {
+    let path = std::env::temp_dir().join(format!("courier-{name}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    format!("unix://{}", path.display()).parse().unwrap()
+}
+
+/// Polls every future in turn, in order, until all are done: many calls in
+/// flight from one task.
+async fn join_all<T>(mut futures: Vec<Pin<Box<dyn Future<Output = T> + Send + '_>>>) -> Vec<T> {
+    let mut outputs: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().map(Option::unwrap).collect()
+}
+
+fn body(task: u32, n: u32) -> Vec<u8> {
+    let mut body = task.to_le_bytes().to_vec();
+    body.extend_from_slice(&n.to_le_bytes());
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_publisher_is_received_in_call_order_however_many_are_in_flight() {
+    let addresses = [
+        "tcp://127.0.0.1:0".parse().unwrap(),
+        unix("order"),
+        Address::Shm(format!("order-{}", std::process::id())),
+    ];
+    for address in addresses {
+        let server = host_at(&address, None).await;
+        let address = server.local_addr().clone();
+        let subscriber = connect(&address).await;
+        // Backpressure, so nothing is dropped: every message must arrive.
+        let mut sub = subscriber
+            .subscribe(
+                "order.>",
+                SubscribeOptions::default()
+                    .buffer(4096)
+                    .policy(SlowConsumer::Backpressure),
+            )
+            .await
+            .unwrap();
+        let (tasks, each) = (4u32, 3_000u32);
+        let (rounds, in_flight) = (4u32, 256u32);
+        let total = tasks * each + rounds * in_flight;
+        // Read while they publish: under backpressure the host waits for us.
+        let reader = tokio::spawn({
+            let address = address.clone();
+            async move {
+                let mut next = vec![0u32; tasks as usize + 1];
+                for _ in 0..total {
+                    let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+                        .await
+                        .expect("a message within 30 s")
+                        .unwrap()
+                        .unwrap();
+                    let Event::Message(message) = event else {
+                        panic!("{address}: {event:?}")
+                    };
+                    let task = u32::from_le_bytes(message.payload[..4].try_into().unwrap());
+                    let n = u32::from_le_bytes(message.payload[4..8].try_into().unwrap());
+                    assert_eq!(
+                        n, next[task as usize],
+                        "{address}: caller {task} out of order"
+                    );
+                    next[task as usize] += 1;
+                }
+            }
+        });
+        let publisher = connect(&address).await.publisher();
+        let mut senders = Vec::new();
+        for task in 0..tasks {
+            let publisher = publisher.clone();
+            senders.push(tokio::spawn(async move {
+                for n in 0..each {
+                    publisher.publish("order.x", body(task, n)).await.unwrap();
+                }
+            }));
+        }
+        // And from this task, rounds of 256 publishes in flight at once.
+        for round in 0..rounds {
+            type Call<'a> =
+                Pin<Box<dyn Future<Output = Result<(), RemotePubSubError>> + Send + 'a>>;
+            let calls: Vec<Call<'_>> = (0..in_flight)
+                .map(|i| {
+                    let n = round * in_flight + i;
+                    Box::pin(publisher.publish("order.y", body(tasks, n))) as Call<'_>
+                })
+                .collect();
+            for outcome in join_all(calls).await {
+                outcome.unwrap();
+            }
+        }
+        for sender in senders {
+            sender.await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+        reader.await.unwrap();
+        drop(subscriber);
+        server.shutdown(Duration::from_millis(200)).await;
+    }
+}
+
+/// Refuses publishing to `secret.>`.
+struct NoSecrets;
+
+impl PubSubAccess for NoSecrets {
+    fn may_publish(&self, _: Option<&str>, subject: &Subject) -> bool {
+        !subject.as_str().starts_with("secret.")
+    }
+    fn may_request(&self, _: Option<&str>, _: &Subject) -> bool {
+        true
+    }
+    fn may_subscribe(&self, _: Option<&str>, _: &Filter) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn flush_reports_what_the_host_refused_once() {
+    let server = host_at(
+        &"tcp://127.0.0.1:0".parse().unwrap(),
+        Some(Arc::new(NoSecrets)),
+    )
+    .await;
+    let bus = connect(server.local_addr()).await;
+    let mut sub = bus
+        .subscribe("open.>", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let publisher = bus.publisher();
+    // One way: the refusals are the host's to report, later.
+    publisher.publish("secret.a", "x").await.unwrap();
+    publisher.publish("open.b", "y").await.unwrap();
+    publisher.publish("secret.c", "z").await.unwrap();
+    let err = publisher.flush().await.unwrap_err();
+    match err {
+        RemotePubSubError::Remote(RemoteError::Refused { count, first }) => {
+            assert_eq!(count, 2);
+            assert!(
+                matches!(*first, RemoteError::PermissionDenied(_)),
+                "{first}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    publisher.flush().await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(event, Event::Message(m) if &m.payload[..] == b"y"));
+    // What can be checked locally fails the call itself.
+    assert!(matches!(
+        publisher.publish("bad..subject", "x").await,
+        Err(RemotePubSubError::Remote(RemoteError::Invalid(_)))
+    ));
+    server.shutdown(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn flush_says_when_the_connection_was_lost_under_publishes() {
+    let address = unix("lost");
+    let server = host_at(&address, None).await;
+    let publisher = connect(&address).await.publisher();
+    publisher.publish("lost.a", "1").await.unwrap();
+    publisher.flush().await.unwrap();
+    publisher.publish("lost.b", "2").await.unwrap();
+    // The host goes away with the connection; a new one takes its place.
+    server.shutdown(Duration::from_millis(100)).await;
+    let server = host_at(&address, None).await;
+    let mut outcome = publisher.publish("lost.c", "3").await;
+    for _ in 0..100 {
+        if outcome.is_ok() {
+            break;
+        }
+        // The first publish after the loss may find the dead connection.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        outcome = publisher.publish("lost.c", "3").await;
+    }
+    outcome.unwrap();
+    assert_eq!(
+        publisher.flush().await.unwrap_err(),
+        RemotePubSubError::PublishesLost
+    );
+    publisher.flush().await.unwrap();
+    server.shutdown(Duration::from_millis(100)).await;
+}
