@@ -344,12 +344,20 @@ struct Registry {
 }
 
 #[derive(Default)]
+struct GroupTurn {
+    next: usize,
+    members: usize,
+}
+
+#[derive(Default)]
 struct Inner {
     config: BusConfig,
     registry: RwLock<Registry>,
-    /// Round-robin position per (filter, group); touched only when a
-    /// message matches a queue group.
-    turns: Mutex<HashMap<(String, String), usize>>,
+    /// Per (filter, group): the round-robin position and how many members
+    /// it has. An entry lives exactly as long as its group has a member, so
+    /// group names a client makes up cost nothing once their subscriptions
+    /// are gone.
+    turns: Mutex<HashMap<(String, String), GroupTurn>>,
     next_id: AtomicU64,
     next_publisher: AtomicU64,
     /// Messages dropped by slow-consumer policies, over all subscriptions.
@@ -463,6 +471,10 @@ impl Bus {
             .unwrap_or_else(|p| p.into_inner());
         registry.router.insert(&filter, id);
         registry.subs.insert(id, sub.clone());
+        if let Some(group) = &sub.options.group {
+            let key = (filter.as_str().to_string(), group.clone());
+            lock(&self.inner.turns).entry(key).or_default().members += 1;
+        }
         Ok(Subscription {
             id,
             sub,
@@ -551,14 +563,19 @@ impl Bus {
         }
         let mut turns = lock(&self.inner.turns);
         for (key, members) in groups {
-            let turn = turns.entry(key).or_default();
-            targets.push(members[*turn % members.len()].clone());
-            *turn = turn.wrapping_add(1);
+            // A member leaving between the match and here may have taken
+            // the entry with it: start from 0 then (nothing is kept).
+            let turn = turns.get_mut(&key).map_or(0, |turn| {
+                let next = turn.next;
+                turn.next = next.wrapping_add(1);
+                next
+            });
+            targets.push(members[turn % members.len()].clone());
         }
         targets
     }
 
-    fn remove(&self, id: SubscriptionId, filter: &Filter) {
+    fn remove(&self, id: SubscriptionId, filter: &Filter, group: Option<&str>) {
         let mut registry = self
             .inner
             .registry
@@ -566,6 +583,24 @@ impl Bus {
             .unwrap_or_else(|p| p.into_inner());
         registry.router.remove(filter, id);
         registry.subs.remove(&id);
+        drop(registry);
+        if let Some(group) = group {
+            let mut turns = lock(&self.inner.turns);
+            let key = (filter.as_str().to_string(), group.to_string());
+            if let Some(turn) = turns.get_mut(&key) {
+                turn.members = turn.members.saturating_sub(1);
+                if turn.members == 0 {
+                    turns.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Queue groups with at least one member (each holds a round-robin
+    /// position). For tests that check the bound.
+    #[doc(hidden)]
+    pub fn groups(&self) -> usize {
+        lock(&self.inner.turns).len()
     }
 }
 /// Publishes messages under one publisher identity.
@@ -947,7 +982,7 @@ fn collect_trailing(buffer: &mut Buffer, trailing: &mut VecDeque<Event>) {
 impl Drop for Subscription {
     fn drop(&mut self) {
         if let Some(inner) = self.bus.upgrade() {
-            Bus { inner }.remove(self.id, &self.sub.filter);
+            Bus { inner }.remove(self.id, &self.sub.filter, self.sub.options.group.as_deref());
         }
         // Publishers waiting for room must not wait on a subscription that is gone.
         let released = {

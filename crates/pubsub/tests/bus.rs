@@ -548,3 +548,35 @@ async fn backpressure_waits_for_room_in_the_total() {
     assert!(matches!(waiting.try_recv(), Some(Event::Message(_))));
     assert_eq!(waiting.dropped(), 0);
 }
+
+#[tokio::test]
+async fn queue_groups_cost_nothing_once_their_members_are_gone() {
+    let bus = Bus::new();
+    // A client inventing group names: each one's position is forgotten with
+    // its last member.
+    for n in 0..10_000 {
+        let member = bus
+            .subscribe("jobs", SubscribeOptions::default().group(format!("g{n}")))
+            .unwrap();
+        bus.publisher().publish("jobs", "j").await.unwrap();
+        drop(member);
+    }
+    assert_eq!(bus.groups(), 0);
+    // A live group still goes round its members.
+    let a = bus
+        .subscribe("jobs", SubscribeOptions::default().group("workers"))
+        .unwrap();
+    let b = bus
+        .subscribe("jobs", SubscribeOptions::default().group("workers"))
+        .unwrap();
+    let publisher = bus.publisher();
+    for _ in 0..4 {
+        publisher.publish("jobs", "j").await.unwrap();
+    }
+    assert_eq!((a.buffered(), b.buffered()), (2, 2));
+    assert_eq!(bus.groups(), 1);
+    drop(a);
+    assert_eq!(bus.groups(), 1, "b is still a member");
+    drop(b);
+    assert_eq!(bus.groups(), 0);
+}
