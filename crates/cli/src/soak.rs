@@ -292,6 +292,9 @@ struct Ledger {
     acked: BTreeSet<u64>,
     /// Acks whose answer never came: taken effect or not, nobody can say.
     ack_unknown: BTreeSet<u64>,
+    /// Each job's last outcome here, with its delivery number: printed for
+    /// any job found lost, so the violation explains itself.
+    last_seen: HashMap<u64, (String, u32)>,
     deliveries: u64,
     enqueue_failures: u64,
     published: u64,
@@ -410,6 +413,7 @@ async fn consumer(shared: Arc<Shared>, seed: u64) {
                 Ok(_) => break,
             };
             shared.ledger().deliveries += 1;
+            let number = delivery.delivery;
             let Some(job) = job_of(&delivery.payload) else {
                 shared
                     .violations
@@ -442,29 +446,38 @@ async fn consumer(shared: Arc<Shared>, seed: u64) {
                         delivery.ack(),
                     )
                     .await;
+                    let mut ledger = shared.ledger();
+                    let seen = format!("ack: {acked:?}");
+                    ledger.last_seen.insert(job, (seen, number));
                     match acked {
                         Some(Ok(())) => {
-                            shared.ledger().acked.insert(job);
+                            ledger.acked.insert(job);
                         }
                         // The answer was lost (the connection or the broker
                         // died): the ack may have taken effect.
                         Some(Err(courier_queue::remote::RemoteQueueError::Rpc(_))) => {
-                            shared.ledger().ack_unknown.insert(job);
+                            ledger.ack_unknown.insert(job);
                         }
                         _ => {}
                     }
                 }
                 1 => {
-                    let _ = bounded(
+                    let nacked = bounded(
                         &shared.violations,
                         "nack",
                         CALL_TIMEOUT + HANG_MARGIN,
                         delivery.nack(Duration::from_millis(20)),
                     )
                     .await;
+                    let seen = format!("nack: {nacked:?}");
+                    shared.ledger().last_seen.insert(job, (seen, number));
                 }
                 // Hold it: the lease expires and it goes to someone else.
-                _ => held.push((Instant::now(), delivery)),
+                _ => {
+                    let seen = "held".to_string();
+                    shared.ledger().last_seen.insert(job, (seen, number));
+                    held.push((Instant::now(), delivery));
+                }
             }
         }
         held.clear();
@@ -1082,10 +1095,18 @@ async fn soak(
         .copied()
         .collect();
     if !lost.is_empty() {
+        let described: Vec<String> = lost
+            .iter()
+            .take(10)
+            .map(|job| match ledger.last_seen.get(job) {
+                Some((seen, number)) => format!("{job} (delivery {number}, last {seen})"),
+                None => format!("{job} (never delivered here)"),
+            })
+            .collect();
         shared.violations.report(format!(
-            "{} confirmed jobs neither acknowledged nor dead-lettered, e.g. {:?}",
+            "{} confirmed jobs neither acknowledged nor dead-lettered: {}",
             lost.len(),
-            &lost[..lost.len().min(10)]
+            described.join("; ")
         ));
     }
     let poison_confirmed = ledger
