@@ -177,6 +177,22 @@ struct Known {
     /// One-way publishes refused since the last flush: how many, and why
     /// the first was.
     refused: Option<(u64, RemoteError)>,
+    /// One-way publishes are applied one at a time per publisher, in the
+    /// order of the sequence numbers the client gave them.
+    turn: Arc<tokio::sync::Mutex<OneWay>>,
+}
+
+/// A publisher's one-way progress at the host.
+#[derive(Debug, Default)]
+struct OneWay {
+    /// The highest client sequence number applied. A frame at or below it
+    /// is stale: it comes from a connection the client has since replaced
+    /// (its reader still working through what it had buffered) and would
+    /// otherwise land after newer messages. It is dropped; the client's
+    /// `flush` reports such losses (`PublishesLost`).
+    applied: u64,
+    /// Frames dropped as stale.
+    stale: u64,
 }
 
 impl Publishers {
@@ -185,6 +201,7 @@ impl Publishers {
             let known = self.previous.remove(&id).unwrap_or_else(|| Known {
                 publisher: bus.publisher(),
                 refused: None,
+                turn: Arc::default(),
             });
             if self.current.len() >= (bound / 2).max(1) {
                 self.previous = std::mem::take(&mut self.current);
@@ -272,17 +289,23 @@ pub trait PubSubService {
     /// publishes in the order they arrive on the connection; a refused one
     /// is remembered for [`flush`](Self::flush).
     #[oneway]
+    ///
+    /// `seq` is the publisher's own count of its one-way publishes (1, 2,
+    /// ...): a frame older than one already applied is dropped, so order
+    /// holds across the client's reconnects.
     async fn publish_oneway(
         &self,
         publisher: u64,
+        seq: u64,
         subject: String,
         reply_to: Option<String>,
         payload: Bytes,
     );
-    /// [`publish_batch`](Self::publish_batch), one way: a refused batch
-    /// counts each of its messages as refused, for [`flush`](Self::flush).
+    /// [`publish_batch`](Self::publish_batch), one way (one `seq` for the
+    /// batch): a refused batch counts each of its messages as refused, for
+    /// [`flush`](Self::flush).
     #[oneway]
-    async fn publish_batch_oneway(&self, publisher: u64, messages: Vec<WirePublish>);
+    async fn publish_batch_oneway(&self, publisher: u64, seq: u64, messages: Vec<WirePublish>);
     /// Answered once every one-way publish sent before it on the
     /// connection has been applied; reports the one-way publishes of
     /// `publisher` refused since its last flush.
@@ -456,6 +479,15 @@ impl PubSubHost {
         publishers.get(id, self.config.max_publishers, &self.bus)
     }
 
+    /// The lock that orders `publisher`'s one-way publishes.
+    fn turn_of(&self, publisher: u64) -> Arc<tokio::sync::Mutex<OneWay>> {
+        let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
+        publishers
+            .entry(publisher, self.config.max_publishers, &self.bus)
+            .turn
+            .clone()
+    }
+
     /// Remembers `count` one-way publishes of `publisher` refused with
     /// `err`, for its next flush.
     fn refused(&self, publisher: u64, count: u64, err: RemoteError) {
@@ -575,16 +607,31 @@ impl PubSubService for PubSubHost {
     async fn publish_oneway(
         &self,
         publisher: u64,
+        seq: u64,
         subject: String,
         reply_to: Option<String>,
         payload: Bytes,
     ) {
+        let turn = self.turn_of(publisher);
+        let mut progress = turn.lock().await;
+        if seq <= progress.applied {
+            progress.stale += 1;
+            return;
+        }
+        progress.applied = seq;
         if let Err(err) = self.publish(publisher, subject, reply_to, payload).await {
             self.refused(publisher, 1, err);
         }
     }
 
-    async fn publish_batch_oneway(&self, publisher: u64, messages: Vec<WirePublish>) {
+    async fn publish_batch_oneway(&self, publisher: u64, seq: u64, messages: Vec<WirePublish>) {
+        let turn = self.turn_of(publisher);
+        let mut progress = turn.lock().await;
+        if seq <= progress.applied {
+            progress.stale += messages.len() as u64;
+            return;
+        }
+        progress.applied = seq;
         let count = messages.len() as u64;
         if let Err(err) = self.publish_batch(publisher, messages).await {
             self.refused(publisher, count, err);
@@ -1105,6 +1152,9 @@ struct PublisherShared {
     /// The connection epoch of the first publish since the last flush
     /// (0: none), and whether a later one went out on another connection.
     unflushed: std::sync::Mutex<(u64, bool)>,
+    /// The last sequence number given to a one-way publish (taken under
+    /// `turn`, so in call order).
+    seq: std::sync::atomic::AtomicU64,
 }
 
 /// A batch for the wire, every subject checked first.
@@ -1156,6 +1206,7 @@ impl RemotePublisher {
     ) -> Result<(), RemotePubSubError> {
         Subject::new(subject).map_err(RemoteError::from)?;
         let _turn = self.shared.turn.lock().await;
+        let seq = self.next_seq();
         let epoch = self
             .client
             .client()
@@ -1163,11 +1214,19 @@ impl RemotePublisher {
                 SERVICE,
                 "publish_oneway",
                 PubSubServiceClient::fingerprint(),
-                &(self.id, subject, reply_to, payload),
+                &(self.id, seq, subject, reply_to, payload),
             )
             .await?;
         self.sent_on(epoch);
         Ok(())
+    }
+
+    /// The next one-way sequence number (call it holding `turn`).
+    fn next_seq(&self) -> u64 {
+        self.shared
+            .seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
     }
 
     /// Notes that a one-way publish went out on connection `epoch`.
@@ -1245,6 +1304,7 @@ impl RemotePublisher {
     ) -> Result<(), RemotePubSubError> {
         let messages = wire_batch(messages)?;
         let _turn = self.shared.turn.lock().await;
+        let seq = self.next_seq();
         let epoch = self
             .client
             .client()
@@ -1252,7 +1312,7 @@ impl RemotePublisher {
                 SERVICE,
                 "publish_batch_oneway",
                 PubSubServiceClient::fingerprint(),
-                &(self.id, messages),
+                &(self.id, seq, messages),
             )
             .await?;
         self.sent_on(epoch);

@@ -239,3 +239,27 @@ async fn flush_says_when_the_connection_was_lost_under_publishes() {
     publisher.flush().await.unwrap();
     server.shutdown(Duration::from_millis(100)).await;
 }
+
+#[tokio::test]
+async fn a_frame_older_than_one_applied_is_dropped_so_order_holds_across_reconnects() {
+    use courier_pubsub::remote::PubSubService;
+    let bus = Bus::new();
+    let host = PubSubHost::new(bus.clone());
+    let mut sub = bus.subscribe("re.>", SubscribeOptions::default()).unwrap();
+    // The new connection's frames (2, 3) arrive while the old connection's
+    // reader still holds frame 1: it must not land after them.
+    host.publish_oneway(7, 2, "re.a".into(), None, "two".into())
+        .await;
+    host.publish_oneway(7, 3, "re.a".into(), None, "three".into())
+        .await;
+    host.publish_oneway(7, 1, "re.a".into(), None, "one".into())
+        .await;
+    host.publish_batch_oneway(7, 2, Vec::new()).await;
+    let mut got = Vec::new();
+    while let Some(event) = sub.try_recv() {
+        if let Event::Message(m) = event {
+            got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+        }
+    }
+    assert_eq!(got, ["two", "three"]);
+}
