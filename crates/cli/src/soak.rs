@@ -880,9 +880,9 @@ async fn soak(
     });
 
     let mut tasks = Vec::new();
-    for i in 0..2 {
-        tasks.push(tokio::spawn(producer(shared.clone(), i)));
-    }
+    let producers: Vec<_> = (0..2)
+        .map(|i| tokio::spawn(producer(shared.clone(), i)))
+        .collect();
     for i in 0..3 {
         tasks.push(tokio::spawn(consumer(shared.clone(), rng.next() ^ i)));
     }
@@ -998,6 +998,18 @@ async fn soak(
     // Quiesce: no more faults, producers stop, consumers drain the queue.
     println!("soak: faults over, draining");
     shared.stop_producing.store(true, Ordering::Relaxed);
+    // Every enqueue ends (confirmed or given up) before the queue is judged
+    // empty: a retry confirmed after that would be counted lost.
+    for producer in producers {
+        if tokio::time::timeout(Duration::from_secs(120), producer)
+            .await
+            .is_err()
+        {
+            shared
+                .violations
+                .report("a producer did not stop within 120 s".into());
+        }
+    }
     let client = connect(&shared).await.context("no broker to drain")?;
     let queue = RemoteQueue::with_client(client.clone(), QUEUE);
     let drain_deadline = Instant::now() + Duration::from_secs(60);
