@@ -318,6 +318,14 @@ impl Client {
         }
     }
 
+    /// A client to the same server, with the same settings, but a
+    /// connection of its own (made on its first call): for traffic that
+    /// must not share this one's ordering or flow control, such as one-way
+    /// calls that may wait on something this connection carries.
+    pub fn separate(&self) -> Client {
+        Client::lazy(&self.inner.address, self.inner.config.clone()).with_timeout(self.timeout)
+    }
+
     /// The same client (same connection) with another deadline per call.
     pub fn with_timeout(&self, timeout: Duration) -> Client {
         Client {

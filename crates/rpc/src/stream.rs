@@ -213,13 +213,14 @@ impl<T: DeserializeOwned> ItemStream<T> {
                 self.guard.id,
                 Bytes::from(self.consumed.to_le_bytes().to_vec()),
             );
-            // A frame fed is the connection's writer's to deliver even if
-            // this future is dropped during the flush.
+            // Counted as granted before any await: `feed` queues the frame
+            // at once (it may then wait for buffer room), and a frame queued
+            // is the connection's writer's to deliver even if this future
+            // is dropped. Reset after the await, a cancelled call would
+            // grant the same credit again.
+            self.consumed = 0;
             let granted = match self.link.sender.feed(credit).await {
-                Ok(()) => {
-                    self.consumed = 0;
-                    self.link.sender.flush().await
-                }
+                Ok(()) => self.link.sender.flush().await,
                 Err(err) => Err(err),
             };
             if let Err(err) = granted {
