@@ -65,6 +65,11 @@ pub enum RemoteError {
     /// ended there (what it held is lost, beyond the drop count).
     #[error("the host could not send events: {0}")]
     Undeliverable(String),
+    /// A one-way publish was cut short at the host (its deadline passed, or
+    /// the host shut down) before it reached every subscriber: some may have
+    /// it. Reported by [`RemotePublisher::flush`] inside [`RemoteError::Refused`].
+    #[error("a publish was cut short at the host: {0}")]
+    Interrupted(String),
     /// [`RemotePublisher::flush`]: the host refused `count` of the one-way
     /// publishes since the last flush; `first` says why it refused the
     /// first of them.
@@ -533,6 +538,43 @@ impl PubSubHost {
     }
 }
 
+/// A one-way publish under way at the host. Dropped before [`done`]
+/// (the call was cut short: its deadline, a shutdown), it is recorded as
+/// interrupted, so the publisher's next flush reports it.
+///
+/// [`done`]: Unapplied::done
+struct Unapplied<'a> {
+    host: &'a PubSubHost,
+    publisher: u64,
+    count: u64,
+    done: bool,
+}
+
+impl<'a> Unapplied<'a> {
+    fn new(host: &'a PubSubHost, publisher: u64, count: u64) -> Unapplied<'a> {
+        Unapplied {
+            host,
+            publisher,
+            count,
+            done: false,
+        }
+    }
+
+    fn done(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Unapplied<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let reason = "cut short before it reached every subscriber".to_string();
+            self.host
+                .refused(self.publisher, self.count, RemoteError::Interrupted(reason));
+        }
+    }
+}
+
 fn wire_event(event: Event) -> Option<WireEvent> {
     Some(match event {
         Event::Message(m) => WireEvent::Message {
@@ -619,9 +661,11 @@ impl PubSubService for PubSubHost {
             return;
         }
         progress.applied = seq;
+        let mut pending = Unapplied::new(self, publisher, 1);
         if let Err(err) = self.publish(publisher, subject, reply_to, payload).await {
             self.refused(publisher, 1, err);
         }
+        pending.done();
     }
 
     async fn publish_batch_oneway(&self, publisher: u64, seq: u64, messages: Vec<WirePublish>) {
@@ -633,9 +677,11 @@ impl PubSubService for PubSubHost {
         }
         progress.applied = seq;
         let count = messages.len() as u64;
+        let mut pending = Unapplied::new(self, publisher, count);
         if let Err(err) = self.publish_batch(publisher, messages).await {
             self.refused(publisher, count, err);
         }
+        pending.done();
     }
 
     async fn flush(&self, publisher: u64) -> Result<(), RemoteError> {
@@ -866,6 +912,12 @@ pub const DEFAULT_RESTORE_WINDOW: Duration = Duration::from_secs(300);
 #[derive(Clone, Debug)]
 pub struct RemotePubSub {
     client: PubSubServiceClient,
+    /// The publishers' connection, made when the first publisher is: one
+    /// of its own, because the host applies one-way publishes inline and a
+    /// publish waiting on a `Backpressure` subscription would otherwise
+    /// hold up the credit that the same connection's subscriptions need
+    /// to make room. Shared by every publisher of this bus (and its clones).
+    publishing: Arc<std::sync::OnceLock<PubSubServiceClient>>,
     restore_window: Duration,
     inbox: Arc<tokio::sync::Mutex<Option<Arc<Inbox>>>>,
 }
@@ -950,6 +1002,7 @@ impl RemotePubSub {
     pub fn with_client(client: Client) -> RemotePubSub {
         RemotePubSub {
             client: PubSubServiceClient::new(client),
+            publishing: Arc::default(),
             restore_window: DEFAULT_RESTORE_WINDOW,
             inbox: Arc::default(),
         }
@@ -968,9 +1021,16 @@ impl RemotePubSub {
     }
 
     /// A publisher with a fresh identity.
+    ///
+    /// Publishers use a connection of their own (one per bus, made on the
+    /// first publish), apart from the bus's subscriptions and requests.
     pub fn publisher(&self) -> RemotePublisher {
+        let client = self
+            .publishing
+            .get_or_init(|| PubSubServiceClient::new(self.client.client().separate()))
+            .clone();
         RemotePublisher {
-            client: self.client.clone(),
+            client,
             id: fresh_id(),
             shared: Arc::default(),
         }
@@ -1276,7 +1336,9 @@ impl RemotePublisher {
     /// subscriptions it was delivered (or dropped) to, once the host has
     /// done so and stored it in every matching durable subscription. A
     /// round trip per message; [`publish`](Self::publish) is the fast path.
-    /// Ordered with this publisher's other publishes.
+    /// Ordered with this publisher's other publishes on the same
+    /// connection; after a reconnect, [`flush`](Self::flush) first if it
+    /// must follow one-way publishes sent before.
     pub async fn publish_confirmed(
         &self,
         subject: &str,
@@ -1321,7 +1383,7 @@ impl RemotePublisher {
 
     /// Publishes many messages in one call and waits for the host: returns
     /// the live deliveries in total. One invalid subject refuses the whole
-    /// batch. Ordered with this publisher's other publishes.
+    /// batch. Ordered as [`publish_confirmed`](Self::publish_confirmed).
     pub async fn publish_batch_confirmed<S: Into<String>, P: Into<Bytes>>(
         &self,
         messages: impl IntoIterator<Item = (S, P)>,

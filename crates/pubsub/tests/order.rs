@@ -263,3 +263,79 @@ async fn a_frame_older_than_one_applied_is_dropped_so_order_holds_across_reconne
     }
     assert_eq!(got, ["two", "three"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_publishing_into_its_own_backpressure_subscription_does_not_stall() {
+    let server = host_at(&"tcp://127.0.0.1:0".parse().unwrap(), None).await;
+    let bus = connect(server.local_addr()).await;
+    // A small buffer that makes the publisher wait for this very
+    // subscriber: its room comes from credit on the subscription's stream.
+    let mut sub = bus
+        .subscribe(
+            "self.>",
+            SubscribeOptions::default()
+                .buffer(16)
+                .policy(SlowConsumer::Backpressure),
+        )
+        .await
+        .unwrap();
+    let total = 2_000u32;
+    let reader = tokio::spawn(async move {
+        for n in 0..total {
+            let event = tokio::time::timeout(Duration::from_secs(20), sub.recv())
+                .await
+                .expect("a message within 20 s: the bus stalled itself")
+                .unwrap()
+                .unwrap();
+            let Event::Message(m) = event else {
+                panic!("{event:?}")
+            };
+            assert_eq!(&m.payload[..], &n.to_le_bytes());
+            if n % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let publisher = bus.publisher();
+    for n in 0..total {
+        publisher
+            .publish("self.x", n.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    reader.await.unwrap();
+    server.shutdown(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_one_way_publish_cut_short_at_the_host_is_reported_by_flush() {
+    use courier_pubsub::remote::PubSubService;
+    let bus = Bus::new();
+    let host = PubSubHost::new(bus.clone());
+    let _full = bus
+        .subscribe(
+            "cut.>",
+            SubscribeOptions::default()
+                .buffer(1)
+                .policy(SlowConsumer::Backpressure),
+        )
+        .unwrap();
+    host.publish_oneway(9, 1, "cut.a".into(), None, "fits".into())
+        .await;
+    // The buffer is full: this one waits, and its call is dropped, as its
+    // deadline or a shutdown would drop it.
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(20),
+        host.publish_oneway(9, 2, "cut.a".into(), None, "waits".into()),
+    )
+    .await;
+    assert!(waiting.is_err(), "the publish waited for room");
+    match host.flush(9).await {
+        Err(RemoteError::Refused { count: 1, first }) => {
+            assert!(matches!(*first, RemoteError::Interrupted(_)), "{first}")
+        }
+        other => panic!("{other:?}"),
+    }
+    host.flush(9).await.unwrap();
+}
