@@ -619,7 +619,24 @@ impl Queue {
     /// finds nothing left waits for the one that took its events. A failed
     /// write puts its records back for the next settle, and fails every
     /// call that was waiting on it.
+    ///
+    /// It runs in a task of its own: the records it takes out of the state
+    /// are written, or put back, whatever happens to the caller's future (a
+    /// remote ack is an RPC handler, which a client's cancel or a deadline
+    /// aborts; dropped halfway, a settle would otherwise lose what it took,
+    /// a dead letter included).
     async fn settle(&self) -> Result<(), QueueError> {
+        let queue = self.clone();
+        match tokio::spawn(async move { queue.settle_now().await }).await {
+            Ok(outcome) => outcome,
+            // Only a panic (a bug) or a runtime shutting down gets here.
+            Err(err) => Err(QueueError::Append(AppendError::Io(format!(
+                "recording removals was interrupted: {err}"
+            )))),
+        }
+    }
+
+    async fn settle_now(&self) -> Result<(), QueueError> {
         let _settling = self.inner.settling.lock().await;
         let (removals, dead, oldest, compact) = {
             let mut state = lock(&self.inner.state);

@@ -19,6 +19,8 @@ const REMOVE: u8 = 2;
 struct Recording {
     next: AtomicU64,
     durable_removals: Mutex<HashSet<u64>>,
+    /// While set, appends wait until it is cleared.
+    gate: std::sync::atomic::AtomicBool,
 }
 
 struct Shared(Arc<Recording>);
@@ -29,6 +31,9 @@ impl Storage for Shared {
             // Slow enough for concurrent acks to pile up behind this one.
             for _ in 0..20 {
                 tokio::task::yield_now().await;
+            }
+            while self.0.gate.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
             let first = self
                 .0
@@ -92,4 +97,34 @@ async fn an_answered_ack_has_its_removal_durable_even_when_another_wrote_it() {
     }
     assert_eq!(early, 0, "acks answered before their removal was durable");
     assert_eq!(queue.stats().acknowledged, MESSAGES as u64);
+}
+
+#[tokio::test]
+async fn an_ack_dropped_while_its_removal_is_written_still_gets_it_written() {
+    let recording = Arc::new(Recording::default());
+    let queue = Queue::with_storage(
+        "cancelled",
+        Box::new(Shared(recording.clone())),
+        QueueConfig::default(),
+    )
+    .unwrap();
+    queue.enqueue(Message::new("m")).await.unwrap();
+    let consumer = queue.consumer(1);
+    let delivery = consumer.recv().await;
+    let id = delivery.id;
+    // The write of its removal hangs, and the ack's future is dropped
+    // meanwhile, as a remote ack's handler is when its caller cancels.
+    recording.gate.store(true, Ordering::SeqCst);
+    let dropped = tokio::time::timeout(std::time::Duration::from_millis(20), delivery.ack()).await;
+    assert!(dropped.is_err(), "the ack waited for its removal");
+    recording.gate.store(false, Ordering::SeqCst);
+    // Nobody settles again, yet the removal is written: before, the
+    // records a dropped settle had taken were lost with it.
+    for _ in 0..1000 {
+        if recording.durable_removals.lock().unwrap().contains(&id) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    panic!("the removal of an acknowledged message was never written");
 }
