@@ -589,7 +589,9 @@ impl RemoteQueue {
         Ok(self.client.enqueue(self.name.clone(), messages).await??)
     }
 
-    /// A consumer holding at most `prefetch` unacknowledged messages.
+    /// A consumer holding at most `prefetch` unacknowledged messages: a
+    /// delivery counts until it is acked, nacked or dropped, even after its
+    /// lease has expired (dropping one gives it back at once).
     pub async fn consumer(&self, prefetch: u32) -> Result<RemoteConsumer, RemoteQueueError> {
         let stream = self
             .client
@@ -635,6 +637,7 @@ impl RemoteConsumer {
             payload: wire.payload,
             token: wire.token,
             client: self.client.clone(),
+            answered: false,
         }))
     }
 }
@@ -650,20 +653,44 @@ pub struct RemoteDelivery {
     pub payload: Bytes,
     token: u64,
     client: QueueServiceClient,
+    /// Set once an ack or nack has had its answer: until then, dropping the
+    /// delivery gives it back.
+    answered: bool,
+}
+
+/// Dropped unanswered (a handler that returned early, or an ack whose
+/// future was dropped), a delivery is given back at once, as a nack without
+/// delay would: the host frees its place in the consumer's prefetch, which
+/// it otherwise holds until the consumer goes (an expired lease does not
+/// give credit back, see [`RemoteQueue::consumer`]).
+impl Drop for RemoteDelivery {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (client, token) = (self.client.clone(), self.token);
+            runtime.spawn(async move {
+                // Refused if it was answered after all: nothing to give back.
+                let _ = client.nack(token, 0).await;
+            });
+        }
+    }
 }
 
 impl RemoteDelivery {
     /// Done with it; see [`Delivery::ack`].
-    pub async fn ack(self) -> Result<(), RemoteQueueError> {
-        Ok(self.client.ack(self.token).await??)
+    pub async fn ack(mut self) -> Result<(), RemoteQueueError> {
+        let outcome = self.client.ack(self.token).await;
+        self.answered = true;
+        Ok(outcome??)
     }
 
     /// Give it back; see [`Delivery::nack`].
-    pub async fn nack(self, delay: Duration) -> Result<(), RemoteQueueError> {
-        Ok(self
-            .client
-            .nack(self.token, delay.as_millis() as u64)
-            .await??)
+    pub async fn nack(mut self, delay: Duration) -> Result<(), RemoteQueueError> {
+        let outcome = self.client.nack(self.token, delay.as_millis() as u64).await;
+        self.answered = true;
+        Ok(outcome??)
     }
 
     /// Keep the lease longer; see [`Delivery::extend`].

@@ -475,3 +475,29 @@ async fn consumers_that_hold_some_deliveries_past_their_lease_still_drain_the_qu
     server.shutdown(Duration::from_secs(1)).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_remote_delivery_dropped_unanswered_is_given_back_and_frees_its_place() {
+    let (server, dir) = host("dropped").await;
+    let queue = RemoteQueue::connect(server.local_addr(), "work", ClientConfig::default())
+        .await
+        .unwrap();
+    queue.enqueue(Message::new("only")).await.unwrap();
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let first = within("a delivery", consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.delivery, 1);
+    // A handler that returns early: the delivery is dropped, not answered.
+    // With a prefetch of 1 (and the default 30 s lease) the consumer would
+    // otherwise wait for good.
+    drop(first);
+    let again = within("the same message again", consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.delivery, &again.payload[..]), (2, &b"only"[..]));
+    again.ack().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
