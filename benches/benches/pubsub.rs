@@ -3,9 +3,10 @@
 //! 128-byte messages, in process and through a host over TCP, beside raw
 //! framed TCP streaming of the same messages in the same run.
 //!
-//! Through the host, the publisher sends batches of [`BATCH`] messages with
-//! [`IN_FLIGHT`] batches outstanding; subscriptions use backpressure, so
-//! nothing is dropped and every message is counted at every subscriber.
+//! Through the host, the publisher sends one-way batches of [`BATCH`]
+//! messages (no round trip per batch; `flush` at the end reports anything
+//! refused); subscriptions use backpressure, so nothing is dropped and
+//! every message is counted at every subscriber.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +19,6 @@ use courier_pubsub::{Bus, Event, Filter, Router, SlowConsumer, Subject, Subscrib
 use courier_rpc::{ClientConfig, Server, ServerConfig};
 
 const BATCH: usize = 256;
-const IN_FLIGHT: usize = 4;
 
 /// Set by the client when it is done, so the host thread can stop.
 static FINISHED: AtomicBool = AtomicBool::new(false);
@@ -78,25 +78,16 @@ fn remote(placement: Placement, subscribers: usize, count: u64) -> Duration {
             .publisher();
         let payload = bytes::Bytes::from(vec![0xA5u8; SIZE]);
         let started = Instant::now();
-        let mut batches = tokio::task::JoinSet::new();
         let mut sent = 0u64;
         while sent < count {
-            if batches.len() == IN_FLIGHT {
-                batches.join_next().await.unwrap().unwrap();
-            }
             let n = (count - sent).min(BATCH as u64);
-            let (publisher, payload) = (publisher.clone(), payload.clone());
-            batches.spawn(async move {
-                publisher
-                    .publish_batch((0..n).map(|_| ("bench.stream", payload.clone())))
-                    .await
-                    .unwrap()
-            });
+            publisher
+                .publish_batch((0..n).map(|_| ("bench.stream", payload.clone())))
+                .await
+                .unwrap();
             sent += n;
         }
-        while let Some(done) = batches.join_next().await {
-            done.unwrap();
-        }
+        publisher.flush().await.unwrap();
         for reader in readers {
             reader.await.unwrap();
         }
