@@ -806,11 +806,13 @@ impl Consumer {
     /// fewer than its prefetch (a delivery counts until it is answered or
     /// dropped, whether or not its lease has expired).
     pub fn try_recv(&self) -> Option<Delivery> {
+        let now = self.queue.now();
+        let mut state = lock(&self.queue.inner.state);
+        // Checked, and counted below, under the state lock: callers sharing
+        // this consumer cannot pass the bound between the two.
         if self.holding.load(Ordering::Acquire) >= self.prefetch {
             return None;
         }
-        let now = self.queue.now();
-        let mut state = lock(&self.queue.inner.state);
         let delivery = state.core.poll_delivery(self.id, now)?;
         // The lease must end by itself, even if nothing else happens on
         // this queue.

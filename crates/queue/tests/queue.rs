@@ -492,3 +492,32 @@ async fn an_embedded_consumer_never_holds_more_than_its_prefetch_whatever_expire
     drop(held.pop());
     assert!(greedy.try_recv().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_shared_by_several_tasks_still_holds_at_most_its_prefetch() {
+    let dir = TempDir::new("shared-prefetch");
+    let queue = Queue::open(&dir.0, "work", options()).await.unwrap();
+    for n in 0..200u8 {
+        queue.enqueue(Message::new(vec![n])).await.unwrap();
+    }
+    let consumer = std::sync::Arc::new(queue.consumer(3));
+    let mut takers = Vec::new();
+    for _ in 0..8 {
+        let consumer = consumer.clone();
+        takers.push(std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for _ in 0..50 {
+                if let Some(delivery) = consumer.try_recv() {
+                    held.push(delivery);
+                }
+            }
+            held
+        }));
+    }
+    let held: Vec<_> = takers.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        held.len(),
+        3,
+        "eight threads took more than the prefetch of 3"
+    );
+}
