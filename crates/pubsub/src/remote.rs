@@ -484,6 +484,31 @@ impl PubSubHost {
         publishers.get(id, self.config.max_publishers, &self.bus)
     }
 
+    /// Applies a one-way publish of `count` messages numbered `seq` by its
+    /// publisher: one at a time per publisher, dropping a frame older than
+    /// one already applied, and remembering a refusal (or a cut-short run)
+    /// for the publisher's next flush.
+    async fn apply_one_way(
+        &self,
+        publisher: u64,
+        seq: u64,
+        count: u64,
+        publish: impl std::future::Future<Output = Result<u64, RemoteError>>,
+    ) {
+        let turn = self.turn_of(publisher);
+        let mut progress = turn.lock().await;
+        if seq <= progress.applied {
+            progress.stale += count;
+            return;
+        }
+        progress.applied = seq;
+        let mut pending = Unapplied::new(self, publisher, count);
+        if let Err(err) = publish.await {
+            self.refused(publisher, count, err);
+        }
+        pending.done();
+    }
+
     /// The lock that orders `publisher`'s one-way publishes.
     fn turn_of(&self, publisher: u64) -> Arc<tokio::sync::Mutex<OneWay>> {
         let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
@@ -654,34 +679,14 @@ impl PubSubService for PubSubHost {
         reply_to: Option<String>,
         payload: Bytes,
     ) {
-        let turn = self.turn_of(publisher);
-        let mut progress = turn.lock().await;
-        if seq <= progress.applied {
-            progress.stale += 1;
-            return;
-        }
-        progress.applied = seq;
-        let mut pending = Unapplied::new(self, publisher, 1);
-        if let Err(err) = self.publish(publisher, subject, reply_to, payload).await {
-            self.refused(publisher, 1, err);
-        }
-        pending.done();
+        let publish = self.publish(publisher, subject, reply_to, payload);
+        self.apply_one_way(publisher, seq, 1, publish).await;
     }
 
     async fn publish_batch_oneway(&self, publisher: u64, seq: u64, messages: Vec<WirePublish>) {
-        let turn = self.turn_of(publisher);
-        let mut progress = turn.lock().await;
-        if seq <= progress.applied {
-            progress.stale += messages.len() as u64;
-            return;
-        }
-        progress.applied = seq;
         let count = messages.len() as u64;
-        let mut pending = Unapplied::new(self, publisher, count);
-        if let Err(err) = self.publish_batch(publisher, messages).await {
-            self.refused(publisher, count, err);
-        }
-        pending.done();
+        let publish = self.publish_batch(publisher, messages);
+        self.apply_one_way(publisher, seq, count, publish).await;
     }
 
     async fn flush(&self, publisher: u64) -> Result<(), RemoteError> {
