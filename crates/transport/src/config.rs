@@ -96,11 +96,15 @@ pub struct TransportConfig {
     /// Bytes of each `shm://` ring (one per direction), a power of two.
     /// Default 1 MiB. Frames larger than a ring pass through it in pieces.
     pub shm_ring_size: usize,
-    /// How long an `shm://` side spins, checking the ring, before it sleeps
-    /// until the peer rings. Default 20 µs: long enough to catch a reply
-    /// from a peer on another CPU, short enough that an idle connection
-    /// costs nothing. Zero never spins; tens of microseconds suit pinned
-    /// threads chasing the lowest latency.
+    /// How long an `shm://` side keeps looking at its ring, when it finds
+    /// nothing to do, before it sleeps until the peer rings — and only
+    /// while the peer runs on another CPU (one on the same CPU is never
+    /// waited for: the side sleeps at once so the peer can run). The spin
+    /// is cooperative: between looks the task returns `Pending` and lets
+    /// the runtime's other tasks, I/O and timers run first, so it never
+    /// holds a thread, even on a current-thread runtime. Default 20 µs:
+    /// long enough to catch a reply from a busy peer on another CPU, short
+    /// enough that an idle connection costs nothing. Zero never spins.
     pub shm_spin: Duration,
     /// Trusted CAs (and an identity, for mutual TLS) for `tls://`
     /// connections. Default none (connecting to `tls://` then fails: there

@@ -18,12 +18,31 @@
 //! the ring simply passes in pieces. A full ring makes the writer wait
 //! (backpressure); nothing is dropped.
 //!
-//! **Wake-ups.** A side that finds nothing to do spins for
-//! [`crate::TransportConfig::shm_spin`] (busy for the first 2 µs, then
-//! yielding the CPU, so a peer on the same CPU can run), then raises its
-//! flag and sleeps; the
-//! other side, seeing the flag after it moved data, sends a one-byte
-//! doorbell over the control socket. An idle connection costs no CPU.
+//! **Waiting.** A side that finds nothing to do (an empty ring to read, a
+//! full one to write) must never hold its thread: on a current-thread
+//! runtime every other task would stall behind it, and a peer on the same
+//! CPU could not run to produce what it waits for. So nothing here spins or
+//! yields inside a poll. Each half publishes, in its ring's header, the CPU
+//! it was last polled on (`sched_getcpu`), and reads where the peer's
+//! opposite half was last polled:
+//!
+//! - **Same CPU, or either CPU unknown:** no spinning at all. The side
+//!   raises its flag ("reader sleeping" / "writer waiting"), looks at the
+//!   ring once more, and returns `Pending`, so the thread goes back to its
+//!   runtime and, if nothing else is ready, the kernel runs the peer.
+//! - **Another CPU:** the peer is running right now, so a reply is usually
+//!   a microsecond away and worth waiting for without a syscall. The wait is
+//!   a *cooperative spin*: the side returns `Pending` and asks to be polled
+//!   again after the runtime's other ready tasks and its I/O and timers
+//!   (what `tokio::task::yield_now` does), looking at the ring on each poll,
+//!   for at most [`crate::TransportConfig::shm_spin`] from the first empty
+//!   look. Then it sleeps as above. Any progress resets the budget.
+//!
+//! The other side, seeing the flag after it moved data, sends a one-byte
+//! doorbell over the control socket. Raising the flag and then looking
+//! again, while the other side publishes its index and then looks at the
+//! flag (both sequentially consistent), means one of them always sees the
+//! other: no wake-up is lost. An idle connection costs no CPU.
 //!
 //! **Failure.** The control socket is also the liveness signal: a peer that
 //! exits or is killed (`kill -9` included) closes it, the reader sees the
@@ -62,6 +81,11 @@ const READER_SLEEPING: usize = 128;
 const WRITER_WAITING: usize = 192;
 /// Set by the writer when it will write no more (a graceful close).
 const CLOSED: usize = 256;
+/// The CPU each half of the ring was last polled on, plus one (zero, what
+/// a new ring file holds, means "not known yet"). Written only when it
+/// changes, so a half that stays put does not bounce the cache line.
+const READER_CPU: usize = 320;
+const WRITER_CPU: usize = 384;
 /// Doorbells on the control socket.
 const DATA: u8 = b'D';
 const SPACE: u8 = b'S';
@@ -126,21 +150,70 @@ impl Ring {
     }
 }
 
-/// One turn of waiting for the peer before sleeping: false once the spin
-/// budget is spent. The first microseconds busy-wait (the peer on another
-/// CPU answers within them); after that each turn yields the CPU, so a peer
-/// on the same CPU gets to run instead of waiting for the spin to end.
-fn spin(until: Instant, budget: Duration) -> bool {
-    let now = Instant::now();
-    if now >= until {
-        return false;
+/// The CPU the calling thread runs on, plus one; zero if unknown.
+fn current_cpu() -> u64 {
+    // SAFETY: `sched_getcpu` takes nothing and only reads the thread's
+    // state; it fails (returning -1) on kernels without it.
+    let cpu = unsafe { libc::sched_getcpu() };
+    u64::try_from(cpu).map_or(0, |cpu| cpu + 1)
+}
+
+/// How one half waits for its peer: where it last said it runs, and the
+/// deadline of the cooperative spin in progress (see "Waiting" above).
+struct Wait {
+    spin: Duration,
+    published: u64,
+    spin_until: Option<Instant>,
+}
+
+impl Wait {
+    fn new(spin: Duration) -> Wait {
+        Wait {
+            spin,
+            published: 0,
+            spin_until: None,
+        }
     }
-    if until - now > budget.saturating_sub(Duration::from_micros(2)) {
-        std::hint::spin_loop();
-    } else {
-        std::thread::yield_now();
+
+    /// Publishes this half's CPU at `mine` in `ring`'s header.
+    fn publish(&mut self, ring: &Ring, mine: usize) -> u64 {
+        let cpu = current_cpu();
+        if cpu != self.published {
+            self.published = cpu;
+            ring.atomic(mine).store(cpu, Ordering::Relaxed);
+        }
+        cpu
     }
-    true
+
+    /// Progress was made: the next wait gets a whole spin budget again.
+    fn progressed(&mut self) {
+        self.spin_until = None;
+    }
+
+    /// Whether to look at the ring again soon rather than sleep: only while
+    /// the peer's half (at `theirs`) runs on another, known CPU, and within
+    /// the budget. The peer's slot is untrusted, but any value in it only
+    /// picks between two correct ways of waiting.
+    fn keep_spinning(&mut self, ring: &Ring, cpu: u64, theirs: usize) -> bool {
+        let peer = ring.atomic(theirs).load(Ordering::Relaxed);
+        if self.spin.is_zero() || cpu == 0 || peer == 0 || cpu == peer {
+            return false;
+        }
+        let now = Instant::now();
+        now < *self.spin_until.get_or_insert(now + self.spin)
+    }
+}
+
+/// Returns `Pending` having asked the runtime to poll this task again only
+/// after its other ready tasks, its I/O and its timers had their turn: one
+/// turn of a cooperative spin, never holding the thread.
+fn spin_turn<T>(cx: &mut Context<'_>) -> Poll<T> {
+    // A fresh `yield_now` hands the waker to the scheduler's deferred list
+    // on its first poll (or wakes it at once outside a runtime) and is then
+    // done with; dropping it unpolled again is fine.
+    let yielded = std::pin::pin!(tokio::task::yield_now());
+    let _ = std::future::Future::poll(yielded, cx);
+    Poll::Pending
 }
 
 fn corrupt(what: &str) -> io::Error {
@@ -224,7 +297,7 @@ pub(crate) struct ShmReader {
     seen_tail: u64,
     control: Arc<Control>,
     data: mpsc::Receiver<()>,
-    spin: Duration,
+    wait: Wait,
     _doorbells: Arc<TaskGuard>,
 }
 
@@ -235,7 +308,7 @@ pub(crate) struct ShmWriter {
     seen_head: u64,
     control: Arc<Control>,
     space: mpsc::Receiver<()>,
-    spin: Duration,
+    wait: Wait,
     _doorbells: Arc<TaskGuard>,
 }
 
@@ -258,7 +331,7 @@ impl AsyncRead for ShmReader {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let spin_until = Instant::now() + this.spin;
+        let cpu = this.wait.publish(&this.ring, READER_CPU);
         loop {
             let available = this.available()?;
             if available > 0 {
@@ -271,18 +344,20 @@ impl AsyncRead for ShmReader {
                 if this.ring.atomic(WRITER_WAITING).swap(0, Ordering::SeqCst) != 0 {
                     this.control.ring(SPACE);
                 }
+                this.wait.progressed();
                 return Poll::Ready(Ok(()));
-            }
-            if spin(spin_until, this.spin) {
-                continue;
             }
             // The writer closed after its last byte: the end of the stream.
             if this.ring.atomic(CLOSED).load(Ordering::SeqCst) != 0 && this.available()? == 0 {
                 return Poll::Ready(Ok(()));
             }
+            if this.wait.keep_spinning(&this.ring, cpu, WRITER_CPU) {
+                return spin_turn(cx);
+            }
             // Say we sleep, then look once more: the writer checks the flag
             // after publishing its tail, so one of us sees the other.
             this.ring.atomic(READER_SLEEPING).store(1, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
             if this.available()? > 0 {
                 this.ring.atomic(READER_SLEEPING).store(0, Ordering::SeqCst);
                 continue;
@@ -325,7 +400,7 @@ impl AsyncWrite for ShmWriter {
         if bytes.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let spin_until = Instant::now() + this.spin;
+        let cpu = this.wait.publish(&this.ring, WRITER_CPU);
         loop {
             let room = this.room()?;
             if room > 0 {
@@ -336,12 +411,14 @@ impl AsyncWrite for ShmWriter {
                 if this.ring.atomic(READER_SLEEPING).swap(0, Ordering::SeqCst) != 0 {
                     this.control.ring(DATA);
                 }
+                this.wait.progressed();
                 return Poll::Ready(Ok(n));
             }
-            if spin(spin_until, this.spin) {
-                continue;
+            if this.wait.keep_spinning(&this.ring, cpu, READER_CPU) {
+                return spin_turn(cx);
             }
             this.ring.atomic(WRITER_WAITING).store(1, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
             if this.room()? > 0 {
                 this.ring.atomic(WRITER_WAITING).store(0, Ordering::SeqCst);
                 continue;
@@ -394,7 +471,7 @@ fn halves(
             seen_tail: 0,
             control: control.clone(),
             data: data_rx,
-            spin,
+            wait: Wait::new(spin),
             _doorbells: task.clone(),
         },
         ShmWriter {
@@ -403,7 +480,7 @@ fn halves(
             seen_head: 0,
             control,
             space: space_rx,
-            spin,
+            wait: Wait::new(spin),
             _doorbells: task,
         },
     )
