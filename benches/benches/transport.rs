@@ -2,9 +2,16 @@
 //! in the same run and placement:
 //!
 //! - ping-pong of 64-byte frames, one connection, sequential (p50/p99/p99.9);
-//! - one-way streaming of 128-byte frames (msgs/s and MB/s of payload).
+//! - one-way streaming of 128-byte frames (msgs/s and MB/s of payload);
+//! - ping-pong against a server built the way RPC servers are: one task
+//!   receives and hands each frame to another task that replies, both on
+//!   one current-thread runtime (`pingpong_tasks_64B`, unix and shm only).
+//!   A receive that held the thread while it waited for the next frame
+//!   would delay every reply by its wait (issue 13).
 //!
 //! Targets (issue 2): round trip within 1.1x of raw, streaming at least 0.8x.
+//! Issue 13: shm's round trip at most a third of unix's on one CPU, under
+//! 2 µs across two.
 //! `cargo xtask bench` runs it in full; `cargo test --benches` runs a smoke.
 
 use std::time::{Duration, Instant};
@@ -61,15 +68,46 @@ async fn courier_server(
     }
 }
 
+/// An echo server shaped like an RPC server: a receiving task hands each
+/// frame through a channel to a replying task on the same runtime.
+async fn courier_tasks_server(announce: std::sync::mpsc::Sender<Address>, address: Address) {
+    let config = TransportConfig::default();
+    let mut listener = bind(&address, &config).await.unwrap();
+    announce.send(listener.local_addr().clone()).unwrap();
+    let (sender, mut receiver) = listener.accept().await.unwrap().split();
+    let (to_replier, mut replies) = tokio::sync::mpsc::channel::<Frame>(64);
+    let replier = tokio::spawn(async move {
+        while let Some(frame) = replies.recv().await {
+            if sender.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    while let Ok(Some(frame)) = receiver.recv().await {
+        if to_replier.send(frame).await.is_err() {
+            break;
+        }
+    }
+    drop(to_replier);
+    let _ = replier.await;
+}
+
 fn courier_pingpong(
     placement: Placement,
     address: Address,
+    tasks: bool,
     warmup: usize,
     count: usize,
 ) -> Histogram<u64> {
     run_pair(
         placement,
-        |announce| courier_server(announce, address, None),
+        move |announce| async move {
+            if tasks {
+                courier_tasks_server(announce, address).await
+            } else {
+                courier_server(announce, address, None).await
+            }
+        },
         |address| async move {
             let mut conn = connect(&address, &TransportConfig::default())
                 .await
@@ -150,6 +188,7 @@ fn main() -> anyhow::Result<()> {
                         .add(courier_pingpong(
                             placement,
                             address_for(subject, run),
+                            false,
                             warmup,
                             round_trips,
                         ))
@@ -173,6 +212,50 @@ fn main() -> anyhow::Result<()> {
             );
             report.ratio(
                 "pingpong_64B",
+                "shm/unix",
+                placement,
+                shm_vs_unix,
+                1.0 / 3.0,
+                false,
+            );
+        }
+
+        if selected(&filters, "pingpong_tasks_64B") {
+            let mut p50 = std::collections::HashMap::new();
+            for subject in ["unix", "shm"] {
+                let mut histogram = latency_histogram();
+                for _ in 0..repeats {
+                    run += 1;
+                    histogram
+                        .add(courier_pingpong(
+                            placement,
+                            address_for(subject, run),
+                            true,
+                            warmup,
+                            round_trips,
+                        ))
+                        .unwrap();
+                }
+                p50.insert(subject, micros(&histogram, 0.5));
+                print_latency("pingpong_tasks", subject, placement, &histogram, None);
+                add_latency(
+                    &mut report,
+                    "pingpong_tasks_64B",
+                    subject,
+                    placement,
+                    &histogram,
+                );
+            }
+            let shm_vs_unix = p50["shm"] / p50["unix"];
+            println!(
+                "{:<14} {:<8} {:<6} shm p50 {:.2} µs = {shm_vs_unix:.2}x unix",
+                "pingpong_tasks",
+                "shm/unix",
+                placement.label(),
+                p50["shm"]
+            );
+            report.ratio(
+                "pingpong_tasks_64B",
                 "shm/unix",
                 placement,
                 shm_vs_unix,
