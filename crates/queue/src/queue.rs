@@ -1,7 +1,7 @@
 //! The embedded queue: [`QueueCore`]'s rules over a durable [`Log`], in
 //! process, with no broker.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -16,7 +16,7 @@ use crate::core::{
     ConsumerId, DeliveryOutcome, DeliveryRecord, LeaseError, MessageId, QueueConfig, QueueCore,
     QueueEvent, QueueStats,
 };
-use crate::log::{AppendError, Log, LogOptions, OpenError, Recovery};
+use crate::log::{AppendError, Log, LogOptions, OpenError, Recovery, Seq};
 use crate::storage::Storage;
 
 const ENQUEUE: u8 = 1;
@@ -152,6 +152,76 @@ struct State {
     /// Removal records taken from the core and not yet durable (kept for
     /// the next settle if appending fails). Bounded by the messages stored.
     pending_removals: Vec<(u8, Bytes)>,
+    /// The sequence number after every record this queue knows is in the
+    /// log (replayed, or returned by an append). A record appended later,
+    /// by an append sent after this was read, comes at or after it.
+    known_next: Seq,
+    /// Enqueues whose records are (or are about to be) in the log but not
+    /// yet in the core, as how many start from each floor: the `known_next`
+    /// when they began, which their records cannot come before. Compaction
+    /// keeps everything from the lowest floor on, or it could delete the
+    /// segment of a message about to be answered as stored.
+    enqueuing: BTreeMap<Seq, usize>,
+}
+
+impl State {
+    /// Where compaction may delete up to: nothing a message still stored,
+    /// an enqueue in flight, or an append this queue has not seen returned
+    /// may need.
+    fn keep_from(&self) -> Seq {
+        let mut keep = self.known_next;
+        if let Some(oldest) = self.core.oldest() {
+            keep = keep.min(oldest);
+        }
+        if let Some((&floor, _)) = self.enqueuing.first_key_value() {
+            keep = keep.min(floor);
+        }
+        keep
+    }
+
+    fn appended(&mut self, first: Seq, count: usize) {
+        self.known_next = self.known_next.max(first + count as u64);
+    }
+}
+
+/// An enqueue's place in [`State::enqueuing`], given up when it is dropped
+/// (also when the enqueue's future is dropped halfway: nobody was told the
+/// message is stored, so its segment need not be kept for it).
+struct Enqueuing<'a> {
+    state: &'a Mutex<State>,
+    floor: Option<Seq>,
+}
+
+impl Enqueuing<'_> {
+    fn register(state: &mut State) -> Seq {
+        let floor = state.known_next;
+        *state.enqueuing.entry(floor).or_default() += 1;
+        floor
+    }
+
+    fn release(state: &mut State, floor: Seq) {
+        if let Some(count) = state.enqueuing.get_mut(&floor) {
+            *count -= 1;
+            if *count == 0 {
+                state.enqueuing.remove(&floor);
+            }
+        }
+    }
+
+    /// Gives the place up under a lock the caller already holds.
+    fn done(&mut self, state: &mut State) {
+        if let Some(floor) = self.floor.take() {
+            Enqueuing::release(state, floor);
+        }
+    }
+}
+
+impl Drop for Enqueuing<'_> {
+    fn drop(&mut self) {
+        if let Some(floor) = self.floor.take() {
+            Enqueuing::release(&mut lock(self.state), floor);
+        }
+    }
 }
 
 struct Inner {
@@ -381,6 +451,7 @@ impl Queue {
             HashMap::new(),
             None,
             Instant::now(),
+            0,
         ))
     }
 
@@ -391,6 +462,7 @@ impl Queue {
         payloads: HashMap<MessageId, Bytes>,
         dead_letters: Option<Queue>,
         epoch: Instant,
+        known_next: Seq,
     ) -> Queue {
         let inner = Arc::new(Inner {
             name: name.to_string(),
@@ -403,6 +475,8 @@ impl Queue {
                 timer_at: None,
                 pending_dead: Vec::new(),
                 pending_removals: Vec::new(),
+                known_next,
+                enqueuing: BTreeMap::new(),
             }),
             changed: Arc::new(Notify::new()),
             timer_wake: Arc::new(Notify::new()),
@@ -435,8 +509,10 @@ impl Queue {
         let now_wall = wall_ms();
         let mut core = QueueCore::new(options.queue.clone());
         let mut payloads = HashMap::new();
+        let mut known_next = 0;
         let (log, recovery): (Log, Recovery) =
             Log::open(dir.join(name), options.log.clone(), |record| {
+                known_next = record.seq + 1;
                 match record.kind {
                     ENQUEUE => {
                         if let Some((at, delay, ttl, key, payload)) = decode_enqueue(record.payload)
@@ -468,7 +544,15 @@ impl Queue {
         if recovery.truncated_bytes > 0 || !recovery.corruption.is_empty() {
             tracing::warn!(queue = name, ?recovery, "queue recovered with damage");
         }
-        let queue = Queue::build(name, Box::new(log), core, payloads, dead_letters, epoch);
+        let queue = Queue::build(
+            name,
+            Box::new(log),
+            core,
+            payloads,
+            dead_letters,
+            epoch,
+            known_next,
+        );
         // Anything that expired while the queue was closed goes now.
         queue.settle().await?;
         Ok(queue)
@@ -505,6 +589,10 @@ impl Queue {
         };
         let mut outcomes = vec![None; messages.len()];
         let mut fresh = Vec::new();
+        let mut enqueuing = Enqueuing {
+            state: &self.inner.state,
+            floor: None,
+        };
         {
             let mut state = lock(&self.inner.state);
             // Checked here, not reserved: concurrent batches may overshoot
@@ -529,6 +617,11 @@ impl Queue {
                 }
                 fresh.push(index);
             }
+            if !fresh.is_empty() {
+                // Before the append is sent, so that its records come at or
+                // after the floor.
+                enqueuing.floor = Some(Enqueuing::register(&mut state));
+            }
         }
         if !fresh.is_empty() {
             let records = fresh
@@ -538,6 +631,7 @@ impl Queue {
             let first = self.inner.storage.append_batch(records).await?;
             let now = self.now();
             let mut state = lock(&self.inner.state);
+            state.appended(first, fresh.len());
             for (offset, &index) in fresh.iter().enumerate() {
                 let id = first + offset as u64;
                 let message = &messages[index];
@@ -550,6 +644,8 @@ impl Queue {
                 state.payloads.insert(id, message.payload.clone());
                 outcomes[index] = Some(Enqueued::Stored(id));
             }
+            // In the core now, which compaction looks at.
+            enqueuing.done(&mut state);
             // Later copies of a key within this batch duplicate the first.
             for (index, message) in messages.iter().enumerate() {
                 if outcomes[index].is_none() {
@@ -638,7 +734,7 @@ impl Queue {
 
     async fn settle_now(&self) -> Result<(), QueueError> {
         let _settling = self.inner.settling.lock().await;
-        let (removals, dead, oldest, compact) = {
+        let (removals, dead, compact) = {
             let mut state = lock(&self.inner.state);
             let state = &mut *state;
             while let Some(event) = state.core.poll_event() {
@@ -663,7 +759,7 @@ impl Queue {
             let before = state.removals;
             state.removals += removals.len() as u64;
             let compact = before / COMPACT_EVERY != state.removals / COMPACT_EVERY;
-            (removals, dead, state.core.oldest(), compact)
+            (removals, dead, compact)
         };
         if let (false, Some(dlq)) = (dead.is_empty(), &self.inner.dead_letters) {
             // Into the dead-letter queue first: a crash between the two
@@ -674,13 +770,20 @@ impl Queue {
             }
         }
         if !removals.is_empty() {
-            if let Err(err) = self.inner.storage.append_batch(removals.clone()).await {
-                self.put_back(removals, Vec::new());
-                return Err(err.into());
+            match self.inner.storage.append_batch(removals.clone()).await {
+                Ok(first) => lock(&self.inner.state).appended(first, removals.len()),
+                Err(err) => {
+                    self.put_back(removals, Vec::new());
+                    return Err(err.into());
+                }
             }
         }
         if compact {
-            let keep_from = oldest.unwrap_or(u64::MAX);
+            // Looked at now, not when the events were taken: an enqueue
+            // may have been written since (before a segment rolled) and not
+            // yet be in the core. Everything it or a later append needs is
+            // at or after this.
+            let keep_from = lock(&self.inner.state).keep_from();
             self.inner.storage.remove_before(keep_from).await?;
         }
         Ok(())
