@@ -59,6 +59,7 @@
 #![warn(missing_docs)]
 
 mod api;
+mod coalesce;
 pub mod core;
 pub mod log;
 mod queue;

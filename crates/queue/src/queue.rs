@@ -562,6 +562,11 @@ impl Queue {
         self.inner.epoch.elapsed()
     }
 
+    /// Whether both handles are the same queue.
+    pub(crate) fn same(&self, other: &Queue) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The queue's name.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -721,7 +726,7 @@ impl Queue {
     /// remote ack is an RPC handler, which a client's cancel or a deadline
     /// aborts; dropped halfway, a settle would otherwise lose what it took,
     /// a dead letter included).
-    async fn settle(&self) -> Result<(), QueueError> {
+    pub(crate) async fn settle(&self) -> Result<(), QueueError> {
         let queue = self.clone();
         match tokio::spawn(async move { queue.settle_now().await }).await {
             Ok(outcome) => outcome,
@@ -964,6 +969,15 @@ impl Drop for Consumer {
     }
 }
 
+/// How a delivery is answered, for [`Delivery::answer_now`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Done with it.
+    Ack,
+    /// Give it back, to come again after the delay.
+    Nack(Duration),
+}
+
 /// One delivery of a message. Acknowledge it after processing; dropping it
 /// unacknowledged lets its lease run out, and the message comes back.
 pub struct Delivery {
@@ -1013,6 +1027,30 @@ impl Delivery {
         )?;
         self.queue.inner.changed.notify_waiters();
         self.queue.settle().await
+    }
+
+    /// Applies an answer to the queue's state at once, without waiting for
+    /// its records: the caller makes them durable with one
+    /// [`Queue::settle`] for many answers (one log batch, one fsync), and
+    /// answers none of them before that returns. Nothing here awaits, so a
+    /// caller dropped afterwards leaves the answer applied, and the settle
+    /// it skipped is done by the next one (see `settle_now`).
+    pub(crate) fn answer_now(self, answer: Answer) -> Result<Queue, QueueError> {
+        let now = self.queue.now();
+        let mut state = lock(&self.queue.inner.state);
+        match answer {
+            Answer::Ack => state
+                .core
+                .ack_at(self.consumer, self.id, self.delivery, now)?,
+            Answer::Nack(delay) => {
+                state
+                    .core
+                    .nack(self.consumer, self.id, self.delivery, delay, now)?
+            }
+        }
+        drop(state);
+        self.queue.inner.changed.notify_waiters();
+        Ok(self.queue.clone())
     }
 
     /// Keep the lease for `by` from now (refused once it has ended).

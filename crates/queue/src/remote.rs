@@ -27,7 +27,10 @@ use courier_rpc::{Client, ClientConfig, ItemStream, Items, RpcError};
 use courier_transport::Address;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::coalesce::{Batcher, CallError, Coalescer, Limits};
+
 use crate::core::{MessageId, QueueStats};
+use crate::queue::Answer;
 use crate::{Delivery, Enqueued, Message, Queue, QueueError, QueueOptions};
 
 /// A queue error as it crosses the network.
@@ -105,6 +108,30 @@ pub struct WireDelivery {
     pub payload: Bytes,
 }
 
+/// One answer to a delivery in an [`QueueService::answer_batch`] call.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireAnswer {
+    /// Acknowledge the delivery under `token`.
+    Ack {
+        /// Names the delivery.
+        token: u64,
+    },
+    /// Give the delivery under `token` back, to come again after `delay_ms`.
+    Nack {
+        /// Names the delivery.
+        token: u64,
+        /// Milliseconds before it is delivered again.
+        delay_ms: u64,
+    },
+}
+
+/// Answers one [`QueueService::answer_batch`] call carries at most; a
+/// longer list is refused whole, before anything in it is applied.
+pub const MAX_ANSWER_BATCH: usize = 4096;
+
+/// Answers a [`RemoteConsumer`] puts in one call (below the host's limit).
+const ANSWERS_PER_CALL: usize = 1024;
+
 /// The queue protocol.
 #[courier_rpc::service]
 pub trait QueueService {
@@ -125,6 +152,14 @@ pub trait QueueService {
     async fn ack(&self, token: u64) -> Result<(), RemoteError>;
     /// Gives a delivery back, to come again after `delay_ms`.
     async fn nack(&self, token: u64, delay_ms: u64) -> Result<(), RemoteError>;
+    /// Answers many deliveries at once (at most [`MAX_ANSWER_BATCH`]): one
+    /// outcome each, in order. Every answer is applied when the call
+    /// arrives, and the records they need share one log batch per queue
+    /// (one fsync); the call returns once those are durable.
+    async fn answer_batch(
+        &self,
+        answers: Vec<WireAnswer>,
+    ) -> Result<Vec<Result<(), RemoteError>>, RemoteError>;
     /// Extends a delivery's lease by `by_ms` from now.
     async fn extend(&self, token: u64, by_ms: u64) -> Result<(), RemoteError>;
     /// A queue's counters (`NotFound` if it does not exist).
@@ -165,6 +200,14 @@ impl QueueSet {
                 queues: tokio::sync::Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Serves `queue` under its name, as if opened here (for tests that
+    /// watch what a queue writes).
+    #[cfg(test)]
+    async fn adopt(&self, queue: Queue) {
+        let name = queue.name().to_string();
+        self.inner.queues.lock().await.insert(name, queue);
     }
 
     /// Where the queues live.
@@ -333,6 +376,8 @@ pub struct QueueHost {
     next_token: AtomicU64,
     next_stream: AtomicU64,
     access: Option<Arc<dyn QueueAccess>>,
+    /// Calls answering deliveries (`ack`, `nack`, `answer_batch`) so far.
+    answer_calls: AtomicU64,
 }
 
 impl std::fmt::Debug for QueueHost {
@@ -375,6 +420,7 @@ impl QueueHost {
             next_token: AtomicU64::new(1),
             next_stream: AtomicU64::new(1),
             access: None,
+            answer_calls: AtomicU64::new(0),
         }
     }
 
@@ -382,6 +428,12 @@ impl QueueHost {
     pub fn with_access(mut self, access: Arc<dyn QueueAccess>) -> QueueHost {
         self.access = Some(access);
         self
+    }
+
+    /// Calls that answered deliveries so far (`ack`, `nack`,
+    /// `answer_batch`): how well clients coalesce their answers.
+    pub fn answer_calls(&self) -> u64 {
+        self.answer_calls.load(Ordering::Relaxed)
     }
 
     /// Deliveries sent to consumers and not answered yet, over all queues.
@@ -497,14 +549,81 @@ impl QueueService for QueueHost {
     }
 
     async fn ack(&self, token: u64) -> Result<(), RemoteError> {
+        self.answer_calls.fetch_add(1, Ordering::Relaxed);
         Ok(self.take(token)?.ack().await?)
     }
 
     async fn nack(&self, token: u64, delay_ms: u64) -> Result<(), RemoteError> {
+        self.answer_calls.fetch_add(1, Ordering::Relaxed);
         Ok(self
             .take(token)?
             .nack(Duration::from_millis(delay_ms))
             .await?)
+    }
+
+    async fn answer_batch(
+        &self,
+        answers: Vec<WireAnswer>,
+    ) -> Result<Vec<Result<(), RemoteError>>, RemoteError> {
+        self.answer_calls.fetch_add(1, Ordering::Relaxed);
+        if answers.len() > MAX_ANSWER_BATCH {
+            return Err(RemoteError::Queue {
+                reason: format!(
+                    "{} answers in one call; at most {MAX_ANSWER_BATCH}",
+                    answers.len()
+                ),
+                retryable: false,
+            });
+        }
+        let who = courier_rpc::caller();
+        // Everything is applied before the first await, so a call cancelled
+        // while its records are written leaves every answer applied (and
+        // written by the settle, which runs in a task of its own).
+        let held: Vec<Option<Held>> = {
+            let mut table = lock(&self.outstanding);
+            answers
+                .iter()
+                .map(|answer| {
+                    let (WireAnswer::Ack { token } | WireAnswer::Nack { token, .. }) = *answer;
+                    table.take(token, &who)
+                })
+                .collect()
+        };
+        // Per answer: refused, or applied to the queue at this index.
+        let mut applied: Vec<Result<usize, RemoteError>> = Vec::with_capacity(answers.len());
+        let mut queues: Vec<Queue> = Vec::new();
+        for (answer, held) in answers.iter().zip(held) {
+            let Some(held) = held else {
+                applied.push(Err(RemoteError::UnknownDelivery));
+                continue;
+            };
+            let how = match *answer {
+                WireAnswer::Ack { .. } => Answer::Ack,
+                WireAnswer::Nack { delay_ms, .. } => Answer::Nack(Duration::from_millis(delay_ms)),
+            };
+            // Taking it gave the consumer's credit back, whatever the outcome.
+            let Held { delivery, .. } = held;
+            applied.push(match delivery.answer_now(how) {
+                Ok(queue) => Ok(match queues.iter().position(|q| q.same(&queue)) {
+                    Some(index) => index,
+                    None => {
+                        queues.push(queue);
+                        queues.len() - 1
+                    }
+                }),
+                Err(err) => Err(err.into()),
+            });
+        }
+        // One settle per queue: the removals of every ack in this call go
+        // in one log batch, and none is answered before it is durable.
+        let mut settled = Vec::with_capacity(queues.len());
+        for queue in &queues {
+            settled.push(queue.settle().await.map_err(RemoteError::from));
+        }
+        Ok(applied
+            .into_iter()
+            .map(|outcome| outcome.and_then(|index| settled[index].clone()))
+            .collect())
     }
 
     async fn extend(&self, token: u64, by_ms: u64) -> Result<(), RemoteError> {
@@ -539,10 +658,13 @@ pub enum RemoteQueueError {
 }
 
 /// A queue on a [`QueueHost`] in another process or on another machine.
+/// Cheap to clone; clones share one connection and send their single
+/// enqueues together.
 #[derive(Clone, Debug)]
 pub struct RemoteQueue {
     client: QueueServiceClient,
     name: String,
+    enqueues: Arc<Enqueues>,
 }
 
 /// Consumers keep their stream open this long (it is cancelled by dropping
@@ -565,8 +687,21 @@ impl RemoteQueue {
     /// The queue `name` on the host `client` is connected to, sharing its
     /// connection.
     pub fn with_client(client: Client, name: &str) -> RemoteQueue {
+        let client = QueueServiceClient::new(client);
         RemoteQueue {
-            client: QueueServiceClient::new(client),
+            enqueues: Coalescer::new(
+                EnqueueBatch {
+                    client: client.clone(),
+                    name: name.to_string(),
+                },
+                Limits {
+                    per_call: ENQUEUES_PER_CALL,
+                    weight_per_call: ENQUEUE_BYTES_PER_CALL,
+                    calls_in_flight: 2,
+                    pending: 4 * ENQUEUES_PER_CALL,
+                },
+            ),
+            client,
             name: name.to_string(),
         }
     }
@@ -576,9 +711,17 @@ impl RemoteQueue {
         &self.name
     }
 
-    /// Stores one message; see [`Queue::enqueue`].
+    /// Stores one message; see [`Queue::enqueue`]. Enqueues made while
+    /// earlier ones are in flight (from tasks sharing this queue or its
+    /// clones) go to the host together, in one call and one log write, and
+    /// each returns its own outcome. Dropped after its first poll, the
+    /// enqueue may still be stored (as a call whose request went out may).
     pub async fn enqueue(&self, message: Message) -> Result<Enqueued, RemoteQueueError> {
-        Ok(self.enqueue_batch(vec![message]).await?[0])
+        match self.enqueues.call(message).await {
+            Ok(enqueued) => Ok(enqueued),
+            Err(CallError::Failed(err)) => Err(err),
+            Err(CallError::NotSent(_)) => Err(not_sent()),
+        }
     }
 
     /// Stores messages together; see [`Queue::enqueue_batch`].
@@ -601,6 +744,7 @@ impl RemoteQueue {
         Ok(RemoteConsumer {
             stream,
             client: self.client.clone(),
+            answers: answers_for(self.client.clone()),
         })
     }
 
@@ -621,6 +765,7 @@ impl RemoteQueue {
 pub struct RemoteConsumer {
     stream: ItemStream<Result<WireDelivery, RemoteError>>,
     client: QueueServiceClient,
+    answers: Arc<Answers>,
 }
 
 impl RemoteConsumer {
@@ -637,8 +782,153 @@ impl RemoteConsumer {
             payload: wire.payload,
             token: wire.token,
             client: self.client.clone(),
+            answers: self.answers.clone(),
             answered: false,
         }))
+    }
+}
+
+/// A consumer's answers on their way to the host: while a call is in
+/// flight, later answers wait and go together in the next (at most
+/// [`ANSWERS_PER_CALL`] a call), each caller still getting its own outcome.
+/// Bounded by the deliveries the consumer holds, each answered once.
+type Answers = Coalescer<AnswerBatch>;
+
+/// Sends answers with [`QueueService::answer_batch`], or one call each to
+/// an older host that does not know it.
+struct AnswerBatch {
+    client: QueueServiceClient,
+    /// The host does not know `answer_batch`.
+    single: std::sync::atomic::AtomicBool,
+}
+
+fn answers_for(client: QueueServiceClient) -> Arc<Answers> {
+    Coalescer::new(
+        AnswerBatch {
+            client,
+            single: std::sync::atomic::AtomicBool::new(false),
+        },
+        Limits {
+            per_call: ANSWERS_PER_CALL,
+            weight_per_call: usize::MAX,
+            calls_in_flight: 1,
+            // Answers never wait for room (see `send_later`).
+            pending: 1,
+        },
+    )
+}
+
+impl Batcher for AnswerBatch {
+    type Item = WireAnswer;
+    type Outcome = ();
+    type Error = RemoteQueueError;
+
+    fn weight(_: &WireAnswer) -> usize {
+        1
+    }
+
+    async fn send(&self, answers: Vec<WireAnswer>) -> Vec<Result<(), RemoteQueueError>> {
+        if !self.single.load(Ordering::Relaxed) {
+            match self.client.answer_batch(answers.clone()).await {
+                Ok(Ok(outcomes)) => {
+                    return outcomes
+                        .into_iter()
+                        .map(|outcome| outcome.map_err(RemoteQueueError::from))
+                        .collect()
+                }
+                Ok(Err(err)) => return vec![Err(err.into()); answers.len()],
+                Err(RpcError::UnknownMethod { .. }) => self.single.store(true, Ordering::Relaxed),
+                Err(err) => return vec![Err(err.into()); answers.len()],
+            }
+        }
+        let mut outcomes = Vec::with_capacity(answers.len());
+        for answer in answers {
+            let outcome = match answer {
+                WireAnswer::Ack { token } => self.client.ack(token).await,
+                WireAnswer::Nack { token, delay_ms } => self.client.nack(token, delay_ms).await,
+            };
+            outcomes.push(match outcome {
+                Ok(outcome) => outcome.map_err(RemoteQueueError::from),
+                Err(err) => Err(err.into()),
+            });
+        }
+        outcomes
+    }
+
+    fn no_outcome() -> RemoteQueueError {
+        no_outcome()
+    }
+}
+
+fn no_outcome() -> RemoteQueueError {
+    RemoteQueueError::Queue(RemoteError::Queue {
+        reason: "the host gave no outcome for this request".into(),
+        retryable: false,
+    })
+}
+
+fn not_sent() -> RemoteQueueError {
+    RemoteQueueError::Rpc(RpcError::Unavailable(
+        "no runtime to send the request from (or it shut down)".into(),
+    ))
+}
+
+/// Single enqueues of a [`RemoteQueue`] (and its clones) on their way: one
+/// `enqueue` call carries those made while earlier calls were in flight.
+type Enqueues = Coalescer<EnqueueBatch>;
+
+/// Messages in one coalesced enqueue call at most, and their bytes.
+const ENQUEUES_PER_CALL: usize = 1024;
+const ENQUEUE_BYTES_PER_CALL: usize = 1024 * 1024;
+
+/// Sends single enqueues together as one `enqueue` call. Such a call is
+/// all or none, which separate callers did not ask for: when it fails as a
+/// whole on the host (a message too large, the queue full for all of them),
+/// each message is tried again by itself, so each caller gets the outcome
+/// its own enqueue would have had. A failed call (deadline, connection) is
+/// not retried: whether it was stored is unknown, as for any call.
+struct EnqueueBatch {
+    client: QueueServiceClient,
+    name: String,
+}
+
+impl Batcher for EnqueueBatch {
+    type Item = Message;
+    type Outcome = Enqueued;
+    type Error = RemoteQueueError;
+
+    fn weight(message: &Message) -> usize {
+        message.payload.len() + message.key.as_ref().map_or(0, String::len)
+    }
+
+    async fn send(&self, messages: Vec<Message>) -> Vec<Result<Enqueued, RemoteQueueError>> {
+        let count = messages.len();
+        let retry = match self
+            .client
+            .enqueue(self.name.clone(), messages.clone())
+            .await
+        {
+            Ok(Ok(stored)) => return stored.into_iter().map(Ok).collect(),
+            Ok(Err(err)) if count > 1 => err,
+            Ok(Err(err)) => return vec![Err(err.into())],
+            Err(err) => return vec![Err(err.into()); count],
+        };
+        tracing::debug!(queue = %self.name, %retry, "a coalesced enqueue failed; trying each message by itself");
+        let mut outcomes = Vec::with_capacity(count);
+        for message in messages {
+            outcomes.push(
+                match self.client.enqueue(self.name.clone(), vec![message]).await {
+                    Ok(Ok(stored)) => stored.into_iter().next().ok_or_else(no_outcome),
+                    Ok(Err(err)) => Err(err.into()),
+                    Err(err) => Err(err.into()),
+                },
+            );
+        }
+        outcomes
+    }
+
+    fn no_outcome() -> RemoteQueueError {
+        no_outcome()
     }
 }
 
@@ -653,44 +943,61 @@ pub struct RemoteDelivery {
     pub payload: Bytes,
     token: u64,
     client: QueueServiceClient,
-    /// Set once an ack or nack has had its answer: until then, dropping the
-    /// delivery gives it back.
+    answers: Arc<Answers>,
+    /// Set once an ack or nack has been handed to the consumer's answers:
+    /// until then, dropping the delivery gives it back.
     answered: bool,
 }
 
-/// Dropped unanswered (a handler that returned early, or an ack whose
-/// future was dropped), a delivery is given back at once, as a nack without
-/// delay would: the host frees its place in the consumer's prefetch, which
-/// it otherwise holds until the consumer goes (an expired lease does not
-/// give credit back, see [`RemoteQueue::consumer`]).
+/// Dropped unanswered (a handler that returned early, or an `ack` or `nack`
+/// future dropped before it was first polled), a delivery is given back at
+/// once, as a nack without delay would: the host frees its place in the
+/// consumer's prefetch, which it otherwise holds until the consumer goes
+/// (an expired lease does not give credit back, see
+/// [`RemoteQueue::consumer`]).
 impl Drop for RemoteDelivery {
     fn drop(&mut self) {
         if self.answered {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (client, token) = (self.client.clone(), self.token);
-            runtime.spawn(async move {
-                // Refused if it was answered after all: nothing to give back.
-                let _ = client.nack(token, 0).await;
-            });
-        }
+        // Refused if it was answered after all: nothing to give back.
+        let _ = self.answers.send_later(WireAnswer::Nack {
+            token: self.token,
+            delay_ms: 0,
+        });
     }
 }
 
 impl RemoteDelivery {
-    /// Done with it; see [`Delivery::ack`].
-    pub async fn ack(mut self) -> Result<(), RemoteQueueError> {
-        let outcome = self.client.ack(self.token).await;
-        self.answered = true;
-        Ok(outcome??)
+    /// Done with it; see [`Delivery::ack`]: returns once its removal is
+    /// durable on the host. Acks of one consumer travel together (one call
+    /// carries those made while the previous call was in flight), and
+    /// their removals share one log write and fsync.
+    ///
+    /// Cancellation: once this future has been polled, the ack is on its
+    /// way whatever happens to the future, and the message ends acked
+    /// (unless the host refuses it, as when the lease ended: then it comes
+    /// back as any expired delivery does). Dropped before its first poll,
+    /// the delivery is given back, as any unanswered delivery is dropped.
+    pub async fn ack(self) -> Result<(), RemoteQueueError> {
+        let token = self.token;
+        self.answer(WireAnswer::Ack { token }).await
     }
 
-    /// Give it back; see [`Delivery::nack`].
-    pub async fn nack(mut self, delay: Duration) -> Result<(), RemoteQueueError> {
-        let outcome = self.client.nack(self.token, delay.as_millis() as u64).await;
+    /// Give it back; see [`Delivery::nack`]. Travels with the consumer's
+    /// acks, and is cancelled the same way as [`RemoteDelivery::ack`].
+    pub async fn nack(self, delay: Duration) -> Result<(), RemoteQueueError> {
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let token = self.token;
+        self.answer(WireAnswer::Nack { token, delay_ms }).await
+    }
+
+    async fn answer(mut self, answer: WireAnswer) -> Result<(), RemoteQueueError> {
+        // Handed over with no await before it: either the answer is queued
+        // and the delivery counts as answered, or neither.
+        let outcome = self.answers.hand_over_now(answer).map_err(|_| not_sent())?;
         self.answered = true;
-        Ok(outcome??)
+        outcome.await.unwrap_or_else(|_| Err(not_sent()))
     }
 
     /// Keep the lease longer; see [`Delivery::extend`].
@@ -699,5 +1006,264 @@ impl RemoteDelivery {
             .client
             .extend(self.token, by.as_millis() as u64)
             .await??)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use courier_rpc::{ClientConfig, Server, ServerConfig, ServerHandle};
+
+    use super::*;
+    use crate::core::QueueConfig;
+    use crate::log::{FsyncPolicy, Log, LogOptions, Seq};
+    use crate::storage::{Storage, StorageFuture};
+
+    const REMOVE: u8 = 2;
+
+    /// Storage that counts appends of removals and remembers which
+    /// removals it has completed (made durable).
+    #[derive(Default)]
+    struct Recording {
+        next: AtomicU64,
+        removal_appends: AtomicU64,
+        durable: Mutex<HashSet<u64>>,
+    }
+
+    struct Shared(Arc<Recording>);
+
+    impl Storage for Shared {
+        fn append_batch(&self, records: Vec<(u8, Bytes)>) -> StorageFuture<'_, Seq> {
+            Box::pin(async move {
+                // A few turns, so that answers can pile up meanwhile.
+                for _ in 0..10 {
+                    tokio::task::yield_now().await;
+                }
+                let first = self
+                    .0
+                    .next
+                    .fetch_add(records.len() as u64, Ordering::SeqCst);
+                if records.iter().any(|(kind, _)| *kind == REMOVE) {
+                    self.0.removal_appends.fetch_add(1, Ordering::SeqCst);
+                }
+                let mut durable = self.0.durable.lock().unwrap();
+                for (kind, payload) in &records {
+                    if *kind == REMOVE {
+                        durable.insert(u64::from_le_bytes(payload[..8].try_into().unwrap()));
+                    }
+                }
+                Ok(first)
+            })
+        }
+
+        fn remove_before(&self, _seq: Seq) -> StorageFuture<'_, usize> {
+            Box::pin(async { Ok(0) })
+        }
+
+        fn bytes_on_disk(&self) -> u64 {
+            0
+        }
+    }
+
+    /// A real log whose fsyncs the test can count.
+    struct Counted(Arc<Log>);
+
+    impl Storage for Counted {
+        fn append_batch(&self, records: Vec<(u8, Bytes)>) -> StorageFuture<'_, Seq> {
+            Box::pin(self.0.append_batch(records))
+        }
+
+        fn remove_before(&self, seq: Seq) -> StorageFuture<'_, usize> {
+            Box::pin(self.0.remove_before(seq))
+        }
+
+        fn bytes_on_disk(&self) -> u64 {
+            self.0.bytes_on_disk()
+        }
+    }
+
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    /// Serves `queue` (and opens others under `dir`) on a fresh mem:// address.
+    async fn serve(queue: Queue, dir: &std::path::Path) -> (ServerHandle, Arc<QueueHost>) {
+        let set = QueueSet::new(dir, QueueOptions::default());
+        set.adopt(queue).await;
+        let host = Arc::new(QueueHost::serving(set));
+        let address = format!(
+            "mem://queue-unit-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let listener = courier_transport::bind(&address.parse().unwrap(), &Default::default())
+            .await
+            .unwrap();
+        let server = Server::new(ServerConfig::default())
+            .service(QueueServiceServer::new(SharedHost(host.clone())))
+            .spawn(listener);
+        (server, host)
+    }
+
+    /// The host behind an `Arc`, so the test can read its counters.
+    struct SharedHost(Arc<QueueHost>);
+
+    impl QueueService for SharedHost {
+        async fn enqueue(
+            &self,
+            queue: String,
+            messages: Vec<Message>,
+        ) -> Result<Vec<Enqueued>, RemoteError> {
+            self.0.enqueue(queue, messages).await
+        }
+        async fn consume(
+            &self,
+            queue: String,
+            prefetch: u32,
+            items: Items<Result<WireDelivery, RemoteError>>,
+        ) {
+            self.0.consume(queue, prefetch, items).await
+        }
+        async fn ack(&self, token: u64) -> Result<(), RemoteError> {
+            self.0.ack(token).await
+        }
+        async fn nack(&self, token: u64, delay_ms: u64) -> Result<(), RemoteError> {
+            self.0.nack(token, delay_ms).await
+        }
+        async fn answer_batch(
+            &self,
+            answers: Vec<WireAnswer>,
+        ) -> Result<Vec<Result<(), RemoteError>>, RemoteError> {
+            self.0.answer_batch(answers).await
+        }
+        async fn extend(&self, token: u64, by_ms: u64) -> Result<(), RemoteError> {
+            self.0.extend(token, by_ms).await
+        }
+        async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError> {
+            self.0.stats(queue).await
+        }
+        async fn purge(&self, queue: String) -> Result<u64, RemoteError> {
+            self.0.purge(queue).await
+        }
+    }
+
+    async fn connect(server: &ServerHandle, name: &str) -> RemoteQueue {
+        RemoteQueue::connect(server.local_addr(), name, ClientConfig::default())
+            .await
+            .unwrap()
+    }
+
+    /// Acks made while one call is in flight go together; none is answered
+    /// before its removal is durable, and their removals share writes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn many_acks_travel_in_few_calls_and_each_is_answered_once_durable() {
+        let dir = courier_test_support::TempDir::new("acks-together");
+        let recording = Arc::new(Recording::default());
+        let queue = Queue::with_storage(
+            "q",
+            Box::new(Shared(recording.clone())),
+            QueueConfig::default(),
+        )
+        .unwrap();
+        const MESSAGES: usize = 300;
+        queue
+            .enqueue_batch((0..MESSAGES).map(|_| Message::new("m")).collect())
+            .await
+            .unwrap();
+        let (server, host) = serve(queue.clone(), dir.path()).await;
+        let remote = connect(&server, "q").await;
+        let mut consumer = remote.consumer(MESSAGES as u32).await.unwrap();
+        let mut deliveries = Vec::new();
+        for _ in 0..MESSAGES {
+            deliveries.push(consumer.recv().await.unwrap().unwrap());
+        }
+        let acks: Vec<_> = deliveries
+            .into_iter()
+            .map(|delivery| {
+                let recording = recording.clone();
+                tokio::spawn(async move {
+                    let id = delivery.id;
+                    delivery.ack().await.unwrap();
+                    // Answered: its removal must be durable already.
+                    recording.durable.lock().unwrap().contains(&id)
+                })
+            })
+            .collect();
+        for ack in acks {
+            assert!(
+                ack.await.unwrap(),
+                "an ack was answered before its removal was durable"
+            );
+        }
+        assert_eq!(queue.stats().acknowledged, MESSAGES as u64);
+        let calls = host.answer_calls();
+        let writes = recording.removal_appends.load(Ordering::SeqCst);
+        // One call per ack before; now one for those made together.
+        assert!(calls <= 2, "{MESSAGES} acks took {calls} calls");
+        assert!(writes <= 2, "{MESSAGES} acks took {writes} removal writes");
+        assert_eq!(host.outstanding(), 0, "every delivery's credit is back");
+    }
+
+    /// Many single enqueues in flight, from two producers on their own
+    /// connections, share fsyncs (`Always`); every one answered is there
+    /// after the queue is opened again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_enqueues_share_fsyncs_and_all_survive_a_reopen() {
+        let dir = courier_test_support::TempDir::new("enqueues-together");
+        let options = LogOptions::default().with_fsync(FsyncPolicy::Always);
+        let (log, _) = Log::open(dir.path().join("q"), options.clone(), |_| {}).unwrap();
+        let log = Arc::new(log);
+        let queue =
+            Queue::with_storage("q", Box::new(Counted(log.clone())), QueueConfig::default())
+                .unwrap();
+        let (server, host) = serve(queue, dir.path()).await;
+        const PER_PRODUCER: usize = 256;
+        let mut tasks = Vec::new();
+        for producer in 0..2u8 {
+            let remote = connect(&server, "q").await;
+            for n in 0..PER_PRODUCER {
+                let remote = remote.clone();
+                tasks.push(tokio::spawn(async move {
+                    let payload = vec![producer, (n % 256) as u8, (n / 256) as u8];
+                    match remote.enqueue(Message::new(payload)).await.unwrap() {
+                        Enqueued::Stored(id) => id,
+                        Enqueued::Duplicate(_) => panic!("no keys, no duplicates"),
+                    }
+                }));
+            }
+        }
+        let mut stored = HashSet::new();
+        for task in tasks {
+            stored.insert(task.await.unwrap());
+        }
+        assert_eq!(stored.len(), 2 * PER_PRODUCER);
+        let fsyncs = log.fsyncs();
+        // One each before (one append per call); now far fewer.
+        assert!(
+            fsyncs <= (2 * PER_PRODUCER as u64) / 8,
+            "{} enqueues took {fsyncs} fsyncs",
+            2 * PER_PRODUCER
+        );
+        server.shutdown(std::time::Duration::from_secs(1)).await;
+        drop(host);
+        drop(log);
+        let reopened = Queue::open(
+            dir.path(),
+            "q",
+            QueueOptions::new(options, Default::default()),
+        )
+        .await
+        .unwrap();
+        let consumer = reopened.consumer(4 * PER_PRODUCER);
+        let mut found = HashSet::new();
+        while let Some(delivery) = consumer.try_recv() {
+            found.insert(delivery.id);
+        }
+        assert_eq!(
+            found, stored,
+            "every answered enqueue is there after a reopen"
+        );
     }
 }

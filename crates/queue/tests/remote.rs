@@ -501,3 +501,93 @@ async fn a_remote_delivery_dropped_unanswered_is_given_back_and_frees_its_place(
     again.ack().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Polls a future once, then drops it.
+async fn poll_once_then_drop<F: std::future::Future>(future: F) {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        let _ = future.as_mut().poll(cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
+/// Cancellation of an ack: once its future has been polled, the ack is on
+/// its way and the message ends acknowledged (never also given back);
+/// dropped before its first poll, the delivery is given back (never also
+/// acknowledged). Never both, never neither.
+#[tokio::test]
+async fn an_ack_dropped_after_its_first_poll_acks_and_one_dropped_before_gives_back() {
+    let (server, dir) = host("ack-cancel").await;
+    let queue = RemoteQueue::connect(server.local_addr(), "work", ClientConfig::default())
+        .await
+        .unwrap();
+    queue.enqueue(Message::new("acked")).await.unwrap();
+    queue.enqueue(Message::new("given back")).await.unwrap();
+    let mut consumer = queue.consumer(2).await.unwrap();
+    let first = within("a delivery", consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let second = within("a delivery", consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first.payload[..], b"acked");
+    // Polled once, then dropped while its answer is in flight.
+    poll_once_then_drop(first.ack()).await;
+    // Never polled: dropping the future drops the delivery unanswered.
+    drop(second.ack());
+    until_stats(&queue, "the first acked", |s| s.acknowledged == 1).await;
+    let again = within("the given-back message", consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (&again.payload[..], again.delivery),
+        (&b"given back"[..], 2)
+    );
+    again.ack().await.unwrap();
+    // The acknowledged one never comes back.
+    assert!(receives_nothing(&mut consumer).await);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.acknowledged, stats.depth, stats.in_flight),
+        (2, 0, 0)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A list of answers longer than the host takes is refused whole, with
+/// nothing in it applied.
+#[tokio::test]
+async fn too_many_answers_in_one_call_are_refused_whole() {
+    use courier_queue::remote::{QueueServiceClient, WireAnswer, MAX_ANSWER_BATCH};
+    let (server, dir) = host("answer-limit").await;
+    let client = courier_rpc::Client::connect(server.local_addr(), ClientConfig::default())
+        .await
+        .unwrap();
+    let queue = RemoteQueue::with_client(client.clone(), "work");
+    queue.enqueue(Message::new("m")).await.unwrap();
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let delivery = within("a delivery", consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let raw = QueueServiceClient::new(client);
+    // Tokens are handed out from 1: the delivery's is among these.
+    let answers = (1..=MAX_ANSWER_BATCH as u64 + 1)
+        .map(|token| WireAnswer::Ack { token })
+        .collect();
+    assert!(matches!(
+        raw.answer_batch(answers).await.unwrap(),
+        Err(RemoteError::Queue {
+            retryable: false,
+            ..
+        })
+    ));
+    assert_eq!(queue.stats().await.unwrap().acknowledged, 0);
+    delivery.ack().await.unwrap();
+    assert_eq!(queue.stats().await.unwrap().acknowledged, 1);
+    let _ = std::fs::remove_dir_all(dir);
+}
