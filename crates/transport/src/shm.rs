@@ -11,8 +11,8 @@
 //!
 //! **Rings.** Each ring is a single-producer, single-consumer byte pipe: a
 //! header page (the producer's `tail`, the consumer's `head`, a "reader
-//! sleeping" and a "writer waiting" flag, each on its own cache line) and a
-//! power-of-two data area. Frames go through it as the same length-prefixed
+//! sleeping" and a "writer waiting" flag, and the CPU each half was last
+//! polled on, each on its own cache line) and a power-of-two data area. Frames go through it as the same length-prefixed
 //! bytes as on TCP, so the codec, the coalescing writer, heartbeats and
 //! every limit are shared with the stream transports; a frame larger than
 //! the ring simply passes in pieces. A full ring makes the writer wait
@@ -30,8 +30,9 @@
 //!   raises its flag ("reader sleeping" / "writer waiting"), looks at the
 //!   ring once more, and returns `Pending`, so the thread goes back to its
 //!   runtime and, if nothing else is ready, the kernel runs the peer.
-//! - **Another CPU:** the peer is running right now, so a reply is usually
-//!   a microsecond away and worth waiting for without a syscall. The wait is
+//! - **Another CPU:** waiting costs the peer nothing, and a busy peer's
+//!   reply is usually a microsecond away, far less than a sleep and a
+//!   wake-up across CPUs (tens of microseconds on small VMs). The wait is
 //!   a *cooperative spin*: the side returns `Pending` and asks to be polled
 //!   again after the runtime's other ready tasks and its I/O and timers
 //!   (what `tokio::task::yield_now` does), looking at the ring on each poll,
@@ -43,6 +44,20 @@
 //! again, while the other side publishes its index and then looks at the
 //! flag (both sequentially consistent), means one of them always sees the
 //! other: no wake-up is lost. An idle connection costs no CPU.
+//!
+//! The CPU slots are hints written by the peer: any value in them only
+//! chooses between two correct ways of waiting. `sched_getcpu` comes from
+//! `libc`, this crate's one direct use of it (tokio already depends on it).
+//!
+//! **Cost on one CPU.** There, every round trip is two sleeps and two
+//! wake-ups through the kernel, as on a Unix socket: a thread parked in its
+//! runtime's `epoll_wait` can only be woken by an event on a descriptor, so
+//! the ring saves the copies, not the wake-ups, and the round trip stays
+//! close to a Unix socket's. An eventfd would be a cheaper doorbell than a
+//! byte on the control socket, but it would have to be shared with the
+//! peer, and a peer that clears `O_NONBLOCK` on the shared file (and fills
+//! its count) could then block our thread in `read` or `write`; a socket
+//! end is ours alone, and `try_write` on it never blocks.
 //!
 //! **Failure.** The control socket is also the liveness signal: a peer that
 //! exits or is killed (`kill -9` included) closes it, the reader sees the
