@@ -15,10 +15,14 @@ cargo xtask <command> [options]
 
 commands:
   ci                  everything CI checks: fmt, clippy -D warnings, layering,
-                      tests and doc tests, benchmark and fuzz smoke runs
+                      tests and doc tests, benchmark, peers and fuzz smoke runs
   test [ARGS..]       cargo test --workspace [ARGS..]
   bench [ARGS..]      the benchmarks (criterion and end-to-end, release build);
                       results in target/bench/
+  bench peers [--smoke] [--runs N] [FILTER..]
+                      Courier beside nats-server (installed from Debian if
+                      missing) and tarpc, same machine, same run: a table of
+                      Courier / peer and Courier / raw for every workload
   demo                `courier demo`: a broker and worker processes on loopback,
                       all five mechanisms at work, a table of what happened
   cluster [--nodes N] N brokers on loopback (ports 7878.., data under
@@ -220,6 +224,31 @@ fn ci() -> Result<(), String> {
             "fuzz smoke",
             Box::new(|| fuzz(&["--seconds".into(), "10".into()], false)),
         ),
+        // The peers workspace (async-nats, tarpc) is built only here and by
+        // `bench peers`: lint it, then run every row once with tiny counts.
+        (
+            "peers smoke",
+            Box::new(|| {
+                let manifest = root().join("peers").join("Cargo.toml");
+                let manifest = manifest.to_string_lossy().into_owned();
+                let target = root().join("target").to_string_lossy().into_owned();
+                let env = [("CARGO_TARGET_DIR", target.as_str())];
+                cargo_env(&["fmt", "--manifest-path", &manifest, "--check"], &env)?;
+                cargo_env(
+                    &[
+                        "clippy",
+                        "--release",
+                        "--manifest-path",
+                        &manifest,
+                        "--",
+                        "-D",
+                        "warnings",
+                    ],
+                    &env,
+                )?;
+                peers(&["--smoke".into()])
+            }),
+        ),
         (
             "docs",
             Box::new(|| {
@@ -259,6 +288,9 @@ fn print_timings(timings: &[(&str, std::time::Duration, bool)]) {
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
+    if rest.first().map(String::as_str) == Some("peers") {
+        return peers(&rest[1..]);
+    }
     let out = root().join("target").join("bench");
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let out = out.to_string_lossy().into_owned();
@@ -269,6 +301,63 @@ fn bench(rest: &[String]) -> Result<(), String> {
     )?;
     eprintln!("\nresults in {out}: one .tsv (a figure per line) and one .svg plot per benchmark");
     Ok(())
+}
+
+/// `cargo xtask bench peers [--smoke] [ARGS..]`: Courier beside nats-server
+/// and tarpc, same machine, same run (the `peers/` workspace, built here
+/// only, so its clients' dependency trees stay out of every other build).
+fn peers(rest: &[String]) -> Result<(), String> {
+    ensure_nats_server();
+    cargo(&["build", "--release", "-p", "courier-cli"])?;
+    let target = root().join("target");
+    let target_dir = target.to_string_lossy().into_owned();
+    let manifest = root().join("peers").join("Cargo.toml");
+    let manifest = manifest.to_string_lossy().into_owned();
+    cargo_env(
+        &["build", "--release", "--manifest-path", &manifest],
+        &[("CARGO_TARGET_DIR", &target_dir)],
+    )?;
+    let program = target.join("release").join("courier-peers");
+    let courier = target.join("release").join("courier");
+    let out = target.join("bench");
+    let mut command = Command::new(&program);
+    command
+        .arg("--courier")
+        .arg(&courier)
+        .arg("--out")
+        .arg(&out)
+        .args(rest)
+        .current_dir(root());
+    eprintln!("$ {} {}", program.display(), rest.join(" "));
+    let status = command
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("courier-peers failed ({status})"))
+    }
+}
+
+/// Installs Debian's nats-server when it is missing and apt can (as root);
+/// otherwise the NATS cells of `bench peers` say why they are empty.
+fn ensure_nats_server() {
+    let found = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if found {
+        return;
+    }
+    eprintln!("$ apt-get install -y nats-server   (nats-server is missing)");
+    let installed = Command::new("apt-get")
+        .args(["install", "-y", "-q", "nats-server"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|status| status.success());
+    if !installed {
+        eprintln!("could not install nats-server: the NATS cells will be empty");
+    }
 }
 
 fn crash(rest: &[String]) -> Result<(), String> {
