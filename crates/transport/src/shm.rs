@@ -4,18 +4,21 @@
 //! **Rendezvous.** A listener binds a Unix socket (the control socket) at
 //! [`control_path`]. For each connection the listener creates two ring
 //! files under `/dev/shm` (one per direction, mode 0600, `O_EXCL`), tells
-//! the client their names over the control socket, waits for the client to
-//! map them, and unlinks them: from then on the memory lives exactly as long
+//! the client their names over the control socket, then a byte carrying
+//! the write ends of its two doorbell pipes (below); the client maps the
+//! rings and answers with a byte carrying its own two. The listener then
+//! unlinks the ring files: from then on the memory lives exactly as long
 //! as the two processes keep it mapped, and nothing is left behind however
-//! either side ends.
+//! either side ends. (Both sides must run this version of the handshake.)
 //!
 //! **Rings.** Each ring is a single-producer, single-consumer byte pipe: a
 //! header page (the producer's `tail`, the consumer's `head`, a "reader
 //! sleeping" and a "writer waiting" flag, and the CPU each half was last
-//! polled on, each on its own cache line) and a power-of-two data area. Frames go through it as the same length-prefixed
-//! bytes as on TCP, so the codec, the coalescing writer, heartbeats and
-//! every limit are shared with the stream transports; a frame larger than
-//! the ring simply passes in pieces. A full ring makes the writer wait
+//! polled on, each on its own cache line) and a power-of-two data area.
+//! Frames go through it as the same length-prefixed bytes as on TCP, so the
+//! codec, the coalescing writer, heartbeats and every limit are shared with
+//! the stream transports; a frame larger than the ring simply passes in
+//! pieces. A full ring makes the writer wait
 //! (backpressure); nothing is dropped.
 //!
 //! **Waiting.** A side that finds nothing to do (an empty ring to read, a
@@ -39,25 +42,32 @@
 //!   for at most [`crate::TransportConfig::shm_spin`] from the first empty
 //!   look. Then it sleeps as above. Any progress resets the budget.
 //!
-//! The other side, seeing the flag after it moved data, sends a one-byte
-//! doorbell over the control socket. Raising the flag and then looking
-//! again, while the other side publishes its index and then looks at the
-//! flag (both sequentially consistent), means one of them always sees the
-//! other: no wake-up is lost. An idle connection costs no CPU.
+//! **Doorbells.** The other side, seeing the flag after it moved data,
+//! writes one byte into the sleeper's doorbell pipe: one pipe per half,
+//! created by the side that sleeps on it, which keeps the read end to
+//! itself, registers it with its runtime and drains it in its own poll (no
+//! task in between). Writes use `RWF_NOWAIT`, so they never block, whatever
+//! the peer does to the pipe's flags. Where that is refused (kernels before
+//! 6.4), where SIGPIPE is not ignored, or when the peer sent no pipes, the
+//! doorbell is a byte on the control socket instead, read by a small task;
+//! a waiting half always listens to both. Raising the flag and then
+//! looking again, while the other side publishes its index and then looks
+//! at the flag (both sequentially consistent), means one of them always
+//! sees the other: no wake-up is lost. An idle connection costs no CPU.
 //!
 //! The CPU slots are hints written by the peer: any value in them only
-//! chooses between two correct ways of waiting. `sched_getcpu` comes from
-//! `libc`, this crate's one direct use of it (tokio already depends on it).
+//! chooses between two correct ways of waiting. `sched_getcpu`, `pipe2`,
+//! `pwritev2` and descriptor passing come from `libc` (already in the build
+//! through tokio); this module is its only direct user.
 //!
 //! **Cost on one CPU.** There, every round trip is two sleeps and two
 //! wake-ups through the kernel, as on a Unix socket: a thread parked in its
-//! runtime's `epoll_wait` can only be woken by an event on a descriptor, so
-//! the ring saves the copies, not the wake-ups, and the round trip stays
-//! close to a Unix socket's. An eventfd would be a cheaper doorbell than a
-//! byte on the control socket, but it would have to be shared with the
-//! peer, and a peer that clears `O_NONBLOCK` on the shared file (and fills
-//! its count) could then block our thread in `read` or `write`; a socket
-//! end is ours alone, and `try_write` on it never blocks.
+//! runtime's `epoll_wait` can only be woken by an event on a descriptor.
+//! The ring saves the socket buffers and copies, a pipe byte costs less
+//! than a socket message, and the woken half reads it itself, so the round
+//! trip is about half a Unix socket's, not a third. An eventfd would be
+//! cheaper still, but it cannot be written with `RWF_NOWAIT` and its one
+//! file is shared with the peer, which could make it block our thread.
 //!
 //! **Failure.** The control socket is also the liveness signal: a peer that
 //! exits or is killed (`kill -9` included) closes it, the reader sees the
@@ -77,14 +87,16 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
@@ -104,6 +116,8 @@ const WRITER_CPU: usize = 384;
 /// Doorbells on the control socket.
 const DATA: u8 = b'D';
 const SPACE: u8 = b'S';
+/// Sent by the listener, after the ring names, with its doorbell pipes.
+const BELLS: u8 = b'B';
 
 /// Where the control socket of `shm://name` lives.
 pub fn control_path(name: &str) -> PathBuf {
@@ -258,17 +272,278 @@ fn map(path: &std::path::Path, capacity: u64, create: bool) -> io::Result<Ring> 
     Ok(Ring { map, capacity })
 }
 
-/// What both halves of one side share: the control socket's write half and
-/// the doorbells its reader task hands out.
+/// What both halves of one side share: the control socket, the doorbells
+/// its reader task hands out, and the peer's doorbell pipes.
 struct Control {
     socket: Arc<UnixStream>,
+    /// Write ends of the peer's doorbell pipes (data, space), when it sent
+    /// them and this process may use them (see [`may_write_pipes`]).
+    pipes: Option<[OwnedFd; 2]>,
+    /// Cleared for good when the kernel refuses a non-blocking pipe write.
+    pipes_work: AtomicBool,
 }
 
 impl Control {
     fn ring(&self, doorbell: u8) {
+        if let (Some(pipes), true) = (&self.pipes, self.pipes_work.load(Ordering::Relaxed)) {
+            let pipe = &pipes[usize::from(doorbell != DATA)];
+            if ring_pipe(pipe, doorbell) {
+                return;
+            }
+            self.pipes_work.store(false, Ordering::Relaxed);
+        }
         // A full socket buffer means the peer has doorbells waiting anyway.
         let _ = self.socket.try_write(&[doorbell]);
     }
+}
+
+/// A new pipe, both ends non-blocking: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds: [RawFd; 2] = [-1; 2];
+    // SAFETY: `pipe2` writes two new descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both were just created and belong to nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Writes one doorbell byte into a peer's pipe without ever blocking;
+/// false if the kernel cannot promise that (before Linux 6.4 pipes refuse
+/// `RWF_NOWAIT`), and the caller must use the control socket instead.
+fn ring_pipe(pipe: &OwnedFd, doorbell: u8) -> bool {
+    let byte = [doorbell];
+    let iov = libc::iovec {
+        iov_base: byte.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: one iovec over a live one-byte buffer; offset -1 is "no
+    // offset", the only one a pipe takes. `RWF_NOWAIT` makes this one call
+    // non-blocking whatever flags the peer, which shares the pipe's file,
+    // set on it.
+    let n = unsafe { libc::pwritev2(pipe.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n >= 0 {
+        return true;
+    }
+    // EAGAIN: the pipe is full (the peer has doorbells waiting) or its
+    // reader is draining it right now (it looks at the ring after that).
+    // EPIPE: the peer is gone, which the control socket reports.
+    !matches!(
+        io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+    )
+}
+
+/// Whether this process may write into the peer's pipes: a write to a pipe
+/// whose reader is gone raises SIGPIPE, which must not kill us, so only
+/// when it is ignored (as Rust programs do by default). Otherwise the
+/// doorbells go over the control socket, as before pipes.
+fn may_write_pipes() -> bool {
+    // SAFETY: a zeroed sigaction is a valid out-parameter; a null `act`
+    // only queries the disposition.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// Whether `fd` is a pipe: the only kind of descriptor a peer's doorbell
+/// may be (anything else is dropped and the control socket used).
+fn is_pipe(fd: &OwnedFd) -> bool {
+    // SAFETY: a zeroed stat is a valid out-parameter for fstat.
+    unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        libc::fstat(fd.as_raw_fd(), &mut stat) == 0 && stat.st_mode & libc::S_IFMT == libc::S_IFIFO
+    }
+}
+
+/// The read end of one half's doorbell pipe: the peer writes a byte into
+/// it to wake that half, which drains it itself, with no task in between.
+struct Bell {
+    pipe: AsyncFd<OwnedFd>,
+    /// Every write end is closed (the peer dropped them, or is gone): the
+    /// pipe reads as end-of-file, and readable, for ever, so it is no
+    /// longer looked at; the control socket carries the doorbells instead.
+    closed: bool,
+}
+
+impl Bell {
+    fn new(read_end: OwnedFd) -> io::Result<Bell> {
+        // SAFETY: the descriptor is owned by the `AsyncFd` from now on, so
+        // it stays open and the same for its whole life.
+        let pipe = unsafe { AsyncFd::register(read_end) }?;
+        Ok(Bell {
+            pipe,
+            closed: false,
+        })
+    }
+
+    /// Ready once the peer rang since the last look (the pipe is then
+    /// drained, or read as far as one poll may); `Pending`, with the waker
+    /// registered, otherwise.
+    fn poll_rung(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Each turn reads or clears a stale readiness, so a few suffice.
+        for _ in 0..4 {
+            if self.closed {
+                return Poll::Pending;
+            }
+            let mut guard = std::task::ready!(self.pipe.poll_read_ready(cx))?;
+            let mut bytes = [0u8; 64];
+            let read = guard.try_io(|pipe| {
+                // SAFETY: reads into a buffer of ours, at most its length.
+                let n =
+                    unsafe { libc::read(pipe.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            });
+            match read {
+                Ok(Ok(0)) => self.closed = true,
+                Ok(Ok(n)) => {
+                    if n < bytes.len() {
+                        // A short read emptied the pipe; the next byte is
+                        // a new edge, which the runtime reports.
+                        guard.clear_ready();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(err)) => return Poll::Ready(Err(err)),
+                Err(_would_block) => {}
+            }
+        }
+        // Only a peer writing as fast as we read gets here: look again
+        // after the runtime's other tasks.
+        spin_turn(cx)
+    }
+}
+
+/// Sends one byte with descriptors attached, over a Unix socket.
+fn send_with_fds(socket: RawFd, byte: u8, fds: &[RawFd]) -> io::Result<()> {
+    // Room for the control message: its header and up to 8 descriptors,
+    // 8-byte aligned as cmsghdr requires.
+    let mut space = [0u64; 8];
+    let payload = std::mem::size_of_val(fds) as u32;
+    let iov = libc::iovec {
+        iov_base: &byte as *const u8 as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no buffers). The
+    // control buffer is ours and large enough for CMSG_SPACE(payload) (at
+    // most 8 descriptors, 16 + 32 bytes), so the header and data written
+    // through CMSG_FIRSTHDR / CMSG_DATA stay inside it.
+    let sent = unsafe {
+        if fds.len() > 8 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &iov as *const libc::iovec as *mut libc::iovec;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(payload) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+    };
+    match sent {
+        1 => Ok(()),
+        0 => Err(io::ErrorKind::WriteZero.into()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Receives one byte and whatever descriptors the peer attached to it (all
+/// owned, so none leaks whatever is done with them).
+fn recv_with_fds(socket: RawFd) -> io::Result<(u8, Vec<OwnedFd>)> {
+    let mut byte = 0u8;
+    let mut space = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: &mut byte as *mut u8 as *mut libc::c_void,
+        iov_len: 1,
+    };
+    let mut fds = Vec::new();
+    // SAFETY: an all-zero msghdr is valid; the kernel writes at most
+    // `msg_controllen` bytes of control messages into our buffer (and
+    // closes descriptors that do not fit). CMSG_FIRSTHDR / CMSG_NXTHDR only
+    // return headers lying inside it, and each header's length, set by the
+    // kernel, bounds its data.
+    let received = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&space) as _;
+        let received = libc::recvmsg(
+            socket,
+            &mut msg,
+            libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+        );
+        if received > 0 {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg);
+                    let len =
+                        ((*cmsg).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                    for i in 0..len / std::mem::size_of::<RawFd>() {
+                        let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                        fds.push(OwnedFd::from_raw_fd(fd));
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        received
+    };
+    match received {
+        1 => Ok((byte, fds)),
+        0 => Err(io::ErrorKind::UnexpectedEof.into()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// This side's two doorbell pipes: the read ends it waits on, and the
+/// write ends it hands to the peer (and then closes, so that only the peer
+/// writes into them).
+struct Bells {
+    data: OwnedFd,
+    space: OwnedFd,
+    handed: [OwnedFd; 2],
+}
+
+impl Bells {
+    fn new() -> io::Result<Bells> {
+        let (data, data_w) = pipe()?;
+        let (space, space_w) = pipe()?;
+        Ok(Bells {
+            data,
+            space,
+            handed: [data_w, space_w],
+        })
+    }
+
+    /// Sends the write ends to the peer with `byte`.
+    async fn hand_over(&self, control: &UnixStream, byte: u8) -> io::Result<()> {
+        let fds = [self.handed[0].as_raw_fd(), self.handed[1].as_raw_fd()];
+        control
+            .async_io(Interest::WRITABLE, || {
+                send_with_fds(control.as_raw_fd(), byte, &fds)
+            })
+            .await
+    }
+}
+
+/// Receives the byte the peer sends with its doorbells, and the doorbells
+/// if they are two pipes this process may write into.
+async fn take_over(control: &UnixStream) -> io::Result<(u8, Option<[OwnedFd; 2]>)> {
+    let (byte, fds) = control
+        .async_io(Interest::READABLE, || recv_with_fds(control.as_raw_fd()))
+        .await?;
+    let pipes = <[OwnedFd; 2]>::try_from(fds)
+        .ok()
+        .filter(|pipes| pipes.iter().all(is_pipe) && may_write_pipes());
+    Ok((byte, pipes))
 }
 
 /// Reads doorbells until the peer goes away, then closes both channels.
@@ -326,6 +601,7 @@ pub(crate) struct ShmReader {
     seen_tail: u64,
     control: Arc<Control>,
     data: mpsc::Receiver<()>,
+    bell: Bell,
     wait: Wait,
     _doorbells: Arc<TaskGuard>,
 }
@@ -337,6 +613,7 @@ pub(crate) struct ShmWriter {
     seen_head: u64,
     control: Arc<Control>,
     space: mpsc::Receiver<()>,
+    bell: Bell,
     wait: Wait,
     _doorbells: Arc<TaskGuard>,
 }
@@ -361,6 +638,7 @@ impl AsyncRead for ShmReader {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let cpu = this.wait.publish(&this.ring, READER_CPU);
+        let mut rung = 0;
         loop {
             let available = this.available()?;
             if available > 0 {
@@ -391,6 +669,17 @@ impl AsyncRead for ShmReader {
                 this.ring.atomic(READER_SLEEPING).store(0, Ordering::SeqCst);
                 continue;
             }
+            // Woken through the pipe: look again, a bounded number of times
+            // per poll, so a peer ringing without writing cannot keep us.
+            if this.bell.poll_rung(cx)?.is_ready() {
+                rung += 1;
+                if rung > 2 {
+                    return spin_turn(cx);
+                }
+                continue;
+            }
+            // Doorbells on the control socket (a peer without pipes), and
+            // the end of the peer.
             match this.data.poll_recv(cx) {
                 Poll::Ready(Some(())) => continue,
                 // The peer is gone, and everything it wrote has been read.
@@ -430,6 +719,7 @@ impl AsyncWrite for ShmWriter {
             return Poll::Ready(Ok(0));
         }
         let cpu = this.wait.publish(&this.ring, WRITER_CPU);
+        let mut rung = 0;
         loop {
             let room = this.room()?;
             if room > 0 {
@@ -450,6 +740,13 @@ impl AsyncWrite for ShmWriter {
             std::sync::atomic::fence(Ordering::SeqCst);
             if this.room()? > 0 {
                 this.ring.atomic(WRITER_WAITING).store(0, Ordering::SeqCst);
+                continue;
+            }
+            if this.bell.poll_rung(cx)?.is_ready() {
+                rung += 1;
+                if rung > 2 {
+                    return spin_turn(cx);
+                }
                 continue;
             }
             match this.space.poll_recv(cx) {
@@ -483,7 +780,19 @@ fn halves(
     inbound: Ring,
     outbound: Ring,
     spin: Duration,
-) -> (ShmReader, ShmWriter) {
+    bells: Bells,
+    peer_pipes: Option<[OwnedFd; 2]>,
+) -> io::Result<(ShmReader, ShmWriter)> {
+    let Bells {
+        data,
+        space,
+        handed,
+        ..
+    } = bells;
+    // The peer has its own copies now; ours would let a dead peer's pipes
+    // look alive (no end of file) and are not needed.
+    drop(handed);
+    let (data_bell, space_bell) = (Bell::new(data)?, Bell::new(space)?);
     let socket = Arc::new(control);
     let (data_tx, data_rx) = mpsc::channel(1);
     let (space_tx, space_rx) = mpsc::channel(1);
@@ -492,14 +801,19 @@ fn halves(
         data_tx,
         space_tx,
     ))));
-    let control = Arc::new(Control { socket });
-    (
+    let control = Arc::new(Control {
+        socket,
+        pipes: peer_pipes,
+        pipes_work: AtomicBool::new(true),
+    });
+    Ok((
         ShmReader {
             ring: inbound,
             head: 0,
             seen_tail: 0,
             control: control.clone(),
             data: data_rx,
+            bell: data_bell,
             wait: Wait::new(spin),
             _doorbells: task.clone(),
         },
@@ -509,10 +823,11 @@ fn halves(
             seen_head: 0,
             control,
             space: space_rx,
+            bell: space_bell,
             wait: Wait::new(spin),
             _doorbells: task,
         },
-    )
+    ))
 }
 
 /// Ring file names are sent as one line each; this bounds what is read.
@@ -572,10 +887,17 @@ pub(crate) async fn accept(
             .as_bytes(),
         )
         .await?;
-    if control.read_u8().await? != b'+' {
+    // Our doorbells go with a byte of their own, which a client reading the
+    // names one byte at a time never swallows by accident.
+    let bells = Bells::new()?;
+    bells.hand_over(&control, BELLS).await?;
+    // The client's answer carries its doorbells, or none (then it is rung
+    // over the control socket).
+    let (answer, peer_pipes) = take_over(&control).await?;
+    if answer != b'+' {
         return Err(corrupt("the client did not map the rings"));
     }
-    Ok(halves(control, inbound, outbound, spin))
+    halves(control, inbound, outbound, spin, bells, peer_pipes)
 }
 
 /// Client side: maps the rings the listener made.
@@ -593,6 +915,10 @@ pub(crate) async fn connect(
     }
     let inbound_path = read_line(&mut control).await?;
     let outbound_path = read_line(&mut control).await?;
+    let (byte, peer_pipes) = take_over(&control).await?;
+    if byte != BELLS {
+        return Err(corrupt("no doorbells after the ring names"));
+    }
     for path in [&inbound_path, &outbound_path] {
         if !path.starts_with("/dev/shm/courier-") || path.contains("..") {
             return Err(corrupt("ring file outside /dev/shm/courier-*"));
@@ -600,6 +926,7 @@ pub(crate) async fn connect(
     }
     let inbound = map(inbound_path.as_ref(), capacity, false)?;
     let outbound = map(outbound_path.as_ref(), capacity, false)?;
-    control.write_all(b"+").await?;
-    Ok(halves(control, inbound, outbound, spin))
+    let bells = Bells::new()?;
+    bells.hand_over(&control, b'+').await?;
+    halves(control, inbound, outbound, spin, bells, peer_pipes)
 }

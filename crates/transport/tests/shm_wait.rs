@@ -269,3 +269,133 @@ fn round_trips_complete_in_every_placement_without_a_lost_wake_up() {
         }
     }
 }
+
+/// Counts how often the future inside is polled.
+struct Counted<F> {
+    inner: std::pin::Pin<Box<F>>,
+    polls: std::sync::Arc<AtomicUsize>,
+}
+
+impl<F: std::future::Future> std::future::Future for Counted<F> {
+    type Output = F::Output;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// A receive that a wake-up should never disturb, polled how often while
+/// `ping_pong` runs beside it. Sleeping, it is polled once or twice; a
+/// receive that kept looking (spinning, even cooperatively) would be polled
+/// every time the runtime ran out of other work, thousands of times.
+async fn polls_of_an_idle_receive(mut connection: Connection) -> usize {
+    let polls = std::sync::Arc::new(AtomicUsize::new(0));
+    let receiving = tokio::spawn(Counted {
+        inner: Box::pin(async move {
+            let _ = connection.recv().await;
+        }),
+        polls: polls.clone(),
+    });
+    tokio::task::yield_now().await;
+    assert_eq!(ping_pong().await, PING_PONGS);
+    assert!(!receiving.is_finished(), "nothing was sent");
+    receiving.abort();
+    polls.load(Ordering::SeqCst)
+}
+
+/// A bound far above what sleeping costs (one or two polls) and far below
+/// what looking again on every turn of the runtime costs.
+const SLEEPING_POLLS: usize = 10;
+
+#[test]
+fn a_receive_waiting_for_a_peer_on_the_same_cpu_sleeps_instead_of_spinning() {
+    let (cpu, _) = placements()[0];
+    // Both ends on one pinned thread: the peer is on the same CPU, so even
+    // an hour's spin budget must not be used.
+    let polls = run_client(cpu, || async {
+        let address = shm();
+        let config = spinning();
+        let mut listener = bind(&address, &config).await.expect("bind");
+        let client = connect(&address, &config).await.expect("connect");
+        let _server = listener.accept().await.expect("accept");
+        polls_of_an_idle_receive(client).await
+    });
+    assert!(polls <= SLEEPING_POLLS, "polled {polls} times");
+}
+
+#[test]
+#[allow(unsafe_code)]
+fn a_peer_without_doorbell_pipes_is_rung_over_the_control_socket() {
+    // A hand-made client that drops the listener's doorbell pipes and sends
+    // none: the listener must neither spin on the dead pipes nor miss the
+    // doorbells that come over the control socket instead.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cpu, _) = placements()[0];
+    let (polls, frame) = run_client(cpu, || async {
+        let address = shm();
+        let Address::Shm(name) = &address else {
+            unreachable!()
+        };
+        let mut listener = bind(&address, &spinning()).await.expect("bind");
+        let path = courier_transport::shm::control_path(name);
+        let mut control = tokio::net::UnixStream::connect(path).await.unwrap();
+        let mut header = Vec::new();
+        while header.iter().filter(|b| **b == b'\n').count() < 3 {
+            header.push(control.read_u8().await.unwrap());
+        }
+        // The doorbell byte, read without room for the descriptors it
+        // carries: the kernel closes them.
+        assert_eq!(control.read_u8().await.unwrap(), b'B');
+        let header = String::from_utf8(header).unwrap();
+        let mut lines = header.lines();
+        lines.next().unwrap();
+        let (_to_client, to_server) = (lines.next().unwrap(), lines.next().unwrap());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(to_server)
+            .unwrap();
+        // SAFETY (test): the listener made this file for us; we only write
+        // plain bytes into it.
+        let mut ours = unsafe { memmap2::MmapMut::map_mut(&file).unwrap() };
+        control.write_all(b"+").await.unwrap();
+        let mut bytes = courier_wire::preamble::preamble().to_vec();
+        let at = bytes.len();
+        ours[4096..4096 + at].copy_from_slice(&bytes);
+        ours[0..8].copy_from_slice(&(at as u64).to_le_bytes());
+        control.write_all(b"D").await.unwrap();
+        let mut server = listener.accept().await.expect("accept");
+
+        // Idle: the listener's receive sleeps.
+        let polls = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = polls.clone();
+        let receiving = tokio::spawn(async move {
+            let frame = Counted {
+                inner: Box::pin(server.recv()),
+                polls: counter,
+            }
+            .await;
+            frame.expect("recv").expect("a frame")
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(ping_pong().await, PING_PONGS);
+        let polls = polls.load(Ordering::SeqCst);
+
+        // One frame, rung over the control socket, wakes it.
+        let mut frame = bytes::BytesMut::new();
+        courier_wire::FrameCodec::new()
+            .encode_frame(&Frame::new(FrameKind::Data, 7, "hello"), &mut frame)
+            .unwrap();
+        bytes.extend_from_slice(&frame);
+        ours[4096 + at..4096 + bytes.len()].copy_from_slice(&frame);
+        ours[0..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        control.write_all(b"D").await.unwrap();
+        let frame = receiving.await.expect("receiving task");
+        (polls, frame)
+    });
+    assert!(polls <= SLEEPING_POLLS, "polled {polls} times while idle");
+    assert_eq!((frame.id, &frame.payload[..]), (7, &b"hello"[..]));
+}
