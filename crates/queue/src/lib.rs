@@ -15,8 +15,10 @@
 //!   explicit [`Enqueued::Duplicate`].
 //! - [`remote`]: the same queues served as a courier-rpc service
 //!   ([`remote::QueueHost`]) and used from other processes
-//!   ([`remote::RemoteQueue`]); deliveries stream under credit. A consumer
-//!   whose connection dies gives its messages back at once.
+//!   ([`remote::RemoteQueue`]); deliveries stream under credit, acks (and
+//!   single enqueues) made while earlier ones are in flight travel in one
+//!   call and share one log write. A consumer whose connection dies gives
+//!   its messages back at once.
 //! - [`QueueHandle`] and friends: one API over both faces.
 //! - [`core`]: the lease, redelivery, dead-letter and de-duplication rules
 //!   as a pure state machine driven by explicit time.

@@ -12,6 +12,15 @@
 //! (`ack`, `nack`, even one refused because the lease had ended) or goes
 //! away, whatever happens to the lease meanwhile.
 //!
+//! Small requests travel together. A consumer's acks and nacks made while
+//! one [`QueueService::answer_batch`] call is in flight go in the next one;
+//! the host applies them all at once and writes their records in one log
+//! batch (one fsync under `Always`), answering each only once that is
+//! durable. Single [`RemoteQueue::enqueue`] calls made while earlier ones
+//! are in flight go as one `enqueue` call, each caller still getting its
+//! own outcome. A credit comes back as soon as the host has the answer,
+//! not when it is durable, so deliveries keep flowing during the fsync.
+//!
 //! A dead-letter queue (`<queue>.dlq`) is served like any queue, by name:
 //! the host hands out the one its queue owns. Errors sent to clients never
 //! carry the host's filesystem paths (those are logged on the host).
@@ -129,6 +138,13 @@ pub enum WireAnswer {
 /// longer list is refused whole, before anything in it is applied.
 pub const MAX_ANSWER_BATCH: usize = 4096;
 
+/// Deliveries in one item of [`QueueService::consume_batched`] at most.
+pub const DELIVERIES_PER_ITEM: usize = 64;
+
+/// Payload bytes in one item of [`QueueService::consume_batched`] at most
+/// (a delivery larger than this goes by itself).
+pub const DELIVERY_BYTES_PER_ITEM: usize = 256 * 1024;
+
 /// Answers a [`RemoteConsumer`] puts in one call (below the host's limit).
 const ANSWERS_PER_CALL: usize = 1024;
 
@@ -147,6 +163,16 @@ pub trait QueueService {
         queue: String,
         prefetch: u32,
         items: Items<Result<WireDelivery, RemoteError>>,
+    );
+    /// As [`QueueService::consume`], with the deliveries ready at once
+    /// sent together (at most [`DELIVERIES_PER_ITEM`] or
+    /// [`DELIVERY_BYTES_PER_ITEM`] of payload an item, or one larger
+    /// delivery by itself).
+    async fn consume_batched(
+        &self,
+        queue: String,
+        prefetch: u32,
+        items: Items<Result<Vec<WireDelivery>, RemoteError>>,
     );
     /// Acknowledges a delivery.
     async fn ack(&self, token: u64) -> Result<(), RemoteError>;
@@ -464,6 +490,80 @@ impl QueueHost {
         Ok(self.queues.open(name).await?)
     }
 
+    /// Serves one consumer of `queue`: its deliveries, under credit, go
+    /// to `send` in groups of at most `most` (those ready at once; a group
+    /// is never waited for). `send` says whether to go on.
+    async fn serve_consumer(&self, queue: String, prefetch: u32, most: usize, sink: Sink) {
+        if let Err(err) = self.check(&queue, Action::Consume) {
+            sink.send(Err(err)).await;
+            return;
+        }
+        let owner = courier_rpc::caller();
+        let queue = match self.queue(&queue).await {
+            Ok(queue) => queue,
+            Err(err) => {
+                sink.send(Err(err)).await;
+                return;
+            }
+        };
+        // The consumer's credit: one permit per delivery it holds, taken
+        // before a message is leased and returned only by its answer or the
+        // consumer's end, so it never holds more than it asked for.
+        let prefetch = (prefetch.max(1) as usize).min(Semaphore::MAX_PERMITS);
+        let credit = Arc::new(Semaphore::new(prefetch));
+        // Dropped when the client goes away (the call is cancelled): its
+        // messages go back to the queue and its tokens are forgotten.
+        let consumer = queue.consumer(prefetch);
+        let _outstanding = Outstanding {
+            table: self.outstanding.clone(),
+            stream: self.next_stream.fetch_add(1, Ordering::Relaxed),
+        };
+        loop {
+            let Ok(permit) = credit.clone().acquire_owned().await else {
+                return; // never closed; nothing to serve if it were
+            };
+            let first = consumer.recv().await;
+            let mut taken = vec![(first, permit)];
+            let mut bytes = taken[0].0.payload.len();
+            // Whatever else is ready and has credit goes with it.
+            while taken.len() < most && bytes < DELIVERY_BYTES_PER_ITEM {
+                let Ok(permit) = credit.clone().try_acquire_owned() else {
+                    break;
+                };
+                let Some(delivery) = consumer.try_recv() else {
+                    break;
+                };
+                bytes += delivery.payload.len();
+                taken.push((delivery, permit));
+            }
+            let mut wire = Vec::with_capacity(taken.len());
+            {
+                let mut table = lock(&self.outstanding);
+                for (delivery, permit) in taken {
+                    let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+                    wire.push(WireDelivery {
+                        token,
+                        id: delivery.id,
+                        delivery: delivery.delivery,
+                        payload: delivery.payload.clone(),
+                    });
+                    table.insert(
+                        token,
+                        Held {
+                            delivery,
+                            owner: owner.clone(),
+                            stream: _outstanding.stream,
+                            _credit: permit,
+                        },
+                    );
+                }
+            }
+            if !sink.send(Ok(wire)).await {
+                return;
+            }
+        }
+    }
+
     /// The delivery under `token`, if it was delivered to the caller. Taking
     /// it gives the consumer's credit back, whatever the answer's outcome.
     fn take(&self, token: u64) -> Result<Delivery, RemoteError> {
@@ -471,6 +571,38 @@ impl QueueHost {
             .take(token, &courier_rpc::caller())
             .ok_or(RemoteError::UnknownDelivery)?;
         Ok(held.delivery)
+    }
+}
+
+/// Where a consumer's deliveries go: one stream item each (`consume`), or
+/// those sent together in one item (`consume_batched`).
+enum Sink {
+    Single(Items<Result<WireDelivery, RemoteError>>),
+    Batched(Items<Result<Vec<WireDelivery>, RemoteError>>),
+}
+
+impl Sink {
+    /// Sends a group (or the error that ends the stream); whether to go on.
+    async fn send(&self, group: Result<Vec<WireDelivery>, RemoteError>) -> bool {
+        match (self, group) {
+            (Sink::Single(items), Ok(deliveries)) => {
+                for delivery in deliveries {
+                    if items.send(Ok(delivery)).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+            (Sink::Single(items), Err(err)) => {
+                let _ = items.send(Err(err)).await;
+                false
+            }
+            (Sink::Batched(items), Ok(deliveries)) => items.send(Ok(deliveries)).await.is_ok(),
+            (Sink::Batched(items), Err(err)) => {
+                let _ = items.send(Err(err)).await;
+                false
+            }
+        }
     }
 }
 
@@ -497,55 +629,18 @@ impl QueueService for QueueHost {
         prefetch: u32,
         items: Items<Result<WireDelivery, RemoteError>>,
     ) {
-        if let Err(err) = self.check(&queue, Action::Consume) {
-            let _ = items.send(Err(err)).await;
-            return;
-        }
-        let owner = courier_rpc::caller();
-        let queue = match self.queue(&queue).await {
-            Ok(queue) => queue,
-            Err(err) => {
-                let _ = items.send(Err(err)).await;
-                return;
-            }
-        };
-        // The consumer's credit: one permit per delivery it holds, taken
-        // before a message is leased and returned only by its answer or the
-        // consumer's end, so it never holds more than it asked for.
-        let prefetch = (prefetch.max(1) as usize).min(Semaphore::MAX_PERMITS);
-        let credit = Arc::new(Semaphore::new(prefetch));
-        // Dropped when the client goes away (the call is cancelled): its
-        // messages go back to the queue and its tokens are forgotten.
-        let consumer = queue.consumer(prefetch);
-        let _outstanding = Outstanding {
-            table: self.outstanding.clone(),
-            stream: self.next_stream.fetch_add(1, Ordering::Relaxed),
-        };
-        loop {
-            let Ok(permit) = credit.clone().acquire_owned().await else {
-                return; // never closed; nothing to serve if it were
-            };
-            let delivery = consumer.recv().await;
-            let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-            let wire = WireDelivery {
-                token,
-                id: delivery.id,
-                delivery: delivery.delivery,
-                payload: delivery.payload.clone(),
-            };
-            lock(&self.outstanding).insert(
-                token,
-                Held {
-                    delivery,
-                    owner: owner.clone(),
-                    stream: _outstanding.stream,
-                    _credit: permit,
-                },
-            );
-            if items.send(Ok(wire)).await.is_err() {
-                return;
-            }
-        }
+        self.serve_consumer(queue, prefetch, 1, Sink::Single(items))
+            .await
+    }
+
+    async fn consume_batched(
+        &self,
+        queue: String,
+        prefetch: u32,
+        items: Items<Result<Vec<WireDelivery>, RemoteError>>,
+    ) {
+        self.serve_consumer(queue, prefetch, DELIVERIES_PER_ITEM, Sink::Batched(items))
+            .await
     }
 
     async fn ack(&self, token: u64) -> Result<(), RemoteError> {
@@ -739,10 +834,11 @@ impl RemoteQueue {
         let stream = self
             .client
             .with_timeout(CONSUMER_LIFETIME)
-            .consume(self.name.clone(), prefetch)
+            .consume_batched(self.name.clone(), prefetch)
             .await?;
         Ok(RemoteConsumer {
             stream,
+            ready: std::collections::VecDeque::new(),
             client: self.client.clone(),
             answers: answers_for(self.client.clone()),
         })
@@ -763,7 +859,10 @@ impl RemoteQueue {
 /// holds unacknowledged.
 #[derive(Debug)]
 pub struct RemoteConsumer {
-    stream: ItemStream<Result<WireDelivery, RemoteError>>,
+    stream: ItemStream<Result<Vec<WireDelivery>, RemoteError>>,
+    /// Deliveries that came together and are not yet taken (at most
+    /// [`DELIVERIES_PER_ITEM`], all within the prefetch).
+    ready: std::collections::VecDeque<WireDelivery>,
     client: QueueServiceClient,
     answers: Arc<Answers>,
 }
@@ -771,10 +870,15 @@ pub struct RemoteConsumer {
 impl RemoteConsumer {
     /// The next delivery; `None` if the host went away.
     pub async fn recv(&mut self) -> Option<Result<RemoteDelivery, RemoteQueueError>> {
-        let wire = match self.stream.next().await? {
-            Ok(Ok(wire)) => wire,
-            Ok(Err(err)) => return Some(Err(err.into())),
-            Err(err) => return Some(Err(err.into())),
+        let wire = loop {
+            if let Some(wire) = self.ready.pop_front() {
+                break wire;
+            }
+            match self.stream.next().await? {
+                Ok(Ok(wires)) => self.ready.extend(wires),
+                Ok(Err(err)) => return Some(Err(err.into())),
+                Err(err) => return Some(Err(err.into())),
+            }
         };
         Some(Ok(RemoteDelivery {
             id: wire.id,
@@ -794,20 +898,14 @@ impl RemoteConsumer {
 /// Bounded by the deliveries the consumer holds, each answered once.
 type Answers = Coalescer<AnswerBatch>;
 
-/// Sends answers with [`QueueService::answer_batch`], or one call each to
-/// an older host that does not know it.
+/// Sends answers with [`QueueService::answer_batch`].
 struct AnswerBatch {
     client: QueueServiceClient,
-    /// The host does not know `answer_batch`.
-    single: std::sync::atomic::AtomicBool,
 }
 
 fn answers_for(client: QueueServiceClient) -> Arc<Answers> {
     Coalescer::new(
-        AnswerBatch {
-            client,
-            single: std::sync::atomic::AtomicBool::new(false),
-        },
+        AnswerBatch { client },
         Limits {
             per_call: ANSWERS_PER_CALL,
             weight_per_call: usize::MAX,
@@ -828,31 +926,15 @@ impl Batcher for AnswerBatch {
     }
 
     async fn send(&self, answers: Vec<WireAnswer>) -> Vec<Result<(), RemoteQueueError>> {
-        if !self.single.load(Ordering::Relaxed) {
-            match self.client.answer_batch(answers.clone()).await {
-                Ok(Ok(outcomes)) => {
-                    return outcomes
-                        .into_iter()
-                        .map(|outcome| outcome.map_err(RemoteQueueError::from))
-                        .collect()
-                }
-                Ok(Err(err)) => return vec![Err(err.into()); answers.len()],
-                Err(RpcError::UnknownMethod { .. }) => self.single.store(true, Ordering::Relaxed),
-                Err(err) => return vec![Err(err.into()); answers.len()],
-            }
+        let count = answers.len();
+        match self.client.answer_batch(answers).await {
+            Ok(Ok(outcomes)) => outcomes
+                .into_iter()
+                .map(|outcome| outcome.map_err(RemoteQueueError::from))
+                .collect(),
+            Ok(Err(err)) => vec![Err(err.into()); count],
+            Err(err) => vec![Err(err.into()); count],
         }
-        let mut outcomes = Vec::with_capacity(answers.len());
-        for answer in answers {
-            let outcome = match answer {
-                WireAnswer::Ack { token } => self.client.ack(token).await,
-                WireAnswer::Nack { token, delay_ms } => self.client.nack(token, delay_ms).await,
-            };
-            outcomes.push(match outcome {
-                Ok(outcome) => outcome.map_err(RemoteQueueError::from),
-                Err(err) => Err(err.into()),
-            });
-        }
-        outcomes
     }
 
     fn no_outcome() -> RemoteQueueError {
@@ -1125,6 +1207,14 @@ mod tests {
             items: Items<Result<WireDelivery, RemoteError>>,
         ) {
             self.0.consume(queue, prefetch, items).await
+        }
+        async fn consume_batched(
+            &self,
+            queue: String,
+            prefetch: u32,
+            items: Items<Result<Vec<WireDelivery>, RemoteError>>,
+        ) {
+            self.0.consume_batched(queue, prefetch, items).await
         }
         async fn ack(&self, token: u64) -> Result<(), RemoteError> {
             self.0.ack(token).await
