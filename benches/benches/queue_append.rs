@@ -1,7 +1,10 @@
 //! The durable log: appends of 256-byte records with 1, 4 and 16 concurrent
 //! producers under each fsync policy, beside the physical limits of the
 //! same disk measured in the same run (raw fsync rate, raw sequential
-//! write), and the time to recover a log of a million records.
+//! write), the time to recover a log of a million records, and (`remote`) a
+//! queue host and its client in one process over unix:// and tcp://: single
+//! enqueues with 256 outstanding on one connection, then consume + ack,
+//! beside the disk's rate at one fdatasync per 256 records.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,6 +148,98 @@ async fn end_to_end<Q: courier_queue::QueueHandle + 'static>(queue: Arc<Q>, coun
     count as f64 / started.elapsed().as_secs_f64()
 }
 
+/// fdatasyncs of 256 records written at once, as records per second: the
+/// ceiling for a group commit that shares one fsync among 256 appends.
+fn raw_batched_fsync_rate(duration: Duration, per_fsync: usize) -> f64 {
+    let dir = scratch("raw-batched");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut file = std::fs::File::create(dir.join("raw")).unwrap();
+    let batch = vec![0xA5u8; (SIZE + 17) * per_fsync];
+    let started = Instant::now();
+    let mut count = 0u64;
+    while started.elapsed() < duration {
+        file.write_all(&batch).unwrap();
+        file.sync_data().unwrap();
+        count += per_fsync as u64;
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+    rate
+}
+
+/// Outstanding single enqueues in the remote workload.
+const OUTSTANDING: usize = 256;
+
+/// A queue host on `address` in this runtime and a client of it: enqueues of
+/// single 256-byte messages with [`OUTSTANDING`] in flight on one
+/// connection, then consume + ack of all of them (prefetch 256, acks in
+/// flight while the next deliveries arrive). Messages per second of each.
+async fn remote_queue(address: &str, policy: FsyncPolicy, count: u64) -> (f64, f64) {
+    use courier_queue::remote::{QueueHost, QueueServiceServer, RemoteQueue};
+    use courier_queue::Message;
+    let dir = scratch("remote");
+    let options = courier_queue::QueueOptions::new(
+        LogOptions::default().with_fsync(policy),
+        Default::default(),
+    );
+    let listener = courier_transport::bind(&address.parse().unwrap(), &Default::default())
+        .await
+        .unwrap();
+    let server = courier_rpc::Server::new(courier_rpc::ServerConfig::default())
+        .service(QueueServiceServer::new(QueueHost::new(
+            dir.join("host"),
+            options,
+        )))
+        .spawn(listener);
+    let queue = RemoteQueue::connect(
+        server.local_addr(),
+        "bench",
+        courier_rpc::ClientConfig::default(),
+    )
+    .await
+    .unwrap();
+    let payload = Bytes::from(vec![0xA5u8; SIZE]);
+    // Warm up: the queue is opened (created) by the first call.
+    queue.enqueue(Message::new(payload.clone())).await.unwrap();
+    let started = Instant::now();
+    let producers: Vec<_> = (0..OUTSTANDING)
+        .map(|i| {
+            let (queue, payload) = (queue.clone(), payload.clone());
+            let mine =
+                count / OUTSTANDING as u64 + u64::from((i as u64) < count % OUTSTANDING as u64);
+            tokio::spawn(async move {
+                for _ in 0..mine {
+                    queue.enqueue(Message::new(payload.clone())).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    let enqueue = count as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut consumer = queue.consumer(256).await.unwrap();
+    let mut acks: tokio::task::JoinSet<Result<(), courier_queue::remote::RemoteQueueError>> =
+        tokio::task::JoinSet::new();
+    for _ in 0..count + 1 {
+        let delivery = consumer.recv().await.unwrap().unwrap();
+        if acks.len() >= 256 {
+            acks.join_next().await.unwrap().unwrap().unwrap();
+        }
+        acks.spawn(delivery.ack());
+    }
+    while let Some(done) = acks.join_next().await {
+        done.unwrap().unwrap();
+    }
+    let consume = count as f64 / started.elapsed().as_secs_f64();
+    drop(consumer);
+    drop(queue);
+    server.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    (enqueue, consume)
+}
+
 fn main() -> anyhow::Result<()> {
     let mode = Mode::from_args();
     let duration = mode.pick(Duration::from_secs(2), Duration::from_millis(100));
@@ -244,6 +339,48 @@ fn main() -> anyhow::Result<()> {
         println!("  over loopback TCP:  {remote:>10.0} msgs/s");
         report.add("end_to_end", "embedded", place, "msgs_per_s", embedded);
         report.add("end_to_end", "remote-tcp", place, "msgs_per_s", remote);
+    }
+    if selected(&filters, "remote") {
+        let count = mode.pick(100_000, 2_000);
+        let batched = raw_batched_fsync_rate(duration, 256);
+        println!("\nraw disk: {batched:.0} records/s ({SIZE} B, one fdatasync per 256)");
+        report.add("raw_disk", "fsync_per_256", place, "records_per_s", batched);
+        println!(
+            "remote queue, one process: {count} single enqueues of {SIZE} B with {OUTSTANDING} outstanding on one connection, then consume + ack (prefetch 256)"
+        );
+        println!(
+            "{:<8} {:<8} {:>14} {:>18}",
+            "over", "fsync", "enqueues/s", "consume+ack/s"
+        );
+        let socket =
+            std::env::temp_dir().join(format!("courier-bench-q-{}.sock", std::process::id()));
+        let unix = format!("unix://{}", socket.display());
+        for (over, address) in [("unix", unix.as_str()), ("tcp", "tcp://127.0.0.1:0")] {
+            for (name, policy) in [
+                ("always", FsyncPolicy::Always),
+                ("never", FsyncPolicy::Never),
+            ] {
+                let _ = std::fs::remove_file(&socket);
+                let (enqueue, consume) = runtime.block_on(remote_queue(address, policy, count));
+                println!("{over:<8} {name:<8} {enqueue:>14.0} {consume:>18.0}");
+                let subject = format!("{over}/{name}");
+                report.add(
+                    "remote_queue_enqueue",
+                    &subject,
+                    place,
+                    "msgs_per_s",
+                    enqueue,
+                );
+                report.add(
+                    "remote_queue_consume_ack",
+                    &subject,
+                    place,
+                    "msgs_per_s",
+                    consume,
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&socket);
     }
     if selected(&filters, "recovery") {
         let records = mode.pick(1_000_000, 10_000);
