@@ -306,9 +306,10 @@ pub trait PubSubService {
         reply_to: Option<String>,
         payload: Bytes,
     );
-    /// [`publish_batch`](Self::publish_batch), one way (one `seq` for the
-    /// batch): a refused batch counts each of its messages as refused, for
-    /// [`flush`](Self::flush).
+    /// Many publishes, one way (one `seq` for the frame), each judged
+    /// alone: a refused message is counted for [`flush`](Self::flush) and
+    /// the others are published. A durable store that fails refuses every
+    /// message it was to store.
     #[oneway]
     async fn publish_batch_oneway(&self, publisher: u64, seq: u64, messages: Vec<WirePublish>);
     /// Answered once every one-way publish sent before it on the
@@ -493,7 +494,7 @@ impl PubSubHost {
         publisher: u64,
         seq: u64,
         count: u64,
-        publish: impl std::future::Future<Output = Result<u64, RemoteError>>,
+        publish: impl std::future::Future<Output = Result<(), (u64, RemoteError)>>,
     ) {
         let turn = self.turn_of(publisher);
         let mut progress = turn.lock().await;
@@ -503,10 +504,27 @@ impl PubSubHost {
         }
         progress.applied = seq;
         let mut pending = Unapplied::new(self, publisher, count);
-        if let Err(err) = publish.await {
-            self.refused(publisher, count, err);
+        if let Err((refused, err)) = publish.await {
+            self.refused(publisher, refused, err);
         }
         pending.done();
+    }
+
+    /// Checks one message of a batch: its subjects and the caller's right
+    /// to publish there. Batches often repeat a subject, so one equal to
+    /// the previous message's (`last`, already checked) is not parsed again.
+    fn parse_publish(
+        &self,
+        last: Option<&Subject>,
+        m: WirePublish,
+    ) -> Result<(Subject, Option<Subject>, Bytes), RemoteError> {
+        let subject = match last {
+            Some(last) if last.as_str() == m.subject => last.clone(),
+            _ => Subject::new(&m.subject)?,
+        };
+        let reply_to = m.reply_to.map(|r| Subject::new(&r)).transpose()?;
+        self.check_publish(&subject, reply_to.is_some())?;
+        Ok((subject, reply_to, m.payload))
     }
 
     /// The lock that orders `publisher`'s one-way publishes.
@@ -679,13 +697,45 @@ impl PubSubService for PubSubHost {
         reply_to: Option<String>,
         payload: Bytes,
     ) {
-        let publish = self.publish(publisher, subject, reply_to, payload);
+        let publish = async {
+            match self.publish(publisher, subject, reply_to, payload).await {
+                Ok(_) => Ok(()),
+                Err(err) => Err((1, err)),
+            }
+        };
         self.apply_one_way(publisher, seq, 1, publish).await;
     }
 
+    /// Unlike the confirmed `publish_batch`, each message is judged alone:
+    /// a publisher's sender task puts separate `publish` calls into one
+    /// frame, and one refused call must not take the others with it.
     async fn publish_batch_oneway(&self, publisher: u64, seq: u64, messages: Vec<WirePublish>) {
         let count = messages.len() as u64;
-        let publish = self.publish_batch(publisher, messages);
+        let publish = async {
+            let mut parsed: Vec<(Subject, Option<Subject>, Bytes)> =
+                Vec::with_capacity(messages.len());
+            let mut refused: Option<(u64, RemoteError)> = None;
+            for m in messages {
+                match self.parse_publish(parsed.last().map(|p| &p.0), m) {
+                    Ok(message) => parsed.push(message),
+                    Err(err) => match &mut refused {
+                        Some((n, _)) => *n += 1,
+                        None => refused = Some((1, err)),
+                    },
+                }
+            }
+            if let Some((n, err)) = refused {
+                self.refused(publisher, n, err);
+            }
+            let stored = parsed.len() as u64;
+            if stored == 0 {
+                return Ok(());
+            }
+            match self.publish_all(publisher, parsed).await {
+                Ok(_) => Ok(()),
+                Err(err) => Err((stored, err)),
+            }
+        };
         self.apply_one_way(publisher, seq, count, publish).await;
     }
 
@@ -713,14 +763,8 @@ impl PubSubService for PubSubHost {
     ) -> Result<u64, RemoteError> {
         let mut parsed: Vec<(Subject, Option<Subject>, Bytes)> = Vec::with_capacity(messages.len());
         for m in messages {
-            // Batches often repeat a subject: parse it once.
-            let subject = match parsed.last() {
-                Some((last, _, _)) if last.as_str() == m.subject => last.clone(),
-                _ => Subject::new(&m.subject)?,
-            };
-            let reply_to = m.reply_to.map(|r| Subject::new(&r)).transpose()?;
-            self.check_publish(&subject, reply_to.is_some())?;
-            parsed.push((subject, reply_to, m.payload));
+            let message = self.parse_publish(parsed.last().map(|p| &p.0), m)?;
+            parsed.push(message);
         }
         self.publish_all(publisher, parsed).await
     }
@@ -1037,7 +1081,7 @@ impl RemotePubSub {
         RemotePublisher {
             client,
             id: fresh_id(),
-            shared: Arc::default(),
+            shared: Arc::new(PublisherShared::default()),
         }
     }
 
@@ -1186,13 +1230,19 @@ async fn open_subscription(
 /// # Order, errors and flow control
 ///
 /// [`publish`](Self::publish) is one way: it returns once the message is
-/// queued on the connection, without waiting for the host. Every
-/// subscriber receives one publisher's messages in the order its
-/// `publish` calls were made, however many are in flight: calls from one
-/// task in that task's order, and for clones used by several tasks, each
-/// task's in its own order. A publisher faster than the host is slowed:
-/// `publish` waits while the connection's send buffer is full, so nothing
-/// is buffered without bound.
+/// queued for the publisher's sender task, without waiting for the host.
+/// That task (one per publisher, started by its first publish) takes
+/// everything queued since its last frame and sends it as one batch, so a
+/// loop of `publish` calls costs about what `publish_batch` does, while a
+/// lone publish still goes out at once. Every subscriber receives one
+/// publisher's messages in the order its `publish` calls were made,
+/// however many are in flight: calls from one task in that task's order,
+/// and for clones used by several tasks, each task's in its own order. A
+/// publisher faster than the host is slowed: at most
+/// [`PUBLISH_QUEUE_BYTES`] are queued, after which `publish` waits for
+/// the task, which itself waits while the connection's send buffer is
+/// full, so nothing is buffered without bound. Dropping every clone lets
+/// the task send what is queued, then end.
 ///
 /// What the host refuses (a permission, a durable store that failed) is
 /// reported by the next [`flush`](Self::flush), which also says whether the
@@ -1208,18 +1258,206 @@ pub struct RemotePublisher {
     shared: Arc<PublisherShared>,
 }
 
-#[derive(Debug, Default)]
+/// How many bytes of one-way publishes a publisher queues for its sender
+/// task before `publish` waits (each message counts its subject, reply
+/// subject and payload, plus [`QUEUED_OVERHEAD`]).
+pub const PUBLISH_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a queued message counts beyond its bytes, so that many tiny
+/// messages are bounded too.
+const QUEUED_OVERHEAD: usize = 64;
+
+/// The most a sender task puts in one frame: batches stay well below any
+/// frame limit and short enough to interleave with other traffic.
+const SEND_BATCH_BYTES: usize = 256 * 1024;
+
+/// Room a frame needs beyond its messages (header, service and method
+/// names, ids, per-message lengths).
+const FRAME_MARGIN: usize = 512;
+
+#[derive(Debug)]
 struct PublisherShared {
-    /// Taken by each one-way publish while it queues its frame, and by
-    /// `flush`: a fair (first come, first served) lock, so publishes are
-    /// queued in the order they were called.
+    /// Taken by `flush` and the confirmed publishes: a fair (first come,
+    /// first served) lock, so they are ordered among themselves.
     turn: tokio::sync::Mutex<()>,
-    /// The connection epoch of the first publish since the last flush
-    /// (0: none), and whether a later one went out on another connection.
+    /// Where one-way publishes queue, in call order; made with the sender
+    /// task on the first. Only the publisher holds it: dropping the last
+    /// clone closes the queue, and the task ends once it has sent it all.
+    queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Outgoing>>,
+    /// Bytes of queued publishes (see [`PUBLISH_QUEUE_BYTES`]).
+    room: Arc<tokio::sync::Semaphore>,
+    /// Shared with the sender task.
+    sending: Arc<Sending>,
+}
+
+impl Default for PublisherShared {
+    fn default() -> Self {
+        PublisherShared {
+            turn: tokio::sync::Mutex::new(()),
+            queue: std::sync::OnceLock::new(),
+            room: Arc::new(tokio::sync::Semaphore::new(PUBLISH_QUEUE_BYTES)),
+            sending: Arc::default(),
+        }
+    }
+}
+
+/// What the sender task and the publisher share.
+#[derive(Debug, Default)]
+struct Sending {
+    /// The connection epoch of the first frame sent since the last flush
+    /// (0: none), and whether a later one went out on another connection
+    /// or could not be sent at all.
     unflushed: std::sync::Mutex<(u64, bool)>,
-    /// The last sequence number given to a one-way publish (taken under
-    /// `turn`, so in call order).
-    seq: std::sync::atomic::AtomicU64,
+    /// The last sequence number given to a one-way frame (only the sender
+    /// task gives them, so they follow the queue's order).
+    seq: AtomicU64,
+    /// The frame limit of the connection last used (0: not known yet), so
+    /// `publish` refuses a message that can never be sent.
+    limit: std::sync::atomic::AtomicUsize,
+    /// Messages the task could not send because no frame could hold them
+    /// (the connection's limit fell after `publish` checked), and the first
+    /// one's error: reported by the next flush.
+    unsendable: std::sync::Mutex<Option<(u64, RemoteError)>>,
+}
+
+impl Sending {
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Notes that a one-way frame went out on connection `epoch`.
+    fn sent_on(&self, epoch: u64) {
+        let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+        match unflushed.0 {
+            0 => unflushed.0 = epoch,
+            first if first != epoch => unflushed.1 = true,
+            _ => {}
+        }
+    }
+
+    /// Notes that a frame was lost before the host could have it.
+    fn lost(&self) {
+        self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+    }
+}
+
+/// One entry of a publisher's queue.
+#[derive(Debug)]
+enum Outgoing {
+    /// Messages to publish, holding their share of the queue's room.
+    Publish(Vec<WirePublish>, tokio::sync::OwnedSemaphorePermit),
+    /// Answered once everything queued before it has been handed to the
+    /// connection.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What a message costs in the queue and in a frame (about).
+fn queued_size(message: &WirePublish) -> usize {
+    message.subject.len()
+        + message.reply_to.as_ref().map_or(0, String::len)
+        + message.payload.len()
+        + QUEUED_OVERHEAD
+}
+
+/// A publisher's sender task: takes everything queued, sends it in as few
+/// frames as fit, answers barriers in order. Ends when the queue closes
+/// (every clone of the publisher dropped) and is empty.
+async fn send_publishes(
+    client: PubSubServiceClient,
+    id: u64,
+    sending: Arc<Sending>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let mut taken = Vec::with_capacity(256);
+    let mut batch: Vec<WirePublish> = Vec::new();
+    let mut permits = Vec::new();
+    while queue.recv_many(&mut taken, 256).await > 0 {
+        let budget = match client.client().max_frame_size().await {
+            Some(limit) => {
+                sending.limit.store(limit, Ordering::Relaxed);
+                limit.saturating_sub(FRAME_MARGIN).min(SEND_BATCH_BYTES)
+            }
+            None => SEND_BATCH_BYTES,
+        };
+        let mut bytes = 0;
+        for item in taken.drain(..) {
+            match item {
+                Outgoing::Publish(messages, permit) => {
+                    permits.push(permit);
+                    for message in messages {
+                        let size = queued_size(&message);
+                        if !batch.is_empty() && bytes + size > budget {
+                            send_frame(&client, id, &sending, std::mem::take(&mut batch)).await;
+                            bytes = 0;
+                        }
+                        bytes += size;
+                        batch.push(message);
+                    }
+                }
+                Outgoing::Barrier(done) => {
+                    if !batch.is_empty() {
+                        send_frame(&client, id, &sending, std::mem::take(&mut batch)).await;
+                        bytes = 0;
+                    }
+                    permits.clear();
+                    let _ = done.send(());
+                }
+            }
+        }
+        if !batch.is_empty() {
+            send_frame(&client, id, &sending, std::mem::take(&mut batch)).await;
+        }
+        // Room comes back once the bytes are on the connection.
+        permits.clear();
+    }
+}
+
+/// Sends one batch as one-way frames: split in halves while the frame
+/// limit refuses it; a single message no frame can hold is counted as
+/// unsendable (reported by the next flush).
+async fn send_frame(
+    client: &PubSubServiceClient,
+    id: u64,
+    sending: &Sending,
+    batch: Vec<WirePublish>,
+) {
+    let mut pending = vec![batch];
+    while let Some(batch) = pending.pop() {
+        let seq = sending.next_seq();
+        let sent = client
+            .client()
+            .notify(
+                SERVICE,
+                "publish_batch_oneway",
+                PubSubServiceClient::fingerprint(),
+                &(id, seq, &batch),
+            )
+            .await;
+        match sent {
+            Ok(epoch) => {
+                sending.sent_on(epoch);
+                // The connection exists now: `publish` can check sizes.
+                if let Some(limit) = client.client().max_frame_size().await {
+                    sending.limit.store(limit, Ordering::Relaxed);
+                }
+            }
+            Err(RpcError::TooLarge { .. }) if batch.len() > 1 => {
+                let mut first = batch;
+                let second = first.split_off(first.len() / 2);
+                // Popped next: the first half goes first.
+                pending.push(second);
+                pending.push(first);
+            }
+            Err(err @ RpcError::TooLarge { .. }) => {
+                let mut unsendable = sending.unsendable.lock().unwrap_or_else(|p| p.into_inner());
+                let entry =
+                    unsendable.get_or_insert_with(|| (0, RemoteError::Invalid(err.to_string())));
+                entry.0 += 1;
+            }
+            // The connection failed: flush reports the loss.
+            Err(_) => sending.lost(),
+        }
+    }
 }
 
 /// A batch for the wire, every subject checked first.
@@ -1270,42 +1508,70 @@ impl RemotePublisher {
         payload: Bytes,
     ) -> Result<(), RemotePubSubError> {
         Subject::new(subject).map_err(RemoteError::from)?;
-        let _turn = self.shared.turn.lock().await;
-        let seq = self.next_seq();
-        let epoch = self
-            .client
-            .client()
-            .notify(
-                SERVICE,
-                "publish_oneway",
-                PubSubServiceClient::fingerprint(),
-                &(self.id, seq, subject, reply_to, payload),
-            )
-            .await?;
-        self.sent_on(epoch);
-        Ok(())
+        self.enqueue(vec![WirePublish {
+            subject: subject.to_string(),
+            reply_to: reply_to.map(str::to_string),
+            payload,
+        }])
+        .await
     }
 
-    /// The next one-way sequence number (call it holding `turn`).
-    fn next_seq(&self) -> u64 {
-        self.shared
-            .seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1
-    }
-
-    /// Notes that a one-way publish went out on connection `epoch`.
-    fn sent_on(&self, epoch: u64) {
-        let mut unflushed = self
-            .shared
-            .unflushed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        match unflushed.0 {
-            0 => unflushed.0 = epoch,
-            first if first != epoch => unflushed.1 = true,
-            _ => {}
+    /// Queues messages for the sender task, waiting for room: a message
+    /// the connection's frame limit can never carry fails here.
+    async fn enqueue(&self, messages: Vec<WirePublish>) -> Result<(), RemotePubSubError> {
+        let limit = self.shared.sending.limit.load(Ordering::Relaxed);
+        let mut bytes = 0;
+        for message in &messages {
+            let size = queued_size(message);
+            if limit != 0 && size + FRAME_MARGIN > limit {
+                return Err(RpcError::TooLarge {
+                    size: size + FRAME_MARGIN,
+                    limit,
+                }
+                .into());
+            }
+            bytes += size;
         }
+        // A batch larger than the whole queue waits for all of its room.
+        let wanted = bytes.min(PUBLISH_QUEUE_BYTES) as u32;
+        let permit = self
+            .shared
+            .room
+            .clone()
+            .acquire_many_owned(wanted)
+            .await
+            .map_err(|_| RemotePubSubError::Protocol("the publisher's queue is closed".into()))?;
+        self.queue()
+            .send(Outgoing::Publish(messages, permit))
+            .map_err(|_| RemotePubSubError::Protocol("the publisher's sender task ended".into()))
+    }
+
+    /// The queue, starting the sender task on first use.
+    fn queue(&self) -> &tokio::sync::mpsc::UnboundedSender<Outgoing> {
+        self.shared.queue.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(send_publishes(
+                self.client.clone(),
+                self.id,
+                self.shared.sending.clone(),
+                rx,
+            ));
+            tx
+        })
+    }
+
+    /// Returns once everything queued before the call has been handed to
+    /// the connection (at once if nothing ever was).
+    async fn barrier(&self) -> Result<(), RemotePubSubError> {
+        let Some(queue) = self.shared.queue.get() else {
+            return Ok(());
+        };
+        let (done, sent) = tokio::sync::oneshot::channel();
+        queue
+            .send(Outgoing::Barrier(done))
+            .map_err(|_| RemotePubSubError::Protocol("the publisher's sender task ended".into()))?;
+        sent.await
+            .map_err(|_| RemotePubSubError::Protocol("the publisher's sender task ended".into()))
     }
 
     /// Returns once the host has applied every publish this publisher (and
@@ -1315,15 +1581,24 @@ impl RemotePublisher {
     /// while some were on their way; either way, each is reported once.
     pub async fn flush(&self) -> Result<(), RemotePubSubError> {
         let _turn = self.shared.turn.lock().await;
+        self.barrier().await?;
         let answered = self.client.flush(self.id).await;
         let now = self.client.client().epoch().await;
-        let (first, crossed) = std::mem::take(
-            &mut *self
-                .shared
-                .unflushed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let sending = &self.shared.sending;
+        let (first, crossed) =
+            std::mem::take(&mut *sending.unflushed.lock().unwrap_or_else(|p| p.into_inner()));
+        let unsendable = sending
+            .unsendable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((count, first)) = unsendable {
+            return Err(RemoteError::Refused {
+                count,
+                first: Box::new(first),
+            }
+            .into());
+        }
         match answered {
             // The flush found the connection dead: so did what it follows.
             Err(RpcError::Unavailable(_)) if first != 0 => {
@@ -1354,6 +1629,7 @@ impl RemotePublisher {
         // from one publisher therefore wait for each other: use several
         // publishers for those.
         let _turn = self.shared.turn.lock().await;
+        self.barrier().await?;
         let outcome = self
             .client
             .publish(self.id, subject.to_string(), None, payload.into())
@@ -1361,29 +1637,17 @@ impl RemotePublisher {
         Ok(outcome??)
     }
 
-    /// Publishes many messages in one frame, one way and in order with
-    /// this publisher's other publishes (see the type's docs). Every
-    /// subject is checked here first; one the host refuses refuses the whole
-    /// batch, which the next [`flush`](Self::flush) reports.
+    /// Publishes many messages one way, in order with this publisher's
+    /// other publishes (see the type's docs), queued together: one call
+    /// instead of one per message. Every subject is checked here first (one
+    /// invalid subject fails the call and queues nothing); each message the
+    /// host refuses is refused alone, and the next [`flush`](Self::flush)
+    /// reports them.
     pub async fn publish_batch<S: Into<String>, P: Into<Bytes>>(
         &self,
         messages: impl IntoIterator<Item = (S, P)>,
     ) -> Result<(), RemotePubSubError> {
-        let messages = wire_batch(messages)?;
-        let _turn = self.shared.turn.lock().await;
-        let seq = self.next_seq();
-        let epoch = self
-            .client
-            .client()
-            .notify(
-                SERVICE,
-                "publish_batch_oneway",
-                PubSubServiceClient::fingerprint(),
-                &(self.id, seq, messages),
-            )
-            .await?;
-        self.sent_on(epoch);
-        Ok(())
+        self.enqueue(wire_batch(messages)?).await
     }
 
     /// Publishes many messages in one call and waits for the host: returns
@@ -1395,6 +1659,7 @@ impl RemotePublisher {
     ) -> Result<u64, RemotePubSubError> {
         let messages = wire_batch(messages)?;
         let _turn = self.shared.turn.lock().await;
+        self.barrier().await?;
         Ok(self.client.publish_batch(self.id, messages).await??)
     }
 

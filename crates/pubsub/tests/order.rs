@@ -339,3 +339,147 @@ async fn a_one_way_publish_cut_short_at_the_host_is_reported_by_flush() {
     }
     host.flush(9).await.unwrap();
 }
+
+/// A loop of plain `publish` calls is sent in batches by the publisher's
+/// sender task: the host applies far fewer frames than messages (its
+/// latency histogram counts one entry per applied frame), and every
+/// message still arrives, in order.
+#[tokio::test]
+async fn a_loop_of_publishes_goes_out_in_batches() {
+    let listener =
+        courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
+            .await
+            .unwrap();
+    let host = PubSubHost::new(Bus::new());
+    let counters = host.counters();
+    let server = Server::new(ServerConfig::default())
+        .service(PubSubServiceServer::new(host))
+        .spawn(listener);
+    let bus = connect(server.local_addr()).await;
+    let mut sub = bus
+        .subscribe(
+            "batched",
+            SubscribeOptions::default()
+                .buffer(8192)
+                .policy(SlowConsumer::Backpressure),
+        )
+        .await
+        .unwrap();
+    let publisher = bus.publisher();
+    let count = 5_000u32;
+    for n in 0..count {
+        publisher
+            .publish("batched", n.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    for n in 0..count {
+        let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match event {
+            Event::Message(m) => assert_eq!(m.payload[..], n.to_le_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+    let frames: u64 = counters
+        .latency
+        .iter()
+        .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let published = counters
+        .published
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(published, u64::from(count));
+    assert!(
+        frames * 4 < u64::from(count),
+        "{frames} frames applied for {count} publishes"
+    );
+    server.shutdown(Duration::from_millis(200)).await;
+}
+
+/// Dropping a publisher (and its bus) right after publishing loses
+/// nothing: its sender task sends what was queued, then ends.
+#[tokio::test]
+async fn publishes_queued_when_the_publisher_is_dropped_are_still_sent() {
+    let server = host_at(&"tcp://127.0.0.1:0".parse().unwrap(), None).await;
+    let subscriber = connect(server.local_addr()).await;
+    let mut sub = subscriber
+        .subscribe(
+            "dropped.>",
+            SubscribeOptions::default()
+                .buffer(4096)
+                .policy(SlowConsumer::Backpressure),
+        )
+        .await
+        .unwrap();
+    let count = 2_000u32;
+    {
+        let bus = connect(server.local_addr()).await;
+        let publisher = bus.publisher();
+        for n in 0..count {
+            publisher
+                .publish("dropped.x", n.to_le_bytes().to_vec())
+                .await
+                .unwrap();
+        }
+        // No flush: the publisher, its clones and the bus go here.
+    }
+    for n in 0..count {
+        let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match event {
+            Event::Message(m) => assert_eq!(m.payload[..], n.to_le_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+    server.shutdown(Duration::from_millis(200)).await;
+}
+
+/// Once the connection's frame limit is known, a message no frame can
+/// carry fails its own `publish` call; the publisher goes on working.
+#[tokio::test]
+async fn a_message_past_the_frame_limit_fails_its_publish_call() {
+    let server = host_at(&"tcp://127.0.0.1:0".parse().unwrap(), None).await;
+    let mut config = ClientConfig::default();
+    config.transport.max_frame_size = 64 * 1024;
+    let bus = RemotePubSub::connect(server.local_addr(), config)
+        .await
+        .unwrap();
+    let mut sub = bus
+        .subscribe("limit", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let publisher = bus.publisher();
+    // The first publish and flush make the publishers' connection.
+    publisher.publish("limit", "first").await.unwrap();
+    publisher.flush().await.unwrap();
+    let err = publisher
+        .publish("limit", vec![0u8; 100 * 1024])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RemotePubSubError::Rpc(courier_rpc::RpcError::TooLarge { .. })
+        ),
+        "{err:?}"
+    );
+    publisher.publish("limit", "after").await.unwrap();
+    publisher.flush().await.unwrap();
+    for expected in [&b"first"[..], b"after"] {
+        let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(event, Event::Message(m) if m.payload[..] == *expected));
+    }
+    server.shutdown(Duration::from_millis(200)).await;
+}
