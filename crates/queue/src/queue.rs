@@ -727,13 +727,25 @@ impl Queue {
     /// aborts; dropped halfway, a settle would otherwise lose what it took,
     /// a dead letter included).
     pub(crate) async fn settle(&self) -> Result<(), QueueError> {
+        self.start_settle().await
+    }
+
+    /// A [`Queue::settle`] started now, not when first polled: a caller
+    /// settling several queues starts them all before it awaits any, so
+    /// being dropped at the first await leaves none of them unstarted.
+    pub(crate) fn start_settle(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
         let queue = self.clone();
-        match tokio::spawn(async move { queue.settle_now().await }).await {
-            Ok(outcome) => outcome,
-            // Only a panic (a bug) or a runtime shutting down gets here.
-            Err(err) => Err(QueueError::Append(AppendError::Io(format!(
-                "recording removals was interrupted: {err}"
-            )))),
+        let task = tokio::spawn(async move { queue.settle_now().await });
+        async move {
+            match task.await {
+                Ok(outcome) => outcome,
+                // Only a panic (a bug) or a runtime shutting down gets here.
+                Err(err) => Err(QueueError::Append(AppendError::Io(format!(
+                    "recording removals was interrupted: {err}"
+                )))),
+            }
         }
     }
 

@@ -710,10 +710,13 @@ impl QueueService for QueueHost {
             });
         }
         // One settle per queue: the removals of every ack in this call go
-        // in one log batch, and none is answered before it is durable.
-        let mut settled = Vec::with_capacity(queues.len());
-        for queue in &queues {
-            settled.push(queue.settle().await.map_err(RemoteError::from));
+        // in one log batch, and none is answered before it is durable. All
+        // are started before the first await, so a cancelled call still
+        // gets every record written.
+        let settles: Vec<_> = queues.iter().map(Queue::start_settle).collect();
+        let mut settled = Vec::with_capacity(settles.len());
+        for settle in settles {
+            settled.push(settle.await.map_err(RemoteError::from));
         }
         Ok(applied
             .into_iter()
