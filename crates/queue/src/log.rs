@@ -676,8 +676,12 @@ impl Writer {
             return;
         }
         // One write (per segment) and at most one fsync for the whole batch.
-        let start_next = self.next;
-        let start_len = self.tail_len;
+        // On failure the segment written to is cut back to here: its length
+        // and the sequence number it goes on from, from before the batch or
+        // from the batch's last roll (what came before that is complete and
+        // fsynced by the roll).
+        let mut undo_len = self.tail_len;
+        let mut undo_next = self.next;
         let mut firsts = Vec::with_capacity(appends.len());
         let mut buf = BytesMut::new();
         let mut outcome: Result<(), io::Error> = Ok(());
@@ -702,6 +706,7 @@ impl Writer {
                         break 'appends;
                     }
                     buf.clear();
+                    (undo_len, undo_next) = (0, self.next);
                 }
             }
         }
@@ -720,17 +725,22 @@ impl Writer {
             Err(err) => {
                 tracing::error!(%err, "log append failed; the batch is undone");
                 // Undo the partial write so the file holds only whole
-                // records and later appends line up. A batch that crossed a
-                // segment boundary keeps its earlier, complete part; its
-                // appends are still reported as failed, and replay shows
-                // them, which at-least-once callers tolerate.
-                if self.next > start_next
-                    && self.segments.back().is_some_and(|s| s.first <= start_next)
-                {
-                    let _ = self.file.set_len(start_len);
-                    self.tail_len = start_len;
-                    self.next = start_next;
+                // records and later appends line up (with a torn record or
+                // a gap in sequence numbers left in the middle of a segment,
+                // replay would stop there and lose every later append). A
+                // batch that crossed a segment boundary keeps its earlier,
+                // complete part; its appends are still reported as failed,
+                // and replay shows them, which at-least-once callers
+                // tolerate.
+                if let Err(undo) = self.file.set_len(undo_len) {
+                    tracing::error!(%undo, "could not cut a failed write off the log");
                 }
+                // Bytes written whole since then (the fsync failed) go too.
+                self.counters
+                    .bytes_on_disk
+                    .fetch_sub(self.tail_len.saturating_sub(undo_len), Ordering::Relaxed);
+                self.tail_len = undo_len;
+                self.next = undo_next;
                 let message = err.to_string();
                 for (_, done) in appends {
                     let _ = done.send(Err(AppendError::Io(message.clone())));
@@ -767,12 +777,20 @@ impl Writer {
         }
     }
 
-    /// Closes the current segment (durably) and starts the next.
+    /// Closes the current segment (durably) and starts the next. On
+    /// failure the current segment stays the one written to, and the new
+    /// file is removed again: an empty segment left on disk would claim
+    /// that the records written after it in the old one come after it.
     fn roll(&mut self) -> io::Result<()> {
         self.file.sync_data()?;
         let path = self.dir.join(segment_name(self.next));
-        self.file = OpenOptions::new().create(true).append(true).open(&path)?;
-        File::open(&self.dir)?.sync_all()?;
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if let Err(err) = File::open(&self.dir).and_then(|d| d.sync_all()) {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(err);
+        }
+        self.file = file;
         self.segments.push_back(Segment {
             first: self.next,
             path,

@@ -15,7 +15,13 @@ struct TinyDisk(PathBuf);
 
 impl TinyDisk {
     fn mount(bytes: usize) -> Option<TinyDisk> {
-        let path = std::env::temp_dir().join(format!("courier-full-{}", std::process::id()));
+        // One mount point each: tests in this file run at once.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "courier-full-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&path).ok()?;
         let mounted = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
@@ -87,4 +93,45 @@ async fn a_full_disk_fails_the_enqueue_and_loses_nothing_stored() {
     assert_eq!(recovery.truncated_bytes, 0, "the failed batch was undone");
     assert!(recovery.corruption.is_empty());
     assert_eq!(replayed, stored);
+}
+
+/// A batch that rolls to a new segment and then fails there (disk full)
+/// must leave that segment without a torn record or a gap in sequence
+/// numbers: before, the cut-back only looked at the segment the batch began
+/// in, so the torn bytes stayed and replay stopped at them, losing every
+/// append that succeeded afterwards.
+#[tokio::test]
+async fn a_batch_failing_after_a_segment_roll_loses_no_later_append() {
+    let Some(disk) = TinyDisk::mount(256 * 1024) else {
+        println!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Room to free once the disk is full.
+    let ballast = disk.0.join("ballast");
+    std::fs::write(&ballast, vec![0u8; 32 * 1024]).unwrap();
+    let options = LogOptions::default()
+        .with_fsync(FsyncPolicy::Always)
+        .with_segment_size(64 * 1024);
+    let dir = disk.0.join("log");
+    let (log, _) = Log::open(&dir, options.clone(), |_| {}).unwrap();
+    // Nearly a segment: the next record rolls.
+    log.append(1, vec![1u8; 62 * 1024].into()).await.unwrap();
+    // One record that fills the segment and rolls, then more than the disk
+    // holds, written to the new segment in one write that fails halfway.
+    let mut batch = vec![(1u8, bytes::Bytes::from(vec![2u8; 4 * 1024]))];
+    batch.extend((0..100).map(|_| (1u8, bytes::Bytes::from(vec![3u8; 2 * 1024]))));
+    let failed = log.append_batch(batch).await;
+    assert!(matches!(failed, Err(AppendError::Io(_))), "{failed:?}");
+    assert!(log.segments() >= 2, "the batch rolled to a new segment");
+    std::fs::remove_file(&ballast).unwrap();
+    let after = log
+        .append(9, bytes::Bytes::from_static(b"after"))
+        .await
+        .unwrap();
+    drop(log);
+    let mut replayed = Vec::new();
+    let (_log, recovery) = Log::open(&dir, options, |record| replayed.push(record)).unwrap();
+    assert!(recovery.corruption.is_empty(), "{:?}", recovery.corruption);
+    let last = replayed.last().expect("records");
+    assert_eq!((last.seq, &last.payload[..]), (after, &b"after"[..]));
 }
