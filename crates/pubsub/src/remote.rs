@@ -306,6 +306,19 @@ pub trait PubSubService {
         reply_to: Option<String>,
         payload: Bytes,
     );
+    /// A request, one way: published to `subject` with `reply_to` as
+    /// [`publish`](Self::publish) does. When no live subscription takes it,
+    /// or it is refused, the host itself answers on `reply_to` with a
+    /// status message (see [`STATUS_NO_RESPONDERS`]), so the requester
+    /// learns at once without waiting for an answer to this call.
+    #[oneway]
+    async fn request_oneway(
+        &self,
+        requester: u64,
+        subject: String,
+        reply_to: String,
+        payload: Bytes,
+    );
     /// Many publishes, one way (one `seq` for the frame), each judged
     /// alone: a refused message is counted for [`flush`](Self::flush) and
     /// the others are published. A durable store that fails refuses every
@@ -706,6 +719,32 @@ impl PubSubService for PubSubHost {
         self.apply_one_way(publisher, seq, 1, publish).await;
     }
 
+    async fn request_oneway(
+        &self,
+        requester: u64,
+        subject: String,
+        reply_to: String,
+        payload: Bytes,
+    ) {
+        let Ok(inbox) = Subject::new(&reply_to) else {
+            return; // Nowhere to answer: the requester's own fault.
+        };
+        let (status, body) = match self
+            .publish(requester, subject, Some(reply_to), payload)
+            .await
+        {
+            Ok(0) => (STATUS_NO_RESPONDERS, Bytes::new()),
+            Ok(_) => return,
+            Err(err) => (
+                STATUS_REFUSED,
+                postcard::to_allocvec(&err).map_or_else(|_| Bytes::new(), Bytes::from),
+            ),
+        };
+        let status = Subject::new(status).expect("a valid status subject");
+        // From the host itself: no permission check, never stored.
+        self.bus.publisher().send(&inbox, Some(status), body).await;
+    }
+
     /// Unlike the confirmed `publish_batch`, each message is judged alone:
     /// a publisher's sender task puts separate `publish` calls into one
     /// frame, and one refused call must not take the others with it.
@@ -1074,15 +1113,18 @@ impl RemotePubSub {
     /// Publishers use a connection of their own (one per bus, made on the
     /// first publish), apart from the bus's subscriptions and requests.
     pub fn publisher(&self) -> RemotePublisher {
-        let client = self
-            .publishing
-            .get_or_init(|| PubSubServiceClient::new(self.client.client().separate()))
-            .clone();
+        let client = self.publishing().clone();
         RemotePublisher {
             client,
             id: fresh_id(),
             shared: Arc::new(PublisherShared::default()),
         }
+    }
+
+    /// The publishers' connection (see [`publisher`](Self::publisher)).
+    fn publishing(&self) -> &PubSubServiceClient {
+        self.publishing
+            .get_or_init(|| PubSubServiceClient::new(self.client.client().separate()))
     }
 
     /// Sends a request to `subject` and waits at most `timeout` for the
@@ -1106,20 +1148,38 @@ impl RemotePubSub {
             }
         }
         let _forget = Forget(&inbox.waiting, n);
-        let delivered = self
-            .client
-            .publish(
-                inbox.requester,
-                subject.to_string(),
-                Some(format!("{}.{n}", inbox.prefix)),
-                payload.into(),
+        Subject::new(subject).map_err(RemoteError::from)?;
+        // One way, so a request costs one frame each way plus the reply:
+        // the host answers one nobody takes (or that it refuses) on the
+        // inbox itself. It goes on the publishers' connection, because the
+        // host applies it inline, and one waiting on a full `Backpressure`
+        // subscription must not hold up the subscriptions' own connection.
+        self.publishing()
+            .client()
+            .notify(
+                SERVICE,
+                "request_oneway",
+                PubSubServiceClient::fingerprint(),
+                &(
+                    inbox.requester,
+                    subject,
+                    format!("{}.{n}", inbox.prefix),
+                    payload.into(),
+                ),
             )
-            .await??;
-        if delivered == 0 {
-            return Err(RemotePubSubError::NoResponders(subject.to_string()));
-        }
+            .await?;
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(reply)) => match reply.reply_to.as_ref().map(Subject::as_str) {
+                Some(STATUS_NO_RESPONDERS) => {
+                    Err(RemotePubSubError::NoResponders(subject.to_string()))
+                }
+                Some(STATUS_REFUSED) => Err(postcard::from_bytes::<RemoteError>(&reply.payload)
+                    .map_or_else(
+                        |err| RemotePubSubError::Protocol(format!("an unreadable refusal: {err}")),
+                        RemotePubSubError::Remote,
+                    )),
+                _ => Ok(reply),
+            },
             Ok(Err(_)) => Err(RemotePubSubError::NoResponders(subject.to_string())),
             Err(_) => Err(RemotePubSubError::Timeout(timeout)),
         }
@@ -1482,6 +1542,16 @@ fn wire_batch<S: Into<String>, P: Into<Bytes>>(
 
 /// The service's name on the wire, for one-way calls made directly.
 const SERVICE: &str = "PubSubService";
+
+/// The `reply_to` of the host's answer to a request that no live
+/// subscription took (its payload is empty). Replies from responders never
+/// carry a `reply_to` of their own, so a requester tells the two apart;
+/// NATS answers such a request with a 503 status message the same way.
+pub const STATUS_NO_RESPONDERS: &str = "_courier.status.no_responders";
+
+/// The `reply_to` of the host's answer to a request it refused; the payload
+/// is the [`RemoteError`], postcard-encoded.
+pub const STATUS_REFUSED: &str = "_courier.status.refused";
 
 impl RemotePublisher {
     /// This publisher's identity, as subscribers see it.
