@@ -233,6 +233,14 @@ impl Wait {
     }
 }
 
+/// Counts one doorbell heard within a poll; true past the few a poll may
+/// act on, so a peer that rings without moving data cannot keep us in it
+/// (the poll then ends as one turn of a cooperative spin).
+fn rung_too_often(rung: &mut u32) -> bool {
+    *rung += 1;
+    *rung > 2
+}
+
 /// Returns `Pending` having asked the runtime to poll this task again only
 /// after its other ready tasks, its I/O and its timers had their turn: one
 /// turn of a cooperative spin, never holding the thread.
@@ -638,7 +646,7 @@ impl AsyncRead for ShmReader {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let cpu = this.wait.publish(&this.ring, READER_CPU);
-        let mut rung = 0;
+        let mut rung = 0u32;
         loop {
             let available = this.available()?;
             if available > 0 {
@@ -669,18 +677,17 @@ impl AsyncRead for ShmReader {
                 this.ring.atomic(READER_SLEEPING).store(0, Ordering::SeqCst);
                 continue;
             }
-            // Woken through the pipe: look again, a bounded number of times
-            // per poll, so a peer ringing without writing cannot keep us.
+            // Rung through the pipe: look again.
             if this.bell.poll_rung(cx)?.is_ready() {
-                rung += 1;
-                if rung > 2 {
+                if rung_too_often(&mut rung) {
                     return spin_turn(cx);
                 }
                 continue;
             }
-            // Doorbells on the control socket (a peer without pipes), and
+            // Rung over the control socket (by a peer without pipes), or
             // the end of the peer.
             match this.data.poll_recv(cx) {
+                Poll::Ready(Some(())) if rung_too_often(&mut rung) => return spin_turn(cx),
                 Poll::Ready(Some(())) => continue,
                 // The peer is gone, and everything it wrote has been read.
                 Poll::Ready(None) => {
@@ -719,7 +726,7 @@ impl AsyncWrite for ShmWriter {
             return Poll::Ready(Ok(0));
         }
         let cpu = this.wait.publish(&this.ring, WRITER_CPU);
-        let mut rung = 0;
+        let mut rung = 0u32;
         loop {
             let room = this.room()?;
             if room > 0 {
@@ -743,13 +750,13 @@ impl AsyncWrite for ShmWriter {
                 continue;
             }
             if this.bell.poll_rung(cx)?.is_ready() {
-                rung += 1;
-                if rung > 2 {
+                if rung_too_often(&mut rung) {
                     return spin_turn(cx);
                 }
                 continue;
             }
             match this.space.poll_recv(cx) {
+                Poll::Ready(Some(())) if rung_too_often(&mut rung) => return spin_turn(cx),
                 Poll::Ready(Some(())) => continue,
                 Poll::Ready(None) => {
                     return Poll::Ready(Err(io::Error::new(
