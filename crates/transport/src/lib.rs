@@ -61,7 +61,9 @@
 //! halves, whose cost is one virtual call per syscall.
 //!
 //! Dependencies beyond the workspace's usual ones: `memmap2` (mapping the
-//! `shm://` rings), `rustls`,
+//! `shm://` rings), `libc` (`sched_getcpu`, pipes and `pwritev2` for the
+//! `shm://` waits and doorbells; already in every build through tokio),
+//! `rustls`,
 //! `tokio-rustls` and `rustls-webpki` (TLS without OpenSSL, with the *ring*
 //! provider), and `rcgen` (development certificates for
 //! [`tls::generate_dev_certs`]).
