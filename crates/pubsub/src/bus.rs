@@ -533,6 +533,12 @@ impl Bus {
     /// and one member of each queue group (in turn). Matching holds only a
     /// read lock, so publishers do not exclude each other.
     fn targets(&self, subject: &Subject) -> Vec<Arc<Sub>> {
+        self.routes(subject).0
+    }
+
+    /// [`targets`](Self::targets), and whether a queue group took part (then
+    /// the next message to the same subject may go to another member).
+    fn routes(&self, subject: &Subject) -> (Vec<Arc<Sub>>, bool) {
         let mut ids = Vec::new();
         let registry = self.registry();
         registry.router.matches(subject, &mut ids);
@@ -549,7 +555,7 @@ impl Bus {
         }
         drop(registry);
         if grouped.is_empty() {
-            return targets;
+            return (targets, false);
         }
         // Members in a stable order, so turns go round fairly.
         grouped.sort_unstable_by_key(|(id, _)| *id);
@@ -572,7 +578,7 @@ impl Bus {
             });
             targets.push(members[turn % members.len()].clone());
         }
-        targets
+        (targets, true)
     }
 
     fn remove(&self, id: SubscriptionId, filter: &Filter, group: Option<&str>) {
@@ -642,14 +648,40 @@ impl Publisher {
         }
     }
 
-    pub(crate) async fn send(
+    /// Sends messages in order; returns the deliveries in total. A run of
+    /// messages to one subject is routed once, unless a queue group takes
+    /// part (each message then picks its member in turn).
+    pub(crate) async fn send_all(
         &self,
+        messages: impl IntoIterator<Item = (Subject, Option<Subject>, Bytes)>,
+    ) -> usize {
+        let mut delivered = 0;
+        let mut routed: Option<(Subject, Vec<Arc<Sub>>)> = None;
+        for (subject, reply_to, payload) in messages {
+            let reuse = matches!(&routed, Some((last, _)) if *last == subject);
+            if !reuse {
+                let (targets, grouped) = self.bus.routes(&subject);
+                if grouped {
+                    routed = None;
+                    delivered += self.deliver_to(&targets, &subject, reply_to, payload).await;
+                    continue;
+                }
+                routed = Some((subject.clone(), targets));
+            }
+            let targets = routed.as_ref().map_or(&[][..], |(_, t)| &t[..]);
+            delivered += self.deliver_to(targets, &subject, reply_to, payload).await;
+        }
+        delivered
+    }
+
+    async fn deliver_to(
+        &self,
+        targets: &[Arc<Sub>],
         subject: &Subject,
         reply_to: Option<Subject>,
         payload: Bytes,
     ) -> usize {
-        let targets = self.bus.targets(subject);
-        for sub in &targets {
+        for sub in targets {
             let message = Message {
                 subject: subject.clone(),
                 payload: payload.clone(),
@@ -660,6 +692,16 @@ impl Publisher {
             deliver(sub, message, &self.bus.inner).await;
         }
         targets.len()
+    }
+
+    pub(crate) async fn send(
+        &self,
+        subject: &Subject,
+        reply_to: Option<Subject>,
+        payload: Bytes,
+    ) -> usize {
+        let targets = self.bus.targets(subject);
+        self.deliver_to(&targets, subject, reply_to, payload).await
     }
 }
 
@@ -713,13 +755,20 @@ async fn deliver(sub: &Sub, mut message: Message, inner: &Inner) {
     let size = cost(&message);
     let config = &inner.config;
     let backpressure = sub.options.policy == SlowConsumer::Backpressure;
+    // Registering for a wake-up costs a lock in each `Notify`: done only
+    // once a first look found no room, and then the look is made again
+    // (registered first, so a release in between is not missed).
+    let mut armed = false;
     loop {
         let room = sub.room.notified();
         tokio::pin!(room);
-        room.as_mut().enable();
         let total_room = inner.total_room.notified();
         tokio::pin!(total_room);
-        if backpressure {
+        let registered = armed && backpressure;
+        if armed {
+            room.as_mut().enable();
+        }
+        if registered {
             total_room.as_mut().enable();
             // Before reading the total; see `Inner::released`.
             inner.total_waiters.fetch_add(1, Ordering::SeqCst);
@@ -803,7 +852,7 @@ async fn deliver(sub: &Sub, mut message: Message, inner: &Inner) {
             }
             (step, buffer.dropped - before.0, released)
         };
-        if backpressure {
+        if registered {
             inner.total_waiters.fetch_sub(1, Ordering::SeqCst);
         }
         inner.released(released);
@@ -811,6 +860,8 @@ async fn deliver(sub: &Sub, mut message: Message, inner: &Inner) {
             inner.dropped.fetch_add(lost, Ordering::Relaxed);
         }
         match step {
+            // Nothing was changed: look again, registered this time.
+            Step::Wait | Step::WaitTotal if !armed => armed = true,
             Step::Wait => room.await,
             Step::WaitTotal => {
                 inner.total_waiters.fetch_add(1, Ordering::SeqCst);

@@ -582,11 +582,8 @@ impl PubSubHost {
             };
         }
         let local = self.publisher(publisher);
-        let mut delivered = 0;
         let count = messages.len() as u64;
-        for (subject, reply_to, payload) in messages {
-            delivered += local.send(&subject, reply_to, payload).await as u64;
-        }
+        let delivered = local.send_all(messages).await as u64;
         counters.published.fetch_add(count, Ordering::Relaxed);
         counters.delivered.fetch_add(delivered, Ordering::Relaxed);
         counters.record(started.elapsed());

@@ -483,3 +483,55 @@ async fn a_message_past_the_frame_limit_fails_its_publish_call() {
     }
     server.shutdown(Duration::from_millis(200)).await;
 }
+
+/// A batch to one subject is routed once for plain subscriptions, but each
+/// of its messages still goes to one member of a queue group, in turn.
+#[tokio::test]
+async fn a_batch_shares_out_among_a_queue_group_message_by_message() {
+    let server = host_at(&"tcp://127.0.0.1:0".parse().unwrap(), None).await;
+    let bus = connect(server.local_addr()).await;
+    let options = || {
+        SubscribeOptions::default()
+            .buffer(1024)
+            .policy(SlowConsumer::Backpressure)
+    };
+    let mut plain = bus.subscribe("jobs.new", options()).await.unwrap();
+    let mut first = bus
+        .subscribe("jobs.new", options().group("workers"))
+        .await
+        .unwrap();
+    let mut second = bus
+        .subscribe("jobs.new", options().group("workers"))
+        .await
+        .unwrap();
+    let publisher = bus.publisher();
+    let count = 100u32;
+    publisher
+        .publish_batch((0..count).map(|n| ("jobs.new", n.to_le_bytes().to_vec())))
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+    async fn take(sub: &mut courier_pubsub::remote::RemoteSubscription, n: u32) -> Vec<u32> {
+        let mut got = Vec::new();
+        while got.len() < n as usize {
+            let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Event::Message(m) = event {
+                got.push(u32::from_le_bytes(m.payload[..4].try_into().unwrap()));
+            }
+        }
+        got
+    }
+    assert_eq!(
+        take(&mut plain, count).await,
+        (0..count).collect::<Vec<_>>()
+    );
+    let mut shared = take(&mut first, count / 2).await;
+    shared.extend(take(&mut second, count / 2).await);
+    shared.sort_unstable();
+    assert_eq!(shared, (0..count).collect::<Vec<_>>());
+    server.shutdown(Duration::from_millis(200)).await;
+}
