@@ -864,12 +864,21 @@ async fn deliver(sub: &Sub, mut message: Message, inner: &Inner) {
             Step::Wait | Step::WaitTotal if !armed => armed = true,
             Step::Wait => room.await,
             Step::WaitTotal => {
+                // Counted until this wait ends, even if the publish is
+                // dropped at it (else every release would keep paying to
+                // wake nobody).
+                struct Waiting<'a>(&'a AtomicUsize);
+                impl Drop for Waiting<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
                 inner.total_waiters.fetch_add(1, Ordering::SeqCst);
+                let _waiting = Waiting(&inner.total_waiters);
                 // Re-checked after registering: a release in between is seen.
                 if total_full() {
                     total_room.await;
                 }
-                inner.total_waiters.fetch_sub(1, Ordering::SeqCst);
             }
             Step::Buffered | Step::Dropped => return sub.readable.notify_one(),
             Step::Ended => return sub.readable.notify_waiters(),

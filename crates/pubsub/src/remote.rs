@@ -358,7 +358,7 @@ pub trait PubSubService {
 }
 
 /// Serves a [`Bus`] to other processes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PubSubHost {
     bus: Bus,
     durable: Option<Durable>,
@@ -366,6 +366,15 @@ pub struct PubSubHost {
     publishers: Mutex<Publishers>,
     counters: Arc<HostCounters>,
     access: Option<Arc<dyn PubSubAccess>>,
+    /// Publishes the host's own status answers to requests (one identity
+    /// for all, so inboxes track one publisher for them).
+    status: Publisher,
+}
+
+impl Default for PubSubHost {
+    fn default() -> Self {
+        PubSubHost::new(Bus::new())
+    }
 }
 
 impl std::fmt::Debug for dyn PubSubAccess {
@@ -414,6 +423,7 @@ impl PubSubHost {
     /// without durable subscriptions.
     pub fn new(bus: Bus) -> PubSubHost {
         PubSubHost {
+            status: bus.publisher(),
             bus,
             durable: None,
             config: HostConfig::default(),
@@ -723,13 +733,18 @@ impl PubSubService for PubSubHost {
         reply_to: String,
         payload: Bytes,
     ) {
-        let Ok(inbox) = Subject::new(&reply_to) else {
-            return; // Nowhere to answer: the requester's own fault.
-        };
-        let (status, body) = match self
+        // The host answers only into an inbox the caller itself may
+        // listen on, never into a subject of someone else's.
+        let inbox = Subject::new(&reply_to)
+            .ok()
+            .filter(|_| reply_to.starts_with("_inbox.") && self.check_subscribe(&reply_to).is_ok());
+        let outcome = self
             .publish(requester, subject, Some(reply_to), payload)
-            .await
-        {
+            .await;
+        let Some(inbox) = inbox else {
+            return;
+        };
+        let (status, body) = match outcome {
             Ok(0) => (STATUS_NO_RESPONDERS, Bytes::new()),
             Ok(_) => return,
             Err(err) => (
@@ -738,8 +753,8 @@ impl PubSubService for PubSubHost {
             ),
         };
         let status = Subject::new(status).expect("a valid status subject");
-        // From the host itself: no permission check, never stored.
-        self.bus.publisher().send(&inbox, Some(status), body).await;
+        // From the host itself: never stored.
+        self.status.send(&inbox, Some(status), body).await;
     }
 
     /// Unlike the confirmed `publish_batch`, each message is judged alone:
@@ -1126,7 +1141,12 @@ impl RemotePubSub {
 
     /// Sends a request to `subject` and waits at most `timeout` for the
     /// first reply; see [`Bus::request`]. Requests share one inbox
-    /// subscription, made on the first.
+    /// subscription, made on the first. A request is one way and shares
+    /// the publishers' connection, where the host applies it inline: one
+    /// waiting for room in a full `Backpressure` subscription holds up this
+    /// bus's publishes until there is room, so a responder on the same bus
+    /// should answer with [`RemotePublisher::reply`] (queued, never
+    /// waiting on the host), not with a confirmed publish.
     pub async fn request(
         &self,
         subject: &str,
@@ -1659,24 +1679,41 @@ impl RemotePublisher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some((count, first)) = unsendable {
-            return Err(RemoteError::Refused {
+        // What could not be sent counts with what the host refused.
+        let answered = match (answered, unsendable) {
+            (answered, None) => answered,
+            (Ok(Ok(())), Some((count, first))) => Ok(Err(RemoteError::Refused {
                 count,
                 first: Box::new(first),
+            })),
+            (Ok(Err(RemoteError::Refused { count, first })), Some((more, _))) => {
+                Ok(Err(RemoteError::Refused {
+                    count: count + more,
+                    first,
+                }))
             }
-            .into());
-        }
+            (answered, Some(_)) => answered,
+        };
+        let lost = crossed || (first != 0 && first != now);
         match answered {
             // The flush found the connection dead: so did what it follows.
-            Err(RpcError::Unavailable(_)) if first != 0 => {
-                return Err(RemotePubSubError::PublishesLost)
+            Err(RpcError::Unavailable(_)) if first != 0 => Err(RemotePubSubError::PublishesLost),
+            Ok(Ok(())) if lost => Err(RemotePubSubError::PublishesLost),
+            Ok(Ok(())) => Ok(()),
+            // Reported now; a loss with it is left for the next flush.
+            Ok(Err(err)) => {
+                if lost {
+                    sending.lost();
+                }
+                Err(err.into())
             }
-            answered => answered??,
+            Err(err) => {
+                if lost {
+                    sending.lost();
+                }
+                Err(err.into())
+            }
         }
-        if crossed || (first != 0 && first != now) {
-            return Err(RemotePubSubError::PublishesLost);
-        }
-        Ok(())
     }
 
     /// Publishes and waits for the host: returns how many live

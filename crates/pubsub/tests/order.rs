@@ -535,3 +535,59 @@ async fn a_batch_shares_out_among_a_queue_group_message_by_message() {
     assert_eq!(shared, (0..count).collect::<Vec<_>>());
     server.shutdown(Duration::from_millis(200)).await;
 }
+
+/// The host answers a request nobody takes only into an inbox the caller
+/// may listen on: a request whose `reply_to` names someone else's subject
+/// makes the host publish nothing there.
+#[tokio::test]
+async fn the_host_never_answers_a_request_into_a_subject_that_is_not_an_inbox() {
+    let server = host_at(&"tcp://127.0.0.1:0".parse().unwrap(), None).await;
+    let bus = connect(server.local_addr()).await;
+    let mut victim = bus
+        .subscribe("orders.created", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let client = courier_rpc::Client::connect(server.local_addr(), ClientConfig::default())
+        .await
+        .unwrap();
+    client
+        .notify(
+            "PubSubService",
+            "request_oneway",
+            courier_pubsub::remote::PubSubServiceClient::fingerprint(),
+            &(
+                7u64,
+                "nobody.listens",
+                "orders.created",
+                bytes::Bytes::from_static(b"?"),
+            ),
+        )
+        .await
+        .unwrap();
+    // One-way calls are applied before any later call on their
+    // connection: once this is answered, the forged request was handled.
+    courier_pubsub::remote::PubSubServiceClient::new(client)
+        .flush(7)
+        .await
+        .unwrap()
+        .unwrap();
+    // A real request is still answered in its inbox.
+    let err = bus
+        .request("nobody.listens", "?", Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RemotePubSubError::NoResponders(_)), "{err:?}");
+    let publisher = bus.publisher();
+    publisher.publish("orders.created", "real").await.unwrap();
+    publisher.flush().await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(30), victim.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&event, Event::Message(m) if &m.payload[..] == b"real"),
+        "{event:?}"
+    );
+    server.shutdown(Duration::from_millis(200)).await;
+}
