@@ -73,22 +73,10 @@ pub fn decode_hello(payload: &[u8]) -> Result<Hello, postcard::Error> {
     postcard::from_bytes(payload)
 }
 
-tokio::task_local! {
-    static CALLER: Option<Arc<str>>;
-}
-
 /// The identity of whoever made the call being handled: `None` for an
 /// anonymous caller, and outside a handler.
 pub fn caller() -> Option<Arc<str>> {
-    CALLER.try_with(Clone::clone).ok().flatten()
-}
-
-/// Runs `future` (a handler) as called by `identity`.
-pub(crate) async fn as_caller<F: std::future::Future>(
-    identity: Option<Arc<str>>,
-    future: F,
-) -> F::Output {
-    CALLER.scope(identity, future).await
+    crate::server::caller()
 }
 
 #[cfg(test)]
@@ -111,10 +99,8 @@ mod tests {
         assert!(!secret.matches(&Secret::new("hunter")));
     }
 
-    #[tokio::test]
-    async fn the_caller_is_known_inside_a_handler_only() {
+    #[test]
+    fn there_is_no_caller_outside_a_handler() {
         assert_eq!(caller(), None);
-        let seen = as_caller(Some(Arc::from("alice")), async { caller() }).await;
-        assert_eq!(seen.as_deref(), Some("alice"));
     }
 }

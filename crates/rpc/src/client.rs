@@ -1,19 +1,23 @@
-//! The client: one multiplexed connection, calls written straight from the
-//! caller's task, replies routed by a reader task.
+//! The client: one multiplexed connection, calls written from the caller's
+//! task (or, while others are in flight, queued for the connection's
+//! flusher to write together), replies routed by a reader task. Finding the
+//! connection and registering a call take one lock, never held across an
+//! `.await`; only a caller that finds no live connection waits, for the one
+//! attempt to make it that every such caller shares.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use courier_transport::{
-    connect, Address, Frame, FrameKind, FrameReceiver, FrameSender, Heartbeat, SendError,
-    TransportConfig,
+    connect, Address, Frame, FrameKind, FrameReceiver, FrameSender, Heartbeat, RecvError,
+    SendError, TransportConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -66,9 +70,14 @@ impl Default for ClientConfig {
     }
 }
 
+type Reply = Result<Bytes, RpcError>;
+
+/// A unary call's outcome, handed over once the table's lock is released.
+type Ready = (oneshot::Sender<Reply>, Reply);
+
 /// Who waits for what a call brings back.
 pub(crate) enum Waiter {
-    Unary(oneshot::Sender<Result<Bytes, RpcError>>),
+    Unary(oneshot::Sender<Reply>),
     /// Items, then `Ok(None)` at the end. The channel holds the whole
     /// window, so the server, bound by credit, can never overrun it.
     Stream(mpsc::Sender<Result<Option<Bytes>, RpcError>>),
@@ -87,41 +96,175 @@ impl Waiter {
     }
 }
 
-type Pending = Mutex<HashMap<u64, Waiter>>;
+/// A registered call: the connection it went out on, and who waits for it.
+struct Entry {
+    epoch: u64,
+    waiter: Waiter,
+}
 
-/// One live connection and the calls waiting on it.
+/// A client's calls in flight, on whichever of its connections they went
+/// out, and its current connection, under one lock: a call takes it once to
+/// find the connection and register itself, the reader once per batch of
+/// replies. It is never held across an `.await`.
+pub(crate) struct Calls {
+    table: Mutex<Table>,
+    /// Wakes calls waiting for room under `max_in_flight`.
+    room: Notify,
+    max_in_flight: usize,
+}
+
+/// Hashes call ids (consecutive numbers this client picked, not a peer's)
+/// with one multiplication, which spreads them over the high bits the
+/// table also uses.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Ids = std::hash::BuildHasherDefault<IdHasher>;
+
+#[derive(Default)]
+struct Table {
+    /// The connection in use (or the last one, once closed).
+    link: Option<Arc<Link>>,
+    /// A connection being made; callers that find no live link wait for it.
+    connecting: Option<Arc<Attempt>>,
+    waiters: HashMap<u64, Entry, Ids>,
+    /// Call ids, unique across the client's connections.
+    next_id: u64,
+    /// Unary calls registered (what `max_in_flight` bounds).
+    unary: usize,
+    /// Calls waiting for room.
+    waiting_for_room: usize,
+}
+
+impl Table {
+    fn live_link(&self) -> Option<&Arc<Link>> {
+        self.link
+            .as_ref()
+            .filter(|link| !link.closed.load(Ordering::Acquire))
+    }
+
+    /// Takes the entry of call `id` if it went out on connection `epoch`,
+    /// giving back its room.
+    fn remove(&mut self, id: u64, epoch: u64, room: &Notify) -> Option<Waiter> {
+        match self.waiters.entry(id) {
+            std::collections::hash_map::Entry::Occupied(entry) if entry.get().epoch == epoch => {
+                let waiter = entry.remove().waiter;
+                if matches!(waiter, Waiter::Unary(_)) {
+                    self.unary -= 1;
+                    if self.waiting_for_room > 0 {
+                        room.notify_one();
+                    }
+                }
+                Some(waiter)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Calls {
+    fn new(max_in_flight: usize) -> Arc<Calls> {
+        Arc::new(Calls {
+            table: Mutex::new(Table {
+                next_id: 1,
+                ..Table::default()
+            }),
+            room: Notify::new(),
+            max_in_flight: max_in_flight.max(1),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        lock(&self.table)
+    }
+}
+
+/// One attempt to connect, shared by every caller that finds no live link
+/// meanwhile. The caller that started it makes the connection; the others
+/// wait for its outcome. An attempt whose maker is dropped halfway is
+/// abandoned: its waiters wake without an outcome, and one of them starts
+/// another.
+#[derive(Default)]
+struct Attempt {
+    failed: OnceLock<RpcError>,
+    done: Notify,
+}
+
+/// Held by the caller making a connection: if its future is dropped
+/// halfway, the attempt is withdrawn and its waiters woken.
+struct Connecting<'a> {
+    calls: &'a Calls,
+    attempt: &'a Arc<Attempt>,
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        let mut table = self.calls.lock();
+        if table
+            .connecting
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, self.attempt))
+        {
+            table.connecting = None;
+        }
+        drop(table);
+        self.attempt.done.notify_waiters();
+    }
+}
+
+/// One live connection. Its calls are registered in the client's [`Calls`].
 pub(crate) struct Link {
     pub(crate) sender: FrameSender,
     /// Which of the client's connections this is (1, 2, ...).
     epoch: u64,
-    pending: Pending,
-    next_id: AtomicU64,
+    calls: Arc<Calls>,
     closed: AtomicBool,
-    slots: Arc<Semaphore>,
-    reader: Mutex<Option<JoinHandle<()>>>,
+    /// Asks the link's flusher to write what calls queued without writing.
+    flush: Arc<Notify>,
+    /// The reader and the flusher, stopped with the link.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Link {
+    fn new(sender: FrameSender, epoch: u64, calls: Arc<Calls>) -> Arc<Link> {
+        Arc::new(Link {
+            sender,
+            epoch,
+            calls,
+            closed: AtomicBool::new(false),
+            flush: Arc::new(Notify::new()),
+            tasks: Mutex::new(Vec::new()),
+        })
+    }
+
     /// A link over `sender` with no reader task, for unit tests that feed
     /// a call's channel themselves.
     #[cfg(test)]
     pub(crate) fn for_test(sender: FrameSender) -> Arc<Link> {
-        Arc::new(Link {
-            sender,
-            epoch: 1,
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            closed: AtomicBool::new(false),
-            slots: Arc::new(Semaphore::new(1)),
-            reader: Mutex::new(None),
-        })
+        Link::new(sender, 1, Calls::new(1))
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        if let Some(reader) = lock(&self.reader).take() {
-            reader.abort();
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
         }
     }
 }
@@ -131,67 +274,138 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Link {
-    fn complete(&self, frame: Frame) {
-        let mut pending = lock(&self.pending);
+    /// Routes one frame from the server to whoever waits for it. Unary
+    /// replies are handed over after the lock is released (`ready`).
+    fn complete(&self, table: &mut Table, frame: Frame, ready: &mut Vec<Ready>) {
+        let room = &self.calls.room;
         match frame.kind {
             FrameKind::Response => {
                 // A reply to a call that was cancelled or timed out finds nobody.
-                if let Some(Waiter::Unary(waiter)) = pending.remove(&frame.id) {
-                    let _ = waiter.send(Ok(frame.payload));
+                match table.remove(frame.id, self.epoch, room) {
+                    Some(Waiter::Unary(waiter)) => ready.push((waiter, Ok(frame.payload))),
+                    Some(stream @ Waiter::Stream(_)) => {
+                        stream.fail(RpcError::Decode("a unary reply to a stream".into()));
+                    }
+                    None => {}
                 }
             }
             FrameKind::StreamItem => {
-                if let Some(Waiter::Stream(items)) = pending.get(&frame.id) {
-                    if items.try_send(Ok(Some(frame.payload))).is_err() {
-                        // More items than credit: the server broke the protocol.
-                        if let Some(waiter) = pending.remove(&frame.id) {
-                            waiter.fail(RpcError::Decode(
-                                "server sent more items than it had credit for".into(),
-                            ));
-                        }
+                let overrun = match table.waiters.get(&frame.id) {
+                    Some(Entry {
+                        epoch,
+                        waiter: Waiter::Stream(items),
+                    }) if *epoch == self.epoch => items.try_send(Ok(Some(frame.payload))).is_err(),
+                    _ => false,
+                };
+                if overrun {
+                    // More items than credit: the server broke the protocol.
+                    if let Some(waiter) = table.remove(frame.id, self.epoch, room) {
+                        waiter.fail(RpcError::Decode(
+                            "server sent more items than it had credit for".into(),
+                        ));
                     }
                 }
             }
-            FrameKind::StreamEnd => {
-                if let Some(Waiter::Stream(items)) = pending.remove(&frame.id) {
+            FrameKind::StreamEnd => match table.remove(frame.id, self.epoch, room) {
+                Some(Waiter::Stream(items)) => {
                     let _ = items.try_send(Ok(None));
                 }
-            }
+                Some(unary @ Waiter::Unary(_)) => {
+                    unary.fail(RpcError::Decode("a stream's end for a unary call".into()));
+                }
+                None => {}
+            },
             FrameKind::Error => {
                 let err = match crate::__private::decode::<RpcFault>(&frame.payload) {
                     Ok(fault) => fault.into(),
                     Err(err) => RpcError::Decode(format!("undecodable error report: {err}")),
                 };
-                if let Some(waiter) = pending.remove(&frame.id) {
-                    waiter.fail(err);
+                match table.remove(frame.id, self.epoch, room) {
+                    Some(Waiter::Unary(waiter)) => ready.push((waiter, Err(err))),
+                    Some(waiter) => waiter.fail(err),
+                    None => {}
                 }
             }
             _ => {}
         }
     }
 
-    /// Fails every waiting call: the connection is gone.
+    /// Fails every call waiting on this connection: it is gone.
     fn fail(&self, reason: &str) {
         self.closed.store(true, Ordering::Release);
-        for (_, waiter) in lock(&self.pending).drain() {
+        let mut failed = Vec::new();
+        {
+            let mut table = self.calls.lock();
+            let ids: Vec<u64> = table
+                .waiters
+                .iter()
+                .filter(|(_, entry)| entry.epoch == self.epoch)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                failed.extend(table.remove(id, self.epoch, &self.calls.room));
+            }
+        }
+        for waiter in failed {
             waiter.fail(RpcError::Unavailable(reason.to_string()));
         }
+    }
+
+    /// Has the flusher write what was queued with `feed`, once the tasks
+    /// running now have queued theirs: many calls, one write.
+    fn flush_soon(&self) {
+        self.flush.notify_one();
     }
 }
 
 async fn read_replies(link: Weak<Link>, mut receiver: FrameReceiver) {
+    let mut ready = Vec::new();
+    // What `try_recv` returned that is not a frame, for the next turn.
+    let mut held: Option<Result<Option<Frame>, RecvError>> = None;
     let reason = loop {
-        match receiver.recv().await {
-            Ok(Some(frame)) => match link.upgrade() {
-                Some(link) => link.complete(frame),
-                None => return,
-            },
+        let next = match held.take() {
+            Some(next) => next,
+            None => receiver.recv().await,
+        };
+        match next {
+            Ok(Some(frame)) => {
+                let Some(link) = link.upgrade() else { return };
+                {
+                    // Everything the last read brought in, under one lock.
+                    let mut table = link.calls.lock();
+                    link.complete(&mut table, frame, &mut ready);
+                    loop {
+                        match receiver.try_recv() {
+                            Some(Ok(Some(frame))) => link.complete(&mut table, frame, &mut ready),
+                            None => break,
+                            Some(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                }
+                for (waiter, reply) in ready.drain(..) {
+                    let _ = waiter.send(reply);
+                }
+            }
             Ok(None) => break "the server closed the connection".to_string(),
             Err(err) => break err.to_string(),
         }
     };
     if let Some(link) = link.upgrade() {
         link.fail(&reason);
+    }
+}
+
+/// Writes what calls queued on the link whenever one of them asks.
+async fn flush_when_asked(sender: FrameSender, asked: Arc<Notify>) {
+    loop {
+        asked.notified().await;
+        if sender.flush().await.is_err() {
+            // The link failed; its reader fails the calls.
+            return;
+        }
     }
 }
 
@@ -247,9 +461,18 @@ async fn hello(
 struct ClientInner {
     address: Address,
     config: ClientConfig,
-    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    calls: Arc<Calls>,
     /// Connections made so far: the epoch of the next one.
     links_made: AtomicU64,
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        // The table holds the link and the link the table: let go of the
+        // link, so that it closes once no call holds it.
+        let link = self.calls.lock().link.take();
+        drop(link);
+    }
 }
 
 /// An RPC client for one server address. Cheap to clone; clones share the
@@ -275,24 +498,71 @@ impl std::fmt::Debug for Client {
 pub(crate) struct CallGuard {
     pub(crate) link: Arc<Link>,
     pub(crate) id: u64,
+    /// Set once the call's entry is gone (its answer came, or it was taken
+    /// out): nothing is left to remove and nothing to cancel.
     pub(crate) answered: bool,
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        lock(&self.link.pending).remove(&self.id);
-        if self.answered || self.link.closed.load(Ordering::Acquire) {
+        if self.answered {
+            return;
+        }
+        let link = &self.link;
+        let outstanding = link
+            .calls
+            .lock()
+            .remove(self.id, link.epoch, &link.calls.room)
+            .is_some();
+        if !outstanding || link.closed.load(Ordering::Acquire) {
             return;
         }
         // Dropped mid-call (cancelled) or timed out: stop the server's work.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (sender, id) = (self.link.sender.clone(), self.id);
+            let (sender, id) = (link.sender.clone(), self.id);
             runtime.spawn(async move {
                 let _ = sender
                     .send(Frame::new(FrameKind::Cancel, id, Bytes::new()))
                     .await;
             });
         }
+    }
+}
+
+/// What a failed request means for the call (and the link).
+fn send_error(link: &Link, err: SendError) -> RpcError {
+    match err {
+        SendError::FrameTooLarge { size, limit } => RpcError::TooLarge { size, limit },
+        SendError::Serialize(_) => RpcError::Serialize(err.to_string()),
+        other => {
+            link.fail(&other.to_string());
+            RpcError::Unavailable(other.to_string())
+        }
+    }
+}
+
+/// Where [`Client::register`] got to.
+enum Registered {
+    /// The call is in the table, on this link, with this id; `batch`: other
+    /// calls are in flight, so its request may wait for theirs to share a
+    /// write.
+    Yes {
+        link: Arc<Link>,
+        id: u64,
+        batch: bool,
+    },
+    /// No live connection.
+    NoLink,
+    /// `max_in_flight` calls are in flight already.
+    Full,
+}
+
+/// Counts a call among those waiting for room while it waits.
+struct WaitingForRoom<'a>(&'a Calls);
+
+impl Drop for WaitingForRoom<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting_for_room -= 1;
     }
 }
 
@@ -307,11 +577,12 @@ impl Client {
     /// A client that connects on its first call.
     pub fn lazy(address: &Address, config: ClientConfig) -> Client {
         let timeout = config.timeout;
+        let calls = Calls::new(config.max_in_flight);
         Client {
             inner: Arc::new(ClientInner {
                 address: address.clone(),
                 config,
-                link: tokio::sync::Mutex::new(None),
+                calls,
                 links_made: AtomicU64::new(0),
             }),
             timeout,
@@ -344,36 +615,145 @@ impl Client {
     /// lower (servers announce theirs in the welcome). `None` before the
     /// first connection.
     pub async fn max_frame_size(&self) -> Option<usize> {
-        let link = self.inner.link.lock().await;
-        link.as_ref().map(|link| link.sender.max_frame_size())
+        let table = self.inner.calls.lock();
+        table.link.as_ref().map(|link| link.sender.max_frame_size())
     }
 
+    /// The live connection, connecting if there is none.
     async fn link(&self) -> Result<Arc<Link>, RpcError> {
-        let mut current = self.inner.link.lock().await;
-        if let Some(link) = current
-            .as_ref()
-            .filter(|l| !l.closed.load(Ordering::Acquire))
-        {
-            return Ok(link.clone());
+        loop {
+            if let Some(link) = self.inner.calls.lock().live_link() {
+                return Ok(link.clone());
+            }
+            self.connected().await?;
         }
+    }
+
+    /// Returns once there is a live connection, making one if nobody else
+    /// is; every caller waiting on a failed attempt gets its error.
+    async fn connected(&self) -> Result<(), RpcError> {
+        let calls = &*self.inner.calls;
+        loop {
+            let (attempt, mine) = {
+                let mut table = calls.lock();
+                if table.live_link().is_some() {
+                    return Ok(());
+                }
+                match &table.connecting {
+                    Some(attempt) => (attempt.clone(), false),
+                    None => {
+                        let attempt = Arc::new(Attempt::default());
+                        table.connecting = Some(attempt.clone());
+                        (attempt, true)
+                    }
+                }
+            };
+            if mine {
+                let connecting = Connecting {
+                    calls,
+                    attempt: &attempt,
+                };
+                let made = self.dial().await;
+                let mut table = calls.lock();
+                table.connecting = None;
+                match made {
+                    Ok(link) => {
+                        table.link = Some(link);
+                        drop(table);
+                        drop(connecting);
+                        return Ok(());
+                    }
+                    Err(err) => {
+                        drop(table);
+                        let _ = attempt.failed.set(err.clone());
+                        drop(connecting);
+                        return Err(err);
+                    }
+                }
+            }
+            let done = attempt.done.notified();
+            tokio::pin!(done);
+            // Registered before the outcome is read, so no wake-up is missed.
+            done.as_mut().enable();
+            if let Some(err) = attempt.failed.get() {
+                return Err(err.clone());
+            }
+            let pending = calls
+                .lock()
+                .connecting
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, &attempt));
+            if pending {
+                done.await;
+                if let Some(err) = attempt.failed.get() {
+                    return Err(err.clone());
+                }
+            }
+            // Made, or abandoned by its maker: look again.
+        }
+    }
+
+    /// Makes a connection: transport, hello, reader and flusher.
+    async fn dial(&self) -> Result<Arc<Link>, RpcError> {
         let connection = connect(&self.inner.address, &self.inner.config.transport)
             .await
             .map_err(|err| RpcError::Unavailable(err.to_string()))?;
         let (sender, mut receiver) = connection.split();
         hello(&sender, &mut receiver, &self.inner.config).await?;
-        let link = Arc::new(Link {
-            sender,
-            epoch: self.inner.links_made.fetch_add(1, Ordering::Relaxed) + 1,
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            closed: AtomicBool::new(false),
-            slots: Arc::new(Semaphore::new(self.inner.config.max_in_flight.max(1))),
-            reader: Mutex::new(None),
-        });
+        let epoch = self.inner.links_made.fetch_add(1, Ordering::Relaxed) + 1;
+        let link = Link::new(sender, epoch, self.inner.calls.clone());
         let reader = tokio::spawn(read_replies(Arc::downgrade(&link), receiver));
-        *lock(&link.reader) = Some(reader);
-        *current = Some(link.clone());
+        let flusher = tokio::spawn(flush_when_asked(link.sender.clone(), link.flush.clone()));
+        lock(&link.tasks).extend([reader, flusher]);
         Ok(link)
+    }
+
+    /// Finds the live link and registers the call on it, under one lock.
+    fn register(&self, waiter: &mut Option<Waiter>) -> Registered {
+        let calls = &*self.inner.calls;
+        let mut table = calls.lock();
+        let Some(link) = table.live_link().cloned() else {
+            return Registered::NoLink;
+        };
+        let unary = matches!(waiter, Some(Waiter::Unary(_)));
+        if unary && table.unary >= calls.max_in_flight {
+            return Registered::Full;
+        }
+        let batch = table.unary > 0;
+        let id = table.next_id;
+        table.next_id += 1;
+        if unary {
+            table.unary += 1;
+        }
+        let waiter = waiter.take().expect("registered once");
+        table.waiters.insert(
+            id,
+            Entry {
+                epoch: link.epoch,
+                waiter,
+            },
+        );
+        Registered::Yes { link, id, batch }
+    }
+
+    /// Waits until a unary call may be registered under `max_in_flight`
+    /// (or may look again), or `deadline` passes.
+    async fn room(&self, deadline: Instant) -> Result<(), RpcError> {
+        let calls = &*self.inner.calls;
+        let room = calls.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        {
+            let mut table = calls.lock();
+            if table.unary < calls.max_in_flight {
+                return Ok(());
+            }
+            table.waiting_for_room += 1;
+        }
+        let _waiting = WaitingForRoom(calls);
+        tokio::time::timeout_at(deadline, room)
+            .await
+            .map_err(|_| RpcError::Overloaded)
     }
 
     /// Registers a call and sends its request; the guard cancels it if it
@@ -384,46 +764,68 @@ impl Client {
         method: &str,
         fingerprint: u64,
         args: &A,
-        deadline: Instant,
+        (now, deadline): (Instant, Instant),
         waiter: Waiter,
     ) -> Result<CallGuard, RpcError> {
         let window = match waiter {
             Waiter::Unary(_) => 0,
             Waiter::Stream(_) => WINDOW,
         };
-        let link = tokio::time::timeout_at(deadline, self.link())
-            .await
-            .map_err(|_| RpcError::DeadlineExceeded)??;
-        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&link.pending).insert(id, waiter);
+        let mut waiter = Some(waiter);
+        // When the request goes out: `now`, unless it had to wait.
+        let mut sent_at = now;
+        let (link, id, batch) = loop {
+            match self.register(&mut waiter) {
+                Registered::Yes { link, id, batch } => break (link, id, batch),
+                Registered::NoLink => tokio::time::timeout_at(deadline, self.connected())
+                    .await
+                    .map_err(|_| RpcError::DeadlineExceeded)??,
+                Registered::Full => self.room(deadline).await?,
+            }
+            sent_at = Instant::now();
+        };
         let mut guard = CallGuard {
-            link: link.clone(),
+            link,
             id,
             answered: false,
         };
+        let link = &guard.link;
         let header = RequestHeader {
             service,
             method,
             fingerprint,
-            timeout_ms: deadline
-                .saturating_duration_since(Instant::now())
-                .as_millis() as u64,
+            timeout_ms: deadline.saturating_duration_since(sent_at).as_millis() as u64,
             window,
         };
-        if let Err(err) = link
-            .sender
-            .send_message(FrameKind::Request, id, &(header, args))
-            .await
-        {
-            guard.answered = true;
-            return Err(match err {
-                SendError::FrameTooLarge { size, limit } => RpcError::TooLarge { size, limit },
-                SendError::Serialize(_) => RpcError::Serialize(err.to_string()),
-                other => {
-                    link.fail(&other.to_string());
-                    RpcError::Unavailable(other.to_string())
+        let sent = if batch {
+            // Other calls are in flight: queue the request without writing
+            // it, and let the flusher write it with whatever the tasks
+            // running now queue too.
+            match crate::__private::encode(&(header, args)) {
+                Ok(request) => {
+                    let fed = link
+                        .sender
+                        .feed(Frame::new(FrameKind::Request, id, request))
+                        .await;
+                    if fed.is_ok() {
+                        link.flush_soon();
+                    }
+                    fed.map_err(|err| send_error(link, err))
                 }
-            });
+                Err(err) => Err(RpcError::Serialize(format!(
+                    "message could not be serialized: payload could not be serialized: {err}"
+                ))),
+            }
+        } else {
+            link.sender
+                .send_message(FrameKind::Request, id, &(header, args))
+                .await
+                .map_err(|err| send_error(link, err))
+        };
+        if let Err(err) = sent {
+            drop(link.calls.lock().remove(id, link.epoch, &link.calls.room));
+            guard.answered = true;
+            return Err(err);
         }
         Ok(guard)
     }
@@ -439,14 +841,8 @@ impl Client {
         fingerprint: u64,
         args: &A,
     ) -> Result<R, RpcError> {
-        let deadline = Instant::now() + self.timeout;
-        let link = tokio::time::timeout_at(deadline, self.link())
-            .await
-            .map_err(|_| RpcError::DeadlineExceeded)??;
-        let _slot = tokio::time::timeout_at(deadline, link.slots.clone().acquire_owned())
-            .await
-            .map_err(|_| RpcError::Overloaded)?
-            .map_err(|_| RpcError::Unavailable("client closed".into()))?;
+        let now = Instant::now();
+        let deadline = now + self.timeout;
         let (waiter, reply) = oneshot::channel();
         let mut guard = self
             .start(
@@ -454,7 +850,7 @@ impl Client {
                 method,
                 fingerprint,
                 args,
-                deadline,
+                (now, deadline),
                 Waiter::Unary(waiter),
             )
             .await?;
@@ -505,31 +901,17 @@ impl Client {
             window: 0,
         };
         let flags = courier_transport::Flags::from_bits(crate::protocol::ONEWAY);
-        match link
-            .sender
+        link.sender
             .send_message_with_flags(FrameKind::Request, flags, 0, &(header, args))
             .await
-        {
-            Ok(()) => Ok(link.epoch),
-            Err(SendError::FrameTooLarge { size, limit }) => {
-                Err(RpcError::TooLarge { size, limit })
-            }
-            Err(err @ SendError::Serialize(_)) => Err(RpcError::Serialize(err.to_string())),
-            Err(other) => {
-                link.fail(&other.to_string());
-                Err(RpcError::Unavailable(other.to_string()))
-            }
-        }
+            .map(|()| link.epoch)
+            .map_err(|err| send_error(&link, err))
     }
 
     /// The epoch of the connection in use: 1 for the first this client
     /// made, 2 for the next, and so on; 0 before the first.
     pub async fn epoch(&self) -> u64 {
-        let current = self.inner.link.lock().await;
-        current
-            .as_ref()
-            .filter(|l| !l.closed.load(Ordering::Acquire))
-            .map_or(0, |l| l.epoch)
+        self.inner.calls.lock().live_link().map_or(0, |l| l.epoch)
     }
 
     /// Calls a streaming method: the items arrive through the returned
@@ -541,7 +923,8 @@ impl Client {
         fingerprint: u64,
         args: &A,
     ) -> Result<ItemStream<T>, RpcError> {
-        let deadline = Instant::now() + self.timeout;
+        let now = Instant::now();
+        let deadline = now + self.timeout;
         // Room for the whole window, plus the end or an error.
         let (items, receiver) = mpsc::channel(WINDOW as usize + 2);
         let guard = self
@@ -550,7 +933,7 @@ impl Client {
                 method,
                 fingerprint,
                 args,
-                deadline,
+                (now, deadline),
                 Waiter::Stream(items),
             )
             .await?;
@@ -563,5 +946,316 @@ impl Client {
             finished: false,
             _type: std::marker::PhantomData,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use courier_transport::{bind, Connection};
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    fn mem() -> Address {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        Address::mem(format!(
+            "client-unit-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// A server that answers each hello once `gate` opens (or refuses it,
+    /// if `refuse`), then answers each request's `u32` argument plus one
+    /// (and a call to `never`, never).
+    /// Counts the connections it accepted. `close` ends every connection
+    /// it serves from then on.
+    struct Fake {
+        address: Address,
+        accepted: Arc<AtomicUsize>,
+        gate: Arc<tokio::sync::Semaphore>,
+        close: Arc<Notify>,
+    }
+
+    async fn fake(refuse: bool) -> Fake {
+        let address = mem();
+        let mut listener = bind(&address, &TransportConfig::default()).await.unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let close = Arc::new(Notify::new());
+        tokio::spawn({
+            let (accepted, gate, close) = (accepted.clone(), gate.clone(), close.clone());
+            async move {
+                while let Ok(connection) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(serve_fake(connection, gate.clone(), close.clone(), refuse));
+                }
+            }
+        });
+        Fake {
+            address,
+            accepted,
+            gate,
+            close,
+        }
+    }
+
+    async fn serve_fake(
+        mut connection: Connection,
+        gate: Arc<tokio::sync::Semaphore>,
+        close: Arc<Notify>,
+        refuse: bool,
+    ) {
+        let Ok(Some(_hello)) = connection.recv().await else {
+            return;
+        };
+        // Held open for good once opened.
+        let Ok(permit) = gate.acquire().await else {
+            return;
+        };
+        drop(permit);
+        if refuse {
+            let fault = RpcFault::Unauthenticated {
+                reason: "refused".into(),
+            };
+            let _ = connection.send_message(FrameKind::Error, 0, &fault).await;
+            return;
+        }
+        let welcome = crate::auth::Welcome { identity: None };
+        if connection
+            .send_message(FrameKind::Hello, 0, &welcome)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let closing = close.notified();
+        tokio::pin!(closing);
+        loop {
+            tokio::select! {
+                frame = connection.recv() => {
+                    let Ok(Some(frame)) = frame else { return };
+                    if frame.kind != FrameKind::Request {
+                        continue;
+                    }
+                    let (header, args): (RequestHeader<'_>, &[u8]) =
+                        postcard::take_from_bytes(&frame.payload).unwrap();
+                    if header.method == "never" {
+                        continue;
+                    }
+                    let (n,): (u32,) = postcard::from_bytes(args).unwrap();
+                    let _ = connection
+                        .send_message(FrameKind::Response, frame.id, &(n + 1))
+                        .await;
+                }
+                () = &mut closing => return,
+            }
+        }
+    }
+
+    async fn add_one(client: &Client, n: u32) -> Result<u32, RpcError> {
+        client.call("Fake", "add_one", 0, &(n,)).await
+    }
+
+    /// Calls registered, unary calls counted, and whether a connection is
+    /// being made.
+    fn table_state(client: &Client) -> (usize, usize, bool) {
+        let table = client.inner.calls.lock();
+        (table.waiters.len(), table.unary, table.connecting.is_some())
+    }
+
+    #[tokio::test]
+    async fn calls_dropped_while_the_link_is_being_made_leave_nothing_behind() {
+        let server = fake(false).await;
+        let client = Client::lazy(&server.address, ClientConfig::default());
+        // The first call makes the connection; the second waits for it.
+        let maker = tokio::spawn({
+            let client = client.clone();
+            async move { add_one(&client, 1).await }
+        });
+        let waiter = tokio::spawn({
+            let client = client.clone();
+            async move { add_one(&client, 2).await }
+        });
+        while server.accepted.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            table_state(&client),
+            (0, 0, true),
+            "connecting, nothing registered"
+        );
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_eq!(table_state(&client), (0, 0, true), "the maker goes on");
+        maker.abort();
+        assert!(maker.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            table_state(&client),
+            (0, 0, false),
+            "the attempt is withdrawn with its maker"
+        );
+        assert_eq!(client.epoch().await, 0);
+        // The next call makes a connection of its own and is answered.
+        server.gate.add_permits(Semaphore::MAX_PERMITS);
+        assert_eq!(add_one(&client, 41).await, Ok(42));
+        assert_eq!(table_state(&client), (0, 0, false));
+        assert_eq!(client.epoch().await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_whose_maker_is_dropped_makes_the_connection_itself() {
+        let server = fake(false).await;
+        let client = Client::lazy(&server.address, ClientConfig::default());
+        let maker = tokio::spawn({
+            let client = client.clone();
+            async move { add_one(&client, 1).await }
+        });
+        while server.accepted.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let waiter = tokio::spawn({
+            let client = client.clone();
+            async move { add_one(&client, 2).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        maker.abort();
+        let _ = maker.await;
+        server.gate.add_permits(Semaphore::MAX_PERMITS);
+        assert_eq!(waiter.await.unwrap(), Ok(3));
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(table_state(&client), (0, 0, false));
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_during_a_connect_or_reconnect_share_one_connection() {
+        let server = fake(false).await;
+        let client = Client::lazy(&server.address, ClientConfig::default());
+        let burst = |base: u32| {
+            (0..50u32)
+                .map(|n| {
+                    let client = client.clone();
+                    tokio::spawn(async move { add_one(&client, base + n).await })
+                })
+                .collect::<Vec<_>>()
+        };
+        let calls = burst(0);
+        while server.accepted.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        server.gate.add_permits(Semaphore::MAX_PERMITS);
+        for (n, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap(), Ok(n as u32 + 1));
+        }
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(client.epoch().await, 1);
+
+        // The server drops the connection: the next burst makes one more.
+        server.close.notify_waiters();
+        while client.epoch().await != 0 {
+            tokio::task::yield_now().await;
+        }
+        let calls = burst(100);
+        for (n, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap(), Ok(n as u32 + 101));
+        }
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(client.epoch().await, 2);
+        assert_eq!(table_state(&client), (0, 0, false));
+    }
+
+    #[tokio::test]
+    async fn every_caller_waiting_on_a_refused_connection_gets_its_error() {
+        let server = fake(true).await;
+        let client = Client::lazy(&server.address, ClientConfig::default());
+        let calls: Vec<_> = (0..20u32)
+            .map(|n| {
+                let client = client.clone();
+                tokio::spawn(async move { add_one(&client, n).await })
+            })
+            .collect();
+        while server.accepted.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        server.gate.add_permits(Semaphore::MAX_PERMITS);
+        for call in calls {
+            assert!(
+                matches!(call.await.unwrap(), Err(RpcError::Unauthenticated(_))),
+                "a typed error"
+            );
+        }
+        assert_eq!(
+            server.accepted.load(Ordering::SeqCst),
+            1,
+            "one attempt, shared"
+        );
+        assert_eq!(table_state(&client), (0, 0, false));
+
+        // Nothing listens: every caller gets a retryable error, none hangs.
+        let nowhere = Client::lazy(&mem(), ClientConfig::default());
+        let calls: Vec<_> = (0..20u32)
+            .map(|n| {
+                let client = nowhere.clone();
+                tokio::spawn(async move { add_one(&client, n).await })
+            })
+            .collect();
+        for call in calls {
+            assert!(matches!(call.await.unwrap(), Err(RpcError::Unavailable(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_over_max_in_flight_wait_for_room_and_give_up_at_their_deadline() {
+        let server = fake(false).await;
+        server.gate.add_permits(Semaphore::MAX_PERMITS);
+        let config = ClientConfig {
+            max_in_flight: 2,
+            ..ClientConfig::default()
+        };
+        let client = Client::connect(&server.address, config).await.unwrap();
+        // Many at once: never more than two registered, all answered.
+        let calls: Vec<_> = (0..40u32)
+            .map(|n| {
+                let client = client.clone();
+                tokio::spawn(async move { add_one(&client, n).await })
+            })
+            .collect();
+        let mut most = 0;
+        let mut calls = calls.into_iter().enumerate();
+        for (n, call) in calls.by_ref() {
+            most = most.max(table_state(&client).1);
+            assert_eq!(call.await.unwrap(), Ok(n as u32 + 1));
+        }
+        assert!(most <= 2, "{most} unary calls registered");
+        assert_eq!(table_state(&client), (0, 0, false));
+
+        // A call that is never answered fills it: the next gives up.
+        let config = ClientConfig {
+            max_in_flight: 1,
+            ..ClientConfig::default()
+        };
+        let stuck = Client::lazy(&server.address, config);
+        let blocker = tokio::spawn({
+            let stuck = stuck.clone();
+            async move { stuck.call::<_, u32>("Fake", "never", 0, &(0u32,)).await }
+        });
+        while table_state(&stuck).1 == 0 {
+            tokio::task::yield_now().await;
+        }
+        let short = stuck.with_timeout(Duration::from_millis(20));
+        assert_eq!(add_one(&short, 1).await, Err(RpcError::Overloaded));
+        blocker.abort();
+        let _ = blocker.await;
+        assert_eq!(table_state(&stuck), (0, 0, false));
     }
 }

@@ -6,12 +6,21 @@
 //! (`<Trait>BlockingClient`) and server dispatch (`<Trait>Server`).
 //!
 //! - **Many calls in flight** on one connection, replies matched by id in
-//!   any order; each call is written straight from the caller's task.
+//!   any order. A call alone on its connection is written straight from
+//!   the caller's task; calls made while others are in flight are queued
+//!   and written together by the connection's flusher, so many calls share
+//!   one write. The client takes one lock per call (its table of calls,
+//!   which also holds the live connection) and no async mutex.
+//! - **Handlers that complete at once run inline**: the server polls each
+//!   handler once on the connection's reader and answers the calls a read
+//!   brought in with one write; only a handler still pending after that
+//!   poll gets a task of its own (and a place in `max_in_flight`), so a slow
+//!   handler never holds up the reader.
 //! - **Deadlines** travel with each request as the time remaining (not a
 //!   clock reading, which would break under clock skew). The client gives
 //!   up at the deadline; the server stops the handler at the same deadline.
 //! - **Cancellation**: dropping a call's future (or its timing out) sends
-//!   `Cancel`; the server aborts the handler task, so the handler's state is
+//!   `Cancel`; the server aborts the handler's task, so the handler's state is
 //!   dropped where it stands. Work a handler handed elsewhere (a spawned
 //!   task, a blocking thread) can see it through a [`CallContext`]
 //!   ([`CallContext::current`], [`cancelled`], [`remaining`]), which also
@@ -259,10 +268,22 @@ pub mod __private {
     }
 
     pub fn encode_reply<T: Serialize>(value: &T) -> Result<bytes::Bytes, RpcFault> {
-        postcard::to_stdvec(value)
-            .map(bytes::Bytes::from)
-            .map_err(|err| RpcFault::Malformed {
-                reason: format!("reply could not be serialized: {err}"),
-            })
+        encode(value).map_err(|err| RpcFault::Malformed {
+            reason: format!("reply could not be serialized: {err}"),
+        })
+    }
+
+    /// Encodes `value` with postcard. A small value is encoded on the stack
+    /// and copied into an allocation of its size: one allocation, where a
+    /// growing `Vec` would reallocate several times.
+    pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<bytes::Bytes, postcard::Error> {
+        let mut small = [0u8; 256];
+        match postcard::to_slice(value, &mut small) {
+            Ok(encoded) => Ok(bytes::Bytes::copy_from_slice(encoded)),
+            Err(postcard::Error::SerializeBufferFull) => {
+                postcard::to_stdvec(value).map(bytes::Bytes::from)
+            }
+            Err(err) => Err(err),
+        }
     }
 }

@@ -1,5 +1,12 @@
 //! The server: accepts connections, runs calls concurrently (bounded per
 //! connection), enforces deadlines and honours cancellation.
+//!
+//! Each connection's reader polls a unary call's handler once, inline: a
+//! handler that completes then is answered without a task of its own, and
+//! the answers to everything one read brought in go out in one write. A
+//! handler still pending moves to a task (taking a `max_in_flight` slot),
+//! where its deadline and a `Cancel` stop it, so it never holds up the
+//! reader. Streaming calls always get a task.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,8 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier_transport::{Address, Connection, Frame, FrameKind, FrameSender, Listener, SendError};
-use tokio::sync::{watch, Notify, Semaphore};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use courier_transport::{
+    Address, Connection, Frame, FrameKind, FrameReceiver, FrameSender, Listener, RecvError,
+    SendError,
+};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -29,7 +43,9 @@ pub type Privileged = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 pub struct ServerConfig {
     /// Unary calls running at once per connection. When reached, the server
     /// stops reading that connection until one finishes: backpressure, not
-    /// an unbounded pile of tasks. Default 256.
+    /// an unbounded pile of tasks. A call whose handler completes at its
+    /// first poll (run inline by the connection's reader) never holds a
+    /// place. Default 256.
     pub max_in_flight: usize,
     /// Streaming calls open at once per connection. Streams may live for
     /// the connection's lifetime (subscriptions, consumers), so they do not
@@ -578,24 +594,57 @@ async fn serve(
     // the client's pings late, and one-way calls get no answers: so it
     // tells the client it is alive at least every `KEEPALIVE` meanwhile.
     let mut last_keepalive = last_heard;
+    let conn = Conn {
+        shared: &shared,
+        identity: &identity,
+        sender: &sender,
+        slots: &slots,
+        streams: &streams,
+        running: &running,
+    };
+    // Replies of calls answered inline, written together once the frames
+    // the last read brought in are handled.
+    let mut replies = Replies::default();
+    // What `try_recv` returned that is not a frame, for the next turn.
+    let mut held: Option<Result<Option<Frame>, RecvError>> = None;
+    // Made once, not per frame: each would register a timer, or a waiter
+    // on the shutdown signal, and take it back again.
+    let stop = stopping(&mut stop);
+    tokio::pin!(stop);
+    let idle_check = tokio::time::sleep_until(last_heard + idle.unwrap_or(Duration::ZERO));
+    tokio::pin!(idle_check);
     let shutdown_at = loop {
-        // Far in the future when there is no idle timeout.
-        let idle_at = last_heard + idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
         tokio::select! {
-            frame = receiver.recv() => match frame {
+            frame = next_frame(&mut receiver, &mut held) => match frame {
                 Ok(Some(frame)) => {
-                    last_heard = Instant::now();
-                    if last_heard.duration_since(last_keepalive) >= KEEPALIVE {
-                        sender.keepalive();
-                        last_keepalive = last_heard;
-                    }
                     // `handle` may wait (for a call slot, or for a client
                     // that does not read to take an error report): a
                     // shutdown must not wait for it.
-                    let handled = handle(&shared, &identity, frame, &sender, (&slots, &streams), &running);
+                    let handled = async {
+                        let mut frame = frame;
+                        loop {
+                            last_heard = Instant::now();
+                            if last_heard.duration_since(last_keepalive) >= KEEPALIVE {
+                                sender.keepalive();
+                                last_keepalive = last_heard;
+                            }
+                            handle(&conn, frame, last_heard, &mut replies).await;
+                            // Everything the last read brought in, before
+                            // the replies are written.
+                            frame = match receiver.try_recv() {
+                                Some(Ok(Some(frame))) => frame,
+                                None => break,
+                                Some(other) => {
+                                    held = Some(other);
+                                    break;
+                                }
+                            };
+                        }
+                        replies.flush(&sender).await;
+                    };
                     tokio::select! {
                         () = handled => {}
-                        at = stopping(&mut stop) => match at {
+                        at = &mut stop => match at {
                             Some(at) => break at,
                             None => return,
                         },
@@ -613,16 +662,23 @@ async fn serve(
                     return;
                 }
             },
-            () = tokio::time::sleep_until(idle_at) => {
-                if lock(&running).is_empty() {
+            // Armed for when the connection would be idle if nothing more
+            // came since it was armed; pushed back when something did.
+            () = &mut idle_check, if idle.is_some() => {
+                let idle_at = last_heard + idle.unwrap_or(Duration::ZERO);
+                if idle_at > Instant::now() {
+                    idle_check.as_mut().reset(idle_at);
+                } else if lock(&running).is_empty() {
                     tracing::debug!(?idle, "closing an idle connection");
                     close_within(&sender, Vec::new(), close_timeout).await;
                     return;
+                } else {
+                    // Calls (streams, say) are running: not idle.
+                    last_heard = Instant::now();
+                    idle_check.as_mut().reset(last_heard + idle.unwrap_or(Duration::ZERO));
                 }
-                // Calls (streams, say) are running: not idle.
-                last_heard = Instant::now();
             }
-            at = stopping(&mut stop) => match at {
+            at = &mut stop => match at {
                 Some(at) => break at,
                 None => return,
             },
@@ -634,7 +690,9 @@ async fn serve(
         tokio::time::sleep(Duration::from_millis(5).min(shutdown_at - Instant::now())).await;
     }
     let cancelled: Vec<_> = lock(&running).drain().collect();
-    let mut reports = Vec::with_capacity(cancelled.len());
+    // An answer held back when the shutdown came goes first.
+    let mut reports: Vec<Frame> = replies.take().into_iter().collect();
+    reports.reserve(cancelled.len());
     for (id, call) in cancelled {
         call.stop();
         let _ = call.task.await;
@@ -653,14 +711,161 @@ fn fault_frame(id: u64, fault: &RpcFault) -> Frame {
     )
 }
 
-async fn handle(
-    shared: &Shared,
-    identity: &Option<Arc<str>>,
+/// What the reader of one connection works with.
+struct Conn<'a> {
+    shared: &'a Shared,
+    identity: &'a Option<Arc<str>>,
+    sender: &'a FrameSender,
+    /// Unary calls running in tasks of their own (`max_in_flight`).
+    slots: &'a Arc<Semaphore>,
+    /// Streaming calls open (`max_streams`).
+    streams: &'a Arc<Semaphore>,
+    running: &'a Running,
+}
+
+/// The next frame: the outcome `try_recv` held back, else the next read.
+async fn next_frame(
+    receiver: &mut FrameReceiver,
+    held: &mut Option<Result<Option<Frame>, RecvError>>,
+) -> Result<Option<Frame>, RecvError> {
+    match held.take() {
+        Some(next) => next,
+        None => receiver.recv().await,
+    }
+}
+
+/// An answer, and for a handler's reply, what to say instead if it turns
+/// out too large for the connection.
+struct Answer {
     frame: Frame,
-    sender: &FrameSender,
-    (slots, streams): (&Arc<Semaphore>, &Arc<Semaphore>),
-    running: &Running,
-) {
+    /// The service and the request, to name them in that report.
+    call: Option<(&'static str, Bytes)>,
+}
+
+/// Answers of calls handled inline, written together: each is queued when
+/// the next one is ready, and the last is sent (writing the queued ones with
+/// it) once the frames at hand are handled, or before the reader waits for
+/// anything else.
+#[derive(Default)]
+struct Replies {
+    held: Option<Answer>,
+    /// The cancellation signal of a call answered inline that nobody kept:
+    /// never triggered, so as good as new for the next call.
+    spare: Option<Arc<CancelSignal>>,
+}
+
+impl Replies {
+    /// A cancellation signal for a new call.
+    fn signal(&mut self) -> Arc<CancelSignal> {
+        self.spare.take().unwrap_or_default()
+    }
+
+    /// Takes back the signal of a call answered inline, if nobody kept it.
+    fn recycle(&mut self, mut signal: Arc<CancelSignal>) {
+        if Arc::get_mut(&mut signal).is_some() {
+            self.spare = Some(signal);
+        }
+    }
+
+    async fn push(&mut self, sender: &FrameSender, answer: Answer) {
+        if let Some(previous) = self.held.replace(answer) {
+            deliver(sender, previous, Urgency::Later).await;
+        }
+    }
+
+    async fn flush(&mut self, sender: &FrameSender) {
+        if let Some(last) = self.held.take() {
+            deliver(sender, last, Urgency::Now).await;
+        }
+    }
+
+    /// The answer held back, if any.
+    fn take(&mut self) -> Option<Frame> {
+        self.held.take().map(|answer| answer.frame)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    /// Queued, to be written with the next frame sent now.
+    Later,
+    /// Written now, with whatever is queued.
+    Now,
+}
+
+/// Sends an answer. A reply the client could not accept (over its frame
+/// limit, or ours) is replaced by a report, so the client still gets an
+/// answer now, not at its deadline.
+async fn deliver(sender: &FrameSender, answer: Answer, urgency: Urgency) {
+    let id = answer.frame.id;
+    let send = |frame: Frame| async move {
+        match urgency {
+            Urgency::Later => sender.feed(frame).await,
+            Urgency::Now => sender.send(frame).await,
+        }
+    };
+    let sent = send(answer.frame).await;
+    if let (Err(SendError::FrameTooLarge { size, limit }), Some((service, request))) =
+        (sent, answer.call)
+    {
+        let method = method_name(&request);
+        let reason = format!("the reply of {service}.{method} ({size} bytes)");
+        let fault = RpcFault::Internal {
+            reason: format!("{reason} exceeds the frame limit of {limit} bytes"),
+        };
+        let _ = send(fault_frame(id, &fault)).await;
+    }
+}
+
+/// What a handler's future gives: its reply or fault, or its panic.
+type Outcome = Result<Result<Bytes, RpcFault>, Box<dyn std::any::Any + Send>>;
+
+/// The answer to call `id` given what its handler did (`None`: it ran
+/// past its deadline).
+fn answer(
+    id: u64,
+    streaming: bool,
+    outcome: Option<Outcome>,
+    service: &'static str,
+    request: Bytes,
+) -> Answer {
+    let frame = match outcome {
+        Some(Ok(Ok(_))) if streaming => Frame::new(FrameKind::StreamEnd, id, Bytes::new()),
+        Some(Ok(Ok(bytes))) => Frame::new(FrameKind::Response, id, bytes),
+        Some(Ok(Err(fault))) => fault_frame(id, &fault),
+        Some(Err(panic)) => {
+            let method = method_name(&request);
+            tracing::error!(
+                service,
+                method,
+                panic = panic_message(panic.as_ref()),
+                "a handler panicked; the caller gets an internal error"
+            );
+            fault_frame(
+                id,
+                &RpcFault::Internal {
+                    reason: format!("the handler of {service}.{method} panicked"),
+                },
+            )
+        }
+        None => fault_frame(id, &RpcFault::DeadlineExceeded),
+    };
+    Answer {
+        frame,
+        call: Some((service, request)),
+    }
+}
+
+/// Handles one frame from the client, `now` being when it was read.
+async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Replies) {
+    let Conn {
+        shared,
+        identity,
+        sender,
+        slots,
+        streams,
+        running,
+    } = *conn;
     match frame.kind {
         FrameKind::Request => {}
         FrameKind::Cancel => {
@@ -693,15 +898,21 @@ async fn handle(
         _ => return,
     }
     if frame.flags.contains(crate::protocol::ONEWAY) {
+        // It may run for a while: what was answered goes out first.
+        replies.flush(sender).await;
         // Boxed: its state would otherwise swell every connection's future
         // (and, in debug builds, the stack frame that polls it).
         return Box::pin(run_oneway(shared, identity, frame, sender)).await;
     }
     let id = frame.id;
-    let started = match start(shared, identity.as_deref(), &frame.payload, id, sender) {
+    let started = match start(shared, identity.as_deref(), &frame.payload, id, now, sender) {
         Ok(started) => started,
         Err(fault) => {
-            let _ = sender.send(fault_frame(id, &fault)).await;
+            let report = Answer {
+                frame: fault_frame(id, &fault),
+                call: None,
+            };
+            replies.push(sender, report).await;
             return;
         }
     };
@@ -711,86 +922,89 @@ async fn handle(
         credit,
         service,
     } = started;
-    let streaming = credit.is_some();
-    let slot = if streaming {
+    let mut handler = Handler {
+        reply,
+        context: CallContext {
+            cancel: replies.signal(),
+            deadline,
+            caller: identity.clone(),
+        },
+    };
+    let request = frame.payload;
+    let slot = if credit.is_some() {
         // A stream may never end: refuse one too many instead of waiting.
         match streams.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 let limit = shared.config.max_streams.min(u32::MAX as usize) as u32;
-                let _ = sender
-                    .send(fault_frame(id, &RpcFault::TooManyStreams { limit }))
-                    .await;
+                let report = Answer {
+                    frame: fault_frame(id, &RpcFault::TooManyStreams { limit }),
+                    call: None,
+                };
+                replies.push(sender, report).await;
                 return;
             }
         }
     } else {
-        // Bounded concurrency: wait for a slot before reading further
-        // frames. Not reading means not answering the client's pings, so
-        // say we are alive meanwhile: a busy server is not a dead one.
-        let acquire = slots.clone().acquire_owned();
-        tokio::pin!(acquire);
-        loop {
-            tokio::select! {
-                slot = &mut acquire => match slot {
-                    Ok(slot) => break slot,
-                    Err(_) => return,
-                },
-                () = tokio::time::sleep(KEEPALIVE) => sender.keepalive(),
+        // Bounded concurrency: at the limit, wait for a slot before reading
+        // further frames. A slot is taken only by a call that goes on
+        // running after its first poll: one answered at once never holds
+        // one (only this reader takes slots, so one free now is still free
+        // after the poll).
+        let slot = if slots.available_permits() > 0 {
+            None
+        } else {
+            replies.flush(sender).await;
+            match wait_for_slot(slots, sender).await {
+                Some(slot) => Some(slot),
+                None => return,
             }
+        };
+        // Polled here first: a handler that completes at once is answered
+        // without a task of its own (and its answer written with the
+        // others the same read brought in).
+        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut handler).poll(cx))).await;
+        if let Poll::Ready(outcome) = first {
+            drop(slot);
+            // Dropped first: what it held may hold the context too.
+            let Handler { reply, context } = handler;
+            drop(reply);
+            replies.recycle(context.cancel);
+            replies
+                .push(sender, answer(id, false, Some(outcome), service, request))
+                .await;
+            return;
+        }
+        match slot {
+            Some(slot) => slot,
+            None => match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => match wait_for_slot(slots, sender).await {
+                    Some(slot) => slot,
+                    None => return,
+                },
+            },
         }
     };
+    // Still running: it goes on in a task of its own, so that it never
+    // holds up the connection's reader.
+    let streaming = credit.is_some();
+    let cancel = handler.context.cancel.clone();
+    let stop = cancel.clone();
     let task_sender = sender.clone();
     let task_running = running.clone();
-    let cancel = Arc::new(CancelSignal::default());
-    let context = CallContext {
-        cancel: cancel.clone(),
-        deadline,
-    };
-    let stop = cancel.clone();
     // Registered under the lock, so the task cannot finish and deregister
     // before it is registered.
     let mut calls = lock(running);
-    let caller = identity.clone();
-    let request = frame.payload;
     let task = tokio::spawn(async move {
-        let reply = crate::auth::as_caller(caller, CONTEXT.scope(context, CatchUnwind(reply)));
-        let frame = match tokio::time::timeout_at(deadline, reply).await {
-            Ok(Ok(Ok(_))) if streaming => Frame::new(FrameKind::StreamEnd, id, Bytes::new()),
-            Ok(Ok(Ok(bytes))) => Frame::new(FrameKind::Response, id, bytes),
-            Ok(Ok(Err(fault))) => fault_frame(id, &fault),
-            Ok(Err(panic)) => {
-                let method = method_name(&request);
-                tracing::error!(
-                    service,
-                    method,
-                    panic = panic_message(panic.as_ref()),
-                    "a handler panicked; the caller gets an internal error"
-                );
-                fault_frame(
-                    id,
-                    &RpcFault::Internal {
-                        reason: format!("the handler of {service}.{method} panicked"),
-                    },
-                )
-            }
-            Err(_) => {
-                cancel.trigger();
-                fault_frame(id, &RpcFault::DeadlineExceeded)
-            }
-        };
+        let outcome = tokio::time::timeout_at(deadline, handler).await.ok();
+        if outcome.is_none() {
+            cancel.trigger();
+        }
+        let answer = answer(id, streaming, outcome, service, request);
         lock(&task_running).remove(&id);
         drop(slot);
-        // A reply the client could not accept (over its frame limit, or
-        // ours): it still gets an answer now, not at its deadline.
-        if let Err(SendError::FrameTooLarge { size, limit }) = task_sender.send(frame).await {
-            let method = method_name(&request);
-            let reason = format!("the reply of {service}.{method} ({size} bytes)");
-            let fault = RpcFault::Internal {
-                reason: format!("{reason} exceeds the frame limit of {limit} bytes"),
-            };
-            let _ = task_sender.send(fault_frame(id, &fault)).await;
-        }
+        deliver(&task_sender, answer, Urgency::Now).await;
     });
     calls.insert(
         id,
@@ -800,6 +1014,23 @@ async fn handle(
             cancel: stop,
         },
     );
+}
+
+/// Waits for a call slot. Not reading means not answering the client's
+/// pings, so it says we are alive meanwhile: a busy server is not a dead
+/// one. `None` if the connection is closing.
+async fn wait_for_slot(
+    slots: &Arc<Semaphore>,
+    sender: &FrameSender,
+) -> Option<OwnedSemaphorePermit> {
+    let acquire = slots.clone().acquire_owned();
+    tokio::pin!(acquire);
+    loop {
+        tokio::select! {
+            slot = &mut acquire => return slot.ok(),
+            () = tokio::time::sleep(KEEPALIVE) => sender.keepalive(),
+        }
+    }
 }
 
 /// Runs a one-way call to its end before the connection's next frame is
@@ -813,7 +1044,14 @@ async fn run_oneway(
     frame: Frame,
     sender: &FrameSender,
 ) {
-    let started = match start(shared, identity.as_deref(), &frame.payload, 0, sender) {
+    let started = match start(
+        shared,
+        identity.as_deref(),
+        &frame.payload,
+        0,
+        Instant::now(),
+        sender,
+    ) {
         Ok(started) if started.credit.is_none() => started,
         Ok(started) => {
             tracing::debug!(
@@ -827,14 +1065,14 @@ async fn run_oneway(
             return;
         }
     };
-    let context = CallContext {
-        cancel: Arc::new(CancelSignal::default()),
-        deadline: started.deadline,
+    let reply = Handler {
+        reply: started.reply,
+        context: CallContext {
+            cancel: Arc::new(CancelSignal::default()),
+            deadline: started.deadline,
+            caller: identity.clone(),
+        },
     };
-    let reply = crate::auth::as_caller(
-        identity.clone(),
-        CONTEXT.scope(context, CatchUnwind(started.reply)),
-    );
     let run = tokio::time::timeout_at(started.deadline, reply);
     tokio::pin!(run);
     // The reader waits for this call: say we are alive meanwhile, as while
@@ -877,6 +1115,7 @@ fn start(
     identity: Option<&str>,
     payload: &Bytes,
     id: u64,
+    now: Instant,
     sender: &FrameSender,
 ) -> Result<Started, RpcFault> {
     let (header, args): (RequestHeader<'_>, &[u8]) =
@@ -904,13 +1143,13 @@ fn start(
     let credit = (header.window > 0).then(|| Arc::new(Semaphore::new(header.window as usize)));
     let items = ItemSink {
         id,
-        sender: sender.clone(),
+        sender: credit.as_ref().map(|_| sender.clone()),
         credit: credit.clone(),
     };
     let reply = service.call(header.method, args, items)?;
     Ok(Started {
         reply,
-        deadline: Instant::now() + Duration::from_millis(header.timeout_ms),
+        deadline: now + Duration::from_millis(header.timeout_ms),
         credit,
         service: service.name(),
     })
@@ -932,25 +1171,32 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(not a string)")
 }
 
-/// Runs a handler's future, turning a panic inside it into an `Err` with
-/// the panic's payload, so the caller can be answered at once.
-struct CatchUnwind(crate::__private::Reply);
+/// A handler's future, run as its caller with its call's context (see
+/// [`crate::caller`], [`CallContext::current`]). A panic inside it becomes an
+/// `Err` with the panic's payload, so the caller can be answered at once.
+///
+/// The connection's reader polls it first; one still pending then moves to
+/// a task of its own (it is `Unpin`: the handler's state is boxed).
+struct Handler {
+    reply: crate::__private::Reply,
+    context: CallContext,
+}
 
-impl std::future::Future for CatchUnwind {
-    type Output = Result<Result<Bytes, RpcFault>, Box<dyn std::any::Any + Send>>;
+impl Future for Handler {
+    type Output = Outcome;
 
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Outcome> {
+        let Handler { reply, context } = &mut *self;
         // Unwind safety: after a panic the future is never polled again
-        // (Ready is returned and the task drops it), so no broken state is
-        // observed.
-        let reply = &mut self.0;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply.as_mut().poll(cx))) {
-            Ok(poll) => poll.map(Ok),
-            Err(panic) => std::task::Poll::Ready(Err(panic)),
-        }
+        // (Ready is returned and the caller drops it), so no broken state
+        // is observed.
+        CONTEXT.sync_scope(context.clone(), || {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply.as_mut().poll(cx)))
+            {
+                Ok(poll) => poll.map(Ok),
+                Err(panic) => Poll::Ready(Err(panic)),
+            }
+        })
     }
 }
 
@@ -1001,6 +1247,14 @@ tokio::task_local! {
 pub struct CallContext {
     cancel: Arc<CancelSignal>,
     deadline: Instant,
+    /// Who made the call (see [`crate::caller`]).
+    caller: Option<Arc<str>>,
+}
+
+/// The identity of whoever made the call being handled (see
+/// [`crate::caller`]).
+pub(crate) fn caller() -> Option<Arc<str>> {
+    CONTEXT.try_with(|call| call.caller.clone()).ok().flatten()
 }
 
 impl CallContext {

@@ -85,7 +85,7 @@ impl<T: Serialize> Items<T> {
     /// Sends one item, waiting for credit if the client is behind; an item
     /// that cannot be sent is refused before any I/O and the stream goes on.
     pub async fn send_checked(&self, item: &T) -> Result<(), ItemError> {
-        let Some(credit) = &self.sink.credit else {
+        let (Some(credit), Some(sender)) = (&self.sink.credit, &self.sink.sender) else {
             return Err(StreamClosed.into());
         };
         let permit = credit.acquire().await.map_err(|_| StreamClosed)?;
@@ -94,9 +94,7 @@ impl<T: Serialize> Items<T> {
             // The permit goes back: nothing was sent.
             Err(err) => return Err(ItemError::Encode(err.to_string())),
         };
-        match self
-            .sink
-            .sender
+        match sender
             .send(Frame::new(FrameKind::StreamItem, self.sink.id, bytes))
             .await
         {
@@ -121,7 +119,9 @@ impl<T: Serialize> Items<T> {
 #[derive(Clone)]
 pub struct ItemSink {
     pub(crate) id: u64,
-    pub(crate) sender: FrameSender,
+    /// The connection, for a streaming call (`None` for a unary one, which
+    /// sends no items: it need not hold the connection).
+    pub(crate) sender: Option<FrameSender>,
     /// `None` for a unary call: sending items there is a protocol error.
     /// Closed once an item could not be sent and the stream was ended with
     /// an error, so later sends fail instead of reaching a client that saw
@@ -143,7 +143,7 @@ impl ItemSink {
     /// returns, and never know items were lost). The end the server sends
     /// when the handler returns then reaches no one.
     async fn fail(&self, reason: &str) {
-        let Some(credit) = &self.credit else {
+        let (Some(credit), Some(sender)) = (&self.credit, &self.sender) else {
             return;
         };
         // A permit is held while the report is sent, so the client's
@@ -156,8 +156,7 @@ impl ItemSink {
             reason: reason.to_string(),
         };
         let payload = postcard::to_stdvec(&fault).unwrap_or_default();
-        let _ = self
-            .sender
+        let _ = sender
             .send(Frame::new(FrameKind::Error, self.id, payload))
             .await;
         drop(permit);

@@ -23,6 +23,8 @@ pub trait Lab {
     /// Every 500th call never answers: a lost reply.
     async fn flaky(&self, n: u64) -> u64;
     async fn ping(&self);
+    /// Yields to the runtime once, then answers: pending at its first poll.
+    async fn yield_once(&self, n: u64) -> u64;
 }
 
 #[derive(Default)]
@@ -76,6 +78,10 @@ impl Lab for LabImpl {
         n
     }
     async fn ping(&self) {}
+    async fn yield_once(&self, n: u64) -> u64 {
+        tokio::task::yield_now().await;
+        n
+    }
 }
 
 /// Sends `sleep(ms)` as a raw request frame, as a client that never sends
@@ -135,6 +141,9 @@ async fn serve(address: Address, config: ServerConfig) -> (ServerHandle, Arc<Lab
             self.0.flaky(n).await
         }
         async fn ping(&self) {}
+        async fn yield_once(&self, n: u64) -> u64 {
+            self.0.yield_once(n).await
+        }
     }
     let listener = bind(&address, &TransportConfig::default()).await.unwrap();
     let handle = Server::new(config)
@@ -435,4 +444,71 @@ async fn a_closed_connection_cancels_its_calls_on_the_server() {
     })
     .await
     .expect("the server dropped the handler when the connection closed");
+}
+
+#[tokio::test]
+async fn calls_answered_at_once_are_not_held_up_by_a_pending_one_on_the_same_connection() {
+    let (server, lab) = serve(mem(), ServerConfig::default()).await;
+    let client = client(&server).await;
+    let started = lab.started.notified();
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { client.sleep(300).await }
+    });
+    started.await;
+    // Answered by the connection's reader while the sleep runs in its task.
+    for n in 0..100 {
+        assert_eq!(client.add(n, 1).await.unwrap(), n + 1);
+    }
+    assert!(!slow.is_finished(), "the sleep is still running");
+    assert_eq!(slow.await.unwrap().unwrap(), 300);
+    assert_eq!(lab.dropped.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn handlers_pending_at_their_first_poll_go_on_in_a_task_and_answer() {
+    let (server, _) = serve(mem(), ServerConfig::default().with_max_in_flight(8)).await;
+    let client = client(&server).await;
+    let calls: Vec<_> = (0..200u64)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                if n % 2 == 0 {
+                    client.yield_once(n).await
+                } else {
+                    client.add(n as i64, 0).await.map(|sum| sum as u64)
+                }
+            })
+        })
+        .collect();
+    for (n, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap().unwrap(), n as u64);
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_stops_a_handler_that_went_on_in_a_task_and_the_connection_goes_on() {
+    let (server, lab) = serve(mem(), ServerConfig::default().with_max_in_flight(1)).await;
+    let client = client(&server).await;
+    for round in 1..=3 {
+        let started = lab.started.notified();
+        let call = tokio::spawn({
+            let client = client.clone();
+            async move { client.sleep(3_600_000).await }
+        });
+        started.await;
+        call.abort();
+        let _ = call.await;
+        // Its slot (the only one) comes back with the cancel: later calls
+        // that go pending are served.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while lab.dropped.load(Ordering::SeqCst) < round {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the server's handler was dropped");
+        assert_eq!(client.yield_once(7).await.unwrap(), 7);
+        assert_eq!(client.add(2, 2).await.unwrap(), 4);
+    }
 }
