@@ -474,6 +474,7 @@ impl Log {
             counters: counters.clone(),
             dirty: false,
             dirty_since: None,
+            broken: None,
         };
         let thread = std::thread::Builder::new()
             .name("courier-log".into())
@@ -599,6 +600,11 @@ struct Writer {
     /// When the first write since the last fsync happened: under
     /// `Interval(d)` the fsync is due `d` after it.
     dirty_since: Option<std::time::Instant>,
+    /// Set when a failed batch could not be cut off the file: the segment
+    /// may end in a torn record, so nothing appended after it could be
+    /// replayed. Every later append is refused with this reason (reopening
+    /// the log cuts the torn tail, as after a crash).
+    broken: Option<String>,
 }
 
 /// When an `Interval(every)` fsync is due: `every` after the first write
@@ -675,6 +681,12 @@ impl Writer {
         if appends.is_empty() {
             return;
         }
+        if let Some(reason) = &self.broken {
+            for (_, done) in appends {
+                let _ = done.send(Err(AppendError::Io(reason.clone())));
+            }
+            return;
+        }
         // One write (per segment) and at most one fsync for the whole batch.
         // On failure the segment written to is cut back to here: its length
         // and the sequence number it goes on from, from before the batch or
@@ -733,7 +745,10 @@ impl Writer {
                 // and replay shows them, which at-least-once callers
                 // tolerate.
                 if let Err(undo) = self.file.set_len(undo_len) {
-                    tracing::error!(%undo, "could not cut a failed write off the log");
+                    tracing::error!(%undo, "could not cut a failed write off the log; refusing appends until it is reopened");
+                    self.broken = Some(format!(
+                        "the log could not undo a failed write ({undo}) and refuses appends until reopened"
+                    ));
                 }
                 // Bytes written whole since then (the fsync failed) go too.
                 self.counters

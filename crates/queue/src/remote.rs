@@ -518,13 +518,22 @@ impl QueueHost {
             table: self.outstanding.clone(),
             stream: self.next_stream.fetch_add(1, Ordering::Relaxed),
         };
+        // A delivery that would have taken the last group past its byte
+        // bound: it starts the next one (alone, if it is large), so a group
+        // never grows past what one frame carries because of its last member.
+        let mut held_back = None;
         loop {
-            let Ok(permit) = credit.clone().acquire_owned().await else {
-                return; // never closed; nothing to serve if it were
+            let first = match held_back.take() {
+                Some(first) => first,
+                None => {
+                    let Ok(permit) = credit.clone().acquire_owned().await else {
+                        return; // never closed; nothing to serve if it were
+                    };
+                    (consumer.recv().await, permit)
+                }
             };
-            let first = consumer.recv().await;
-            let mut taken = vec![(first, permit)];
-            let mut bytes = taken[0].0.payload.len();
+            let mut bytes = first.0.payload.len();
+            let mut taken = vec![first];
             // Whatever else is ready and has credit goes with it.
             while taken.len() < most && bytes < DELIVERY_BYTES_PER_ITEM {
                 let Ok(permit) = credit.clone().try_acquire_owned() else {
@@ -533,6 +542,10 @@ impl QueueHost {
                 let Some(delivery) = consumer.try_recv() else {
                     break;
                 };
+                if bytes + delivery.payload.len() > DELIVERY_BYTES_PER_ITEM {
+                    held_back = Some((delivery, permit));
+                    break;
+                }
                 bytes += delivery.payload.len();
                 taken.push((delivery, permit));
             }
@@ -994,8 +1007,12 @@ impl Batcher for EnqueueBatch {
             .await
         {
             Ok(Ok(stored)) => return stored.into_iter().map(Ok).collect(),
-            Ok(Err(err)) if count > 1 => err,
+            Ok(Err(err)) if count > 1 => err.to_string(),
             Ok(Err(err)) => return vec![Err(err.into())],
+            // Too large together (a connection with a small frame limit),
+            // though each may fit alone: refused before any I/O, so
+            // nothing was stored.
+            Err(err @ RpcError::TooLarge { .. }) if count > 1 => err.to_string(),
             Err(err) => return vec![Err(err.into()); count],
         };
         tracing::debug!(queue = %self.name, %retry, "a coalesced enqueue failed; trying each message by itself");

@@ -591,3 +591,55 @@ async fn too_many_answers_in_one_call_are_refused_whole() {
     assert_eq!(queue.stats().await.unwrap().acknowledged, 1);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Deliveries ready together share a stream item only while the item stays
+/// within its byte bound: a large message after a small one starts the
+/// next item, so neither is refused by the frame limit (and redelivered,
+/// and in the end dead-lettered, without ever arriving).
+#[tokio::test]
+async fn a_large_delivery_after_a_small_one_travels_in_an_item_of_its_own() {
+    let (server, dir) = host("grouping").await;
+    let mut config = ClientConfig::default();
+    config.transport.max_frame_size = 1024 * 1024;
+    let queue = RemoteQueue::connect(server.local_addr(), "sizes", config)
+        .await
+        .unwrap();
+    queue
+        .enqueue(Message::new(vec![1u8; 200 * 1024]))
+        .await
+        .unwrap();
+    queue
+        .enqueue(Message::new(vec![2u8; 900 * 1024]))
+        .await
+        .unwrap();
+    let mut consumer = queue.consumer(2).await.unwrap();
+    for (byte, len) in [(1u8, 200 * 1024), (2, 900 * 1024)] {
+        let delivery = within("delivery", consumer.recv()).await.unwrap().unwrap();
+        assert_eq!((delivery.payload[0], delivery.payload.len()), (byte, len));
+        assert_eq!(delivery.delivery, 1, "delivered once, not redelivered");
+        delivery.ack().await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Enqueues coalesced into one call that the connection's frame limit
+/// refuses (each would fit alone) are sent one by one: all are stored.
+#[tokio::test]
+async fn coalesced_enqueues_too_large_together_are_stored_one_by_one() {
+    let (server, dir) = host("coalesced-limit").await;
+    let mut config = ClientConfig::default();
+    config.transport.max_frame_size = 512 * 1024;
+    let queue = RemoteQueue::connect(server.local_addr(), "big", config)
+        .await
+        .unwrap();
+    let (first, second, third) = tokio::join!(
+        queue.enqueue(Message::new(vec![1u8; 300 * 1024])),
+        queue.enqueue(Message::new(vec![2u8; 300 * 1024])),
+        queue.enqueue(Message::new(vec![3u8; 300 * 1024])),
+    );
+    for outcome in [first, second, third] {
+        assert!(matches!(outcome.unwrap(), Enqueued::Stored(_)));
+    }
+    assert_eq!(queue.stats().await.unwrap().depth, 3);
+    let _ = std::fs::remove_dir_all(dir);
+}
