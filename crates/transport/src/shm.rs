@@ -333,12 +333,13 @@ fn ring_pipe(pipe: &OwnedFd, doorbell: u8) -> bool {
     if n >= 0 {
         return true;
     }
-    // EAGAIN: the pipe is full (the peer has doorbells waiting) or its
-    // reader is draining it right now (it looks at the ring after that).
-    // EPIPE: the peer is gone, which the control socket reports.
-    !matches!(
+    // EAGAIN: the pipe is full, so the peer has doorbells waiting.
+    // EPIPE: the peer is gone, which the control socket reports. Anything
+    // else (ENOMEM, a kernel without RWF_NOWAIT on pipes) may have lost the
+    // wake-up: the caller rings the control socket instead.
+    matches!(
         io::Error::last_os_error().raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+        Some(libc::EAGAIN | libc::EPIPE)
     )
 }
 
