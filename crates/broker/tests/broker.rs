@@ -165,10 +165,13 @@ async fn a_restart_brings_back_queues_durable_subscriptions_and_unacknowledged_m
     }
     let bus = RemotePubSub::with_client(client(&tcp).await);
     bus.durable("audit", "orders.>").await.unwrap();
-    bus.publisher()
+    let publisher = bus.publisher();
+    publisher
         .publish("orders.kept", "while nobody listens")
         .await
         .unwrap();
+    // One way: flush to know the broker has it before it stops.
+    publisher.flush().await.unwrap();
     broker.shutdown().await;
 
     // A second broker on the same directory while the first runs: refused.

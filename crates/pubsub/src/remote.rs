@@ -734,10 +734,16 @@ impl PubSubService for PubSubHost {
         payload: Bytes,
     ) {
         // The host answers only into an inbox the caller itself may
-        // listen on, never into a subject of someone else's.
-        let inbox = Subject::new(&reply_to)
-            .ok()
-            .filter(|_| reply_to.starts_with("_inbox.") && self.check_subscribe(&reply_to).is_ok());
+        // listen on (`_inbox.<id>`, or `_inbox.<id>.<n>` under
+        // `_inbox.<id>.*`), never into a subject of someone else's.
+        let inbox = Subject::new(&reply_to).ok().filter(|inbox| {
+            let listens_on = match inbox.tokens() {
+                [first, id] if &**first == "_inbox" => format!("_inbox.{id}"),
+                [first, id, _] if &**first == "_inbox" => format!("_inbox.{id}.*"),
+                _ => return false,
+            };
+            self.check_subscribe(&listens_on).is_ok()
+        });
         let outcome = self
             .publish(requester, subject, Some(reply_to), payload)
             .await;
