@@ -4,7 +4,8 @@
 //!
 //! Each row runs its workload against a raw limit (tokio TCP or a Unix
 //! socket, or the disk), the best peer (nats-server 2.9 with async-nats
-//! 0.51 for brokered workloads, tarpc 0.38 for RPC) and Courier, in each
+//! 0.51 for brokered workloads, tarpc 0.38 and ZeroMQ 4.3 (REQ/REP) for
+//! RPC) and Courier, in each
 //! placement: `same` (broker or server and client on CPU 0) and `split`
 //! (broker or server on CPU 1, client on CPU 0). Brokers are separate
 //! processes pinned with `taskset`; the client is one pinned thread with a
@@ -392,6 +393,7 @@ impl Bench {
         let name = "rpc echo 64B sequential";
         if self.wanted(name) {
             eprintln!("{name} ({}) ...", placement.label());
+            let courier = median(runs, || as_p50(rpc::courier(placement, tcp(), sequential)));
             self.rows.push(Row {
                 workload: format!("{name}, p50 µs"),
                 placement,
@@ -411,8 +413,20 @@ impl Bench {
                     "tarpc",
                     median(runs, || as_p50(rpc::tarpc(placement, sequential))),
                 )),
-                courier: median(runs, || as_p50(rpc::courier(placement, tcp(), sequential))),
+                courier: courier.clone(),
                 target: "<= 1.3x raw",
+            });
+            self.rows.push(Row {
+                workload: format!("{name} vs ZeroMQ REQ/REP, p50 µs"),
+                placement,
+                unit: Unit::P50,
+                raw: None,
+                peer: Some((
+                    "ZeroMQ",
+                    median(runs, || Ok(p50_us(&rpc::zeromq(placement, warmup, count)?))),
+                )),
+                courier,
+                target: "-",
             });
         }
         let name = "shm rpc echo 64B sequential";
@@ -559,7 +573,7 @@ fn main() -> anyhow::Result<()> {
     );
     let nats = procs::nats_version(&args.nats_server);
     match &nats {
-        Ok(version) => eprintln!("peer: {version}, async-nats 0.51.0; tarpc 0.38.0"),
+        Ok(version) => eprintln!("peers: {version}, async-nats 0.51.0; tarpc 0.38.0; libzmq 4.3.4"),
         Err(why) => eprintln!("NATS rows will fail: {why}"),
     }
     let counts = Counts::new(args.smoke);

@@ -1,7 +1,8 @@
 //! RPC echo of 64 bytes, server and client each on a pinned thread of one
 //! process (as `courier-benches` runs every pair): Courier's `courier-rpc`
 //! over tcp and shm, tarpc over TCP with bincode (the framing its examples
-//! use), and a raw Unix-socket ping-pong as the shm row's baseline.
+//! use), ZeroMQ REQ/REP for the sequential row, and a raw Unix-socket
+//! ping-pong as the shm row's baseline.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -222,4 +223,77 @@ pub fn unix_pingpong(
     );
     let _ = std::fs::remove_file(&path);
     result
+}
+
+/// ZeroMQ (libzmq through the `zmq` crate) REQ/REP ping-pong of `SIZE`
+/// bytes over TCP, each side a plain thread pinned as the placement says
+/// (libzmq's I/O thread inherits its creator's CPU).
+pub fn zeromq(placement: Placement, warmup: u64, count: u64) -> anyhow::Result<Histogram<u64>> {
+    let (client_cpu, server_cpu) = match placement {
+        Placement::Same => (0, 0),
+        Placement::Split => (0, 1),
+    };
+    let pin = |cpu: usize| {
+        if let Some(id) =
+            core_affinity::get_core_ids().and_then(|ids| ids.into_iter().find(|id| id.id == cpu))
+        {
+            core_affinity::set_for_current(id);
+        }
+    };
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let done = &done;
+        let server = scope.spawn(move || -> anyhow::Result<()> {
+            pin(server_cpu);
+            let context = zmq::Context::new();
+            let socket = context.socket(zmq::REP)?;
+            // Wakes now and then to see whether the client is done.
+            socket.set_rcvtimeo(100)?;
+            socket.bind("tcp://127.0.0.1:0")?;
+            let endpoint = socket
+                .get_last_endpoint()?
+                .map_err(|_| anyhow::anyhow!("a non-UTF-8 endpoint"))?;
+            let _ = tx.send(endpoint);
+            let mut message = zmq::Message::new();
+            while !done.load(Ordering::Acquire) {
+                match socket.recv(&mut message, 0) {
+                    Ok(()) => socket.send(&*message, 0)?,
+                    Err(zmq::Error::EAGAIN) => continue,
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            Ok(())
+        });
+        let client = scope.spawn(move || -> anyhow::Result<Histogram<u64>> {
+            pin(client_cpu);
+            let endpoint = rx.recv().context("the server's endpoint")?;
+            let context = zmq::Context::new();
+            let socket = context.socket(zmq::REQ)?;
+            socket.connect(&endpoint)?;
+            let data = [0xA5u8; SIZE];
+            let mut reply = zmq::Message::new();
+            let mut histogram = latency_histogram();
+            for i in 0..warmup + count {
+                let started = Instant::now();
+                socket.send(&data[..], 0)?;
+                socket.recv(&mut reply, 0)?;
+                anyhow::ensure!(reply.len() == SIZE, "a reply of the wrong size");
+                if i >= warmup {
+                    record(&mut histogram, started.elapsed());
+                }
+            }
+            Ok(histogram)
+        });
+        let result = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ZeroMQ client panicked"));
+        done.store(true, Ordering::Release);
+        let served = server
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ZeroMQ server panicked"));
+        let histogram = result??;
+        served??;
+        Ok(histogram)
+    })
 }
