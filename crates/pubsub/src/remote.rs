@@ -1343,7 +1343,7 @@ pub struct RemotePublisher {
 
 /// How many bytes of one-way publishes a publisher queues for its sender
 /// task before `publish` waits (each message counts its subject, reply
-/// subject and payload, plus [`QUEUED_OVERHEAD`]).
+/// subject and payload, plus 64 bytes, so many tiny messages are bounded too).
 pub const PUBLISH_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// What a queued message counts beyond its bytes, so that many tiny

@@ -88,28 +88,25 @@ impl<T: Serialize> Items<T> {
         let (Some(credit), Some(sender)) = (&self.sink.credit, &self.sink.sender) else {
             return Err(StreamClosed.into());
         };
-        let permit = credit.acquire().await.map_err(|_| StreamClosed)?;
-        let bytes = match postcard::to_stdvec(item) {
-            Ok(bytes) => bytes,
-            // The permit goes back: nothing was sent.
-            Err(err) => return Err(ItemError::Encode(err.to_string())),
-        };
+        // Spent before the send: the item is encoded straight into the
+        // connection's buffer in the send's first poll, so a send dropped
+        // at its await has already queued the item and used the credit.
+        credit.acquire().await.map_err(|_| StreamClosed)?.forget();
         match sender
-            .send(Frame::new(FrameKind::StreamItem, self.sink.id, bytes))
+            .send_message(FrameKind::StreamItem, self.sink.id, item)
             .await
         {
-            Ok(()) => {
-                permit.forget();
-                Ok(())
-            }
+            Ok(()) => Ok(()),
+            // Refused before any byte was queued: the credit comes back.
             Err(SendError::FrameTooLarge { size, limit }) => {
+                credit.add_permits(1);
                 Err(ItemError::TooLarge { size, limit })
             }
-            Err(SendError::Serialize(err)) => Err(ItemError::Encode(err.to_string())),
-            Err(_) => {
-                permit.forget();
-                Err(StreamClosed.into())
+            Err(SendError::Serialize(err)) => {
+                credit.add_permits(1);
+                Err(ItemError::Encode(err.to_string()))
             }
+            Err(_) => Err(StreamClosed.into()),
         }
     }
 }
