@@ -1369,6 +1369,8 @@ struct PublisherShared {
     queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Outgoing>>,
     /// Bytes of queued publishes (see [`PUBLISH_QUEUE_BYTES`]).
     room: Arc<tokio::sync::Semaphore>,
+    /// The subject of the last one-way `publish`, checked and shared.
+    last_subject: std::sync::Mutex<Option<Arc<str>>>,
     /// Shared with the sender task.
     sending: Arc<Sending>,
 }
@@ -1379,6 +1381,7 @@ impl Default for PublisherShared {
             turn: tokio::sync::Mutex::new(()),
             queue: std::sync::OnceLock::new(),
             room: Arc::new(tokio::sync::Semaphore::new(PUBLISH_QUEUE_BYTES)),
+            last_subject: std::sync::Mutex::new(None),
             sending: Arc::default(),
         }
     }
@@ -1428,16 +1431,18 @@ impl Sending {
 #[derive(Debug)]
 enum Outgoing {
     /// Messages to publish, holding their share of the queue's room.
-    Publish(Vec<WirePublish>, tokio::sync::OwnedSemaphorePermit),
+    Publish(Vec<Queued>, tokio::sync::OwnedSemaphorePermit),
+    /// One message (most `publish` calls: no `Vec` for it).
+    One(Queued, tokio::sync::OwnedSemaphorePermit),
     /// Answered once everything queued before it has been handed to the
     /// connection.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What a message costs in the queue and in a frame (about).
-fn queued_size(message: &WirePublish) -> usize {
+fn queued_size(message: &Queued) -> usize {
     message.subject.len()
-        + message.reply_to.as_ref().map_or(0, String::len)
+        + message.reply_to.as_ref().map_or(0, |r| r.len())
         + message.payload.len()
         + QUEUED_OVERHEAD
 }
@@ -1452,7 +1457,6 @@ async fn send_publishes(
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut taken = Vec::with_capacity(256);
-    let mut batch: Vec<WirePublish> = Vec::new();
     let mut permits = Vec::new();
     while queue.recv_many(&mut taken, 256).await > 0 {
         let budget = match client.client().max_frame_size().await {
@@ -1462,48 +1466,76 @@ async fn send_publishes(
             }
             None => SEND_BATCH_BYTES,
         };
-        let mut bytes = 0;
+        let mut framer = Framer {
+            batch: Vec::new(),
+            bytes: 0,
+            budget,
+        };
         for item in taken.drain(..) {
             match item {
+                Outgoing::One(message, permit) => {
+                    permits.push(permit);
+                    if let Some(full) = framer.push(message) {
+                        send_frame(&client, id, &sending, full).await;
+                    }
+                }
                 Outgoing::Publish(messages, permit) => {
                     permits.push(permit);
                     for message in messages {
-                        let size = queued_size(&message);
-                        if !batch.is_empty() && bytes + size > budget {
-                            send_frame(&client, id, &sending, std::mem::take(&mut batch)).await;
-                            bytes = 0;
+                        if let Some(full) = framer.push(message) {
+                            send_frame(&client, id, &sending, full).await;
                         }
-                        bytes += size;
-                        batch.push(message);
                     }
                 }
                 Outgoing::Barrier(done) => {
-                    if !batch.is_empty() {
-                        send_frame(&client, id, &sending, std::mem::take(&mut batch)).await;
-                        bytes = 0;
+                    if let Some(batch) = framer.take() {
+                        send_frame(&client, id, &sending, batch).await;
                     }
                     permits.clear();
                     let _ = done.send(());
                 }
             }
         }
-        if !batch.is_empty() {
-            send_frame(&client, id, &sending, std::mem::take(&mut batch)).await;
+        if let Some(batch) = framer.take() {
+            send_frame(&client, id, &sending, batch).await;
         }
         // Room comes back once the bytes are on the connection.
         permits.clear();
     }
 }
 
+/// Gathers queued messages into frames of at most `budget` bytes.
+struct Framer {
+    batch: Vec<Queued>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl Framer {
+    /// Adds a message; returns the batch before it when it does not fit.
+    fn push(&mut self, message: Queued) -> Option<Vec<Queued>> {
+        let size = queued_size(&message);
+        let full = if !self.batch.is_empty() && self.bytes + size > self.budget {
+            self.take()
+        } else {
+            None
+        };
+        self.bytes += size;
+        self.batch.push(message);
+        full
+    }
+
+    /// The batch so far, if any.
+    fn take(&mut self) -> Option<Vec<Queued>> {
+        self.bytes = 0;
+        (!self.batch.is_empty()).then(|| std::mem::take(&mut self.batch))
+    }
+}
+
 /// Sends one batch as one-way frames: split in halves while the frame
 /// limit refuses it; a single message no frame can hold is counted as
 /// unsendable (reported by the next flush).
-async fn send_frame(
-    client: &PubSubServiceClient,
-    id: u64,
-    sending: &Sending,
-    batch: Vec<WirePublish>,
-) {
+async fn send_frame(client: &PubSubServiceClient, id: u64, sending: &Sending, batch: Vec<Queued>) {
     let mut pending = vec![batch];
     while let Some(batch) = pending.pop() {
         let seq = sending.next_seq();
@@ -1543,18 +1575,43 @@ async fn send_frame(
     }
 }
 
-/// A batch for the wire, every subject checked first.
+/// A message in a publisher's queue: a [`WirePublish`] on the wire (it
+/// serializes field for field the same), with its subject shared, so a
+/// publisher sending to one subject again and again allocates nothing for it.
+#[derive(Debug)]
+struct Queued {
+    subject: Arc<str>,
+    reply_to: Option<Arc<str>>,
+    payload: Bytes,
+}
+
+impl serde::Serialize for Queued {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut fields = serializer.serialize_struct("WirePublish", 3)?;
+        fields.serialize_field("subject", &*self.subject)?;
+        fields.serialize_field("reply_to", &self.reply_to.as_deref())?;
+        fields.serialize_field("payload", &self.payload)?;
+        fields.end()
+    }
+}
+
+/// A batch for the queue, every subject checked first.
 fn wire_batch<S: Into<String>, P: Into<Bytes>>(
     messages: impl IntoIterator<Item = (S, P)>,
-) -> Result<Vec<WirePublish>, RemotePubSubError> {
-    let mut batch: Vec<WirePublish> = Vec::new();
+) -> Result<Vec<Queued>, RemotePubSubError> {
+    let mut batch: Vec<Queued> = Vec::new();
     for (subject, payload) in messages {
         let subject = subject.into();
-        // Batches often repeat a subject: check it once.
-        if batch.last().is_none_or(|last| last.subject != subject) {
-            Subject::new(&subject).map_err(RemoteError::from)?;
-        }
-        batch.push(WirePublish {
+        // Batches often repeat a subject: check and store it once.
+        let subject = match batch.last() {
+            Some(last) if *last.subject == *subject => last.subject.clone(),
+            _ => {
+                Subject::validate(&subject).map_err(RemoteError::from)?;
+                Arc::from(subject)
+            }
+        };
+        batch.push(Queued {
             subject,
             reply_to: None,
             payload: payload.into(),
@@ -1600,21 +1657,51 @@ impl RemotePublisher {
         reply_to: Option<&str>,
         payload: Bytes,
     ) -> Result<(), RemotePubSubError> {
-        Subject::new(subject).map_err(RemoteError::from)?;
-        self.enqueue(vec![WirePublish {
-            subject: subject.to_string(),
-            reply_to: reply_to.map(str::to_string),
+        let subject = {
+            let mut last = self
+                .shared
+                .last_subject
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match &*last {
+                Some(known) if **known == *subject => known.clone(),
+                _ => {
+                    Subject::validate(subject).map_err(RemoteError::from)?;
+                    let fresh: Arc<str> = Arc::from(subject);
+                    *last = Some(fresh.clone());
+                    fresh
+                }
+            }
+        };
+        let message = Queued {
+            subject,
+            reply_to: reply_to.map(Arc::from),
             payload,
-        }])
-        .await
+        };
+        let permit = self.room_for(std::slice::from_ref(&message)).await?;
+        self.queue()
+            .send(Outgoing::One(message, permit))
+            .map_err(|_| RemotePubSubError::Protocol("the publisher's sender task ended".into()))
     }
 
     /// Queues messages for the sender task, waiting for room: a message
     /// the connection's frame limit can never carry fails here.
-    async fn enqueue(&self, messages: Vec<WirePublish>) -> Result<(), RemotePubSubError> {
+    async fn enqueue(&self, messages: Vec<Queued>) -> Result<(), RemotePubSubError> {
+        let permit = self.room_for(&messages).await?;
+        self.queue()
+            .send(Outgoing::Publish(messages, permit))
+            .map_err(|_| RemotePubSubError::Protocol("the publisher's sender task ended".into()))
+    }
+
+    /// Waits for the queue's room for `messages`; a message the
+    /// connection's frame limit can never carry fails here.
+    async fn room_for(
+        &self,
+        messages: &[Queued],
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, RemotePubSubError> {
         let limit = self.shared.sending.limit.load(Ordering::Relaxed);
         let mut bytes = 0;
-        for message in &messages {
+        for message in messages {
             let size = queued_size(message);
             if limit != 0 && size + FRAME_MARGIN > limit {
                 return Err(RpcError::TooLarge {
@@ -1627,16 +1714,12 @@ impl RemotePublisher {
         }
         // A batch larger than the whole queue waits for all of its room.
         let wanted = bytes.min(PUBLISH_QUEUE_BYTES) as u32;
-        let permit = self
-            .shared
+        self.shared
             .room
             .clone()
             .acquire_many_owned(wanted)
             .await
-            .map_err(|_| RemotePubSubError::Protocol("the publisher's queue is closed".into()))?;
-        self.queue()
-            .send(Outgoing::Publish(messages, permit))
-            .map_err(|_| RemotePubSubError::Protocol("the publisher's sender task ended".into()))
+            .map_err(|_| RemotePubSubError::Protocol("the publisher's queue is closed".into()))
     }
 
     /// The queue, starting the sender task on first use.
@@ -1770,6 +1853,14 @@ impl RemotePublisher {
         let messages = wire_batch(messages)?;
         let _turn = self.shared.turn.lock().await;
         self.barrier().await?;
+        let messages = messages
+            .into_iter()
+            .map(|m| WirePublish {
+                subject: m.subject.to_string(),
+                reply_to: m.reply_to.map(|r| r.to_string()),
+                payload: m.payload,
+            })
+            .collect();
         Ok(self.client.publish_batch(self.id, messages).await??)
     }
 
@@ -1929,6 +2020,33 @@ fn event_from(wire: WireEvent, last: &mut Option<Subject>) -> Result<Event, Remo
         WireEvent::Active => Err(RemotePubSubError::Protocol("a second Active".into())),
         WireEvent::DropCount { .. } => {
             Err(RemotePubSubError::Protocol("a misplaced drop count".into()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod queued_tests {
+    use super::*;
+
+    /// The publisher's queue entry and the host's wire type are the same
+    /// bytes, so the host decodes what the sender task encodes.
+    #[test]
+    fn a_queued_message_is_encoded_as_a_wire_publish() {
+        for reply_to in [None, Some("_inbox.1.2")] {
+            let queued = Queued {
+                subject: Arc::from("orders.eu"),
+                reply_to: reply_to.map(Arc::from),
+                payload: Bytes::from_static(b"\x00payload\xff"),
+            };
+            let wire = WirePublish {
+                subject: "orders.eu".into(),
+                reply_to: reply_to.map(str::to_string),
+                payload: Bytes::from_static(b"\x00payload\xff"),
+            };
+            assert_eq!(
+                postcard::to_allocvec(&(7u64, 9u64, vec![&queued])).unwrap(),
+                postcard::to_allocvec(&(7u64, 9u64, vec![wire])).unwrap()
+            );
         }
     }
 }

@@ -44,6 +44,13 @@ pub enum SubjectError {
 }
 
 fn split(input: &str, wildcards: bool) -> Result<Vec<Arc<str>>, SubjectError> {
+    check(input, wildcards)?;
+    Ok(input.split('.').map(Arc::from).collect())
+}
+
+/// Checks a subject (or, with `wildcards`, a filter) without allocating:
+/// publishers validate every message's subject before it is queued.
+pub(crate) fn check(input: &str, wildcards: bool) -> Result<(), SubjectError> {
     if input.is_empty() {
         return Err(SubjectError::Empty);
     }
@@ -53,11 +60,11 @@ fn split(input: &str, wildcards: bool) -> Result<Vec<Arc<str>>, SubjectError> {
             reason: format!("{} bytes, at most {MAX_LEN}", input.len()),
         });
     }
-    let tokens: Vec<&str> = input.split('.').collect();
-    if tokens.len() > MAX_TOKENS {
+    let count = input.split('.').count();
+    if count > MAX_TOKENS {
         return Err(SubjectError::TooLong {
             input: input.to_string(),
-            reason: format!("{} tokens, at most {MAX_TOKENS}", tokens.len()),
+            reason: format!("{count} tokens, at most {MAX_TOKENS}"),
         });
     }
     let invalid = |position: usize, token: &str, reason| SubjectError::InvalidToken {
@@ -66,14 +73,14 @@ fn split(input: &str, wildcards: bool) -> Result<Vec<Arc<str>>, SubjectError> {
         token: token.to_string(),
         reason,
     };
-    for (position, token) in tokens.iter().enumerate() {
+    for (position, token) in input.split('.').enumerate() {
         if token.is_empty() {
             return Err(invalid(position, token, "empty token"));
         }
         if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(invalid(position, token, "whitespace or control character"));
         }
-        let is_wildcard = *token == "*" || *token == ">";
+        let is_wildcard = token == "*" || token == ">";
         if is_wildcard && !wildcards {
             return Err(invalid(
                 position,
@@ -84,11 +91,11 @@ fn split(input: &str, wildcards: bool) -> Result<Vec<Arc<str>>, SubjectError> {
         if !is_wildcard && (token.contains('*') || token.contains('>')) {
             return Err(invalid(position, token, "a wildcard must be a whole token"));
         }
-        if *token == ">" && position + 1 != tokens.len() {
+        if token == ">" && position + 1 != count {
             return Err(invalid(position, token, "'>' must be the last token"));
         }
     }
-    Ok(tokens.into_iter().map(Arc::from).collect())
+    Ok(())
 }
 
 /// A valid subject (no wildcards).
@@ -106,6 +113,11 @@ impl Subject {
             text: input.into(),
             tokens: tokens.into(),
         })
+    }
+
+    /// Whether `input` is a valid subject, without making one.
+    pub fn validate(input: &str) -> Result<(), SubjectError> {
+        check(input, false)
     }
 
     /// The tokens.
