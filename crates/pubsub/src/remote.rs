@@ -236,6 +236,31 @@ pub struct WirePublish {
     pub payload: Bytes,
 }
 
+/// A subject on the wire: text, encoded as a string, shared rather than
+/// copied where it comes from (the host sends each delivery's subject
+/// without allocating; a subscriber decoding one allocates it once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireText(pub Arc<str>);
+
+impl WireText {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl serde::Serialize for WireText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WireText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|text| WireText(Arc::from(text)))
+    }
+}
+
 /// One item of a subscription stream.
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum WireEvent {
@@ -244,7 +269,7 @@ pub enum WireEvent {
     /// A message.
     Message {
         /// Its subject.
-        subject: String,
+        subject: WireText,
         /// Its bytes.
         payload: Bytes,
         /// The publisher.
@@ -252,7 +277,7 @@ pub enum WireEvent {
         /// Per-publisher sequence number, for this subscription.
         seq: u64,
         /// Where to reply, for request-reply.
-        reply_to: Option<String>,
+        reply_to: Option<WireText>,
     },
     /// Messages `from..to` of `publisher` were dropped.
     Gap {
@@ -641,11 +666,11 @@ impl Drop for Unapplied<'_> {
 fn wire_event(event: Event) -> Option<WireEvent> {
     Some(match event {
         Event::Message(m) => WireEvent::Message {
-            subject: m.subject.as_str().to_string(),
+            subject: WireText(m.subject.shared_text()),
             payload: m.payload,
             publisher: m.publisher,
             seq: m.seq,
-            reply_to: m.reply_to.map(|r| r.as_str().to_string()),
+            reply_to: m.reply_to.map(|r| WireText(r.shared_text())),
         },
         Event::Gap {
             publisher,
@@ -671,7 +696,7 @@ fn wire_size(event: &WireEvent) -> usize {
             payload,
             reply_to,
             ..
-        } => FIXED + subject.len() + payload.len() + reply_to.as_ref().map_or(0, String::len),
+        } => FIXED + subject.0.len() + payload.len() + reply_to.as_ref().map_or(0, |r| r.0.len()),
         _ => FIXED,
     }
 }
@@ -1171,7 +1196,7 @@ impl RemotePubSub {
             }
         }
         let _forget = Forget(&inbox.waiting, n);
-        Subject::new(subject).map_err(RemoteError::from)?;
+        Subject::validate(subject).map_err(RemoteError::from)?;
         // One way, so a request costs one frame each way plus the reply:
         // the host answers one nobody takes (or that it refuses) on the
         // inbox itself. It goes on the publishers' connection, because the
@@ -1997,13 +2022,13 @@ fn event_from(wire: WireEvent, last: &mut Option<Subject>) -> Result<Event, Remo
             publisher,
             seq,
             reply_to,
-        } => match parse_subject(&subject, last) {
+        } => match parse_subject(subject.as_str(), last) {
             Ok(subject) => Ok(Event::Message(Message {
                 subject,
                 payload,
                 publisher,
                 seq,
-                reply_to: reply_to.and_then(|r| Subject::new(&r).ok()),
+                reply_to: reply_to.and_then(|r| Subject::new(r.as_str()).ok()),
             })),
             Err(err) => Err(RemotePubSubError::Protocol(err.to_string())),
         },

@@ -129,6 +129,11 @@ impl Subject {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// The text, shared (no copy).
+    pub(crate) fn shared_text(&self) -> Arc<str> {
+        self.text.clone()
+    }
 }
 
 impl fmt::Display for Subject {
