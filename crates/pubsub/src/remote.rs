@@ -255,9 +255,37 @@ impl serde::Serialize for WireText {
     }
 }
 
+std::thread_local! {
+    /// The text the last [`WireText`] decoded on this thread: a stream of
+    /// messages on one subject shares one allocation for all of them.
+    static LAST_TEXT: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+}
+
 impl<'de> serde::Deserialize<'de> for WireText {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(|text| WireText(Arc::from(text)))
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = WireText;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a subject")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<WireText, E> {
+                Ok(WireText(LAST_TEXT.with(|last| {
+                    let mut last = last.borrow_mut();
+                    match &*last {
+                        Some(known) if **known == *text => known.clone(),
+                        _ => {
+                            let fresh: Arc<str> = Arc::from(text);
+                            *last = Some(fresh.clone());
+                            fresh
+                        }
+                    }
+                })))
+            }
+        }
+        deserializer.deserialize_str(Text)
     }
 }
 
@@ -2052,6 +2080,26 @@ fn event_from(wire: WireEvent, last: &mut Option<Subject>) -> Result<Event, Remo
 #[cfg(test)]
 mod queued_tests {
     use super::*;
+
+    /// A subject decodes to the text it was, and a run of messages on one
+    /// subject shares one allocation for it.
+    #[test]
+    fn wire_text_round_trips_and_shares_a_repeated_subject() {
+        let encode = |text: &str| postcard::to_allocvec(&WireText(Arc::from(text))).unwrap();
+        // The same bytes as a plain string.
+        assert_eq!(
+            encode("orders.eu"),
+            postcard::to_allocvec("orders.eu").unwrap()
+        );
+        let decode = |bytes: &[u8]| postcard::from_bytes::<WireText>(bytes).unwrap();
+        let first = decode(&encode("orders.eu"));
+        let second = decode(&encode("orders.eu"));
+        assert_eq!(first.as_str(), "orders.eu");
+        assert!(Arc::ptr_eq(&first.0, &second.0));
+        let other = decode(&encode("orders.us"));
+        assert_eq!(other.as_str(), "orders.us");
+        assert!(!Arc::ptr_eq(&first.0, &other.0));
+    }
 
     /// The publisher's queue entry and the host's wire type are the same
     /// bytes, so the host decodes what the sender task encodes.
