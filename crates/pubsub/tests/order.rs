@@ -65,6 +65,26 @@ async fn join_all<T>(mut futures: Vec<Pin<Box<dyn Future<Output = T> + Send + '_
     outputs.into_iter().map(Option::unwrap).collect()
 }
 
+/// The next event, within a liveness bound (a lost message fails the
+/// test instead of hanging it).
+async fn next_event(sub: &mut courier_pubsub::remote::RemoteSubscription) -> Event {
+    tokio::time::timeout(Duration::from_secs(30), sub.recv())
+        .await
+        .expect("an event within 30 s")
+        .expect("the subscription goes on")
+        .expect("no error")
+}
+
+/// Messages numbered 0..count (little-endian u32 payloads), in order.
+async fn expect_numbered(sub: &mut courier_pubsub::remote::RemoteSubscription, count: u32) {
+    for n in 0..count {
+        match next_event(sub).await {
+            Event::Message(m) => assert_eq!(m.payload[..], n.to_le_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 fn body(task: u32, n: u32) -> Vec<u8> {
     let mut body = task.to_le_bytes().to_vec();
     body.extend_from_slice(&n.to_le_bytes());
@@ -374,17 +394,7 @@ async fn a_loop_of_publishes_goes_out_in_batches() {
             .unwrap();
     }
     publisher.flush().await.unwrap();
-    for n in 0..count {
-        let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        match event {
-            Event::Message(m) => assert_eq!(m.payload[..], n.to_le_bytes()),
-            other => panic!("{other:?}"),
-        }
-    }
+    expect_numbered(&mut sub, count).await;
     let frames: u64 = counters
         .latency
         .iter()
@@ -428,17 +438,7 @@ async fn publishes_queued_when_the_publisher_is_dropped_are_still_sent() {
         }
         // No flush: the publisher, its clones and the bus go here.
     }
-    for n in 0..count {
-        let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        match event {
-            Event::Message(m) => assert_eq!(m.payload[..], n.to_le_bytes()),
-            other => panic!("{other:?}"),
-        }
-    }
+    expect_numbered(&mut sub, count).await;
     server.shutdown(Duration::from_millis(200)).await;
 }
 
@@ -474,11 +474,7 @@ async fn a_message_past_the_frame_limit_fails_its_publish_call() {
     publisher.publish("limit", "after").await.unwrap();
     publisher.flush().await.unwrap();
     for expected in [&b"first"[..], b"after"] {
-        let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let event = next_event(&mut sub).await;
         assert!(matches!(event, Event::Message(m) if m.payload[..] == *expected));
     }
     server.shutdown(Duration::from_millis(200)).await;
@@ -514,12 +510,7 @@ async fn a_batch_shares_out_among_a_queue_group_message_by_message() {
     async fn take(sub: &mut courier_pubsub::remote::RemoteSubscription, n: u32) -> Vec<u32> {
         let mut got = Vec::new();
         while got.len() < n as usize {
-            let event = tokio::time::timeout(Duration::from_secs(30), sub.recv())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            if let Event::Message(m) = event {
+            if let Event::Message(m) = next_event(sub).await {
                 got.push(u32::from_le_bytes(m.payload[..4].try_into().unwrap()));
             }
         }
@@ -580,11 +571,7 @@ async fn the_host_never_answers_a_request_into_a_subject_that_is_not_an_inbox() 
     let publisher = bus.publisher();
     publisher.publish("orders.created", "real").await.unwrap();
     publisher.flush().await.unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(30), victim.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = next_event(&mut victim).await;
     assert!(
         matches!(&event, Event::Message(m) if &m.payload[..] == b"real"),
         "{event:?}"
