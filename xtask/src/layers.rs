@@ -14,6 +14,7 @@ pub const LAYERS: &[&str] = &[
     "rpc",
     "queue",
     "pubsub",
+    "cluster",
     "broker",
     "cli",
 ];

@@ -1,0 +1,8 @@
+//! # courier-cluster
+//!
+//! Courier as a cluster (work in progress).
+
+#![warn(missing_docs)]
+
+pub mod state;
+pub mod types;

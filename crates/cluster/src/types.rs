@@ -1,0 +1,281 @@
+//! What the cluster agrees on: the Raft type configuration, the commands
+//! its log carries and what applying them answers.
+//!
+//! Every command is applied by every node, in log order, by
+//! [`ClusterState::apply`](crate::state::ClusterState::apply). Applying
+//! never reads a clock or anything else local: where time matters (lease
+//! expiry) the leader stamps its clock into the command, so every replica
+//! computes the same state from the same log.
+
+use std::io::Cursor;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A node's identity: an integer from 1, stable for the node's life.
+pub type NodeId = u64;
+
+/// A Raft group. Every group's messages share the one connection between
+/// two nodes, tagged with this id.
+pub type GroupId = u32;
+
+/// The metadata group: membership, declarations and the key-value store.
+pub const METADATA_GROUP: GroupId = 0;
+
+/// A key-value lease, named by the revision that granted it.
+pub type LeaseId = u64;
+
+openraft::declare_raft_types!(
+    /// Courier's Raft types: node ids are `u64`, a node is known by one
+    /// Courier address (`BasicNode::addr`, for example `tcp://10.0.0.2:7878`),
+    /// snapshots are postcard bytes.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// The Raft handle of one group on one node.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// One entry of the metadata group's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A change to the key-value store.
+    Kv(KvCommand),
+    /// A declaration (queues, durable subscriptions).
+    Meta(MetaCommand),
+}
+
+/// What a write requires of the key's current state (etcd's compare).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Condition {
+    /// Nothing: write whatever is there.
+    #[default]
+    Any,
+    /// The key must not exist (create only if absent).
+    Absent,
+    /// The key must exist with exactly this modification revision
+    /// (compare-and-set).
+    ModRevision(u64),
+}
+
+/// A change to the key-value store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvCommand {
+    /// Set `key` to `value` if `condition` holds; attached to `lease` if
+    /// given (the key goes when the lease does).
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: Bytes,
+        /// What must hold first.
+        condition: Condition,
+        /// The lease the key lives under, if any.
+        lease: Option<LeaseId>,
+    },
+    /// Remove `key` if `condition` holds.
+    Delete {
+        /// The key.
+        key: String,
+        /// What must hold first.
+        condition: Condition,
+    },
+    /// Grant a lease of `ttl_ms`, counted from the leader's `now_ms`.
+    GrantLease {
+        /// How long the lease lives without a keep-alive.
+        ttl_ms: u64,
+        /// The proposing leader's clock (milliseconds since the Unix epoch).
+        now_ms: u64,
+    },
+    /// Renew a lease: it now ends `ttl_ms` after `now_ms`.
+    KeepAlive {
+        /// The lease.
+        lease: LeaseId,
+        /// The proposing leader's clock.
+        now_ms: u64,
+    },
+    /// End a lease now, deleting its keys.
+    RevokeLease {
+        /// The lease.
+        lease: LeaseId,
+    },
+    /// End every lease whose end is at or before `now_ms`, deleting their
+    /// keys. Proposed by the leader on its own timer.
+    ExpireLeases {
+        /// The proposing leader's clock.
+        now_ms: u64,
+    },
+    /// Forget the change history before `revision`; watches from before it
+    /// get [`KvError::Compacted`].
+    Compact {
+        /// The oldest revision still to be kept.
+        revision: u64,
+    },
+}
+
+/// A declaration in the metadata group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Declare a queue with its replicas (chosen by the leader when it
+    /// proposes, so applying is deterministic). Declaring it again with the
+    /// same replica count is a no-op.
+    DeclareQueue {
+        /// The queue's name.
+        name: String,
+        /// The nodes holding it; the first is its preferred leader.
+        replicas: Vec<NodeId>,
+    },
+    /// Remove a queue's declaration.
+    DeleteQueue {
+        /// The queue's name.
+        name: String,
+    },
+    /// Declare a durable subscription (a queue fed from a subject filter).
+    DeclareDurable {
+        /// The subscription's name.
+        name: String,
+        /// The subject filter it is fed from.
+        filter: String,
+        /// The nodes holding it.
+        replicas: Vec<NodeId>,
+    },
+    /// Remove a durable subscription's declaration.
+    DeleteDurable {
+        /// The subscription's name.
+        name: String,
+    },
+}
+
+/// A key with its value and history counters (etcd's `KeyValue`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Bytes,
+    /// The revision that created the key (since it last did not exist).
+    pub create_revision: u64,
+    /// The revision of the key's last change.
+    pub mod_revision: u64,
+    /// Number of writes since creation: 1 after the creating put.
+    pub version: u64,
+    /// The lease the key lives under.
+    pub lease: Option<LeaseId>,
+}
+
+/// What a change did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// The key was created or changed.
+    Put,
+    /// The key was deleted (by a delete, a revoked or expired lease).
+    Delete,
+}
+
+/// One change, as watches see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key after a put; for a delete, the key as it was with
+    /// `mod_revision` set to the deleting revision.
+    pub kv: KeyValue,
+}
+
+/// Why a key-value operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum KvError {
+    /// The condition did not hold; `current` is the key as it is (or
+    /// `None` if absent), at store revision `revision`.
+    #[error("condition failed: the key is at revision {}", current.as_ref().map_or(0, |kv| kv.mod_revision))]
+    ConditionFailed {
+        /// The key now.
+        current: Option<KeyValue>,
+        /// The store's revision.
+        revision: u64,
+    },
+    /// The lease does not exist (never granted, expired or revoked).
+    #[error("lease {0} not found")]
+    LeaseNotFound(LeaseId),
+    /// History before this revision has been compacted away.
+    #[error("revision compacted: history starts at {0}")]
+    Compacted(u64),
+    /// The key or value breaks a limit, or the store is full.
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+/// What applying a [`KvCommand`] answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvResponse {
+    /// A put took effect at `revision`; `prev` is what it replaced.
+    Put {
+        /// The store's revision after the put.
+        revision: u64,
+        /// The key before, if it existed.
+        prev: Option<KeyValue>,
+    },
+    /// A delete ran at `revision`; `prev` is what it removed (`None`: there
+    /// was nothing, and the revision did not move).
+    Deleted {
+        /// The store's revision after the delete.
+        revision: u64,
+        /// The key before, if it existed.
+        prev: Option<KeyValue>,
+    },
+    /// A lease was granted or kept alive.
+    Lease {
+        /// The lease.
+        lease: LeaseId,
+        /// Its time to live.
+        ttl_ms: u64,
+    },
+    /// Leases ended (revoked or expired); their keys are gone.
+    LeasesEnded {
+        /// The leases.
+        leases: Vec<LeaseId>,
+        /// The store's revision after deleting their keys.
+        revision: u64,
+    },
+    /// History before `revision` is forgotten.
+    Compacted {
+        /// The new compaction point.
+        revision: u64,
+    },
+    /// The command failed; nothing changed.
+    Failed(KvError),
+}
+
+/// What applying a [`MetaCommand`] answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaResponse {
+    /// Declared; `existed` if it was already there (and kept as it was).
+    Declared {
+        /// Whether the declaration was already there.
+        existed: bool,
+        /// Its replicas as they stand.
+        replicas: Vec<NodeId>,
+    },
+    /// Removed; `existed` says whether there was anything.
+    Removed {
+        /// Whether there was a declaration.
+        existed: bool,
+    },
+    /// The declaration is invalid (bad name, no replicas, table full).
+    Invalid(String),
+}
+
+/// What applying any entry answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// A blank or membership entry.
+    None,
+    /// From a key-value command.
+    Kv(KvResponse),
+    /// From a declaration.
+    Meta(MetaResponse),
+}
