@@ -22,7 +22,7 @@ pub type GroupId = u32;
 /// The metadata group: membership, declarations and the key-value store.
 pub const METADATA_GROUP: GroupId = 0;
 
-/// A key-value lease, named by the revision that granted it.
+/// A key-value lease, numbered from 1 in the order leases are granted.
 pub type LeaseId = u64;
 
 openraft::declare_raft_types!(
