@@ -98,6 +98,20 @@ pub enum AddressError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A comma-separated list ([`Address::parse_list`]) with nothing (or
+    /// only spaces) between two commas, before the first or after the last.
+    #[error("empty entry at position {position} of the address list; expected addresses separated by commas, e.g. tcp://10.0.0.1:7878,tcp://10.0.0.2:7878")]
+    EmptyListEntry {
+        /// Which entry, counting from 1.
+        position: usize,
+    },
+    /// A comma-separated list with more distinct addresses than
+    /// [`Address::MAX_LIST`].
+    #[error("the address list has more than {limit} distinct addresses")]
+    TooManyAddresses {
+        /// The most a list may hold.
+        limit: usize,
+    },
     /// A mem address with an empty, over-long or oddly spelled name.
     #[error("invalid mem address {address:?}: {reason}; expected mem://name with letters, digits, '.', '_' or '-' (at most {MAX_MEM_NAME} bytes)")]
     InvalidMemName {
@@ -116,6 +130,58 @@ impl AddressError {
 }
 
 impl Address {
+    /// Most distinct addresses [`Address::parse_list`] accepts: a cluster
+    /// has a handful of nodes, and the cap keeps a mistyped or hostile list
+    /// (an environment variable, a config file) from growing a client's
+    /// state without bound.
+    pub const MAX_LIST: usize = 64;
+
+    /// Parses a comma-separated list of addresses of equivalent servers,
+    /// such as `tcp://10.0.0.1:7878, tcp://10.0.0.2:7878`, for clients that
+    /// fail over between them. Spaces around each entry are ignored; an
+    /// empty entry (`a,,b`, a leading or trailing comma, an empty text) is
+    /// refused rather than skipped, since it is usually a typo; an entry
+    /// given twice is kept once, where it first appears (so a client does
+    /// not try one node twice per round); more than [`Address::MAX_LIST`]
+    /// distinct addresses are refused. An entry that is not an address
+    /// fails with that entry's own error.
+    ///
+    /// A comma always separates entries, so a Unix socket path containing
+    /// a comma cannot be listed (parse it alone with [`str::parse`]).
+    ///
+    /// ```
+    /// use courier_transport::Address;
+    /// let list = Address::parse_list("tcp://10.0.0.1:7878, tcp://10.0.0.2:7878")?;
+    /// assert_eq!(list.len(), 2);
+    /// assert_eq!(list[1].to_string(), "tcp://10.0.0.2:7878");
+    /// assert!(Address::parse_list("tcp://10.0.0.1:7878,").is_err());
+    /// # Ok::<(), courier_transport::AddressError>(())
+    /// ```
+    pub fn parse_list(text: &str) -> Result<Vec<Address>, AddressError> {
+        let mut list: Vec<Address> = Vec::new();
+        for (index, entry) in text.split(',').enumerate() {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                return Err(AddressError::EmptyListEntry {
+                    position: index + 1,
+                });
+            }
+            let address: Address = entry.parse()?;
+            // A linear search: the list never holds more than MAX_LIST.
+            if list.contains(&address) {
+                continue;
+            }
+            if list.len() == Address::MAX_LIST {
+                // Stops at once, so a huge text costs no more than this.
+                return Err(AddressError::TooManyAddresses {
+                    limit: Address::MAX_LIST,
+                });
+            }
+            list.push(address);
+        }
+        Ok(list)
+    }
+
     /// A TCP address for a socket address.
     pub fn tcp(addr: SocketAddr) -> Address {
         Address::Tcp {
@@ -297,5 +363,110 @@ impl<'de> serde::Deserialize<'de> for Address {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Address, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16) -> Address {
+        Address::Tcp {
+            host: host.to_string(),
+            port,
+        }
+    }
+
+    #[test]
+    fn address_list_keeps_the_order_given_and_trims_spaces() {
+        let list =
+            Address::parse_list(" tcp://a:7878 ,tcp://b:7878,\tunix:///tmp/c.sock ").unwrap();
+        assert_eq!(
+            list,
+            vec![
+                tcp("a", 7878),
+                tcp("b", 7878),
+                Address::Unix(PathBuf::from("/tmp/c.sock"))
+            ]
+        );
+    }
+
+    #[test]
+    fn address_list_of_one_is_the_address() {
+        assert_eq!(
+            Address::parse_list("tcp://[::1]:7000").unwrap(),
+            vec!["tcp://[::1]:7000".parse::<Address>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn address_list_refuses_empty_entries_naming_their_position() {
+        for (text, position) in [
+            ("", 1),
+            ("   ", 1),
+            (",tcp://a:1", 1),
+            ("tcp://a:1,", 2),
+            ("tcp://a:1,,tcp://b:1", 2),
+            ("tcp://a:1, ,tcp://b:1", 2),
+        ] {
+            let err = Address::parse_list(text).unwrap_err();
+            assert_eq!(err, AddressError::EmptyListEntry { position }, "{text:?}");
+            assert!(err.to_string().contains("separated by commas"), "{err}");
+        }
+    }
+
+    #[test]
+    fn address_list_reports_the_bad_entry_with_its_own_error() {
+        let err = Address::parse_list("tcp://a:1,tcp://b").unwrap_err();
+        assert!(
+            matches!(&err, AddressError::InvalidHostPort { address, .. } if address == "tcp://b"),
+            "{err:?}"
+        );
+        assert!(matches!(
+            Address::parse_list("tcp://a:1, b:2").unwrap_err(),
+            AddressError::MissingScheme(entry) if entry == "b:2"
+        ));
+    }
+
+    #[test]
+    fn address_list_drops_repeats_keeping_the_first() {
+        let list =
+            Address::parse_list("tcp://b:1,tcp://a:1,tcp://b:1, tcp://a:1 ,tcp://c:1").unwrap();
+        assert_eq!(list, vec![tcp("b", 1), tcp("a", 1), tcp("c", 1)]);
+    }
+
+    #[test]
+    fn address_list_is_capped_at_max_list_distinct_addresses() {
+        let list = |n: usize| {
+            (0..n)
+                .map(|port| format!("tcp://h:{port}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert_eq!(
+            Address::parse_list(&list(Address::MAX_LIST)).unwrap().len(),
+            64
+        );
+        assert_eq!(
+            Address::parse_list(&list(Address::MAX_LIST + 1)).unwrap_err(),
+            AddressError::TooManyAddresses { limit: 64 }
+        );
+        // Repeats do not count against the cap.
+        let repeated = format!("{},{}", list(Address::MAX_LIST), list(Address::MAX_LIST));
+        assert_eq!(Address::parse_list(&repeated).unwrap().len(), 64);
+    }
+
+    #[test]
+    fn address_list_never_panics_on_odd_text() {
+        for text in [
+            ",",
+            ",,,",
+            "://,://",
+            "tcp://[::1,tcp://a:1",
+            "\u{0},tcp://a:1",
+            "é,ß",
+        ] {
+            assert!(Address::parse_list(text).is_err(), "{text:?}");
+        }
     }
 }
