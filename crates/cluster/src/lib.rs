@@ -5,4 +5,5 @@
 #![warn(missing_docs)]
 
 pub mod state;
+pub mod storage;
 pub mod types;
