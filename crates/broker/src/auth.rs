@@ -14,7 +14,13 @@
 //! request = ["svc.tax"]       # services (subjects) it may send requests to
 //! produce = ["jobs.>"]        # queues it may store messages in
 //! consume = ["jobs.>", "durable.billing"]  # queues it may take from
-//! admin = false               # may read the broker's stats
+//! admin = false               # may read the broker's stats (and, in a
+//!                             # cluster, its status and membership)
+//! kv_read = ["config/"]       # key prefixes it may read, list and watch
+//! kv_write = ["config/"]      # key prefixes it may put and delete (and
+//!                             # any non-empty list allows leases)
+//! cluster = false             # may act as a cluster peer (Raft traffic):
+//!                             # the identity of the other nodes' `token`
 //! ```
 //!
 //! With no users configured, the broker is open: anyone may do anything.
@@ -66,6 +72,12 @@ pub struct UserConfig {
     pub consume: Vec<String>,
     /// May read the broker's stats.
     pub admin: bool,
+    /// Key prefixes it may read in the cluster's key-value store.
+    pub kv_read: Vec<String>,
+    /// Key prefixes it may write.
+    pub kv_write: Vec<String>,
+    /// May send Raft traffic as a cluster peer.
+    pub cluster: bool,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +88,9 @@ struct Rules {
     produce: Vec<Filter>,
     consume: Vec<Filter>,
     admin: bool,
+    kv_read: Vec<String>,
+    kv_write: Vec<String>,
+    cluster: bool,
 }
 
 /// The compiled `[auth]` section: authenticator and access decisions.
@@ -132,6 +147,9 @@ impl Policy {
                 produce: filters(&user.name, "produce", &user.produce)?,
                 consume: filters(&user.name, "consume", &user.consume)?,
                 admin: user.admin,
+                kv_read: user.kv_read.clone(),
+                kv_write: user.kv_write.clone(),
+                cluster: user.cluster,
             };
             policy.users.insert(user.name.clone(), rules);
         }
@@ -154,7 +172,15 @@ impl Policy {
 
     /// May `who` call the RPC service `service`?
     pub fn may_call(&self, who: Option<&str>, service: &str) -> bool {
-        self.open || service != "BrokerService" || self.rules(who).is_some_and(|r| r.admin)
+        if self.open {
+            return true;
+        }
+        match service {
+            "BrokerService" => self.rules(who).is_some_and(|r| r.admin),
+            // Only peers speak Raft: anyone else could vote or append.
+            "RaftTransport" => self.rules(who).is_some_and(|r| r.cluster),
+            _ => true,
+        }
     }
 
     fn queue_allowed(&self, rules: Option<&[Filter]>, queue: &str) -> bool {
@@ -175,6 +201,30 @@ impl Authenticator for Policy {
             }
         }
         found
+    }
+}
+
+impl courier_cluster::service::ClusterAccess for Policy {
+    fn may_read(&self, who: Option<&str>, key: &str) -> bool {
+        self.open
+            || self
+                .rules(who)
+                .is_some_and(|r| r.kv_read.iter().any(|p| key.starts_with(p.as_str())))
+    }
+
+    fn may_write(&self, who: Option<&str>, key: &str) -> bool {
+        self.open
+            || self
+                .rules(who)
+                .is_some_and(|r| r.kv_write.iter().any(|p| key.starts_with(p.as_str())))
+    }
+
+    fn may_lease(&self, who: Option<&str>) -> bool {
+        self.open || self.rules(who).is_some_and(|r| !r.kv_write.is_empty())
+    }
+
+    fn may_admin(&self, who: Option<&str>) -> bool {
+        self.open || self.rules(who).is_some_and(|r| r.admin)
     }
 }
 

@@ -48,6 +48,24 @@
 //! # Who may do what: see the auth module.
 //! [auth]
 //! required = false
+//! # Run as a member of a cluster (leave out for a single broker). Node ids
+//! # are integers from 1; every founding member lists all the others.
+//! [cluster]
+//! node = 1
+//! peers = { 2 = "tcp://10.0.0.2:7878", 3 = "tcp://10.0.0.3:7878" }
+//! # Cluster traffic shares the first listen address unless given its own.
+//! listen = "tcp://10.0.0.1:7880"
+//! # The address the other members reach this node at (default: `listen`,
+//! # else the first `listen` address of the broker).
+//! advertise = "tcp://10.0.0.1:7880"
+//! # Token this node presents to its peers (brokers with [auth] users need
+//! # one of a user with `cluster = true`), and the CA it trusts for tls://.
+//! token = "..."
+//! tls_ca = "ca.pem"
+//! heartbeat_ms = 250
+//! election_min_ms = 1000
+//! election_max_ms = 2000
+//! snapshot_after = 10000
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -131,6 +149,8 @@ pub struct BrokerConfig {
     pub max_subscription_bytes: usize,
     /// Who may connect and do what.
     pub auth: crate::auth::AuthConfig,
+    /// Cluster membership; `None` for a single broker (no Raft at all).
+    pub cluster: Option<ClusterSection>,
 }
 
 /// The data directory used when none is configured.
@@ -174,7 +194,105 @@ impl Default for BrokerConfig {
             max_buffered_bytes: bus.max_buffered_bytes,
             max_subscription_bytes: bus.max_subscription_bytes,
             auth: Default::default(),
+            cluster: None,
         }
+    }
+}
+
+/// The `[cluster]` section: see the module docs.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ClusterSection {
+    /// This node's id, from 1.
+    pub node: u64,
+    /// The other founding members: id (as a TOML key) → address.
+    pub peers: std::collections::BTreeMap<String, String>,
+    /// Its own listener for cluster traffic; default: the broker's first.
+    pub listen: Option<String>,
+    /// The address the others reach this node at.
+    pub advertise: Option<String>,
+    /// Presented to peers.
+    pub token: Option<courier_rpc::Secret>,
+    /// The CA trusted for tls:// peers (PEM).
+    pub tls_ca: Option<PathBuf>,
+    /// Default 250.
+    pub heartbeat_ms: u64,
+    /// Default 1,000.
+    pub election_min_ms: u64,
+    /// Default 2,000.
+    pub election_max_ms: u64,
+    /// Entries between snapshots. Default 10,000.
+    pub snapshot_after: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        let timing = courier_cluster::node::Timing::default();
+        ClusterSection {
+            node: 0,
+            peers: Default::default(),
+            listen: None,
+            advertise: None,
+            token: None,
+            tls_ca: None,
+            heartbeat_ms: timing.heartbeat_ms,
+            election_min_ms: timing.election_min_ms,
+            election_max_ms: timing.election_max_ms,
+            snapshot_after: 10_000,
+        }
+    }
+}
+
+impl ClusterSection {
+    /// The peers with their ids parsed, checked: ids from 1, not this
+    /// node's, addresses that parse.
+    pub fn peer_ids(&self) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
+        if self.node == 0 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.node",
+                reason: "node ids are integers from 1".into(),
+            });
+        }
+        let mut peers = std::collections::BTreeMap::new();
+        for (id, address) in &self.peers {
+            let parsed: u64 = id.trim().parse().map_err(|_| ConfigError::Invalid {
+                key: "cluster.peers",
+                reason: format!("{id:?} is not a node id (an integer from 1)"),
+            })?;
+            if parsed == 0 || parsed == self.node {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.peers",
+                    reason: format!("peer id {parsed} must be from 1 and not this node's own"),
+                });
+            }
+            address
+                .parse::<Address>()
+                .map_err(|err| ConfigError::Invalid {
+                    key: "cluster.peers",
+                    reason: format!("node {parsed}: {err}"),
+                })?;
+            peers.insert(parsed, address.clone());
+        }
+        Ok(peers)
+    }
+
+    /// Raft's timers.
+    pub fn timing(&self) -> Result<courier_cluster::node::Timing, ConfigError> {
+        if self.heartbeat_ms == 0
+            || self.election_min_ms <= self.heartbeat_ms
+            || self.election_max_ms <= self.election_min_ms
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster.election_min_ms",
+                reason: "need 0 < heartbeat_ms < election_min_ms < election_max_ms".into(),
+            });
+        }
+        Ok(courier_cluster::node::Timing {
+            heartbeat_ms: self.heartbeat_ms,
+            election_min_ms: self.election_min_ms,
+            election_max_ms: self.election_max_ms,
+        })
     }
 }
 

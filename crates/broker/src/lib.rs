@@ -84,6 +84,9 @@ pub enum BrokerError {
     /// The durable subscriptions could not be restored.
     #[error("durable subscriptions: {0}")]
     Durable(#[from] DurableError),
+    /// The cluster member could not start.
+    #[error("cluster: {0}")]
+    Cluster(#[from] courier_cluster::node::StartError),
 }
 
 /// How long [`Broker::shutdown`] waits for connections beyond the grace
@@ -125,6 +128,17 @@ pub struct BrokerStats {
     pub queues: Vec<QueueReport>,
     /// Durable subscriptions, as (name, filter).
     pub durable: Vec<(String, String)>,
+    /// This node's view of its cluster, if it is in one.
+    pub cluster: Option<ClusterStats>,
+}
+
+/// A cluster member's counters.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterStats {
+    /// What `courier cluster status` shows.
+    pub status: courier_cluster::node::Status,
+    /// Raft messages to peers that failed (unreachable, timed out, refused).
+    pub raft_rpc_errors: u64,
 }
 
 /// The broker's own protocol.
@@ -142,6 +156,13 @@ pub(crate) struct State {
     durable: Durable,
     counters: Arc<HostCounters>,
     server: Mutex<Option<ServerHandle>>,
+    cluster: Option<Cluster>,
+}
+
+/// The cluster member a broker hosts.
+struct Cluster {
+    node: Arc<courier_cluster::node::ClusterNode>,
+    peers: courier_cluster::network::Peers,
 }
 
 impl State {
@@ -183,6 +204,10 @@ impl State {
             publish_latency_sum_us: c.latency_sum_us.load(Ordering::Relaxed),
             queues,
             durable: self.durable.list(),
+            cluster: self.cluster.as_ref().map(|c| ClusterStats {
+                status: c.node.status(),
+                raft_rpc_errors: c.peers.errors(),
+            }),
         }
     }
 }
@@ -230,6 +255,17 @@ impl Broker {
             host = host.with_access(policy.clone());
             queue_host = queue_host.with_access(policy.clone());
         }
+        let transport = config.transport()?;
+        let mut listeners = Vec::new();
+        for address in &addresses {
+            listeners.push(bind(address, &transport).await?);
+        }
+        let cluster = match &config.cluster {
+            Some(section) => {
+                Some(start_cluster(&config, section, &transport, &mut listeners).await?)
+            }
+            None => None,
+        };
         let state = Arc::new(State {
             started: Instant::now(),
             queues: queues.clone(),
@@ -237,18 +273,8 @@ impl Broker {
             durable: durable.clone(),
             counters: host.counters(),
             server: Mutex::new(None),
+            cluster,
         });
-        let transport = config.transport()?;
-        let mut listeners = Vec::new();
-        for address in &addresses {
-            let listener = courier_transport::bind(address, &transport)
-                .await
-                .map_err(|err| BrokerError::Bind {
-                    address: address.to_string(),
-                    reason: err.to_string(),
-                })?;
-            listeners.push(listener);
-        }
         let metrics = match metrics_address {
             Some(address) => Some(
                 metrics::Endpoint::start(address, state.clone())
@@ -281,11 +307,29 @@ impl Broker {
                 Arc::new(move |who| admins.is_admin(who)),
             );
         }
-        let server = Server::new(server_config)
+        let mut server = Server::new(server_config)
             .service(PubSubServiceServer::new(host))
             .service(QueueServiceServer::new(queue_host))
-            .service(BrokerServiceServer::new(StatsHost(state.clone())))
-            .spawn_all(listeners);
+            .service(BrokerServiceServer::new(StatsHost(state.clone())));
+        if let Some(cluster) = &state.cluster {
+            let raft_host = courier_cluster::network::RaftHost::default();
+            raft_host.insert(
+                courier_cluster::types::METADATA_GROUP,
+                cluster.node.raft().clone(),
+            );
+            let mut cluster_host = courier_cluster::service::ClusterHost::new(cluster.node.clone());
+            if !policy.is_open() {
+                cluster_host = cluster_host.with_access(policy.clone());
+            }
+            server = server
+                .service(courier_cluster::network::RaftTransportServer::new(
+                    raft_host,
+                ))
+                .service(courier_cluster::service::ClusterServiceServer::new(
+                    cluster_host,
+                ));
+        }
+        let server = server.spawn_all(listeners);
         *state.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
         tracing::info!(
             listen = ?bound.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -352,6 +396,12 @@ impl Broker {
         if let Some(metrics) = self.metrics {
             metrics.stop().await;
         }
+        if let Some(cluster) = &self.state.cluster {
+            // Raft stops here; its log is closed (and synced) as it drops.
+            if let Err(e) = cluster.node.raft().shutdown().await {
+                tracing::warn!("raft shutdown: {e}");
+            }
+        }
         let state = self.state;
         // The last references to the queues go with the state; their logs
         // join their writers (flush and fsync) on drop.
@@ -360,4 +410,89 @@ impl Broker {
         queues.close_all().await;
         tracing::info!("broker stopped");
     }
+}
+
+async fn bind(
+    address: &Address,
+    transport: &courier_transport::TransportConfig,
+) -> Result<courier_transport::Listener, BrokerError> {
+    courier_transport::bind(address, transport)
+        .await
+        .map_err(|err| BrokerError::Bind {
+            address: address.to_string(),
+            reason: err.to_string(),
+        })
+}
+
+/// Start this broker's cluster member: bind its own listener if it has
+/// one, work out the address the others reach it at, and found or rejoin
+/// the cluster with its Raft state under `<data_dir>/.cluster`.
+async fn start_cluster(
+    config: &BrokerConfig,
+    section: &config::ClusterSection,
+    transport: &courier_transport::TransportConfig,
+    listeners: &mut Vec<courier_transport::Listener>,
+) -> Result<Cluster, BrokerError> {
+    use courier_cluster::node::{ClusterNode, NodeConfig};
+    let mut members = section.peer_ids()?;
+    let timing = section.timing()?;
+    let own_listener = match &section.listen {
+        Some(listen) => {
+            let address: Address = listen.parse().map_err(|err| ConfigError::Invalid {
+                key: "cluster.listen",
+                reason: format!("{err}"),
+            })?;
+            let listener = bind(&address, transport).await?;
+            let bound = listener.local_addr().clone();
+            listeners.push(listener);
+            Some(bound)
+        }
+        None => None,
+    };
+    let advertise = match &section.advertise {
+        Some(advertise) => {
+            advertise
+                .parse::<Address>()
+                .map_err(|err| ConfigError::Invalid {
+                    key: "cluster.advertise",
+                    reason: format!("{err}"),
+                })?;
+            advertise.clone()
+        }
+        None => own_listener
+            .or_else(|| listeners.first().map(|l| l.local_addr().clone()))
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+    };
+    members.insert(section.node, advertise.clone());
+    let mut client = courier_rpc::ClientConfig::default();
+    client.token = section.token.clone();
+    client.transport = client.transport.with_max_frame_size(config.max_frame_size);
+    if let Some(ca) = &section.tls_ca {
+        let tls =
+            courier_transport::TlsClient::trusting(ca).map_err(|err| ConfigError::Invalid {
+                key: "cluster.tls_ca",
+                reason: err.to_string(),
+            })?;
+        client.transport = client.transport.with_tls_client(tls);
+    }
+    let peers = courier_cluster::network::Peers::new(client);
+    let node_config = NodeConfig::new(
+        section.node,
+        advertise,
+        members,
+        config.data_dir.join(".cluster"),
+    )
+    .with_timing(timing)
+    .with_snapshot_after(section.snapshot_after);
+    let node = ClusterNode::start(
+        node_config,
+        peers.network(courier_cluster::types::METADATA_GROUP),
+    )
+    .await?;
+    tracing::info!(node = section.node, "cluster member started");
+    Ok(Cluster {
+        node: Arc::new(node),
+        peers,
+    })
 }

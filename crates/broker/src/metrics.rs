@@ -170,7 +170,84 @@ pub fn render(stats: &BrokerStats) -> String {
             );
         }
     }
+    if let Some(cluster) = &stats.cluster {
+        render_cluster(&mut out, cluster);
+    }
     out
+}
+
+/// The metadata group's Raft metrics (`group="0"`), and per member lag on
+/// the leader.
+fn render_cluster(out: &mut String, cluster: &crate::ClusterStats) {
+    let status = &cluster.status;
+    let group: [(&str, &str, &str, u64); 7] = [
+        (
+            "courier_cluster_term",
+            "gauge",
+            "The current Raft term.",
+            status.term,
+        ),
+        (
+            "courier_cluster_leader",
+            "gauge",
+            "The leader this node knows of (0: none).",
+            status.leader.unwrap_or(0),
+        ),
+        (
+            "courier_cluster_is_leader",
+            "gauge",
+            "1 if this node leads the group.",
+            u64::from(status.leader == Some(status.node)),
+        ),
+        (
+            "courier_cluster_leader_changes_total",
+            "counter",
+            "Leader changes seen since start.",
+            status.leader_changes,
+        ),
+        (
+            "courier_cluster_last_log_index",
+            "gauge",
+            "Index of the last entry in this node's log.",
+            status.last_log_index,
+        ),
+        (
+            "courier_cluster_applied_index",
+            "gauge",
+            "Index of the last entry applied to the state machine.",
+            status.applied_index,
+        ),
+        (
+            "courier_cluster_apply_lag",
+            "gauge",
+            "Entries in the log not yet applied.",
+            status.last_log_index.saturating_sub(status.applied_index),
+        ),
+    ];
+    for (name, kind, help, value) in group {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{group=\"0\"}} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP courier_cluster_raft_rpc_errors_total Raft messages to peers that failed.\n# TYPE courier_cluster_raft_rpc_errors_total counter\ncourier_cluster_raft_rpc_errors_total {}",
+        cluster.raft_rpc_errors
+    );
+    let _ = writeln!(
+        out,
+        "# HELP courier_cluster_member_lag Entries a member is behind the leader (on the leader).\n# TYPE courier_cluster_member_lag gauge"
+    );
+    for member in &status.members {
+        if let Some(lag) = member.lag {
+            let _ = writeln!(
+                out,
+                "courier_cluster_member_lag{{group=\"0\",node=\"{}\"}} {lag}",
+                member.id
+            );
+        }
+    }
 }
 
 /// The running HTTP endpoint.

@@ -49,7 +49,7 @@ pub fn set_security(security: Security) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn client_config() -> ClientConfig {
+pub(crate) fn client_config() -> ClientConfig {
     CLIENT_CONFIG.get().cloned().unwrap_or_default()
 }
 

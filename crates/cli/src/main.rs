@@ -16,6 +16,7 @@ mod bench;
 mod cert;
 mod client;
 mod demo;
+mod kv;
 mod serve;
 mod soak;
 
@@ -60,7 +61,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a broker.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Publish to a subject: DATA, or stdin (one message per line with --lines).
     #[command(
         name = "pub",
@@ -81,6 +82,12 @@ enum Command {
     Queue(client::QueueCommand),
     /// Show the broker's counters.
     Stats,
+    /// Use a cluster's replicated key-value store (shared state).
+    #[command(subcommand)]
+    Kv(kv::KvCommand),
+    /// See and change a cluster's membership.
+    #[command(subcommand)]
+    Cluster(kv::ClusterCommand),
     /// Measure a broker: pub/sub throughput and fan-out, request-reply
     /// latency, durable queue throughput.
     Bench(bench::BenchArgs),
@@ -114,6 +121,14 @@ impl Failure {
     pub fn usage(message: impl std::fmt::Display) -> Failure {
         Failure {
             code: 2,
+            message: message.to_string(),
+        }
+    }
+
+    /// Any exit code with its message.
+    pub fn with_code(code: u8, message: impl std::fmt::Display) -> Failure {
+        Failure {
+            code,
             message: message.to_string(),
         }
     }
@@ -221,12 +236,14 @@ fn main() -> ExitCode {
     }
     let outcome = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Publish(args) => client::publish(&url, args).await,
             Command::Subscribe(args) => client::subscribe(&url, json, args).await,
             Command::Request(args) => client::request(&url, json, args).await,
             Command::Queue(command) => client::queue(&url, json, command).await,
             Command::Stats => client::stats(&url, json).await,
+            Command::Kv(command) => kv::kv(&url, json, command).await,
+            Command::Cluster(command) => kv::cluster(&url, json, command).await,
             Command::Bench(args) => bench::run(&url, json, args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Cert(command) => cert::run(command),

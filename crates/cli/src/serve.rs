@@ -13,7 +13,7 @@ use crate::Failure;
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n\nEvery key of the file is documented in the courier-broker crate (config module)."
+    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n  # node 1 of a three-node cluster:\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878\n\nEvery key of the file is documented in the courier-broker crate (config module)."
 )]
 pub struct ServeArgs {
     /// A TOML configuration file (keys: listen, data_dir, metrics, fsync, ...).
@@ -46,6 +46,45 @@ pub struct ServeArgs {
     /// Grace period for calls in flight at shutdown, e.g. 5s.
     #[arg(long, value_parser = crate::parse_duration)]
     grace: Option<std::time::Duration>,
+    /// Run as node N (from 1) of a cluster; its Raft state lives under --data.
+    #[arg(long, env = "COURIER_NODE")]
+    node: Option<u64>,
+    /// Another founding member, as ID=ADDR (repeat for each): ADDR is one of
+    /// that node's --listen addresses, or its --cluster-listen.
+    #[arg(long = "peer", env = "COURIER_PEERS", value_delimiter = ',', value_parser = parse_peer, requires = "node")]
+    peers: Vec<(u64, String)>,
+    /// A listener of its own for cluster traffic (default: the first --listen).
+    #[arg(long, env = "COURIER_CLUSTER_LISTEN", requires = "node")]
+    cluster_listen: Option<String>,
+    /// The address other members reach this node at (default: the cluster
+    /// listener), for nodes that listen on 0.0.0.0 or behind NAT.
+    #[arg(long, env = "COURIER_ADVERTISE", requires = "node")]
+    advertise: Option<String>,
+    /// Token this node presents to its peers (a user with `cluster = true`).
+    #[arg(
+        long,
+        env = "COURIER_CLUSTER_TOKEN",
+        hide_env_values = true,
+        requires = "node"
+    )]
+    cluster_token: Option<String>,
+}
+
+fn parse_peer(text: &str) -> Result<(u64, String), String> {
+    let (id, address) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: a peer is ID=ADDR, e.g. 2=tcp://10.0.0.2:7878"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| format!("{text:?}: node ids are integers from 1"))?;
+    address
+        .trim()
+        .parse::<courier_transport::Address>()
+        .map_err(|err| format!("{text:?}: {err}"))?;
+    Ok((id, address.trim().to_string()))
 }
 
 fn parse_fsync(text: &str) -> Result<Fsync, String> {
@@ -80,6 +119,11 @@ const FLAG_VARIABLES: &[&str] = &[
     "SERVER_CERT",
     "SERVER_KEY",
     "CLIENT_CA",
+    "NODE",
+    "PEERS",
+    "CLUSTER_LISTEN",
+    "ADVERTISE",
+    "CLUSTER_TOKEN",
     "URL",
     "TOKEN",
     "TLS_CA",
@@ -179,6 +223,31 @@ fn config(args: ServeArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(grace) = args.grace {
         config.shutdown_grace_ms = grace.as_millis() as u64;
+    }
+    if let Some(node) = args.node {
+        let mut cluster = config.cluster.take().unwrap_or_default();
+        cluster.node = node;
+        if !args.peers.is_empty() {
+            cluster.peers = args
+                .peers
+                .into_iter()
+                .map(|(id, address)| (id.to_string(), address))
+                .collect();
+        }
+        if args.cluster_listen.is_some() {
+            cluster.listen = args.cluster_listen;
+        }
+        if args.advertise.is_some() {
+            cluster.advertise = args.advertise;
+        }
+        if let Some(token) = args.cluster_token {
+            cluster.token = Some(courier_rpc::Secret::new(token));
+        }
+        config.cluster = Some(cluster);
+    }
+    if let Some(cluster) = &config.cluster {
+        cluster.peer_ids().map_err(Failure::usage)?;
+        cluster.timing().map_err(Failure::usage)?;
     }
     Ok(config)
 }

@@ -322,7 +322,10 @@ impl QueueSet {
             Ok(entries) => {
                 for entry in entries.flatten() {
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    if entry.path().is_dir() && !name.ends_with(".dlq") {
+                    // Hidden directories are never queues (a queue name
+                    // cannot start with a dot): the cluster's Raft state
+                    // lives in `.cluster` beside the queues.
+                    if entry.path().is_dir() && !name.ends_with(".dlq") && !name.starts_with('.') {
                         names.push(name);
                     }
                 }

@@ -1,0 +1,695 @@
+//! One cluster member: the metadata group's Raft, its storage, and the
+//! key-value operations every other part (the service, the broker, tests)
+//! goes through.
+//!
+//! # Timers
+//!
+//! The defaults are chosen for small, busy machines (2 cores shared with a
+//! broker's data path): a heartbeat every 250 ms and an election after 1 to
+//! 2 s without one. A leader dies → a new one serves writes about 1.5 s
+//! later on average. Shorter timeouts elect faster but start needless
+//! elections whenever a loaded machine stalls a heartbeat; NATS uses 4–9 s,
+//! Redpanda 1.5 s.
+//!
+//! # Reads
+//!
+//! [`Read::Linearizable`] (the default) asks the leader to confirm it still
+//! leads (a round of heartbeats to a majority) and waits until its state
+//! machine has applied everything committed before the read began: the
+//! answer reflects every write acknowledged before the read started.
+//! [`Read::Stale`] answers from this node's state as it is, on any node.
+//!
+//! # Time
+//!
+//! Leases end by time, but applying never reads a clock: the leader stamps
+//! its wall clock into `GrantLease`, `KeepAlive` and `ExpireLeases`, and
+//! proposes `ExpireLeases` itself when the earliest lease is due.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::network::RaftNetworkFactory;
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use crate::storage::{self, SharedState};
+use crate::types::{
+    Command, Event, KeyValue, KvCommand, KvError, KvResponse, LeaseId, NodeId, Raft, Response,
+    TypeConfig,
+};
+
+/// Raft's timers, in milliseconds. See the [module docs](self).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timing {
+    /// How often a leader sends heartbeats.
+    pub heartbeat_ms: u64,
+    /// The shortest wait for a heartbeat before a follower stands for election.
+    pub election_min_ms: u64,
+    /// The longest such wait (each follower draws between the two).
+    pub election_max_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat_ms: 250,
+            election_min_ms: 1000,
+            election_max_ms: 2000,
+        }
+    }
+}
+
+impl Timing {
+    /// Fast timers for tests on one machine: heartbeat 50 ms, election
+    /// 300–600 ms.
+    pub fn fast() -> Timing {
+        Timing {
+            heartbeat_ms: 50,
+            election_min_ms: 300,
+            election_max_ms: 600,
+        }
+    }
+}
+
+/// How a node joins the cluster.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// This node's id (from 1).
+    pub id: NodeId,
+    /// The address the other members reach this node at.
+    pub address: String,
+    /// Every member the cluster starts with, this node included, with
+    /// their addresses. Every founding member must be given the same set:
+    /// a pristine node initializes the cluster with it, which is safe
+    /// however many do so, as long as they agree.
+    pub members: BTreeMap<NodeId, String>,
+    /// Where the Raft log, vote and snapshots live.
+    pub data_dir: PathBuf,
+    /// Raft's timers.
+    pub timing: Timing,
+    /// Take a snapshot (and drop the log before it) after this many
+    /// entries. Default 10,000.
+    pub snapshot_after: u64,
+}
+
+impl NodeConfig {
+    /// A node `id` at `address`, founding a cluster of `members`, with its
+    /// state under `data_dir`.
+    pub fn new(
+        id: NodeId,
+        address: impl Into<String>,
+        members: BTreeMap<NodeId, String>,
+        data_dir: impl Into<PathBuf>,
+    ) -> NodeConfig {
+        NodeConfig {
+            id,
+            address: address.into(),
+            members,
+            data_dir: data_dir.into(),
+            timing: Timing::default(),
+            snapshot_after: 10_000,
+        }
+    }
+
+    /// The same with other timers.
+    pub fn with_timing(mut self, timing: Timing) -> NodeConfig {
+        self.timing = timing;
+        self
+    }
+
+    /// The same with another snapshot interval.
+    pub fn with_snapshot_after(mut self, entries: u64) -> NodeConfig {
+        self.snapshot_after = entries.max(1);
+        self
+    }
+}
+
+/// How fresh a read must be.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Read {
+    /// Reflects every write acknowledged before the read began (asks the
+    /// leader).
+    #[default]
+    Linearizable,
+    /// This node's state as it is: possibly behind, never ahead of the
+    /// leader, from any node.
+    Stale,
+}
+
+/// Why a cluster operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ClusterError {
+    /// This node is not the leader; try `leader` at `address` (if known).
+    /// Nothing was done.
+    #[error("not the leader{}", match (leader, address) {
+        (Some(id), Some(addr)) => format!(": node {id} at {addr} is"),
+        (Some(id), None) => format!(": node {id} is"),
+        _ => String::new(),
+    })]
+    NotLeader {
+        /// The leader this node knows of.
+        leader: Option<NodeId>,
+        /// Its address.
+        address: Option<String>,
+    },
+    /// No quorum, shutting down, or storage failing; the operation may or
+    /// may not have taken effect if it was a write.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+    /// A key-value rule refused the operation; nothing changed.
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    /// A membership change that cannot be made.
+    #[error("membership: {0}")]
+    Membership(String),
+    /// The caller may not do this (see the broker's `[auth]`).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+}
+
+impl ClusterError {
+    /// Whether the same operation, sent again (to the leader), may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::NotLeader { .. } | ClusterError::Unavailable(_)
+        )
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration does not describe a cluster this node is in.
+    #[error("cluster configuration: {0}")]
+    Config(String),
+    /// The node's storage could not be opened.
+    #[error(transparent)]
+    Storage(#[from] storage::StorageOpenError),
+    /// Raft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A member as `status` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its id.
+    pub id: NodeId,
+    /// Its address.
+    pub address: String,
+    /// Whether it votes (a learner does not).
+    pub voter: bool,
+    /// On the leader: how many entries this member is behind the leader's
+    /// log (`None`: unknown, or not asked of a leader).
+    pub lag: Option<u64>,
+}
+
+/// One node's view of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The node answering.
+    pub node: NodeId,
+    /// Its role: "leader", "follower", "candidate", "learner" or "shutdown".
+    pub role: String,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+    /// The current term.
+    pub term: u64,
+    /// Its last log index.
+    pub last_log_index: u64,
+    /// The last entry its state machine applied.
+    pub applied_index: u64,
+    /// The key-value store's revision here.
+    pub revision: u64,
+    /// Every member.
+    pub members: Vec<Member>,
+    /// Leader changes this node has seen since it started.
+    pub leader_changes: u64,
+}
+
+/// One cluster member.
+pub struct ClusterNode {
+    id: NodeId,
+    raft: Raft,
+    shared: SharedState,
+    tasks: Vec<JoinHandle<()>>,
+    leader_changes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The wall clock the leader stamps into time-dependent commands.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn raft_config(config: &NodeConfig) -> Result<Config, StartError> {
+    let raft = Config {
+        cluster_name: "courier".into(),
+        heartbeat_interval: config.timing.heartbeat_ms,
+        election_timeout_min: config.timing.election_min_ms,
+        election_timeout_max: config.timing.election_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after),
+        // Keep some log behind a snapshot, so a briefly lagging follower
+        // catches up from the log instead of a whole snapshot.
+        max_in_snapshot_log_to_keep: config.snapshot_after.min(1000),
+        ..Default::default()
+    };
+    raft.validate()
+        .map_err(|e| StartError::Config(e.to_string()))
+}
+
+impl ClusterNode {
+    /// Open the node's storage under `config.data_dir`, start its Raft with
+    /// `network`, and, if its log is pristine, found the cluster of
+    /// `config.members`.
+    pub async fn start<N>(config: NodeConfig, network: N) -> Result<ClusterNode, StartError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        if config.id == 0 {
+            return Err(StartError::Config("node ids start at 1".into()));
+        }
+        if !config.members.contains_key(&config.id) {
+            return Err(StartError::Config(format!(
+                "node {} is not among the members {:?}",
+                config.id,
+                config.members.keys().collect::<Vec<_>>()
+            )));
+        }
+        let raft_config = Arc::new(raft_config(&config)?);
+        let (log, machine) = storage::open(&config.data_dir.join("raft")).await?;
+        let shared = machine.shared();
+        let raft = Raft::new(config.id, raft_config, network, log, machine)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let pristine = !raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if pristine {
+            let members: BTreeMap<NodeId, BasicNode> = config
+                .members
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode::new(addr)))
+                .collect();
+            // Safe on every founding node at once, as long as all agree on
+            // the members; `NotAllowed` means another one got there first.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(node = config.id, "initialize: {e}");
+            }
+        }
+        let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tasks = vec![
+            tokio::spawn(expire_leases(raft.clone(), shared.clone(), config.id)),
+            tokio::spawn(count_leader_changes(raft.clone(), leader_changes.clone())),
+        ];
+        Ok(ClusterNode {
+            id: config.id,
+            raft,
+            shared,
+            tasks,
+            leader_changes,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The metadata group's Raft (for the network host and metrics).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Propose `command` and wait until it is committed and applied here.
+    pub async fn write(&self, command: Command) -> Result<Response, ClusterError> {
+        match self.raft.client_write(command).await {
+            Ok(written) => Ok(written.data),
+            Err(e) => Err(write_error(e)),
+        }
+    }
+
+    /// Run a key-value request. Time-dependent requests are stamped with
+    /// this node's clock; only the leader accepts writes, so it is always
+    /// the leader's.
+    pub async fn kv(&self, request: KvRequest) -> Result<KvResponse, ClusterError> {
+        let command = match request {
+            KvRequest::Put {
+                key,
+                value,
+                condition,
+                lease,
+            } => KvCommand::Put {
+                key,
+                value,
+                condition,
+                lease,
+            },
+            KvRequest::Delete { key, condition } => KvCommand::Delete { key, condition },
+            KvRequest::GrantLease { ttl_ms } => KvCommand::GrantLease {
+                ttl_ms,
+                now_ms: now_ms(),
+            },
+            KvRequest::KeepAlive { lease } => KvCommand::KeepAlive {
+                lease,
+                now_ms: now_ms(),
+            },
+            KvRequest::RevokeLease { lease } => KvCommand::RevokeLease { lease },
+            KvRequest::Compact { revision } => KvCommand::Compact { revision },
+        };
+        match self.write(Command::Kv(command)).await? {
+            Response::Kv(KvResponse::Failed(e)) => Err(ClusterError::Kv(e)),
+            Response::Kv(answer) => Ok(answer),
+            other => Err(ClusterError::Unavailable(format!(
+                "unexpected answer to a key-value write: {other:?}"
+            ))),
+        }
+    }
+
+    /// Wait until a read at `read` may be served here.
+    async fn ready_to_read(&self, read: Read) -> Result<(), ClusterError> {
+        if read == Read::Linearizable {
+            self.raft.ensure_linearizable().await.map_err(|e| {
+                match e.forward_to_leader::<BasicNode>() {
+                    Some(forward) => ClusterError::NotLeader {
+                        leader: forward.leader_id,
+                        address: forward.leader_node.as_ref().map(|n| n.addr.clone()),
+                    },
+                    None => ClusterError::Unavailable(e.to_string()),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// One key, and the store's revision the answer is at.
+    pub async fn get(
+        &self,
+        key: &str,
+        read: Read,
+    ) -> Result<(Option<KeyValue>, u64), ClusterError> {
+        self.ready_to_read(read).await?;
+        let state = self.shared.read();
+        Ok((state.get(key).cloned(), state.revision()))
+    }
+
+    /// Keys under `prefix`, at most `limit`, and the revision.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        limit: usize,
+        read: Read,
+    ) -> Result<(Vec<KeyValue>, u64), ClusterError> {
+        self.ready_to_read(read).await?;
+        let state = self.shared.read();
+        Ok((state.list(prefix, limit), state.revision()))
+    }
+
+    /// Changes under `prefix` from revision `from` on, waiting until there
+    /// is at least one. Several events of one revision always come
+    /// together. Cancel-safe: dropping the future loses nothing, since the
+    /// caller asks again from the same revision.
+    pub async fn next_events(
+        &self,
+        prefix: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, ClusterError> {
+        let mut applied = self.shared.revision_watch();
+        loop {
+            let events = self.events_from(prefix, from, limit.max(1))?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            // Wait for the store to move past what was just read.
+            applied
+                .changed()
+                .await
+                .map_err(|_| ClusterError::Unavailable("node shutting down".into()))?;
+        }
+    }
+
+    /// Events from `from`, whole revisions only: a batch cut off inside a
+    /// revision is trimmed to the revisions it has completely, unless it
+    /// holds one revision only, which is then read in full.
+    fn events_from(
+        &self,
+        prefix: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, ClusterError> {
+        let state = self.shared.read();
+        let mut events = state.events_since(prefix, from, limit)?;
+        if events.len() < limit {
+            return Ok(events);
+        }
+        let last = events.last().map_or(0, |e| e.kv.mod_revision);
+        let first = events.first().map_or(0, |e| e.kv.mod_revision);
+        if first != last {
+            events.retain(|e| e.kv.mod_revision != last);
+            return Ok(events);
+        }
+        // One revision larger than the batch (a lease that took many keys):
+        // read all of that revision.
+        let all = state.events_since(prefix, from, usize::MAX)?;
+        Ok(all
+            .into_iter()
+            .take_while(|e| e.kv.mod_revision == first)
+            .collect())
+    }
+
+    /// Every retained change under `prefix` from `from` on, as this node
+    /// has it (for checks and tools; watches use [`Self::next_events`]).
+    pub fn history(&self, prefix: &str, from: u64) -> Result<Vec<Event>, ClusterError> {
+        self.shared
+            .read()
+            .events_since(prefix, from, usize::MAX)
+            .map_err(ClusterError::Kv)
+    }
+
+    /// Every key this node holds, in key order, as it is here.
+    pub fn dump(&self) -> Vec<KeyValue> {
+        self.shared.read().list("", usize::MAX)
+    }
+
+    /// The store's revision on this node, without asking the leader.
+    pub fn local_revision(&self) -> u64 {
+        self.shared.read().revision()
+    }
+
+    /// Add `id` at `address` as a voting member: first as a learner that
+    /// catches up, then into the voters. Only on the leader.
+    pub async fn add_member(&self, id: NodeId, address: String) -> Result<(), ClusterError> {
+        self.raft
+            .add_learner(id, BasicNode::new(address), true)
+            .await
+            .map_err(write_error)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(write_error)?;
+        Ok(())
+    }
+
+    /// Remove `id` from the cluster. Only on the leader; the cluster must
+    /// keep at least one voter.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), ClusterError> {
+        let voters = self.voters();
+        if voters.contains(&id) && voters.len() == 1 {
+            return Err(ClusterError::Membership(
+                "cannot remove the last voter".into(),
+            ));
+        }
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(write_error)?;
+        self.raft
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await
+            .map_err(write_error)?;
+        Ok(())
+    }
+
+    fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// This node's view: role, leader, term, members and (on the leader)
+    /// each member's lag.
+    pub fn status(&self) -> Status {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let last = metrics.last_log_index.unwrap_or(0);
+        let members = membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                address: node.addr.clone(),
+                voter: voters.contains(id),
+                lag: metrics.replication.as_ref().map(|r| {
+                    let matched = r.get(id).and_then(|m| m.as_ref()).map_or(0, |m| m.index);
+                    last.saturating_sub(matched)
+                }),
+            })
+            .collect();
+        Status {
+            node: self.id,
+            role: match metrics.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .to_string(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            last_log_index: last,
+            applied_index: metrics.last_applied.map_or(0, |l| l.index),
+            revision: self.local_revision(),
+            members,
+            leader_changes: self
+                .leader_changes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Stop Raft and the node's timers. The storage is closed (and synced)
+    /// as Raft drops it.
+    pub async fn shutdown(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(node = self.id, "raft shutdown: {e}");
+        }
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A key-value request as a client sends it: like [`KvCommand`], without
+/// the clock readings only the leader may supply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvRequest {
+    /// See [`KvCommand::Put`].
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: bytes::Bytes,
+        /// What must hold first.
+        condition: crate::types::Condition,
+        /// The lease to attach the key to.
+        lease: Option<LeaseId>,
+    },
+    /// See [`KvCommand::Delete`].
+    Delete {
+        /// The key.
+        key: String,
+        /// What must hold first.
+        condition: crate::types::Condition,
+    },
+    /// A new lease of `ttl_ms`.
+    GrantLease {
+        /// Its time to live.
+        ttl_ms: u64,
+    },
+    /// Renew a lease for its time to live.
+    KeepAlive {
+        /// The lease.
+        lease: LeaseId,
+    },
+    /// End a lease and delete its keys.
+    RevokeLease {
+        /// The lease.
+        lease: LeaseId,
+    },
+    /// Forget history before `revision`.
+    Compact {
+        /// The oldest revision to keep.
+        revision: u64,
+    },
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            ClusterError::NotLeader {
+                leader: forward.leader_id,
+                address: forward.leader_node.map(|n| n.addr),
+            }
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            ClusterError::Membership(e.to_string())
+        }
+        RaftError::Fatal(e) => ClusterError::Unavailable(e.to_string()),
+    }
+}
+
+/// On the leader: propose `ExpireLeases` when the earliest lease is due.
+/// Followers do nothing; a new leader picks up where the old one stopped,
+/// since the deadlines live in the replicated state.
+async fn expire_leases(raft: Raft, shared: SharedState, id: NodeId) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if raft.metrics().borrow().current_leader != Some(id) {
+            continue;
+        }
+        let now = now_ms();
+        let next = shared.read().next_lease_deadline();
+        let due = next.is_some_and(|deadline| deadline <= now);
+        if due {
+            let expire = Command::Kv(KvCommand::ExpireLeases { now_ms: now });
+            if let Err(e) = raft.client_write(expire).await {
+                tracing::debug!(node = id, "expiring leases: {e}");
+            }
+        }
+    }
+}
+
+/// Count how often the known leader changes (a metric).
+async fn count_leader_changes(raft: Raft, changes: Arc<std::sync::atomic::AtomicU64>) {
+    let mut metrics = raft.metrics();
+    let mut leader = metrics.borrow().current_leader;
+    while metrics.changed().await.is_ok() {
+        let now = metrics.borrow().current_leader;
+        if now != leader && now.is_some() {
+            changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        leader = now;
+    }
+}
