@@ -1027,6 +1027,23 @@ mod tests {
         assert_eq!(crc32c(b""), 0);
     }
 
+    #[tokio::test]
+    async fn a_snapshot_whose_state_does_not_decode_is_an_open_error() {
+        let dir = courier_test_support::TempDir::new("raft-snapshot-state");
+        let meta = Meta {
+            last_log_id: None,
+            last_membership: Membership::default(),
+            snapshot_id: "none-0-0".to_string(),
+        };
+        // Whole and checksummed, but its state is garbage.
+        let body = encode_snapshot(&meta, &[0xff; 16]).unwrap();
+        write_framed(dir.path(), SNAPSHOT_FILE, SNAPSHOT_MAGIC, &body).unwrap();
+        assert!(matches!(
+            open(dir.path()).await,
+            Err(StorageOpenError::Snapshot(_))
+        ));
+    }
+
     #[test]
     fn ranges_of_any_shape_never_panic() {
         let index = RwLock::new(Index::new());

@@ -446,3 +446,35 @@ async fn log_readers_see_appends_truncations_and_purges() {
     );
     let _: Option<LogId<NodeId>> = log.get_log_state().await.unwrap().last_log_id;
 }
+
+/// openraft builds snapshots in a task of their own: a build from an older
+/// state that finishes after an install must not replace the installed
+/// snapshot.
+#[tokio::test]
+async fn a_stale_build_never_replaces_a_newer_snapshot() {
+    let leader_dir = TempDir::new("raft-stale-leader");
+    let dir = TempDir::new("raft-stale");
+    let (_leader_log, mut leader) = reopen(leader_dir.path()).await;
+    leader.apply(entries(1, 0..8)).await.unwrap();
+    let newer = leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+
+    let (_log, mut sm) = reopen(dir.path()).await;
+    sm.apply(entries(1, 0..3)).await.unwrap();
+    let mut stale = sm.get_snapshot_builder().await;
+    let mut received = sm.begin_receiving_snapshot().await.unwrap();
+    *received = Cursor::new(newer.snapshot.get_ref().clone());
+    sm.install_snapshot(&newer.meta, received).await.unwrap();
+    let built = stale.build_snapshot().await.unwrap();
+    assert_eq!(built.meta.last_log_id, Some(log_id(1, 1, 2)));
+    let current = sm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("a snapshot");
+    assert_eq!(current.meta, newer.meta);
+}
