@@ -4,6 +4,11 @@
 //! connection and registering a call take one lock, never held across an
 //! `.await`; only a caller that finds no live connection waits, for the one
 //! attempt to make it that every such caller shares.
+//!
+//! A client may know several addresses of equivalent servers (the nodes of
+//! a cluster): an attempt to connect goes round them, starting past the
+//! node whose connection died last, until one answers (see
+//! [`Client::lazy_any`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -150,6 +155,14 @@ struct Table {
     unary: usize,
     /// Calls waiting for room.
     waiting_for_room: usize,
+    /// Where the next attempt to connect starts: an index into the
+    /// client's addresses, reduced modulo their number when used (so a
+    /// dying link can say "the one after mine" without knowing how many
+    /// there are).
+    next_address: usize,
+    /// The index of the address of the connection in use, or of the last
+    /// one made; before any, the address the first attempt starts with.
+    current_address: usize,
 }
 
 impl Table {
@@ -233,6 +246,8 @@ pub(crate) struct Link {
     pub(crate) sender: FrameSender,
     /// Which of the client's connections this is (1, 2, ...).
     epoch: u64,
+    /// The index, among the client's addresses, of the server it reaches.
+    address: usize,
     calls: Arc<Calls>,
     closed: AtomicBool,
     /// Asks the link's flusher to write what calls queued without writing.
@@ -242,10 +257,11 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    fn new(sender: FrameSender, epoch: u64, calls: Arc<Calls>) -> Arc<Link> {
+    fn new(sender: FrameSender, epoch: u64, address: usize, calls: Arc<Calls>) -> Arc<Link> {
         Arc::new(Link {
             sender,
             epoch,
+            address,
             calls,
             closed: AtomicBool::new(false),
             flush: Arc::new(Notify::new()),
@@ -257,7 +273,7 @@ impl Link {
     /// a call's channel themselves.
     #[cfg(test)]
     pub(crate) fn for_test(sender: FrameSender) -> Arc<Link> {
-        Link::new(sender, 1, Calls::new(1))
+        Link::new(sender, 1, 0, Calls::new(1))
     }
 }
 
@@ -332,10 +348,19 @@ impl Link {
 
     /// Fails every call waiting on this connection: it is gone.
     fn fail(&self, reason: &str) {
-        self.closed.store(true, Ordering::Release);
+        let was_open = !self.closed.swap(true, Ordering::AcqRel);
         let mut failed = Vec::new();
         {
             let mut table = self.calls.lock();
+            // The client's newest connection died: the next attempt starts
+            // with the address after this one, so a node that just went
+            // down is tried last, not first. Only the first report counts
+            // (the reader and a failed send may both report one death), and
+            // never one from an older connection, which would undo where a
+            // later attempt got to.
+            if was_open && table.link.as_ref().is_none_or(|l| l.epoch <= self.epoch) {
+                table.next_address = self.address + 1;
+            }
             let ids: Vec<u64> = table
                 .waiters
                 .iter()
@@ -459,7 +484,9 @@ async fn hello(
 }
 
 struct ClientInner {
-    address: Address,
+    /// Equivalent servers, at least one and at most [`Address::MAX_LIST`],
+    /// each once; shared with the clients [`Client::separate`] makes.
+    addresses: Arc<[Address]>,
     config: ClientConfig,
     calls: Arc<Calls>,
     /// Connections made so far: the epoch of the next one.
@@ -475,9 +502,11 @@ impl Drop for ClientInner {
     }
 }
 
-/// An RPC client for one server address. Cheap to clone; clones share the
-/// connection. It connects on first use, and again on the next call after
-/// the connection dies. Generated clients (`<Service>Client`) wrap it.
+/// An RPC client for one server, or for one of several equivalent servers
+/// ([`Client::lazy_any`]). Cheap to clone; clones share the connection. It
+/// connects on first use, and again on the next call after the connection
+/// dies (to the next address, when it knows several). Generated clients
+/// (`<Service>Client`) wrap it.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
@@ -487,7 +516,8 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("address", &self.inner.address)
+            .field("address", &self.address())
+            .field("addresses", &self.addresses())
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -557,6 +587,19 @@ enum Registered {
     Full,
 }
 
+/// How an attempt to connect ended.
+enum Dialled {
+    /// Connected.
+    Made(Arc<Link>),
+    /// Every address failed (the error is the last one's), or one refused
+    /// what every one would: the attempt's waiters get the error too.
+    Failed(RpcError),
+    /// The deadline of the caller making the attempt passed before every
+    /// address was tried: the error is of the last one tried, for that
+    /// caller only; the attempt is withdrawn as if the caller had gone.
+    GaveUp(RpcError),
+}
+
 /// Counts a call among those waiting for room while it waits.
 struct WaitingForRoom<'a>(&'a Calls);
 
@@ -566,21 +609,129 @@ impl Drop for WaitingForRoom<'_> {
     }
 }
 
+/// Whether a failed attempt to connect to one address should go on to the
+/// next. Credentials refused by one node are refused by all of them (the
+/// nodes of a cluster share their configuration): trying the others would
+/// only delay the error and multiply failed logins in their logs and rate
+/// limits, so the attempt fails there. Everything else is about that node:
+/// down, unreachable, too slow to answer the hello, not speaking Courier,
+/// or full ([`RpcError::TooManyConnections`] counts one node's
+/// connections, so another may well have room).
+fn tries_the_next(err: &RpcError) -> bool {
+    !matches!(
+        err,
+        RpcError::Unauthenticated(_) | RpcError::PermissionDenied(_)
+    )
+}
+
 impl Client {
     /// Connects now, so that a wrong address fails here.
     pub async fn connect(address: &Address, config: ClientConfig) -> Result<Client, RpcError> {
         let client = Client::lazy(address, config);
-        client.link().await?;
+        client.link(None).await?;
         Ok(client)
     }
 
     /// A client that connects on its first call.
     pub fn lazy(address: &Address, config: ClientConfig) -> Client {
+        Client::over(Arc::from([address.clone()]), config, 0)
+    }
+
+    /// Connects now to the first of `addresses` that answers, trying them
+    /// in order, so that a list with no live server fails here (with the
+    /// error of the last address tried). Otherwise as [`Client::lazy_any`].
+    pub async fn connect_any(
+        addresses: &[Address],
+        config: ClientConfig,
+    ) -> Result<Client, RpcError> {
+        let client = Client::lazy_any(addresses, config)?;
+        client.link(None).await?;
+        Ok(client)
+    }
+
+    /// A client for several equivalent servers (the nodes of a cluster),
+    /// that connects on its first call, to the first of `addresses` that
+    /// answers. Addresses given twice are kept once, where they first
+    /// appear. Fails with [`RpcError::Unavailable`] (not worth retrying:
+    /// the list will not change) if `addresses` is empty or holds more than
+    /// [`Address::MAX_LIST`] distinct addresses.
+    ///
+    /// **Which server.** One connection at a time, as with one address. An
+    /// attempt to connect tries the addresses in turn, going round the list
+    /// at most once: when connecting to one fails (refused, unreachable,
+    /// the transport's `connect_timeout` or the hello's deadline passed,
+    /// not a Courier server, [`RpcError::TooManyConnections`]) it goes on
+    /// at once to the next, and when every one has failed the call fails
+    /// with the last one's error. There is no delay between addresses and
+    /// none between attempts: as with one address, each call that finds no
+    /// live connection makes (or shares) one attempt, and backing off after
+    /// repeated failures is the caller's business (the remote faces of
+    /// pub/sub and queues do it when restoring subscriptions and
+    /// consumers). The whole attempt runs within the deadline of the call
+    /// that made it.
+    ///
+    /// After a live connection dies, the next attempt starts with the
+    /// address after the one that died, so a node that just went down is
+    /// tried last; an address an abandoned attempt was waiting on (its call
+    /// reached its deadline or was dropped) counts as failed too, so a node
+    /// that accepts connections and never answers cannot hold every call:
+    /// the next attempt starts past it. A node that swallows connection
+    /// attempts without refusing them (its host vanished) costs each attempt
+    /// up to the transport's `connect_timeout`; with several addresses, keep
+    /// it below the call deadline ([`ClientConfig::timeout`]) so an attempt
+    /// can reach the next. [`Client::address`] tells which server is in use.
+    ///
+    /// **Credentials.** A refused token ([`RpcError::Unauthenticated`],
+    /// [`RpcError::PermissionDenied`]) fails the call at once without
+    /// trying the other addresses: the nodes of one cluster share their
+    /// credentials, so the others would refuse it too, and trying them
+    /// would only delay the error and multiply failed logins. A full node
+    /// ([`RpcError::TooManyConnections`]) is another matter: its limit
+    /// counts its own connections, so the next address is tried.
+    ///
+    /// **Calls in flight are never resent.** When the connection dies,
+    /// every call in flight on it fails with [`RpcError::Unavailable`]
+    /// ([`RpcError::Cancelled`] if the server shut down; a stream ends with
+    /// the same error), exactly as with one address: the server may have
+    /// run it, and only the caller knows whether running it twice is safe.
+    /// One-way requests queued on it are lost without a word (see
+    /// [`Client::notify`]). Only calls made afterwards go to the next
+    /// server; what lived on the dead connection (subscriptions, consumers)
+    /// is restored by whoever made it, as after any reconnect.
+    pub fn lazy_any(addresses: &[Address], config: ClientConfig) -> Result<Client, RpcError> {
+        let mut distinct: Vec<Address> = Vec::new();
+        for address in addresses {
+            // A linear search: the list never holds more than MAX_LIST.
+            if distinct.contains(address) {
+                continue;
+            }
+            if distinct.len() == Address::MAX_LIST {
+                return Err(RpcError::Unavailable(format!(
+                    "a client takes at most {} server addresses",
+                    Address::MAX_LIST
+                )));
+            }
+            distinct.push(address.clone());
+        }
+        if distinct.is_empty() {
+            return Err(RpcError::Unavailable("no server address given".into()));
+        }
+        Ok(Client::over(distinct.into(), config, 0))
+    }
+
+    /// A client over `addresses` (not empty) whose first attempt starts
+    /// with the one at `start`.
+    fn over(addresses: Arc<[Address]>, config: ClientConfig, start: usize) -> Client {
         let timeout = config.timeout;
         let calls = Calls::new(config.max_in_flight);
+        {
+            let mut table = calls.lock();
+            table.next_address = start;
+            table.current_address = start;
+        }
         Client {
             inner: Arc::new(ClientInner {
-                address: address.clone(),
+                addresses,
                 config,
                 calls,
                 links_made: AtomicU64::new(0),
@@ -593,8 +744,41 @@ impl Client {
     /// connection of its own (made on its first call): for traffic that
     /// must not share this one's ordering or flow control, such as one-way
     /// calls that may wait on something this connection carries.
+    ///
+    /// It keeps the list of addresses, and its first attempt starts with
+    /// the one this client is using, so both reach the same node while it
+    /// lives; afterwards each fails over on its own.
     pub fn separate(&self) -> Client {
-        Client::lazy(&self.inner.address, self.inner.config.clone()).with_timeout(self.timeout)
+        let start = self.inner.calls.lock().current_address;
+        Client::over(
+            self.inner.addresses.clone(),
+            self.inner.config.clone(),
+            start,
+        )
+        .with_timeout(self.timeout)
+    }
+
+    /// The address of the server in use: that of the live connection, or,
+    /// while there is none, of the last one made (before the first, the
+    /// address the first attempt starts with). With several addresses it
+    /// changes when the client fails over.
+    pub fn address(&self) -> Address {
+        let current = self.inner.calls.lock().current_address;
+        self.address_at(current).clone()
+    }
+
+    /// Every address this client may connect to, in the order it tries
+    /// them (each once).
+    pub fn addresses(&self) -> &[Address] {
+        &self.inner.addresses
+    }
+
+    /// The address at `index`, reduced modulo their number.
+    fn address_at(&self, index: usize) -> &Address {
+        let addresses = &self.inner.addresses;
+        // Never empty (the constructors see to it), so never a division by
+        // zero and never out of range.
+        &addresses[index % addresses.len()]
     }
 
     /// The same client (same connection) with another deadline per call.
@@ -619,19 +803,24 @@ impl Client {
         table.link.as_ref().map(|link| link.sender.max_frame_size())
     }
 
-    /// The live connection, connecting if there is none.
-    async fn link(&self) -> Result<Arc<Link>, RpcError> {
+    /// The live connection, connecting if there is none (within the
+    /// caller's `deadline`, if it has one; see [`Client::connected`]).
+    async fn link(&self, deadline: Option<Instant>) -> Result<Arc<Link>, RpcError> {
         loop {
             if let Some(link) = self.inner.calls.lock().live_link() {
                 return Ok(link.clone());
             }
-            self.connected().await?;
+            self.connected(deadline).await?;
         }
     }
 
     /// Returns once there is a live connection, making one if nobody else
     /// is; every caller waiting on a failed attempt gets its error.
-    async fn connected(&self) -> Result<(), RpcError> {
+    ///
+    /// `deadline` is the caller's, which the caller also enforces by
+    /// dropping this future; an attempt this caller makes does not start on
+    /// another address once it has passed (see [`Dialled::GaveUp`]).
+    async fn connected(&self, deadline: Option<Instant>) -> Result<(), RpcError> {
         let calls = &*self.inner.calls;
         loop {
             let (attempt, mine) = {
@@ -653,17 +842,26 @@ impl Client {
                     calls,
                     attempt: &attempt,
                 };
-                let made = self.dial().await;
+                let made = self.dial(deadline).await;
                 let mut table = calls.lock();
                 table.connecting = None;
                 match made {
-                    Ok(link) => {
+                    Dialled::Made(link) => {
                         table.link = Some(link);
                         drop(table);
                         drop(connecting);
                         return Ok(());
                     }
-                    Err(err) => {
+                    Dialled::GaveUp(err) => {
+                        // As if this caller's future had been dropped: the
+                        // attempt is withdrawn, its waiters (whose
+                        // deadlines may be later) wake without an outcome,
+                        // and one of them makes the next attempt.
+                        drop(table);
+                        drop(connecting);
+                        return Err(err);
+                    }
+                    Dialled::Failed(err) => {
                         drop(table);
                         let _ = attempt.failed.set(err.clone());
                         drop(connecting);
@@ -693,15 +891,64 @@ impl Client {
         }
     }
 
-    /// Makes a connection: transport, hello, reader and flusher.
-    async fn dial(&self) -> Result<Arc<Link>, RpcError> {
-        let connection = connect(&self.inner.address, &self.inner.config.transport)
+    /// Makes a connection to the first address that answers, going round
+    /// the list at most once from where the last attempt left off, and
+    /// starting on no other address once `deadline` has passed.
+    async fn dial(&self, deadline: Option<Instant>) -> Dialled {
+        let count = self.inner.addresses.len();
+        let start = self.inner.calls.lock().next_address % count;
+        let mut last = None;
+        for step in 0..count {
+            let index = (start + step) % count;
+            // Presumed down until it answers: if this attempt is abandoned
+            // while waiting on it (the call's deadline passed, or the call
+            // was dropped), the next attempt starts past it.
+            self.inner.calls.lock().next_address = index + 1;
+            match self.dial_one(index).await {
+                Ok(link) => {
+                    if step > 0 {
+                        let address = self.address_at(index);
+                        tracing::info!(%address, failed = step, "connected to another server");
+                    }
+                    return Dialled::Made(link);
+                }
+                Err(err) if tries_the_next(&err) => {
+                    let address = self.address_at(index);
+                    tracing::debug!(%address, %err, "cannot connect; trying the next address");
+                    // The caller's deadline passed with this address (the
+                    // hello's own timeout fires with it, and timers share a
+                    // tick): starting on the next one would only see that
+                    // attempt dropped at once and count it as failed.
+                    if step + 1 < count && deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Dialled::GaveUp(err);
+                    }
+                    last = Some(err);
+                }
+                Err(err) => return Dialled::Failed(err),
+            }
+        }
+        // `count` is at least one, so `last` is set; the fallback is never used.
+        Dialled::Failed(last.unwrap_or_else(|| RpcError::Unavailable("no server address".into())))
+    }
+
+    /// Makes a connection to the address at `index`: transport, hello,
+    /// reader and flusher.
+    async fn dial_one(&self, index: usize) -> Result<Arc<Link>, RpcError> {
+        let address = self.address_at(index);
+        let connection = connect(address, &self.inner.config.transport)
             .await
             .map_err(|err| RpcError::Unavailable(err.to_string()))?;
         let (sender, mut receiver) = connection.split();
         hello(&sender, &mut receiver, &self.inner.config).await?;
         let epoch = self.inner.links_made.fetch_add(1, Ordering::Relaxed) + 1;
-        let link = Link::new(sender, epoch, self.inner.calls.clone());
+        {
+            // Before the reader starts: if the connection dies at once, its
+            // reader moves `next_address` past it, and nothing undoes that.
+            let mut table = self.inner.calls.lock();
+            table.next_address = index;
+            table.current_address = index;
+        }
+        let link = Link::new(sender, epoch, index, self.inner.calls.clone());
         let reader = tokio::spawn(read_replies(Arc::downgrade(&link), receiver));
         let flusher = tokio::spawn(flush_when_asked(link.sender.clone(), link.flush.clone()));
         lock(&link.tasks).extend([reader, flusher]);
@@ -777,9 +1024,11 @@ impl Client {
         let (link, id, batch) = loop {
             match self.register(&mut waiter) {
                 Registered::Yes { link, id, batch } => break (link, id, batch),
-                Registered::NoLink => tokio::time::timeout_at(deadline, self.connected())
-                    .await
-                    .map_err(|_| RpcError::DeadlineExceeded)??,
+                Registered::NoLink => {
+                    tokio::time::timeout_at(deadline, self.connected(Some(deadline)))
+                        .await
+                        .map_err(|_| RpcError::DeadlineExceeded)??
+                }
                 Registered::Full => self.room(deadline).await?,
             }
             sent_at = Instant::now();
@@ -889,7 +1138,7 @@ impl Client {
         args: &A,
     ) -> Result<u64, RpcError> {
         let deadline = Instant::now() + self.timeout;
-        let link = tokio::time::timeout_at(deadline, self.link())
+        let link = tokio::time::timeout_at(deadline, self.link(Some(deadline)))
             .await
             .map_err(|_| RpcError::DeadlineExceeded)??;
         let header = RequestHeader {
@@ -980,6 +1229,14 @@ mod tests {
     }
 
     async fn fake(refuse: bool) -> Fake {
+        let fault = refuse.then(|| RpcFault::Unauthenticated {
+            reason: "refused".into(),
+        });
+        fake_refusing(fault).await
+    }
+
+    /// A fake that refuses every hello with `fault`, if there is one.
+    async fn fake_refusing(fault: Option<RpcFault>) -> Fake {
         let address = mem();
         let mut listener = bind(&address, &TransportConfig::default()).await.unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -990,7 +1247,8 @@ mod tests {
             async move {
                 while let Ok(connection) = listener.accept().await {
                     accepted.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(serve_fake(connection, gate.clone(), close.clone(), refuse));
+                    let fault = fault.clone();
+                    tokio::spawn(serve_fake(connection, gate.clone(), close.clone(), fault));
                 }
             }
         });
@@ -1006,7 +1264,7 @@ mod tests {
         mut connection: Connection,
         gate: Arc<tokio::sync::Semaphore>,
         close: Arc<Notify>,
-        refuse: bool,
+        fault: Option<RpcFault>,
     ) {
         let Ok(Some(_hello)) = connection.recv().await else {
             return;
@@ -1016,10 +1274,7 @@ mod tests {
             return;
         };
         drop(permit);
-        if refuse {
-            let fault = RpcFault::Unauthenticated {
-                reason: "refused".into(),
-            };
+        if let Some(fault) = fault {
             let _ = connection.send_message(FrameKind::Error, 0, &fault).await;
             return;
         }
@@ -1257,5 +1512,216 @@ mod tests {
         blocker.abort();
         let _ = blocker.await;
         assert_eq!(table_state(&stuck), (0, 0, false));
+    }
+
+    /// A fake whose hellos are answered at once.
+    async fn open_fake() -> Fake {
+        let server = fake(false).await;
+        server.gate.add_permits(Semaphore::MAX_PERMITS);
+        server
+    }
+
+    fn accepted(server: &Fake) -> usize {
+        server.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Waits (yielding, at most 10,000 turns and 10 s) until the client
+    /// has noticed that its connection died.
+    async fn until_disconnected(client: &Client) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for _ in 0..10_000 {
+            if client.epoch().await == 0 {
+                return;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the client never noticed its connection died");
+    }
+
+    #[test]
+    fn an_address_list_must_hold_one_to_max_list_distinct_addresses() {
+        let config = ClientConfig::default;
+        assert!(matches!(
+            Client::lazy_any(&[], config()),
+            Err(RpcError::Unavailable(reason)) if reason.contains("no server address")
+        ));
+        let many: Vec<Address> = (0..=Address::MAX_LIST)
+            .map(|n| Address::mem(format!("list-{n}")))
+            .collect();
+        assert!(matches!(
+            Client::lazy_any(&many, config()),
+            Err(RpcError::Unavailable(reason)) if reason.contains("at most 64")
+        ));
+        let client = Client::lazy_any(&many[..Address::MAX_LIST], config()).unwrap();
+        assert_eq!(client.addresses(), &many[..Address::MAX_LIST]);
+        // Repeats are kept once, where they first appear, and do not count.
+        let (a, b) = (many[0].clone(), many[1].clone());
+        let mut repeated = vec![b.clone(), a.clone(), b.clone(), a.clone()];
+        repeated.extend(std::iter::repeat_n(a.clone(), 100));
+        let client = Client::lazy_any(&repeated, config()).unwrap();
+        assert_eq!(client.addresses(), &[b.clone(), a]);
+        assert_eq!(client.address(), b, "the first, before any connection");
+        // One address is a list of one.
+        let single = Client::lazy(&b, config());
+        assert_eq!(single.addresses(), std::slice::from_ref(&b));
+        assert_eq!(single.address(), b);
+    }
+
+    #[tokio::test]
+    async fn after_a_connection_dies_the_next_attempt_starts_with_the_next_address() {
+        let (a, b) = (open_fake().await, open_fake().await);
+        let client = Client::lazy_any(
+            &[a.address.clone(), b.address.clone()],
+            ClientConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(add_one(&client, 1).await, Ok(2));
+        assert_eq!(client.address(), a.address);
+        assert_eq!((accepted(&a), accepted(&b)), (1, 0));
+
+        // A drops the connection but still listens: the client goes to B
+        // all the same, not back to the node that just cut it off.
+        a.close.notify_waiters();
+        until_disconnected(&client).await;
+        assert_eq!(client.address(), a.address, "the last one made");
+        assert_eq!(add_one(&client, 2).await, Ok(3));
+        assert_eq!(client.address(), b.address);
+        assert_eq!((accepted(&a), accepted(&b)), (1, 1));
+
+        // And round the list: from B back to A.
+        b.close.notify_waiters();
+        until_disconnected(&client).await;
+        assert_eq!(add_one(&client, 3).await, Ok(4));
+        assert_eq!(client.address(), a.address);
+        assert_eq!((accepted(&a), accepted(&b)), (2, 1));
+        assert_eq!(client.epoch().await, 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_goes_round_the_list_once_and_reports_the_last_error() {
+        let (dead, live) = (mem(), open_fake().await);
+        let client = Client::lazy_any(
+            &[dead.clone(), live.address.clone()],
+            ClientConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            add_one(&client, 1).await,
+            Ok(2),
+            "past the dead one at once"
+        );
+        assert_eq!(client.address(), live.address);
+
+        let (first, last) = (mem(), mem());
+        let nowhere = Client::lazy_any(&[first, last.clone()], ClientConfig::default()).unwrap();
+        match add_one(&nowhere, 1).await {
+            Err(RpcError::Unavailable(reason)) => {
+                assert!(reason.contains(&last.to_string()), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The next attempt goes round again, and again fails.
+        assert!(matches!(
+            add_one(&nowhere, 1).await,
+            Err(RpcError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_fail_the_call_without_trying_the_other_addresses() {
+        let refusing = fake(true).await;
+        refusing.gate.add_permits(Semaphore::MAX_PERMITS);
+        let other = open_fake().await;
+        let addresses = [refusing.address.clone(), other.address.clone()];
+        let client = Client::lazy_any(&addresses, ClientConfig::default()).unwrap();
+        assert!(matches!(
+            add_one(&client, 1).await,
+            Err(RpcError::Unauthenticated(_))
+        ));
+        assert_eq!(accepted(&other), 0, "the same token would be refused there");
+        // As with `connect_any`.
+        let err = Client::connect_any(&addresses, ClientConfig::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::Unauthenticated(_)), "{err}");
+        assert_eq!(accepted(&other), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_node_is_passed_over_for_the_next() {
+        let full = fake_refusing(Some(RpcFault::TooManyConnections {
+            limit: 1,
+            scope: String::new(),
+        }))
+        .await;
+        full.gate.add_permits(Semaphore::MAX_PERMITS);
+        let other = open_fake().await;
+        let client = Client::connect_any(
+            &[full.address.clone(), other.address.clone()],
+            ClientConfig::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(client.address(), other.address);
+        assert_eq!(add_one(&client, 1).await, Ok(2));
+        assert_eq!((accepted(&full), accepted(&other)), (1, 1));
+
+        // Full everywhere: the last node's refusal.
+        let only =
+            Client::connect_any(std::slice::from_ref(&full.address), ClientConfig::default()).await;
+        assert!(matches!(
+            only,
+            Err(RpcError::TooManyConnections { limit: 1, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_node_that_never_answers_the_hello_is_passed_over_once_a_call_gives_up_on_it() {
+        // Its gate never opens: it accepts connections and says nothing.
+        let silent = fake(false).await;
+        let live = open_fake().await;
+        let config = ClientConfig {
+            timeout: Duration::from_millis(100),
+            ..ClientConfig::default()
+        };
+        let client =
+            Client::lazy_any(&[silent.address.clone(), live.address.clone()], config).unwrap();
+        assert_eq!(add_one(&client, 1).await, Err(RpcError::DeadlineExceeded));
+        assert_eq!((accepted(&silent), accepted(&live)), (1, 0));
+        // The abandoned attempt counted against it: the next starts past it.
+        assert_eq!(add_one(&client, 2).await, Ok(3));
+        assert_eq!(client.address(), live.address);
+        assert_eq!((accepted(&silent), accepted(&live)), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_separate_client_keeps_the_list_and_starts_where_this_one_is() {
+        let (a, b) = (open_fake().await, open_fake().await);
+        let client = Client::lazy_any(
+            &[a.address.clone(), b.address.clone()],
+            ClientConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(add_one(&client, 1).await, Ok(2));
+        a.close.notify_waiters();
+        until_disconnected(&client).await;
+        assert_eq!(add_one(&client, 1).await, Ok(2));
+        assert_eq!(client.address(), b.address);
+
+        let separate = client.with_timeout(Duration::from_secs(5)).separate();
+        assert_eq!(separate.addresses(), client.addresses());
+        assert_eq!(separate.address(), b.address, "before its first call");
+        assert_eq!(separate.timeout(), Duration::from_secs(5));
+        assert_eq!(add_one(&separate, 5).await, Ok(6));
+        assert_eq!(separate.address(), b.address);
+        assert_eq!(
+            (accepted(&a), accepted(&b)),
+            (1, 2),
+            "a connection of its own"
+        );
+        assert_eq!(separate.epoch().await, 1);
     }
 }
