@@ -1,6 +1,8 @@
 //! Helpers shared by the tests of every Courier crate (and the fuzzer).
 //! Depends on nothing but std, so any crate may take it as a dev-dependency.
 
+pub mod lincheck;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
