@@ -18,9 +18,10 @@ use crate::Failure;
 /// How many lines `--lines` sends per call.
 const LINES_PER_BATCH: usize = 256;
 
-fn address(url: &str) -> anyhow::Result<Address> {
-    url.parse::<Address>()
-        .map_err(|err| Failure::usage(format!("--url {url:?}: {err}")).into())
+/// The brokers `--url` names: one address, or the nodes of a cluster
+/// separated by commas.
+fn addresses(url: &str) -> anyhow::Result<Vec<Address>> {
+    Address::parse_list(url).map_err(|err| Failure::usage(format!("--url {url:?}: {err}")).into())
 }
 
 /// Credentials from the global flags, for every connection this process makes.
@@ -53,10 +54,12 @@ pub(crate) fn client_config() -> ClientConfig {
     CLIENT_CONFIG.get().cloned().unwrap_or_default()
 }
 
-/// Connects, or fails with exit code 3 and the address in the message.
+/// Connects to the first broker of `url` that answers (the client moves to
+/// another of them by itself if that one goes away), or fails with exit code
+/// 3 and the addresses in the message.
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
-    let address = address(url)?;
-    match Client::connect(&address, client_config()).await {
+    let addresses = addresses(url)?;
+    match Client::connect_any(&addresses, client_config()).await {
         Ok(client) => Ok(client),
         // Refused credentials are not an unreachable broker.
         Err(

@@ -36,7 +36,10 @@ pub const DEFAULT_URL: &str = "tcp://127.0.0.1:7878";
     after_help = "Examples:\n  courier serve                          # a broker on tcp://127.0.0.1:7878\n  courier sub 'orders.>'                 # print everything under orders.\n  courier pub orders.eu.created 'tea'    # publish one message\n  courier queue push jobs 'resize 1.png' # store a job\n  courier queue pop jobs                 # take it (and acknowledge it)\n  courier demo                           # see all five mechanisms at work"
 )]
 struct Cli {
-    /// The broker's address.
+    /// The broker's address, or the addresses of a cluster's brokers
+    /// separated by commas (tcp://10.0.0.1:7878,tcp://10.0.0.2:7878): the
+    /// client connects to the first that answers and moves to another when
+    /// it goes away.
     #[arg(long, global = true, env = "COURIER_URL", default_value = DEFAULT_URL)]
     url: String,
     /// Print JSON (one object per line) instead of text.
