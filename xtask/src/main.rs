@@ -25,8 +25,9 @@ commands:
                       Courier / peer and Courier / raw for every workload
   demo                `courier demo`: a broker and worker processes on loopback,
                       all five mechanisms at work, a table of what happened
-  cluster [--nodes N] N brokers on loopback (ports 7878.., data under
-                      target/cluster/), until Ctrl-C stops them cleanly
+  cluster [--nodes N] a real N-node cluster (default 3) on loopback: node i
+                      on port 7876+2i, metrics on the next port, data under
+                      target/cluster/node<i>; until Ctrl-C stops every node
   fuzz [--seconds N] [--seed S]
                       mutation-fuzz the frame decoder for N seconds (default 60)
   crash [--seeds N]   the kill -9 crash test of the durable log with N seeds
@@ -79,7 +80,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Starts N brokers on loopback, each with its own port and data
+/// Starts an N-node cluster on loopback: every broker is a member
+/// (`--node i`, the others as `--peer`), with its own port and data
 /// directory, and waits for them. Ctrl-C reaches every process in the
 /// terminal's group, so each broker shuts down gracefully by itself.
 fn cluster(args: &[String]) -> Result<(), String> {
@@ -92,25 +94,39 @@ fn cluster(args: &[String]) -> Result<(), String> {
     };
     cargo(&["build", "--quiet", "--release", "-p", "courier-cli"])?;
     let courier = root().join("target/release/courier");
+    if nodes == 0 || nodes > 9 {
+        return Err("--nodes takes 1 to 9".into());
+    }
+    let address = |n: u16| format!("tcp://127.0.0.1:{}", 7876 + 2 * n);
     let mut children = Vec::new();
-    for n in 0..nodes {
-        let port = 7878 + 2 * n;
+    for n in 1..=nodes {
         let data = root().join(format!("target/cluster/node{n}"));
-        let child = Command::new(&courier)
-            .args(["serve", "--listen", &format!("tcp://127.0.0.1:{port}")])
-            .args(["--metrics", &format!("127.0.0.1:{}", port + 1)])
+        let mut command = Command::new(&courier);
+        command
+            .args(["serve", "--listen", &address(n)])
+            .args(["--metrics", &format!("127.0.0.1:{}", 7877 + 2 * n)])
             .arg("--data")
             .arg(&data)
+            .args(["--node", &n.to_string()]);
+        for peer in (1..=nodes).filter(|p| *p != n) {
+            command.args(["--peer", &format!("{peer}={}", address(peer))]);
+        }
+        let child = command
             .spawn()
             .map_err(|err| format!("cannot start {}: {err}", courier.display()))?;
         println!(
-            "node {n}: tcp://127.0.0.1:{port}, metrics http://127.0.0.1:{}/metrics, data {}",
-            port + 1,
+            "node {n}: {}, metrics http://127.0.0.1:{}/metrics, data {}",
+            address(n),
+            7877 + 2 * n,
             data.display()
         );
         children.push(child);
     }
-    println!("\ntry: target/release/courier --url tcp://127.0.0.1:7878 sub 'demo.>'\nCtrl-C stops every node.");
+    let all: Vec<String> = (1..=nodes).map(address).collect();
+    println!(
+        "\ntry:\n  export COURIER_URL={}\n  target/release/courier cluster status\n  target/release/courier kv put greeting hello\n  target/release/courier kv watch '' --from 1\nCtrl-C stops every node.",
+        all.join(",")
+    );
     let mut failed = 0;
     for mut child in children {
         match child.wait() {

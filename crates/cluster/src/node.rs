@@ -241,6 +241,7 @@ pub struct ClusterNode {
     shared: SharedState,
     tasks: Vec<JoinHandle<()>>,
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
+    probe: courier_queue::log::DurableProbe,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -295,6 +296,7 @@ impl ClusterNode {
         let raft_config = Arc::new(raft_config(&config)?);
         let (log, machine) = storage::open(&config.data_dir.join("raft")).await?;
         let shared = machine.shared();
+        let probe = log.durable_probe();
         let raft = Raft::new(config.id, raft_config, network, log, machine)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -325,7 +327,14 @@ impl ClusterNode {
             shared,
             tasks,
             leader_changes,
+            probe,
         })
+    }
+
+    /// FOR TESTS (power loss): what of this node's Raft log is fsynced.
+    #[doc(hidden)]
+    pub fn durable_probe(&self) -> &courier_queue::log::DurableProbe {
+        &self.probe
     }
 
     /// This node's id.

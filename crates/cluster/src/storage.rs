@@ -548,6 +548,13 @@ impl LogStore {
         self.log.durable_image()
     }
 
+    /// FOR TESTS: takes [`Self::durable_image`] later, after the store has
+    /// moved into Raft.
+    #[doc(hidden)]
+    pub fn durable_probe(&self) -> courier_queue::log::DurableProbe {
+        self.log.durable_probe()
+    }
+
     /// The last index present, or the purge point when no entry is.
     fn last_log_id(&self) -> Option<LogId<NodeId>> {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
@@ -616,7 +623,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let hard = blocking(move || read_hard_state(&dir))
             .await
             .map_err(|e| storage_error(ErrorSubject::Vote, ErrorVerb::Read, &e))?;
-        Ok(hard.and_then(|h| h.vote))
+        // A vote read back is never a *committed* one (a leadership): it
+        // is handed back as the plain vote for the same node in the same
+        // term. Otherwise a leader restarted from disk resumes leading its
+        // old term at once, and two things go wrong:
+        // - it does not know its commit index (it is not persisted), and a
+        //   leader that resumes keeps its term's old no-op as its read
+        //   fence, so a linearizable read could be answered from its
+        //   snapshot, missing writes acknowledged before the crash;
+        // - after a power loss it may have lost the unsynced tail of its
+        //   own log, entries its followers already hold, and would then
+        //   write different entries under the same log ids.
+        // As a candidate it must win a new term instead, whose fresh no-op
+        // fences reads and whose entries cannot collide with old ones. The
+        // plain vote still binds it: it cannot vote for anyone else in
+        // that term.
+        Ok(hard.and_then(|h| h.vote).map(|mut vote| {
+            vote.committed = false;
+            vote
+        }))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), Error>
@@ -825,7 +850,7 @@ impl SnapshotFiles {
     fn next_id(&self, last: Option<LogId<NodeId>>) -> String {
         let counter = self.counter.fetch_add(1, Ordering::Relaxed);
         match last {
-            Some(id) => format!("{}-{}-{counter}", id.index, id.leader_id.get_term()),
+            Some(id) => format!("{}-{}-{counter}", id.index, id.leader_id.term),
             None => format!("none-0-{counter}"),
         }
     }

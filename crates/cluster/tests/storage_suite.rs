@@ -478,3 +478,17 @@ async fn a_stale_build_never_replaces_a_newer_snapshot() {
         .expect("a snapshot");
     assert_eq!(current.meta, newer.meta);
 }
+
+#[tokio::test]
+async fn a_leadership_read_back_is_only_a_vote_so_a_restarted_leader_must_win_a_new_term() {
+    let dir = TempDir::new("raft-vote-committed");
+    {
+        let (mut log, _sm) = reopen(dir.path()).await;
+        log.save_vote(&Vote::new_committed(4, 2)).await.unwrap();
+    }
+    let (mut log, _sm) = reopen(dir.path()).await;
+    let vote = log.read_vote().await.unwrap().expect("a vote");
+    assert_eq!(vote, Vote::new(4, 2), "same term and candidate, not committed");
+    // Still a vote in term 4: nobody else can be granted that term.
+    assert!(Vote::new(4, 3).partial_cmp(&vote).is_none());
+}

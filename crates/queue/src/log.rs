@@ -637,13 +637,16 @@ impl Log {
     /// [`DurableImage::apply`] then throws away everything else.
     #[doc(hidden)]
     pub fn durable_image(&self) -> DurableImage {
-        DurableImage {
+        self.durable_probe().image()
+    }
+
+    /// FOR TESTS: a handle that takes [`Log::durable_image`] later, from
+    /// wherever the log itself has gone (into a Raft store, say).
+    #[doc(hidden)]
+    pub fn durable_probe(&self) -> DurableProbe {
+        DurableProbe {
             dir: self.dir.clone(),
-            segments: self
-                .durable
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clone(),
+            durable: self.durable.clone(),
         }
     }
 
@@ -1242,6 +1245,29 @@ fn durable_of(segments: &VecDeque<Segment>) -> Vec<(PathBuf, u64)> {
 pub struct DurableImage {
     dir: PathBuf,
     segments: Vec<(PathBuf, u64)>,
+}
+
+/// FOR TESTS: takes a log's [`DurableImage`] at any moment (see
+/// [`Log::durable_probe`]).
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct DurableProbe {
+    dir: PathBuf,
+    durable: Arc<std::sync::Mutex<Vec<(PathBuf, u64)>>>,
+}
+
+impl DurableProbe {
+    /// What the log's fsyncs cover now.
+    pub fn image(&self) -> DurableImage {
+        DurableImage {
+            dir: self.dir.clone(),
+            segments: self
+                .durable
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
+        }
+    }
 }
 
 impl DurableImage {
