@@ -455,33 +455,16 @@ impl ClusterNode {
         }
     }
 
-    /// Events from `from`, whole revisions only: a batch cut off inside a
-    /// revision is trimmed to the revisions it has completely, unless it
-    /// holds one revision only, which is then read in full.
+    /// Events from `from`: [`ClusterState::events_since`](crate::state::ClusterState::events_since) answers whole
+    /// revisions only, so a watch resuming after the last revision it sent
+    /// never splits one.
     fn events_from(
         &self,
         prefix: &str,
         from: u64,
         limit: usize,
     ) -> Result<Vec<Event>, ClusterError> {
-        let state = self.shared.read();
-        let mut events = state.events_since(prefix, from, limit)?;
-        if events.len() < limit {
-            return Ok(events);
-        }
-        let last = events.last().map_or(0, |e| e.kv.mod_revision);
-        let first = events.first().map_or(0, |e| e.kv.mod_revision);
-        if first != last {
-            events.retain(|e| e.kv.mod_revision != last);
-            return Ok(events);
-        }
-        // One revision larger than the batch (a lease that took many keys):
-        // read all of that revision.
-        let all = state.events_since(prefix, from, usize::MAX)?;
-        Ok(all
-            .into_iter()
-            .take_while(|e| e.kv.mod_revision == first)
-            .collect())
+        Ok(self.shared.read().events_since(prefix, from, limit)?)
     }
 
     /// Every retained change under `prefix` from `from` on, as this node

@@ -432,32 +432,9 @@ fn write_framed(dir: &Path, name: &str, magic: &[u8; 4], body: &[u8]) -> Result<
         .map_err(io_err(dir))
 }
 
-/// CRC-32C (Castagnoli), the log's checksum, table-driven.
+/// CRC-32C (Castagnoli), the log's checksum.
 fn crc32c(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut crc = i as u32;
-            let mut bit = 0;
-            while bit < 8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0x82F6_3B78
-                } else {
-                    crc >> 1
-                };
-                bit += 1;
-            }
-            table[i] = crc;
-            i += 1;
-        }
-        table
-    };
-    let mut crc = !0u32;
-    for &byte in bytes {
-        crc = TABLE[((crc ^ byte as u32) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
+    crc32c::crc32c(bytes)
 }
 
 /// Runs blocking file work off the async threads.
