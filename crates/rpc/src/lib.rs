@@ -28,6 +28,14 @@
 //! - **Failures are answered at once**: a handler that panics gets its
 //!   caller [`RpcError::Internal`] straight away (and the panic is logged
 //!   with the service and method), not a wait until the deadline.
+//! - **Failover**: [`Client::lazy_any`] and [`Client::connect_any`] take
+//!   several addresses of equivalent servers (`Address::parse_list` reads
+//!   `tcp://a:7878,tcp://b:7878`). The client connects to the first that
+//!   answers; when the connection dies it goes on to the next address,
+//!   never first to the one that died, and [`Client::address`] says which
+//!   is in use. Calls in flight when a connection dies fail: they are never
+//!   resent, since they may have run. Refused credentials fail at once
+//!   instead of being tried on every node.
 //! - **Liveness**: clients send heartbeats by default
 //!   ([`DEFAULT_HEARTBEAT`]), so a call to a frozen server fails in about a
 //!   second.
