@@ -28,6 +28,10 @@ commands:
   cluster [--nodes N] a real N-node cluster (default 3) on loopback: node i
                       on port 7876+2i, metrics on the next port, data under
                       target/cluster/node<i>; until Ctrl-C stops every node
+  sim [--seeds N] [--steps N] [--seed S]
+                      the cluster simulations (3 and 5 nodes under partitions,
+                      loss, crashes; power loss) for N seeds (default 10) of
+                      N fault steps (default 40); CI runs one short seed each
   fuzz [--seconds N] [--seed S]
                       mutation-fuzz the frame decoder for N seconds (default 60)
   crash [--seeds N]   the kill -9 crash test of the durable log with N seeds
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
             "demo",
         ]),
         "cluster" => cluster(rest),
+        "sim" => sim(rest),
         "fuzz" => fuzz(rest, true),
         "layers" => check_layers(),
         "crash" => crash(rest),
@@ -137,6 +142,49 @@ fn cluster(args: &[String]) -> Result<(), String> {
     if failed > 0 {
         return Err(format!("{failed} node(s) did not stop cleanly"));
     }
+    Ok(())
+}
+
+/// Runs the cluster simulations for many seeds and more fault steps than
+/// CI does; a failing seed is printed with the command that replays it.
+fn sim(args: &[String]) -> Result<(), String> {
+    let (mut seeds, mut steps, mut first) = (10u64, 40u64, None);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("{flag} needs a number"))?;
+        match flag.as_str() {
+            "--seeds" => seeds = value,
+            "--steps" => steps = value,
+            "--seed" => first = Some(value),
+            other => {
+                return Err(format!(
+                    "unknown option {other:?}: sim [--seeds N] [--steps N] [--seed S]"
+                ))
+            }
+        }
+    }
+    let first = first.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs())
+    });
+    for seed in first..first + seeds {
+        eprintln!("\n==> seed {seed} ({steps} steps)");
+        let (seed_text, steps_text) = (seed.to_string(), steps.to_string());
+        cargo_env(
+            &["test", "-p", "courier-cluster", "--test", "cluster_sim", "--", "--nocapture"],
+            &[("COURIER_SEED", &seed_text), ("COURIER_SIM_STEPS", &steps_text)],
+        )
+        .map_err(|e| {
+            format!(
+                "{e}\nreplay: COURIER_SEED={seed} COURIER_SIM_STEPS={steps} cargo test -p courier-cluster --test cluster_sim"
+            )
+        })?;
+    }
+    eprintln!("\n{seeds} seeds passed");
     Ok(())
 }
 
@@ -311,6 +359,7 @@ fn bench(rest: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let out = out.to_string_lossy().into_owned();
     let extra = strs(rest);
+    cargo(&["build", "--release", "-p", "courier-cli"])?; // the cluster bench's failover runs it
     cargo_env(
         &[&["bench", "-p", "courier-benches"], &extra[..]].concat(),
         &[("COURIER_BENCH_OUT", out.as_str())],

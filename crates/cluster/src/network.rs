@@ -4,8 +4,9 @@
 //! connection per pair of nodes, whatever the group: a message is the
 //! group id, its kind, and the openraft request encoded with postcard. The
 //! connection is whatever the transport gives any client (TLS, the bearer
-//! token, heartbeats, reconnection with backoff), so cluster traffic needs
-//! no second security story.
+//! token, heartbeats), so cluster traffic needs no second security story;
+//! replication to an unreachable peer waits out the transport's jittered
+//! exponential backoff between tries.
 //!
 //! openraft's messages cross as opaque bytes rather than typed arguments:
 //! their shape belongs to openraft, and a schema fingerprint over it would
@@ -368,5 +369,19 @@ impl RaftNetwork<TypeConfig> for RpcNetwork {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.send(RaftKind::Vote, &rpc, 0, &option).await
+    }
+
+    /// How long replication to an unreachable peer waits between tries:
+    /// the transport's capped exponential backoff with jitter (100 ms
+    /// doubling to 2 s), so a dead node costs a few attempts a second at
+    /// first and one every second or two after, and nodes cut off together
+    /// do not retry in lockstep.
+    fn backoff(&self) -> openraft::network::Backoff {
+        let mut delays = courier_transport::Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+            self.target ^ (u64::from(self.group) << 32),
+        );
+        openraft::network::Backoff::new(std::iter::from_fn(move || Some(delays.next_delay())))
     }
 }

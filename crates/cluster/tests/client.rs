@@ -263,3 +263,30 @@ async fn a_lease_kept_alive_keeps_its_keys_and_a_revoked_one_takes_them() {
     assert!(refused.to_string().contains("lease"), "{refused}");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_have_a_typed_face_and_a_value_of_another_type_is_a_typed_error() {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Config {
+        color: String,
+        replicas: u32,
+    }
+    let cluster = Cluster::start(1).await;
+    cluster.leader().await;
+    let kv = cluster.client(1);
+    let wanted = Config {
+        color: "blue".into(),
+        replicas: 3,
+    };
+    let revision = kv.put_typed("config", &wanted).await.unwrap();
+    let (got, at) = kv.get_typed::<Config>("config").await.unwrap().unwrap();
+    assert_eq!((got, at), (wanted, revision));
+    assert!(kv.get_typed::<Config>("absent").await.unwrap().is_none());
+    kv.put("raw", vec![0xff]).await.unwrap();
+    let err = kv.get_typed::<Config>("raw").await.unwrap_err();
+    assert!(
+        matches!(&err, courier_cluster::client::KvClientError::Decode { key, .. } if key == "raw"),
+        "{err}"
+    );
+    cluster.shutdown().await;
+}

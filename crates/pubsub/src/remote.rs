@@ -1157,6 +1157,18 @@ impl RemotePubSub {
         ))
     }
 
+    /// Connects to whichever of `addresses` answers first; when that host
+    /// goes, the client moves to the next and subscriptions restore
+    /// themselves there (see [`Client::connect_any`]).
+    pub async fn connect_any(
+        addresses: &[Address],
+        config: ClientConfig,
+    ) -> Result<RemotePubSub, RemotePubSubError> {
+        Ok(RemotePubSub::with_client(
+            Client::connect_any(addresses, config).await?,
+        ))
+    }
+
     /// Uses an existing client (and its connection).
     pub fn with_client(client: Client) -> RemotePubSub {
         RemotePubSub {

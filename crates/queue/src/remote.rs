@@ -798,6 +798,21 @@ impl RemoteQueue {
         ))
     }
 
+    /// The queue `name` on whichever of `addresses` answers first: when
+    /// that host goes, the client moves to the next and consumers reattach
+    /// by themselves (see [`Client::connect_any`]; each broker has its own
+    /// queues until queues are replicated).
+    pub async fn connect_any(
+        addresses: &[Address],
+        name: &str,
+        config: ClientConfig,
+    ) -> Result<RemoteQueue, RemoteQueueError> {
+        Ok(RemoteQueue::with_client(
+            Client::connect_any(addresses, config).await?,
+            name,
+        ))
+    }
+
     /// The queue `name` on the host `client` is connected to, sharing its
     /// connection.
     pub fn with_client(client: Client, name: &str) -> RemoteQueue {
