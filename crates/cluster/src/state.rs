@@ -19,8 +19,8 @@
 //!   revision.
 //!
 //! Nothing else moves it: a failed condition, a delete of a missing key,
-//! granting or keeping alive a lease, ending a lease that holds no keys, a
-//! compaction, a declaration.
+//! granting, keeping alive or renewing leases, ending a lease that holds no
+//! keys, a compaction, a declaration.
 //!
 //! Each key carries `create_revision` (the revision of the put that created
 //! it), `mod_revision` (of its last put) and `version` (1 after the
@@ -56,6 +56,32 @@
 //! it, as in etcd). A put naming a lease that does not exist answers
 //! [`KvError::LeaseNotFound`]; so do keep-alive and revoke.
 //!
+//! ## Owners
+//!
+//! Lease ids are small consecutive numbers, trivially guessed, so a lease
+//! carries its owner: the identity the service stamped into
+//! [`KvCommand::GrantLease`] from the authenticated caller (`None` for an
+//! anonymous caller on an open broker), at most [`MAX_OWNER_LEN`] bytes.
+//! [`ClusterState::lease`] and [`ClusterState::lease_owner`] report it; the
+//! service refuses a keep-alive or revoke from any other identity before it
+//! proposes one. Applying stores the owner and checks nothing against it:
+//! a command in the log is already authorized.
+//!
+//! ## Leader failover
+//!
+//! Deadlines are absolute times on the clock of the leader that stamped
+//! them. While there is no leader (an election) no keep-alive can be
+//! committed, so a new leader expiring at once every lease whose deadline
+//! passed meanwhile would end leases their clients were trying to keep.
+//! A new leader therefore proposes [`KvCommand::RenewAllLeases`] with its
+//! clock before it proposes any [`KvCommand::ExpireLeases`]: every live
+//! lease then ends at the later of its deadline and `now_ms + ttl_ms`
+//! (etcd does the same on promotion). It answers
+//! [`KvResponse::LeasesRenewed`] with how many ends moved, and moves no
+//! revision. Log order makes it take effect before the new leader's first
+//! expiry on every node; expiries an earlier leader proposed keep that
+//! leader's clock, which was right when it led.
+//!
 //! # History and watches
 //!
 //! Every change is kept as an [`Event`] for watches, in revision order
@@ -65,6 +91,12 @@
 //! [`ClusterState::events_since`] from before it answers
 //! [`KvError::Compacted`]. [`KvCommand::Compact`] moves the compaction
 //! point forward (never back, never beyond the current revision).
+//!
+//! A watch reads with [`ClusterState::events_since_scanned`], which also
+//! answers where to resume: after a scan that matched nothing, the
+//! revision after the current one, so a watcher on a quiet prefix scans
+//! each event once rather than all history since its last match at every
+//! write. The scan starts with a binary search for `from` in the history.
 //!
 //! History is bounded: when it holds more than [`MAX_HISTORY_EVENTS`]
 //! events or more than [`MAX_HISTORY_BYTES`] bytes of keys and values,
@@ -76,6 +108,13 @@
 //! ending with very many keys) is dropped whole, moving the compaction
 //! point past it.
 //!
+//! # Reading keys
+//!
+//! [`ClusterState::get`] reads one key, [`ClusterState::list`] the first
+//! keys under a prefix, and [`ClusterState::list_page`] one page of them
+//! after a given key, bounded by a key count and a byte budget, starting
+//! from that key in the ordered map (not from the prefix's first key).
+//!
 //! # Limits
 //!
 //! Limits are constants, the same on every node of one version, so every
@@ -85,8 +124,9 @@
 //! [`MAX_VALUE_LEN`]; the store holds at most [`MAX_KEYS`] keys and
 //! [`MAX_STORE_BYTES`] bytes of keys and values; at most [`MAX_LEASES`]
 //! leases live at once, each with a time to live of [`MIN_TTL_MS`] to
-//! [`MAX_TTL_MS`]. Nothing a client chooses (a key, a lease id, a name)
-//! can grow the state past these.
+//! [`MAX_TTL_MS`] and an owner of at most [`MAX_OWNER_LEN`] bytes. Nothing
+//! a client chooses (a key, a lease id, a name) can grow the state past
+//! these.
 //!
 //! # Declarations
 //!
@@ -105,11 +145,12 @@
 //! # Snapshots
 //!
 //! [`ClusterState::to_snapshot`] is postcard of the whole state: a format
-//! number, the counters, the keys, the leases, the history, the
-//! declarations. Indexes derived from them (lease → keys, lease deadlines,
-//! byte counts) are rebuilt on reading, and reading checks the state's
-//! consistency, so a damaged or hostile snapshot is an error, never a
-//! panic or a state that breaks the rules above.
+//! number, the counters, the keys, the leases (with their owners), the
+//! history, the declarations. Indexes derived from them (lease → keys,
+//! lease deadlines, byte counts) are rebuilt on reading, and reading
+//! checks the state's consistency, so a damaged or hostile snapshot is an
+//! error, never a panic or a state that breaks the rules above. A snapshot
+//! of another format number (format 1 had no lease owners) is refused.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
@@ -144,6 +185,9 @@ pub const MAX_HISTORY_EVENTS: usize = 100_000;
 /// Most bytes (keys and values) of events kept for watches; past it the
 /// oldest revisions are compacted away.
 pub const MAX_HISTORY_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest lease owner (the identity stamped into
+/// [`KvCommand::GrantLease`]), in bytes.
+pub const MAX_OWNER_LEN: usize = 255;
 /// Longest queue or durable subscription name, in bytes.
 pub const MAX_NAME_LEN: usize = 255;
 /// Longest durable subscription filter, in bytes (pub/sub's own limit).
@@ -156,8 +200,8 @@ pub const MAX_QUEUES: usize = 10_000;
 pub const MAX_DURABLES: usize = 10_000;
 
 /// The snapshot layout's number: a node refuses a snapshot of a layout it
-/// does not know instead of misreading it.
-const SNAPSHOT_FORMAT: u32 = 1;
+/// does not know instead of misreading it. 2: leases carry their owner.
+const SNAPSHOT_FORMAT: u32 = 2;
 
 /// Everything the metadata group's log builds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -188,17 +232,21 @@ pub struct ClusterState {
 struct Lease {
     ttl_ms: u64,
     deadline_ms: u64,
+    /// Who was granted it (see the module docs).
+    owner: Option<String>,
     /// The keys under the lease (derived from the keys' `lease`).
     keys: BTreeSet<String>,
 }
 
 /// A lease as it stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseInfo {
     /// Its time to live, as granted.
     pub ttl_ms: u64,
     /// When it ends unless kept alive (the leader's clock, milliseconds).
     pub deadline_ms: u64,
+    /// The identity it was granted to; `None`: an anonymous caller.
+    pub owner: Option<String>,
 }
 
 /// A durable subscription's declaration.
@@ -301,7 +349,11 @@ impl ClusterState {
                 lease,
             } => self.put(key, value, *condition, *lease),
             KvCommand::Delete { key, condition } => self.delete(key, *condition),
-            KvCommand::GrantLease { ttl_ms, now_ms } => self.grant_lease(*ttl_ms, *now_ms),
+            KvCommand::GrantLease {
+                ttl_ms,
+                now_ms,
+                owner,
+            } => self.grant_lease(*ttl_ms, *now_ms, owner.as_deref()),
             KvCommand::KeepAlive { lease, now_ms } => self.keep_alive(*lease, *now_ms),
             KvCommand::RevokeLease { lease } => {
                 if self.leases.contains_key(lease) {
@@ -320,6 +372,7 @@ impl ClusterState {
                 self.end_leases(ended)
             }
             KvCommand::Compact { revision } => self.compact(*revision),
+            KvCommand::RenewAllLeases { now_ms } => Ok(self.renew_all_leases(*now_ms)),
         };
         answer.unwrap_or_else(KvResponse::Failed)
     }
@@ -448,11 +501,24 @@ impl ClusterState {
         Some(prev)
     }
 
-    fn grant_lease(&mut self, ttl_ms: u64, now_ms: u64) -> Result<KvResponse, KvError> {
+    fn grant_lease(
+        &mut self,
+        ttl_ms: u64,
+        now_ms: u64,
+        owner: Option<&str>,
+    ) -> Result<KvResponse, KvError> {
         if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) {
             return Err(invalid(format!(
                 "lease ttl of {ttl_ms} ms, must be {MIN_TTL_MS} to {MAX_TTL_MS}"
             )));
+        }
+        if let Some(owner) = owner {
+            if owner.len() > MAX_OWNER_LEN {
+                return Err(invalid(format!(
+                    "lease owner of {} bytes, at most {MAX_OWNER_LEN}",
+                    owner.len()
+                )));
+            }
         }
         if self.leases.len() >= MAX_LEASES {
             return Err(invalid(format!("too many leases: at most {MAX_LEASES}")));
@@ -468,6 +534,7 @@ impl ClusterState {
             Lease {
                 ttl_ms,
                 deadline_ms,
+                owner: owner.map(str::to_owned),
                 keys: BTreeSet::new(),
             },
         );
@@ -485,6 +552,22 @@ impl ClusterState {
             lease: id,
             ttl_ms: lease.ttl_ms,
         })
+    }
+
+    /// Every live lease ends no earlier than `now_ms + ttl_ms` (see the
+    /// module docs on leader failover). Cannot fail.
+    fn renew_all_leases(&mut self, now_ms: u64) -> KvResponse {
+        let mut count = 0u64;
+        for (&id, lease) in &mut self.leases {
+            let deadline_ms = now_ms.saturating_add(lease.ttl_ms);
+            if deadline_ms > lease.deadline_ms {
+                self.deadlines.remove(&(lease.deadline_ms, id));
+                self.deadlines.insert((deadline_ms, id));
+                lease.deadline_ms = deadline_ms;
+                count += 1;
+            }
+        }
+        KvResponse::LeasesRenewed { count }
     }
 
     /// Ends `ended` (existing leases, in id order), deleting their keys at
@@ -680,6 +763,47 @@ impl ClusterState {
             .collect()
     }
 
+    /// One page of the keys starting with `prefix`, in key order: those
+    /// strictly after `start_after` (all of them if `None`), at most
+    /// `limit` keys and at most `max_bytes` bytes of keys and values,
+    /// except that the first matching key comes whatever its size (so a
+    /// value bigger than `max_bytes` can still be read). The flag says
+    /// whether more keys matched after the page: the next page starts
+    /// after the page's last key. `limit` 0 answers no keys (and whether
+    /// any matched).
+    ///
+    /// Starts from `start_after` in the ordered map, so reading page after
+    /// page costs each page, not the keys before it.
+    pub fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> (Vec<KeyValue>, bool) {
+        let start = match start_after {
+            // A start before the prefix (which sorts before all its keys)
+            // starts at the prefix's first key.
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        let mut page = Vec::new();
+        let mut bytes = 0usize;
+        for (key, kv) in self
+            .keys
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(prefix))
+        {
+            let size = key.len().saturating_add(kv.value.len());
+            if page.len() >= limit || (!page.is_empty() && bytes.saturating_add(size) > max_bytes) {
+                return (page, true);
+            }
+            bytes = bytes.saturating_add(size);
+            page.push(kv.clone());
+        }
+        (page, false)
+    }
+
     /// How many keys the store holds.
     pub fn key_count(&self) -> usize {
         self.keys.len()
@@ -696,19 +820,50 @@ impl ClusterState {
     ///
     /// `from` before [`Self::compacted`] is [`KvError::Compacted`]; `from`
     /// beyond the current revision answers nothing (yet).
+    ///
+    /// A watcher should prefer [`Self::events_since_scanned`], which also
+    /// says where to resume when nothing matched.
     pub fn events_since(
         &self,
         prefix: &str,
         from: u64,
         limit: usize,
     ) -> Result<Vec<Event>, KvError> {
+        self.events_since_scanned(prefix, from, limit)
+            .map(|(events, _)| events)
+    }
+
+    /// [`Self::events_since`], with the revision to resume from: every
+    /// event under `prefix` with a revision from `from` to just before it
+    /// is in the answer, so asking again from it skips nothing and repeats
+    /// nothing. It is
+    ///
+    /// - the last answered event's revision + 1 when the answer was cut
+    ///   at `limit` with history left to scan (more may follow);
+    /// - otherwise the current revision + 1 (or `from` if that is later):
+    ///   the scan reached the end of history, so a watcher whose prefix
+    ///   saw no change moves past every change it scanned instead of
+    ///   scanning them again at the next write;
+    /// - `from` itself when `limit` is 0 (nothing was scanned).
+    ///
+    /// It is never below `from`. The scan starts with a binary search for
+    /// `from` in the history, then reads it to the end or to the cut.
+    pub fn events_since_scanned(
+        &self,
+        prefix: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<Event>, u64), KvError> {
         if from < self.compacted {
             return Err(KvError::Compacted(self.compacted));
         }
         let mut out = Vec::new();
         if limit == 0 {
-            return Ok(out);
+            return Ok((out, from));
         }
+        // At the end of history everything up to the current revision has
+        // been scanned (every revision has at least one event).
+        let end = self.revision.saturating_add(1).max(from);
         let start = self.history.partition_point(|e| event_revision(e) < from);
         let mut events = self.history.range(start..).peekable();
         let mut group = Vec::new();
@@ -720,15 +875,22 @@ impl ClusterState {
                 group.push(next);
             }
             group.retain(|e| e.kv.key.starts_with(prefix));
-            if !out.is_empty() && out.len() + group.len() > limit {
-                break;
+            if let Some(last) = out.last().filter(|_| out.len() + group.len() > limit) {
+                // Cut before `revision`: resume after the last answered one.
+                let next = event_revision(last).saturating_add(1);
+                return Ok((out, next));
             }
             out.extend(group.iter().map(|&e| e.clone()));
             if out.len() >= limit {
-                break;
+                let next = if events.peek().is_none() {
+                    end
+                } else {
+                    revision.saturating_add(1)
+                };
+                return Ok((out, next));
             }
         }
-        Ok(out)
+        Ok((out, end))
     }
 
     /// A lease, if it is alive.
@@ -736,7 +898,14 @@ impl ClusterState {
         self.leases.get(&id).map(|lease| LeaseInfo {
             ttl_ms: lease.ttl_ms,
             deadline_ms: lease.deadline_ms,
+            owner: lease.owner.clone(),
         })
+    }
+
+    /// A live lease's owner, without copying it: `None` if the lease is
+    /// not alive, `Some(None)` if it was granted to an anonymous caller.
+    pub fn lease_owner(&self, id: LeaseId) -> Option<Option<&str>> {
+        self.leases.get(&id).map(|lease| lease.owner.as_deref())
     }
 
     /// How many leases are alive.
@@ -806,7 +975,12 @@ impl ClusterState {
             durables: parts.durables,
             ..ClusterState::default()
         };
-        for (id, ttl_ms, deadline_ms) in parts.leases {
+        for (id, ttl_ms, deadline_ms, owner) in parts.leases {
+            if owner.as_ref().is_some_and(|o| o.len() > MAX_OWNER_LEN) {
+                return Err(format!(
+                    "lease {id} has an owner over {MAX_OWNER_LEN} bytes"
+                ));
+            }
             if id == 0 || id > parts.last_lease {
                 return Err(format!(
                     "lease {id} beyond the last granted {}",
@@ -825,6 +999,7 @@ impl ClusterState {
                 Lease {
                     ttl_ms,
                     deadline_ms,
+                    owner,
                     keys: BTreeSet::new(),
                 },
             );
@@ -877,8 +1052,8 @@ struct SnapshotParts {
     revision: u64,
     compacted: u64,
     last_lease: LeaseId,
-    /// `(id, ttl_ms, deadline_ms)` in id order.
-    leases: Vec<(LeaseId, u64, u64)>,
+    /// `(id, ttl_ms, deadline_ms, owner)` in id order.
+    leases: Vec<(LeaseId, u64, u64, Option<String>)>,
     /// In key order (the key is in each `KeyValue`, not written twice).
     keys: Vec<KeyValue>,
     history: Vec<Event>,
@@ -909,7 +1084,7 @@ fn write_leases<S: Serializer>(
     serializer.collect_seq(
         leases
             .iter()
-            .map(|(&id, lease)| (id, lease.ttl_ms, lease.deadline_ms)),
+            .map(|(&id, lease)| (id, lease.ttl_ms, lease.deadline_ms, &lease.owner)),
     )
 }
 
@@ -993,7 +1168,21 @@ mod tests {
     }
 
     fn grant(state: &mut ClusterState, ttl_ms: u64, now_ms: u64) -> LeaseId {
-        match kv(state, KvCommand::GrantLease { ttl_ms, now_ms }) {
+        grant_owned(state, ttl_ms, now_ms, None)
+    }
+
+    fn grant_owned(
+        state: &mut ClusterState,
+        ttl_ms: u64,
+        now_ms: u64,
+        owner: Option<&str>,
+    ) -> LeaseId {
+        let command = KvCommand::GrantLease {
+            ttl_ms,
+            now_ms,
+            owner: owner.map(String::from),
+        };
+        match kv(state, command) {
             KvResponse::Lease { lease, .. } => lease,
             other => panic!("grant answered {other:?}"),
         }
@@ -1038,6 +1227,7 @@ mod tests {
         let mut deadlines = BTreeSet::new();
         for (&id, lease) in &state.leases {
             assert!(id >= 1 && id <= state.last_lease);
+            assert!(lease.owner.as_ref().map_or(0, String::len) <= MAX_OWNER_LEN);
             for key in &lease.keys {
                 assert_eq!(state.keys[key].lease, Some(id));
             }
@@ -1252,7 +1442,8 @@ mod tests {
             state.lease(3),
             Some(LeaseInfo {
                 ttl_ms: 3000,
-                deadline_ms: 3050
+                deadline_ms: 3050,
+                owner: None,
             })
         );
         assert_eq!(state.lease(2), None);
@@ -1417,6 +1608,7 @@ mod tests {
             KvCommand::GrantLease {
                 ttl_ms: 0,
                 now_ms: 0,
+                owner: None,
             },
         );
         assert_refused(
@@ -1424,6 +1616,7 @@ mod tests {
             KvCommand::GrantLease {
                 ttl_ms: MAX_TTL_MS + 1,
                 now_ms: 0,
+                owner: None,
             },
         );
         grant(&mut state, MAX_TTL_MS, u64::MAX);
@@ -1437,6 +1630,7 @@ mod tests {
             KvCommand::GrantLease {
                 ttl_ms: 1,
                 now_ms: 0,
+                owner: None,
             },
         );
         kv(&mut state, KvCommand::RevokeLease { lease: 7 });
@@ -1909,7 +2103,7 @@ mod tests {
     fn busy_state() -> ClusterState {
         let mut state = ClusterState::default();
         let lease = grant(&mut state, 100, 10);
-        grant(&mut state, 500, 10);
+        grant_owned(&mut state, 500, 10, Some("alice"));
         put(&mut state, "a", "1");
         put_leased(&mut state, "b", lease);
         put(&mut state, "c", "1");
@@ -1965,7 +2159,7 @@ mod tests {
             check(&bytes);
         }
         // A huge claimed length with nothing behind it.
-        check(&[1, 5, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+        check(&[SNAPSHOT_FORMAT as u8, 5, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]);
         let mut trailing = good.clone();
         trailing.push(0);
         assert!(ClusterState::from_snapshot(&trailing).is_err());
@@ -1989,9 +2183,14 @@ mod tests {
         refused(&|s| s.compacted = 99);
         refused(&|s| s.history.swap(0, 2));
         refused(&|s| s.revision = 2);
+        refused(&|s| s.leases.get_mut(&2).unwrap().owner = Some("o".repeat(MAX_OWNER_LEN + 1)));
         let mut bytes = busy_state().to_snapshot();
-        bytes[0] = 2; // the format number
-        assert!(ClusterState::from_snapshot(&bytes).is_err());
+        // The format number: the one before (leases without owners) and
+        // the next are both refused.
+        for format in [SNAPSHOT_FORMAT - 1, SNAPSHOT_FORMAT + 1] {
+            bytes[0] = format as u8;
+            assert!(ClusterState::from_snapshot(&bytes).is_err(), "{format}");
+        }
     }
 
     #[test]
@@ -2007,8 +2206,338 @@ mod tests {
             KvCommand::GrantLease {
                 ttl_ms: 1,
                 now_ms: 0,
+                owner: None,
             },
         );
+    }
+
+    #[test]
+    fn a_lease_keeps_its_owner() {
+        let mut state = ClusterState::default();
+        let alice = grant_owned(&mut state, 1000, 0, Some("alice"));
+        let open = grant(&mut state, 1000, 0);
+        let longest = "o".repeat(MAX_OWNER_LEN);
+        let long = grant_owned(&mut state, 1000, 0, Some(&longest));
+        assert_eq!(
+            state.lease(alice),
+            Some(LeaseInfo {
+                ttl_ms: 1000,
+                deadline_ms: 1000,
+                owner: Some("alice".into()),
+            })
+        );
+        assert_eq!(state.lease_owner(alice), Some(Some("alice")));
+        assert_eq!(state.lease_owner(open), Some(None));
+        assert_eq!(state.lease(open).unwrap().owner, None);
+        assert_eq!(state.lease_owner(long), Some(Some(longest.as_str())));
+        assert_eq!(state.lease_owner(99), None);
+        // Keep-alives keep it; it goes with the lease.
+        kv(
+            &mut state,
+            KvCommand::KeepAlive {
+                lease: alice,
+                now_ms: 500,
+            },
+        );
+        assert_eq!(state.lease_owner(alice), Some(Some("alice")));
+        kv(&mut state, KvCommand::RevokeLease { lease: alice });
+        assert_eq!(state.lease_owner(alice), None);
+        // Through a snapshot.
+        let restored = ClusterState::from_snapshot(&state.to_snapshot()).unwrap();
+        assert_eq!(restored.lease_owner(long), Some(Some(longest.as_str())));
+        assert_eq!(restored.lease_owner(open), Some(None));
+        assert_consistent(&state);
+    }
+
+    #[test]
+    fn a_lease_owner_is_bounded() {
+        let mut state = ClusterState::default();
+        grant(&mut state, 1000, 0);
+        let before_id = state.last_lease;
+        assert_refused(
+            &mut state,
+            KvCommand::GrantLease {
+                ttl_ms: 1000,
+                now_ms: 0,
+                owner: Some("o".repeat(MAX_OWNER_LEN + 1)),
+            },
+        );
+        // The refusal used no lease id.
+        assert_eq!(grant_owned(&mut state, 1000, 0, Some("")), before_id + 1);
+        assert_eq!(state.lease_owner(before_id + 1), Some(Some("")));
+        assert_consistent(&state);
+    }
+
+    #[test]
+    fn renewing_all_leases_moves_only_the_ends_that_would_be_earlier() {
+        let mut state = ClusterState::default();
+        let short = grant(&mut state, 100, 0); // ends at 100
+        let long = grant(&mut state, 10_000, 5000); // ends at 15,000
+        let kept = grant(&mut state, 100, 0);
+        kv(
+            &mut state,
+            KvCommand::KeepAlive {
+                lease: kept,
+                now_ms: 5000,
+            },
+        ); // ends at 5,100
+        put_leased(&mut state, "k", short);
+        let revision = state.revision();
+        let history = state.history.clone();
+        // A new leader at 1,000, after an election in which `short`'s end
+        // passed: it gets its whole ttl again; the others end later anyway.
+        assert_eq!(
+            kv(&mut state, KvCommand::RenewAllLeases { now_ms: 1000 }),
+            KvResponse::LeasesRenewed { count: 1 }
+        );
+        assert_eq!(state.lease(short).unwrap().deadline_ms, 1100);
+        assert_eq!(state.lease(long).unwrap().deadline_ms, 15_000);
+        assert_eq!(state.lease(kept).unwrap().deadline_ms, 5100);
+        assert_eq!(state.next_lease_deadline(), Some(1100));
+        assert_eq!(state.revision(), revision, "renewing is not a change");
+        assert_eq!(state.history, history);
+        assert_consistent(&state);
+        // The new leader's first expiry at its clock ends nothing.
+        assert_eq!(
+            kv(&mut state, KvCommand::ExpireLeases { now_ms: 1000 }),
+            KvResponse::LeasesEnded {
+                leases: vec![],
+                revision
+            }
+        );
+        assert!(state.get("k").is_some());
+        // Every lease renewed; a clock that lags moves nothing back.
+        assert_eq!(
+            kv(&mut state, KvCommand::RenewAllLeases { now_ms: 20_000 }),
+            KvResponse::LeasesRenewed { count: 3 }
+        );
+        assert_eq!(state.lease(long).unwrap().deadline_ms, 30_000);
+        let before = state.clone();
+        assert_eq!(
+            kv(&mut state, KvCommand::RenewAllLeases { now_ms: 0 }),
+            KvResponse::LeasesRenewed { count: 0 }
+        );
+        assert_eq!(state, before);
+        // Saturates at the end of time.
+        kv(&mut state, KvCommand::RenewAllLeases { now_ms: u64::MAX });
+        assert_eq!(state.next_lease_deadline(), Some(u64::MAX));
+        assert_consistent(&state);
+        let mut empty = ClusterState::default();
+        assert_eq!(
+            kv(&mut empty, KvCommand::RenewAllLeases { now_ms: 5 }),
+            KvResponse::LeasesRenewed { count: 0 }
+        );
+        assert_eq!(empty, ClusterState::default());
+    }
+
+    #[test]
+    fn a_scan_says_where_to_resume() {
+        let mut state = ClusterState::default();
+        put(&mut state, "a/1", "x"); // 1
+        put(&mut state, "b/1", "x"); // 2
+        put(&mut state, "a/2", "x"); // 3
+        put(&mut state, "b/2", "x"); // 4
+                                     // Nothing more matched: resume after the current revision.
+        let (events, next) = state.events_since_scanned("a/", 1, 10).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(next, 5);
+        // An idle watcher on a quiet prefix moves past what it scanned.
+        let (events, next) = state.events_since_scanned("quiet/", 0, 10).unwrap();
+        assert_eq!((events.len(), next), (0, 5));
+        put(&mut state, "b/3", "x"); // 5
+        let (events, next) = state.events_since_scanned("quiet/", next, 10).unwrap();
+        assert_eq!((events.len(), next), (0, 6));
+        // Cut at the limit: resume after the last answered revision.
+        let (events, next) = state.events_since_scanned("", 1, 2).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(next, 3);
+        let (events, next) = state.events_since_scanned("a/", 0, 1).unwrap();
+        assert_eq!(events[0].kv.mod_revision, 1);
+        assert_eq!(next, 2);
+        // Cut exactly at the end of history: nothing more to scan.
+        let (events, next) = state.events_since_scanned("", 4, 2).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(next, 6);
+        // Beyond the current revision: nothing, and never backwards.
+        assert_eq!(state.events_since_scanned("", 6, 10).unwrap(), (vec![], 6));
+        assert_eq!(
+            state.events_since_scanned("", u64::MAX, 10).unwrap(),
+            (vec![], u64::MAX)
+        );
+        // A limit of 0 scans nothing, so moves nothing.
+        assert_eq!(state.events_since_scanned("", 2, 0).unwrap(), (vec![], 2));
+        kv(&mut state, KvCommand::Compact { revision: 3 });
+        assert_eq!(
+            state.events_since_scanned("", 2, 10),
+            Err(KvError::Compacted(3))
+        );
+        assert_eq!(state.events_since("a/", 3, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_scan_cut_inside_a_lease_end_resumes_at_whole_revisions() {
+        let mut state = ClusterState::default();
+        put(&mut state, "x", "1"); // 1
+        let lease = grant(&mut state, 100, 0);
+        for key in ["a", "b", "c"] {
+            put_leased(&mut state, key, lease); // 2, 3, 4
+        }
+        kv(&mut state, KvCommand::RevokeLease { lease }); // 5: three deletes
+        put(&mut state, "x", "2"); // 6
+        let (events, next) = state.events_since_scanned("", 3, 3).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(next, 5);
+        // A first revision bigger than the limit comes whole.
+        let (events, next) = state.events_since_scanned("", next, 1).unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(next, 6);
+        let (events, next) = state.events_since_scanned("", next, 1).unwrap();
+        assert_eq!((events.len(), next), (1, 7));
+    }
+
+    /// Reads every event under `prefix` from `from` by resuming with the
+    /// answered revision, `limit` at a time.
+    fn resume_all(state: &ClusterState, prefix: &str, mut from: u64, limit: usize) -> Vec<Event> {
+        let mut all = Vec::new();
+        loop {
+            let (events, next) = state.events_since_scanned(prefix, from, limit).unwrap();
+            assert!(next >= from, "went back from {from} to {next}");
+            for event in &events {
+                assert!(event.kv.mod_revision >= from && event.kv.mod_revision < next);
+            }
+            if next == from {
+                assert!(events.is_empty());
+                return all;
+            }
+            all.extend(events);
+            from = next;
+            if from > state.revision() {
+                // One more read answers nothing and stays put.
+                let (events, next) = state.events_since_scanned(prefix, from, limit).unwrap();
+                assert_eq!((events.len(), next), (0, from));
+                return all;
+            }
+        }
+    }
+
+    #[test]
+    fn resuming_where_a_scan_says_misses_nothing_and_repeats_nothing() {
+        let mut state = ClusterState::default();
+        let mut rng = Rng(7);
+        let keys = ["a/1", "a/2", "b/1", "b/2", "c"];
+        for _ in 0..200 {
+            match rng.index(10) {
+                0 => {
+                    let lease = grant(&mut state, 100, 0);
+                    for _ in 0..rng.index(4) {
+                        put_leased(&mut state, keys[rng.index(keys.len())], lease);
+                    }
+                    kv(&mut state, KvCommand::RevokeLease { lease });
+                }
+                1 | 2 => {
+                    delete(&mut state, keys[rng.index(keys.len())]);
+                }
+                _ => {
+                    put(&mut state, keys[rng.index(keys.len())], "v");
+                }
+            }
+        }
+        for prefix in ["", "a/", "b/", "c", "zzz"] {
+            let everything = state.events_since(prefix, 0, usize::MAX).unwrap();
+            for limit in [1, 2, 3, 7, 1000] {
+                assert_eq!(
+                    resume_all(&state, prefix, 0, limit),
+                    everything,
+                    "{prefix:?} {limit}"
+                );
+            }
+        }
+    }
+
+    fn keys_of(page: &[KeyValue]) -> Vec<&str> {
+        page.iter().map(|kv| kv.key.as_str()).collect()
+    }
+
+    #[test]
+    fn a_page_lists_keys_after_the_start() {
+        let mut state = ClusterState::default();
+        for key in ["a", "p/1", "p/2", "p/3", "p/4", "q"] {
+            put(&mut state, key, "vv");
+        }
+        let (page, more) = state.list_page("p/", None, 2, usize::MAX);
+        assert_eq!((keys_of(&page), more), (vec!["p/1", "p/2"], true));
+        let (page, more) = state.list_page("p/", Some("p/2"), 2, usize::MAX);
+        assert_eq!((keys_of(&page), more), (vec!["p/3", "p/4"], false));
+        let (page, more) = state.list_page("p/", Some("p/4"), 2, usize::MAX);
+        assert_eq!((page.len(), more), (0, false));
+        // Exactly the limit left: no more.
+        let (page, more) = state.list_page("p/", Some("p/1"), 3, usize::MAX);
+        assert_eq!((keys_of(&page), more), (vec!["p/2", "p/3", "p/4"], false));
+        // A start that is not a key, or before the prefix, or after it.
+        let (page, _) = state.list_page("p/", Some("p/25"), 1, usize::MAX);
+        assert_eq!(keys_of(&page), ["p/3"]);
+        let (page, _) = state.list_page("p/", Some("a"), 10, usize::MAX);
+        assert_eq!(keys_of(&page), ["p/1", "p/2", "p/3", "p/4"]);
+        let (page, more) = state.list_page("p/", Some("p0"), 10, usize::MAX);
+        assert_eq!((page.len(), more), (0, false));
+        // Strictly after: the start key itself is not listed.
+        let (page, _) = state.list_page("", Some("a"), 1, usize::MAX);
+        assert_eq!(keys_of(&page), ["p/1"]);
+        // The whole store, and a prefix matching nothing.
+        let (page, more) = state.list_page("", None, 100, usize::MAX);
+        assert_eq!((page.len(), more), (6, false));
+        assert_eq!(page, state.list("", 100));
+        assert_eq!(state.list_page("r", None, 10, usize::MAX), (vec![], false));
+        // A limit of 0 lists nothing but says whether anything matched.
+        assert_eq!(state.list_page("p/", None, 0, usize::MAX), (vec![], true));
+        assert_eq!(state.list_page("r", None, 0, usize::MAX), (vec![], false));
+    }
+
+    #[test]
+    fn a_page_stops_at_its_byte_budget_but_lists_at_least_one_key() {
+        let mut state = ClusterState::default();
+        put(&mut state, "k1", "12345678"); // 10 bytes
+        put(&mut state, "k2", "12345678"); // 10 bytes
+        put(&mut state, "k3", &"x".repeat(100)); // 102 bytes
+        put(&mut state, "k4", ""); // 2 bytes
+        let (page, more) = state.list_page("k", None, 10, 20);
+        assert_eq!((keys_of(&page), more), (vec!["k1", "k2"], true));
+        let (page, more) = state.list_page("k", None, 10, 19);
+        assert_eq!((keys_of(&page), more), (vec!["k1"], true));
+        // A key bigger than the budget still comes, alone.
+        let (page, more) = state.list_page("k", Some("k2"), 10, 20);
+        assert_eq!((keys_of(&page), more), (vec!["k3"], true));
+        let (page, more) = state.list_page("k", Some("k3"), 10, 20);
+        assert_eq!((keys_of(&page), more), (vec!["k4"], false));
+        let (page, more) = state.list_page("k", None, 10, 0);
+        assert_eq!((keys_of(&page), more), (vec!["k1"], true));
+        let (page, more) = state.list_page("k", None, 10, 124);
+        assert_eq!((page.len(), more), (4, false));
+    }
+
+    #[test]
+    fn paging_through_a_prefix_lists_each_key_once() {
+        let mut state = ClusterState::default();
+        for i in 0..50 {
+            put(&mut state, &format!("p/{i:02}"), &"v".repeat(i));
+            put(&mut state, &format!("q/{i:02}"), "v");
+        }
+        let whole = state.list("p/", usize::MAX);
+        for (limit, max_bytes) in [(1, usize::MAX), (7, usize::MAX), (100, 60), (3, 1)] {
+            let mut seen = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let (page, more) = state.list_page("p/", after.as_deref(), limit, max_bytes);
+                assert!(!page.is_empty() || !more);
+                assert!(page.len() <= limit);
+                after = page.last().map(|kv| kv.key.clone()).or(after);
+                seen.extend(page);
+                if !more {
+                    break;
+                }
+            }
+            assert_eq!(seen, whole, "{limit} {max_bytes}");
+        }
     }
 
     fn key() -> impl Strategy<Value = String> {
@@ -2027,6 +2556,15 @@ mod tests {
         prop::sample::select(vec!["q1", "q2", "bad name", ""]).prop_map(String::from)
     }
 
+    fn owner() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            2 => Just(None),
+            2 => prop::sample::select(vec!["alice", "bob", ""]).prop_map(|o| Some(o.into())),
+            1 => Just(Some("o".repeat(MAX_OWNER_LEN))),
+            1 => Just(Some("o".repeat(MAX_OWNER_LEN + 1))),
+        ]
+    }
+
     fn replicas() -> impl Strategy<Value = Vec<NodeId>> {
         prop::collection::vec(0u64..4, 0..4)
     }
@@ -2043,8 +2581,14 @@ mod tests {
             ),
             2 => (key(), condition())
                 .prop_map(|(key, condition)| Command::Kv(KvCommand::Delete { key, condition })),
-            2 => (0u64..300, 0u64..1000)
-                .prop_map(|(ttl_ms, now_ms)| Command::Kv(KvCommand::GrantLease { ttl_ms, now_ms })),
+            2 => (0u64..300, 0u64..1000, owner()).prop_map(|(ttl_ms, now_ms, owner)| {
+                Command::Kv(KvCommand::GrantLease {
+                    ttl_ms,
+                    now_ms,
+                    owner,
+                })
+            }),
+            1 => (0u64..1300).prop_map(|now_ms| Command::Kv(KvCommand::RenewAllLeases { now_ms })),
             1 => (0u64..6, 0u64..1000)
                 .prop_map(|(lease, now_ms)| Command::Kv(KvCommand::KeepAlive { lease, now_ms })),
             1 => (0u64..6).prop_map(|lease| Command::Kv(KvCommand::RevokeLease { lease })),
@@ -2114,6 +2658,26 @@ mod tests {
             prop_assert_eq!(&rest[..], &answers[at..]);
             prop_assert_eq!(&restored, &whole);
             prop_assert_eq!(restored.to_snapshot(), whole.to_snapshot());
+            // Watching by resuming where each scan says, and listing page
+            // by page, see what one big read sees.
+            for prefix in ["", "a", "a/", "b/1"] {
+                let from = whole.compacted();
+                let everything = whole.events_since(prefix, from, usize::MAX).unwrap();
+                for limit in [1, 2] {
+                    prop_assert_eq!(&resume_all(&whole, prefix, from, limit), &everything);
+                    let mut listed = Vec::new();
+                    let mut after: Option<String> = None;
+                    loop {
+                        let (page, more) = whole.list_page(prefix, after.as_deref(), limit, 2);
+                        after = page.last().map(|kv| kv.key.clone()).or(after);
+                        listed.extend(page);
+                        if !more {
+                            break;
+                        }
+                    }
+                    prop_assert_eq!(&listed, &whole.list(prefix, usize::MAX));
+                }
+            }
         }
     }
 }

@@ -84,12 +84,21 @@ pub enum KvCommand {
         /// What must hold first.
         condition: Condition,
     },
-    /// Grant a lease of `ttl_ms`, counted from the leader's `now_ms`.
+    /// Grant a lease of `ttl_ms`, counted from the leader's `now_ms`,
+    /// owned by `owner`.
     GrantLease {
         /// How long the lease lives without a keep-alive.
         ttl_ms: u64,
         /// The proposing leader's clock (milliseconds since the Unix epoch).
         now_ms: u64,
+        /// The identity that asked for the lease, stamped by the service
+        /// from the authenticated caller (at most
+        /// [`MAX_OWNER_LEN`](crate::state::MAX_OWNER_LEN) bytes); `None`
+        /// for an anonymous caller (an open broker). Kept with the lease
+        /// ([`LeaseInfo::owner`](crate::state::LeaseInfo::owner)) so the
+        /// service can refuse keep-alives and revokes by anyone else.
+        /// Applying only stores it: it checks nothing against it.
+        owner: Option<String>,
     },
     /// Renew a lease: it now ends `ttl_ms` after `now_ms`.
     KeepAlive {
@@ -114,6 +123,16 @@ pub enum KvCommand {
     Compact {
         /// The oldest revision still to be kept.
         revision: u64,
+    },
+    /// Renew every live lease from `now_ms`: each one's end becomes the
+    /// later of its end and `now_ms + ttl_ms`. Proposed by a new leader,
+    /// before any [`KvCommand::ExpireLeases`] of its own, so the leases
+    /// clients could not keep alive during the election are not expired
+    /// the moment it leads (etcd renews every lease on promotion). Moves
+    /// no revision; answers [`KvResponse::LeasesRenewed`].
+    RenewAllLeases {
+        /// The proposing leader's clock.
+        now_ms: u64,
     },
 }
 
@@ -248,6 +267,12 @@ pub enum KvResponse {
     },
     /// The command failed; nothing changed.
     Failed(KvError),
+    /// [`KvCommand::RenewAllLeases`] ran: `count` leases' ends moved later
+    /// (the others already ended later than `now_ms + ttl_ms`).
+    LeasesRenewed {
+        /// How many leases' ends moved.
+        count: u64,
+    },
 }
 
 /// What applying a [`MetaCommand`] answered.
