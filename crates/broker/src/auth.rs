@@ -288,9 +288,31 @@ mod tests {
                 produce: vec!["jobs".into()],
                 consume: vec!["jobs.>".into()],
                 admin: false,
+                kv_read: vec!["config/".into()],
+                kv_write: vec!["config/app/".into()],
+                cluster: false,
             }],
         })
         .unwrap()
+    }
+
+    #[test]
+    fn keys_are_permitted_by_prefix_and_raft_only_to_cluster_peers() {
+        use courier_cluster::service::ClusterAccess;
+        let p = policy();
+        let alice = Some("alice");
+        assert!(p.may_read(alice, "config/app/color"));
+        assert!(p.may_read(alice, "config/db"));
+        assert!(!p.may_read(alice, "secrets/db"));
+        assert!(p.may_write(alice, "config/app/color"));
+        assert!(!p.may_write(alice, "config/db"));
+        assert!(p.may_lease(alice), "a writer may hold leases");
+        assert!(!p.may_admin(alice));
+        assert!(!p.may_read(None, "config/db"), "anonymous callers get nothing");
+        assert!(!p.may_call(alice, "RaftTransport"));
+        assert!(p.may_call(alice, "ClusterService"));
+        let open = Policy::new(&AuthConfig::default()).unwrap();
+        assert!(open.may_call(None, "RaftTransport") && open.may_write(None, "x"));
     }
 
     #[test]

@@ -59,13 +59,17 @@
 //! # else the first `listen` address of the broker).
 //! advertise = "tcp://10.0.0.1:7880"
 //! # Token this node presents to its peers (brokers with [auth] users need
-//! # one of a user with `cluster = true`), and the CA it trusts for tls://.
+//! # one of a user with `cluster = true`; without users, anyone who can
+//! # reach a node may send it Raft traffic), and the CA it trusts for tls://.
 //! token = "..."
 //! tls_ca = "ca.pem"
 //! heartbeat_ms = 250
 //! election_min_ms = 1000
 //! election_max_ms = 2000
 //! snapshot_after = 10000
+//! # A node added to a running cluster starts with join = true, then
+//! # `courier cluster add-node ID ADDR` adds it (it never founds a cluster).
+//! join = false
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -224,6 +228,9 @@ pub struct ClusterSection {
     pub election_max_ms: u64,
     /// Entries between snapshots. Default 10,000.
     pub snapshot_after: u64,
+    /// Join a running cluster (wait to be added with `courier cluster
+    /// add-node`) instead of founding one with `peers`. Default false.
+    pub join: bool,
 }
 
 impl Default for ClusterSection {
@@ -240,6 +247,7 @@ impl Default for ClusterSection {
             election_min_ms: timing.election_min_ms,
             election_max_ms: timing.election_max_ms,
             snapshot_after: 10_000,
+            join: false,
         }
     }
 }

@@ -464,6 +464,23 @@ async fn start_cluster(
             .map(|a| a.to_string())
             .unwrap_or_default(),
     };
+    // The others must be able to dial this address, and every founding
+    // member must list it the same way: 0.0.0.0 is neither.
+    let unspecified = match advertise.parse::<Address>() {
+        Ok(Address::Tcp { host, .. } | Address::Tls { host, .. }) => host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified()),
+        _ => false,
+    };
+    if unspecified {
+        return Err(ConfigError::Invalid {
+            key: "cluster.advertise",
+            reason: format!(
+                "this node would be known as {advertise}, which other nodes cannot dial: give the address they reach it at with --advertise (or [cluster] advertise)"
+            ),
+        }
+        .into());
+    }
     members.insert(section.node, advertise.clone());
     let mut client = courier_rpc::ClientConfig::default();
     client.token = section.token.clone();
@@ -484,7 +501,13 @@ async fn start_cluster(
         config.data_dir.join(".cluster"),
     )
     .with_timing(timing)
-    .with_snapshot_after(section.snapshot_after);
+    .with_snapshot_after(section.snapshot_after)
+    .with_max_message(config.max_frame_size);
+    let node_config = if section.join {
+        node_config.joining()
+    } else {
+        node_config
+    };
     let node = ClusterNode::start(
         node_config,
         peers.network(courier_cluster::types::METADATA_GROUP),

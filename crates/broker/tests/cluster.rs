@@ -149,7 +149,9 @@ async fn only_cluster_peers_speak_raft_and_keys_follow_the_kv_permissions() {
     let mut app = user("app", "app-token");
     app.kv_read = vec!["config/".into()];
     app.kv_write = vec!["config/".into()];
-    config.auth.users = vec![peer, app, user("other", "other-token")];
+    let mut rival = user("rival", "rival-token");
+    rival.kv_write = vec!["rival/".into()];
+    config.auth.users = vec![peer, app, rival, user("other", "other-token")];
     let broker = Broker::start(config).await.unwrap();
     let address = broker.addresses()[0].clone();
 
@@ -185,6 +187,32 @@ async fn only_cluster_peers_speak_raft_and_keys_follow_the_kv_permissions() {
         ),
         "{denied}"
     );
+    // A lease is kept alive and revoked only by whoever granted it.
+    let lease = app.grant_lease(Duration::from_secs(60)).await.unwrap();
+    app.put_if("config/lock", "held", Default::default(), Some(lease))
+        .await
+        .unwrap();
+    let rival = KvClient::new(&[address.clone()], as_user("rival-token")).unwrap();
+    for refused in [
+        rival.revoke_lease(lease).await,
+        rival.keep_alive(lease).await,
+    ] {
+        assert!(
+            matches!(
+                refused,
+                Err(KvClientError::Cluster(ClusterError::PermissionDenied(_)))
+            ),
+            "{refused:?}"
+        );
+    }
+    assert!(
+        app.get("config/lock").await.unwrap().is_some(),
+        "the lock is still held"
+    );
+    app.keep_alive(lease).await.unwrap();
+    app.revoke_lease(lease).await.unwrap();
+    assert!(app.get("config/lock").await.unwrap().is_none());
+
     let other = KvClient::new(&[address], as_user("other-token")).unwrap();
     let denied = other.get("config/color").await.unwrap_err();
     assert!(

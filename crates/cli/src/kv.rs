@@ -49,7 +49,7 @@ pub enum KvCommand {
         /// The prefix ('' for every key).
         prefix: String,
         /// At most this many.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         /// Read this node's copy as it is.
         #[arg(long)]
@@ -224,16 +224,30 @@ pub async fn kv(url: &str, json: bool, command: KvCommand) -> anyhow::Result<()>
             } else {
                 client
             };
-            let listed = client.list(&prefix, limit).await.map_err(failure)?;
-            for kv in &listed.kvs {
-                if json {
-                    writeln!(out, "{}", kv_json(kv))?;
-                } else {
-                    writeln!(out, "{} {}", kv.key, String::from_utf8_lossy(&kv.value))?;
+            // Page by page (each fits one message) up to --limit keys.
+            let mut printed = 0u32;
+            let mut after: Option<String> = None;
+            loop {
+                let page = client
+                    .list_after(&prefix, after.as_deref(), limit - printed)
+                    .await
+                    .map_err(failure)?;
+                for kv in &page.kvs {
+                    if json {
+                        writeln!(out, "{}", kv_json(kv))?;
+                    } else {
+                        writeln!(out, "{} {}", kv.key, String::from_utf8_lossy(&kv.value))?;
+                    }
                 }
-            }
-            if listed.more {
-                eprintln!("(more than {limit} keys; raise --limit)");
+                printed += page.kvs.len() as u32;
+                after = page.kvs.last().map(|kv| kv.key.clone());
+                if !page.more || after.is_none() {
+                    break;
+                }
+                if printed >= limit {
+                    eprintln!("(more than {limit} keys; raise --limit)");
+                    break;
+                }
             }
         }
         KvCommand::Cas {

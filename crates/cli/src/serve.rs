@@ -13,7 +13,7 @@ use crate::Failure;
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n  # node 1 of a three-node cluster:\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878\n\nEvery key of the file is documented in the courier-broker crate (config module)."
+    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n  # node 1 of a three-node cluster:\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878\n  # a fourth node joining it, then added from anywhere:\n  courier serve --listen tcp://10.0.0.4:7878 --node 4 --join\n  courier --url tcp://10.0.0.1:7878 cluster add-node 4 tcp://10.0.0.4:7878\n\nEvery key of the file is documented in the courier-broker crate (config module)."
 )]
 pub struct ServeArgs {
     /// A TOML configuration file (keys: listen, data_dir, metrics, fsync, ...).
@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// listener), for nodes that listen on 0.0.0.0 or behind NAT.
     #[arg(long, env = "COURIER_ADVERTISE", requires = "node")]
     advertise: Option<String>,
+    /// Join a running cluster: wait to be added (`courier cluster add-node`)
+    /// instead of founding one with the --peer members.
+    #[arg(long, requires = "node")]
+    join: bool,
     /// Token this node presents to its peers (a user with `cluster = true`).
     #[arg(
         long,
@@ -239,6 +243,9 @@ fn config(args: ServeArgs) -> anyhow::Result<BrokerConfig> {
         }
         if args.advertise.is_some() {
             cluster.advertise = args.advertise;
+        }
+        if args.join {
+            cluster.join = true;
         }
         if let Some(token) = args.cluster_token {
             cluster.token = Some(courier_rpc::Secret::new(token));

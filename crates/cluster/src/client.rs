@@ -47,6 +47,11 @@ const WATCH_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Rounds through every known node before an operation gives up.
 const ROUNDS: usize = 3;
 
+/// Reconnections in a row (about half a second apart once backed off) a
+/// watch makes before it reports that it cannot go on: long enough to ride
+/// out elections and restarts, bounded so a dead cluster is reported.
+const WATCH_GIVE_UP: usize = 60;
+
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -73,6 +78,10 @@ pub enum KvClientError {
     /// No addresses were given.
     #[error("no cluster addresses given")]
     NoAddresses,
+    /// A call failed in a way no other node would change (refused, too
+    /// large, a different protocol).
+    #[error(transparent)]
+    Rpc(RpcError),
 }
 
 impl KvClientError {
@@ -199,6 +208,15 @@ impl KvClient {
         let mut last = None;
         for attempt in 0..self.attempts() {
             let (at, client) = self.current();
+            // Connect first, sending nothing: a node that cannot be reached
+            // is certainly not where a write was applied, so moving on is
+            // safe; once connected, a failed call may have run.
+            if let Err(e) = client.client().ready().await {
+                self.move_on(at, None);
+                last = Some(e);
+                pause(attempt).await;
+                continue;
+            }
             match op(client).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(ClusterError::NotLeader { address, leader })) => {
@@ -217,7 +235,7 @@ impl KvClient {
                     pause(attempt).await;
                 }
                 Ok(Err(e)) => return Err(KvClientError::Cluster(e)),
-                Err(e) if never_sent(&e) || resend_after_failure => {
+                Err(e) if resend_after_failure || never_sent(&e) => {
                     self.move_on(at, None);
                     last = Some(e);
                     pause(attempt).await;
@@ -312,10 +330,22 @@ impl KvClient {
 
     /// Keys under `prefix`, at most `limit`.
     pub async fn list(&self, prefix: &str, limit: u32) -> Result<Listed, KvClientError> {
+        self.list_after(prefix, None, limit).await
+    }
+
+    /// The page of keys under `prefix` after `start_after` (the last key of
+    /// the previous page), at most `limit`; `more` says another follows.
+    pub async fn list_after(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Result<Listed, KvClientError> {
         let read = self.read;
         self.run(true, |c| {
             let prefix = prefix.to_string();
-            async move { c.list(prefix, limit, read).await }
+            let start_after = start_after.map(str::to_string);
+            async move { c.list(prefix, start_after, limit, read).await }
         })
         .await
     }
@@ -469,9 +499,10 @@ impl Watch {
         if self.from == 0 {
             // "From now": learn now's revision once, so a reconnect resumes
             // from it instead of from whatever "now" is later.
+            // Linearizable: a lagging node's "now" would be in the past.
             let listed = self
                 .client
-                .with_read(Read::Stale)
+                .with_read(Read::Linearizable)
                 .list(&self.prefix, 1)
                 .await?;
             self.from = listed.revision + 1;
@@ -494,7 +525,7 @@ impl Watch {
             Err(e) => {
                 self.client.move_on(at, None);
                 self.failures += 1;
-                if self.failures > self.client.attempts() {
+                if self.failures > WATCH_GIVE_UP {
                     return Err(KvClientError::Unreachable(e));
                 }
                 pause(self.failures).await;
@@ -537,12 +568,24 @@ impl Watch {
                     self.stream = None;
                     return Err(KvClientError::Cluster(e));
                 }
+                Some(Err(e)) if !e.is_retryable() => {
+                    // Refused, or an event too large for the connection:
+                    // the same would happen on every node, every time.
+                    self.stream = None;
+                    return Err(KvClientError::Rpc(e));
+                }
                 Some(Ok(Err(_))) | Some(Err(_)) | None => {
                     // The node went or is going: resume elsewhere.
                     self.stream = None;
                     let (at, _) = self.client.current();
                     self.client.move_on(at, None);
                     self.failures += 1;
+                    if self.failures > WATCH_GIVE_UP {
+                        return Err(KvClientError::Cluster(ClusterError::Unavailable(
+                            "the watch lost every node it knows for too long; a new watch from last_revision() resumes it"
+                                .into(),
+                        )));
+                    }
                     pause(self.failures).await;
                 }
             }
@@ -550,9 +593,13 @@ impl Watch {
     }
 }
 
+/// Failures that happen before a request is written: the server refused
+/// the call as a whole (too many in flight), so it did not run.
 fn never_sent(e: &RpcError) -> bool {
-    // A lazy client that could not connect never put the request on a wire.
-    matches!(e, RpcError::Unavailable(reason) if reason.contains("connect"))
+    matches!(
+        e,
+        RpcError::Overloaded | RpcError::TooManyConnections { .. }
+    )
 }
 
 async fn pause(attempt: usize) {

@@ -44,7 +44,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::collections::BTreeMap;
 //! use courier_cluster::network::Peers;
-//! use courier_cluster::node::{ClusterNode, KvRequest, NodeConfig, Read};
+//! use courier_cluster::node::{ClusterError, ClusterNode, KvRequest, NodeConfig, Read};
 //! use courier_cluster::types::{Condition, KvResponse, METADATA_GROUP};
 //!
 //! let dir = std::env::temp_dir().join(format!("courier-cluster-doc-{}", std::process::id()));
@@ -64,7 +64,8 @@
 //!     match node.kv(put.clone()).await {
 //!         Ok(KvResponse::Put { revision, .. }) => break revision,
 //!         Ok(other) => panic!("{other:?}"),
-//!         Err(e) if e.is_retryable() => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+//!         // Not the leader (yet): nothing was done, so sending again is safe.
+//!         Err(ClusterError::NotLeader { .. }) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
 //!         Err(e) => return Err(e.into()),
 //!     }
 //! };

@@ -61,6 +61,11 @@ pub enum RaftCallError {
     /// The body did not decode as the kind it claims.
     #[error("undecodable raft message: {0}")]
     Undecodable(String),
+    /// The message decoded but breaks what Raft guarantees of it (entries
+    /// out of order, a snapshot chunk beyond the size limit): refused here
+    /// rather than let storage fail on it, which would stop this node.
+    #[error("invalid raft message: {0}")]
+    Invalid(String),
 }
 
 /// The node-to-node Raft service. Its one method carries every group.
@@ -127,6 +132,7 @@ impl RaftHost {
         match kind {
             RaftKind::AppendEntries => {
                 let request: AppendEntriesRequest<TypeConfig> = decode(body)?;
+                check_entries(&request)?;
                 encode(&raft.append_entries(request).await)
             }
             RaftKind::Vote => {
@@ -135,6 +141,7 @@ impl RaftHost {
             }
             RaftKind::InstallSnapshot => {
                 let request: InstallSnapshotRequest<TypeConfig> = decode(body)?;
+                check_snapshot_chunk(&request)?;
                 encode(&raft.install_snapshot(request).await)
             }
         }
@@ -150,6 +157,38 @@ impl RaftTransport for RaftHost {
     ) -> Result<Bytes, RaftCallError> {
         self.deliver(group, kind, &body).await
     }
+}
+
+/// Entries must follow `prev_log_id` one index at a time, as every honest
+/// leader sends them; the log store refuses anything else as a fatal error.
+fn check_entries(request: &AppendEntriesRequest<TypeConfig>) -> Result<(), RaftCallError> {
+    let mut next = match request.prev_log_id {
+        None => Some(0),
+        Some(id) => id.index.checked_add(1),
+    };
+    for entry in &request.entries {
+        if Some(entry.log_id.index) != next {
+            return Err(RaftCallError::Invalid(format!(
+                "entry {} out of order (after {:?})",
+                entry.log_id.index, request.prev_log_id
+            )));
+        }
+        next = entry.log_id.index.checked_add(1);
+    }
+    Ok(())
+}
+
+/// A chunk lands at `offset` in a buffer: an offset far beyond any real
+/// snapshot would make the buffer that large.
+fn check_snapshot_chunk(request: &InstallSnapshotRequest<TypeConfig>) -> Result<(), RaftCallError> {
+    let end = request.offset.saturating_add(request.data.len() as u64);
+    if end > crate::storage::SNAPSHOT_LIMIT {
+        return Err(RaftCallError::Invalid(format!(
+            "snapshot chunk ends at byte {end}, beyond the {} limit",
+            crate::storage::SNAPSHOT_LIMIT
+        )));
+    }
+    Ok(())
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, RaftCallError> {
@@ -383,5 +422,69 @@ impl RaftNetwork<TypeConfig> for RpcNetwork {
             self.target ^ (u64::from(self.group) << 32),
         );
         openraft::network::Backoff::new(std::iter::from_fn(move || Some(delays.next_delay())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, SnapshotMeta, Vote};
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn append(prev: Option<u64>, indexes: &[u64]) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: prev.map(|i| LogId::new(CommittedLeaderId::new(1, 1), i)),
+            entries: indexes.iter().map(|i| entry(*i)).collect(),
+            leader_commit: None,
+        }
+    }
+
+    #[test]
+    fn entries_must_follow_the_previous_one_index_by_index() {
+        assert!(check_entries(&append(None, &[0, 1, 2])).is_ok());
+        assert!(check_entries(&append(Some(4), &[5, 6])).is_ok());
+        assert!(check_entries(&append(Some(4), &[])).is_ok());
+        for bad in [
+            append(Some(4), &[6]),
+            append(Some(4), &[5, 5]),
+            append(Some(4), &[5, 7]),
+            append(None, &[1]),
+            // No index after u64::MAX: refused, not an overflow.
+            append(Some(u64::MAX), &[0]),
+        ] {
+            assert!(
+                matches!(check_entries(&bad), Err(RaftCallError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_snapshot_chunk_beyond_the_limit_is_refused_before_any_buffer_grows() {
+        let chunk = |offset: u64| InstallSnapshotRequest::<TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            meta: SnapshotMeta::default(),
+            offset,
+            data: vec![0; 16],
+            done: false,
+        };
+        assert!(check_snapshot_chunk(&chunk(0)).is_ok());
+        assert!(check_snapshot_chunk(&chunk(crate::storage::SNAPSHOT_LIMIT)).is_err());
+        assert!(check_snapshot_chunk(&chunk(u64::MAX)).is_err());
+    }
+
+    #[test]
+    fn garbage_is_refused_as_undecodable() {
+        assert!(matches!(
+            decode::<AppendEntriesRequest<TypeConfig>>(b"\xff\xff\xff"),
+            Err(RaftCallError::Undecodable(_))
+        ));
     }
 }

@@ -95,7 +95,19 @@ pub struct NodeConfig {
     /// Take a snapshot (and drop the log before it) after this many
     /// entries. Default 10,000.
     pub snapshot_after: u64,
+    /// Join a running cluster instead of founding one: a pristine node
+    /// then waits to be added (`add_member` on the leader) and never
+    /// initializes a cluster of its own. Default false.
+    pub join: bool,
+    /// The largest message the node's connections carry (the transport's
+    /// frame limit): snapshots travel in chunks well under it. Default
+    /// 4 MiB, the transport's default.
+    pub max_message: usize,
 }
+
+/// The smallest frame limit a cluster member accepts: the largest value
+/// the store takes, with room for its key and Raft's framing.
+pub const MIN_MESSAGE: usize = crate::state::MAX_VALUE_LEN + 64 * 1024;
 
 impl NodeConfig {
     /// A node `id` at `address`, founding a cluster of `members`, with its
@@ -113,12 +125,26 @@ impl NodeConfig {
             data_dir: data_dir.into(),
             timing: Timing::default(),
             snapshot_after: 10_000,
+            join: false,
+            max_message: 4 * 1024 * 1024,
         }
     }
 
     /// The same with other timers.
     pub fn with_timing(mut self, timing: Timing) -> NodeConfig {
         self.timing = timing;
+        self
+    }
+
+    /// The same, joining a running cluster (see [`NodeConfig::join`]).
+    pub fn joining(mut self) -> NodeConfig {
+        self.join = true;
+        self
+    }
+
+    /// The same with another frame limit (see [`NodeConfig::max_message`]).
+    pub fn with_max_message(mut self, bytes: usize) -> NodeConfig {
+        self.max_message = bytes;
         self
     }
 
@@ -174,6 +200,9 @@ pub enum ClusterError {
 
 impl ClusterError {
     /// Whether the same operation, sent again (to the leader), may succeed.
+    /// For a write, only [`ClusterError::NotLeader`] says it was not
+    /// applied; after [`ClusterError::Unavailable`] it may have been, so
+    /// send it again only if applying it twice is harmless.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -266,6 +295,9 @@ fn raft_config(config: &NodeConfig) -> Result<Config, StartError> {
         election_timeout_min: config.timing.election_min_ms,
         election_timeout_max: config.timing.election_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after),
+        // Chunks of a quarter of the frame limit leave room for the
+        // request's own fields and the framing.
+        snapshot_max_chunk_size: (config.max_message / 4) as u64,
         // Keep some log behind a snapshot, so a briefly lagging follower
         // catches up from the log instead of a whole snapshot.
         max_in_snapshot_log_to_keep: config.snapshot_after.min(1000),
@@ -286,6 +318,12 @@ impl ClusterNode {
         if config.id == 0 {
             return Err(StartError::Config("node ids start at 1".into()));
         }
+        if config.max_message < MIN_MESSAGE {
+            return Err(StartError::Config(format!(
+                "a frame limit of {} bytes cannot carry the store's largest value: at least {MIN_MESSAGE} is needed",
+                config.max_message
+            )));
+        }
         if !config.members.contains_key(&config.id) {
             return Err(StartError::Config(format!(
                 "node {} is not among the members {:?}",
@@ -304,7 +342,7 @@ impl ClusterNode {
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        if pristine {
+        if pristine && !config.join {
             let members: BTreeMap<NodeId, BasicNode> = config
                 .members
                 .iter()
@@ -359,6 +397,16 @@ impl ClusterNode {
     /// this node's clock; only the leader accepts writes, so it is always
     /// the leader's.
     pub async fn kv(&self, request: KvRequest) -> Result<KvResponse, ClusterError> {
+        self.kv_as(request, None).await
+    }
+
+    /// [`Self::kv`] for the identity `who`, which owns the leases it grants
+    /// (the service refuses other identities' keep-alives and revocations).
+    pub async fn kv_as(
+        &self,
+        request: KvRequest,
+        who: Option<String>,
+    ) -> Result<KvResponse, ClusterError> {
         let command = match request {
             KvRequest::Put {
                 key,
@@ -375,6 +423,7 @@ impl ClusterNode {
             KvRequest::GrantLease { ttl_ms } => KvCommand::GrantLease {
                 ttl_ms,
                 now_ms: now_ms(),
+                owner: who,
             },
             KvRequest::KeepAlive { lease } => KvCommand::KeepAlive {
                 lease,
@@ -431,40 +480,52 @@ impl ClusterNode {
         Ok((state.list(prefix, limit), state.revision()))
     }
 
+    /// One page of keys under `prefix` after `start_after`: at most `limit`
+    /// keys and `max_bytes` of keys and values (one key alone may exceed
+    /// it), whether more follow, and the revision.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+        read: Read,
+    ) -> Result<(Vec<KeyValue>, bool, u64), ClusterError> {
+        self.ready_to_read(read).await?;
+        let state = self.shared.read();
+        let (kvs, more) = state.list_page(prefix, start_after, limit, max_bytes);
+        Ok((kvs, more, state.revision()))
+    }
+
     /// Changes under `prefix` from revision `from` on, waiting until there
-    /// is at least one. Several events of one revision always come
-    /// together. Cancel-safe: dropping the future loses nothing, since the
-    /// caller asks again from the same revision.
+    /// is at least one, with the revision to ask from next. Revisions come
+    /// whole (every event of one revision in one answer), and a wait moves
+    /// `from` past every revision it scanned without a match, so an idle
+    /// watch on a quiet prefix never rescans history. Cancel-safe: dropping
+    /// the future loses nothing, since the caller asks again from the same
+    /// revision.
     pub async fn next_events(
         &self,
         prefix: &str,
-        from: u64,
+        mut from: u64,
         limit: usize,
-    ) -> Result<Vec<Event>, ClusterError> {
+    ) -> Result<(Vec<Event>, u64), ClusterError> {
         let mut applied = self.shared.revision_watch();
         loop {
-            let events = self.events_from(prefix, from, limit.max(1))?;
+            let (events, next) =
+                self.shared
+                    .read()
+                    .events_since_scanned(prefix, from, limit.max(1))?;
             if !events.is_empty() {
-                return Ok(events);
+                return Ok((events, next));
             }
+            from = next;
             // Wait for the store to move past what was just read.
             applied
                 .changed()
                 .await
                 .map_err(|_| ClusterError::Unavailable("node shutting down".into()))?;
         }
-    }
-
-    /// Events from `from`: [`ClusterState::events_since`](crate::state::ClusterState::events_since) answers whole
-    /// revisions only, so a watch resuming after the last revision it sent
-    /// never splits one.
-    fn events_from(
-        &self,
-        prefix: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<Event>, ClusterError> {
-        Ok(self.shared.read().events_since(prefix, from, limit)?)
     }
 
     /// Every retained change under `prefix` from `from` on, as this node
@@ -479,6 +540,17 @@ impl ClusterNode {
     /// Every key this node holds, in key order, as it is here.
     pub fn dump(&self) -> Vec<KeyValue> {
         self.shared.read().list("", usize::MAX)
+    }
+
+    /// Lease `id` as this node has it.
+    pub fn lease(&self, id: LeaseId) -> Option<crate::state::LeaseInfo> {
+        self.shared.read().lease(id)
+    }
+
+    /// The owner of lease `id` as this node knows it: `None` if there is no
+    /// such lease, `Some(None)` if it has none (granted anonymously).
+    pub fn lease_owner(&self, id: LeaseId) -> Option<Option<String>> {
+        self.shared.read().lease(id).map(|lease| lease.owner)
     }
 
     /// The store's revision on this node, without asking the leader.
@@ -653,12 +725,32 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Clu
 /// On the leader: propose `ExpireLeases` when the earliest lease is due.
 /// Followers do nothing; a new leader picks up where the old one stopped,
 /// since the deadlines live in the replicated state.
+///
+/// A leader that has just taken over first renews every lease from its own
+/// clock (as etcd does on promotion): during the election nobody could keep
+/// a lease alive, and a deadline stamped by the old leader's clock says
+/// nothing about this one's.
 async fn expire_leases(raft: Raft, shared: SharedState, id: NodeId) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The term in which this node last renewed the leases as leader.
+    let mut renewed_in: Option<u64> = None;
     loop {
         tick.tick().await;
-        if raft.metrics().borrow().current_leader != Some(id) {
+        let (leader, term) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            (m.current_leader, m.current_term)
+        };
+        if leader != Some(id) {
+            continue;
+        }
+        if renewed_in != Some(term) {
+            let renew = Command::Kv(KvCommand::RenewAllLeases { now_ms: now_ms() });
+            match raft.client_write(renew).await {
+                Ok(_) => renewed_in = Some(term),
+                Err(e) => tracing::debug!(node = id, "renewing leases: {e}"),
+            }
             continue;
         }
         let now = now_ms();

@@ -14,6 +14,11 @@ use crate::types::{Event, KeyValue, KvResponse, NodeId};
 /// start key beyond that.
 pub const MAX_LIST: usize = 10_000;
 
+/// Bytes of keys and values one `list` page carries at most (beyond a
+/// single key larger than that alone): well under the smallest frame limit
+/// a cluster member accepts ([`crate::node::MIN_MESSAGE`]).
+pub const MAX_LIST_BYTES: usize = 1024 * 1024;
+
 /// Events a watch sends per batch it reads from the store.
 const WATCH_BATCH: usize = 256;
 
@@ -46,8 +51,17 @@ pub trait ClusterService {
     async fn kv(&self, request: KvRequest) -> Result<KvResponse, ClusterError>;
     /// One key.
     async fn get(&self, key: String, read: Read) -> Result<Got, ClusterError>;
-    /// Keys under a prefix, at most `limit` (capped at [`MAX_LIST`]).
-    async fn list(&self, prefix: String, limit: u32, read: Read) -> Result<Listed, ClusterError>;
+    /// Keys under a prefix after `start_after` (for the next page: the
+    /// last key of the previous one), at most `limit` (capped at
+    /// [`MAX_LIST`]) and about [`MAX_LIST_BYTES`] of keys and values, so a
+    /// page always fits a message; `more` says another page follows.
+    async fn list(
+        &self,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+        read: Read,
+    ) -> Result<Listed, ClusterError>;
     /// Every change under `prefix` from revision `from` on (0: from the
     /// next change), in revision order, none skipped, until the caller
     /// drops the stream. A start before the compaction point ends the
@@ -122,20 +136,43 @@ impl ClusterHost {
     }
 }
 
+impl ClusterHost {
+    /// A lease is kept alive or revoked only by the identity that granted
+    /// it (ids are small numbers anyone can guess). Checked against this
+    /// node's copy; a follower that has not applied the grant yet answers
+    /// "not the leader" for the write anyway, and the leader, which
+    /// granted it, always has it.
+    fn check_owner(&self, lease: crate::types::LeaseId) -> Result<(), ClusterError> {
+        if self.access.is_none() {
+            return Ok(());
+        }
+        let who = courier_rpc::caller();
+        match self.node.lease_owner(lease) {
+            Some(Some(owner)) if Some(owner.as_str()) != who.as_deref() => {
+                Err(ClusterError::PermissionDenied(format!(
+                    "lease {lease} belongs to another identity"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl ClusterService for ClusterHost {
     async fn kv(&self, request: KvRequest) -> Result<KvResponse, ClusterError> {
         match &request {
             KvRequest::Put { key, .. } | KvRequest::Delete { key, .. } => {
                 self.check(|a, who| a.may_write(who, key), &format!("write {key:?}"))?
             }
-            KvRequest::GrantLease { .. }
-            | KvRequest::KeepAlive { .. }
-            | KvRequest::RevokeLease { .. } => {
-                self.check(|a, who| a.may_lease(who), "use leases")?
+            KvRequest::GrantLease { .. } => self.check(|a, who| a.may_lease(who), "use leases")?,
+            KvRequest::KeepAlive { lease } | KvRequest::RevokeLease { lease } => {
+                self.check(|a, who| a.may_lease(who), "use leases")?;
+                self.check_owner(*lease)?;
             }
             KvRequest::Compact { .. } => self.check(|a, who| a.may_admin(who), "compact")?,
         }
-        self.node.kv(request).await
+        let who = courier_rpc::caller().map(|who| who.to_string());
+        self.node.kv_as(request, who).await
     }
 
     async fn get(&self, key: String, read: Read) -> Result<Got, ClusterError> {
@@ -144,15 +181,22 @@ impl ClusterService for ClusterHost {
         Ok(Got { kv, revision })
     }
 
-    async fn list(&self, prefix: String, limit: u32, read: Read) -> Result<Listed, ClusterError> {
+    async fn list(
+        &self,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+        read: Read,
+    ) -> Result<Listed, ClusterError> {
         self.check(
             |a, who| a.may_read(who, &prefix),
             &format!("list {prefix:?}"),
         )?;
         let limit = (limit as usize).clamp(1, MAX_LIST);
-        let (mut kvs, revision) = self.node.list(&prefix, limit + 1, read).await?;
-        let more = kvs.len() > limit;
-        kvs.truncate(limit);
+        let (kvs, more, revision) = self
+            .node
+            .list_page(&prefix, start_after.as_deref(), limit, MAX_LIST_BYTES, read)
+            .await?;
         Ok(Listed {
             kvs,
             revision,
@@ -175,7 +219,10 @@ impl ClusterService for ClusterHost {
         };
         loop {
             let batch = match self.node.next_events(&prefix, next, WATCH_BATCH).await {
-                Ok(batch) => batch,
+                Ok((batch, after)) => {
+                    next = next.max(after);
+                    batch
+                }
                 Err(e) => {
                     // Compacted, or shutting down: say so and end.
                     let _ = events.send(Err(e)).await;

@@ -96,8 +96,8 @@ const VOTE_LIMIT: u64 = 4 * 1024;
 
 const SNAPSHOT_FILE: &str = "snapshot";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"CSNP";
-/// Largest snapshot file read back.
-const SNAPSHOT_LIMIT: u64 = 1 << 30;
+/// The largest snapshot this node reads back or receives.
+pub const SNAPSHOT_LIMIT: u64 = 1 << 30;
 
 type Error = StorageError<NodeId>;
 type Meta = SnapshotMeta<NodeId, BasicNode>;

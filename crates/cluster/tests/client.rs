@@ -290,3 +290,36 @@ async fn values_have_a_typed_face_and_a_value_of_another_type_is_a_typed_error()
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_renews_every_lease_from_its_own_clock_before_expiring_any() {
+    let mut cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let kv = cluster.client(leader);
+    let lease = kv.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let granted = cluster.nodes[&leader]
+        .node
+        .lease(lease)
+        .unwrap()
+        .deadline_ms;
+    // Let some time pass on the clock, so a renewal is visible.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    cluster.kill(leader).await;
+    let new = cluster.leader().await;
+    // The new leader's first act is to renew: the deadline moves from the
+    // old leader's stamp to this one's (bounded wait for it to apply).
+    let mut renewed = None;
+    for _ in 0..100 {
+        let deadline = cluster.nodes[&new].node.lease(lease).map(|l| l.deadline_ms);
+        if deadline.is_some_and(|d| d > granted) {
+            renewed = deadline;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        renewed.is_some(),
+        "the new leader {new} did not renew lease {lease}"
+    );
+    cluster.shutdown().await;
+}

@@ -803,6 +803,19 @@ impl Client {
         table.link.as_ref().map(|link| link.sender.max_frame_size())
     }
 
+    /// Returns once this client has a live connection, making one if it
+    /// has none (within its timeout). Nothing is sent: a caller that must
+    /// not send a call twice (a write that is not idempotent) can tell a
+    /// server it never reached — this fails — from a call that may have
+    /// run — the call itself fails after this succeeded.
+    pub async fn ready(&self) -> Result<(), RpcError> {
+        let deadline = Instant::now() + self.timeout;
+        match tokio::time::timeout_at(deadline, self.connected(Some(deadline))).await {
+            Ok(result) => result,
+            Err(_) => Err(RpcError::DeadlineExceeded),
+        }
+    }
+
     /// The live connection, connecting if there is none (within the
     /// caller's `deadline`, if it has one; see [`Client::connected`]).
     async fn link(&self, deadline: Option<Instant>) -> Result<Arc<Link>, RpcError> {
