@@ -261,9 +261,25 @@ fn config(args: ServeArgs) -> anyhow::Result<BrokerConfig> {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = config(args)?;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let level = level(&config.log)?;
+    // openraft reports every vote, heartbeat and replication step at info:
+    // below debug, a broker's log carries only its warnings and errors.
+    let raft = match level {
+        tracing::Level::ERROR => tracing::Level::ERROR,
+        level if level >= tracing::Level::DEBUG => level,
+        _ => tracing::Level::WARN,
+    };
     tracing_subscriber::fmt()
-        .with_max_level(level(&config.log)?)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(
+            tracing_subscriber::filter::Targets::new()
+                .with_default(level)
+                .with_target("openraft", raft),
+        )
         .init();
     // Flag and file mistakes are usage errors (exit 2), found before binding.
     config.addresses().map_err(Failure::usage)?;
