@@ -38,8 +38,10 @@ struct BrokerProcess {
 
 impl BrokerProcess {
     /// Starts node `id` of a cluster on `listen` (a fixed port, known to
-    /// its peers), run through `prefix` (say `ip netns exec NAME`), its log
-    /// (warnings and errors) appended to `log`.
+    /// its peers), with `--peer` flags for `peers` and `--join` if `join`,
+    /// run through `prefix` (say `ip netns exec NAME`), its log (warnings
+    /// and errors) appended to `log`.
+    #[allow(clippy::too_many_arguments)]
     fn start_node(
         prefix: &[&str],
         config: &Path,
@@ -48,6 +50,7 @@ impl BrokerProcess {
         listen: &str,
         id: u64,
         peers: &[(u64, String)],
+        join: bool,
     ) -> BrokerProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -74,6 +77,9 @@ impl BrokerProcess {
                 .arg(data);
             for (peer, address) in peers {
                 command.arg("--peer").arg(format!("{peer}={address}"));
+            }
+            if join {
+                command.arg("--join");
             }
             let mut child = command
                 .stdout(Stdio::piped())
@@ -327,10 +333,20 @@ impl Cluster {
     /// Starts node `id` on its address and data directory, its `--peer`
     /// flags naming the other two.
     fn start_node(&mut self, id: u64) {
+        self.launch(id, false);
+    }
+
+    /// Starts node `id` with `--join` and no `--peer` flags: it waits to be
+    /// added instead of founding a cluster.
+    fn start_joining(&mut self, id: u64) {
+        self.launch(id, true);
+    }
+
+    fn launch(&mut self, id: u64, join: bool) {
         assert!(self.nodes[Cluster::index(id)].is_none(), "node {id} runs");
         let peers: Vec<(u64, String)> = IDS
             .iter()
-            .filter(|&&other| other != id)
+            .filter(|&&other| other != id && !join)
             .map(|&other| (other, self.address(other).to_string()))
             .collect();
         let prefix: Vec<&str> = self.prefixes[Cluster::index(id)]
@@ -345,6 +361,7 @@ impl Cluster {
             self.address(id),
             id,
             &peers,
+            join,
         );
         self.nodes[Cluster::index(id)] = Some(node);
     }
@@ -905,10 +922,11 @@ fn in_network_namespaces_a_cut_off_leader_refuses_writes_and_catches_up_when_hea
 }
 
 /// Writes 120 keys with snapshots every 20 entries, kills a follower,
-/// wipes its data, removes it, restarts it empty and adds it back through
-/// `add_url` (given the cluster and the follower's id): it catches up from
-/// a snapshot, since the others' logs no longer reach back far enough.
-fn wipe_remove_and_re_add(label: &str, add_url: impl Fn(&Cluster, u64) -> String) {
+/// wipes its data, removes it, restarts it empty (with `--join` if `join`,
+/// else with its `--peer` flags) and adds it back through `add_url` (given
+/// the cluster and the follower's id): it catches up from a snapshot, since
+/// the others' logs no longer reach back far enough.
+fn wipe_remove_and_re_add(label: &str, join: bool, add_url: impl Fn(&Cluster, u64) -> String) {
     const KEYS: usize = 120;
     let mut cluster = Cluster::on_loopback(label, "snapshot_after = 20\n");
     let url = cluster.url();
@@ -933,7 +951,11 @@ fn wipe_remove_and_re_add(label: &str, add_url: impl Fn(&Cluster, u64) -> String
     cluster.put_until_done(&others, "k/while-out", "yes");
 
     // Back, empty, on the same id and address, then added.
-    cluster.start_node(follower);
+    if join {
+        cluster.start_joining(follower);
+    } else {
+        cluster.start_node(follower);
+    }
     let address = cluster.address(follower).to_string();
     let add_url = add_url(&cluster, follower);
     let added = cluster.courier(
@@ -972,9 +994,11 @@ fn wipe_remove_and_re_add(label: &str, add_url: impl Fn(&Cluster, u64) -> String
 
 #[test]
 fn a_wiped_node_is_removed_re_added_and_catches_up_from_a_snapshot() {
-    // Membership changes go through the two nodes that stayed (see the
-    // ignored test below for why not through the rejoining one).
-    wipe_remove_and_re_add("cluster-rejoin", |cluster, follower| {
+    // Restarted with its --peer flags, so it founds (uncommitted) a
+    // cluster of the three again; membership changes go through the two
+    // nodes that stayed (see the ignored test below for why not through
+    // the rejoining one, and the --join test for the documented way).
+    wipe_remove_and_re_add("cluster-rejoin", false, |cluster, follower| {
         cluster.url_without(follower)
     });
 }
@@ -984,7 +1008,20 @@ fn a_wiped_node_is_removed_re_added_and_catches_up_from_a_snapshot() {
 fn add_node_through_a_url_list_that_starts_with_the_rejoining_node_reaches_the_leader() {
     // `courier --url <rejoining>,<others> cluster add-node …`, as an
     // operator with the usual list of every node would type it.
-    wipe_remove_and_re_add("cluster-rejoin-any-url", |cluster, follower| {
+    wipe_remove_and_re_add("cluster-rejoin-any-url", false, |cluster, follower| {
+        format!(
+            "{},{}",
+            cluster.address(follower),
+            cluster.url_without(follower)
+        )
+    });
+}
+
+#[test]
+fn a_wiped_node_restarted_with_join_is_re_added_through_any_node() {
+    // `--join`, the documented way to start a node added later: it founds
+    // nothing, so even a list that starts with it reaches the leader.
+    wipe_remove_and_re_add("cluster-rejoin-join", true, |cluster, follower| {
         format!(
             "{},{}",
             cluster.address(follower),
