@@ -327,11 +327,7 @@ fn print_status(json: bool, status: &Status) -> anyhow::Result<()> {
         "leader {leader}, term {}, answered by node {} ({}), revision {}",
         status.term, status.node, status.role, status.revision
     )?;
-    writeln!(
-        out,
-        "{:>5}  {:<8} {:<8} {:>6}  address",
-        "node", "role", "", "lag"
-    )?;
+    writeln!(out, "{:>5}  {:<8} {:>6}  address", "node", "role", "lag")?;
     for member in &status.members {
         let role = if Some(member.id) == status.leader {
             "leader"
@@ -343,8 +339,8 @@ fn print_status(json: bool, status: &Status) -> anyhow::Result<()> {
         let lag = member.lag.map_or("-".to_string(), |l| l.to_string());
         writeln!(
             out,
-            "{:>5}  {:<8} {:<8} {:>6}  {}",
-            member.id, role, "", lag, member.address
+            "{:>5}  {:<8} {:>6}  {}",
+            member.id, role, lag, member.address
         )?;
     }
     Ok(())

@@ -174,6 +174,7 @@ fn apply_environment(
                     .collect();
                 known.extend(FLAG_VARIABLES.iter().map(|v| format!("COURIER_{v}")));
                 known.sort();
+                known.dedup();
                 return Err(format!(
                     "{name} is not a setting; the COURIER_* variables are: {}",
                     known.join(", ")

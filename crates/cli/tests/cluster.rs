@@ -996,15 +996,14 @@ fn wipe_remove_and_re_add(label: &str, join: bool, add_url: impl Fn(&Cluster, u6
 fn a_wiped_node_is_removed_re_added_and_catches_up_from_a_snapshot() {
     // Restarted with its --peer flags, so it founds (uncommitted) a
     // cluster of the three again; membership changes go through the two
-    // nodes that stayed (see the ignored test below for why not through
-    // the rejoining one, and the --join test for the documented way).
+    // nodes that stayed (the next test sends them through the rejoining
+    // one, and the --join test is the documented way).
     wipe_remove_and_re_add("cluster-rejoin", false, |cluster, follower| {
         cluster.url_without(follower)
     });
 }
 
 #[test]
-#[ignore = "bug: a follower answers add-node with a membership error (exit 1) instead of redirecting to the leader when its own membership is uncommitted, as on a node restarted empty; see the report"]
 fn add_node_through_a_url_list_that_starts_with_the_rejoining_node_reaches_the_leader() {
     // `courier --url <rejoining>,<others> cluster add-node …`, as an
     // operator with the usual list of every node would type it.

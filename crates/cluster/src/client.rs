@@ -44,8 +44,13 @@ use crate::types::{Condition, Event, KeyValue, KvError, KvResponse, LeaseId, Nod
 /// How long a watch stream may stay open: as long as the connection.
 const WATCH_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// Rounds through every known node before an operation gives up.
+/// Rounds through every known node before an operation gives up (or the
+/// client's timeout passes, whichever comes first)...
 const ROUNDS: usize = 3;
+
+/// ...but at least this many tries, backing off to half a second apart, so
+/// an election in progress (which answers "no leader yet") is waited out.
+const MIN_ATTEMPTS: usize = 24;
 
 /// Reconnections in a row (about half a second apart once backed off) a
 /// watch makes before it reports that it cannot go on: long enough to ride
@@ -194,7 +199,7 @@ impl KvClient {
     }
 
     fn attempts(&self) -> usize {
-        self.nodes().addresses.len() * ROUNDS + 1
+        (self.nodes().addresses.len() * ROUNDS + 1).max(MIN_ATTEMPTS)
     }
 
     /// Run `op` against the current node, moving on where that is safe.
@@ -206,7 +211,14 @@ impl KvClient {
         Fut: std::future::Future<Output = Result<Result<T, ClusterError>, RpcError>>,
     {
         let mut last = None;
+        // Bounded twice: rounds through the nodes, and the client's timeout
+        // (an election takes 1–2 s and more under load, so a failover must
+        // fit, but a dead cluster must be reported).
+        let give_up = tokio::time::Instant::now() + self.config.timeout;
         for attempt in 0..self.attempts() {
+            if attempt > 0 && tokio::time::Instant::now() >= give_up {
+                break;
+            }
             let (at, client) = self.current();
             // Connect first, sending nothing: a node that cannot be reached
             // is certainly not where a write was applied, so moving on is
@@ -443,10 +455,13 @@ impl KvClient {
     }
 
     /// Add member `id` at `address` (sent to the leader).
+    /// Add member `id` at `address` (sent to the leader), waiting while it
+    /// copies the log (at most [`crate::node::CATCH_UP`]).
     pub async fn add_member(&self, id: NodeId, address: &str) -> Result<(), KvClientError> {
+        let patient = crate::node::CATCH_UP + Duration::from_secs(10);
         self.run(false, |c| {
             let address = address.to_string();
-            async move { c.add_member(id, address).await }
+            async move { c.with_timeout(patient).add_member(id, address).await }
         })
         .await
     }

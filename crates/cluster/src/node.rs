@@ -42,6 +42,10 @@ use crate::types::{
     TypeConfig,
 };
 
+/// How long a node being added may take to copy the log before the change
+/// is abandoned.
+pub const CATCH_UP: Duration = Duration::from_secs(60);
+
 /// Raft's timers, in milliseconds. See the [module docs](self).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timing {
@@ -103,6 +107,9 @@ pub struct NodeConfig {
     /// frame limit): snapshots travel in chunks well under it. Default
     /// 4 MiB, the transport's default.
     pub max_message: usize,
+    /// How long a node being added may take to copy the log. Default
+    /// [`CATCH_UP`].
+    pub catch_up: Duration,
 }
 
 /// The smallest frame limit a cluster member accepts: the largest value
@@ -127,6 +134,7 @@ impl NodeConfig {
             snapshot_after: 10_000,
             join: false,
             max_message: 4 * 1024 * 1024,
+            catch_up: CATCH_UP,
         }
     }
 
@@ -139,6 +147,12 @@ impl NodeConfig {
     /// The same, joining a running cluster (see [`NodeConfig::join`]).
     pub fn joining(mut self) -> NodeConfig {
         self.join = true;
+        self
+    }
+
+    /// The same with another catch-up limit for nodes being added.
+    pub fn with_catch_up(mut self, limit: Duration) -> NodeConfig {
+        self.catch_up = limit;
         self
     }
 
@@ -271,6 +285,7 @@ pub struct ClusterNode {
     tasks: Vec<JoinHandle<()>>,
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
     probe: courier_queue::log::DurableProbe,
+    catch_up: Duration,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -366,6 +381,7 @@ impl ClusterNode {
             tasks,
             leader_changes,
             probe,
+            catch_up: config.catch_up,
         })
     }
 
@@ -558,13 +574,74 @@ impl ClusterNode {
         self.shared.read().revision()
     }
 
-    /// Add `id` at `address` as a voting member: first as a learner that
-    /// catches up, then into the voters. Only on the leader.
+    /// `NotLeader` (with the leader's address) unless this node leads:
+    /// openraft checks a membership change against the node's own view
+    /// before it checks leadership, so a follower would answer a
+    /// membership error where the client needs to be sent on.
+    fn lead(&self) -> Result<(), ClusterError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.current_leader == Some(self.id) && metrics.state == ServerState::Leader {
+            return Ok(());
+        }
+        let address = metrics.current_leader.and_then(|leader| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|node| node.addr.clone())
+        });
+        Err(ClusterError::NotLeader {
+            leader: metrics.current_leader,
+            address,
+        })
+    }
+
+    /// Add `id` at `address` as a voting member: first as a learner, which
+    /// must copy the whole log (or a snapshot) up to the entry that added
+    /// it within [`NodeConfig::catch_up`], then into the voters. A node that does not
+    /// catch up (nothing listens there, a typo) is removed again and the
+    /// change fails, so a dead address never becomes a voter that the
+    /// majority would then wait for. Only on the leader.
     pub async fn add_member(&self, id: NodeId, address: String) -> Result<(), ClusterError> {
-        self.raft
-            .add_learner(id, BasicNode::new(address), true)
+        self.lead()?;
+        let added = self
+            .raft
+            .add_learner(id, BasicNode::new(address.clone()), false)
             .await
             .map_err(write_error)?;
+        let needed = added.log_id.index;
+        let caught_up = async {
+            let mut metrics = self.raft.metrics();
+            loop {
+                let matched = metrics
+                    .borrow()
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map(|m| m.index);
+                if matched.is_some_and(|m| m >= needed) {
+                    return Ok(());
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(ClusterError::Unavailable("raft stopped".into()));
+                }
+            }
+        };
+        let limit = self.catch_up;
+        match tokio::time::timeout(limit, caught_up).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                // Not a voter, and better not left as a learner either.
+                let _ = self
+                    .raft
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                    .await;
+                return Err(ClusterError::Membership(format!(
+                    "node {id} at {address} did not catch up within {limit:?} (is it running, with --join?); it was not added"
+                )));
+            }
+        }
         self.raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
             .await
@@ -575,6 +652,7 @@ impl ClusterNode {
     /// Remove `id` from the cluster. Only on the leader; the cluster must
     /// keep at least one voter.
     pub async fn remove_member(&self, id: NodeId) -> Result<(), ClusterError> {
+        self.lead()?;
         let voters = self.voters();
         if voters.contains(&id) && voters.len() == 1 {
             return Err(ClusterError::Membership(

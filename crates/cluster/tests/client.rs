@@ -53,7 +53,8 @@ impl Cluster {
             let dir = TempDir::new(&format!("cluster-client-{id}"));
             let peers = Peers::new(ClientConfig::default());
             let config = NodeConfig::new(id, members[&id].clone(), members.clone(), dir.path())
-                .with_timing(Timing::fast());
+                .with_timing(Timing::fast())
+                .with_catch_up(Duration::from_secs(2));
             let node = Arc::new(
                 ClusterNode::start(config, peers.network(METADATA_GROUP))
                     .await
@@ -321,5 +322,37 @@ async fn a_new_leader_renews_every_lease_from_its_own_clock_before_expiring_any(
         renewed.is_some(),
         "the new leader {new} did not renew lease {lease}"
     );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_catch_up_is_never_made_a_voter_and_followers_send_membership_changes_on(
+) {
+    let mut cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    // Sent to a follower first: it answers "not the leader", not a
+    // membership error, and the client goes on to the leader.
+    let admin = cluster.client(follower);
+    // Nothing listens there (a typo): refused, and not left behind.
+    let err = admin.add_member(9, "tcp://127.0.0.1:1").await.unwrap_err();
+    assert!(err.to_string().contains("did not catch up"), "{err}");
+    let status = admin.leader_status().await.unwrap();
+    let voters: Vec<NodeId> = status
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(voters.len(), 3, "{status:?}");
+    assert!(status.members.iter().all(|m| m.id != 9), "{status:?}");
+    // So losing one real node leaves a majority that still writes.
+    let other = *cluster
+        .nodes
+        .keys()
+        .find(|id| **id != leader && **id != follower)
+        .unwrap();
+    cluster.kill(other).await;
+    admin.put("still", "writable").await.unwrap();
     cluster.shutdown().await;
 }

@@ -268,9 +268,11 @@ async fn power_cuts(cluster: Arc<SimCluster>, seed: u64, steps: usize) {
         };
         eprintln!("step {step}: power loss of node {victim}");
         cluster.power_loss(&[victim]).await;
-        tokio::time::sleep(rng.between(Duration::from_millis(100), Duration::from_millis(800))).await;
+        tokio::time::sleep(rng.between(Duration::from_millis(100), Duration::from_millis(800)))
+            .await;
         cluster.boot(victim).await;
-        tokio::time::sleep(rng.between(Duration::from_millis(300), Duration::from_millis(1000))).await;
+        tokio::time::sleep(rng.between(Duration::from_millis(300), Duration::from_millis(1000)))
+            .await;
     }
     eprintln!("end: power loss of every node at once");
     cluster.power_loss(&cluster.ids.clone()).await;

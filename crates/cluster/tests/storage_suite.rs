@@ -488,7 +488,11 @@ async fn a_leadership_read_back_is_only_a_vote_so_a_restarted_leader_must_win_a_
     }
     let (mut log, _sm) = reopen(dir.path()).await;
     let vote = log.read_vote().await.unwrap().expect("a vote");
-    assert_eq!(vote, Vote::new(4, 2), "same term and candidate, not committed");
+    assert_eq!(
+        vote,
+        Vote::new(4, 2),
+        "same term and candidate, not committed"
+    );
     // Still a vote in term 4: nobody else can be granted that term.
     assert!(Vote::new(4, 3).partial_cmp(&vote).is_none());
 }
