@@ -793,11 +793,25 @@ fn failover(bin: PathBuf, kills: usize, timing: Option<Timing>) -> anyhow::Resul
     let kv = procs.client();
     let value = Bytes::from(vec![0xA5u8; SIZE]);
     // The cluster serves writes.
+    let last_error = std::sync::Mutex::new(String::new());
     let ready = rt.block_on(poll(600, Duration::from_millis(50), || async {
-        kv.put("failover/ready", value.clone()).await.ok()
+        match kv.put("failover/ready", value.clone()).await {
+            Ok(revision) => Some(revision),
+            Err(e) => {
+                *last_error.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
+                None
+            }
+        }
     }));
     if ready.is_none() {
-        anyhow::bail!("the cluster did not accept a put within 30 s");
+        let logs: Vec<String> = (0..3)
+            .map(|i| format!("node {} log:\n{}", i + 1, procs.log_tail(i)))
+            .collect();
+        anyhow::bail!(
+            "the cluster did not accept a put within 30 s (last error: {})\n{}",
+            last_error.lock().unwrap_or_else(|p| p.into_inner()),
+            logs.join("\n")
+        );
     }
     let mut results = Vec::new();
     for round in 0..kills {
@@ -1004,6 +1018,9 @@ fn main() -> anyhow::Result<()> {
             "\n{:<14} {:<8} {:<6} {:>10} {:>10} {:>10} {:>12} vs raw (same run, same placement)",
             "workload", "subject", "place", "p50 µs", "p99 µs", "p99.9 µs", "ops/s"
         );
+        // The same-CPU ping-pong, for the follower read in `split` (the
+        // follower shares CPU 0 with the client there).
+        let mut same_tcp_p50 = None;
         for place in Placement::available() {
             let tcp_hist = raw::pingpong(place, SIZE, counts.warmup, counts.gets);
             let tcp = Latency::of(&tcp_hist, 0);
@@ -1012,6 +1029,9 @@ fn main() -> anyhow::Result<()> {
                 count as f64 / raw::pipelined(place, SIZE, IN_FLIGHT, count).as_secs_f64()
             };
             let raw = Raw { tcp, tcp_x32 };
+            if place == Placement::Same {
+                same_tcp_p50 = Some(tcp.p50);
+            }
             add_latency(&mut report, "raw_pingpong_256B", "raw-tcp", place, &raw.tcp);
             report.add(
                 "raw_pipelined_256B_x32",
@@ -1083,8 +1103,14 @@ fn main() -> anyhow::Result<()> {
             if want_get {
                 for (subject, l) in &three.gets {
                     let hops = if *subject == "linear" { 2.0 } else { 1.0 };
-                    let ratio = l.p50 / (hops * raw.tcp.p50);
-                    let vs = format!("{ratio:.2}x {hops:.0} x tcp p50");
+                    let (tcp, which) = match (*subject, same_tcp_p50) {
+                        ("stale-f", Some(same)) if place == Placement::Split => {
+                            (same, " (same-CPU: the follower is on the client's CPU)")
+                        }
+                        _ => (raw.tcp.p50, ""),
+                    };
+                    let ratio = l.p50 / (hops * tcp);
+                    let vs = format!("{ratio:.2}x {hops:.0} x tcp p50{which}");
                     latency_row("kv_get_seq", subject, place, l, &vs);
                     add_latency(&mut report, "kv_get_seq", subject, place, l);
                     report.ratio("kv_get_seq", subject, place, ratio, f64::NAN, false);
@@ -1127,7 +1153,15 @@ fn main() -> anyhow::Result<()> {
                     Mode::Smoke => Some(timing),
                 };
                 match failover(bin, kills, process_timing) {
-                    Err(e) => println!("failover: did not complete: {e:#}\n"),
+                    Err(e) => {
+                        println!("failover: did not complete: {e:#}\n");
+                        if format!("{e:#}").contains("protocol mismatch") {
+                            println!(
+                                "  the binary was built from other sources than this bench: \
+                                 rebuild it (`cargo build --release -p courier-cli`; cargo xtask bench does)\n"
+                            );
+                        }
+                    }
                     Ok(results) => {
                         let timeout_mid =
                             (timing.election_min_ms + timing.election_max_ms) as f64 / 2.0;
