@@ -337,6 +337,11 @@ impl ClusterState {
         match command {
             Command::Kv(command) => Response::Kv(self.apply_kv(command)),
             Command::Meta(command) => Response::Meta(self.apply_meta(command)),
+            // Each command on its own, exactly as in entries of their own:
+            // a failed one changes nothing and does not stop the others.
+            Command::KvBatch(commands) => {
+                Response::KvBatch(commands.iter().map(|c| self.apply_kv(c)).collect())
+            }
         }
     }
 

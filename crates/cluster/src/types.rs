@@ -47,6 +47,10 @@ pub enum Command {
     Kv(KvCommand),
     /// A declaration (queues, durable subscriptions).
     Meta(MetaCommand),
+    /// Key-value commands written together in one entry (group commit:
+    /// the writes that arrived while the previous entry was in flight),
+    /// applied one after another as if each had its own entry.
+    KvBatch(Vec<KvCommand>),
 }
 
 /// What a write requires of the key's current state (etcd's compare).
@@ -303,4 +307,6 @@ pub enum Response {
     Kv(KvResponse),
     /// From a declaration.
     Meta(MetaResponse),
+    /// From a [`Command::KvBatch`]: one answer per command, in order.
+    KvBatch(Vec<KvResponse>),
 }
