@@ -289,6 +289,8 @@ pub struct ClusterNode {
     catch_up: Duration,
     /// Key-value writes waiting for [`group_commit`].
     writes: mpsc::Sender<QueuedWrite>,
+    /// Linearizable reads waiting for [`read_fence`].
+    reads: mpsc::Sender<oneshot::Sender<Result<(), ClusterError>>>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -374,8 +376,10 @@ impl ClusterNode {
         }
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (writes, queued) = mpsc::channel(WRITE_QUEUE);
+        let (reads, waiting) = mpsc::channel(WRITE_QUEUE);
         let tasks = vec![
             tokio::spawn(group_commit(raft.clone(), queued)),
+            tokio::spawn(read_fence(raft.clone(), waiting)),
             tokio::spawn(expire_leases(raft.clone(), shared.clone(), config.id)),
             tokio::spawn(count_leader_changes(raft.clone(), leader_changes.clone())),
         ];
@@ -388,6 +392,7 @@ impl ClusterNode {
             probe,
             catch_up: config.catch_up,
             writes,
+            reads,
         })
     }
 
@@ -471,15 +476,14 @@ impl ClusterNode {
     /// Wait until a read at `read` may be served here.
     async fn ready_to_read(&self, read: Read) -> Result<(), ClusterError> {
         if read == Read::Linearizable {
-            self.raft.ensure_linearizable().await.map_err(|e| {
-                match e.forward_to_leader::<BasicNode>() {
-                    Some(forward) => ClusterError::NotLeader {
-                        leader: forward.leader_id,
-                        address: forward.leader_node.as_ref().map(|n| n.addr.clone()),
-                    },
-                    None => ClusterError::Unavailable(e.to_string()),
-                }
-            })?;
+            let (ready, fenced) = oneshot::channel();
+            self.reads
+                .send(ready)
+                .await
+                .map_err(|_| ClusterError::Unavailable("node shutting down".into()))?;
+            fenced
+                .await
+                .map_err(|_| ClusterError::Unavailable("node shutting down".into()))??;
         }
         Ok(())
     }
@@ -924,6 +928,40 @@ async fn group_commit(raft: Raft, mut queued: mpsc::Receiver<QueuedWrite>) {
                     let _ = tx.send(Err(e.clone()));
                 }
             }
+        }
+    }
+}
+
+/// Linearizable reads share the leader's check: every read waiting when a
+/// check starts is answered by it (it began after they did, so it fences
+/// them all), and reads that arrive during a check wait for the next one.
+/// One heartbeat round then serves any number of concurrent reads.
+async fn read_fence(
+    raft: Raft,
+    mut waiting: mpsc::Receiver<oneshot::Sender<Result<(), ClusterError>>>,
+) {
+    while let Some(first) = waiting.recv().await {
+        let mut readers = vec![first];
+        while let Ok(next) = waiting.try_recv() {
+            readers.push(next);
+        }
+        readers.retain(|reader| !reader.is_closed());
+        if readers.is_empty() {
+            continue;
+        }
+        let fenced = raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|e| match e.forward_to_leader::<BasicNode>() {
+                Some(forward) => ClusterError::NotLeader {
+                    leader: forward.leader_id,
+                    address: forward.leader_node.as_ref().map(|n| n.addr.clone()),
+                },
+                None => ClusterError::Unavailable(e.to_string()),
+            });
+        for reader in readers {
+            let _ = reader.send(fenced.clone());
         }
     }
 }
