@@ -308,7 +308,10 @@ mod tests {
         assert!(!p.may_write(alice, "config/db"));
         assert!(p.may_lease(alice), "a writer may hold leases");
         assert!(!p.may_admin(alice));
-        assert!(!p.may_read(None, "config/db"), "anonymous callers get nothing");
+        assert!(
+            !p.may_read(None, "config/db"),
+            "anonymous callers get nothing"
+        );
         assert!(!p.may_call(alice, "RaftTransport"));
         assert!(p.may_call(alice, "ClusterService"));
         let open = Policy::new(&AuthConfig::default()).unwrap();

@@ -177,7 +177,7 @@ async fn only_cluster_peers_speak_raft_and_keys_follow_the_kv_permissions() {
         "{reached:?}"
     );
 
-    let app = KvClient::new(&[address.clone()], as_user("app-token")).unwrap();
+    let app = KvClient::new(std::slice::from_ref(&address), as_user("app-token")).unwrap();
     put(&app, "config/color", "blue").await.unwrap();
     let denied = app.put("secret/key", "x").await.unwrap_err();
     assert!(
@@ -192,7 +192,7 @@ async fn only_cluster_peers_speak_raft_and_keys_follow_the_kv_permissions() {
     app.put_if("config/lock", "held", Default::default(), Some(lease))
         .await
         .unwrap();
-    let rival = KvClient::new(&[address.clone()], as_user("rival-token")).unwrap();
+    let rival = KvClient::new(std::slice::from_ref(&address), as_user("rival-token")).unwrap();
     for refused in [
         rival.revoke_lease(lease).await,
         rival.keep_alive(lease).await,

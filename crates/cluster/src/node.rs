@@ -873,10 +873,7 @@ async fn expire_leases(raft: Raft, shared: SharedState, id: NodeId) {
 }
 
 /// A key-value write and where its answer goes.
-type QueuedWrite = (
-    KvCommand,
-    oneshot::Sender<Result<KvResponse, ClusterError>>,
-);
+type QueuedWrite = (KvCommand, oneshot::Sender<Result<KvResponse, ClusterError>>);
 
 /// Writes waiting to be proposed; past this, `kv` waits (backpressure).
 const WRITE_QUEUE: usize = 4096;
@@ -963,17 +960,15 @@ async fn read_fence(
         if readers.is_empty() {
             continue;
         }
-        let fenced = raft
-            .ensure_linearizable()
-            .await
-            .map(|_| ())
-            .map_err(|e| match e.forward_to_leader::<BasicNode>() {
+        let fenced = raft.ensure_linearizable().await.map(|_| ()).map_err(|e| {
+            match e.forward_to_leader::<BasicNode>() {
                 Some(forward) => ClusterError::NotLeader {
                     leader: forward.leader_id,
                     address: forward.leader_node.as_ref().map(|n| n.addr.clone()),
                 },
                 None => ClusterError::Unavailable(e.to_string()),
-            });
+            }
+        });
         for reader in readers {
             let _ = reader.send(fenced.clone());
         }
