@@ -18,7 +18,7 @@
 //!
 //! # Writes
 //!
-//! Key-value writes go through one queue per node ([`group_commit`]):
+//! Key-value writes go through one queue per node (`group_commit`):
 //! the writes that arrive while an entry is being committed are proposed
 //! together as the next one, so concurrent writers share one log append and
 //! one fdatasync on every node.
@@ -30,7 +30,7 @@
 //! machine has applied everything committed before the read began: the
 //! answer reflects every write acknowledged before the read started.
 //! [`Read::Stale`] answers from this node's state as it is, on any node.
-//! Concurrent linearizable reads share the leader's check ([`read_fence`]):
+//! Concurrent linearizable reads share the leader's check (`read_fence`):
 //! one heartbeat round fences every read that was waiting when it began.
 //!
 //! # Time
