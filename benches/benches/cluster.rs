@@ -58,8 +58,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use courier_benches::{
-    filters, latency_histogram, median_and_spread, output_dir, raw, record, selected, Mode,
-    Placement, Report,
+    filters, latency_histogram, median_and_spread, output_dir, pin, raw, record, runtime, selected,
+    Mode, Placement, Report,
 };
 use courier_cluster::client::KvClient;
 use courier_cluster::network::{Peers, RaftHost, RaftTransportServer};
@@ -92,23 +92,6 @@ fn scratch(name: &str) -> PathBuf {
 
 fn cpus() -> usize {
     core_affinity::get_core_ids().map_or(1, |ids| ids.len())
-}
-
-/// Pins the calling thread (and every thread or process it creates later,
-/// which inherit its mask) to `core`, if the machine has it.
-fn pin(core: usize) {
-    if let Some(ids) = core_affinity::get_core_ids() {
-        if let Some(id) = ids.into_iter().find(|id| id.id == core) {
-            core_affinity::set_for_current(id);
-        }
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
 }
 
 /// Runs `work` on a thread pinned to `core`.

@@ -98,7 +98,9 @@ pub fn selected(filters: &[String], name: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
 }
 
-fn pin(core: usize) {
+/// Pins the calling thread (and every thread or process it creates later,
+/// which inherit its mask) to `core`, if the machine has it.
+pub fn pin(core: usize) {
     if let Some(ids) = core_affinity::get_core_ids() {
         if let Some(id) = ids.into_iter().find(|id| id.id == core) {
             core_affinity::set_for_current(id);
@@ -106,7 +108,8 @@ fn pin(core: usize) {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// A current-thread tokio runtime with I/O and time enabled.
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

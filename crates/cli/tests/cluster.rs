@@ -10,13 +10,14 @@
 //! `COURIER_*` name, which `courier serve` would refuse as an unknown
 //! setting).
 
+mod support;
+use support::{command, stderr, stdout};
+
 use courier_test_support::TempDir;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const COURIER: &str = env!("CARGO_BIN_EXE_courier");
 
 /// Node ids of every cluster here.
 const IDS: [u64; 3] = [1, 2, 3];
@@ -121,18 +122,6 @@ impl Drop for BrokerProcess {
     }
 }
 
-/// `courier`, run through `prefix` if any.
-fn command(prefix: &[&str]) -> Command {
-    match prefix {
-        [] => Command::new(COURIER),
-        [program, args @ ..] => {
-            let mut command = Command::new(program);
-            command.args(args).arg(COURIER);
-            command
-        }
-    }
-}
-
 /// A `courier` client process started in the background, killed when
 /// dropped.
 struct Background {
@@ -209,14 +198,6 @@ impl Drop for Background {
 /// returns its output (panics if it runs longer than `COMMAND_LIMIT`).
 fn courier_with(prefix: &[&str], url: &str, args: &[&str], stdin: &str) -> Output {
     Background::start(prefix, url, args, stdin).finish(&args.join(" "))
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// Exit code, stdout and stderr, for assertion messages.

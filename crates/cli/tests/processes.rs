@@ -4,6 +4,9 @@
 //! subscriptions restored after a broker restart. Each test cleans up its
 //! processes (killed on drop) and directories.
 
+mod support;
+use support::{command, stderr, stdout, COURIER};
+
 use courier_test_support::TempDir;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -17,8 +20,6 @@ use courier_pubsub::remote::RemotePubSub;
 use courier_pubsub::{Event, SubscribeOptions};
 use courier_queue::remote::RemoteQueue;
 use courier_rpc::{Client, ClientConfig};
-
-const COURIER: &str = env!("CARGO_BIN_EXE_courier");
 
 /// A `courier serve` process, killed when dropped.
 struct BrokerProcess {
@@ -110,18 +111,6 @@ impl Drop for BrokerProcess {
     }
 }
 
-/// `courier`, run through `prefix` if any.
-fn command(prefix: &[&str]) -> Command {
-    match prefix {
-        [] => Command::new(COURIER),
-        [program, args @ ..] => {
-            let mut command = Command::new(program);
-            command.args(args).arg(COURIER);
-            command
-        }
-    }
-}
-
 /// Runs `courier --url URL ARGS…` with `stdin` and returns its output.
 fn courier(url: &str, args: &[&str], stdin: &str) -> Output {
     courier_with(&[], url, args, stdin)
@@ -145,14 +134,6 @@ fn courier_with(prefix: &[&str], url: &str, args: &[&str], stdin: &str) -> Outpu
         .write_all(stdin.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// A `courier worker …` process, killed when dropped.
