@@ -127,6 +127,10 @@ fn kv_client(url: &str) -> anyhow::Result<KvClient> {
 fn failure(err: KvClientError) -> anyhow::Error {
     let code = match &err {
         KvClientError::Unreachable(_) => 3,
+        KvClientError::Rpc(
+            courier_rpc::RpcError::Unauthenticated(_) | courier_rpc::RpcError::PermissionDenied(_),
+        ) => 5,
+        KvClientError::Rpc(courier_rpc::RpcError::TooLarge { .. }) => 2,
         KvClientError::Cluster(ClusterError::PermissionDenied(_)) => 5,
         KvClientError::Cluster(ClusterError::Kv(KvError::Invalid(_))) => 2,
         KvClientError::Cluster(ClusterError::Unavailable(_)) => 3,

@@ -224,6 +224,10 @@ impl KvClient {
             // is certainly not where a write was applied, so moving on is
             // safe; once connected, a failed call may have run.
             if let Err(e) = client.client().ready().await {
+                if !e.is_retryable() {
+                    // Refused credentials: every node would refuse them.
+                    return Err(KvClientError::Rpc(e));
+                }
                 self.move_on(at, None);
                 last = Some(e);
                 pause(attempt).await;
@@ -247,6 +251,8 @@ impl KvClient {
                     pause(attempt).await;
                 }
                 Ok(Err(e)) => return Err(KvClientError::Cluster(e)),
+                // Refused, unknown service, too large: no node would differ.
+                Err(e) if !e.is_retryable() => return Err(KvClientError::Rpc(e)),
                 Err(e) if resend_after_failure || never_sent(&e) => {
                     self.move_on(at, None);
                     last = Some(e);
