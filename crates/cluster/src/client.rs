@@ -463,7 +463,43 @@ impl KvClient {
     /// Add member `id` at `address` (sent to the leader).
     /// Add member `id` at `address` (sent to the leader), waiting while it
     /// copies the log (at most [`crate::node::CATCH_UP`]).
+    ///
+    /// First it asks the node itself: one that leads a cluster of its own
+    /// (started without `--join`, or with another cluster's data) is
+    /// refused, since adding it would throw away entries its state already
+    /// applied. A node that cannot be asked is left to the leader, which
+    /// adds nobody who does not catch up.
     pub async fn add_member(&self, id: NodeId, address: &str) -> Result<(), KvClientError> {
+        if let Ok(target) = address.parse::<Address>() {
+            let probe = ClusterServiceClient::new(Client::lazy(&target, self.config.clone()))
+                .with_timeout(Duration::from_secs(2));
+            if let Ok(Ok(status)) = probe.status().await {
+                // Node ids are per cluster: whether the target is this
+                // cluster's own leader shows in its address.
+                let ours = self.leader_status().await.ok();
+                let our_leader = ours.as_ref().and_then(|ours| {
+                    ours.members
+                        .iter()
+                        .find(|m| Some(m.id) == ours.leader)
+                        .map(|m| m.address.clone())
+                });
+                let leads_elsewhere =
+                    status.leader == Some(status.node) && our_leader.as_deref() != Some(address);
+                if leads_elsewhere {
+                    return Err(KvClientError::Cluster(ClusterError::Membership(format!(
+                        "node {} at {address} leads a cluster of its own (term {}, revision {}): \
+                         wipe its data and start it with --join before adding it",
+                        status.node, status.term, status.revision
+                    ))));
+                }
+                if status.node != id {
+                    return Err(KvClientError::Cluster(ClusterError::Membership(format!(
+                        "{address} is node {}, not node {id}",
+                        status.node
+                    ))));
+                }
+            }
+        }
         let patient = crate::node::CATCH_UP + Duration::from_secs(10);
         self.run(false, |c| {
             let address = address.to_string();

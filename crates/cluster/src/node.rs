@@ -633,6 +633,21 @@ impl ClusterNode {
     /// majority would then wait for. Only on the leader.
     pub async fn add_member(&self, id: NodeId, address: String) -> Result<(), ClusterError> {
         self.lead()?;
+        let known = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|node| node.addr.clone());
+        match known {
+            Some(known) if known == address && self.voters().contains(&id) => return Ok(()),
+            Some(known) if known != address => return Err(ClusterError::Membership(format!(
+                "node {id} is already a member at {known}; remove it first to move it to {address}"
+            ))),
+            _ => {}
+        }
         let added = self
             .raft
             .add_learner(id, BasicNode::new(address.clone()), false)

@@ -356,3 +356,29 @@ async fn a_node_that_cannot_catch_up_is_never_made_a_voter_and_followers_send_me
     admin.put("still", "writable").await.unwrap();
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_leads_a_cluster_of_its_own_is_refused_before_anything_changes() {
+    let cluster = Cluster::start(3).await;
+    let loner = Cluster::start(1).await;
+    loner.leader().await;
+    let leader = cluster.leader().await;
+    let admin = cluster.client(leader);
+    let err = admin
+        .add_member(4, &loner.addresses[&1].to_string())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cluster of its own"), "{err}");
+    // An id already in use at another address is refused too, and adding a
+    // member that is already there is a no-op.
+    let err = admin.add_member(2, "tcp://127.0.0.1:1").await.unwrap_err();
+    assert!(err.to_string().contains("already a member"), "{err}");
+    admin
+        .add_member(2, &cluster.addresses[&2].to_string())
+        .await
+        .unwrap();
+    let status = admin.leader_status().await.unwrap();
+    assert_eq!(status.members.len(), 3, "{status:?}");
+    loner.shutdown().await;
+    cluster.shutdown().await;
+}
