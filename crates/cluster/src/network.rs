@@ -355,6 +355,17 @@ impl RpcNetwork {
                     refused.to_string(),
                 ))))
             }
+            // One entry alone that does not fit will never fit: report the
+            // peer unreachable, so openraft backs off instead of resending
+            // it at once forever (the node checks sizes before proposing,
+            // so this takes a peer with a smaller frame limit).
+            Err(e @ RpcError::TooLarge { .. })
+                if kind == RaftKind::AppendEntries && entries <= 1 =>
+            {
+                return Err(RPCError::Unreachable(Unreachable::new(&Failure(
+                    e.to_string(),
+                ))));
+            }
             Err(RpcError::TooLarge { .. }) if kind == RaftKind::AppendEntries => {
                 return Err(RPCError::PayloadTooLarge(
                     PayloadTooLarge::new_entries_hint(

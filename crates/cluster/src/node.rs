@@ -392,9 +392,14 @@ impl ClusterNode {
         let (writes, queued) = mpsc::channel(WRITE_QUEUE);
         let (reads, waiting) = mpsc::channel(WRITE_QUEUE);
         let tasks = vec![
-            tokio::spawn(group_commit(raft.clone(), queued)),
+            tokio::spawn(group_commit(raft.clone(), config.id, queued)),
             tokio::spawn(read_fence(raft.clone(), waiting)),
-            tokio::spawn(expire_leases(raft.clone(), shared.clone(), config.id)),
+            tokio::spawn(expire_leases(
+                raft.clone(),
+                shared.clone(),
+                config.id,
+                writes.clone(),
+            )),
             tokio::spawn(count_leader_changes(raft.clone(), leader_changes.clone())),
         ];
         Ok(ClusterNode {
@@ -473,6 +478,9 @@ impl ClusterNode {
             KvRequest::RevokeLease { lease } => KvCommand::RevokeLease { lease },
             KvRequest::Compact { revision } => KvCommand::Compact { revision },
         };
+        // Limits that need no state are checked before the write is
+        // queued: an entry too large for a frame would never replicate.
+        crate::state::ClusterState::check_command(&command)?;
         let (answer, answered) = oneshot::channel();
         self.writes
             .send((command, answer))
@@ -643,9 +651,11 @@ impl ClusterNode {
             .map(|node| node.addr.clone());
         match known {
             Some(known) if known == address && self.voters().contains(&id) => return Ok(()),
-            Some(known) if known != address => return Err(ClusterError::Membership(format!(
+            Some(known) if known != address => {
+                return Err(ClusterError::Membership(format!(
                 "node {id} is already a member at {known}; remove it first to move it to {address}"
-            ))),
+            )))
+            }
             _ => {}
         }
         let added = self
@@ -852,7 +862,28 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Clu
 /// clock (as etcd does on promotion): during the election nobody could keep
 /// a lease alive, and a deadline stamped by the old leader's clock says
 /// nothing about this one's.
-async fn expire_leases(raft: Raft, shared: SharedState, id: NodeId) {
+///
+/// Both go through the write queue like every other key-value write, so a
+/// keep-alive that reached the leader before an expiry is logged before it.
+async fn expire_leases(
+    raft: Raft,
+    shared: SharedState,
+    id: NodeId,
+    writes: mpsc::Sender<QueuedWrite>,
+) {
+    let write = |command: KvCommand| {
+        let writes = writes.clone();
+        async move {
+            let (answer, answered) = oneshot::channel();
+            writes
+                .send((command, answer))
+                .await
+                .map_err(|_| ClusterError::Unavailable("node shutting down".into()))?;
+            answered
+                .await
+                .map_err(|_| ClusterError::Unavailable("node shutting down".into()))?
+        }
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The term in which this node last renewed the leases as leader.
@@ -868,8 +899,7 @@ async fn expire_leases(raft: Raft, shared: SharedState, id: NodeId) {
             continue;
         }
         if renewed_in != Some(term) {
-            let renew = Command::Kv(KvCommand::RenewAllLeases { now_ms: now_ms() });
-            match raft.client_write(renew).await {
+            match write(KvCommand::RenewAllLeases { now_ms: now_ms() }).await {
                 Ok(_) => renewed_in = Some(term),
                 Err(e) => tracing::debug!(node = id, "renewing leases: {e}"),
             }
@@ -879,8 +909,7 @@ async fn expire_leases(raft: Raft, shared: SharedState, id: NodeId) {
         let next = shared.read().next_lease_deadline();
         let due = next.is_some_and(|deadline| deadline <= now);
         if due {
-            let expire = Command::Kv(KvCommand::ExpireLeases { now_ms: now });
-            if let Err(e) = raft.client_write(expire).await {
+            if let Err(e) = write(KvCommand::ExpireLeases { now_ms: now }).await {
                 tracing::debug!(node = id, "expiring leases: {e}");
             }
         }
@@ -889,6 +918,9 @@ async fn expire_leases(raft: Raft, shared: SharedState, id: NodeId) {
 
 /// A key-value write and where its answer goes.
 type QueuedWrite = (KvCommand, oneshot::Sender<Result<KvResponse, ClusterError>>);
+
+/// How long a linearizable read waits for the leader to confirm itself.
+const READ_FENCE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Writes waiting to be proposed; past this, `kv` waits (backpressure).
 const WRITE_QUEUE: usize = 4096;
@@ -904,12 +936,27 @@ const BATCH_BYTES: usize = 512 * 1024;
 /// entry it is given before taking the next). A write alone is proposed at
 /// once, as a plain `Command::Kv`. A write whose caller has gone before it
 /// is proposed is dropped, never applied.
-async fn group_commit(raft: Raft, mut queued: mpsc::Receiver<QueuedWrite>) {
-    while let Some(first) = queued.recv().await {
+async fn group_commit(raft: Raft, id: NodeId, mut queued: mpsc::Receiver<QueuedWrite>) {
+    // A write that would have pushed the last batch past its budget opens
+    // the next one, so an entry holds at most BATCH_BYTES unless it is one
+    // command alone (at most a value and a key: under MIN_MESSAGE).
+    let mut carried: Option<QueuedWrite> = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match queued.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
         let mut bytes = command_bytes(&first.0);
         let mut batch = vec![first];
-        while batch.len() < BATCH_COMMANDS && bytes < BATCH_BYTES {
+        while batch.len() < BATCH_COMMANDS {
             match queued.try_recv() {
+                Ok(next) if bytes + command_bytes(&next.0) > BATCH_BYTES => {
+                    carried = Some(next);
+                    break;
+                }
                 Ok(next) => {
                     bytes += command_bytes(&next.0);
                     batch.push(next);
@@ -922,39 +969,70 @@ async fn group_commit(raft: Raft, mut queued: mpsc::Receiver<QueuedWrite>) {
             continue;
         }
         let (commands, answers): (Vec<KvCommand>, Vec<_>) = batch.into_iter().unzip();
-        let entry = if commands.len() == 1 {
+        let single = commands.len() == 1;
+        let entry = if single {
             Command::Kv(commands.into_iter().next().expect("one command"))
         } else {
             Command::KvBatch(commands)
         };
-        match raft.client_write(entry).await {
-            Ok(written) => match written.data {
-                Response::Kv(answer) if answers.len() == 1 => {
-                    for tx in answers {
-                        let _ = tx.send(Ok(answer.clone()));
-                    }
-                }
-                Response::KvBatch(results) if results.len() == answers.len() => {
-                    for (tx, answer) in answers.into_iter().zip(results) {
-                        let _ = tx.send(Ok(answer));
-                    }
-                }
-                other => {
-                    let e = ClusterError::Unavailable(format!(
-                        "unexpected answer to a key-value write: {other:?}"
-                    ));
-                    for tx in answers {
-                        let _ = tx.send(Err(e.clone()));
-                    }
-                }
-            },
-            Err(e) => {
-                let e = write_error(e);
-                for tx in answers {
-                    let _ = tx.send(Err(e.clone()));
+        let results = match propose(&raft, id, entry).await {
+            Ok(Response::Kv(answer)) if single => vec![Ok(answer)],
+            Ok(Response::KvBatch(results)) if results.len() == answers.len() => {
+                results.into_iter().map(Ok).collect()
+            }
+            Ok(other) => {
+                let e = ClusterError::Unavailable(format!(
+                    "unexpected answer to a key-value write: {other:?}"
+                ));
+                vec![Err(e); answers.len()]
+            }
+            Err(e) => vec![Err(e); answers.len()],
+        };
+        for (tx, result) in answers.into_iter().zip(results) {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+/// Propose `entry` and wait for its answer, but not past this node's
+/// leadership: openraft answers a proposal only when the entry is applied
+/// or truncated, and an old leader's entry can be purged by an installed
+/// snapshot instead, leaving it unanswered. If the node stops leading (or
+/// a new term begins) while waiting, the write may or may not be applied.
+async fn propose(raft: &Raft, id: NodeId, entry: Command) -> Result<Response, ClusterError> {
+    let mut metrics = raft.metrics();
+    let (term, leading) = {
+        let m = metrics.borrow_and_update();
+        (m.current_term, m.current_leader == Some(id))
+    };
+    if !leading {
+        // Not (yet) the leader: openraft answers at once, with where the
+        // leader is, and nothing waits on this node's log.
+        return raft
+            .client_write(entry)
+            .await
+            .map(|w| w.data)
+            .map_err(write_error);
+    }
+    let deposed = async {
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if m.current_term != term || m.current_leader != Some(id) {
+                    return;
                 }
             }
+            if metrics.changed().await.is_err() {
+                return;
+            }
         }
+    };
+    tokio::select! {
+        biased;
+        written = raft.client_write(entry) => written.map(|w| w.data).map_err(write_error),
+        () = deposed => Err(ClusterError::Unavailable(
+            "leadership changed while the write was in flight; it may or may not have been applied".into(),
+        )),
     }
 }
 
@@ -975,15 +1053,25 @@ async fn read_fence(
         if readers.is_empty() {
             continue;
         }
-        let fenced = raft.ensure_linearizable().await.map(|_| ()).map_err(|e| {
-            match e.forward_to_leader::<BasicNode>() {
-                Some(forward) => ClusterError::NotLeader {
-                    leader: forward.leader_id,
-                    address: forward.leader_node.as_ref().map(|n| n.addr.clone()),
-                },
-                None => ClusterError::Unavailable(e.to_string()),
+        // Bounded: a leader deposed before its term's first entry commits
+        // would otherwise hold every read on this node behind it.
+        let fenced = match tokio::time::timeout(READ_FENCE_LIMIT, raft.ensure_linearizable()).await
+        {
+            Err(_) => Err(ClusterError::Unavailable(
+                "could not confirm the leadership in time".into(),
+            )),
+            Ok(fenced) => {
+                fenced
+                    .map(|_| ())
+                    .map_err(|e| match e.forward_to_leader::<BasicNode>() {
+                        Some(forward) => ClusterError::NotLeader {
+                            leader: forward.leader_id,
+                            address: forward.leader_node.as_ref().map(|n| n.addr.clone()),
+                        },
+                        None => ClusterError::Unavailable(e.to_string()),
+                    })
             }
-        });
+        };
         for reader in readers {
             let _ = reader.send(fenced.clone());
         }

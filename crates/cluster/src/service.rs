@@ -139,9 +139,10 @@ impl ClusterHost {
 impl ClusterHost {
     /// A lease is kept alive or revoked only by the identity that granted
     /// it (ids are small numbers anyone can guess). Checked against this
-    /// node's copy; a follower that has not applied the grant yet answers
-    /// "not the leader" for the write anyway, and the leader, which
-    /// granted it, always has it.
+    /// node's applied copy before proposing: a lease this node does not
+    /// know yet (a new leader that has not applied a grant committed just
+    /// before it took over) is let through, a narrow window a check at
+    /// apply time would close.
     fn check_owner(&self, lease: crate::types::LeaseId) -> Result<(), ClusterError> {
         if self.access.is_none() {
             return Ok(());

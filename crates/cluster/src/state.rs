@@ -506,6 +506,39 @@ impl ClusterState {
         Some(prev)
     }
 
+    /// The limits a command must meet whatever the state: key and value
+    /// sizes, lease time to live, owner length. The node checks them
+    /// before proposing, so an entry never outgrows what replication can
+    /// carry; applying checks them again.
+    pub fn check_command(command: &KvCommand) -> Result<(), KvError> {
+        match command {
+            KvCommand::Put { key, value, .. } => {
+                check_key(key)?;
+                if value.len() > MAX_VALUE_LEN {
+                    return Err(invalid(format!(
+                        "value of {} bytes, at most {MAX_VALUE_LEN}",
+                        value.len()
+                    )));
+                }
+            }
+            KvCommand::Delete { key, .. } => check_key(key)?,
+            KvCommand::GrantLease { ttl_ms, owner, .. } => {
+                if !(MIN_TTL_MS..=MAX_TTL_MS).contains(ttl_ms) {
+                    return Err(invalid(format!(
+                        "lease ttl of {ttl_ms} ms, must be {MIN_TTL_MS} to {MAX_TTL_MS}"
+                    )));
+                }
+                if owner.as_ref().is_some_and(|o| o.len() > MAX_OWNER_LEN) {
+                    return Err(invalid(format!(
+                        "lease owner longer than {MAX_OWNER_LEN} bytes"
+                    )));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     fn grant_lease(
         &mut self,
         ttl_ms: u64,

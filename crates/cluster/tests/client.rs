@@ -89,7 +89,7 @@ impl Cluster {
     }
 
     async fn leader(&self) -> NodeId {
-        for _ in 0..200 {
+        for _ in 0..600 {
             for (id, node) in &self.nodes {
                 if node.node.status().leader == Some(*id) {
                     return *id;
@@ -97,7 +97,7 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("no leader within 5 s");
+        panic!("no leader within 15 s");
     }
 
     /// The node dies: its server stops answering and its Raft stops.
@@ -380,5 +380,36 @@ async fn a_node_that_leads_a_cluster_of_its_own_is_refused_before_anything_chang
     let status = admin.leader_status().await.unwrap();
     assert_eq!(status.members.len(), 3, "{status:?}");
     loner.shutdown().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_past_the_limits_is_refused_before_it_reaches_the_log() {
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let kv = cluster.client(leader);
+    // Wait until the new leader's own first entries (its no-op, the lease
+    // renewal) are in, so the log only grows if a write is proposed.
+    kv.put("warm", "up").await.unwrap();
+    let mut before = cluster.nodes[&leader].node.status().last_log_index;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let now = cluster.nodes[&leader].node.status().last_log_index;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let huge = vec![0u8; courier_cluster::state::MAX_VALUE_LEN + 1];
+    let err = kv.put("big", huge).await.unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
+    let err = kv.put("", "empty key").await.unwrap_err();
+    assert!(err.to_string().contains("empty key"), "{err}");
+    assert_eq!(
+        cluster.nodes[&leader].node.status().last_log_index,
+        before,
+        "nothing was proposed"
+    );
+    kv.put("small", "fine").await.unwrap();
     cluster.shutdown().await;
 }
