@@ -125,6 +125,11 @@ pub struct NodeConfig {
     /// How long a node being added may take to copy the log. Default
     /// [`CATCH_UP`].
     pub catch_up: Duration,
+    /// Take a snapshot after this many bytes of applied writes too, even
+    /// before `snapshot_after` entries (entries carrying batches can be
+    /// large, and the log between snapshots is kept in memory). Default
+    /// 64 MiB.
+    pub snapshot_bytes: u64,
 }
 
 /// The smallest frame limit a cluster member accepts: the largest value
@@ -150,6 +155,7 @@ impl NodeConfig {
             join: false,
             max_message: 4 * 1024 * 1024,
             catch_up: CATCH_UP,
+            snapshot_bytes: SNAPSHOT_BYTES,
         }
     }
 
@@ -162,6 +168,12 @@ impl NodeConfig {
     /// The same, joining a running cluster (see [`NodeConfig::join`]).
     pub fn joining(mut self) -> NodeConfig {
         self.join = true;
+        self
+    }
+
+    /// The same with another size at which to take a snapshot.
+    pub fn with_snapshot_bytes(mut self, bytes: u64) -> NodeConfig {
+        self.snapshot_bytes = bytes.max(1);
         self
     }
 
@@ -334,7 +346,7 @@ fn raft_config(config: &NodeConfig) -> Result<Config, StartError> {
         snapshot_max_chunk_size: (config.max_message / 4) as u64,
         // Keep some log behind a snapshot, so a briefly lagging follower
         // catches up from the log instead of a whole snapshot.
-        max_in_snapshot_log_to_keep: config.snapshot_after.min(1000),
+        max_in_snapshot_log_to_keep: config.snapshot_after.min(100),
         ..Default::default()
     };
     raft.validate()
@@ -394,6 +406,12 @@ impl ClusterNode {
         let tasks = vec![
             tokio::spawn(group_commit(raft.clone(), config.id, queued)),
             tokio::spawn(read_fence(raft.clone(), waiting)),
+            tokio::spawn(snapshot_by_size(
+                raft.clone(),
+                shared.clone(),
+                config.id,
+                config.snapshot_bytes,
+            )),
             tokio::spawn(expire_leases(
                 raft.clone(),
                 shared.clone(),
@@ -919,6 +937,10 @@ async fn expire_leases(
 /// A key-value write and where its answer goes.
 type QueuedWrite = (KvCommand, oneshot::Sender<Result<KvResponse, ClusterError>>);
 
+/// Bytes of applied writes after which a node asks for a snapshot even if
+/// fewer than `snapshot_after` entries came.
+const SNAPSHOT_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How long a linearizable read waits for the leader to confirm itself.
 const READ_FENCE_LIMIT: Duration = Duration::from_secs(5);
 
@@ -1084,6 +1106,26 @@ fn command_bytes(command: &KvCommand) -> usize {
         KvCommand::Put { key, value, .. } => key.len() + value.len() + 16,
         KvCommand::Delete { key, .. } => key.len() + 16,
         _ => 32,
+    }
+}
+
+/// Snapshots are triggered by entry count, and an entry carrying a whole
+/// batch can be large: every node also asks for one after
+/// [`NodeConfig::snapshot_bytes`] of applied writes, so the log it keeps in memory
+/// between snapshots stays bounded by size too.
+async fn snapshot_by_size(raft: Raft, shared: SharedState, id: NodeId, limit: u64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut at_last = shared.applied_bytes();
+    loop {
+        tick.tick().await;
+        let now = shared.applied_bytes();
+        if now.saturating_sub(at_last) >= limit {
+            at_last = now;
+            if let Err(e) = raft.trigger().snapshot().await {
+                tracing::debug!(node = id, "asking for a snapshot: {e}");
+            }
+        }
     }
 }
 

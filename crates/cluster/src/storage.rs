@@ -756,9 +756,16 @@ pub struct SharedState {
     /// Last applied index + 1; 0 when nothing is applied.
     applied: Arc<AtomicU64>,
     revision: watch::Receiver<u64>,
+    applied_bytes: Arc<AtomicU64>,
 }
 
 impl SharedState {
+    /// Bytes of commands applied since this node started (to ask for a
+    /// snapshot by size, not only by entry count).
+    pub fn applied_bytes(&self) -> u64 {
+        self.applied_bytes.load(Ordering::Relaxed)
+    }
+
     /// The state as it is now. Hold the guard briefly: applying waits for it.
     pub fn read(&self) -> RwLockReadGuard<'_, ClusterState> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
@@ -833,11 +840,27 @@ impl SnapshotFiles {
     }
 }
 
+/// Roughly the bytes a command holds (its keys and values).
+fn command_size(command: &crate::types::Command) -> u64 {
+    use crate::types::{Command, KvCommand};
+    let kv = |c: &KvCommand| match c {
+        KvCommand::Put { key, value, .. } => (key.len() + value.len()) as u64,
+        KvCommand::Delete { key, .. } => key.len() as u64,
+        _ => 16,
+    };
+    match command {
+        Command::Kv(c) => kv(c),
+        Command::KvBatch(cs) => cs.iter().map(kv).sum(),
+        Command::Meta(_) => 64,
+    }
+}
+
 /// The state machine of the metadata group.
 #[derive(Debug)]
 pub struct StateMachineStore {
     state: Arc<RwLock<ClusterState>>,
     applied: Arc<AtomicU64>,
+    applied_bytes: Arc<AtomicU64>,
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     revision: watch::Sender<u64>,
@@ -882,6 +905,7 @@ impl StateMachineStore {
         Ok(StateMachineStore {
             state: Arc::new(RwLock::new(state)),
             applied,
+            applied_bytes: Arc::default(),
             last_applied,
             membership,
             revision,
@@ -901,6 +925,7 @@ impl StateMachineStore {
             state: self.state.clone(),
             applied: self.applied.clone(),
             revision: self.revision_rx.clone(),
+            applied_bytes: self.applied_bytes.clone(),
         }
     }
 
@@ -966,7 +991,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         self.membership = StoredMembership::new(Some(entry.log_id), membership);
                         Response::None
                     }
-                    EntryPayload::Normal(command) => state.apply(&command),
+                    EntryPayload::Normal(command) => {
+                        self.applied_bytes
+                            .fetch_add(command_size(&command), Ordering::Relaxed);
+                        state.apply(&command)
+                    }
                 });
             }
             state.revision()

@@ -30,6 +30,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start(size: u64) -> Cluster {
+        Cluster::start_with(size, u64::MAX).await
+    }
+
+    async fn start_with(size: u64, snapshot_bytes: u64) -> Cluster {
         let transport = Default::default();
         let mut listeners = BTreeMap::new();
         for id in 1..=size {
@@ -54,7 +58,8 @@ impl Cluster {
             let peers = Peers::new(ClientConfig::default());
             let config = NodeConfig::new(id, members[&id].clone(), members.clone(), dir.path())
                 .with_timing(Timing::fast())
-                .with_catch_up(Duration::from_secs(2));
+                .with_catch_up(Duration::from_secs(2))
+                .with_snapshot_bytes(snapshot_bytes);
             let node = Arc::new(
                 ClusterNode::start(config, peers.network(METADATA_GROUP))
                     .await
@@ -411,5 +416,30 @@ async fn a_write_past_the_limits_is_refused_before_it_reaches_the_log() {
         "nothing was proposed"
     );
     kv.put("small", "fine").await.unwrap();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_takes_a_snapshot_by_size_long_before_the_entry_count() {
+    // 64 KiB of writes, far fewer entries than snapshot_after (10,000).
+    let cluster = Cluster::start_with(3, 64 * 1024).await;
+    let leader = cluster.leader().await;
+    let kv = cluster.client(leader);
+    for i in 0..24 {
+        kv.put(&format!("big/{i}"), vec![b'x'; 8 * 1024])
+            .await
+            .unwrap();
+    }
+    for (id, node) in &cluster.nodes {
+        let mut snapshot = None;
+        for _ in 0..100 {
+            snapshot = node.node.raft().metrics().borrow().snapshot;
+            if snapshot.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(snapshot.is_some(), "node {id} took no snapshot");
+    }
     cluster.shutdown().await;
 }
