@@ -577,6 +577,9 @@ impl Watch {
             Ok(stream) => {
                 self.stream = Some(stream);
                 self.skip = skip;
+                // A node took the watch: the outage (if any) is over, and
+                // reconnections over a long quiet life are not counted up.
+                self.failures = 0;
                 Ok(())
             }
             Err(e) => {
