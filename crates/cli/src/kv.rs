@@ -131,7 +131,9 @@ fn failure(err: KvClientError) -> anyhow::Error {
             courier_rpc::RpcError::Unauthenticated(_) | courier_rpc::RpcError::PermissionDenied(_),
         ) => 5,
         KvClientError::Rpc(courier_rpc::RpcError::TooLarge { .. }) => 2,
-        KvClientError::Cluster(ClusterError::PermissionDenied(_)) => 5,
+        KvClientError::Cluster(
+            ClusterError::PermissionDenied(_) | ClusterError::Kv(KvError::NotOwner(_)),
+        ) => 5,
         KvClientError::Cluster(ClusterError::Kv(KvError::Invalid(_))) => 2,
         KvClientError::Cluster(ClusterError::Unavailable(_)) => 3,
         _ => 1,

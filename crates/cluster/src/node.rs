@@ -489,11 +489,15 @@ impl ClusterNode {
                 now_ms: now_ms(),
                 owner: who,
             },
-            KvRequest::KeepAlive { lease } => KvCommand::KeepAlive {
+            // On behalf of the caller: applying refuses another identity's
+            // lease (anonymous callers of an open broker own nothing, so
+            // they act on unowned leases only).
+            KvRequest::KeepAlive { lease } => KvCommand::KeepAliveAs {
                 lease,
                 now_ms: now_ms(),
+                by: who,
             },
-            KvRequest::RevokeLease { lease } => KvCommand::RevokeLease { lease },
+            KvRequest::RevokeLease { lease } => KvCommand::RevokeLeaseAs { lease, by: who },
             KvRequest::Compact { revision } => KvCommand::Compact { revision },
         };
         // Limits that need no state are checked before the write is

@@ -138,11 +138,10 @@ impl ClusterHost {
 
 impl ClusterHost {
     /// A lease is kept alive or revoked only by the identity that granted
-    /// it (ids are small numbers anyone can guess). Checked against this
-    /// node's applied copy before proposing: a lease this node does not
-    /// know yet (a new leader that has not applied a grant committed just
-    /// before it took over) is let through, a narrow window a check at
-    /// apply time would close.
+    /// it (ids are small numbers anyone can guess). Checked here against
+    /// this node's copy, to refuse early, and again when the command is
+    /// applied (`KeepAliveAs`, `RevokeLeaseAs`), which no failover can
+    /// skip.
     fn check_owner(&self, lease: crate::types::LeaseId) -> Result<(), ClusterError> {
         if self.access.is_none() {
             return Ok(());

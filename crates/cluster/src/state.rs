@@ -378,6 +378,16 @@ impl ClusterState {
             }
             KvCommand::Compact { revision } => self.compact(*revision),
             KvCommand::RenewAllLeases { now_ms } => Ok(self.renew_all_leases(*now_ms)),
+            KvCommand::KeepAliveAs { lease, now_ms, by } => self
+                .check_owner(*lease, by.as_deref())
+                .and_then(|()| self.keep_alive(*lease, *now_ms)),
+            KvCommand::RevokeLeaseAs { lease, by } => {
+                match self.check_owner(*lease, by.as_deref()) {
+                    Err(e) => Err(e),
+                    Ok(()) if self.leases.contains_key(lease) => self.end_leases(vec![*lease]),
+                    Ok(()) => Err(KvError::LeaseNotFound(*lease)),
+                }
+            }
         };
         answer.unwrap_or_else(KvResponse::Failed)
     }
@@ -504,6 +514,15 @@ impl ClusterState {
             },
         });
         Some(prev)
+    }
+
+    /// `by` may act on `lease`: it granted it, or nobody owns it. A lease
+    /// that does not exist is left to the command to refuse.
+    fn check_owner(&self, lease: LeaseId, by: Option<&str>) -> Result<(), KvError> {
+        match self.leases.get(&lease).map(|l| l.owner.as_deref()) {
+            Some(Some(owner)) if Some(owner) != by => Err(KvError::NotOwner(lease)),
+            _ => Ok(()),
+        }
     }
 
     /// The limits a command must meet whatever the state: key and value
@@ -2247,6 +2266,78 @@ mod tests {
                 owner: None,
             },
         );
+    }
+
+    #[test]
+    fn only_the_owner_keeps_a_lease_alive_or_revokes_it() {
+        let mut state = ClusterState::default();
+        let lease = match kv(
+            &mut state,
+            KvCommand::GrantLease {
+                ttl_ms: 1000,
+                now_ms: 0,
+                owner: Some("alice".into()),
+            },
+        ) {
+            KvResponse::Lease { lease, .. } => lease,
+            other => panic!("{other:?}"),
+        };
+        for by in [None, Some("mallory".to_string())] {
+            assert_eq!(
+                kv(
+                    &mut state,
+                    KvCommand::KeepAliveAs {
+                        lease,
+                        now_ms: 10,
+                        by: by.clone()
+                    }
+                ),
+                KvResponse::Failed(KvError::NotOwner(lease))
+            );
+            assert_eq!(
+                kv(&mut state, KvCommand::RevokeLeaseAs { lease, by }),
+                KvResponse::Failed(KvError::NotOwner(lease))
+            );
+        }
+        assert!(state.lease(lease).is_some(), "refusals changed nothing");
+        let alice = Some("alice".to_string());
+        assert!(matches!(
+            kv(
+                &mut state,
+                KvCommand::KeepAliveAs {
+                    lease,
+                    now_ms: 10,
+                    by: alice.clone()
+                }
+            ),
+            KvResponse::Lease { .. }
+        ));
+        assert!(matches!(
+            kv(&mut state, KvCommand::RevokeLeaseAs { lease, by: alice }),
+            KvResponse::LeasesEnded { .. }
+        ));
+        // An unowned lease (an open broker) is anyone's.
+        let open = match kv(
+            &mut state,
+            KvCommand::GrantLease {
+                ttl_ms: 1000,
+                now_ms: 0,
+                owner: None,
+            },
+        ) {
+            KvResponse::Lease { lease, .. } => lease,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(
+            kv(
+                &mut state,
+                KvCommand::RevokeLeaseAs {
+                    lease: open,
+                    by: Some("bob".into())
+                }
+            ),
+            KvResponse::LeasesEnded { .. }
+        ));
     }
 
     #[test]

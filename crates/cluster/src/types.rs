@@ -138,6 +138,25 @@ pub enum KvCommand {
         /// The proposing leader's clock.
         now_ms: u64,
     },
+    /// [`KvCommand::KeepAlive`] on behalf of identity `by`: refused with
+    /// [`KvError::NotOwner`] unless `by` granted the lease (or the lease
+    /// has no owner). Checked when applied, so no failover can skip it.
+    KeepAliveAs {
+        /// The lease.
+        lease: LeaseId,
+        /// The proposing leader's clock.
+        now_ms: u64,
+        /// Who asks.
+        by: Option<String>,
+    },
+    /// [`KvCommand::RevokeLease`] on behalf of identity `by`, checked like
+    /// [`KvCommand::KeepAliveAs`].
+    RevokeLeaseAs {
+        /// The lease.
+        lease: LeaseId,
+        /// Who asks.
+        by: Option<String>,
+    },
 }
 
 /// A declaration in the metadata group.
@@ -224,6 +243,9 @@ pub enum KvError {
     /// The lease does not exist (never granted, expired or revoked).
     #[error("lease {0} not found")]
     LeaseNotFound(LeaseId),
+    /// The lease belongs to another identity.
+    #[error("lease {0} belongs to another identity")]
+    NotOwner(LeaseId),
     /// History before this revision has been compacted away.
     #[error("revision compacted: history starts at {0}")]
     Compacted(u64),
