@@ -11,10 +11,10 @@
 //! setting).
 
 mod support;
-use support::{command, stderr, stdout};
+use support::{command, spawn_client, stderr, stdout};
 
 use courier_test_support::TempDir;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -133,22 +133,7 @@ struct Background {
 impl Background {
     /// `courier --url URL ARGS…` through `prefix`, with `stdin`.
     fn start(prefix: &[&str], url: &str, args: &[&str], stdin: &str) -> Background {
-        let mut child = command(prefix)
-            .arg("--url")
-            .arg(url)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Dropping stdin closes it.
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
+        let mut child = spawn_client(prefix, url, args, stdin);
         let drain = |mut pipe: Box<dyn Read + Send>| {
             std::thread::spawn(move || {
                 let mut bytes = Vec::new();

@@ -5,11 +5,11 @@
 //! processes (killed on drop) and directories.
 
 mod support;
-use support::{command, stderr, stdout, COURIER};
+use support::{command, spawn_client, stderr, stdout, COURIER};
 
 use courier_test_support::TempDir;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -118,22 +118,9 @@ fn courier(url: &str, args: &[&str], stdin: &str) -> Output {
 
 /// The same, run through `prefix`.
 fn courier_with(prefix: &[&str], url: &str, args: &[&str], stdin: &str) -> Output {
-    let mut child = command(prefix)
-        .arg("--url")
-        .arg(url)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
+    spawn_client(prefix, url, args, stdin)
+        .wait_with_output()
         .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 /// A `courier worker …` process, killed when dropped.

@@ -4,7 +4,8 @@
 
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
 
 /// The binary cargo built for these tests.
 pub const COURIER: &str = env!("CARGO_BIN_EXE_courier");
@@ -19,6 +20,27 @@ pub fn command(prefix: &[&str]) -> Command {
             command
         }
     }
+}
+
+/// `courier --url URL ARGS…` through `prefix`, started with every pipe
+/// open and `stdin` written (and closed: the pipe is dropped).
+pub fn spawn_client(prefix: &[&str], url: &str, args: &[&str], stdin: &str) -> Child {
+    let mut child = command(prefix)
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child
 }
 
 /// A finished process's standard output, as text.
