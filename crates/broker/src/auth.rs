@@ -178,7 +178,8 @@ impl Policy {
         match service {
             "BrokerService" => self.rules(who).is_some_and(|r| r.admin),
             // Only peers speak Raft: anyone else could vote or append.
-            "RaftTransport" => self.rules(who).is_some_and(|r| r.cluster),
+            // Likewise routes: anyone else could inject messages or interest.
+            "RaftTransport" | "RouteService" => self.rules(who).is_some_and(|r| r.cluster),
             _ => true,
         }
     }

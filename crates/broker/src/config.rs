@@ -67,6 +67,10 @@
 //! election_min_ms = 1000
 //! election_max_ms = 2000
 //! snapshot_after = 10000
+//! # Pub/sub routes to the other members: messages buffered per peer
+//! # before newer ones are dropped (and counted), by count and by bytes.
+//! route_buffer = 65536
+//! route_buffer_bytes = 67108864
 //! # A node added to a running cluster starts with join = true, then
 //! # `courier cluster add-node ID ADDR` adds it (it never founds a cluster).
 //! join = false
@@ -228,6 +232,10 @@ pub struct ClusterSection {
     pub election_max_ms: u64,
     /// Entries between snapshots. Default 10,000.
     pub snapshot_after: u64,
+    /// Messages a pub/sub route buffers for one peer. Default 65,536.
+    pub route_buffer: usize,
+    /// Bytes a pub/sub route buffers for one peer. Default 64 MiB.
+    pub route_buffer_bytes: usize,
     /// Join a running cluster (wait to be added with `courier cluster
     /// add-node`) instead of founding one with `peers`. Default false.
     pub join: bool,
@@ -247,6 +255,8 @@ impl Default for ClusterSection {
             election_min_ms: timing.election_min_ms,
             election_max_ms: timing.election_max_ms,
             snapshot_after: 10_000,
+            route_buffer: courier_pubsub::route::RouteConfig::default().buffer_messages,
+            route_buffer_bytes: courier_pubsub::route::RouteConfig::default().buffer_bytes,
             join: false,
         }
     }

@@ -54,6 +54,7 @@ use std::time::{Duration, Instant};
 
 use courier_pubsub::durable::{Durable, DurableError};
 use courier_pubsub::remote::{HostCounters, PubSubHost, PubSubServiceServer};
+use courier_pubsub::route::{RouteConfig, RouteServiceServer, Routes};
 use courier_pubsub::Bus;
 use courier_queue::core::QueueStats;
 use courier_queue::remote::{QueueHost, QueueServiceServer, QueueSet};
@@ -135,7 +136,7 @@ pub struct BrokerStats {
 /// A cluster member's counters.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClusterStats {
-    /// What `courier cluster status` shows.
+    /// What `courier cluster status` shows, with this node's routes.
     pub status: courier_cluster::node::Status,
     /// Raft messages to peers that failed (unreachable, timed out, refused).
     pub raft_rpc_errors: u64,
@@ -163,6 +164,10 @@ pub(crate) struct State {
 struct Cluster {
     node: Arc<courier_cluster::node::ClusterNode>,
     peers: courier_cluster::network::Peers,
+    /// Pub/sub routes to every other member.
+    routes: Arc<Routes>,
+    /// Keeps `routes` to the membership.
+    membership: tokio::task::JoinHandle<()>,
 }
 
 impl State {
@@ -205,7 +210,10 @@ impl State {
             queues,
             durable: self.durable.list(),
             cluster: self.cluster.as_ref().map(|c| ClusterStats {
-                status: c.node.status(),
+                status: courier_cluster::node::Status {
+                    routes: c.routes.stats(),
+                    ..c.node.status()
+                },
                 raft_rpc_errors: c.peers.errors(),
             }),
         }
@@ -262,7 +270,7 @@ impl Broker {
         }
         let cluster = match &config.cluster {
             Some(section) => {
-                Some(start_cluster(&config, section, &transport, &mut listeners).await?)
+                Some(start_cluster(&config, section, &transport, &mut listeners, &bus).await?)
             }
             None => None,
         };
@@ -317,7 +325,8 @@ impl Broker {
                 courier_cluster::types::METADATA_GROUP,
                 cluster.node.raft().clone(),
             );
-            let mut cluster_host = courier_cluster::service::ClusterHost::new(cluster.node.clone());
+            let mut cluster_host = courier_cluster::service::ClusterHost::new(cluster.node.clone())
+                .with_routes(cluster.routes.clone());
             if !policy.is_open() {
                 cluster_host = cluster_host.with_access(policy.clone());
             }
@@ -327,7 +336,8 @@ impl Broker {
                 ))
                 .service(courier_cluster::service::ClusterServiceServer::new(
                     cluster_host,
-                ));
+                ))
+                .service(RouteServiceServer::new(cluster.routes.host()));
         }
         let server = server.spawn_all(listeners);
         *state.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
@@ -397,6 +407,8 @@ impl Broker {
             metrics.stop().await;
         }
         if let Some(cluster) = &self.state.cluster {
+            cluster.membership.abort();
+            cluster.routes.close();
             // Raft stops here; its log is closed (and synced) as it drops.
             if let Err(e) = cluster.node.raft().shutdown().await {
                 tracing::warn!("raft shutdown: {e}");
@@ -432,6 +444,7 @@ async fn start_cluster(
     section: &config::ClusterSection,
     transport: &courier_transport::TransportConfig,
     listeners: &mut Vec<courier_transport::Listener>,
+    bus: &Bus,
 ) -> Result<Cluster, BrokerError> {
     use courier_cluster::node::{ClusterNode, NodeConfig};
     let mut members = section.peer_ids()?;
@@ -493,7 +506,7 @@ async fn start_cluster(
             })?;
         client.transport = client.transport.with_tls_client(tls);
     }
-    let peers = courier_cluster::network::Peers::new(client);
+    let peers = courier_cluster::network::Peers::new(client.clone());
     let node_config = NodeConfig::new(
         section.node,
         advertise,
@@ -514,8 +527,37 @@ async fn start_cluster(
     )
     .await?;
     tracing::info!(node = section.node, "cluster member started");
+    let route_config =
+        RouteConfig::default().with_buffer(section.route_buffer, section.route_buffer_bytes);
+    let routes = Arc::new(Routes::new(bus.clone(), section.node, client, route_config));
+    let membership = tokio::spawn(follow_membership(node.raft().clone(), routes.clone()));
     Ok(Cluster {
         node: Arc::new(node),
         peers,
+        routes,
+        membership,
     })
+}
+
+/// Keeps a route to every member, as the membership the metadata group
+/// has committed changes (learners included: they serve clients too).
+async fn follow_membership(raft: courier_cluster::types::Raft, routes: Arc<Routes>) {
+    let mut metrics = raft.metrics();
+    let mut last: Option<Vec<(u64, Address)>> = None;
+    loop {
+        let members: Vec<(u64, Address)> = metrics
+            .borrow_and_update()
+            .membership_config
+            .membership()
+            .nodes()
+            .filter_map(|(id, node)| node.addr.parse().ok().map(|address| (*id, address)))
+            .collect();
+        if last.as_ref() != Some(&members) {
+            routes.set_peers(members.clone());
+            last = Some(members);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -248,6 +248,72 @@ fn render_cluster(out: &mut String, cluster: &crate::ClusterStats) {
             );
         }
     }
+    if status.routes.is_empty() {
+        return;
+    }
+    type Field = fn(&courier_pubsub::route::RouteStats) -> u64;
+    let routes: [(&str, &str, &str, Field); 9] = [
+        (
+            "courier_route_up",
+            "gauge",
+            "Whether the pub/sub route to the peer is up.",
+            |r| u64::from(r.state == "up"),
+        ),
+        (
+            "courier_route_messages_out_total",
+            "counter",
+            "Messages sent to the peer.",
+            |r| r.messages_out,
+        ),
+        (
+            "courier_route_bytes_out_total",
+            "counter",
+            "Payload bytes sent to the peer.",
+            |r| r.bytes_out,
+        ),
+        (
+            "courier_route_messages_in_total",
+            "counter",
+            "Messages received from the peer.",
+            |r| r.messages_in,
+        ),
+        (
+            "courier_route_bytes_in_total",
+            "counter",
+            "Payload bytes received from the peer.",
+            |r| r.bytes_in,
+        ),
+        (
+            "courier_route_dropped_total",
+            "counter",
+            "Messages for the peer dropped (buffer full or route down).",
+            |r| r.dropped,
+        ),
+        (
+            "courier_route_reconnects_total",
+            "counter",
+            "Route sessions opened after the first.",
+            |r| r.reconnects,
+        ),
+        (
+            "courier_route_queued",
+            "gauge",
+            "Messages buffered for the peer.",
+            |r| r.queued as u64,
+        ),
+        (
+            "courier_route_interest",
+            "gauge",
+            "Interests the peer has registered here.",
+            |r| r.interest as u64,
+        ),
+    ];
+    for (name, kind, help, value) in routes {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for route in &status.routes {
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", route.node, value(route));
+        }
+    }
 }
 
 /// The running HTTP endpoint.

@@ -349,6 +349,27 @@ fn print_status(json: bool, status: &Status) -> anyhow::Result<()> {
             member.id, role, lag, member.address
         )?;
     }
+    if !status.routes.is_empty() {
+        writeln!(out, "routes of node {}:", status.node)?;
+        writeln!(
+            out,
+            "{:>5}  {:<10} {:>10} {:>10} {:>8} {:>6} {:>9}",
+            "peer", "state", "msgs out", "msgs in", "dropped", "reconn", "interest"
+        )?;
+        for route in &status.routes {
+            writeln!(
+                out,
+                "{:>5}  {:<10} {:>10} {:>10} {:>8} {:>6} {:>9}",
+                route.node,
+                route.state,
+                route.messages_out,
+                route.messages_in,
+                route.dropped,
+                route.reconnects,
+                route.interest
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -302,6 +302,9 @@ pub struct Status {
     pub members: Vec<Member>,
     /// Leader changes this node has seen since it started.
     pub leader_changes: u64,
+    /// The answering node's pub/sub routes to the others (empty where
+    /// none are hosted).
+    pub routes: Vec<courier_pubsub::route::RouteStats>,
 }
 
 /// One cluster member.
@@ -794,6 +797,7 @@ impl ClusterNode {
             leader_changes: self
                 .leader_changes
                 .load(std::sync::atomic::Ordering::Relaxed),
+            routes: Vec::new(),
         }
     }
 

@@ -93,6 +93,7 @@ pub trait ClusterAccess: Send + Sync + 'static {
 pub struct ClusterHost {
     node: Arc<ClusterNode>,
     access: Option<Arc<dyn ClusterAccess>>,
+    routes: Option<Arc<courier_pubsub::route::Routes>>,
 }
 
 impl std::fmt::Debug for ClusterHost {
@@ -107,7 +108,17 @@ impl std::fmt::Debug for ClusterHost {
 impl ClusterHost {
     /// Serve `node` to anyone.
     pub fn new(node: Arc<ClusterNode>) -> ClusterHost {
-        ClusterHost { node, access: None }
+        ClusterHost {
+            node,
+            access: None,
+            routes: None,
+        }
+    }
+
+    /// The same, reporting these pub/sub routes in `status`.
+    pub fn with_routes(mut self, routes: Arc<courier_pubsub::route::Routes>) -> ClusterHost {
+        self.routes = Some(routes);
+        self
     }
 
     /// The same, checking every call against `access`.
@@ -240,7 +251,11 @@ impl ClusterService for ClusterHost {
 
     async fn status(&self) -> Result<Status, ClusterError> {
         self.check(|a, who| a.may_admin(who), "read the cluster's status")?;
-        Ok(self.node.status())
+        let mut status = self.node.status();
+        if let Some(routes) = &self.routes {
+            status.routes = routes.stats();
+        }
+        Ok(status)
     }
 
     async fn add_member(&self, id: NodeId, address: String) -> Result<(), ClusterError> {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::interest::{GroupKey, Interest, LocalInterest, NodeId, RemoteInterest, RemoteTargets};
 use crate::router::{Router, SubscriptionId};
 use crate::subject::{Filter, Subject};
 
@@ -353,6 +354,16 @@ struct GroupTurn {
 struct Inner {
     config: BusConfig,
     registry: RwLock<Registry>,
+    /// This bus's subscriptions as (filter, group) pairs, for routes.
+    interest: Mutex<LocalInterest>,
+    /// Woken when `interest` changes.
+    interest_changed: Notify,
+    /// Other nodes' interest and the routes to them (empty without a
+    /// cluster); `remote_entries` lets a publish skip it when empty.
+    remote: RwLock<RemoteInterest>,
+    remote_entries: AtomicUsize,
+    /// Makes this bus's request inboxes unlike any other node's.
+    nonce: Nonce,
     /// Per (filter, group): the round-robin position and how many members
     /// it has. An entry lives exactly as long as its group has a member, so
     /// group names a client makes up cost nothing once their subscriptions
@@ -368,6 +379,50 @@ struct Inner {
     /// there are any do readers pay for waking them.
     total_waiters: AtomicUsize,
     total_room: Notify,
+}
+
+/// A random number per bus.
+struct Nonce(u64);
+
+impl Default for Nonce {
+    fn default() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        Nonce(hasher.finish())
+    }
+}
+
+/// Where a message comes from, which decides where it may go.
+#[derive(Clone, Copy)]
+pub(crate) enum Origin<'a> {
+    /// Published on this node: to local subscribers and to every node with
+    /// interest.
+    Local,
+    /// Forwarded by another node: to local subscribers only (never on
+    /// again, so a message crosses at most one route), and to a member of
+    /// only the queue groups that node chose this one for.
+    Route(&'a [GroupKey]),
+}
+
+/// Where one message goes.
+#[derive(Default)]
+pub(crate) struct Targets {
+    local: Vec<Arc<Sub>>,
+    remote: RemoteTargets,
+    /// Whether a queue group took part (the next message to the same
+    /// subject may go elsewhere).
+    grouped: bool,
+}
+
+impl Targets {
+    fn count(&self) -> usize {
+        self.local.len() + self.remote.len()
+    }
 }
 
 impl Inner {
@@ -475,6 +530,12 @@ impl Bus {
             let key = (filter.as_str().to_string(), group.clone());
             lock(&self.inner.turns).entry(key).or_default().members += 1;
         }
+        drop(registry);
+        lock(&self.inner.interest).add(Interest {
+            filter: filter.as_str().to_string(),
+            group: sub.options.group.clone(),
+        });
+        self.inner.interest_changed.notify_waiters();
         Ok(Subscription {
             id,
             sub,
@@ -532,13 +593,33 @@ impl Bus {
     /// The subscriptions a message on `subject` goes to: every plain one,
     /// and one member of each queue group (in turn). Matching holds only a
     /// read lock, so publishers do not exclude each other.
-    fn targets(&self, subject: &Subject) -> Vec<Arc<Sub>> {
-        self.routes(subject).0
+    fn targets(&self, subject: &Subject) -> Targets {
+        self.routes(subject, Origin::Local)
     }
 
-    /// [`targets`](Self::targets), and whether a queue group took part (then
-    /// the next message to the same subject may go to another member).
-    fn routes(&self, subject: &Subject) -> (Vec<Arc<Sub>>, bool) {
+    /// Where a message on `subject` from `origin` goes: local
+    /// subscriptions (one member of each queue group), then, for a local
+    /// message, the routes to other nodes that want it. A queue group with
+    /// a member here is served here; only a group with none here goes to
+    /// another node (see [`RemoteInterest::targets`]).
+    pub(crate) fn routes(&self, subject: &Subject, origin: Origin<'_>) -> Targets {
+        let mut targets = Targets {
+            local: self.local_routes(subject, origin),
+            ..Targets::default()
+        };
+        targets.grouped = targets.local.iter().any(|s| s.options.group.is_some());
+        if matches!(origin, Origin::Local) && self.inner.remote_entries.load(Ordering::Relaxed) > 0
+        {
+            let remote = self.inner.remote.read().unwrap_or_else(|p| p.into_inner());
+            let turns = lock(&self.inner.turns);
+            let grouped =
+                remote.targets(subject, |key| turns.contains_key(key), &mut targets.remote);
+            targets.grouped |= grouped;
+        }
+        targets
+    }
+
+    fn local_routes(&self, subject: &Subject, origin: Origin<'_>) -> Vec<Arc<Sub>> {
         let mut ids = Vec::new();
         let registry = self.registry();
         registry.router.matches(subject, &mut ids);
@@ -555,7 +636,7 @@ impl Bus {
         }
         drop(registry);
         if grouped.is_empty() {
-            return (targets, false);
+            return targets;
         }
         // Members in a stable order, so turns go round fairly.
         grouped.sort_unstable_by_key(|(id, _)| *id);
@@ -569,6 +650,11 @@ impl Bus {
         }
         let mut turns = lock(&self.inner.turns);
         for (key, members) in groups {
+            if let Origin::Route(chosen) = origin {
+                if !chosen.contains(&key) {
+                    continue;
+                }
+            }
             // A member leaving between the match and here may have taken
             // the entry with it: start from 0 then (nothing is kept).
             let turn = turns.get_mut(&key).map_or(0, |turn| {
@@ -578,7 +664,7 @@ impl Bus {
             });
             targets.push(members[turn % members.len()].clone());
         }
-        (targets, true)
+        targets
     }
 
     fn remove(&self, id: SubscriptionId, filter: &Filter, group: Option<&str>) {
@@ -590,6 +676,11 @@ impl Bus {
         registry.router.remove(filter, id);
         registry.subs.remove(&id);
         drop(registry);
+        lock(&self.inner.interest).remove(&Interest {
+            filter: filter.as_str().to_string(),
+            group: group.map(str::to_string),
+        });
+        self.inner.interest_changed.notify_waiters();
         if let Some(group) = group {
             let mut turns = lock(&self.inner.turns);
             let key = (filter.as_str().to_string(), group.to_string());
@@ -607,6 +698,61 @@ impl Bus {
     #[doc(hidden)]
     pub fn groups(&self) -> usize {
         lock(&self.inner.turns).len()
+    }
+
+    /// This bus's own interest: the distinct (filter, queue group) pairs
+    /// of its subscriptions, sorted. What its routes tell other nodes.
+    pub fn local_interest(&self) -> Vec<Interest> {
+        lock(&self.inner.interest).snapshot().1
+    }
+
+    /// What node `node` has told this bus it wants, sorted.
+    pub fn remote_interest(&self, node: NodeId) -> Vec<Interest> {
+        self.remote().of(node)
+    }
+
+    /// How many interests `node` has told this bus of.
+    pub fn remote_interest_count(&self, node: NodeId) -> usize {
+        self.remote().count_of(node)
+    }
+
+    fn remote(&self) -> std::sync::RwLockReadGuard<'_, RemoteInterest> {
+        self.inner.remote.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the remote interest table, keeping its entry count current.
+    pub(crate) fn with_remote<R>(&self, change: impl FnOnce(&mut RemoteInterest) -> R) -> R {
+        let mut remote = self.inner.remote.write().unwrap_or_else(|p| p.into_inner());
+        let result = change(&mut remote);
+        self.inner
+            .remote_entries
+            .store(remote.len(), Ordering::Relaxed);
+        result
+    }
+
+    /// The local interest's version and every interest.
+    pub(crate) fn interest_snapshot(&self) -> (u64, Vec<Interest>) {
+        lock(&self.inner.interest).snapshot()
+    }
+
+    /// The local interest's changes after `cursor` (see
+    /// [`LocalInterest::since`]).
+    pub(crate) fn interest_since(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Option<(u64, Vec<crate::interest::Change>)> {
+        lock(&self.inner.interest).since(cursor, limit)
+    }
+
+    pub(crate) fn interest_version(&self) -> u64 {
+        lock(&self.inner.interest).version()
+    }
+
+    /// Resolves at the next change of the local interest (enable it before
+    /// looking, so a change in between is not missed).
+    pub(crate) fn interest_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.interest_changed.notified()
     }
 }
 /// Publishes messages under one publisher identity.
@@ -656,32 +802,58 @@ impl Publisher {
         messages: impl IntoIterator<Item = (Subject, Option<Subject>, Bytes)>,
     ) -> usize {
         let mut delivered = 0;
-        let mut routed: Option<(Subject, Vec<Arc<Sub>>)> = None;
+        let mut routed: Option<(Subject, Targets)> = None;
         for (subject, reply_to, payload) in messages {
             let reuse = matches!(&routed, Some((last, _)) if *last == subject);
             if !reuse {
-                let (targets, grouped) = self.bus.routes(&subject);
-                if grouped {
+                let targets = self.bus.routes(&subject, Origin::Local);
+                if targets.grouped {
                     routed = None;
                     delivered += self.deliver_to(&targets, &subject, reply_to, payload).await;
                     continue;
                 }
                 routed = Some((subject.clone(), targets));
             }
-            let targets = routed.as_ref().map_or(&[][..], |(_, t)| &t[..]);
-            delivered += self.deliver_to(targets, &subject, reply_to, payload).await;
+            if let Some((_, targets)) = &routed {
+                delivered += self.deliver_to(targets, &subject, reply_to, payload).await;
+            }
         }
         delivered
     }
 
+    /// Delivers a message another node forwarded: to local subscriptions,
+    /// and to one member of each queue group in `groups` (the groups that
+    /// node chose this one for). Never forwarded on.
+    pub(crate) async fn send_routed(
+        &self,
+        subject: &Subject,
+        reply_to: Option<Subject>,
+        payload: Bytes,
+        groups: &[GroupKey],
+    ) -> usize {
+        let targets = self.bus.routes(subject, Origin::Route(groups));
+        self.deliver_to(&targets, subject, reply_to, payload).await
+    }
+
     async fn deliver_to(
         &self,
-        targets: &[Arc<Sub>],
+        targets: &Targets,
         subject: &Subject,
         reply_to: Option<Subject>,
         payload: Bytes,
     ) -> usize {
-        for sub in targets {
+        // Routes first: offering never waits, and a backpressured local
+        // subscriber must not hold up other nodes.
+        for (route, groups) in &targets.remote {
+            route.offer(crate::route::Routed {
+                subject: subject.clone(),
+                reply_to: reply_to.clone(),
+                payload: payload.clone(),
+                publisher: self.id,
+                groups: groups.clone(),
+            });
+        }
+        for sub in &targets.local {
             let message = Message {
                 subject: subject.clone(),
                 payload: payload.clone(),
@@ -691,7 +863,7 @@ impl Publisher {
             };
             deliver(sub, message, &self.bus.inner).await;
         }
-        targets.len()
+        targets.count()
     }
 
     pub(crate) async fn send(
@@ -717,8 +889,10 @@ impl Bus {
         timeout: std::time::Duration,
     ) -> Result<Message, RequestError> {
         let subject = Subject::new(subject)?;
+        // Unique across nodes too: a reply may cross a route.
         let inbox = Subject::new(&format!(
-            "_inbox.{}",
+            "_inbox.{:x}x{}",
+            self.inner.nonce.0,
             self.inner.next_id.fetch_add(1, Ordering::Relaxed)
         ))?;
         let mut replies = self.subscribe(inbox.as_str(), SubscribeOptions::default().buffer(1))?;

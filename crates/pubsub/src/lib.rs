@@ -27,16 +27,23 @@
 //! - Request-reply: [`Bus::request`] and [`Publisher::reply`], services
 //!   reached by subject, load-balanced over a queue group.
 //! - [`blocking`]: the same, for code without an async runtime.
+//! - [`route`]: pub/sub across a cluster's nodes. Each node tells the
+//!   others its subscribers' [`interest`] and forwards a message, at most
+//!   one hop, only to nodes that want it; queue groups prefer a member on
+//!   the publisher's node.
 //!
 //! Dependencies beyond the workspace's usual ones: courier-queue (durable
-//! subscriptions) and postcard (their stored form and registry).
+//! subscriptions), postcard (their stored form and registry) and tracing
+//! (routes log what they lose).
 
 #![warn(missing_docs)]
 
 pub mod blocking;
 mod bus;
 pub mod durable;
+pub mod interest;
 pub mod remote;
+pub mod route;
 pub mod router;
 pub mod subject;
 
@@ -44,5 +51,6 @@ pub use bus::{
     Bus, BusConfig, Event, Message, Publisher, RequestError, SlowConsumer, SubscribeOptions,
     Subscription, MESSAGE_OVERHEAD,
 };
+pub use interest::{Interest, NodeId};
 pub use router::{Router, SubscriptionId};
 pub use subject::{Filter, Subject, SubjectError};

@@ -1135,7 +1135,7 @@ fn lock_waiting(
     waiting.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn fresh_id() -> u64 {
+pub(crate) fn fresh_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(

@@ -18,9 +18,10 @@
 //! (default 8 for the interest test, 3 for the delivery test) and
 //! `COURIER_SIM_STEPS=N` runs N steps a seed (default 300; the delivery
 //! test runs a third of that).
-//! The test's steps (interest changes, faults, time) follow the seed
-//! exactly; the per-call choices of a link follow the order of the route's
-//! calls, which the route's own backoff jitter (not seeded) can shift.
+//! Everything follows the seed: the test's steps, each link's draws, and
+//! the routes' backoff jitter and session ids (`RouteConfig::jitter_seed`),
+//! on a single-threaded runtime with paused time, so a seed replays the
+//! same run.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -331,7 +332,9 @@ impl Sim {
                     from,
                     conn: conn.clone(),
                 };
-                let (task, outbound) = spawn_route(&buses[&from], to, config(), link);
+                let mut route_config = config();
+                route_config.jitter_seed = Some(seed ^ (from << 32 | to));
+                let (task, outbound) = spawn_route(&buses[&from], to, route_config, link);
                 routes.push(Route {
                     from,
                     to,

@@ -1,0 +1,408 @@
+//! What a bus's subscribers want, as other nodes need to know it.
+//!
+//! A node in a cluster forwards a message to another node only when that
+//! node has a subscriber for it. Each node therefore keeps two things:
+//!
+//! - its **local interest**: the distinct (filter, queue group) pairs of its
+//!   own subscriptions, counted so that a thousand subscribers to `orders.>`
+//!   are one interest, with a numbered log of the changes so a route can send
+//!   deltas and tell when it fell too far behind (then it sends the whole
+//!   set again);
+//! - the **remote interest** of every peer, in a trie of its own, so that a
+//!   publish finds the peers that want a message as it finds local
+//!   subscriptions, with the cost following the subject's depth.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use crate::router::{Router, SubscriptionId};
+use crate::subject::Filter;
+
+/// Which node a remote interest belongs to.
+pub type NodeId = u64;
+
+/// One interest: a filter, and the queue group subscribed to it (if any).
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct Interest {
+    /// The filter, as subscribed.
+    pub filter: String,
+    /// The queue group, for group members.
+    pub group: Option<String>,
+}
+
+impl Interest {
+    /// A plain interest in `filter`.
+    pub fn plain(filter: impl Into<String>) -> Interest {
+        Interest {
+            filter: filter.into(),
+            group: None,
+        }
+    }
+
+    /// A queue group's interest in `filter`.
+    pub fn group(filter: impl Into<String>, group: impl Into<String>) -> Interest {
+        Interest {
+            filter: filter.into(),
+            group: Some(group.into()),
+        }
+    }
+}
+
+/// A change to a node's local interest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The first subscription with this interest appeared.
+    Added(Interest),
+    /// The last one went.
+    Removed(Interest),
+}
+
+/// Changes kept for routes that are behind. A route further behind than
+/// this sends the whole set again, which costs no more than the changes.
+pub const CHANGE_LOG: usize = 16_384;
+
+/// A node's own interest: counted, versioned, with its recent changes.
+#[derive(Debug, Default)]
+pub(crate) struct LocalInterest {
+    counts: HashMap<Interest, usize>,
+    /// Changes ever made; the log holds the last `log.len()` of them.
+    version: u64,
+    log: VecDeque<Change>,
+}
+
+impl LocalInterest {
+    pub(crate) fn add(&mut self, interest: Interest) {
+        let count = self.counts.entry(interest.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            self.record(Change::Added(interest));
+        }
+    }
+
+    pub(crate) fn remove(&mut self, interest: &Interest) {
+        let Some(count) = self.counts.get_mut(interest) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.counts.remove(interest);
+            self.record(Change::Removed(interest.clone()));
+        }
+    }
+
+    fn record(&mut self, change: Change) {
+        self.version += 1;
+        if self.log.len() == CHANGE_LOG {
+            self.log.pop_front();
+        }
+        self.log.push_back(change);
+    }
+
+    /// The version now and every interest.
+    pub(crate) fn snapshot(&self) -> (u64, Vec<Interest>) {
+        let mut all: Vec<Interest> = self.counts.keys().cloned().collect();
+        all.sort();
+        (self.version, all)
+    }
+
+    pub(crate) fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The changes after version `cursor`, at most `limit` of them, and the
+    /// version they bring a reader to; `None` if they are no longer kept.
+    pub(crate) fn since(&self, cursor: u64, limit: usize) -> Option<(u64, Vec<Change>)> {
+        let oldest = self.version - self.log.len() as u64;
+        if cursor < oldest || cursor > self.version {
+            return None;
+        }
+        let skip = (cursor - oldest) as usize;
+        let changes: Vec<Change> = self.log.iter().skip(skip).take(limit).cloned().collect();
+        Some((cursor + changes.len() as u64, changes))
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.counts.len()
+    }
+}
+
+/// A queue group as the bus keys it: (filter, group).
+pub(crate) type GroupKey = (String, String);
+
+#[derive(Debug)]
+struct RemoteEntry {
+    node: NodeId,
+    group: Option<GroupKey>,
+}
+
+/// Every peer's interest, and where to send what matches it.
+#[derive(Default)]
+pub(crate) struct RemoteInterest {
+    router: Router,
+    entries: HashMap<SubscriptionId, RemoteEntry>,
+    nodes: HashMap<NodeId, RemoteNode>,
+    /// Per queue group held remotely: how many nodes hold it and whose
+    /// turn is next. An entry lives as long as one node holds the group.
+    turns: HashMap<GroupKey, GroupTurns>,
+    next_id: SubscriptionId,
+}
+
+#[derive(Default)]
+struct GroupTurns {
+    holders: usize,
+    next: AtomicUsize,
+}
+
+#[derive(Default)]
+struct RemoteNode {
+    route: Option<Arc<crate::route::Outbound>>,
+    ids: HashMap<Interest, SubscriptionId>,
+}
+
+/// Where one message goes beyond this node: each route, with the queue
+/// groups it is to be given to one member of there.
+pub(crate) type RemoteTargets = Vec<(Arc<crate::route::Outbound>, Vec<GroupKey>)>;
+
+impl RemoteInterest {
+    /// Entries held over all nodes.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn set_route(&mut self, node: NodeId, route: Option<Arc<crate::route::Outbound>>) {
+        match route {
+            Some(route) => self.nodes.entry(node).or_default().route = Some(route),
+            None => {
+                if let Some(entry) = self.nodes.get_mut(&node) {
+                    entry.route = None;
+                }
+            }
+        }
+        self.prune(node);
+    }
+
+    /// Adds `node`'s interest; `false` if it already had `limit` (then it
+    /// is not added).
+    pub(crate) fn add(
+        &mut self,
+        node: NodeId,
+        interest: Interest,
+        limit: usize,
+    ) -> Result<bool, crate::SubjectError> {
+        let filter = Filter::new(&interest.filter)?;
+        let entry = self.nodes.entry(node).or_default();
+        if entry.ids.contains_key(&interest) {
+            return Ok(true);
+        }
+        if entry.ids.len() >= limit {
+            return Ok(false);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let group = interest
+            .group
+            .clone()
+            .map(|group| (interest.filter.clone(), group));
+        if let Some(key) = &group {
+            self.turns.entry(key.clone()).or_default().holders += 1;
+        }
+        entry.ids.insert(interest, id);
+        self.router.insert(&filter, id);
+        self.entries.insert(id, RemoteEntry { node, group });
+        Ok(true)
+    }
+
+    pub(crate) fn remove(&mut self, node: NodeId, interest: &Interest) {
+        let Some(id) = self
+            .nodes
+            .get_mut(&node)
+            .and_then(|n| n.ids.remove(interest))
+        else {
+            return;
+        };
+        self.forget(id, &interest.filter);
+        self.prune(node);
+    }
+
+    /// Forgets everything `node` said it wants.
+    pub(crate) fn clear(&mut self, node: NodeId) {
+        let Some(entry) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let ids = std::mem::take(&mut entry.ids);
+        for (interest, id) in ids {
+            self.forget(id, &interest.filter);
+        }
+        self.prune(node);
+    }
+
+    fn forget(&mut self, id: SubscriptionId, filter: &str) {
+        if let Ok(filter) = Filter::new(filter) {
+            self.router.remove(&filter, id);
+        }
+        if let Some(RemoteEntry {
+            group: Some(key), ..
+        }) = self.entries.remove(&id)
+        {
+            if let Some(turn) = self.turns.get_mut(&key) {
+                turn.holders -= 1;
+                if turn.holders == 0 {
+                    self.turns.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Drops a node's entry once it has neither interest nor a route.
+    fn prune(&mut self, node: NodeId) {
+        if self
+            .nodes
+            .get(&node)
+            .is_some_and(|n| n.ids.is_empty() && n.route.is_none())
+        {
+            self.nodes.remove(&node);
+        }
+    }
+
+    /// `node`'s interest, sorted.
+    pub(crate) fn of(&self, node: NodeId) -> Vec<Interest> {
+        let mut all: Vec<Interest> = self
+            .nodes
+            .get(&node)
+            .map(|n| n.ids.keys().cloned().collect())
+            .unwrap_or_default();
+        all.sort();
+        all
+    }
+
+    pub(crate) fn count_of(&self, node: NodeId) -> usize {
+        self.nodes.get(&node).map_or(0, |n| n.ids.len())
+    }
+
+    /// The routes a message on `subject` goes to: every node with a plain
+    /// interest in it, and, for each queue group that matches and has no
+    /// member here (`local_group` says), one node holding it, in turn.
+    /// Returns whether a queue group took part (the next message may go
+    /// elsewhere).
+    pub(crate) fn targets(
+        &self,
+        subject: &crate::Subject,
+        local_group: impl Fn(&GroupKey) -> bool,
+        out: &mut RemoteTargets,
+    ) -> bool {
+        let mut ids = Vec::new();
+        self.router.matches(subject, &mut ids);
+        if ids.is_empty() {
+            return false;
+        }
+        let mut plain: Vec<NodeId> = Vec::new();
+        let mut groups: BTreeMap<&GroupKey, Vec<NodeId>> = BTreeMap::new();
+        for id in ids {
+            let Some(entry) = self.entries.get(&id) else {
+                continue;
+            };
+            match &entry.group {
+                None => plain.push(entry.node),
+                Some(key) => groups.entry(key).or_default().push(entry.node),
+            }
+        }
+        let grouped = !groups.is_empty();
+        let mut chosen: BTreeMap<NodeId, Vec<GroupKey>> = BTreeMap::new();
+        for node in plain {
+            chosen.entry(node).or_default();
+        }
+        for (key, mut nodes) in groups {
+            if local_group(key) {
+                continue;
+            }
+            nodes.sort_unstable();
+            nodes.dedup();
+            let turn = self.turns.get(key).map_or(0, |t| {
+                t.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            });
+            let node = nodes[turn % nodes.len()];
+            chosen.entry(node).or_default().push(key.clone());
+        }
+        for (node, groups) in chosen {
+            if let Some(route) = self.nodes.get(&node).and_then(|n| n.route.clone()) {
+                out.push((route, groups));
+            }
+        }
+        grouped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_interest_counts_subscribers_and_logs_only_first_and_last() {
+        let mut local = LocalInterest::default();
+        let orders = Interest::plain("orders.>");
+        local.add(orders.clone());
+        local.add(orders.clone());
+        local.add(Interest::group("svc", "workers"));
+        assert_eq!(local.len(), 2);
+        local.remove(&orders);
+        assert_eq!(local.version(), 2, "a second subscriber is no change");
+        local.remove(&orders);
+        let (version, changes) = local.since(0, 100).unwrap();
+        assert_eq!(version, 3);
+        assert_eq!(
+            changes,
+            vec![
+                Change::Added(orders.clone()),
+                Change::Added(Interest::group("svc", "workers")),
+                Change::Removed(orders),
+            ]
+        );
+        assert_eq!(local.since(1, 1).unwrap().1.len(), 1);
+        assert!(local.since(4, 10).is_none(), "a cursor from the future");
+    }
+
+    #[test]
+    fn a_reader_too_far_behind_is_told_to_start_again() {
+        let mut local = LocalInterest::default();
+        for i in 0..CHANGE_LOG + 10 {
+            local.add(Interest::plain(format!("s.{i}")));
+        }
+        assert!(local.since(0, 10).is_none());
+        assert!(local.since(10, 10).is_some());
+        let (version, all) = local.snapshot();
+        assert_eq!(
+            (version as usize, all.len()),
+            (CHANGE_LOG + 10, CHANGE_LOG + 10)
+        );
+    }
+
+    #[test]
+    fn remote_interest_is_bounded_per_node_and_cleared_whole() {
+        let mut remote = RemoteInterest::default();
+        assert!(remote.add(1, Interest::plain("a.>"), 2).unwrap());
+        assert!(
+            remote.add(1, Interest::plain("a.>"), 2).unwrap(),
+            "repeats are free"
+        );
+        assert!(remote.add(1, Interest::group("b", "g"), 2).unwrap());
+        assert!(!remote.add(1, Interest::plain("c"), 2).unwrap());
+        assert!(remote.add(2, Interest::group("b", "g"), 2).unwrap());
+        assert!(remote.add(1, Interest::plain("bad..subject"), 2).is_err());
+        assert_eq!((remote.count_of(1), remote.len()), (2, 3));
+        remote.clear(1);
+        assert_eq!(
+            (remote.count_of(1), remote.len(), remote.turns.len()),
+            (0, 1, 1)
+        );
+        remote.remove(2, &Interest::group("b", "g"));
+        assert_eq!(
+            (remote.len(), remote.turns.len(), remote.nodes.len()),
+            (0, 0, 0)
+        );
+        assert!(remote.router.is_empty());
+    }
+}
