@@ -71,6 +71,9 @@
 //! # before newer ones are dropped (and counted), by count and by bytes.
 //! route_buffer = 65536
 //! route_buffer_bytes = 67108864
+//! # How long a publisher waits for room in a full route before the route
+//! # is marked slow and drops (0: never wait).
+//! route_max_wait_ms = 250
 //! # A node added to a running cluster starts with join = true, then
 //! # `courier cluster add-node ID ADDR` adds it (it never founds a cluster).
 //! join = false
@@ -236,6 +239,8 @@ pub struct ClusterSection {
     pub route_buffer: usize,
     /// Bytes a pub/sub route buffers for one peer. Default 64 MiB.
     pub route_buffer_bytes: usize,
+    /// How long a publisher waits for room in a full route. Default 250.
+    pub route_max_wait_ms: u64,
     /// Join a running cluster (wait to be added with `courier cluster
     /// add-node`) instead of founding one with `peers`. Default false.
     pub join: bool,
@@ -257,6 +262,9 @@ impl Default for ClusterSection {
             snapshot_after: 10_000,
             route_buffer: courier_pubsub::route::RouteConfig::default().buffer_messages,
             route_buffer_bytes: courier_pubsub::route::RouteConfig::default().buffer_bytes,
+            route_max_wait_ms: courier_pubsub::route::RouteConfig::default()
+                .max_wait
+                .as_millis() as u64,
             join: false,
         }
     }

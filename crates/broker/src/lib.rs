@@ -527,8 +527,9 @@ async fn start_cluster(
     )
     .await?;
     tracing::info!(node = section.node, "cluster member started");
-    let route_config =
-        RouteConfig::default().with_buffer(section.route_buffer, section.route_buffer_bytes);
+    let route_config = RouteConfig::default()
+        .with_buffer(section.route_buffer, section.route_buffer_bytes)
+        .with_max_wait(Duration::from_millis(section.route_max_wait_ms));
     let routes = Arc::new(Routes::new(bus.clone(), section.node, client, route_config));
     let membership = tokio::spawn(follow_membership(node.raft().clone(), routes.clone()));
     Ok(Cluster {
@@ -539,8 +540,9 @@ async fn start_cluster(
     })
 }
 
-/// Keeps a route to every member, as the membership the metadata group
-/// has committed changes (learners included: they serve clients too).
+/// Keeps a route to every member of the membership in effect on this node
+/// (the latest it has seen, which may not be committed yet; learners
+/// included: they serve clients too).
 async fn follow_membership(raft: courier_cluster::types::Raft, routes: Arc<Routes>) {
     let mut metrics = raft.metrics();
     let mut last: Option<Vec<(u64, Address)>> = None;

@@ -252,7 +252,7 @@ fn render_cluster(out: &mut String, cluster: &crate::ClusterStats) {
         return;
     }
     type Field = fn(&courier_pubsub::route::RouteStats) -> u64;
-    let routes: [(&str, &str, &str, Field); 9] = [
+    let routes: [(&str, &str, &str, Field); 10] = [
         (
             "courier_route_up",
             "gauge",
@@ -306,6 +306,12 @@ fn render_cluster(out: &mut String, cluster: &crate::ClusterStats) {
             "gauge",
             "Interests the peer has registered here.",
             |r| r.interest as u64,
+        ),
+        (
+            "courier_route_refused_interest_total",
+            "counter",
+            "Interests of the peer refused (over the limit, or invalid).",
+            |r| r.refused_interest,
         ),
     ];
     for (name, kind, help, value) in routes {

@@ -384,6 +384,15 @@ struct Inner {
 /// A random number per bus.
 struct Nonce(u64);
 
+impl Nonce {
+    /// `_inbox.<nonce>.`: every request inbox of this bus starts so, and
+    /// one permanent interest (`_inbox.<nonce>.>`) stands for all of them,
+    /// so requests cause no interest changes for routes to carry.
+    fn inbox_prefix(&self) -> String {
+        format!("_inbox.{:x}.", self.0)
+    }
+}
+
 impl Default for Nonce {
     fn default() -> Self {
         use std::hash::{BuildHasher, Hasher};
@@ -419,12 +428,6 @@ pub(crate) struct Targets {
     grouped: bool,
 }
 
-impl Targets {
-    fn count(&self) -> usize {
-        self.local.len() + self.remote.len()
-    }
-}
-
 impl Inner {
     /// `bytes` left the buffers: wake publishers waiting on the total.
     fn released(&self, bytes: usize) {
@@ -457,9 +460,15 @@ impl Inner {
 /// assert_eq!((message.subject.as_str(), &message.payload[..]), ("orders.eu.created", &b"tea"[..]));
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Bus {
     inner: Arc<Inner>,
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Bus::with_config(BusConfig::default())
+    }
 }
 
 impl std::fmt::Debug for Bus {
@@ -476,11 +485,14 @@ impl Bus {
 
     /// An empty bus with these limits.
     pub fn with_config(config: BusConfig) -> Bus {
+        let inner = Inner {
+            config,
+            ..Inner::default()
+        };
+        let inbox = Interest::plain(format!("{}>", inner.nonce.inbox_prefix()));
+        lock(&inner.interest).add(inbox);
         Bus {
-            inner: Arc::new(Inner {
-                config,
-                ..Inner::default()
-            }),
+            inner: Arc::new(inner),
         }
     }
 
@@ -497,6 +509,9 @@ impl Bus {
         options: SubscribeOptions,
     ) -> Result<Subscription, crate::SubjectError> {
         let filter = Filter::new(filter)?;
+        if let Some(group) = &options.group {
+            crate::subject::check_group(group)?;
+        }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let max_bytes = options
             .max_bytes
@@ -531,11 +546,13 @@ impl Bus {
             lock(&self.inner.turns).entry(key).or_default().members += 1;
         }
         drop(registry);
-        lock(&self.inner.interest).add(Interest {
-            filter: filter.as_str().to_string(),
-            group: sub.options.group.clone(),
-        });
-        self.inner.interest_changed.notify_waiters();
+        if !self.own_inbox(&filter) {
+            lock(&self.inner.interest).add(Interest {
+                filter: filter.as_str().to_string(),
+                group: sub.options.group.clone(),
+            });
+            self.inner.interest_changed.notify_waiters();
+        }
         Ok(Subscription {
             id,
             sub,
@@ -603,23 +620,36 @@ impl Bus {
     /// a member here is served here; only a group with none here goes to
     /// another node (see [`RemoteInterest::targets`]).
     pub(crate) fn routes(&self, subject: &Subject, origin: Origin<'_>) -> Targets {
+        let mut local_groups = Vec::new();
         let mut targets = Targets {
-            local: self.local_routes(subject, origin),
+            local: self.local_routes(subject, origin, &mut local_groups),
             ..Targets::default()
         };
-        targets.grouped = targets.local.iter().any(|s| s.options.group.is_some());
+        targets.grouped = !local_groups.is_empty();
         if matches!(origin, Origin::Local) && self.inner.remote_entries.load(Ordering::Relaxed) > 0
         {
+            // The groups served here are the ones this very lookup found a
+            // member of: a member subscribing in between cannot make a
+            // message go nowhere.
             let remote = self.inner.remote.read().unwrap_or_else(|p| p.into_inner());
-            let turns = lock(&self.inner.turns);
-            let grouped =
-                remote.targets(subject, |key| turns.contains_key(key), &mut targets.remote);
+            let grouped = remote.targets(
+                subject,
+                |key| local_groups.contains(key),
+                &mut targets.remote,
+            );
             targets.grouped |= grouped;
         }
         targets
     }
 
-    fn local_routes(&self, subject: &Subject, origin: Origin<'_>) -> Vec<Arc<Sub>> {
+    /// Local subscriptions a message goes to; `served` gets the queue
+    /// groups (as keys) that matched with a member here.
+    fn local_routes(
+        &self,
+        subject: &Subject,
+        origin: Origin<'_>,
+        served: &mut Vec<GroupKey>,
+    ) -> Vec<Arc<Sub>> {
         let mut ids = Vec::new();
         let registry = self.registry();
         registry.router.matches(subject, &mut ids);
@@ -655,6 +685,7 @@ impl Bus {
                     continue;
                 }
             }
+            served.push(key.clone());
             // A member leaving between the match and here may have taken
             // the entry with it: start from 0 then (nothing is kept).
             let turn = turns.get_mut(&key).map_or(0, |turn| {
@@ -676,11 +707,13 @@ impl Bus {
         registry.router.remove(filter, id);
         registry.subs.remove(&id);
         drop(registry);
-        lock(&self.inner.interest).remove(&Interest {
-            filter: filter.as_str().to_string(),
-            group: group.map(str::to_string),
-        });
-        self.inner.interest_changed.notify_waiters();
+        if !self.own_inbox(filter) {
+            lock(&self.inner.interest).remove(&Interest {
+                filter: filter.as_str().to_string(),
+                group: group.map(str::to_string),
+            });
+            self.inner.interest_changed.notify_waiters();
+        }
         if let Some(group) = group {
             let mut turns = lock(&self.inner.turns);
             let key = (filter.as_str().to_string(), group.to_string());
@@ -698,6 +731,15 @@ impl Bus {
     #[doc(hidden)]
     pub fn groups(&self) -> usize {
         lock(&self.inner.turns).len()
+    }
+
+    /// Whether `filter` is one of this bus's request inboxes (covered by
+    /// its permanent inbox interest).
+    fn own_inbox(&self, filter: &Filter) -> bool {
+        filter
+            .as_str()
+            .strip_prefix(&self.inner.nonce.inbox_prefix())
+            .is_some_and(|rest| !rest.contains('.') && rest != ">" && rest != "*")
     }
 
     /// This bus's own interest: the distinct (filter, queue group) pairs
@@ -842,16 +884,22 @@ impl Publisher {
         reply_to: Option<Subject>,
         payload: Bytes,
     ) -> usize {
-        // Routes first: offering never waits, and a backpressured local
-        // subscriber must not hold up other nodes.
+        // Routes first: a backpressured local subscriber must not hold up
+        // other nodes. Only a route that took the message counts (so a
+        // request whose only responders are behind a route that is down
+        // gets "no responders" at once).
+        let mut routed = 0;
         for (route, groups) in &targets.remote {
-            route.offer(crate::route::Routed {
-                subject: subject.clone(),
-                reply_to: reply_to.clone(),
-                payload: payload.clone(),
-                publisher: self.id,
-                groups: groups.clone(),
-            });
+            let offered = route
+                .offer(crate::route::Routed {
+                    subject: subject.clone(),
+                    reply_to: reply_to.clone(),
+                    payload: payload.clone(),
+                    publisher: self.id,
+                    groups: groups.clone(),
+                })
+                .await;
+            routed += usize::from(offered);
         }
         for sub in &targets.local {
             let message = Message {
@@ -863,7 +911,7 @@ impl Publisher {
             };
             deliver(sub, message, &self.bus.inner).await;
         }
-        targets.count()
+        targets.local.len() + routed
     }
 
     pub(crate) async fn send(
@@ -889,10 +937,11 @@ impl Bus {
         timeout: std::time::Duration,
     ) -> Result<Message, RequestError> {
         let subject = Subject::new(subject)?;
-        // Unique across nodes too: a reply may cross a route.
+        // Unique across nodes too (a reply may cross a route), and under
+        // the one interest every route knows for this bus's inboxes.
         let inbox = Subject::new(&format!(
-            "_inbox.{:x}x{}",
-            self.inner.nonce.0,
+            "{}{}",
+            self.inner.nonce.inbox_prefix(),
             self.inner.next_id.fetch_add(1, Ordering::Relaxed)
         ))?;
         let mut replies = self.subscribe(inbox.as_str(), SubscribeOptions::default().buffer(1))?;

@@ -161,6 +161,10 @@ struct GroupTurns {
 struct RemoteNode {
     route: Option<Arc<crate::route::Outbound>>,
     ids: HashMap<Interest, SubscriptionId>,
+    /// The route session from this node whose interest `ids` is (0: none).
+    /// Kept here, under the same lock as `ids`, so a change from an older
+    /// session arriving late never lands after a newer session began.
+    session: u64,
 }
 
 /// Where one message goes beyond this node: each route, with the queue
@@ -185,16 +189,39 @@ impl RemoteInterest {
         self.prune(node);
     }
 
-    /// Adds `node`'s interest; `false` if it already had `limit` (then it
-    /// is not added).
+    /// Starts session `session` of `node`'s interest: what earlier
+    /// sessions said is forgotten.
+    pub(crate) fn open(&mut self, node: NodeId, session: u64) {
+        self.clear(node);
+        self.nodes.entry(node).or_default().session = session;
+    }
+
+    /// Forgets `node`'s interest and session.
+    pub(crate) fn forget_node(&mut self, node: NodeId) {
+        self.clear(node);
+        if let Some(entry) = self.nodes.get_mut(&node) {
+            entry.session = 0;
+        }
+        self.prune(node);
+    }
+
+    /// Adds `node`'s interest from session `session`; `Ok(false)` if it is
+    /// not the node's current session, or the node already has `limit`
+    /// interests (then it is not added).
     pub(crate) fn add(
         &mut self,
         node: NodeId,
+        session: u64,
         interest: Interest,
         limit: usize,
     ) -> Result<bool, crate::SubjectError> {
         let filter = Filter::new(&interest.filter)?;
-        let entry = self.nodes.entry(node).or_default();
+        if let Some(group) = &interest.group {
+            crate::subject::check_group(group)?;
+        }
+        let Some(entry) = self.nodes.get_mut(&node).filter(|n| n.session == session) else {
+            return Ok(false);
+        };
         if entry.ids.contains_key(&interest) {
             return Ok(true);
         }
@@ -216,10 +243,12 @@ impl RemoteInterest {
         Ok(true)
     }
 
-    pub(crate) fn remove(&mut self, node: NodeId, interest: &Interest) {
+    /// Removes `node`'s interest, if `session` is its current session.
+    pub(crate) fn remove(&mut self, node: NodeId, session: u64, interest: &Interest) {
         let Some(id) = self
             .nodes
             .get_mut(&node)
+            .filter(|n| n.session == session)
             .and_then(|n| n.ids.remove(interest))
         else {
             return;
@@ -229,7 +258,7 @@ impl RemoteInterest {
     }
 
     /// Forgets everything `node` said it wants.
-    pub(crate) fn clear(&mut self, node: NodeId) {
+    fn clear(&mut self, node: NodeId) {
         let Some(entry) = self.nodes.get_mut(&node) else {
             return;
         };
@@ -257,12 +286,13 @@ impl RemoteInterest {
         }
     }
 
-    /// Drops a node's entry once it has neither interest nor a route.
+    /// Drops a node's entry once it has no interest, no route and no
+    /// session.
     fn prune(&mut self, node: NodeId) {
         if self
             .nodes
             .get(&node)
-            .is_some_and(|n| n.ids.is_empty() && n.route.is_none())
+            .is_some_and(|n| n.ids.is_empty() && n.route.is_none() && n.session == 0)
         {
             self.nodes.remove(&node);
         }
@@ -321,6 +351,22 @@ impl RemoteInterest {
             }
             nodes.sort_unstable();
             nodes.dedup();
+            // A holder whose route is down (or not there yet) would only
+            // drop the message: the turn goes round the others, unless none
+            // is up (then the drop is counted on the route chosen).
+            let up: Vec<NodeId> = nodes
+                .iter()
+                .copied()
+                .filter(|node| {
+                    self.nodes
+                        .get(node)
+                        .and_then(|n| n.route.as_ref())
+                        .is_some_and(|r| r.is_up())
+                })
+                .collect();
+            if !up.is_empty() {
+                nodes = up;
+            }
             let turn = self.turns.get(key).map_or(0, |t| {
                 t.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             });
@@ -381,28 +427,46 @@ mod tests {
     }
 
     #[test]
-    fn remote_interest_is_bounded_per_node_and_cleared_whole() {
+    fn remote_interest_is_bounded_per_node_and_kept_per_session() {
         let mut remote = RemoteInterest::default();
-        assert!(remote.add(1, Interest::plain("a.>"), 2).unwrap());
+        remote.open(1, 11);
+        remote.open(2, 22);
+        assert!(remote.add(1, 11, Interest::plain("a.>"), 2).unwrap());
         assert!(
-            remote.add(1, Interest::plain("a.>"), 2).unwrap(),
+            remote.add(1, 11, Interest::plain("a.>"), 2).unwrap(),
             "repeats are free"
         );
-        assert!(remote.add(1, Interest::group("b", "g"), 2).unwrap());
-        assert!(!remote.add(1, Interest::plain("c"), 2).unwrap());
-        assert!(remote.add(2, Interest::group("b", "g"), 2).unwrap());
-        assert!(remote.add(1, Interest::plain("bad..subject"), 2).is_err());
+        assert!(remote.add(1, 11, Interest::group("b", "g"), 2).unwrap());
+        assert!(!remote.add(1, 11, Interest::plain("c"), 2).unwrap());
+        assert!(remote.add(2, 22, Interest::group("b", "g"), 2).unwrap());
+        assert!(remote
+            .add(1, 11, Interest::plain("bad..subject"), 2)
+            .is_err());
+        assert!(remote
+            .add(2, 22, Interest::group("b", "bad group"), 2)
+            .is_err());
         assert_eq!((remote.count_of(1), remote.len()), (2, 3));
-        remote.clear(1);
+        remote.open(1, 12);
         assert_eq!(
             (remote.count_of(1), remote.len(), remote.turns.len()),
             (0, 1, 1)
         );
-        remote.remove(2, &Interest::group("b", "g"));
+        // A late change of the old session lands nowhere.
+        assert!(!remote.add(1, 11, Interest::plain("late"), 2).unwrap());
+        remote.remove(2, 21, &Interest::group("b", "g"));
+        assert_eq!(remote.count_of(2), 1, "not the current session");
+        remote.remove(2, 22, &Interest::group("b", "g"));
+        remote.forget_node(1);
+        remote.forget_node(2);
         assert_eq!(
             (remote.len(), remote.turns.len(), remote.nodes.len()),
             (0, 0, 0)
         );
         assert!(remote.router.is_empty());
+        assert!(
+            !remote.add(3, 0, Interest::plain("x"), 2).unwrap(),
+            "no session opened"
+        );
+        assert!(remote.nodes.is_empty());
     }
 }

@@ -35,20 +35,29 @@
 //! Each message goes to one member of a queue group, cluster-wide. The
 //! rule: **a member on the publisher's node is preferred**; only if the
 //! group has none there does the message go to another node holding the
-//! group (one node per message, in turn), which gives it to one of its
-//! members (in turn). A message forwarded for a group names the groups it
+//! group (one node per message, in turn, among those whose route is up),
+//! which gives it to one of its members (in turn). A message forwarded for a group names the groups it
 //! was forwarded for, so the receiving node serves exactly those.
 //!
 //! ## Slowness and loss
 //!
-//! A route never slows a publisher: messages for it wait in a bounded
-//! buffer ([`RouteConfig::buffer_messages`], [`RouteConfig::buffer_bytes`]),
-//! and when that is full, or the route is down, the newest message is
-//! dropped and counted ([`RouteStats::dropped`]). So a stalled or slow node
-//! delays nobody else; what it missed is counted on the route, not reported
-//! to its subscribers as gaps (they cannot know which subjects they missed).
-//! Durable subscriptions are not routed: they store what is published on
-//! their own node.
+//! Messages for a peer wait in a bounded buffer
+//! ([`RouteConfig::buffer_messages`], [`RouteConfig::buffer_bytes`]). A
+//! publisher that finds it full waits for room, at most
+//! [`RouteConfig::max_wait`]: a peer that is merely slower than the
+//! publisher slows it down, losing nothing (as TCP would). If the wait runs
+//! out, the route is marked slow and from then on drops, without waiting,
+//! every message for that peer (counted, [`RouteStats::dropped`]) until
+//! half its buffer has drained; a route that is down drops at once. So a
+//! stalled node delays the others' publishers once, by `max_wait`, and
+//! then not at all. What a node missed is counted on the route, not
+//! reported to its subscribers as gaps (they cannot know which subjects
+//! they missed), and its sequence numbers ([`crate::Message::seq`]) count
+//! what it received. On the receiving node a forwarded message meets each
+//! subscription's own slow-consumer policy; a backpressured subscriber
+//! there holds up that node's intake from the route, as it would hold up a
+//! local publisher. Durable subscriptions are not routed: they store what
+//! is published on their own node.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -69,11 +78,18 @@ use crate::{Bus, Subject};
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RouteConfig {
-    /// Messages one route buffers for a peer before it drops. Default 65,536.
+    /// Messages one route buffers for a peer. Default 65,536.
     pub buffer_messages: usize,
-    /// Bytes one route buffers (payload, subject and 64 bytes each) before
-    /// it drops. Default 64 MiB.
+    /// Bytes one route buffers (payload, subject and 64 bytes each).
+    /// Default 64 MiB.
     pub buffer_bytes: usize,
+    /// How long a publisher waits for room in a full route's buffer before
+    /// the route is marked slow: from then on messages for it are dropped
+    /// (and counted) at once, without waiting, until half its buffer has
+    /// drained. So a route that is merely slower than the publisher slows
+    /// the publisher (nothing lost), and a stalled one delays it by this
+    /// much once. Zero: never wait. Default 250 ms.
+    pub max_wait: Duration,
     /// Bytes of messages sent in one frame. Default 256 KiB.
     pub batch_bytes: usize,
     /// How often a route confirms its peer has applied everything sent.
@@ -85,7 +101,9 @@ pub struct RouteConfig {
     /// See `backoff_min`.
     pub backoff_max: Duration,
     /// Interests one peer may register here. Past it, further interest is
-    /// refused and counted ([`RouteStats::refused_interest`]). Default 1,000,000.
+    /// refused and counted ([`RouteStats::refused_interest`]). With filters
+    /// and group names of at most 256 bytes, that bounds one peer's interest
+    /// here to a few hundred MB at worst. Default 250,000.
     pub max_interest_per_peer: usize,
     /// Peers with a route into this node. Default 256.
     pub max_peers: usize,
@@ -102,11 +120,12 @@ impl Default for RouteConfig {
         RouteConfig {
             buffer_messages: 65_536,
             buffer_bytes: 64 << 20,
+            max_wait: Duration::from_millis(250),
             batch_bytes: 256 << 10,
             check_every: Duration::from_secs(1),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
-            max_interest_per_peer: 1_000_000,
+            max_interest_per_peer: 250_000,
             max_peers: 256,
             max_publishers_per_peer: 65_536,
             jitter_seed: None,
@@ -119,6 +138,12 @@ impl RouteConfig {
     pub fn with_buffer(mut self, messages: usize, bytes: usize) -> RouteConfig {
         self.buffer_messages = messages.max(1);
         self.buffer_bytes = bytes.max(1);
+        self
+    }
+
+    /// With another wait for a full route (see [`RouteConfig::max_wait`]).
+    pub fn with_max_wait(mut self, wait: Duration) -> RouteConfig {
+        self.max_wait = wait;
         self
     }
 
@@ -179,6 +204,9 @@ pub enum RouteError {
         /// The limit.
         limit: usize,
     },
+    /// The caller is not a member this node knows (yet): it retries.
+    #[error("node {0} is not a member of this node's cluster")]
+    NotAMember(u64),
 }
 
 /// The route protocol (see the module docs). Served on every cluster
@@ -248,6 +276,11 @@ pub struct Outbound {
     config: RouteConfig,
     buffer: Mutex<Buffered>,
     readable: Notify,
+    /// Woken when a batch is taken from a full buffer.
+    room: Notify,
+    /// Marked slow: a publisher waited `max_wait` in vain; cleared once
+    /// half the buffer has drained.
+    slow: std::sync::atomic::AtomicBool,
     state: AtomicU8,
     messages_out: AtomicU64,
     bytes_out: AtomicU64,
@@ -282,6 +315,8 @@ impl Outbound {
             node,
             buffer: Mutex::default(),
             readable: Notify::new(),
+            room: Notify::new(),
+            slow: std::sync::atomic::AtomicBool::new(false),
             state: AtomicU8::new(State::Connecting as u8),
             messages_out: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
@@ -298,27 +333,63 @@ impl Outbound {
         }
     }
 
-    /// Buffers a message for the peer, or drops and counts it if the
-    /// buffer is full or the route is not up. Never waits.
-    pub(crate) fn offer(&self, message: Routed) {
-        if self.state.load(Ordering::Relaxed) != State::Up as u8 {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+    /// Buffers a message for the peer; returns whether it did. A message
+    /// that does not fit waits for room, at most [`RouteConfig::max_wait`],
+    /// unless the route is marked slow; it is dropped and counted if the
+    /// route is not up, is slow, or the wait runs out (which marks it
+    /// slow). Dropping this future while it waits drops the message
+    /// (uncounted: the publisher was cancelled, not the route).
+    pub(crate) async fn offer(&self, message: Routed) -> bool {
         let size = routed_cost(&message);
-        {
-            let mut buffer = lock(&self.buffer);
-            if buffer.queue.len() >= self.config.buffer_messages
-                || buffer.bytes + size > self.config.buffer_bytes
-            {
-                drop(buffer);
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
+        let mut message = Some(message);
+        let mut deadline = None;
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before the look, so room made in between is seen.
+            if deadline.is_some() {
+                room.as_mut().enable();
             }
-            buffer.bytes += size;
-            buffer.queue.push_back(message);
+            if self.state.load(Ordering::Relaxed) != State::Up as u8 {
+                return self.drop_one();
+            }
+            {
+                let mut buffer = lock(&self.buffer);
+                let fits = buffer.queue.len() < self.config.buffer_messages
+                    && buffer.bytes + size <= self.config.buffer_bytes;
+                if fits {
+                    buffer.bytes += size;
+                    buffer.queue.extend(message.take());
+                    drop(buffer);
+                    self.readable.notify_one();
+                    return true;
+                }
+            }
+            if self.slow.load(Ordering::Relaxed) || self.config.max_wait.is_zero() {
+                return self.drop_one();
+            }
+            match deadline {
+                // Look again, registered this time.
+                None => deadline = Some(tokio::time::Instant::now() + self.config.max_wait),
+                Some(at) => {
+                    if tokio::time::timeout_at(at, room).await.is_err() {
+                        if !self.slow.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                peer = self.node,
+                                wait = ?self.config.max_wait,
+                                "route is slow: dropping messages for it until it catches up"
+                            );
+                        }
+                        return self.drop_one();
+                    }
+                }
+            }
         }
-        self.readable.notify_one();
+    }
+
+    fn drop_one(&self) -> bool {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        false
     }
 
     fn set_state(&self, state: State) {
@@ -326,7 +397,7 @@ impl Outbound {
     }
 
     /// Drops (and counts) whatever is buffered: the session it was meant
-    /// for is over.
+    /// for is over. Publishers waiting for room see the route down.
     fn discard(&self) {
         let lost = {
             let mut buffer = lock(&self.buffer);
@@ -334,6 +405,8 @@ impl Outbound {
             std::mem::take(&mut buffer.queue).len()
         };
         self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+        self.slow.store(false, Ordering::Relaxed);
+        self.room.notify_waiters();
     }
 
     /// Takes buffered messages for one batch.
@@ -356,6 +429,15 @@ impl Outbound {
                 payload: message.payload,
                 groups: message.groups,
             });
+        }
+        if self.slow.load(Ordering::Relaxed)
+            && buffer.queue.len() <= self.config.buffer_messages / 2
+        {
+            self.slow.store(false, Ordering::Relaxed);
+        }
+        drop(buffer);
+        if taken > 0 {
+            self.room.notify_waiters();
         }
     }
 
@@ -482,14 +564,33 @@ impl Outbound {
                 }
             }
             // Messages only once the peer will know all interest that came
-            // before them.
+            // before them. They are taken first and the changes read again
+            // after: whatever subscribed before a message was offered is
+            // then in that second read (the interest lock orders them), and
+            // goes in front of it.
             if pending.is_empty() && bus.interest_version() == cursor {
-                self.take_batch(&mut items);
+                let mut messages = Vec::new();
+                self.take_batch(&mut messages);
+                if !messages.is_empty() {
+                    match bus.interest_since(cursor, crate::interest::CHANGE_LOG) {
+                        Some((to, changes)) => {
+                            cursor = to;
+                            items.extend(changes.into_iter().map(|change| match change {
+                                Change::Added(i) => RouteItem::Subscribe(i),
+                                Change::Removed(i) => RouteItem::Unsubscribe(i),
+                            }));
+                        }
+                        None => return Ended::Resync("fell behind the interest change log"),
+                    }
+                    items.extend(messages);
+                }
             }
             if !items.is_empty() {
                 match self.send(link, session, &mut seq, items).await {
-                    Ok(now) if now == epoch => {}
-                    Ok(_) => return Ended::Resync("the connection under the route changed"),
+                    Ok(Some(now)) if now != epoch => {
+                        return Ended::Resync("the connection under the route changed")
+                    }
+                    Ok(_) => {}
                     Err(ended) => return ended,
                 }
                 if checked.elapsed() < self.config.check_every {
@@ -520,22 +621,22 @@ impl Outbound {
 
     /// Sends one batch, split while the connection's frame limit refuses
     /// it; a message no frame can hold is dropped and counted. Returns the
-    /// connection's epoch.
+    /// connection's epoch (`None` if nothing could be sent).
     async fn send<L: Link>(
         &self,
         link: &L,
         session: u64,
         seq: &mut u64,
         items: Vec<RouteItem>,
-    ) -> Result<u64, Ended> {
+    ) -> Result<Option<u64>, Ended> {
         let mut pending = vec![items];
-        let mut epoch = 0;
+        let mut epoch = None;
         while let Some(batch) = pending.pop() {
             *seq += 1;
             let (messages, bytes) = message_totals(&batch);
             match link.send(session, *seq, &batch).await {
                 Ok(now) => {
-                    epoch = now;
+                    epoch = Some(now);
                     self.messages_out.fetch_add(messages, Ordering::Relaxed);
                     self.bytes_out.fetch_add(bytes, Ordering::Relaxed);
                 }
@@ -724,8 +825,16 @@ impl Inbound {
 pub struct RouteHost {
     bus: Bus,
     config: RouteConfig,
+    /// Lock order: `inbound`, then the bus's remote interest.
     inbound: Arc<Mutex<HashMap<NodeId, Inbound>>>,
+    /// The nodes allowed to route here (`None`: any, up to `max_peers`).
+    members: Arc<Mutex<Option<std::collections::HashSet<NodeId>>>>,
+    /// This node's own id, which no peer may use.
+    own: Option<NodeId>,
 }
+
+/// Queue groups one forwarded message may name; more are ignored.
+const MAX_GROUPS_PER_MESSAGE: usize = 256;
 
 impl RouteHost {
     /// Applies routes into `bus`.
@@ -734,13 +843,39 @@ impl RouteHost {
             bus,
             config,
             inbound: Arc::default(),
+            members: Arc::default(),
+            own: None,
         }
+    }
+
+    /// The same, for node `own`: a route claiming to come from `own` is
+    /// refused.
+    pub fn for_node(mut self, own: NodeId) -> RouteHost {
+        self.own = Some(own);
+        self
+    }
+
+    /// Accepts routes only from `members` from now on, and forgets every
+    /// other node: its session and its interest.
+    pub fn set_members(&self, members: std::collections::HashSet<NodeId>) {
+        let mut inbound = lock(&self.inbound);
+        let gone: Vec<NodeId> = inbound
+            .keys()
+            .copied()
+            .filter(|node| !members.contains(node))
+            .collect();
+        for node in gone {
+            inbound.remove(&node);
+            self.bus.with_remote(|remote| remote.forget_node(node));
+        }
+        *lock(&self.members) = Some(members);
     }
 
     /// Forgets `node` (it left the cluster): its session, its interest.
     pub fn forget(&self, node: NodeId) {
-        lock(&self.inbound).remove(&node);
-        self.bus.with_remote(|remote| remote.clear(node));
+        let mut inbound = lock(&self.inbound);
+        inbound.remove(&node);
+        self.bus.with_remote(|remote| remote.forget_node(node));
     }
 
     /// Whether `session` is still `node`'s current one.
@@ -750,36 +885,88 @@ impl RouteHost {
             .is_some_and(|i| i.session == session && !i.broken)
     }
 
-    /// Applies one batch of session `session`. Delivering a message may
-    /// wait (a backpressured subscriber), and a new session may open
-    /// meanwhile: from then on nothing more of this batch is applied, so
-    /// no interest of an old session lands after the new one started.
+    /// Applies one batch of session `session`. Interest changes carry the
+    /// session into the bus's table, which ignores them once another
+    /// session opened. Delivering a message may wait (a backpressured
+    /// subscriber); if a new session opens meanwhile, the rest of the batch
+    /// is not applied, and if the call is cut short (its deadline) the
+    /// session is broken, so the sender's next check starts a new one
+    /// instead of believing everything arrived.
     async fn apply(&self, node: NodeId, session: u64, items: Vec<RouteItem>) {
-        let mut last: Option<Subject> = None;
-        for item in items {
-            if !self.current(node, session) {
-                return;
-            }
-            match item {
-                RouteItem::Subscribe(interest) => {
-                    let limit = self.config.max_interest_per_peer;
-                    let added = self.bus.with_remote(|r| r.add(node, interest, limit));
-                    if !matches!(added, Ok(true)) {
-                        if let Some(inbound) = lock(&self.inbound).get_mut(&node) {
-                            inbound.refused_interest += 1;
-                        }
+        struct Unfinished<'a> {
+            host: &'a RouteHost,
+            node: NodeId,
+            session: u64,
+            done: bool,
+        }
+        impl Drop for Unfinished<'_> {
+            fn drop(&mut self) {
+                if self.done {
+                    return;
+                }
+                if let Some(entry) = lock(&self.host.inbound).get_mut(&self.node) {
+                    if entry.session == self.session {
+                        entry.broken = true;
                     }
                 }
-                RouteItem::Unsubscribe(interest) => {
-                    self.bus.with_remote(|r| r.remove(node, &interest));
+            }
+        }
+        let mut unfinished = Unfinished {
+            host: self,
+            node,
+            session,
+            done: false,
+        };
+        let mut last: Option<Subject> = None;
+        let mut items = items.into_iter().peekable();
+        while let Some(item) = items.next() {
+            match item {
+                RouteItem::Subscribe(_) | RouteItem::Unsubscribe(_) => {
+                    // A run of changes goes in under one lock.
+                    let mut run = vec![item];
+                    while let Some(next) =
+                        items.next_if(|i| !matches!(i, RouteItem::Message { .. }))
+                    {
+                        run.push(next);
+                    }
+                    let limit = self.config.max_interest_per_peer;
+                    let refused = self.bus.with_remote(|remote| {
+                        let mut refused = 0u64;
+                        for change in run {
+                            match change {
+                                RouteItem::Subscribe(interest) => {
+                                    if !matches!(
+                                        remote.add(node, session, interest, limit),
+                                        Ok(true)
+                                    ) {
+                                        refused += 1;
+                                    }
+                                }
+                                RouteItem::Unsubscribe(interest) => {
+                                    remote.remove(node, session, &interest)
+                                }
+                                RouteItem::Message { .. } => {}
+                            }
+                        }
+                        refused
+                    });
+                    if refused > 0 {
+                        if let Some(inbound) = lock(&self.inbound).get_mut(&node) {
+                            inbound.refused_interest += refused;
+                        }
+                    }
                 }
                 RouteItem::Message {
                     subject,
                     reply_to,
                     publisher,
                     payload,
-                    groups,
+                    mut groups,
                 } => {
+                    if !self.current(node, session) {
+                        break;
+                    }
+                    groups.truncate(MAX_GROUPS_PER_MESSAGE);
                     let subject = match &last {
                         Some(last) if last.as_str() == subject.as_str() => last.clone(),
                         _ => match Subject::new(subject.as_str()) {
@@ -807,6 +994,7 @@ impl RouteHost {
                 }
             }
         }
+        unfinished.done = true;
     }
 
     fn inbound_stats(&self, node: NodeId) -> (u64, u64, u64) {
@@ -818,19 +1006,25 @@ impl RouteHost {
 
 impl RouteService for RouteHost {
     async fn open(&self, node: u64, session: u64) -> Result<(), RouteError> {
-        {
-            let mut inbound = lock(&self.inbound);
-            if !inbound.contains_key(&node) && inbound.len() >= self.config.max_peers {
-                return Err(RouteError::TooManyPeers {
-                    limit: self.config.max_peers,
-                });
-            }
-            let entry = inbound.entry(node).or_default();
-            entry.session = session;
-            entry.applied = 0;
-            entry.broken = false;
+        let member = lock(&self.members)
+            .as_ref()
+            .is_none_or(|members| members.contains(&node));
+        if !member || self.own == Some(node) {
+            return Err(RouteError::NotAMember(node));
         }
-        self.bus.with_remote(|remote| remote.clear(node));
+        let mut inbound = lock(&self.inbound);
+        if !inbound.contains_key(&node) && inbound.len() >= self.config.max_peers {
+            return Err(RouteError::TooManyPeers {
+                limit: self.config.max_peers,
+            });
+        }
+        let entry = inbound.entry(node).or_default();
+        entry.session = session;
+        entry.applied = 0;
+        entry.broken = false;
+        // Under the inbound lock, so two opens racing leave the table on
+        // the session the inbound entry names.
+        self.bus.with_remote(|remote| remote.open(node, session));
         Ok(())
     }
 
@@ -923,7 +1117,7 @@ struct Running {
 /// routes_b.set_peers([(1, addresses[0].clone())]);
 ///
 /// let mut orders = a.subscribe("orders.>", SubscribeOptions::default())?;
-/// while b.remote_interest_count(1) == 0 {
+/// while !b.remote_interest(1).contains(&courier_pubsub::Interest::plain("orders.>")) {
 ///     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
 /// }
 /// b.publisher().publish("orders.created", "tea").await?;
@@ -952,7 +1146,7 @@ impl Routes {
     /// Routes for node `node`'s `bus`, dialling peers with `client` (its
     /// token, TLS and timeouts).
     pub fn new(bus: Bus, node: NodeId, client: ClientConfig, config: RouteConfig) -> Routes {
-        let host = RouteHost::new(bus.clone(), config.clone());
+        let host = RouteHost::new(bus.clone(), config.clone()).for_node(node);
         Routes {
             bus,
             node,
@@ -988,10 +1182,8 @@ impl Routes {
                 route.task.abort();
                 self.bus.with_remote(|remote| remote.set_route(id, None));
             }
-            if !wanted.contains_key(&id) {
-                self.host.forget(id);
-            }
         }
+        self.host.set_members(wanted.keys().copied().collect());
         for (id, address) in wanted {
             if running.contains_key(&id) {
                 continue;

@@ -48,6 +48,12 @@ fn split(input: &str, wildcards: bool) -> Result<Vec<Arc<str>>, SubjectError> {
     Ok(input.split('.').map(Arc::from).collect())
 }
 
+/// Checks a queue group's name: what a subject allows (so at most
+/// [`MAX_LEN`] bytes, no whitespace), since it travels and is stored like one.
+pub(crate) fn check_group(group: &str) -> Result<(), SubjectError> {
+    check(group, false)
+}
+
 /// Checks a subject (or, with `wildcards`, a filter) without allocating:
 /// publishers validate every message's subject before it is queued.
 pub(crate) fn check(input: &str, wildcards: bool) -> Result<(), SubjectError> {

@@ -277,14 +277,13 @@ async fn request_reply_crosses_nodes_and_no_responders_is_immediate() {
         }
     }
     // Nobody anywhere: the answer comes from the interest tables, not a timeout.
-    let started = std::time::Instant::now();
     let err = nodes[0]
         .bus
         .request("svc.nobody", "x", Duration::from_secs(600))
         .await
         .unwrap_err();
     assert!(matches!(err, RequestError::NoResponders(_)), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(600));
+    // (Had it waited for the timeout, this test would hang for ten minutes.)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,7 +315,8 @@ async fn the_interest_of_5000_subscriptions_is_complete_again_after_the_route_is
         })
         .collect();
     settled(&nodes).await;
-    assert_eq!(nodes[1].bus.remote_interest_count(1), 5001);
+    // 5,000 filters, one for the thousand alike, one for the bus's inboxes.
+    assert_eq!(nodes[1].bus.remote_interest_count(1), 5002);
 
     // Cut: B stops serving. A's route to B fails; meanwhile A's interest changes.
     let b_address = nodes[1].address.clone();
@@ -346,7 +346,7 @@ async fn the_interest_of_5000_subscriptions_is_complete_again_after_the_route_is
     nodes[1].server = Some(serve(&nodes[1].routes, &b_address).await);
     settled(&nodes).await;
     let view = nodes[1].bus.remote_interest(1);
-    assert_eq!(view.len(), 4500);
+    assert_eq!(view.len(), 4501);
     assert!(view.contains(&Interest::plain("t.499")) && !view.contains(&Interest::plain("s.same")));
     assert!(nodes[0].routes.stats()[0].reconnects >= 1);
 }
@@ -428,4 +428,120 @@ async fn a_stalled_node_delays_nobody_else_and_its_drops_are_counted() {
         }
     }
     assert!(received, "the route recovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_and_a_group_interest_of_one_node_get_one_copy_each() {
+    let nodes = mesh(2, RouteConfig::default()).await;
+    let mut plain = nodes[0]
+        .bus
+        .subscribe("both.>", SubscribeOptions::default())
+        .unwrap();
+    let mut member = nodes[0]
+        .bus
+        .subscribe("both.*", SubscribeOptions::default().group("g"))
+        .unwrap();
+    settled(&nodes).await;
+    let publisher = nodes[1].bus.publisher();
+    for i in 0..100u32 {
+        // One route carries it, once, naming the group.
+        assert_eq!(
+            publisher
+                .publish("both.x", i.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    for i in 0..100 {
+        assert_eq!(number(&next(&mut plain).await), i);
+        assert_eq!(number(&next(&mut member).await), i);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(plain.try_recv().is_none() && member.try_recv().is_none());
+    assert_eq!(nodes[1].routes.stats()[0].messages_out, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_skips_a_node_whose_route_is_down_and_no_responders_comes_at_once() {
+    let config = RouteConfig::default()
+        .with_check_every(Duration::from_millis(100))
+        .with_backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let mut nodes = mesh(3, config).await;
+    // A service on B and on C; requests from A.
+    let mut serving = Vec::new();
+    for node in &nodes[1..] {
+        let mut requests = node
+            .bus
+            .subscribe("svc.who", SubscribeOptions::default().group("svc"))
+            .unwrap();
+        let responder = node.bus.publisher();
+        let id = node.id;
+        serving.push(tokio::spawn(async move {
+            while let Some(Event::Message(request)) = requests.recv().await {
+                responder.reply(&request, id.to_le_bytes().to_vec()).await;
+            }
+        }));
+    }
+    settled(&nodes).await;
+    let ask = |bus: Bus| async move { bus.request("svc.who", "?", Duration::from_secs(20)).await };
+    let mut answered_by = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let reply = ask(nodes[0].bus.clone()).await.unwrap();
+        answered_by.insert(u64::from_le_bytes(reply.payload[..8].try_into().unwrap()));
+    }
+    assert_eq!(answered_by, [2, 3].into(), "both nodes serve in turn");
+
+    // C stops serving routes: A's route to C goes down, and every request
+    // goes to B, none is lost to the dead route.
+    nodes[2]
+        .server
+        .take()
+        .unwrap()
+        .shutdown(Duration::ZERO)
+        .await;
+    for _ in 0..200 {
+        let to_c = nodes[0]
+            .routes
+            .stats()
+            .into_iter()
+            .find(|r| r.node == 3)
+            .unwrap();
+        if to_c.state != "up" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dropped_before = nodes[0].routes.stats()[1].dropped;
+    for _ in 0..20 {
+        let reply = ask(nodes[0].bus.clone()).await.unwrap();
+        assert_eq!(reply.payload[..8], 2u64.to_le_bytes());
+    }
+    assert_eq!(nodes[0].routes.stats()[1].dropped, dropped_before);
+
+    // B's service goes too (its route stays up, its interest goes): C is
+    // the only holder left and its route is down, so A answers "no
+    // responders" at once instead of sending into the dead route.
+    serving.remove(0).abort();
+    settled_without(&nodes, 3).await;
+    let err = ask(nodes[0].bus.clone()).await.unwrap_err();
+    assert!(matches!(err, RequestError::NoResponders(_)), "{err:?}");
+}
+
+/// Like [`settled`], among the nodes other than `cut`.
+async fn settled_without(nodes: &[Node], cut: u64) {
+    for _ in 0..2000 {
+        let done = nodes.iter().filter(|a| a.id != cut).all(|a| {
+            let truth = a.bus.local_interest();
+            nodes
+                .iter()
+                .filter(|b| b.id != a.id && b.id != cut)
+                .all(|b| b.bus.remote_interest(a.id) == truth)
+        });
+        if done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("interest did not settle within 20 s");
 }
