@@ -843,12 +843,29 @@ impl Publisher {
         &self,
         messages: impl IntoIterator<Item = (Subject, Option<Subject>, Bytes)>,
     ) -> usize {
+        self.send_all_from(messages, Origin::Local).await
+    }
+
+    /// [`send_routed`](Self::send_routed) for many messages that name no
+    /// queue group, routed once per run of one subject.
+    pub(crate) async fn send_all_routed(
+        &self,
+        messages: impl IntoIterator<Item = (Subject, Option<Subject>, Bytes)>,
+    ) -> usize {
+        self.send_all_from(messages, Origin::Route(&[])).await
+    }
+
+    async fn send_all_from(
+        &self,
+        messages: impl IntoIterator<Item = (Subject, Option<Subject>, Bytes)>,
+        origin: Origin<'_>,
+    ) -> usize {
         let mut delivered = 0;
         let mut routed: Option<(Subject, Targets)> = None;
         for (subject, reply_to, payload) in messages {
             let reuse = matches!(&routed, Some((last, _)) if *last == subject);
             if !reuse {
-                let targets = self.bus.routes(&subject, Origin::Local);
+                let targets = self.bus.routes(&subject, origin);
                 if targets.grouped {
                     routed = None;
                     delivered += self.deliver_to(&targets, &subject, reply_to, payload).await;

@@ -956,45 +956,124 @@ impl RouteHost {
                         }
                     }
                 }
-                RouteItem::Message {
-                    subject,
-                    reply_to,
-                    publisher,
-                    payload,
-                    mut groups,
-                } => {
+                message @ RouteItem::Message { .. } => {
+                    // A run of messages is counted, numbered and routed
+                    // together.
+                    let mut run = vec![message];
+                    while let Some(next) = items.next_if(|i| matches!(i, RouteItem::Message { .. }))
+                    {
+                        run.push(next);
+                    }
                     if !self.current(node, session) {
                         break;
                     }
-                    groups.truncate(MAX_GROUPS_PER_MESSAGE);
-                    let subject = match &last {
-                        Some(last) if last.as_str() == subject.as_str() => last.clone(),
-                        _ => match Subject::new(subject.as_str()) {
-                            Ok(subject) => subject,
-                            Err(_) => continue,
-                        },
-                    };
-                    let reply_to = match reply_to.map(|r| Subject::new(r.as_str())).transpose() {
-                        Ok(reply_to) => reply_to,
-                        Err(_) => continue,
-                    };
-                    let local = {
-                        let mut inbound = lock(&self.inbound);
-                        let Some(entry) = inbound.get_mut(&node) else {
-                            return;
-                        };
-                        entry.messages_in += 1;
-                        entry.bytes_in += payload.len() as u64;
-                        entry.publisher(publisher, self.config.max_publishers_per_peer, &self.bus)
-                    };
-                    local
-                        .send_routed(&subject, reply_to, payload, &groups)
-                        .await;
-                    last = Some(subject);
+                    if !self.deliver_run(node, run, &mut last).await {
+                        break;
+                    }
                 }
             }
         }
         unfinished.done = true;
+    }
+
+    /// Delivers a run of forwarded messages: messages that fail to parse
+    /// are skipped, the rest counted under one lock, and consecutive ones
+    /// of one publisher that name no queue group delivered as one batch
+    /// (routed once per subject). `false` if `node` is gone.
+    async fn deliver_run(
+        &self,
+        node: NodeId,
+        run: Vec<RouteItem>,
+        last: &mut Option<Subject>,
+    ) -> bool {
+        struct Parsed {
+            publisher: u64,
+            subject: Subject,
+            reply_to: Option<Subject>,
+            payload: Bytes,
+            groups: Vec<GroupKey>,
+        }
+        let mut parsed = Vec::with_capacity(run.len());
+        let mut bytes = 0u64;
+        for item in run {
+            let RouteItem::Message {
+                subject,
+                reply_to,
+                publisher,
+                payload,
+                mut groups,
+            } = item
+            else {
+                continue;
+            };
+            let subject = match last.as_ref() {
+                Some(last) if last.as_str() == subject.as_str() => last.clone(),
+                _ => match Subject::new(subject.as_str()) {
+                    Ok(subject) => subject,
+                    Err(_) => continue,
+                },
+            };
+            let Ok(reply_to) = reply_to.map(|r| Subject::new(r.as_str())).transpose() else {
+                continue;
+            };
+            *last = Some(subject.clone());
+            groups.truncate(MAX_GROUPS_PER_MESSAGE);
+            bytes += payload.len() as u64;
+            parsed.push(Parsed {
+                publisher,
+                subject,
+                reply_to,
+                payload,
+                groups,
+            });
+        }
+        // This node's publisher for each of the peer's, resolved once.
+        let mut publishers: Vec<(u64, Publisher)> = Vec::new();
+        {
+            let mut inbound = lock(&self.inbound);
+            let Some(entry) = inbound.get_mut(&node) else {
+                return false;
+            };
+            entry.messages_in += parsed.len() as u64;
+            entry.bytes_in += bytes;
+            for message in &parsed {
+                if !publishers.iter().any(|(id, _)| *id == message.publisher) {
+                    let local = entry.publisher(
+                        message.publisher,
+                        self.config.max_publishers_per_peer,
+                        &self.bus,
+                    );
+                    publishers.push((message.publisher, local));
+                }
+            }
+        }
+        let local_of = |id: u64| {
+            publishers
+                .iter()
+                .find(|(known, _)| *known == id)
+                .map(|(_, local)| local.clone())
+        };
+        let mut parsed = parsed.into_iter().peekable();
+        while let Some(first) = parsed.next() {
+            let Some(local) = local_of(first.publisher) else {
+                continue;
+            };
+            if !first.groups.is_empty() {
+                local
+                    .send_routed(&first.subject, first.reply_to, first.payload, &first.groups)
+                    .await;
+                continue;
+            }
+            let publisher = first.publisher;
+            let mut batch = vec![(first.subject, first.reply_to, first.payload)];
+            while let Some(next) =
+                parsed.next_if(|m| m.publisher == publisher && m.groups.is_empty())
+            {
+                batch.push((next.subject, next.reply_to, next.payload));
+            }
+            local.send_all_routed(batch).await;
+        }
+        true
     }
 
     fn inbound_stats(&self, node: NodeId) -> (u64, u64, u64) {
@@ -1155,6 +1234,11 @@ impl Routes {
             host,
             running: Mutex::default(),
         }
+    }
+
+    /// The bus it routes for.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
     }
 
     /// The receiving end, to serve as [`RouteServiceServer`].

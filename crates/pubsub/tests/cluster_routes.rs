@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use courier_pubsub::remote::{PubSubHost, PubSubServiceServer, RemotePubSub};
 use courier_pubsub::route::{RouteConfig, RouteServiceServer, Routes};
 use courier_pubsub::{Bus, Event, Interest, RequestError, SlowConsumer, SubscribeOptions};
 use courier_rpc::{ClientConfig, Server, ServerConfig, ServerHandle};
@@ -25,6 +26,9 @@ async fn serve(routes: &Routes, address: &Address) -> ServerHandle {
         .unwrap();
     Server::new(ServerConfig::default())
         .service(RouteServiceServer::new(routes.host()))
+        .service(PubSubServiceServer::new(PubSubHost::new(
+            routes.bus().clone(),
+        )))
         .spawn(listener)
 }
 
@@ -522,10 +526,18 @@ async fn a_group_skips_a_node_whose_route_is_down_and_no_responders_comes_at_onc
     // B's service goes too (its route stays up, its interest goes): C is
     // the only holder left and its route is down, so A answers "no
     // responders" at once instead of sending into the dead route.
-    serving.remove(0).abort();
+    let b_service = serving.remove(0);
+    b_service.abort();
+    // Gone once the task is: its subscription goes with it.
+    let _ = b_service.await;
     settled_without(&nodes, 3).await;
     let err = ask(nodes[0].bus.clone()).await.unwrap_err();
-    assert!(matches!(err, RequestError::NoResponders(_)), "{err:?}");
+    assert!(
+        matches!(err, RequestError::NoResponders(_)),
+        "{err:?}; routes {:?}; A knows of C {:?}",
+        nodes[0].routes.stats(),
+        nodes[0].bus.remote_interest(3)
+    );
 }
 
 /// Like [`settled`], among the nodes other than `cut`.
@@ -544,4 +556,81 @@ async fn settled_without(nodes: &[Node], cut: u64) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("interest did not settle within 20 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_across_nodes_under_load_all_get_their_replies() {
+    let nodes = mesh(2, RouteConfig::default()).await;
+    let mut requests = nodes[1]
+        .bus
+        .subscribe(
+            "svc.echo",
+            SubscribeOptions::default().group("svc").buffer(10_000),
+        )
+        .unwrap();
+    let responder = nodes[1].bus.publisher();
+    tokio::spawn(async move {
+        while let Some(Event::Message(request)) = requests.recv().await {
+            responder.reply(&request, request.payload.clone()).await;
+        }
+    });
+    // Interest churns on A meanwhile (a subscriber coming and going), and
+    // other traffic crosses the same route.
+    let mut noise_sub = nodes[1]
+        .bus
+        .subscribe("noise.>", SubscribeOptions::default())
+        .unwrap();
+    tokio::spawn(async move { while noise_sub.recv().await.is_some() {} });
+    settled(&nodes).await;
+    let bus_a = nodes[0].bus.clone();
+    let churn = tokio::spawn(async move {
+        for i in 0..2000 {
+            let sub = bus_a.subscribe(&format!("churn.{i}"), SubscribeOptions::default());
+            let noise = bus_a.publisher();
+            noise.publish("noise.tick", "n").await.unwrap();
+            drop(sub);
+            tokio::task::yield_now().await;
+        }
+    });
+    let mut askers = Vec::new();
+    for task in 0..4u32 {
+        let bus = nodes[0].bus.clone();
+        askers.push(tokio::spawn(async move {
+            for i in 0..250u32 {
+                let body = (task << 16 | i).to_le_bytes().to_vec();
+                let reply = bus
+                    .request("svc.echo", body.clone(), Duration::from_secs(20))
+                    .await
+                    .expect("every request is answered");
+                assert_eq!(reply.payload, body);
+            }
+        }));
+    }
+    // Clients of A each asking once: a client's inbox is subscribed just
+    // before its first request, so its interest must reach B first.
+    let address = nodes[0].address.clone();
+    for wave in 0..5u32 {
+        let mut clients = Vec::new();
+        for n in 0..20u32 {
+            let address = address.clone();
+            clients.push(tokio::spawn(async move {
+                let client = RemotePubSub::connect(&address, ClientConfig::default())
+                    .await
+                    .unwrap();
+                let body = (wave << 16 | n).to_le_bytes().to_vec();
+                let reply = client
+                    .request("svc.echo", body.clone(), Duration::from_secs(20))
+                    .await
+                    .expect("a new client's first request is answered");
+                assert_eq!(reply.payload, body);
+            }));
+        }
+        for client in clients {
+            client.await.unwrap();
+        }
+    }
+    for asker in askers {
+        asker.await.unwrap();
+    }
+    churn.await.unwrap();
 }
