@@ -253,6 +253,96 @@ pub async fn request(url: &str, json: bool, args: RequestArgs) -> anyhow::Result
     }
 }
 
+#[derive(Args, Debug)]
+pub struct ReplyArgs {
+    /// The subject to serve, e.g. svc.upper.
+    subject: String,
+    /// The answer to every request (unless --command is given).
+    #[arg(required_unless_present = "command", conflicts_with = "command")]
+    data: Option<String>,
+    /// Run this through `sh -c` for each request, with the request on its
+    /// stdin; what it prints is the reply (a failing command's stderr is
+    /// logged and nothing is sent back, so the requester times out).
+    #[arg(long)]
+    command: Option<String>,
+    /// The queue group repliers share requests in (several `courier reply`
+    /// with the same group take turns).
+    #[arg(long, default_value = "courier-reply")]
+    group: String,
+    /// Exit after answering this many requests.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+pub async fn reply(url: &str, args: ReplyArgs) -> anyhow::Result<()> {
+    courier_pubsub::Subject::new(&args.subject).map_err(Failure::usage)?;
+    let bus = RemotePubSub::with_client(connect(url).await?);
+    let options = SubscribeOptions::default().group(args.group.clone());
+    let mut requests = bus.subscribe(&args.subject, options).await?;
+    let responder = bus.publisher();
+    eprintln!("serving {} in group {}", args.subject, args.group);
+    let mut answered = 0u64;
+    while args.count.is_none_or(|count| answered < count) {
+        let request = match requests.recv().await {
+            Some(Ok(Event::Message(request))) => request,
+            Some(Ok(_)) => continue,
+            Some(Err(err)) => return Err(err.into()),
+            None => anyhow::bail!("the broker ended the subscription"),
+        };
+        if request.reply_to.is_none() {
+            continue; // a plain publish: nobody waits for an answer
+        }
+        let answer = match (&args.command, &args.data) {
+            (Some(command), _) => match run_for_reply(command, &request.payload).await {
+                Ok(output) => output,
+                Err(err) => {
+                    eprintln!("courier: {command:?} failed: {err:#}");
+                    continue;
+                }
+            },
+            (None, Some(data)) => Bytes::from(data.clone()),
+            (None, None) => Bytes::new(),
+        };
+        responder.reply(&request, answer).await?;
+        // Replies travel one way: flushed, so one refused is reported and
+        // the last is not lost when `--count` ends the process.
+        responder.flush().await?;
+        answered += 1;
+    }
+    Ok(())
+}
+
+/// Runs `command` with `input` on its stdin; its stdout if it succeeds.
+async fn run_for_reply(command: &str, input: &[u8]) -> anyhow::Result<Bytes> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start sh")?;
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let input = input.to_vec();
+    // Written beside the wait, so a command that prints a lot before it
+    // reads cannot deadlock against us.
+    let writer = tokio::spawn(async move {
+        let _ = stdin.write_all(&input).await;
+    });
+    let output = child.wait_with_output().await.context("waiting for it")?;
+    let _ = writer.await;
+    if !output.status.success() {
+        anyhow::bail!(
+            "{}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(Bytes::from(output.stdout))
+}
+
 #[derive(Subcommand, Debug)]
 pub enum QueueCommand {
     /// Store a message: DATA, or stdin (one message per line with --lines).

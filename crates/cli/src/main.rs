@@ -80,6 +80,12 @@ enum Command {
     /// Send a request to SUBJECT and print the first reply.
     #[command(after_help = "Example:\n  courier request svc.upper 'hello' --timeout 2s")]
     Request(client::RequestArgs),
+    /// Serve SUBJECT from the shell: answer each request with DATA, or with
+    /// what COMMAND prints given the request on its stdin.
+    #[command(
+        after_help = "Examples:\n  courier reply svc.time --command date\n  courier reply svc.upper --command 'tr a-z A-Z' --group upper\n  courier reply svc.ping pong --count 1"
+    )]
+    Reply(client::ReplyArgs),
     /// Use durable queues.
     #[command(subcommand)]
     Queue(client::QueueCommand),
@@ -243,6 +249,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => client::publish(&url, args).await,
             Command::Subscribe(args) => client::subscribe(&url, json, args).await,
             Command::Request(args) => client::request(&url, json, args).await,
+            Command::Reply(args) => client::reply(&url, args).await,
             Command::Queue(command) => client::queue(&url, json, command).await,
             Command::Stats => client::stats(&url, json).await,
             Command::Kv(command) => kv::kv(&url, json, command).await,

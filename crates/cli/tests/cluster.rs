@@ -158,10 +158,11 @@ fn every_kv_and_cluster_command_works_against_a_three_node_cluster() {
     assert_eq!(status["role"], "leader", "{status}");
     assert_eq!(status["revision"], 9, "{status}");
 
-    // The text status: a summary line, a header, one row per member.
+    // The text status: a summary line, a header, one row per member, then
+    // the answering node's routes: a title, a header, one row per peer.
     let text = ok(kv(&["cluster", "status"]));
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines.len(), 9, "{text}");
     assert!(
         lines[0].starts_with(&format!("leader node {leader}, term ")),
         "{text}"
@@ -169,7 +170,7 @@ fn every_kv_and_cluster_command_works_against_a_three_node_cluster() {
     assert!(lines[0].ends_with(", revision 9"), "{text}");
     let header: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(header, ["node", "role", "lag", "address"], "{text}");
-    for (row, id) in lines[2..].iter().zip(IDS) {
+    for (row, id) in lines[2..5].iter().zip(IDS) {
         let cells: Vec<&str> = row.split_whitespace().collect();
         let role = if id == leader { "leader" } else { "voter" };
         assert_eq!(cells.len(), 4, "{text}");
@@ -179,6 +180,15 @@ fn every_kv_and_cluster_command_works_against_a_three_node_cluster() {
             "{text}"
         );
     }
+
+    assert_eq!(lines[5], format!("routes of node {leader}:"), "{text}");
+    assert_eq!(lines[6].split_whitespace().next(), Some("peer"), "{text}");
+    let peers: Vec<u64> = lines[7..]
+        .iter()
+        .map(|row| row.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    let others: Vec<u64> = IDS.into_iter().filter(|&id| id != leader).collect();
+    assert_eq!(peers, others, "{text}");
 
     // A list whose first address is dead: the client moves on.
     let dead = format!("tcp://127.0.0.1:{}", free_port());

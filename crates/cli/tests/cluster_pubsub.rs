@@ -11,7 +11,7 @@
 
 mod support;
 use support::cluster::*;
-use support::stderr;
+use support::{stderr, stdout};
 
 use std::time::Duration;
 
@@ -270,6 +270,40 @@ fn subscribers_services_and_queue_groups_span_three_broker_processes() {
             show(&nobody)
         );
     });
+
+    // `courier reply` on node 2 answers `courier request` on node 1.
+    let replier = Background::start(
+        &[],
+        cluster.address(2),
+        &[
+            "reply",
+            "svc.shell",
+            "--command",
+            "tr a-z A-Z",
+            "--count",
+            "1",
+        ],
+        "",
+    );
+    let answered = retry(
+        "courier request svc.shell",
+        200,
+        Duration::from_secs(40),
+        || {
+            let output = cluster.courier(
+                cluster.address(1),
+                &["request", "svc.shell", "hello", "--timeout", "10s"],
+            );
+            if output.status.success() {
+                Ok(stdout(&output))
+            } else {
+                Err(show(&output))
+            }
+        },
+    );
+    assert_eq!(answered, "HELLO\n");
+    let replied = replier.finish("reply");
+    assert!(replied.status.success(), "{}", show(&replied));
 
     // The routes as `courier cluster status` shows them.
     let status = ok(cluster.courier(&cluster.url(), &["cluster", "status"]));
