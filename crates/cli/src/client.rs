@@ -390,7 +390,10 @@ pub enum QueueCommand {
         #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
         wait: Duration,
     },
-    /// A queue's counters.
+    /// A queue's counters, as a table (`--json`: one object).
+    #[command(
+        after_help = "Examples:\n  courier queue stats jobs\n  courier queue stats jobs.dlq          # its dead letters\n  courier --json queue stats jobs | jq .depth"
+    )]
     Stats {
         /// The queue.
         queue: String,
@@ -523,7 +526,7 @@ pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Resu
             if json {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
-                println!("{queue}: {stats:#?}");
+                print!("{}", stats_table(&queue, &stats));
             }
             Ok(())
         }
@@ -545,6 +548,28 @@ pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Resu
             Ok(())
         }
     }
+}
+
+/// A queue's counters as a two-column table, one counter a line.
+fn stats_table(queue: &str, stats: &courier_queue::core::QueueStats) -> String {
+    let rows: [(&str, String); 9] = [
+        ("waiting (ready or delayed)", stats.depth.to_string()),
+        ("in flight (leased)", stats.in_flight.to_string()),
+        ("delivered", stats.delivered.to_string()),
+        ("redelivered", stats.redelivered.to_string()),
+        ("acknowledged", stats.acknowledged.to_string()),
+        ("dead-lettered", stats.dead_lettered.to_string()),
+        ("expired", stats.expired.to_string()),
+        ("duplicates refused", stats.duplicates.to_string()),
+        ("bytes on disk", stats.bytes_on_disk.to_string()),
+    ];
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    let values = rows.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    let mut table = format!("queue {queue}\n");
+    for (name, value) in rows {
+        table.push_str(&format!("  {name:<width$}  {value:>values$}\n"));
+    }
+    table
 }
 
 pub fn print_stats(stats: &BrokerStats) {
@@ -580,4 +605,26 @@ pub async fn stats(url: &str, json: bool) -> anyhow::Result<()> {
         print_stats(&stats);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_stats_read_as_a_table() {
+        let mut stats = courier_queue::core::QueueStats::default();
+        stats.depth = 3;
+        stats.acknowledged = 12345;
+        let table = stats_table("jobs", &stats);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "queue jobs");
+        assert_eq!(lines.len(), 10, "{table}");
+        assert!(lines[1].starts_with("  waiting (ready or delayed)"), "{table}");
+        assert!(lines[1].ends_with("    3"), "{table}");
+        assert!(lines.iter().any(|l| l.contains("acknowledged") && l.ends_with("12345")));
+        // Every value ends in the same column.
+        assert!(lines[1..].iter().all(|l| l.len() == lines[1].len()), "{table}");
+        assert!(!table.contains('{'), "not a Debug dump: {table}");
+    }
 }

@@ -35,6 +35,17 @@ impl BrokerProcess {
 
     /// The same, run through `prefix` (say `ip netns exec NAME`).
     fn start_with(prefix: &[&str], data: &Path, listen: &str) -> BrokerProcess {
+        BrokerProcess::start_full(prefix, data, listen, &[], Stdio::null)
+    }
+
+    /// The same with more `serve` flags, and its stderr where `stderr` says.
+    fn start_full(
+        prefix: &[&str],
+        data: &Path,
+        listen: &str,
+        flags: &[&str],
+        stderr: impl Fn() -> Stdio,
+    ) -> BrokerProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut child = command(prefix)
@@ -47,10 +58,12 @@ impl BrokerProcess {
                     "--grace",
                     "1s",
                 ])
+                .args(flags)
                 .arg("--data")
                 .arg(data)
+                .env_remove("NO_COLOR")
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+                .stderr(stderr())
                 .spawn()
                 .expect("courier serve starts");
             let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -835,4 +848,27 @@ fn serve_refuses_an_unknown_courier_variable_as_it_refuses_an_unknown_key() {
         "{}",
         stderr(&output)
     );
+}
+
+#[test]
+fn queue_stats_prints_a_table_and_json_stays_one_object() {
+    let dir = TempDir::new("stats-table");
+    let broker = BrokerProcess::start(&dir.0.join("data"), "tcp://127.0.0.1:0");
+    let url = broker.url.clone();
+    let pushed = courier(&url, &["queue", "push", "tbl", "--lines"], "a\nb\n");
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let table = courier(&url, &["queue", "stats", "tbl"], "");
+    assert!(table.status.success(), "{}", stderr(&table));
+    let text = stdout(&table);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "queue tbl", "{text}");
+    let waiting = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("waiting"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(waiting.ends_with(" 2"), "{text}");
+    assert!(!text.contains("QueueStats") && !text.contains('{'), "{text}");
+    let json = courier(&url, &["--json", "queue", "stats", "tbl"], "");
+    let json: serde_json::Value = serde_json::from_str(stdout(&json).trim()).unwrap();
+    assert_eq!(json["depth"].as_u64(), Some(2));
 }
