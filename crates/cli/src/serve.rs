@@ -274,6 +274,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing_subscriber::fmt()
         .with_max_level(level)
+        .with_ansi(colours(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_writer(std::io::stderr)
         .finish()
         .with(
@@ -319,6 +323,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the log is coloured: only on a terminal, and not when
+/// `NO_COLOR` is set to anything but "" (<https://no-color.org>). A log
+/// redirected to a file or a pipe never carries escape codes.
+fn colours(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
 /// How long after the grace period `courier serve` exits whatever is left.
 const HARD_DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -349,6 +360,15 @@ mod tests {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colours(true, None));
+        assert!(colours(true, Some("".into())));
+        assert!(!colours(true, Some("1".into())));
+        assert!(!colours(false, None));
+        assert!(!colours(false, Some("1".into())));
     }
 
     #[test]

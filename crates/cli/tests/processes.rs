@@ -872,3 +872,21 @@ fn queue_stats_prints_a_table_and_json_stays_one_object() {
     let json: serde_json::Value = serde_json::from_str(stdout(&json).trim()).unwrap();
     assert_eq!(json["depth"].as_u64(), Some(2));
 }
+
+#[test]
+fn a_redirected_broker_log_has_no_colour_codes() {
+    let dir = TempDir::new("log-colour");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let log = dir.0.join("broker.log");
+    let broker = BrokerProcess::start_full(
+        &[],
+        &dir.0.join("data"),
+        "tcp://127.0.0.1:0",
+        &["--log", "debug"],
+        || Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
+    assert_eq!(broker.terminate().code(), Some(0));
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(written.contains("shutting down"), "{written}");
+    assert!(!written.contains('\u{1b}'), "escape codes in a file: {written:?}");
+}
