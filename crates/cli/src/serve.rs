@@ -13,7 +13,7 @@ use crate::Failure;
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n  # node 1 of a three-node cluster:\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878\n  # a fourth node joining it, then added from anywhere:\n  courier serve --listen tcp://10.0.0.4:7878 --node 4 --join\n  courier --url tcp://10.0.0.1:7878 cluster add-node 4 tcp://10.0.0.4:7878\n\nEvery key of the file is documented in the courier-broker crate (config module)."
+    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n  # node 1 of a three-node cluster:\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878\n  # a fourth node joining it, then added from anywhere:\n  courier serve --listen tcp://10.0.0.4:7878 --node 4 --join\n  courier --url tcp://10.0.0.1:7878 cluster add-node 4 tcp://10.0.0.4:7878\n  courier serve --fsync interval --fsync-interval 20ms --max-deliveries 3\n\nEvery key of the file is documented in the courier-broker crate (config module), and\nevery top-level key is also a variable: COURIER_<KEY>, e.g. COURIER_MAX_DELIVERIES=3\n(file, then variables, then flags, each overriding the one before)."
 )]
 pub struct ServeArgs {
     /// A TOML configuration file (keys: listen, data_dir, metrics, fsync, ...).
@@ -31,6 +31,14 @@ pub struct ServeArgs {
     /// When queue writes reach the disk: always, interval or never.
     #[arg(long, env = "COURIER_FSYNC", value_parser = parse_fsync)]
     fsync: Option<Fsync>,
+    /// With `--fsync interval`: how long after a write its fsync may come,
+    /// e.g. 5ms (the file's `fsync_interval_ms`).
+    #[arg(long, value_parser = parse_fsync_interval)]
+    fsync_interval: Option<std::time::Duration>,
+    /// Deliveries of a message before it goes to its queue's dead-letter
+    /// queue (`QUEUE.dlq`), from 1 (the file's `max_deliveries`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_deliveries: Option<u32>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "COURIER_LOG")]
     log: Option<String>,
@@ -100,6 +108,14 @@ fn parse_fsync(text: &str) -> Result<Fsync, String> {
             "{other:?} is not an fsync policy (always, interval or never)"
         )),
     }
+}
+
+fn parse_fsync_interval(text: &str) -> Result<std::time::Duration, String> {
+    let interval = crate::parse_duration(text)?;
+    if interval < std::time::Duration::from_millis(1) {
+        return Err(format!("{text:?}: the fsync interval is at least 1ms"));
+    }
+    Ok(interval)
 }
 
 fn level(name: &str) -> anyhow::Result<tracing::Level> {
@@ -213,6 +229,12 @@ fn config(args: ServeArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(fsync) = args.fsync {
         config.fsync = fsync;
+    }
+    if let Some(interval) = args.fsync_interval {
+        config.fsync_interval_ms = interval.as_millis() as u64;
+    }
+    if let Some(deliveries) = args.max_deliveries {
+        config.max_deliveries = deliveries;
     }
     if let Some(log) = args.log {
         config.log = log;
@@ -360,6 +382,38 @@ mod tests {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[derive(clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        use clap::Parser;
+        Serve::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .map(|serve| serve.args)
+    }
+
+    #[test]
+    fn the_queue_keys_have_flags_too() {
+        let config = config(
+            parse(&["--fsync", "interval", "--fsync-interval", "20ms", "--max-deliveries", "3"])
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config.fsync, Fsync::Interval);
+        assert_eq!(config.fsync_interval_ms, 20);
+        assert_eq!(config.max_deliveries, 3);
+        for bad in [
+            &["--max-deliveries", "0"][..],
+            &["--max-deliveries", "many"],
+            &["--fsync-interval", "0ms"],
+            &["--fsync-interval", "soon"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

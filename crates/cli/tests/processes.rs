@@ -890,3 +890,35 @@ fn a_redirected_broker_log_has_no_colour_codes() {
     assert!(written.contains("shutting down"), "{written}");
     assert!(!written.contains('\u{1b}'), "escape codes in a file: {written:?}");
 }
+
+#[test]
+fn serve_takes_the_queue_keys_as_flags() {
+    let dir = TempDir::new("serve-flags");
+    let broker = BrokerProcess::start_full(
+        &[],
+        &dir.0.join("data"),
+        "tcp://127.0.0.1:0",
+        &["--max-deliveries", "1", "--fsync", "interval", "--fsync-interval", "2ms"],
+        Stdio::null,
+    );
+    let url = broker.url.clone();
+    let pushed = courier(&url, &["queue", "push", "once", "x"], "");
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    // One delivery given back: with --max-deliveries 1 it is a dead letter.
+    let looked = courier(&url, &["queue", "pop", "once", "--requeue"], "");
+    assert!(looked.status.success(), "{}", stderr(&looked));
+    let stats = |queue: &str| {
+        let output = courier(&url, &["--json", "queue", "stats", queue], "");
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_str::<serde_json::Value>(stdout(&output).trim()).unwrap()
+    };
+    // The dead letter is stored by the nack's own settle, before it returns.
+    assert_eq!(stats("once")["dead_lettered"].as_u64(), Some(1));
+    assert_eq!(stats("once.dlq")["depth"].as_u64(), Some(1));
+    let refused = Command::new(COURIER)
+        .args(["serve", "--max-deliveries", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+}
