@@ -1247,7 +1247,8 @@ impl RemotePubSub {
             .notify(
                 SERVICE,
                 "request_oneway",
-                PubSubServiceClient::fingerprint(),
+                PubSubServiceClient::method_fingerprint("request_oneway")
+                    .expect("a method of PubSubService"),
                 &(
                     inbox.requester,
                     subject,
@@ -1609,7 +1610,8 @@ async fn send_frame(client: &PubSubServiceClient, id: u64, sending: &Sending, ba
             .notify(
                 SERVICE,
                 "publish_batch_oneway",
-                PubSubServiceClient::fingerprint(),
+                PubSubServiceClient::method_fingerprint("publish_batch_oneway")
+                    .expect("a method of PubSubService"),
                 &(id, seq, &batch),
             )
             .await;

@@ -772,7 +772,7 @@ impl Link for RpcLink {
             .notify(
                 SERVICE,
                 "items",
-                RouteServiceClient::fingerprint(),
+                RouteServiceClient::method_fingerprint("items").expect("a method of RouteService"),
                 &(self.node, session, seq, items),
             )
             .await?)

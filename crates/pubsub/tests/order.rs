@@ -545,7 +545,8 @@ async fn the_host_never_answers_a_request_into_a_subject_that_is_not_an_inbox() 
         .notify(
             "PubSubService",
             "request_oneway",
-            courier_pubsub::remote::PubSubServiceClient::fingerprint(),
+            courier_pubsub::remote::PubSubServiceClient::method_fingerprint("request_oneway")
+                .expect("a method of PubSubService"),
             &(
                 7u64,
                 "nobody.listens",

@@ -174,6 +174,11 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             fn #name(&self, #(#names: #types),*) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send;
         }
     });
+    // One fingerprint per method, over the service's name, the method's
+    // name (tagged `:stream` or `:oneway`, since a change of kind is a change
+    // of contract), and the schemas of its argument tuple and result (or
+    // item) type. The server compares the one a request carries with the
+    // method it names, so methods evolve one by one.
     let fingerprint_parts = methods.iter().map(|m| {
         let types = &m.types;
         let (method, result) = match &m.stream {
@@ -185,17 +190,20 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             }),
         };
         quote! {
-            (#method, ::courier_rpc::__private::schema::<(#(#types,)*)>(), ::courier_rpc::__private::schema::<#result>())
+            ::courier_rpc::__private::fingerprint(#name_str, &[(#method, ::courier_rpc::__private::schema::<(#(#types,)*)>(), ::courier_rpc::__private::schema::<#result>())])
         }
     });
-    let client_methods = methods.iter().map(|m| {
+    let method_count = methods.len();
+    let method_names: Vec<String> = methods.iter().map(|m| m.name.to_string()).collect();
+    let method_indices: Vec<usize> = (0..methods.len()).collect();
+    let client_methods = methods.iter().enumerate().map(|(index, m)| {
         let Method { attrs, name, args, types, output, .. } = m;
         let method = name.to_string();
         match &m.stream {
             Some((_, item)) => quote! {
                 #(#attrs)*
                 pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<::courier_rpc::ItemStream<#item>, ::courier_rpc::RpcError> {
-                    self.inner.call_stream::<(#(#types,)*), #item>(#name_str, #method, Self::fingerprint(), &(#(#args,)*)).await
+                    self.inner.call_stream::<(#(#types,)*), #item>(#name_str, #method, Self::fingerprints()[#index], &(#(#args,)*)).await
                 }
             },
             None if m.oneway => quote! {
@@ -205,13 +213,13 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 /// `courier_rpc::Client::notify`); no reply and no error
                 /// from the server comes back.
                 pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<(), ::courier_rpc::RpcError> {
-                    self.inner.notify::<(#(#types,)*)>(#name_str, #method, Self::fingerprint(), &(#(#args,)*)).await.map(|_| ())
+                    self.inner.notify::<(#(#types,)*)>(#name_str, #method, Self::fingerprints()[#index], &(#(#args,)*)).await.map(|_| ())
                 }
             },
             None => quote! {
                 #(#attrs)*
                 pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<#output, ::courier_rpc::RpcError> {
-                    self.inner.call::<(#(#types,)*), #output>(#name_str, #method, Self::fingerprint(), &(#(#args,)*)).await
+                    self.inner.call::<(#(#types,)*), #output>(#name_str, #method, Self::fingerprints()[#index], &(#(#args,)*)).await
                 }
             },
         }
@@ -282,11 +290,27 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 Self { inner: self.inner.with_timeout(timeout) }
             }
 
-            /// Fingerprint of this service's definition: its name, and each
-            /// method's name, argument types and result type.
-            pub fn fingerprint() -> u64 {
-                static FINGERPRINT: ::std::sync::OnceLock<u64> = ::std::sync::OnceLock::new();
-                *FINGERPRINT.get_or_init(|| ::courier_rpc::__private::fingerprint(#name_str, &[#(#fingerprint_parts),*]))
+            /// The service's methods, in the order the trait declares them.
+            pub const METHODS: &[&str] = &[#(#method_names),*];
+
+            /// The fingerprint of `method` as this definition has it (over
+            /// the service's name, the method's name and kind, and the serde
+            /// shapes of its arguments and of its result or item type), or
+            /// `None` if the service has no such method. Each request carries
+            /// the fingerprint of the method it calls; pass this to
+            /// `courier_rpc::Client::call`, `call_stream` or `notify` when
+            /// calling by hand.
+            pub fn method_fingerprint(method: &str) -> ::core::option::Option<u64> {
+                match method {
+                    #(#method_names => ::core::option::Option::Some(Self::fingerprints()[#method_indices]),)*
+                    _ => ::core::option::Option::None,
+                }
+            }
+
+            /// Every method's fingerprint, in declaration order, traced once.
+            fn fingerprints() -> &'static [u64; #method_count] {
+                static FINGERPRINTS: ::std::sync::OnceLock<[u64; #method_count]> = ::std::sync::OnceLock::new();
+                FINGERPRINTS.get_or_init(|| [#(#fingerprint_parts),*])
             }
 
             #(#client_methods)*
@@ -325,8 +349,8 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 #name_str
             }
 
-            fn fingerprint(&self) -> u64 {
-                #client::fingerprint()
+            fn method_fingerprint(&self, method: &str) -> ::core::option::Option<u64> {
+                #client::method_fingerprint(method)
             }
 
             fn call(&self, method: &str, args: &[u8], __items: ::courier_rpc::ItemSink) -> ::core::result::Result<::courier_rpc::__private::Reply, ::courier_rpc::RpcFault> {

@@ -22,13 +22,16 @@ pub enum RpcFault {
         /// The name asked for.
         method: String,
     },
-    /// Client and server were built from different definitions of the service.
+    /// Client and server were built from different definitions of the
+    /// method: its fingerprint (see the crate docs, "Versioning") differs.
     #[error(
-        "client and server disagree on the definition of service {service:?} (rebuild one of them)"
+        "client and server disagree on the definition of method {method:?} of service {service:?} (rebuild one of them)"
     )]
     Mismatch {
         /// The service.
         service: String,
+        /// The method whose definitions differ.
+        method: String,
     },
     /// The call's deadline passed on the server; the handler was stopped.
     #[error("deadline exceeded on the server")]
@@ -116,11 +119,19 @@ pub enum RpcError {
         method: String,
     },
     /// Client and server were built from different definitions of the
-    /// service, or speak different protocol versions. Not retryable.
-    #[error("protocol mismatch: client and server disagree on service {service:?}")]
+    /// method called (its name, kind, argument types or result type
+    /// differ: see the crate docs, "Versioning"), or the server could not
+    /// decode the arguments. Not retryable. Other methods of the service
+    /// may still work.
+    #[error(
+        "protocol mismatch: client and server disagree on method {method:?} of service {service:?}"
+    )]
     ProtocolMismatch {
         /// The service.
         service: String,
+        /// The method called (empty when the server could not decode the
+        /// arguments: its report names no method).
+        method: String,
     },
     /// Too many calls in flight on this connection for the deadline to allow
     /// another. Retryable.
@@ -200,11 +211,16 @@ impl From<RpcFault> for RpcError {
             RpcFault::UnknownMethod { service, method } => {
                 RpcError::UnknownMethod { service, method }
             }
-            RpcFault::Mismatch { service } => RpcError::ProtocolMismatch { service },
+            RpcFault::Mismatch { service, method } => {
+                RpcError::ProtocolMismatch { service, method }
+            }
             RpcFault::DeadlineExceeded => RpcError::DeadlineExceeded,
             RpcFault::Cancelled => RpcError::Cancelled,
+            // The fault names no service or method: the reason goes where
+            // the service would, and the method is left empty.
             RpcFault::Malformed { reason } => RpcError::ProtocolMismatch {
                 service: format!("(arguments refused: {reason})"),
+                method: String::new(),
             },
             RpcFault::TooManyStreams { limit } => RpcError::TooManyStreams { limit },
             RpcFault::Unauthenticated { reason } => RpcError::Unauthenticated(reason),

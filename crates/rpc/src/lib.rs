@@ -215,8 +215,10 @@ pub use stream::{ItemError, ItemStream, Items, StreamClosed};
 pub trait Service: Send + Sync + 'static {
     /// The service's name (the trait's name).
     fn name(&self) -> &'static str;
-    /// Fingerprint of the definition; must equal the client's.
-    fn fingerprint(&self) -> u64;
+    /// The fingerprint of `method` (see the crate docs, "Versioning"), or
+    /// `None` if the service has no such method. A request's fingerprint
+    /// must equal the one of the method it names.
+    fn method_fingerprint(&self, method: &str) -> Option<u64>;
     /// Starts `method` with postcard-encoded `args`; a streaming method sends
     /// its items through `items`.
     fn call(
@@ -241,7 +243,9 @@ pub mod __private {
         courier_messaging::Schema::of::<T>().fingerprint
     }
 
-    /// FNV-1a over the service name and each method's name and schemas.
+    /// FNV-1a over the service name and each method's name and schemas. The
+    /// generated code calls it with one method at a time: a method's
+    /// fingerprint.
     pub fn fingerprint(service: &str, methods: &[(&str, u64, u64)]) -> u64 {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let mut write = |bytes: &[u8]| {

@@ -1135,10 +1135,22 @@ fn start(
             });
         }
     }
-    if service.fingerprint() != header.fingerprint {
-        return Err(RpcFault::Mismatch {
-            service: header.service.to_string(),
-        });
+    // Each method is checked on its own: adding a method, or changing
+    // another, leaves the clients of this one working.
+    match service.method_fingerprint(header.method) {
+        None => {
+            return Err(RpcFault::UnknownMethod {
+                service: header.service.to_string(),
+                method: header.method.to_string(),
+            })
+        }
+        Some(fingerprint) if fingerprint != header.fingerprint => {
+            return Err(RpcFault::Mismatch {
+                service: header.service.to_string(),
+                method: header.method.to_string(),
+            })
+        }
+        Some(_) => {}
     }
     let credit = (header.window > 0).then(|| Arc::new(Semaphore::new(header.window as usize)));
     let items = ItemSink {

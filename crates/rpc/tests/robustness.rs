@@ -409,7 +409,7 @@ async fn shutdown_returns_although_a_client_stopped_reading_a_stream() {
     let header = Header {
         service: "Probe",
         method: "flood",
-        fingerprint: ProbeClient::fingerprint(),
+        fingerprint: ProbeClient::method_fingerprint("flood").unwrap(),
         timeout_ms: 3_600_000,
         // Credit for ever: only the socket holds the handler back.
         window: u32::MAX,

@@ -103,7 +103,7 @@ async fn raw_sleep_request(
     let header = Header {
         service: "Lab",
         method: "sleep",
-        fingerprint: LabClient::fingerprint(),
+        fingerprint: LabClient::method_fingerprint("sleep").unwrap(),
         timeout_ms,
         window: 0,
     };
@@ -208,10 +208,10 @@ async fn unknown_services_and_methods_are_named_in_the_error() {
     let raw = Client::connect(server.local_addr(), ClientConfig::default())
         .await
         .unwrap();
-    let err = raw
-        .call::<(), ()>("Lab", "fly", LabClient::fingerprint(), &())
-        .await
-        .unwrap_err();
+    // A method the service lacks has no fingerprint; whatever the request
+    // carries, the answer is that the method is unknown.
+    assert_eq!(LabClient::method_fingerprint("fly"), None);
+    let err = raw.call::<(), ()>("Lab", "fly", 0, &()).await.unwrap_err();
     assert_eq!(
         err,
         RpcError::UnknownMethod {
@@ -233,30 +233,43 @@ async fn unknown_services_and_methods_are_named_in_the_error() {
 }
 
 mod changed {
-    // The same service name, with `add` taking other types: a client built
-    // from this definition must not talk to a server built from the other.
+    // The same service name, with `add` taking other types and `ping`
+    // unchanged: a client built from this definition must not call `add`
+    // on a server built from the other, and can still call `ping`.
     #[courier_rpc::service]
     pub trait Lab {
         async fn add(&self, a: i32, b: i32) -> i32;
+        async fn ping(&self);
     }
 }
 
 #[tokio::test]
-async fn a_client_of_a_changed_definition_gets_a_mismatch() {
+async fn a_client_of_a_changed_method_gets_a_mismatch_naming_it() {
     let (server, _) = serve(mem(), ServerConfig::default()).await;
     let stale = changed::LabClient::new(
         Client::connect(server.local_addr(), ClientConfig::default())
             .await
             .unwrap(),
     );
-    assert_ne!(changed::LabClient::fingerprint(), LabClient::fingerprint());
+    assert_ne!(
+        changed::LabClient::method_fingerprint("add"),
+        LabClient::method_fingerprint("add")
+    );
+    assert_eq!(
+        changed::LabClient::method_fingerprint("ping"),
+        LabClient::method_fingerprint("ping")
+    );
     let err = stale.add(1, 2).await.unwrap_err();
     assert_eq!(
         err,
         RpcError::ProtocolMismatch {
-            service: "Lab".into()
+            service: "Lab".into(),
+            method: "add".into()
         }
     );
+    assert!(err.to_string().contains("\"add\"") && !err.is_retryable());
+    // The method that did not change still works on the same connection.
+    stale.ping().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
