@@ -160,6 +160,13 @@ pub struct SubscribeArgs {
     /// Exit after this many messages.
     #[arg(long)]
     count: Option<u64>,
+    /// Exit with code 4 if no message arrives within this long, e.g. 2s:
+    /// the clock starts once subscribed and starts again at each message,
+    /// so with --count it bounds the wait for each next one, not the total
+    /// (gap and reconnect notices do not restart it). What arrived before
+    /// stays printed.
+    #[arg(long, value_parser = crate::parse_duration)]
+    timeout: Option<Duration>,
     /// Messages buffered at the broker before the oldest are dropped.
     #[arg(long, default_value_t = 4096)]
     buffer: usize,
@@ -198,11 +205,32 @@ pub async fn subscribe(url: &str, json: bool, args: SubscribeArgs) -> anyhow::Re
     let mut subscription = bus.subscribe(&args.filter, options).await?;
     eprintln!("subscribed to {}", args.filter);
     let mut seen = 0u64;
+    let mut deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
     while args.count.is_none_or(|count| seen < count) {
-        match subscription.recv().await {
+        let next = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, subscription.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let waited = args.timeout.unwrap_or_default();
+                    let what = if seen == 0 {
+                        "no message"
+                    } else {
+                        "no further message"
+                    };
+                    return Err(Failure::nothing(format!(
+                        "{what} on {} within {waited:?} ({seen} received)",
+                        args.filter
+                    ))
+                    .into());
+                }
+            },
+            None => subscription.recv().await,
+        };
+        match next {
             Some(Ok(Event::Message(message))) => {
                 print_message(json, &message)?;
                 seen += 1;
+                deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
             }
             Some(Ok(Event::Gap {
                 publisher,
@@ -620,11 +648,19 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "queue jobs");
         assert_eq!(lines.len(), 10, "{table}");
-        assert!(lines[1].starts_with("  waiting (ready or delayed)"), "{table}");
+        assert!(
+            lines[1].starts_with("  waiting (ready or delayed)"),
+            "{table}"
+        );
         assert!(lines[1].ends_with("    3"), "{table}");
-        assert!(lines.iter().any(|l| l.contains("acknowledged") && l.ends_with("12345")));
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("acknowledged") && l.ends_with("12345")));
         // Every value ends in the same column.
-        assert!(lines[1..].iter().all(|l| l.len() == lines[1].len()), "{table}");
+        assert!(
+            lines[1..].iter().all(|l| l.len() == lines[1].len()),
+            "{table}"
+        );
         assert!(!table.contains('{'), "not a Debug dump: {table}");
     }
 }

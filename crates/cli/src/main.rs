@@ -9,7 +9,7 @@
 //! | 1 | failed (the broker refused, storage failed, ...) |
 //! | 2 | bad usage or bad input (unknown flag, invalid subject, bad config) |
 //! | 3 | the broker cannot be reached |
-//! | 4 | nothing arrived in time (no reply, no responders, empty queue) |
+//! | 4 | nothing arrived in time (no reply, no responders, empty queue, `sub --timeout` passed) |
 //! | 5 | refused: not authenticated, or not permitted |
 
 mod bench;
@@ -74,7 +74,7 @@ enum Command {
     /// Print messages on subjects matching FILTER (`*` one token, `>` the rest).
     #[command(
         name = "sub",
-        after_help = "Examples:\n  courier sub 'orders.*.created'\n  courier sub jobs --group workers --count 10"
+        after_help = "Examples:\n  courier sub 'orders.*.created'\n  courier sub jobs --group workers --count 10\n  courier sub alerts --timeout 30s        # exit code 4 if none comes in 30 s\n  courier sub jobs --count 5 --timeout 2s # at most 2 s of silence before each"
     )]
     Subscribe(client::SubscribeArgs),
     /// Send a request to SUBJECT and print the first reply.

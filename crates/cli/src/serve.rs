@@ -399,8 +399,15 @@ mod tests {
     #[test]
     fn the_queue_keys_have_flags_too() {
         let config = config(
-            parse(&["--fsync", "interval", "--fsync-interval", "20ms", "--max-deliveries", "3"])
-                .unwrap(),
+            parse(&[
+                "--fsync",
+                "interval",
+                "--fsync-interval",
+                "20ms",
+                "--max-deliveries",
+                "3",
+            ])
+            .unwrap(),
         )
         .unwrap();
         assert_eq!(config.fsync, Fsync::Interval);

@@ -867,7 +867,10 @@ fn queue_stats_prints_a_table_and_json_stays_one_object() {
         .find(|l| l.trim_start().starts_with("waiting"))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(waiting.ends_with(" 2"), "{text}");
-    assert!(!text.contains("QueueStats") && !text.contains('{'), "{text}");
+    assert!(
+        !text.contains("QueueStats") && !text.contains('{'),
+        "{text}"
+    );
     let json = courier(&url, &["--json", "queue", "stats", "tbl"], "");
     let json: serde_json::Value = serde_json::from_str(stdout(&json).trim()).unwrap();
     assert_eq!(json["depth"].as_u64(), Some(2));
@@ -888,7 +891,10 @@ fn a_redirected_broker_log_has_no_colour_codes() {
     assert_eq!(broker.terminate().code(), Some(0));
     let written = std::fs::read_to_string(&log).unwrap();
     assert!(written.contains("shutting down"), "{written}");
-    assert!(!written.contains('\u{1b}'), "escape codes in a file: {written:?}");
+    assert!(
+        !written.contains('\u{1b}'),
+        "escape codes in a file: {written:?}"
+    );
 }
 
 #[test]
@@ -898,7 +904,14 @@ fn serve_takes_the_queue_keys_as_flags() {
         &[],
         &dir.0.join("data"),
         "tcp://127.0.0.1:0",
-        &["--max-deliveries", "1", "--fsync", "interval", "--fsync-interval", "2ms"],
+        &[
+            "--max-deliveries",
+            "1",
+            "--fsync",
+            "interval",
+            "--fsync-interval",
+            "2ms",
+        ],
         Stdio::null,
     );
     let url = broker.url.clone();
@@ -921,4 +934,60 @@ fn serve_takes_the_queue_keys_as_flags() {
         .output()
         .unwrap();
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+}
+
+/// `courier sub FILTER ARGS…` started, returned once it says it is subscribed.
+fn subscribed(url: &str, filter: &str, args: &[&str]) -> Child {
+    let mut sub = Command::new(COURIER)
+        .args(["--url", url, "sub", filter])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(sub.stderr.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("subscribed"), "{first}");
+    sub
+}
+
+#[test]
+fn sub_with_a_timeout_exits_4_when_nothing_more_arrives() {
+    let dir = TempDir::new("sub-timeout");
+    let broker = BrokerProcess::start(&dir.0.join("data"), "tcp://127.0.0.1:0");
+    let url = broker.url.clone();
+
+    let silent = courier(&url, &["sub", "quiet.>", "--timeout", "100ms"], "");
+    assert_eq!(silent.status.code(), Some(4), "{}", stderr(&silent));
+    assert!(
+        stderr(&silent).contains("no message on quiet.>"),
+        "{}",
+        stderr(&silent)
+    );
+
+    // With --count, the timeout bounds the wait for each next message: one
+    // arrives, the second never does.
+    let sub = subscribed(&url, "tick.>", &["--count", "2", "--timeout", "3s"]);
+    let published = courier(&url, &["pub", "tick.one", "1"], "");
+    assert!(published.status.success(), "{}", stderr(&published));
+    let got = sub.wait_with_output().unwrap();
+    assert_eq!(got.status.code(), Some(4), "{}", stderr(&got));
+    assert_eq!(stdout(&got), "tick.one: 1\n");
+    assert!(
+        stderr(&got).contains("no further message"),
+        "{}",
+        stderr(&got)
+    );
+
+    // Everything asked for in time: success.
+    let sub = subscribed(&url, "tock.>", &["--count", "1", "--timeout", "30s"]);
+    let published = courier(&url, &["pub", "tock.one", "1"], "");
+    assert!(published.status.success(), "{}", stderr(&published));
+    let got = sub.wait_with_output().unwrap();
+    assert!(got.status.success(), "{}", stderr(&got));
+
+    let bad = courier(&url, &["sub", "a", "--timeout", "soon"], "");
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
 }
