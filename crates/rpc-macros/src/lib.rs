@@ -9,6 +9,17 @@ use syn::{parse_macro_input, FnArg, ItemTrait, Pat, ReturnType, TraitItem};
 /// (with `Send` futures, so servers can run calls concurrently), a typed
 /// client `<Trait>Client`, a blocking client `<Trait>BlockingClient`, and
 /// server dispatch `<Trait>Server`. See the `courier-rpc` crate docs.
+///
+/// Each method gets a fingerprint of its own, over the service's name, the
+/// method's name and kind (unary, `#[oneway]`, streaming) and the serde
+/// shapes of its argument tuple and result (or item) type.
+/// `<Trait>Client::method_fingerprint(name) -> Option<u64>` returns it
+/// (`None` for a name the trait lacks) and `<Trait>Client::METHODS` lists
+/// the method names in declaration order. The client sends the called
+/// method's fingerprint with each request; `<Trait>Server` implements
+/// `Service::method_fingerprint` with the same values, so the server
+/// refuses only calls of a method whose definition differs (see
+/// "Versioning" in the `courier-rpc` crate docs).
 #[proc_macro_attribute]
 pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !attr.is_empty() {

@@ -48,9 +48,12 @@
 //!   (deadline, unavailable, cancelled, unknown service or method, protocol
 //!   mismatch); the method's own `Result<T, E>` is the service's business
 //!   and arrives untouched as `Ok(Err(e))`.
-//! - **Versioning**: a client built against a changed service definition
-//!   gets [`RpcError::ProtocolMismatch`]: the service's fingerprint covers
-//!   every method's name and the serde shapes of its arguments and result.
+//! - **Versioning, per method**: each request carries the fingerprint of
+//!   the method it calls, and the server checks it against that method
+//!   alone, so a service can gain methods without breaking old clients (and
+//!   new clients still call the old methods of an old server). A method
+//!   whose definition changed fails with [`RpcError::ProtocolMismatch`]
+//!   naming it; see [Versioning](#versioning) for what counts as a change.
 //!
 //! Transports are whatever `courier-transport` offers: `tcp://`,
 //! `unix://`, `mem://` (and `udp://`, though RPC needs no datagrams).
@@ -94,6 +97,64 @@
 //! Two processes talking over loopback: `crates/rpc/examples/server.rs` and
 //! `client.rs` (`cargo run -p courier-rpc --example server`, then in
 //! another terminal `cargo run -p courier-rpc --example client -- ADDRESS`).
+//!
+//! ## Versioning
+//!
+//! Every method has a fingerprint: a hash of the service's name, the
+//! method's name and kind (unary, `#[oneway]` or streaming), and the serde
+//! shapes (`courier_messaging::Schema`) of its argument tuple and of its
+//! result or item type. The generated client sends the fingerprint of the
+//! method being called in each request; the server compares it with its
+//! own for that method and refuses a difference with
+//! [`RpcError::ProtocolMismatch`] `{ service, method }`, before decoding
+//! anything. A method the server does not have is
+//! [`RpcError::UnknownMethod`]. Either refusal concerns that call only: the
+//! connection and the other methods go on working. A `#[oneway]` call is
+//! never answered, so a refused one is dropped (the server logs the fault,
+//! naming the method, at debug level).
+//!
+//! `<Trait>Client::method_fingerprint("name")` gives a method's fingerprint
+//! (`None` for a method the definition lacks) and `<Trait>Client::METHODS`
+//! lists the methods; pass the former to [`Client::call`],
+//! [`Client::call_stream`] or [`Client::notify`] when calling by hand.
+//!
+//! Compatible changes, with old clients against a new server and new
+//! clients against an old one:
+//!
+//! - adding a method (a client calling it on a server without it gets
+//!   [`RpcError::UnknownMethod`]);
+//! - removing a method no client calls any more (those that still do get
+//!   [`RpcError::UnknownMethod`]);
+//! - reordering methods, renaming a method's parameters, changing a
+//!   method's body, moving a type to another module (module paths are not
+//!   part of a shape).
+//!
+//! Incompatible changes, which make that method (and only that method)
+//! fail with [`RpcError::ProtocolMismatch`]:
+//!
+//! - any change to a type in the method's arguments or result, however
+//!   deep: a field added, removed, reordered, renamed or retyped; a struct,
+//!   enum or variant renamed; an enum variant added, **even at the end**
+//!   (postcard could still decode the old variants, but the shape traces
+//!   every variant, so the fingerprint changes);
+//! - a field added with `#[serde(default)]`: postcard is not
+//!   self-describing (a struct is its fields in order, with no count or
+//!   names), so a reader expecting the field runs out of bytes instead of
+//!   taking the default, and an old reader would misread the new field's
+//!   bytes; the fingerprint refuses it up front;
+//! - adding or removing a parameter, or changing the method's kind
+//!   (unary, one-way, streaming).
+//!
+//! Renaming a method or the service is not a change of a method but a new
+//! one: callers of the old name get [`RpcError::UnknownMethod`] (or
+//! [`RpcError::UnknownService`]). To change a method's types, add a method
+//! with the new ones beside it (`search_v2`) and remove the old one once no
+//! client calls it.
+//!
+//! Whole-service fingerprints came before this: a client and a server
+//! built on either side of that change refuse each other's every call
+//! (as a mismatch, or as an undecodable report, since the mismatch report
+//! now names the method).
 //!
 //! ## Server streaming
 //!

@@ -50,6 +50,8 @@ pub(crate) struct RequestHeader<'a> {
     pub service: &'a str,
     #[serde(borrow)]
     pub method: &'a str,
+    /// The fingerprint of `method` (not of the whole service), checked
+    /// against that method's alone.
     pub fingerprint: u64,
     pub timeout_ms: u64,
     /// Items the server may send before more credit arrives; 0 for a unary call.
