@@ -214,7 +214,7 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             Some((_, item)) => quote! {
                 #(#attrs)*
                 pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<::courier_rpc::ItemStream<#item>, ::courier_rpc::RpcError> {
-                    self.inner.call_stream::<(#(#types,)*), #item>(#name_str, #method, Self::fingerprints()[#index], &(#(#args,)*)).await
+                    self.inner.call_stream::<(#(#types,)*), #item>(#name_str, #method, Self::__fingerprints()[#index], &(#(#args,)*)).await
                 }
             },
             None if m.oneway => quote! {
@@ -224,13 +224,13 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 /// `courier_rpc::Client::notify`); no reply and no error
                 /// from the server comes back.
                 pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<(), ::courier_rpc::RpcError> {
-                    self.inner.notify::<(#(#types,)*)>(#name_str, #method, Self::fingerprints()[#index], &(#(#args,)*)).await.map(|_| ())
+                    self.inner.notify::<(#(#types,)*)>(#name_str, #method, Self::__fingerprints()[#index], &(#(#args,)*)).await.map(|_| ())
                 }
             },
             None => quote! {
                 #(#attrs)*
                 pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<#output, ::courier_rpc::RpcError> {
-                    self.inner.call::<(#(#types,)*), #output>(#name_str, #method, Self::fingerprints()[#index], &(#(#args,)*)).await
+                    self.inner.call::<(#(#types,)*), #output>(#name_str, #method, Self::__fingerprints()[#index], &(#(#args,)*)).await
                 }
             },
         }
@@ -313,13 +313,14 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             /// calling by hand.
             pub fn method_fingerprint(method: &str) -> ::core::option::Option<u64> {
                 match method {
-                    #(#method_names => ::core::option::Option::Some(Self::fingerprints()[#method_indices]),)*
+                    #(#method_names => ::core::option::Option::Some(Self::__fingerprints()[#method_indices]),)*
                     _ => ::core::option::Option::None,
                 }
             }
 
             /// Every method's fingerprint, in declaration order, traced once.
-            fn fingerprints() -> &'static [u64; #method_count] {
+            /// (Underscored so as not to clash with a method of the service.)
+            fn __fingerprints() -> &'static [u64; #method_count] {
                 static FINGERPRINTS: ::std::sync::OnceLock<[u64; #method_count]> = ::std::sync::OnceLock::new();
                 FINGERPRINTS.get_or_init(|| [#(#fingerprint_parts),*])
             }
