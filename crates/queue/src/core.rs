@@ -585,6 +585,19 @@ impl QueueCore {
         ids
     }
 
+    /// The next `limit` messages a consumer would be given at `now`, in the
+    /// order it would get them, with how many times each was delivered
+    /// before. Nothing changes: no lease, no delivery counted. Delayed
+    /// messages (not ready until later) and leased ones are not shown.
+    pub fn peek(&self, now: Duration, limit: usize) -> Vec<(MessageId, u32)> {
+        self.ready
+            .iter()
+            .take_while(|&&(available, _)| available <= now)
+            .take(limit)
+            .map(|&(_, id)| (id, self.messages.get(&id).map_or(0, |e| e.deliveries)))
+            .collect()
+    }
+
     /// The next change storage must record.
     pub fn poll_event(&mut self) -> Option<QueueEvent> {
         self.events.pop_front()

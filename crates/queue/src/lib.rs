@@ -10,7 +10,8 @@
 //!   messages back; after `max_deliveries` a message goes to the
 //!   `<name>.dlq` queue with its delivery history (a dead-letter queue is
 //!   a queue like any other, except that it never dead-letters: a dead
-//!   letter stays until acknowledged or [`Queue::purge`]d); per-message
+//!   letter stays until acknowledged or [`Queue::purge`]d); a look at the
+//!   next ready messages without taking them ([`Queue::peek`]); per-message
 //!   time-to-live, delayed delivery, and idempotency keys answered with an
 //!   explicit [`Enqueued::Duplicate`].
 //! - [`remote`]: the same queues served as a courier-rpc service
@@ -70,5 +71,6 @@ pub mod storage;
 
 pub use api::{ConsumerHandle, DeliveryHandle, QueueHandle};
 pub use queue::{
-    parse_dead_letter, Consumer, Delivery, Enqueued, Message, Queue, QueueError, QueueOptions,
+    parse_dead_letter, Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueError,
+    QueueOptions,
 };

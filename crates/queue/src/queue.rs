@@ -92,6 +92,20 @@ pub enum Enqueued {
     Duplicate(MessageId),
 }
 
+/// A message as [`Queue::peek`] shows it: still in the queue, neither
+/// taken nor leased.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct Peeked {
+    /// The message.
+    pub id: MessageId,
+    /// How many times it was delivered before (0: never; it was given back
+    /// or its lease ran out since).
+    pub deliveries: u32,
+    /// Its bytes.
+    pub payload: Bytes,
+}
+
 /// What went wrong with a queue operation.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -688,6 +702,27 @@ impl Queue {
         let mut stats = lock(&self.inner.state).core.stats();
         stats.bytes_on_disk = self.inner.storage.bytes_on_disk();
         stats
+    }
+
+    /// The next `limit` ready messages, in the order consumers would get
+    /// them, without taking or leasing them: nothing changes (no delivery
+    /// is counted, and a consumer may take them the moment after). Delayed
+    /// messages not yet due and messages leased to consumers are not shown.
+    pub fn peek(&self, limit: usize) -> Vec<Peeked> {
+        let now = self.now();
+        let state = lock(&self.inner.state);
+        state
+            .core
+            .peek(now, limit)
+            .into_iter()
+            .filter_map(|(id, deliveries)| {
+                Some(Peeked {
+                    id,
+                    deliveries,
+                    payload: state.payloads.get(&id)?.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Removes every message not leased to a consumer (ready or delayed);

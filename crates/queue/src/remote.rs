@@ -40,7 +40,7 @@ use crate::coalesce::{Batcher, CallError, Coalescer, Limits};
 
 use crate::core::{MessageId, QueueStats};
 use crate::queue::Answer;
-use crate::{Delivery, Enqueued, Message, Queue, QueueError, QueueOptions};
+use crate::{Delivery, Enqueued, Message, Peeked, Queue, QueueError, QueueOptions};
 
 /// A queue error as it crosses the network.
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,7 +73,8 @@ pub enum RemoteError {
 pub trait QueueAccess: Send + Sync + 'static {
     /// May `who` store messages in `queue`?
     fn may_produce(&self, who: Option<&str>, queue: &str) -> bool;
-    /// May `who` take messages from `queue` (and see its counters)?
+    /// May `who` take messages from `queue` (and see its counters, and
+    /// peek at its ready messages)?
     fn may_consume(&self, who: Option<&str>, queue: &str) -> bool;
     /// May `who` discard every waiting message of `queue`? By default,
     /// whoever may consume from it.
@@ -145,6 +146,15 @@ pub const DELIVERIES_PER_ITEM: usize = 64;
 /// (a delivery larger than this goes by itself).
 pub const DELIVERY_BYTES_PER_ITEM: usize = 256 * 1024;
 
+/// Messages one [`QueueService::peek`] call shows at most (a larger count
+/// is cut to this).
+pub const MAX_PEEK: u32 = 1000;
+
+/// Payload bytes one [`QueueService::peek`] answer carries at most: it
+/// stops before the message that would pass this (but always shows the
+/// first, however large).
+pub const PEEK_BYTES: usize = 1024 * 1024;
+
 /// Answers a [`RemoteConsumer`] puts in one call (below the host's limit).
 const ANSWERS_PER_CALL: usize = 1024;
 
@@ -192,6 +202,11 @@ pub trait QueueService {
     async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError>;
     /// Discards every message of `queue` not leased to a consumer; how many.
     async fn purge(&self, queue: String) -> Result<u64, RemoteError>;
+    /// The next `count` ready messages of `queue` (at most [`MAX_PEEK`]
+    /// and [`PEEK_BYTES`]), oldest first, without taking or leasing them
+    /// (`NotFound` if the queue does not exist). Needs the permission to
+    /// consume.
+    async fn peek(&self, queue: String, count: u32) -> Result<Vec<Peeked>, RemoteError>;
 }
 
 /// The queues under one directory, each opened once and shared by whoever
@@ -757,6 +772,21 @@ impl QueueService for QueueHost {
         self.check(&queue, Action::Purge)?;
         Ok(self.queues.open_existing(&queue).await?.purge().await?)
     }
+
+    async fn peek(&self, queue: String, count: u32) -> Result<Vec<Peeked>, RemoteError> {
+        self.check(&queue, Action::Consume)?;
+        let queue = self.queues.open_existing(&queue).await?;
+        let mut bytes = 0;
+        let mut shown = Vec::new();
+        for peeked in queue.peek(count.min(MAX_PEEK) as usize) {
+            if !shown.is_empty() && bytes + peeked.payload.len() > PEEK_BYTES {
+                break;
+            }
+            bytes += peeked.payload.len();
+            shown.push(peeked);
+        }
+        Ok(shown)
+    }
 }
 
 /// What can go wrong using a remote queue.
@@ -886,6 +916,13 @@ impl RemoteQueue {
     /// Discards every message not leased to a consumer; see [`Queue::purge`].
     pub async fn purge(&self) -> Result<u64, RemoteQueueError> {
         Ok(self.client.purge(self.name.clone()).await??)
+    }
+
+    /// The next `count` ready messages without taking them; see
+    /// [`Queue::peek`] (the host shows at most [`MAX_PEEK`], and stops
+    /// before [`PEEK_BYTES`] of payload).
+    pub async fn peek(&self, count: u32) -> Result<Vec<Peeked>, RemoteQueueError> {
+        Ok(self.client.peek(self.name.clone(), count).await??)
     }
 }
 
@@ -1274,6 +1311,9 @@ mod tests {
         }
         async fn purge(&self, queue: String) -> Result<u64, RemoteError> {
             self.0.purge(queue).await
+        }
+        async fn peek(&self, queue: String, count: u32) -> Result<Vec<Peeked>, RemoteError> {
+            self.0.peek(queue, count).await
         }
     }
 

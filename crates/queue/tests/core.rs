@@ -330,3 +330,28 @@ fn purge_removes_what_waits_and_leaves_what_is_leased() {
     core.ack_at(1, held.id, held.delivery, T0).unwrap();
     assert_eq!(core.poll_timeout(T0), None, "nothing left to wait for");
 }
+
+#[test]
+fn peek_shows_what_a_consumer_would_get_next_and_changes_nothing() {
+    let mut core = queue(4);
+    core.handle_enqueue(4, None, 100 * S, None); // delayed
+    core.add_consumer(1, 1);
+    let held = core.poll_delivery(1, T0).unwrap();
+    assert_eq!(held.id, 0);
+    // Leased and delayed messages are not shown; the rest in order.
+    assert_eq!(core.peek(T0, 10), [(1, 0), (2, 0), (3, 0)]);
+    assert_eq!(core.peek(T0, 2), [(1, 0), (2, 0)]);
+    assert_eq!(core.peek(T0, 0), []);
+    let before = core.stats();
+    assert_eq!(core.peek(T0, 10).len(), 3);
+    assert_eq!(core.stats(), before, "peeking counts nothing");
+    assert_eq!(core.poll_event(), None);
+    // A message given back shows its earlier delivery; a delayed one shows
+    // once it is due.
+    core.nack(1, held.id, held.delivery, Duration::ZERO, T0)
+        .unwrap();
+    assert_eq!(core.peek(T0, 10), [(0, 1), (1, 0), (2, 0), (3, 0)]);
+    assert_eq!(core.peek(100 * S, 10).last(), Some(&(4, 0)));
+    // The consumer still gets exactly what peek showed first.
+    assert_eq!(core.poll_delivery(1, T0).unwrap().id, 0);
+}

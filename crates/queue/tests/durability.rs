@@ -236,3 +236,32 @@ async fn a_message_answered_as_stored_survives_a_compaction_run_while_it_was_wri
     assert_eq!(delivery.id, id);
     assert!(delivery.payload.ends_with(MARK));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_purge_has_every_removal_durable() {
+    let recording = Arc::new(Recording::default());
+    let queue = Queue::with_storage(
+        "purged",
+        Box::new(Shared(recording.clone())),
+        QueueConfig::default(),
+    )
+    .unwrap();
+    let stored = queue
+        .enqueue_batch((0..100).map(|_| Message::new("m")).collect())
+        .await
+        .unwrap();
+    let consumer = queue.consumer(1);
+    let leased = consumer.recv().await;
+    assert_eq!(queue.purge().await.unwrap(), 99);
+    let durable = recording.durable_removals.lock().unwrap().clone();
+    for outcome in stored {
+        let courier_queue::Enqueued::Stored(id) = outcome else {
+            panic!("no keys, no duplicates")
+        };
+        assert_eq!(
+            durable.contains(&id),
+            id != leased.id,
+            "message {id}: only the leased one is not removed"
+        );
+    }
+}

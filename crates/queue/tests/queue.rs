@@ -521,3 +521,50 @@ async fn a_consumer_shared_by_several_tasks_still_holds_at_most_its_prefetch() {
         "eight threads took more than the prefetch of 3"
     );
 }
+
+#[tokio::test]
+async fn peek_takes_nothing_and_purge_survives_a_restart_without_losing_leased_messages() {
+    let dir = TempDir::new("peek-purge");
+    {
+        let queue = Queue::open(&dir.0, "jobs", options()).await.unwrap();
+        for n in 0..5u8 {
+            queue.enqueue(Message::new(vec![n])).await.unwrap();
+        }
+        queue
+            .enqueue(Message::new(vec![9]).with_delay(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        let consumer = queue.consumer(2);
+        let held = consumer.recv().await;
+        let answered = consumer.recv().await;
+        assert_eq!((held.payload[0], answered.payload[0]), (0, 1));
+        let peeked = queue.peek(2);
+        let shown: Vec<u8> = peeked.iter().map(|p| p.payload[0]).collect();
+        assert_eq!(shown, [2, 3], "the next ready ones, oldest first");
+        assert_eq!(peeked[0].deliveries, 0);
+        assert_eq!(queue.peek(100).len(), 3, "neither leased nor delayed ones");
+        assert_eq!((queue.stats().depth, queue.stats().delivered), (4, 2));
+
+        // Purge: the 3 ready and the delayed one go; both leased ones stay
+        // with their consumer, whose answers still count.
+        assert_eq!(queue.purge().await.unwrap(), 4);
+        assert_eq!((queue.stats().depth, queue.stats().in_flight), (0, 2));
+        assert!(queue.peek(10).is_empty());
+        answered.nack(Duration::ZERO).await.unwrap();
+        let back: Vec<u8> = queue.peek(10).iter().map(|p| p.payload[0]).collect();
+        assert_eq!(back, [1], "a leased message given back is ready again");
+        assert_eq!(queue.peek(10)[0].deliveries, 1);
+        // Its consumer goes: the one it still held is ready again too.
+        drop((held, consumer));
+        assert_eq!(queue.purge().await.unwrap(), 2);
+        queue.enqueue(Message::new(vec![7])).await.unwrap();
+        let consumer = queue.consumer(1);
+        let leased = consumer.recv().await;
+        assert_eq!(leased.payload[0], 7);
+        assert_eq!(queue.purge().await.unwrap(), 0, "an empty purge is fine");
+        // Still leased when the queue closes: never acknowledged, so kept.
+    }
+    let queue = Queue::open(&dir.0, "jobs", options()).await.unwrap();
+    let left: Vec<u8> = queue.peek(10).iter().map(|p| p.payload[0]).collect();
+    assert_eq!(left, [7], "purged messages stay purged across a restart");
+}

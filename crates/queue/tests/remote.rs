@@ -298,6 +298,10 @@ async fn the_stats_of_a_missing_queue_are_not_found_and_create_nothing() {
             queue.purge().await,
             Err(RemoteQueueError::Queue(RemoteError::NotFound(_)))
         ));
+        assert!(matches!(
+            queue.peek(1).await,
+            Err(RemoteQueueError::Queue(RemoteError::NotFound(_)))
+        ));
     }
     assert!(!dir.join("orders").exists() && !dir.join("orders.dlq").exists());
     // Asking did not break the queue.
@@ -641,5 +645,97 @@ async fn coalesced_enqueues_too_large_together_are_stored_one_by_one() {
         assert!(matches!(outcome.unwrap(), Enqueued::Stored(_)));
     }
     assert_eq!(queue.stats().await.unwrap().depth, 3);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn peek_shows_ready_messages_without_taking_them_and_purge_keeps_leased_ones() {
+    let (server, dir) = host("peek-purge").await;
+    let queue = RemoteQueue::connect(server.local_addr(), "work", ClientConfig::default())
+        .await
+        .unwrap();
+    queue
+        .enqueue_batch((0..5u8).map(|n| Message::new(vec![n])).collect())
+        .await
+        .unwrap();
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let leased = within("a delivery", consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(leased.payload[0], 0);
+    until_stats(&queue, "the lease", |s| s.in_flight == 1).await;
+    let peeked = queue.peek(3).await.unwrap();
+    let shown: Vec<u8> = peeked.iter().map(|p| p.payload[0]).collect();
+    assert_eq!(shown, [1, 2, 3]);
+    assert_eq!(queue.peek(100).await.unwrap().len(), 4);
+    assert_eq!(queue.peek(0).await.unwrap(), []);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.in_flight, stats.delivered), (4, 1, 1));
+
+    assert_eq!(queue.purge().await.unwrap(), 4);
+    assert!(queue.peek(10).await.unwrap().is_empty());
+    // The leased one was not purged: given back, it is there to take.
+    leased.nack(Duration::ZERO).await.unwrap();
+    let again = within("redelivery", consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.payload[0], again.delivery), (0, 2));
+    again.ack().await.unwrap();
+    assert_eq!(queue.stats().await.unwrap().acknowledged, 1);
+
+    // One answer carries at most PEEK_BYTES of payload (and always one).
+    use courier_queue::remote::PEEK_BYTES;
+    let large = RemoteQueue::connect(server.local_addr(), "large", ClientConfig::default())
+        .await
+        .unwrap();
+    let big = vec![b'x'; PEEK_BYTES * 3 / 5];
+    large
+        .enqueue_batch(vec![Message::new(big.clone()), Message::new(big)])
+        .await
+        .unwrap();
+    assert_eq!(large.peek(10).await.unwrap().len(), 1);
+    assert_eq!(large.purge().await.unwrap(), 2);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Anyone may produce, nobody may consume.
+struct ProduceOnly;
+
+impl courier_queue::remote::QueueAccess for ProduceOnly {
+    fn may_produce(&self, _: Option<&str>, _: &str) -> bool {
+        true
+    }
+    fn may_consume(&self, _: Option<&str>, _: &str) -> bool {
+        false
+    }
+}
+
+#[tokio::test]
+async fn peek_and_purge_need_the_permission_to_consume() {
+    let dir = std::env::temp_dir().join(format!("courier-remote-access-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let listener =
+        courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
+            .await
+            .unwrap();
+    let host =
+        QueueHost::new(&dir, QueueOptions::default()).with_access(std::sync::Arc::new(ProduceOnly));
+    let server = Server::new(ServerConfig::default())
+        .service(QueueServiceServer::new(host))
+        .spawn(listener);
+    let queue = RemoteQueue::connect(server.local_addr(), "locked", ClientConfig::default())
+        .await
+        .unwrap();
+    queue.enqueue(Message::new("kept")).await.unwrap();
+    assert!(matches!(
+        queue.peek(1).await,
+        Err(RemoteQueueError::Queue(RemoteError::PermissionDenied(_)))
+    ));
+    assert!(matches!(
+        queue.purge().await,
+        Err(RemoteQueueError::Queue(RemoteError::PermissionDenied(_)))
+    ));
     let _ = std::fs::remove_dir_all(dir);
 }
