@@ -418,6 +418,33 @@ pub enum QueueCommand {
         #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
         wait: Duration,
     },
+    /// Show the next ready messages (oldest first, as consumers would get
+    /// them) without taking or leasing them: nothing changes, and a
+    /// consumer may take them the moment after. Messages leased to
+    /// consumers and delayed ones not yet due are not shown. Exit code 4
+    /// if none is ready.
+    #[command(
+        after_help = "Examples:\n  courier queue peek jobs\n  courier queue peek jobs --count 20\n  courier --json queue peek jobs.dlq --count 5   # id, deliveries, data"
+    )]
+    Peek {
+        /// The queue (it must exist).
+        queue: String,
+        /// How many to show, 1 to 1000 (fewer if their data passes 1 MiB).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=courier_queue::remote::MAX_PEEK as i64))]
+        count: u32,
+    },
+    /// Remove every message waiting in the queue (ready, or delayed and not
+    /// yet due), durably, and print how many. Messages leased to consumers
+    /// (in flight) are not removed: an ack removes them as usual, and a
+    /// nack, an expired lease or a consumer that goes away makes them ready
+    /// again, so a later purge or consumer sees them.
+    #[command(
+        after_help = "Examples:\n  courier queue purge jobs\n  courier queue purge jobs.dlq          # discard its dead letters\n  courier --json queue purge jobs       # {\"queue\":\"jobs\",\"purged\":3,\"in_flight\":1}"
+    )]
+    Purge {
+        /// The queue (it must exist).
+        queue: String,
+    },
     /// A queue's counters, as a table (`--json`: one object).
     #[command(
         after_help = "Examples:\n  courier queue stats jobs\n  courier queue stats jobs.dlq          # its dead letters\n  courier --json queue stats jobs | jq .depth"
@@ -555,6 +582,51 @@ pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Resu
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
                 print!("{}", stats_table(&queue, &stats));
+            }
+            Ok(())
+        }
+        QueueCommand::Peek { queue, count } => {
+            let peeked = RemoteQueue::with_client(client, &queue).peek(count).await?;
+            if peeked.is_empty() {
+                return Err(Failure::nothing(format!("no ready message in {queue}")).into());
+            }
+            let mut out = std::io::stdout().lock();
+            for message in peeked {
+                if json {
+                    let line = serde_json::json!({
+                        "id": message.id,
+                        "deliveries": message.deliveries,
+                        "data": String::from_utf8_lossy(&message.payload),
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}: {}",
+                        message.id,
+                        String::from_utf8_lossy(&message.payload)
+                    )?;
+                }
+            }
+            out.flush()?;
+            Ok(())
+        }
+        QueueCommand::Purge { queue } => {
+            let remote = RemoteQueue::with_client(client, &queue);
+            let purged = remote.purge().await?;
+            // What stayed: leased messages, for the message below.
+            let in_flight = remote.stats().await.map_or(0, |stats| stats.in_flight);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"queue": queue, "purged": purged, "in_flight": in_flight})
+                );
+            } else if in_flight > 0 {
+                println!(
+                    "purged {purged} messages from {queue}; {in_flight} leased to consumers stay until answered"
+                );
+            } else {
+                println!("purged {purged} messages from {queue}");
             }
             Ok(())
         }

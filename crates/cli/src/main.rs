@@ -7,7 +7,7 @@
 //! |---|---|
 //! | 0 | done |
 //! | 1 | failed (the broker refused, storage failed, ...) |
-//! | 2 | bad usage or bad input (unknown flag, invalid subject, bad config) |
+//! | 2 | bad usage or bad input (unknown flag, invalid subject, bad config, no such queue) |
 //! | 3 | the broker cannot be reached |
 //! | 4 | nothing arrived in time (no reply, no responders, empty queue, `sub --timeout` passed) |
 //! | 5 | refused: not authenticated, or not permitted |
@@ -195,6 +195,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         Some(RemoteQueueError::Queue(courier_queue::remote::RemoteError::PermissionDenied(_))) => {
             return 5
         }
+        Some(RemoteQueueError::Queue(courier_queue::remote::RemoteError::NotFound(_))) => return 2,
         _ => {}
     }
     1

@@ -991,3 +991,113 @@ fn sub_with_a_timeout_exits_4_when_nothing_more_arrives() {
     let bad = courier(&url, &["sub", "a", "--timeout", "soon"], "");
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_peek_shows_without_taking_and_purge_removes_what_waits() {
+    // The command runs to its end on this thread; the consumer below keeps
+    // its connection on the other.
+    let courier = |url: &str, args: &[&str], stdin: &str| {
+        tokio::task::block_in_place(|| courier(url, args, stdin))
+    };
+    let dir = TempDir::new("peek-purge");
+    let broker = BrokerProcess::start(&dir.0.join("data"), "tcp://127.0.0.1:0");
+    let url = broker.url.clone();
+    let pushed = courier(&url, &["queue", "push", "pp", "--lines"], "a\nb\nc\nd\n");
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+
+    let peeked = courier(&url, &["queue", "peek", "pp", "--count", "2"], "");
+    assert!(peeked.status.success(), "{}", stderr(&peeked));
+    let data: Vec<String> = stdout(&peeked)
+        .lines()
+        .map(|l| l.split_once(": ").unwrap().1.to_string())
+        .collect();
+    assert_eq!(data, ["a", "b"]);
+    // Nothing was taken: peeking again shows the same, and so does JSON.
+    let again = courier(&url, &["--json", "queue", "peek", "pp"], "");
+    let first: serde_json::Value = serde_json::from_str(stdout(&again).trim()).unwrap();
+    assert_eq!(
+        (first["data"].as_str(), first["deliveries"].as_u64()),
+        (Some("a"), Some(0))
+    );
+    let depth = |url: &str| {
+        let output = courier(url, &["--json", "queue", "stats", "pp"], "");
+        let stats: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+        (
+            stats["depth"].as_u64().unwrap(),
+            stats["delivered"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(depth(&url), (4, 0));
+
+    // A consumer holds "a" (leased) while the rest is purged.
+    let queue = RemoteQueue::connect(&broker.address(), "pp", ClientConfig::default())
+        .await
+        .unwrap();
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .expect("a delivery within 30 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&held.payload[..], b"a");
+    let purged = courier(&url, &["--json", "queue", "purge", "pp"], "");
+    assert!(purged.status.success(), "{}", stderr(&purged));
+    let purged: serde_json::Value = serde_json::from_str(stdout(&purged).trim()).unwrap();
+    assert_eq!(purged["queue"], "pp");
+    assert_eq!(
+        (purged["purged"].as_u64(), purged["in_flight"].as_u64()),
+        (Some(3), Some(1))
+    );
+    let empty = courier(&url, &["queue", "peek", "pp"], "");
+    assert_eq!(empty.status.code(), Some(4), "{}", stderr(&empty));
+    let text = courier(&url, &["queue", "purge", "pp"], "");
+    assert_eq!(
+        stdout(&text),
+        "purged 0 messages from pp; 1 leased to consumers stay until answered\n"
+    );
+    // Given back, the leased message is there again: the purge lost nothing
+    // that was in flight.
+    held.nack(Duration::ZERO).await.unwrap();
+    // The consumer may have taken it again before it goes; once gone, what
+    // it held is ready.
+    drop(consumer);
+    let mut back = None;
+    for _ in 0..1000 {
+        let output = courier(&url, &["--json", "queue", "peek", "pp"], "");
+        if output.status.success() {
+            back = Some(serde_json::from_str::<serde_json::Value>(stdout(&output).trim()).unwrap());
+            break;
+        }
+        assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let back = back.expect("the leased message is back after its consumer went");
+    assert_eq!(back["data"].as_str(), Some("a"));
+    assert!(back["deliveries"].as_u64() >= Some(1), "{back}");
+
+    // Bad input: an unknown queue, a bad count.
+    for args in [
+        &["queue", "peek", "nowhere"][..],
+        &["queue", "purge", "nowhere"],
+        &["queue", "stats", "nowhere"],
+        &["queue", "peek", "pp", "--count", "0"],
+        &["queue", "peek", "pp", "--count", "1001"],
+    ] {
+        let output = courier(&url, args, "");
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        if args.contains(&"nowhere") {
+            assert_eq!(stderr(&output).lines().count(), 1, "{}", stderr(&output));
+        }
+    }
+    let unknown = courier(&url, &["queue", "purge", "nowhere"], "");
+    assert!(
+        stderr(&unknown).contains("no queue named \"nowhere\""),
+        "{}",
+        stderr(&unknown)
+    );
+}
