@@ -13,7 +13,7 @@ pub enum CertCommand {
     /// Write a development CA, a server certificate and client
     /// certificates (PEM, owner-only) into a directory.
     #[command(
-        after_help = "Example, then a TLS broker and a client:\n  courier cert generate --dir certs --client alice\n  courier serve --listen tls://127.0.0.1:7443 --cert certs/server.pem --key certs/server-key.pem\n  courier --url tls://localhost:7443 --tls-ca certs/ca.pem pub hello world\n\nNot for production: the CA's key is written next to the certificates."
+        after_help = "Examples: the certificates, then a TLS broker and a client using them\n  courier cert generate --dir certs --client alice\n  courier serve --listen tls://127.0.0.1:7443 --cert certs/server.pem --key certs/server-key.pem\n  courier --url tls://localhost:7443 --tls-ca certs/ca.pem pub hello world\n\nNot for production: the CA's key is written next to the certificates."
     )]
     Generate {
         /// Where to write the files.

@@ -409,6 +409,9 @@ pub enum QueueCommand {
     /// Acknowledge messages by id: pop them with --requeue first to look.
     /// Takes deliveries until it has seen each id, acknowledging those and
     /// giving the others back.
+    #[command(
+        after_help = "Examples:\n  courier queue pop jobs --requeue   # prints ID: DATA, and gives it back\n  courier queue ack jobs 42\n  courier queue ack jobs 42 43 --wait 10s"
+    )]
     Ack {
         /// The queue.
         queue: String,
@@ -454,6 +457,9 @@ pub enum QueueCommand {
         queue: String,
     },
     /// Every queue the broker has open, with its depth.
+    #[command(
+        after_help = "Examples:\n  courier queue list\n  courier --json queue list | jq -r .queue"
+    )]
     List,
 }
 

@@ -36,7 +36,10 @@ pub enum KvCommand {
         stale: bool,
     },
     /// Delete KEY.
-    #[command(name = "del", after_help = "Example:\n  courier kv del config/color")]
+    #[command(
+        name = "del",
+        after_help = "Examples:\n  courier kv del config/color\n  courier --url tcp://a:7878,tcp://b:7878 kv del config/color"
+    )]
     Delete {
         /// The key.
         key: String,
@@ -96,7 +99,7 @@ pub enum ClusterCommand {
     /// Add node ID at ADDR as a voting member (it catches up first).
     #[command(
         name = "add-node",
-        after_help = "Example:\n  courier cluster add-node 4 tcp://10.0.0.4:7878"
+        after_help = "Examples:\n  # on the new machine first, waiting to be added:\n  courier serve --listen tcp://10.0.0.4:7878 --node 4 --join\n  # then from anywhere:\n  courier cluster add-node 4 tcp://10.0.0.4:7878"
     )]
     AddNode {
         /// The new node's id.
@@ -107,7 +110,7 @@ pub enum ClusterCommand {
     /// Remove node ID from the cluster.
     #[command(
         name = "remove-node",
-        after_help = "Example:\n  courier cluster remove-node 4"
+        after_help = "Examples:\n  courier cluster remove-node 4\n  courier --url tcp://10.0.0.1:7878 cluster remove-node 4   # ask node 1"
     )]
     RemoveNode {
         /// The node's id.

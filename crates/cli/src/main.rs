@@ -78,7 +78,9 @@ enum Command {
     )]
     Subscribe(client::SubscribeArgs),
     /// Send a request to SUBJECT and print the first reply.
-    #[command(after_help = "Example:\n  courier request svc.upper 'hello' --timeout 2s")]
+    #[command(
+        after_help = "Examples:\n  courier request svc.upper 'hello' --timeout 2s\n  date | courier request svc.log          # the request from stdin\n  courier --json request svc.upper hi     # the reply with its subject"
+    )]
     Request(client::RequestArgs),
     /// Serve SUBJECT from the shell: answer each request with DATA, or with
     /// what COMMAND prints given the request on its stdin.
@@ -87,24 +89,40 @@ enum Command {
     )]
     Reply(client::ReplyArgs),
     /// Use durable queues.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  courier queue push jobs 'resize 1.png'\n  courier queue pop jobs --count 10\n  courier queue peek jobs\n  courier queue stats jobs\n  courier queue list"
+    )]
     Queue(client::QueueCommand),
     /// Show the broker's counters.
+    #[command(after_help = "Examples:\n  courier stats\n  courier --json stats | jq .published")]
     Stats,
     /// Use a cluster's replicated key-value store (shared state).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  courier kv put config/color blue\n  courier kv get config/color\n  courier kv watch config/"
+    )]
     Kv(kv::KvCommand),
     /// See and change a cluster's membership.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  courier cluster status\n  courier cluster add-node 4 tcp://10.0.0.4:7878\n  courier cluster remove-node 4"
+    )]
     Cluster(kv::ClusterCommand),
     /// Measure a broker: pub/sub throughput and fan-out, request-reply
     /// latency, durable queue throughput.
     Bench(bench::BenchArgs),
     /// Start a broker and worker processes on loopback and exercise all
     /// five mechanisms, then print what happened.
+    #[command(
+        after_help = "Examples:\n  courier demo\n  courier demo --count 300   # a quicker run"
+    )]
     Demo(demo::DemoArgs),
     /// Development certificates for trying TLS.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  courier cert generate --dir certs\n  courier cert generate --dir certs --client alice --name broker.local"
+    )]
     Cert(cert::CertCommand),
     /// A mixed workload over a broker process with faults injected from a
     /// seed, checked throughout (what `cargo xtask soak` runs).
@@ -286,6 +304,34 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn every_command_has_examples_in_its_help() {
+        use clap::CommandFactory;
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in command.get_subcommands() {
+                if sub.is_hide_set() || sub.get_name() == "help" {
+                    continue;
+                }
+                let path = format!("{path} {}", sub.get_name());
+                let help = sub
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                // The heading, then at least one command line under it.
+                let filled = help.split_once("Examples:").is_some_and(|(_, rest)| {
+                    rest.lines().any(|line| line.starts_with("  courier "))
+                });
+                if !filled {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "courier", &mut missing);
+        assert!(missing.is_empty(), "no Examples: section in {missing:?}");
     }
 
     #[test]
