@@ -1,12 +1,14 @@
 //! Errors of the transport layer, one enum per operation. Each says whether
-//! trying again (on a fresh connection) may succeed.
+//! trying again (on a fresh connection) may succeed, and what
+//! [`ErrorKind`] of failure it is (`kind()`), the shape every Courier
+//! error shares.
 
 use std::io;
 use std::time::Duration;
 
-use courier_wire::{io_is_retryable, DecodeError, EncodeError, PreambleError};
+use courier_wire::{DecodeError, EncodeError, PreambleError};
 
-use crate::Address;
+use crate::{Address, AddressError, ErrorKind};
 
 /// Why the preamble exchange that opens a stream connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,16 +33,29 @@ pub enum HandshakeError {
 }
 
 impl HandshakeError {
+    /// What kind of failure this is: a peer that is not Courier (or
+    /// another version) is [`ErrorKind::Unsupported`], a refused or
+    /// untrusted certificate [`ErrorKind::Refused`], missing TLS settings
+    /// [`ErrorKind::InvalidInput`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            HandshakeError::Preamble(err) => match err.is_retryable() {
+                true => ErrorKind::Unavailable,
+                false => ErrorKind::Unsupported,
+            },
+            HandshakeError::Timeout(_) => ErrorKind::TimedOut,
+            HandshakeError::Io(err) => match err.kind() {
+                io::ErrorKind::UnexpectedEof => ErrorKind::Unavailable,
+                _ => ErrorKind::of_io(err),
+            },
+            HandshakeError::Tls(_) => ErrorKind::Refused,
+            HandshakeError::TlsNotConfigured(_) => ErrorKind::InvalidInput,
+        }
+    }
+
     /// Whether trying again may succeed.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            HandshakeError::Preamble(err) => err.is_retryable(),
-            HandshakeError::Timeout(_) => true,
-            HandshakeError::Io(err) => {
-                io_is_retryable(err) || err.kind() == io::ErrorKind::UnexpectedEof
-            }
-            HandshakeError::Tls(_) | HandshakeError::TlsNotConfigured(_) => false,
-        }
+        self.kind().is_retryable()
     }
 }
 
@@ -73,12 +88,18 @@ pub enum BindError {
 }
 
 impl BindError {
+    /// What kind of failure this is: an address in use or a name that does
+    /// not resolve is [`ErrorKind::Unavailable`] (both may change).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            BindError::InUse { .. } | BindError::Resolve { .. } => ErrorKind::Unavailable,
+            BindError::Io { source, .. } => ErrorKind::of_io(source),
+        }
+    }
+
     /// Whether trying again may succeed.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            BindError::InUse { .. } | BindError::Resolve { .. } => true,
-            BindError::Io { source, .. } => io_is_retryable(source),
-        }
+        self.kind().is_retryable()
     }
 }
 
@@ -127,15 +148,24 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// What kind of failure this is: a refused connection, an unresolved
+    /// name or a missing listener is [`ErrorKind::Unavailable`], the
+    /// connect timeout [`ErrorKind::TimedOut`]; a failed handshake has its
+    /// own kind ([`HandshakeError::kind`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ConnectError::Resolve { .. } | ConnectError::NoListener { .. } => {
+                ErrorKind::Unavailable
+            }
+            ConnectError::Timeout { .. } => ErrorKind::TimedOut,
+            ConnectError::Io { source, .. } => ErrorKind::of_io(source),
+            ConnectError::Handshake { source, .. } => source.kind(),
+        }
+    }
+
     /// Whether trying again may succeed.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            ConnectError::Resolve { .. }
-            | ConnectError::Timeout { .. }
-            | ConnectError::NoListener { .. } => true,
-            ConnectError::Io { source, .. } => io_is_retryable(source),
-            ConnectError::Handshake { source, .. } => source.is_retryable(),
-        }
+        self.kind().is_retryable()
     }
 }
 
@@ -166,13 +196,22 @@ pub enum SendError {
 }
 
 impl SendError {
+    /// What kind of failure this is: a frame over the limit is
+    /// [`ErrorKind::LimitExceeded`], a value that does not serialize
+    /// [`ErrorKind::InvalidInput`], a closed connection
+    /// [`ErrorKind::Unavailable`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SendError::FrameTooLarge { .. } => ErrorKind::LimitExceeded,
+            SendError::Serialize(_) => ErrorKind::InvalidInput,
+            SendError::Closed => ErrorKind::Unavailable,
+            SendError::Io(err) => ErrorKind::of_io(err),
+        }
+    }
+
     /// Whether trying again (on a new connection) may succeed.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            SendError::FrameTooLarge { .. } | SendError::Serialize(_) => false,
-            SendError::Closed => true,
-            SendError::Io(err) => io_is_retryable(err),
-        }
+        self.kind().is_retryable()
     }
 }
 
@@ -215,13 +254,22 @@ pub enum RecvError {
 }
 
 impl RecvError {
+    /// What kind of failure this is: a peer sending what is not valid
+    /// frames is [`ErrorKind::Unsupported`]; a connection that ended or
+    /// went silent is [`ErrorKind::Unavailable`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RecvError::Decode(_) => ErrorKind::Unsupported,
+            RecvError::UnexpectedEof { .. } | RecvError::PeerSilent { .. } => {
+                ErrorKind::Unavailable
+            }
+            RecvError::Io(err) => ErrorKind::of_io(err),
+        }
+    }
+
     /// Whether trying again (on a new connection) may succeed.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            RecvError::Decode(_) => false,
-            RecvError::UnexpectedEof { .. } | RecvError::PeerSilent { .. } => true,
-            RecvError::Io(err) => io_is_retryable(err),
-        }
+        self.kind().is_retryable()
     }
 }
 
@@ -239,8 +287,87 @@ pub enum AcceptError {
 }
 
 impl AcceptError {
+    /// [`ErrorKind::Internal`]: the listener itself failed.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AcceptError::Stopped { .. } => ErrorKind::Internal,
+        }
+    }
+
     /// Always false for this listener.
     pub fn is_retryable(&self) -> bool {
         false
+    }
+}
+
+impl AddressError {
+    /// [`ErrorKind::InvalidInput`], always: the text is not an address.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AddressError::MissingScheme(_)
+            | AddressError::UnsupportedScheme { .. }
+            | AddressError::InvalidHostPort { .. }
+            | AddressError::InvalidUnixPath { .. }
+            | AddressError::EmptyListEntry { .. }
+            | AddressError::TooManyAddresses { .. }
+            | AddressError::InvalidMemName { .. } => ErrorKind::InvalidInput,
+        }
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_unavailable_and_retryable() {
+        // A port that was just free: nothing listens there now.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address: Address = format!("tcp://127.0.0.1:{port}").parse().unwrap();
+        let err = crate::connect(&address, &crate::TransportConfig::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        assert!(err.is_retryable());
+        let missing: Address = "mem://kind-tests-nobody".parse().unwrap();
+        let err = crate::connect(&missing, &crate::TransportConfig::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    }
+
+    #[test]
+    fn each_error_has_the_kind_its_variant_says() {
+        let address: Address = "tcp://127.0.0.1:1".parse().unwrap();
+        let timeout = ConnectError::Timeout {
+            address: address.clone(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(timeout.kind(), ErrorKind::TimedOut);
+        let not_courier = ConnectError::Handshake {
+            address,
+            source: HandshakeError::Preamble(PreambleError::VersionMismatch { ours: 1, theirs: 2 }),
+        };
+        assert_eq!(not_courier.kind(), ErrorKind::Unsupported);
+        assert!(!not_courier.is_retryable());
+        assert_eq!(
+            HandshakeError::Tls("unknown issuer".into()).kind(),
+            ErrorKind::Refused
+        );
+        let too_large = SendError::FrameTooLarge { size: 2, limit: 1 };
+        assert_eq!(too_large.kind(), ErrorKind::LimitExceeded);
+        assert_eq!(SendError::Closed.kind(), ErrorKind::Unavailable);
+        let silent = RecvError::PeerSilent {
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(silent.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            "nonsense".parse::<Address>().unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
     }
 }

@@ -50,7 +50,9 @@
 //!   handshakes.
 //! - Nothing waits forever when asked not to: connects and handshakes have
 //!   timeouts, and [`Heartbeat`]s detect a peer that went silent.
-//! - Errors are one enum per operation, each with `is_retryable()`.
+//! - Errors are one enum per operation, each with `is_retryable()` and a
+//!   `kind()`: the [`ErrorKind`] every Courier error shares, so callers
+//!   match one enum whatever the mechanism.
 //!
 //! ## Why an enum of links and not a trait object
 //!
@@ -75,6 +77,7 @@ mod backoff;
 mod config;
 mod connection;
 mod error;
+mod kind;
 mod listener;
 mod mem;
 #[cfg(target_os = "linux")]
@@ -89,6 +92,7 @@ pub use config::{Heartbeat, TransportConfig};
 pub use connection::{Connection, FrameReceiver, FrameSender};
 pub use courier_wire::{Checksum, Flags, Frame, FrameKind};
 pub use error::{AcceptError, BindError, ConnectError, HandshakeError, RecvError, SendError};
+pub use kind::ErrorKind;
 pub use listener::{Listener, ListenerStats};
 pub use tls::{TlsClient, TlsError, TlsServer};
 
