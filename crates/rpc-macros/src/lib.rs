@@ -20,6 +20,25 @@ use syn::{parse_macro_input, FnArg, ItemTrait, Pat, ReturnType, TraitItem};
 /// `Service::method_fingerprint` with the same values, so the server
 /// refuses only calls of a method whose definition differs (see
 /// "Versioning" in the `courier-rpc` crate docs).
+///
+/// # Arguments are owned
+///
+/// The server decodes a call's arguments from a buffer it drops once the
+/// handler starts, and the client decodes results and stream items the
+/// same way, so every argument, result and item type must own its data
+/// (`serde::de::DeserializeOwned`): `String`, not `&str`; `Vec<u8>`, not
+/// `&[u8]`; no references and no lifetimes other than `'static` anywhere in
+/// the type. The attribute refuses a borrowed one with an error on it
+/// ("arguments are deserialized into owned values: use String instead of
+/// &str"), rather than leaving serde to report that `Deserialize` "is not
+/// general enough". The other shapes it refuses, each with an error on the
+/// offending item: a generic trait, an item that is not a method, a method
+/// that is not `async fn`, has a default body or does not take `&self`
+/// first, an argument that is a pattern rather than a name, an `Items<T>`
+/// sink that is not the last parameter, a streaming method that returns
+/// something, and a `#[oneway]` method that returns something or streams.
+/// `crates/rpc/tests/ui/` holds a compile-fail test for each of the common
+/// ones.
 #[proc_macro_attribute]
 pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !attr.is_empty() {
@@ -66,6 +85,126 @@ fn item_type(ty: &syn::Type) -> Option<syn::Type> {
     };
     match generics.args.first()? {
         syn::GenericArgument::Type(item) if generics.args.len() == 1 => Some(item.clone()),
+        _ => None,
+    }
+}
+
+/// A type as the programmer would write it (`Vec<u8>`, not `Vec < u8 >`),
+/// for error messages.
+fn pretty(ty: &syn::Type) -> String {
+    let text = quote!(#ty).to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ' ' {
+            let prev = out.chars().last();
+            let next = chars.peek().copied();
+            let glue_prev = matches!(prev, Some('<' | '&' | '[' | '(' | ':' | '\''));
+            let glue_next = matches!(next, Some('<' | '>' | ',' | ']' | ')' | ';' | ':'));
+            if glue_prev || glue_next {
+                continue;
+            }
+        }
+        out.push(c);
+        if c == ',' || c == ';' {
+            out.push(' ');
+            while chars.peek() == Some(&' ') {
+                chars.next();
+            }
+        }
+    }
+    out
+}
+
+/// The first borrow inside `ty` (a reference, or a lifetime other than
+/// `'static`), as an error saying which owned type to use instead. `what`
+/// names the values (`arguments`, `results`, `items`). Such a type is not
+/// `DeserializeOwned`, which the generated code needs, and without this
+/// check serde reports it as "implementation of `Deserialize` is not
+/// general enough", far from the cause.
+fn borrowed(ty: &syn::Type, what: &str) -> Option<syn::Error> {
+    let owned = |advice: String| format!("{what} are deserialized into owned values: {advice}");
+    let lifetime = |lifetime: &syn::Lifetime| {
+        (lifetime.ident != "static").then(|| {
+            syn::Error::new_spanned(
+                lifetime,
+                owned(format!(
+                    "use a type that owns its data instead of one borrowing for `{lifetime}`"
+                )),
+            )
+        })
+    };
+    match ty {
+        syn::Type::Reference(reference) => {
+            let elem = &*reference.elem;
+            let advice = match elem {
+                syn::Type::Path(path) if path.qself.is_none() && path.path.is_ident("str") => {
+                    "use String instead of &str".to_string()
+                }
+                syn::Type::Path(path) if path.qself.is_none() && path.path.is_ident("Path") => {
+                    "use PathBuf instead of &Path".to_string()
+                }
+                syn::Type::Slice(slice) => {
+                    let item = pretty(&slice.elem);
+                    format!("use Vec<{item}> instead of &[{item}]")
+                }
+                _ => {
+                    let elem = pretty(elem);
+                    format!("use {elem} instead of a reference to it")
+                }
+            };
+            Some(syn::Error::new_spanned(reference, owned(advice)))
+        }
+        syn::Type::Path(path) => {
+            if let Some(qself) = &path.qself {
+                if let Some(err) = borrowed(&qself.ty, what) {
+                    return Some(err);
+                }
+            }
+            for segment in &path.path.segments {
+                match &segment.arguments {
+                    syn::PathArguments::None => {}
+                    syn::PathArguments::AngleBracketed(generics) => {
+                        for arg in &generics.args {
+                            let found = match arg {
+                                syn::GenericArgument::Lifetime(l) => lifetime(l),
+                                syn::GenericArgument::Type(t) => borrowed(t, what),
+                                syn::GenericArgument::AssocType(assoc) => borrowed(&assoc.ty, what),
+                                _ => None,
+                            };
+                            if found.is_some() {
+                                return found;
+                            }
+                        }
+                    }
+                    syn::PathArguments::Parenthesized(function) => {
+                        for input in &function.inputs {
+                            if let Some(err) = borrowed(input, what) {
+                                return Some(err);
+                            }
+                        }
+                        if let ReturnType::Type(_, output) = &function.output {
+                            return borrowed(output, what);
+                        }
+                    }
+                }
+            }
+            None
+        }
+        syn::Type::Array(array) => borrowed(&array.elem, what),
+        syn::Type::Slice(slice) => borrowed(&slice.elem, what),
+        syn::Type::Group(group) => borrowed(&group.elem, what),
+        syn::Type::Paren(paren) => borrowed(&paren.elem, what),
+        syn::Type::Ptr(pointer) => borrowed(&pointer.elem, what),
+        syn::Type::Tuple(tuple) => tuple.elems.iter().find_map(|t| borrowed(t, what)),
+        syn::Type::TraitObject(object) => object.bounds.iter().find_map(|bound| match bound {
+            syn::TypeParamBound::Lifetime(l) => lifetime(l),
+            _ => None,
+        }),
+        syn::Type::ImplTrait(bounds) => bounds.bounds.iter().find_map(|bound| match bound {
+            syn::TypeParamBound::Lifetime(l) => lifetime(l),
+            _ => None,
+        }),
         _ => None,
     }
 }
@@ -145,6 +284,24 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             }
         }
         let wire = &inputs[..inputs.len() - usize::from(stream.is_some())];
+        // Arguments are decoded on the server, results and items on the
+        // client, each from a buffer that is gone once decoding ends: every
+        // one of them must own its data.
+        for (_, ty) in wire {
+            if let Some(err) = borrowed(ty, "arguments") {
+                return Err(err);
+            }
+        }
+        if let Some((_, item)) = &stream {
+            if let Some(err) = borrowed(item, "items") {
+                return Err(err);
+            }
+        }
+        if let ReturnType::Type(_, ty) = &sig.output {
+            if let Some(err) = borrowed(ty, "results") {
+                return Err(err);
+            }
+        }
         let oneway = method.attrs.iter().any(|a| a.path().is_ident("oneway"));
         if oneway && (stream.is_some() || !matches!(&sig.output, ReturnType::Default)) {
             return Err(syn::Error::new_spanned(

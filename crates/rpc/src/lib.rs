@@ -54,6 +54,15 @@
 //!   new clients still call the old methods of an old server). A method
 //!   whose definition changed fails with [`RpcError::ProtocolMismatch`]
 //!   naming it; see [Versioning](#versioning) for what counts as a change.
+//! - **Owned arguments**: arguments, results and stream items are decoded
+//!   into owned values (`serde::de::DeserializeOwned`), so a method takes
+//!   `name: String`, not `name: &str`, and `Vec<u8>`, not `&[u8]`. The
+//!   attribute refuses a reference, or a lifetime other than `'static`,
+//!   anywhere in those types, with an error on it that names the owned type
+//!   to use (`arguments are deserialized into owned values: use String
+//!   instead of &str`), instead of serde's "`Deserialize` is not general
+//!   enough". `tests/compile_fail.rs` checks each of the attribute's common
+//!   errors with `trybuild` (a dev-dependency, for that test only).
 //!
 //! Transports are whatever `courier-transport` offers: `tcp://`,
 //! `unix://`, `mem://` (and `udp://`, though RPC needs no datagrams).

@@ -1,0 +1,6 @@
+#[courier_rpc::service]
+trait Echo {
+    async fn echo<'a>(&self, text: std::borrow::Cow<'a, str>) -> String;
+}
+
+fn main() {}

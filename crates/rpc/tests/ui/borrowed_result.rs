@@ -1,0 +1,6 @@
+#[courier_rpc::service]
+trait Names {
+    async fn first(&self) -> Option<&'static str>;
+}
+
+fn main() {}

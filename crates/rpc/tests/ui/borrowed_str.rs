@@ -1,0 +1,6 @@
+#[courier_rpc::service]
+trait Greeter {
+    async fn greet(&self, name: &str) -> String;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[courier_rpc::service]
+trait Clock {
+    fn now(&self) -> u64;
+}
+
+fn main() {}

@@ -1,0 +1,7 @@
+#[courier_rpc::service]
+trait Log {
+    #[oneway]
+    async fn write(&self, line: String) -> bool;
+}
+
+fn main() {}
