@@ -1,5 +1,8 @@
 //! Errors of the messaging shell, one enum per operation, each saying
-//! whether trying again can succeed.
+//! whether trying again can succeed and what [`ErrorKind`] of failure it
+//! is (`kind()`), the shape every Courier error shares.
+
+use courier_transport::ErrorKind;
 
 use crate::protocol::Rejection;
 
@@ -25,6 +28,45 @@ pub enum EndpointError {
     /// Names are 1 to 255 bytes.
     #[error("invalid endpoint name {0:?}: expected 1 to 255 bytes")]
     InvalidName(String),
+}
+
+impl StartError {
+    /// What kind of failure this is: a bind's own kind
+    /// ([`courier_transport::BindError::kind`]), or
+    /// [`ErrorKind::Internal`] for a runtime that would not start.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StartError::Bind(err) => err.kind(),
+            StartError::Runtime(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl EndpointError {
+    /// [`ErrorKind::Conflict`] for a name in use,
+    /// [`ErrorKind::InvalidInput`] for an invalid one.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EndpointError::InUse(_) => ErrorKind::Conflict,
+            EndpointError::InvalidName(_) => ErrorKind::InvalidInput,
+        }
+    }
+}
+
+impl Rejection {
+    /// What kind of refusal this is: no such endpoint is
+    /// [`ErrorKind::NotFound`]; another version of the message type, or
+    /// bytes the receiver cannot decode, [`ErrorKind::Unsupported`]; a
+    /// connection claiming the receiver's own id [`ErrorKind::Conflict`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Rejection::NoSuchEndpoint { .. } => ErrorKind::NotFound,
+            Rejection::SchemaMismatch { .. } | Rejection::Malformed { .. } => {
+                ErrorKind::Unsupported
+            }
+            Rejection::DuplicateNodeId => ErrorKind::Conflict,
+        }
+    }
 }
 
 /// Why a message was not sent, or not confirmed as its mode promises.
@@ -54,12 +96,25 @@ pub enum SendErrorKind {
 }
 
 impl SendErrorKind {
+    /// What kind of failure this is: a full queue is [`ErrorKind::Busy`],
+    /// an unreachable peer [`ErrorKind::Unavailable`], no acknowledgement
+    /// by the deadline [`ErrorKind::TimedOut`], a refusal the
+    /// [`Rejection`]'s kind, this node shutting down
+    /// [`ErrorKind::Internal`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SendErrorKind::Full => ErrorKind::Busy,
+            SendErrorKind::Unavailable(_) => ErrorKind::Unavailable,
+            SendErrorKind::Expired(_) => ErrorKind::TimedOut,
+            SendErrorKind::Rejected(rejection) => rejection.kind(),
+            SendErrorKind::Serialize(_) => ErrorKind::InvalidInput,
+            SendErrorKind::NodeShutdown => ErrorKind::Internal,
+        }
+    }
+
     /// Whether sending again may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            SendErrorKind::Full | SendErrorKind::Unavailable(_) | SendErrorKind::Expired(_)
-        )
+        self.kind().is_retryable()
     }
 }
 
@@ -85,6 +140,12 @@ impl<T> SendError<T> {
     /// The message, to send again or elsewhere.
     pub fn into_inner(self) -> T {
         self.message
+    }
+
+    /// What kind of failure this is (that of its
+    /// [`kind`](SendError::kind) field, a [`SendErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        self.kind.kind()
     }
 
     /// Whether sending again may succeed.
@@ -125,14 +186,58 @@ pub enum RequestError {
 }
 
 impl RequestError {
+    /// What kind of failure this is: no reply in time is
+    /// [`ErrorKind::TimedOut`], an unreachable or lost peer
+    /// [`ErrorKind::Unavailable`], too many in flight [`ErrorKind::Busy`],
+    /// a refusal the [`Rejection`]'s kind, a reply of another type
+    /// [`ErrorKind::Unsupported`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RequestError::Timeout => ErrorKind::TimedOut,
+            RequestError::Unavailable(_) | RequestError::PeerDead(_) => ErrorKind::Unavailable,
+            RequestError::Rejected(rejection) => rejection.kind(),
+            RequestError::Full => ErrorKind::Busy,
+            RequestError::Serialize(_) => ErrorKind::InvalidInput,
+            RequestError::Decode(_) => ErrorKind::Unsupported,
+            RequestError::NodeShutdown => ErrorKind::Internal,
+        }
+    }
+
     /// Whether asking again may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            RequestError::Timeout
-                | RequestError::Unavailable(_)
-                | RequestError::PeerDead(_)
-                | RequestError::Full
-        )
+        self.kind().is_retryable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_the_variants() {
+        let missing = Rejection::NoSuchEndpoint {
+            endpoint: "nobody".into(),
+        };
+        assert_eq!(
+            RequestError::Rejected(missing.clone()).kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(SendErrorKind::Rejected(missing).kind(), ErrorKind::NotFound);
+        assert_eq!(RequestError::Timeout.kind(), ErrorKind::TimedOut);
+        assert_eq!(
+            SendErrorKind::Expired("gone".into()).kind(),
+            ErrorKind::TimedOut
+        );
+        let unreachable = RequestError::Unavailable("connection refused".into());
+        assert_eq!(unreachable.kind(), ErrorKind::Unavailable);
+        assert!(unreachable.is_retryable());
+        assert_eq!(EndpointError::InUse("a".into()).kind(), ErrorKind::Conflict);
+        let send = SendError {
+            kind: SendErrorKind::Full,
+            message: (),
+        };
+        assert_eq!(send.kind(), ErrorKind::Busy);
+        assert!(send.is_retryable());
+        assert!(!RequestError::NodeShutdown.is_retryable());
     }
 }
