@@ -23,6 +23,10 @@
 //! [`reliable`] ([`Outbox`], [`Inbox`]) and [`requests`] ([`Requests`]).
 //! The node is the thin tokio shell that drives them.
 //!
+//! Two processes exchanging typed messages (at-least-once both ways, then a
+//! request): `crates/messaging/examples/orders.rs`
+//! (`cargo run -p courier-messaging --example orders`).
+//!
 //! ## Delivery semantics
 //!
 //! | mode | `send` returns `Ok` when | the handler sees a message |
