@@ -32,6 +32,10 @@
 //! unacknowledged message is ready again with its count starting over.
 //! Payloads of stored messages are kept in memory too, so memory follows
 //! the backlog.
+//!
+//! Two processes sharing a queue (a producer hosting it, a consumer taking
+//! it over the network, one job redelivered after a nack):
+//! `crates/queue/examples/jobs.rs` (`cargo run -p courier-queue --example jobs`).
 
 //! ## Example
 //!
