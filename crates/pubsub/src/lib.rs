@@ -32,6 +32,10 @@
 //!   one hop, only to nodes that want it; queue groups prefer a member on
 //!   the publisher's node.
 //!
+//! Two processes (a host serving a bus, a subscriber with wildcards, a queue
+//! group and a request-reply service): `crates/pubsub/examples/events.rs`
+//! (`cargo run -p courier-pubsub --example events`).
+//!
 //! Dependencies beyond the workspace's usual ones: courier-queue (durable
 //! subscriptions), postcard (their stored form and registry) and tracing
 //! (routes log what they lose).
