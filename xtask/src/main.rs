@@ -15,8 +15,10 @@ cargo xtask <command> [options]
 
 commands:
   ci                  everything CI checks: fmt, clippy -D warnings, layering,
-                      tests and doc tests, benchmark, peers and fuzz smoke runs
+                      tests and doc tests, examples, benchmark, peers and fuzz
+                      smoke runs
   test [ARGS..]       cargo test --workspace [ARGS..]
+  examples            run the two-process examples of messaging, queue and pubsub
   bench [ARGS..]      the benchmarks (criterion and end-to-end, release build);
                       results in target/bench/
   bench peers [--smoke] [--runs N] [FILTER..]
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
         "sim" => sim(rest),
         "fuzz" => fuzz(rest, true),
         "layers" => check_layers(),
+        "examples" => examples(),
         "crash" => crash(rest),
         "soak" => soak(rest),
         "help" | "--help" | "-h" => {
@@ -237,6 +240,22 @@ fn cargo_env(args: &[&str], envs: &[(&str, &str)]) -> Result<(), String> {
     }
 }
 
+/// Examples that run to completion by themselves: each starts its second
+/// process, bounds every wait, and exits non-zero on failure. (rpc's
+/// `server` waits for Ctrl-C, so CI only builds it, with clippy.)
+const EXAMPLES: &[(&str, &str)] = &[
+    ("courier-messaging", "orders"),
+    ("courier-queue", "jobs"),
+    ("courier-pubsub", "events"),
+];
+
+fn examples() -> Result<(), String> {
+    for (package, example) in EXAMPLES {
+        cargo(&["run", "--quiet", "-p", package, "--example", example])?;
+    }
+    Ok(())
+}
+
 fn check_layers() -> Result<(), String> {
     let violations = layers::check(&root())?;
     if violations.is_empty() {
@@ -272,6 +291,7 @@ fn ci() -> Result<(), String> {
             "tests and doc tests",
             Box::new(|| cargo(&["test", "--workspace"])),
         ),
+        ("examples", Box::new(examples)),
         // Benchmarks in test mode: each criterion benchmark runs once and the
         // end-to-end harness runs with tiny counts. No timing is judged.
         (
