@@ -1,7 +1,13 @@
 //! What can go wrong with a call. Framework errors ([`RpcError`]) are kept
 //! apart from the service's own errors, which are part of the method's
 //! return type (`Result<T, E>` arrives as `Ok(Err(e))`).
+//!
+//! [`RpcError::kind`] says what kind of failure a call's error is, as an
+//! [`ErrorKind`] shared by every Courier mechanism: a permission denial is
+//! [`ErrorKind::Refused`] here as it is for queues, pub/sub and the
+//! cluster.
 
+use courier_transport::ErrorKind;
 use serde::{Deserialize, Serialize};
 
 /// A refusal or failure reported by the server, on the wire.
@@ -191,16 +197,39 @@ pub enum RpcError {
 }
 
 impl RpcError {
-    /// Whether calling again may succeed.
+    /// What kind of failure this is. Every variant is mapped here by hand:
+    ///
+    /// - [`ErrorKind::TimedOut`]: `DeadlineExceeded`.
+    /// - [`ErrorKind::Unavailable`]: `Unavailable`, `Cancelled` (the server
+    ///   is shutting down).
+    /// - [`ErrorKind::Busy`]: `Overloaded`, `TooManyConnections`.
+    /// - [`ErrorKind::Refused`]: `Unauthenticated`, `PermissionDenied`.
+    /// - [`ErrorKind::Unsupported`]: `UnknownService`, `UnknownMethod`,
+    ///   `ProtocolMismatch`, `Decode` (the server does not offer the call,
+    ///   or speaks another version of it).
+    /// - [`ErrorKind::LimitExceeded`]: `TooLarge`, `TooManyStreams`.
+    /// - [`ErrorKind::InvalidInput`]: `Serialize`.
+    /// - [`ErrorKind::Internal`]: `Internal`, `ItemNotSent`.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RpcError::DeadlineExceeded => ErrorKind::TimedOut,
+            RpcError::Unavailable(_) | RpcError::Cancelled => ErrorKind::Unavailable,
+            RpcError::Overloaded | RpcError::TooManyConnections { .. } => ErrorKind::Busy,
+            RpcError::Unauthenticated(_) | RpcError::PermissionDenied(_) => ErrorKind::Refused,
+            RpcError::UnknownService { .. }
+            | RpcError::UnknownMethod { .. }
+            | RpcError::ProtocolMismatch { .. }
+            | RpcError::Decode(_) => ErrorKind::Unsupported,
+            RpcError::TooLarge { .. } | RpcError::TooManyStreams { .. } => ErrorKind::LimitExceeded,
+            RpcError::Serialize(_) => ErrorKind::InvalidInput,
+            RpcError::Internal(_) | RpcError::ItemNotSent(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// Whether calling again may succeed: whether its
+    /// [`kind`](Self::kind) is retryable.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            RpcError::DeadlineExceeded
-                | RpcError::Unavailable(_)
-                | RpcError::Cancelled
-                | RpcError::Overloaded
-                | RpcError::TooManyConnections { .. }
-        )
+        self.kind().is_retryable()
     }
 }
 
@@ -230,6 +259,64 @@ impl From<RpcFault> for RpcError {
             }
             RpcFault::ItemNotSent { reason } => RpcError::ItemNotSent(reason),
             RpcFault::Internal { reason } => RpcError::Internal(reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_deadlines_and_unreachable_servers_have_their_kinds() {
+        let denied: RpcError = RpcFault::PermissionDenied {
+            what: "queue.consume jobs".into(),
+        }
+        .into();
+        assert_eq!(denied.kind(), ErrorKind::Refused);
+        let unauthenticated: RpcError = RpcFault::Unauthenticated {
+            reason: "no token".into(),
+        }
+        .into();
+        assert_eq!(unauthenticated.kind(), ErrorKind::Refused);
+        assert_eq!(RpcError::DeadlineExceeded.kind(), ErrorKind::TimedOut);
+        let server: RpcError = RpcFault::DeadlineExceeded.into();
+        assert_eq!(server.kind(), ErrorKind::TimedOut);
+        let refused = RpcError::Unavailable("connection refused".into());
+        assert_eq!(refused.kind(), ErrorKind::Unavailable);
+        assert!(refused.is_retryable());
+        let unknown: RpcError = RpcFault::UnknownService {
+            service: "Nope".into(),
+        }
+        .into();
+        assert_eq!(unknown.kind(), ErrorKind::Unsupported);
+        let too_large = RpcError::TooLarge { size: 2, limit: 1 };
+        assert_eq!(too_large.kind(), ErrorKind::LimitExceeded);
+    }
+
+    #[test]
+    fn retryable_calls_are_exactly_those_of_a_retryable_kind() {
+        let retryable = [
+            RpcError::DeadlineExceeded,
+            RpcError::Unavailable(String::new()),
+            RpcError::Cancelled,
+            RpcError::Overloaded,
+            RpcError::TooManyConnections {
+                limit: 1,
+                scope: String::new(),
+            },
+        ];
+        for err in &retryable {
+            assert!(err.is_retryable(), "{err:?}");
+        }
+        let not = [
+            RpcError::TooManyStreams { limit: 1 },
+            RpcError::PermissionDenied(String::new()),
+            RpcError::Internal(String::new()),
+            RpcError::Serialize(String::new()),
+        ];
+        for err in &not {
+            assert!(!err.is_retryable(), "{err:?}");
         }
     }
 }
