@@ -199,17 +199,17 @@ pub enum RpcError {
 impl RpcError {
     /// What kind of failure this is. Every variant is mapped here by hand:
     ///
-    /// - [`ErrorKind::TimedOut`]: `DeadlineExceeded`.
-    /// - [`ErrorKind::Unavailable`]: `Unavailable`, `Cancelled` (the server
+    /// - [`ErrorKind::TimedOut`] for `DeadlineExceeded`.
+    /// - [`ErrorKind::Unavailable`] for `Unavailable`, `Cancelled` (the server
     ///   is shutting down).
-    /// - [`ErrorKind::Busy`]: `Overloaded`, `TooManyConnections`.
-    /// - [`ErrorKind::Refused`]: `Unauthenticated`, `PermissionDenied`.
-    /// - [`ErrorKind::Unsupported`]: `UnknownService`, `UnknownMethod`,
+    /// - [`ErrorKind::Busy`] for `Overloaded`, `TooManyConnections`.
+    /// - [`ErrorKind::Refused`] for `Unauthenticated`, `PermissionDenied`.
+    /// - [`ErrorKind::Unsupported`] for `UnknownService`, `UnknownMethod`,
     ///   `ProtocolMismatch`, `Decode` (the server does not offer the call,
     ///   or speaks another version of it).
-    /// - [`ErrorKind::LimitExceeded`]: `TooLarge`, `TooManyStreams`.
-    /// - [`ErrorKind::InvalidInput`]: `Serialize`.
-    /// - [`ErrorKind::Internal`]: `Internal`, `ItemNotSent`.
+    /// - [`ErrorKind::LimitExceeded`] for `TooLarge`, `TooManyStreams`.
+    /// - [`ErrorKind::InvalidInput`] for `Serialize`.
+    /// - [`ErrorKind::Internal`] for `Internal`, `ItemNotSent`.
     pub fn kind(&self) -> ErrorKind {
         match self {
             RpcError::DeadlineExceeded => ErrorKind::TimedOut,
