@@ -485,19 +485,49 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             #(#client_methods)*
         }
 
-        #[doc = concat!("Blocking client for the `", #name_str, "` service, for code without a runtime.")]
-        #[derive(Debug)]
+        #[doc = concat!("Blocking client for the `", #name_str, "` service, for code without a runtime: each method blocks the thread until its call is answered (never call one from async code). Clones share the connection and the runtime. See `courier_rpc::blocking`.")]
+        #[derive(Clone, Debug)]
         #vis struct #blocking {
             inner: #client,
             runtime: ::courier_rpc::blocking::Runtime,
         }
 
         impl #blocking {
-            /// Connects to `address` on a runtime of its own.
+            /// Connects to `address` on a runtime of its own (one worker
+            /// thread, shared by this client's clones).
             pub fn connect(address: &::courier_rpc::Address, config: ::courier_rpc::ClientConfig) -> ::core::result::Result<Self, ::courier_rpc::RpcError> {
-                let runtime = ::courier_rpc::blocking::Runtime::new()?;
+                Self::connect_on(&::courier_rpc::blocking::Runtime::new()?, address, config)
+            }
+
+            /// Connects to `address` on `runtime`, which any number of
+            /// blocking clients can share.
+            pub fn connect_on(runtime: &::courier_rpc::blocking::Runtime, address: &::courier_rpc::Address, config: ::courier_rpc::ClientConfig) -> ::core::result::Result<Self, ::courier_rpc::RpcError> {
                 let client = runtime.block_on(::courier_rpc::Client::connect(address, config))?;
-                Ok(Self { inner: #client::new(client), runtime })
+                Ok(Self::new(client, runtime.clone()))
+            }
+
+            /// Calls go through the existing `client` (its connection, shared
+            /// with its other users), run on `runtime` (shared, or the
+            /// caller's through `courier_rpc::blocking::Runtime::from_handle`).
+            pub fn new(client: ::courier_rpc::Client, runtime: ::courier_rpc::blocking::Runtime) -> Self {
+                Self { inner: #client::new(client), runtime }
+            }
+
+            /// The async client underneath, for async code sharing the
+            /// connection.
+            pub fn client(&self) -> &#client {
+                &self.inner
+            }
+
+            /// The runtime calls run on.
+            pub fn runtime(&self) -> &::courier_rpc::blocking::Runtime {
+                &self.runtime
+            }
+
+            /// The same client (same connection and runtime) with another
+            /// deadline for each call.
+            pub fn with_timeout(&self, timeout: ::std::time::Duration) -> Self {
+                Self { inner: self.inner.with_timeout(timeout), runtime: self.runtime.clone() }
             }
 
             #(#blocking_methods)*

@@ -253,6 +253,44 @@
 //! assert_eq!(tally.total().await?, 5050); // answered after every add ran
 //! # Ok(()) }
 //! ```
+//!
+//! ## Blocking clients
+//!
+//! For programs without an async runtime, the attribute also generates
+//! `<Trait>BlockingClient`: the same methods, blocking the thread until the
+//! call is answered (a streaming one returns a [`blocking::BlockingItems`]
+//! iterator). It is `Clone` (clones share the connection and the runtime)
+//! and has `with_timeout`, like the async client. Build it with
+//! `connect(address, config)` (a runtime of its own), `connect_on(&runtime,
+//! address, config)` (a [`blocking::Runtime`] shared by many clients,
+//! instead of one runtime per connection) or `new(client, runtime)` (an
+//! existing async [`Client`], sharing its connection, on a shared runtime
+//! or on the caller's own through [`blocking::Runtime::from_handle`]).
+//! Never call one from async code. The [`blocking`] module has an example.
+//!
+//! ```
+//! # let tokio = tokio::runtime::Runtime::new().unwrap();
+//! # let server = tokio.block_on(async {
+//! #     let listener = courier_transport::bind(&"mem://blocking-doc".parse().unwrap(), &Default::default()).await.unwrap();
+//! #     courier_rpc::Server::new(Default::default()).service(CounterServer::new(Zero)).spawn(listener)
+//! # });
+//! # struct Zero;
+//! # impl Counter for Zero { async fn next(&self) -> u64 { 0 } }
+//! use std::time::Duration;
+//! use courier_rpc::{blocking::Runtime, ClientConfig};
+//!
+//! #[courier_rpc::service]
+//! trait Counter {
+//!     async fn next(&self) -> u64;
+//! }
+//!
+//! let runtime = Runtime::new()?; // one runtime for every connection below
+//! let counter = CounterBlockingClient::connect_on(&runtime, server.local_addr(), ClientConfig::default())?;
+//! let patient = counter.with_timeout(Duration::from_secs(60));
+//! std::thread::spawn(move || patient.next()).join().unwrap()?;
+//! assert_eq!(counter.next()?, 0);
+//! # Ok::<(), courier_rpc::RpcError>(())
+//! ```
 
 #![warn(missing_docs)]
 
