@@ -167,6 +167,16 @@ pub enum LeaseError {
     },
 }
 
+impl LeaseError {
+    /// [`ErrorKind::Conflict`](courier_transport::ErrorKind::Conflict): the
+    /// delivery was answered already, or its lease went to someone else.
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        match self {
+            LeaseError::NotLeased { .. } => courier_transport::ErrorKind::Conflict,
+        }
+    }
+}
+
 /// Counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]

@@ -249,9 +249,38 @@ pub enum AppendError {
 }
 
 impl AppendError {
+    /// What kind of failure this is: a record over the limit is
+    /// [`ErrorKind::LimitExceeded`](courier_transport::ErrorKind::LimitExceeded),
+    /// a failed write (disk full, I/O error)
+    /// [`ErrorKind::Busy`](courier_transport::ErrorKind::Busy) (retryable
+    /// once the cause is fixed), a closed log
+    /// [`ErrorKind::Internal`](courier_transport::ErrorKind::Internal).
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        use courier_transport::ErrorKind;
+        match self {
+            AppendError::TooLarge { .. } => ErrorKind::LimitExceeded,
+            AppendError::Io(_) => ErrorKind::Busy,
+            AppendError::Closed => ErrorKind::Internal,
+        }
+    }
+
     /// Whether appending again may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, AppendError::Io(_))
+        self.kind().is_retryable()
+    }
+}
+
+impl OpenError {
+    /// What kind of failure this is: a log another process or queue holds
+    /// is [`ErrorKind::Conflict`](courier_transport::ErrorKind::Conflict),
+    /// the rest (unreadable files, an unfinished truncation)
+    /// [`ErrorKind::Internal`](courier_transport::ErrorKind::Internal).
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        use courier_transport::ErrorKind;
+        match self {
+            OpenError::Io { .. } | OpenError::Truncation { .. } => ErrorKind::Internal,
+            OpenError::Locked { .. } => ErrorKind::Conflict,
+        }
     }
 }
 

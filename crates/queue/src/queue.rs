@@ -12,6 +12,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use courier_transport::ErrorKind;
+
 use crate::core::{
     ConsumerId, DeliveryOutcome, DeliveryRecord, LeaseError, MessageId, QueueConfig, QueueCore,
     QueueEvent, QueueStats,
@@ -140,13 +142,26 @@ pub enum QueueError {
 }
 
 impl QueueError {
-    /// Whether trying again may succeed.
-    pub fn is_retryable(&self) -> bool {
+    /// What kind of failure this is, as an [`ErrorKind`] shared by every
+    /// Courier mechanism: an invalid name is [`ErrorKind::InvalidInput`],
+    /// no such queue [`ErrorKind::NotFound`], a full queue
+    /// [`ErrorKind::Busy`], a lost lease [`ErrorKind::Conflict`], storage
+    /// that failed its own kind ([`AppendError::kind`], [`OpenError::kind`]).
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            QueueError::Append(err) => err.is_retryable(),
-            QueueError::Full { .. } => true,
-            _ => false,
+            QueueError::InvalidName(_) => ErrorKind::InvalidInput,
+            QueueError::Open(err) => err.kind(),
+            QueueError::Append(err) => err.kind(),
+            QueueError::Lease(err) => err.kind(),
+            QueueError::Full { .. } => ErrorKind::Busy,
+            QueueError::NotFound(_) => ErrorKind::NotFound,
         }
+    }
+
+    /// Whether trying again may succeed: whether its
+    /// [`kind`](Self::kind) is retryable.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
     }
 }
 

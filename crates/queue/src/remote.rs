@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use courier_rpc::{Client, ClientConfig, ItemStream, Items, RpcError};
-use courier_transport::Address;
+use courier_transport::{Address, ErrorKind};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::coalesce::{Batcher, CallError, Coalescer, Limits};
@@ -66,6 +66,33 @@ pub enum RemoteError {
     /// purging it does not create it).
     #[error("no queue named {0:?}")]
     NotFound(String),
+}
+
+impl RemoteError {
+    /// What kind of failure this is, as an [`ErrorKind`] shared by every
+    /// Courier mechanism: a permission denial is [`ErrorKind::Refused`],
+    /// no such queue [`ErrorKind::NotFound`], an unknown delivery
+    /// [`ErrorKind::Conflict`] (answered already, or given to someone
+    /// else). Any other refusal or failure of the host crosses the network
+    /// as text and a retryable flag only: [`ErrorKind::Busy`] when
+    /// retryable (a full queue, storage failing for now), otherwise
+    /// [`ErrorKind::Internal`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RemoteError::Queue { retryable, .. } => match retryable {
+                true => ErrorKind::Busy,
+                false => ErrorKind::Internal,
+            },
+            RemoteError::UnknownDelivery => ErrorKind::Conflict,
+            RemoteError::PermissionDenied(_) => ErrorKind::Refused,
+            RemoteError::NotFound(_) => ErrorKind::NotFound,
+        }
+    }
+
+    /// Whether trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
 }
 
 /// Decides what each caller may do on a [`QueueHost`]. `who` is the
@@ -801,6 +828,23 @@ pub enum RemoteQueueError {
     Queue(#[from] RemoteError),
 }
 
+impl RemoteQueueError {
+    /// What kind of failure this is: the call's ([`RpcError::kind`]) or
+    /// the host's ([`RemoteError::kind`]). A permission denial is
+    /// [`ErrorKind::Refused`] either way.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RemoteQueueError::Rpc(err) => err.kind(),
+            RemoteQueueError::Queue(err) => err.kind(),
+        }
+    }
+
+    /// Whether trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
+}
+
 /// A queue on a [`QueueHost`] in another process or on another machine.
 /// Cheap to clone; clones share one connection and send their single
 /// enqueues together.
@@ -1433,5 +1477,98 @@ mod tests {
             found, stored,
             "every answered enqueue is there after a reopen"
         );
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use courier_rpc::{ClientConfig, Server, ServerConfig};
+
+    use super::*;
+
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    struct NobodyMay;
+
+    impl QueueAccess for NobodyMay {
+        fn may_produce(&self, _who: Option<&str>, _queue: &str) -> bool {
+            false
+        }
+        fn may_consume(&self, _who: Option<&str>, _queue: &str) -> bool {
+            false
+        }
+    }
+
+    /// A host under `dir` on a fresh mem:// address.
+    async fn serve(host: QueueHost) -> (courier_rpc::ServerHandle, Address) {
+        let address: Address = format!(
+            "mem://queue-kind-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+        .parse()
+        .unwrap();
+        let listener = courier_transport::bind(&address, &Default::default())
+            .await
+            .unwrap();
+        let server = Server::new(ServerConfig::default())
+            .service(QueueServiceServer::new(host))
+            .spawn(listener);
+        (server, address)
+    }
+
+    #[tokio::test]
+    async fn a_denied_producer_is_refused_and_an_unknown_queue_not_found() {
+        let dir = courier_test_support::TempDir::new("queue-kinds");
+        let denying = QueueHost::new(dir.path().join("a"), QueueOptions::default())
+            .with_access(Arc::new(NobodyMay));
+        let (_server, address) = serve(denying).await;
+        let queue = RemoteQueue::connect(&address, "jobs", ClientConfig::default())
+            .await
+            .unwrap();
+        let err = queue.enqueue(Message::new("x")).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
+        assert!(!err.is_retryable());
+
+        let open = QueueHost::new(dir.path().join("b"), QueueOptions::default());
+        let (_server, address) = serve(open).await;
+        let missing = RemoteQueue::connect(&address, "nothing", ClientConfig::default())
+            .await
+            .unwrap();
+        let err = missing.stats().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    }
+
+    #[test]
+    fn kinds_follow_the_variants() {
+        let full = QueueError::Full {
+            queue: "jobs".into(),
+            limit: 1,
+        };
+        assert_eq!(full.kind(), ErrorKind::Busy);
+        assert!(full.is_retryable());
+        // Crossing the network keeps the retryable kind.
+        assert_eq!(RemoteError::from(full).kind(), ErrorKind::Busy);
+        let invalid = QueueError::InvalidName("..".into());
+        assert_eq!(invalid.kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            QueueError::NotFound("jobs".into()).kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            RemoteError::from(QueueError::NotFound("jobs".into())).kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(RemoteError::UnknownDelivery.kind(), ErrorKind::Conflict);
+        let denied = RemoteQueueError::Rpc(RpcError::PermissionDenied("jobs".into()));
+        assert_eq!(denied.kind(), ErrorKind::Refused);
+        let late = RemoteQueueError::Rpc(RpcError::DeadlineExceeded);
+        assert_eq!(late.kind(), ErrorKind::TimedOut);
+        let down = RemoteQueueError::Rpc(RpcError::Unavailable("connection refused".into()));
+        assert_eq!(down.kind(), ErrorKind::Unavailable);
+        assert!(down.is_retryable());
     }
 }
