@@ -44,7 +44,8 @@ pub const DEFAULT_HEARTBEAT: Heartbeat = Heartbeat {
     timeout: Duration::from_secs(1),
 };
 
-/// Client settings.
+/// Client settings: `ClientConfig::default()` and its `with_*` builders
+/// (or field assignment); `#[non_exhaustive]`, so no struct literal.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ClientConfig {
@@ -72,6 +73,63 @@ impl Default for ClientConfig {
             max_in_flight: 10_000,
             token: None,
         }
+    }
+}
+
+/// Builders in the style of [`crate::ServerConfig`]'s, one per field (and
+/// one for the heartbeat inside `transport`); each returns the same
+/// settings with that one changed, so a config reads as a chain from
+/// `ClientConfig::default()`. The fields stay public: assigning them works
+/// as well.
+///
+/// ```
+/// use std::time::Duration;
+/// use courier_rpc::{ClientConfig, Secret};
+///
+/// let config = ClientConfig::default()
+///     .with_timeout(Duration::from_secs(30))
+///     .with_token(Secret::new("s3cret"))
+///     .with_heartbeat(None);
+/// assert_eq!(config.timeout, Duration::from_secs(30));
+/// assert!(config.transport.heartbeat.is_none());
+/// ```
+impl ClientConfig {
+    /// The same settings over `transport` (limits, TLS, heartbeats). It
+    /// replaces the whole transport config, heartbeat included: a
+    /// `TransportConfig::default()` has none, so add
+    /// [`DEFAULT_HEARTBEAT`] (or use [`with_heartbeat`](Self::with_heartbeat)
+    /// after this) to keep them.
+    pub fn with_transport(mut self, transport: TransportConfig) -> ClientConfig {
+        self.transport = transport;
+        self
+    }
+
+    /// The same settings with another heartbeat (`None`: none), leaving
+    /// the rest of `transport` as it is.
+    pub fn with_heartbeat(mut self, heartbeat: Option<Heartbeat>) -> ClientConfig {
+        self.transport.heartbeat = heartbeat;
+        self
+    }
+
+    /// The same settings with another deadline for each call (which
+    /// [`Client::with_timeout`] can still change per client).
+    pub fn with_timeout(mut self, timeout: Duration) -> ClientConfig {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The same settings with another limit of calls in flight on the
+    /// connection.
+    pub fn with_max_in_flight(mut self, limit: usize) -> ClientConfig {
+        self.max_in_flight = limit;
+        self
+    }
+
+    /// The same settings sending `token` in the hello, for servers that
+    /// authenticate.
+    pub fn with_token(mut self, token: crate::Secret) -> ClientConfig {
+        self.token = Some(token);
+        self
     }
 }
 

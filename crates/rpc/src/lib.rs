@@ -63,6 +63,11 @@
 //!   instead of &str`), instead of serde's "`Deserialize` is not general
 //!   enough". `tests/compile_fail.rs` checks each of the attribute's common
 //!   errors with `trybuild` (a dev-dependency, for that test only).
+//! - **Settings**: [`ClientConfig`] and [`ServerConfig`] are
+//!   `#[non_exhaustive]` (fields can be added without breaking callers), so
+//!   they are built from `default()` with their `with_*` builders
+//!   (`ClientConfig::default().with_timeout(..).with_token(..)`), or by
+//!   assigning their public fields; not with a struct literal.
 //!
 //! Transports are whatever `courier-transport` offers: `tcp://`,
 //! `unix://`, `mem://` (and `udp://`, though RPC needs no datagrams).
