@@ -100,13 +100,28 @@ pub enum DurableError {
 }
 
 impl DurableError {
-    /// Whether trying again may succeed.
-    pub fn is_retryable(&self) -> bool {
+    /// What kind of failure this is, as an
+    /// [`ErrorKind`](courier_transport::ErrorKind) shared by every Courier
+    /// mechanism: an invalid subject or name is `InvalidInput`, a name
+    /// taken with another filter `Conflict`, a message its queue refused
+    /// (full, or a duplicate key) `Busy`, the queue's own failures their
+    /// [`QueueError::kind`], a damaged registry or message `Internal`.
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        use courier_transport::ErrorKind;
         match self {
-            DurableError::Queue(err) => err.is_retryable(),
-            DurableError::Refused { .. } => true,
-            _ => false,
+            DurableError::Subject(err) => err.kind(),
+            DurableError::InvalidName(_) => ErrorKind::InvalidInput,
+            DurableError::FilterConflict { .. } => ErrorKind::Conflict,
+            DurableError::Queue(err) => err.kind(),
+            DurableError::Refused { .. } => ErrorKind::Busy,
+            DurableError::Registry { .. } | DurableError::Malformed(_) => ErrorKind::Internal,
         }
+    }
+
+    /// Whether trying again may succeed: whether its
+    /// [`kind`](Self::kind) is retryable.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
     }
 }
 

@@ -35,7 +35,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use courier_queue::remote::RemoteQueue;
 use courier_rpc::{Client, ClientConfig, ItemStream, Items, RpcError};
-use courier_transport::{Address, Backoff};
+use courier_transport::{Address, Backoff, ErrorKind};
 
 use crate::durable::{Durable, DurableError};
 use crate::{Bus, Event, Message, Publisher, SlowConsumer, Subject, SubscribeOptions};
@@ -80,6 +80,37 @@ pub enum RemoteError {
         /// Why the first was.
         first: Box<RemoteError>,
     },
+}
+
+impl RemoteError {
+    /// What kind of failure this is, as an [`ErrorKind`] shared by every
+    /// Courier mechanism: a permission denial is [`ErrorKind::Refused`],
+    /// an invalid subject or filter [`ErrorKind::InvalidInput`], a host
+    /// without durable subscriptions [`ErrorKind::Unsupported`], a publish
+    /// cut short [`ErrorKind::Unavailable`], refused publishes the kind of
+    /// the first. A durable subscription's failure crosses the network as
+    /// text and a retryable flag only: [`ErrorKind::Busy`] when retryable,
+    /// otherwise [`ErrorKind::Internal`], as are events the host could not
+    /// send.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RemoteError::Invalid(_) => ErrorKind::InvalidInput,
+            RemoteError::Durable { retryable, .. } => match retryable {
+                true => ErrorKind::Busy,
+                false => ErrorKind::Internal,
+            },
+            RemoteError::NoDurable => ErrorKind::Unsupported,
+            RemoteError::PermissionDenied(_) => ErrorKind::Refused,
+            RemoteError::Undeliverable(_) => ErrorKind::Internal,
+            RemoteError::Interrupted(_) => ErrorKind::Unavailable,
+            RemoteError::Refused { first, .. } => first.kind(),
+        }
+    }
+
+    /// Whether trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
 }
 
 /// Decides what each caller may do on a [`PubSubHost`]. `who` is the
@@ -1058,6 +1089,31 @@ pub enum RemotePubSubError {
         "the connection to the host was lost after publishes were sent; some may not have arrived"
     )]
     PublishesLost,
+}
+
+impl RemotePubSubError {
+    /// What kind of failure this is: the call's ([`RpcError::kind`]) or
+    /// the host's ([`RemoteError::kind`]), so a permission denial is
+    /// [`ErrorKind::Refused`] either way; a request that got no reply, or
+    /// found nobody to answer it, is [`ErrorKind::TimedOut`]; publishes
+    /// lost with the connection [`ErrorKind::Unavailable`]; a host that
+    /// broke the protocol [`ErrorKind::Unsupported`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RemotePubSubError::Rpc(err) => err.kind(),
+            RemotePubSubError::Remote(err) => err.kind(),
+            RemotePubSubError::Protocol(_) => ErrorKind::Unsupported,
+            RemotePubSubError::NoResponders(_) | RemotePubSubError::Timeout(_) => {
+                ErrorKind::TimedOut
+            }
+            RemotePubSubError::PublishesLost => ErrorKind::Unavailable,
+        }
+    }
+
+    /// Whether trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
 }
 
 /// Subscriptions stay open this long (they end when dropped, not by deadline).
@@ -2135,5 +2191,113 @@ mod queued_tests {
                 postcard::to_allocvec(&(7u64, 9u64, vec![wire])).unwrap()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use courier_rpc::{Server, ServerConfig};
+
+    use super::*;
+    use crate::Filter;
+
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    struct NobodyMay;
+
+    impl PubSubAccess for NobodyMay {
+        fn may_publish(&self, _who: Option<&str>, _subject: &Subject) -> bool {
+            false
+        }
+        fn may_request(&self, _who: Option<&str>, _subject: &Subject) -> bool {
+            false
+        }
+        fn may_subscribe(&self, _who: Option<&str>, _filter: &Filter) -> bool {
+            false
+        }
+    }
+
+    async fn serve(host: PubSubHost) -> (courier_rpc::ServerHandle, RemotePubSub) {
+        let address: Address = format!(
+            "mem://pubsub-kind-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+        .parse()
+        .unwrap();
+        let listener = courier_transport::bind(&address, &Default::default())
+            .await
+            .unwrap();
+        let server = Server::new(ServerConfig::default())
+            .service(PubSubServiceServer::new(host))
+            .spawn(listener);
+        let bus = RemotePubSub::connect(&address, ClientConfig::default())
+            .await
+            .unwrap();
+        (server, bus)
+    }
+
+    #[tokio::test]
+    async fn denied_publishes_and_subscriptions_are_refused() {
+        let (_server, bus) =
+            serve(PubSubHost::new(Bus::new()).with_access(Arc::new(NobodyMay))).await;
+        let err = bus
+            .publisher()
+            .publish_confirmed("orders.new", "x")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
+        let err = bus
+            .subscribe("orders.*", SubscribeOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn no_responders_is_timed_out_and_a_bad_subject_invalid_input() {
+        let (_server, bus) = serve(PubSubHost::new(Bus::new())).await;
+        let err = bus
+            .request("nobody.home", "?", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+        assert!(err.is_retryable());
+        let err = bus
+            .publisher()
+            .publish_confirmed("bad..subject", "x")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    }
+
+    #[test]
+    fn kinds_follow_the_variants() {
+        let refused = RemoteError::Refused {
+            count: 2,
+            first: Box::new(RemoteError::PermissionDenied("orders.new".into())),
+        };
+        assert_eq!(refused.kind(), ErrorKind::Refused);
+        assert_eq!(
+            RemotePubSubError::Timeout(Duration::from_secs(1)).kind(),
+            ErrorKind::TimedOut
+        );
+        let down = RemotePubSubError::Rpc(RpcError::Unavailable("connection refused".into()));
+        assert_eq!(down.kind(), ErrorKind::Unavailable);
+        assert!(down.is_retryable());
+        assert_eq!(RemoteError::NoDurable.kind(), ErrorKind::Unsupported);
+        let conflict = DurableError::FilterConflict {
+            name: "d".into(),
+            existing: "a".into(),
+            requested: "b".into(),
+        };
+        assert_eq!(conflict.kind(), ErrorKind::Conflict);
+        // Crossing the network keeps only whether it is retryable.
+        assert_eq!(RemoteError::from(conflict).kind(), ErrorKind::Internal);
+        let invalid = DurableError::InvalidName("no spaces".into());
+        assert_eq!(invalid.kind(), ErrorKind::InvalidInput);
     }
 }

@@ -43,6 +43,18 @@ pub enum SubjectError {
     },
 }
 
+impl SubjectError {
+    /// [`ErrorKind::InvalidInput`](courier_transport::ErrorKind::InvalidInput),
+    /// always: the text is not a subject or filter.
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        match self {
+            SubjectError::Empty
+            | SubjectError::TooLong { .. }
+            | SubjectError::InvalidToken { .. } => courier_transport::ErrorKind::InvalidInput,
+        }
+    }
+}
+
 fn split(input: &str, wildcards: bool) -> Result<Vec<Arc<str>>, SubjectError> {
     check(input, wildcards)?;
     Ok(input.split('.').map(Arc::from).collect())
