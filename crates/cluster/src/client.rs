@@ -90,6 +90,32 @@ pub enum KvClientError {
 }
 
 impl KvClientError {
+    /// What kind of failure this is: the cluster's
+    /// ([`ClusterError::kind`]) or the call's ([`RpcError::kind`]); no
+    /// reachable node is
+    /// [`Unavailable`](courier_transport::ErrorKind::Unavailable), a value
+    /// of another type
+    /// [`Unsupported`](courier_transport::ErrorKind::Unsupported), a value
+    /// that does not encode or no addresses
+    /// [`InvalidInput`](courier_transport::ErrorKind::InvalidInput).
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        use courier_transport::ErrorKind;
+        match self {
+            KvClientError::Cluster(err) => err.kind(),
+            KvClientError::Unreachable(_) => ErrorKind::Unavailable,
+            KvClientError::Decode { .. } => ErrorKind::Unsupported,
+            KvClientError::Encode(_) | KvClientError::NoAddresses => ErrorKind::InvalidInput,
+            KvClientError::Rpc(err) => err.kind(),
+        }
+    }
+
+    /// Whether trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
+}
+
+impl KvClientError {
     /// The current key, if this is a failed compare-and-set.
     pub fn condition_failed(&self) -> Option<(Option<&KeyValue>, u64)> {
         match self {

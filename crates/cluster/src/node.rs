@@ -240,15 +240,29 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
-    /// Whether the same operation, sent again (to the leader), may succeed.
-    /// For a write, only [`ClusterError::NotLeader`] says it was not
-    /// applied; after [`ClusterError::Unavailable`] it may have been, so
-    /// send it again only if applying it twice is harmless.
+    /// What kind of failure this is, as an
+    /// [`ErrorKind`](courier_transport::ErrorKind) shared by every Courier
+    /// mechanism: not the leader, or no quorum, is `Unavailable`; a
+    /// permission denial `Refused` (as it is for queues, pub/sub and RPC);
+    /// a key-value rule's refusal [`KvError::kind`]; a membership change
+    /// that cannot be made `Conflict`.
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        use courier_transport::ErrorKind;
+        match self {
+            ClusterError::NotLeader { .. } | ClusterError::Unavailable(_) => ErrorKind::Unavailable,
+            ClusterError::Kv(err) => err.kind(),
+            ClusterError::Membership(_) => ErrorKind::Conflict,
+            ClusterError::PermissionDenied(_) => ErrorKind::Refused,
+        }
+    }
+
+    /// Whether the same operation, sent again (to the leader), may succeed:
+    /// whether its [`kind`](Self::kind) is retryable. For a write, only
+    /// [`ClusterError::NotLeader`] says it was not applied; after
+    /// [`ClusterError::Unavailable`] it may have been, so send it again
+    /// only if applying it twice is harmless.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ClusterError::NotLeader { .. } | ClusterError::Unavailable(_)
-        )
+        self.kind().is_retryable()
     }
 }
 
@@ -265,6 +279,21 @@ pub enum StartError {
     /// Raft refused to start.
     #[error("raft: {0}")]
     Raft(String),
+}
+
+impl StartError {
+    /// What kind of failure this is: a configuration that does not
+    /// describe this node's cluster is
+    /// [`InvalidInput`](courier_transport::ErrorKind::InvalidInput),
+    /// storage or Raft refusing to start
+    /// [`Internal`](courier_transport::ErrorKind::Internal).
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        use courier_transport::ErrorKind;
+        match self {
+            StartError::Config(_) => ErrorKind::InvalidInput,
+            StartError::Storage(_) | StartError::Raft(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// A member as `status` reports it.
@@ -1147,5 +1176,52 @@ async fn count_leader_changes(raft: Raft, changes: Arc<std::sync::atomic::Atomic
             changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         leader = now;
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use courier_rpc::RpcError;
+    use courier_transport::ErrorKind;
+
+    use super::ClusterError;
+    use crate::client::KvClientError;
+    use crate::types::KvError;
+
+    #[test]
+    fn a_denial_is_refused_and_a_missing_lease_not_found() {
+        let denied = ClusterError::PermissionDenied("kv put k".into());
+        assert_eq!(denied.kind(), ErrorKind::Refused);
+        assert!(!denied.is_retryable());
+        let not_owner = ClusterError::Kv(KvError::NotOwner(7));
+        assert_eq!(not_owner.kind(), ErrorKind::Refused);
+        let denied_call = KvClientError::Rpc(RpcError::PermissionDenied("kv".into()));
+        assert_eq!(denied_call.kind(), ErrorKind::Refused);
+        assert_eq!(
+            ClusterError::Kv(KvError::LeaseNotFound(7)).kind(),
+            ErrorKind::NotFound
+        );
+        let stale = ClusterError::Kv(KvError::ConditionFailed {
+            current: None,
+            revision: 3,
+        });
+        assert_eq!(stale.kind(), ErrorKind::Conflict);
+    }
+
+    #[test]
+    fn retryable_errors_are_exactly_those_of_a_retryable_kind() {
+        let not_leader = ClusterError::NotLeader {
+            leader: None,
+            address: None,
+        };
+        assert_eq!(not_leader.kind(), ErrorKind::Unavailable);
+        assert!(not_leader.is_retryable());
+        assert!(ClusterError::Unavailable("no quorum".into()).is_retryable());
+        assert!(!ClusterError::Membership("last voter".into()).is_retryable());
+        let unreachable = KvClientError::Unreachable(RpcError::Unavailable("refused".into()));
+        assert_eq!(unreachable.kind(), ErrorKind::Unavailable);
+        assert!(unreachable.is_retryable());
+        let late = KvClientError::Rpc(RpcError::DeadlineExceeded);
+        assert_eq!(late.kind(), ErrorKind::TimedOut);
     }
 }

@@ -254,6 +254,26 @@ pub enum KvError {
     Invalid(String),
 }
 
+impl KvError {
+    /// What kind of refusal this is: a failed condition is
+    /// [`Conflict`](courier_transport::ErrorKind::Conflict), a missing
+    /// lease or compacted history
+    /// [`NotFound`](courier_transport::ErrorKind::NotFound), another
+    /// identity's lease [`Refused`](courier_transport::ErrorKind::Refused),
+    /// a key or value over a limit
+    /// [`InvalidInput`](courier_transport::ErrorKind::InvalidInput). None
+    /// is retryable.
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        use courier_transport::ErrorKind;
+        match self {
+            KvError::ConditionFailed { .. } => ErrorKind::Conflict,
+            KvError::LeaseNotFound(_) | KvError::Compacted(_) => ErrorKind::NotFound,
+            KvError::NotOwner(_) => ErrorKind::Refused,
+            KvError::Invalid(_) => ErrorKind::InvalidInput,
+        }
+    }
+}
+
 /// What applying a [`KvCommand`] answered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvResponse {
