@@ -6,8 +6,8 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Subcommand;
 use courier_cluster::client::{KvClient, KvClientError};
-use courier_cluster::node::{ClusterError, Status};
-use courier_cluster::types::{Event, EventKind, KeyValue, KvError};
+use courier_cluster::node::Status;
+use courier_cluster::types::{Event, EventKind, KeyValue};
 use courier_transport::Address;
 
 use crate::Failure;
@@ -125,22 +125,11 @@ fn kv_client(url: &str) -> anyhow::Result<KvClient> {
     KvClient::new(&addresses, crate::client::client_config()).map_err(|e| Failure::usage(e).into())
 }
 
-/// Exit codes for the store's errors: refusals are 5, bad input 2, an
-/// unreachable cluster 3.
+/// Exit codes for the store's errors, by their kind ([`crate::code_for`]):
+/// refusals (another identity's lease too) are 5, bad input or a missing
+/// lease 2, an unreachable cluster 3.
 fn failure(err: KvClientError) -> anyhow::Error {
-    let code = match &err {
-        KvClientError::Unreachable(_) => 3,
-        KvClientError::Rpc(
-            courier_rpc::RpcError::Unauthenticated(_) | courier_rpc::RpcError::PermissionDenied(_),
-        ) => 5,
-        KvClientError::Rpc(courier_rpc::RpcError::TooLarge { .. }) => 2,
-        KvClientError::Cluster(
-            ClusterError::PermissionDenied(_) | ClusterError::Kv(KvError::NotOwner(_)),
-        ) => 5,
-        KvClientError::Cluster(ClusterError::Kv(KvError::Invalid(_))) => 2,
-        KvClientError::Cluster(ClusterError::Unavailable(_)) => 3,
-        _ => 1,
-    };
+    let code = crate::code_for(err.kind());
     anyhow::Error::new(Failure::with_code(code, err.to_string()))
 }
 

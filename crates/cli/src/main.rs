@@ -11,6 +11,10 @@
 //! | 3 | the broker cannot be reached |
 //! | 4 | nothing arrived in time (no reply, no responders, empty queue, `sub --timeout` passed) |
 //! | 5 | refused: not authenticated, or not permitted |
+//!
+//! Errors from Courier's crates get their code from their `kind()` (see
+//! [`code_for`]), so the same kind of failure exits the same way whatever
+//! mechanism reported it.
 
 mod bench;
 mod cert;
@@ -24,6 +28,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use courier_transport::ErrorKind;
 
 /// Where clients find the broker unless told otherwise.
 pub const DEFAULT_URL: &str = "tcp://127.0.0.1:7878";
@@ -177,46 +182,54 @@ impl std::fmt::Display for Failure {
 
 impl std::error::Error for Failure {}
 
-/// The exit code for an error: see the table in the crate docs.
-fn exit_code(err: &anyhow::Error) -> u8 {
+/// The exit code for each kind of failure: the table in the crate docs.
+/// Every error the commands return is mapped through its `kind()`, so a
+/// permission denial exits 5 whether RPC, a queue, pub/sub or the cluster
+/// refused.
+pub fn code_for(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::InvalidInput | ErrorKind::NotFound | ErrorKind::LimitExceeded => 2,
+        ErrorKind::Unavailable => 3,
+        ErrorKind::TimedOut => 4,
+        ErrorKind::Refused => 5,
+        // Busy, Conflict, Unsupported, Internal, and kinds added later:
+        // a failure.
+        _ => 1,
+    }
+}
+
+/// The kind of an error from any of Courier's crates, if it is one.
+fn error_kind(err: &anyhow::Error) -> Option<ErrorKind> {
+    use courier_cluster::client::KvClientError;
+    use courier_cluster::node::ClusterError;
     use courier_pubsub::remote::RemotePubSubError;
     use courier_queue::remote::RemoteQueueError;
     use courier_rpc::RpcError;
-    fn rpc(err: &RpcError) -> u8 {
-        match err {
-            RpcError::Unavailable(_) => 3,
-            RpcError::DeadlineExceeded => 4,
-            RpcError::Unauthenticated(_) | RpcError::PermissionDenied(_) => 5,
-            RpcError::TooLarge { .. } => 2,
-            _ => 1,
-        }
+    if let Some(err) = err.downcast_ref::<RpcError>() {
+        return Some(err.kind());
     }
+    if let Some(err) = err.downcast_ref::<RemotePubSubError>() {
+        return Some(err.kind());
+    }
+    if let Some(err) = err.downcast_ref::<RemoteQueueError>() {
+        return Some(err.kind());
+    }
+    if let Some(err) = err.downcast_ref::<KvClientError>() {
+        return Some(err.kind());
+    }
+    if let Some(err) = err.downcast_ref::<ClusterError>() {
+        return Some(err.kind());
+    }
+    None
+}
+
+/// The exit code for an error: a [`Failure`]'s own, else that of its kind,
+/// else 1.
+fn exit_code(err: &anyhow::Error) -> u8 {
     if let Some(failure) = err.downcast_ref::<Failure>() {
         return failure.code;
     }
-    if let Some(err) = err.downcast_ref::<RpcError>() {
-        return rpc(err);
-    }
-    if let Some(err) = err.downcast_ref::<RemotePubSubError>() {
-        return match err {
-            RemotePubSubError::Rpc(err) => rpc(err),
-            RemotePubSubError::NoResponders(_) | RemotePubSubError::Timeout(_) => 4,
-            RemotePubSubError::Remote(courier_pubsub::remote::RemoteError::Invalid(_)) => 2,
-            RemotePubSubError::Remote(courier_pubsub::remote::RemoteError::PermissionDenied(_)) => {
-                5
-            }
-            _ => 1,
-        };
-    }
-    match err.downcast_ref::<RemoteQueueError>() {
-        Some(RemoteQueueError::Rpc(err)) => return rpc(err),
-        Some(RemoteQueueError::Queue(courier_queue::remote::RemoteError::PermissionDenied(_))) => {
-            return 5
-        }
-        Some(RemoteQueueError::Queue(courier_queue::remote::RemoteError::NotFound(_))) => return 2,
-        _ => {}
-    }
-    1
+    error_kind(err).map_or(1, code_for)
 }
 
 /// Parses `500ms`, `2s`, `1m` or a plain number of seconds.
@@ -332,6 +345,62 @@ mod tests {
         let mut missing = Vec::new();
         walk(&Cli::command(), "courier", &mut missing);
         assert!(missing.is_empty(), "no Examples: section in {missing:?}");
+    }
+
+    #[test]
+    fn kinds_map_to_the_documented_exit_codes() {
+        assert_eq!(code_for(ErrorKind::Internal), 1);
+        assert_eq!(code_for(ErrorKind::Busy), 1);
+        assert_eq!(code_for(ErrorKind::Conflict), 1);
+        assert_eq!(code_for(ErrorKind::Unsupported), 1);
+        assert_eq!(code_for(ErrorKind::InvalidInput), 2);
+        assert_eq!(code_for(ErrorKind::NotFound), 2);
+        assert_eq!(code_for(ErrorKind::LimitExceeded), 2);
+        assert_eq!(code_for(ErrorKind::Unavailable), 3);
+        assert_eq!(code_for(ErrorKind::TimedOut), 4);
+        assert_eq!(code_for(ErrorKind::Refused), 5);
+    }
+
+    #[test]
+    fn every_mechanism_s_errors_exit_by_their_kind() {
+        use courier_cluster::client::KvClientError;
+        use courier_cluster::node::ClusterError;
+        use courier_pubsub::remote::{RemoteError as PubSubError, RemotePubSubError};
+        use courier_queue::remote::{RemoteError as QueueError, RemoteQueueError};
+        use courier_rpc::RpcError;
+        let code = |err: anyhow::Error| exit_code(&err);
+        // A permission denial exits 5 whatever refused it.
+        assert_eq!(code(RpcError::PermissionDenied("x".into()).into()), 5);
+        assert_eq!(code(RpcError::Unauthenticated("x".into()).into()), 5);
+        let queue = RemoteQueueError::Queue(QueueError::PermissionDenied("x".into()));
+        assert_eq!(code(queue.into()), 5);
+        let pubsub = RemotePubSubError::Remote(PubSubError::PermissionDenied("x".into()));
+        assert_eq!(code(pubsub.into()), 5);
+        assert_eq!(code(ClusterError::PermissionDenied("x".into()).into()), 5);
+        let kv = KvClientError::Cluster(ClusterError::PermissionDenied("x".into()));
+        assert_eq!(code(kv.into()), 5);
+        // The codes the downcasts gave before kind() are kept.
+        assert_eq!(code(RpcError::Unavailable("refused".into()).into()), 3);
+        assert_eq!(code(RpcError::DeadlineExceeded.into()), 4);
+        assert_eq!(code(RpcError::TooLarge { size: 2, limit: 1 }.into()), 2);
+        assert_eq!(code(RpcError::Internal("panic".into()).into()), 1);
+        let missing = RemoteQueueError::Queue(QueueError::NotFound("jobs".into()));
+        assert_eq!(code(missing.into()), 2);
+        let unknown = RemoteQueueError::Queue(QueueError::UnknownDelivery);
+        assert_eq!(code(unknown.into()), 1);
+        let no_one = RemotePubSubError::NoResponders("a".into());
+        assert_eq!(code(no_one.into()), 4);
+        let late = RemotePubSubError::Timeout(Duration::from_secs(1));
+        assert_eq!(code(late.into()), 4);
+        let invalid = RemotePubSubError::Remote(PubSubError::Invalid("a..b".into()));
+        assert_eq!(code(invalid.into()), 2);
+        let down = RemotePubSubError::Rpc(RpcError::Unavailable("refused".into()));
+        assert_eq!(code(down.into()), 3);
+        // Context does not hide the kind; a Failure keeps its own code.
+        let wrapped = anyhow::Error::from(RpcError::PermissionDenied("x".into())).context("pub");
+        assert_eq!(code(wrapped), 5);
+        assert_eq!(code(Failure::nothing("empty").into()), 4);
+        assert_eq!(code(anyhow::anyhow!("something else")), 1);
     }
 
     #[test]
