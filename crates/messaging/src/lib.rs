@@ -83,6 +83,9 @@ pub mod reliable;
 pub mod requests;
 pub mod schema;
 
+/// What kind of failure an error is (every error's `kind()`), shared by
+/// every Courier crate.
+pub use courier_transport::ErrorKind;
 pub use error::{EndpointError, RequestError, SendError, SendErrorKind, StartError};
 pub use id::{NodeId, NodeIdError};
 pub use node::{Delivery, Envelope, Mailbox, Node, NodeConfig, Progress, Sender, ShutdownReport};

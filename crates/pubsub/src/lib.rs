@@ -55,6 +55,9 @@ pub use bus::{
     Bus, BusConfig, Event, Message, Publisher, RequestError, SlowConsumer, SubscribeOptions,
     Subscription, MESSAGE_OVERHEAD,
 };
+/// What kind of failure an error is (every error's `kind()`), shared by
+/// every Courier crate.
+pub use courier_transport::ErrorKind;
 pub use interest::{Interest, NodeId};
 pub use router::{Router, SubscriptionId};
 pub use subject::{Filter, Subject, SubjectError};

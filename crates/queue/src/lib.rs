@@ -74,6 +74,9 @@ pub mod remote;
 pub mod storage;
 
 pub use api::{ConsumerHandle, DeliveryHandle, QueueHandle};
+/// What kind of failure an error is (every error's `kind()`), shared by
+/// every Courier crate.
+pub use courier_transport::ErrorKind;
 pub use queue::{
     parse_dead_letter, Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueError,
     QueueOptions,

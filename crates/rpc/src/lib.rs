@@ -314,6 +314,9 @@ pub use auth::{caller, Authenticator, Secret};
 pub use client::{Client, ClientConfig, DEFAULT_HEARTBEAT};
 pub use courier_rpc_macros::service;
 pub use courier_transport::Address;
+/// What kind of failure an error is ([`RpcError::kind`]), shared by every
+/// Courier crate.
+pub use courier_transport::ErrorKind;
 pub use error::{RpcError, RpcFault};
 pub use server::{
     cancelled, remaining, CallContext, Privileged, Server, ServerConfig, ServerHandle,
