@@ -89,3 +89,7 @@ pub mod service;
 pub mod state;
 pub mod storage;
 pub mod types;
+
+/// What kind of failure an error is (every error's `kind()`), shared by
+/// every Courier crate.
+pub use courier_transport::ErrorKind;
