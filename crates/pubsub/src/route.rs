@@ -1076,6 +1076,14 @@ impl RouteHost {
         true
     }
 
+    /// The peer's publishers numbered here now (for tests of the bound).
+    #[doc(hidden)]
+    pub fn tracked_publishers(&self, node: NodeId) -> usize {
+        lock(&self.inbound)
+            .get(&node)
+            .map_or(0, |i| i.publishers.len() + i.previous.len())
+    }
+
     fn inbound_stats(&self, node: NodeId) -> (u64, u64, u64) {
         lock(&self.inbound).get(&node).map_or((0, 0, 0), |i| {
             (i.messages_in, i.bytes_in, i.refused_interest)
@@ -1363,5 +1371,97 @@ impl Outbound {
     /// Whether the route is up now.
     pub fn is_up(&self) -> bool {
         self.state.load(Ordering::Relaxed) == State::Up as u8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(publisher: u64) -> RouteItem {
+        RouteItem::Message {
+            subject: WireText(Arc::from("a.b")),
+            reply_to: None,
+            publisher,
+            payload: Bytes::from_static(b"x"),
+            groups: Vec::new(),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn peers_their_ids_and_their_publishers_are_bounded() {
+        let config = RouteConfig {
+            max_peers: 2,
+            max_publishers_per_peer: 100,
+            ..RouteConfig::default()
+        };
+        let bus = Bus::new();
+        let mut sub = bus
+            .subscribe("a.>", crate::SubscribeOptions::default().buffer(100_000))
+            .unwrap();
+        let host = RouteHost::new(bus.clone(), config).for_node(9);
+        assert_eq!(
+            host.open(9, 1).await,
+            Err(RouteError::NotAMember(9)),
+            "our own id"
+        );
+        host.open(1, 11).await.unwrap();
+        host.open(2, 22).await.unwrap();
+        assert_eq!(
+            host.open(3, 33).await,
+            Err(RouteError::TooManyPeers { limit: 2 })
+        );
+        host.open(1, 12).await.unwrap(); // a known peer may always start again
+
+        // 10,000 publishers the peer made up: at most the bound are kept.
+        let items: Vec<RouteItem> = (0..10_000).map(message).collect();
+        host.items(1, 12, 1, items).await;
+        assert!(
+            host.tracked_publishers(1) <= 100,
+            "{}",
+            host.tracked_publishers(1)
+        );
+        let mut delivered = 0;
+        while let Some(crate::Event::Message(_)) = sub.try_recv() {
+            delivered += 1;
+        }
+        assert_eq!(delivered, 10_000);
+
+        // Members only, once told; the others are forgotten.
+        host.set_members([2].into());
+        assert_eq!(host.open(1, 13).await, Err(RouteError::NotAMember(1)));
+        assert_eq!(host.check(1, 12).await, Err(RouteError::UnknownSession));
+        assert_eq!(host.check(2, 22).await, Ok(0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gap_breaks_the_session_and_a_stale_session_changes_nothing() {
+        let bus = Bus::new();
+        let host = RouteHost::new(bus.clone(), RouteConfig::default());
+        host.open(1, 11).await.unwrap();
+        host.items(1, 11, 1, vec![RouteItem::Subscribe(Interest::plain("x.>"))])
+            .await;
+        assert_eq!(host.check(1, 11).await, Ok(1));
+        // An older session's frame, late: ignored.
+        host.items(1, 10, 2, vec![RouteItem::Subscribe(Interest::plain("old"))])
+            .await;
+        assert_eq!(bus.remote_interest(1), vec![Interest::plain("x.>")]);
+        // Batch 3 without 2: the session cannot be trusted any more.
+        host.items(
+            1,
+            11,
+            3,
+            vec![RouteItem::Unsubscribe(Interest::plain("x.>"))],
+        )
+        .await;
+        assert_eq!(host.check(1, 11).await, Err(RouteError::UnknownSession));
+        assert_eq!(
+            bus.remote_interest(1),
+            vec![Interest::plain("x.>")],
+            "nothing applied"
+        );
+        // A new session starts from nothing.
+        host.open(1, 12).await.unwrap();
+        assert!(bus.remote_interest(1).is_empty());
     }
 }
