@@ -250,8 +250,26 @@ const EXAMPLES: &[(&str, &str)] = &[
 ];
 
 fn examples() -> Result<(), String> {
+    // Built for the whole workspace (as `cargo test --workspace` already
+    // did, so this is no work after it), then run directly: `cargo run -p`
+    // would resolve one package's features and rebuild tokio and every
+    // crate above it.
+    cargo(&["build", "--quiet", "--workspace", "--examples"])?;
+    let dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("debug")
+        .join("examples");
     for (package, example) in EXAMPLES {
-        cargo(&["run", "--quiet", "-p", package, "--example", example])?;
+        let binary = dir.join(example);
+        eprintln!("$ {} ({package})", binary.display());
+        let status = Command::new(&binary)
+            .current_dir(root())
+            .status()
+            .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+        if !status.success() {
+            return Err(format!("example {example} of {package} failed ({status})"));
+        }
     }
     Ok(())
 }
