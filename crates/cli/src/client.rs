@@ -464,6 +464,20 @@ pub enum QueueCommand {
 }
 
 pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Result<()> {
+    // Checked here: a host reports a bad name only as a failure (exit 1),
+    // and it is bad input (exit 2).
+    let name = match &command {
+        QueueCommand::Push { queue, .. }
+        | QueueCommand::Pop { queue, .. }
+        | QueueCommand::Ack { queue, .. }
+        | QueueCommand::Stats { queue }
+        | QueueCommand::Peek { queue, .. }
+        | QueueCommand::Purge { queue } => Some(queue.as_str()),
+        QueueCommand::List => None,
+    };
+    if let Some(name) = name {
+        courier_queue::Queue::check_name(name).map_err(Failure::usage)?;
+    }
     let client = connect(url).await?;
     match command {
         QueueCommand::Push {

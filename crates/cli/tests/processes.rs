@@ -1101,3 +1101,29 @@ async fn queue_peek_shows_without_taking_and_purge_removes_what_waits() {
         stderr(&unknown)
     );
 }
+
+#[test]
+fn a_bad_queue_name_is_bad_input_before_any_broker_is_asked() {
+    // Nobody listens there: the name is refused first, with exit 2.
+    let url = "tcp://127.0.0.1:9";
+    for args in [
+        &["queue", "push", "../escape", "x"][..],
+        &["queue", "pop", "a/b"],
+        &["queue", "peek", ".."],
+        &["queue", "purge", "has space"],
+        &["queue", "stats", ""],
+    ] {
+        let output = courier(url, args, "");
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains("invalid queue name"),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}

@@ -406,6 +406,16 @@ impl Queue {
     pub(crate) fn valid_name(name: &str) -> bool {
         valid_name(name)
     }
+
+    /// Checks a queue name as a host would, so a client can refuse a bad
+    /// one itself (a host reports it only as an opaque failure).
+    pub fn check_name(name: &str) -> Result<(), QueueError> {
+        if valid_name(name) {
+            Ok(())
+        } else {
+            Err(QueueError::InvalidName(name.to_string()))
+        }
+    }
 }
 
 fn valid_name(name: &str) -> bool {
