@@ -252,7 +252,7 @@ fn render_cluster(out: &mut String, cluster: &crate::ClusterStats) {
         return;
     }
     type Field = fn(&courier_pubsub::route::RouteStats) -> u64;
-    let routes: [(&str, &str, &str, Field); 10] = [
+    let routes: [(&str, &str, &str, Field); 11] = [
         (
             "courier_route_up",
             "gauge",
@@ -312,6 +312,12 @@ fn render_cluster(out: &mut String, cluster: &crate::ClusterStats) {
             "counter",
             "Interests of the peer refused (over the limit, or invalid).",
             |r| r.refused_interest,
+        ),
+        (
+            "courier_route_unserved_total",
+            "counter",
+            "Messages from the peer for a queue group with no member here any more.",
+            |r| r.unserved,
         ),
     ];
     for (name, kind, help, value) in routes {

@@ -426,6 +426,8 @@ pub(crate) struct Targets {
     /// Whether a queue group took part (the next message to the same
     /// subject may go elsewhere).
     grouped: bool,
+    /// Queue groups served by a member here.
+    served_groups: usize,
 }
 
 impl Inner {
@@ -626,6 +628,7 @@ impl Bus {
             ..Targets::default()
         };
         targets.grouped = !local_groups.is_empty();
+        targets.served_groups = local_groups.len();
         if matches!(origin, Origin::Local) && self.inner.remote_entries.load(Ordering::Relaxed) > 0
         {
             // The groups served here are the ones this very lookup found a
@@ -882,7 +885,8 @@ impl Publisher {
 
     /// Delivers a message another node forwarded: to local subscriptions,
     /// and to one member of each queue group in `groups` (the groups that
-    /// node chose this one for). Never forwarded on.
+    /// node chose this one for). Never forwarded on. Returns how many of
+    /// `groups` had no member here any more (the message is lost to them).
     pub(crate) async fn send_routed(
         &self,
         subject: &Subject,
@@ -891,7 +895,9 @@ impl Publisher {
         groups: &[GroupKey],
     ) -> usize {
         let targets = self.bus.routes(subject, Origin::Route(groups));
-        self.deliver_to(&targets, subject, reply_to, payload).await
+        let unserved = groups.len().saturating_sub(targets.served_groups);
+        self.deliver_to(&targets, subject, reply_to, payload).await;
+        unserved
     }
 
     async fn deliver_to(

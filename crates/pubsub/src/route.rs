@@ -799,6 +799,8 @@ struct Inbound {
     messages_in: u64,
     bytes_in: u64,
     refused_interest: u64,
+    /// Messages forwarded for a queue group with no member here any more.
+    unserved: u64,
     /// The peer's publishers, as this bus's publishers (numbered per
     /// subscriber like any other), in two generations so the least
     /// recently used go first and at most the bound are kept.
@@ -1059,9 +1061,16 @@ impl RouteHost {
                 continue;
             };
             if !first.groups.is_empty() {
-                local
+                let unserved = local
                     .send_routed(&first.subject, first.reply_to, first.payload, &first.groups)
                     .await;
+                if unserved > 0 {
+                    // The member left after the sender chose this node:
+                    // counted, never silently gone.
+                    if let Some(entry) = lock(&self.inbound).get_mut(&node) {
+                        entry.unserved += unserved as u64;
+                    }
+                }
                 continue;
             }
             let publisher = first.publisher;
@@ -1084,9 +1093,9 @@ impl RouteHost {
             .map_or(0, |i| i.publishers.len() + i.previous.len())
     }
 
-    fn inbound_stats(&self, node: NodeId) -> (u64, u64, u64) {
-        lock(&self.inbound).get(&node).map_or((0, 0, 0), |i| {
-            (i.messages_in, i.bytes_in, i.refused_interest)
+    fn inbound_stats(&self, node: NodeId) -> (u64, u64, u64, u64) {
+        lock(&self.inbound).get(&node).map_or((0, 0, 0, 0), |i| {
+            (i.messages_in, i.bytes_in, i.refused_interest, i.unserved)
         })
     }
 }
@@ -1171,6 +1180,10 @@ pub struct RouteStats {
     pub interest: usize,
     /// Interests of the peer refused (past the limit, or invalid).
     pub refused_interest: u64,
+    /// Messages from the peer for a queue group that had no member here
+    /// any more when they arrived (the member left after the peer chose
+    /// this node): lost, and counted here.
+    pub unserved: u64,
 }
 
 struct Running {
@@ -1305,7 +1318,8 @@ impl Routes {
             .map(|(&node, route)| {
                 let (state, messages_out, bytes_out, dropped, reconnects, queued) =
                     route.outbound.stats();
-                let (messages_in, bytes_in, refused_interest) = self.host.inbound_stats(node);
+                let (messages_in, bytes_in, refused_interest, unserved) =
+                    self.host.inbound_stats(node);
                 RouteStats {
                     node,
                     address: route.address.to_string(),
@@ -1319,6 +1333,7 @@ impl Routes {
                     bytes_in,
                     interest: self.bus.remote_interest_count(node),
                     refused_interest,
+                    unserved,
                 }
             })
             .collect();
@@ -1432,6 +1447,32 @@ mod tests {
         assert_eq!(host.open(1, 13).await, Err(RouteError::NotAMember(1)));
         assert_eq!(host.check(1, 12).await, Err(RouteError::UnknownSession));
         assert_eq!(host.check(2, 22).await, Ok(0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_message_for_a_group_gone_from_here_is_counted() {
+        let bus = Bus::new();
+        let mut member = bus
+            .subscribe("a.>", crate::SubscribeOptions::default().group("g"))
+            .unwrap();
+        let host = RouteHost::new(bus.clone(), RouteConfig::default());
+        host.open(1, 11).await.unwrap();
+        let for_group = |n: u8| RouteItem::Message {
+            subject: WireText(Arc::from("a.b")),
+            reply_to: None,
+            publisher: 7,
+            payload: Bytes::from(vec![n]),
+            groups: vec![("a.>".to_string(), "g".to_string())],
+        };
+        host.items(1, 11, 1, vec![for_group(1)]).await;
+        assert!(matches!(member.try_recv(), Some(crate::Event::Message(_))));
+        drop(member);
+        host.items(1, 11, 2, vec![for_group(2)]).await;
+        assert_eq!(
+            host.inbound_stats(1),
+            (2, 2, 0, 1),
+            "one in, one for nobody"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
