@@ -311,6 +311,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Flag and file mistakes are usage errors (exit 2), found before binding.
     config.addresses().map_err(Failure::usage)?;
     config.metrics_address().map_err(Failure::usage)?;
+    // Handled from before the first `listening` line: a SIGTERM sent as
+    // soon as the broker says it listens must shut it down gracefully, not
+    // kill it by the default action.
+    let mut signals = Signals::install()?;
     let broker = Broker::start(config.clone())
         .await
         .context("cannot start the broker")?;
@@ -325,10 +329,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     println!("data {}", config.data_dir.display());
     let grace = std::time::Duration::from_millis(config.shutdown_grace_ms);
 
-    wait_for_signal().await?;
+    signals.next().await?;
     tracing::info!("shutting down (a second signal exits at once)");
-    tokio::spawn(async {
-        if wait_for_signal().await.is_ok() {
+    tokio::spawn(async move {
+        if signals.next().await.is_ok() {
             eprintln!("courier: second signal, exiting now");
             std::process::exit(130);
         }
@@ -355,23 +359,48 @@ fn colours(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
 /// How long after the grace period `courier serve` exits whatever is left.
 const HARD_DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// SIGINT and SIGTERM, handled (not fatal) from the moment they are
+/// installed.
 #[cfg(unix)]
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
     }
-    Ok(())
+
+    /// The next of either.
+    async fn next(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        Ok(())
+    }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() -> anyhow::Result<()> {
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot handle Ctrl-C")
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals)
+    }
+
+    async fn next(&mut self) -> anyhow::Result<()> {
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot handle Ctrl-C")
+    }
 }
 
 #[cfg(test)]
