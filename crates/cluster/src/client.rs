@@ -32,8 +32,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier_rpc::{Client, ClientConfig, ItemStream, RpcError};
-use courier_transport::Address;
+use courier_rpc::{Client, ItemStream, RpcError};
+
+/// Re-exported: what [`KvClient`] is made from, so a client needs no
+/// other Courier crate.
+pub use courier_rpc::ClientConfig;
+/// Re-exported, as [`ClientConfig`].
+pub use courier_transport::Address;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 

@@ -34,8 +34,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use courier_queue::remote::RemoteQueue;
-use courier_rpc::{Client, ClientConfig, ItemStream, Items, RpcError};
-use courier_transport::{Address, Backoff, ErrorKind};
+use courier_rpc::{Client, ItemStream, Items, RpcError};
+use courier_transport::{Backoff, ErrorKind};
+
+/// Re-exported: what [`RemotePubSub::connect`] takes, so a client needs no
+/// other Courier crate.
+pub use courier_rpc::ClientConfig;
+/// Re-exported, as [`ClientConfig`].
+pub use courier_transport::Address;
 
 use crate::durable::{Durable, DurableError};
 use crate::{Bus, Event, Message, Publisher, SlowConsumer, Subject, SubscribeOptions};

@@ -32,8 +32,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier_rpc::{Client, ClientConfig, ItemStream, Items, RpcError};
-use courier_transport::{Address, ErrorKind};
+use courier_rpc::{Client, ItemStream, Items, RpcError};
+use courier_transport::ErrorKind;
+
+/// Re-exported: what [`RemoteQueue::connect`] takes, so a client needs no
+/// other Courier crate.
+pub use courier_rpc::ClientConfig;
+/// Re-exported, as [`ClientConfig`].
+pub use courier_transport::Address;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::coalesce::{Batcher, CallError, Coalescer, Limits};
