@@ -10,6 +10,8 @@
 //!   a tokio-util `Encoder`/`Decoder`. The byte layout is drawn in [`codec`].
 //! - [`payload`]: serde values as postcard, serialized straight into the
 //!   output buffer and decoded borrowing from the input.
+//! - [`headers`]: bounded text headers beside a message's payload (its
+//!   type, its trace context), checked while they are decoded.
 //! - [`preamble`]: the eight bytes that open every stream connection, so
 //!   strangers are refused before their bytes are read as frames.
 //!
@@ -55,6 +57,7 @@
 pub mod codec;
 mod error;
 mod frame;
+pub mod headers;
 pub mod payload;
 pub mod preamble;
 
