@@ -414,4 +414,24 @@ pub mod __private {
             Err(err) => Err(err),
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        /// Fingerprints are protocol: every deployed client and server
+        /// compares them, so their value must not change by accident (when
+        /// the hash moved to courier-wire, for one). Computed independently:
+        /// FNV-1a 64 of `"(u32,u32)\n"`, of `"u32\n"`, then of
+        /// `"Calculator\nadd"` followed by those two, little-endian.
+        #[test]
+        fn fingerprints_keep_their_values() {
+            let args = super::schema::<(u32, u32)>();
+            let result = super::schema::<u32>();
+            assert_eq!(args, 0xd03c_05a5_7992_3392);
+            assert_eq!(result, 0xa6b2_f2e5_3c41_0621);
+            assert_eq!(
+                super::fingerprint("Calculator", &[("add", args, result)]),
+                0x870a_c4b9_f19a_fdb9
+            );
+        }
+    }
 }
