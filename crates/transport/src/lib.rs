@@ -20,6 +20,9 @@
 //! version) from both sides, so a stray client is turned away with a clear
 //! error before any frame is read.
 //!
+//! [`trace`] holds the W3C trace context that every layer above carries in
+//! its headers, so one request can be followed from process to process.
+//!
 //! ## Example
 //!
 //! ```
@@ -84,6 +87,7 @@ mod mem;
 pub mod shm;
 mod stream;
 pub mod tls;
+pub mod trace;
 mod udp;
 
 pub use address::{Address, AddressError, MAX_MEM_NAME, MAX_UNIX_PATH};
