@@ -81,7 +81,9 @@ mod node;
 mod protocol;
 pub mod reliable;
 pub mod requests;
-pub mod schema;
+/// Schema fingerprints; defined in courier-wire (so that RPC, pub/sub and
+/// queues share them without depending on messaging) and re-exported here.
+pub use courier_wire::schema;
 
 /// What kind of failure an error is (every error's `kind()`), shared by
 /// every Courier crate.

@@ -116,7 +116,7 @@
 //!
 //! Every method has a fingerprint: a hash of the service's name, the
 //! method's name and kind (unary, `#[oneway]` or streaming), and the serde
-//! shapes (`courier_messaging::Schema`) of its argument tuple and of its
+//! shapes (`courier_wire::schema::Schema`) of its argument tuple and of its
 //! result or item type. The generated client sends the fingerprint of the
 //! method being called in each request; the server compares it with its
 //! own for that method and refuses a difference with
@@ -356,28 +356,22 @@ pub mod __private {
     pub type Reply = Pin<Box<dyn Future<Output = Result<bytes::Bytes, RpcFault>> + Send>>;
 
     pub fn schema<T: DeserializeOwned>() -> u64 {
-        courier_messaging::Schema::of::<T>().fingerprint
+        courier_wire::schema::Schema::of::<T>().fingerprint
     }
 
     /// FNV-1a over the service name and each method's name and schemas. The
     /// generated code calls it with one method at a time: a method's
     /// fingerprint.
     pub fn fingerprint(service: &str, methods: &[(&str, u64, u64)]) -> u64 {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut write = |bytes: &[u8]| {
-            for byte in bytes {
-                hash ^= u64::from(*byte);
-                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
-        write(service.as_bytes());
+        let mut hash = courier_wire::schema::Fnv1a::new();
+        hash.write(service.as_bytes());
         for (name, args, result) in methods {
-            write(b"\n");
-            write(name.as_bytes());
-            write(&args.to_le_bytes());
-            write(&result.to_le_bytes());
+            hash.write(b"\n");
+            hash.write(name.as_bytes());
+            hash.write(&args.to_le_bytes());
+            hash.write(&result.to_le_bytes());
         }
-        hash
+        hash.finish()
     }
 
     pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {

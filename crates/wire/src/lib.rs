@@ -14,6 +14,9 @@
 //!   type, its trace context), checked while they are decoded.
 //! - [`preamble`]: the eight bytes that open every stream connection, so
 //!   strangers are refused before their bytes are read as frames.
+//! - [`schema`]: a type's serde shape and its fingerprint, which every
+//!   typed face (messages, RPC, pub/sub, queues) carries so that a peer
+//!   built with another version of the type is refused, not misread.
 //!
 //! ## Guarantees on untrusted input
 //!
@@ -60,6 +63,7 @@ mod frame;
 pub mod headers;
 pub mod payload;
 pub mod preamble;
+pub mod schema;
 
 pub use codec::{Checksum, FrameCodec};
 pub use error::{io_is_retryable, DecodeError, EncodeError, PayloadError, PreambleError};

@@ -13,8 +13,12 @@
 //! of every value. What does not: the module path (moving a type does not
 //! change its fingerprint) and anything serde never sees.
 //!
+//! This lives in the wire crate, below everything that checks types, so
+//! that messaging, RPC, pub/sub and queues compare one fingerprint computed
+//! one way, and the workspace has one FNV-1a ([`Fnv1a`]).
+//!
 //! ```
-//! use courier_messaging::schema::Schema;
+//! use courier_wire::schema::Schema;
 //!
 //! #[derive(serde::Deserialize)]
 //! struct OrderV1 { id: u64, item: String }
@@ -70,7 +74,7 @@ impl Schema {
                 break;
             }
         }
-        let mut hash = Fnv::new();
+        let mut hash = Fnv1a::new();
         for shape in &shapes {
             hash.write(shape.as_bytes());
             hash.write(b"\n");
@@ -83,21 +87,63 @@ impl Schema {
     }
 }
 
-/// 64-bit FNV-1a.
-struct Fnv(u64);
+/// 64-bit FNV-1a: the one hash behind every Courier fingerprint.
+///
+/// Chosen over `std`'s hashers because its output is fixed by its
+/// definition, not by the build: fingerprints are compared between
+/// processes built apart, so the same bytes must give the same value on
+/// every platform and Rust version. It is not a defence against an
+/// adversary; it tells honest versions apart. Multi-byte values must be
+/// written in a fixed byte order (say `to_le_bytes`) for the same reason,
+/// which is why this is not a [`std::hash::Hasher`] (whose integer methods
+/// write native-endian bytes).
+///
+/// ```
+/// use courier_wire::schema::Fnv1a;
+///
+/// let mut hash = Fnv1a::new();
+/// hash.write(b"u64\n");
+/// assert_eq!(hash.finish(), 0xbfdc_abe5_4a45_f768);
+/// assert_eq!(Fnv1a::hash(b"u64\n"), hash.finish());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fnv1a(u64);
 
-impl Fnv {
-    fn new() -> Fnv {
-        Fnv(0xcbf2_9ce4_8422_2325)
+impl Fnv1a {
+    /// The FNV-1a 64-bit offset basis.
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    /// The FNV-1a 64-bit prime.
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    /// A hash of nothing yet.
+    pub const fn new() -> Fnv1a {
+        Fnv1a(Self::OFFSET_BASIS)
     }
-    fn write(&mut self, bytes: &[u8]) {
+
+    /// Adds `bytes` to the hash.
+    pub fn write(&mut self, bytes: &[u8]) {
         for byte in bytes {
             self.0 ^= u64::from(*byte);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+            self.0 = self.0.wrapping_mul(Self::PRIME);
         }
     }
-    fn finish(&self) -> u64 {
+
+    /// The hash of everything written so far.
+    pub const fn finish(&self) -> u64 {
         self.0
+    }
+
+    /// The hash of `bytes` alone.
+    pub fn hash(bytes: &[u8]) -> u64 {
+        let mut hash = Fnv1a::new();
+        hash.write(bytes);
+        hash.finish()
+    }
+}
+
+impl Default for Fnv1a {
+    fn default() -> Fnv1a {
+        Fnv1a::new()
     }
 }
 
