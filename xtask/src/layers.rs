@@ -1,22 +1,25 @@
 //! The layering rule: a crate under `crates/` may depend (normally, for
 //! builds, or for tests) only on Courier crates of a strictly lower layer.
+//! Crates in one layer are siblings: neither may depend on the other.
 //!
 //! The layer order is declared here, once.
 
 use std::fs;
 use std::path::Path;
 
-/// Bottom to top. `rpc-macros` sits just below `rpc`.
-pub const LAYERS: &[&str] = &[
-    "wire",
-    "transport",
-    "messaging",
-    "rpc",
-    "queue",
-    "pubsub",
-    "cluster",
-    "broker",
-    "cli",
+/// Bottom to top; the crates of one entry share a layer. `messaging` and
+/// `rpc` are siblings: both build on the transport and share only what lies
+/// below them (the schema fingerprints are in `wire`). `rpc-macros` sits just
+/// below `rpc` (see [`layer_of`]).
+pub const LAYERS: &[&[&str]] = &[
+    &["wire"],
+    &["transport"],
+    &["messaging", "rpc"],
+    &["queue"],
+    &["pubsub"],
+    &["cluster"],
+    &["broker"],
+    &["cli"],
 ];
 
 /// Test helpers (std only, outside the layers) that any crate may use as a
@@ -24,18 +27,27 @@ pub const LAYERS: &[&str] = &[
 pub const TEST_ONLY: &[&str] = &["courier-test-support"];
 
 /// The layer of a folder under `crates/`, in half-steps so that `rpc-macros`
-/// fits between `messaging` and `rpc`.
+/// fits just below `rpc` (and so below its sibling `messaging` too).
 pub fn layer_of(folder: &str) -> Option<u32> {
-    if folder == "rpc-macros" {
-        return LAYERS
+    let index = |name: &str| {
+        LAYERS
             .iter()
-            .position(|l| *l == "rpc")
-            .map(|i| i as u32 * 2 - 1);
+            .position(|layer| layer.contains(&name))
+            .map(|i| i as u32 * 2)
+    };
+    if folder == "rpc-macros" {
+        return index("rpc").map(|layer| layer - 1);
     }
+    index(folder)
+}
+
+/// The order, readable: `wire < transport < messaging | rpc < queue ...`.
+pub fn order() -> String {
     LAYERS
         .iter()
-        .position(|l| *l == folder)
-        .map(|i| i as u32 * 2)
+        .map(|layer| layer.join(" | "))
+        .collect::<Vec<_>>()
+        .join(" < ")
 }
 
 /// Courier crates named as dependencies in a manifest, with the section each
@@ -107,7 +119,7 @@ pub fn check(root: &Path) -> Result<Vec<String>, String> {
                 Some(_) => violations.push(format!(
                     "crates/{folder} depends on {dependency} in [{section}], which is not below it; \
                      the order is {}",
-                    LAYERS.join(" < ")
+                    order()
                 )),
                 None => violations.push(format!(
                     "crates/{folder} depends on {dependency} in [{section}], which has no layer"
@@ -201,5 +213,36 @@ courier-cli = []
         assert!(joined.contains("crates/transport depends on courier-transport"));
         assert!(joined.contains("crates/rpc-macros depends on courier-rpc"));
         assert!(joined.contains("crates/extras is not in the layer table"));
+    }
+
+    #[test]
+    fn messaging_and_rpc_are_siblings() {
+        assert_eq!(layer_of("messaging"), layer_of("rpc"));
+        assert!(layer_of("rpc-macros") < layer_of("messaging"));
+        assert!(layer_of("transport") < layer_of("rpc-macros"));
+        assert!(order().contains("transport < messaging | rpc < queue"));
+
+        let dir = std::env::temp_dir().join(format!("xtask-siblings-{}", std::process::id()));
+        let write = |folder: &str, body: &str| {
+            std::fs::create_dir_all(dir.join("crates").join(folder)).unwrap();
+            std::fs::write(dir.join("crates").join(folder).join("Cargo.toml"), body).unwrap();
+        };
+        write(
+            "messaging",
+            "[dependencies]\ncourier-wire.workspace = true\ncourier-rpc.workspace = true\n",
+        );
+        write(
+            "rpc",
+            "[dependencies]\ncourier-wire.workspace = true\ncourier-rpc-macros.workspace = true\n\
+             [dev-dependencies]\ncourier-messaging.workspace = true\n",
+        );
+        write("rpc-macros", "[dependencies]\n");
+        write("wire", "[dependencies]\n");
+        let violations = check(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let joined = violations.join("\n");
+        assert_eq!(violations.len(), 2, "{joined}");
+        assert!(joined.contains("crates/messaging depends on courier-rpc in [dependencies]"));
+        assert!(joined.contains("crates/rpc depends on courier-messaging in [dev-dependencies]"));
     }
 }

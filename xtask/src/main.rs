@@ -279,7 +279,7 @@ fn check_layers() -> Result<(), String> {
     if violations.is_empty() {
         eprintln!(
             "layering: every crate depends only on lower layers ({})",
-            layers::LAYERS.join(" < ")
+            layers::order()
         );
         Ok(())
     } else {
