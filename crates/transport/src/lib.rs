@@ -70,8 +70,14 @@
 //! `shm://` waits and doorbells; already in every build through tokio),
 //! `rustls`,
 //! `tokio-rustls` and `rustls-webpki` (TLS without OpenSSL, with the *ring*
-//! provider), and `rcgen` (development certificates for
-//! [`tls::generate_dev_certs`]).
+//! provider), and, only with the `dev-certs` feature, `rcgen`.
+//!
+//! ## Feature flags
+//!
+//! - `dev-certs` (off by default): `tls::generate_dev_certs`, which writes a
+//!   development CA and certificates signed by it (`courier cert generate`,
+//!   tests). Without it the crate reads certificates from PEM files only
+//!   and does not compile `rcgen`.
 
 #![warn(missing_docs)]
 

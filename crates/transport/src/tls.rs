@@ -15,10 +15,12 @@
 //! certificate's subject alternative names
 //! ([`crate::Connection::peer_identity`]).
 //!
-//! [`generate_dev_certs`] writes a development CA and certificates signed by
+//! `generate_dev_certs` writes a development CA and certificates signed by
 //! it (with `rcgen`), so TLS can be tried in one command
 //! (`courier cert generate`). Not for production: the CA key is written next
-//! to the certificates.
+//! to the certificates. It exists only with the `dev-certs` feature (off by
+//! default), so that a program reading its certificates from files does not
+//! compile a certificate generator.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,7 +43,9 @@ pub enum TlsError {
     /// rustls refused the certificates or keys.
     #[error("tls configuration: {0}")]
     Config(String),
-    /// Generating development certificates failed.
+    /// Generating development certificates failed (`generate_dev_certs`,
+    /// with the `dev-certs` feature; kept without it, so that matches on
+    /// this enum compile whatever the features).
     #[error("cannot generate certificates: {0}")]
     Generate(String),
 }
@@ -195,6 +199,7 @@ pub(crate) fn identity_of(certificate: &CertificateDer<'_>) -> Option<String> {
 }
 
 /// Files written by [`generate_dev_certs`].
+#[cfg(feature = "dev-certs")]
 #[derive(Debug, Clone)]
 pub struct DevCerts {
     /// The CA certificate: give it to clients ([`TlsClient::trusting`]) and,
@@ -211,6 +216,7 @@ pub struct DevCerts {
 }
 
 /// How long generated certificates are valid, from a day ago.
+#[cfg(feature = "dev-certs")]
 #[derive(Debug, Clone, Copy)]
 pub struct Validity {
     /// Days before now the validity starts (so clock skew does not bite).
@@ -219,6 +225,7 @@ pub struct Validity {
     pub until_days_from_now: i64,
 }
 
+#[cfg(feature = "dev-certs")]
 impl Default for Validity {
     fn default() -> Self {
         Validity {
@@ -232,6 +239,9 @@ impl Default for Validity {
 /// (DNS names or IP addresses) and one client certificate per name in
 /// `clients` (identity = that name) into `dir`, as PEM files readable by
 /// the owner only. Returns their paths.
+///
+/// Only with the `dev-certs` feature.
+#[cfg(feature = "dev-certs")]
 pub fn generate_dev_certs(
     dir: &Path,
     server_names: &[String],
