@@ -365,7 +365,7 @@ fn in_process(subscribers: usize, count: u64) -> Duration {
         let readers: Vec<_> = (0..subscribers)
             .map(|_| {
                 let mut sub = bus
-                    .subscribe(
+                    .blocking_subscribe(
                         "bench.stream",
                         SubscribeOptions::default()
                             .buffer(4096)
@@ -376,7 +376,7 @@ fn in_process(subscribers: usize, count: u64) -> Duration {
                     let mut received = 0u64;
                     while received < count {
                         match sub.recv().await {
-                            Some(Event::Message(_)) => received += 1,
+                            Some(Ok(Event::Message(_))) => received += 1,
                             other => panic!("{other:?}"),
                         }
                     }

@@ -8,7 +8,7 @@
 //! use courier_pubsub::{Bus, Event, SubscribeOptions};
 //!
 //! let bus = Bus::new();
-//! let mut subscription = bus.subscribe("greetings.*", SubscribeOptions::default()).unwrap();
+//! let mut subscription = bus.blocking_subscribe("greetings.*", SubscribeOptions::default()).unwrap();
 //! let publisher = bus.publisher();
 //! std::thread::spawn(move || publisher.blocking_publish("greetings.en", "hello").unwrap());
 //! let Some(Event::Message(message)) = subscription.blocking_recv() else { panic!() };
@@ -26,7 +26,7 @@ use courier_rpc::{ClientConfig, RpcError};
 use courier_transport::Address;
 
 use crate::remote::{RemotePubSub, RemotePubSubError, RemotePublisher, RemoteSubscription};
-use crate::{Event, Message, Publisher, SubjectError, SubscribeOptions, Subscription};
+use crate::{Bus, Event, Message, Publisher, SubjectError, SubscribeOptions, Subscription};
 
 /// Wakes a parked thread.
 struct ThreadWaker(std::thread::Thread);
@@ -52,9 +52,22 @@ fn block_on<F: Future>(future: F) -> F::Output {
 }
 
 impl Subscription {
-    /// [`recv`](Subscription::recv), blocking the thread.
+    /// [`recv`](Subscription::recv), blocking the thread (without the
+    /// `Result`, which in process is never an error).
     pub fn blocking_recv(&mut self) -> Option<Event> {
-        block_on(self.recv())
+        block_on(self.next_event())
+    }
+}
+
+impl Bus {
+    /// [`subscribe`](Bus::subscribe), for code without a runtime (it never
+    /// waits).
+    pub fn blocking_subscribe(
+        &self,
+        filter: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, SubjectError> {
+        self.subscribe_now(filter, options)
     }
 }
 
@@ -66,7 +79,8 @@ impl Publisher {
         subject: &str,
         payload: impl Into<Bytes>,
     ) -> Result<usize, SubjectError> {
-        block_on(self.publish(subject, payload))
+        let subject = crate::Subject::new(subject)?;
+        Ok(block_on(self.publish_to(&subject, payload)))
     }
 }
 

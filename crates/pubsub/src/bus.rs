@@ -156,20 +156,46 @@ pub struct Message {
     pub reply_to: Option<Subject>,
 }
 
-/// Why a request got no reply.
+/// What can go wrong using the in-process bus: the one error of the
+/// embedded face, as [`RemotePubSubError`](crate::remote::RemotePubSubError)
+/// is the remote face's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum RequestError {
-    /// The subject is invalid.
+pub enum BusError {
+    /// The subject, filter or queue group is invalid. Not retryable.
     #[error(transparent)]
     Subject(#[from] crate::SubjectError),
-    /// Nobody subscribes to the subject: the request went nowhere.
+    /// A request found nobody subscribed to its subject: it went nowhere.
     #[error("no responders for {0}")]
     NoResponders(String),
-    /// No reply within the timeout.
+    /// A request got no reply within its timeout.
     #[error("no reply within {0:?}")]
     Timeout(std::time::Duration),
 }
+
+impl BusError {
+    /// What kind of failure this is: an invalid subject is
+    /// [`ErrorKind::InvalidInput`](courier_transport::ErrorKind::InvalidInput);
+    /// a request that got no reply, or found nobody to answer it,
+    /// [`ErrorKind::TimedOut`](courier_transport::ErrorKind::TimedOut), as
+    /// on the remote face.
+    pub fn kind(&self) -> courier_transport::ErrorKind {
+        match self {
+            BusError::Subject(err) => err.kind(),
+            BusError::NoResponders(_) | BusError::Timeout(_) => {
+                courier_transport::ErrorKind::TimedOut
+            }
+        }
+    }
+
+    /// Whether trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
+}
+
+/// The name [`BusError`] had when only requests returned it.
+pub type RequestError = BusError;
 
 /// What a subscription receives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -453,12 +479,12 @@ impl Inner {
 /// use courier_pubsub::{Bus, Event, SubscribeOptions};
 ///
 /// let bus = Bus::new();
-/// let mut eu = bus.subscribe("orders.eu.>", SubscribeOptions::default())?;
+/// let mut eu = bus.subscribe("orders.eu.>", SubscribeOptions::default()).await?;
 /// let publisher = bus.publisher();
 /// publisher.publish("orders.eu.created", "tea").await?;
 /// publisher.publish("orders.us.created", "coffee").await?; // not for `eu`
 ///
-/// let Some(Event::Message(message)) = eu.recv().await else { panic!() };
+/// let Some(Ok(Event::Message(message))) = eu.recv().await else { panic!() };
 /// assert_eq!((message.subject.as_str(), &message.payload[..]), ("orders.eu.created", &b"tea"[..]));
 /// # Ok(()) }
 /// ```
@@ -503,9 +529,21 @@ impl Bus {
         &self.inner.config
     }
 
-    /// Subscribes to `filter`. The subscription is active when this
-    /// returns: a message published afterwards is delivered.
-    pub fn subscribe(
+    /// Subscribes to `filter` (in the queue group `options.group`, if
+    /// given). The subscription is active when this returns: a message
+    /// published afterwards is delivered. Async (though it never waits) so
+    /// that it has the same signature as
+    /// [`RemotePubSub::subscribe`](crate::remote::RemotePubSub::subscribe).
+    pub async fn subscribe(
+        &self,
+        filter: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, BusError> {
+        Ok(self.subscribe_now(filter, options)?)
+    }
+
+    /// [`subscribe`](Self::subscribe), for callers that are not async.
+    pub(crate) fn subscribe_now(
         &self,
         filter: &str,
         options: SubscribeOptions,
@@ -570,6 +608,32 @@ impl Bus {
         Publisher {
             bus: self.clone(),
             id: self.inner.next_publisher.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Publishes under the bus's own publisher identity (one for every
+    /// call, so subscribers see these in the order they were made); see
+    /// [`Publisher::publish`]. The same signature as
+    /// [`RemotePubSub::publish`](crate::remote::RemotePubSub::publish).
+    pub async fn publish(&self, subject: &str, payload: impl Into<Bytes>) -> Result<(), BusError> {
+        self.own_publisher().publish(subject, payload).await
+    }
+
+    /// Publishes many messages in order under the bus's own publisher
+    /// identity; see [`Publisher::publish_batch`].
+    pub async fn publish_batch<S: Into<String>, P: Into<Bytes>>(
+        &self,
+        messages: impl IntoIterator<Item = (S, P)>,
+    ) -> Result<(), BusError> {
+        self.own_publisher().publish_batch(messages).await
+    }
+
+    /// The identity [`publish`](Self::publish) uses: the top of the range,
+    /// which [`publisher`](Self::publisher) never reaches.
+    fn own_publisher(&self) -> Publisher {
+        Publisher {
+            bus: self.clone(),
+            id: u64::MAX,
         }
     }
 
@@ -813,30 +877,76 @@ impl Publisher {
         self.id
     }
 
-    /// Delivers `payload` to every subscription matching `subject`. Returns
-    /// how many it was delivered (or dropped) to. Waits only for
-    /// subscriptions with [`SlowConsumer::Backpressure`].
-    pub async fn publish(
+    /// Delivers `payload` to every subscription matching `subject`. Waits
+    /// only for subscriptions with [`SlowConsumer::Backpressure`]. The same
+    /// signature as
+    /// [`RemotePublisher::publish`](crate::remote::RemotePublisher::publish);
+    /// [`publish_confirmed`](Self::publish_confirmed) says how many it
+    /// reached.
+    pub async fn publish(&self, subject: &str, payload: impl Into<Bytes>) -> Result<(), BusError> {
+        self.publish_confirmed(subject, payload).await.map(drop)
+    }
+
+    /// [`publish`](Self::publish), returning how many live subscriptions it
+    /// was delivered (or dropped) to.
+    pub async fn publish_confirmed(
         &self,
         subject: &str,
         payload: impl Into<Bytes>,
-    ) -> Result<usize, crate::SubjectError> {
-        Ok(self.publish_to(&Subject::new(subject)?, payload).await)
+    ) -> Result<u64, BusError> {
+        let subject = Subject::new(subject)?;
+        Ok(self.publish_to(&subject, payload).await as u64)
+    }
+
+    /// Publishes many messages in order. Every subject is checked first:
+    /// one invalid subject fails the call and publishes nothing.
+    pub async fn publish_batch<S: Into<String>, P: Into<Bytes>>(
+        &self,
+        messages: impl IntoIterator<Item = (S, P)>,
+    ) -> Result<(), BusError> {
+        self.publish_batch_confirmed(messages).await.map(drop)
+    }
+
+    /// [`publish_batch`](Self::publish_batch), returning the deliveries in
+    /// total.
+    pub async fn publish_batch_confirmed<S: Into<String>, P: Into<Bytes>>(
+        &self,
+        messages: impl IntoIterator<Item = (S, P)>,
+    ) -> Result<u64, BusError> {
+        let batch = messages
+            .into_iter()
+            .map(|(subject, payload)| Ok((Subject::new(&subject.into())?, None, payload.into())))
+            .collect::<Result<Vec<_>, crate::SubjectError>>()?;
+        Ok(self.send_all(batch).await as u64)
+    }
+
+    /// Returns once every publish made before it has been delivered: at
+    /// once, since in process a publish is delivered when it returns. For
+    /// the same code to run on the remote face, where
+    /// [`RemotePublisher::flush`](crate::remote::RemotePublisher::flush)
+    /// waits for the host.
+    pub async fn flush(&self) -> Result<(), BusError> {
+        Ok(())
     }
 
     /// [`publish`](Self::publish) to a subject parsed once, for publishers
-    /// that send many messages to the same subject.
+    /// that send many messages to the same subject. Returns how many
+    /// subscriptions it was delivered (or dropped) to.
     pub async fn publish_to(&self, subject: &Subject, payload: impl Into<Bytes>) -> usize {
         self.send(subject, None, payload.into()).await
     }
 
-    /// Answers `request` by publishing `payload` to its `reply_to` subject.
-    /// Returns 0 if the request asked for no reply.
-    pub async fn reply(&self, request: &Message, payload: impl Into<Bytes>) -> usize {
-        match &request.reply_to {
-            Some(inbox) => self.send(inbox, None, payload.into()).await,
-            None => 0,
+    /// Answers `request` by publishing `payload` to its `reply_to` subject;
+    /// nothing if it asked for no reply.
+    pub async fn reply(
+        &self,
+        request: &Message,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), BusError> {
+        if let Some(inbox) = &request.reply_to {
+            self.send(inbox, None, payload.into()).await;
         }
+        Ok(())
     }
 
     /// Sends messages in order; returns the deliveries in total. A run of
@@ -958,7 +1068,7 @@ impl Bus {
         subject: &str,
         payload: impl Into<Bytes>,
         timeout: std::time::Duration,
-    ) -> Result<Message, RequestError> {
+    ) -> Result<Message, BusError> {
         let subject = Subject::new(subject)?;
         // Unique across nodes too (a reply may cross a route), and under
         // the one interest every route knows for this bus's inboxes.
@@ -967,15 +1077,16 @@ impl Bus {
             self.inner.nonce.inbox_prefix(),
             self.inner.next_id.fetch_add(1, Ordering::Relaxed)
         ))?;
-        let mut replies = self.subscribe(inbox.as_str(), SubscribeOptions::default().buffer(1))?;
+        let mut replies =
+            self.subscribe_now(inbox.as_str(), SubscribeOptions::default().buffer(1))?;
         let requester = self.publisher();
         if requester.send(&subject, Some(inbox), payload.into()).await == 0 {
-            return Err(RequestError::NoResponders(subject.to_string()));
+            return Err(BusError::NoResponders(subject.to_string()));
         }
         match tokio::time::timeout(timeout, replies.recv()).await {
-            Ok(Some(Event::Message(reply))) => Ok(reply),
-            Ok(_) => Err(RequestError::NoResponders(subject.to_string())),
-            Err(_) => Err(RequestError::Timeout(timeout)),
+            Ok(Some(Ok(Event::Message(reply)))) => Ok(reply),
+            Ok(_) => Err(BusError::NoResponders(subject.to_string())),
+            Err(_) => Err(BusError::Timeout(timeout)),
         }
     }
 }
@@ -1155,8 +1266,14 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     /// The next event; `None` once the subscription was disconnected (its
     /// policy is [`SlowConsumer::Disconnect`] and it fell behind), after
-    /// the gaps that say what was dropped.
-    pub async fn recv(&mut self) -> Option<Event> {
+    /// the gaps that say what was dropped. Never an error in process: the
+    /// `Result` gives it the same signature as
+    /// [`RemoteSubscription::recv`](crate::remote::RemoteSubscription::recv).
+    pub async fn recv(&mut self) -> Option<Result<Event, std::convert::Infallible>> {
+        self.next_event().await.map(Ok)
+    }
+
+    pub(crate) async fn next_event(&mut self) -> Option<Event> {
         loop {
             if let Some(event) = self.try_recv() {
                 return Some(event);

@@ -1,7 +1,14 @@
 //! # courier-pubsub
 //!
-//! Publish–subscribe on subjects with wildcards.
+//! Publish–subscribe on subjects with wildcards, in process or across
+//! processes, behind one face.
 //!
+//! - [`PubSub`], [`Publish`] and [`Subscriber`] ([`face`]): the traits a
+//!   program is written against. The in-process [`Bus`] and the remote
+//!   [`remote::RemotePubSub`] implement them with the same inherent
+//!   signatures (async, a `Result` with each face's own error:
+//!   [`BusError`], [`remote::RemotePubSubError`]), so moving a program from
+//!   one to the other changes the line that makes the bus.
 //! - [`subject`]: subjects (`orders.eu.created`) and filters with `*` (one
 //!   token) and `>` (the rest), validated with errors that point at the bad
 //!   token.
@@ -45,6 +52,7 @@
 pub mod blocking;
 mod bus;
 pub mod durable;
+pub mod face;
 pub mod interest;
 pub mod remote;
 pub mod route;
@@ -52,12 +60,13 @@ pub mod router;
 pub mod subject;
 
 pub use bus::{
-    Bus, BusConfig, Event, Message, Publisher, RequestError, SlowConsumer, SubscribeOptions,
-    Subscription, MESSAGE_OVERHEAD,
+    Bus, BusConfig, BusError, Event, Message, Publisher, RequestError, SlowConsumer,
+    SubscribeOptions, Subscription, MESSAGE_OVERHEAD,
 };
 /// What kind of failure an error is (every error's `kind()`), shared by
 /// every Courier crate.
 pub use courier_transport::ErrorKind;
+pub use face::{PubSub, Publish, Subscriber};
 pub use interest::{Interest, NodeId};
 pub use router::{Router, SubscriptionId};
 pub use subject::{Filter, Subject, SubjectError};

@@ -934,7 +934,7 @@ impl PubSubService for PubSubHost {
         if let Some(group) = group {
             options = options.group(group);
         }
-        let mut subscription = match self.bus.subscribe(&filter, options) {
+        let mut subscription = match self.bus.subscribe_now(&filter, options) {
             Ok(subscription) => subscription,
             Err(err) => {
                 let _ = items.send(Err(err.into())).await;
@@ -985,7 +985,7 @@ async fn forward(
     let mut reported_drops = 0;
     loop {
         if carry.is_empty() {
-            match subscription.recv().await {
+            match subscription.next_event().await {
                 Some(event) => carry.extend(wire_event(event)),
                 None => {
                     // Disconnected as a slow consumer: say how many, then end.
@@ -1141,6 +1141,8 @@ pub struct RemotePubSub {
     publishing: Arc<std::sync::OnceLock<PubSubServiceClient>>,
     restore_window: Duration,
     inbox: Arc<tokio::sync::Mutex<Option<Arc<Inbox>>>>,
+    /// The publisher [`RemotePubSub::publish`] uses, made on first use.
+    own: Arc<std::sync::OnceLock<RemotePublisher>>,
 }
 
 type Waiting = Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Message>>>;
@@ -1238,6 +1240,7 @@ impl RemotePubSub {
             publishing: Arc::default(),
             restore_window: DEFAULT_RESTORE_WINDOW,
             inbox: Arc::default(),
+            own: Arc::default(),
         }
     }
 
@@ -1264,6 +1267,31 @@ impl RemotePubSub {
             id: fresh_id(),
             shared: Arc::new(PublisherShared::default()),
         }
+    }
+
+    /// Publishes one way under this bus's own publisher identity (one for
+    /// every call and every clone, so subscribers see these in the order
+    /// they were made); see [`RemotePublisher::publish`]. The same
+    /// signature as [`Bus::publish`].
+    pub async fn publish(
+        &self,
+        subject: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), RemotePubSubError> {
+        self.own_publisher().publish(subject, payload).await
+    }
+
+    /// Publishes many messages one way, in order, under this bus's own
+    /// publisher identity; see [`RemotePublisher::publish_batch`].
+    pub async fn publish_batch<S: Into<String>, P: Into<Bytes>>(
+        &self,
+        messages: impl IntoIterator<Item = (S, P)>,
+    ) -> Result<(), RemotePubSubError> {
+        self.own_publisher().publish_batch(messages).await
+    }
+
+    fn own_publisher(&self) -> &RemotePublisher {
+        self.own.get_or_init(|| self.publisher())
     }
 
     /// The publishers' connection (see [`publisher`](Self::publisher)).

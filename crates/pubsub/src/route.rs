@@ -1216,12 +1216,12 @@ struct Running {
 /// routes_a.set_peers([(2, addresses[1].clone())]);
 /// routes_b.set_peers([(1, addresses[0].clone())]);
 ///
-/// let mut orders = a.subscribe("orders.>", SubscribeOptions::default())?;
+/// let mut orders = a.subscribe("orders.>", SubscribeOptions::default()).await?;
 /// while !b.remote_interest(1).contains(&courier_pubsub::Interest::plain("orders.>")) {
 ///     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
 /// }
 /// b.publisher().publish("orders.created", "tea").await?;
-/// let Some(Event::Message(message)) = orders.recv().await else { panic!() };
+/// let Some(Ok(Event::Message(message))) = orders.recv().await else { panic!() };
 /// assert_eq!(&message.payload[..], b"tea");
 /// # Ok(()) }
 /// ```
@@ -1413,6 +1413,7 @@ mod tests {
         let bus = Bus::new();
         let mut sub = bus
             .subscribe("a.>", crate::SubscribeOptions::default().buffer(100_000))
+            .await
             .unwrap();
         let host = RouteHost::new(bus.clone(), config).for_node(9);
         assert_eq!(
@@ -1454,6 +1455,7 @@ mod tests {
         let bus = Bus::new();
         let mut member = bus
             .subscribe("a.>", crate::SubscribeOptions::default().group("g"))
+            .await
             .unwrap();
         let host = RouteHost::new(bus.clone(), RouteConfig::default());
         host.open(1, 11).await.unwrap();

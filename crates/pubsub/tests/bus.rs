@@ -27,6 +27,7 @@ async fn a_message_published_right_after_subscribe_is_always_delivered() {
         // Both orders: subscribe first, or the publisher existing first.
         let mut sub = bus
             .subscribe("race.test", SubscribeOptions::default())
+            .await
             .unwrap();
         publisher
             .publish("race.test", round.to_le_bytes().to_vec())
@@ -43,7 +44,7 @@ async fn fan_out_to_a_hundred_subscribers() {
     let bus = Bus::new();
     let mut subs: Vec<Subscription> = (0..100)
         .map(|i| {
-            bus.subscribe(
+            bus.blocking_subscribe(
                 if i % 2 == 0 { "fan.>" } else { "fan.*" },
                 SubscribeOptions::default(),
             )
@@ -52,7 +53,13 @@ async fn fan_out_to_a_hundred_subscribers() {
         .collect();
     let publisher = bus.publisher();
     for n in 0..50u8 {
-        assert_eq!(publisher.publish("fan.out", vec![n]).await.unwrap(), 100);
+        assert_eq!(
+            publisher
+                .publish_confirmed("fan.out", vec![n])
+                .await
+                .unwrap(),
+            100
+        );
     }
     for sub in &mut subs {
         for n in 0..50u8 {
@@ -68,18 +75,19 @@ async fn a_queue_group_shares_messages_while_plain_subscribers_get_all() {
     let bus = Bus::new();
     let mut workers: Vec<_> = (0..3)
         .map(|_| {
-            bus.subscribe("jobs.>", SubscribeOptions::default().group("workers"))
+            bus.blocking_subscribe("jobs.>", SubscribeOptions::default().group("workers"))
                 .unwrap()
         })
         .collect();
     let mut auditor = bus
         .subscribe("jobs.>", SubscribeOptions::default())
+        .await
         .unwrap();
     let publisher = bus.publisher();
     for n in 0..300u32 {
         assert_eq!(
             publisher
-                .publish("jobs.new", n.to_le_bytes().to_vec())
+                .publish_confirmed("jobs.new", n.to_le_bytes().to_vec())
                 .await
                 .unwrap(),
             2
@@ -113,14 +121,20 @@ async fn a_queue_group_shares_messages_while_plain_subscribers_get_all() {
 async fn subscribers_join_and_leave_mid_stream() {
     let bus = Bus::new();
     let publisher = bus.publisher();
-    let mut early = bus.subscribe("s", SubscribeOptions::default()).unwrap();
+    let mut early = bus
+        .subscribe("s", SubscribeOptions::default())
+        .await
+        .unwrap();
     publisher.publish("s", "1").await.unwrap();
-    let mut late = bus.subscribe("s", SubscribeOptions::default()).unwrap();
+    let mut late = bus
+        .subscribe("s", SubscribeOptions::default())
+        .await
+        .unwrap();
     publisher.publish("s", "2").await.unwrap();
     drop(early.try_recv());
     drop(early);
     assert_eq!(
-        publisher.publish("s", "3").await.unwrap(),
+        publisher.publish_confirmed("s", "3").await.unwrap(),
         1,
         "only the late one is left"
     );
@@ -135,7 +149,7 @@ async fn each_publisher_order_is_kept_for_every_subscriber() {
     let bus = Bus::new();
     let mut subs: Vec<_> = (0..4)
         .map(|_| {
-            bus.subscribe("ordered.>", SubscribeOptions::default().buffer(100_000))
+            bus.blocking_subscribe("ordered.>", SubscribeOptions::default().buffer(100_000))
                 .unwrap()
         })
         .collect();
@@ -182,6 +196,7 @@ async fn dropped_messages_are_reported_as_a_gap() {
                 .buffer(2)
                 .policy(SlowConsumer::DropNewest),
         )
+        .await
         .unwrap();
     let publisher = bus.publisher();
     for n in 0..5u8 {
@@ -215,6 +230,7 @@ async fn a_stalled_subscriber_stays_bounded_and_does_not_slow_a_healthy_one() {
                 .buffer(BUFFER)
                 .policy(SlowConsumer::DropOldest),
         )
+        .await
         .unwrap();
     // The healthy subscriber chose backpressure, so it provably gets everything.
     let mut healthy = bus
@@ -224,12 +240,13 @@ async fn a_stalled_subscriber_stays_bounded_and_does_not_slow_a_healthy_one() {
                 .buffer(BUFFER)
                 .policy(SlowConsumer::Backpressure),
         )
+        .await
         .unwrap();
     let reader = tokio::spawn(async move {
         let mut received = 0u64;
         while received < MESSAGES {
             match healthy.recv().await {
-                Some(Event::Message(m)) => {
+                Some(Ok(Event::Message(m))) => {
                     assert_eq!(m.seq, received);
                     received += 1;
                 }
@@ -270,6 +287,7 @@ async fn a_disconnecting_subscriber_ends_when_it_falls_behind() {
                 .buffer(2)
                 .policy(SlowConsumer::Disconnect),
         )
+        .await
         .unwrap();
     let publisher = bus.publisher();
     for n in 0..3u8 {
@@ -278,11 +296,11 @@ async fn a_disconnecting_subscriber_ends_when_it_falls_behind() {
     assert_eq!(sub.dropped(), 3);
     assert_eq!(
         within("gap", sub.recv()).await,
-        Some(Event::Gap {
+        Some(Ok(Event::Gap {
             publisher: publisher.id(),
             from: 0,
             to: 3
-        }),
+        })),
         "told what it lost first"
     );
     assert_eq!(
@@ -302,6 +320,7 @@ async fn backpressure_makes_the_publisher_wait_for_room() {
                 .buffer(1)
                 .policy(SlowConsumer::Backpressure),
         )
+        .await
         .unwrap();
     let publisher = bus.publisher();
     publisher.publish("b", "first").await.unwrap();
@@ -313,7 +332,10 @@ async fn backpressure_makes_the_publisher_wait_for_room() {
     assert!(!second.is_finished(), "waits while the buffer is full");
     assert_eq!(message(sub.try_recv()).payload, "first");
     within("publish", second).await.unwrap().unwrap();
-    assert_eq!(message(sub.recv().await).payload, "second");
+    assert_eq!(
+        message(sub.recv().await.transpose().unwrap()).payload,
+        "second"
+    );
     assert_eq!(sub.dropped(), 0);
 }
 
@@ -321,17 +343,17 @@ async fn backpressure_makes_the_publisher_wait_for_room() {
 /// upper-cased and tagged with its name.
 fn spawn_service(bus: &Bus, subject: &str, name: &'static str) {
     let mut requests = bus
-        .subscribe(subject, SubscribeOptions::default().group("upper"))
+        .blocking_subscribe(subject, SubscribeOptions::default().group("upper"))
         .unwrap();
     let publisher = bus.publisher();
     tokio::spawn(async move {
-        while let Some(Event::Message(request)) = requests.recv().await {
+        while let Some(Ok(Event::Message(request))) = requests.recv().await {
             let answer = format!(
                 "{}:{}",
                 name,
                 String::from_utf8_lossy(&request.payload).to_uppercase()
             );
-            publisher.reply(&request, answer).await;
+            publisher.reply(&request, answer).await.unwrap();
         }
     });
 }
@@ -372,6 +394,7 @@ async fn a_request_nobody_answers_fails_clearly() {
     // A subscriber that never replies: the request times out.
     let _silent = bus
         .subscribe("svc.silent", SubscribeOptions::default())
+        .await
         .unwrap();
     let err = bus
         .request("svc.silent", "x", Duration::from_secs(1))
@@ -404,6 +427,7 @@ async fn drops_at_the_end_of_a_run_are_reported_once_the_buffer_drains() {
         let bus = Bus::new();
         let mut sub = bus
             .subscribe("t", SubscribeOptions::default().buffer(2).policy(policy))
+            .await
             .unwrap();
         let publisher = bus.publisher();
         for n in 0..5u8 {
@@ -441,9 +465,13 @@ async fn a_subscription_tracks_a_bounded_number_of_publishers() {
     let bus = Bus::with_config(BusConfig::default().with_max_publishers_per_subscription(64));
     // One that keeps up (every publisher settles), one stalled (every
     // publisher but the last few leaves a drop behind).
-    let mut quick = bus.subscribe("t", SubscribeOptions::default()).unwrap();
+    let mut quick = bus
+        .subscribe("t", SubscribeOptions::default())
+        .await
+        .unwrap();
     let mut stalled = bus
         .subscribe("t", SubscribeOptions::default().buffer(16))
+        .await
         .unwrap();
     let (mut got, mut most) = (0, 0);
     for _ in 0..PUBLISHERS {
@@ -479,12 +507,16 @@ async fn byte_caps_apply_the_slow_consumer_policy() {
             .with_max_subscription_bytes(10 * size)
             .with_max_buffered_bytes(15 * size),
     );
-    let mut oldest = bus.subscribe("t", SubscribeOptions::default()).unwrap();
+    let mut oldest = bus
+        .subscribe("t", SubscribeOptions::default())
+        .await
+        .unwrap();
     let mut newest = bus
         .subscribe(
             "t",
             SubscribeOptions::default().policy(SlowConsumer::DropNewest),
         )
+        .await
         .unwrap();
     let publisher = bus.publisher();
     for _ in 0..50 {
@@ -526,12 +558,16 @@ async fn byte_caps_apply_the_slow_consumer_policy() {
 async fn backpressure_waits_for_room_in_the_total() {
     let size = 1000 + 1 + courier_pubsub::MESSAGE_OVERHEAD;
     let bus = Bus::with_config(BusConfig::default().with_max_buffered_bytes(3 * size));
-    let mut other = bus.subscribe("t", SubscribeOptions::default()).unwrap();
+    let mut other = bus
+        .subscribe("t", SubscribeOptions::default())
+        .await
+        .unwrap();
     let mut waiting = bus
         .subscribe(
             "u",
             SubscribeOptions::default().policy(SlowConsumer::Backpressure),
         )
+        .await
         .unwrap();
     let publisher = bus.publisher();
     for _ in 0..3 {
@@ -557,6 +593,7 @@ async fn queue_groups_cost_nothing_once_their_members_are_gone() {
     for n in 0..10_000 {
         let member = bus
             .subscribe("jobs", SubscribeOptions::default().group(format!("g{n}")))
+            .await
             .unwrap();
         bus.publisher().publish("jobs", "j").await.unwrap();
         drop(member);
@@ -565,9 +602,11 @@ async fn queue_groups_cost_nothing_once_their_members_are_gone() {
     // A live group still goes round its members.
     let a = bus
         .subscribe("jobs", SubscribeOptions::default().group("workers"))
+        .await
         .unwrap();
     let b = bus
         .subscribe("jobs", SubscribeOptions::default().group("workers"))
+        .await
         .unwrap();
     let publisher = bus.publisher();
     for _ in 0..4 {

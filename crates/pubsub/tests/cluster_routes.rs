@@ -77,7 +77,7 @@ async fn settled(nodes: &[Node]) {
 
 async fn next(sub: &mut courier_pubsub::Subscription) -> courier_pubsub::Message {
     match tokio::time::timeout(Duration::from_secs(20), sub.recv()).await {
-        Ok(Some(Event::Message(m))) => m,
+        Ok(Some(Ok(Event::Message(m)))) => m,
         other => panic!("expected a message, got {other:?}"),
     }
 }
@@ -92,18 +92,20 @@ async fn a_subscriber_gets_what_another_node_publishes_once_and_in_order() {
     let mut on_a = nodes[0]
         .bus
         .subscribe("orders.>", SubscribeOptions::default().buffer(20_000))
+        .await
         .unwrap();
     // Another wildcard on B: each node gets its copy once, none comes back.
     let mut on_b = nodes[1]
         .bus
         .subscribe("orders.*", SubscribeOptions::default().buffer(20_000))
+        .await
         .unwrap();
     settled(&nodes).await;
     let publisher = nodes[2].bus.publisher();
     let count = 10_000u32;
     for i in 0..count {
         let reached = publisher
-            .publish("orders.created", i.to_le_bytes().to_vec())
+            .publish_confirmed("orders.created", i.to_le_bytes().to_vec())
             .await
             .unwrap();
         assert_eq!(reached, 2, "one route to each interested node");
@@ -137,7 +139,7 @@ async fn fan_out_reaches_a_subscriber_on_every_node() {
         .iter()
         .map(|n| {
             n.bus
-                .subscribe("prices.>", SubscribeOptions::default().buffer(2000))
+                .blocking_subscribe("prices.>", SubscribeOptions::default().buffer(2000))
                 .unwrap()
         })
         .collect();
@@ -146,7 +148,7 @@ async fn fan_out_reaches_a_subscriber_on_every_node() {
         let publisher = node.bus.publisher();
         for i in 0..500u32 {
             let reached = publisher
-                .publish(&format!("prices.n{from}"), i.to_le_bytes().to_vec())
+                .publish_confirmed(&format!("prices.n{from}"), i.to_le_bytes().to_vec())
                 .await
                 .unwrap();
             assert_eq!(reached, 3);
@@ -176,14 +178,17 @@ async fn a_queue_group_over_nodes_delivers_each_message_once_preferring_a_local_
     // Members on A and B only: C's messages are shared between them.
     let mut members: Vec<(usize, courier_pubsub::Subscription)> = Vec::new();
     for node in [0, 0, 1] {
-        members.push((node, nodes[node].bus.subscribe("jobs.>", group()).unwrap()));
+        members.push((
+            node,
+            nodes[node].bus.subscribe("jobs.>", group()).await.unwrap(),
+        ));
     }
     settled(&nodes).await;
     let publisher = nodes[2].bus.publisher();
     for i in 0..600u32 {
         assert_eq!(
             publisher
-                .publish("jobs.run", i.to_le_bytes().to_vec())
+                .publish_confirmed("jobs.run", i.to_le_bytes().to_vec())
                 .await
                 .unwrap(),
             1
@@ -199,11 +204,11 @@ async fn a_queue_group_over_nodes_delivers_each_message_once_preferring_a_local_
     );
 
     // A member on C now: C's messages stay on C.
-    members.push((2, nodes[2].bus.subscribe("jobs.>", group()).unwrap()));
+    members.push((2, nodes[2].bus.subscribe("jobs.>", group()).await.unwrap()));
     settled(&nodes).await;
     for i in 0..300u32 {
         publisher
-            .publish("jobs.run", i.to_le_bytes().to_vec())
+            .publish_confirmed("jobs.run", i.to_le_bytes().to_vec())
             .await
             .unwrap();
     }
@@ -260,13 +265,14 @@ async fn request_reply_crosses_nodes_and_no_responders_is_immediate() {
     let mut service = nodes[1]
         .bus
         .subscribe("svc.echo", SubscribeOptions::default().group("svc"))
+        .await
         .unwrap();
     let responder = nodes[1].bus.publisher();
     tokio::spawn(async move {
-        while let Some(Event::Message(request)) = service.recv().await {
+        while let Some(Ok(Event::Message(request))) = service.recv().await {
             let mut reply = b"echo:".to_vec();
             reply.extend_from_slice(&request.payload);
-            responder.reply(&request, reply).await;
+            responder.reply(&request, reply).await.unwrap();
         }
     });
     settled(&nodes).await;
@@ -305,7 +311,7 @@ async fn the_interest_of_5000_subscriptions_is_complete_again_after_the_route_is
             };
             nodes[0]
                 .bus
-                .subscribe(&format!("s.{i}.>"), options)
+                .blocking_subscribe(&format!("s.{i}.>"), options)
                 .unwrap()
         })
         .collect();
@@ -314,7 +320,7 @@ async fn the_interest_of_5000_subscriptions_is_complete_again_after_the_route_is
         .map(|_| {
             nodes[0]
                 .bus
-                .subscribe("s.same", SubscribeOptions::default())
+                .blocking_subscribe("s.same", SubscribeOptions::default())
                 .unwrap()
         })
         .collect();
@@ -343,6 +349,7 @@ async fn the_interest_of_5000_subscriptions_is_complete_again_after_the_route_is
             nodes[0]
                 .bus
                 .subscribe(&format!("t.{i}"), SubscribeOptions::default())
+                .await
                 .unwrap(),
         );
     }
@@ -369,10 +376,12 @@ async fn a_stalled_node_delays_nobody_else_and_its_drops_are_counted() {
                 .buffer(10)
                 .policy(SlowConsumer::Backpressure),
         )
+        .await
         .unwrap();
     let mut on_c = nodes[2]
         .bus
         .subscribe("feed.>", SubscribeOptions::default().buffer(100_000))
+        .await
         .unwrap();
     settled(&nodes).await;
     let publisher = nodes[0].bus.publisher();
@@ -416,6 +425,7 @@ async fn a_stalled_node_delays_nobody_else_and_its_drops_are_counted() {
     let mut on_b = nodes[1]
         .bus
         .subscribe("feed.>", SubscribeOptions::default())
+        .await
         .unwrap();
     settled(&nodes).await;
     let mut received = false;
@@ -424,7 +434,7 @@ async fn a_stalled_node_delays_nobody_else_and_its_drops_are_counted() {
             .publish("feed.tick", i.to_le_bytes().to_vec())
             .await
             .unwrap();
-        if let Ok(Some(Event::Message(_))) =
+        if let Ok(Some(Ok(Event::Message(_)))) =
             tokio::time::timeout(Duration::from_millis(100), on_b.recv()).await
         {
             received = true;
@@ -440,10 +450,12 @@ async fn a_plain_and_a_group_interest_of_one_node_get_one_copy_each() {
     let mut plain = nodes[0]
         .bus
         .subscribe("both.>", SubscribeOptions::default())
+        .await
         .unwrap();
     let mut member = nodes[0]
         .bus
         .subscribe("both.*", SubscribeOptions::default().group("g"))
+        .await
         .unwrap();
     settled(&nodes).await;
     let publisher = nodes[1].bus.publisher();
@@ -451,7 +463,7 @@ async fn a_plain_and_a_group_interest_of_one_node_get_one_copy_each() {
         // One route carries it, once, naming the group.
         assert_eq!(
             publisher
-                .publish("both.x", i.to_le_bytes().to_vec())
+                .publish_confirmed("both.x", i.to_le_bytes().to_vec())
                 .await
                 .unwrap(),
             1
@@ -478,12 +490,16 @@ async fn a_group_skips_a_node_whose_route_is_down_and_no_responders_comes_at_onc
         let mut requests = node
             .bus
             .subscribe("svc.who", SubscribeOptions::default().group("svc"))
+            .await
             .unwrap();
         let responder = node.bus.publisher();
         let id = node.id;
         serving.push(tokio::spawn(async move {
-            while let Some(Event::Message(request)) = requests.recv().await {
-                responder.reply(&request, id.to_le_bytes().to_vec()).await;
+            while let Some(Ok(Event::Message(request))) = requests.recv().await {
+                responder
+                    .reply(&request, id.to_le_bytes().to_vec())
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -567,11 +583,15 @@ async fn concurrent_requests_across_nodes_under_load_all_get_their_replies() {
             "svc.echo",
             SubscribeOptions::default().group("svc").buffer(10_000),
         )
+        .await
         .unwrap();
     let responder = nodes[1].bus.publisher();
     tokio::spawn(async move {
-        while let Some(Event::Message(request)) = requests.recv().await {
-            responder.reply(&request, request.payload.clone()).await;
+        while let Some(Ok(Event::Message(request))) = requests.recv().await {
+            responder
+                .reply(&request, request.payload.clone())
+                .await
+                .unwrap();
         }
     });
     // Interest churns on A meanwhile (a subscriber coming and going), and
@@ -579,13 +599,16 @@ async fn concurrent_requests_across_nodes_under_load_all_get_their_replies() {
     let mut noise_sub = nodes[1]
         .bus
         .subscribe("noise.>", SubscribeOptions::default())
+        .await
         .unwrap();
     tokio::spawn(async move { while noise_sub.recv().await.is_some() {} });
     settled(&nodes).await;
     let bus_a = nodes[0].bus.clone();
     let churn = tokio::spawn(async move {
         for i in 0..2000 {
-            let sub = bus_a.subscribe(&format!("churn.{i}"), SubscribeOptions::default());
+            let sub = bus_a
+                .subscribe(&format!("churn.{i}"), SubscribeOptions::default())
+                .await;
             let noise = bus_a.publisher();
             noise.publish("noise.tick", "n").await.unwrap();
             drop(sub);

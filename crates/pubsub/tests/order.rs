@@ -265,7 +265,10 @@ async fn a_frame_older_than_one_applied_is_dropped_so_order_holds_across_reconne
     use courier_pubsub::remote::PubSubService;
     let bus = Bus::new();
     let host = PubSubHost::new(bus.clone());
-    let mut sub = bus.subscribe("re.>", SubscribeOptions::default()).unwrap();
+    let mut sub = bus
+        .subscribe("re.>", SubscribeOptions::default())
+        .await
+        .unwrap();
     // The new connection's frames (2, 3) arrive while the old connection's
     // reader still holds frame 1: it must not land after them.
     host.publish_oneway(7, 2, "re.a".into(), None, "two".into())
@@ -340,6 +343,7 @@ async fn a_one_way_publish_cut_short_at_the_host_is_reported_by_flush() {
                 .buffer(1)
                 .policy(SlowConsumer::Backpressure),
         )
+        .await
         .unwrap();
     host.publish_oneway(9, 1, "cut.a".into(), None, "fits".into())
         .await;

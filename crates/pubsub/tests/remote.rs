@@ -607,9 +607,13 @@ async fn client_chosen_publisher_ids_keep_host_state_bounded() {
     );
     let host =
         PubSubHost::new(bus.clone()).with_config(HostConfig::default().with_max_publishers(1024));
-    let mut responder = bus.subscribe("svc", SubscribeOptions::default()).unwrap();
+    let mut responder = bus
+        .subscribe("svc", SubscribeOptions::default())
+        .await
+        .unwrap();
     let _stalled = bus
         .subscribe("svc", SubscribeOptions::default().buffer(8))
+        .await
         .unwrap();
     let payload = bytes::Bytes::from_static(b"x");
     let mut most = (0, 0);
@@ -646,11 +650,14 @@ async fn requests_from_one_client_use_one_publisher_identity() {
     let server = Server::new(ServerConfig::default())
         .service(PubSubServiceServer::new(PubSubHost::new(bus.clone())))
         .spawn(listener);
-    let mut service = bus.subscribe("echo", SubscribeOptions::default()).unwrap();
+    let mut service = bus
+        .subscribe("echo", SubscribeOptions::default())
+        .await
+        .unwrap();
     let replier = bus.publisher();
     tokio::spawn(async move {
-        while let Some(Event::Message(request)) = service.recv().await {
-            replier.reply(&request, request.payload.clone()).await;
+        while let Some(Ok(Event::Message(request))) = service.recv().await {
+            replier.reply(&request, request.payload.clone()).await.unwrap();
         }
     });
     let client = connect(&server).await;

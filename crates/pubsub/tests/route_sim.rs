@@ -373,7 +373,7 @@ impl Sim {
             (Interest::plain(filter), SubscribeOptions::default())
         };
         let sub = self.buses[&node]
-            .subscribe(filter, options)
+            .blocking_subscribe(filter, options)
             .expect("a valid filter");
         self.note(format!("node {node} subscribes {interest:?}"));
         self.held.get_mut(&node).unwrap().push((interest, sub));
@@ -597,7 +597,7 @@ fn after_healing_every_node_gets_every_message_once() {
             .iter()
             .map(|(&n, bus)| {
                 let sub = bus
-                    .subscribe("a.>", SubscribeOptions::default())
+                    .blocking_subscribe("a.>", SubscribeOptions::default())
                     .expect("a valid filter");
                 (n, sub)
             })
