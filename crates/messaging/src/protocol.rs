@@ -16,6 +16,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+/// Flag on an `Error` frame: it refuses a request, not a data message.
+pub(crate) const ABOUT_REQUEST: u8 = 0b0000_0010;
+
 /// Sent by both sides when a connection opens.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Hello {
