@@ -85,7 +85,9 @@ mod address;
 mod backoff;
 mod config;
 mod connection;
+mod dial;
 mod error;
+mod establish;
 mod kind;
 mod listener;
 mod mem;
@@ -118,5 +120,5 @@ pub async fn connect(
     address: &Address,
     config: &TransportConfig,
 ) -> Result<Connection, ConnectError> {
-    listener::connect(address, config).await
+    dial::connect(address, config).await
 }

@@ -1,22 +1,20 @@
-//! Listeners, and the TCP and Unix socket plumbing shared by `bind` and `connect`.
+//! Listeners: binding an address of any kind, and the accept loop that runs
+//! handshakes (in [`crate::establish`]) concurrently and queues ready
+//! connections. Dialling is in [`crate::dial`].
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::connection::{RecvLink, SendLink};
+use crate::establish::{resolve, RawStream};
 use crate::mem::MemRegistration;
-use crate::stream::{exchange_preamble, BoxRead, BoxWrite, StreamReader, StreamWriter};
-use crate::{
-    udp, AcceptError, Address, BindError, ConnectError, Connection, HandshakeError, TransportConfig,
-};
+use crate::{udp, AcceptError, Address, BindError, Connection, TransportConfig};
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -103,128 +101,6 @@ impl Listener {
             refused: self.counters.refused.load(Ordering::Relaxed),
             dropped_datagrams: self.counters.dropped_datagrams.load(Ordering::Relaxed),
         }
-    }
-}
-
-/// A freshly accepted or connected socket, before its handshake.
-enum RawStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-    /// Accepted on a `tls://` listener.
-    TlsAccept(TcpStream, crate::TlsServer),
-    /// Connected to a `tls://` address: the certificate must be valid for `host`.
-    TlsConnect(TcpStream, crate::TlsClient, String),
-    /// The control socket of an `shm://` listener, accepted.
-    #[cfg(target_os = "linux")]
-    ShmAccept(UnixStream, String),
-    /// The control socket of an `shm://` listener, connected.
-    #[cfg(target_os = "linux")]
-    ShmConnect(UnixStream),
-}
-
-fn tls_failed(err: io::Error) -> HandshakeError {
-    HandshakeError::Tls(err.to_string())
-}
-
-impl RawStream {
-    /// Exchanges preambles and wraps the socket as a framed connection.
-    async fn establish(
-        self,
-        config: &TransportConfig,
-        peer: Option<Address>,
-    ) -> Result<Connection, HandshakeError> {
-        let limit = config.handshake_timeout;
-        // TLS and the preamble together get one handshake timeout.
-        let deadline = tokio::time::Instant::now() + limit;
-        let within = |_| HandshakeError::Timeout(limit);
-        let mut identity = None;
-        let (read, write): (BoxRead, BoxWrite) = match self {
-            RawStream::Tcp(mut stream) => {
-                stream.set_nodelay(true)?;
-                exchange_preamble(&mut stream, limit).await?;
-                let (r, w) = stream.into_split();
-                (Box::new(r), Box::new(w))
-            }
-            RawStream::Unix(mut stream) => {
-                exchange_preamble(&mut stream, limit).await?;
-                let (r, w) = stream.into_split();
-                (Box::new(r), Box::new(w))
-            }
-            RawStream::TlsAccept(stream, server) => {
-                stream.set_nodelay(true)?;
-                let acceptor = tokio_rustls::TlsAcceptor::from(server.config.clone());
-                let mut tls = tokio::time::timeout_at(deadline, acceptor.accept(stream))
-                    .await
-                    .map_err(within)?
-                    .map_err(tls_failed)?;
-                identity = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .and_then(crate::tls::identity_of);
-                exchange_preamble(&mut tls, deadline - tokio::time::Instant::now()).await?;
-                let (r, w) = tokio::io::split(tls);
-                (Box::new(r), Box::new(w))
-            }
-            #[cfg(target_os = "linux")]
-            RawStream::ShmAccept(control, name) => {
-                let ring = config.shm_ring_size.next_power_of_two().max(4096) as u64;
-                let (reader, writer) = tokio::time::timeout_at(
-                    deadline,
-                    crate::shm::accept(control, &name, ring, config.shm_spin),
-                )
-                .await
-                .map_err(within)??;
-                let mut both = tokio::io::join(reader, writer);
-                exchange_preamble(&mut both, deadline - tokio::time::Instant::now()).await?;
-                let (r, w) = both.into_inner();
-                (Box::new(r), Box::new(w))
-            }
-            #[cfg(target_os = "linux")]
-            RawStream::ShmConnect(control) => {
-                let most = config.shm_ring_size.next_power_of_two().max(1 << 24) as u64;
-                let (reader, writer) = tokio::time::timeout_at(
-                    deadline,
-                    crate::shm::connect(control, most, config.shm_spin),
-                )
-                .await
-                .map_err(within)??;
-                let mut both = tokio::io::join(reader, writer);
-                exchange_preamble(&mut both, deadline - tokio::time::Instant::now()).await?;
-                let (r, w) = both.into_inner();
-                (Box::new(r), Box::new(w))
-            }
-            RawStream::TlsConnect(stream, client, host) => {
-                stream.set_nodelay(true)?;
-                let name =
-                    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|err| {
-                        HandshakeError::Tls(format!("{host:?} is not a valid server name: {err}"))
-                    })?;
-                let connector = tokio_rustls::TlsConnector::from(client.config.clone());
-                let mut tls = tokio::time::timeout_at(deadline, connector.connect(name, stream))
-                    .await
-                    .map_err(within)?
-                    .map_err(tls_failed)?;
-                exchange_preamble(&mut tls, deadline - tokio::time::Instant::now()).await?;
-                let (r, w) = tokio::io::split(tls);
-                (Box::new(r), Box::new(w))
-            }
-        };
-        let codec = config.stream_codec();
-        let mut connection = Connection::new(
-            SendLink::Stream(StreamWriter::new(
-                write,
-                codec,
-                config.send_buffer,
-                config.linger,
-            )),
-            RecvLink::Stream(StreamReader::new(read, codec)),
-            config.heartbeat,
-            peer,
-        );
-        connection.set_identity(identity);
-        Ok(connection)
     }
 }
 
@@ -358,17 +234,6 @@ async fn accept_loop(
     }
 }
 
-async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-    if addrs.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "name resolved to no addresses",
-        ));
-    }
-    Ok(addrs)
-}
-
 /// Binds a listener on any address kind.
 pub(crate) async fn bind(
     address: &Address,
@@ -500,99 +365,4 @@ async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         }
         other => other,
     }
-}
-
-/// Opens a connection on any address kind.
-pub(crate) async fn connect(
-    address: &Address,
-    config: &TransportConfig,
-) -> Result<Connection, ConnectError> {
-    let timeout = |_| ConnectError::Timeout {
-        address: address.clone(),
-        after: config.connect_timeout,
-    };
-    let io_err = |source| ConnectError::Io {
-        address: address.clone(),
-        source,
-    };
-    let deadline = tokio::time::Instant::now() + config.connect_timeout;
-    let (raw, peer) = match address {
-        Address::Tcp { host, port } | Address::Tls { host, port } => {
-            let addrs = tokio::time::timeout_at(deadline, resolve(host, *port))
-                .await
-                .map_err(timeout)?
-                .map_err(|source| ConnectError::Resolve {
-                    address: address.clone(),
-                    source,
-                })?;
-            let mut last_err = None;
-            let mut connected = None;
-            for addr in addrs {
-                match tokio::time::timeout_at(deadline, TcpStream::connect(addr))
-                    .await
-                    .map_err(timeout)?
-                {
-                    Ok(stream) => {
-                        connected = Some((stream, addr));
-                        break;
-                    }
-                    Err(err) => last_err = Some(err),
-                }
-            }
-            let (stream, addr) = connected
-                .ok_or_else(|| io_err(last_err.expect("at least one address was tried")))?;
-            match address {
-                Address::Tls { .. } => {
-                    let client =
-                        config
-                            .tls_client
-                            .clone()
-                            .ok_or_else(|| ConnectError::Handshake {
-                                address: address.clone(),
-                                source: HandshakeError::TlsNotConfigured(
-                                    "trusted CAs (TransportConfig::with_tls_client)",
-                                ),
-                            })?;
-                    (
-                        RawStream::TlsConnect(stream, client, host.clone()),
-                        Address::tls(addr),
-                    )
-                }
-                _ => (RawStream::Tcp(stream), Address::tcp(addr)),
-            }
-        }
-        Address::Unix(path) => {
-            let stream = tokio::time::timeout_at(deadline, UnixStream::connect(path))
-                .await
-                .map_err(timeout)?
-                .map_err(io_err)?;
-            (RawStream::Unix(stream), address.clone())
-        }
-        Address::Udp { host, port } => return udp::connect(address, host, *port, config).await,
-        Address::Mem(name) => return crate::mem::connect(address, name, config).await,
-        #[cfg(target_os = "linux")]
-        Address::Shm(name) => {
-            let stream = tokio::time::timeout_at(
-                deadline,
-                UnixStream::connect(crate::shm::control_path(name)),
-            )
-            .await
-            .map_err(timeout)?
-            .map_err(io_err)?;
-            (RawStream::ShmConnect(stream), address.clone())
-        }
-        #[cfg(not(target_os = "linux"))]
-        Address::Shm(_) => {
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "shm:// is supported on Linux only",
-            )))
-        }
-    };
-    raw.establish(config, Some(peer))
-        .await
-        .map_err(|source| ConnectError::Handshake {
-            address: address.clone(),
-            source,
-        })
 }
