@@ -599,6 +599,7 @@ impl Bus {
             bus: Arc::downgrade(&self.inner),
             pending_gap: None,
             trailing: VecDeque::new(),
+            waiting: None,
         })
     }
 
@@ -1245,6 +1246,12 @@ async fn deliver(sub: &Sub, mut message: Message, inner: &Inner) {
 }
 
 /// One subscription. Dropping it unsubscribes.
+///
+/// Receive with [`recv`](Self::recv), [`try_recv`](Self::try_recv) or as a
+/// [`futures_core::Stream`] of the same items. All are cancel-safe (in
+/// `tokio::select!`, say): an event leaves the buffer only in the
+/// synchronous step that returns it, so a receive dropped while it waits
+/// loses nothing.
 pub struct Subscription {
     id: SubscriptionId,
     sub: Arc<Sub>,
@@ -1253,6 +1260,43 @@ pub struct Subscription {
     pending_gap: Option<Message>,
     /// Reports of trailing drops, found when the buffer ran empty.
     trailing: VecDeque<Event>,
+    /// The stream face's wait for the next event, registered before the
+    /// buffer is looked at again (so a wake-up in between is not missed).
+    waiting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+impl futures_core::Stream for Subscription {
+    type Item = Result<Event, std::convert::Infallible>;
+
+    /// [`Subscription::recv`] as a stream: the same items, as cancel-safe.
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if let Some(event) = this.try_recv() {
+                this.waiting = None;
+                return Poll::Ready(Some(Ok(event)));
+            }
+            if lock(&this.sub.buffer).closed {
+                this.waiting = None;
+                return Poll::Ready(None);
+            }
+            let fresh = this.waiting.is_none();
+            let waiting = this.waiting.get_or_insert_with(|| {
+                let sub = this.sub.clone();
+                Box::pin(async move { sub.readable.notified().await })
+            });
+            match std::future::Future::poll(waiting.as_mut(), cx) {
+                Poll::Ready(()) => this.waiting = None,
+                // Registered only now: look at the buffer once more.
+                Poll::Pending if fresh => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Subscription {
@@ -1266,7 +1310,8 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     /// The next event; `None` once the subscription was disconnected (its
     /// policy is [`SlowConsumer::Disconnect`] and it fell behind), after
-    /// the gaps that say what was dropped. Never an error in process: the
+    /// the gaps that say what was dropped. Cancel-safe (see the type's
+    /// docs). Never an error in process: the
     /// `Result` gives it the same signature as
     /// [`RemoteSubscription::recv`](crate::remote::RemoteSubscription::recv).
     pub async fn recv(&mut self) -> Option<Result<Event, std::convert::Infallible>> {

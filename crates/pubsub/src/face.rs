@@ -15,8 +15,8 @@
 //!   [`request`](PubSub::request).
 //! - [`Publish`]: a publisher — publish, publish confirmed (how many live
 //!   subscriptions it reached), batches, flush, reply.
-//! - [`Subscriber`]: a subscription — [`recv`](Subscriber::recv). Dropping
-//!   it unsubscribes.
+//! - [`Subscriber`]: a subscription — [`recv`](Subscriber::recv), or as a
+//!   [`futures_core::Stream`]; both cancel-safe. Dropping it unsubscribes.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -148,8 +148,12 @@ pub trait Publish: Clone + Send + Sync + 'static {
 
 /// A subscription: [`Subscription`] or
 /// [`RemoteSubscription`](crate::remote::RemoteSubscription). Dropping it
-/// unsubscribes.
-pub trait Subscriber: Send + 'static {
+/// unsubscribes. Also a [`futures_core::Stream`] of what `recv` returns;
+/// both are cancel-safe: a receive dropped at an await (a losing branch of
+/// `tokio::select!`) loses no event.
+pub trait Subscriber:
+    futures_core::Stream<Item = Result<Event, Self::Error>> + Unpin + Send + 'static
+{
     /// What receiving can fail with ([`std::convert::Infallible`] in
     /// process).
     type Error: std::error::Error + Send + Sync + 'static;

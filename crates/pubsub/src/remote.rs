@@ -1399,17 +1399,20 @@ impl RemotePubSub {
         options: SubscribeOptions,
     ) -> Result<RemoteSubscription, RemotePubSubError> {
         let stream = open_subscription(&self.client, filter, &options).await?;
+        let counts = Arc::new(SubscriptionCounts::default());
         Ok(RemoteSubscription {
-            stream,
-            pending: VecDeque::new(),
-            last_subject: None,
-            client: self.client.clone(),
-            filter: filter.to_string(),
-            options,
-            restore_window: self.restore_window,
-            restored: 0,
-            dropped_before: 0,
-            dropped_now: 0,
+            state: Some(Box::new(SubscriptionState {
+                stream,
+                pending: VecDeque::new(),
+                last_subject: None,
+                client: self.client.clone(),
+                filter: filter.to_string(),
+                options,
+                restore_window: self.restore_window,
+                counts: counts.clone(),
+            })),
+            in_flight: None,
+            counts,
         })
     }
 
@@ -2038,8 +2041,54 @@ impl RemotePublisher {
 /// A subscription on a remote bus. Dropping it unsubscribes; the host
 /// tears the subscription down when the cancellation reaches it, so a
 /// message published in that moment may still be counted for it.
-#[derive(Debug)]
+///
+/// Receive with [`recv`](Self::recv) or as a [`futures_core::Stream`] of
+/// the same items. Both are cancel-safe (in `tokio::select!`, say): a
+/// receive dropped at any await, even while the subscription is restoring
+/// itself after losing its host, loses no event and abandons no restore;
+/// the next receive carries on where it stopped.
 pub struct RemoteSubscription {
+    /// The state, while no receive is under way.
+    state: Option<Box<SubscriptionState>>,
+    /// A receive under way (the state moved into it), kept across dropped
+    /// `recv` futures: that is what makes receiving cancel-safe.
+    in_flight: Option<InFlight>,
+    counts: Arc<SubscriptionCounts>,
+}
+
+type InFlight = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    Box<SubscriptionState>,
+                    Option<Result<Event, RemotePubSubError>>,
+                ),
+            > + Send,
+    >,
+>;
+
+impl std::fmt::Debug for RemoteSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSubscription")
+            .field("receiving", &self.in_flight.is_some())
+            .field("restored", &self.restored())
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a subscription counts, readable while a receive is under way.
+#[derive(Debug, Default)]
+struct SubscriptionCounts {
+    restored: AtomicU64,
+    /// Drops the host reported for the subscriptions before the last restore.
+    dropped_before: AtomicU64,
+    /// Drops the host reported for the current one.
+    dropped_now: AtomicU64,
+}
+
+/// Everything a receive needs, moved into the receive while it waits.
+struct SubscriptionState {
     stream: ItemStream<Result<Vec<WireEvent>, RemoteError>>,
     pending: VecDeque<WireEvent>,
     /// The last subject parsed: consecutive messages often share it.
@@ -2048,11 +2097,7 @@ pub struct RemoteSubscription {
     filter: String,
     options: SubscribeOptions,
     restore_window: Duration,
-    restored: u64,
-    /// Drops the host reported for the subscriptions before the last restore.
-    dropped_before: u64,
-    /// Drops the host reported for the current one.
-    dropped_now: u64,
+    counts: Arc<SubscriptionCounts>,
 }
 
 /// Errors after which the host may come back: subscribe again.
@@ -2062,15 +2107,95 @@ fn host_lost(err: &RpcError) -> bool {
 
 impl RemoteSubscription {
     /// The next event; `None` when the subscription ended (the host
-    /// disconnected it as a slow consumer).
+    /// disconnected it as a slow consumer). Cancel-safe (see the type's
+    /// docs).
     pub async fn recv(&mut self) -> Option<Result<Event, RemotePubSubError>> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// How many times this subscription restored itself.
+    pub fn restored(&self) -> u64 {
+        self.counts.restored.load(Ordering::Relaxed)
+    }
+
+    /// Messages the host dropped for this subscription (slow-consumer
+    /// policy, byte caps, too large to send), over every restore, as far
+    /// as the host reported them: the count travels with the events, so it
+    /// is exact up to the last event received. Gaps and
+    /// [`Event::Dropped`] say which, at the latest once the host's buffer
+    /// has drained. Not counted (not knowable): what a lost connection or
+    /// host took with it; see [`Event::Restored`].
+    pub fn dropped(&self) -> u64 {
+        self.counts.dropped_before.load(Ordering::Relaxed)
+            + self.counts.dropped_now.load(Ordering::Relaxed)
+    }
+
+    /// Events already received take no allocation and no await; only a
+    /// receive that has to wait moves the state into a boxed future, which
+    /// stays here until it is done, however often its caller gives up.
+    fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Event, RemotePubSubError>>> {
+        if self.in_flight.is_none() {
+            let Some(mut state) = self.state.take() else {
+                return std::task::Poll::Ready(None);
+            };
+            if let Some(event) = state.ready_event() {
+                self.state = Some(state);
+                return std::task::Poll::Ready(Some(event));
+            }
+            self.in_flight = Some(Box::pin(async move {
+                let event = state.next_event().await;
+                (state, event)
+            }));
+        }
+        let Some(in_flight) = self.in_flight.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        match std::future::Future::poll(in_flight.as_mut(), cx) {
+            std::task::Poll::Ready((state, event)) => {
+                self.in_flight = None;
+                self.state = Some(state);
+                std::task::Poll::Ready(event)
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl futures_core::Stream for RemoteSubscription {
+    type Item = Result<Event, RemotePubSubError>;
+
+    /// [`RemoteSubscription::recv`] as a stream: the same items, as
+    /// cancel-safe.
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
+    }
+}
+
+impl SubscriptionState {
+    /// An event already received, if there is one.
+    fn ready_event(&mut self) -> Option<Result<Event, RemotePubSubError>> {
+        while let Some(wire) = self.pending.pop_front() {
+            if let WireEvent::DropCount { total } = wire {
+                self.counts.dropped_now.store(total, Ordering::Relaxed);
+                continue;
+            }
+            return Some(event_from(wire, &mut self.last_subject));
+        }
+        None
+    }
+
+    /// The next event, waiting for the host (and restoring the
+    /// subscription if the host went away).
+    async fn next_event(&mut self) -> Option<Result<Event, RemotePubSubError>> {
         loop {
-            if let Some(wire) = self.pending.pop_front() {
-                if let WireEvent::DropCount { total } = wire {
-                    self.dropped_now = total;
-                    continue;
-                }
-                return Some(event_from(wire, &mut self.last_subject));
+            if let Some(event) = self.ready_event() {
+                return Some(event);
             }
             match self.stream.next().await? {
                 Ok(Ok(batch)) => self.pending.extend(batch),
@@ -2084,22 +2209,6 @@ impl RemoteSubscription {
                 Err(err) => return Some(Err(err.into())),
             }
         }
-    }
-
-    /// How many times this subscription restored itself.
-    pub fn restored(&self) -> u64 {
-        self.restored
-    }
-
-    /// Messages the host dropped for this subscription (slow-consumer
-    /// policy, byte caps, too large to send), over every restore, as far
-    /// as the host reported them: the count travels with the events, so it
-    /// is exact up to the last event received. Gaps and
-    /// [`Event::Dropped`] say which, at the latest once the host's buffer
-    /// has drained. Not counted (not knowable): what a lost connection or
-    /// host took with it; see [`Event::Restored`].
-    pub fn dropped(&self) -> u64 {
-        self.dropped_before + self.dropped_now
     }
 
     /// Subscribes again, with backoff, until the host takes it or the
@@ -2122,8 +2231,9 @@ impl RemoteSubscription {
                 Ok(stream) => {
                     self.stream = stream;
                     self.pending.clear();
-                    self.dropped_before += std::mem::take(&mut self.dropped_now);
-                    self.restored += 1;
+                    let now = self.counts.dropped_now.swap(0, Ordering::Relaxed);
+                    self.counts.dropped_before.fetch_add(now, Ordering::Relaxed);
+                    self.counts.restored.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
                 Err(RemotePubSubError::Rpc(err)) if host_lost(&err) => last = err.into(),
