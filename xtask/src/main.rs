@@ -3,6 +3,7 @@
 //! Plain std Rust with no dependencies, so it builds in seconds on a fresh
 //! machine. Every command prints what it runs.
 
+mod deps;
 mod layers;
 
 use std::env;
@@ -44,6 +45,9 @@ commands:
                       cut connections), checked throughout (CI runs
                       1 min of seed 7; without --seed, a random one)
   layers              check that every crate depends only on lower layers
+  deps                check that the embedded queue and pub/sub (no default
+                      features) compile no rpc, rustls, rcgen or syn of ours,
+                      and transport without dev-certs no rcgen
 ";
 
 fn main() -> ExitCode {
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         "sim" => sim(rest),
         "fuzz" => fuzz(rest, true),
         "layers" => check_layers(),
+        "deps" => check_deps(),
         "examples" => examples(),
         "crash" => crash(rest),
         "soak" => soak(rest),
@@ -284,6 +289,44 @@ fn check_layers() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("layering violated:\n  {}", violations.join("\n  ")))
+    }
+}
+
+/// Runs `cargo tree` for each of [`deps::CHECKS`] and fails naming every
+/// crate that appears where it must not, with the chain that brought it.
+fn check_deps() -> Result<(), String> {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut failures = Vec::new();
+    for check in deps::CHECKS {
+        let args = deps::tree_args(check.package);
+        eprintln!("$ cargo {}", args.join(" "));
+        let output = Command::new(&cargo)
+            .args(&args)
+            .current_dir(root())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "`cargo {}` failed ({})",
+                args.join(" "),
+                output.status
+            ));
+        }
+        let tree = String::from_utf8_lossy(&output.stdout);
+        let found = deps::offenders(&tree, check.forbidden);
+        match deps::report(check.package, &found) {
+            Some(message) => failures.push(message),
+            None => eprintln!("{}: none of the forbidden crates", check.package),
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "dependencies that must not be there:\n  {}",
+            failures.join("\n  ")
+        ))
     }
 }
 
