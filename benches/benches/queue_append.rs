@@ -142,7 +142,7 @@ async fn end_to_end<Q: courier_queue::QueueHandle + 'static>(queue: Arc<Q>, coun
     };
     let mut consumer = queue.consumer(256).await.unwrap();
     for _ in 0..count / 100 * 100 {
-        consumer.next().await.unwrap().ack().await.unwrap();
+        consumer.recv().await.unwrap().ack().await.unwrap();
     }
     producer.await.unwrap();
     count as f64 / started.elapsed().as_secs_f64()
@@ -223,7 +223,7 @@ async fn remote_queue(address: &str, policy: FsyncPolicy, count: u64) -> (f64, f
     let mut acks: tokio::task::JoinSet<Result<(), courier_queue::remote::RemoteQueueError>> =
         tokio::task::JoinSet::new();
     for _ in 0..count + 1 {
-        let delivery = consumer.recv().await.unwrap().unwrap();
+        let delivery = consumer.recv().await.unwrap();
         if acks.len() >= 256 {
             acks.join_next().await.unwrap().unwrap().unwrap();
         }

@@ -183,12 +183,12 @@ impl State {
             if let Some(dead) = queue.dead_letters() {
                 queues.push(QueueReport {
                     name: dead.name().to_string(),
-                    stats: dead.stats(),
+                    stats: dead.stats_now(),
                 });
             }
             queues.push(QueueReport {
                 name: queue.name().to_string(),
-                stats: queue.stats(),
+                stats: queue.stats_now(),
             });
         }
         queues.sort_by(|a, b| a.name.cmp(&b.name));

@@ -155,7 +155,7 @@ async fn a_restart_brings_back_queues_durable_subscriptions_and_unacknowledged_m
     {
         let mut consumer = queue.consumer(5).await.unwrap();
         for n in 0..5 {
-            let delivery = consumer.recv().await.unwrap().unwrap();
+            let delivery = consumer.recv().await.unwrap();
             if n < 3 {
                 delivery.ack().await.unwrap();
             } else {
@@ -195,7 +195,6 @@ async fn a_restart_brings_back_queues_durable_subscriptions_and_unacknowledged_m
     let mut consumer = audit.consumer(1).await.unwrap();
     let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
         .await
-        .unwrap()
         .unwrap()
         .unwrap();
     let message = courier_pubsub::durable::DurableMessage::decode(&delivery.payload).unwrap();

@@ -193,10 +193,10 @@ async fn every_permission_is_enforced_and_a_denial_leaves_the_connection_usable(
         .unwrap_err();
     assert!(denied_queue(&err), "{err}");
     let mut denied = secrets.consumer(1).await.unwrap();
-    let err = denied.recv().await.unwrap().unwrap_err();
+    let err = denied.recv().await.unwrap_err();
     assert!(denied_queue(&err), "{err}");
     let mut consumer = jobs.consumer(1).await.unwrap();
-    let delivery = consumer.recv().await.unwrap().unwrap();
+    let delivery = consumer.recv().await.unwrap();
     assert_eq!(&delivery.payload[..], b"job");
     delivery.ack().await.unwrap();
 

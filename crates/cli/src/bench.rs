@@ -326,10 +326,7 @@ async fn queue(url: &str, count: u64, payload: bytes::Bytes) -> anyhow::Result<Q
     let mut consumer = queue.consumer(256).await?;
     let mut acks = tokio::task::JoinSet::new();
     for n in 0..total {
-        let delivery = consumer
-            .recv()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("the broker ended the consumer"))??;
+        let delivery = consumer.recv().await?;
         if acks.len() >= 256 {
             acks.join_next().await.expect("non-empty")??;
         }

@@ -529,8 +529,7 @@ pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Resu
             let mut consumer = queue.consumer(count.clamp(1, 1000) as u32).await?;
             for _ in 0..count {
                 let delivery = match tokio::time::timeout(wait, consumer.recv()).await {
-                    Ok(Some(delivery)) => delivery?,
-                    Ok(None) => anyhow::bail!("the broker ended the consumer"),
+                    Ok(delivery) => delivery?,
                     Err(_) => {
                         return Err(Failure::nothing(format!(
                             "no message in {} within {wait:?}",
@@ -573,7 +572,7 @@ pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Resu
             let deadline = tokio::time::Instant::now() + wait;
             while !wanted.is_empty() {
                 let delivery = match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                    Ok(Some(delivery)) => delivery?,
+                    Ok(delivery) => delivery?,
                     _ => break,
                 };
                 if wanted.remove(&delivery.id) {

@@ -134,7 +134,7 @@ pub async fn worker(url: &str, args: WorkerArgs) -> anyhow::Result<()> {
             let mut consumer = queue.consumer(16).await?;
             ready(None);
             _keep.push(Box::new(tokio::spawn(async move {
-                while let Some(Ok(delivery)) = consumer.recv().await {
+                while let Ok(delivery) = consumer.recv().await {
                     // A little work, so the load visibly spreads.
                     tokio::time::sleep(Duration::from_micros(200)).await;
                     if delivery.ack().await.is_ok() {

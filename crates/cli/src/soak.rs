@@ -409,7 +409,7 @@ async fn consumer(shared: Arc<Shared>, seed: u64) {
             let next = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
             let delivery = match next {
                 Err(_) => continue,
-                Ok(Some(Ok(delivery))) => delivery,
+                Ok(Ok(delivery)) => delivery,
                 Ok(_) => break,
             };
             shared.ledger().deliveries += 1;
@@ -1069,7 +1069,7 @@ async fn soak(
     let dlq = RemoteQueue::with_client(client, &format!("{QUEUE}.dlq"));
     match dlq.consumer(64).await {
         Ok(mut consumer) => {
-            while let Ok(Some(Ok(delivery))) =
+            while let Ok(Ok(delivery)) =
                 tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await
             {
                 let original = courier_queue::parse_dead_letter(delivery.payload.clone())

@@ -376,7 +376,6 @@ async fn a_broker_killed_under_load_loses_no_acknowledged_message_and_clients_re
         let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
             .unwrap()
-            .unwrap()
             .unwrap();
         stored.insert(u64::from_le_bytes(delivery.payload[..].try_into().unwrap()));
         delivery.ack().await.unwrap();
@@ -767,7 +766,7 @@ async fn a_flood_of_garbage_and_silent_connections_does_not_stop_a_legitimate_cl
             .enqueue(courier_queue::Message::new(rounds.to_le_bytes().to_vec()))
             .await
             .unwrap();
-        let delivery = consumer.recv().await.unwrap().unwrap();
+        let delivery = consumer.recv().await.unwrap();
         delivery.ack().await.unwrap();
         rounds += 1;
     }
@@ -1037,7 +1036,6 @@ async fn queue_peek_shows_without_taking_and_purge_removes_what_waits() {
     let held = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
         .await
         .expect("a delivery within 30 s")
-        .unwrap()
         .unwrap();
     assert_eq!(&held.payload[..], b"a");
     let purged = courier(&url, &["--json", "queue", "purge", "pp"], "");

@@ -8,6 +8,10 @@
 //! ([`RemoteQueue`]) and acknowledges each, except one it fails on its
 //! first delivery: the nack gives it back, and it is delivered again.
 //!
+//! The consumer's work is written once against [`QueueHandle`], the API
+//! both faces share: run it on the embedded queue instead by passing a
+//! `Queue` where it passes the `RemoteQueue` (one line).
+//!
 //! ```text
 //! cargo run -p courier-queue --example jobs              # both processes
 //! cargo run -p courier-queue --example jobs -- producer  # in one terminal,
@@ -24,7 +28,7 @@ use anyhow::{bail, ensure, Context};
 use courier_queue::core::QueueConfig;
 use courier_queue::log::{FsyncPolicy, LogOptions};
 use courier_queue::remote::{QueueHost, QueueServiceServer, QueueSet, RemoteQueue};
-use courier_queue::{Enqueued, Message, QueueOptions};
+use courier_queue::{ConsumerHandle, DeliveryHandle, Enqueued, Message, QueueHandle, QueueOptions};
 use courier_rpc::{ClientConfig, Server, ServerConfig};
 use courier_transport::Address;
 
@@ -94,11 +98,11 @@ async fn producer(spawn_consumer: bool) -> anyhow::Result<()> {
             .await?;
     } else {
         println!("[producer] start the consumer: jobs consumer {address}");
-        while jobs.stats().acknowledged < u64::from(JOBS) {
+        while jobs.stats().await?.acknowledged < u64::from(JOBS) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let stats = jobs.stats();
+    let stats = jobs.stats().await?;
     println!(
         "[producer] stats: {} acknowledged, {} redelivered, {} left, {} duplicate",
         stats.acknowledged, stats.redelivered, stats.depth, stats.duplicates
@@ -115,25 +119,32 @@ async fn producer(spawn_consumer: bool) -> anyhow::Result<()> {
 /// Takes the jobs over the network, fails one once, acknowledges the rest.
 async fn consumer(address: Address) -> anyhow::Result<()> {
     let queue = RemoteQueue::connect(&address, "jobs", ClientConfig::default()).await?;
-    let mut consumer = queue.consumer(4).await?;
     println!("[consumer] consuming {} at {address}", queue.name());
+    work(&queue).await?;
+    println!("[consumer] all {JOBS} jobs acknowledged");
+    Ok(())
+}
+
+/// The consumer's work, on either face: takes [`JOBS`] jobs, fails
+/// [`FLAKY`] once, acknowledges the rest.
+async fn work<Q: QueueHandle>(queue: &Q) -> Result<(), Q::Error> {
+    let mut consumer = queue.consumer(4).await?;
     let mut done = 0;
     while done < JOBS {
-        let delivery = consumer.recv().await.context("the consumer closed")??;
-        let job = String::from_utf8_lossy(&delivery.payload).into_owned();
-        if job == FLAKY && delivery.delivery == 1 {
+        let delivery = consumer.recv().await?;
+        let job = String::from_utf8_lossy(delivery.payload()).into_owned();
+        if job == FLAKY && delivery.delivery_count() == 1 {
             println!("[consumer] {job} failed on delivery 1: nack, it will come back");
             delivery.nack(Duration::ZERO).await?;
             continue;
         }
         println!(
             "[consumer] {job} done on delivery {}: ack",
-            delivery.delivery
+            delivery.delivery_count()
         );
         delivery.ack().await?;
         done += 1;
     }
-    println!("[consumer] all {JOBS} jobs acknowledged");
     Ok(())
 }
 

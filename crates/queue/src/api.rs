@@ -1,5 +1,11 @@
 //! One API over both faces: code written against these traits runs
-//! unchanged on an embedded [`Queue`] and on a [`RemoteQueue`].
+//! unchanged on an embedded [`Queue`] and on a
+//! [`RemoteQueue`](crate::remote::RemoteQueue).
+//!
+//! The inherent methods of the two faces have the same names, arguments
+//! and return shapes (async, returning a `Result`, wherever a remote call
+//! is needed), so switching a concrete program is one line too; these
+//! traits let it be generic instead.
 
 use std::future::Future;
 use std::time::Duration;
@@ -7,15 +13,41 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::core::{MessageId, QueueStats};
-use crate::remote::{RemoteConsumer, RemoteDelivery, RemoteQueue, RemoteQueueError};
-use crate::{Consumer, Delivery, Enqueued, Message, Queue, QueueError};
+use crate::{Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueError};
 
 /// A queue, embedded or remote.
-pub trait QueueHandle: Send + Sync {
+///
+/// ```
+/// use courier_queue::{ConsumerHandle, DeliveryHandle, Message, QueueHandle};
+///
+/// /// Written once; runs on a `Queue` and on a `RemoteQueue`.
+/// async fn work<Q: QueueHandle>(queue: &Q) -> Result<(), Q::Error> {
+///     queue.enqueue(Message::new("job")).await?;
+///     let mut consumer = queue.consumer(1).await?;
+///     let delivery = consumer.recv().await?;
+///     assert_eq!(&delivery.payload()[..], b"job");
+///     delivery.ack().await
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("courier-handle-doc-{}", std::process::id()));
+/// let queue = courier_queue::Queue::open(&dir, "jobs", Default::default()).await?;
+/// work(&queue).await?;
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
+/// ```
+pub trait QueueHandle: Send + Sync + Sized {
     /// What its operations fail with.
     type Error: std::error::Error + Send + Sync + 'static;
     /// Its consumers.
     type Consumer: ConsumerHandle<Error = Self::Error>;
+    /// The queue's name.
+    fn name(&self) -> &str;
+    /// Stores one message; returns once it is durable.
+    fn enqueue(
+        &self,
+        message: Message,
+    ) -> impl Future<Output = Result<Enqueued, Self::Error>> + Send;
     /// Stores messages together; one outcome each.
     fn enqueue_batch(
         &self,
@@ -28,19 +60,28 @@ pub trait QueueHandle: Send + Sync {
     ) -> impl Future<Output = Result<Self::Consumer, Self::Error>> + Send;
     /// Counters.
     fn stats(&self) -> impl Future<Output = Result<QueueStats, Self::Error>> + Send;
+    /// Discards every message not leased to a consumer; how many.
+    fn purge(&self) -> impl Future<Output = Result<u64, Self::Error>> + Send;
+    /// The next `count` ready messages, without taking them.
+    fn peek(&self, count: u32) -> impl Future<Output = Result<Vec<Peeked>, Self::Error>> + Send;
+    /// Its dead-letter queue, a queue like any other (`None` for a
+    /// dead-letter queue itself).
+    fn dead_letters(&self) -> Option<Self>;
 }
 
-/// Takes messages from a queue.
+/// Takes messages from a queue. Both consumers are also a
+/// `futures_core::Stream` of the same items.
 pub trait ConsumerHandle: Send {
     /// What receiving fails with.
     type Error: std::error::Error + Send + Sync + 'static;
     /// One delivery.
     type Delivery: DeliveryHandle<Error = Self::Error>;
-    /// Waits for the next delivery.
-    fn next(&mut self) -> impl Future<Output = Result<Self::Delivery, Self::Error>> + Send;
+    /// Waits for the next delivery. Cancel-safe on both faces: dropping
+    /// the future (in `tokio::select!`) loses no delivery.
+    fn recv(&mut self) -> impl Future<Output = Result<Self::Delivery, Self::Error>> + Send;
 }
 
-/// One delivery, to acknowledge after processing or give back.
+/// One delivery, to acknowledge after processing, give back, or reject.
 pub trait DeliveryHandle: Send {
     /// What answering fails with.
     type Error: std::error::Error + Send + Sync + 'static;
@@ -54,112 +95,102 @@ pub trait DeliveryHandle: Send {
     fn ack(self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Give it back, to come again after `delay`.
     fn nack(self, delay: Duration) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// A poison message: to the dead-letter queue at once.
+    fn reject(self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Keep the lease for `by` from now.
+    fn extend(&self, by: Duration) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
-impl QueueHandle for Queue {
-    type Error = QueueError;
-    type Consumer = Consumer;
+/// The trait's methods are the inherent ones, which the two faces share
+/// by name and shape; one macro says so for both.
+macro_rules! handles {
+    ($queue:ty, $consumer:ty, $delivery:ty, $error:ty) => {
+        impl QueueHandle for $queue {
+            type Error = $error;
+            type Consumer = $consumer;
 
-    async fn enqueue_batch(&self, messages: Vec<Message>) -> Result<Vec<Enqueued>, QueueError> {
-        Queue::enqueue_batch(self, messages).await
-    }
+            fn name(&self) -> &str {
+                <$queue>::name(self)
+            }
 
-    async fn consumer(&self, prefetch: u32) -> Result<Consumer, QueueError> {
-        Ok(Queue::consumer(self, prefetch as usize))
-    }
+            async fn enqueue(&self, message: Message) -> Result<Enqueued, $error> {
+                <$queue>::enqueue(self, message).await
+            }
 
-    async fn stats(&self) -> Result<QueueStats, QueueError> {
-        Ok(Queue::stats(self))
-    }
-}
+            async fn enqueue_batch(&self, messages: Vec<Message>) -> Result<Vec<Enqueued>, $error> {
+                <$queue>::enqueue_batch(self, messages).await
+            }
 
-impl ConsumerHandle for Consumer {
-    type Error = QueueError;
-    type Delivery = Delivery;
+            async fn consumer(&self, prefetch: u32) -> Result<$consumer, $error> {
+                <$queue>::consumer(self, prefetch).await
+            }
 
-    async fn next(&mut self) -> Result<Delivery, QueueError> {
-        Ok(self.recv().await)
-    }
-}
+            async fn stats(&self) -> Result<QueueStats, $error> {
+                <$queue>::stats(self).await
+            }
 
-impl DeliveryHandle for Delivery {
-    type Error = QueueError;
+            async fn purge(&self) -> Result<u64, $error> {
+                <$queue>::purge(self).await
+            }
 
-    fn id(&self) -> MessageId {
-        self.id
-    }
+            async fn peek(&self, count: u32) -> Result<Vec<Peeked>, $error> {
+                <$queue>::peek(self, count).await
+            }
 
-    fn delivery_count(&self) -> u32 {
-        self.delivery
-    }
-
-    fn payload(&self) -> &Bytes {
-        &self.payload
-    }
-
-    async fn ack(self) -> Result<(), QueueError> {
-        Delivery::ack(self).await
-    }
-
-    async fn nack(self, delay: Duration) -> Result<(), QueueError> {
-        Delivery::nack(self, delay).await
-    }
-}
-
-impl QueueHandle for RemoteQueue {
-    type Error = RemoteQueueError;
-    type Consumer = RemoteConsumer;
-
-    async fn enqueue_batch(
-        &self,
-        messages: Vec<Message>,
-    ) -> Result<Vec<Enqueued>, RemoteQueueError> {
-        RemoteQueue::enqueue_batch(self, messages).await
-    }
-
-    async fn consumer(&self, prefetch: u32) -> Result<RemoteConsumer, RemoteQueueError> {
-        RemoteQueue::consumer(self, prefetch).await
-    }
-
-    async fn stats(&self) -> Result<QueueStats, RemoteQueueError> {
-        RemoteQueue::stats(self).await
-    }
-}
-
-impl ConsumerHandle for RemoteConsumer {
-    type Error = RemoteQueueError;
-    type Delivery = RemoteDelivery;
-
-    async fn next(&mut self) -> Result<RemoteDelivery, RemoteQueueError> {
-        match self.recv().await {
-            Some(outcome) => outcome,
-            None => Err(RemoteQueueError::Rpc(courier_rpc::RpcError::Unavailable(
-                "the queue host ended the stream".into(),
-            ))),
+            fn dead_letters(&self) -> Option<$queue> {
+                <$queue>::dead_letters(self)
+            }
         }
-    }
+
+        impl ConsumerHandle for $consumer {
+            type Error = $error;
+            type Delivery = $delivery;
+
+            async fn recv(&mut self) -> Result<$delivery, $error> {
+                <$consumer>::recv(self).await
+            }
+        }
+
+        impl DeliveryHandle for $delivery {
+            type Error = $error;
+
+            fn id(&self) -> MessageId {
+                <$delivery>::id(self)
+            }
+
+            fn delivery_count(&self) -> u32 {
+                <$delivery>::delivery_count(self)
+            }
+
+            fn payload(&self) -> &Bytes {
+                <$delivery>::payload(self)
+            }
+
+            async fn ack(self) -> Result<(), $error> {
+                <$delivery>::ack(self).await
+            }
+
+            async fn nack(self, delay: Duration) -> Result<(), $error> {
+                <$delivery>::nack(self, delay).await
+            }
+
+            async fn reject(self) -> Result<(), $error> {
+                <$delivery>::reject(self).await
+            }
+
+            async fn extend(&self, by: Duration) -> Result<(), $error> {
+                <$delivery>::extend(self, by).await
+            }
+        }
+    };
 }
 
-impl DeliveryHandle for RemoteDelivery {
-    type Error = RemoteQueueError;
+handles!(Queue, Consumer, Delivery, QueueError);
 
-    fn id(&self) -> MessageId {
-        self.id
-    }
-
-    fn delivery_count(&self) -> u32 {
-        self.delivery
-    }
-
-    fn payload(&self) -> &Bytes {
-        &self.payload
-    }
-
-    async fn ack(self) -> Result<(), RemoteQueueError> {
-        RemoteDelivery::ack(self).await
-    }
-
-    async fn nack(self, delay: Duration) -> Result<(), RemoteQueueError> {
-        RemoteDelivery::nack(self, delay).await
-    }
-}
+#[cfg(feature = "remote")]
+handles!(
+    crate::remote::RemoteQueue,
+    crate::remote::RemoteConsumer,
+    crate::remote::RemoteDelivery,
+    crate::remote::RemoteQueueError
+);

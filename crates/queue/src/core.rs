@@ -21,6 +21,8 @@
 //!   is dead-lettered instead, with its delivery history — unless
 //!   dead-lettering is off ([`QueueConfig::dead_lettering`], as in a
 //!   dead-letter queue itself: nothing dead-letters a dead letter).
+//! - `reject` dead-letters a message at once, whatever deliveries it has
+//!   left (a poison message a consumer recognises).
 //! - A message whose time-to-live passes before it is acknowledged is
 //!   dropped (reported as expired).
 //! - An enqueue with an idempotency key seen among the last
@@ -133,6 +135,8 @@ pub enum DeliveryOutcome {
     LeaseExpired,
     /// The consumer went away.
     ConsumerGone,
+    /// The consumer rejected it as unprocessable: dead-lettered at once.
+    Rejected,
 }
 
 /// Something the storage layer must make durable or act on.
@@ -478,6 +482,33 @@ impl QueueCore {
     ) -> Result<(), LeaseError> {
         self.check_lease(consumer, id, delivery, Some(now))?;
         self.release(id, now + delay, now, DeliveryOutcome::Nacked);
+        Ok(())
+    }
+
+    /// The consumer refuses the message for good (a poison message): it is
+    /// dead-lettered at once with its delivery history, however many
+    /// deliveries it had left, and whether or not dead-lettering after
+    /// `max_deliveries` is on (that setting governs messages that keep
+    /// coming back, not one a consumer names). Storage without a
+    /// dead-letter queue drops it. Refused if the lease ended by `now`.
+    pub fn reject(
+        &mut self,
+        consumer: ConsumerId,
+        id: MessageId,
+        delivery: u32,
+        now: Duration,
+    ) -> Result<(), LeaseError> {
+        self.check_lease(consumer, id, delivery, Some(now))?;
+        let mut entry = self.messages.remove(&id).expect("checked");
+        self.unindex(id, &entry);
+        if let Some(last) = entry.history.last_mut() {
+            last.outcome = DeliveryOutcome::Rejected;
+        }
+        self.stats.dead_lettered += 1;
+        self.events.push_back(QueueEvent::DeadLettered {
+            id,
+            history: entry.history,
+        });
         Ok(())
     }
 

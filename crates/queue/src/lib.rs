@@ -3,24 +3,66 @@
 //! Durable message queues: a message stays stored until a consumer has
 //! processed and acknowledged it.
 //!
+//! ## Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use courier_queue::{Message, Queue, QueueOptions};
+//!
+//! let dir = std::env::temp_dir().join(format!("courier-queue-lib-doc-{}", std::process::id()));
+//! let jobs = Queue::open(&dir, "jobs", QueueOptions::default()).await?;
+//! jobs.enqueue(Message::new("resize photo 1")).await?; // durable when this returns
+//! jobs.enqueue(Message::new("resize photo 2")).await?;
+//!
+//! let mut consumer = jobs.consumer(10).await?; // holds at most 10 unacknowledged
+//! let first = consumer.recv().await?;
+//! first.ack().await?; // processed: gone for good
+//! let second = consumer.recv().await?;
+//! second.nack(Duration::ZERO).await?; // failed: it comes back
+//! let again = consumer.recv().await?;
+//! assert_eq!((&again.payload[..], again.delivery), (&b"resize photo 2"[..], 2));
+//! again.reject().await?; // a poison message: to `jobs.dlq` at once
+//! assert_eq!(jobs.stats().await?.dead_lettered, 1);
+//! # drop(consumer); drop(jobs);
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## One API, embedded or remote
+//!
 //! - [`Queue`]: embedded, in this process, no broker. [`Queue::enqueue`]
 //!   returns once the message is durable under the fsync policy; consumers
 //!   take messages under leases, `ack` after processing, `nack` (with an
-//!   optional delay) or `extend`; expired leases and departed consumers give
-//!   messages back; after `max_deliveries` a message goes to the
-//!   `<name>.dlq` queue with its delivery history (a dead-letter queue is
-//!   a queue like any other, except that it never dead-letters: a dead
-//!   letter stays until acknowledged or [`Queue::purge`]d); a look at the
-//!   next ready messages without taking them ([`Queue::peek`]); per-message
-//!   time-to-live, delayed delivery, and idempotency keys answered with an
-//!   explicit [`Enqueued::Duplicate`].
-//! - [`remote`]: the same queues served as a courier-rpc service
-//!   ([`remote::QueueHost`]) and used from other processes
-//!   ([`remote::RemoteQueue`]); deliveries stream under credit, acks (and
-//!   single enqueues) made while earlier ones are in flight travel in one
-//!   call and share one log write. A consumer whose connection dies gives
-//!   its messages back at once.
-//! - [`QueueHandle`] and friends: one API over both faces.
+//!   optional delay), `reject` (a poison message, dead-lettered at once)
+//!   or `extend`; expired leases and departed consumers give messages
+//!   back; after `max_deliveries` a message goes to the `<name>.dlq` queue
+//!   with its delivery history (a dead-letter queue is a queue like any
+//!   other, except that it never dead-letters: a dead letter stays until
+//!   acknowledged or [`Queue::purge`]d); a look at the next ready messages
+//!   without taking them ([`Queue::peek`]); per-message time-to-live,
+//!   delayed delivery, and idempotency keys answered with an explicit
+//!   [`Enqueued::Duplicate`].
+//! - `remote` (feature `remote`, on by default): the same queues served as
+//!   a courier-rpc service (`remote::QueueHost`) and used from other
+//!   processes (`remote::RemoteQueue`); deliveries stream under credit,
+//!   acks (and single enqueues) made while earlier ones are in flight
+//!   travel in one call and share one log write. A consumer whose
+//!   connection dies gives its messages back at once.
+//! - [`QueueHandle`], [`ConsumerHandle`], [`DeliveryHandle`]: the API both
+//!   faces share. `Queue` and `RemoteQueue` (and their consumers and
+//!   deliveries) have the same methods with the same arguments and return
+//!   shapes — async and returning a `Result` wherever the remote face
+//!   needs it — so a program written against the traits runs on either,
+//!   and switching a concrete program is one line (`Queue::open` for
+//!   `RemoteQueue::connect`). Both consumers are also a
+//!   `futures_core::Stream` of the same items.
+//! - `QueueSet`: the queues under one directory, each opened once and
+//!   shared (what a host serves).
+//!
+//! ## Underneath
+//!
 //! - [`core`]: the lease, redelivery, dead-letter and de-duplication rules
 //!   as a pure state machine driven by explicit time.
 //! - [`log`]: the storage engine — CRC-checked records in segment files,
@@ -36,8 +78,8 @@
 //! Two processes sharing a queue (a producer hosting it, a consumer taking
 //! it over the network, one job redelivered after a nack):
 //! `crates/queue/examples/jobs.rs` (`cargo run -p courier-queue --example jobs`).
-
-//! ## Example
+//!
+//! ## The log by itself
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -58,6 +100,11 @@
 //! # std::fs::remove_dir_all(&dir)?;
 //! # Ok(()) }
 //! ```
+//!
+//! ## Feature flags
+//!
+//! - `remote` (default): the `remote` module (host and client over
+//!   courier-rpc). Without it the crate depends on no RPC or macro crates.
 //!
 //! ## Dependencies
 //!

@@ -2,12 +2,16 @@
 //! process, with no broker.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -299,8 +303,8 @@ fn wall_ms() -> u64 {
 /// let orders = Queue::open(&dir, "orders", QueueOptions::default()).await?;
 /// orders.enqueue(Message::new("tea")).await?; // durable when this returns
 ///
-/// let consumer = orders.consumer(10);
-/// let delivery = consumer.recv().await;
+/// let mut consumer = orders.consumer(10).await?;
+/// let delivery = consumer.recv().await?;
 /// assert_eq!(&delivery.payload[..], b"tea");
 /// delivery.ack().await?; // after processing; unacknowledged messages come back
 /// # std::fs::remove_dir_all(&dir)?;
@@ -358,6 +362,7 @@ fn encode_dead_letter(history: &[DeliveryRecord], payload: &Bytes) -> Bytes {
             DeliveryOutcome::Nacked => 0,
             DeliveryOutcome::LeaseExpired => 1,
             DeliveryOutcome::ConsumerGone => 2,
+            DeliveryOutcome::Rejected => 3,
         });
     }
     buf.put_slice(payload);
@@ -381,6 +386,8 @@ pub fn parse_dead_letter(mut payload: Bytes) -> Option<(Vec<DeliveryRecord>, Byt
             outcome: match payload.get_u8() {
                 0 => DeliveryOutcome::Nacked,
                 1 => DeliveryOutcome::LeaseExpired,
+                3 => DeliveryOutcome::Rejected,
+                // 2, and anything a later version may add.
                 _ => DeliveryOutcome::ConsumerGone,
             },
         })
@@ -611,10 +618,11 @@ impl Queue {
         &self.inner.name
     }
 
-    /// Its dead-letter queue (messages delivered `max_deliveries` times;
-    /// see [`parse_dead_letter`]).
-    pub fn dead_letters(&self) -> Option<&Queue> {
-        self.inner.dead_letters.as_ref()
+    /// Its dead-letter queue (messages delivered `max_deliveries` times,
+    /// and rejected ones; see [`parse_dead_letter`]); `None` for a queue
+    /// that has none (a dead-letter queue itself).
+    pub fn dead_letters(&self) -> Option<Queue> {
+        self.inner.dead_letters.clone()
     }
 
     /// Stores one message; returns once it is durable under the fsync policy.
@@ -708,8 +716,17 @@ impl Queue {
             .collect())
     }
 
-    /// A consumer holding at most `prefetch` unacknowledged messages.
-    pub fn consumer(&self, prefetch: usize) -> Consumer {
+    /// A consumer holding at most `prefetch` unacknowledged messages: a
+    /// delivery counts until it is acked, nacked, rejected or dropped, even
+    /// after its lease has expired. Never fails on an embedded queue (the
+    /// `Result` is the remote face's shape, see [`crate::QueueHandle`]).
+    pub async fn consumer(&self, prefetch: u32) -> Result<Consumer, QueueError> {
+        Ok(self.consumer_now(prefetch as usize))
+    }
+
+    /// [`Queue::consumer`] without the await, for callers in this crate
+    /// that cannot await where they make one.
+    pub(crate) fn consumer_now(&self, prefetch: usize) -> Consumer {
         let mut state = lock(&self.inner.state);
         let id = state.next_consumer;
         state.next_consumer += 1;
@@ -719,21 +736,36 @@ impl Queue {
             id,
             prefetch: prefetch.max(1),
             holding: Arc::new(AtomicUsize::new(0)),
+            waiter: None,
         }
     }
 
-    /// Counters, and the bytes the queue occupies on disk.
-    pub fn stats(&self) -> QueueStats {
+    /// Counters, and the bytes the queue occupies on disk. Never fails on
+    /// an embedded queue; [`Queue::stats_now`] is the same without the
+    /// await.
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        Ok(self.stats_now())
+    }
+
+    /// [`Queue::stats`], synchronously (for metrics read under a lock).
+    pub fn stats_now(&self) -> QueueStats {
         let mut stats = lock(&self.inner.state).core.stats();
         stats.bytes_on_disk = self.inner.storage.bytes_on_disk();
         stats
     }
 
-    /// The next `limit` ready messages, in the order consumers would get
+    /// The next `count` ready messages, in the order consumers would get
     /// them, without taking or leasing them: nothing changes (no delivery
     /// is counted, and a consumer may take them the moment after). Delayed
     /// messages not yet due and messages leased to consumers are not shown.
-    pub fn peek(&self, limit: usize) -> Vec<Peeked> {
+    /// Never fails on an embedded queue; [`Queue::peek_now`] is the same
+    /// without the await.
+    pub async fn peek(&self, count: u32) -> Result<Vec<Peeked>, QueueError> {
+        Ok(self.peek_now(count as usize))
+    }
+
+    /// [`Queue::peek`], synchronously.
+    pub fn peek_now(&self, limit: usize) -> Vec<Peeked> {
         let now = self.now();
         let state = lock(&self.inner.state);
         state
@@ -942,6 +974,10 @@ pub struct Consumer {
     /// consumer sitting on expired deliveries cannot take more than it
     /// asked for.
     holding: Arc<AtomicUsize>,
+    /// Registered for the queue's next change while a receive waits. Kept
+    /// here, not in the `recv` future, so a dropped `recv` loses nothing
+    /// and the next one resumes the same wait.
+    waiter: Option<Pin<Box<OwnedNotified>>>,
 }
 
 /// A delivery's place in its consumer's prefetch, given back on drop (so
@@ -969,16 +1005,37 @@ impl std::fmt::Debug for Consumer {
 }
 
 impl Consumer {
-    /// Waits for the next message this consumer may take.
-    pub async fn recv(&self) -> Delivery {
+    /// Waits for the next message this consumer may take. Never fails on
+    /// an embedded queue (the `Result` is the remote face's shape).
+    ///
+    /// Cancel-safe: a delivery is taken from the queue and returned in the
+    /// same poll, so a `recv` dropped in `tokio::select!` (or under a
+    /// timeout) has taken nothing, and the next call waits on.
+    pub async fn recv(&mut self) -> Result<Delivery, QueueError> {
+        Ok(std::future::poll_fn(|cx| self.poll_recv(cx)).await)
+    }
+
+    /// The next delivery, or `Pending` with `cx` woken on the queue's next
+    /// change. Takes nothing unless it returns it.
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Delivery> {
         loop {
-            let notified = self.queue.inner.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            let mut waiter = self
+                .waiter
+                .take()
+                .unwrap_or_else(|| Box::pin(self.queue.inner.changed.clone().notified_owned()));
+            // Registered before looking: a change between the look and the
+            // wait wakes it.
+            waiter.as_mut().enable();
             if let Some(delivery) = self.try_recv() {
-                return delivery;
+                return Poll::Ready(delivery);
             }
-            notified.await;
+            match waiter.as_mut().poll(cx) {
+                Poll::Ready(()) => continue,
+                Poll::Pending => {
+                    self.waiter = Some(waiter);
+                    return Poll::Pending;
+                }
+            }
         }
     }
 
@@ -1018,16 +1075,29 @@ impl Consumer {
 
     /// Processes the next message with `handler`: acknowledged if it
     /// returns `Ok`, given back for redelivery at once if it returns `Err`.
-    pub async fn process<F, Fut, E>(&self, handler: F) -> Result<Result<(), E>, QueueError>
+    pub async fn process<F, Fut, E>(&mut self, handler: F) -> Result<Result<(), E>, QueueError>
     where
         F: FnOnce(Bytes) -> Fut,
         Fut: std::future::Future<Output = Result<(), E>>,
     {
-        let delivery = self.recv().await;
+        let delivery = self.recv().await?;
         match handler(delivery.payload.clone()).await {
             Ok(()) => delivery.ack().await.map(|()| Ok(())),
             Err(err) => delivery.nack(Duration::ZERO).await.map(|()| Err(err)),
         }
+    }
+}
+
+/// The consumer's deliveries, as [`Consumer::recv`] gives them (it never
+/// ends: an embedded queue does not go away under its consumer). Polling
+/// it and dropping the poll's caller is as cancel-safe as `recv`.
+impl futures_core::Stream for Consumer {
+    type Item = Result<Delivery, QueueError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut()
+            .poll_recv(cx)
+            .map(|delivery| Some(Ok(delivery)))
     }
 }
 
@@ -1048,6 +1118,8 @@ pub(crate) enum Answer {
     Ack,
     /// Give it back, to come again after the delay.
     Nack(Duration),
+    /// Dead-letter it at once.
+    Reject,
 }
 
 /// One delivery of a message. Acknowledge it after processing; dropping it
@@ -1101,6 +1173,32 @@ impl Delivery {
         self.queue.settle().await
     }
 
+    /// A poison message: moved to the dead-letter queue at once with its
+    /// delivery history (see [`parse_dead_letter`]), however many
+    /// deliveries it had left — RabbitMQ's `basic.reject` without requeue.
+    /// Returns once it is durable there and removed here. On a queue
+    /// without a dead-letter queue (a dead-letter queue itself) the
+    /// message is discarded. Refused once the lease has ended.
+    pub async fn reject(self) -> Result<(), QueueError> {
+        let queue = self.answer_now(Answer::Reject)?;
+        queue.settle().await
+    }
+
+    /// The message.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// 1 for the first delivery, then 2, …
+    pub fn delivery_count(&self) -> u32 {
+        self.delivery
+    }
+
+    /// Its bytes.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
     /// Applies an answer to the queue's state at once, without waiting for
     /// its records: the caller makes them durable with one
     /// [`Queue::settle`] for many answers (one log batch, one fsync), and
@@ -1119,14 +1217,24 @@ impl Delivery {
                     .core
                     .nack(self.consumer, self.id, self.delivery, delay, now)?
             }
+            Answer::Reject => state
+                .core
+                .reject(self.consumer, self.id, self.delivery, now)?,
         }
         drop(state);
         self.queue.inner.changed.notify_waiters();
         Ok(self.queue.clone())
     }
 
-    /// Keep the lease for `by` from now (refused once it has ended).
-    pub fn extend(&self, by: Duration) -> Result<(), QueueError> {
+    /// Keep the lease for `by` from now (refused once it has ended). Never
+    /// waits on an embedded queue; [`Delivery::extend_now`] is the same
+    /// without the await.
+    pub async fn extend(&self, by: Duration) -> Result<(), QueueError> {
+        self.extend_now(by)
+    }
+
+    /// [`Delivery::extend`], synchronously.
+    pub fn extend_now(&self, by: Duration) -> Result<(), QueueError> {
         let now = self.queue.now();
         let mut state = lock(&self.queue.inner.state);
         let until = state

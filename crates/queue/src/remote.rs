@@ -26,9 +26,12 @@
 //! carry the host's filesystem paths (those are logged on the host).
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -166,6 +169,22 @@ pub enum WireAnswer {
         /// Milliseconds before it is delivered again.
         delay_ms: u64,
     },
+    /// Dead-letter the delivery under `token` at once (a poison message).
+    Reject {
+        /// Names the delivery.
+        token: u64,
+    },
+}
+
+impl WireAnswer {
+    /// The delivery it answers.
+    pub fn token(&self) -> u64 {
+        match *self {
+            WireAnswer::Ack { token }
+            | WireAnswer::Nack { token, .. }
+            | WireAnswer::Reject { token } => token,
+        }
+    }
 }
 
 /// Answers one [`QueueService::answer_batch`] call carries at most; a
@@ -335,7 +354,6 @@ impl QueueSet {
             None => Ok(queue),
             Some(_) => queue
                 .dead_letters()
-                .cloned()
                 .ok_or_else(|| QueueError::NotFound(name.to_string())),
         }
     }
@@ -564,7 +582,7 @@ impl QueueHost {
         let credit = Arc::new(Semaphore::new(prefetch));
         // Dropped when the client goes away (the call is cancelled): its
         // messages go back to the queue and its tokens are forgotten.
-        let consumer = queue.consumer(prefetch);
+        let mut consumer = queue.consumer_now(prefetch);
         let _outstanding = Outstanding {
             table: self.outstanding.clone(),
             stream: self.next_stream.fetch_add(1, Ordering::Relaxed),
@@ -580,7 +598,8 @@ impl QueueHost {
                     let Ok(permit) = credit.clone().acquire_owned().await else {
                         return; // never closed; nothing to serve if it were
                     };
-                    (consumer.recv().await, permit)
+                    let delivery = std::future::poll_fn(|cx| consumer.poll_recv(cx)).await;
+                    (delivery, permit)
                 }
             };
             let mut bytes = first.0.payload.len();
@@ -742,10 +761,7 @@ impl QueueService for QueueHost {
             let mut table = lock(&self.outstanding);
             answers
                 .iter()
-                .map(|answer| {
-                    let (WireAnswer::Ack { token } | WireAnswer::Nack { token, .. }) = *answer;
-                    table.take(token, &who)
-                })
+                .map(|answer| table.take(answer.token(), &who))
                 .collect()
         };
         // Per answer: refused, or applied to the queue at this index.
@@ -759,6 +775,7 @@ impl QueueService for QueueHost {
             let how = match *answer {
                 WireAnswer::Ack { .. } => Answer::Ack,
                 WireAnswer::Nack { delay_ms, .. } => Answer::Nack(Duration::from_millis(delay_ms)),
+                WireAnswer::Reject { .. } => Answer::Reject,
             };
             // Taking it gave the consumer's credit back, whatever the outcome.
             let Held { delivery, .. } = held;
@@ -793,12 +810,12 @@ impl QueueService for QueueHost {
         let held = outstanding
             .get(token, &courier_rpc::caller())
             .ok_or(RemoteError::UnknownDelivery)?;
-        Ok(held.delivery.extend(Duration::from_millis(by_ms))?)
+        Ok(held.delivery.extend_now(Duration::from_millis(by_ms))?)
     }
 
     async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError> {
         self.check(&queue, Action::Consume)?;
-        Ok(self.queues.open_existing(&queue).await?.stats())
+        Ok(self.queues.open_existing(&queue).await?.stats_now())
     }
 
     async fn purge(&self, queue: String) -> Result<u64, RemoteError> {
@@ -811,7 +828,7 @@ impl QueueService for QueueHost {
         let queue = self.queues.open_existing(&queue).await?;
         let mut bytes = 0;
         let mut shown = Vec::new();
-        for peeked in queue.peek(count.min(MAX_PEEK) as usize) {
+        for peeked in queue.peek_now(count.min(MAX_PEEK) as usize) {
             if !shown.is_empty() && bytes + peeked.payload.len() > PEEK_BYTES {
                 break;
             }
@@ -832,6 +849,11 @@ pub enum RemoteQueueError {
     /// The host answered with an error.
     #[error(transparent)]
     Queue(#[from] RemoteError),
+    /// The consumer's stream has ended (the host finished it, or it ended
+    /// with an error returned before): nothing more will come on it.
+    /// Make a new consumer. [`ErrorKind::Unavailable`], retryable that way.
+    #[error("the consumer's stream has ended")]
+    Closed,
 }
 
 impl RemoteQueueError {
@@ -842,6 +864,7 @@ impl RemoteQueueError {
         match self {
             RemoteQueueError::Rpc(err) => err.kind(),
             RemoteQueueError::Queue(err) => err.kind(),
+            RemoteQueueError::Closed => ErrorKind::Unavailable,
         }
     }
 
@@ -951,11 +974,24 @@ impl RemoteQueue {
             .consume_batched(self.name.clone(), prefetch)
             .await?;
         Ok(RemoteConsumer {
-            stream,
+            feed: Feed::Idle(stream),
             ready: std::collections::VecDeque::new(),
             client: self.client.clone(),
             answers: answers_for(self.client.clone()),
         })
+    }
+
+    /// Its dead-letter queue (`<name>.dlq` on the same host, over the same
+    /// connection); `None` if this is a dead-letter queue itself. See
+    /// [`Queue::dead_letters`].
+    pub fn dead_letters(&self) -> Option<RemoteQueue> {
+        if Queue::dead_letter_parent(&self.name).is_some() {
+            return None;
+        }
+        Some(RemoteQueue::with_client(
+            self.client.client().clone(),
+            &format!("{}.dlq", self.name),
+        ))
     }
 
     /// The queue's counters ([`RemoteError::NotFound`] if it does not exist).
@@ -978,9 +1014,8 @@ impl RemoteQueue {
 
 /// Takes messages from a remote queue. Dropping it gives back everything it
 /// holds unacknowledged.
-#[derive(Debug)]
 pub struct RemoteConsumer {
-    stream: ItemStream<Result<Vec<WireDelivery>, RemoteError>>,
+    feed: Feed,
     /// Deliveries that came together and are not yet taken (at most
     /// [`DELIVERIES_PER_ITEM`], all within the prefetch).
     ready: std::collections::VecDeque<WireDelivery>,
@@ -988,20 +1023,96 @@ pub struct RemoteConsumer {
     answers: Arc<Answers>,
 }
 
+impl std::fmt::Debug for RemoteConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteConsumer")
+            .field("ready", &self.ready.len())
+            .field("ended", &matches!(self.feed, Feed::Ended))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the host streams to a consumer.
+type Batch = Result<Vec<WireDelivery>, RemoteError>;
+/// One turn of the stream: the stream back, and what it gave.
+type Turn = (ItemStream<Batch>, Option<Result<Batch, RpcError>>);
+
+/// A consumer's stream, or the wait for its next item. The wait owns the
+/// stream and lives in the consumer, not in a `recv` future: a `recv`
+/// dropped halfway leaves it running, and the next `recv` (or poll of the
+/// consumer as a `Stream`) picks up what it brings.
+enum Feed {
+    /// Nothing asked of the stream yet.
+    Idle(ItemStream<Batch>),
+    /// Waiting for the stream's next item.
+    Waiting(Pin<Box<dyn Future<Output = Turn> + Send>>),
+    /// The stream finished; nothing more comes.
+    Ended,
+}
+
 impl RemoteConsumer {
-    /// The next delivery; `None` if the host went away.
-    pub async fn recv(&mut self) -> Option<Result<RemoteDelivery, RemoteQueueError>> {
-        let wire = loop {
+    /// The next delivery; [`RemoteQueueError::Closed`] once the stream has
+    /// ended (after the error that ended it, if any, was returned).
+    ///
+    /// Cancel-safe: what the host sent is kept in the consumer, not in
+    /// this future, so a `recv` dropped in `tokio::select!` (or under a
+    /// timeout) loses no delivery; the next call returns it.
+    pub async fn recv(&mut self) -> Result<RemoteDelivery, RemoteQueueError> {
+        std::future::poll_fn(|cx| self.poll_recv(cx))
+            .await
+            .unwrap_or(Err(RemoteQueueError::Closed))
+    }
+
+    /// The next delivery, an error, `None` once the stream has ended, or
+    /// `Pending` with `cx` woken when the stream has something.
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<RemoteDelivery, RemoteQueueError>>> {
+        loop {
             if let Some(wire) = self.ready.pop_front() {
-                break wire;
+                return Poll::Ready(Some(Ok(self.delivery(wire))));
             }
-            match self.stream.next().await? {
-                Ok(Ok(wires)) => self.ready.extend(wires),
-                Ok(Err(err)) => return Some(Err(err.into())),
-                Err(err) => return Some(Err(err.into())),
+            match std::mem::replace(&mut self.feed, Feed::Ended) {
+                Feed::Ended => return Poll::Ready(None),
+                Feed::Idle(mut stream) => {
+                    self.feed = Feed::Waiting(Box::pin(async move {
+                        let next = stream.next().await;
+                        (stream, next)
+                    }));
+                }
+                Feed::Waiting(mut turn) => {
+                    let (stream, next) = match turn.as_mut().poll(cx) {
+                        Poll::Pending => {
+                            self.feed = Feed::Waiting(turn);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(turn) => turn,
+                    };
+                    // After an error the stream is finished: its next turn
+                    // says so, and the consumer is `Ended` then.
+                    match next {
+                        None => return Poll::Ready(None),
+                        Some(Ok(Ok(wires))) => {
+                            self.feed = Feed::Idle(stream);
+                            self.ready.extend(wires);
+                        }
+                        Some(Ok(Err(err))) => {
+                            self.feed = Feed::Idle(stream);
+                            return Poll::Ready(Some(Err(err.into())));
+                        }
+                        Some(Err(err)) => {
+                            self.feed = Feed::Idle(stream);
+                            return Poll::Ready(Some(Err(err.into())));
+                        }
+                    }
+                }
             }
-        };
-        Some(Ok(RemoteDelivery {
+        }
+    }
+
+    fn delivery(&self, wire: WireDelivery) -> RemoteDelivery {
+        RemoteDelivery {
             id: wire.id,
             delivery: wire.delivery,
             payload: wire.payload,
@@ -1009,7 +1120,18 @@ impl RemoteConsumer {
             client: self.client.clone(),
             answers: self.answers.clone(),
             answered: false,
-        }))
+        }
+    }
+}
+
+/// The consumer's deliveries, as [`RemoteConsumer::recv`] gives them; an
+/// error ends it after it is yielded (the stream then yields `None`).
+/// Cancel-safe as `recv` is.
+impl futures_core::Stream for RemoteConsumer {
+    type Item = Result<RemoteDelivery, RemoteQueueError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
     }
 }
 
@@ -1197,6 +1319,29 @@ impl RemoteDelivery {
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         let token = self.token;
         self.answer(WireAnswer::Nack { token, delay_ms }).await
+    }
+
+    /// A poison message: dead-lettered at once; see [`Delivery::reject`].
+    /// Travels with the consumer's acks, and is cancelled the same way as
+    /// [`RemoteDelivery::ack`].
+    pub async fn reject(self) -> Result<(), RemoteQueueError> {
+        let token = self.token;
+        self.answer(WireAnswer::Reject { token }).await
+    }
+
+    /// The message.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// 1 for the first delivery, then 2, …
+    pub fn delivery_count(&self) -> u32 {
+        self.delivery
+    }
+
+    /// Its bytes.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
     }
 
     async fn answer(mut self, answer: WireAnswer) -> Result<(), RemoteQueueError> {
@@ -1395,7 +1540,7 @@ mod tests {
         let mut consumer = remote.consumer(MESSAGES as u32).await.unwrap();
         let mut deliveries = Vec::new();
         for _ in 0..MESSAGES {
-            deliveries.push(consumer.recv().await.unwrap().unwrap());
+            deliveries.push(consumer.recv().await.unwrap());
         }
         let acks: Vec<_> = deliveries
             .into_iter()
@@ -1415,7 +1560,7 @@ mod tests {
                 "an ack was answered before its removal was durable"
             );
         }
-        assert_eq!(queue.stats().acknowledged, MESSAGES as u64);
+        assert_eq!(queue.stats_now().acknowledged, MESSAGES as u64);
         let calls = host.answer_calls();
         let writes = recording.removal_appends.load(Ordering::SeqCst);
         // One call per ack before; now one for those made together.
@@ -1474,7 +1619,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let consumer = reopened.consumer(4 * PER_PRODUCER);
+        let consumer = reopened.consumer_now(4 * PER_PRODUCER);
         let mut found = HashSet::new();
         while let Some(delivery) = consumer.try_recv() {
             found.insert(delivery.id);

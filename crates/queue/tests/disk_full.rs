@@ -75,7 +75,7 @@ async fn a_full_disk_fails_the_enqueue_and_loses_nothing_stored() {
     assert!(error.is_retryable());
 
     // Everything stored is still there to read.
-    let consumer = queue.consumer(stored as usize);
+    let consumer = queue.consumer(stored).await.unwrap();
     for expected in 0..stored {
         let delivery = consumer.try_recv().expect("a stored message");
         assert_eq!(

@@ -74,7 +74,7 @@ async fn an_answered_ack_has_its_removal_durable_even_when_another_wrote_it() {
         .enqueue_batch((0..MESSAGES).map(|_| Message::new("m")).collect())
         .await
         .unwrap();
-    let consumer = queue.consumer(MESSAGES);
+    let consumer = queue.consumer(MESSAGES as u32).await.unwrap();
     let mut deliveries: Vec<_> = std::iter::from_fn(|| consumer.try_recv()).collect();
     assert_eq!(deliveries.len(), MESSAGES);
     let mut tasks = Vec::new();
@@ -98,7 +98,7 @@ async fn an_answered_ack_has_its_removal_durable_even_when_another_wrote_it() {
         early += task.await.unwrap();
     }
     assert_eq!(early, 0, "acks answered before their removal was durable");
-    assert_eq!(queue.stats().acknowledged, MESSAGES as u64);
+    assert_eq!(queue.stats_now().acknowledged, MESSAGES as u64);
 }
 
 #[tokio::test]
@@ -111,8 +111,8 @@ async fn an_ack_dropped_while_its_removal_is_written_still_gets_it_written() {
     )
     .unwrap();
     queue.enqueue(Message::new("m")).await.unwrap();
-    let consumer = queue.consumer(1);
-    let delivery = consumer.recv().await;
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let delivery = consumer.recv().await.unwrap();
     let id = delivery.id;
     // The write of its removal hangs, and the ack's future is dropped
     // meanwhile, as a remote ack's handler is when its caller cancels.
@@ -195,7 +195,7 @@ async fn a_message_answered_as_stored_survives_a_compaction_run_while_it_was_wri
         .enqueue_batch((0..255).map(|_| Message::new(vec![7u8; 256])).collect())
         .await
         .unwrap();
-    let consumer = queue.consumer(1000);
+    let consumer = queue.consumer(1000).await.unwrap();
     let mut deliveries: Vec<_> = std::iter::from_fn(|| consumer.try_recv()).collect();
     assert_eq!(deliveries.len(), 255);
     // The held-back enqueue: written, not answered.
@@ -229,7 +229,7 @@ async fn a_message_answered_as_stored_survives_a_compaction_run_while_it_was_wri
     // Reopened as after a crash: every record is fsynced (`Always`).
     let options = QueueOptions::new(log_options, QueueConfig::default());
     let reopened = Queue::open(dir.path(), "q", options).await.unwrap();
-    let consumer = reopened.consumer(10);
+    let consumer = reopened.consumer(10).await.unwrap();
     let delivery = consumer
         .try_recv()
         .expect("the message answered as stored is still there");
@@ -250,8 +250,8 @@ async fn an_answered_purge_has_every_removal_durable() {
         .enqueue_batch((0..100).map(|_| Message::new("m")).collect())
         .await
         .unwrap();
-    let consumer = queue.consumer(1);
-    let leased = consumer.recv().await;
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let leased = consumer.recv().await.unwrap();
     assert_eq!(queue.purge().await.unwrap(), 99);
     let durable = recording.durable_removals.lock().unwrap().clone();
     for outcome in stored {

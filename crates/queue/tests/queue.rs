@@ -37,16 +37,19 @@ async fn unacknowledged_messages_survive_a_restart_and_acknowledged_ones_do_not(
                 Enqueued::Stored(_)
             ));
         }
-        let consumer = queue.consumer(10);
+        let mut consumer = queue.consumer(10).await.unwrap();
         for _ in 0..4 {
-            consumer.recv().await.ack().await.unwrap();
+            consumer.recv().await.unwrap().ack().await.unwrap();
         }
-        let _held = (consumer.recv().await, consumer.recv().await); // delivered, never acknowledged
-        assert_eq!(queue.stats().in_flight, 2);
+        let _held = (
+            consumer.recv().await.unwrap(),
+            consumer.recv().await.unwrap(),
+        ); // delivered, never acknowledged
+        assert_eq!(queue.stats_now().in_flight, 2);
     }
     let queue = Queue::open(&dir.0, "jobs", options()).await.unwrap();
-    assert_eq!(queue.stats().depth, 6);
-    let consumer = queue.consumer(10);
+    assert_eq!(queue.stats_now().depth, 6);
+    let consumer = queue.consumer(10).await.unwrap();
     let mut payloads = Vec::new();
     while let Some(delivery) = consumer.try_recv() {
         payloads.push(delivery.payload[0]);
@@ -87,7 +90,7 @@ async fn an_idempotency_key_seen_before_is_an_explicit_duplicate() {
     };
     assert_eq!(batch[1], Enqueued::Duplicate(k2), "within one batch too");
     assert!(matches!(batch[2], Enqueued::Stored(_)));
-    assert_eq!(queue.stats().depth, 3);
+    assert_eq!(queue.stats_now().depth, 3);
     // The window survives a restart.
     drop(queue);
     let queue = Queue::open(&dir.0, "payments", options()).await.unwrap();
@@ -112,7 +115,7 @@ async fn competing_consumers_share_the_work_and_each_message_is_processed_once()
         .map(|_| {
             let queue = queue.clone();
             tokio::spawn(async move {
-                let consumer = queue.consumer(8);
+                let consumer = queue.consumer(8).await.unwrap();
                 let mut mine = Vec::new();
                 while let Some(delivery) = consumer.try_recv() {
                     mine.push(u32::from_le_bytes(delivery.payload[..].try_into().unwrap()));
@@ -136,7 +139,7 @@ async fn competing_consumers_share_the_work_and_each_message_is_processed_once()
         shares.iter().filter(|s| **s > 0).count() >= 2,
         "shared: {shares:?}"
     );
-    assert_eq!(queue.stats().acknowledged, 400);
+    assert_eq!(queue.stats_now().acknowledged, 400);
 }
 
 #[tokio::test]
@@ -147,13 +150,13 @@ async fn a_consumer_that_goes_away_gives_its_messages_to_another() {
         .enqueue_batch((0..3u8).map(|n| Message::new(vec![n])).collect())
         .await
         .unwrap();
-    let doomed = queue.consumer(3);
+    let doomed = queue.consumer(3).await.unwrap();
     let held: Vec<_> = (0..3).map(|_| doomed.try_recv().unwrap()).collect();
-    let survivor = queue.consumer(3);
+    let mut survivor = queue.consumer(3).await.unwrap();
     assert!(survivor.try_recv().is_none());
     drop(held);
     drop(doomed);
-    let again = within("redelivery", survivor.recv()).await;
+    let again = within("redelivery", survivor.recv()).await.unwrap();
     assert_eq!(again.delivery, 2);
     // The dead consumer's late ack would be refused; the survivor's works.
     again.ack().await.unwrap();
@@ -168,7 +171,7 @@ async fn a_failing_handler_gets_its_message_back_and_then_it_is_dead_lettered() 
     );
     let queue = Queue::open(&dir.0, "fragile", options).await.unwrap();
     queue.enqueue(Message::new("poison")).await.unwrap();
-    let consumer = queue.consumer(1);
+    let mut consumer = queue.consumer(1).await.unwrap();
     for _ in 0..2 {
         let outcome = consumer
             .process(|_| async { Err::<(), _>("cannot parse") })
@@ -177,10 +180,12 @@ async fn a_failing_handler_gets_its_message_back_and_then_it_is_dead_lettered() 
         assert_eq!(outcome, Err("cannot parse"));
     }
     assert!(consumer.try_recv().is_none(), "not delivered a third time");
-    assert_eq!(queue.stats().dead_lettered, 1);
+    assert_eq!(queue.stats_now().dead_lettered, 1);
     let dlq = queue.dead_letters().unwrap();
     let dead = dlq
         .consumer(1)
+        .await
+        .unwrap()
         .try_recv()
         .expect("in the dead-letter queue");
     let (history, payload) = parse_dead_letter(dead.payload.clone()).unwrap();
@@ -204,13 +209,13 @@ async fn delayed_messages_wait_and_expired_ones_are_dropped() {
     let started = tokio::time::Instant::now();
     // The short-lived message expires unclaimed (bounded wait).
     within("expiry", async {
-        while queue.stats().expired == 0 {
+        while queue.stats_now().expired == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
-    let consumer = queue.consumer(1);
-    let later = within("delayed message", consumer.recv()).await;
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let later = within("delayed message", consumer.recv()).await.unwrap();
     assert_eq!(&later.payload[..], b"later");
     assert!(
         started.elapsed() >= Duration::from_millis(900),
@@ -228,17 +233,19 @@ async fn an_expired_lease_redelivers() {
     );
     let queue = Queue::open(&dir.0, "leases", options).await.unwrap();
     queue.enqueue(Message::new("m")).await.unwrap();
-    let slow = queue.consumer(1);
-    let first = slow.recv().await;
-    let other = queue.consumer(1);
-    let second = within("redelivery after the lease", other.recv()).await;
+    let mut slow = queue.consumer(1).await.unwrap();
+    let first = slow.recv().await.unwrap();
+    let mut other = queue.consumer(1).await.unwrap();
+    let second = within("redelivery after the lease", other.recv())
+        .await
+        .unwrap();
     assert_eq!(second.delivery, 2);
     assert!(
         matches!(first.ack().await, Err(QueueError::Lease(_))),
         "the late ack is refused"
     );
     second.ack().await.unwrap();
-    assert_eq!(queue.stats().redelivered, 1);
+    assert_eq!(queue.stats_now().redelivered, 1);
 }
 
 #[tokio::test]
@@ -255,15 +262,15 @@ async fn disk_use_follows_the_backlog() {
         .enqueue_batch((0..2000u32).map(|_| Message::new(vec![7u8; 200])).collect())
         .await
         .unwrap();
-    let full = queue.stats().bytes_on_disk;
-    let consumer = queue.consumer(100);
+    let full = queue.stats_now().bytes_on_disk;
+    let consumer = queue.consumer(100).await.unwrap();
     let mut acked = HashMap::new();
     while let Some(delivery) = consumer.try_recv() {
         acked.insert(delivery.id, ());
         delivery.ack().await.unwrap();
     }
     assert_eq!(acked.len(), 2000);
-    let after = queue.stats().bytes_on_disk;
+    let after = queue.stats_now().bytes_on_disk;
     assert!(after < full / 4, "{after} bytes left of {full}");
 }
 
@@ -289,12 +296,9 @@ async fn an_ack_wakes_a_consumer_waiting_at_its_prefetch_limit() {
         .enqueue_batch((0..2u8).map(|n| Message::new(vec![n])).collect())
         .await
         .unwrap();
-    let consumer = std::sync::Arc::new(queue.consumer(1));
-    let first = consumer.recv().await;
-    let waiting = tokio::spawn({
-        let consumer = consumer.clone();
-        async move { consumer.recv().await.payload[0] }
-    });
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let first = consumer.recv().await.unwrap();
+    let waiting = tokio::spawn(async move { consumer.recv().await.unwrap().payload[0] });
     tokio::task::yield_now().await;
     assert!(!waiting.is_finished(), "held back by the prefetch of 1");
     first.ack().await.unwrap();
@@ -317,12 +321,12 @@ async fn a_full_queue_refuses_more_and_takes_again_once_consumed() {
     assert!(matches!(err, QueueError::Full { limit: 3, .. }), "{err}");
     assert!(err.is_retryable());
     assert_eq!(
-        queue.stats().depth,
+        queue.stats_now().depth,
         3,
         "nothing stored by the refused enqueue"
     );
-    let consumer = queue.consumer(1);
-    consumer.recv().await.ack().await.unwrap();
+    let mut consumer = queue.consumer(1).await.unwrap();
+    consumer.recv().await.unwrap().ack().await.unwrap();
     queue.enqueue(Message::new("fits now")).await.unwrap();
 }
 
@@ -348,19 +352,19 @@ async fn a_lease_expires_by_itself_on_an_idle_queue_and_the_late_ack_is_refused(
     // Let the queue's timer see the enqueue and go idle (a ready message
     // needs no timer), so that nothing but the delivery can arm it.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let hung = queue.consumer(1);
+    let hung = queue.consumer(1).await.unwrap();
     let held = hung.try_recv().expect("ready");
     // Nothing else happens on the queue: the lease must end on its own.
-    until("the lease to expire", || queue.stats().in_flight == 0).await;
+    until("the lease to expire", || queue.stats_now().in_flight == 0).await;
     assert!(
         matches!(held.ack().await, Err(QueueError::Lease(_))),
         "an ack after the lease ended is refused"
     );
-    let other = queue.consumer(1);
-    let again = within("redelivery", other.recv()).await;
+    let mut other = queue.consumer(1).await.unwrap();
+    let again = within("redelivery", other.recv()).await.unwrap();
     assert_eq!(again.delivery, 2);
     again.ack().await.unwrap();
-    assert_eq!(queue.stats().acknowledged, 1);
+    assert_eq!(queue.stats_now().acknowledged, 1);
 }
 
 #[tokio::test]
@@ -379,7 +383,7 @@ async fn a_restarted_queue_copies_its_payloads_out_of_the_segment() {
             .unwrap();
     }
     let queue = Queue::open(&dir.0, "pinned", options()).await.unwrap();
-    let consumer = queue.consumer(2);
+    let consumer = queue.consumer(2).await.unwrap();
     let (a, b) = (consumer.try_recv().unwrap(), consumer.try_recv().unwrap());
     assert_eq!(
         (&a.payload[..], &b.payload[..]),
@@ -406,32 +410,37 @@ async fn a_dead_letter_queue_never_dead_letters_and_can_be_purged() {
     queue.enqueue(Message::new("poison")).await.unwrap();
     queue
         .consumer(1)
+        .await
+        .unwrap()
         .try_recv()
         .unwrap()
         .nack(Duration::ZERO)
         .await
         .unwrap();
     let dlq = queue.dead_letters().unwrap().clone();
-    assert_eq!(dlq.stats().depth, 1);
+    assert_eq!(dlq.stats_now().depth, 1);
     // Nacked from the dead-letter queue many more times than
     // max_deliveries: it stays.
-    let consumer = dlq.consumer(1);
+    let mut consumer = dlq.consumer(1).await.unwrap();
     for round in 1..=5 {
-        let dead = within("the dead letter", consumer.recv()).await;
+        let dead = within("the dead letter", consumer.recv()).await.unwrap();
         assert_eq!(dead.delivery, round);
         dead.nack(Duration::ZERO).await.unwrap();
     }
-    assert_eq!((dlq.stats().depth, dlq.stats().dead_lettered), (1, 0));
+    assert_eq!(
+        (dlq.stats_now().depth, dlq.stats_now().dead_lettered),
+        (1, 0)
+    );
     assert!(
         dlq.dead_letters().is_none(),
         "no dead-letter queue of its own"
     );
     assert_eq!(dlq.purge().await.unwrap(), 1);
-    assert_eq!(dlq.stats().depth, 0);
+    assert_eq!(dlq.stats_now().depth, 0);
     drop((consumer, dlq, queue));
     // Purged for good, and no `jobs.dlq.dlq` was made.
     let queue = Queue::open(&dir.0, "jobs", options).await.unwrap();
-    assert_eq!(queue.dead_letters().unwrap().stats().depth, 0);
+    assert_eq!(queue.dead_letters().unwrap().stats_now().depth, 0);
     assert!(!dir.0.join("jobs.dlq.dlq").exists());
 }
 
@@ -457,14 +466,14 @@ async fn an_embedded_consumer_never_holds_more_than_its_prefetch_whatever_expire
     for n in 0..10u8 {
         queue.enqueue(Message::new(vec![n])).await.unwrap();
     }
-    let greedy = queue.consumer(2);
-    let mut held = vec![greedy.recv().await, greedy.recv().await];
+    let mut greedy = queue.consumer(2).await.unwrap();
+    let mut held = vec![greedy.recv().await.unwrap(), greedy.recv().await.unwrap()];
     // Both leases expire (another consumer gets the messages again); the
     // greedy one still holds its two deliveries, so it may take no more.
-    let other = queue.consumer(2);
+    let mut other = queue.consumer(2).await.unwrap();
     within("a redelivery after the leases", async {
         loop {
-            let delivery = other.recv().await;
+            let delivery = other.recv().await.unwrap();
             if delivery.delivery == 2 {
                 break;
             }
@@ -478,7 +487,7 @@ async fn an_embedded_consumer_never_holds_more_than_its_prefetch_whatever_expire
     );
     // Answering one (too late to count) gives its place back.
     assert!(held.pop().unwrap().ack().await.is_err(), "late ack refused");
-    held.push(within("one more", greedy.recv()).await);
+    held.push(within("one more", greedy.recv()).await.unwrap());
     assert!(
         greedy.try_recv().is_none(),
         "held more than its prefetch of 2"
@@ -500,7 +509,7 @@ async fn a_consumer_shared_by_several_tasks_still_holds_at_most_its_prefetch() {
     for n in 0..200u8 {
         queue.enqueue(Message::new(vec![n])).await.unwrap();
     }
-    let consumer = std::sync::Arc::new(queue.consumer(3));
+    let consumer = std::sync::Arc::new(queue.consumer(3).await.unwrap());
     let mut takers = Vec::new();
     for _ in 0..8 {
         let consumer = consumer.clone();
@@ -534,37 +543,47 @@ async fn peek_takes_nothing_and_purge_survives_a_restart_without_losing_leased_m
             .enqueue(Message::new(vec![9]).with_delay(Duration::from_secs(3600)))
             .await
             .unwrap();
-        let consumer = queue.consumer(2);
-        let held = consumer.recv().await;
-        let answered = consumer.recv().await;
+        let mut consumer = queue.consumer(2).await.unwrap();
+        let held = consumer.recv().await.unwrap();
+        let answered = consumer.recv().await.unwrap();
         assert_eq!((held.payload[0], answered.payload[0]), (0, 1));
-        let peeked = queue.peek(2);
+        let peeked = queue.peek_now(2);
         let shown: Vec<u8> = peeked.iter().map(|p| p.payload[0]).collect();
         assert_eq!(shown, [2, 3], "the next ready ones, oldest first");
         assert_eq!(peeked[0].deliveries, 0);
-        assert_eq!(queue.peek(100).len(), 3, "neither leased nor delayed ones");
-        assert_eq!((queue.stats().depth, queue.stats().delivered), (4, 2));
+        assert_eq!(
+            queue.peek_now(100).len(),
+            3,
+            "neither leased nor delayed ones"
+        );
+        assert_eq!(
+            (queue.stats_now().depth, queue.stats_now().delivered),
+            (4, 2)
+        );
 
         // Purge: the 3 ready and the delayed one go; both leased ones stay
         // with their consumer, whose answers still count.
         assert_eq!(queue.purge().await.unwrap(), 4);
-        assert_eq!((queue.stats().depth, queue.stats().in_flight), (0, 2));
-        assert!(queue.peek(10).is_empty());
+        assert_eq!(
+            (queue.stats_now().depth, queue.stats_now().in_flight),
+            (0, 2)
+        );
+        assert!(queue.peek_now(10).is_empty());
         answered.nack(Duration::ZERO).await.unwrap();
-        let back: Vec<u8> = queue.peek(10).iter().map(|p| p.payload[0]).collect();
+        let back: Vec<u8> = queue.peek_now(10).iter().map(|p| p.payload[0]).collect();
         assert_eq!(back, [1], "a leased message given back is ready again");
-        assert_eq!(queue.peek(10)[0].deliveries, 1);
+        assert_eq!(queue.peek_now(10)[0].deliveries, 1);
         // Its consumer goes: the one it still held is ready again too.
         drop((held, consumer));
         assert_eq!(queue.purge().await.unwrap(), 2);
         queue.enqueue(Message::new(vec![7])).await.unwrap();
-        let consumer = queue.consumer(1);
-        let leased = consumer.recv().await;
+        let mut consumer = queue.consumer(1).await.unwrap();
+        let leased = consumer.recv().await.unwrap();
         assert_eq!(leased.payload[0], 7);
         assert_eq!(queue.purge().await.unwrap(), 0, "an empty purge is fine");
         // Still leased when the queue closes: never acknowledged, so kept.
     }
     let queue = Queue::open(&dir.0, "jobs", options()).await.unwrap();
-    let left: Vec<u8> = queue.peek(10).iter().map(|p| p.payload[0]).collect();
+    let left: Vec<u8> = queue.peek_now(10).iter().map(|p| p.payload[0]).collect();
     assert_eq!(left, [7], "purged messages stay purged across a restart");
 }

@@ -71,7 +71,7 @@ async fn enqueue_consume_and_ack_over_the_network() {
     let mut consumer = queue.consumer(5).await.unwrap();
     let mut seen = Vec::new();
     for _ in 0..21 {
-        let delivery = within("delivery", consumer.recv()).await.unwrap().unwrap();
+        let delivery = within("delivery", consumer.recv()).await.unwrap();
         seen.push(delivery.payload[0]);
         delivery.ack().await.unwrap();
     }
@@ -102,13 +102,13 @@ async fn a_dropped_remote_consumer_gives_its_messages_to_another() {
     let mut first = queue.consumer(4).await.unwrap();
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(within("delivery", first.recv()).await.unwrap().unwrap());
+        held.push(within("delivery", first.recv()).await.unwrap());
     }
     drop(first);
     let stale = held.pop().unwrap();
     let mut second = queue.consumer(4).await.unwrap();
     for _ in 0..4 {
-        let again = within("redelivery", second.recv()).await.unwrap().unwrap();
+        let again = within("redelivery", second.recv()).await.unwrap();
         assert_eq!(again.delivery, 2);
         again.ack().await.unwrap();
     }
@@ -128,12 +128,12 @@ async fn exercise<Q: courier_queue::QueueHandle>(queue: &Q) {
         .await
         .unwrap();
     let mut consumer = queue.consumer(3).await.unwrap();
-    let first = within("first", consumer.next()).await.unwrap();
+    let first = within("first", consumer.recv()).await.unwrap();
     assert_eq!((first.payload()[0], first.delivery_count()), (0, 1));
     first.nack(Duration::ZERO).await.unwrap();
     let mut seen = Vec::new();
     while seen.len() < 3 {
-        let delivery = within("delivery", consumer.next()).await.unwrap();
+        let delivery = within("delivery", consumer.recv()).await.unwrap();
         seen.push((delivery.payload()[0], delivery.delivery_count()));
         delivery.ack().await.unwrap();
     }
@@ -191,7 +191,7 @@ async fn a_remote_lease_expires_on_an_idle_queue_and_the_late_ack_is_refused() {
     // The queue's timer goes idle before the consumer comes.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let mut hung = queue.consumer(1).await.unwrap();
-    let held = within("delivery", hung.recv()).await.unwrap().unwrap();
+    let held = within("delivery", hung.recv()).await.unwrap();
     until_stats(&queue, "the lease to expire", |s| s.in_flight == 0).await;
     assert!(
         matches!(
@@ -204,7 +204,7 @@ async fn a_remote_lease_expires_on_an_idle_queue_and_the_late_ack_is_refused() {
     // have taken the message again before it went.)
     drop(hung);
     let mut other = queue.consumer(1).await.unwrap();
-    let again = within("redelivery", other.recv()).await.unwrap().unwrap();
+    let again = within("redelivery", other.recv()).await.unwrap();
     assert!(again.delivery >= 2);
     again.ack().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
@@ -225,7 +225,7 @@ async fn a_remote_consumer_never_holds_more_than_its_prefetch_whatever_expires()
     let mut greedy = queue.consumer(2).await.unwrap();
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(within("delivery", greedy.recv()).await.unwrap().unwrap());
+        held.push(within("delivery", greedy.recv()).await.unwrap());
     }
     // Its leases expire; its credit stays spent: it still holds both.
     until_stats(&queue, "the leases to expire", |s| {
@@ -236,7 +236,7 @@ async fn a_remote_consumer_never_holds_more_than_its_prefetch_whatever_expires()
     assert_eq!(queue.stats().await.unwrap().delivered, 2);
     // Answering one, even too late to count, gives one delivery's credit back.
     assert!(held.pop().unwrap().ack().await.is_err(), "late ack refused");
-    held.push(within("one more", greedy.recv()).await.unwrap().unwrap());
+    held.push(within("one more", greedy.recv()).await.unwrap());
     assert!(receives_nothing(&mut greedy).await, "held more than 2");
     assert_eq!(queue.stats().await.unwrap().delivered, 3);
     let _ = std::fs::remove_dir_all(dir);
@@ -251,7 +251,7 @@ async fn a_dead_letter_queue_is_a_queue_over_the_network() {
         .unwrap();
     jobs.enqueue(Message::new("poison")).await.unwrap();
     let mut consumer = jobs.consumer(1).await.unwrap();
-    let poison = within("delivery", consumer.recv()).await.unwrap().unwrap();
+    let poison = within("delivery", consumer.recv()).await.unwrap();
     poison.nack(Duration::ZERO).await.unwrap();
     drop(consumer);
 
@@ -262,7 +262,7 @@ async fn a_dead_letter_queue_is_a_queue_over_the_network() {
     let mut dead = dlq.consumer(1).await.unwrap();
     // Nacked from the dead-letter queue past max_deliveries: it stays.
     for round in 1..=3 {
-        let letter = within("dead letter", dead.recv()).await.unwrap().unwrap();
+        let letter = within("dead letter", dead.recv()).await.unwrap();
         assert_eq!(letter.delivery, round);
         let (history, payload) = parse_dead_letter(letter.payload.clone()).unwrap();
         assert_eq!((&payload[..], history.len()), (&b"poison"[..], 1));
@@ -389,7 +389,7 @@ async fn competing_consumers_that_nack_poison_and_ack_the_rest_drain_the_queue()
         let mut consumer = queue.consumer(8).await.unwrap();
         workers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
-            while let Ok(Some(Ok(delivery))) =
+            while let Ok(Ok(delivery)) =
                 tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await
             {
                 let n = number(&delivery.payload);
@@ -452,7 +452,7 @@ async fn consumers_that_hold_some_deliveries_past_their_lease_still_drain_the_qu
                         turn += 1;
                         continue;
                     }
-                    Ok(Some(Ok(delivery))) => delivery,
+                    Ok(Ok(delivery)) => delivery,
                     Ok(other) => panic!("consumer ended: {other:?}"),
                 };
                 turn += 1;
@@ -488,10 +488,7 @@ async fn a_remote_delivery_dropped_unanswered_is_given_back_and_frees_its_place(
         .unwrap();
     queue.enqueue(Message::new("only")).await.unwrap();
     let mut consumer = queue.consumer(1).await.unwrap();
-    let first = within("a delivery", consumer.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = within("a delivery", consumer.recv()).await.unwrap();
     assert_eq!(first.delivery, 1);
     // A handler that returns early: the delivery is dropped, not answered.
     // With a prefetch of 1 (and the default 30 s lease) the consumer would
@@ -499,7 +496,6 @@ async fn a_remote_delivery_dropped_unanswered_is_given_back_and_frees_its_place(
     drop(first);
     let again = within("the same message again", consumer.recv())
         .await
-        .unwrap()
         .unwrap();
     assert_eq!((again.delivery, &again.payload[..]), (2, &b"only"[..]));
     again.ack().await.unwrap();
@@ -529,14 +525,8 @@ async fn an_ack_dropped_after_its_first_poll_acks_and_one_dropped_before_gives_b
     queue.enqueue(Message::new("acked")).await.unwrap();
     queue.enqueue(Message::new("given back")).await.unwrap();
     let mut consumer = queue.consumer(2).await.unwrap();
-    let first = within("a delivery", consumer.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let second = within("a delivery", consumer.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = within("a delivery", consumer.recv()).await.unwrap();
+    let second = within("a delivery", consumer.recv()).await.unwrap();
     assert_eq!(&first.payload[..], b"acked");
     // Polled once, then dropped while its answer is in flight.
     poll_once_then_drop(first.ack()).await;
@@ -545,7 +535,6 @@ async fn an_ack_dropped_after_its_first_poll_acks_and_one_dropped_before_gives_b
     until_stats(&queue, "the first acked", |s| s.acknowledged == 1).await;
     let again = within("the given-back message", consumer.recv())
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(
         (&again.payload[..], again.delivery),
@@ -574,10 +563,7 @@ async fn too_many_answers_in_one_call_are_refused_whole() {
     let queue = RemoteQueue::with_client(client.clone(), "work");
     queue.enqueue(Message::new("m")).await.unwrap();
     let mut consumer = queue.consumer(1).await.unwrap();
-    let delivery = within("a delivery", consumer.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let delivery = within("a delivery", consumer.recv()).await.unwrap();
     let raw = QueueServiceClient::new(client);
     // Tokens are handed out from 1: the delivery's is among these.
     let answers = (1..=MAX_ANSWER_BATCH as u64 + 1)
@@ -618,7 +604,7 @@ async fn a_large_delivery_after_a_small_one_travels_in_an_item_of_its_own() {
         .unwrap();
     let mut consumer = queue.consumer(2).await.unwrap();
     for (byte, len) in [(1u8, 200 * 1024), (2, 900 * 1024)] {
-        let delivery = within("delivery", consumer.recv()).await.unwrap().unwrap();
+        let delivery = within("delivery", consumer.recv()).await.unwrap();
         assert_eq!((delivery.payload[0], delivery.payload.len()), (byte, len));
         assert_eq!(delivery.delivery, 1, "delivered once, not redelivered");
         delivery.ack().await.unwrap();
@@ -659,10 +645,7 @@ async fn peek_shows_ready_messages_without_taking_them_and_purge_keeps_leased_on
         .await
         .unwrap();
     let mut consumer = queue.consumer(1).await.unwrap();
-    let leased = within("a delivery", consumer.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let leased = within("a delivery", consumer.recv()).await.unwrap();
     assert_eq!(leased.payload[0], 0);
     until_stats(&queue, "the lease", |s| s.in_flight == 1).await;
     let peeked = queue.peek(3).await.unwrap();
@@ -677,10 +660,7 @@ async fn peek_shows_ready_messages_without_taking_them_and_purge_keeps_leased_on
     assert!(queue.peek(10).await.unwrap().is_empty());
     // The leased one was not purged: given back, it is there to take.
     leased.nack(Duration::ZERO).await.unwrap();
-    let again = within("redelivery", consumer.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let again = within("redelivery", consumer.recv()).await.unwrap();
     assert_eq!((again.payload[0], again.delivery), (0, 2));
     again.ack().await.unwrap();
     assert_eq!(queue.stats().await.unwrap().acknowledged, 1);
