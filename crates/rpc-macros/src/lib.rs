@@ -35,8 +35,25 @@ use syn::{parse_macro_input, FnArg, ItemTrait, Pat, ReturnType, TraitItem};
 /// offending item: a generic trait, an item that is not a method, a method
 /// that is not `async fn`, has a default body or does not take `&self`
 /// first, an argument that is a pattern rather than a name, an `Items<T>`
-/// sink that is not the last parameter, a streaming method that returns
+/// sink that is not the last parameter, an `Incoming<T>` stream that is
+/// neither last nor just before the sink, a streaming method that returns
 /// something, and a `#[oneway]` method that returns something or streams.
+///
+/// # The four shapes
+///
+/// - unary: `async fn get(&self, key: String) -> Value`;
+/// - server streaming, a last parameter `Items<T>`: `async fn watch(&self,
+///   key: String, items: Items<Value>)`, returning `()`; the client gets an
+///   `ItemStream<T>`;
+/// - client streaming, a last parameter `Incoming<T>`: `async fn sum(&self,
+///   numbers: Incoming<u64>) -> u64`; the client gets a `ClientStream<T, R>`
+///   to `send` to and `finish`;
+/// - bidirectional, `Incoming<In>` then `Items<Out>`: `async fn chat(&self,
+///   lines: Incoming<String>, replies: Items<String>)`, returning `()`; the
+///   client gets an `(ItemSender<In>, ItemStream<Out>)`.
+///
+/// Client-streaming and bidirectional methods have no method on the
+/// blocking client.
 /// `crates/rpc/tests/ui/` holds a compile-fail test for each of the common
 /// ones.
 #[proc_macro_attribute]
@@ -67,17 +84,30 @@ struct Method {
     output: syn::Type,
     /// For a streaming method: the sink parameter's name and the item type.
     stream: Option<(syn::Ident, syn::Type)>,
+    /// For a client-streaming (or bidirectional) method: the `Incoming<T>`
+    /// parameter's name and the item type.
+    incoming: Option<(syn::Ident, syn::Type)>,
     /// Marked `#[oneway]`: the client sends it and waits for no reply.
     oneway: bool,
 }
 
 /// `T` if `ty` is `Items<T>` (by its last path segment).
 fn item_type(ty: &syn::Type) -> Option<syn::Type> {
+    wrapped(ty, "Items")
+}
+
+/// `T` if `ty` is `Incoming<T>` (by its last path segment).
+fn incoming_type(ty: &syn::Type) -> Option<syn::Type> {
+    wrapped(ty, "Incoming")
+}
+
+/// `T` if `ty` is `<wrapper><T>` (by its last path segment).
+fn wrapped(ty: &syn::Type, wrapper: &str) -> Option<syn::Type> {
     let syn::Type::Path(path) = ty else {
         return None;
     };
     let last = path.path.segments.last()?;
-    if last.ident != "Items" {
+    if last.ident != wrapper {
         return None;
     }
     let syn::PathArguments::AngleBracketed(generics) = &last.arguments else {
@@ -266,7 +296,20 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             ReturnType::Type(_, ty) => (**ty).clone(),
         };
         let mut stream = None;
+        let mut incoming = None;
         for (position, (ident, ty)) in inputs.iter().enumerate() {
+            if let Some(item) = incoming_type(ty) {
+                let last = position + 1 == inputs.len();
+                let before_sink =
+                    position + 2 == inputs.len() && item_type(&inputs[position + 1].1).is_some();
+                if !last && !before_sink {
+                    return Err(syn::Error::new_spanned(
+                        ty,
+                        "an `Incoming<T>` stream must be the last parameter, or come just before an `Items<T>` sink",
+                    ));
+                }
+                incoming = Some((ident.clone(), item));
+            }
             if let Some(item) = item_type(ty) {
                 if position + 1 != inputs.len() {
                     return Err(syn::Error::new_spanned(
@@ -283,7 +326,8 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 stream = Some((ident.clone(), item));
             }
         }
-        let wire = &inputs[..inputs.len() - usize::from(stream.is_some())];
+        let wire = &inputs
+            [..inputs.len() - usize::from(stream.is_some()) - usize::from(incoming.is_some())];
         // Arguments are decoded on the server, results and items on the
         // client, each from a buffer that is gone once decoding ends: every
         // one of them must own its data.
@@ -292,7 +336,7 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 return Err(err);
             }
         }
-        if let Some((_, item)) = &stream {
+        for (_, item) in stream.iter().chain(&incoming) {
             if let Some(err) = borrowed(item, "items") {
                 return Err(err);
             }
@@ -303,7 +347,11 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             }
         }
         let oneway = method.attrs.iter().any(|a| a.path().is_ident("oneway"));
-        if oneway && (stream.is_some() || !matches!(&sig.output, ReturnType::Default)) {
+        if oneway
+            && (stream.is_some()
+                || incoming.is_some()
+                || !matches!(&sig.output, ReturnType::Default))
+        {
             return Err(syn::Error::new_spanned(
                 sig,
                 "a #[oneway] method returns `()` and does not stream: nothing comes back",
@@ -323,6 +371,7 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             inputs,
             output,
             stream,
+            incoming,
         });
     }
 
@@ -349,13 +398,13 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
     // method it names, so methods evolve one by one.
     let fingerprint_parts = methods.iter().map(|m| {
         let types = &m.types;
-        let (method, result) = match &m.stream {
-            Some((_, item)) => (format!("{}:stream", m.name), quote!(#item)),
-            None if m.oneway => (format!("{}:oneway", m.name), quote!(())),
-            None => (m.name.to_string(), {
-                let output = &m.output;
-                quote!(#output)
-            }),
+        let output = &m.output;
+        let (method, result) = match (&m.incoming, &m.stream) {
+            (None, Some((_, item))) => (format!("{}:stream", m.name), quote!(#item)),
+            (Some((_, input)), None) => (format!("{}:client_stream", m.name), quote!((#input, #output))),
+            (Some((_, input)), Some((_, item))) => (format!("{}:bidi", m.name), quote!((#input, #item))),
+            (None, None) if m.oneway => (format!("{}:oneway", m.name), quote!(())),
+            (None, None) => (m.name.to_string(), quote!(#output)),
         };
         quote! {
             ::courier_rpc::__private::fingerprint(#name_str, &[(#method, ::courier_rpc::__private::schema::<(#(#types,)*)>(), ::courier_rpc::__private::schema::<#result>())])
@@ -367,6 +416,30 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
     let client_methods = methods.iter().enumerate().map(|(index, m)| {
         let Method { attrs, name, args, types, output, .. } = m;
         let method = name.to_string();
+        if let Some((_, input)) = &m.incoming {
+            return match &m.stream {
+                Some((_, item)) => quote! {
+                    #(#attrs)*
+                    ///
+                    /// Bidirectional: send items through the returned sender
+                    /// while the handler's arrive through the stream (see
+                    /// `courier_rpc::Client::call_bidi`).
+                    pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<(::courier_rpc::ItemSender<#input>, ::courier_rpc::ItemStream<#item>), ::courier_rpc::RpcError> {
+                        self.inner.call_bidi::<(#(#types,)*), #input, #item>(#name_str, #method, Self::__fingerprints()[#index], &(#(#args,)*)).await
+                    }
+                },
+                None => quote! {
+                    #(#attrs)*
+                    ///
+                    /// Client streaming: send items through the returned
+                    /// stream, then `finish` it for the reply (see
+                    /// `courier_rpc::Client::call_client_stream`).
+                    pub async fn #name(&self, #(#args: #types),*) -> ::core::result::Result<::courier_rpc::ClientStream<#input, #output>, ::courier_rpc::RpcError> {
+                        self.inner.call_client_stream::<(#(#types,)*), #input, #output>(#name_str, #method, Self::__fingerprints()[#index], &(#(#args,)*)).await
+                    }
+                },
+            };
+        }
         match &m.stream {
             Some((_, item)) => quote! {
                 #(#attrs)*
@@ -392,7 +465,10 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             },
         }
     });
-    let blocking_methods = methods.iter().map(|m| {
+    // Client-streaming and bidirectional methods have no blocking face:
+    // they hand back a sender to use while the call runs, which wants a
+    // runtime of the caller's.
+    let blocking_methods = methods.iter().filter(|m| m.incoming.is_none()).map(|m| {
         let Method { attrs, name, args, types, output, .. } = m;
         match &m.stream {
             Some((_, item)) => quote! {
@@ -413,12 +489,27 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
     let dispatch_arms = methods.iter().map(|m| {
         let Method { name, args, types, .. } = m;
         let method = name.to_string();
-        let (sink, call) = match &m.stream {
-            Some((ident, item)) => (
+        let (sink, call) = match (&m.incoming, &m.stream) {
+            (None, Some((ident, item))) => (
                 quote! { let #ident = __items.typed::<#item>(); },
                 quote! { service.#name(#(#args,)* #ident).await; ::courier_rpc::__private::encode_reply(&()) },
             ),
-            None => (quote! {}, quote! { ::courier_rpc::__private::encode_reply(&service.#name(#(#args),*).await) }),
+            (Some((input_ident, input)), None) => (
+                quote! {
+                    let mut __items = __items;
+                    let #input_ident = __items.incoming::<#input>()?;
+                },
+                quote! { ::courier_rpc::__private::encode_reply(&service.#name(#(#args,)* #input_ident).await) },
+            ),
+            (Some((input_ident, input)), Some((ident, item))) => (
+                quote! {
+                    let mut __items = __items;
+                    let #input_ident = __items.incoming::<#input>()?;
+                    let #ident = __items.typed::<#item>();
+                },
+                quote! { service.#name(#(#args,)* #input_ident, #ident).await; ::courier_rpc::__private::encode_reply(&()) },
+            ),
+            (None, None) => (quote! {}, quote! { ::courier_rpc::__private::encode_reply(&service.#name(#(#args),*).await) }),
         };
         quote! {
             #method => {

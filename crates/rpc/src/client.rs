@@ -22,11 +22,15 @@ use courier_transport::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::protocol::{decode_ext, limit_from_wire, HelloExt, RequestHeader, WelcomeExt};
+use crate::inbound::{ClientStream, ItemSender};
+use crate::protocol::{
+    limit_from_wire, HelloExt, RequestExt, RequestHeader, WelcomeExt, EXTENDED,
+    FEATURE_REQUEST_EXT, FEATURE_TRACE,
+};
 use crate::stream::{ItemStream, WINDOW};
 use crate::{RpcError, RpcFault};
 
@@ -141,6 +145,10 @@ type Ready = (oneshot::Sender<Reply>, Reply);
 /// Who waits for what a call brings back.
 pub(crate) enum Waiter {
     Unary(oneshot::Sender<Reply>),
+    /// A client-streaming call's one reply. Not counted in
+    /// `max_in_flight`: like a stream, it may live long (it is bounded by
+    /// the server's `max_streams` instead).
+    Upload(oneshot::Sender<Reply>),
     /// Items, then `Ok(None)` at the end. The channel holds the whole
     /// window, so the server, bound by credit, can never overrun it.
     Stream(mpsc::Sender<Result<Option<Bytes>, RpcError>>),
@@ -149,7 +157,7 @@ pub(crate) enum Waiter {
 impl Waiter {
     fn fail(self, err: RpcError) {
         match self {
-            Waiter::Unary(waiter) => {
+            Waiter::Unary(waiter) | Waiter::Upload(waiter) => {
                 let _ = waiter.send(Err(err));
             }
             Waiter::Stream(items) => {
@@ -163,6 +171,9 @@ impl Waiter {
 struct Entry {
     epoch: u64,
     waiter: Waiter,
+    /// For a client-streaming call: the credit its sender spends, granted
+    /// by the server; closed when the entry goes (the call ended).
+    outbound: Option<Arc<Semaphore>>,
 }
 
 /// A client's calls in flight, on whichever of its connections they went
@@ -235,7 +246,13 @@ impl Table {
     fn remove(&mut self, id: u64, epoch: u64, room: &Notify) -> Option<Waiter> {
         match self.waiters.entry(id) {
             std::collections::hash_map::Entry::Occupied(entry) if entry.get().epoch == epoch => {
-                let waiter = entry.remove().waiter;
+                let Entry {
+                    waiter, outbound, ..
+                } = entry.remove();
+                if let Some(outbound) = outbound {
+                    // The call is over: its sender sends no more.
+                    outbound.close();
+                }
                 if matches!(waiter, Waiter::Unary(_)) {
                     self.unary -= 1;
                     if self.waiting_for_room > 0 {
@@ -302,6 +319,9 @@ impl Drop for Connecting<'_> {
 /// One live connection. Its calls are registered in the client's [`Calls`].
 pub(crate) struct Link {
     pub(crate) sender: FrameSender,
+    /// What the server announced in its welcome (zero: nothing, an older
+    /// server).
+    peer: Peer,
     /// Which of the client's connections this is (1, 2, ...).
     epoch: u64,
     /// The index, among the client's addresses, of the server it reaches.
@@ -314,10 +334,30 @@ pub(crate) struct Link {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// What a server said it supports, in its welcome.
+#[derive(Clone, Copy, Debug, Default)]
+struct Peer {
+    features: u64,
+    inbound_window: u32,
+}
+
+impl Peer {
+    fn has(&self, feature: u64) -> bool {
+        self.features & feature != 0
+    }
+}
+
 impl Link {
-    fn new(sender: FrameSender, epoch: u64, address: usize, calls: Arc<Calls>) -> Arc<Link> {
+    fn new(
+        sender: FrameSender,
+        peer: Peer,
+        epoch: u64,
+        address: usize,
+        calls: Arc<Calls>,
+    ) -> Arc<Link> {
         Arc::new(Link {
             sender,
+            peer,
             epoch,
             address,
             calls,
@@ -331,7 +371,7 @@ impl Link {
     /// a call's channel themselves.
     #[cfg(test)]
     pub(crate) fn for_test(sender: FrameSender) -> Arc<Link> {
-        Link::new(sender, 1, 0, Calls::new(1))
+        Link::new(sender, Peer::default(), 1, 0, Calls::new(1))
     }
 }
 
@@ -356,7 +396,9 @@ impl Link {
             FrameKind::Response => {
                 // A reply to a call that was cancelled or timed out finds nobody.
                 match table.remove(frame.id, self.epoch, room) {
-                    Some(Waiter::Unary(waiter)) => ready.push((waiter, Ok(frame.payload))),
+                    Some(Waiter::Unary(waiter) | Waiter::Upload(waiter)) => {
+                        ready.push((waiter, Ok(frame.payload)))
+                    }
                     Some(stream @ Waiter::Stream(_)) => {
                         stream.fail(RpcError::Decode("a unary reply to a stream".into()));
                     }
@@ -368,6 +410,7 @@ impl Link {
                     Some(Entry {
                         epoch,
                         waiter: Waiter::Stream(items),
+                        ..
                     }) if *epoch == self.epoch => items.try_send(Ok(Some(frame.payload))).is_err(),
                     _ => false,
                 };
@@ -384,7 +427,7 @@ impl Link {
                 Some(Waiter::Stream(items)) => {
                     let _ = items.try_send(Ok(None));
                 }
-                Some(unary @ Waiter::Unary(_)) => {
+                Some(unary @ (Waiter::Unary(_) | Waiter::Upload(_))) => {
                     unary.fail(RpcError::Decode("a stream's end for a unary call".into()));
                 }
                 None => {}
@@ -395,9 +438,44 @@ impl Link {
                     Err(err) => RpcError::Decode(format!("undecodable error report: {err}")),
                 };
                 match table.remove(frame.id, self.epoch, room) {
-                    Some(Waiter::Unary(waiter)) => ready.push((waiter, Err(err))),
+                    Some(Waiter::Unary(waiter) | Waiter::Upload(waiter)) => {
+                        ready.push((waiter, Err(err)))
+                    }
                     Some(waiter) => waiter.fail(err),
                     None => {}
+                }
+            }
+            // Credit for a client-streaming call's items.
+            FrameKind::Credit => {
+                let granted = frame
+                    .payload
+                    .get(..4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_le_bytes);
+                if let (Some(granted), Some(entry)) = (granted, table.waiters.get(&frame.id)) {
+                    if let (true, Some(credit)) = (entry.epoch == self.epoch, &entry.outbound) {
+                        // Bounded by what a semaphore can count; a lying
+                        // server only overruns its own window (and is
+                        // refused there).
+                        credit.add_permits(
+                            (granted as usize)
+                                .min(Semaphore::MAX_PERMITS - credit.available_permits()),
+                        );
+                    }
+                }
+            }
+            // The handler stopped reading this call's items: its sender
+            // sends no more (the call itself goes on to its answer).
+            FrameKind::Cancel => {
+                if let Some(Entry {
+                    epoch,
+                    outbound: Some(credit),
+                    ..
+                }) = table.waiters.get(&frame.id)
+                {
+                    if *epoch == self.epoch {
+                        credit.close();
+                    }
                 }
             }
             _ => {}
@@ -497,7 +575,7 @@ async fn hello(
     sender: &FrameSender,
     receiver: &mut FrameReceiver,
     config: &ClientConfig,
-) -> Result<(), RpcError> {
+) -> Result<Peer, RpcError> {
     let unavailable = |reason: String| RpcError::Unavailable(reason);
     let hello = crate::auth::Hello {
         token: config.token.clone(),
@@ -524,10 +602,16 @@ async fn hello(
             // A server that announces its frame limit: requests it would
             // refuse (by ending the connection) are refused here, before
             // any I/O, with its limit.
-            if let Some(ext) = decode_ext::<WelcomeExt>(rest) {
-                sender.limit_frame_size(limit_from_wire(ext.max_frame_size));
+            match WelcomeExt::decode(rest) {
+                Some(ext) => {
+                    sender.limit_frame_size(limit_from_wire(ext.max_frame_size));
+                    Ok(Peer {
+                        features: ext.features,
+                        inbound_window: ext.inbound_window,
+                    })
+                }
+                None => Ok(Peer::default()),
             }
-            Ok(())
         }
         FrameKind::Error => Err(
             match crate::__private::decode::<RpcFault>(&answer.payload) {
@@ -568,7 +652,9 @@ impl Drop for ClientInner {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
-    timeout: Duration,
+    /// Each call's deadline, from when it starts; `None`: no deadline
+    /// ([`Client::without_deadline`]).
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -638,6 +724,8 @@ enum Registered {
         link: Arc<Link>,
         id: u64,
         batch: bool,
+        /// A client-streaming call's credit.
+        outbound: Option<Arc<Semaphore>>,
     },
     /// No live connection.
     NoLink,
@@ -780,7 +868,7 @@ impl Client {
     /// A client over `addresses` (not empty) whose first attempt starts
     /// with the one at `start`.
     fn over(addresses: Arc<[Address]>, config: ClientConfig, start: usize) -> Client {
-        let timeout = config.timeout;
+        let timeout = Some(config.timeout);
         let calls = Calls::new(config.max_in_flight);
         {
             let mut table = calls.lock();
@@ -808,12 +896,13 @@ impl Client {
     /// lives; afterwards each fails over on its own.
     pub fn separate(&self) -> Client {
         let start = self.inner.calls.lock().current_address;
-        Client::over(
+        let mut separate = Client::over(
             self.inner.addresses.clone(),
             self.inner.config.clone(),
             start,
-        )
-        .with_timeout(self.timeout)
+        );
+        separate.timeout = self.timeout;
+        separate
     }
 
     /// The address of the server in use: that of the live connection, or,
@@ -843,13 +932,39 @@ impl Client {
     pub fn with_timeout(&self, timeout: Duration) -> Client {
         Client {
             inner: self.inner.clone(),
-            timeout,
+            timeout: Some(timeout),
         }
     }
 
-    /// The deadline of each call.
-    pub fn timeout(&self) -> Duration {
+    /// The same client (same connection) making calls without a deadline:
+    /// for streams meant to live as long as the connection (subscriptions,
+    /// consumers, watches). Such a call ends when either side ends it
+    /// (drops its end, or the handler returns), when the server shuts
+    /// down, or when the connection dies (heartbeats find a dead one); on
+    /// the server its [`crate::CallContext::deadline`] is `None`.
+    ///
+    /// No deadline goes on the wire, only a flag saying there is none. A
+    /// server from before the flag gets the longest timeout there used to
+    /// be (ten years) instead, as it always did from such callers.
+    /// Connecting (when there is no live connection) is still bounded by
+    /// [`ClientConfig::timeout`].
+    pub fn without_deadline(&self) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            timeout: None,
+        }
+    }
+
+    /// The deadline of each call, from when it starts; `None` for a client
+    /// made by [`without_deadline`](Self::without_deadline).
+    pub fn timeout(&self) -> Option<Duration> {
         self.timeout
+    }
+
+    /// When a call starting at `now` must end; `None`: never (no
+    /// deadline, or one too far to represent).
+    fn deadline_from(&self, now: Instant) -> Option<Instant> {
+        self.timeout.and_then(|timeout| now.checked_add(timeout))
     }
 
     /// The largest request frame this client sends on its current
@@ -867,7 +982,8 @@ impl Client {
     /// server it never reached — this fails — from a call that may have
     /// run — the call itself fails after this succeeded.
     pub async fn ready(&self) -> Result<(), RpcError> {
-        let deadline = Instant::now() + self.timeout;
+        // Bounded even for a client without a deadline: by the config's.
+        let deadline = Instant::now() + self.timeout.unwrap_or(self.inner.config.timeout);
         match tokio::time::timeout_at(deadline, self.connected(Some(deadline))).await {
             Ok(result) => result,
             Err(_) => Err(RpcError::DeadlineExceeded),
@@ -1010,7 +1126,7 @@ impl Client {
             .await
             .map_err(|err| RpcError::Unavailable(err.to_string()))?;
         let (sender, mut receiver) = connection.split();
-        hello(&sender, &mut receiver, &self.inner.config).await?;
+        let peer = hello(&sender, &mut receiver, &self.inner.config).await?;
         let epoch = self.inner.links_made.fetch_add(1, Ordering::Relaxed) + 1;
         {
             // Before the reader starts: if the connection dies at once, its
@@ -1019,7 +1135,7 @@ impl Client {
             table.next_address = index;
             table.current_address = index;
         }
-        let link = Link::new(sender, epoch, index, self.inner.calls.clone());
+        let link = Link::new(sender, peer, epoch, index, self.inner.calls.clone());
         let reader = tokio::spawn(read_replies(Arc::downgrade(&link), receiver));
         let flusher = tokio::spawn(flush_when_asked(link.sender.clone(), link.flush.clone()));
         lock(&link.tasks).extend([reader, flusher]);
@@ -1027,7 +1143,7 @@ impl Client {
     }
 
     /// Finds the live link and registers the call on it, under one lock.
-    fn register(&self, waiter: &mut Option<Waiter>) -> Registered {
+    fn register(&self, waiter: &mut Option<Waiter>, outbound: bool) -> Registered {
         let calls = &*self.inner.calls;
         let mut table = calls.lock();
         let Some(link) = table.live_link().cloned() else {
@@ -1044,19 +1160,28 @@ impl Client {
             table.unary += 1;
         }
         let waiter = waiter.take().expect("registered once");
+        // The server's whole window, to begin with.
+        let outbound =
+            outbound.then(|| Arc::new(Semaphore::new(link.peer.inbound_window as usize)));
         table.waiters.insert(
             id,
             Entry {
                 epoch: link.epoch,
                 waiter,
+                outbound: outbound.clone(),
             },
         );
-        Registered::Yes { link, id, batch }
+        Registered::Yes {
+            link,
+            id,
+            batch,
+            outbound,
+        }
     }
 
     /// Waits until a unary call may be registered under `max_in_flight`
     /// (or may look again), or `deadline` passes.
-    async fn room(&self, deadline: Instant) -> Result<(), RpcError> {
+    async fn room(&self, deadline: Option<Instant>) -> Result<(), RpcError> {
         let calls = &*self.inner.calls;
         let room = calls.room.notified();
         tokio::pin!(room);
@@ -1069,37 +1194,41 @@ impl Client {
             table.waiting_for_room += 1;
         }
         let _waiting = WaitingForRoom(calls);
-        tokio::time::timeout_at(deadline, room)
+        within(deadline, room)
             .await
             .map_err(|_| RpcError::Overloaded)
     }
 
     /// Registers a call and sends its request; the guard cancels it if it
-    /// is dropped unanswered.
+    /// is dropped unanswered. For a client-streaming call (`outbound`), also
+    /// the credit its sender spends.
+    #[allow(clippy::too_many_arguments)]
     async fn start<A: Serialize>(
         &self,
         service: &str,
         method: &str,
         fingerprint: u64,
         args: &A,
-        (now, deadline): (Instant, Instant),
+        (now, deadline): (Instant, Option<Instant>),
         waiter: Waiter,
-    ) -> Result<CallGuard, RpcError> {
+        outbound: bool,
+    ) -> Result<(CallGuard, Option<Arc<Semaphore>>), RpcError> {
         let window = match waiter {
-            Waiter::Unary(_) => 0,
             Waiter::Stream(_) => WINDOW,
+            Waiter::Unary(_) | Waiter::Upload(_) => 0,
         };
         let mut waiter = Some(waiter);
         // When the request goes out: `now`, unless it had to wait.
         let mut sent_at = now;
-        let (link, id, batch) = loop {
-            match self.register(&mut waiter) {
-                Registered::Yes { link, id, batch } => break (link, id, batch),
-                Registered::NoLink => {
-                    tokio::time::timeout_at(deadline, self.connected(Some(deadline)))
-                        .await
-                        .map_err(|_| RpcError::DeadlineExceeded)??
-                }
+        let (link, id, batch, credit) = loop {
+            match self.register(&mut waiter, outbound) {
+                Registered::Yes {
+                    link,
+                    id,
+                    batch,
+                    outbound,
+                } => break (link, id, batch, outbound),
+                Registered::NoLink => within(deadline, self.connected(deadline)).await??,
                 Registered::Full => self.room(deadline).await?,
             }
             sent_at = Instant::now();
@@ -1110,44 +1239,60 @@ impl Client {
             answered: false,
         };
         let link = &guard.link;
-        let header = RequestHeader {
-            service,
-            method,
-            fingerprint,
-            timeout_ms: deadline.saturating_duration_since(sent_at).as_millis() as u64,
+        if outbound && (link.peer.inbound_window == 0 || !link.peer.has(FEATURE_REQUEST_EXT)) {
+            drop(link.calls.lock().remove(id, link.epoch, &link.calls.room));
+            guard.answered = true;
+            return Err(RpcError::NotSupported(format!(
+                "the server does not take client streams (calling {service}.{method}): \
+                 it is older than client streaming, or has it turned off"
+            )));
+        }
+        let traceparent = trace_for(&link.peer);
+        let (header, ext) = request_header(
+            &link.peer,
+            (service, method, fingerprint),
+            deadline.map(|d| d.saturating_duration_since(sent_at)),
             window,
+            RequestExt {
+                inbound: outbound,
+                no_deadline: deadline.is_none(),
+                traceparent: traceparent.as_deref(),
+            },
+        );
+        let flags = courier_transport::Flags::from_bits(if ext.is_some() { EXTENDED } else { 0 });
+        let request = match &ext {
+            Some(ext) => crate::__private::encode(&(header, ext.as_slice(), args)),
+            None => crate::__private::encode(&(header, args)),
         };
-        let sent = if batch {
-            // Other calls are in flight: queue the request without writing
-            // it, and let the flusher write it with whatever the tasks
-            // running now queue too.
-            match crate::__private::encode(&(header, args)) {
-                Ok(request) => {
-                    let fed = link
-                        .sender
-                        .feed(Frame::new(FrameKind::Request, id, request))
-                        .await;
+        let sent = match request {
+            Ok(request) => {
+                let frame = Frame::new(FrameKind::Request, id, request).with_flags(flags);
+                if batch {
+                    // Other calls are in flight: queue the request without
+                    // writing it, and let the flusher write it with
+                    // whatever the tasks running now queue too.
+                    let fed = link.sender.feed(frame).await;
                     if fed.is_ok() {
                         link.flush_soon();
                     }
                     fed.map_err(|err| send_error(link, err))
+                } else {
+                    link.sender
+                        .send(frame)
+                        .await
+                        .map_err(|err| send_error(link, err))
                 }
-                Err(err) => Err(RpcError::Serialize(format!(
-                    "message could not be serialized: payload could not be serialized: {err}"
-                ))),
             }
-        } else {
-            link.sender
-                .send_message(FrameKind::Request, id, &(header, args))
-                .await
-                .map_err(|err| send_error(link, err))
+            Err(err) => Err(RpcError::Serialize(format!(
+                "message could not be serialized: payload could not be serialized: {err}"
+            ))),
         };
         if let Err(err) = sent {
             drop(link.calls.lock().remove(id, link.epoch, &link.calls.room));
             guard.answered = true;
             return Err(err);
         }
-        Ok(guard)
+        Ok((guard, credit))
     }
 
     /// Calls `service.method(args)`. Generated clients call this; use it
@@ -1162,9 +1307,9 @@ impl Client {
         args: &A,
     ) -> Result<R, RpcError> {
         let now = Instant::now();
-        let deadline = now + self.timeout;
+        let deadline = self.deadline_from(now);
         let (waiter, reply) = oneshot::channel();
-        let mut guard = self
+        let (mut guard, _) = self
             .start(
                 service,
                 method,
@@ -1172,9 +1317,10 @@ impl Client {
                 args,
                 (now, deadline),
                 Waiter::Unary(waiter),
+                false,
             )
             .await?;
-        match tokio::time::timeout_at(deadline, reply).await {
+        match within(deadline, reply).await {
             Ok(Ok(outcome)) => {
                 guard.answered = true;
                 let bytes = outcome?;
@@ -1185,7 +1331,7 @@ impl Client {
                 Err(RpcError::Unavailable("connection closed".into()))
             }
             // The guard tells the server to stop.
-            Err(_) => Err(RpcError::DeadlineExceeded),
+            Err(err) => Err(err),
         }
     }
 
@@ -1208,23 +1354,44 @@ impl Client {
         fingerprint: u64,
         args: &A,
     ) -> Result<u64, RpcError> {
-        let deadline = Instant::now() + self.timeout;
-        let link = tokio::time::timeout_at(deadline, self.link(Some(deadline)))
-            .await
-            .map_err(|_| RpcError::DeadlineExceeded)??;
-        let header = RequestHeader {
-            service,
-            method,
-            fingerprint,
+        let now = Instant::now();
+        let deadline = self.deadline_from(now);
+        let link = within(deadline, self.link(deadline)).await??;
+        let traceparent = trace_for(&link.peer);
+        let (header, ext) = request_header(
+            &link.peer,
+            (service, method, fingerprint),
             // Bounds the handler's run on the server.
-            timeout_ms: self.timeout.as_millis() as u64,
-            window: 0,
+            self.timeout,
+            0,
+            RequestExt {
+                inbound: false,
+                no_deadline: deadline.is_none(),
+                traceparent: traceparent.as_deref(),
+            },
+        );
+        let mut flags = crate::protocol::ONEWAY;
+        let sent = match &ext {
+            Some(ext) => {
+                flags |= EXTENDED;
+                let flags = courier_transport::Flags::from_bits(flags);
+                link.sender
+                    .send_message_with_flags(
+                        FrameKind::Request,
+                        flags,
+                        0,
+                        &(header, ext.as_slice(), args),
+                    )
+                    .await
+            }
+            None => {
+                let flags = courier_transport::Flags::from_bits(flags);
+                link.sender
+                    .send_message_with_flags(FrameKind::Request, flags, 0, &(header, args))
+                    .await
+            }
         };
-        let flags = courier_transport::Flags::from_bits(crate::protocol::ONEWAY);
-        link.sender
-            .send_message_with_flags(FrameKind::Request, flags, 0, &(header, args))
-            .await
-            .map(|()| link.epoch)
+        sent.map(|()| link.epoch)
             .map_err(|err| send_error(&link, err))
     }
 
@@ -1235,7 +1402,8 @@ impl Client {
     }
 
     /// Calls a streaming method: the items arrive through the returned
-    /// [`ItemStream`], within this client's deadline for the whole stream.
+    /// [`ItemStream`], within this client's deadline for the whole stream
+    /// (none for a client made by [`without_deadline`](Self::without_deadline)).
     pub async fn call_stream<A: Serialize, T: DeserializeOwned>(
         &self,
         service: &str,
@@ -1244,10 +1412,10 @@ impl Client {
         args: &A,
     ) -> Result<ItemStream<T>, RpcError> {
         let now = Instant::now();
-        let deadline = now + self.timeout;
+        let deadline = self.deadline_from(now);
         // Room for the whole window, plus the end or an error.
         let (items, receiver) = mpsc::channel(WINDOW as usize + 2);
-        let guard = self
+        let (guard, _) = self
             .start(
                 service,
                 method,
@@ -1255,6 +1423,7 @@ impl Client {
                 args,
                 (now, deadline),
                 Waiter::Stream(items),
+                false,
             )
             .await?;
         Ok(ItemStream {
@@ -1267,6 +1436,157 @@ impl Client {
             _type: std::marker::PhantomData,
         })
     }
+
+    /// Calls a client-streaming method: send its items through the
+    /// returned [`ClientStream`], then `finish` it for the one reply, all
+    /// within this client's deadline. Generated clients call this for a
+    /// method taking an [`Incoming<T>`](crate::Incoming).
+    ///
+    /// Fails with [`RpcError::NotSupported`], before anything is sent, if
+    /// the server does not take client streams (it is older, or has
+    /// [`crate::ServerConfig::inbound_window`] at 0).
+    pub async fn call_client_stream<A: Serialize, In: Serialize, R: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        fingerprint: u64,
+        args: &A,
+    ) -> Result<ClientStream<In, R>, RpcError> {
+        let now = Instant::now();
+        let deadline = self.deadline_from(now);
+        let (waiter, reply) = oneshot::channel();
+        let (guard, credit) = self
+            .start(
+                service,
+                method,
+                fingerprint,
+                args,
+                (now, deadline),
+                Waiter::Upload(waiter),
+                true,
+            )
+            .await?;
+        let credit = credit.unwrap_or_else(|| Arc::new(Semaphore::new(0)));
+        Ok(ClientStream {
+            items: ItemSender {
+                link: guard.link.clone(),
+                id: guard.id,
+                credit,
+                deadline,
+                finished: false,
+                _type: std::marker::PhantomData,
+            },
+            reply,
+            guard,
+            early: None,
+            _type: std::marker::PhantomData,
+        })
+    }
+
+    /// Calls a bidirectional streaming method: send items through the
+    /// returned [`ItemSender`] while the handler's arrive through the
+    /// [`ItemStream`], each at its own pace, within this client's deadline
+    /// for the whole call. Dropping the stream cancels the call; dropping
+    /// the sender without `finish` tells the handler its input was
+    /// abandoned. Generated clients call this for a method taking an
+    /// [`Incoming<In>`](crate::Incoming) and an [`Items<Out>`](crate::Items).
+    ///
+    /// Fails with [`RpcError::NotSupported`] as
+    /// [`call_client_stream`](Self::call_client_stream) does.
+    pub async fn call_bidi<A: Serialize, In: Serialize, Out: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        fingerprint: u64,
+        args: &A,
+    ) -> Result<(ItemSender<In>, ItemStream<Out>), RpcError> {
+        let now = Instant::now();
+        let deadline = self.deadline_from(now);
+        let (items, receiver) = mpsc::channel(WINDOW as usize + 2);
+        let (guard, credit) = self
+            .start(
+                service,
+                method,
+                fingerprint,
+                args,
+                (now, deadline),
+                Waiter::Stream(items),
+                true,
+            )
+            .await?;
+        let sender = ItemSender {
+            link: guard.link.clone(),
+            id: guard.id,
+            credit: credit.unwrap_or_else(|| Arc::new(Semaphore::new(0))),
+            deadline,
+            finished: false,
+            _type: std::marker::PhantomData,
+        };
+        let stream = ItemStream {
+            items: receiver,
+            link: guard.link.clone(),
+            guard,
+            deadline,
+            consumed: 0,
+            finished: false,
+            _type: std::marker::PhantomData,
+        };
+        Ok((sender, stream))
+    }
+}
+
+/// `future`, given up at `deadline` (never, without one).
+async fn within<F: std::future::Future>(
+    deadline: Option<Instant>,
+    future: F,
+) -> Result<F::Output, RpcError> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future)
+            .await
+            .map_err(|_| RpcError::DeadlineExceeded),
+        None => Ok(future.await),
+    }
+}
+
+/// The timeout sent to a server too old to know "no deadline": the longest
+/// callers used to ask for, so such a server treats the call as it did.
+const LEGACY_NO_DEADLINE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The `traceparent` to send, if the server takes one and the caller runs
+/// inside a trace (see the crate docs, "Tracing"): only a trace the caller
+/// has is carried on; none is started here.
+fn trace_for(peer: &Peer) -> Option<String> {
+    if !peer.has(FEATURE_TRACE) {
+        return None;
+    }
+    courier_transport::trace::current().map(|context| context.to_traceparent())
+}
+
+/// A request's header and, when it needs one and the server reads one, its
+/// extension's bytes. `remaining`: the time left (`None`: no deadline).
+fn request_header<'a>(
+    peer: &Peer,
+    (service, method, fingerprint): (&'a str, &'a str, u64),
+    remaining: Option<Duration>,
+    window: u32,
+    ext: RequestExt<'_>,
+) -> (RequestHeader<'a>, Option<Vec<u8>>) {
+    let extended = peer.has(FEATURE_REQUEST_EXT) && ext.is_needed();
+    let timeout = match remaining {
+        Some(remaining) => remaining,
+        // Without the extension, an older server still needs a number.
+        None if !extended => LEGACY_NO_DEADLINE,
+        None => Duration::ZERO,
+    };
+    let header = RequestHeader {
+        service,
+        method,
+        fingerprint,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        window,
+    };
+    let ext = extended.then(|| postcard::to_stdvec(&ext).unwrap_or_default());
+    (header, ext)
 }
 
 #[cfg(test)]
@@ -1785,7 +2105,7 @@ mod tests {
         let separate = client.with_timeout(Duration::from_secs(5)).separate();
         assert_eq!(separate.addresses(), client.addresses());
         assert_eq!(separate.address(), b.address, "before its first call");
-        assert_eq!(separate.timeout(), Duration::from_secs(5));
+        assert_eq!(separate.timeout(), Some(Duration::from_secs(5)));
         assert_eq!(add_one(&separate, 5).await, Ok(6));
         assert_eq!(separate.address(), b.address);
         assert_eq!(

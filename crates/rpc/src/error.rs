@@ -194,6 +194,18 @@ pub enum RpcError {
     /// items after it were never sent. Not retryable as such.
     #[error("the stream ended because the server could not send an item: {0}")]
     ItemNotSent(String),
+    /// The server does not support what the call needs (client or
+    /// bidirectional streaming: it is older than them, or has them turned
+    /// off). Refused before anything was sent. Not retryable against that
+    /// server.
+    #[error("not supported by the server: {0}")]
+    NotSupported(String),
+    /// The server takes no more items for this call: it already answered
+    /// or failed it, or its handler stopped reading them. For a
+    /// client-streaming call, `finish` gives the answer. Not retryable as
+    /// such.
+    #[error("the server takes no more items for this call")]
+    InputClosed,
 }
 
 impl RpcError {
@@ -205,8 +217,10 @@ impl RpcError {
     /// - [`ErrorKind::Busy`] for `Overloaded`, `TooManyConnections`.
     /// - [`ErrorKind::Refused`] for `Unauthenticated`, `PermissionDenied`.
     /// - [`ErrorKind::Unsupported`] for `UnknownService`, `UnknownMethod`,
-    ///   `ProtocolMismatch`, `Decode` (the server does not offer the call,
-    ///   or speaks another version of it).
+    ///   `ProtocolMismatch`, `Decode`, `NotSupported` (the server does not
+    ///   offer the call, or speaks another version of it).
+    /// - [`ErrorKind::Conflict`] for `InputClosed` (the call is past taking
+    ///   items).
     /// - [`ErrorKind::LimitExceeded`] for `TooLarge`, `TooManyStreams`.
     /// - [`ErrorKind::InvalidInput`] for `Serialize`.
     /// - [`ErrorKind::Internal`] for `Internal`, `ItemNotSent`.
@@ -219,7 +233,9 @@ impl RpcError {
             RpcError::UnknownService { .. }
             | RpcError::UnknownMethod { .. }
             | RpcError::ProtocolMismatch { .. }
-            | RpcError::Decode(_) => ErrorKind::Unsupported,
+            | RpcError::Decode(_)
+            | RpcError::NotSupported(_) => ErrorKind::Unsupported,
+            RpcError::InputClosed => ErrorKind::Conflict,
             RpcError::TooLarge { .. } | RpcError::TooManyStreams { .. } => ErrorKind::LimitExceeded,
             RpcError::Serialize(_) => ErrorKind::InvalidInput,
             RpcError::Internal(_) | RpcError::ItemNotSent(_) => ErrorKind::Internal,

@@ -115,7 +115,8 @@
 //! ## Versioning
 //!
 //! Every method has a fingerprint: a hash of the service's name, the
-//! method's name and kind (unary, `#[oneway]` or streaming), and the serde
+//! method's name and kind (unary, `#[oneway]`, server, client or
+//! bidirectional streaming), and the serde
 //! shapes (`courier_wire::schema::Schema`) of its argument tuple and of its
 //! result or item type. The generated client sends the fingerprint of the
 //! method being called in each request; the server compares it with its
@@ -157,7 +158,7 @@
 //!   taking the default, and an old reader would misread the new field's
 //!   bytes; the fingerprint refuses it up front;
 //! - adding or removing a parameter, or changing the method's kind
-//!   (unary, one-way, streaming).
+//!   (unary, one-way, server, client or bidirectional streaming).
 //!
 //! Renaming a method or the service is not a change of a method but a new
 //! one: callers of the old name get [`RpcError::UnknownMethod`] (or
@@ -210,6 +211,100 @@
 //!     sum += n?;
 //! }
 //! assert_eq!(sum, 5050);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Client and bidirectional streaming
+//!
+//! The other two of gRPC's four shapes. A method whose last parameter is
+//! [`Incoming<T>`] takes a stream from the client and returns one reply:
+//! the client's stub returns a [`ClientStream<T, R>`] to
+//! [`send`](ClientStream::send) items to, then
+//! [`finish`](ClientStream::finish) for the reply. A method taking
+//! `Incoming<In>` and then `Items<Out>` is bidirectional: the stub returns
+//! an [`ItemSender<In>`] and an [`ItemStream<Out>`], each usable at its own
+//! pace (from different tasks).
+//!
+//! - **Flow control both ways.** The server announces a window
+//!   ([`ServerConfig::inbound_window`], 32 items) in its welcome; the
+//!   client may have that many items unread at the server and
+//!   [`ItemSender::send`] waits for the handler to read more, so a handler
+//!   that stops reading holds the client to the window and the server never
+//!   buffers more than the window per stream.
+//! - **Cancellation from either side.** Dropping a [`ClientStream`] before
+//!   its reply, or a bidirectional call's [`ItemStream`], cancels the call:
+//!   the handler is stopped where it stands. Dropping an [`ItemSender`]
+//!   without [`finish`](ItemSender::finish) ends the handler's input with
+//!   [`IncomingError::Abandoned`]. A handler that drops its [`Incoming`]
+//!   (or answers) makes the client's next send fail with
+//!   [`RpcError::InputClosed`] at once.
+//! - **Deadlines** bound the whole call, as for server streaming (or none:
+//!   [`Client::without_deadline`]).
+//! - **Limits.** Such calls count against the server's per-connection
+//!   `max_streams`, as server streams do.
+//! - **Older servers.** A server from before client streaming announces no
+//!   window, and the client refuses such a call locally with
+//!   [`RpcError::NotSupported`], sending nothing, instead of a call that
+//!   would hang.
+//!
+//! The blocking client has no methods for these two shapes.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! use courier_rpc::{Client, ClientConfig, Incoming, Items, Server, ServerConfig};
+//!
+//! #[courier_rpc::service]
+//! trait Stats {
+//!     /// Client streaming: many numbers in, one sum out.
+//!     async fn sum(&self, numbers: Incoming<u64>) -> u64;
+//!     /// Bidirectional: a running total for each number.
+//!     async fn running(&self, numbers: Incoming<u64>, totals: Items<u64>);
+//! }
+//!
+//! struct Summing;
+//! impl Stats for Summing {
+//!     async fn sum(&self, mut numbers: Incoming<u64>) -> u64 {
+//!         let mut sum = 0;
+//!         while let Some(Ok(n)) = numbers.next().await {
+//!             sum += n;
+//!         }
+//!         sum
+//!     }
+//!     async fn running(&self, mut numbers: Incoming<u64>, totals: Items<u64>) {
+//!         let mut total = 0;
+//!         while let Some(Ok(n)) = numbers.next().await {
+//!             total += n;
+//!             if totals.send(total).await.is_err() {
+//!                 return; // the client went away
+//!             }
+//!         }
+//!     }
+//! }
+//!
+//! let listener = courier_transport::bind(&"mem://stats-doc".parse()?, &Default::default()).await?;
+//! let server = Server::new(ServerConfig::default()).service(StatsServer::new(Summing)).spawn(listener);
+//! let stats = StatsClient::new(Client::connect(server.local_addr(), ClientConfig::default()).await?);
+//!
+//! let mut sum = stats.sum().await?;
+//! for n in 1..=100 {
+//!     sum.send(n).await?; // waits whenever the server's window is full
+//! }
+//! assert_eq!(sum.finish().await?, 5050);
+//!
+//! let (numbers, mut totals) = stats.running().await?;
+//! let sending = tokio::spawn(async move {
+//!     for n in 1..=3 {
+//!         numbers.send(n).await?;
+//!     }
+//!     numbers.finish().await
+//! });
+//! let mut seen = Vec::new();
+//! while let Some(total) = totals.next().await {
+//!     seen.push(total?);
+//! }
+//! sending.await??;
+//! assert_eq!(seen, [1, 3, 6]);
 //! # Ok(()) }
 //! ```
 //!
@@ -303,6 +398,7 @@ pub mod auth;
 pub mod blocking;
 mod client;
 mod error;
+mod inbound;
 mod protocol;
 mod server;
 mod stream;
@@ -318,6 +414,7 @@ pub use courier_transport::Address;
 /// Courier crate.
 pub use courier_transport::ErrorKind;
 pub use error::{RpcError, RpcFault};
+pub use inbound::{ClientStream, Incoming, IncomingError, ItemSender};
 pub use server::{
     cancelled, remaining, CallContext, Privileged, Server, ServerConfig, ServerHandle,
     ServiceAccess,

@@ -9,7 +9,7 @@
 //! reader. Streaming calls always get a task.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +26,14 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::protocol::{decode_ext, limit_from_wire, HelloExt, RequestHeader, WelcomeExt};
+use courier_transport::trace::{self, TraceContext};
+use tokio::sync::mpsc;
+
+use crate::inbound::Inbound;
+use crate::protocol::{
+    decode_ext, limit_from_wire, split_request, HelloExt, RequestHeader, WelcomeExt, ABANDONED,
+    EXTENDED, FEATURE_REQUEST_EXT, FEATURE_TRACE,
+};
 use crate::stream::ItemSink;
 use crate::{RpcFault, Service};
 
@@ -51,8 +58,15 @@ pub struct ServerConfig {
     /// the connection's lifetime (subscriptions, consumers), so they do not
     /// count against `max_in_flight` (which would stall the connection for
     /// good); one past this limit is refused with
-    /// [`crate::RpcError::TooManyStreams`]. Default 10,000.
+    /// [`crate::RpcError::TooManyStreams`]. Client-streaming and
+    /// bidirectional calls count here too. Default 10,000.
     pub max_streams: usize,
+    /// Items a client may send ahead of the handler on a client-streaming
+    /// or bidirectional call: what the server buffers per such stream at
+    /// most (announced in the welcome; more only as the handler reads).
+    /// 0 turns client streaming off (such calls then fail at the client
+    /// with [`crate::RpcError::NotSupported`]). Default 32.
+    pub inbound_window: u32,
     /// Connections served at once; one more is refused
     /// ([`crate::RpcError::TooManyConnections`]). Default 10,000.
     pub max_connections: usize,
@@ -95,6 +109,7 @@ impl std::fmt::Debug for ServerConfig {
         f.debug_struct("ServerConfig")
             .field("max_in_flight", &self.max_in_flight)
             .field("max_streams", &self.max_streams)
+            .field("inbound_window", &self.inbound_window)
             .field("max_connections", &self.max_connections)
             .field("reserved_connections", &self.reserved_connections)
             .field("privileged", &self.privileged.is_some())
@@ -117,6 +132,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_in_flight: 256,
             max_streams: 10_000,
+            inbound_window: crate::stream::WINDOW,
             max_connections: 10_000,
             reserved_connections: 8,
             privileged: None,
@@ -141,6 +157,13 @@ impl ServerConfig {
     /// The same settings with another per-connection stream limit.
     pub fn with_max_streams(mut self, limit: usize) -> ServerConfig {
         self.max_streams = limit;
+        self
+    }
+
+    /// The same settings with another window for the items clients send
+    /// on client-streaming and bidirectional calls (0: none accepted).
+    pub fn with_inbound_window(mut self, items: u32) -> ServerConfig {
+        self.inbound_window = items;
         self
     }
 
@@ -259,10 +282,12 @@ impl Server {
             "a server needs at least one listener"
         );
         let close_timeout = self.config.close_timeout;
+        let open_streams = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
             services: self.services,
             config: self.config,
             admitted: Mutex::default(),
+            open_streams: open_streams.clone(),
         });
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = listeners
@@ -286,6 +311,7 @@ impl Server {
             stop,
             accept,
             connections,
+            open_streams,
         }
     }
 }
@@ -298,9 +324,19 @@ pub struct ServerHandle {
     stop: watch::Sender<Option<Instant>>,
     accept: Vec<JoinHandle<()>>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Streaming calls (of every shape) running, over all connections.
+    open_streams: Arc<AtomicUsize>,
 }
 
 impl ServerHandle {
+    /// Streaming calls (server, client or bidirectional) running now, over
+    /// every connection: each holds a task and a place in its connection's
+    /// `max_streams` until its handler ends, however it ends (the client
+    /// dropped its end, the deadline passed, the connection closed).
+    pub fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::Acquire)
+    }
+
     /// The address it listens on (the first, if several).
     pub fn local_addr(&self) -> &Address {
         &self.local[0]
@@ -372,6 +408,24 @@ struct Shared {
     config: ServerConfig,
     /// Connections admitted, in total and per identity.
     admitted: Mutex<Admitted>,
+    /// Streaming calls running ([`ServerHandle::open_streams`]).
+    open_streams: Arc<AtomicUsize>,
+}
+
+/// Counts a streaming call among those open while it lives.
+struct OpenStream(Arc<AtomicUsize>);
+
+impl OpenStream {
+    fn new(count: &Arc<AtomicUsize>) -> OpenStream {
+        count.fetch_add(1, Ordering::AcqRel);
+        OpenStream(count.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Default)]
@@ -492,6 +546,8 @@ struct RunningCall {
     task: JoinHandle<()>,
     /// A streaming call's credit.
     credit: Option<Arc<Semaphore>>,
+    /// Where the client's items go, for a client-streaming call.
+    inbound: Option<mpsc::Sender<Inbound>>,
     /// Tells the handler (and whatever it handed the context to) to stop.
     cancel: Arc<CancelSignal>,
 }
@@ -575,6 +631,8 @@ async fn serve(
             sender.limit_frame_size(limit_from_wire(ext.max_frame_size));
             let ours = WelcomeExt {
                 max_frame_size: sender.max_frame_size() as u64,
+                features: FEATURE_REQUEST_EXT | FEATURE_TRACE,
+                inbound_window: shared.config.inbound_window,
             };
             sender
                 .send_message(FrameKind::Hello, 0, &(welcome, ours))
@@ -874,6 +932,47 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
             }
             return;
         }
+        FrameKind::StreamItem | FrameKind::StreamEnd => {
+            let item = match frame.kind {
+                FrameKind::StreamItem => Inbound::Item(frame.payload),
+                _ if frame.flags.contains(ABANDONED) => Inbound::Abandoned,
+                _ => Inbound::End,
+            };
+            let overrun = {
+                let mut calls = lock(running);
+                let overrun = match calls.get(&frame.id).and_then(|c| c.inbound.as_ref()) {
+                    // A handler that dropped its end was told so (`Cancel`),
+                    // and what was in flight meanwhile is dropped.
+                    Some(inbound) => matches!(
+                        inbound.try_send(item),
+                        Err(mpsc::error::TrySendError::Full(_))
+                    ),
+                    // Not a client-streaming call, or one that ended:
+                    // nobody takes it.
+                    None => false,
+                };
+                if overrun {
+                    // The channel holds the whole window: the client sent
+                    // more than it had credit for, so the call ends here,
+                    // and nothing past the window is ever buffered.
+                    if let Some(call) = calls.remove(&frame.id) {
+                        call.stop();
+                    }
+                }
+                overrun
+            };
+            if overrun {
+                let fault = RpcFault::Malformed {
+                    reason: "the client sent more items than it had credit for".into(),
+                };
+                let report = Answer {
+                    frame: fault_frame(frame.id, &fault),
+                    call: None,
+                };
+                replies.push(sender, report).await;
+            }
+            return;
+        }
         FrameKind::Credit => {
             let granted = frame
                 .payload
@@ -905,7 +1004,15 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
         return Box::pin(run_oneway(shared, identity, frame, sender)).await;
     }
     let id = frame.id;
-    let started = match start(shared, identity.as_deref(), &frame.payload, id, now, sender) {
+    let extended = frame.flags.contains(EXTENDED);
+    let started = match start(
+        shared,
+        identity.as_deref(),
+        (&frame.payload, extended),
+        id,
+        now,
+        sender,
+    ) {
         Ok(started) => started,
         Err(fault) => {
             let report = Answer {
@@ -920,7 +1027,9 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
         reply,
         deadline,
         credit,
+        inbound,
         service,
+        trace,
     } = started;
     let mut handler = Handler {
         reply,
@@ -929,9 +1038,10 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
             deadline,
             caller: identity.clone(),
         },
+        trace,
     };
     let request = frame.payload;
-    let slot = if credit.is_some() {
+    let slot = if credit.is_some() || inbound.is_some() {
         // A stream may never end: refuse one too many instead of waiting.
         match streams.clone().try_acquire_owned() {
             Ok(slot) => slot,
@@ -967,7 +1077,7 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
         if let Poll::Ready(outcome) = first {
             drop(slot);
             // Dropped first: what it held may hold the context too.
-            let Handler { reply, context } = handler;
+            let Handler { reply, context, .. } = handler;
             drop(reply);
             replies.recycle(context.cancel);
             replies
@@ -989,6 +1099,7 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
     // Still running: it goes on in a task of its own, so that it never
     // holds up the connection's reader.
     let streaming = credit.is_some();
+    let open = (streaming || inbound.is_some()).then(|| OpenStream::new(&shared.open_streams));
     let cancel = handler.context.cancel.clone();
     let stop = cancel.clone();
     let task_sender = sender.clone();
@@ -997,13 +1108,19 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
     // before it is registered.
     let mut calls = lock(running);
     let task = tokio::spawn(async move {
-        let outcome = tokio::time::timeout_at(deadline, handler).await.ok();
+        let outcome = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, handler).await.ok(),
+            // A call without a deadline lives until it ends, is cancelled
+            // or its connection closes.
+            None => Some(handler.await),
+        };
         if outcome.is_none() {
             cancel.trigger();
         }
         let answer = answer(id, streaming, outcome, service, request);
         lock(&task_running).remove(&id);
         drop(slot);
+        drop(open);
         deliver(&task_sender, answer, Urgency::Now).await;
     });
     calls.insert(
@@ -1011,6 +1128,7 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
         RunningCall {
             task,
             credit,
+            inbound,
             cancel: stop,
         },
     );
@@ -1044,15 +1162,16 @@ async fn run_oneway(
     frame: Frame,
     sender: &FrameSender,
 ) {
+    let extended = frame.flags.contains(EXTENDED);
     let started = match start(
         shared,
         identity.as_deref(),
-        &frame.payload,
+        (&frame.payload, extended),
         0,
         Instant::now(),
         sender,
     ) {
-        Ok(started) if started.credit.is_none() => started,
+        Ok(started) if started.credit.is_none() && started.inbound.is_none() => started,
         Ok(started) => {
             tracing::debug!(
                 service = started.service,
@@ -1072,8 +1191,14 @@ async fn run_oneway(
             deadline: started.deadline,
             caller: identity.clone(),
         },
+        trace: started.trace,
     };
-    let run = tokio::time::timeout_at(started.deadline, reply);
+    let run = async {
+        match started.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, reply).await,
+            None => Ok(reply.await),
+        }
+    };
     tokio::pin!(run);
     // The reader waits for this call: say we are alive meanwhile, as while
     // waiting for a call slot.
@@ -1102,10 +1227,22 @@ async fn run_oneway(
 /// A call, decoded and ready to run.
 struct Started {
     reply: crate::__private::Reply,
-    deadline: Instant,
+    /// `None`: the call has none.
+    deadline: Option<Instant>,
     credit: Option<Arc<Semaphore>>,
+    /// Where the client's items go, for a client-streaming call.
+    inbound: Option<mpsc::Sender<Inbound>>,
     /// The service's name, for logs.
     service: &'static str,
+    /// The caller's trace, continued by the handler.
+    trace: Option<Traced>,
+}
+
+/// The trace a call continues: the handler's own place in it (the
+/// caller's trace, with a fresh span id), and its `rpc` span.
+struct Traced {
+    context: TraceContext,
+    span: tracing::Span,
 }
 
 /// Finds the service and method, decodes the arguments, and sets up the
@@ -1113,15 +1250,13 @@ struct Started {
 fn start(
     shared: &Shared,
     identity: Option<&str>,
-    payload: &Bytes,
+    (payload, extended): (&Bytes, bool),
     id: u64,
     now: Instant,
     sender: &FrameSender,
 ) -> Result<Started, RpcFault> {
-    let (header, args): (RequestHeader<'_>, &[u8]) =
-        postcard::take_from_bytes(payload).map_err(|err| RpcFault::Malformed {
-            reason: err.to_string(),
-        })?;
+    let (header, ext, args) =
+        split_request(payload, extended).map_err(|reason| RpcFault::Malformed { reason })?;
     let service = shared
         .services
         .get(header.service)
@@ -1153,17 +1288,54 @@ fn start(
         Some(_) => {}
     }
     let credit = (header.window > 0).then(|| Arc::new(Semaphore::new(header.window as usize)));
+    let window = shared.config.inbound_window;
+    if ext.inbound && window == 0 {
+        // We announced no window: a client that sends one anyway is told.
+        return Err(RpcFault::Malformed {
+            reason: "this server does not take client streams".into(),
+        });
+    }
+    // As large as the window plus the end: a client within its credit
+    // never finds it full.
+    let (inbound, source) = match ext.inbound {
+        true => {
+            let (tx, rx) = mpsc::channel(window as usize + 1);
+            (Some(tx), Some((rx, window)))
+        }
+        false => (None, None),
+    };
     let items = ItemSink {
         id,
-        sender: credit.as_ref().map(|_| sender.clone()),
+        sender: (credit.is_some() || inbound.is_some()).then(|| sender.clone()),
         credit: credit.clone(),
+        inbound: source,
     };
     let reply = service.call(header.method, args, items)?;
+    // A deadline too far to represent is as good as none (and must not
+    // overflow the clock).
+    let deadline = match ext.no_deadline {
+        true => None,
+        false => now.checked_add(Duration::from_millis(header.timeout_ms)),
+    };
+    let trace = ext.traceparent.and_then(TraceContext::parse).map(|parent| {
+        let context = parent.child();
+        let span = tracing::info_span!(
+            "rpc",
+            service = header.service,
+            method = header.method,
+            trace_id = %parent.trace_id_hex(),
+            parent_id = %parent.span_id_hex(),
+            span_id = %context.span_id_hex(),
+        );
+        Traced { context, span }
+    });
     Ok(Started {
         reply,
-        deadline: now + Duration::from_millis(header.timeout_ms),
+        deadline,
         credit,
+        inbound,
         service: service.name(),
+        trace,
     })
 }
 
@@ -1192,23 +1364,40 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 struct Handler {
     reply: crate::__private::Reply,
     context: CallContext,
+    /// The caller's trace, if it sent one: current (and its span entered)
+    /// while the handler runs, so calls the handler makes carry it on.
+    trace: Option<Traced>,
 }
 
 impl Future for Handler {
     type Output = Outcome;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Outcome> {
-        let Handler { reply, context } = &mut *self;
+        let Handler {
+            reply,
+            context,
+            trace,
+        } = &mut *self;
         // Unwind safety: after a panic the future is never polled again
         // (Ready is returned and the caller drops it), so no broken state
         // is observed.
-        CONTEXT.sync_scope(context.clone(), || {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply.as_mut().poll(cx)))
-            {
-                Ok(poll) => poll.map(Ok),
-                Err(panic) => Poll::Ready(Err(panic)),
+        let mut run = || {
+            CONTEXT.sync_scope(context.clone(), || {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    reply.as_mut().poll(cx)
+                })) {
+                    Ok(poll) => poll.map(Ok),
+                    Err(panic) => Poll::Ready(Err(panic)),
+                }
+            })
+        };
+        match trace {
+            Some(Traced { context, span }) => {
+                let _entered = span.enter();
+                trace::sync_scope(*context, run)
             }
-        })
+            None => run(),
+        }
     }
 }
 
@@ -1258,7 +1447,9 @@ tokio::task_local! {
 #[derive(Clone, Debug)]
 pub struct CallContext {
     cancel: Arc<CancelSignal>,
-    deadline: Instant,
+    /// `None`: the call has no deadline (a stream meant to live as long as
+    /// its connection).
+    deadline: Option<Instant>,
     /// Who made the call (see [`crate::caller`]).
     caller: Option<Arc<str>>,
 }
@@ -1277,20 +1468,32 @@ impl CallContext {
     }
 
     /// When the caller stops waiting (the server's view of the caller's
-    /// deadline, which travels as the time remaining).
-    pub fn deadline(&self) -> Instant {
+    /// deadline, which travels as the time remaining); `None` for a call
+    /// made without one ([`crate::Client::without_deadline`]), which runs
+    /// until it ends, is cancelled, or its connection closes.
+    pub fn deadline(&self) -> Option<Instant> {
         self.deadline
     }
 
-    /// Time left before the deadline (zero once it passed).
-    pub fn remaining(&self) -> Duration {
-        self.deadline.saturating_duration_since(Instant::now())
+    /// Time left before the deadline (zero once it passed); `None` for a
+    /// call without a deadline.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// The identity of whoever made the call (as [`crate::caller`] gives
+    /// it): the token's identity or the client certificate's; `None` for
+    /// an anonymous caller.
+    pub fn caller(&self) -> Option<&str> {
+        self.caller.as_deref()
     }
 
     /// Whether the call was cancelled or its deadline passed: nobody waits
     /// for its result any more.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.cancelled.load(Ordering::Acquire) || Instant::now() >= self.deadline
+        self.cancel.cancelled.load(Ordering::Acquire)
+            || self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
     /// Resolves when the call is cancelled or its deadline passes.
@@ -1303,9 +1506,15 @@ impl CallContext {
             if self.cancel.cancelled.load(Ordering::Acquire) {
                 return;
             }
+            let deadline = async {
+                match self.deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = &mut notified => {}
-                () = tokio::time::sleep_until(self.deadline) => return,
+                () = deadline => return,
             }
         }
     }
@@ -1322,7 +1531,7 @@ pub async fn cancelled() {
 }
 
 /// Time left before the deadline of the call being handled; `None` outside
-/// a handler.
+/// a handler, and for a call without a deadline.
 pub fn remaining() -> Option<Duration> {
-    CallContext::current().map(|call| call.remaining())
+    CallContext::current().and_then(|call| call.remaining())
 }

@@ -113,7 +113,6 @@ impl<T: Serialize> Items<T> {
 
 /// The untyped sink the server hands to generated dispatch code.
 #[doc(hidden)]
-#[derive(Clone)]
 pub struct ItemSink {
     pub(crate) id: u64,
     /// The connection, for a streaming call (`None` for a unary one, which
@@ -124,6 +123,9 @@ pub struct ItemSink {
     /// an error, so later sends fail instead of reaching a client that saw
     /// it end.
     pub(crate) credit: Option<Arc<Semaphore>>,
+    /// For a client-streaming call: the client's items, and the window the
+    /// server announced.
+    pub(crate) inbound: Option<(mpsc::Receiver<crate::inbound::Inbound>, u32)>,
 }
 
 impl std::fmt::Debug for ItemSink {
@@ -159,6 +161,20 @@ impl ItemSink {
         drop(permit);
     }
 
+    /// The client's items, for a client-streaming or bidirectional method;
+    /// a fault if the request did not say it would send any (a client
+    /// built from another definition of the method).
+    pub fn incoming<T>(&mut self) -> Result<crate::Incoming<T>, RpcFault> {
+        match (self.inbound.take(), &self.sender) {
+            (Some((items, window)), Some(sender)) => {
+                Ok(crate::Incoming::new(items, sender.clone(), self.id, window))
+            }
+            _ => Err(RpcFault::Malformed {
+                reason: "a client-streaming method called without a stream".into(),
+            }),
+        }
+    }
+
     /// The typed view for a streaming method.
     pub fn typed<T>(self) -> Items<T> {
         Items {
@@ -174,7 +190,8 @@ pub struct ItemStream<T> {
     pub(crate) items: mpsc::Receiver<Result<Option<Bytes>, RpcError>>,
     pub(crate) guard: CallGuard,
     pub(crate) link: Arc<Link>,
-    pub(crate) deadline: Instant,
+    /// `None`: the stream has no deadline.
+    pub(crate) deadline: Option<Instant>,
     pub(crate) consumed: u32,
     pub(crate) finished: bool,
     pub(crate) _type: PhantomData<fn() -> T>,
@@ -224,7 +241,11 @@ impl<T: DeserializeOwned> ItemStream<T> {
                 return Some(Err(RpcError::Unavailable(err.to_string())));
             }
         }
-        let next = match tokio::time::timeout_at(self.deadline, self.items.recv()).await {
+        let received = match self.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, self.items.recv()).await,
+            None => Ok(self.items.recv().await),
+        };
+        let next = match received {
             Ok(Some(next)) => next,
             Ok(None) => Err(RpcError::Unavailable("connection closed".into())),
             Err(_) => Err(RpcError::DeadlineExceeded),
@@ -295,7 +316,7 @@ mod tests {
                 answered: true,
             },
             link,
-            deadline: Instant::now() + Duration::from_secs(60),
+            deadline: Some(Instant::now() + Duration::from_secs(60)),
             consumed: 0,
             finished: false,
             _type: PhantomData,

@@ -71,9 +71,15 @@ fn with_timeout_changes_the_deadline_of_that_client_only() {
     let server = serve(&tokio);
     let desk = DeskBlockingClient::connect(server.local_addr(), ClientConfig::default()).unwrap();
     let hasty = desk.with_timeout(Duration::from_millis(50));
-    assert_eq!(hasty.client().client().timeout(), Duration::from_millis(50));
+    assert_eq!(
+        hasty.client().client().timeout(),
+        Some(Duration::from_millis(50))
+    );
     assert_eq!(hasty.sleep(5_000).unwrap_err(), RpcError::DeadlineExceeded);
-    assert_eq!(desk.client().client().timeout(), Duration::from_secs(10));
+    assert_eq!(
+        desk.client().client().timeout(),
+        Some(Duration::from_secs(10))
+    );
     assert_eq!(desk.sleep(100).unwrap(), 100);
     assert_eq!(hasty.echo("still usable".into()).unwrap(), "still usable");
     assert_connections(&server, 1);

@@ -108,7 +108,7 @@ async fn a_built_config_authenticates_and_sets_the_deadline() {
         .with_token(Secret::new("ada-token"))
         .with_timeout(Duration::from_millis(100));
     let client = WhoamiClient::new(Client::connect(server.local_addr(), config).await.unwrap());
-    assert_eq!(client.client().timeout(), Duration::from_millis(100));
+    assert_eq!(client.client().timeout(), Some(Duration::from_millis(100)));
     assert_eq!(client.whoami().await.unwrap().as_deref(), Some("ada"));
     assert_eq!(
         client.sleep(5_000).await.unwrap_err(),

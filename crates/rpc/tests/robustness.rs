@@ -53,9 +53,10 @@ impl Probe for Shared {
     async fn watch_cancel(&self, ms: u64) -> u64 {
         let call = CallContext::current().expect("inside a handler");
         assert!(!call.is_cancelled());
-        self.0
-            .remaining_ms
-            .store(call.remaining().as_millis() as u64, Ordering::SeqCst);
+        self.0.remaining_ms.store(
+            call.remaining().unwrap().as_millis() as u64,
+            Ordering::SeqCst,
+        );
         let seen = self.0.cancel_seen.clone();
         tokio::spawn(async move {
             call.cancelled().await;
