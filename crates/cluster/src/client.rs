@@ -46,8 +46,7 @@ use crate::node::{ClusterError, KvRequest, Read, Status};
 use crate::service::{ClusterServiceClient, Listed};
 use crate::types::{Condition, Event, KeyValue, KvError, KvResponse, LeaseId, NodeId};
 
-/// How long a watch stream may stay open: as long as the connection.
-const WATCH_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+// A watch stream has no deadline: it lives as long as the connection.
 
 /// Rounds through every known node before an operation gives up (or the
 /// client's timeout passes, whichever comes first)...
@@ -601,7 +600,7 @@ impl Watch {
         };
         let (at, client) = self.client.current();
         match client
-            .with_timeout(WATCH_LIFETIME)
+            .without_deadline()
             .watch(self.prefix.clone(), from)
             .await
         {

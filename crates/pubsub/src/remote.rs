@@ -1122,8 +1122,8 @@ impl RemotePubSubError {
     }
 }
 
-/// Subscriptions stay open this long (they end when dropped, not by deadline).
-const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+// Subscriptions' streams have no deadline: they end when dropped or when
+// the connection dies, not at a time.
 
 /// How long a subscription keeps trying to restore itself after losing its
 /// host, unless changed with [`RemotePubSub::with_restore_window`].
@@ -1449,7 +1449,7 @@ async fn open_subscription(
     options: &SubscribeOptions,
 ) -> Result<ItemStream<Result<Vec<WireEvent>, RemoteError>>, RemotePubSubError> {
     let mut stream = client
-        .with_timeout(SUBSCRIPTION_LIFETIME)
+        .without_deadline()
         .subscribe(
             filter.to_string(),
             options.buffer as u32,

@@ -549,6 +549,13 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 Self { inner: self.inner.with_timeout(timeout) }
             }
 
+            /// The same client making calls without a deadline, for streams
+            /// meant to live as long as the connection (see
+            /// `courier_rpc::Client::without_deadline`).
+            pub fn without_deadline(&self) -> Self {
+                Self { inner: self.inner.without_deadline() }
+            }
+
             /// The service's methods, in the order the trait declares them.
             pub const METHODS: &[&str] = &[#(#method_names),*];
 
