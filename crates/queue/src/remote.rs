@@ -884,9 +884,8 @@ pub struct RemoteQueue {
     enqueues: Arc<Enqueues>,
 }
 
-/// Consumers keep their stream open this long (it is cancelled by dropping
-/// the consumer, not by a deadline).
-const CONSUMER_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+// Consumers' streams have no deadline: they end when the consumer is
+// dropped or the connection dies, not at a time.
 
 impl RemoteQueue {
     /// The queue `name` on the host at `address`.
@@ -970,7 +969,7 @@ impl RemoteQueue {
     pub async fn consumer(&self, prefetch: u32) -> Result<RemoteConsumer, RemoteQueueError> {
         let stream = self
             .client
-            .with_timeout(CONSUMER_LIFETIME)
+            .without_deadline()
             .consume_batched(self.name.clone(), prefetch)
             .await?;
         Ok(RemoteConsumer {
