@@ -58,7 +58,7 @@
 //!   and switching a concrete program is one line (`Queue::open` for
 //!   `RemoteQueue::connect`). Both consumers are also a
 //!   `futures_core::Stream` of the same items.
-//! - `QueueSet`: the queues under one directory, each opened once and
+//! - [`QueueSet`]: the queues under one directory, each opened once and
 //!   shared (what a host serves).
 //!
 //! ## Underneath
@@ -113,11 +113,14 @@
 #![warn(missing_docs)]
 
 mod api;
+#[cfg(feature = "remote")]
 mod coalesce;
 pub mod core;
 pub mod log;
 mod queue;
+#[cfg(feature = "remote")]
 pub mod remote;
+mod set;
 pub mod storage;
 
 pub use api::{ConsumerHandle, DeliveryHandle, QueueHandle};
@@ -128,3 +131,4 @@ pub use queue::{
     parse_dead_letter, Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueError,
     QueueOptions,
 };
+pub use set::QueueSet;

@@ -609,6 +609,7 @@ impl Queue {
     }
 
     /// Whether both handles are the same queue.
+    #[cfg(feature = "remote")]
     pub(crate) fn same(&self, other: &Queue) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
@@ -1150,27 +1151,14 @@ impl Delivery {
     /// when this returns). Refused once the lease has ended, even if the
     /// message has not been given to anyone else yet.
     pub async fn ack(self) -> Result<(), QueueError> {
-        let now = self.queue.now();
-        lock(&self.queue.inner.state)
-            .core
-            .ack_at(self.consumer, self.id, self.delivery, now)?;
-        // The consumer has credit again: wake it if it waits in `recv`.
-        self.queue.inner.changed.notify_waiters();
-        self.queue.settle().await
+        // The consumer has credit again (`answer_now` wakes it if it waits
+        // in `recv`).
+        self.answer_now(Answer::Ack)?.settle().await
     }
 
     /// Give it back, to be delivered again after `delay`.
     pub async fn nack(self, delay: Duration) -> Result<(), QueueError> {
-        let now = self.queue.now();
-        lock(&self.queue.inner.state).core.nack(
-            self.consumer,
-            self.id,
-            self.delivery,
-            delay,
-            now,
-        )?;
-        self.queue.inner.changed.notify_waiters();
-        self.queue.settle().await
+        self.answer_now(Answer::Nack(delay))?.settle().await
     }
 
     /// A poison message: moved to the dead-letter queue at once with its
@@ -1180,8 +1168,7 @@ impl Delivery {
     /// without a dead-letter queue (a dead-letter queue itself) the
     /// message is discarded. Refused once the lease has ended.
     pub async fn reject(self) -> Result<(), QueueError> {
-        let queue = self.answer_now(Answer::Reject)?;
-        queue.settle().await
+        self.answer_now(Answer::Reject)?.settle().await
     }
 
     /// The message.
