@@ -27,8 +27,8 @@
 //! let bus = Bus::new();
 //! durable.publish(&bus.publisher(), "orders.eu.created", "tea").await?;
 //!
-//! let consumer = audit.consumer(1);
-//! let delivery = consumer.recv().await;
+//! let mut consumer = audit.consumer(1).await?;
+//! let delivery = consumer.recv().await?;
 //! let message = DurableMessage::decode(&delivery.payload)?;
 //! assert_eq!((message.subject.as_str(), &message.payload[..]), ("orders.eu.created", &b"tea"[..]));
 //! delivery.ack().await?;

@@ -325,7 +325,7 @@ async fn a_durable_subscription_keeps_what_was_published_across_subscriber_and_h
     {
         let mut consumer = audit.consumer(10).await.unwrap();
         while acknowledged.len() < 50 {
-            let delivery = consumer.recv().await.unwrap().unwrap();
+            let delivery = consumer.recv().await.unwrap();
             let message = DurableMessage::decode(&delivery.payload).unwrap();
             assert!(message.subject.as_str().starts_with("orders.eu."));
             acknowledged.insert(String::from_utf8(message.payload.to_vec()).unwrap());
@@ -360,7 +360,6 @@ async fn a_durable_subscription_keeps_what_was_published_across_subscriber_and_h
         let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
             .expect("a delivery within 30 s")
-            .unwrap()
             .unwrap();
         let message = DurableMessage::decode(&delivery.payload).unwrap();
         let body = String::from_utf8(message.payload.to_vec()).unwrap();
@@ -657,7 +656,10 @@ async fn requests_from_one_client_use_one_publisher_identity() {
     let replier = bus.publisher();
     tokio::spawn(async move {
         while let Some(Ok(Event::Message(request))) = service.recv().await {
-            replier.reply(&request, request.payload.clone()).await.unwrap();
+            replier
+                .reply(&request, request.payload.clone())
+                .await
+                .unwrap();
         }
     });
     let client = connect(&server).await;
