@@ -88,7 +88,6 @@ mod connection;
 mod dial;
 mod error;
 mod establish;
-mod kind;
 mod listener;
 mod mem;
 #[cfg(target_os = "linux")]
@@ -102,9 +101,11 @@ pub use address::{Address, AddressError, MAX_MEM_NAME, MAX_UNIX_PATH};
 pub use backoff::{connect_with_backoff, Backoff};
 pub use config::{Heartbeat, TransportConfig};
 pub use connection::{Connection, FrameReceiver, FrameSender};
+/// Defined in courier-wire, so crates that need the kinds but no network
+/// (the embedded queue and bus) need not build one.
+pub use courier_wire::ErrorKind;
 pub use courier_wire::{Checksum, Flags, Frame, FrameKind};
 pub use error::{AcceptError, BindError, ConnectError, HandshakeError, RecvError, SendError};
-pub use kind::ErrorKind;
 pub use listener::{Listener, ListenerStats};
 pub use tls::{TlsClient, TlsError, TlsServer};
 

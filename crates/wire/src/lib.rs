@@ -61,6 +61,7 @@ pub mod codec;
 mod error;
 mod frame;
 pub mod headers;
+mod kind;
 pub mod payload;
 pub mod preamble;
 pub mod schema;
@@ -71,3 +72,4 @@ pub use frame::{
     Flags, Frame, FrameKind, CHECKSUM_LEN, DEFAULT_MAX_FRAME_SIZE, HEADER_LEN, LENGTH_PREFIX_LEN,
     PROTOCOL_VERSION,
 };
+pub use kind::ErrorKind;

@@ -7,16 +7,14 @@
 //! A permission denial is [`ErrorKind::Refused`] whether it came from RPC,
 //! a queue, pub/sub or the cluster's store.
 //!
-//! It lives here, in `courier-transport`, because this is the lowest crate
-//! that every mechanism (messaging, RPC, queues, pub/sub, the cluster) and
-//! the command line depend on directly, and the first whose errors need it:
-//! a refused connection is already [`ErrorKind::Unavailable`]. The wire
-//! crate below only encodes and decodes, and knows no peers, deadlines or
-//! permissions.
+//! It lives here, in the wire crate, because every mechanism depends on this
+//! crate, including the embedded queue and bus that need the kinds but no
+//! network; `courier-transport` re-exports it as
+//! `courier_transport::ErrorKind`, where most callers find it.
 
 use std::io;
 
-use courier_wire::io_is_retryable;
+use crate::io_is_retryable;
 
 /// What kind of failure an error is, for deciding what to do about it.
 ///
@@ -83,7 +81,7 @@ impl ErrorKind {
     }
 
     /// The kind of an I/O error, consistent with
-    /// [`courier_wire::io_is_retryable`]: what it calls transient is
+    /// [`crate::io_is_retryable`]: what it calls transient is
     /// [`TimedOut`](Self::TimedOut) (for a timeout) or
     /// [`Unavailable`](Self::Unavailable); otherwise a denied permission is
     /// [`Refused`](Self::Refused), a missing file or socket
