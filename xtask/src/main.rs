@@ -19,7 +19,7 @@ commands:
                       tests and doc tests, examples, benchmark, peers and fuzz
                       smoke runs
   test [ARGS..]       cargo test --workspace [ARGS..]
-  examples            run the two-process examples of messaging, queue and pubsub
+  examples            run the two-process examples of messaging, rpc, queue and pubsub
   bench [ARGS..]      the benchmarks (criterion and end-to-end, release build);
                       results in target/bench/
   bench peers [--smoke] [--runs N] [FILTER..]
@@ -246,8 +246,8 @@ fn cargo_env(args: &[&str], envs: &[(&str, &str)]) -> Result<(), String> {
 }
 
 /// Examples that run to completion by themselves: each starts its second
-/// process, bounds every wait, and exits non-zero on failure. (rpc's
-/// `server` waits for Ctrl-C, so CI only builds it, with clippy.)
+/// process, bounds every wait, and exits non-zero on failure. rpc's pair
+/// is run by [`rpc_examples`], since its server waits for Ctrl-C.
 const EXAMPLES: &[(&str, &str)] = &[
     ("courier-messaging", "orders"),
     ("courier-queue", "jobs"),
@@ -276,7 +276,84 @@ fn examples() -> Result<(), String> {
             return Err(format!("example {example} of {package} failed ({status})"));
         }
     }
-    Ok(())
+    rpc_examples(&dir)
+}
+
+/// rpc's `server` on a port the system picks, then its `client` against
+/// the address the server printed; the server is stopped with SIGINT, as a
+/// user's Ctrl-C would, and must exit cleanly.
+fn rpc_examples(dir: &Path) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let server_bin = dir.join("server");
+    eprintln!("$ {} tcp://127.0.0.1:0 (courier-rpc)", server_bin.display());
+    let mut server = Command::new(&server_bin)
+        .arg("tcp://127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", server_bin.display()))?;
+    let stdout = server.stdout.take().ok_or("the server has no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let outcome = (|| {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "the rpc server printed nothing within 30 s".to_string())?;
+        // "serving Calculator on tcp://127.0.0.1:PORT; Ctrl-C to stop"
+        let address = line
+            .split_once(" on ")
+            .and_then(|(_, rest)| rest.split(';').next())
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| format!("unexpected first line from the rpc server: {line:?}"))?;
+        let client_bin = dir.join("client");
+        eprintln!("$ {} {address} (courier-rpc)", client_bin.display());
+        let output = Command::new(&client_bin)
+            .arg(address)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", client_bin.display()))?;
+        let printed = String::from_utf8_lossy(&output.stdout);
+        eprint!("{printed}");
+        if !output.status.success() || !printed.contains("2 + 3 = 5") {
+            return Err(format!(
+                "example client of courier-rpc failed ({})",
+                output.status
+            ));
+        }
+        Ok(())
+    })();
+    // SIGINT, as Ctrl-C: the server shuts down gracefully and exits 0.
+    let interrupted = Command::new("kill")
+        .args(["-INT", &server.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match server.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = server.kill();
+                let _ = server.wait();
+                break None;
+            }
+        }
+    };
+    outcome?;
+    match status {
+        Some(status) if interrupted && status.success() => Ok(()),
+        Some(status) => Err(format!(
+            "the rpc example server exited with {status} after SIGINT"
+        )),
+        None => Err("the rpc example server did not stop within 10 s of SIGINT".into()),
+    }
 }
 
 fn check_layers() -> Result<(), String> {
