@@ -18,15 +18,10 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
 
 use bytes::Bytes;
-use courier_rpc::blocking::Runtime;
-use courier_rpc::{ClientConfig, RpcError};
-use courier_transport::Address;
 
-use crate::remote::{RemotePubSub, RemotePubSubError, RemotePublisher, RemoteSubscription};
-use crate::{Bus, Event, Message, Publisher, SubjectError, SubscribeOptions, Subscription};
+use crate::{Bus, Event, Publisher, SubjectError, SubscribeOptions, Subscription};
 
 /// Wakes a parked thread.
 struct ThreadWaker(std::thread::Thread);
@@ -84,144 +79,165 @@ impl Publisher {
     }
 }
 
-/// A remote bus for code without a runtime.
-#[derive(Debug, Clone)]
-pub struct BlockingPubSub {
-    runtime: Arc<Runtime>,
-    bus: RemotePubSub,
-}
+#[cfg(feature = "remote")]
+pub use remote_face::{BlockingPubSub, BlockingPublisher, BlockingSubscription};
 
-impl BlockingPubSub {
-    /// Connects to the host at `address`.
-    pub fn connect(
-        address: &Address,
-        config: ClientConfig,
-    ) -> Result<BlockingPubSub, RemotePubSubError> {
-        let runtime = Arc::new(Runtime::new()?);
-        let bus = runtime.block_on(RemotePubSub::connect(address, config))?;
-        Ok(BlockingPubSub { runtime, bus })
+/// The remote face's blocking handles.
+#[cfg(feature = "remote")]
+mod remote_face {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use courier_rpc::blocking::Runtime;
+    use courier_rpc::{ClientConfig, RpcError};
+    use courier_transport::Address;
+
+    use crate::remote::{RemotePubSub, RemotePubSubError, RemotePublisher, RemoteSubscription};
+    use crate::{Event, Message, SubscribeOptions};
+
+    /// A remote bus for code without a runtime.
+    #[derive(Debug, Clone)]
+    pub struct BlockingPubSub {
+        runtime: Arc<Runtime>,
+        bus: RemotePubSub,
     }
 
-    /// A publisher with a fresh identity.
-    pub fn publisher(&self) -> BlockingPublisher {
-        BlockingPublisher {
-            runtime: self.runtime.clone(),
-            publisher: self.bus.publisher(),
+    impl BlockingPubSub {
+        /// Connects to the host at `address`.
+        pub fn connect(
+            address: &Address,
+            config: ClientConfig,
+        ) -> Result<BlockingPubSub, RemotePubSubError> {
+            let runtime = Arc::new(Runtime::new()?);
+            let bus = runtime.block_on(RemotePubSub::connect(address, config))?;
+            Ok(BlockingPubSub { runtime, bus })
+        }
+
+        /// A publisher with a fresh identity.
+        pub fn publisher(&self) -> BlockingPublisher {
+            BlockingPublisher {
+                runtime: self.runtime.clone(),
+                publisher: self.bus.publisher(),
+            }
+        }
+
+        /// Subscribes; returns once the subscription is active at the host.
+        pub fn subscribe(
+            &self,
+            filter: &str,
+            options: SubscribeOptions,
+        ) -> Result<BlockingSubscription, RemotePubSubError> {
+            let subscription = self.runtime.block_on(self.bus.subscribe(filter, options))?;
+            Ok(BlockingSubscription {
+                runtime: self.runtime.clone(),
+                subscription,
+            })
+        }
+
+        /// Sends a request to `subject` and waits at most `timeout` for a reply.
+        pub fn request(
+            &self,
+            subject: &str,
+            payload: impl Into<Bytes>,
+            timeout: Duration,
+        ) -> Result<Message, RemotePubSubError> {
+            self.runtime
+                .block_on(self.bus.request(subject, payload, timeout))
         }
     }
 
-    /// Subscribes; returns once the subscription is active at the host.
-    pub fn subscribe(
-        &self,
-        filter: &str,
-        options: SubscribeOptions,
-    ) -> Result<BlockingSubscription, RemotePubSubError> {
-        let subscription = self.runtime.block_on(self.bus.subscribe(filter, options))?;
-        Ok(BlockingSubscription {
-            runtime: self.runtime.clone(),
-            subscription,
-        })
+    /// Publishes to a remote bus, blocking.
+    #[derive(Debug, Clone)]
+    pub struct BlockingPublisher {
+        runtime: Arc<Runtime>,
+        publisher: RemotePublisher,
     }
 
-    /// Sends a request to `subject` and waits at most `timeout` for a reply.
-    pub fn request(
-        &self,
-        subject: &str,
-        payload: impl Into<Bytes>,
-        timeout: Duration,
-    ) -> Result<Message, RemotePubSubError> {
-        self.runtime
-            .block_on(self.bus.request(subject, payload, timeout))
-    }
-}
+    impl BlockingPublisher {
+        /// See [`RemotePublisher::publish`] (one way, in order).
+        pub fn publish(
+            &self,
+            subject: &str,
+            payload: impl Into<Bytes>,
+        ) -> Result<(), RemotePubSubError> {
+            self.runtime
+                .block_on(self.publisher.publish(subject, payload))
+        }
 
-/// Publishes to a remote bus, blocking.
-#[derive(Debug, Clone)]
-pub struct BlockingPublisher {
-    runtime: Arc<Runtime>,
-    publisher: RemotePublisher,
-}
+        /// See [`RemotePublisher::publish_confirmed`].
+        pub fn publish_confirmed(
+            &self,
+            subject: &str,
+            payload: impl Into<Bytes>,
+        ) -> Result<u64, RemotePubSubError> {
+            self.runtime
+                .block_on(self.publisher.publish_confirmed(subject, payload))
+        }
 
-impl BlockingPublisher {
-    /// See [`RemotePublisher::publish`] (one way, in order).
-    pub fn publish(
-        &self,
-        subject: &str,
-        payload: impl Into<Bytes>,
-    ) -> Result<(), RemotePubSubError> {
-        self.runtime
-            .block_on(self.publisher.publish(subject, payload))
-    }
+        /// See [`RemotePublisher::flush`].
+        pub fn flush(&self) -> Result<(), RemotePubSubError> {
+            self.runtime.block_on(self.publisher.flush())
+        }
 
-    /// See [`RemotePublisher::publish_confirmed`].
-    pub fn publish_confirmed(
-        &self,
-        subject: &str,
-        payload: impl Into<Bytes>,
-    ) -> Result<u64, RemotePubSubError> {
-        self.runtime
-            .block_on(self.publisher.publish_confirmed(subject, payload))
-    }
+        /// See [`RemotePublisher::publish_batch`] (one way, in order).
+        pub fn publish_batch<S: Into<String>, P: Into<Bytes>>(
+            &self,
+            messages: impl IntoIterator<Item = (S, P)>,
+        ) -> Result<(), RemotePubSubError> {
+            self.runtime
+                .block_on(self.publisher.publish_batch(messages))
+        }
 
-    /// See [`RemotePublisher::flush`].
-    pub fn flush(&self) -> Result<(), RemotePubSubError> {
-        self.runtime.block_on(self.publisher.flush())
-    }
+        /// See [`RemotePublisher::publish_batch_confirmed`].
+        pub fn publish_batch_confirmed<S: Into<String>, P: Into<Bytes>>(
+            &self,
+            messages: impl IntoIterator<Item = (S, P)>,
+        ) -> Result<u64, RemotePubSubError> {
+            self.runtime
+                .block_on(self.publisher.publish_batch_confirmed(messages))
+        }
 
-    /// See [`RemotePublisher::publish_batch`] (one way, in order).
-    pub fn publish_batch<S: Into<String>, P: Into<Bytes>>(
-        &self,
-        messages: impl IntoIterator<Item = (S, P)>,
-    ) -> Result<(), RemotePubSubError> {
-        self.runtime
-            .block_on(self.publisher.publish_batch(messages))
-    }
-
-    /// See [`RemotePublisher::publish_batch_confirmed`].
-    pub fn publish_batch_confirmed<S: Into<String>, P: Into<Bytes>>(
-        &self,
-        messages: impl IntoIterator<Item = (S, P)>,
-    ) -> Result<u64, RemotePubSubError> {
-        self.runtime
-            .block_on(self.publisher.publish_batch_confirmed(messages))
+        /// See [`RemotePublisher::reply`].
+        pub fn reply(
+            &self,
+            request: &Message,
+            payload: impl Into<Bytes>,
+        ) -> Result<(), RemotePubSubError> {
+            self.runtime
+                .block_on(self.publisher.reply(request, payload))
+        }
     }
 
-    /// See [`RemotePublisher::reply`].
-    pub fn reply(
-        &self,
-        request: &Message,
-        payload: impl Into<Bytes>,
-    ) -> Result<(), RemotePubSubError> {
-        self.runtime
-            .block_on(self.publisher.reply(request, payload))
-    }
-}
-
-/// A remote subscription, blocking.
-#[derive(Debug)]
-pub struct BlockingSubscription {
-    runtime: Arc<Runtime>,
-    subscription: RemoteSubscription,
-}
-
-impl BlockingSubscription {
-    /// See [`RemoteSubscription::recv`].
-    pub fn recv(&mut self) -> Option<Result<Event, RemotePubSubError>> {
-        self.runtime.block_on(self.subscription.recv())
+    /// A remote subscription, blocking.
+    #[derive(Debug)]
+    pub struct BlockingSubscription {
+        runtime: Arc<Runtime>,
+        subscription: RemoteSubscription,
     }
 
-    /// [`recv`](Self::recv), giving up after `timeout` with
-    /// [`RpcError::DeadlineExceeded`].
-    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<Result<Event, RemotePubSubError>> {
-        self.runtime
-            .block_on(async { tokio::time::timeout(timeout, self.subscription.recv()).await })
-            .unwrap_or(Some(Err(RemotePubSubError::Rpc(
-                RpcError::DeadlineExceeded,
-            ))))
-    }
+    impl BlockingSubscription {
+        /// See [`RemoteSubscription::recv`].
+        pub fn recv(&mut self) -> Option<Result<Event, RemotePubSubError>> {
+            self.runtime.block_on(self.subscription.recv())
+        }
 
-    /// See [`RemoteSubscription::dropped`].
-    pub fn dropped(&self) -> u64 {
-        self.subscription.dropped()
+        /// [`recv`](Self::recv), giving up after `timeout` with
+        /// [`RpcError::DeadlineExceeded`].
+        pub fn recv_timeout(
+            &mut self,
+            timeout: Duration,
+        ) -> Option<Result<Event, RemotePubSubError>> {
+            self.runtime
+                .block_on(async { tokio::time::timeout(timeout, self.subscription.recv()).await })
+                .unwrap_or(Some(Err(RemotePubSubError::Rpc(
+                    RpcError::DeadlineExceeded,
+                ))))
+        }
+
+        /// See [`RemoteSubscription::dropped`].
+        pub fn dropped(&self) -> u64 {
+            self.subscription.dropped()
+        }
     }
 }

@@ -1022,7 +1022,9 @@ impl Publisher {
         // other nodes. Only a route that took the message counts (so a
         // request whose only responders are behind a route that is down
         // gets "no responders" at once).
+        #[cfg_attr(not(feature = "remote"), allow(unused_mut))]
         let mut routed = 0;
+        #[cfg(feature = "remote")]
         for (route, groups) in &targets.remote {
             let offered = route
                 .offer(crate::route::Routed {
@@ -1034,6 +1036,10 @@ impl Publisher {
                 })
                 .await;
             routed += usize::from(offered);
+        }
+        #[cfg(not(feature = "remote"))]
+        if let Some((route, _)) = targets.remote.first() {
+            match **route {}
         }
         for sub in &targets.local {
             let message = Message {

@@ -19,7 +19,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use courier_pubsub::durable::{Durable, DurableMessage};
 //! use courier_pubsub::Bus;
-//! use courier_queue::remote::QueueSet;
+//! use courier_queue::QueueSet;
 //!
 //! # let dir = std::env::temp_dir().join(format!("courier-durable-doc-{}", std::process::id()));
 //! let durable = Durable::open(QueueSet::new(&dir, Default::default())).await?;
@@ -42,7 +42,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use courier_queue::remote::QueueSet;
+use courier_queue::QueueSet;
 use courier_queue::{Enqueued, Message as QueueMessage, Queue, QueueError};
 
 use crate::{Filter, Publisher, Router, Subject, SubjectError, SubscriptionId};

@@ -17,6 +17,22 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::router::{Router, SubscriptionId};
+
+/// The sending end of a route to another node.
+#[cfg(feature = "remote")]
+pub(crate) use crate::route::Outbound as Route;
+
+/// Without the remote face there are no routes (they run over courier-rpc):
+/// nothing of this type can exist, so no message is ever routed.
+#[cfg(not(feature = "remote"))]
+pub(crate) enum Route {}
+
+#[cfg(not(feature = "remote"))]
+impl Route {
+    fn is_up(&self) -> bool {
+        match *self {}
+    }
+}
 use crate::subject::Filter;
 
 /// Which node a remote interest belongs to.
@@ -159,7 +175,7 @@ struct GroupTurns {
 
 #[derive(Default)]
 struct RemoteNode {
-    route: Option<Arc<crate::route::Outbound>>,
+    route: Option<Arc<Route>>,
     ids: HashMap<Interest, SubscriptionId>,
     /// The route session from this node whose interest `ids` is (0: none).
     /// Kept here, under the same lock as `ids`, so a change from an older
@@ -169,7 +185,7 @@ struct RemoteNode {
 
 /// Where one message goes beyond this node: each route, with the queue
 /// groups it is to be given to one member of there.
-pub(crate) type RemoteTargets = Vec<(Arc<crate::route::Outbound>, Vec<GroupKey>)>;
+pub(crate) type RemoteTargets = Vec<(Arc<Route>, Vec<GroupKey>)>;
 
 impl RemoteInterest {
     /// Entries held over all nodes.
@@ -177,7 +193,7 @@ impl RemoteInterest {
         self.entries.len()
     }
 
-    pub(crate) fn set_route(&mut self, node: NodeId, route: Option<Arc<crate::route::Outbound>>) {
+    pub(crate) fn set_route(&mut self, node: NodeId, route: Option<Arc<Route>>) {
         match route {
             Some(route) => self.nodes.entry(node).or_default().route = Some(route),
             None => {

@@ -44,17 +44,33 @@
 //! (`cargo run -p courier-pubsub --example events`).
 //!
 //! Dependencies beyond the workspace's usual ones: courier-queue (durable
-//! subscriptions), postcard (their stored form and registry) and tracing
-//! (routes log what they lose).
+//! subscriptions), postcard (their stored form and registry),
+//! futures-core (subscriptions are `Stream`s) and tracing (routes log what
+//! they lose).
+//!
+//! ## Feature flags
+//!
+//! - `remote` (on by default): the remote face ([`remote`]: the host, the
+//!   client, their blocking handles) and routes between cluster nodes
+//!   ([`route`]), over courier-rpc, and courier-queue's own remote face.
+//!   Off, the crate is the in-process bus, its durable subscriptions and
+//!   the traits, without courier-rpc, TLS or the service macro:
+//!   `courier-pubsub = { version = "0.1", default-features = false }`.
 
 #![warn(missing_docs)]
+// Without the remote face, the bus's plumbing for routes and hosts (interest
+// logs, routed sends, undeliverable counts) has no caller; it stays compiled
+// so the two builds share one bus.
+#![cfg_attr(not(feature = "remote"), allow(dead_code))]
 
 pub mod blocking;
 mod bus;
 pub mod durable;
 pub mod face;
 pub mod interest;
+#[cfg(feature = "remote")]
 pub mod remote;
+#[cfg(feature = "remote")]
 pub mod route;
 pub mod router;
 pub mod subject;
