@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::core::{MessageId, QueueStats};
-use crate::{Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueError};
+use crate::{Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueDeclaration, QueueError};
 
 /// A queue, embedded or remote.
 ///
@@ -67,6 +67,12 @@ pub trait QueueHandle: Send + Sync + Sized {
     /// Its dead-letter queue, a queue like any other (`None` for a
     /// dead-letter queue itself).
     fn dead_letters(&self) -> Option<Self>;
+    /// Makes sure the queue has these per-queue options (a remote queue
+    /// that is new is created with them); a conflict if it has others.
+    fn declare(
+        &self,
+        options: QueueDeclaration,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
 /// Takes messages from a queue. Both consumers are also a
@@ -139,6 +145,10 @@ macro_rules! handles {
 
             fn dead_letters(&self) -> Option<$queue> {
                 <$queue>::dead_letters(self)
+            }
+
+            async fn declare(&self, options: QueueDeclaration) -> Result<(), $error> {
+                <$queue>::declare(self, options).await
             }
         }
 

@@ -58,6 +58,13 @@
 //!   and switching a concrete program is one line (`Queue::open` for
 //!   `RemoteQueue::connect`). Both consumers are also a
 //!   `futures_core::Stream` of the same items.
+//! - [`QueueDeclaration`]: per-queue options — max deliveries, lease
+//!   (visibility timeout), dead-lettering on or off — set by a client when
+//!   it declares the queue ([`Queue::open_declared`],
+//!   `RemoteQueue::declare`), validated, stored with the queue (so a
+//!   restart keeps them) and never changed by a later declaration (a
+//!   different one is a `Conflict`). What a declaration leaves unset is
+//!   the host's [`core::QueueConfig`] (the broker's config file).
 //! - [`QueueSet`]: the queues under one directory, each opened once and
 //!   shared (what a host serves).
 //!
@@ -116,6 +123,7 @@ mod api;
 #[cfg(feature = "remote")]
 mod coalesce;
 pub mod core;
+mod declare;
 pub mod log;
 mod queue;
 #[cfg(feature = "remote")]
@@ -127,6 +135,7 @@ pub use api::{ConsumerHandle, DeliveryHandle, QueueHandle};
 /// What kind of failure an error is (every error's `kind()`), shared by
 /// every Courier crate.
 pub use courier_transport::ErrorKind;
+pub use declare::{QueueDeclaration, MAX_DELIVERIES_LIMIT, MAX_LEASE, MIN_LEASE};
 pub use queue::{
     parse_dead_letter, Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueError,
     QueueOptions,

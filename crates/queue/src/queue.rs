@@ -22,6 +22,7 @@ use crate::core::{
     ConsumerId, DeliveryOutcome, DeliveryRecord, LeaseError, MessageId, QueueConfig, QueueCore,
     QueueEvent, QueueStats,
 };
+use crate::declare::{self, QueueDeclaration};
 use crate::log::{AppendError, Log, LogOptions, OpenError, Recovery, Seq};
 use crate::storage::Storage;
 
@@ -143,13 +144,45 @@ pub enum QueueError {
     /// No queue of this name exists (and asking did not create one).
     #[error("no queue named {0:?}")]
     NotFound(String),
+    /// A declared option is out of its bounds (see [`QueueDeclaration`]);
+    /// nothing was stored or changed.
+    #[error("invalid queue option {option}: {reason}")]
+    InvalidOption {
+        /// The option.
+        option: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// The queue exists with other declared options: options cannot change
+    /// under a queue. Nothing was changed.
+    #[error("queue {queue} was declared with {declared:?}, not {requested:?}")]
+    OptionsConflict {
+        /// The queue.
+        queue: String,
+        /// What it was declared with (empty: declared with nothing).
+        declared: QueueDeclaration,
+        /// What was asked for now.
+        requested: QueueDeclaration,
+    },
+    /// The options stored with the queue could not be read; the queue is
+    /// not opened rather than opened with options nobody declared.
+    #[error("the stored options of queue {queue} are damaged: {reason}")]
+    StoredOptions {
+        /// The queue.
+        queue: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl QueueError {
     /// What kind of failure this is, as an [`ErrorKind`] shared by every
     /// Courier mechanism: an invalid name is [`ErrorKind::InvalidInput`],
     /// no such queue [`ErrorKind::NotFound`], a full queue
-    /// [`ErrorKind::Busy`], a lost lease [`ErrorKind::Conflict`], storage
+    /// [`ErrorKind::Busy`], a lost lease or a declaration with other
+    /// options [`ErrorKind::Conflict`], a bad option
+    /// [`ErrorKind::InvalidInput`], damaged stored options
+    /// [`ErrorKind::Internal`], storage
     /// that failed its own kind ([`AppendError::kind`], [`OpenError::kind`]).
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -159,6 +192,9 @@ impl QueueError {
             QueueError::Lease(err) => err.kind(),
             QueueError::Full { .. } => ErrorKind::Busy,
             QueueError::NotFound(_) => ErrorKind::NotFound,
+            QueueError::InvalidOption { .. } => ErrorKind::InvalidInput,
+            QueueError::OptionsConflict { .. } => ErrorKind::Conflict,
+            QueueError::StoredOptions { .. } => ErrorKind::Internal,
         }
     }
 
@@ -271,6 +307,8 @@ struct Inner {
     /// made them durable (or failed and put them back).
     settling: tokio::sync::Mutex<()>,
     dead_letters: Option<Queue>,
+    /// What a client declared for this queue (empty: nothing).
+    declared: QueueDeclaration,
     timer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -290,6 +328,16 @@ fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a queue starts from: the state replayed from its storage.
+struct Recovered {
+    core: QueueCore,
+    payloads: HashMap<MessageId, Bytes>,
+    /// Replayed delays and lifetimes are measured from here.
+    epoch: Instant,
+    /// The sequence number after the last record replayed.
+    known_next: Seq,
 }
 
 /// A durable queue, embedded in this process. Cheap to clone.
@@ -451,20 +499,128 @@ impl Queue {
         name: &str,
         options: QueueOptions,
     ) -> Result<Queue, QueueError> {
+        Queue::open_inner(dir.as_ref(), name, options, None).await
+    }
+
+    /// Opens (or creates) the queue `name` under `dir` with the options a
+    /// client declares for it, over the host's `options` (see
+    /// [`QueueDeclaration`]). A new queue stores the declaration with it,
+    /// so [`Queue::open`] after a restart opens it with the same options.
+    /// An existing queue must have been declared with the same options:
+    /// otherwise [`QueueError::OptionsConflict`] (a queue created without
+    /// a declaration counts as declared with none). Values out of bounds
+    /// are [`QueueError::InvalidOption`]. A dead-letter queue takes the
+    /// host's options and cannot be declared.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use courier_queue::{ErrorKind, Queue, QueueDeclaration};
+    ///
+    /// let dir = std::env::temp_dir().join(format!("courier-declare-doc-{}", std::process::id()));
+    /// let strict = QueueDeclaration::new().with_max_deliveries(1);
+    /// let payments = Queue::open_declared(&dir, "payments", Default::default(), strict.clone()).await?;
+    /// assert_eq!(payments.declared(), &strict);
+    /// // The same options again are fine; others are refused.
+    /// payments.declare(strict).await?;
+    /// let err = payments.declare(QueueDeclaration::new().with_max_deliveries(9)).await.unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Conflict);
+    /// # drop(payments);
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn open_declared(
+        dir: impl AsRef<Path>,
+        name: &str,
+        options: QueueOptions,
+        declared: QueueDeclaration,
+    ) -> Result<Queue, QueueError> {
+        Queue::open_inner(dir.as_ref(), name, options, Some(declared)).await
+    }
+
+    async fn open_inner(
+        dir: &Path,
+        name: &str,
+        options: QueueOptions,
+        requested: Option<QueueDeclaration>,
+    ) -> Result<Queue, QueueError> {
         if name.ends_with(DLQ_SUFFIX) {
-            return Queue::open_one(dir.as_ref(), name, dead_letter_options(&options), None).await;
+            if requested.as_ref().is_some_and(|r| !r.is_empty()) {
+                return Err(QueueError::InvalidOption {
+                    option: "queue",
+                    reason: format!(
+                        "{name} is a dead-letter queue, which takes its queue's host's options"
+                    ),
+                });
+            }
+            let options = dead_letter_options(&options);
+            return Queue::open_one(dir, name, options, None, QueueDeclaration::default()).await;
         }
         if !valid_name(name) {
             return Err(QueueError::InvalidName(name.to_string()));
         }
+        if let Some(requested) = &requested {
+            requested.validate()?;
+        }
+        let stored = declare::load(name, &dir.join(name))?;
+        let declared = match (stored, requested) {
+            (Some(stored), Some(requested)) if stored != requested => {
+                return Err(QueueError::OptionsConflict {
+                    queue: name.to_string(),
+                    declared: stored,
+                    requested,
+                })
+            }
+            (Some(stored), _) => stored,
+            (None, Some(requested)) => {
+                // Stored before the queue exists: a crash between the two
+                // leaves a declared queue with nothing in it, never a
+                // queue that forgot its options.
+                if !requested.is_empty() {
+                    declare::store(&dir.join(name), &requested)?;
+                }
+                requested
+            }
+            (None, None) => QueueDeclaration::default(),
+        };
         let dead_letters = Queue::open_one(
-            dir.as_ref(),
+            dir,
             &format!("{name}{DLQ_SUFFIX}"),
             dead_letter_options(&options),
             None,
+            QueueDeclaration::default(),
         )
         .await?;
-        Queue::open_one(dir.as_ref(), name, options, Some(dead_letters)).await
+        let mut options = options;
+        options.queue = declared.apply(options.queue);
+        Queue::open_one(dir, name, options, Some(dead_letters), declared).await
+    }
+
+    /// What a client declared for this queue (empty if nothing).
+    pub fn declared(&self) -> &QueueDeclaration {
+        &self.inner.declared
+    }
+
+    /// Checks that the queue has these declared options: `Ok` if it was
+    /// declared with exactly these, [`QueueError::OptionsConflict`] if not
+    /// (an open queue's options never change), [`QueueError::InvalidOption`]
+    /// if they are out of bounds. Never waits on an embedded queue; the
+    /// remote face's `declare` creates the queue with them if it is new.
+    pub async fn declare(&self, declared: QueueDeclaration) -> Result<(), QueueError> {
+        self.check_declared(declared)
+    }
+
+    pub(crate) fn check_declared(&self, requested: QueueDeclaration) -> Result<(), QueueError> {
+        requested.validate()?;
+        if requested == self.inner.declared {
+            Ok(())
+        } else {
+            Err(QueueError::OptionsConflict {
+                queue: self.inner.name.clone(),
+                declared: self.inner.declared.clone(),
+                requested,
+            })
+        }
     }
 
     /// Whether `name` names a dead-letter queue (`<queue>.dlq`); if so, the
@@ -493,23 +649,30 @@ impl Queue {
         Ok(Queue::build(
             name,
             storage,
-            QueueCore::new(config),
-            HashMap::new(),
+            Recovered {
+                core: QueueCore::new(config),
+                payloads: HashMap::new(),
+                epoch: Instant::now(),
+                known_next: 0,
+            },
             None,
-            Instant::now(),
-            0,
+            QueueDeclaration::default(),
         ))
     }
 
     fn build(
         name: &str,
         storage: Box<dyn Storage>,
-        core: QueueCore,
-        payloads: HashMap<MessageId, Bytes>,
+        recovered: Recovered,
         dead_letters: Option<Queue>,
-        epoch: Instant,
-        known_next: Seq,
+        declared: QueueDeclaration,
     ) -> Queue {
+        let Recovered {
+            core,
+            payloads,
+            epoch,
+            known_next,
+        } = recovered;
         let inner = Arc::new(Inner {
             name: name.to_string(),
             storage,
@@ -530,6 +693,7 @@ impl Queue {
             keyed: tokio::sync::Mutex::new(()),
             settling: tokio::sync::Mutex::new(()),
             dead_letters,
+            declared,
             timer: Mutex::new(None),
         });
         let timer = tokio::spawn(run_timers(
@@ -546,6 +710,7 @@ impl Queue {
         name: &str,
         options: QueueOptions,
         dead_letters: Option<Queue>,
+        declared: QueueDeclaration,
     ) -> Result<Queue, QueueError> {
         if !valid_name(name) {
             return Err(QueueError::InvalidName(name.to_string()));
@@ -593,11 +758,14 @@ impl Queue {
         let queue = Queue::build(
             name,
             Box::new(log),
-            core,
-            payloads,
+            Recovered {
+                core,
+                payloads,
+                epoch,
+                known_next,
+            },
             dead_letters,
-            epoch,
-            known_next,
+            declared,
         );
         // Anything that expired while the queue was closed goes now.
         queue.settle().await?;

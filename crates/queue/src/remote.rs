@@ -52,7 +52,9 @@ use crate::queue::Answer;
 /// Re-exported from the crate root, where it lives (it is a local
 /// concept): what a [`QueueHost`] serves.
 pub use crate::set::QueueSet;
-use crate::{Delivery, Enqueued, Message, Peeked, Queue, QueueError, QueueOptions};
+use crate::{
+    Delivery, Enqueued, Message, Peeked, Queue, QueueDeclaration, QueueError, QueueOptions,
+};
 
 /// A queue error as it crosses the network.
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +80,14 @@ pub enum RemoteError {
     /// purging it does not create it).
     #[error("no queue named {0:?}")]
     NotFound(String),
+    /// The request is not valid (a declared option out of its bounds);
+    /// nothing changed. Not retryable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The request conflicts with the queue's state (declared with other
+    /// options); nothing changed. Not retryable.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl RemoteError {
@@ -85,7 +95,8 @@ impl RemoteError {
     /// Courier mechanism: a permission denial is [`ErrorKind::Refused`],
     /// no such queue [`ErrorKind::NotFound`], an unknown delivery
     /// [`ErrorKind::Conflict`] (answered already, or given to someone
-    /// else). Any other refusal or failure of the host crosses the network
+    /// else), a declaration with other options [`ErrorKind::Conflict`], a
+    /// bad option [`ErrorKind::InvalidInput`]. Any other refusal or failure of the host crosses the network
     /// as text and a retryable flag only: [`ErrorKind::Busy`] when
     /// retryable (a full queue, storage failing for now), otherwise
     /// [`ErrorKind::Internal`].
@@ -98,6 +109,8 @@ impl RemoteError {
             RemoteError::UnknownDelivery => ErrorKind::Conflict,
             RemoteError::PermissionDenied(_) => ErrorKind::Refused,
             RemoteError::NotFound(_) => ErrorKind::NotFound,
+            RemoteError::Invalid(_) => ErrorKind::InvalidInput,
+            RemoteError::Conflict(_) => ErrorKind::Conflict,
         }
     }
 
@@ -120,12 +133,20 @@ pub trait QueueAccess: Send + Sync + 'static {
     fn may_purge(&self, who: Option<&str>, queue: &str) -> bool {
         self.may_consume(who, queue)
     }
+    /// May `who` declare `queue` with options (creating it)? By default,
+    /// whoever may consume from it (consumers are who cares about leases
+    /// and delivery limits).
+    fn may_declare(&self, who: Option<&str>, queue: &str) -> bool {
+        self.may_consume(who, queue)
+    }
 }
 
 impl From<QueueError> for RemoteError {
     fn from(err: QueueError) -> RemoteError {
         match err {
             QueueError::NotFound(name) => RemoteError::NotFound(name),
+            err @ QueueError::InvalidOption { .. } => RemoteError::Invalid(err.to_string()),
+            err @ QueueError::OptionsConflict { .. } => RemoteError::Conflict(err.to_string()),
             // Opening errors name files on the host: the path stays in the
             // host's log, the client gets a message without it.
             QueueError::Open(open) => {
@@ -262,6 +283,11 @@ pub trait QueueService {
     /// (`NotFound` if the queue does not exist). Needs the permission to
     /// consume.
     async fn peek(&self, queue: String, count: u32) -> Result<Vec<Peeked>, RemoteError>;
+    /// Declares `queue` with per-queue options (see
+    /// [`QueueDeclaration`]): creates it with them
+    /// if it is new; `Conflict` if it exists with others, `Invalid` if one
+    /// is out of bounds. Needs the permission to declare.
+    async fn declare(&self, queue: String, options: QueueDeclaration) -> Result<(), RemoteError>;
 }
 
 /// A delivery waiting for its answer, and who it was delivered to.
@@ -397,6 +423,7 @@ impl QueueHost {
             Action::Produce => (access.may_produce(who.as_deref(), queue), "producing to"),
             Action::Consume => (access.may_consume(who.as_deref(), queue), "consuming from"),
             Action::Purge => (access.may_purge(who.as_deref(), queue), "purging"),
+            Action::Declare => (access.may_declare(who.as_deref(), queue), "declaring"),
         };
         if allowed {
             Ok(())
@@ -546,6 +573,7 @@ enum Action {
     Produce,
     Consume,
     Purge,
+    Declare,
 }
 
 impl QueueService for QueueHost {
@@ -673,6 +701,12 @@ impl QueueService for QueueHost {
     async fn purge(&self, queue: String) -> Result<u64, RemoteError> {
         self.check(&queue, Action::Purge)?;
         Ok(self.queues.open_existing(&queue).await?.purge().await?)
+    }
+
+    async fn declare(&self, queue: String, options: QueueDeclaration) -> Result<(), RemoteError> {
+        self.check(&queue, Action::Declare)?;
+        self.queues.declare(&queue, options).await?;
+        Ok(())
     }
 
     async fn peek(&self, queue: String, count: u32) -> Result<Vec<Peeked>, RemoteError> {
@@ -848,6 +882,15 @@ impl RemoteQueue {
     /// The queue's counters ([`RemoteError::NotFound`] if it does not exist).
     pub async fn stats(&self) -> Result<QueueStats, RemoteQueueError> {
         Ok(self.client.stats(self.name.clone()).await??)
+    }
+
+    /// Declares the queue with per-queue options; see
+    /// [`QueueService::declare`] and [`Queue::open_declared`]. Declare
+    /// before the first enqueue: a queue created by an enqueue counts as
+    /// declared with no options, and declaring it with some is then a
+    /// conflict.
+    pub async fn declare(&self, options: QueueDeclaration) -> Result<(), RemoteQueueError> {
+        Ok(self.client.declare(self.name.clone(), options).await??)
     }
 
     /// Discards every message not leased to a consumer; see [`Queue::purge`].
@@ -1360,6 +1403,13 @@ mod tests {
         }
         async fn peek(&self, queue: String, count: u32) -> Result<Vec<Peeked>, RemoteError> {
             self.0.peek(queue, count).await
+        }
+        async fn declare(
+            &self,
+            queue: String,
+            options: QueueDeclaration,
+        ) -> Result<(), RemoteError> {
+            self.0.declare(queue, options).await
         }
     }
 

@@ -70,6 +70,36 @@ impl QueueSet {
         self.get(name, false).await
     }
 
+    /// The queue `name` with the options a client declares for it (see
+    /// [`Queue::open_declared`]): created with them if it is new, checked
+    /// against its own if it exists or is open
+    /// ([`QueueError::OptionsConflict`] if they differ). Options not
+    /// declared are this set's.
+    pub async fn declare(
+        &self,
+        name: &str,
+        declared: crate::QueueDeclaration,
+    ) -> Result<Queue, QueueError> {
+        declared.validate()?;
+        let mut queues = self.inner.queues.lock().await;
+        if let Some(queue) = queues.get(name) {
+            queue.check_declared(declared)?;
+            return Ok(queue.clone());
+        }
+        if Queue::dead_letter_parent(name).is_some() {
+            // Refused by `open_declared`, but its queue may be open here.
+            return Err(QueueError::InvalidOption {
+                option: "queue",
+                reason: format!("{name} is a dead-letter queue, which takes its queue's options"),
+            });
+        }
+        let queue =
+            Queue::open_declared(&self.inner.dir, name, self.inner.options.clone(), declared)
+                .await?;
+        queues.insert(name.to_string(), queue.clone());
+        Ok(queue)
+    }
+
     async fn get(&self, name: &str, create: bool) -> Result<Queue, QueueError> {
         let parent = Queue::dead_letter_parent(name);
         let owner = parent.unwrap_or(name);

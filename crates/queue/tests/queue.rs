@@ -587,3 +587,166 @@ async fn peek_takes_nothing_and_purge_survives_a_restart_without_losing_leased_m
     let left: Vec<u8> = queue.peek_now(10).iter().map(|p| p.payload[0]).collect();
     assert_eq!(left, [7], "purged messages stay purged across a restart");
 }
+
+#[tokio::test]
+async fn declared_options_apply_survive_a_restart_and_cannot_change() {
+    use courier_queue::{ErrorKind, QueueDeclaration};
+    let dir = TempDir::new("declared");
+    let strict = QueueDeclaration::new().with_max_deliveries(1);
+    {
+        let queue = Queue::open_declared(&dir.0, "strict", options(), strict.clone())
+            .await
+            .unwrap();
+        assert_eq!(queue.declared(), &strict);
+        queue.enqueue(Message::new("once")).await.unwrap();
+        let mut consumer = queue.consumer(1).await.unwrap();
+        consumer
+            .recv()
+            .await
+            .unwrap()
+            .nack(Duration::ZERO)
+            .await
+            .unwrap();
+        // One delivery allowed (the host's default is 5): dead-lettered.
+        assert_eq!(queue.stats_now().dead_lettered, 1);
+        assert_eq!(queue.dead_letters().unwrap().stats_now().depth, 1);
+        // The same options again are fine; others are a conflict.
+        queue.declare(strict.clone()).await.unwrap();
+        let err = queue
+            .declare(QueueDeclaration::new().with_max_deliveries(2))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    }
+    // Reopened without a declaration: the stored one applies.
+    {
+        let queue = Queue::open(&dir.0, "strict", options()).await.unwrap();
+        assert_eq!(queue.declared(), &strict);
+        queue.enqueue(Message::new("twice")).await.unwrap();
+        let mut consumer = queue.consumer(1).await.unwrap();
+        consumer
+            .recv()
+            .await
+            .unwrap()
+            .nack(Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(queue.stats_now().dead_lettered, 1);
+    }
+    // Declared again while closed: the same is fine, others are refused.
+    let err = Queue::open_declared(&dir.0, "strict", options(), QueueDeclaration::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, QueueError::OptionsConflict { declared, .. } if *declared == strict),
+        "{err}"
+    );
+    drop(
+        Queue::open_declared(&dir.0, "strict", options(), strict.clone())
+            .await
+            .unwrap(),
+    );
+    // A queue created without a declaration counts as declared with none.
+    drop(Queue::open(&dir.0, "plain", options()).await.unwrap());
+    let err = Queue::open_declared(&dir.0, "plain", options(), strict.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    // Out of bounds: refused by name, and nothing is created.
+    let err = Queue::open_declared(
+        &dir.0,
+        "bad",
+        options(),
+        QueueDeclaration::new().with_max_deliveries(0),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            QueueError::InvalidOption {
+                option: "max_deliveries",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(
+        !dir.0.join("bad").exists(),
+        "a refused declaration created the queue"
+    );
+    // A dead-letter queue takes its queue's options.
+    let err = Queue::open_declared(&dir.0, "strict.dlq", options(), strict)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+}
+
+#[tokio::test]
+async fn a_declared_lease_and_dead_lettering_off_apply() {
+    use courier_queue::QueueDeclaration;
+    let dir = TempDir::new("declared-lease");
+    let declared = QueueDeclaration::new()
+        .with_lease(Duration::from_millis(50))
+        .with_max_deliveries(1)
+        .with_dead_lettering(false);
+    let queue = Queue::open_declared(&dir.0, "short", options(), declared)
+        .await
+        .unwrap();
+    queue.enqueue(Message::new("slow")).await.unwrap();
+    let mut slow = queue.consumer(1).await.unwrap();
+    let mut other = queue.consumer(1).await.unwrap();
+    let held = slow.recv().await.unwrap();
+    // Far below the host's 30 s lease: only the declared one ends in time.
+    let again = tokio::time::timeout(Duration::from_secs(10), other.recv())
+        .await
+        .expect("the declared 50 ms lease ended")
+        .unwrap();
+    assert_eq!(
+        again.delivery, 2,
+        "past max_deliveries, yet not dead-lettered"
+    );
+    assert!(
+        held.ack().await.is_err(),
+        "an ack after the lease was accepted"
+    );
+    again.ack().await.unwrap();
+    assert_eq!(queue.stats_now().dead_lettered, 0);
+}
+
+#[tokio::test]
+async fn reject_dead_letters_at_once_and_on_a_dead_letter_queue_discards() {
+    let dir = TempDir::new("reject");
+    let queue = Queue::open(&dir.0, "jobs", options()).await.unwrap();
+    queue.enqueue(Message::new("poison")).await.unwrap();
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let delivery = consumer.recv().await.unwrap();
+    assert_eq!(
+        delivery.delivery, 1,
+        "four deliveries left under the default of 5"
+    );
+    delivery.reject().await.unwrap();
+    let stats = queue.stats_now();
+    assert_eq!(
+        (stats.dead_lettered, stats.depth, stats.in_flight),
+        (1, 0, 0)
+    );
+    let dead = queue.dead_letters().unwrap();
+    let mut letters = dead.consumer(1).await.unwrap();
+    let letter = letters.recv().await.unwrap();
+    let (history, payload) = parse_dead_letter(letter.payload.clone()).unwrap();
+    assert_eq!(&payload[..], b"poison");
+    assert_eq!(history[0].outcome, DeliveryOutcome::Rejected);
+    // Rejecting a dead letter discards it: there is nowhere further to go.
+    letter.reject().await.unwrap();
+    assert_eq!(dead.stats_now().depth + dead.stats_now().in_flight, 0);
+    drop((letters, consumer, dead, queue));
+    let reopened = Queue::open(&dir.0, "jobs", options()).await.unwrap();
+    let dead = reopened.dead_letters().unwrap();
+    assert_eq!(
+        (reopened.stats_now().depth, dead.stats_now().depth),
+        (0, 0),
+        "a rejected message or its dead letter came back after a restart"
+    );
+}

@@ -719,3 +719,76 @@ async fn peek_and_purge_need_the_permission_to_consume() {
     ));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A host serving `dir` as it is (not emptied first), so a test can
+/// restart one on the same queues.
+async fn host_on(dir: &std::path::Path) -> ServerHandle {
+    let listener =
+        courier_transport::bind(&"tcp://127.0.0.1:0".parse().unwrap(), &Default::default())
+            .await
+            .unwrap();
+    Server::new(ServerConfig::default())
+        .service(QueueServiceServer::new(QueueHost::new(
+            dir,
+            QueueOptions::default(),
+        )))
+        .spawn(listener)
+}
+
+#[tokio::test]
+async fn a_client_declares_options_that_survive_a_restart_and_cannot_be_changed() {
+    use courier_queue::{ErrorKind, QueueDeclaration};
+    let dir = courier_test_support::TempDir::new("remote-declare");
+    let strict = QueueDeclaration::new().with_max_deliveries(1);
+    let server = host_on(dir.path()).await;
+    let queue = RemoteQueue::connect(server.local_addr(), "strict", ClientConfig::default())
+        .await
+        .unwrap();
+    queue.declare(strict.clone()).await.unwrap();
+    queue.declare(strict.clone()).await.unwrap();
+    let err = queue
+        .declare(QueueDeclaration::new().with_max_deliveries(3))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    let err = queue
+        .declare(QueueDeclaration::new().with_lease(Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("lease"), "{err}");
+    // A queue created by an enqueue is declared with nothing.
+    let plain = RemoteQueue::connect(server.local_addr(), "plain", ClientConfig::default())
+        .await
+        .unwrap();
+    plain.enqueue(Message::new("x")).await.unwrap();
+    let err = plain.declare(strict.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+
+    // One delivery allowed (the host's default is 5): a nack dead-letters,
+    // before and after a restart of the host.
+    nack_dead_letters(&queue, 1).await;
+    server.shutdown(Duration::from_millis(100)).await;
+    let server = host_on(dir.path()).await;
+    let queue = RemoteQueue::connect(server.local_addr(), "strict", ClientConfig::default())
+        .await
+        .unwrap();
+    // Stored with the queue: the same declaration still holds, another
+    // still conflicts.
+    queue.declare(strict).await.unwrap();
+    let err = queue.declare(QueueDeclaration::new()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    nack_dead_letters(&queue, 2).await;
+}
+
+/// Enqueues a message and nacks its first delivery; the dead-letter queue
+/// must then hold `dead` messages.
+async fn nack_dead_letters(queue: &RemoteQueue, dead: u64) {
+    queue.enqueue(Message::new("once")).await.unwrap();
+    let mut consumer = queue.consumer(1).await.unwrap();
+    let delivery = within("delivery", consumer.recv()).await.unwrap();
+    assert_eq!(delivery.delivery, 1);
+    delivery.nack(Duration::ZERO).await.unwrap();
+    let letters = queue.dead_letters().unwrap().stats().await.unwrap().depth;
+    assert_eq!(letters, dead, "the declared delivery limit did not apply");
+}
