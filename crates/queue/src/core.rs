@@ -172,11 +172,11 @@ pub enum LeaseError {
 }
 
 impl LeaseError {
-    /// [`ErrorKind::Conflict`](courier_transport::ErrorKind::Conflict): the
+    /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict): the
     /// delivery was answered already, or its lease went to someone else.
-    pub fn kind(&self) -> courier_transport::ErrorKind {
+    pub fn kind(&self) -> crate::ErrorKind {
         match self {
-            LeaseError::NotLeased { .. } => courier_transport::ErrorKind::Conflict,
+            LeaseError::NotLeased { .. } => crate::ErrorKind::Conflict,
         }
     }
 }

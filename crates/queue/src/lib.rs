@@ -134,7 +134,7 @@ pub mod storage;
 pub use api::{ConsumerHandle, DeliveryHandle, QueueHandle};
 /// What kind of failure an error is (every error's `kind()`), shared by
 /// every Courier crate.
-pub use courier_transport::ErrorKind;
+pub use courier_wire::ErrorKind;
 pub use declare::{QueueDeclaration, MAX_DELIVERIES_LIMIT, MAX_LEASE, MIN_LEASE};
 pub use queue::{
     parse_dead_letter, Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueError,

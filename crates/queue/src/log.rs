@@ -250,13 +250,13 @@ pub enum AppendError {
 
 impl AppendError {
     /// What kind of failure this is: a record over the limit is
-    /// [`ErrorKind::LimitExceeded`](courier_transport::ErrorKind::LimitExceeded),
+    /// [`ErrorKind::LimitExceeded`](crate::ErrorKind::LimitExceeded),
     /// a failed write (disk full, I/O error)
-    /// [`ErrorKind::Busy`](courier_transport::ErrorKind::Busy) (retryable
+    /// [`ErrorKind::Busy`](crate::ErrorKind::Busy) (retryable
     /// once the cause is fixed), a closed log
-    /// [`ErrorKind::Internal`](courier_transport::ErrorKind::Internal).
-    pub fn kind(&self) -> courier_transport::ErrorKind {
-        use courier_transport::ErrorKind;
+    /// [`ErrorKind::Internal`](crate::ErrorKind::Internal).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind;
         match self {
             AppendError::TooLarge { .. } => ErrorKind::LimitExceeded,
             AppendError::Io(_) => ErrorKind::Busy,
@@ -272,11 +272,11 @@ impl AppendError {
 
 impl OpenError {
     /// What kind of failure this is: a log another process or queue holds
-    /// is [`ErrorKind::Conflict`](courier_transport::ErrorKind::Conflict),
+    /// is [`ErrorKind::Conflict`](crate::ErrorKind::Conflict),
     /// the rest (unreadable files, an unfinished truncation)
-    /// [`ErrorKind::Internal`](courier_transport::ErrorKind::Internal).
-    pub fn kind(&self) -> courier_transport::ErrorKind {
-        use courier_transport::ErrorKind;
+    /// [`ErrorKind::Internal`](crate::ErrorKind::Internal).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind;
         match self {
             OpenError::Io { .. } | OpenError::Truncation { .. } => ErrorKind::Internal,
             OpenError::Locked { .. } => ErrorKind::Conflict,

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use courier_transport::ErrorKind;
+use crate::ErrorKind;
 
 use crate::core::{
     ConsumerId, DeliveryOutcome, DeliveryRecord, LeaseError, MessageId, QueueConfig, QueueCore,
