@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use bytes::Bytes;
+use courier_wire::headers::Headers;
 use tokio::sync::Notify;
 
 use crate::interest::{GroupKey, Interest, LocalInterest, NodeId, RemoteInterest, RemoteTargets};
@@ -154,6 +155,38 @@ pub struct Message {
     pub seq: u64,
     /// Where the publisher wants a reply, for request-reply.
     pub reply_to: Option<Subject>,
+    /// Its headers (at most [`courier_wire::headers::MAX_ENTRIES`] short
+    /// text pairs): the publisher's own, the payload's type for typed
+    /// publishes ([`courier_wire::headers::TYPE`]), the trace it was
+    /// published in ([`courier_wire::headers::TRACEPARENT`]). Carried
+    /// unchanged through hosts, routes and durable subscriptions.
+    pub headers: Headers,
+}
+
+impl Message {
+    /// The W3C trace context the message was published in (its
+    /// `traceparent` header), if it has a well-formed one.
+    pub fn trace_context(&self) -> Option<courier_transport::trace::TraceContext> {
+        self.headers
+            .get(courier_wire::headers::TRACEPARENT)
+            .and_then(courier_transport::trace::TraceContext::parse)
+    }
+}
+
+/// A message on its way: subject, reply subject, headers, payload.
+pub(crate) type Outgoing = (Subject, Option<Subject>, Headers, Bytes);
+
+/// `headers`, with the current trace context (if any, and if the publisher
+/// set none) as its `traceparent`, so a receiver can follow the request.
+pub(crate) fn traced(mut headers: Headers) -> Headers {
+    if headers.get(courier_wire::headers::TRACEPARENT).is_none() {
+        if let Some(context) = courier_transport::trace::current() {
+            // A traceparent is 55 bytes: refused only if the publisher's
+            // own headers already fill the bound, and then it is left out.
+            let _ = headers.insert(courier_wire::headers::TRACEPARENT, context.to_traceparent());
+        }
+    }
+    headers
 }
 
 /// What can go wrong using the in-process bus: the one error of the
@@ -347,6 +380,7 @@ fn cost(message: &Message) -> usize {
     message.payload.len()
         + message.subject.as_str().len()
         + message.reply_to.as_ref().map_or(0, |r| r.as_str().len())
+        + message.headers.total_len()
         + MESSAGE_OVERHEAD
 }
 
@@ -899,6 +933,19 @@ impl Publisher {
         Ok(self.publish_to(&subject, payload).await as u64)
     }
 
+    /// [`publish`](Self::publish) with headers (the current trace context
+    /// is added as `traceparent` unless `headers` has one).
+    pub async fn publish_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), BusError> {
+        let subject = Subject::new(subject)?;
+        self.send(&subject, None, headers, payload.into()).await;
+        Ok(())
+    }
+
     /// Publishes many messages in order. Every subject is checked first:
     /// one invalid subject fails the call and publishes nothing.
     pub async fn publish_batch<S: Into<String>, P: Into<Bytes>>(
@@ -916,7 +963,14 @@ impl Publisher {
     ) -> Result<u64, BusError> {
         let batch = messages
             .into_iter()
-            .map(|(subject, payload)| Ok((Subject::new(&subject.into())?, None, payload.into())))
+            .map(|(subject, payload)| {
+                Ok((
+                    Subject::new(&subject.into())?,
+                    None,
+                    traced(Headers::new()),
+                    payload.into(),
+                ))
+            })
             .collect::<Result<Vec<_>, crate::SubjectError>>()?;
         Ok(self.send_all(batch).await as u64)
     }
@@ -934,7 +988,8 @@ impl Publisher {
     /// that send many messages to the same subject. Returns how many
     /// subscriptions it was delivered (or dropped) to.
     pub async fn publish_to(&self, subject: &Subject, payload: impl Into<Bytes>) -> usize {
-        self.send(subject, None, payload.into()).await
+        self.send(subject, None, Headers::new(), payload.into())
+            .await
     }
 
     /// Answers `request` by publishing `payload` to its `reply_to` subject;
@@ -945,7 +1000,7 @@ impl Publisher {
         payload: impl Into<Bytes>,
     ) -> Result<(), BusError> {
         if let Some(inbox) = &request.reply_to {
-            self.send(inbox, None, payload.into()).await;
+            self.send(inbox, None, Headers::new(), payload.into()).await;
         }
         Ok(())
     }
@@ -953,10 +1008,7 @@ impl Publisher {
     /// Sends messages in order; returns the deliveries in total. A run of
     /// messages to one subject is routed once, unless a queue group takes
     /// part (each message then picks its member in turn).
-    pub(crate) async fn send_all(
-        &self,
-        messages: impl IntoIterator<Item = (Subject, Option<Subject>, Bytes)>,
-    ) -> usize {
+    pub(crate) async fn send_all(&self, messages: impl IntoIterator<Item = Outgoing>) -> usize {
         self.send_all_from(messages, Origin::Local).await
     }
 
@@ -964,31 +1016,35 @@ impl Publisher {
     /// queue group, routed once per run of one subject.
     pub(crate) async fn send_all_routed(
         &self,
-        messages: impl IntoIterator<Item = (Subject, Option<Subject>, Bytes)>,
+        messages: impl IntoIterator<Item = Outgoing>,
     ) -> usize {
         self.send_all_from(messages, Origin::Route(&[])).await
     }
 
     async fn send_all_from(
         &self,
-        messages: impl IntoIterator<Item = (Subject, Option<Subject>, Bytes)>,
+        messages: impl IntoIterator<Item = Outgoing>,
         origin: Origin<'_>,
     ) -> usize {
         let mut delivered = 0;
         let mut routed: Option<(Subject, Targets)> = None;
-        for (subject, reply_to, payload) in messages {
+        for (subject, reply_to, headers, payload) in messages {
             let reuse = matches!(&routed, Some((last, _)) if *last == subject);
             if !reuse {
                 let targets = self.bus.routes(&subject, origin);
                 if targets.grouped {
                     routed = None;
-                    delivered += self.deliver_to(&targets, &subject, reply_to, payload).await;
+                    delivered += self
+                        .deliver_to(&targets, &subject, reply_to, headers, payload)
+                        .await;
                     continue;
                 }
                 routed = Some((subject.clone(), targets));
             }
             if let Some((_, targets)) = &routed {
-                delivered += self.deliver_to(targets, &subject, reply_to, payload).await;
+                delivered += self
+                    .deliver_to(targets, &subject, reply_to, headers, payload)
+                    .await;
             }
         }
         delivered
@@ -1002,12 +1058,14 @@ impl Publisher {
         &self,
         subject: &Subject,
         reply_to: Option<Subject>,
+        headers: Headers,
         payload: Bytes,
         groups: &[GroupKey],
     ) -> usize {
         let targets = self.bus.routes(subject, Origin::Route(groups));
         let unserved = groups.len().saturating_sub(targets.served_groups);
-        self.deliver_to(&targets, subject, reply_to, payload).await;
+        self.deliver_to(&targets, subject, reply_to, headers, payload)
+            .await;
         unserved
     }
 
@@ -1016,6 +1074,7 @@ impl Publisher {
         targets: &Targets,
         subject: &Subject,
         reply_to: Option<Subject>,
+        headers: Headers,
         payload: Bytes,
     ) -> usize {
         // Routes first: a backpressured local subscriber must not hold up
@@ -1030,6 +1089,7 @@ impl Publisher {
                 .offer(crate::route::Routed {
                     subject: subject.clone(),
                     reply_to: reply_to.clone(),
+                    headers: headers.clone(),
                     payload: payload.clone(),
                     publisher: self.id,
                     groups: groups.clone(),
@@ -1048,6 +1108,7 @@ impl Publisher {
                 publisher: self.id,
                 seq: 0,
                 reply_to: reply_to.clone(),
+                headers: headers.clone(),
             };
             deliver(sub, message, &self.bus.inner).await;
         }
@@ -1058,10 +1119,12 @@ impl Publisher {
         &self,
         subject: &Subject,
         reply_to: Option<Subject>,
+        headers: Headers,
         payload: Bytes,
     ) -> usize {
         let targets = self.bus.targets(subject);
-        self.deliver_to(&targets, subject, reply_to, payload).await
+        self.deliver_to(&targets, subject, reply_to, traced(headers), payload)
+            .await
     }
 }
 
@@ -1087,7 +1150,11 @@ impl Bus {
         let mut replies =
             self.subscribe_now(inbox.as_str(), SubscribeOptions::default().buffer(1))?;
         let requester = self.publisher();
-        if requester.send(&subject, Some(inbox), payload.into()).await == 0 {
+        if requester
+            .send(&subject, Some(inbox), Headers::new(), payload.into())
+            .await
+            == 0
+        {
             return Err(BusError::NoResponders(subject.to_string()));
         }
         match tokio::time::timeout(timeout, replies.recv()).await {

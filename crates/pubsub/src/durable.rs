@@ -44,6 +44,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use courier_queue::QueueSet;
 use courier_queue::{Enqueued, Message as QueueMessage, Queue, QueueError};
+use courier_wire::headers::Headers;
 
 use crate::{Filter, Publisher, Router, Subject, SubjectError, SubscriptionId};
 
@@ -134,8 +135,20 @@ pub struct DurableMessage {
     pub reply_to: Option<Subject>,
     /// Its bytes.
     pub payload: Bytes,
+    /// Its headers, as published (empty for messages stored before
+    /// headers existed).
+    pub headers: Headers,
 }
 
+/// The stored form, postcard:
+///
+/// ```text
+/// subject (str) | reply_to (option<str>) | payload (bytes) [| headers]
+/// ```
+///
+/// The first three are the whole of the form before headers existed, and
+/// still the whole of a message without headers, so what either version
+/// wrote the other reads (an older reader ignores the trailing headers).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Stored<'a> {
     subject: &'a str,
@@ -144,24 +157,51 @@ struct Stored<'a> {
 }
 
 impl DurableMessage {
-    fn encode(subject: &Subject, reply_to: Option<&Subject>, payload: &[u8]) -> Bytes {
+    fn encode(
+        subject: &Subject,
+        reply_to: Option<&Subject>,
+        headers: &Headers,
+        payload: &[u8],
+    ) -> Bytes {
         let stored = Stored {
             subject: subject.as_str(),
             reply_to: reply_to.map(Subject::as_str),
             payload,
         };
-        // Serializing borrowed strings and bytes into a Vec cannot fail.
-        Bytes::from(postcard::to_stdvec(&stored).unwrap_or_default())
+        // Serializing borrowed strings, bytes and bounded headers into a
+        // Vec cannot fail.
+        let mut bytes = postcard::to_stdvec(&stored).unwrap_or_default();
+        if !headers.is_empty() {
+            bytes.extend(postcard::to_stdvec(headers).unwrap_or_default());
+        }
+        Bytes::from(bytes)
     }
 
-    /// Decodes a delivery's payload from a durable subscription's queue.
+    /// Decodes a delivery's payload from a durable subscription's queue,
+    /// in either stored form (with headers or from before them).
     pub fn decode(bytes: &Bytes) -> Result<DurableMessage, DurableError> {
         let malformed = |e: &dyn std::fmt::Display| DurableError::Malformed(e.to_string());
-        let stored: Stored<'_> = postcard::from_bytes(bytes).map_err(|e| malformed(&e))?;
+        let (stored, rest): (Stored<'_>, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(|e| malformed(&e))?;
+        let headers = if rest.is_empty() {
+            Headers::new()
+        } else {
+            // Decoding enforces the headers' bounds; nothing may follow.
+            let (headers, rest): (Headers, &[u8]) =
+                postcard::take_from_bytes(rest).map_err(|e| malformed(&e))?;
+            if !rest.is_empty() {
+                return Err(DurableError::Malformed(format!(
+                    "{} bytes after the headers",
+                    rest.len()
+                )));
+            }
+            headers
+        };
         Ok(DurableMessage {
             subject: Subject::new(stored.subject)?,
             reply_to: stored.reply_to.map(Subject::new).transpose()?,
             payload: bytes.slice_ref(stored.payload),
+            headers,
         })
     }
 }
@@ -403,10 +443,7 @@ impl Durable {
     /// Stores a batch of messages in every durable subscription each one
     /// matches, one queue append per subscription. Returns how many copies
     /// were stored. When it returns `Ok`, they survive a crash.
-    pub async fn store(
-        &self,
-        messages: &[(Subject, Option<Subject>, Bytes)],
-    ) -> Result<usize, DurableError> {
+    pub async fn store(&self, messages: &[crate::bus::Outgoing]) -> Result<usize, DurableError> {
         let mut batches: HashMap<SubscriptionId, (Queue, String, Vec<QueueMessage>)> =
             HashMap::new();
         {
@@ -415,7 +452,7 @@ impl Durable {
                 return Ok(0);
             }
             let mut matched = Vec::new();
-            for (subject, reply_to, payload) in messages {
+            for (subject, reply_to, headers, payload) in messages {
                 matched.clear();
                 table.router.matches(subject, &mut matched);
                 for id in &matched {
@@ -429,6 +466,7 @@ impl Durable {
                             .push(QueueMessage::new(DurableMessage::encode(
                                 subject,
                                 reply_to.as_ref(),
+                                headers,
                                 payload,
                             )));
                     }
@@ -458,8 +496,59 @@ impl Durable {
     ) -> Result<usize, DurableError> {
         let subject = Subject::new(subject)?;
         let payload = payload.into();
-        self.store(&[(subject.clone(), None, payload.clone())])
+        self.store(&[(subject.clone(), None, Headers::new(), payload.clone())])
             .await?;
         Ok(publisher.publish_to(&subject, payload).await)
+    }
+}
+
+#[cfg(test)]
+mod stored_form_tests {
+    use super::*;
+
+    /// A message as the version before headers stored it: postcard of
+    /// (subject "orders.eu", reply_to Some("_inbox.1"), payload "tea"),
+    /// written out byte for byte so a change to the encoder cannot hide a
+    /// change to what is read.
+    const BEFORE_HEADERS: &[u8] = &[
+        9, b'o', b'r', b'd', b'e', b'r', b's', b'.', b'e', b'u', //
+        1, 8, b'_', b'i', b'n', b'b', b'o', b'x', b'.', b'1', //
+        3, b't', b'e', b'a',
+    ];
+
+    #[test]
+    fn a_message_stored_before_headers_existed_is_still_read() {
+        let message = DurableMessage::decode(&Bytes::from_static(BEFORE_HEADERS)).unwrap();
+        assert_eq!(message.subject.as_str(), "orders.eu");
+        assert_eq!(message.reply_to.unwrap().as_str(), "_inbox.1");
+        assert_eq!(&message.payload[..], b"tea");
+        assert!(message.headers.is_empty());
+    }
+
+    #[test]
+    fn a_message_without_headers_is_stored_in_the_old_form() {
+        let subject = Subject::new("orders.eu").unwrap();
+        let reply_to = Subject::new("_inbox.1").unwrap();
+        let bytes = DurableMessage::encode(&subject, Some(&reply_to), &Headers::new(), b"tea");
+        assert_eq!(&bytes[..], BEFORE_HEADERS);
+    }
+
+    #[test]
+    fn headers_round_trip_and_trailing_bytes_are_refused() {
+        let subject = Subject::new("orders.eu").unwrap();
+        let mut headers = Headers::new();
+        headers.insert("x-tenant", "blue").unwrap();
+        let bytes = DurableMessage::encode(&subject, None, &headers, b"tea");
+        let message = DurableMessage::decode(&bytes).unwrap();
+        assert_eq!(
+            (message.headers, &message.payload[..]),
+            (headers, &b"tea"[..])
+        );
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert!(matches!(
+            DurableMessage::decode(&Bytes::from(longer)),
+            Err(DurableError::Malformed(_))
+        ));
     }
 }

@@ -82,6 +82,9 @@ pub use bus::{
 /// What kind of failure an error is (every error's `kind()`), shared by
 /// every Courier crate.
 pub use courier_transport::ErrorKind;
+/// Message headers and the payload type tag, re-exported from courier-wire
+/// so publishers need no other crate.
+pub use courier_wire::headers::{HeaderError, Headers, TypeTag};
 pub use face::{PubSub, Publish, Subscriber};
 pub use interest::{Interest, NodeId};
 pub use router::{Router, SubscriptionId};

@@ -67,6 +67,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use courier_rpc::{Client, ClientConfig, RpcError};
 use courier_transport::Address;
+use courier_wire::headers::Headers;
 use tokio::sync::Notify;
 
 use crate::bus::Publisher;
@@ -187,6 +188,8 @@ pub enum RouteItem {
         /// The queue groups, as (filter, group), the receiver is to give
         /// it to one member of.
         groups: Vec<(String, String)>,
+        /// Its headers, as published (bounded when decoded).
+        headers: Headers,
     },
 }
 
@@ -231,6 +234,7 @@ const SERVICE: &str = "RouteService";
 pub(crate) struct Routed {
     pub(crate) subject: Subject,
     pub(crate) reply_to: Option<Subject>,
+    pub(crate) headers: Headers,
     pub(crate) payload: Bytes,
     pub(crate) publisher: u64,
     pub(crate) groups: Vec<GroupKey>,
@@ -240,6 +244,7 @@ fn routed_cost(message: &Routed) -> usize {
     message.payload.len()
         + message.subject.as_str().len()
         + message.reply_to.as_ref().map_or(0, |r| r.as_str().len())
+        + message.headers.total_len()
         + crate::MESSAGE_OVERHEAD
 }
 
@@ -428,6 +433,7 @@ impl Outbound {
                 publisher: message.publisher,
                 payload: message.payload,
                 groups: message.groups,
+                headers: message.headers,
             });
         }
         if self.slow.load(Ordering::Relaxed)
@@ -992,6 +998,7 @@ impl RouteHost {
             publisher: u64,
             subject: Subject,
             reply_to: Option<Subject>,
+            headers: Headers,
             payload: Bytes,
             groups: Vec<GroupKey>,
         }
@@ -1004,6 +1011,7 @@ impl RouteHost {
                 publisher,
                 payload,
                 mut groups,
+                headers,
             } = item
             else {
                 continue;
@@ -1025,6 +1033,7 @@ impl RouteHost {
                 publisher,
                 subject,
                 reply_to,
+                headers,
                 payload,
                 groups,
             });
@@ -1062,7 +1071,13 @@ impl RouteHost {
             };
             if !first.groups.is_empty() {
                 let unserved = local
-                    .send_routed(&first.subject, first.reply_to, first.payload, &first.groups)
+                    .send_routed(
+                        &first.subject,
+                        first.reply_to,
+                        first.headers,
+                        first.payload,
+                        &first.groups,
+                    )
                     .await;
                 if unserved > 0 {
                     // The member left after the sender chose this node:
@@ -1074,11 +1089,11 @@ impl RouteHost {
                 continue;
             }
             let publisher = first.publisher;
-            let mut batch = vec![(first.subject, first.reply_to, first.payload)];
+            let mut batch = vec![(first.subject, first.reply_to, first.headers, first.payload)];
             while let Some(next) =
                 parsed.next_if(|m| m.publisher == publisher && m.groups.is_empty())
             {
-                batch.push((next.subject, next.reply_to, next.payload));
+                batch.push((next.subject, next.reply_to, next.headers, next.payload));
             }
             local.send_all_routed(batch).await;
         }
@@ -1400,6 +1415,7 @@ mod tests {
             publisher,
             payload: Bytes::from_static(b"x"),
             groups: Vec::new(),
+            headers: Headers::new(),
         }
     }
 
@@ -1465,6 +1481,7 @@ mod tests {
             publisher: 7,
             payload: Bytes::from(vec![n]),
             groups: vec![("a.>".to_string(), "g".to_string())],
+            headers: Headers::new(),
         };
         host.items(1, 11, 1, vec![for_group(1)]).await;
         assert!(matches!(member.try_recv(), Some(crate::Event::Message(_))));

@@ -657,3 +657,24 @@ async fn concurrent_requests_across_nodes_under_load_all_get_their_replies() {
     }
     churn.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_cross_a_route_unchanged() {
+    let nodes = mesh(2, RouteConfig::default()).await;
+    let mut sub = nodes[1]
+        .bus
+        .subscribe("hdr.>", SubscribeOptions::default())
+        .await
+        .unwrap();
+    settled(&nodes).await;
+    let mut headers = courier_pubsub::Headers::new();
+    headers.insert("x-tenant", "blue").unwrap();
+    nodes[0]
+        .bus
+        .publisher()
+        .publish_with_headers("hdr.a", headers.clone(), "x")
+        .await
+        .unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(m.headers, headers);
+}

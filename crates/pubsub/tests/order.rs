@@ -271,11 +271,18 @@ async fn a_frame_older_than_one_applied_is_dropped_so_order_holds_across_reconne
         .unwrap();
     // The new connection's frames (2, 3) arrive while the old connection's
     // reader still holds frame 1: it must not land after them.
-    host.publish_oneway(7, 2, "re.a".into(), None, "two".into())
+    host.publish_oneway(7, 2, "re.a".into(), None, "two".into(), Default::default())
         .await;
-    host.publish_oneway(7, 3, "re.a".into(), None, "three".into())
-        .await;
-    host.publish_oneway(7, 1, "re.a".into(), None, "one".into())
+    host.publish_oneway(
+        7,
+        3,
+        "re.a".into(),
+        None,
+        "three".into(),
+        Default::default(),
+    )
+    .await;
+    host.publish_oneway(7, 1, "re.a".into(), None, "one".into(), Default::default())
         .await;
     host.publish_batch_oneway(7, 2, Vec::new()).await;
     let mut got = Vec::new();
@@ -345,13 +352,27 @@ async fn a_one_way_publish_cut_short_at_the_host_is_reported_by_flush() {
         )
         .await
         .unwrap();
-    host.publish_oneway(9, 1, "cut.a".into(), None, "fits".into())
-        .await;
+    host.publish_oneway(
+        9,
+        1,
+        "cut.a".into(),
+        None,
+        "fits".into(),
+        Default::default(),
+    )
+    .await;
     // The buffer is full: this one waits, and its call is dropped, as its
     // deadline or a shutdown would drop it.
     let waiting = tokio::time::timeout(
         Duration::from_millis(20),
-        host.publish_oneway(9, 2, "cut.a".into(), None, "waits".into()),
+        host.publish_oneway(
+            9,
+            2,
+            "cut.a".into(),
+            None,
+            "waits".into(),
+            Default::default(),
+        ),
     )
     .await;
     assert!(waiting.is_err(), "the publish waited for room");

@@ -619,7 +619,7 @@ async fn client_chosen_publisher_ids_keep_host_state_bounded() {
     // A hostile client: a fresh id on every call, as fast as it can.
     for id in 0..IDS {
         let reached = host
-            .publish(id, "svc".into(), None, payload.clone())
+            .publish(id, "svc".into(), None, payload.clone(), Default::default())
             .await
             .unwrap();
         assert_eq!(reached, 2);
@@ -630,7 +630,9 @@ async fn client_chosen_publisher_ids_keep_host_state_bounded() {
     assert!(most.0 <= 1024, "host kept {} publishers", most.0);
     assert!(most.1 <= 256, "a subscription kept {} publishers", most.1);
     // A forgotten id publishing again is a new publisher: nothing breaks.
-    host.publish(0, "svc".into(), None, payload).await.unwrap();
+    host.publish(0, "svc".into(), None, payload, Default::default())
+        .await
+        .unwrap();
     let Some(Event::Message(m)) = responder.try_recv() else {
         panic!("delivered")
     };

@@ -10,6 +10,7 @@ use courier_queue::remote::RemoteQueue;
 use courier_rpc::ClientConfig;
 use courier_rpc::{Client, RpcError};
 use courier_transport::Address;
+use courier_wire::headers::Headers;
 
 use crate::{Event, Message, Subject, SubscribeOptions};
 
@@ -226,6 +227,7 @@ impl RemotePubSub {
                     subject,
                     format!("{}.{n}", inbox.prefix),
                     payload.into(),
+                    crate::bus::traced(Headers::new()),
                 ),
             )
             .await?;
@@ -446,6 +448,8 @@ fn queued_size(message: &Queued) -> usize {
     message.subject.len()
         + message.reply_to.as_ref().map_or(0, |r| r.len())
         + message.payload.len()
+        + message.headers.total_len()
+        + 2 * message.headers.len()
         + QUEUED_OVERHEAD
 }
 
@@ -586,15 +590,17 @@ struct Queued {
     subject: Arc<str>,
     reply_to: Option<Arc<str>>,
     payload: Bytes,
+    headers: Headers,
 }
 
 impl serde::Serialize for Queued {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut fields = serializer.serialize_struct("WirePublish", 3)?;
+        let mut fields = serializer.serialize_struct("WirePublish", 4)?;
         fields.serialize_field("subject", &*self.subject)?;
         fields.serialize_field("reply_to", &self.reply_to.as_deref())?;
         fields.serialize_field("payload", &self.payload)?;
+        fields.serialize_field("headers", &self.headers)?;
         fields.end()
     }
 }
@@ -618,6 +624,7 @@ fn wire_batch<S: Into<String>, P: Into<Bytes>>(
             subject,
             reply_to: None,
             payload: payload.into(),
+            headers: crate::bus::traced(Headers::new()),
         });
     }
     Ok(batch)
@@ -638,13 +645,27 @@ impl RemotePublisher {
         subject: &str,
         payload: impl Into<Bytes>,
     ) -> Result<(), RemotePubSubError> {
-        self.publish_one_way(subject, None, payload.into()).await
+        self.publish_one_way(subject, None, Headers::new(), payload.into())
+            .await
+    }
+
+    /// [`publish`](Self::publish) with headers (the current trace context
+    /// is added as `traceparent` unless `headers` has one).
+    pub async fn publish_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), RemotePubSubError> {
+        self.publish_one_way(subject, None, headers, payload.into())
+            .await
     }
 
     async fn publish_one_way(
         &self,
         subject: &str,
         reply_to: Option<&str>,
+        headers: Headers,
         payload: Bytes,
     ) -> Result<(), RemotePubSubError> {
         let subject = {
@@ -667,6 +688,7 @@ impl RemotePublisher {
             subject,
             reply_to: reply_to.map(Arc::from),
             payload,
+            headers: crate::bus::traced(headers),
         };
         let permit = self.room_for(std::slice::from_ref(&message)).await?;
         self.queue()
@@ -815,7 +837,13 @@ impl RemotePublisher {
         self.barrier().await?;
         let outcome = self
             .client
-            .publish(self.id, subject.to_string(), None, payload.into())
+            .publish(
+                self.id,
+                subject.to_string(),
+                None,
+                payload.into(),
+                crate::bus::traced(Headers::new()),
+            )
             .await;
         Ok(outcome??)
     }
@@ -849,6 +877,7 @@ impl RemotePublisher {
                 subject: m.subject.to_string(),
                 reply_to: m.reply_to.map(|r| r.to_string()),
                 payload: m.payload,
+                headers: m.headers,
             })
             .collect();
         Ok(self.client.publish_batch(self.id, messages).await??)
@@ -896,16 +925,20 @@ mod queued_tests {
     /// bytes, so the host decodes what the sender task encodes.
     #[test]
     fn a_queued_message_is_encoded_as_a_wire_publish() {
-        for reply_to in [None, Some("_inbox.1.2")] {
+        let mut tagged = Headers::new();
+        tagged.insert("x-tenant", "blue").unwrap();
+        for (reply_to, headers) in [(None, Headers::new()), (Some("_inbox.1.2"), tagged)] {
             let queued = Queued {
                 subject: Arc::from("orders.eu"),
                 reply_to: reply_to.map(Arc::from),
                 payload: Bytes::from_static(b"\x00payload\xff"),
+                headers: headers.clone(),
             };
             let wire = WirePublish {
                 subject: "orders.eu".into(),
                 reply_to: reply_to.map(str::to_string),
                 payload: Bytes::from_static(b"\x00payload\xff"),
+                headers: headers.clone(),
             };
             assert_eq!(
                 postcard::to_allocvec(&(7u64, 9u64, vec![&queued])).unwrap(),

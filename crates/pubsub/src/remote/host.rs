@@ -6,6 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use courier_wire::headers::Headers;
+
+use crate::bus::Outgoing;
 use courier_rpc::Items;
 
 use crate::durable::Durable;
@@ -318,14 +321,14 @@ impl PubSubHost {
         &self,
         last: Option<&Subject>,
         m: WirePublish,
-    ) -> Result<(Subject, Option<Subject>, Bytes), RemoteError> {
+    ) -> Result<Outgoing, RemoteError> {
         let subject = match last {
             Some(last) if last.as_str() == m.subject => last.clone(),
             _ => Subject::new(&m.subject)?,
         };
         let reply_to = m.reply_to.map(|r| Subject::new(&r)).transpose()?;
         self.check_publish(&subject, reply_to.is_some())?;
-        Ok((subject, reply_to, m.payload))
+        Ok((subject, reply_to, m.headers, m.payload))
     }
 
     /// The lock that orders `publisher`'s one-way publishes.
@@ -356,7 +359,7 @@ impl PubSubHost {
     async fn publish_all(
         &self,
         publisher: u64,
-        messages: Vec<(Subject, Option<Subject>, Bytes)>,
+        messages: Vec<Outgoing>,
     ) -> Result<u64, RemoteError> {
         let started = std::time::Instant::now();
         let counters = &self.counters;
@@ -424,6 +427,7 @@ fn wire_event(event: Event) -> Option<WireEvent> {
             publisher: m.publisher,
             seq: m.seq,
             reply_to: m.reply_to.map(|r| WireText(r.shared_text())),
+            headers: m.headers,
         },
         Event::Gap {
             publisher,
@@ -448,8 +452,16 @@ fn wire_size(event: &WireEvent) -> usize {
             subject,
             payload,
             reply_to,
+            headers,
             ..
-        } => FIXED + subject.0.len() + payload.len() + reply_to.as_ref().map_or(0, |r| r.0.len()),
+        } => {
+            FIXED
+                + subject.0.len()
+                + payload.len()
+                + reply_to.as_ref().map_or(0, |r| r.0.len())
+                + headers.total_len()
+                + 2 * headers.len()
+        }
         _ => FIXED,
     }
 }
@@ -461,11 +473,12 @@ impl PubSubService for PubSubHost {
         subject: String,
         reply_to: Option<String>,
         payload: Bytes,
+        headers: Headers,
     ) -> Result<u64, RemoteError> {
         let subject = Subject::new(&subject)?;
         let reply_to = reply_to.map(|r| Subject::new(&r)).transpose()?;
         self.check_publish(&subject, reply_to.is_some())?;
-        self.publish_all(publisher, vec![(subject, reply_to, payload)])
+        self.publish_all(publisher, vec![(subject, reply_to, headers, payload)])
             .await
     }
 
@@ -476,9 +489,13 @@ impl PubSubService for PubSubHost {
         subject: String,
         reply_to: Option<String>,
         payload: Bytes,
+        headers: Headers,
     ) {
         let publish = async {
-            match self.publish(publisher, subject, reply_to, payload).await {
+            match self
+                .publish(publisher, subject, reply_to, payload, headers)
+                .await
+            {
                 Ok(_) => Ok(()),
                 Err(err) => Err((1, err)),
             }
@@ -492,6 +509,7 @@ impl PubSubService for PubSubHost {
         subject: String,
         reply_to: String,
         payload: Bytes,
+        headers: Headers,
     ) {
         // The host answers only into an inbox the caller itself may
         // listen on (`_inbox.<id>`, or `_inbox.<id>.<n>` under
@@ -505,7 +523,7 @@ impl PubSubService for PubSubHost {
             self.check_subscribe(&listens_on).is_ok()
         });
         let outcome = self
-            .publish(requester, subject, Some(reply_to), payload)
+            .publish(requester, subject, Some(reply_to), payload, headers)
             .await;
         let Some(inbox) = inbox else {
             return;
@@ -520,7 +538,9 @@ impl PubSubService for PubSubHost {
         };
         let status = Subject::new(status).expect("a valid status subject");
         // From the host itself: never stored.
-        self.status.send(&inbox, Some(status), body).await;
+        self.status
+            .send(&inbox, Some(status), Headers::new(), body)
+            .await;
     }
 
     /// Unlike the confirmed `publish_batch`, each message is judged alone:
@@ -529,8 +549,7 @@ impl PubSubService for PubSubHost {
     async fn publish_batch_oneway(&self, publisher: u64, seq: u64, messages: Vec<WirePublish>) {
         let count = messages.len() as u64;
         let publish = async {
-            let mut parsed: Vec<(Subject, Option<Subject>, Bytes)> =
-                Vec::with_capacity(messages.len());
+            let mut parsed: Vec<Outgoing> = Vec::with_capacity(messages.len());
             let mut refused: Option<(u64, RemoteError)> = None;
             for m in messages {
                 match self.parse_publish(parsed.last().map(|p| &p.0), m) {
@@ -578,7 +597,7 @@ impl PubSubService for PubSubHost {
         publisher: u64,
         messages: Vec<WirePublish>,
     ) -> Result<u64, RemoteError> {
-        let mut parsed: Vec<(Subject, Option<Subject>, Bytes)> = Vec::with_capacity(messages.len());
+        let mut parsed: Vec<Outgoing> = Vec::with_capacity(messages.len());
         for m in messages {
             let message = self.parse_publish(parsed.last().map(|p| &p.0), m)?;
             parsed.push(message);

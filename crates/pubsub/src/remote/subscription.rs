@@ -294,6 +294,7 @@ fn event_from(wire: WireEvent, last: &mut Option<Subject>) -> Result<Event, Remo
             publisher,
             seq,
             reply_to,
+            headers,
         } => match parse_subject(subject.as_str(), last) {
             Ok(subject) => Ok(Event::Message(Message {
                 subject,
@@ -301,6 +302,7 @@ fn event_from(wire: WireEvent, last: &mut Option<Subject>) -> Result<Event, Remo
                 publisher,
                 seq,
                 reply_to: reply_to.and_then(|r| Subject::new(r.as_str()).ok()),
+                headers,
             })),
             Err(err) => Err(RemotePubSubError::Protocol(err.to_string())),
         },

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use courier_rpc::Items;
 use courier_transport::ErrorKind;
+use courier_wire::headers::Headers;
 
 use crate::durable::DurableError;
 use crate::SlowConsumer;
@@ -113,6 +114,8 @@ pub struct WirePublish {
     pub reply_to: Option<String>,
     /// Its bytes.
     pub payload: Bytes,
+    /// Its headers (bounded when decoded).
+    pub headers: Headers,
 }
 
 /// A subject on the wire: text, encoded as a string, shared rather than
@@ -185,6 +188,8 @@ pub enum WireEvent {
         seq: u64,
         /// Where to reply, for request-reply.
         reply_to: Option<WireText>,
+        /// Its headers, as published.
+        headers: Headers,
     },
     /// Messages `from..to` of `publisher` were dropped.
     Gap {
@@ -221,6 +226,7 @@ pub trait PubSubService {
         subject: String,
         reply_to: Option<String>,
         payload: Bytes,
+        headers: Headers,
     ) -> Result<u64, RemoteError>;
     /// Publishes one way: nothing comes back. The host applies one-way
     /// publishes in the order they arrive on the connection; a refused one
@@ -237,6 +243,7 @@ pub trait PubSubService {
         subject: String,
         reply_to: Option<String>,
         payload: Bytes,
+        headers: Headers,
     );
     /// A request, one way: published to `subject` with `reply_to` as
     /// [`publish`](Self::publish) does. When no live subscription takes it,
@@ -250,6 +257,7 @@ pub trait PubSubService {
         subject: String,
         reply_to: String,
         payload: Bytes,
+        headers: Headers,
     );
     /// Many publishes, one way (one `seq` for the frame), each judged
     /// alone: a refused message is counted for [`flush`](Self::flush) and
