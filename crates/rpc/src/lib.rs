@@ -19,6 +19,11 @@
 //! - **Deadlines** travel with each request as the time remaining (not a
 //!   clock reading, which would break under clock skew). The client gives
 //!   up at the deadline; the server stops the handler at the same deadline.
+//!   A stream meant to live as long as its connection (a subscription, a
+//!   consumer, a watch) is opened with no deadline at all
+//!   ([`Client::without_deadline`]): the request says so instead of
+//!   carrying a timeout, and the handler's [`CallContext::deadline`] is
+//!   `None`.
 //! - **Cancellation**: dropping a call's future (or its timing out) sends
 //!   `Cancel`; the server aborts the handler's task, so the handler's state is
 //!   dropped where it stands. Work a handler handed elsewhere (a spawned
