@@ -11,6 +11,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use courier_wire::headers::Headers;
 
 use crate::core::{MessageId, QueueStats};
 use crate::{Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueDeclaration, QueueError};
@@ -97,6 +98,8 @@ pub trait DeliveryHandle: Send {
     fn delivery_count(&self) -> u32;
     /// Its bytes.
     fn payload(&self) -> &Bytes;
+    /// Its headers, as enqueued.
+    fn headers(&self) -> &Headers;
     /// Done with it.
     fn ack(self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Give it back, to come again after `delay`.
@@ -174,6 +177,10 @@ macro_rules! handles {
 
             fn payload(&self) -> &Bytes {
                 <$delivery>::payload(self)
+            }
+
+            fn headers(&self) -> &Headers {
+                <$delivery>::headers(self)
             }
 
             async fn ack(self) -> Result<(), $error> {

@@ -65,6 +65,12 @@
 //!   restart keeps them) and never changed by a later declaration (a
 //!   different one is a `Conflict`). What a declaration leaves unset is
 //!   the host's [`core::QueueConfig`] (the broker's config file).
+//! - [`TypedQueue`]: values of one serde type in and out, on either face,
+//!   the type's schema fingerprint carried in each message's headers; a
+//!   message of another type is a per-delivery [`TypeError`] naming both
+//!   types, never a wrongly decoded value. Messages carry bounded text
+//!   [`Message::headers`] (stored in the log; logs written before headers
+//!   existed read as before).
 //! - [`QueueSet`]: the queues under one directory, each opened once and
 //!   shared (what a host serves).
 //!
@@ -130,6 +136,7 @@ mod queue;
 pub mod remote;
 mod set;
 pub mod storage;
+mod typed;
 
 pub use api::{ConsumerHandle, DeliveryHandle, QueueHandle};
 /// What kind of failure an error is (every error's `kind()`), shared by
@@ -138,6 +145,7 @@ pub use courier_wire::ErrorKind;
 pub use declare::{QueueDeclaration, MAX_DELIVERIES_LIMIT, MAX_LEASE, MIN_LEASE};
 pub use queue::{
     parse_dead_letter, Consumer, Delivery, Enqueued, Message, Peeked, Queue, QueueError,
-    QueueOptions,
+    QueueOptions, DEAD_LETTER_TYPE,
 };
 pub use set::QueueSet;
+pub use typed::{TypeError, TypedConsumer, TypedDelivery, TypedError, TypedQueue};

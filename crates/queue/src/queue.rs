@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::ErrorKind;
+use courier_wire::headers::Headers;
 
 use crate::core::{
     ConsumerId, DeliveryOutcome, DeliveryRecord, LeaseError, MessageId, QueueConfig, QueueCore,
@@ -26,8 +27,12 @@ use crate::declare::{self, QueueDeclaration};
 use crate::log::{AppendError, Log, LogOptions, OpenError, Recovery, Seq};
 use crate::storage::Storage;
 
+/// A stored message without headers: the layout every version reads.
 const ENQUEUE: u8 = 1;
 const REMOVE: u8 = 2;
+/// A stored message with headers (a later kind, so a log whose messages
+/// carry none is written exactly as before).
+const ENQUEUE_WITH_HEADERS: u8 = 3;
 /// Removals between attempts to delete consumed segments.
 const COMPACT_EVERY: u64 = 256;
 
@@ -59,6 +64,9 @@ pub struct Message {
     pub delay: Option<Duration>,
     /// Dropped if not acknowledged within this much time.
     pub ttl: Option<Duration>,
+    /// Text headers stored and delivered with it (bounded; see
+    /// [`Headers`]): the type of a typed message, a trace context.
+    pub headers: Headers,
 }
 
 impl Message {
@@ -87,6 +95,12 @@ impl Message {
         self.ttl = Some(ttl);
         self
     }
+
+    /// With these headers.
+    pub fn with_headers(mut self, headers: Headers) -> Message {
+        self.headers = headers;
+        self
+    }
 }
 
 /// What an enqueue did.
@@ -111,6 +125,8 @@ pub struct Peeked {
     pub deliveries: u32,
     /// Its bytes.
     pub payload: Bytes,
+    /// Its headers.
+    pub headers: Headers,
 }
 
 /// What went wrong with a queue operation.
@@ -207,7 +223,7 @@ impl QueueError {
 
 struct State {
     core: QueueCore,
-    payloads: HashMap<MessageId, Bytes>,
+    payloads: HashMap<MessageId, Stored>,
     next_consumer: ConsumerId,
     removals: u64,
     /// When the timer task will next wake by itself (`None`: only when
@@ -330,10 +346,17 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A stored message's bytes and headers, kept in memory until it is gone.
+#[derive(Clone, Default)]
+struct Stored {
+    payload: Bytes,
+    headers: Headers,
+}
+
 /// What a queue starts from: the state replayed from its storage.
 struct Recovered {
     core: QueueCore,
-    payloads: HashMap<MessageId, Bytes>,
+    payloads: HashMap<MessageId, Stored>,
     /// Replayed delays and lifetimes are measured from here.
     epoch: Instant,
     /// The sequence number after the last record replayed.
@@ -371,20 +394,56 @@ impl std::fmt::Debug for Queue {
     }
 }
 
-fn encode_enqueue(message: &Message) -> Bytes {
+/// An enqueue record: its kind and bytes.
+///
+/// ```text
+/// ENQUEUE:              at u64 | delay ms u64 | ttl ms u64 (MAX: none) | key len u16 | key | payload
+/// ENQUEUE_WITH_HEADERS: at u64 | delay ms u64 | ttl ms u64 | key len u16 | key | headers len u16 | headers (postcard) | payload
+/// ```
+fn encode_enqueue(message: &Message) -> (u8, Bytes) {
     let key = message.key.as_deref().unwrap_or("");
-    let mut buf = BytesMut::with_capacity(27 + key.len() + message.payload.len());
+    let key = &key.as_bytes()[..key.len().min(u16::MAX as usize)];
+    let mut buf = BytesMut::with_capacity(29 + key.len() + message.payload.len());
     buf.put_u64_le(wall_ms());
     buf.put_u64_le(message.delay.map_or(0, |d| d.as_millis() as u64));
     buf.put_u64_le(message.ttl.map_or(u64::MAX, |d| d.as_millis() as u64));
-    buf.put_u16_le(key.len().min(u16::MAX as usize) as u16);
-    buf.put_slice(&key.as_bytes()[..key.len().min(u16::MAX as usize)]);
+    buf.put_u16_le(key.len() as u16);
+    buf.put_slice(key);
+    let mut kind = ENQUEUE;
+    if !message.headers.is_empty() {
+        let at = buf.len();
+        buf.put_u16_le(0);
+        // Headers are bounded (4 KiB of text), far below the u16 limit
+        // given here; an encoding failure (none is possible for text)
+        // stores the message without them rather than failing it.
+        match courier_wire::payload::encode_into(&message.headers, &mut buf, u16::MAX as usize) {
+            Ok(written) => {
+                buf[at..at + 2].copy_from_slice(&(written as u16).to_le_bytes());
+                kind = ENQUEUE_WITH_HEADERS;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "message headers could not be stored; storing it without them");
+                buf.truncate(at);
+            }
+        }
+    }
     buf.put_slice(&message.payload);
-    buf.freeze()
+    (kind, buf.freeze())
 }
 
-/// (enqueued at, delay ms, ttl ms or MAX, key, payload)
-fn decode_enqueue(mut record: Bytes) -> Option<(u64, u64, u64, Option<String>, Bytes)> {
+/// A replayed enqueue record.
+struct Replayed {
+    at: u64,
+    delay: u64,
+    ttl: u64,
+    key: Option<String>,
+    headers: Headers,
+    payload: Bytes,
+}
+
+/// Reads an enqueue record of either kind; `None` if it is damaged (its
+/// headers are checked against their limits as they are decoded).
+fn decode_enqueue(kind: u8, mut record: Bytes) -> Option<Replayed> {
     if record.len() < 26 {
         return None;
     }
@@ -396,7 +455,26 @@ fn decode_enqueue(mut record: Bytes) -> Option<(u64, u64, u64, Option<String>, B
         return None;
     }
     let key = String::from_utf8(record.split_to(key_len).to_vec()).ok()?;
-    Some((at, delay, ttl, (!key.is_empty()).then_some(key), record))
+    let headers = if kind == ENQUEUE_WITH_HEADERS {
+        if record.len() < 2 {
+            return None;
+        }
+        let len = record.get_u16_le() as usize;
+        if record.len() < len {
+            return None;
+        }
+        courier_wire::payload::decode(&record.split_to(len)).ok()?
+    } else {
+        Headers::new()
+    };
+    Some(Replayed {
+        at,
+        delay,
+        ttl,
+        key: (!key.is_empty()).then_some(key),
+        headers,
+        payload: record,
+    })
 }
 
 /// A dead-lettered message: its delivery history, then the original payload.
@@ -415,6 +493,26 @@ fn encode_dead_letter(history: &[DeliveryRecord], payload: &Bytes) -> Bytes {
     }
     buf.put_slice(payload);
     buf.freeze()
+}
+
+/// The header that carries a dead letter's original type (its
+/// [`courier_wire::headers::TYPE`] header, moved): a dead letter's bytes
+/// are its history and then the original's, so they are not a value of
+/// that type, and a typed consumer of the dead-letter queue must say so
+/// ([`crate::TypeError::Untyped`]) rather than decode them as one.
+pub const DEAD_LETTER_TYPE: &str = "courier-dead-letter-type";
+
+/// A dead letter's headers: the original's, its type moved to
+/// [`DEAD_LETTER_TYPE`].
+fn dead_letter_headers(original: &Headers) -> Headers {
+    let mut headers = original.clone();
+    if let Some(tag) = headers.remove(courier_wire::headers::TYPE) {
+        // A longer name: on headers already at their byte bound it does
+        // not fit, and the dead letter goes without it (dead-lettering
+        // must not fail).
+        let _ = headers.insert(DEAD_LETTER_TYPE, tag);
+    }
+    headers
 }
 
 /// Splits a message of a dead-letter queue into the delivery history of
@@ -725,8 +823,15 @@ impl Queue {
             Log::open(dir.join(name), options.log.clone(), |record| {
                 known_next = record.seq + 1;
                 match record.kind {
-                    ENQUEUE => {
-                        if let Some((at, delay, ttl, key, payload)) = decode_enqueue(record.payload)
+                    ENQUEUE | ENQUEUE_WITH_HEADERS => {
+                        if let Some(Replayed {
+                            at,
+                            delay,
+                            ttl,
+                            key,
+                            headers,
+                            payload,
+                        }) = decode_enqueue(record.kind, record.payload)
                         {
                             // Delays and lifetimes run on from when the message was stored.
                             let remaining = |ms: u64| {
@@ -740,7 +845,13 @@ impl Queue {
                             // segment as read, which would stay in memory
                             // (up to a segment's size) as long as any one of
                             // its messages does. Memory follows the backlog.
-                            payloads.insert(record.seq, Bytes::copy_from_slice(&payload));
+                            payloads.insert(
+                                record.seq,
+                                Stored {
+                                    payload: Bytes::copy_from_slice(&payload),
+                                    headers,
+                                },
+                            );
                         }
                     }
                     REMOVE if record.payload.len() == 8 => {
@@ -847,7 +958,7 @@ impl Queue {
         if !fresh.is_empty() {
             let records = fresh
                 .iter()
-                .map(|&i| (ENQUEUE, encode_enqueue(&messages[i])))
+                .map(|&i| encode_enqueue(&messages[i]))
                 .collect();
             let first = self.inner.storage.append_batch(records).await?;
             let now = self.now();
@@ -862,7 +973,13 @@ impl Queue {
                     now + message.delay.unwrap_or_default(),
                     message.ttl.map(|ttl| now + ttl),
                 );
-                state.payloads.insert(id, message.payload.clone());
+                state.payloads.insert(
+                    id,
+                    Stored {
+                        payload: message.payload.clone(),
+                        headers: message.headers.clone(),
+                    },
+                );
                 outcomes[index] = Some(Enqueued::Stored(id));
             }
             // In the core now, which compaction looks at.
@@ -942,10 +1059,12 @@ impl Queue {
             .peek(now, limit)
             .into_iter()
             .filter_map(|(id, deliveries)| {
+                let stored = state.payloads.get(&id)?;
                 Some(Peeked {
                     id,
                     deliveries,
-                    payload: state.payloads.get(&id)?.clone(),
+                    payload: stored.payload.clone(),
+                    headers: stored.headers.clone(),
                 })
             })
             .collect()
@@ -1019,10 +1138,11 @@ impl Queue {
                 let id = match event {
                     QueueEvent::Acked(id) | QueueEvent::Expired(id) => id,
                     QueueEvent::DeadLettered { id, history } => {
-                        if let Some(payload) = state.payloads.get(&id) {
-                            state
-                                .pending_dead
-                                .push(Message::new(encode_dead_letter(&history, payload)));
+                        if let Some(stored) = state.payloads.get(&id) {
+                            state.pending_dead.push(
+                                Message::new(encode_dead_letter(&history, &stored.payload))
+                                    .with_headers(dead_letter_headers(&stored.headers)),
+                            );
                         }
                         id
                     }
@@ -1223,7 +1343,7 @@ impl Consumer {
         // The lease must end by itself, even if nothing else happens on
         // this queue.
         self.queue.arm(&mut state, delivery.lease_until);
-        let payload = state
+        let Stored { payload, headers } = state
             .payloads
             .get(&delivery.id)
             .cloned()
@@ -1233,6 +1353,7 @@ impl Consumer {
             id: delivery.id,
             delivery: delivery.delivery,
             payload,
+            headers,
             queue: self.queue.clone(),
             consumer: self.id,
             _slot: Slot {
@@ -1300,6 +1421,8 @@ pub struct Delivery {
     pub delivery: u32,
     /// Its bytes.
     pub payload: Bytes,
+    /// Its headers, as enqueued.
+    pub headers: Headers,
     queue: Queue,
     consumer: ConsumerId,
     _slot: Slot,
@@ -1352,6 +1475,11 @@ impl Delivery {
     /// Its bytes.
     pub fn payload(&self) -> &Bytes {
         &self.payload
+    }
+
+    /// Its headers, as enqueued.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
     }
 
     /// Applies an answer to the queue's state at once, without waiting for

@@ -37,6 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use courier_rpc::{Client, ItemStream, Items, RpcError};
 use courier_transport::ErrorKind;
+use courier_wire::headers::Headers;
 
 /// Re-exported: what [`RemoteQueue::connect`] takes, so a client needs no
 /// other Courier crate.
@@ -176,6 +177,8 @@ pub struct WireDelivery {
     pub delivery: u32,
     /// Its bytes.
     pub payload: Bytes,
+    /// Its headers (bounded as they are decoded).
+    pub headers: Headers,
 }
 
 /// One answer to a delivery in an [`QueueService::answer_batch`] call.
@@ -481,7 +484,7 @@ impl QueueHost {
                     (delivery, permit)
                 }
             };
-            let mut bytes = first.0.payload.len();
+            let mut bytes = first.0.payload.len() + first.0.headers.total_len();
             let mut taken = vec![first];
             // Whatever else is ready and has credit goes with it.
             while taken.len() < most && bytes < DELIVERY_BYTES_PER_ITEM {
@@ -491,11 +494,13 @@ impl QueueHost {
                 let Some(delivery) = consumer.try_recv() else {
                     break;
                 };
-                if bytes + delivery.payload.len() > DELIVERY_BYTES_PER_ITEM {
+                if bytes + delivery.payload.len() + delivery.headers.total_len()
+                    > DELIVERY_BYTES_PER_ITEM
+                {
                     held_back = Some((delivery, permit));
                     break;
                 }
-                bytes += delivery.payload.len();
+                bytes += delivery.payload.len() + delivery.headers.total_len();
                 taken.push((delivery, permit));
             }
             let mut wire = Vec::with_capacity(taken.len());
@@ -508,6 +513,7 @@ impl QueueHost {
                         id: delivery.id,
                         delivery: delivery.delivery,
                         payload: delivery.payload.clone(),
+                        headers: delivery.headers.clone(),
                     });
                     table.insert(
                         token,
@@ -715,10 +721,12 @@ impl QueueService for QueueHost {
         let mut bytes = 0;
         let mut shown = Vec::new();
         for peeked in queue.peek_now(count.min(MAX_PEEK) as usize) {
-            if !shown.is_empty() && bytes + peeked.payload.len() > PEEK_BYTES {
+            if !shown.is_empty()
+                && bytes + peeked.payload.len() + peeked.headers.total_len() > PEEK_BYTES
+            {
                 break;
             }
-            bytes += peeked.payload.len();
+            bytes += peeked.payload.len() + peeked.headers.total_len();
             shown.push(peeked);
         }
         Ok(shown)
@@ -1010,6 +1018,7 @@ impl RemoteConsumer {
             id: wire.id,
             delivery: wire.delivery,
             payload: wire.payload,
+            headers: wire.headers,
             token: wire.token,
             client: self.client.clone(),
             answers: self.answers.clone(),
@@ -1117,7 +1126,9 @@ impl Batcher for EnqueueBatch {
     type Error = RemoteQueueError;
 
     fn weight(message: &Message) -> usize {
-        message.payload.len() + message.key.as_ref().map_or(0, String::len)
+        message.payload.len()
+            + message.key.as_ref().map_or(0, String::len)
+            + message.headers.total_len()
     }
 
     async fn send(&self, messages: Vec<Message>) -> Vec<Result<Enqueued, RemoteQueueError>> {
@@ -1164,6 +1175,8 @@ pub struct RemoteDelivery {
     pub delivery: u32,
     /// Its bytes.
     pub payload: Bytes,
+    /// Its headers, as enqueued.
+    pub headers: Headers,
     token: u64,
     client: QueueServiceClient,
     answers: Arc<Answers>,
@@ -1236,6 +1249,11 @@ impl RemoteDelivery {
     /// Its bytes.
     pub fn payload(&self) -> &Bytes {
         &self.payload
+    }
+
+    /// Its headers, as enqueued.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
     }
 
     async fn answer(mut self, answer: WireAnswer) -> Result<(), RemoteQueueError> {

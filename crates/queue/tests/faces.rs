@@ -232,6 +232,63 @@ async fn receives_dropped_in_select_lose_no_delivery_on_either_face() {
     dropped_receives_lose_nothing(remote).await;
 }
 
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+struct Order {
+    id: u64,
+    item: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+struct Refund(i64, String);
+
+/// Typed values across a face: the right type decodes, another type is an
+/// error for its delivery alone, and the consumer (and its connection)
+/// goes on.
+async fn typed_program<Q: QueueHandle + Clone>(queue: &Q) {
+    use courier_queue::{TypeError, TypedQueue};
+    let orders = TypedQueue::<Q, Order>::new(queue.clone());
+    let refunds = TypedQueue::<Q, Refund>::new(queue.clone());
+    refunds
+        .enqueue(&Refund(-450, "cold tea".into()))
+        .await
+        .unwrap();
+    let tea = Order {
+        id: 9,
+        item: "tea".into(),
+    };
+    orders.enqueue(&tea).await.unwrap();
+    let mut consumer = orders.consumer(2).await.unwrap();
+    let wrong = within("refund", consumer.recv()).await.unwrap();
+    let err = wrong.value().unwrap_err();
+    assert!(matches!(err, TypeError::Mismatch { .. }), "{err}");
+    assert!(
+        err.to_string().contains("Order") && err.to_string().contains("Refund"),
+        "{err}"
+    );
+    wrong.ack().await.unwrap();
+    let right = within("order", consumer.recv()).await.unwrap();
+    assert_eq!(right.value(), Ok(&tea));
+    right.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn typed_queues_check_the_type_on_both_faces() {
+    let dir = TempDir::new("faces-typed");
+    let embedded = Queue::open(
+        dir.path().join("embedded"),
+        "typed",
+        QueueOptions::default(),
+    )
+    .await
+    .unwrap();
+    typed_program(&embedded).await;
+    let server = host(&dir.path().join("hosted")).await;
+    let remote = RemoteQueue::connect(server.local_addr(), "typed", ClientConfig::default())
+        .await
+        .unwrap();
+    typed_program(&remote).await;
+}
+
 #[tokio::test]
 async fn one_program_runs_unchanged_on_the_embedded_and_the_remote_face() {
     let dir = TempDir::new("faces");
