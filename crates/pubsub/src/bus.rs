@@ -204,6 +204,9 @@ pub enum BusError {
     /// A request got no reply within its timeout.
     #[error("no reply within {0:?}")]
     Timeout(std::time::Duration),
+    /// A typed publish's value could not be encoded. Not retryable.
+    #[error(transparent)]
+    Encode(#[from] crate::typed::EncodeError),
 }
 
 impl BusError {
@@ -215,6 +218,7 @@ impl BusError {
     pub fn kind(&self) -> courier_transport::ErrorKind {
         match self {
             BusError::Subject(err) => err.kind(),
+            BusError::Encode(err) => err.kind(),
             BusError::NoResponders(_) | BusError::Timeout(_) => {
                 courier_transport::ErrorKind::TimedOut
             }
@@ -652,6 +656,19 @@ impl Bus {
     /// [`RemotePubSub::publish`](crate::remote::RemotePubSub::publish).
     pub async fn publish(&self, subject: &str, payload: impl Into<Bytes>) -> Result<(), BusError> {
         self.own_publisher().publish(subject, payload).await
+    }
+
+    /// [`publish`](Self::publish) with headers; see
+    /// [`Publisher::publish_with_headers`].
+    pub async fn publish_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), BusError> {
+        self.own_publisher()
+            .publish_with_headers(subject, headers, payload)
+            .await
     }
 
     /// Publishes many messages in order under the bus's own publisher

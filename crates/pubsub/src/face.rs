@@ -42,6 +42,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use courier_wire::headers::Headers;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::typed::{EncodeError, TypedSubscription};
 use crate::{Bus, BusError, Event, Message, Publisher, SubscribeOptions, Subscription};
 
 /// A bus: the in-process [`Bus`] or a
@@ -49,7 +54,7 @@ use crate::{Bus, BusError, Event, Message, Publisher, SubscribeOptions, Subscrip
 /// docs](self).
 pub trait PubSub: Clone + Send + Sync + 'static {
     /// What its calls fail with.
-    type Error: std::error::Error + Send + Sync + 'static;
+    type Error: std::error::Error + From<EncodeError> + Send + Sync + 'static;
     /// What [`publisher`](Self::publisher) gives.
     type Publisher: Publish<Error = Self::Error>;
     /// What [`subscribe`](Self::subscribe) gives.
@@ -92,6 +97,44 @@ pub trait PubSub: Clone + Send + Sync + 'static {
         messages: impl IntoIterator<Item = (S, P)>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
+    /// [`publish`](Self::publish) with headers.
+    fn publish_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Publishes `value`, encoded with postcard and tagged with its type
+    /// (see [`crate::typed`]), under the bus's own identity.
+    fn publish_typed<T: Serialize + DeserializeOwned + 'static>(
+        &self,
+        subject: &str,
+        value: &T,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let encoded = crate::typed::encode(value);
+        async move {
+            let (headers, payload) = encoded?;
+            self.publish_with_headers(subject, headers, payload).await
+        }
+    }
+
+    /// Subscribes for values of `T`: each message is decoded, and one of
+    /// another type is an error for that message alone (see
+    /// [`crate::typed`]).
+    fn subscribe_typed<T: DeserializeOwned + 'static>(
+        &self,
+        filter: &str,
+        options: SubscribeOptions,
+    ) -> impl Future<Output = Result<TypedSubscription<Self::Subscription, T>, Self::Error>> + Send
+    {
+        async move {
+            Ok(TypedSubscription::new(
+                self.subscribe(filter, options).await?,
+            ))
+        }
+    }
+
     /// Sends a request to `subject` and waits at most `timeout` for the
     /// first reply (answered with [`Publish::reply`]).
     fn request(
@@ -107,7 +150,7 @@ pub trait PubSub: Clone + Send + Sync + 'static {
 /// publisher reach each subscriber in the order they were published.
 pub trait Publish: Clone + Send + Sync + 'static {
     /// What its calls fail with.
-    type Error: std::error::Error + Send + Sync + 'static;
+    type Error: std::error::Error + From<EncodeError> + Send + Sync + 'static;
 
     /// Its identity, as subscribers see it ([`Message::publisher`]).
     fn id(&self) -> u64;
@@ -132,6 +175,51 @@ pub trait Publish: Clone + Send + Sync + 'static {
         &self,
         messages: impl IntoIterator<Item = (S, P)>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// [`publish`](Self::publish) with headers; the current trace context
+    /// is added as `traceparent` unless `headers` has one.
+    fn publish_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Publishes `value`, encoded with postcard and tagged with its type
+    /// (see [`crate::typed`]).
+    fn publish_typed<T: Serialize + DeserializeOwned + 'static>(
+        &self,
+        subject: &str,
+        value: &T,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let encoded = crate::typed::encode(value);
+        async move {
+            let (headers, payload) = encoded?;
+            self.publish_with_headers(subject, headers, payload).await
+        }
+    }
+
+    /// Answers `request` with `value`, typed as
+    /// [`publish_typed`](Self::publish_typed) does; nothing if it asked for
+    /// no reply.
+    fn reply_typed<T: Serialize + DeserializeOwned + 'static>(
+        &self,
+        request: &Message,
+        value: &T,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let encoded = crate::typed::encode(value);
+        let inbox = request.reply_to.clone();
+        async move {
+            let (headers, payload) = encoded?;
+            match inbox {
+                Some(inbox) => {
+                    self.publish_with_headers(inbox.as_str(), headers, payload)
+                        .await
+                }
+                None => Ok(()),
+            }
+        }
+    }
 
     /// Returns once every publish made before it has been applied, and
     /// reports what was refused meanwhile.
@@ -205,6 +293,15 @@ impl PubSub for Bus {
         Bus::publish_batch(self, owned_batch(messages))
     }
 
+    fn publish_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> impl Future<Output = Result<(), BusError>> + Send {
+        Bus::publish_with_headers(self, subject, headers, payload.into())
+    }
+
     fn request(
         &self,
         subject: &str,
@@ -243,6 +340,15 @@ impl Publish for Publisher {
         messages: impl IntoIterator<Item = (S, P)>,
     ) -> impl Future<Output = Result<(), BusError>> + Send {
         Publisher::publish_batch(self, owned_batch(messages))
+    }
+
+    fn publish_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> impl Future<Output = Result<(), BusError>> + Send {
+        Publisher::publish_with_headers(self, subject, headers, payload.into())
     }
 
     fn flush(&self) -> impl Future<Output = Result<(), BusError>> + Send {
@@ -305,6 +411,15 @@ mod remote_face {
             RemotePubSub::publish_batch(self, owned_batch(messages))
         }
 
+        fn publish_with_headers(
+            &self,
+            subject: &str,
+            headers: Headers,
+            payload: impl Into<Bytes>,
+        ) -> impl Future<Output = Result<(), RemotePubSubError>> + Send {
+            RemotePubSub::publish_with_headers(self, subject, headers, payload.into())
+        }
+
         fn request(
             &self,
             subject: &str,
@@ -343,6 +458,15 @@ mod remote_face {
             messages: impl IntoIterator<Item = (S, P)>,
         ) -> impl Future<Output = Result<(), RemotePubSubError>> + Send {
             RemotePublisher::publish_batch(self, owned_batch(messages))
+        }
+
+        fn publish_with_headers(
+            &self,
+            subject: &str,
+            headers: Headers,
+            payload: impl Into<Bytes>,
+        ) -> impl Future<Output = Result<(), RemotePubSubError>> + Send {
+            RemotePublisher::publish_with_headers(self, subject, headers, payload.into())
         }
 
         fn flush(&self) -> impl Future<Output = Result<(), RemotePubSubError>> + Send {

@@ -74,6 +74,7 @@ pub mod remote;
 pub mod route;
 pub mod router;
 pub mod subject;
+pub mod typed;
 
 pub use bus::{
     Bus, BusConfig, BusError, Event, Message, Publisher, RequestError, SlowConsumer,

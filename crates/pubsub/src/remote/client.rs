@@ -164,6 +164,19 @@ impl RemotePubSub {
         self.own_publisher().publish(subject, payload).await
     }
 
+    /// [`publish`](Self::publish) with headers; see
+    /// [`RemotePublisher::publish_with_headers`].
+    pub async fn publish_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), RemotePubSubError> {
+        self.own_publisher()
+            .publish_with_headers(subject, headers, payload)
+            .await
+    }
+
     /// Publishes many messages one way, in order, under this bus's own
     /// publisher identity; see [`RemotePublisher::publish_batch`].
     pub async fn publish_batch<S: Into<String>, P: Into<Bytes>>(

@@ -34,6 +34,9 @@ pub enum RemotePubSubError {
         "the connection to the host was lost after publishes were sent; some may not have arrived"
     )]
     PublishesLost,
+    /// A typed publish's value could not be encoded. Not retryable.
+    #[error(transparent)]
+    Encode(#[from] crate::typed::EncodeError),
 }
 
 impl RemotePubSubError {
@@ -52,6 +55,7 @@ impl RemotePubSubError {
                 ErrorKind::TimedOut
             }
             RemotePubSubError::PublishesLost => ErrorKind::Unavailable,
+            RemotePubSubError::Encode(err) => err.kind(),
         }
     }
 
