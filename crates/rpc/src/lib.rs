@@ -313,6 +313,28 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Tracing
+//!
+//! A call carries its caller's W3C trace context, so one request can be
+//! followed from client through every server it reaches. The client reads
+//! [`courier_transport::trace::current`] when it sends a call (unary,
+//! one-way or streaming) and, when there is one, puts its `traceparent` in
+//! the request; it starts no trace of its own (run the caller inside
+//! [`courier_transport::trace::scope`] with a [`TraceContext::root`], or
+//! under whatever started the trace, to have one). The server runs the
+//! handler as a child of it: a context with the same trace id and a fresh
+//! span id is current while the handler runs (so a call the handler makes
+//! continues the trace), and the handler runs inside an `rpc` span (level
+//! `INFO`) with fields `service`, `method`, `trace_id`, `parent_id` (the
+//! caller's span id) and `span_id` (the handler's), which log lines the
+//! handler writes are nested in.
+//!
+//! The `traceparent` travels in the request's extension, which a client
+//! sends only to a server whose welcome says it reads one: an older server
+//! gets requests in the layout it knows, with no trace.
+//!
+//! [`TraceContext::root`]: courier_transport::trace::TraceContext::root
+//!
 //! ## One-way calls
 //!
 //! A method marked `#[oneway]` (returning `()`, not streaming) is sent
