@@ -117,6 +117,92 @@
 //! `client.rs` (`cargo run -p courier-rpc --example server`, then in
 //! another terminal `cargo run -p courier-rpc --example client -- ADDRESS`).
 //!
+//! ## Handler context
+//!
+//! A handler sees its call's context, as tarpc's `context::Context` gives
+//! it: [`CallContext::current`] returns it inside a handler (`None`
+//! elsewhere), with
+//!
+//! - the **deadline**: [`CallContext::deadline`] and
+//!   [`CallContext::remaining`] (`None` for a call made
+//!   [`without_deadline`](Client::without_deadline)), the server's view of
+//!   the caller's own deadline, which travelled as the time remaining; the
+//!   server stops the handler there;
+//! - the **caller**: [`CallContext::caller`], the identity its token or
+//!   client certificate proved (`None`: anonymous; also [`caller`]);
+//! - **cancellation**: [`CallContext::is_cancelled`] and
+//!   [`CallContext::cancelled`], set when the client drops the call (or its
+//!   stream), the deadline passes, or the server shuts down. The handler's
+//!   own future is simply dropped then; the context is for work it handed
+//!   elsewhere (a spawned task, a blocking thread), which gets a clone;
+//! - the **trace**: [`courier_transport::trace::current`] is the caller's
+//!   trace, continued (see [Tracing](#tracing)).
+//!
+//! The free functions [`cancelled`] and [`remaining`] do the same for the
+//! call being handled.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use courier_rpc::{Authenticator, CallContext, Client, ClientConfig, Secret, Server, ServerConfig};
+//!
+//! #[courier_rpc::service]
+//! trait Reports {
+//!     /// Who is asking, and how many whole seconds they will wait.
+//!     async fn whoami(&self) -> (Option<String>, Option<u64>);
+//!     /// Long blocking work that stops when nobody waits for it any more.
+//!     async fn crunch(&self, steps: u64) -> Result<u64, String>;
+//! }
+//!
+//! struct Host;
+//! impl Reports for Host {
+//!     async fn whoami(&self) -> (Option<String>, Option<u64>) {
+//!         let call = CallContext::current().expect("inside a handler");
+//!         let caller = call.caller().map(str::to_string);
+//!         (caller, call.remaining().map(|left| left.as_secs()))
+//!     }
+//!     async fn crunch(&self, steps: u64) -> Result<u64, String> {
+//!         let call = CallContext::current().expect("inside a handler");
+//!         // The blocking thread is not stopped with the handler: it
+//!         // watches the call itself.
+//!         let work = tokio::task::spawn_blocking(move || {
+//!             for done in 0..steps {
+//!                 if call.is_cancelled() {
+//!                     return Err(format!("cancelled after {done} steps"));
+//!                 }
+//!             }
+//!             Ok(steps)
+//!         });
+//!         work.await.map_err(|err| err.to_string())?
+//!     }
+//! }
+//!
+//! struct Tokens;
+//! impl Authenticator for Tokens {
+//!     fn authenticate(&self, token: &Secret) -> Option<String> {
+//!         token.matches(&Secret::new("ada's token")).then(|| "ada".to_string())
+//!     }
+//! }
+//!
+//! let listener = courier_transport::bind(&"mem://context-doc".parse()?, &Default::default()).await?;
+//! let config = ServerConfig::default().with_authenticator(Arc::new(Tokens), false);
+//! let server = Server::new(config).service(ReportsServer::new(Host)).spawn(listener);
+//!
+//! let config = ClientConfig::default()
+//!     .with_token(Secret::new("ada's token"))
+//!     .with_timeout(Duration::from_secs(30));
+//! let reports = ReportsClient::new(Client::connect(server.local_addr(), config).await?);
+//! let (caller, seconds) = reports.whoami().await?;
+//! assert_eq!(caller.as_deref(), Some("ada"));
+//! assert!(matches!(seconds, Some(29 | 30)), "{seconds:?}");
+//! // Without a deadline there is none to see.
+//! assert_eq!(reports.without_deadline().whoami().await?.1, None);
+//! assert_eq!(reports.crunch(1_000).await?, Ok(1_000));
+//! # Ok(()) }
+//! ```
+//!
 //! ## Versioning
 //!
 //! Every method has a fingerprint: a hash of the service's name, the

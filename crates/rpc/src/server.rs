@@ -1420,8 +1420,9 @@ tokio::task_local! {
     static CONTEXT: CallContext;
 }
 
-/// What a handler can know about the call it is handling: its deadline, and
-/// whether it was cancelled.
+/// What a handler can know about the call it is handling: its deadline (if
+/// it has one), who made it, and whether it was cancelled. See the crate
+/// docs, "Handler context", for an example.
 ///
 /// A call ends when its client cancels it (drops the call, or its stream),
 /// when its deadline passes, or when the server shuts down; the server then
