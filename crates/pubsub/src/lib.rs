@@ -31,6 +31,15 @@
 //!   ([`Event::Restored`]); publishing and delivery travel in batches.
 //! - [`durable`]: named subscriptions backed by a courier-queue, so a
 //!   subscriber that was away gets what was published meanwhile, with acks.
+//! - Headers: every [`Message`] carries [`Headers`] (a bounded list of text
+//!   pairs) end to end — in process, through hosts, across routes and in
+//!   durable subscriptions; `publish_with_headers` on every publisher. A
+//!   publish made inside a [`courier_transport::trace::scope`] carries the
+//!   trace's `traceparent`, which [`Message::trace_context`] reads back.
+//! - [`typed`]: publish any serde type (`publish_typed`, tagged with its
+//!   schema fingerprint), subscribe for one (`subscribe_typed`); a message
+//!   of another type is a [`typed::TypeError`] for that message alone,
+//!   naming both types.
 //! - Request-reply: [`Bus::request`] and [`Publisher::reply`], services
 //!   reached by subject, load-balanced over a queue group.
 //! - [`blocking`]: the same, for code without an async runtime.
