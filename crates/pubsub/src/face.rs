@@ -152,7 +152,10 @@ pub trait Publish: Clone + Send + Sync + 'static {
     /// What its calls fail with.
     type Error: std::error::Error + From<EncodeError> + Send + Sync + 'static;
 
-    /// Its identity, as subscribers see it ([`Message::publisher`]).
+    /// Its identity. In process it is what subscribers see as
+    /// [`Message::publisher`]; a remote publisher's is its own, which the
+    /// host maps to one number of its bus (the same one for every message
+    /// of this publisher, so order and gaps still hold per publisher).
     fn id(&self) -> u64;
 
     /// Publishes `payload` on `subject`.
