@@ -628,6 +628,12 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
                 Self { inner: self.inner.with_timeout(timeout), runtime: self.runtime.clone() }
             }
 
+            /// The same client (same connection and runtime) making calls
+            /// without a deadline (see `courier_rpc::Client::without_deadline`).
+            pub fn without_deadline(&self) -> Self {
+                Self { inner: self.inner.without_deadline(), runtime: self.runtime.clone() }
+            }
+
             #(#blocking_methods)*
         }
 

@@ -1161,8 +1161,9 @@ impl Client {
         }
         let waiter = waiter.take().expect("registered once");
         // The server's whole window, to begin with.
-        let outbound =
-            outbound.then(|| Arc::new(Semaphore::new(link.peer.inbound_window as usize)));
+        // (Bounded by what a semaphore can count: the window is the peer's.)
+        let window = (link.peer.inbound_window as usize).min(Semaphore::MAX_PERMITS);
+        let outbound = outbound.then(|| Arc::new(Semaphore::new(window)));
         table.waiters.insert(
             id,
             Entry {

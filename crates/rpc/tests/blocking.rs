@@ -82,6 +82,9 @@ fn with_timeout_changes_the_deadline_of_that_client_only() {
     );
     assert_eq!(desk.sleep(100).unwrap(), 100);
     assert_eq!(hasty.echo("still usable".into()).unwrap(), "still usable");
+    let patient = hasty.without_deadline();
+    assert_eq!(patient.client().client().timeout(), None);
+    assert_eq!(patient.sleep(100).unwrap(), 100);
     assert_connections(&server, 1);
 }
 

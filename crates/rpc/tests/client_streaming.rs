@@ -491,3 +491,59 @@ async fn a_server_without_client_streams_refuses_them_at_the_client() {
     ));
     assert_eq!(uploads.plain().await.unwrap(), 7);
 }
+
+/// A client that sends past its credit (by hand: the real client cannot)
+/// has its call ended with a report, and the server buffers no more than
+/// the window.
+#[tokio::test]
+async fn a_client_that_sends_past_its_credit_is_refused() {
+    use courier_transport::{Flags, Frame, FrameKind};
+    let window = 4;
+    let (server, _) = serve_with(mem(), ServerConfig::default().with_inbound_window(window)).await;
+    let mut raw = courier_transport::connect(server.local_addr(), &TransportConfig::default())
+        .await
+        .unwrap();
+    raw.send_message(
+        FrameKind::Hello,
+        0,
+        &courier_rpc::auth::Hello { token: None },
+    )
+    .await
+    .unwrap();
+    assert_eq!(raw.recv().await.unwrap().unwrap().kind, FrameKind::Hello);
+    let fingerprint = UploadsClient::method_fingerprint("gated").unwrap();
+    // The extension says "inbound"; then no arguments.
+    let ext = postcard::to_stdvec(&(true,)).unwrap();
+    let request = postcard::to_stdvec(&(
+        ("Uploads", "gated", fingerprint, 60_000u64, 0u32),
+        ext.as_slice(),
+    ))
+    .unwrap();
+    raw.send(Frame::new(FrameKind::Request, 1, request).with_flags(Flags::from_bits(0b100)))
+        .await
+        .unwrap();
+    // The handler reads nothing: the window, the end's place, then one
+    // too many.
+    for n in 0..window as u64 + 2 {
+        let item = postcard::to_stdvec(&n).unwrap();
+        raw.send(Frame::new(FrameKind::StreamItem, 1, item))
+            .await
+            .unwrap();
+    }
+    // (The handler's end, dropped with it, may say "stop sending" first.)
+    let report = loop {
+        let frame = raw.recv().await.unwrap().unwrap();
+        if frame.kind != FrameKind::Cancel {
+            break frame;
+        }
+    };
+    assert_eq!((report.kind, report.id), (FrameKind::Error, 1));
+    let fault: courier_rpc::RpcFault = postcard::from_bytes(&report.payload).unwrap();
+    assert!(
+        fault
+            .to_string()
+            .contains("more items than it had credit for"),
+        "{fault}"
+    );
+    until("every stream closed", || server.open_streams() == 0).await;
+}

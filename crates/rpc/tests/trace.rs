@@ -63,10 +63,13 @@ async fn client(server: &ServerHandle) -> HopClient {
     )
 }
 
+/// Each span made: its name and fields.
+type SpanLog = Vec<(String, HashMap<String, String>)>;
+
 /// Records every span's name and fields.
 #[derive(Clone, Default)]
 struct Recorder {
-    spans: Arc<Mutex<Vec<(String, HashMap<String, String>)>>>,
+    spans: Arc<Mutex<SpanLog>>,
     next: Arc<AtomicU64>,
 }
 
