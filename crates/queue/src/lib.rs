@@ -74,6 +74,23 @@
 //! - [`QueueSet`]: the queues under one directory, each opened once and
 //!   shared (what a host serves).
 //!
+//! ## Cancellation
+//!
+//! Any of these futures may be dropped at any await (in `tokio::select!`,
+//! under a timeout):
+//!
+//! - `recv` on [`Consumer`], `RemoteConsumer` and [`TypedConsumer`], and
+//!   polling either consumer as a `Stream`, are **cancel-safe**: a
+//!   delivery is taken and returned in one poll, and what the host has
+//!   sent waits in the consumer, so a dropped `recv` loses nothing and the
+//!   next one returns it.
+//! - `ack`, `nack` and `reject` are applied once first polled (the record
+//!   is written by a task of its own); dropped before their first poll,
+//!   the delivery is given back as any unanswered one is.
+//! - `enqueue` dropped after its first poll may still store the message
+//!   (as any call whose request went out may); use an idempotency key to
+//!   retry safely.
+//!
 //! ## Underneath
 //!
 //! - [`core`]: the lease, redelivery, dead-letter and de-duplication rules

@@ -328,3 +328,21 @@ async fn a_remote_consumer_whose_stream_ended_says_closed() {
     );
     assert_eq!(errors[2].kind(), courier_queue::ErrorKind::Unavailable);
 }
+
+/// The public types are `Send` (and `Sync` where shared), so they cross
+/// tasks; a field that broke it would fail to compile here.
+#[test]
+fn public_types_are_send_and_sync_where_they_should_be() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Queue>();
+    send_sync::<courier_queue::Consumer>();
+    send_sync::<courier_queue::Delivery>();
+    send_sync::<courier_queue::QueueSet>();
+    send_sync::<RemoteQueue>();
+    send::<courier_queue::remote::RemoteConsumer>();
+    send_sync::<courier_queue::remote::RemoteDelivery>();
+    send_sync::<QueueHost>();
+    send_sync::<courier_queue::TypedQueue<RemoteQueue, Order>>();
+    send::<courier_queue::TypedConsumer<courier_queue::remote::RemoteConsumer, Order>>();
+}
