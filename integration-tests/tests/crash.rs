@@ -70,7 +70,7 @@ fn acknowledged_enqueues_survive_kill_minus_nine() {
             let queue = Queue::open(&dir, "crash", QueueOptions::default())
                 .await
                 .unwrap();
-            let consumer = queue.consumer(usize::MAX);
+            let consumer = queue.consumer(u32::MAX).await.unwrap();
             let mut found = Vec::new();
             while let Some(delivery) = consumer.try_recv() {
                 let text = std::str::from_utf8(&delivery.payload).expect("intact payload");

@@ -51,7 +51,6 @@ async fn a_consumer_process_killed_mid_batch_hands_its_messages_to_another() {
         let delivery = tokio::time::timeout(Duration::from_secs(30), survivor.recv())
             .await
             .expect("the victim's messages came back")
-            .unwrap()
             .unwrap();
         if delivery.delivery == 2 {
             redelivered.insert(delivery.id);

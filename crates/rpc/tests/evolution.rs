@@ -283,7 +283,7 @@ fn a_defaulted_trailing_field_is_not_compatible_with_postcard() {
     let (read, rest) = postcard::take_from_bytes::<order_v1::Order>(&new).unwrap();
     assert_eq!((read.id, rest.is_empty()), (7, false));
     assert_ne!(
-        courier_messaging::Schema::of::<order_v1::Order>().fingerprint,
-        courier_messaging::Schema::of::<order_v2::Order>().fingerprint
+        courier_wire::schema::Schema::of::<order_v1::Order>().fingerprint,
+        courier_wire::schema::Schema::of::<order_v2::Order>().fingerprint
     );
 }

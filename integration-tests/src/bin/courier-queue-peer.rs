@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
             println!("consuming");
             let mut held = Vec::new();
             for _ in 0..count {
-                let delivery = consumer.recv().await.expect("a delivery")?;
+                let delivery = consumer.recv().await?;
                 println!("{}", delivery.id);
                 held.push(delivery);
             }
