@@ -73,6 +73,9 @@
 //!   existed read as before).
 //! - [`QueueSet`]: the queues under one directory, each opened once and
 //!   shared (what a host serves).
+//! - [`blocking`]: the same operations from plain threads, for programs
+//!   without a runtime: [`blocking::BlockingQueue`] over either face, on a
+//!   runtime it owns or the caller's.
 //!
 //! ## Cancellation
 //!
@@ -143,6 +146,7 @@
 #![warn(missing_docs)]
 
 mod api;
+pub mod blocking;
 #[cfg(feature = "remote")]
 mod coalesce;
 pub mod core;
