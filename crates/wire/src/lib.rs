@@ -12,6 +12,8 @@
 //!   output buffer and decoded borrowing from the input.
 //! - [`headers`]: bounded text headers beside a message's payload (its
 //!   type, its trace context), checked while they are decoded.
+//! - [`trace`]: the W3C trace context (`traceparent`) carried in those
+//!   headers.
 //! - [`preamble`]: the eight bytes that open every stream connection, so
 //!   strangers are refused before their bytes are read as frames.
 //! - [`schema`]: a type's serde shape and its fingerprint, which every
@@ -65,6 +67,7 @@ mod kind;
 pub mod payload;
 pub mod preamble;
 pub mod schema;
+pub mod trace;
 
 pub use codec::{Checksum, FrameCodec};
 pub use error::{io_is_retryable, DecodeError, EncodeError, PayloadError, PreambleError};
