@@ -1156,6 +1156,19 @@ impl Bus {
         payload: impl Into<Bytes>,
         timeout: std::time::Duration,
     ) -> Result<Message, BusError> {
+        self.request_with_headers(subject, Headers::new(), payload, timeout)
+            .await
+    }
+
+    /// [`request`](Self::request) with headers on the request (the current
+    /// trace context is added as `traceparent` unless `headers` has one).
+    pub async fn request_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+        timeout: std::time::Duration,
+    ) -> Result<Message, BusError> {
         let subject = Subject::new(subject)?;
         // Unique across nodes too (a reply may cross a route), and under
         // the one interest every route knows for this bus's inboxes.
@@ -1168,7 +1181,7 @@ impl Bus {
             self.subscribe_now(inbox.as_str(), SubscribeOptions::default().buffer(1))?;
         let requester = self.publisher();
         if requester
-            .send(&subject, Some(inbox), Headers::new(), payload.into())
+            .send(&subject, Some(inbox), headers, payload.into())
             .await
             == 0
         {

@@ -46,7 +46,7 @@ use courier_wire::headers::Headers;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::typed::{EncodeError, TypedSubscription};
+use crate::typed::{EncodeError, TypeError, TypedMessage, TypedSubscription};
 use crate::{Bus, BusError, Event, Message, Publisher, SubscribeOptions, Subscription};
 
 /// A bus: the in-process [`Bus`] or a
@@ -143,6 +143,42 @@ pub trait PubSub: Clone + Send + Sync + 'static {
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> impl Future<Output = Result<Message, Self::Error>> + Send;
+
+    /// [`request`](Self::request) with headers on the request.
+    fn request_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Message, Self::Error>> + Send;
+
+    /// A typed request: `request` published as
+    /// [`publish_typed`](Self::publish_typed) does, the first reply decoded
+    /// as a `Resp` (answered with [`Publish::reply_typed`]). A reply of
+    /// another type is a [`TypeError`] naming both; the request itself
+    /// failing (no responders, timeout, encoding) is
+    /// [`TypeError::Receive`].
+    fn request_typed<Req, Resp>(
+        &self,
+        subject: &str,
+        request: &Req,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<TypedMessage<Resp>, TypeError<Self::Error>>> + Send
+    where
+        Req: Serialize + DeserializeOwned + 'static,
+        Resp: DeserializeOwned + 'static,
+    {
+        let encoded = crate::typed::encode(request);
+        async move {
+            let (headers, payload) = encoded.map_err(|e| TypeError::Receive(e.into()))?;
+            let reply = self
+                .request_with_headers(subject, headers, payload, timeout)
+                .await
+                .map_err(TypeError::Receive)?;
+            crate::typed::decode(reply)
+        }
+    }
 }
 
 /// A publisher: [`Publisher`] or
@@ -313,6 +349,16 @@ impl PubSub for Bus {
     ) -> impl Future<Output = Result<Message, BusError>> + Send {
         Bus::request(self, subject, payload.into(), timeout)
     }
+
+    fn request_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Message, BusError>> + Send {
+        Bus::request_with_headers(self, subject, headers, payload.into(), timeout)
+    }
 }
 
 impl Publish for Publisher {
@@ -430,6 +476,16 @@ mod remote_face {
             timeout: Duration,
         ) -> impl Future<Output = Result<Message, RemotePubSubError>> + Send {
             RemotePubSub::request(self, subject, payload.into(), timeout)
+        }
+
+        fn request_with_headers(
+            &self,
+            subject: &str,
+            headers: Headers,
+            payload: impl Into<Bytes>,
+            timeout: Duration,
+        ) -> impl Future<Output = Result<Message, RemotePubSubError>> + Send {
+            RemotePubSub::request_with_headers(self, subject, headers, payload.into(), timeout)
         }
     }
 

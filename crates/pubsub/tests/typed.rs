@@ -136,16 +136,24 @@ async fn typed_program<P: PubSub>(bus: P) {
         }
     });
     let reply = bus
-        .request(
-            "shop.price",
-            postcard::to_allocvec(&order(7)).unwrap(),
-            Duration::from_secs(30),
-        )
+        .request_typed::<Order, Invoice>("shop.price", &order(7), Duration::from_secs(30))
         .await
         .unwrap();
-    let invoice = typed::decode::<Invoice, ()>(reply).unwrap().value;
-    assert_eq!(invoice.number, "F-7");
-    assert_eq!(invoice.cents, 700);
+    assert_eq!(reply.value.number, "F-7");
+    assert_eq!(reply.value.cents, 700);
+    // A reply of another type is a typed error naming both.
+    match bus
+        .request_typed::<Order, Order>("shop.price", &order(8), Duration::from_secs(30))
+        .await
+    {
+        Err(TypeError::WrongType {
+            expected, found, ..
+        }) => {
+            assert_eq!(expected, typed::type_tag::<Order>());
+            assert_eq!(found, typed::type_tag::<Invoice>());
+        }
+        other => panic!("expected WrongType, got {other:?}"),
+    }
     service.abort();
 }
 

@@ -210,6 +210,19 @@ impl RemotePubSub {
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Message, RemotePubSubError> {
+        self.request_with_headers(subject, Headers::new(), payload, timeout)
+            .await
+    }
+
+    /// [`request`](Self::request) with headers on the request (the current
+    /// trace context is added as `traceparent` unless `headers` has one).
+    pub async fn request_with_headers(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Message, RemotePubSubError> {
         let inbox = self.inbox().await?;
         let n = inbox.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -240,7 +253,7 @@ impl RemotePubSub {
                     subject,
                     format!("{}.{n}", inbox.prefix),
                     payload.into(),
-                    crate::bus::traced(Headers::new()),
+                    crate::bus::traced(headers),
                 ),
             )
             .await?;
