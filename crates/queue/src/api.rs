@@ -100,6 +100,12 @@ pub trait DeliveryHandle: Send {
     fn payload(&self) -> &Bytes;
     /// Its headers, as enqueued.
     fn headers(&self) -> &Headers;
+    /// The trace context the message was enqueued in, if any: make its
+    /// `child()` current (`courier_transport::trace::scope`) while
+    /// processing to continue the producer's trace.
+    fn trace_context(&self) -> Option<courier_wire::trace::TraceContext> {
+        crate::queue::trace_of(self.headers())
+    }
     /// Done with it.
     fn ack(self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Give it back, to come again after `delay`.

@@ -282,6 +282,11 @@ impl<D: DeliveryHandle> BlockingDelivery<D> {
         self.delivery.headers()
     }
 
+    /// The trace context the message was enqueued in, if any.
+    pub fn trace_context(&self) -> Option<courier_wire::trace::TraceContext> {
+        self.delivery.trace_context()
+    }
+
     /// Done with it: it is removed once that is durable.
     pub fn ack(self) -> Result<(), D::Error> {
         self.runner.block_on(self.delivery.ack())

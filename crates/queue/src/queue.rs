@@ -101,6 +101,39 @@ impl Message {
         self.headers = headers;
         self
     }
+
+    /// The trace context it was enqueued in (its `traceparent` header), if
+    /// any.
+    pub fn trace_context(&self) -> Option<courier_wire::trace::TraceContext> {
+        trace_of(&self.headers)
+    }
+
+    /// Adds the `traceparent` of the trace current in this task
+    /// (`courier_transport::trace`) unless the message has one, so a
+    /// consumer can continue the producer's trace. Only with the `remote`
+    /// feature, which brings the task-local; a full set of headers is left
+    /// as it is (tracing never refuses a message).
+    pub(crate) fn stamp_trace(&mut self) {
+        #[cfg(feature = "remote")]
+        if let Some(ctx) = courier_transport::trace::current() {
+            if self
+                .headers
+                .get(courier_wire::headers::TRACEPARENT)
+                .is_none()
+            {
+                let _ = self
+                    .headers
+                    .insert(courier_wire::headers::TRACEPARENT, ctx.to_traceparent());
+            }
+        }
+    }
+}
+
+/// The trace context in a message's headers, if well formed.
+pub(crate) fn trace_of(headers: &Headers) -> Option<courier_wire::trace::TraceContext> {
+    headers
+        .get(courier_wire::headers::TRACEPARENT)
+        .and_then(courier_wire::trace::TraceContext::parse)
 }
 
 /// What an enqueue did.
@@ -911,7 +944,11 @@ impl Queue {
     }
 
     /// Stores messages together (one write, one fsync); all or none are stored.
-    pub async fn enqueue_batch(&self, messages: Vec<Message>) -> Result<Vec<Enqueued>, QueueError> {
+    pub async fn enqueue_batch(
+        &self,
+        mut messages: Vec<Message>,
+    ) -> Result<Vec<Enqueued>, QueueError> {
+        messages.iter_mut().for_each(Message::stamp_trace);
         // Keyed enqueues are serialized, so two of them with the same key
         // cannot both pass the duplicate check.
         let _keyed = if messages.iter().any(|m| m.key.is_some()) {

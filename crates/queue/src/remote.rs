@@ -841,7 +841,10 @@ impl RemoteQueue {
     /// clones) go to the host together, in one call and one log write, and
     /// each returns its own outcome. Dropped after its first poll, the
     /// enqueue may still be stored (as a call whose request went out may).
-    pub async fn enqueue(&self, message: Message) -> Result<Enqueued, RemoteQueueError> {
+    pub async fn enqueue(&self, mut message: Message) -> Result<Enqueued, RemoteQueueError> {
+        // Stamped here, before coalescing, so each message keeps its own
+        // producer's trace even when it travels with others'.
+        message.stamp_trace();
         match self.enqueues.call(message).await {
             Ok(enqueued) => Ok(enqueued),
             Err(CallError::Failed(err)) => Err(err),
@@ -852,8 +855,9 @@ impl RemoteQueue {
     /// Stores messages together; see [`Queue::enqueue_batch`].
     pub async fn enqueue_batch(
         &self,
-        messages: Vec<Message>,
+        mut messages: Vec<Message>,
     ) -> Result<Vec<Enqueued>, RemoteQueueError> {
+        messages.iter_mut().for_each(Message::stamp_trace);
         Ok(self.client.enqueue(self.name.clone(), messages).await??)
     }
 
