@@ -165,7 +165,9 @@ pub struct Message {
 
 impl Message {
     /// The W3C trace context the message was published in (its
-    /// `traceparent` header), if it has a well-formed one.
+    /// `traceparent` header), if it has a well-formed one. With the
+    /// `remote` feature (trace contexts live in courier-transport).
+    #[cfg(feature = "remote")]
     pub fn trace_context(&self) -> Option<courier_transport::trace::TraceContext> {
         self.headers
             .get(courier_wire::headers::TRACEPARENT)
@@ -178,6 +180,16 @@ pub(crate) type Outgoing = (Subject, Option<Subject>, Headers, Bytes);
 
 /// `headers`, with the current trace context (if any, and if the publisher
 /// set none) as its `traceparent`, so a receiver can follow the request.
+///
+/// Without the `remote` feature there is no trace context to read (it lives
+/// in courier-transport), and `headers` are left as they are.
+#[cfg(not(feature = "remote"))]
+pub(crate) fn traced(headers: Headers) -> Headers {
+    headers
+}
+
+/// See the other `traced`.
+#[cfg(feature = "remote")]
 pub(crate) fn traced(mut headers: Headers) -> Headers {
     if headers.get(courier_wire::headers::TRACEPARENT).is_none() {
         if let Some(context) = courier_transport::trace::current() {
@@ -211,17 +223,15 @@ pub enum BusError {
 
 impl BusError {
     /// What kind of failure this is: an invalid subject is
-    /// [`ErrorKind::InvalidInput`](courier_transport::ErrorKind::InvalidInput);
+    /// [`ErrorKind::InvalidInput`](courier_wire::ErrorKind::InvalidInput);
     /// a request that got no reply, or found nobody to answer it,
-    /// [`ErrorKind::TimedOut`](courier_transport::ErrorKind::TimedOut), as
+    /// [`ErrorKind::TimedOut`](courier_wire::ErrorKind::TimedOut), as
     /// on the remote face.
-    pub fn kind(&self) -> courier_transport::ErrorKind {
+    pub fn kind(&self) -> courier_wire::ErrorKind {
         match self {
             BusError::Subject(err) => err.kind(),
             BusError::Encode(err) => err.kind(),
-            BusError::NoResponders(_) | BusError::Timeout(_) => {
-                courier_transport::ErrorKind::TimedOut
-            }
+            BusError::NoResponders(_) | BusError::Timeout(_) => courier_wire::ErrorKind::TimedOut,
         }
     }
 

@@ -102,13 +102,13 @@ pub enum DurableError {
 
 impl DurableError {
     /// What kind of failure this is, as an
-    /// [`ErrorKind`](courier_transport::ErrorKind) shared by every Courier
+    /// [`ErrorKind`](courier_wire::ErrorKind) shared by every Courier
     /// mechanism: an invalid subject or name is `InvalidInput`, a name
     /// taken with another filter `Conflict`, a message its queue refused
     /// (full, or a duplicate key) `Busy`, the queue's own failures their
     /// [`QueueError::kind`], a damaged registry or message `Internal`.
-    pub fn kind(&self) -> courier_transport::ErrorKind {
-        use courier_transport::ErrorKind;
+    pub fn kind(&self) -> courier_wire::ErrorKind {
+        use courier_wire::ErrorKind;
         match self {
             DurableError::Subject(err) => err.kind(),
             DurableError::InvalidName(_) => ErrorKind::InvalidInput,

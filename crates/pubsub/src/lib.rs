@@ -34,7 +34,7 @@
 //! - Headers: every [`Message`] carries [`Headers`] (a bounded list of text
 //!   pairs) end to end — in process, through hosts, across routes and in
 //!   durable subscriptions; `publish_with_headers` on every publisher. A
-//!   publish made inside a [`courier_transport::trace::scope`] carries the
+//!   publish made inside a [`courier_transport::trace::scope`] (feature `remote`, where trace contexts live) carries the
 //!   trace's `traceparent`, which [`Message::trace_context`] reads back.
 //! - [`typed`]: publish any serde type (`publish_typed`, tagged with its
 //!   schema fingerprint), subscribe for one (`subscribe_typed`); a message
@@ -89,12 +89,12 @@ pub use bus::{
     Bus, BusConfig, BusError, Event, Message, Publisher, RequestError, SlowConsumer,
     SubscribeOptions, Subscription, MESSAGE_OVERHEAD,
 };
-/// What kind of failure an error is (every error's `kind()`), shared by
-/// every Courier crate.
-pub use courier_transport::ErrorKind;
 /// Message headers and the payload type tag, re-exported from courier-wire
 /// so publishers need no other crate.
 pub use courier_wire::headers::{HeaderError, Headers, TypeTag};
+/// What kind of failure an error is (every error's `kind()`), shared by
+/// every Courier crate.
+pub use courier_wire::ErrorKind;
 pub use face::{PubSub, Publish, Subscriber};
 pub use interest::{Interest, NodeId};
 pub use router::{Router, SubscriptionId};

@@ -44,13 +44,13 @@ pub enum SubjectError {
 }
 
 impl SubjectError {
-    /// [`ErrorKind::InvalidInput`](courier_transport::ErrorKind::InvalidInput),
+    /// [`ErrorKind::InvalidInput`](courier_wire::ErrorKind::InvalidInput),
     /// always: the text is not a subject or filter.
-    pub fn kind(&self) -> courier_transport::ErrorKind {
+    pub fn kind(&self) -> courier_wire::ErrorKind {
         match self {
             SubjectError::Empty
             | SubjectError::TooLong { .. }
-            | SubjectError::InvalidToken { .. } => courier_transport::ErrorKind::InvalidInput,
+            | SubjectError::InvalidToken { .. } => courier_wire::ErrorKind::InvalidInput,
         }
     }
 }

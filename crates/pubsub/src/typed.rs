@@ -80,9 +80,9 @@ pub struct EncodeError {
 }
 
 impl EncodeError {
-    /// [`ErrorKind::InvalidInput`](courier_transport::ErrorKind::InvalidInput).
-    pub fn kind(&self) -> courier_transport::ErrorKind {
-        courier_transport::ErrorKind::InvalidInput
+    /// [`ErrorKind::InvalidInput`](courier_wire::ErrorKind::InvalidInput).
+    pub fn kind(&self) -> courier_wire::ErrorKind {
+        courier_wire::ErrorKind::InvalidInput
     }
 }
 
