@@ -412,6 +412,7 @@ fn ci() -> Result<(), String> {
     let steps: Vec<Step> = vec![
         ("format", Box::new(|| cargo(&["fmt", "--all", "--check"]))),
         ("layering", Box::new(check_layers)),
+        ("dependencies", Box::new(check_deps)),
         (
             "clippy",
             Box::new(|| {
@@ -430,6 +431,44 @@ fn ci() -> Result<(), String> {
             Box::new(|| cargo(&["test", "--workspace"])),
         ),
         ("examples", Box::new(examples)),
+        // What `--workspace` does not build: the features that are off by
+        // default, and the crates without the ones that are on.
+        (
+            "features",
+            Box::new(|| {
+                for package in ["courier-queue", "courier-pubsub", "courier-transport"] {
+                    cargo(&[
+                        "clippy",
+                        "-p",
+                        package,
+                        "--no-default-features",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ])?;
+                }
+                cargo(&[
+                    "clippy",
+                    "-p",
+                    "courier-rpc",
+                    "--features",
+                    "otel",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])?;
+                cargo(&[
+                    "test",
+                    "-p",
+                    "courier-rpc",
+                    "--features",
+                    "otel",
+                    "--test",
+                    "otel",
+                ])
+            }),
+        ),
         // Benchmarks in test mode: each criterion benchmark runs once and the
         // end-to-end harness runs with tiny counts. No timing is judged.
         (

@@ -1560,6 +1560,12 @@ fn trace_for(peer: &Peer) -> Option<String> {
     if !peer.has(FEATURE_TRACE) {
         return None;
     }
+    // With OpenTelemetry, the span the caller is in is the precise parent
+    // (inside a handler, its `rpc` span, itself the child of its caller).
+    #[cfg(feature = "otel")]
+    if let Some(context) = crate::otel::current() {
+        return Some(context.to_traceparent());
+    }
     courier_transport::trace::current().map(|context| context.to_traceparent())
 }
 

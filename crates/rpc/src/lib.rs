@@ -419,6 +419,14 @@
 //! sends only to a server whose welcome says it reads one: an older server
 //! gets requests in the layout it knows, with no trace.
 //!
+//! **OpenTelemetry** (feature `otel`, off by default): with
+//! tracing-opentelemetry's layer installed over any `opentelemetry_sdk`
+//! tracer (the application picks the exporter), the server's `rpc` span is
+//! exported as the child of the caller's span, and a client inside a span
+//! that OpenTelemetry tracks sends that span as the parent (it takes
+//! precedence over [`courier_transport::trace::current`]), so a chain of
+//! calls is one exported trace (`tests/otel.rs`).
+//!
 //! [`TraceContext::root`]: courier_transport::trace::TraceContext::root
 //!
 //! ## One-way calls
@@ -512,6 +520,8 @@ pub mod blocking;
 mod client;
 mod error;
 mod inbound;
+#[cfg(feature = "otel")]
+mod otel;
 mod protocol;
 mod server;
 mod stream;

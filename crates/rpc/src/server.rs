@@ -1327,6 +1327,8 @@ fn start(
             parent_id = %parent.span_id_hex(),
             span_id = %context.span_id_hex(),
         );
+        #[cfg(feature = "otel")]
+        crate::otel::set_parent(&span, &parent);
         Traced { context, span }
     });
     Ok(Started {
