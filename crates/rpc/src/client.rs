@@ -454,13 +454,14 @@ impl Link {
                     .map(u32::from_le_bytes);
                 if let (Some(granted), Some(entry)) = (granted, table.waiters.get(&frame.id)) {
                     if let (true, Some(credit)) = (entry.epoch == self.epoch, &entry.outbound) {
-                        // Bounded by what a semaphore can count; a lying
-                        // server only overruns its own window (and is
-                        // refused there).
-                        credit.add_permits(
-                            (granted as usize)
-                                .min(Semaphore::MAX_PERMITS - credit.available_permits()),
-                        );
+                        // Bounded by half of what a semaphore can count: a
+                        // lying server only overruns its own window (and is
+                        // refused there), and the sender's own give-backs
+                        // (`add_permits(1)` when a send fails, outside
+                        // this lock) keep the other half to land in.
+                        credit.add_permits((granted as usize).min(
+                            (Semaphore::MAX_PERMITS / 2).saturating_sub(credit.available_permits()),
+                        ));
                     }
                 }
             }
@@ -946,8 +947,11 @@ impl Client {
     /// No deadline goes on the wire, only a flag saying there is none. A
     /// server from before the flag gets the longest timeout there used to
     /// be (ten years) instead, as it always did from such callers.
-    /// Connecting (when there is no live connection) is still bounded by
-    /// [`ClientConfig::timeout`].
+    /// Connecting (when there is no live connection) is bounded by the
+    /// transport's connect timeout and the hello timeout for each address,
+    /// not by [`ClientConfig::timeout`]; a call made while the connection
+    /// is at `max_in_flight` waits for room as long as it takes. One-way
+    /// calls keep the configured deadline (see [`Client::notify`]).
     pub fn without_deadline(&self) -> Client {
         Client {
             inner: self.inner.clone(),
@@ -1355,19 +1359,23 @@ impl Client {
         fingerprint: u64,
         args: &A,
     ) -> Result<u64, RpcError> {
-        let now = Instant::now();
-        let deadline = self.deadline_from(now);
+        // A one-way call always has a deadline, even from a client made
+        // `without_deadline`: the server runs it inline, before the
+        // connection's next frame, and nobody could cancel it, so one that
+        // never returned would stop the connection for good.
+        let bound = self.timeout.unwrap_or(self.inner.config.timeout);
+        let deadline = Some(Instant::now() + bound);
         let link = within(deadline, self.link(deadline)).await??;
         let traceparent = trace_for(&link.peer);
         let (header, ext) = request_header(
             &link.peer,
             (service, method, fingerprint),
             // Bounds the handler's run on the server.
-            self.timeout,
+            Some(bound),
             0,
             RequestExt {
                 inbound: false,
-                no_deadline: deadline.is_none(),
+                no_deadline: false,
                 traceparent: traceparent.as_deref(),
             },
         );

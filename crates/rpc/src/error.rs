@@ -93,6 +93,15 @@ pub enum RpcFault {
         /// Why.
         reason: String,
     },
+    /// The connection's client-stream items, unread by their handlers,
+    /// would pass the server's `inbound_buffer_bytes`: this call ended.
+    #[error(
+        "client-stream items unread on this connection passed the server's limit of {limit} bytes"
+    )]
+    InboundBufferFull {
+        /// The server's limit.
+        limit: u64,
+    },
 }
 
 /// Why a call did not produce the method's return value.
@@ -206,6 +215,16 @@ pub enum RpcError {
     /// such.
     #[error("the server takes no more items for this call")]
     InputClosed,
+    /// The server ended this client-streaming call: items unread by the
+    /// handlers of this connection's streams would have passed its
+    /// `inbound_buffer_bytes`. Retryable once they have read.
+    #[error(
+        "client-stream items unread on this connection passed the server's limit of {limit} bytes"
+    )]
+    InboundBufferFull {
+        /// The server's limit.
+        limit: u64,
+    },
 }
 
 impl RpcError {
@@ -214,7 +233,8 @@ impl RpcError {
     /// - [`ErrorKind::TimedOut`] for `DeadlineExceeded`.
     /// - [`ErrorKind::Unavailable`] for `Unavailable`, `Cancelled` (the server
     ///   is shutting down).
-    /// - [`ErrorKind::Busy`] for `Overloaded`, `TooManyConnections`.
+    /// - [`ErrorKind::Busy`] for `Overloaded`, `TooManyConnections`,
+    ///   `InboundBufferFull`.
     /// - [`ErrorKind::Refused`] for `Unauthenticated`, `PermissionDenied`.
     /// - [`ErrorKind::Unsupported`] for `UnknownService`, `UnknownMethod`,
     ///   `ProtocolMismatch`, `Decode`, `NotSupported` (the server does not
@@ -228,7 +248,9 @@ impl RpcError {
         match self {
             RpcError::DeadlineExceeded => ErrorKind::TimedOut,
             RpcError::Unavailable(_) | RpcError::Cancelled => ErrorKind::Unavailable,
-            RpcError::Overloaded | RpcError::TooManyConnections { .. } => ErrorKind::Busy,
+            RpcError::Overloaded
+            | RpcError::TooManyConnections { .. }
+            | RpcError::InboundBufferFull { .. } => ErrorKind::Busy,
             RpcError::Unauthenticated(_) | RpcError::PermissionDenied(_) => ErrorKind::Refused,
             RpcError::UnknownService { .. }
             | RpcError::UnknownMethod { .. }
@@ -275,6 +297,7 @@ impl From<RpcFault> for RpcError {
             }
             RpcFault::ItemNotSent { reason } => RpcError::ItemNotSent(reason),
             RpcFault::Internal { reason } => RpcError::Internal(reason),
+            RpcFault::InboundBufferFull { limit } => RpcError::InboundBufferFull { limit },
         }
     }
 }

@@ -24,7 +24,9 @@ use crate::RpcError;
 /// What the connection's reader hands a client-streaming handler.
 #[derive(Debug)]
 pub(crate) enum Inbound {
-    Item(Bytes),
+    /// An item, and its share of the connection's inbound byte budget
+    /// (given back when the item is dropped: read, or the call gone).
+    Item(Bytes, Option<tokio::sync::OwnedSemaphorePermit>),
     /// The client finished sending.
     End,
     /// The client dropped its sender without finishing.
@@ -123,7 +125,7 @@ impl<T: DeserializeOwned> Incoming<T> {
             }
         }
         match self.items.recv().await {
-            Some(Inbound::Item(bytes)) => {
+            Some(Inbound::Item(bytes, _budget)) => {
                 self.consumed += 1;
                 Some(
                     crate::__private::decode(&bytes)

@@ -67,6 +67,13 @@ pub struct ServerConfig {
     /// 0 turns client streaming off (such calls then fail at the client
     /// with [`crate::RpcError::NotSupported`]). Default 32.
     pub inbound_window: u32,
+    /// Bytes of client-stream items one connection may have buffered,
+    /// unread by their handlers, across all its streams. Each stream is
+    /// already held to `inbound_window` items; this bounds what many slow
+    /// streams of large items can make the server hold. An item past it
+    /// ends its call ([`crate::RpcError::InboundBufferFull`] at the
+    /// client). Default 16 MiB.
+    pub inbound_buffer_bytes: usize,
     /// Connections served at once; one more is refused
     /// ([`crate::RpcError::TooManyConnections`]). Default 10,000.
     pub max_connections: usize,
@@ -110,6 +117,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_streams", &self.max_streams)
             .field("inbound_window", &self.inbound_window)
+            .field("inbound_buffer_bytes", &self.inbound_buffer_bytes)
             .field("max_connections", &self.max_connections)
             .field("reserved_connections", &self.reserved_connections)
             .field("privileged", &self.privileged.is_some())
@@ -133,6 +141,7 @@ impl Default for ServerConfig {
             max_in_flight: 256,
             max_streams: 10_000,
             inbound_window: crate::stream::WINDOW,
+            inbound_buffer_bytes: 16 << 20,
             max_connections: 10_000,
             reserved_connections: 8,
             privileged: None,
@@ -164,6 +173,13 @@ impl ServerConfig {
     /// on client-streaming and bidirectional calls (0: none accepted).
     pub fn with_inbound_window(mut self, items: u32) -> ServerConfig {
         self.inbound_window = items;
+        self
+    }
+
+    /// The same settings with another per-connection budget of buffered
+    /// client-stream bytes (see [`ServerConfig::inbound_buffer_bytes`]).
+    pub fn with_inbound_buffer_bytes(mut self, bytes: usize) -> ServerConfig {
+        self.inbound_buffer_bytes = bytes;
         self
     }
 
@@ -645,6 +661,12 @@ async fn serve(
     }
     let slots = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
     let streams = Arc::new(Semaphore::new(shared.config.max_streams.max(1)));
+    let inbound_bytes = Arc::new(Semaphore::new(
+        shared
+            .config
+            .inbound_buffer_bytes
+            .min(Semaphore::MAX_PERMITS),
+    ));
     let running: Running = Arc::default();
     let idle = shared.config.idle_timeout;
     let mut last_heard = Instant::now();
@@ -658,6 +680,7 @@ async fn serve(
         sender: &sender,
         slots: &slots,
         streams: &streams,
+        inbound_bytes: &inbound_bytes,
         running: &running,
     };
     // Replies of calls answered inline, written together once the frames
@@ -778,6 +801,9 @@ struct Conn<'a> {
     slots: &'a Arc<Semaphore>,
     /// Streaming calls open (`max_streams`).
     streams: &'a Arc<Semaphore>,
+    /// Bytes of client-stream items buffered and not yet read
+    /// (`inbound_buffer_bytes`).
+    inbound_bytes: &'a Arc<Semaphore>,
     running: &'a Running,
 }
 
@@ -922,6 +948,7 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
         sender,
         slots,
         streams,
+        inbound_bytes,
         running,
     } = *conn;
     match frame.kind {
@@ -933,14 +960,25 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
             return;
         }
         FrameKind::StreamItem | FrameKind::StreamEnd => {
+            // An item holds its bytes of the connection's budget until its
+            // handler reads it (or the call goes).
+            let budget = match frame.kind {
+                FrameKind::StreamItem => {
+                    let bytes = u32::try_from(frame.payload.len().max(1)).unwrap_or(u32::MAX);
+                    Some(inbound_bytes.clone().try_acquire_many_owned(bytes).ok())
+                }
+                _ => None,
+            };
+            let over_budget = matches!(budget, Some(None));
             let item = match frame.kind {
-                FrameKind::StreamItem => Inbound::Item(frame.payload),
+                FrameKind::StreamItem => Inbound::Item(frame.payload, budget.flatten()),
                 _ if frame.flags.contains(ABANDONED) => Inbound::Abandoned,
                 _ => Inbound::End,
             };
             let overrun = {
                 let mut calls = lock(running);
                 let overrun = match calls.get(&frame.id).and_then(|c| c.inbound.as_ref()) {
+                    Some(_) if over_budget => true,
                     // A handler that dropped its end was told so (`Cancel`),
                     // and what was in flight meanwhile is dropped.
                     Some(inbound) => matches!(
@@ -962,8 +1000,13 @@ async fn handle(conn: &Conn<'_>, frame: Frame, now: Instant, replies: &mut Repli
                 overrun
             };
             if overrun {
-                let fault = RpcFault::Malformed {
-                    reason: "the client sent more items than it had credit for".into(),
+                let fault = match over_budget {
+                    true => RpcFault::InboundBufferFull {
+                        limit: shared.config.inbound_buffer_bytes as u64,
+                    },
+                    false => RpcFault::Malformed {
+                        reason: "the client sent more items than it had credit for".into(),
+                    },
                 };
                 let report = Answer {
                     frame: fault_frame(frame.id, &fault),
@@ -1156,6 +1199,10 @@ async fn wait_for_slot(
 /// before any later call on the connection; it is never answered. Its
 /// deadline and panics are handled as for any call, and reported only in
 /// the log. A one-way call to a streaming method is refused (logged).
+/// The deadline of a one-way call whose client sent none (this crate's
+/// clients always send one; see [`crate::Client::notify`]).
+const ONEWAY_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
+
 async fn run_oneway(
     shared: &Shared,
     identity: &Option<Arc<str>>,
@@ -1184,21 +1231,22 @@ async fn run_oneway(
             return;
         }
     };
+    // A one-way call runs inline, holding up the connection's reader, and
+    // cannot be cancelled: it always gets a deadline, at most
+    // `ONEWAY_WITHOUT_DEADLINE` when its client sent none.
+    let deadline = started
+        .deadline
+        .unwrap_or_else(|| Instant::now() + ONEWAY_WITHOUT_DEADLINE);
     let reply = Handler {
         reply: started.reply,
         context: CallContext {
             cancel: Arc::new(CancelSignal::default()),
-            deadline: started.deadline,
+            deadline: Some(deadline),
             caller: identity.clone(),
         },
         trace: started.trace,
     };
-    let run = async {
-        match started.deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, reply).await,
-            None => Ok(reply.await),
-        }
-    };
+    let run = tokio::time::timeout_at(deadline, reply);
     tokio::pin!(run);
     // The reader waits for this call: say we are alive meanwhile, as while
     // waiting for a call slot.
@@ -1287,7 +1335,15 @@ fn start(
         }
         Some(_) => {}
     }
-    let credit = (header.window > 0).then(|| Arc::new(Semaphore::new(header.window as usize)));
+    // The client's window, clamped to what a semaphore can count (on a
+    // 32-bit target a huge announced window would otherwise panic).
+    let credit = (header.window > 0).then(|| {
+        Arc::new(Semaphore::new(
+            usize::try_from(header.window)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS),
+        ))
+    });
     let window = shared.config.inbound_window;
     if ext.inbound && window == 0 {
         // We announced no window: a client that sends one anyway is told.
@@ -1299,7 +1355,11 @@ fn start(
     // never finds it full.
     let (inbound, source) = match ext.inbound {
         true => {
-            let (tx, rx) = mpsc::channel(window as usize + 1);
+            let (tx, rx) = mpsc::channel(
+                usize::try_from(window)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(1),
+            );
             (Some(tx), Some((rx, window)))
         }
         false => (None, None),

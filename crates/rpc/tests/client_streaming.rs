@@ -547,3 +547,33 @@ async fn a_client_that_sends_past_its_credit_is_refused() {
     );
     until("every stream closed", || server.open_streams() == 0).await;
 }
+
+/// Items within every stream's credit still count against the connection's
+/// byte budget while unread: many slow streams of large items cannot make
+/// the server hold more than `inbound_buffer_bytes`, and the budget comes
+/// back as handlers read.
+#[tokio::test]
+async fn unread_items_past_the_connections_byte_budget_end_their_call() {
+    // u64::MAX is ten bytes in postcard: one item fills the budget.
+    let config = ServerConfig::default().with_inbound_buffer_bytes(10);
+    let (server, host) = serve_with(mem(), config).await;
+    let uploads = client(&server).await;
+    let mut first = uploads.gated().await.unwrap();
+    first.send(u64::MAX).await.unwrap();
+    // A second stream on the same connection, within its own credit, but
+    // the first item's bytes are still unread.
+    let mut second = uploads.gated().await.unwrap();
+    second.send(u64::MAX).await.unwrap();
+    match second.finish().await {
+        Err(RpcError::InboundBufferFull { limit: 10 }) => {}
+        other => panic!("expected the budget's refusal, got {other:?}"),
+    }
+    // The first call is unharmed: once read, its bytes are given back and
+    // a third stream's item fits again.
+    host.gate.close();
+    assert_eq!(first.finish().await.unwrap(), u64::MAX);
+    let mut third = uploads.sum().await.unwrap();
+    third.send(u64::MAX - 1).await.unwrap();
+    assert_eq!(third.finish().await.unwrap(), u64::MAX - 1);
+    until("every stream closed", || server.open_streams() == 0).await;
+}

@@ -14,7 +14,15 @@ pub trait Clock {
     async fn remaining_ms(&self) -> Option<u64>;
     /// One item a year, for ever.
     async fn years(&self, items: Items<u64>);
+    /// Records whether the one-way call had a deadline on the server.
+    #[oneway]
+    async fn note(&self);
+    /// What `note` saw, oldest first.
+    async fn noted(&self) -> Vec<bool>;
 }
+
+/// Whether each `note` had a deadline.
+static NOTED: std::sync::Mutex<Vec<bool>> = std::sync::Mutex::new(Vec::new());
 
 struct Host;
 
@@ -35,6 +43,13 @@ impl Clock for Host {
             }
             tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)).await;
         }
+    }
+    async fn note(&self) {
+        let call = CallContext::current().expect("inside a handler");
+        NOTED.lock().unwrap().push(call.deadline().is_some());
+    }
+    async fn noted(&self) -> Vec<bool> {
+        NOTED.lock().unwrap().clone()
     }
 }
 
@@ -142,4 +157,16 @@ async fn an_older_server_gets_the_old_layout_and_a_long_timeout() {
         .unwrap();
     assert_eq!(timeout_ms, Some(10 * 365 * 24 * 3600 * 1000));
     old.abort();
+}
+
+/// A one-way call runs inline on the server's reader and cannot be
+/// cancelled: even from a client without a deadline it carries one, so a
+/// handler that never returned could not stop the connection for good.
+#[tokio::test]
+async fn a_one_way_call_has_a_deadline_even_from_a_client_without_one() {
+    let (_server, clock) = clock().await;
+    clock.note().await.unwrap();
+    clock.without_deadline().note().await.unwrap();
+    // A later call on the same connection is answered after both ran.
+    assert_eq!(clock.noted().await.unwrap(), [true, true]);
 }
