@@ -150,7 +150,8 @@ pub enum QueueEvent {
     DeadLettered {
         /// The message.
         id: MessageId,
-        /// Every delivery, in order.
+        /// Its deliveries, in order: all of them, or the latest
+        /// [`MAX_HISTORY`] of a message delivered more often.
         history: Vec<DeliveryRecord>,
     },
 }
@@ -180,6 +181,10 @@ impl LeaseError {
         }
     }
 }
+
+/// Delivery records kept per message (the latest ones): what a dead
+/// letter's history holds at most.
+pub const MAX_HISTORY: usize = 1000;
 
 /// Counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -379,6 +384,11 @@ impl QueueCore {
         // delivered any number of times.
         entry.deliveries = entry.deliveries.saturating_add(1);
         entry.state = State::Leased { consumer, until };
+        // Bounded: in a queue that never dead-letters, a message may come
+        // back for ever; only the latest deliveries are kept.
+        if entry.history.len() >= MAX_HISTORY {
+            entry.history.remove(0);
+        }
         entry.history.push(DeliveryRecord {
             consumer,
             at: now,

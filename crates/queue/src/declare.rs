@@ -107,6 +107,14 @@ impl QueueDeclaration {
                     reason: format!("{lease:?} is not within {MIN_LEASE:?} to {MAX_LEASE:?}"),
                 });
             }
+            // Stored in milliseconds: a finer lease would come back other
+            // than declared after a restart, and then conflict with itself.
+            if lease.subsec_nanos() % 1_000_000 != 0 {
+                return Err(QueueError::InvalidOption {
+                    option: "lease",
+                    reason: format!("{lease:?} is not a whole number of milliseconds"),
+                });
+            }
         }
         Ok(())
     }
@@ -173,7 +181,7 @@ impl QueueDeclaration {
 /// The declaration stored for the queue whose log is `queue_dir`: `None` if
 /// the queue does not exist yet, an empty one if it exists undeclared.
 pub(crate) fn load(queue: &str, queue_dir: &Path) -> Result<Option<QueueDeclaration>, QueueError> {
-    if !queue_dir.is_dir() {
+    if !exists(queue_dir) {
         return Ok(None);
     }
     let path = queue_dir.join(FILE);
@@ -208,6 +216,22 @@ pub(crate) fn load(queue: &str, queue_dir: &Path) -> Result<Option<QueueDeclarat
             queue: queue.to_string(),
             reason,
         })
+}
+
+/// Whether the queue whose log is `queue_dir` exists: its directory holds
+/// something beyond a declaration that was never put in place. A first
+/// declaration that failed (a full disk, a crash before its rename) leaves
+/// the directory with at most `declared.tmp`; that queue does not exist
+/// yet, so declaring it again is not a conflict with "declared with
+/// nothing".
+fn exists(queue_dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(queue_dir) else {
+        return false;
+    };
+    let temporary = format!("{FILE}.tmp");
+    entries
+        .filter_map(Result::ok)
+        .any(|entry| entry.file_name() != temporary.as_str())
 }
 
 /// Stores `declared` for the queue whose log is `queue_dir` (creating the
@@ -279,6 +303,11 @@ mod tests {
                 QueueDeclaration::new().with_lease(MAX_LEASE + Duration::from_millis(1)),
                 "lease",
             ),
+            // Stored in milliseconds: a finer lease would change on restart.
+            (
+                QueueDeclaration::new().with_lease(Duration::from_micros(1_500_500)),
+                "lease",
+            ),
         ];
         for (declared, named) in cases {
             match declared.validate() {
@@ -291,5 +320,41 @@ mod tests {
             .with_lease(MIN_LEASE)
             .validate()
             .is_ok());
+    }
+
+    /// A first declaration that never got its file into place leaves a
+    /// directory with at most `declared.tmp`: the queue does not exist, so
+    /// the retry is a first declaration, not a conflict.
+    #[test]
+    fn a_failed_first_declaration_leaves_no_queue() {
+        let dir = std::env::temp_dir().join(format!(
+            "courier-declare-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let queue_dir = dir.join("jobs");
+        std::fs::create_dir_all(&queue_dir).unwrap();
+        assert_eq!(
+            load("jobs", &queue_dir).unwrap(),
+            None,
+            "an empty directory"
+        );
+        std::fs::write(queue_dir.join(format!("{FILE}.tmp")), "max_deliveries=2\n").unwrap();
+        assert_eq!(
+            load("jobs", &queue_dir).unwrap(),
+            None,
+            "only the temporary file"
+        );
+        let declared = QueueDeclaration::new().with_max_deliveries(2);
+        store(&queue_dir, &declared).unwrap();
+        assert_eq!(load("jobs", &queue_dir).unwrap(), Some(declared));
+        // A queue that exists without a declaration (its log is there).
+        std::fs::remove_file(queue_dir.join(FILE)).unwrap();
+        std::fs::write(queue_dir.join("00000000000000000000.log"), b"").unwrap();
+        assert_eq!(
+            load("jobs", &queue_dir).unwrap(),
+            Some(QueueDeclaration::default())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

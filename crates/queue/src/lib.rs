@@ -94,6 +94,20 @@
 //!   (as any call whose request went out may); use an idempotency key to
 //!   retry safely.
 //!
+//! ## Compatibility
+//!
+//! - **On disk:** logs written before messages had headers are read as
+//!   before, and a message without headers is still written in the old
+//!   layout. A message with headers (every typed or traced one) is a
+//!   record kind older versions do not know and skip: **do not downgrade**
+//!   a queue directory that holds such messages.
+//! - **On the wire:** the queue protocol's methods changed with headers,
+//!   reject and declarations, so a client and a host from before and after
+//!   this change refuse each other's calls with
+//!   `RpcError::ProtocolMismatch` naming the method (per-method
+//!   fingerprints: nothing is misread). Upgrade hosts and clients
+//!   together.
+//!
 //! ## Underneath
 //!
 //! - [`core`]: the lease, redelivery, dead-letter and de-duplication rules

@@ -475,7 +475,8 @@ struct Replayed {
 }
 
 /// Reads an enqueue record of either kind; `None` if it is damaged (its
-/// headers are checked against their limits as they are decoded).
+/// headers are checked against their limits as they are decoded, and ones
+/// that fail them are dropped, not the message).
 fn decode_enqueue(kind: u8, mut record: Bytes) -> Option<Replayed> {
     if record.len() < 26 {
         return None;
@@ -496,7 +497,13 @@ fn decode_enqueue(kind: u8, mut record: Bytes) -> Option<Replayed> {
         if record.len() < len {
             return None;
         }
-        courier_wire::payload::decode(&record.split_to(len)).ok()?
+        // The record passed its checksum, so headers that do not decode
+        // were written under other limits: the message is kept without
+        // them rather than lost.
+        courier_wire::payload::decode(&record.split_to(len)).unwrap_or_else(|err| {
+            tracing::warn!(%err, "a stored message's headers do not decode; kept without them");
+            Headers::new()
+        })
     } else {
         Headers::new()
     };
@@ -513,6 +520,9 @@ fn decode_enqueue(kind: u8, mut record: Bytes) -> Option<Replayed> {
 /// A dead-lettered message: its delivery history, then the original payload.
 fn encode_dead_letter(history: &[DeliveryRecord], payload: &Bytes) -> Bytes {
     let mut buf = BytesMut::new();
+    // The count written is the count of records that follow, whatever the
+    // history's length (the core keeps at most `MAX_HISTORY`).
+    let history = &history[history.len().saturating_sub(usize::from(u16::MAX))..];
     buf.put_u16_le(history.len() as u16);
     for record in history {
         buf.put_u64_le(record.consumer);
@@ -1605,5 +1615,23 @@ mod tests {
             prop_assert_eq!(replayed.key, key);
             prop_assert_eq!(replayed.headers, message.headers);
         }
+    }
+
+    /// Headers past today's limits (written under others) cost the message
+    /// its headers, never the message.
+    #[test]
+    fn a_message_whose_headers_do_not_decode_is_kept_without_them() {
+        let mut headers = Headers::new();
+        headers.insert("x-test", "value").unwrap();
+        let message = Message::new("payload").with_headers(headers);
+        let (kind, record) = encode_enqueue(&message);
+        assert_eq!(kind, ENQUEUE_WITH_HEADERS);
+        let mut damaged = record.to_vec();
+        // No key: 26 bytes of times and key length, 2 of header length,
+        // then the headers, whose first byte is their count.
+        damaged[28] = 0x7f;
+        let replayed = decode_enqueue(kind, Bytes::from(damaged)).expect("the message is kept");
+        assert!(replayed.headers.is_empty());
+        assert_eq!(&replayed.payload[..], b"payload");
     }
 }

@@ -4,7 +4,9 @@ use courier_test_support::Rng;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use courier_queue::core::{DeliveryOutcome, LeaseError, QueueConfig, QueueCore, QueueEvent};
+use courier_queue::core::{
+    DeliveryOutcome, LeaseError, QueueConfig, QueueCore, QueueEvent, MAX_HISTORY,
+};
 
 const S: Duration = Duration::from_secs(1);
 const T0: Duration = Duration::ZERO;
@@ -354,4 +356,36 @@ fn peek_shows_what_a_consumer_would_get_next_and_changes_nothing() {
     assert_eq!(core.peek(100 * S, 10).last(), Some(&(4, 0)));
     // The consumer still gets exactly what peek showed first.
     assert_eq!(core.poll_delivery(1, T0).unwrap().id, 0);
+}
+
+/// In a queue that never dead-letters a message may come back for ever:
+/// its history keeps only the latest deliveries, and a rejection at the
+/// end still names itself last.
+#[test]
+fn a_message_delivered_without_end_keeps_a_bounded_history() {
+    let mut core = QueueCore::new(QueueConfig::default().with_dead_lettering(false));
+    core.handle_enqueue(0, None, T0, None);
+    core.add_consumer(1, 1);
+    let times = MAX_HISTORY as u32 + 5;
+    for n in 0..times {
+        let d = core.poll_delivery(1, T0).expect("delivered again");
+        assert_eq!(d.delivery, n + 1);
+        if n + 1 < times {
+            core.nack(1, d.id, d.delivery, Duration::ZERO, T0).unwrap();
+        } else {
+            core.reject(1, d.id, d.delivery, T0).unwrap();
+        }
+    }
+    let history = loop {
+        match core.poll_event() {
+            Some(QueueEvent::DeadLettered { history, .. }) => break history,
+            Some(_) => continue,
+            None => panic!("no dead letter"),
+        }
+    };
+    assert_eq!(history.len(), MAX_HISTORY);
+    assert_eq!(history.last().unwrap().outcome, DeliveryOutcome::Rejected);
+    assert!(history[..MAX_HISTORY - 1]
+        .iter()
+        .all(|r| r.outcome == DeliveryOutcome::Nacked));
 }
