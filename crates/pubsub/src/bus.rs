@@ -165,13 +165,11 @@ pub struct Message {
 
 impl Message {
     /// The W3C trace context the message was published in (its
-    /// `traceparent` header), if it has a well-formed one. With the
-    /// `remote` feature (trace contexts live in courier-transport).
-    #[cfg(feature = "remote")]
-    pub fn trace_context(&self) -> Option<courier_transport::trace::TraceContext> {
+    /// `traceparent` header), if it has a well-formed one.
+    pub fn trace_context(&self) -> Option<courier_wire::trace::TraceContext> {
         self.headers
             .get(courier_wire::headers::TRACEPARENT)
-            .and_then(courier_transport::trace::TraceContext::parse)
+            .and_then(courier_wire::trace::TraceContext::parse)
     }
 }
 
@@ -181,8 +179,9 @@ pub(crate) type Outgoing = (Subject, Option<Subject>, Headers, Bytes);
 /// `headers`, with the current trace context (if any, and if the publisher
 /// set none) as its `traceparent`, so a receiver can follow the request.
 ///
-/// Without the `remote` feature there is no trace context to read (it lives
-/// in courier-transport), and `headers` are left as they are.
+/// Without the `remote` feature there is no current trace context to read
+/// (the task-local lives in courier-transport), and `headers` are left as
+/// they are.
 #[cfg(not(feature = "remote"))]
 pub(crate) fn traced(headers: Headers) -> Headers {
     headers

@@ -34,8 +34,10 @@
 //! - Headers: every [`Message`] carries [`Headers`] (a bounded list of text
 //!   pairs) end to end — in process, through hosts, across routes and in
 //!   durable subscriptions; `publish_with_headers` on every publisher. A
-//!   publish made inside a [`courier_transport::trace::scope`] (feature `remote`, where trace contexts live) carries the
-//!   trace's `traceparent`, which [`Message::trace_context`] reads back.
+//!   publish made inside a `courier_transport::trace::scope` (feature
+//!   `remote`, which brings the task-local) carries the trace's
+//!   `traceparent`, which [`Message::trace_context`] reads back on any
+//!   build.
 //! - [`typed`]: publish any serde type (`publish_typed`, tagged with its
 //!   schema fingerprint), subscribe for one (`subscribe_typed`); a message
 //!   of another type is a [`typed::TypeError`] for that message alone,
