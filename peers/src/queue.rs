@@ -94,8 +94,10 @@ pub async fn courier(
             delivery = tokio::time::timeout(patience(count), consumer.recv()) => {
                 let delivery = match delivery {
                     Err(_) => bail!("consumed {} of {count}, then nothing", seen.1),
-                    Ok(None) => bail!("the broker ended the consumer after {}", seen.1),
-                    Ok(Some(delivery)) => delivery?,
+                    Ok(Err(courier_queue::remote::RemoteQueueError::Closed)) => {
+                        bail!("the broker ended the consumer after {}", seen.1)
+                    }
+                    Ok(delivery) => delivery?,
                 };
                 seen.take(&delivery.payload)?;
                 acks.push(delivery.ack());
