@@ -393,7 +393,7 @@ fn cost(message: &Message) -> usize {
     message.payload.len()
         + message.subject.as_str().len()
         + message.reply_to.as_ref().map_or(0, |r| r.as_str().len())
-        + message.headers.total_len()
+        + message.headers.memory_cost()
         + MESSAGE_OVERHEAD
 }
 
@@ -1372,9 +1372,11 @@ pub struct Subscription {
     pending_gap: Option<Message>,
     /// Reports of trailing drops, found when the buffer ran empty.
     trailing: VecDeque<Event>,
-    /// The stream face's wait for the next event, registered before the
-    /// buffer is looked at again (so a wake-up in between is not missed).
-    waiting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// The wait for the next event (of `recv` and of the stream face alike,
+    /// so that mixing them never leaves a stale waiter to take a wake-up),
+    /// registered before the buffer is looked at again (so a wake-up in
+    /// between is not missed).
+    waiting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
 }
 
 impl futures_core::Stream for Subscription {
@@ -1385,29 +1387,7 @@ impl futures_core::Stream for Subscription {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        let this = self.get_mut();
-        loop {
-            if let Some(event) = this.try_recv() {
-                this.waiting = None;
-                return Poll::Ready(Some(Ok(event)));
-            }
-            if lock(&this.sub.buffer).closed {
-                this.waiting = None;
-                return Poll::Ready(None);
-            }
-            let fresh = this.waiting.is_none();
-            let waiting = this.waiting.get_or_insert_with(|| {
-                let sub = this.sub.clone();
-                Box::pin(async move { sub.readable.notified().await })
-            });
-            match std::future::Future::poll(waiting.as_mut(), cx) {
-                Poll::Ready(()) => this.waiting = None,
-                // Registered only now: look at the buffer once more.
-                Poll::Pending if fresh => {}
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        self.get_mut().poll_event(cx).map(|event| event.map(Ok))
     }
 }
 
@@ -1431,21 +1411,32 @@ impl Subscription {
     }
 
     pub(crate) async fn next_event(&mut self) -> Option<Event> {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// The one wait behind `recv`, `blocking_recv` and the stream face.
+    fn poll_event(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Event>> {
+        use std::task::Poll;
         loop {
             if let Some(event) = self.try_recv() {
-                return Some(event);
-            }
-            let sub = self.sub.clone();
-            let readable = sub.readable.notified();
-            tokio::pin!(readable);
-            readable.as_mut().enable();
-            if let Some(event) = self.try_recv() {
-                return Some(event);
+                self.waiting = None;
+                return Poll::Ready(Some(event));
             }
             if lock(&self.sub.buffer).closed {
-                return None;
+                self.waiting = None;
+                return Poll::Ready(None);
             }
-            readable.await;
+            let fresh = self.waiting.is_none();
+            let waiting = self.waiting.get_or_insert_with(|| {
+                let sub = self.sub.clone();
+                Box::pin(async move { sub.readable.notified().await })
+            });
+            match std::future::Future::poll(waiting.as_mut(), cx) {
+                Poll::Ready(()) => self.waiting = None,
+                // Registered only now: look at the buffer once more.
+                Poll::Pending if fresh => {}
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 

@@ -494,11 +494,27 @@ impl Durable {
         subject: &str,
         payload: impl Into<Bytes>,
     ) -> Result<usize, DurableError> {
+        self.publish_with_headers(publisher, subject, Headers::new(), payload)
+            .await
+    }
+
+    /// [`publish`](Self::publish) with headers: the durable copies and the
+    /// live deliveries carry the same ones, the current trace's
+    /// `traceparent` included.
+    pub async fn publish_with_headers(
+        &self,
+        publisher: &Publisher,
+        subject: &str,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Result<usize, DurableError> {
         let subject = Subject::new(subject)?;
         let payload = payload.into();
-        self.store(&[(subject.clone(), None, Headers::new(), payload.clone())])
+        // Traced once, here, so the stored copy gets what the live one gets.
+        let headers = crate::bus::traced(headers);
+        self.store(&[(subject.clone(), None, headers.clone(), payload.clone())])
             .await?;
-        Ok(publisher.publish_to(&subject, payload).await)
+        Ok(publisher.send(&subject, None, headers, payload).await)
     }
 }
 

@@ -244,7 +244,7 @@ fn routed_cost(message: &Routed) -> usize {
     message.payload.len()
         + message.subject.as_str().len()
         + message.reply_to.as_ref().map_or(0, |r| r.as_str().len())
-        + message.headers.total_len()
+        + message.headers.memory_cost()
         + crate::MESSAGE_OVERHEAD
 }
 

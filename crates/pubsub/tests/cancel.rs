@@ -158,3 +158,40 @@ async fn a_restore_carries_on_across_dropped_receives() {
     };
     assert_eq!(&m.payload[..], b"on b");
 }
+
+/// A stream poll that gave up (its `select!` branch lost) and a later
+/// `recv` share one wait: the message published next wakes the `recv`,
+/// not a waiter nobody polls any more.
+#[tokio::test]
+async fn a_recv_after_an_abandoned_stream_poll_is_woken() {
+    let bus = Bus::new();
+    let mut sub = bus
+        .subscribe("mixed.>", SubscribeOptions::default())
+        .await
+        .unwrap();
+    tokio::select! {
+        _ = next(&mut sub) => panic!("nothing was published"),
+        () = tokio::task::yield_now() => {}
+    }
+    let publisher = bus.publisher();
+    let receive = tokio::spawn(async move {
+        match sub.recv().await {
+            Some(Ok(Event::Message(message))) => message.payload,
+            other => panic!("{other:?}"),
+        }
+    });
+    tokio::task::yield_now().await;
+    publisher.publish("mixed.one", "once").await.unwrap();
+    let payload = tokio::time::timeout(Duration::from_secs(30), receive)
+        .await
+        .expect("the recv was woken by the one message")
+        .unwrap();
+    assert_eq!(&payload[..], b"once");
+}
+
+#[test]
+fn subscriptions_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<courier_pubsub::Subscription>();
+    send_sync::<courier_pubsub::remote::RemoteSubscription>();
+}

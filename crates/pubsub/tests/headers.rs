@@ -121,3 +121,41 @@ async fn headers_survive_a_durable_subscription() {
     assert_eq!(stored.headers, tenant("amber"));
     assert_eq!(&stored.payload[..], b"stored");
 }
+
+/// In process too, a durable subscription stores the headers the live
+/// subscribers get, the publish's trace included.
+#[tokio::test]
+async fn an_in_process_durable_publish_stores_the_live_headers_and_trace() {
+    use courier_pubsub::durable::Durable;
+    use courier_queue::QueueSet;
+    use courier_transport::trace::{self, TraceContext};
+    let dir = TempDir::new("headers-durable-local");
+    let durable = Durable::open(QueueSet::new(dir.path(), Default::default()))
+        .await
+        .unwrap();
+    let audit = durable.subscribe("audit", "h.>").await.unwrap();
+    let bus = Bus::new();
+    let mut live = bus
+        .subscribe("h.>", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let root = TraceContext::root();
+    trace::scope(
+        root,
+        durable.publish_with_headers(&bus.publisher(), "h.kept", tenant("amber"), "stored"),
+    )
+    .await
+    .unwrap();
+    let Some(Ok(Event::Message(message))) = live.recv().await else {
+        panic!("the live subscriber got nothing")
+    };
+    let mut consumer = audit.consumer(1).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let stored = DurableMessage::decode(&delivery.payload).unwrap();
+    assert_eq!(stored.headers, message.headers);
+    assert_eq!(stored.headers.get("x-tenant"), Some("amber"));
+    assert_eq!(message.trace_context(), Some(root));
+}

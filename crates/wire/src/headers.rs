@@ -142,6 +142,28 @@ impl Headers {
         self.entries.iter().map(|(n, v)| n.len() + v.len()).sum()
     }
 
+    /// What holding these headers costs in memory, estimated: the entries'
+    /// table and every string's allocation with the allocator's rounding,
+    /// not only the text. What byte caps on buffered messages should count:
+    /// 32 one-byte names with empty values are 32 bytes of text but some
+    /// 2 KiB of memory.
+    pub fn memory_cost(&self) -> usize {
+        /// Per allocation: the allocator's header and rounding.
+        const ALLOCATION: usize = 16;
+        let table = match self.entries.capacity() {
+            0 => 0,
+            slots => slots * std::mem::size_of::<(String, String)>() + ALLOCATION,
+        };
+        let strings: usize = self
+            .entries
+            .iter()
+            .flat_map(|(n, v)| [n.capacity(), v.capacity()])
+            .filter(|capacity| *capacity > 0)
+            .map(|capacity| capacity + ALLOCATION)
+            .sum();
+        table + strings
+    }
+
     /// Tags the payload as a value of `tag`'s type (the [`TYPE`] header).
     pub fn set_type(&mut self, tag: &TypeTag) -> Result<(), HeaderError> {
         self.insert(TYPE, tag.to_value())
@@ -349,6 +371,21 @@ mod tests {
         h.insert("k0", "").unwrap();
         h.insert("k4", value).unwrap();
         assert!(h.total_len() <= MAX_TOTAL_LEN);
+    }
+
+    #[test]
+    fn memory_cost_counts_more_than_the_text() {
+        assert_eq!(Headers::new().memory_cost(), 0);
+        let mut h = Headers::new();
+        for i in 0..MAX_ENTRIES {
+            h.insert(
+                format!("{}", (b'a' + (i % 26) as u8) as char).repeat(1 + i / 26),
+                "",
+            )
+            .unwrap();
+        }
+        assert!(h.total_len() < 64);
+        assert!(h.memory_cost() > 32 * std::mem::size_of::<(String, String)>());
     }
 
     #[test]

@@ -65,7 +65,12 @@ impl Schema {
                 choices: &mut choices,
             });
             if let Err(TraceError(reason)) = traced {
-                out = format!("untraceable({reason})");
+                // The shape traced up to the failure stays in: without it
+                // every type that fails the same way (a NonZeroU64 field,
+                // a `try_from` refusing the tracer's zero) would share one
+                // fingerprint, and a typed receiver could take one for
+                // another.
+                out = format!("untraceable({out}: {reason})");
             }
             if !shapes.contains(&out) {
                 shapes.push(out);

@@ -210,3 +210,29 @@ fn fnv1a_matches_the_published_test_vectors() {
     pieces.write(b"bar");
     assert_eq!(pieces.finish(), Fnv1a::hash(b"foobar"));
 }
+
+/// Types the tracer cannot finish (a `NonZeroU64` refuses its zero) still
+/// differ by what was traced before the failure, so two of them never
+/// share a fingerprint just because they fail the same way.
+#[test]
+fn untraceable_types_keep_distinct_fingerprints() {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Order {
+        id: std::num::NonZeroU64,
+        qty: u32,
+    }
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Refund {
+        id: std::num::NonZeroU64,
+        amount: u64,
+    }
+    let (order, refund) = (Schema::of::<Order>(), Schema::of::<Refund>());
+    assert!(order.shape.contains("untraceable"), "{}", order.shape);
+    assert_ne!(
+        order.fingerprint, refund.fingerprint,
+        "{} / {}",
+        order.shape, refund.shape
+    );
+}

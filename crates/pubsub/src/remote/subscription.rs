@@ -67,7 +67,8 @@ type InFlight = std::pin::Pin<
                     Box<SubscriptionState>,
                     Option<Result<Event, RemotePubSubError>>,
                 ),
-            > + Send,
+            > + Send
+            + Sync,
     >,
 >;
 

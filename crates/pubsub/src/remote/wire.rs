@@ -49,8 +49,33 @@ pub enum RemoteError {
         /// How many were refused.
         count: u64,
         /// Why the first was.
+        #[serde(deserialize_with = "shallow_refusal")]
         first: Box<RemoteError>,
     },
+}
+
+/// How deeply refusals may nest when decoded: the host never nests them
+/// (the first refusal of a flush is never itself a flush's), so this only
+/// stops a peer from sending a refusal nested a million deep to overflow
+/// the decoder's stack (postcard has no depth limit of its own).
+const MAX_REFUSAL_DEPTH: u8 = 4;
+
+fn shallow_refusal<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Box<RemoteError>, D::Error> {
+    use std::cell::Cell;
+    thread_local! {
+        static DEPTH: Cell<u8> = const { Cell::new(0) };
+    }
+    let depth = DEPTH.with(Cell::get);
+    if depth >= MAX_REFUSAL_DEPTH {
+        return Err(serde::de::Error::custom("refusals nested too deeply"));
+    }
+    DEPTH.with(|d| d.set(depth + 1));
+    // Decoding is synchronous: the count is this decode's alone.
+    let decoded = <RemoteError as serde::Deserialize>::deserialize(deserializer);
+    DEPTH.with(|d| d.set(depth));
+    decoded.map(Box::new)
 }
 
 impl RemoteError {
@@ -327,3 +352,45 @@ pub const STATUS_NO_RESPONDERS: &str = "_courier.status.no_responders";
 /// The `reply_to` of the host's answer to a request it refused; the payload
 /// is the [`RemoteError`], postcard-encoded.
 pub const STATUS_REFUSED: &str = "_courier.status.refused";
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::RemoteError;
+
+    fn nested(depth: usize) -> RemoteError {
+        let mut error = RemoteError::Invalid("bad subject".into());
+        for _ in 0..depth {
+            error = RemoteError::Refused {
+                count: 1,
+                first: Box::new(error),
+            };
+        }
+        error
+    }
+
+    #[test]
+    fn a_refusal_decodes_and_one_nested_without_end_is_an_error_not_a_crash() {
+        let one = postcard::to_stdvec(&nested(1)).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<RemoteError>(&one).unwrap(),
+            nested(1)
+        );
+        // A million levels, two bytes each, as a hostile peer would send
+        // them: refused at the fifth, long before the stack runs out.
+        let mut deep = Vec::new();
+        for _ in 0..1_000_000 {
+            deep.extend_from_slice(&[6, 1]); // Refused, count 1
+        }
+        deep.extend_from_slice(&[0, 0]); // Invalid("")
+        assert!(postcard::from_bytes::<RemoteError>(&deep).is_err());
+        // The schema tracer (method fingerprints) still sees the whole
+        // shape: its own depth cut comes first.
+        let schema = courier_wire::schema::Schema::of::<RemoteError>();
+        assert!(!schema.shape.contains("untraceable"), "{}", schema.shape);
+        // And the guard resets: a normal one decodes after it.
+        assert_eq!(
+            postcard::from_bytes::<RemoteError>(&one).unwrap(),
+            nested(1)
+        );
+    }
+}
