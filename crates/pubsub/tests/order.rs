@@ -376,13 +376,13 @@ async fn a_one_way_publish_cut_short_at_the_host_is_reported_by_flush() {
     )
     .await;
     assert!(waiting.is_err(), "the publish waited for room");
-    match host.flush(9).await {
+    match host.flush_applied(9).await {
         Err(RemoteError::Refused { count: 1, first }) => {
             assert!(matches!(*first, RemoteError::Interrupted(_)), "{first}")
         }
         other => panic!("{other:?}"),
     }
-    host.flush(9).await.unwrap();
+    host.flush_applied(9).await.unwrap();
 }
 
 /// A loop of plain `publish` calls is sent in batches by the publisher's
@@ -584,7 +584,7 @@ async fn the_host_never_answers_a_request_into_a_subject_that_is_not_an_inbox() 
     // One-way calls are applied before any later call on their
     // connection: once this is answered, the forged request was handled.
     courier_pubsub::remote::PubSubServiceClient::new(client)
-        .flush(7)
+        .flush_applied(7)
         .await
         .unwrap()
         .unwrap();

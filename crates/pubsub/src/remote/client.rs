@@ -796,7 +796,7 @@ impl RemotePublisher {
     pub async fn flush(&self) -> Result<(), RemotePubSubError> {
         let _turn = self.shared.turn.lock().await;
         self.barrier().await?;
-        let answered = self.client.flush(self.id).await;
+        let answered = self.client.flush_applied(self.id).await;
         let now = self.client.client().epoch().await;
         let sending = &self.shared.sending;
         let (first, crossed) =

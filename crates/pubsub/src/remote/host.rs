@@ -81,7 +81,7 @@ impl HostConfig {
 /// are kept, the least recently used go first, and each step is O(1).
 ///
 /// Each remembers the one-way publishes refused since its last flush, for
-/// [`PubSubService::flush`] to report; forgetting a publisher (only when
+/// [`PubSubService::flush_applied`] to report; forgetting a publisher (only when
 /// `bound` others publish after it) forgets those too.
 #[derive(Debug, Default)]
 struct Publishers {
@@ -575,7 +575,7 @@ impl PubSubService for PubSubHost {
         self.apply_one_way(publisher, seq, count, publish).await;
     }
 
-    async fn flush(&self, publisher: u64) -> Result<(), RemoteError> {
+    async fn flush_applied(&self, publisher: u64) -> Result<(), RemoteError> {
         let refused = {
             let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
             publishers

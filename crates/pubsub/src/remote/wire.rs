@@ -255,7 +255,7 @@ pub trait PubSubService {
     ) -> Result<u64, RemoteError>;
     /// Publishes one way: nothing comes back. The host applies one-way
     /// publishes in the order they arrive on the connection; a refused one
-    /// is remembered for [`flush`](Self::flush).
+    /// is remembered for [`flush_applied`](Self::flush_applied).
     #[oneway]
     ///
     /// `seq` is the publisher's own count of its one-way publishes (1, 2,
@@ -285,7 +285,7 @@ pub trait PubSubService {
         headers: Headers,
     );
     /// Many publishes, one way (one `seq` for the frame), each judged
-    /// alone: a refused message is counted for [`flush`](Self::flush) and
+    /// alone: a refused message is counted for [`flush_applied`](Self::flush_applied) and
     /// the others are published. A durable store that fails refuses every
     /// message it was to store.
     #[oneway]
@@ -293,7 +293,12 @@ pub trait PubSubService {
     /// Answered once every one-way publish sent before it on the
     /// connection has been applied; reports the one-way publishes of
     /// `publisher` refused since its last flush.
-    async fn flush(&self, publisher: u64) -> Result<(), RemoteError>;
+    ///
+    /// Named apart from the `flush` of the protocol before headers: a
+    /// client from then, whose one-way publishes (without headers) this
+    /// host cannot read and drops, gets `UnknownMethod` from its flush
+    /// instead of an `Ok` that would say they arrived.
+    async fn flush_applied(&self, publisher: u64) -> Result<(), RemoteError>;
     /// Publishes many messages in order, as [`publish`](Self::publish)
     /// each; returns the live deliveries in total. All are checked before
     /// any is published: one invalid subject refuses the whole batch.
