@@ -9,7 +9,8 @@ use std::path::Path;
 
 /// Bottom to top; the crates of one entry share a layer. `messaging` and
 /// `rpc` are siblings: both build on the transport and share only what lies
-/// below them (the schema fingerprints are in `wire`). `rpc-macros` sits just
+/// below them (the schema fingerprints are in `wire`). `cluster` and `web`
+/// are siblings too: both build on pub/sub, for the broker. `rpc-macros` sits just
 /// below `rpc` (see [`layer_of`]).
 pub const LAYERS: &[&[&str]] = &[
     &["wire"],
@@ -17,7 +18,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["messaging", "rpc"],
     &["queue"],
     &["pubsub"],
-    &["cluster"],
+    &["cluster", "web"],
     &["broker"],
     &["cli"],
 ];

@@ -110,6 +110,9 @@ pub struct BrokerStats {
     pub uptime_ms: u64,
     /// Client connections open.
     pub connections: u64,
+    /// Browser (WebSocket) connections open, counted apart from
+    /// `connections`.
+    pub web_connections: u64,
     /// Live subscriptions.
     pub subscriptions: u64,
     /// Messages published.
@@ -196,6 +199,8 @@ impl State {
         BrokerStats {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             connections,
+            // Filled in once the WebSocket gateway is wired (courier-web).
+            web_connections: 0,
             subscriptions: self.bus.subscriptions() as u64,
             published: c.published.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),

@@ -1,0 +1,1 @@
+// Courier browser client: see ../PROTOCOL.md (being written).

@@ -1,0 +1,2 @@
+//! The web example (being written).
+fn main() {}
