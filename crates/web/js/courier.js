@@ -30,6 +30,9 @@ export const DEFAULTS = Object.freeze({
   pingInterval: 30000,
 });
 
+/** How long (ms) a socket's `error` waits for the `close` that should follow. */
+const ERROR_GRACE = 1000;
+
 /** The broker's ceiling for a request's `timeout_ms` (PROTOCOL.md). */
 const MAX_REQUEST_TIMEOUT = 60000;
 
@@ -340,7 +343,7 @@ export class Connection {
   #WS;
   #ws = null;
   #status = "connecting";
-  #pending = new Map(); // id -> {resolve, reject, timer, sid?}
+  #pending = new Map(); // id -> {op, resolve, reject, timer}
   #subs = new Map(); // sid -> Subscription
   #nextId = 1;
   #nextSid = 1;
@@ -352,7 +355,9 @@ export class Connection {
   /** @internal use {@link connect} */
   constructor(url, options) {
     this.#url = url;
-    this.#opts = { ...DEFAULTS, ...options };
+    // An option given as `undefined` keeps its default.
+    this.#opts = { ...DEFAULTS };
+    for (const [k, v] of Object.entries(options)) if (v !== undefined) this.#opts[k] = v;
     this.#WS = options.WebSocket ?? globalThis.WebSocket;
     if (typeof this.#WS !== "function") {
       throw new CourierError("Unsupported", "no WebSocket class (on Node 20, run with --experimental-websocket)");
@@ -433,19 +438,18 @@ export class Connection {
    */
   async close() {
     if (this.#status === "closed") return;
-    const ws = this.#ws;
-    const gone =
-      !ws || ws.readyState === 3
-        ? Promise.resolve()
-        : new Promise((resolve) => {
-            const timer = setTimeout(resolve, this.#opts.timeout);
-            ws.onclose = () => {
-              clearTimeout(timer);
-              resolve();
-            };
-          });
-    this.#shutdown(null); // closes the socket
-    await gone;
+    // Only an open socket is worth waiting for: a failed attempt's may never
+    // report its close (Node 20).
+    const ws = this.#status === "connected" ? this.#ws : null;
+    this.#shutdown(null); // detaches and closes the socket
+    if (!ws || ws.readyState === 3) return;
+    await new Promise((resolve) => {
+      const timer = setTimeout(resolve, this.#opts.timeout);
+      ws.onclose = ws.onerror = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
   }
 
   // ---- internals
@@ -475,7 +479,7 @@ export class Connection {
         if (done) return;
         done = true;
         clearTimeout(timer);
-        if (ws.readyState < 2) ws.close();
+        detach(ws);
         reject(error);
       };
       const timer = setTimeout(() => fail(new CourierError("TimedOut", "no answer to connect")), this.#opts.timeout);
@@ -485,7 +489,9 @@ export class Connection {
         if (this.#opts.name !== undefined) hello.name = this.#opts.name;
         ws.send(JSON.stringify(hello));
       };
-      ws.onerror = () => {}; // the close event that follows carries the news
+      // Node 20's WebSocket reports a refused connection with `error` alone,
+      // never `close`: either one fails the attempt.
+      ws.onerror = () => fail(new CourierError("Unavailable", `cannot connect to ${this.#url}`));
       ws.onclose = (ev) => fail(new CourierError("Unavailable", `connection closed (${ev.code ?? "no code"})`));
       ws.onmessage = (ev) => {
         const frame = parseFrame(ev.data);
@@ -499,6 +505,9 @@ export class Connection {
         this.maxPayload = Number.isFinite(frame.max_payload) ? frame.max_payload : Infinity;
         ws.onmessage = (e) => this.#onFrame(ws, e.data);
         ws.onclose = (e) => this.#onDrop(ws, e);
+        // `close`, which follows `error`, carries the code (1008 matters);
+        // the error alone counts only if no close comes soon.
+        ws.onerror = () => setTimeout(() => this.#onDrop(ws, { code: 1006, reason: "socket error" }), ERROR_GRACE);
         this.#attempt = 0;
         this.#setStatus("connected");
         for (const sub of this.#subs.values()) this.#sendSub(sub);
@@ -509,7 +518,7 @@ export class Connection {
   }
 
   /** Sends an operation that the broker answers; bounded by `maxInFlight`. */
-  #op(op, fields, payload, timeout = this.#opts.timeout, sid) {
+  #op(op, fields, payload, timeout = this.#opts.timeout) {
     if (this.#status !== "connected") {
       return Promise.reject(new CourierError("Unavailable", `not connected (${this.#status})`));
     }
@@ -537,7 +546,7 @@ export class Connection {
         this.#pending.delete(id);
         reject(new CourierError("TimedOut", `no answer to ${op} within ${timeout} ms`));
       }, timeout);
-      this.#pending.set(id, { op, resolve, reject, timer, sid });
+      this.#pending.set(id, { op, resolve, reject, timer });
       try {
         // JSON.stringify drops undefined fields, so optional ones vanish.
         this.#ws.send(JSON.stringify(frame));
@@ -560,7 +569,7 @@ export class Connection {
 
   #sendSub(sub) {
     const fields = { sid: sub.sid, subject: sub.subject, queue: sub.queue };
-    this.#op("sub", fields, undefined, this.#opts.timeout, sub.sid).then(
+    this.#op("sub", fields).then(
       () => sub._settleReady(null),
       (error) => {
         // Refused, InvalidInput, LimitExceeded, Conflict: the broker will not
@@ -644,9 +653,6 @@ export class Connection {
           if (error.kind !== "TimedOut") return this.#armPing(); // e.g. Busy: try next period
           // A missed pong means a dead link the socket may not notice for
           // minutes: give it up now rather than wait for its close event.
-          ws.onclose = null;
-          ws.onmessage = null;
-          ws.close(4000, "no pong");
           this.#onDrop(ws, { code: 4000, reason: "no pong" });
         },
       );
@@ -654,7 +660,8 @@ export class Connection {
   }
 
   #onDrop(ws, ev) {
-    if (ws !== this.#ws || this.#status === "closed") return;
+    if (ws !== this.#ws || this.#status !== "connected") return;
+    detach(ws); // `error` and `close` may both come: handle the drop once
     clearTimeout(this.#pingTimer);
     const why = new CourierError("Unavailable", `connection lost (${ev.code ?? "no code"}${ev.reason ? `: ${ev.reason}` : ""})`);
     this.#failPending(why);
@@ -698,8 +705,7 @@ export class Connection {
     this.#status = "closed";
     this.#failPending(new CourierError("Unavailable", "connection closed"));
     for (const sub of [...this.#subs.values()]) sub._end(error);
-    const ws = this.#ws;
-    if (ws && ws.readyState < 2) ws.close(1000);
+    if (this.#ws) detach(this.#ws);
     this.#emitStatus("closed", error ?? undefined);
     this.#closedResolve(error);
   }
@@ -724,6 +730,16 @@ function decode(conn, frame) {
     return new Message(conn, frame);
   } catch (e) {
     return e instanceof CourierError ? e : new CourierError("Internal", `bad ${frame.op} frame: ${e}`);
+  }
+}
+
+/** Silences a socket the connection is done with, and closes it. */
+function detach(ws) {
+  ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+  try {
+    if (ws.readyState < 2) ws.close(1000);
+  } catch {
+    // Already failing: nothing left to close.
   }
 }
 

@@ -15,6 +15,8 @@ export class FakeBroker {
     this.frames = [];
     /** Whether new sockets open (false: they fail as a refused TCP connect would). */
     this.accepting = true;
+    /** A refused socket fires `error` alone, never `close`, as Node 20's does. */
+    this.errorOnlyRefusals = false;
     /** Answers `connect` with `connected` when true. */
     this.answerConnect = true;
     /** Answers `sub`, `unsub`, `pub` with `ok` and `ping` with `pong` when true. */
@@ -63,6 +65,7 @@ class FakeSocket {
     broker.sockets.push(this);
     setTimeout(() => {
       if (this.readyState !== 0) return;
+      if (!broker.accepting && broker.errorOnlyRefusals) return this.onerror?.({});
       if (!broker.accepting) return this.drop(1006);
       this.readyState = 1;
       this.onopen?.({});

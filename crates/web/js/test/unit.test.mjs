@@ -83,12 +83,16 @@ test("a broker that never says connected times the handshake out", async () => {
   assert.equal(broker.socket.readyState >= 2, true, "socket left open");
 });
 
-test("an unreachable broker rejects connect with Unavailable", async () => {
-  const broker = new FakeBroker();
-  broker.accepting = false;
-  const err = await connect("ws://fake/", { WebSocket: broker.WebSocket }).catch((e) => e);
-  assert.equal(err.kind, "Unavailable");
-  assert.equal(err.retryable, true);
+test("an unreachable broker rejects connect with Unavailable, also when the socket only says error", async () => {
+  for (const errorOnlyRefusals of [false, true]) {
+    const broker = new FakeBroker();
+    Object.assign(broker, { accepting: false, errorOnlyRefusals });
+    const started = Date.now();
+    const err = await connect("ws://fake/", { WebSocket: broker.WebSocket, timeout: 2000 }).catch((e) => e);
+    assert.equal(err.kind, "Unavailable", err.message);
+    assert.equal(err.retryable, true);
+    assert.ok(Date.now() - started < 1500, "waited for the handshake timeout instead");
+  }
 });
 
 test("a request the broker never answers rejects with TimedOut at its timeout", async () => {
@@ -250,7 +254,8 @@ test("a drop fails pending operations Unavailable, reconnects and re-subscribes"
   const pending = c.request("svc", "x", { timeout: 5000 });
   await until(() => broker.sent("req").length === 1);
   broker.answerOps = true;
-  broker.accepting = false; // the first reconnect attempts fail
+  broker.accepting = false; // the first reconnect attempts fail, Node 20's way
+  broker.errorOnlyRefusals = true;
   broker.socket.drop(1001);
   await rejectsKind(pending, "Unavailable");
   assert.equal(c.status, "reconnecting");
@@ -301,6 +306,7 @@ test("reconnect: false, and maxReconnectAttempts, end in closed with Unavailable
 
   const two = await fakeConnect({ maxReconnectAttempts: 2 });
   two.broker.accepting = false;
+  two.broker.errorOnlyRefusals = true;
   two.broker.socket.drop(1006);
   assert.equal((await two.c.closed).kind, "Unavailable");
   assert.equal(two.broker.sockets.length, 3);
