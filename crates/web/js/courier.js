@@ -200,6 +200,7 @@ export class Subscription {
   #end = null; // {error} once ended
   #ready;
   #settleReady;
+  #onMessage = null;
 
   /** @internal made by {@link Connection#subscribe} */
   constructor(conn, sid, subject, queue, maxPending) {
@@ -214,12 +215,21 @@ export class Subscription {
     this.maxPending = maxPending;
     /** @type {number} messages dropped because the buffer was full */
     this.dropped = 0;
-    /** @type {((m: Message) => void) | null} takes every message, if set */
-    this.onMessage = null;
     /** @type {((e: CourierError) => void) | null} the broker's notices (e.g. `Busy` when it dropped messages) and handler errors */
     this.onError = null;
     this.#ready = new Promise((resolve, reject) => (this.#settleReady = { resolve, reject }));
     this.#ready.catch(() => {}); // its failure also ends the iteration: never an unhandled rejection
+  }
+
+  /** @returns {((m: Message) => void) | null} the handler that takes every message, if set */
+  get onMessage() {
+    return this.#onMessage;
+  }
+
+  /** Sets the handler; messages buffered until now are handed to it first. */
+  set onMessage(handler) {
+    this.#onMessage = handler ?? null;
+    while (this.#onMessage && this.#buffer.length > 0) this.#handle(this.#buffer.shift());
   }
 
   /** @returns {Promise<void>} settles when the broker first accepts (or refuses) the subscription */
@@ -251,15 +261,7 @@ export class Subscription {
   /** @internal a message arrived */
   _deliver(message) {
     if (!this.active) return;
-    if (this.onMessage) {
-      try {
-        this.onMessage(message);
-      } catch (e) {
-        // The page's bug must not stop delivery to the other subscriptions.
-        this._notify(new CourierError("Internal", `onMessage threw: ${e}`, { sid: this.sid }));
-      }
-      return;
-    }
+    if (this.#onMessage) return this.#handle(message);
     const waiter = this.#waiters.shift();
     if (waiter) return waiter.resolve({ value: message, done: false });
     if (this.#buffer.length >= this.maxPending) {
@@ -267,6 +269,15 @@ export class Subscription {
       this.dropped++;
     }
     this.#buffer.push(message);
+  }
+
+  #handle(message) {
+    try {
+      this.#onMessage(message);
+    } catch (e) {
+      // The page's bug must not stop delivery to the other subscriptions.
+      this._notify(new CourierError("Internal", `onMessage threw: ${e}`, { sid: this.sid }));
+    }
   }
 
   /** @internal an error notice that does not end the subscription */
@@ -593,9 +604,10 @@ export class Connection {
     });
   }
 
-  /** @internal an error that belongs to no operation */
+  /** @internal an error that belongs to no operation: to `onError`, else the console */
   _notify(error) {
     if (this.onError) this.onError(error);
+    else globalThis.console?.error("courier:", error);
   }
 
   #onFrame(ws, data) {

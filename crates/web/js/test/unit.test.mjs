@@ -200,6 +200,18 @@ test("onMessage takes messages instead of the buffer; a throwing handler is repo
   await c.close();
 });
 
+test("setting onMessage hands it the messages buffered so far, then the rest", async () => {
+  const { broker, c } = await fakeConnect();
+  const sub = c.subscribe("t");
+  await sub.ready;
+  broker.socket.receive({ op: "msg", sid: sub.sid, subject: "t", data: "early" });
+  const got = [];
+  sub.onMessage = (m) => got.push(m.data);
+  broker.socket.receive({ op: "msg", sid: sub.sid, subject: "t", data: "late" });
+  assert.deepEqual(got, ["early", "late"]);
+  await c.close();
+});
+
 test("a refused subscription ends: ready rejects and the iterator throws Refused", async () => {
   const { broker, c } = await fakeConnect();
   broker.answerOps = false;
