@@ -1,2 +1,190 @@
-//! The web example (being written).
-fn main() {}
+//! `courier-example-web`: a small issue tracker built on Courier, to show a
+//! web application's whole flow across processes.
+//!
+//! ```text
+//! browser ──HTTP──▶ gateway ──request svc.tickets──▶ service (×N, one queue group) ──▶ SQLite
+//!    ▲                 │                                                                ▲
+//!    │                 └──enqueue tickets.writes (durable)──▶ worker ──INSERT OR IGNORE─┘
+//!    │                                                          │
+//!    └──────WebSocket (broker)◀──publish tickets.changed────────┘
+//! ```
+//!
+//! One binary, three roles (`gateway`, `service`, `worker`); see the
+//! README next to this crate.
+
+mod db;
+mod gateway;
+mod model;
+mod service;
+mod worker;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use courier_pubsub::remote::Address;
+
+use crate::db::DatabaseUrl;
+
+/// Courier's web example: an issue tracker across processes.
+#[derive(Debug, Parser)]
+#[command(name = "courier-example-web", version)]
+struct Cli {
+    /// Log level on stderr: error, warn, info, debug or trace.
+    #[arg(long, global = true, env = "COURIER_LOG", default_value = "info")]
+    log: tracing::Level,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// The HTTP server: serves the page and the JSON API, reads through
+    /// svc.tickets, writes through the tickets.writes queue.
+    Gateway {
+        /// The broker's Courier address.
+        #[arg(long, env = "COURIER_URL", default_value = "tcp://127.0.0.1:7878")]
+        broker: Address,
+        /// The broker's WebSocket address, which the page connects to for
+        /// live updates (told to it by /api/config).
+        #[arg(long, default_value = "ws://127.0.0.1:7880")]
+        ws_url: String,
+        /// Where to serve HTTP (port 0: any free port; the line printed
+        /// on stdout says which).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// How long one read waits for the service, in milliseconds
+        /// (a read that times out is tried once more).
+        #[arg(long, default_value_t = gateway::DEFAULT_REQUEST_TIMEOUT.as_millis() as u64)]
+        request_timeout_ms: u64,
+    },
+    /// One instance of the ticket service: answers svc.tickets from the
+    /// database, sharing the requests with the other instances.
+    Service {
+        /// The broker's Courier address.
+        #[arg(long, env = "COURIER_URL", default_value = "tcp://127.0.0.1:7878")]
+        broker: Address,
+        /// The database: sqlite:///absolute/path.db or sqlite:relative.db.
+        #[arg(long, env = "DATABASE_URL")]
+        database: String,
+    },
+    /// The writer: takes tickets from the tickets.writes queue, stores
+    /// them, announces them on tickets.changed.
+    Worker {
+        /// The broker's Courier address.
+        #[arg(long, env = "COURIER_URL", default_value = "tcp://127.0.0.1:7878")]
+        broker: Address,
+        /// The database: sqlite:///absolute/path.db or sqlite:relative.db.
+        #[arg(long, env = "DATABASE_URL")]
+        database: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        // Installed before anything is ready, so a signal sent the moment
+        // a ready line appears is not lost.
+        let shutdown = Shutdown::install()?;
+        match cli.role {
+            Role::Gateway {
+                broker,
+                ws_url,
+                listen,
+                request_timeout_ms,
+            } => {
+                let config = gateway::GatewayConfig {
+                    broker,
+                    ws_url,
+                    listen,
+                    request_timeout: Duration::from_millis(request_timeout_ms.max(1)),
+                };
+                gateway::run(config, shutdown).await
+            }
+            Role::Service { broker, database } => {
+                service::run(broker, parse_database(&database)?, shutdown).await
+            }
+            Role::Worker { broker, database } => {
+                worker::run(broker, parse_database(&database)?, shutdown).await
+            }
+        }
+    })?;
+    // Tasks still running (connections' drivers) are dropped with the
+    // runtime; nothing is left to flush by then.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+fn parse_database(url: &str) -> anyhow::Result<DatabaseUrl> {
+    Ok(url.parse::<DatabaseUrl>()?)
+}
+
+/// SIGINT or SIGTERM, whichever comes first.
+#[derive(Debug)]
+pub struct Shutdown {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> anyhow::Result<Shutdown> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Shutdown {
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
+    }
+
+    /// Waits for the signal.
+    pub async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = self.terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    }
+}
+
+/// Prints a ready line on stdout at once (tests and `cargo xtask demo
+/// web` wait for it; stdout may be a pipe, which would buffer it).
+fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse_with_their_defaults() {
+        let cli =
+            Cli::try_parse_from(["x", "service", "--database", "sqlite:///tmp/t.db"]).unwrap();
+        let Role::Service { broker, database } = cli.role else {
+            panic!("not a service");
+        };
+        assert_eq!(broker.to_string(), "tcp://127.0.0.1:7878");
+        assert!(parse_database(&database).is_ok());
+        assert!(parse_database("mysql://x").is_err());
+        let cli = Cli::try_parse_from(["x", "gateway", "--listen", "127.0.0.1:0"]).unwrap();
+        assert!(matches!(cli.role, Role::Gateway { listen, .. } if listen.port() == 0));
+    }
+}
