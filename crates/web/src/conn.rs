@@ -94,14 +94,13 @@ pub(crate) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
         requests: JoinSet::new(),
     };
     let reader = async {
-        let end = session.read(stream, &mut closing).await;
-        if let Some((code, reason)) = end {
+        // Without a close to send (the browser went), the connection ends
+        // here; with one, the writer ends it once it has written what is
+        // queued and the close (or failed to, within its timeout).
+        if let Some((code, reason)) = session.read(stream, &mut closing).await {
             out.close(code, reason).await;
+            std::future::pending::<()>().await;
         }
-        // The writer ends the connection, once it has written the close
-        // (or failed to); without one to write, it ends with the queue.
-        drop(out);
-        std::future::pending::<()>().await;
     };
     tokio::select! {
         _ = write(sink, rx, write_timeout) => {}
