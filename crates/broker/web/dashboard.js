@@ -23,6 +23,10 @@
   const WINDOW_MS = 120000; // what the charts show
   const AVERAGE_MS = 5000; // what the tiles' rates average over
   const MAX_SAMPLES = 240; // bound on history, whatever the clock does
+  // A broker whose start (our clock less its uptime) moved later by more
+  // than this has restarted, even if its counters have grown past the old
+  // ones meanwhile. Above the fetch timeout: a slow answer is not a restart.
+  const RESTART_SLACK_MS = 5000;
   const SVG = 'http://www.w3.org/2000/svg';
 
   /** Samples, oldest first: {t, up, published, delivered, dropped,
@@ -31,6 +35,7 @@
   let last = null; // the latest stats received
   let lastSeen = 0; // client time of the latest answer
   let restartedAt = 0;
+  let runStart = null; // the earliest estimate of the broker's start, our clock
 
   // ----- formatting -----
 
@@ -39,7 +44,8 @@
     for (const [size, unit] of units) {
       if (n >= size) {
         const v = n / size;
-        return (v >= 100 ? v.toFixed(0) : v.toFixed(digits)) + unit;
+        const text = v >= 100 ? v.toFixed(0) : v.toFixed(digits);
+        return text.replace(/\.0+$/, '') + unit;
       }
     }
     return String(n);
@@ -74,7 +80,7 @@
   function fmtMicros(us) {
     if (us === null || us === undefined || !isFinite(us)) return '–';
     if (us < 1000) return Math.round(us) + ' µs';
-    if (us < 1e6) return (us / 1000).toFixed(us < 10000 ? 2 : 1) + ' ms';
+    if (us < 1e6) return (us / 1000).toFixed(us < 10000 ? 2 : us < 100000 ? 1 : 0) + ' ms';
     return (us / 1e6).toFixed(2) + ' s';
   }
 
@@ -159,9 +165,10 @@
   }
 
   /** Whether `s` comes from a broker that started after the last one seen. */
-  function restarted(s) {
+  function restarted(s, now) {
     if (!last) return false;
     return (
+      now - s.uptime_ms - runStart > RESTART_SLACK_MS ||
       s.uptime_ms < last.uptime_ms ||
       s.published < last.published ||
       s.delivered < last.delivered ||
@@ -178,10 +185,13 @@
   }
 
   function record(s, now) {
-    if (restarted(s)) {
+    if (restarted(s, now)) {
       samples = [];
       restartedAt = now;
+      runStart = null;
     }
+    const start = now - s.uptime_ms;
+    runStart = runStart === null ? start : Math.min(runStart, start);
     const queues = new Map();
     for (const q of s.queues || []) {
       queues.set(q.name, { delivered: q.delivered, acknowledged: q.acknowledged, arrived: arrived(q) });
@@ -440,11 +450,14 @@
       tip.appendChild(row);
     });
     tip.hidden = false;
-    const svg = fig.querySelector('svg');
-    const left = svg.offsetLeft + cx + 14;
+    // SVG elements have no offsetLeft: place it from the boxes.
+    const svgBox = fig.querySelector('svg').getBoundingClientRect();
+    const figBox = fig.getBoundingClientRect();
+    const scale = view.w ? svgBox.width / view.w : 1;
+    const at = svgBox.left - figBox.left + cx * scale;
     const width = tip.offsetWidth;
-    tip.style.left = (left + width > fig.clientWidth ? svg.offsetLeft + cx - width - 14 : left) + 'px';
-    tip.style.top = svg.offsetTop + 8 + 'px';
+    tip.style.left = (at + 14 + width > figBox.width ? at - width - 14 : at + 14) + 'px';
+    tip.style.top = svgBox.top - figBox.top + 8 + 'px';
   }
 
   function unhover(chart, forget) {
@@ -535,7 +548,12 @@
       const now = latest.queues.get(q.name);
       const r = (pick) => (then && now ? rate({ up: base.up, v: pick(then) }, { up: latest.up, v: pick(now) }, (x) => x.v) : null);
       numberCell(row.depth, q.depth, fmtCount(q.depth));
-      row.fill.style.width = (maxDepth ? (100 * q.depth) / maxDepth : 0).toFixed(1) + '%';
+      // On a log scale, so a queue of 10 beside one of 100,000 still shows.
+      const width = maxDepth ? (100 * Math.log1p(q.depth)) / Math.log1p(maxDepth) : 0;
+      row.fill.style.width = width.toFixed(1) + '%';
+      // A dead-letter queue that never held anything is quiet.
+      const quiet = q.name.endsWith('.dlq') && q.depth === 0 && q.delivered === 0 && q.bytes_on_disk === 0;
+      row.tr.classList.toggle('quiet', quiet);
       numberCell(row.inFlight, q.in_flight, fmtCount(q.in_flight));
       const enq = r((x) => x.arrived);
       const del = r((x) => x.delivered);
@@ -582,6 +600,7 @@
     const c = s.cluster;
     section.hidden = !c;
     badge.hidden = !c;
+    section.parentElement.classList.toggle('single', !c);
     if (!c) return;
     metric('cluster-node', c.node, String(c.node));
     metric('cluster-role', c.role, c.role);
@@ -709,6 +728,8 @@
     } catch (err) {
       const now = Date.now();
       markGap(now);
+      // Rates are unknown while nobody answers (the totals stay, dimmed).
+      for (const name of ['published-rate', 'delivered-rate', 'dropped-rate']) metric(name, null, '–');
       setStatus('disconnected', lastSeen ? 'disconnected · last seen ' + fmtClock(lastSeen) + ' · retrying' : 'disconnected · retrying');
       drawCharts();
     }
