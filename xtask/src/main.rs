@@ -3,6 +3,7 @@
 //! Plain std Rust with no dependencies, so it builds in seconds on a fresh
 //! machine. Every command prints what it runs.
 
+mod demo_web;
 mod deps;
 mod layers;
 
@@ -28,6 +29,9 @@ commands:
                       Courier / peer and Courier / raw for every workload
   demo                `courier demo`: a broker and worker processes on loopback,
                       all five mechanisms at work, a table of what happened
+  demo web [--port BASE] [--http PORT]
+                      the web example (examples/web): broker, worker, two
+                      services and the HTTP gateway on loopback, until Ctrl-C
   cluster [--nodes N] a real N-node cluster (default 3) on loopback: node i
                       on port 7876+2i, metrics on the next port, data under
                       target/cluster/node<i>; until Ctrl-C stops every node
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "test" => cargo(&[&["test", "--workspace"], &strs(rest)[..]].concat()),
         "bench" => bench(rest),
+        "demo" if rest.first().is_some_and(|a| a == "web") => demo_web::run(&rest[1..]),
         "demo" => cargo(&[
             "run",
             "--quiet",
