@@ -3,8 +3,9 @@
 //! environment variables over the file.
 //!
 //! ```toml
-//! # Addresses to serve on (tcp:// and unix://), all at once.
-//! listen = ["tcp://127.0.0.1:7878", "unix:///run/courier.sock"]
+//! # Addresses to serve on (tcp://, tls://, unix://, and ws:// or wss:// for
+//! # browsers: the WebSocket gateway of courier-web), all at once.
+//! listen = ["tcp://127.0.0.1:7878", "unix:///run/courier.sock", "ws://127.0.0.1:7880"]
 //! # Queues, durable subscriptions and their registry.
 //! data_dir = "/var/lib/courier"
 //! # Prometheus text endpoint over HTTP ("" turns it off).
@@ -28,12 +29,16 @@
 //! heartbeat_ms = 5000
 //! # Log level: error, warn, info, debug, trace.
 //! log = "info"
-//! # TLS for tls:// listen addresses (PEM files); with a client CA, every
-//! # client must present a certificate it signed (mutual TLS).
+//! # TLS for tls:// and wss:// listen addresses (PEM files); with a client
+//! # CA, every tls:// client must present a certificate it signed (mutual
+//! # TLS). Browsers on wss:// prove who they are with tokens, not
+//! # certificates.
 //! tls_cert = "server.pem"
 //! tls_key = "server-key.pem"
 //! tls_client_ca = "ca.pem"
-//! # Limits.
+//! # Limits. Browser (ws://, wss://) connections are held to the same
+//! # max_connections, counted apart; handshake and idle timeouts apply to
+//! # them too, and they may publish payloads of up to max_frame_size / 4.
 //! max_connections = 10000
 //! reserved_admin_connections = 8  # of max_connections, kept for admins
 //! max_connections_per_identity = 1000
@@ -80,6 +85,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use courier_pubsub::BusConfig;
@@ -105,7 +111,9 @@ pub enum Fsync {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct BrokerConfig {
-    /// Addresses to serve on. Default `tcp://127.0.0.1:7878`.
+    /// Addresses to serve on: `tcp://`, `tls://`, `unix://` (and the
+    /// transport's others) for Courier clients, `ws://HOST:PORT` and
+    /// `wss://HOST:PORT` for browsers. Default `tcp://127.0.0.1:7878`.
     pub listen: Vec<String>,
     /// Where queues and durable subscriptions live. Default
     /// `$XDG_DATA_HOME/courier`, else `~/.local/share/courier`, else
@@ -134,7 +142,7 @@ pub struct BrokerConfig {
     pub heartbeat_ms: u64,
     /// Default `info`.
     pub log: String,
-    /// Certificate chain (PEM) for `tls://` listen addresses.
+    /// Certificate chain (PEM) for `tls://` and `wss://` listen addresses.
     pub tls_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub tls_key: Option<PathBuf>,
@@ -322,6 +330,24 @@ impl ClusterSection {
     }
 }
 
+/// A browser listen address: `host:port`, and whether it is `wss://`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebListen {
+    /// `HOST:PORT`, as given.
+    pub address: String,
+    /// `wss://` (TLS) rather than `ws://`.
+    pub tls: bool,
+}
+
+/// `Some((tls, rest))` for a `ws://` or `wss://` address.
+fn web_scheme(address: &str) -> Option<(bool, &str)> {
+    if let Some(rest) = address.strip_prefix("wss://") {
+        Some((true, rest))
+    } else {
+        address.strip_prefix("ws://").map(|rest| (false, rest))
+    }
+}
+
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -370,7 +396,9 @@ impl BrokerConfig {
         toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())
     }
 
-    /// The listen addresses, parsed.
+    /// The listen addresses for Courier clients, parsed (the `ws://` and
+    /// `wss://` ones are [`web_listen`](Self::web_listen)'s); every browser
+    /// address is checked too.
     pub fn addresses(&self) -> Result<Vec<Address>, ConfigError> {
         if self.listen.is_empty() {
             return Err(ConfigError::Invalid {
@@ -378,8 +406,10 @@ impl BrokerConfig {
                 reason: "at least one address is needed".into(),
             });
         }
+        self.web_listen()?;
         self.listen
             .iter()
+            .filter(|a| web_scheme(a).is_none())
             .map(|a| {
                 a.parse().map_err(|err| ConfigError::Invalid {
                     key: "listen",
@@ -387,6 +417,74 @@ impl BrokerConfig {
                 })
             })
             .collect()
+    }
+
+    /// The browser listen addresses (`ws://HOST:PORT`, `wss://HOST:PORT`),
+    /// checked.
+    pub fn web_listen(&self) -> Result<Vec<WebListen>, ConfigError> {
+        let mut found = Vec::new();
+        for listen in &self.listen {
+            let Some((tls, rest)) = web_scheme(listen) else {
+                continue;
+            };
+            let invalid = |reason: String| ConfigError::Invalid {
+                key: "listen",
+                reason: format!("{listen:?}: {reason}"),
+            };
+            // A path (or a trailing slash) would suggest the gateway serves
+            // somewhere else than `/`; it does not.
+            let host_port = rest.strip_suffix('/').unwrap_or(rest);
+            if host_port.contains('/') || host_port.is_empty() {
+                return Err(invalid("expected ws://HOST:PORT or wss://HOST:PORT".into()));
+            }
+            let (host, port) = host_port
+                .rsplit_once(':')
+                .ok_or_else(|| invalid("a port is needed (ws://HOST:PORT)".into()))?;
+            port.parse::<u16>()
+                .map_err(|_| invalid(format!("{port:?} is not a port")))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() {
+                return Err(invalid("a host is needed (ws://127.0.0.1:7880)".into()));
+            }
+            found.push(WebListen {
+                address: host_port.to_string(),
+                tls,
+            });
+        }
+        Ok(found)
+    }
+
+    /// The gateway's limits, from the broker's: its connection limit and
+    /// timeouts, and a payload limit of a quarter of the frame limit (so a
+    /// browser's message fits any Rust subscriber's stream item with room
+    /// to spare).
+    pub fn web_config(&self) -> courier_web::GatewayConfig {
+        let idle = (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms));
+        courier_web::GatewayConfig::default()
+            .with_max_connections(self.max_connections)
+            .with_max_payload((self.max_frame_size / 4).max(1))
+            .with_connect_timeout(Duration::from_millis(self.handshake_timeout_ms.max(1)))
+            .with_idle_timeout(idle)
+    }
+
+    /// TLS for `wss://` listen addresses, if there are any (then `tls_cert`
+    /// and `tls_key` are needed).
+    pub fn web_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+        if !self.web_listen()?.iter().any(|w| w.tls) {
+            return Ok(None);
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => courier_web::tls_config_from_pem(cert, key)
+                .map(Some)
+                .map_err(|err| ConfigError::Invalid {
+                    key: "tls_cert",
+                    reason: err.to_string(),
+                }),
+            _ => Err(ConfigError::Invalid {
+                key: "tls_cert",
+                reason: "wss:// listen addresses need both tls_cert and tls_key".into(),
+            }),
+        }
     }
 
     /// The metrics address, if any.

@@ -14,6 +14,10 @@
 //!   with its connection, so requests fail over to the others.
 //! - **Stats**: [`BrokerService::stats`] over RPC (what `courier stats`
 //!   shows), and the same as Prometheus text over HTTP ([`metrics`]).
+//! - **Browsers**: a `ws://HOST:PORT` or `wss://HOST:PORT` listen address
+//!   starts a courier-web gateway there over the same bus, with the same
+//!   `[auth]` tokens and permissions, durable subscriptions and counters
+//!   ([`Broker::web_addresses`], [`BrokerStats::web_connections`]).
 //!
 //! [`Broker::shutdown`] stops accepting, lets calls in flight finish within
 //! the grace period, then closes the queues (their logs flush and fsync).
@@ -62,7 +66,7 @@ use courier_queue::QueueError;
 use courier_rpc::{Server, ServerConfig, ServerHandle};
 use courier_transport::Address;
 
-pub use config::{BrokerConfig, ConfigError, Fsync};
+pub use config::{BrokerConfig, ConfigError, Fsync, WebListen};
 
 /// Why a broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +165,9 @@ pub(crate) struct State {
     counters: Arc<HostCounters>,
     server: Mutex<Option<ServerHandle>>,
     cluster: Option<Cluster>,
+    /// The browser gateway, if any `ws://`/`wss://` address is served (one
+    /// for all of them, so they share one connection count and limit).
+    web: Option<courier_web::Gateway>,
 }
 
 /// The cluster member a broker hosts.
@@ -199,8 +206,7 @@ impl State {
         BrokerStats {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             connections,
-            // Filled in once the WebSocket gateway is wired (courier-web).
-            web_connections: 0,
+            web_connections: self.web.as_ref().map_or(0, |w| w.connections()) as u64,
             subscriptions: self.bus.subscriptions() as u64,
             published: c.published.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
@@ -237,6 +243,8 @@ impl BrokerService for StatsHost {
 pub struct Broker {
     state: Arc<State>,
     addresses: Vec<Address>,
+    web: Vec<courier_web::WebServer>,
+    web_addresses: Vec<String>,
     metrics: Option<metrics::Endpoint>,
     grace: Duration,
 }
@@ -245,6 +253,7 @@ impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
             .field("addresses", &self.addresses)
+            .field("web_addresses", &self.web_addresses)
             .field("data_dir", &self.state.queues.dir())
             .finish_non_exhaustive()
     }
@@ -256,6 +265,8 @@ impl Broker {
     /// endpoint, and starts serving.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         let addresses = config.addresses()?;
+        let web_listen = config.web_listen()?;
+        let web_tls = config.web_tls()?;
         let metrics_address = config.metrics_address()?;
         let queues = QueueSet::new(&config.data_dir, config.queue_options());
         let recovered = queues.open_all().await?;
@@ -273,12 +284,46 @@ impl Broker {
         for address in &addresses {
             listeners.push(bind(address, &transport).await?);
         }
+        let mut web_listeners = Vec::new();
+        for web in &web_listen {
+            let listener = tokio::net::TcpListener::bind(&web.address)
+                .await
+                .map_err(|err| BrokerError::Bind {
+                    address: format!("{}://{}", if web.tls { "wss" } else { "ws" }, web.address),
+                    reason: err.to_string(),
+                })?;
+            web_listeners.push((listener, web.tls));
+        }
         let cluster = match &config.cluster {
             Some(section) => {
                 Some(start_cluster(&config, section, &transport, &mut listeners, &bus).await?)
             }
             None => None,
         };
+        let web = (!web_listeners.is_empty()).then(|| {
+            let mut gateway = courier_web::Gateway::new(bus.clone(), config.web_config())
+                .with_authenticator(policy.clone(), config.auth.required)
+                .with_counters(host.counters())
+                .with_durable(durable.clone());
+            if !policy.is_open() {
+                gateway = gateway.with_access(policy.clone());
+            }
+            gateway
+        });
+        let mut web_servers = Vec::new();
+        if let Some(gateway) = &web {
+            for (listener, tls) in web_listeners {
+                let tls = if tls { web_tls.clone() } else { None };
+                let server = gateway
+                    .serve(listener, tls)
+                    .map_err(|err| BrokerError::Bind {
+                        address: "a browser listen address".into(),
+                        reason: err.to_string(),
+                    })?;
+                web_servers.push(server);
+            }
+        }
+        let web_addresses: Vec<String> = web_servers.iter().map(|w| w.url()).collect();
         let state = Arc::new(State {
             started: Instant::now(),
             queues: queues.clone(),
@@ -287,6 +332,7 @@ impl Broker {
             counters: host.counters(),
             server: Mutex::new(None),
             cluster,
+            web,
         });
         let metrics = match metrics_address {
             Some(address) => Some(
@@ -348,6 +394,7 @@ impl Broker {
         *state.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
         tracing::info!(
             listen = ?bound.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            web = ?web_addresses,
             data_dir = %config.data_dir.display(),
             queues = recovered.len(),
             durable = durable.len(),
@@ -357,6 +404,8 @@ impl Broker {
         Ok(Broker {
             state,
             addresses: bound,
+            web: web_servers,
+            web_addresses,
             metrics,
             grace: Duration::from_millis(config.shutdown_grace_ms),
         })
@@ -365,6 +414,14 @@ impl Broker {
     /// The addresses it serves on (with ports chosen, if 0 was asked for).
     pub fn addresses(&self) -> &[Address] {
         &self.addresses
+    }
+
+    /// The browser gateway's addresses, as URLs (`ws://127.0.0.1:7880`,
+    /// `wss://...`), with ports chosen if 0 was asked for. Apart from
+    /// [`addresses`](Self::addresses): a transport [`Address`] has no
+    /// WebSocket form.
+    pub fn web_addresses(&self) -> &[String] {
+        &self.web_addresses
     }
 
     /// The metrics endpoint's address, if it has one.
@@ -396,18 +453,34 @@ impl Broker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(server) = server {
-            let bound = self.grace + SHUTDOWN_MARGIN;
-            if tokio::time::timeout(bound, server.shutdown(self.grace))
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    ?bound,
-                    "connections did not close within the grace period; abandoning them"
-                );
+        let bound = self.grace + SHUTDOWN_MARGIN;
+        let grace = self.grace;
+        let clients = async {
+            if let Some(server) = server {
+                if tokio::time::timeout(bound, server.shutdown(grace))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        ?bound,
+                        "connections did not close within the grace period; abandoning them"
+                    );
+                }
             }
-        }
+        };
+        // Browsers get 1001 (going away) and the same grace, meanwhile.
+        // Every web server shares one gateway: the first closes them all.
+        let browsers = async {
+            for web in self.web {
+                if tokio::time::timeout(bound, web.shutdown(grace))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(?bound, "the browser gateway did not stop in time");
+                }
+            }
+        };
+        tokio::join!(clients, browsers);
         if let Some(metrics) = self.metrics {
             metrics.stop().await;
         }
