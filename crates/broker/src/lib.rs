@@ -390,8 +390,12 @@ impl Broker {
                 ))
                 .service(RouteServiceServer::new(cluster.routes.host()));
         }
-        let server = server.spawn_all(listeners);
-        *state.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
+        // A broker for browsers only (every listen address ws:// or wss://)
+        // serves no Courier protocol at all.
+        if !listeners.is_empty() {
+            let server = server.spawn_all(listeners);
+            *state.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
+        }
         tracing::info!(
             listen = ?bound.iter().map(ToString::to_string).collect::<Vec<_>>(),
             web = ?web_addresses,

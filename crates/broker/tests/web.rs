@@ -242,3 +242,21 @@ fn browser_addresses_are_checked_and_wss_needs_a_certificate() {
         assert!(config.addresses().is_err(), "{bad} accepted");
     }
 }
+
+#[tokio::test]
+async fn a_broker_may_serve_browsers_only() -> Result<()> {
+    let dir = TempDir::new("broker-web-only");
+    let mut config = BrokerConfig::default();
+    config.listen = vec!["ws://127.0.0.1:0".into()];
+    config.data_dir = dir.0.join("data");
+    config.metrics = String::new();
+    let broker = Broker::start(config).await?;
+    assert!(broker.addresses().is_empty());
+    let (mut ws, hello) = browser(&broker.web_addresses()[0], None).await?;
+    assert_eq!(hello["identity"], Value::Null, "an open broker: anonymous");
+    send(&mut ws, json!({"op": "ping", "id": 1})).await?;
+    assert_eq!(next(&mut ws).await?, json!({"op": "pong", "id": 1}));
+    assert_eq!(broker.stats().await.web_connections, 1);
+    broker.shutdown().await;
+    Ok(())
+}

@@ -13,13 +13,15 @@ use crate::Failure;
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n  # node 1 of a three-node cluster:\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878\n  # a fourth node joining it, then added from anywhere:\n  courier serve --listen tcp://10.0.0.4:7878 --node 4 --join\n  courier --url tcp://10.0.0.1:7878 cluster add-node 4 tcp://10.0.0.4:7878\n  courier serve --fsync interval --fsync-interval 20ms --max-deliveries 3\n\nEvery key of the file is documented in the courier-broker crate (config module), and\nevery top-level key is also a variable: COURIER_<KEY>, e.g. COURIER_MAX_DELIVERIES=3\n(file, then variables, then flags, each overriding the one before)."
+    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n  # browsers too (WebSocket gateway, and /courier.js, on port 7880):\n  courier serve --listen tcp://127.0.0.1:7878 --listen ws://127.0.0.1:7880\n  courier serve --listen wss://0.0.0.0:7443 --cert server.pem --key server-key.pem\n  # node 1 of a three-node cluster:\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878\n  # a fourth node joining it, then added from anywhere:\n  courier serve --listen tcp://10.0.0.4:7878 --node 4 --join\n  courier --url tcp://10.0.0.1:7878 cluster add-node 4 tcp://10.0.0.4:7878\n  courier serve --fsync interval --fsync-interval 20ms --max-deliveries 3\n\nEvery key of the file is documented in the courier-broker crate (config module), and\nevery top-level key is also a variable: COURIER_<KEY>, e.g. COURIER_MAX_DELIVERIES=3\n(file, then variables, then flags, each overriding the one before)."
 )]
 pub struct ServeArgs {
     /// A TOML configuration file (keys: listen, data_dir, metrics, fsync, ...).
     #[arg(long, env = "COURIER_CONFIG")]
     config: Option<PathBuf>,
-    /// An address to serve on (repeat for several): tcp://HOST:PORT or unix://PATH.
+    /// An address to serve on (repeat for several): tcp://HOST:PORT,
+    /// tls://HOST:PORT, unix://PATH, or ws://HOST:PORT / wss://HOST:PORT
+    /// for browsers (the WebSocket gateway, which also serves /courier.js).
     #[arg(long, env = "COURIER_LISTEN", value_delimiter = ',')]
     listen: Vec<String>,
     /// Where queues and durable subscriptions are kept.
@@ -42,7 +44,7 @@ pub struct ServeArgs {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "COURIER_LOG")]
     log: Option<String>,
-    /// Certificate chain (PEM) for tls:// listen addresses.
+    /// Certificate chain (PEM) for tls:// and wss:// listen addresses.
     #[arg(long = "cert", env = "COURIER_SERVER_CERT")]
     tls_cert: Option<PathBuf>,
     /// Its private key (PEM).
@@ -310,6 +312,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .init();
     // Flag and file mistakes are usage errors (exit 2), found before binding.
     config.addresses().map_err(Failure::usage)?;
+    config.web_listen().map_err(Failure::usage)?;
     config.metrics_address().map_err(Failure::usage)?;
     // Handled from before the first `listening` line: a SIGTERM sent as
     // soon as the broker says it listens must shut it down gracefully, not
@@ -321,6 +324,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // One line per address on stdout, so scripts (and tests) can find a
     // port chosen with :0.
     for address in broker.addresses() {
+        println!("listening {address}");
+    }
+    // Browsers: the WebSocket URL (its /courier.js is the client module).
+    for address in broker.web_addresses() {
         println!("listening {address}");
     }
     if let Some(metrics) = broker.metrics_address() {
