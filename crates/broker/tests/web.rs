@@ -144,7 +144,7 @@ async fn browsers_and_rust_clients_share_the_bus_under_the_same_rules() -> Resul
     .await?;
     // The browser's own subscription sees it too; the ok and msg may come
     // in either order.
-    let mut frames = vec![next(&mut alice).await?, next(&mut alice).await?];
+    let mut frames = [next(&mut alice).await?, next(&mut alice).await?];
     frames.sort_by_key(|f| f["op"].as_str().map(str::to_string));
     assert_eq!(frames[0]["op"], "msg");
     assert_eq!(frames[1], json!({"op": "ok", "id": 2}));
