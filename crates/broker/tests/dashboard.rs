@@ -370,3 +370,54 @@ async fn connections_past_the_limit_are_closed_and_idle_ones_time_out() {
     assert_eq!(served.expect("served again").status, 200);
     broker.shutdown().await;
 }
+
+const PAGE: &str = include_str!("../web/index.html");
+const SCRIPT: &str = include_str!("../web/dashboard.js");
+
+/// Every `getElementById('…')` of the script names an element of the page:
+/// a renamed id would otherwise fail only in a browser, silently.
+#[test]
+fn the_script_finds_every_element_it_looks_for() {
+    let mut checked = 0;
+    for piece in SCRIPT.split("getElementById(").skip(1) {
+        let Some(quoted) = piece.strip_prefix('\'') else {
+            continue; // By a variable (chart.id): checked below.
+        };
+        let id = &quoted[..quoted.find('\'').unwrap()];
+        assert!(
+            PAGE.contains(&format!("id=\"{id}\"")),
+            "no #{id} on the page"
+        );
+        checked += 1;
+    }
+    for chart in ["chart-messages", "chart-drops", "chart-connections"] {
+        assert!(SCRIPT.contains(&format!("id: '{chart}'")), "{chart}");
+        assert!(PAGE.contains(&format!("id=\"{chart}\"")), "{chart}");
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} ids found: has the script changed shape?"
+    );
+}
+
+/// The script parses, where Node is installed (CI installs it and sets
+/// `COURIER_REQUIRE_NODE`, so there it cannot skip).
+#[test]
+fn the_script_is_valid_javascript() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/web/dashboard.js");
+    match std::process::Command::new("node")
+        .arg("--check")
+        .arg(path)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(err) if std::env::var_os("COURIER_REQUIRE_NODE").is_none() => {
+            eprintln!("skipped: node not found ({err})");
+        }
+        Err(err) => panic!("node is required (COURIER_REQUIRE_NODE) but: {err}"),
+    }
+}
