@@ -634,8 +634,7 @@ export class Connection {
       }
       case "error": {
         const error = new CourierError(frame.kind ?? "Internal", frame.message ?? "", { sid: frame.sid });
-        const p = this.#take(frame.id);
-        if (p) return p.reject(error);
+        if (frame.id !== undefined) return this.#take(frame.id)?.reject(error); // else: it timed out already
         const sub = frame.sid !== undefined ? this.#subs.get(frame.sid) : undefined;
         return sub ? sub._notify(error) : this._notify(error);
       }

@@ -253,15 +253,19 @@ test(
         await reconnected;
         assert.deepEqual(statuses, ["connected", "reconnecting", "connected"]);
         // The subscription was sent again: a message from elsewhere arrives.
-        // (Retry: the re-sent `sub` races the publish, so publish until it lands.)
-        const it = sub[Symbol.asyncIterator]();
+        // (Retry: the re-sent `sub` races the publish, so publish until it
+        // lands, keeping one `next()` waiting: an abandoned one would take
+        // the message.)
+        const next = sub[Symbol.asyncIterator]().next();
+        let landed = false;
         const got = await within(
           (async () => {
-            for (;;) {
+            const tick = () => new Promise((res) => setTimeout(() => res(false), 100));
+            while (!landed) {
               await other.publish(s, "after");
-              const r = await Promise.race([it.next(), new Promise((res) => setTimeout(() => res(null), 100))]);
-              if (r) return r.value;
+              landed = await Promise.race([next.then(() => true), tick()]);
             }
+            return (await next).value;
           })(),
           WAIT,
           "a message on the re-sent subscription",

@@ -96,7 +96,8 @@ test("an unreachable broker rejects connect with Unavailable, also when the sock
 });
 
 test("a request the broker never answers rejects with TimedOut at its timeout", async () => {
-  const { broker, c } = await fakeConnect();
+  const errors = [];
+  const { broker, c } = await fakeConnect({ onError: (e) => errors.push(e) });
   const started = Date.now();
   await rejectsKind(c.request("svc.none", "hi", { timeout: 60 }), "TimedOut");
   assert.ok(Date.now() - started >= 55);
@@ -105,6 +106,8 @@ test("a request the broker never answers rejects with TimedOut at its timeout", 
   assert.equal(req.data, "hi");
   // The broker's own late answer to the expired id is ignored.
   broker.socket.receive({ op: "error", id: req.id, kind: "TimedOut", message: "late" });
+  broker.socket.receive({ op: "reply", id: req.id, subject: "r", data: "late" });
+  assert.deepEqual(errors, []);
   // The broker's ceiling is 60 s: longer timeouts are clamped, not refused.
   c.request("svc.none", "x", { timeout: 120000 }).catch(() => {});
   await until(() => broker.sent("req").length === 2);
