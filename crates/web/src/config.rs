@@ -39,7 +39,10 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// TCP connections accepted by [`Gateway::serve`](crate::Gateway::serve)
     /// that are not yet WebSockets (in their TLS or HTTP handshake); more
-    /// are closed at once. Default [`DEFAULT_MAX_HANDSHAKES`].
+    /// are closed at once. Each may stay at most `connect_timeout +
+    /// write_timeout` before it upgrades (an HTTP client keeping its
+    /// connection alive after fetching `/courier.js` is closed then).
+    /// Default [`DEFAULT_MAX_HANDSHAKES`].
     pub max_handshakes: usize,
     /// Largest payload a browser may publish or request with (decoded
     /// bytes); announced in `connected`. Default [`DEFAULT_MAX_PAYLOAD`].

@@ -76,7 +76,6 @@ pub(crate) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
         Ok(Ok(())) => {}
         _ => return,
     }
-    tracing::debug!(identity = ?identity, "browser connected");
     let (sink, stream) = socket.split();
     let (tx, rx) = mpsc::channel(shared.config.outbound_messages.max(1));
     let out = Out {
@@ -113,6 +112,16 @@ pub(crate) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
 /// Waits for `connect` and decides who the browser is: `Some(identity)`
 /// (`None` inside for anonymous), or `None` after refusing it.
 async fn handshake(socket: &mut WebSocket, shared: &Shared) -> Option<Option<String>> {
+    let (identity, name) = connect_frame(socket, shared).await?;
+    tracing::debug!(?identity, ?name, "browser connected");
+    Some(identity)
+}
+
+/// [`handshake`]'s work: the identity and the browser's `name`.
+async fn connect_frame(
+    socket: &mut WebSocket,
+    shared: &Shared,
+) -> Option<(Option<String>, Option<String>)> {
     let write_timeout = shared.config.write_timeout;
     let deadline = tokio::time::Instant::now() + shared.config.connect_timeout;
     let text = loop {
@@ -193,7 +202,7 @@ async fn handshake(socket: &mut WebSocket, shared: &Shared) -> Option<Option<Str
         refuse(socket, &refusal, POLICY, write_timeout).await;
         return None;
     }
-    Some(identity)
+    Some((identity, frame.name))
 }
 
 /// Sends an error and closes, each within the write timeout.
@@ -410,11 +419,8 @@ impl Session {
         match frame.op.as_str() {
             "sub" => {
                 let sid = frame.sid.clone();
-                match self.subscribe(id, frame).await {
-                    Ok(true) => Ok(None),
-                    Ok(false) => Ok(None),
-                    Err(refusal) => Err((refusal, sid)),
-                }
+                self.subscribe(id, frame).await.map_err(|r| (r, sid))?;
+                Ok(None)
             }
             "unsub" => {
                 let sid = required(&frame.sid, "sid").map_err(|r| (r, None))?;
@@ -445,7 +451,7 @@ impl Session {
 
     /// `sub`: the `ok` (if asked for) is queued before the forwarder
     /// starts, so it comes before the subscription's first `msg`.
-    async fn subscribe(&mut self, id: Option<&Id>, frame: Inbound) -> Result<bool, Refusal> {
+    async fn subscribe(&mut self, id: Option<&Id>, frame: Inbound) -> Result<(), Refusal> {
         let config = &self.shared.config;
         let sid = required(&frame.sid, "sid")?;
         if sid.len() > MAX_NAME_LEN {
@@ -492,14 +498,15 @@ impl Session {
             .map_err(|err| Refusal::invalid(err.to_string()))?;
         if let Some(id) = id {
             if !self.out.send(Outbound::Ok { id: Some(id) }.text()).await {
-                return Ok(false);
+                // The writer is gone; the reader learns it at its next send.
+                return Ok(());
             }
         }
         let forwarder =
             self.forwarders
                 .spawn(forward(subscription, sid.to_string(), self.out.clone()));
         self.subscriptions.insert(sid.to_string(), forwarder);
-        Ok(true)
+        Ok(())
     }
 
     /// The checks a `pub` and a `req` share: subject, payload, headers and

@@ -663,3 +663,12 @@ fn fd_limit_at_least(needed: u64) -> bool {
         })
         .is_some_and(|soft| soft >= needed)
 }
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Gateway>();
+    send_sync::<WebServer>();
+    send_sync::<GatewayConfig>();
+    send_sync::<courier_web::WebError>();
+}
