@@ -136,7 +136,9 @@ async fn browsers_and_rust_clients_share_the_bus_under_the_same_rules() -> Resul
         (msg["sid"].clone(), msg["data"].clone()),
         (json!("o"), json!("from rust"))
     );
-    let before = broker.stats().await.published;
+    // A durable subscription keeps browsers' messages too.
+    rust.durable("audit", "orders.browser").await?;
+    let before = broker.stats().await;
     send(
         &mut alice,
         json!({"op": "pub", "id": 2, "subject": "orders.browser", "data": "from a browser"}),
@@ -158,8 +160,13 @@ async fn browsers_and_rust_clients_share_the_bus_under_the_same_rules() -> Resul
     let stats = broker.stats().await;
     assert_eq!(
         stats.published,
-        before + 1,
+        before.published + 1,
         "the browser's publish is counted"
+    );
+    assert_eq!(
+        stats.stored,
+        before.stored + 1,
+        "and stored in the durable subscription"
     );
     assert_eq!(stats.web_connections, 1);
 
