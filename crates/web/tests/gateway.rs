@@ -672,3 +672,37 @@ fn public_types_are_send_and_sync() {
     send_sync::<GatewayConfig>();
     send_sync::<courier_web::WebError>();
 }
+
+/// A TCP connection that never finishes its HTTP request is closed after
+/// the connect timeout, and past `max_handshakes` one is closed at once.
+#[tokio::test]
+async fn connections_stuck_in_their_handshake_are_bounded() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = GatewayConfig::default()
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_max_handshakes(1);
+    let (_bus, server) = open_gateway(config).await?;
+    // Accepted first, it holds the one place until its timeout.
+    let mut stuck = tokio::net::TcpStream::connect(server.local_addr()).await?;
+    stuck.write_all(b"GET / HTTP/1.1\r\n").await?;
+    let mut turned_away = tokio::net::TcpStream::connect(server.local_addr()).await?;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, turned_away.read(&mut buf)).await?;
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "closed without an answer: {n:?}"
+    );
+    // The stuck one is closed by the timeout (hyper may answer 408 first).
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, stuck.read_to_end(&mut rest)).await??;
+    // Its place comes free as its task ends: then a browser gets in.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match connected(&server.url()).await {
+            Ok(_browser) => break,
+            Err(err) if tokio::time::Instant::now() > deadline => return Err(err),
+            Err(_) => tokio::task::yield_now().await,
+        }
+    }
+    Ok(())
+}
