@@ -208,6 +208,16 @@ pub struct QueueStats {
     pub duplicates: u64,
     /// Bytes on disk (filled in by the storage layer; 0 from the core).
     pub bytes_on_disk: u64,
+    /// Messages accepted since the queue was opened, by this process:
+    /// every enqueue stored, dead letters moved in included (in a
+    /// dead-letter queue), duplicates not (they count in `duplicates`).
+    /// Messages found in storage when the queue opened are not counted
+    /// ([`QueueCore::handle_recovered`]), so, like the other counters, it
+    /// starts from 0 at each open and its rate is the rate of arrivals.
+    pub enqueued: u64,
+    /// Consumers attached now (a gauge, not a counter): embedded ones and,
+    /// on a host, one per remote consumer, until it goes away.
+    pub consumers: u64,
 }
 
 #[derive(Debug)]
@@ -284,7 +294,32 @@ impl QueueCore {
     }
 
     /// Adds a stored message: ready at `available_at`, gone at `expires_at`.
+    /// Counted in [`QueueStats::enqueued`].
     pub fn handle_enqueue(
+        &mut self,
+        id: MessageId,
+        key: Option<String>,
+        available_at: Duration,
+        expires_at: Option<Duration>,
+    ) {
+        self.insert(id, key, available_at, expires_at);
+        self.stats.enqueued += 1;
+    }
+
+    /// Adds a message found in storage while the queue opens (replay): as
+    /// [`QueueCore::handle_enqueue`], but not counted in
+    /// [`QueueStats::enqueued`], which counts what this process accepted.
+    pub fn handle_recovered(
+        &mut self,
+        id: MessageId,
+        key: Option<String>,
+        available_at: Duration,
+        expires_at: Option<Duration>,
+    ) {
+        self.insert(id, key, available_at, expires_at);
+    }
+
+    fn insert(
         &mut self,
         id: MessageId,
         key: Option<String>,
@@ -664,7 +699,70 @@ impl QueueCore {
         QueueStats {
             depth: self.ready.len() as u64,
             in_flight: self.leases.len() as u64,
+            consumers: self.consumers.len() as u64,
             ..self.stats
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Duration = Duration::ZERO;
+
+    #[test]
+    fn the_consumer_count_follows_attach_and_detach() {
+        let mut core = QueueCore::new(QueueConfig::default());
+        assert_eq!(core.stats().consumers, 0);
+        core.add_consumer(1, 4);
+        core.add_consumer(2, 4);
+        assert_eq!(core.stats().consumers, 2);
+        core.remove_consumer(1, T0);
+        assert_eq!(core.stats().consumers, 1);
+        // Removing one that is not there changes nothing.
+        core.remove_consumer(1, T0);
+        core.remove_consumer(99, T0);
+        assert_eq!(core.stats().consumers, 1);
+        core.remove_consumer(2, T0);
+        assert_eq!(core.stats().consumers, 0);
+    }
+
+    #[test]
+    fn a_consumer_that_goes_holding_leases_is_no_longer_counted() {
+        let mut core = QueueCore::new(QueueConfig::default());
+        core.handle_enqueue(0, None, T0, None);
+        core.add_consumer(1, 1);
+        assert!(core.poll_delivery(1, T0).is_some());
+        assert_eq!((core.stats().consumers, core.stats().in_flight), (1, 1));
+        core.remove_consumer(1, T0);
+        let stats = core.stats();
+        assert_eq!((stats.consumers, stats.in_flight, stats.depth), (0, 0, 1));
+    }
+
+    #[test]
+    fn enqueued_counts_messages_accepted_not_duplicates_or_recovered_ones() {
+        let mut core = QueueCore::new(QueueConfig::default());
+        // Found in storage at open: there already, not accepted now.
+        core.handle_recovered(0, Some("old".into()), T0, None);
+        assert_eq!(core.stats().enqueued, 0);
+        assert_eq!(core.stats().depth, 1);
+        // A recovered key still catches duplicates.
+        assert_eq!(core.duplicate_of("old"), Some(0));
+
+        core.handle_enqueue(1, Some("a".into()), T0, None);
+        core.handle_enqueue(2, None, T0, None);
+        assert_eq!(core.duplicate_of("a"), Some(1));
+        let stats = core.stats();
+        assert_eq!(stats.enqueued, 2, "{stats:?}");
+        assert_eq!(stats.duplicates, 2, "{stats:?}");
+
+        // A counter: messages leaving do not take it back.
+        core.add_consumer(1, 10);
+        while let Some(d) = core.poll_delivery(1, T0) {
+            core.ack(1, d.id, d.delivery).unwrap();
+        }
+        let stats = core.stats();
+        assert_eq!((stats.enqueued, stats.depth, stats.acknowledged), (2, 0, 3));
     }
 }

@@ -883,7 +883,8 @@ impl Queue {
                                 )
                             };
                             let expires = (ttl != u64::MAX).then(|| remaining(ttl));
-                            core.handle_enqueue(record.seq, key, remaining(delay), expires);
+                            // Recovered, not accepted now: not counted as enqueued.
+                            core.handle_recovered(record.seq, key, remaining(delay), expires);
                             // A copy: the record is a slice of the whole
                             // segment as read, which would stay in memory
                             // (up to a segment's size) as long as any one of
