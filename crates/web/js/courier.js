@@ -14,7 +14,7 @@ export const MAX_ID = 0x7fffffff;
 export const DEFAULTS = Object.freeze({
   /** Milliseconds for the handshake, for each answer, and a request's default. */
   timeout: 5000,
-  /** Reconnect after a dropped connection (never after `Refused`). */
+  /** Reconnect after a dropped connection (never after a refusal: close 1008). */
   reconnect: true,
   /** First reconnect delay (ms); doubles each attempt, with jitter. */
   reconnectDelay: 100,
@@ -24,6 +24,8 @@ export const DEFAULTS = Object.freeze({
   maxReconnectAttempts: Infinity,
   /** Operations awaiting the broker's answer; past it, new ones fail `Busy`. */
   maxInFlight: 1024,
+  /** Live subscriptions; past it `subscribe` throws `LimitExceeded` (the broker's own default is 256). */
+  maxSubscriptions: 1024,
   /** Unread messages a subscription buffers; past it the oldest are dropped. */
   maxPending: 1024,
   /** Milliseconds between keep-alive pings (0: none). A missed pong drops the connection. */
@@ -35,6 +37,21 @@ const ERROR_GRACE = 1000;
 
 /** The broker's ceiling for a request's `timeout_ms` (PROTOCOL.md). */
 const MAX_REQUEST_TIMEOUT = 60000;
+
+/**
+ * How many times its UTF-8 size a text payload's JSON escaping may take
+ * before it travels as `data64` instead. The broker's frame limit is twice
+ * the payload limit plus 64 KiB (PROTOCOL.md), so text within `max_payload`
+ * whose escaping at most doubles it always fits; past that, base64 (4/3 of
+ * the bytes) is both smaller and safe.
+ */
+const MAX_ESCAPE_GROWTH = 2;
+
+/** Marks an operation's `TimedOut` of our own timer: the broker may still act on it. */
+const UNANSWERED = Symbol("courier.unanswered");
+
+/** Marks a handshake failure that a retry cannot change (close 1008). */
+const FINAL = Symbol("courier.final");
 
 /**
  * Every failure this module reports. `kind` is one of PROTOCOL.md's kinds:
@@ -113,30 +130,68 @@ export function fromBase64(text) {
 }
 
 /**
- * The frame fields for a payload: a string travels as `data`, bytes
- * (Uint8Array, any ArrayBuffer view, ArrayBuffer) as `data64`, anything else
- * as its JSON text (`undefined` is the empty payload).
- * @returns {{fields: {data?: string, data64?: string}, size: number}}
+ * The frame fields for a payload and its size in bytes: bytes (Uint8Array,
+ * any ArrayBuffer view, ArrayBuffer) travel as `data64`; a string as `data`,
+ * unless JSON would escape it to more than {@link MAX_ESCAPE_GROWTH} times
+ * its UTF-8 size (control characters take 6 bytes each) or it is not
+ * well-formed UTF-16 (the broker's JSON parser refuses a lone surrogate's
+ * escape): then as `data64` of its UTF-8, lone surrogates becoming U+FFFD as
+ * `WebSocket.send` would make them. Anything else travels as its JSON text
+ * (`undefined` is the empty payload). Either way subscribers get the same
+ * bytes, and text again if they are UTF-8.
+ * @returns {{size: number, fields: () => {data?: string, data64?: string}}}
+ *   the fields are made on demand, so that a payload over the limit is never copied
  */
 function encodePayload(payload) {
-  if (payload === undefined) return { fields: { data: "" }, size: 0 };
+  if (payload === undefined) return { size: 0, fields: () => ({ data: "" }) };
   let bytes = null;
   if (payload instanceof Uint8Array) bytes = payload;
   else if (ArrayBuffer.isView(payload)) {
     bytes = new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
   } else if (payload instanceof ArrayBuffer) bytes = new Uint8Array(payload);
-  if (bytes) return { fields: { data64: toBase64(bytes) }, size: bytes.length };
+  if (bytes) return { size: bytes.length, fields: () => ({ data64: toBase64(bytes) }) };
   const text = typeof payload === "string" ? payload : JSON.stringify(payload);
   if (typeof text !== "string") throw new CourierError("InvalidInput", "payload has no JSON form");
-  return { fields: { data: text }, text };
+  const { size, escaped, wellFormed } = measureText(text);
+  if (wellFormed && escaped <= size * MAX_ESCAPE_GROWTH) return { size, fields: () => ({ data: text }) };
+  return { size, fields: () => ({ data64: toBase64(utf8Encoder.encode(text)) }) };
 }
 
-/** A payload's size in bytes, at least as exact as comparing it with `limit` needs. */
-function payloadSize(encoded, limit) {
-  if (encoded.text === undefined) return encoded.size;
-  // A UTF-16 unit is at most 3 UTF-8 bytes: encode only when that could matter.
-  if (encoded.text.length * 3 <= limit) return encoded.text.length;
-  return utf8Encoder.encode(encoded.text).length;
+/**
+ * A string's UTF-8 size (a lone surrogate counts as U+FFFD's 3 bytes), the
+ * size of its JSON string escaping without the quotes (as JSON.stringify
+ * writes it), and whether it has no lone surrogates. One pass, no copy.
+ * @param {string} text
+ * @returns {{size: number, escaped: number, wellFormed: boolean}}
+ */
+function measureText(text) {
+  let size = 0;
+  let escaped = 0;
+  let wellFormed = true;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c < 0x80) {
+      size += 1;
+      // `"` `\` and \b \t \n \f \r take 2 bytes; other controls \u00XX, 6.
+      if (c === 0x22 || c === 0x5c || c === 0x08 || c === 0x09 || c === 0x0a || c === 0x0c || c === 0x0d) escaped += 2;
+      else escaped += c < 0x20 ? 6 : 1;
+    } else if (c < 0x800) {
+      size += 2;
+      escaped += 2;
+    } else if (c >= 0xd800 && c <= 0xdbff && i + 1 < text.length && (text.charCodeAt(i + 1) & 0xfc00) === 0xdc00) {
+      size += 4; // a surrogate pair: one 4-byte character
+      escaped += 4;
+      i++;
+    } else if (c >= 0xd800 && c <= 0xdfff) {
+      size += 3; // a lone surrogate: U+FFFD in UTF-8, \udXXX in JSON
+      escaped += 6;
+      wellFormed = false;
+    } else {
+      size += 3;
+      escaped += 3;
+    }
+  }
+  return { size, escaped, wellFormed };
 }
 
 // ---------------------------------------------------------------- messages
@@ -333,6 +388,7 @@ export class Subscription {
  * @param {number} [options.maxReconnectDelay] reconnect delay ceiling in ms (5000)
  * @param {number} [options.maxReconnectAttempts] attempts per drop before closing (Infinity)
  * @param {number} [options.maxInFlight] operations awaiting an answer (1024)
+ * @param {number} [options.maxSubscriptions] live subscriptions on the connection (1024)
  * @param {number} [options.maxPending] a subscription's default buffer bound (1024)
  * @param {number} [options.pingInterval] keep-alive ping period in ms, 0 for none (30000)
  * @param {(status: string, error?: CourierError) => void} [options.onStatus] `connected`, `reconnecting`, `closed`
@@ -361,6 +417,8 @@ export class Connection {
   #attempt = 0;
   #retryTimer = null;
   #pingTimer = null;
+  #graceTimer = null; // a connected socket's `error` waiting for its `close`
+  #cancelHandshake = null; // fails the handshake under way, if any
   #closedResolve;
 
   /** @internal use {@link connect} */
@@ -397,10 +455,15 @@ export class Connection {
    * @param {string} subject
    * @param {{queue?: string, maxPending?: number}} [options] a queue group shares the messages among its members
    * @returns {Subscription} at once; `sub.ready` tells when the broker took it
-   * @throws {CourierError} `Unavailable` once the connection is closed
+   * @throws {CourierError} `Unavailable` once the connection is closed,
+   *   `LimitExceeded` past `maxSubscriptions`
    */
   subscribe(subject, options = {}) {
     if (this.#status === "closed") throw new CourierError("Unavailable", "connection closed");
+    // Also bounds what a reconnect sends at once (re-subscribing is not held to maxInFlight).
+    if (this.#subs.size >= this.#opts.maxSubscriptions) {
+      throw new CourierError("LimitExceeded", `${this.#opts.maxSubscriptions} subscriptions already live`);
+    }
     let sid;
     do {
       sid = `s${this.#nextSid}`;
@@ -422,7 +485,7 @@ export class Connection {
    * @returns {Promise<void>} resolves on the broker's `ok` (delivered to every live subscription)
    */
   publish(subject, payload, options = {}) {
-    return this.#op("pub", { subject, reply: options.reply, headers: options.headers }, payload);
+    return this.#op("pub", { subject, reply: options.reply, headers: options.headers }, { payload });
   }
 
   /**
@@ -434,8 +497,13 @@ export class Connection {
    * @throws {CourierError} `TimedOut` when nobody answered in time
    */
   request(subject, payload, options = {}) {
-    const timeout = Math.min(Math.max(1, options.timeout ?? this.#opts.timeout), MAX_REQUEST_TIMEOUT);
-    return this.#op("req", { subject, headers: options.headers, timeout_ms: timeout }, payload, timeout);
+    const wanted = options.timeout ?? this.#opts.timeout;
+    if (typeof wanted !== "number" || Number.isNaN(wanted)) {
+      return Promise.reject(new CourierError("InvalidInput", `timeout: a number of ms, not ${wanted}`));
+    }
+    // The broker takes whole milliseconds only: round up, never time out early.
+    const timeout = Math.min(Math.max(1, Math.ceil(wanted)), MAX_REQUEST_TIMEOUT);
+    return this.#op("req", { subject, headers: options.headers, timeout_ms: timeout }, { payload, timeout });
   }
 
   /** @returns {Promise<void>} resolves on the broker's `pong` */
@@ -486,31 +554,64 @@ export class Connection {
       }
       this.#ws = ws;
       let done = false;
+      let opened = false;
+      let refusal = null; // the broker's `error`, whose close code comes next
+      let grace = null;
       const fail = (error) => {
         if (done) return;
         done = true;
+        this.#cancelHandshake = null;
         clearTimeout(timer);
+        clearTimeout(grace);
         detach(ws);
         reject(error);
       };
-      const timer = setTimeout(() => fail(new CourierError("TimedOut", "no answer to connect")), this.#opts.timeout);
+      // close() during the attempt: end it now rather than at its timeout,
+      // whose timer would keep Node running.
+      this.#cancelHandshake = () => fail(new CourierError("Unavailable", "connection closed"));
+      const timer = setTimeout(() => fail(refusal ?? new CourierError("TimedOut", "no answer to connect")), this.#opts.timeout);
+      /** Fails soon unless the close, which carries the code, comes first. */
+      const failSoon = (error) => {
+        clearTimeout(grace);
+        grace = setTimeout(() => fail(error), ERROR_GRACE);
+      };
       ws.onopen = () => {
+        opened = true;
         const hello = { op: "connect" };
         if (this.#opts.token !== undefined) hello.token = this.#opts.token;
         if (this.#opts.name !== undefined) hello.name = this.#opts.name;
         ws.send(JSON.stringify(hello));
       };
       // Node 20's WebSocket reports a refused connection with `error` alone,
-      // never `close`: either one fails the attempt.
-      ws.onerror = () => fail(new CourierError("Unavailable", `cannot connect to ${this.#url}`));
-      ws.onclose = (ev) => fail(new CourierError("Unavailable", `connection closed (${ev.code ?? "no code"})`));
+      // never `close`: a socket that never opened fails at once. One that
+      // opened waits a moment for its `close`, whose code tells a policy
+      // refusal (1008) from a drop.
+      ws.onerror = () => {
+        const error = refusal ?? new CourierError("Unavailable", `cannot connect to ${this.#url}`);
+        if (opened) failSoon(error);
+        else fail(error);
+      };
+      ws.onclose = (ev) => {
+        const why = `connection closed (${ev.code ?? "no code"}${ev.reason ? `: ${ev.reason}` : ""})`;
+        const error = refusal ?? new CourierError(ev.code === 1008 ? "Refused" : "Unavailable", why);
+        // 1008 is the broker's policy close (a wrong token, a bad first
+        // frame, no connect in time): a retry would meet the same answer.
+        if (ev.code === 1008) error[FINAL] = true;
+        fail(error);
+      };
       ws.onmessage = (ev) => {
         const frame = parseFrame(ev.data);
         if (!frame || done) return;
-        if (frame.op === "error") return fail(new CourierError(frame.kind ?? "Internal", frame.message ?? ""));
+        if (frame.op === "error") {
+          // Its close follows (1008: final; 1013, too many connections: retry).
+          refusal = new CourierError(frame.kind ?? "Internal", frame.message ?? "");
+          return failSoon(refusal);
+        }
         if (frame.op !== "connected") return;
         done = true;
+        this.#cancelHandshake = null;
         clearTimeout(timer);
+        clearTimeout(grace);
         this.server = frame.server ?? null;
         this.identity = frame.identity ?? null;
         this.maxPayload = Number.isFinite(frame.max_payload) ? frame.max_payload : Infinity;
@@ -518,23 +619,35 @@ export class Connection {
         ws.onclose = (e) => this.#onDrop(ws, e);
         // `close`, which follows `error`, carries the code (1008 matters);
         // the error alone counts only if no close comes soon.
-        ws.onerror = () => setTimeout(() => this.#onDrop(ws, { code: 1006, reason: "socket error" }), ERROR_GRACE);
+        ws.onerror = () => {
+          clearTimeout(this.#graceTimer);
+          this.#graceTimer = setTimeout(() => this.#onDrop(ws, { code: 1006, reason: "socket error" }), ERROR_GRACE);
+        };
         this.#attempt = 0;
         this.#setStatus("connected");
-        for (const sub of this.#subs.values()) this.#sendSub(sub);
+        // Every live subscription again, past maxInFlight if need be (at
+        // most maxSubscriptions of them): they were the broker's before the
+        // drop, and failing them Busy would end them for no fault of theirs.
+        for (const sub of this.#subs.values()) this.#sendSub(sub, { bounded: false });
         this.#armPing();
         resolve();
       };
     });
   }
 
-  /** Sends an operation that the broker answers; bounded by `maxInFlight`. */
-  #op(op, fields, payload, timeout = this.#opts.timeout) {
+  /**
+   * Sends an operation that the broker answers, if fewer than `maxInFlight`
+   * await theirs. `bounded: false` (only re-subscribing and unsubscribing:
+   * refusing them would leave the broker delivering to nobody) raises that
+   * bound by `maxSubscriptions`, which is as many as a reconnect sends.
+   */
+  #op(op, fields, { payload, timeout = this.#opts.timeout, bounded = true } = {}) {
     if (this.#status !== "connected") {
       return Promise.reject(new CourierError("Unavailable", `not connected (${this.#status})`));
     }
-    if (this.#pending.size >= this.#opts.maxInFlight) {
-      return Promise.reject(new CourierError("Busy", `${this.#opts.maxInFlight} operations already await an answer`));
+    const limit = this.#opts.maxInFlight + (bounded ? 0 : this.#opts.maxSubscriptions);
+    if (this.#pending.size >= limit) {
+      return Promise.reject(new CourierError("Busy", `${limit} operations already await an answer`));
     }
     const frame = { op, ...fields };
     if (op === "pub" || op === "req") {
@@ -542,20 +655,22 @@ export class Connection {
       try {
         encoded = encodePayload(payload);
       } catch (e) {
-        return Promise.reject(e);
+        // JSON.stringify throws on a BigInt or a cycle.
+        return Promise.reject(e instanceof CourierError ? e : new CourierError("InvalidInput", `payload has no JSON form: ${e.message ?? e}`));
       }
-      const size = payloadSize(encoded, this.maxPayload);
-      if (size > this.maxPayload) {
-        return Promise.reject(new CourierError("LimitExceeded", `payload of ${size} bytes, the broker takes ${this.maxPayload}`));
+      if (encoded.size > this.maxPayload) {
+        return Promise.reject(new CourierError("LimitExceeded", `payload of ${encoded.size} bytes, the broker takes ${this.maxPayload}`));
       }
-      Object.assign(frame, encoded.fields);
+      Object.assign(frame, encoded.fields());
     }
     const id = this.#allocId();
     frame.id = id;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#pending.delete(id);
-        reject(new CourierError("TimedOut", `no answer to ${op} within ${timeout} ms`));
+        const error = new CourierError("TimedOut", `no answer to ${op} within ${timeout} ms`);
+        error[UNANSWERED] = true;
+        reject(error);
       }, timeout);
       this.#pending.set(id, { op, resolve, reject, timer });
       try {
@@ -578,17 +693,29 @@ export class Connection {
     return id;
   }
 
-  #sendSub(sub) {
+  #sendSub(sub, { bounded = true } = {}) {
     const fields = { sid: sub.sid, subject: sub.subject, queue: sub.queue };
-    this.#op("sub", fields).then(
+    const ws = this.#ws;
+    this.#op("sub", fields, { bounded }).then(
       () => sub._settleReady(null),
       (error) => {
-        // Refused, InvalidInput, LimitExceeded, Conflict: the broker will not
-        // deliver, so the subscription ends; a drop is healed by the reconnect.
+        // A drop is healed by the reconnect, which sends it again.
         if (error.kind === "Unavailable" && this.#status !== "closed") return;
+        // Refused, InvalidInput, LimitExceeded, Conflict, TimedOut, Busy:
+        // the subscription ends.
         sub._end(error);
+        // No answer in time: the broker may take it after all, and would
+        // then deliver to nobody for the rest of the connection. Its answers
+        // come in order, so an `unsub` now ends it (or is `ok` for a sid it
+        // never had). A refusal from the broker took nothing: no `unsub`.
+        if (error[UNANSWERED] && ws === this.#ws) this.#sendUnsub(sub.sid).catch(() => {});
       },
     );
+  }
+
+  /** Sends `unsub` for `sid`, past maxInFlight: a subscription left on the broker would leak. */
+  #sendUnsub(sid) {
+    return this.#op("unsub", { sid }, { bounded: false });
   }
 
   /** @internal forgets a subscription that ended */
@@ -599,7 +726,7 @@ export class Connection {
   /** @internal tells the broker a subscription ended */
   _unsubscribe(sub) {
     if (this.#status !== "connected") return Promise.resolve();
-    return this.#op("unsub", { sid: sub.sid }).catch((error) => {
+    return this.#sendUnsub(sub.sid).catch((error) => {
       if (error.kind !== "Unavailable") throw error;
     });
   }
@@ -674,6 +801,7 @@ export class Connection {
     if (ws !== this.#ws || this.#status !== "connected") return;
     detach(ws); // `error` and `close` may both come: handle the drop once
     clearTimeout(this.#pingTimer);
+    clearTimeout(this.#graceTimer);
     const why = new CourierError("Unavailable", `connection lost (${ev.code ?? "no code"}${ev.reason ? `: ${ev.reason}` : ""})`);
     this.#failPending(why);
     // 1008 is the broker's policy close: a refusal that a retry cannot change.
@@ -694,7 +822,8 @@ export class Connection {
       this.#retryTimer = null;
       this.#handshake().catch((error) => {
         if (this.#status === "closed") return;
-        if (error.kind === "Refused") return this.#shutdown(error);
+        // A refusal, or any policy close (1008), would be the same next time.
+        if (error.kind === "Refused" || error[FINAL]) return this.#shutdown(error);
         this.#scheduleRetry();
       });
     }, delay);
@@ -713,7 +842,9 @@ export class Connection {
     if (this.#status === "closed") return;
     clearTimeout(this.#retryTimer);
     clearTimeout(this.#pingTimer);
+    clearTimeout(this.#graceTimer);
     this.#status = "closed";
+    this.#cancelHandshake?.(); // an attempt under way: its socket and timer go now
     this.#failPending(new CourierError("Unavailable", "connection closed"));
     for (const sub of [...this.#subs.values()]) sub._end(error);
     if (this.#ws) detach(this.#ws);

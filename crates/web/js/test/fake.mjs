@@ -19,6 +19,8 @@ export class FakeBroker {
     this.errorOnlyRefusals = false;
     /** Answers `connect` with `connected` when true. */
     this.answerConnect = true;
+    /** If set, answers `connect` instead: `(frame, socket) => void`. */
+    this.onConnect = null;
     /** Answers `sub`, `unsub`, `pub` with `ok` and `ping` with `pong` when true. */
     this.answerOps = true;
     /** Called for every frame the default answers do not cover. */
@@ -44,6 +46,7 @@ export class FakeBroker {
   handle(frame, socket) {
     this.frames.push(frame);
     if (frame.op === "connect") {
+      if (this.onConnect) return this.onConnect(frame, socket);
       if (this.answerConnect) socket.receive({ op: "connected", server: "fake 0", identity: frame.token ? "alice" : null, max_payload: 1000 });
       return;
     }

@@ -329,7 +329,7 @@ test("reconnect: false, and maxReconnectAttempts, end in closed with Unavailable
 });
 
 test("a missed pong gives the socket up and reconnects", async () => {
-  const { broker, c, statuses } = await fakeConnect({ pingInterval: 20, timeout: 50 });
+  const { broker, c, statuses } = await fakeConnect({ pingInterval: 20, timeout: 250 });
   await until(() => broker.sent("ping").length >= 2, 3000, "pings answered"); // answered pings re-arm
   broker.answerOps = false; // pongs stop
   await until(() => statuses.includes("reconnecting"), 3000, "reconnecting");
@@ -363,4 +363,263 @@ test("respond without a reply subject fails InvalidInput", async () => {
   assert.equal(m.reply, undefined);
   await rejectsKind(m.respond("y"), "InvalidInput");
   await c.close();
+});
+
+// ------------------------------------------------ review findings, one each
+
+/**
+ * Wraps the global setTimeout/clearTimeout to see which timers are still
+ * armed (the module looks them up on the global at each call).
+ */
+function trackTimers() {
+  const live = new Map(); // handle -> delay
+  const { setTimeout: set, clearTimeout: clear } = globalThis;
+  globalThis.setTimeout = (fn, ms, ...args) => {
+    const handle = set(() => {
+      live.delete(handle);
+      fn(...args);
+    }, ms);
+    live.set(handle, ms);
+    return handle;
+  };
+  globalThis.clearTimeout = (handle) => {
+    live.delete(handle);
+    clear(handle);
+  };
+  return {
+    armed: (ms) => [...live.values()].filter((d) => d === ms).length,
+    restore() {
+      globalThis.setTimeout = set;
+      globalThis.clearTimeout = clear;
+    },
+  };
+}
+
+/** `promise`'s value, or a failure naming `what` after `ms`. */
+async function within(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms)));
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A short, printable form of a test string. */
+const show = (text) => JSON.stringify(text.length > 40 ? `${text.slice(0, 40)}…(${text.length})` : text);
+
+test("a subscription the broker does not confirm in time ends TimedOut and is unsubscribed, also after a reconnect", async () => {
+  const errors = [];
+  const { broker, c } = await fakeConnect({ timeout: 200, onError: (e) => errors.push(e) });
+  broker.answerOps = false; // the broker is slow: no ok in time
+  const sub = c.subscribe("slow.>");
+  await rejectsKind(sub.ready, "TimedOut");
+  assert.equal(sub.active, false);
+  await until(() => broker.sent("unsub").length === 1, 3000, "unsub after the timeout");
+  assert.equal(broker.sent("unsub")[0].sid, sub.sid);
+  // The broker's late ok and messages for it go nowhere.
+  const [subFrame] = broker.sent("sub");
+  broker.socket.receive({ op: "ok", id: subFrame.id });
+  broker.socket.receive({ op: "msg", sid: sub.sid, subject: "slow.x", data: "late" });
+
+  // A broker that refuses takes nothing: no unsub.
+  broker.onFrame = (f, s) => {
+    if (f.op === "sub") s.receive({ op: "error", id: f.id, sid: f.sid, kind: "Refused", message: "no" });
+  };
+  await rejectsKind(c.subscribe("secret").ready, "Refused");
+  await sleep(20);
+  assert.equal(broker.sent("unsub").length, 1);
+
+  // Re-subscribing after a reconnect: one that times out is unsubscribed too.
+  broker.onFrame = () => {};
+  broker.answerOps = true;
+  const kept = c.subscribe("kept");
+  await kept.ready;
+  broker.answerOps = false;
+  broker.answerConnect = true;
+  broker.socket.drop(1001);
+  await until(() => c.status === "connected" && broker.sockets.length === 2, 3000, "reconnected");
+  await until(() => broker.sent("unsub").length === 2, 3000, "unsub after the re-subscription's timeout");
+  assert.equal(broker.sent("unsub")[1].sid, kept.sid);
+  assert.equal(kept.active, false);
+  assert.deepEqual(errors, []);
+  await c.close();
+});
+
+test("late answers to operations that timed out are reported nowhere, other errors still are", async () => {
+  const errors = [];
+  const { broker, c } = await fakeConnect({ timeout: 200, onError: (e) => errors.push(e) });
+  broker.answerOps = false;
+  const sub = c.subscribe("t");
+  sub.onError = (e) => errors.push(e);
+  await rejectsKind(sub.ready, "TimedOut");
+  await rejectsKind(c.request("svc", "x", { timeout: 20 }), "TimedOut");
+  await rejectsKind(c.publish("a", "x"), "TimedOut");
+  await rejectsKind(c.ping(), "TimedOut");
+  for (const f of broker.frames.filter((f) => f.id !== undefined)) {
+    // What a broker answers once its own timeout passes, or late.
+    broker.socket.receive({ op: "error", id: f.id, kind: "TimedOut", message: "late", sid: f.sid });
+    broker.socket.receive({ op: f.op === "ping" ? "pong" : f.op === "req" ? "reply" : "ok", id: f.id, subject: "r", data: "late" });
+  }
+  assert.deepEqual(errors, []);
+  // An error that belongs to no operation is still the page's to see.
+  broker.socket.receive({ op: "error", kind: "Busy", message: "notice" });
+  assert.deepEqual(errors.map((e) => e.kind), ["Busy"]);
+  await c.close();
+});
+
+test("text that JSON would escape to more than twice its bytes travels as data64 of its UTF-8, sized in bytes", async () => {
+  const { broker, c } = await fakeConnect(); // max_payload 1000
+  const samples = [
+    "plain",
+    '{"a":"b","c":[1,2]}', // quotes: JSON text stays text
+    "line\nbreaks\tand\ttabs",
+    "\u0001".repeat(900), // 900 bytes, 5400 escaped: under the payload limit, over the frame's
+    "a\u0000b\u0002c\u001fd",
+    "é".repeat(300) + "\u0003".repeat(10),
+    "😀".repeat(250), // 1000 bytes
+    "lone \ud800 surrogate",
+    "\udc00",
+  ];
+  // And random mixes of ASCII, controls, quotes, 2/3/4-byte characters and lone surrogates.
+  const alphabet = ["a", "\u0001", "\u0007", '"', "\\", "\n", "é", "€", "😀", "\ud800", "\udfff", "\u2028", "\u007f"];
+  for (let n = 0; n < 200; n++) {
+    let s = "";
+    const len = (n * 37) % 120;
+    for (let i = 0; i < len; i++) s += alphabet[(n * 7 + i * i * 13 + i) % alphabet.length];
+    samples.push(s);
+  }
+  for (const text of samples) {
+    const bytes = Buffer.from(text, "utf8"); // lone surrogates become U+FFFD, as TextEncoder makes them
+    await c.publish("a", text);
+    const f = broker.sent("pub").at(-1);
+    if (f.data !== undefined) {
+      assert.equal(f.data, text);
+      const escaped = Buffer.byteLength(JSON.stringify(text)) - 2;
+      assert.ok(escaped <= 2 * bytes.length, `${show(text)} sent as text`);
+      assert.equal(text.isWellFormed?.() ?? true, true, `${show(text)} is not well-formed`);
+    } else {
+      assert.deepEqual(Buffer.from(f.data64, "base64"), bytes, show(text));
+      const escaped = Buffer.byteLength(JSON.stringify(text)) - 2;
+      assert.ok(escaped > 2 * bytes.length || !(text.isWellFormed?.() ?? true), `${show(text)} sent as data64`);
+    }
+  }
+  assert.ok(broker.sent("pub")[3].data64, "900 control characters as data64");
+  assert.equal(broker.sent("pub")[1].data, '{"a":"b","c":[1,2]}');
+  // The limit counts UTF-8 bytes, whichever the encoding.
+  await rejectsKind(c.publish("a", "\u0001".repeat(1001)), "LimitExceeded");
+  await rejectsKind(c.publish("a", "😀".repeat(250) + "x"), "LimitExceeded");
+  await rejectsKind(c.publish("a", "\ud800".repeat(334)), "LimitExceeded"); // 1002 bytes of U+FFFD
+  await rejectsKind(c.publish("a", { n: 1n }), "InvalidInput"); // a BigInt has no JSON form
+  await c.close();
+});
+
+test("a fractional request timeout is sent rounded up, a NaN one refused", async () => {
+  const { broker, c } = await fakeConnect();
+  c.request("svc", "x", { timeout: 10.2 }).catch(() => {});
+  c.request("svc", "x", { timeout: 0.3 }).catch(() => {});
+  await until(() => broker.sent("req").length === 2);
+  assert.deepEqual(broker.sent("req").map((f) => f.timeout_ms), [11, 1]);
+  await rejectsKind(c.request("svc", "x", { timeout: NaN }), "InvalidInput");
+  await rejectsKind(c.request("svc", "x", { timeout: "1000" }), "InvalidInput");
+  assert.equal(broker.sent("req").length, 2);
+  await c.close();
+});
+
+test("close() during a reconnect attempt ends it and leaves no timer armed", async () => {
+  const timers = trackTimers();
+  try {
+    const timeout = 4321; // tells the handshake's timer from the others
+    const { broker, c, statuses } = await fakeConnect({ timeout });
+    broker.answerConnect = false; // the next handshake hangs
+    broker.socket.drop(1001);
+    await until(() => broker.sent("connect").length === 2, 3000, "the reconnect's connect");
+    assert.equal(c.status, "reconnecting");
+    assert.ok(timers.armed(timeout) >= 1, "the handshake's timer");
+    await c.close();
+    await sleep(20);
+    assert.equal(timers.armed(timeout), 0, "a timer of the attempt still runs");
+    assert.equal(broker.socket.readyState, 3);
+    assert.deepEqual(statuses, ["connected", "reconnecting", "closed"]);
+    assert.equal(await within(c.closed, 3000, "closed"), null);
+    assert.equal(broker.sockets.length, 2);
+  } finally {
+    timers.restore();
+  }
+});
+
+test("re-subscribing after a reconnect, and unsubscribing, are not held to maxInFlight", async () => {
+  const { broker, c } = await fakeConnect({ maxInFlight: 2 });
+  const subs = [];
+  for (let i = 0; i < 5; i++) {
+    const sub = c.subscribe(`t.${i}`);
+    await sub.ready;
+    subs.push(sub);
+  }
+  broker.socket.drop(1001);
+  await until(() => c.status === "connected" && broker.sent("sub").length === 10, 3000, "five re-subscriptions");
+  await c.ping(); // answered after the subs' oks
+  assert.deepEqual(subs.map((s) => s.active), [true, true, true, true, true]);
+  // At the limit, new operations fail Busy, but unsubscribe still reaches the broker.
+  broker.answerOps = false;
+  const held = [c.publish("a", "1"), c.publish("a", "2")].map((p) => rejectsKind(p, "Unavailable"));
+  await rejectsKind(c.publish("a", "3"), "Busy");
+  subs[0].unsubscribe().catch(() => {});
+  await until(() => broker.sent("unsub").length === 1, 3000, "unsub past the limit");
+  assert.equal(broker.sent("unsub")[0].sid, subs[0].sid);
+  await c.close();
+  await Promise.all(held);
+});
+
+test("live subscriptions are bounded by maxSubscriptions, also while reconnecting", async () => {
+  const { broker, c } = await fakeConnect({ maxSubscriptions: 3 });
+  const subs = [c.subscribe("a"), c.subscribe("b")];
+  broker.accepting = false;
+  broker.socket.drop(1001);
+  subs.push(c.subscribe("c")); // waits for the reconnect
+  assert.throws(() => c.subscribe("d"), (e) => e.kind === "LimitExceeded");
+  await subs[0].unsubscribe(); // frees a place at once, while disconnected
+  subs.push(c.subscribe("d"));
+  broker.accepting = true;
+  await until(() => c.status === "connected", 3000, "reconnected");
+  await Promise.all(subs.slice(1).map((s) => s.ready));
+  assert.deepEqual(broker.sent("sub").slice(2).map((f) => f.subject).sort(), ["b", "c", "d"]);
+  await c.close();
+});
+
+test("a policy close (1008) of a reconnect's handshake stops reconnecting; a 1013 does not", async () => {
+  // InvalidInput, then 1008: the broker's policy, which a retry would meet again.
+  const { broker, c, statuses } = await fakeConnect();
+  broker.onConnect = (f, s) => {
+    s.receive({ op: "error", kind: "InvalidInput", message: "bad connect" });
+    s.drop(1008);
+  };
+  broker.socket.drop(1001);
+  // A failure here must not leave it reconnecting for ever.
+  const why = await within(c.closed, 3000, "closed after InvalidInput and 1008").finally(() => c.close());
+  assert.equal(why.kind, "InvalidInput");
+  assert.equal(broker.sockets.length, 2);
+  assert.deepEqual(statuses, ["connected", "reconnecting", "closed"]);
+
+  // A 1008 without an error frame first ends it too, as Refused.
+  const two = await fakeConnect();
+  two.broker.onConnect = (f, s) => s.drop(1008);
+  two.broker.socket.drop(1001);
+  assert.equal((await within(two.c.closed, 3000, "closed after 1008").finally(() => two.c.close())).kind, "Refused");
+  assert.equal(two.broker.sockets.length, 2);
+
+  // Busy, then 1013 (too many connections): try again later, and get in.
+  const three = await fakeConnect();
+  let busy = 2;
+  three.broker.onConnect = (f, s) => {
+    if (busy-- > 0) {
+      s.receive({ op: "error", kind: "Busy", message: "too many connections" });
+      return s.drop(1013);
+    }
+    s.receive({ op: "connected", server: "fake 0", identity: null, max_payload: 1000 });
+  };
+  three.broker.socket.drop(1001);
+  await until(() => three.c.status === "connected" && three.broker.sockets.length === 4, 3000, "in after two Busy");
+  await three.c.close();
 });
