@@ -48,7 +48,8 @@
 //!   "publish_latency": {"bounds_us": [10, 25, …, 250000], "counts": [0, 4, …, 0], "sum_us": 5120},
 //!   "queues": [{"name": "orders", "depth": 7, "in_flight": 2, "delivered": 40,
 //!               "acknowledged": 31, "redelivered": 1, "dead_lettered": 0,
-//!               "expired": 0, "duplicates": 0, "bytes_on_disk": 40960}],
+//!               "expired": 0, "duplicates": 0, "bytes_on_disk": 40960,
+//!               "enqueued": 40, "consumers": 2}],
 //!   "durable": [{"name": "audit", "filter": "orders.>"}],
 //!   "cluster": null
 //! }
@@ -66,13 +67,16 @@
 //!   at most `bounds_us[i]` µs (and more than the bound before); the last
 //!   count, one past the bounds, is the rest. `sum_us` is their total.
 //! - `queues`: every open queue (dead-letter queues included), by name,
-//!   with its counters: `depth` (stored, not leased), `in_flight` (leased
-//!   to consumers), and the counters `delivered`, `acknowledged`,
-//!   `redelivered`, `dead_lettered`, `expired`, `duplicates` (enqueues
-//!   refused as duplicates), and `bytes_on_disk`. Enqueues are not counted
-//!   as such: `depth + in_flight + acknowledged + dead_lettered + expired`
-//!   grows by one per message taken in, which is how the dashboard shows
-//!   an enqueue rate.
+//!   with its gauges `depth` (stored, not leased), `in_flight` (leased to
+//!   consumers), `consumers` (attached now: one per remote consumer
+//!   connected, and any embedded ones) and `bytes_on_disk`, and its
+//!   counters `enqueued` (messages stored since the queue opened —
+//!   duplicates not, and messages found on disk when it opened not
+//!   either, so it starts from 0 at each broker start; in a dead-letter
+//!   queue, the dead letters moved in), `delivered`, `acknowledged`,
+//!   `redelivered`, `dead_lettered`, `expired` and `duplicates` (enqueues
+//!   refused as duplicates). The dashboard's enqueued/s is `enqueued`'s
+//!   rate.
 //! - `durable`: durable subscriptions, by name, with their subject filter.
 //! - `cluster`: `null` outside a cluster; in one, this node's view:
 //!   `node` (its id), `role` (`leader`, `follower`, `candidate`, `learner`,
@@ -247,7 +251,7 @@ pub fn render(stats: &BrokerStats) -> String {
     );
 
     type Field = fn(&courier_queue::core::QueueStats) -> u64;
-    let queue_metrics: [(&str, &str, &str, Field); 8] = [
+    let queue_metrics: [(&str, &str, &str, Field); 10] = [
         (
             "courier_queue_depth",
             "gauge",
@@ -259,6 +263,18 @@ pub fn render(stats: &BrokerStats) -> String {
             "gauge",
             "Messages leased to consumers.",
             |s| s.in_flight,
+        ),
+        (
+            "courier_queue_consumers",
+            "gauge",
+            "Consumers attached.",
+            |s| s.consumers,
+        ),
+        (
+            "courier_queue_enqueued_total",
+            "counter",
+            "Messages stored since the queue opened (not duplicates, not those recovered from disk).",
+            |s| s.enqueued,
         ),
         (
             "courier_queue_delivered_total",
@@ -767,9 +783,12 @@ mod tests {
             durable: vec![("audit".into(), "orders.>".into())],
             ..BrokerStats::default()
         };
+        let mut queue = courier_queue::core::QueueStats::default();
+        queue.consumers = 2;
+        queue.enqueued = 9;
         stats.queues.push(crate::QueueReport {
             name: "orders".into(),
-            stats: courier_queue::core::QueueStats::default(),
+            stats: queue,
         });
         let json: serde_json::Value =
             serde_json::from_str(&serde_json::to_string(&ApiStats::new(&stats)).unwrap()).unwrap();
@@ -778,6 +797,8 @@ mod tests {
         assert_eq!(json["queues"][0]["name"], "orders");
         assert_eq!(json["queues"][0]["depth"], 0);
         assert_eq!(json["queues"][0]["in_flight"], 0);
+        assert_eq!(json["queues"][0]["consumers"], 2);
+        assert_eq!(json["queues"][0]["enqueued"], 9);
         assert_eq!(json["durable"][0]["filter"], "orders.>");
         assert_eq!(
             json["publish_latency"]["bounds_us"]
@@ -804,6 +825,27 @@ mod tests {
             text.contains("# TYPE courier_web_connections gauge\ncourier_web_connections 7\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn render_has_queue_consumers_and_enqueues() {
+        let mut queue = courier_queue::core::QueueStats::default();
+        queue.consumers = 3;
+        queue.enqueued = 41;
+        let stats = BrokerStats {
+            queues: vec![crate::QueueReport {
+                name: "jobs".into(),
+                stats: queue,
+            }],
+            ..BrokerStats::default()
+        };
+        let text = render(&stats);
+        for line in [
+            "# TYPE courier_queue_consumers gauge\ncourier_queue_consumers{queue=\"jobs\"} 3\n",
+            "# TYPE courier_queue_enqueued_total counter\ncourier_queue_enqueued_total{queue=\"jobs\"} 41\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
     }
 
     #[test]

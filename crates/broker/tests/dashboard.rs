@@ -1,6 +1,7 @@
 //! The broker's HTTP endpoint through a real broker: the dashboard and its
-//! assets, `/api/stats` following publishes and enqueues, the Prometheus
-//! text, and the limits (head size, methods, connections at once).
+//! assets, `/api/stats` following publishes, enqueues and consumers, the
+//! Prometheus text, and the limits (head size, methods, connections at
+//! once).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -103,6 +104,36 @@ async fn stats(address: SocketAddr) -> serde_json::Value {
     let answer = get(address, "/api/stats").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     serde_json::from_str(&answer.body).expect("JSON")
+}
+
+/// The named queue's entry in `/api/stats`, if it is open.
+fn queue_entry(stats: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+    stats["queues"]
+        .as_array()?
+        .iter()
+        .find(|q| q["name"] == name)
+        .cloned()
+}
+
+/// Polls `/api/stats` until `name`'s `field` is `want`, within [`WAIT`]
+/// (a remote consumer attaches, and goes, a moment after the client side
+/// says so). Returns the queue's entry then.
+async fn until_queue(address: SocketAddr, name: &str, field: &str, want: u64) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stats = stats(address).await;
+        let entry = queue_entry(&stats, name);
+        if let Some(entry) = &entry {
+            if entry[field].as_u64() == Some(want) {
+                return entry.clone();
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}'s {field} not {want} after {WAIT:?}: {entry:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,11 +261,89 @@ async fn api_stats_follows_publishes_queues_and_durable_subscriptions() {
         .unwrap_or_else(|| panic!("dash-jobs in {queues:?}"));
     assert_eq!(jobs["depth"], 1);
     assert_eq!(jobs["in_flight"], 0);
+    assert_eq!(jobs["enqueued"], 1);
+    assert_eq!(jobs["consumers"], 0);
     assert_eq!(
         after["durable"],
         serde_json::json!([{"name": "audit", "filter": "dash.>"}])
     );
     broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_stats_counts_consumers_while_attached_and_enqueues_but_not_duplicates() {
+    let dir = TempDir::new("dashboard-consumers");
+    let broker = broker(&dir).await;
+    let http = broker.metrics_address().unwrap();
+    let queue = RemoteQueue::with_client(client(&broker).await, "dash-work");
+    for key in ["a", "b", "a"] {
+        queue
+            .enqueue(courier_queue::Message::new("job").with_key(key))
+            .await
+            .unwrap();
+    }
+    let work = until_queue(http, "dash-work", "enqueued", 2).await;
+    assert_eq!(work["duplicates"], 1, "{work}");
+    assert_eq!(work["consumers"], 0, "{work}");
+
+    // Two remote consumers, one over a connection of its own.
+    let other = RemoteQueue::with_client(client(&broker).await, "dash-work");
+    let first = queue.consumer(1).await.unwrap();
+    let second = other.consumer(1).await.unwrap();
+    until_queue(http, "dash-work", "consumers", 2).await;
+    let metrics = get(http, "/metrics").await;
+    for line in [
+        "# TYPE courier_queue_consumers gauge",
+        "courier_queue_consumers{queue=\"dash-work\"} 2",
+        "# TYPE courier_queue_enqueued_total counter",
+        "courier_queue_enqueued_total{queue=\"dash-work\"} 2",
+        // Its dead-letter queue is open beside it, with nobody on it.
+        "courier_queue_consumers{queue=\"dash-work.dlq\"} 0",
+    ] {
+        assert!(
+            metrics.body.contains(line),
+            "no {line:?} in\n{}",
+            metrics.body
+        );
+    }
+
+    // Gone: the host's consumer goes with the call.
+    drop(first);
+    until_queue(http, "dash-work", "consumers", 1).await;
+    drop(second);
+    let work = until_queue(http, "dash-work", "consumers", 0).await;
+    assert_eq!(work["enqueued"], 2, "a counter, not a gauge: {work}");
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueued_counts_from_each_start_while_recovered_messages_stay_in_depth() {
+    let dir = TempDir::new("dashboard-restart");
+    let first = broker(&dir).await;
+    let queue = RemoteQueue::with_client(client(&first).await, "dash-kept");
+    for _ in 0..3 {
+        queue
+            .enqueue(courier_queue::Message::new("kept"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(queue.stats().await.unwrap().enqueued, 3);
+    drop(queue);
+    first.shutdown().await;
+
+    let second = broker(&dir).await;
+    let http = second.metrics_address().unwrap();
+    let queue = RemoteQueue::with_client(client(&second).await, "dash-kept");
+    // Opens it (nothing has since the start).
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.enqueued), (3, 0), "{stats:?}");
+    queue
+        .enqueue(courier_queue::Message::new("new"))
+        .await
+        .unwrap();
+    let kept = until_queue(http, "dash-kept", "enqueued", 1).await;
+    assert_eq!(kept["depth"], 4, "{kept}");
+    second.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,6 +507,30 @@ fn the_script_finds_every_element_it_looks_for() {
         checked >= 10,
         "only {checked} ids found: has the script changed shape?"
     );
+}
+
+/// The queues table's head has one column per cell the script puts in a
+/// row, and the consumers column is among them: a cell added without its
+/// header (or the reverse) would shift every column after it.
+#[test]
+fn the_queue_table_has_a_header_for_every_cell_of_a_row() {
+    let section = &PAGE[PAGE.find("id=\"queues\"").expect("the queues panel")..];
+    let head = &section[..section.find("</thead>").expect("its head")];
+    let headers = head.matches("<th ").count();
+    assert!(head.contains(">consumers</th>"), "{head}");
+
+    let start = SCRIPT
+        .find("function queueCells(")
+        .expect("the row builder");
+    let body = &SCRIPT[start..];
+    let body = &body[..body.find("\n  }\n").expect("its end")];
+    // Every counter cell, plus the name and the depth bar.
+    let cells = body.matches("cell('").count() + 2;
+    assert_eq!(headers, cells, "{head}\n{body}");
+    // `data-metric="queue-consumers-<name>"`, for scripts and tests.
+    assert!(body.contains("cell('consumers')"), "{body}");
+    assert!(body.contains("'queue-' + key + '-' + name"), "{body}");
+    assert!(SCRIPT.contains("x.enqueued"), "enqueued/s from the counter");
 }
 
 /// The script parses, where Node is installed (CI installs it and sets

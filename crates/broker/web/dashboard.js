@@ -178,12 +178,6 @@
     );
   }
 
-  function arrived(q) {
-    // Every message taken in is in exactly one of these until it leaves
-    // for good (see the module docs of metrics.rs).
-    return q.depth + q.in_flight + q.acknowledged + q.dead_lettered + q.expired;
-  }
-
   function record(s, now) {
     if (restarted(s, now)) {
       samples = [];
@@ -194,7 +188,7 @@
     runStart = runStart === null ? start : Math.min(runStart, start);
     const queues = new Map();
     for (const q of s.queues || []) {
-      queues.set(q.name, { delivered: q.delivered, acknowledged: q.acknowledged, arrived: arrived(q) });
+      queues.set(q.name, { delivered: q.delivered, acknowledged: q.acknowledged, enqueued: q.enqueued });
     }
     samples.push({
       t: now,
@@ -513,6 +507,7 @@
       depth,
       fill,
       inFlight: cell('in-flight'),
+      consumers: cell('consumers'),
       enqueueRate: cell('enqueue-rate'),
       deliveredRate: cell('delivered-rate'),
       ackRate: cell('ack-rate'),
@@ -555,7 +550,14 @@
       const quiet = q.name.endsWith('.dlq') && q.depth === 0 && q.delivered === 0 && q.bytes_on_disk === 0;
       row.tr.classList.toggle('quiet', quiet);
       numberCell(row.inFlight, q.in_flight, fmtCount(q.in_flight));
-      const enq = r((x) => x.arrived);
+      numberCell(row.consumers, q.consumers, fmtCount(q.consumers));
+      // Messages waiting with nobody to take them (usual for dead letters,
+      // so not flagged there).
+      const unserved = !q.name.endsWith('.dlq') && q.consumers === 0 && q.depth > 0;
+      row.consumers.classList.toggle('warn', unserved);
+      if (unserved) row.consumers.setAttribute('title', 'messages wait and no consumer is attached');
+      else row.consumers.removeAttribute('title');
+      const enq = r((x) => x.enqueued);
       const del = r((x) => x.delivered);
       const ack = r((x) => x.acknowledged);
       numberCell(row.enqueueRate, enq, fmtRate(enq));
