@@ -456,7 +456,7 @@ pub enum QueueCommand {
         /// The queue.
         queue: String,
     },
-    /// Every queue the broker has open, with its depth.
+    /// Every queue the broker has open, with its depth, leased messages and consumers.
     #[command(
         after_help = "Examples:\n  courier queue list\n  courier --json queue list | jq -r .queue"
     )]
@@ -655,12 +655,12 @@ pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Resu
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({"queue": queue.name, "depth": queue.stats.depth, "in_flight": queue.stats.in_flight})
+                        serde_json::json!({"queue": queue.name, "depth": queue.stats.depth, "in_flight": queue.stats.in_flight, "consumers": queue.stats.consumers})
                     );
                 } else {
                     println!(
-                        "{:<40} depth {:>8}  in flight {:>6}",
-                        queue.name, queue.stats.depth, queue.stats.in_flight
+                        "{:<40} depth {:>8}  in flight {:>6}  consumers {:>4}",
+                        queue.name, queue.stats.depth, queue.stats.in_flight, queue.stats.consumers
                     );
                 }
             }
@@ -671,9 +671,11 @@ pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Resu
 
 /// A queue's counters as a two-column table, one counter a line.
 fn stats_table(queue: &str, stats: &courier_queue::core::QueueStats) -> String {
-    let rows: [(&str, String); 9] = [
+    let rows: [(&str, String); 11] = [
         ("waiting (ready or delayed)", stats.depth.to_string()),
         ("in flight (leased)", stats.in_flight.to_string()),
+        ("consumers attached", stats.consumers.to_string()),
+        ("enqueued since open", stats.enqueued.to_string()),
         ("delivered", stats.delivered.to_string()),
         ("redelivered", stats.redelivered.to_string()),
         ("acknowledged", stats.acknowledged.to_string()),
@@ -708,8 +710,8 @@ pub fn print_stats(stats: &BrokerStats) {
     for queue in &stats.queues {
         let s = &queue.stats;
         println!(
-            "queue {}: depth {}, in flight {}, delivered {}, acknowledged {}, redelivered {}, dead-lettered {}",
-            queue.name, s.depth, s.in_flight, s.delivered, s.acknowledged, s.redelivered, s.dead_lettered
+            "queue {}: depth {}, in flight {}, consumers {}, enqueued {}, delivered {}, acknowledged {}, redelivered {}, dead-lettered {}",
+            queue.name, s.depth, s.in_flight, s.consumers, s.enqueued, s.delivered, s.acknowledged, s.redelivered, s.dead_lettered
         );
     }
 }
@@ -735,10 +737,12 @@ mod tests {
         let mut stats = courier_queue::core::QueueStats::default();
         stats.depth = 3;
         stats.acknowledged = 12345;
+        stats.consumers = 2;
+        stats.enqueued = 777;
         let table = stats_table("jobs", &stats);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "queue jobs");
-        assert_eq!(lines.len(), 10, "{table}");
+        assert_eq!(lines.len(), 12, "{table}");
         assert!(
             lines[1].starts_with("  waiting (ready or delayed)"),
             "{table}"
@@ -747,6 +751,12 @@ mod tests {
         assert!(lines
             .iter()
             .any(|l| l.contains("acknowledged") && l.ends_with("12345")));
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("consumers attached") && l.ends_with(" 2")));
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("enqueued since open") && l.ends_with(" 777")));
         // Every value ends in the same column.
         assert!(
             lines[1..].iter().all(|l| l.len() == lines[1].len()),
