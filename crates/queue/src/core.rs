@@ -186,7 +186,11 @@ impl LeaseError {
 /// letter's history holds at most.
 pub const MAX_HISTORY: usize = 1000;
 
-/// Counters.
+/// A queue's gauges (`depth`, `in_flight`, `consumers`, `bytes_on_disk`:
+/// as they are now) and counters (from 0 when the queue opens).
+///
+/// Serialized (postcard) in the queue and broker stats RPCs: fields are
+/// only added, at the end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct QueueStats {
