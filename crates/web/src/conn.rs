@@ -77,11 +77,15 @@ pub(crate) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
         _ => return,
     }
     let (sink, stream) = socket.split();
-    let (tx, rx) = mpsc::channel(shared.config.outbound_messages.max(1));
+    // Clamped so that no configured value can make the channel or the
+    // semaphore panic (both refuse capacities past their maximum).
+    let frames = shared.config.outbound_messages.clamp(1, u32::MAX as usize);
+    let max_bytes = shared.config.outbound_bytes.clamp(1, u32::MAX as usize);
+    let (tx, rx) = mpsc::channel(frames);
     let out = Out {
         tx,
-        bytes: Arc::new(Semaphore::new(shared.config.outbound_bytes.max(1))),
-        max_bytes: shared.config.outbound_bytes.max(1),
+        bytes: Arc::new(Semaphore::new(max_bytes)),
+        max_bytes,
     };
     let mut session = Session {
         publisher: shared.live.next_publisher.fetch_add(1, Ordering::Relaxed),
@@ -276,7 +280,8 @@ struct Out {
 impl Out {
     /// Queues `text`, waiting for room; `false` once the writer is gone.
     async fn send(&self, text: String) -> bool {
-        let cost = text.len().clamp(1, self.max_bytes).min(u32::MAX as usize) as u32;
+        // `max_bytes` fits a u32 (see `run`).
+        let cost = text.len().clamp(1, self.max_bytes) as u32;
         let Ok(permit) = self.bytes.clone().acquire_many_owned(cost).await else {
             return false;
         };

@@ -109,7 +109,9 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// A gateway to `bus` with these limits: open to anyone (no
-    /// authenticator, no access checks) until told otherwise.
+    /// authenticator, no access checks) until told otherwise. Without an
+    /// authenticator every browser is anonymous; a `connect` token is
+    /// ignored.
     pub fn new(bus: Bus, config: GatewayConfig) -> Gateway {
         Gateway {
             config,
