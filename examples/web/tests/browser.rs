@@ -1098,6 +1098,15 @@ impl Harness {
             )
         })?;
 
+        // WebDriver's own page-load bound is five minutes: a page that hangs
+        // should fail the test within the usual wait instead.
+        browser
+            .update_timeouts(fantoccini::wd::TimeoutConfiguration::new(
+                Some(WAIT),
+                Some(WAIT),
+                Some(Duration::ZERO),
+            ))
+            .await?;
         eprintln!(
             "{name}: broker, 4 processes and Chromium up in {:.1?}",
             started.elapsed()
