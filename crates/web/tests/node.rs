@@ -119,7 +119,9 @@ struct Node {
 
 /// Runs every `js/test/*.test.mjs` (named one by one: Node 20 would also
 /// take the helpers in `test/` for tests), printing Node's output; fails
-/// unless Node exits 0 within [`NODE_TIMEOUT`].
+/// unless Node exits 0 within [`NODE_TIMEOUT`]. A run that hangs is killed
+/// with the test files' own processes (its process group), and what it
+/// printed until then is shown, so that the hanging test can be found.
 async fn run_node(node: &Node, env: &[(&str, String)]) -> Result<()> {
     let web = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tests = test_files(&web.join("js/test"))?;
@@ -132,25 +134,90 @@ async fn run_node(node: &Node, env: &[(&str, String)]) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // A timed-out run is killed when the future holding it is dropped.
+        // Also killed if this test fails or panics while it runs.
         .kill_on_drop(true);
+    // Its own group: `node --test` runs each file in a child process, which
+    // a kill of `node` alone would leave running (and holding the pipes).
+    #[cfg(unix)]
+    command.process_group(0);
     for (name, value) in env {
         command.env(name, value);
     }
-    let child = command.spawn().context("starting node")?;
-    let output = match tokio::time::timeout(NODE_TIMEOUT, child.wait_with_output()).await {
-        Ok(output) => output.context("waiting for node")?,
-        Err(_) => bail!("node did not finish within {NODE_TIMEOUT:?}; killed"),
+    let mut child = command.spawn().context("starting node")?;
+    let stdout = Captured::start(child.stdout.take());
+    let stderr = Captured::start(child.stderr.take());
+    let status = match tokio::time::timeout(NODE_TIMEOUT, child.wait()).await {
+        Ok(status) => Some(status.context("waiting for node")?),
+        Err(_) => {
+            kill_group(&mut child).await;
+            None
+        }
     };
-    println!("{}", String::from_utf8_lossy(&output.stdout));
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-    if !output.status.success() {
-        bail!(
-            "node --test failed ({}); its output is above",
-            output.status
-        );
+    println!("{}", stdout.finish().await);
+    eprintln!("{}", stderr.finish().await);
+    match status {
+        None => bail!(
+            "node did not finish within {NODE_TIMEOUT:?}; killed (its output so far is above)"
+        ),
+        Some(status) if !status.success() => {
+            bail!("node --test failed ({status}); its output is above")
+        }
+        Some(_) => Ok(()),
     }
-    Ok(())
+}
+
+/// How long the pipes may stay open after `node` ended (grandchildren).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// A child's pipe read to its end in the background, kept as it comes.
+struct Captured {
+    text: Arc<std::sync::Mutex<Vec<u8>>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Captured {
+    fn start<R: tokio::io::AsyncRead + Unpin + Send + 'static>(pipe: Option<R>) -> Captured {
+        let text = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = pipe.map(|mut pipe| {
+            let text = text.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut chunk = [0u8; 8192];
+                // A read error ends the capture: what came before is kept.
+                while let Ok(n @ 1..) = pipe.read(&mut chunk).await {
+                    text.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&chunk[..n]);
+                }
+            })
+        });
+        Captured { text, task }
+    }
+
+    /// Everything read, once the pipe closed or [`DRAIN_GRACE`] passed.
+    async fn finish(mut self) -> String {
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(DRAIN_GRACE, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        let text = self.text.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&text).into_owned()
+    }
+}
+
+/// Kills `node` and, on Unix, the test-file processes in its group.
+async fn kill_group(child: &mut tokio::process::Child) {
+    #[cfg(unix)]
+    if let Some(pid) = child.id() {
+        // The group's id is node's pid (process_group(0) above).
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status();
+    }
+    // Also reaps it; an error means it is gone already.
+    let _ = child.kill().await;
 }
 
 fn test_files(dir: &Path) -> Result<Vec<PathBuf>> {

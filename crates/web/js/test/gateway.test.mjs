@@ -187,6 +187,22 @@ test("binary payloads round-trip byte for byte; UTF-8 bytes arrive as text", ope
     assert.equal(empty.bytes.length, 0);
   }));
 
+test("text of control characters up to max_payload is taken (data64, not a 6x escaped frame), and arrives intact", open, () =>
+  withConns(URL_OPEN, 1, async (c) => {
+    // Escaped as JSON this would be 6 × max_payload: past the frame limit, a 1009 close.
+    await c.publish(fresh("nobody.controls"), "\u0001".repeat(c.maxPayload));
+    await c.ping(); // still open
+    const s = fresh("controls");
+    const sub = c.subscribe(s);
+    await sub.ready;
+    const text = "\u0000\u0001\u001f tab\t".repeat(5000);
+    await c.publish(s, text);
+    await c.publish(s, "lone \ud800 surrogate"); // becomes U+FFFD, as WebSocket.send makes it
+    const [controls, lone] = await take(sub, 2);
+    assert.equal(controls.data, text);
+    assert.equal(lone.data, "lone \ufffd surrogate");
+  }));
+
 test("unsubscribe stops delivery", open, () =>
   withConns(URL_OPEN, 1, async (c) => {
     const s = fresh("unsub");

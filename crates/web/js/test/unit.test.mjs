@@ -529,9 +529,12 @@ test("a fractional request timeout is sent rounded up, a NaN one refused", async
 
 test("close() during a reconnect attempt ends it and leaves no timer armed", async () => {
   const timers = trackTimers();
+  let c;
   try {
     const timeout = 4321; // tells the handshake's timer from the others
-    const { broker, c, statuses } = await fakeConnect({ timeout });
+    const made = await fakeConnect({ timeout });
+    c = made.c;
+    const { broker, statuses } = made;
     broker.answerConnect = false; // the next handshake hangs
     broker.socket.drop(1001);
     await until(() => broker.sent("connect").length === 2, 3000, "the reconnect's connect");
@@ -546,6 +549,7 @@ test("close() during a reconnect attempt ends it and leaves no timer armed", asy
     assert.equal(broker.sockets.length, 2);
   } finally {
     timers.restore();
+    await c?.close(); // a failure must not leave it reconnecting for ever
   }
 });
 
@@ -574,18 +578,21 @@ test("re-subscribing after a reconnect, and unsubscribing, are not held to maxIn
 
 test("live subscriptions are bounded by maxSubscriptions, also while reconnecting", async () => {
   const { broker, c } = await fakeConnect({ maxSubscriptions: 3 });
-  const subs = [c.subscribe("a"), c.subscribe("b")];
-  broker.accepting = false;
-  broker.socket.drop(1001);
-  subs.push(c.subscribe("c")); // waits for the reconnect
-  assert.throws(() => c.subscribe("d"), (e) => e.kind === "LimitExceeded");
-  await subs[0].unsubscribe(); // frees a place at once, while disconnected
-  subs.push(c.subscribe("d"));
-  broker.accepting = true;
-  await until(() => c.status === "connected", 3000, "reconnected");
-  await Promise.all(subs.slice(1).map((s) => s.ready));
-  assert.deepEqual(broker.sent("sub").slice(2).map((f) => f.subject).sort(), ["b", "c", "d"]);
-  await c.close();
+  try {
+    const subs = [c.subscribe("a"), c.subscribe("b")];
+    broker.accepting = false;
+    broker.socket.drop(1001);
+    subs.push(c.subscribe("c")); // waits for the reconnect
+    assert.throws(() => c.subscribe("d"), (e) => e.kind === "LimitExceeded");
+    await subs[0].unsubscribe(); // frees a place at once, while disconnected
+    subs.push(c.subscribe("d"));
+    broker.accepting = true;
+    await until(() => c.status === "connected", 3000, "reconnected");
+    await Promise.all(subs.slice(1).map((s) => s.ready));
+    assert.deepEqual(broker.sent("sub").slice(2).map((f) => f.subject).sort(), ["b", "c", "d"]);
+  } finally {
+    await c.close(); // a failure must not leave it reconnecting for ever
+  }
 });
 
 test("a policy close (1008) of a reconnect's handshake stops reconnecting; a 1013 does not", async () => {
