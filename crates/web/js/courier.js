@@ -81,7 +81,8 @@ export class CourierError extends Error {
 const B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const B64_INDEX = new Map([...B64].map((c, i) => [c, i]));
 const utf8Encoder = new TextEncoder();
-const utf8Decoder = new TextDecoder("utf-8", { fatal: true });
+// ignoreBOM keeps a leading U+FEFF in the text, as the broker's `data` keeps it.
+const utf8Decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 
 /**
  * Standard base64 (with padding) of `bytes`. Browser-safe: no Buffer, no btoa.
@@ -204,15 +205,22 @@ export class Message {
   /** @internal built by the connection from a `msg` or `reply` frame */
   constructor(conn, frame) {
     this.#conn = conn;
-    /** @type {string} the subject it was published to */
+    /** @type {string | undefined} the subject it was published to (a reply's may be absent) */
     this.subject = frame.subject;
     /** @type {string | undefined} where the publisher wants an answer */
     this.reply = frame.reply;
     /** @type {Record<string, string>} its headers (empty if none) */
     this.headers = frame.headers ?? {};
-    /** @type {string | null} the payload as text, or null if it is binary */
-    this.data = typeof frame.data === "string" ? frame.data : null;
-    this.#bytes = typeof frame.data64 === "string" ? fromBase64(frame.data64) : undefined;
+    /**
+     * The payload as text, or null if it is not UTF-8. A broker may send
+     * text as `data64` (when JSON escaping would bloat it): still text here.
+     * @type {string | null}
+     */
+    this.data = typeof frame.data === "string" ? frame.data : "";
+    if (typeof frame.data64 === "string" && typeof frame.data !== "string") {
+      this.#bytes = fromBase64(frame.data64);
+      this.data = utf8OrNull(this.#bytes);
+    }
   }
 
   /** @returns {Uint8Array} the payload's bytes (UTF-8 for a text payload) */
@@ -221,7 +229,7 @@ export class Message {
     return this.#bytes;
   }
 
-  /** @returns {any} the payload parsed as JSON (throws SyntaxError if it is not) */
+  /** @returns {any} the payload parsed as JSON (throws SyntaxError if it is not; TypeError if not UTF-8) */
   json() {
     return JSON.parse(this.data ?? utf8Decoder.decode(this.bytes));
   }
@@ -863,6 +871,15 @@ export class Connection {
     } catch (e) {
       this._notify(new CourierError("Internal", `onStatus threw: ${e}`));
     }
+  }
+}
+
+/** The text that `bytes` are in UTF-8, or null if they are not UTF-8. */
+function utf8OrNull(bytes) {
+  try {
+    return utf8Decoder.decode(bytes);
+  } catch {
+    return null;
   }
 }
 

@@ -515,6 +515,28 @@ test("text that JSON would escape to more than twice its bytes travels as data64
   await c.close();
 });
 
+test("a payload that comes as data64 is still text if it is UTF-8; a reply may have no subject", async () => {
+  const { broker, c } = await fakeConnect();
+  const sub = c.subscribe("t");
+  await sub.ready;
+  const utf8 = (t) => toBase64(new TextEncoder().encode(t));
+  broker.socket.receive({ op: "msg", sid: sub.sid, subject: "t", data64: utf8("\u0001é{}") });
+  broker.socket.receive({ op: "msg", sid: sub.sid, subject: "t", data64: utf8('{"a":1}') });
+  broker.socket.receive({ op: "msg", sid: sub.sid, subject: "t", data64: "gA==" }); // 0x80: not UTF-8
+  broker.socket.receive({ op: "msg", sid: sub.sid, subject: "t", data64: utf8("\ufeffbom") });
+  const [text, json, bin, bom] = await Promise.all([0, 1, 2, 3].map(() => sub[Symbol.asyncIterator]().next())).then((r) => r.map((x) => x.value));
+  assert.equal(bom.data, "\ufeffbom", "a leading BOM is kept, as in the bytes");
+  assert.equal(text.data, "\u0001é{}");
+  assert.deepEqual(json.json(), { a: 1 });
+  assert.equal(bin.data, null);
+  assert.deepEqual(bin.bytes, Uint8Array.of(0x80));
+  broker.onFrame = (f, s) => s.receive({ op: "reply", id: f.id, data: "no subject" });
+  const r = await c.request("svc", "x");
+  assert.equal(r.data, "no subject");
+  assert.equal(r.subject, undefined);
+  await c.close();
+});
+
 test("a fractional request timeout is sent rounded up, a NaN one refused", async () => {
   const { broker, c } = await fakeConnect();
   c.request("svc", "x", { timeout: 10.2 }).catch(() => {});
