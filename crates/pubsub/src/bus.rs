@@ -972,6 +972,44 @@ impl Publisher {
         Ok(())
     }
 
+    /// [`publish_with_headers`](Self::publish_with_headers) asking for a
+    /// reply at `reply_to` (a request whose answers the caller collects
+    /// itself, say on an inbox it subscribed to first); `None` asks for
+    /// none. Returns how many live subscriptions it was delivered (or
+    /// dropped) to: 0 means nobody will answer.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use courier_pubsub::{Bus, Event, Headers, SubscribeOptions};
+    ///
+    /// let bus = Bus::new();
+    /// let mut service = bus.subscribe("svc.time", SubscribeOptions::default()).await?;
+    /// let mut inbox = bus.subscribe("_inbox.mine.*", SubscribeOptions::default()).await?;
+    /// let publisher = bus.publisher();
+    /// let reached = publisher
+    ///     .publish_with_reply("svc.time", Some("_inbox.mine.1"), Headers::new(), "now?")
+    ///     .await?;
+    /// assert_eq!(reached, 1);
+    /// let Some(Ok(Event::Message(request))) = service.recv().await else { unreachable!() };
+    /// bus.publisher().reply(&request, "noon").await?;
+    /// let Some(Ok(Event::Message(answer))) = inbox.recv().await else { unreachable!() };
+    /// assert_eq!(answer.subject.as_str(), "_inbox.mine.1");
+    /// assert_eq!(&answer.payload[..], b"noon");
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_with_reply(
+        &self,
+        subject: &str,
+        reply_to: Option<&str>,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Result<u64, BusError> {
+        let subject = Subject::new(subject)?;
+        let reply_to = reply_to.map(Subject::new).transpose()?;
+        Ok(self.send(&subject, reply_to, headers, payload.into()).await as u64)
+    }
+
     /// Publishes many messages in order. Every subject is checked first:
     /// one invalid subject fails the call and publishes nothing.
     pub async fn publish_batch<S: Into<String>, P: Into<Bytes>>(
