@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Set on the second run (built, SIGINT ignored).
-const STAGE_ENV: &str = "COURIER_DEMO_WEB_STAGE";
+const STAGE_ENV: &str = "XTASK_DEMO_WEB_STAGE";
 /// How long each process gets to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long each process gets to exit once asked.
@@ -222,6 +222,9 @@ impl Demo {
         let mut command = Command::new(program);
         command
             .args(args)
+            // `courier serve` refuses COURIER_* variables it does not know;
+            // none of ours is meant for the children.
+            .env_remove(STAGE_ENV)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
