@@ -211,7 +211,10 @@ async fn one(
             "ticket": ticket,
             "served_by": reply.served_by,
         }))),
-        ReadOutcome::Ticket(None) => Err(ApiError::NotFound(format!("no ticket {id}"))),
+        ReadOutcome::Ticket(None) => Err(ApiError::NotFoundBy {
+            message: format!("no ticket {id}"),
+            served_by: reply.served_by,
+        }),
         other => Err(ApiError::from_outcome(other, &reply.served_by)),
     }
 }
@@ -323,6 +326,11 @@ fn unavailable(err: &RemotePubSubError) -> ApiError {
 enum ApiError {
     BadRequest(String),
     NotFound(String),
+    /// Not found, by the service instance named.
+    NotFoundBy {
+        message: String,
+        served_by: String,
+    },
     TooLarge,
     Unavailable(String),
     Internal(String),
@@ -348,6 +356,10 @@ impl IntoResponse for ApiError {
         let (status, message) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::NotFoundBy { message, served_by } => {
+                let body = json!({ "error": message, "served_by": served_by });
+                return (StatusCode::NOT_FOUND, Json(body)).into_response();
+            }
             ApiError::TooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the request is over {MAX_REQUEST_BODY} bytes"),

@@ -120,6 +120,7 @@ async function create() {
   }
   el.createButton.disabled = true;
   el.createStatus.textContent = "Sending…";
+  delete el.createStatus.dataset.id;
   try {
     const data = await api("/api/tickets", {
       method: "POST",
@@ -129,6 +130,8 @@ async function create() {
     el.createStatus.dataset.id = data.id;
     el.title.value = "";
     el.body.value = "";
+    // Without the live feed, the list catches up by reloading.
+    if (el.live.textContent !== "live") setTimeout(() => load(shownQuery), 800);
   } catch (e) {
     el.createStatus.textContent = `Not queued: ${e.message}`;
   } finally {
