@@ -18,6 +18,11 @@ pub const DEFAULT_OUTBOUND_MESSAGES: usize = 256;
 pub const DEFAULT_OUTBOUND_BYTES: usize = 4 << 20;
 /// Default [`GatewayConfig::subscription_buffer`].
 pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 256;
+/// The longest any timeout is taken to be (longer ones, up to
+/// `Duration::MAX`, mean "never" and are cut to this, so that no deadline
+/// overflows a clock): a year.
+pub(crate) const LONGEST_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The longest `sid`, `id` (as a string) or connection `name`, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 
@@ -87,6 +92,19 @@ pub struct GatewayConfig {
     pub subscription_buffer: usize,
     /// The `server` field of `connected`. Default `courier <version>`.
     pub server_name: String,
+    /// The origins (`https://app.example.com`: scheme, host and port if not
+    /// the default) whose pages may open a WebSocket; an upgrade request
+    /// whose `Origin` header is another gets HTTP 403. Compared without
+    /// ASCII case. A request without `Origin` (not from a browser: browsers
+    /// always send it) is let in: the check stops other websites' pages,
+    /// in a user's browser, from using the gateway with that user's
+    /// network position (cross-site WebSocket hijacking).
+    ///
+    /// Default empty: **any origin**, so that a page served from anywhere
+    /// can connect. A gateway reachable from browsers that also visit
+    /// untrusted sites (say one on `127.0.0.1` or an intranet, without
+    /// tokens) should list its pages' origins.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -107,6 +125,7 @@ impl Default for GatewayConfig {
             outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             subscription_buffer: DEFAULT_SUBSCRIPTION_BUFFER,
             server_name: format!("courier {}", env!("CARGO_PKG_VERSION")),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -152,9 +171,10 @@ impl GatewayConfig {
         self
     }
 
-    /// With another time for each connecting step (at least 1 ms).
+    /// With another time for each connecting step (at least 1 ms, at
+    /// most a year).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout.max(Duration::from_millis(1));
+        self.connect_timeout = timeout.clamp(Duration::from_millis(1), LONGEST_TIMEOUT);
         self
     }
 
@@ -164,17 +184,28 @@ impl GatewayConfig {
         self
     }
 
-    /// With another write timeout (at least 1 ms).
+    /// With another write timeout (at least 1 ms, at most a year).
     pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
-        self.write_timeout = timeout.max(Duration::from_millis(1));
+        self.write_timeout = timeout.clamp(Duration::from_millis(1), LONGEST_TIMEOUT);
         self
     }
 
-    /// With other request timeouts: the default, and the ceiling (the
-    /// default is cut to the ceiling).
+    /// With other request timeouts: the default, and the ceiling (at least
+    /// 1 ms; the default is cut to the ceiling).
     pub fn with_request_timeouts(mut self, default: Duration, max: Duration) -> Self {
-        self.max_request_timeout = max;
-        self.default_request_timeout = default.min(max);
+        self.max_request_timeout = max.max(Duration::from_millis(1));
+        self.default_request_timeout =
+            default.clamp(Duration::from_millis(1), self.max_request_timeout);
+        self
+    }
+
+    /// Letting browsers in only from pages of these origins (empty: any);
+    /// see [`allowed_origins`](Self::allowed_origins).
+    pub fn with_allowed_origins<S: Into<String>>(
+        mut self,
+        origins: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.allowed_origins = origins.into_iter().map(Into::into).collect();
         self
     }
 

@@ -3,30 +3,44 @@
 //! socket) in one task, with each subscription and request forwarding into
 //! the writer's bounded queue from a task the connection owns.
 //!
+//! Every frame's room in that queue (by count and by bytes) is reserved
+//! from the most its text can take before the text is built, so what a
+//! connection holds in frames is bounded by `outbound_bytes` (plus one
+//! frame larger than it, sent alone), however many subscriptions wait.
+//!
+//! Requests go out inline, under the connection's own publisher identity
+//! (so in order with its publishes), to an inbox of the connection's own:
+//! `_inbox.<random>.<n>`, one bus subscription for all its requests. The
+//! random id is never shown to other browsers (a `reply` frame has no
+//! subject), and another browser may not subscribe to it.
+//!
 //! Dropping the connection's future (the socket closed, shutdown's grace
 //! ran out) drops its `JoinSet`s, which abort every subscription's
 //! forwarder (dropping the subscription: it leaves the bus) and every
-//! request still waiting.
+//! request still waiting, and its inbox.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use bytes::Bytes;
-use courier_pubsub::remote::{PubSubService, LATENCY_BUCKETS_US};
-use courier_pubsub::{Event, Filter, Headers, SlowConsumer, Subject, SubscribeOptions};
+use courier_pubsub::remote::LATENCY_BUCKETS_US;
+use courier_pubsub::subject::Token;
+use courier_pubsub::{
+    Event, Filter, Headers, Message, Publisher, SlowConsumer, Subject, SubscribeOptions,
+};
 use courier_rpc::Secret;
 use courier_wire::ErrorKind;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::config::MAX_NAME_LEN;
-use crate::frames::{self, Body, Id, Inbound, Outbound, Refusal};
-use crate::gateway::{ConnectionSlot, Shared};
+use crate::frames::{self, json_len, Body, Id, Inbound, Outbound, Refusal};
+use crate::gateway::{ConnectionSlot, Live, Shared};
 
 /// Close codes (RFC 6455).
 const NORMAL: u16 = 1000;
@@ -35,10 +49,21 @@ const POLICY: u16 = 1008;
 const TOO_BIG: u16 = 1009;
 const TRY_AGAIN_LATER: u16 = 1013;
 
-/// Runs one upgraded WebSocket to its end.
-pub(crate) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
+/// Runs one upgraded WebSocket to its end, or until shutdown's grace
+/// runs out (every step, refusals and handshake included, stops then).
+pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>) {
+    let mut abort = shared.scope.abort.subscribe();
+    tokio::select! {
+        _ = serve(socket, shared.clone()) => {}
+        _ = crate::gateway::raised(&mut abort) => {}
+    }
+}
+
+async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
     let write_timeout = shared.config.write_timeout;
-    let Some(_slot) = ConnectionSlot::take(&shared.live, shared.config.max_connections) else {
+    let Some(_slot) =
+        ConnectionSlot::take(&shared.live, &shared.scope, shared.config.max_connections)
+    else {
         let refusal = Refusal::new(
             ErrorKind::Busy,
             format!(
@@ -49,8 +74,7 @@ pub(crate) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
         refuse(&mut socket, &refusal, TRY_AGAIN_LATER, write_timeout).await;
         return;
     };
-    let mut abort = shared.live.abort.subscribe();
-    let mut closing = shared.live.closing.subscribe();
+    let mut closing = shared.scope.closing.subscribe();
     let identity = tokio::select! {
         identity = handshake(&mut socket, &shared) => identity,
         _ = crate::gateway::raised(&mut closing) => {
@@ -86,15 +110,19 @@ pub(crate) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
         tx,
         bytes: Arc::new(Semaphore::new(max_bytes)),
         max_bytes,
+        live: shared.live.clone(),
     };
     let mut session = Session {
-        publisher: shared.live.next_publisher.fetch_add(1, Ordering::Relaxed),
+        publisher: shared.bus.publisher(),
         shared: shared.clone(),
         identity,
         out: out.clone(),
         subscriptions: HashMap::new(),
         forwarders: JoinSet::new(),
         requests: JoinSet::new(),
+        inbox: None,
+        pending: Arc::default(),
+        next_request: 0,
     };
     let reader = async {
         // Without a close to send (the browser went), the connection ends
@@ -108,9 +136,9 @@ pub(crate) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
     tokio::select! {
         _ = write(sink, rx, write_timeout) => {}
         _ = reader => {}
-        _ = crate::gateway::raised(&mut abort) => {}
     }
-    // `session` (its subscriptions and requests) goes with this frame.
+    // `session` (its subscriptions, requests and inbox) goes with this
+    // frame.
 }
 
 /// Waits for `connect` and decides who the browser is: `Some(identity)`
@@ -127,7 +155,7 @@ async fn connect_frame(
     shared: &Shared,
 ) -> Option<(Option<String>, Option<String>)> {
     let write_timeout = shared.config.write_timeout;
-    let deadline = tokio::time::Instant::now() + shared.config.connect_timeout;
+    let deadline = deadline_after(shared.config.connect_timeout);
     let text = loop {
         let next = match tokio::time::timeout_at(deadline, socket.recv()).await {
             Ok(next) => next,
@@ -261,12 +289,45 @@ fn too_large_frame(limit: usize) -> Refusal {
     )
 }
 
+/// `now + after`, or a year from now if that overflows (a configured
+/// timeout of `Duration::MAX` means "never", not a panic).
+fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// What the writer is given.
 enum Frame {
     /// A text frame, holding its share of the byte bound until written.
-    Text(String, OwnedSemaphorePermit),
+    Text(Queued, OwnedSemaphorePermit),
     /// The last frame.
     Close(u16, String),
+}
+
+/// A frame's text while it waits for the writer: counted in the gateway's
+/// queued bytes (its peak is what the tests hold to the bound).
+struct Queued {
+    text: String,
+    len: usize,
+    live: Arc<Live>,
+}
+
+impl Queued {
+    fn new(text: String, live: Arc<Live>) -> Queued {
+        let len = text.len();
+        let now = live.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
+        live.queued_peak.fetch_max(now, Ordering::Relaxed);
+        Queued { text, len, live }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.live
+            .queued_bytes
+            .fetch_sub(self.len, Ordering::Relaxed);
+    }
 }
 
 /// The writer's queue, bounded by frames and by bytes.
@@ -275,17 +336,50 @@ struct Out {
     tx: mpsc::Sender<Frame>,
     bytes: Arc<Semaphore>,
     max_bytes: usize,
+    live: Arc<Live>,
+}
+
+/// Room reserved in the writer's queue for one frame of at most the size
+/// it was reserved for.
+struct Room {
+    bytes: OwnedSemaphorePermit,
+    slot: mpsc::OwnedPermit<Frame>,
+    live: Arc<Live>,
+}
+
+impl Room {
+    fn send(self, text: String) {
+        let queued = Queued::new(text, self.live);
+        self.slot.send(Frame::Text(queued, self.bytes));
+    }
 }
 
 impl Out {
-    /// Queues `text`, waiting for room; `false` once the writer is gone.
+    /// Waits for room for a frame of at most `len` bytes (a larger one
+    /// takes the whole bound, so it is sent alone); `None` once the writer
+    /// is gone.
+    async fn reserve(&self, len: usize) -> Option<Room> {
+        // `max_bytes` fits a u32 (see `serve`).
+        let cost = len.clamp(1, self.max_bytes) as u32;
+        let bytes = self.bytes.clone().acquire_many_owned(cost).await.ok()?;
+        let slot = self.tx.clone().reserve_owned().await.ok()?;
+        Some(Room {
+            bytes,
+            slot,
+            live: self.live.clone(),
+        })
+    }
+
+    /// Queues a small frame already built (answers and errors), waiting for
+    /// room; `false` once the writer is gone.
     async fn send(&self, text: String) -> bool {
-        // `max_bytes` fits a u32 (see `run`).
-        let cost = text.len().clamp(1, self.max_bytes) as u32;
-        let Ok(permit) = self.bytes.clone().acquire_many_owned(cost).await else {
-            return false;
-        };
-        self.tx.send(Frame::Text(text, permit)).await.is_ok()
+        match self.reserve(text.len()).await {
+            Some(room) => {
+                room.send(text);
+                true
+            }
+            None => false,
+        }
     }
 
     async fn close(&self, code: u16, reason: String) {
@@ -302,10 +396,15 @@ async fn write(
     write_timeout: Duration,
 ) {
     while let Some(frame) = rx.recv().await {
-        let (message, last) = match frame {
-            Frame::Text(text, _permit) => (WsMessage::Text(text.into()), false),
-            Frame::Close(code, reason) => (close(code, &reason), true),
+        let (message, held) = match frame {
+            // The frame stays counted (and its room held) until written.
+            Frame::Text(mut queued, permit) => (
+                WsMessage::Text(std::mem::take(&mut queued.text).into()),
+                Some((queued, permit)),
+            ),
+            Frame::Close(code, reason) => (close(code, &reason), None),
         };
+        let last = held.is_none();
         let written = tokio::time::timeout(write_timeout, async {
             sink.feed(message).await?;
             if last || rx.is_empty() {
@@ -314,6 +413,7 @@ async fn write(
             Ok::<_, axum::Error>(())
         })
         .await;
+        drop(held);
         match written {
             Ok(Ok(())) if !last => {}
             Ok(Ok(())) => return,
@@ -333,12 +433,74 @@ async fn write(
 struct Session {
     shared: Arc<Shared>,
     identity: Option<String>,
-    publisher: u64,
+    /// The connection's publisher identity: its publishes and requests
+    /// reach each subscriber in the order the browser sent them.
+    publisher: Publisher,
     out: Out,
     /// sid → its forwarder.
     subscriptions: HashMap<String, AbortHandle>,
-    forwarders: JoinSet<()>,
+    /// Each ends with its sid (when its subscription ended by itself).
+    forwarders: JoinSet<String>,
     requests: JoinSet<()>,
+    /// Made at the first request.
+    inbox: Option<Inbox>,
+    /// Requests awaiting their reply, by the inbox subject's last token
+    /// (at most `max_requests_in_flight`: each request task removes its
+    /// own entry as it ends).
+    pending: Pending,
+    next_request: u64,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The connection's inbox: `_inbox.<id>.*` on the bus, its replies handed
+/// to the waiting requests by a task of its own. Dropped with the session:
+/// the task stops (its subscription leaves the bus) and the id is no
+/// longer known to the gateway.
+struct Inbox {
+    id: String,
+    task: AbortHandle,
+    live: Arc<Live>,
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.task.abort();
+        lock(&self.live.inboxes).remove(&self.id);
+    }
+}
+
+/// Takes a waiting request's entry out of [`Pending`] when it ends, however.
+struct Forget(Pending, u64);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        lock(&self.0).remove(&self.1);
+    }
+}
+
+/// 128 unpredictable bits as hex, for an inbox id: SipHash keyed by
+/// std's `RandomState` (seeded from the operating system's randomness) of
+/// a counter and the time. The workspace has no random-number crate; a
+/// keyed PRF of distinct inputs is as good for an unguessable name.
+fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let word = || {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.finish()
+    };
+    format!("{:016x}{:016x}", word(), word())
 }
 
 /// How reading ended: a close to send, or `None` when the browser went.
@@ -353,8 +515,19 @@ impl Session {
         let idle = self.shared.config.idle_timeout;
         loop {
             // Finished tasks leave their sets, so the sets hold only what
-            // is live (requests count against their bound by this).
-            while self.forwarders.try_join_next().is_some() {}
+            // is live (requests count against their bound by this); a
+            // subscription that ended by itself frees its sid.
+            while let Some(done) = self.forwarders.try_join_next_with_id() {
+                if let Ok((task, sid)) = done {
+                    if self
+                        .subscriptions
+                        .get(&sid)
+                        .is_some_and(|forwarder| forwarder.id() == task)
+                    {
+                        self.subscriptions.remove(&sid);
+                    }
+                }
+            }
             while self.requests.try_join_next().is_some() {}
             let next = tokio::select! {
                 biased;
@@ -414,7 +587,8 @@ impl Session {
     }
 
     /// One operation: its answer frame, if it has one now (`ok` only with
-    /// an `id`), or an error (with the `sid`, for a subscription's).
+    /// an `id`), or an error (with the `sid`, for a subscription's; one
+    /// over the length limit is not echoed).
     async fn operate(
         &mut self,
         id: Option<&Id>,
@@ -423,7 +597,7 @@ impl Session {
         let ok = || Ok(id.map(|id| Outbound::Ok { id: Some(id) }.text()));
         match frame.op.as_str() {
             "sub" => {
-                let sid = frame.sid.clone();
+                let sid = frame.sid.clone().filter(|sid| sid.len() <= MAX_NAME_LEN);
                 self.subscribe(id, frame).await.map_err(|r| (r, sid))?;
                 Ok(None)
             }
@@ -442,7 +616,9 @@ impl Session {
                 let Some(id) = id else {
                     return Err((Refusal::invalid("req needs an id"), None));
                 };
-                self.request(id.clone(), frame).map_err(|r| (r, None))?;
+                self.request(id.clone(), frame)
+                    .await
+                    .map_err(|r| (r, None))?;
                 Ok(None)
             }
             "ping" => Ok(Some(Outbound::Pong { id }.text())),
@@ -481,6 +657,12 @@ impl Session {
         }
         let subject = required(&frame.subject, "subject")?;
         let filter = Filter::new(subject).map_err(|err| Refusal::invalid(err.to_string()))?;
+        if self.is_anothers_inbox(&filter) {
+            return Err(Refusal::new(
+                ErrorKind::Refused,
+                "subscribing to another connection's inbox is not permitted",
+            ));
+        }
         if let Some(access) = &self.shared.access {
             if !access.may_subscribe(self.identity.as_deref(), &filter) {
                 return Err(Refusal::new(
@@ -512,6 +694,21 @@ impl Session {
                 .spawn(forward(subscription, sid.to_string(), self.out.clone()));
         self.subscriptions.insert(sid.to_string(), forwarder);
         Ok(())
+    }
+
+    /// Whether `filter` names the inbox of another browser connection of
+    /// this gateway (`_inbox.<its id>...`). Under the broker's access rules
+    /// anyone may subscribe to an inbox whose id they write out; a browser
+    /// that saw one (as a service answering a request) must not listen to
+    /// that connection's other replies. Wildcards in the id's place are the
+    /// access rules' business.
+    fn is_anothers_inbox(&self, filter: &Filter) -> bool {
+        let [Token::Literal(first), Token::Literal(id), ..] = filter.tokens() else {
+            return false;
+        };
+        &**first == "_inbox"
+            && self.inbox.as_ref().is_none_or(|own| own.id != **id)
+            && lock(&self.shared.live.inboxes).contains(&**id)
     }
 
     /// The checks a `pub` and a `req` share: subject, payload, headers and
@@ -550,51 +747,82 @@ impl Session {
         Ok((subject, reply, headers, payload))
     }
 
-    /// Stores a message in the durable subscriptions it matches, as the
-    /// remote host does before delivering.
-    async fn store(
+    /// Stores a message in the durable subscriptions it matches, then
+    /// delivers it under the connection's publisher identity, as the
+    /// remote host does; counts it. Returns the deliveries.
+    async fn send(
         &self,
-        message: &(Subject, Option<Subject>, Headers, Bytes),
-    ) -> Result<(), Refusal> {
-        let Some(durable) = &self.shared.durable else {
-            return Ok(());
-        };
+        message: (Subject, Option<Subject>, Headers, Bytes),
+    ) -> Result<u64, Refusal> {
+        let started = Instant::now();
         let counters = &self.shared.counters;
-        match durable.store(std::slice::from_ref(message)).await {
-            Ok(stored) => {
-                counters.stored.fetch_add(stored as u64, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(err) => {
-                counters.refused.fetch_add(1, Ordering::Relaxed);
-                Err(Refusal::new(err.kind(), err.to_string()))
+        if let Some(durable) = &self.shared.durable {
+            match durable.store(std::slice::from_ref(&message)).await {
+                Ok(stored) => {
+                    counters.stored.fetch_add(stored as u64, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(Refusal::new(err.kind(), err.to_string()));
+                }
             }
         }
-    }
-
-    async fn publish(&mut self, frame: Inbound) -> Result<(), Refusal> {
-        let started = Instant::now();
-        let message = self.prepare(&frame, false)?;
-        self.store(&message).await?;
         let (subject, reply, headers, payload) = message;
-        let delivered = PubSubService::publish(
-            &self.shared.host,
-            self.publisher,
-            subject.as_str().to_string(),
-            reply.map(|r| r.as_str().to_string()),
-            payload,
-            headers,
-        )
-        .await
-        .map_err(|err| Refusal::new(err.kind(), err.to_string()))?;
-        let counters = &self.shared.counters;
+        let delivered = self
+            .publisher
+            .publish_with_reply(
+                subject.as_str(),
+                reply.as_ref().map(Subject::as_str),
+                headers,
+                payload,
+            )
+            .await
+            .map_err(|err| Refusal::new(err.kind(), err.to_string()))?;
         counters.published.fetch_add(1, Ordering::Relaxed);
         counters.delivered.fetch_add(delivered, Ordering::Relaxed);
         record(counters, started.elapsed());
-        Ok(())
+        Ok(delivered)
     }
 
-    fn request(&mut self, id: Id, frame: Inbound) -> Result<(), Refusal> {
+    async fn publish(&mut self, frame: Inbound) -> Result<(), Refusal> {
+        let message = self.prepare(&frame, false)?;
+        self.send(message).await.map(drop)
+    }
+
+    /// The connection's inbox id, subscribing it at the first request.
+    async fn inbox(&mut self) -> Result<String, Refusal> {
+        if let Some(inbox) = &self.inbox {
+            return Ok(inbox.id.clone());
+        }
+        let id = random_id();
+        // Room for every request's reply at once; more (duplicates, or
+        // someone flooding it) drop the oldest, and the dispatcher drops
+        // what no request waits for.
+        let buffer = self.shared.config.max_requests_in_flight.clamp(1, 4096);
+        let subscription = self
+            .shared
+            .bus
+            .subscribe(
+                &format!("_inbox.{id}.*"),
+                SubscribeOptions::default()
+                    .buffer(buffer)
+                    .policy(SlowConsumer::DropOldest),
+            )
+            .await
+            .map_err(|err| Refusal::new(ErrorKind::Internal, format!("inbox: {err}")))?;
+        lock(&self.shared.live.inboxes).insert(id.clone());
+        let task = tokio::spawn(dispatch(subscription, self.pending.clone())).abort_handle();
+        self.inbox = Some(Inbox {
+            id: id.clone(),
+            task,
+            live: self.shared.live.clone(),
+        });
+        Ok(id)
+    }
+
+    /// `req`: published here, in order with the connection's publishes;
+    /// only the wait for the reply runs in a task.
+    async fn request(&mut self, id: Id, frame: Inbound) -> Result<(), Refusal> {
         let config = &self.shared.config;
         if self.requests.len() >= config.max_requests_in_flight {
             return Err(Refusal::new(
@@ -605,62 +833,52 @@ impl Session {
                 ),
             ));
         }
-        let (subject, _, headers, payload) = self.prepare(&frame, true)?;
+        // `min` then `max`: no configured ceiling (even zero) can panic.
         let timeout = frame
             .timeout_ms
             .map_or(config.default_request_timeout, Duration::from_millis)
-            .clamp(Duration::from_millis(1), config.max_request_timeout);
-        let shared = self.shared.clone();
+            .min(config.max_request_timeout)
+            .max(Duration::from_millis(1));
+        let (subject, _, headers, payload) = self.prepare(&frame, true)?;
+        let inbox = self.inbox().await?;
+        let n = self.next_request;
+        self.next_request += 1;
+        let reply_to = Subject::new(&format!("_inbox.{inbox}.{n}"))
+            .map_err(|err| Refusal::new(ErrorKind::Internal, format!("inbox: {err}")))?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(n, tx);
+        let forget = Forget(self.pending.clone(), n);
+        let delivered = self
+            .send((subject.clone(), Some(reply_to), headers, payload))
+            .await?;
+        if delivered == 0 {
+            return Err(Refusal::new(
+                ErrorKind::TimedOut,
+                format!("no responders for {subject}"),
+            ));
+        }
         let out = self.out.clone();
         self.requests.spawn(async move {
-            let started = Instant::now();
-            let message = (subject, None, headers, payload);
-            // Stored as the host stores a request: with the inbox it goes
-            // to (here the bus's own, chosen inside `request`), so without.
-            if let Some(durable) = &shared.durable {
-                match durable.store(std::slice::from_ref(&message)).await {
-                    Ok(stored) => {
-                        shared
-                            .counters
-                            .stored
-                            .fetch_add(stored as u64, Ordering::Relaxed);
-                    }
-                    Err(err) => {
-                        shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        let refusal = Refusal::new(err.kind(), err.to_string());
-                        out.send(frames::error(&refusal, Some(&id), None)).await;
+            let _forget = forget;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(reply)) => {
+                    let body = Body::of(&reply);
+                    // `{"op":"reply","id":` and the id (at most 64 bytes
+                    // as a string, 20 as an integer) and `}`.
+                    let Some(room) = out.reserve(96 + body.len()).await else {
                         return;
-                    }
+                    };
+                    room.send(Outbound::Reply { id: &id, body }.text());
+                }
+                // Timed out, or the inbox went (the connection is ending).
+                _ => {
+                    let refusal = Refusal::new(
+                        ErrorKind::TimedOut,
+                        format!("no reply to {subject} within {timeout:?}"),
+                    );
+                    out.send(frames::error(&refusal, Some(&id), None)).await;
                 }
             }
-            let (subject, _, headers, payload) = message;
-            let answer = shared
-                .bus
-                .request_with_headers(subject.as_str(), headers, payload, timeout)
-                .await;
-            let counters = &shared.counters;
-            counters.published.fetch_add(1, Ordering::Relaxed);
-            let text = match &answer {
-                Ok(reply) => {
-                    // The bus says only that someone answered: one delivery.
-                    counters.delivered.fetch_add(1, Ordering::Relaxed);
-                    Outbound::Reply {
-                        id: &id,
-                        subject: reply.subject.as_str(),
-                        body: Body::of(reply),
-                    }
-                    .text()
-                }
-                Err(err) => {
-                    if !matches!(err, courier_pubsub::BusError::NoResponders(_)) {
-                        counters.delivered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let refusal = Refusal::new(err.kind(), err.to_string());
-                    frames::error(&refusal, Some(&id), None)
-                }
-            };
-            record(counters, started.elapsed());
-            out.send(text).await;
         });
         Ok(())
     }
@@ -683,24 +901,58 @@ fn record(counters: &courier_pubsub::remote::HostCounters, took: Duration) {
     counters.latency_sum_us.fetch_add(us, Ordering::Relaxed);
 }
 
-/// Moves a subscription's messages into the writer's queue. While the
-/// queue is full it takes nothing, so the bus's buffer fills and its
-/// slow-consumer policy (drop the oldest) drops and counts; the first
-/// gap after a delivered message is told to the browser as one `Busy`
-/// error with the `sid`.
-async fn forward(mut subscription: courier_pubsub::Subscription, sid: String, out: Out) {
+/// Hands each reply on the connection's inbox to the request waiting for
+/// it (the first reply wins; later ones, and any to a request no longer
+/// waiting, are dropped).
+async fn dispatch(mut inbox: courier_pubsub::Subscription, pending: Pending) {
+    while let Some(Ok(event)) = inbox.recv().await {
+        let Event::Message(reply) = event else {
+            continue;
+        };
+        let n = reply
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(waiting) = n.and_then(|n| lock(&pending).remove(&n)) {
+            let _ = waiting.send(reply);
+        }
+    }
+}
+
+/// Moves a subscription's messages into the writer's queue, reserving
+/// each frame's room before building it. While the queue is full it takes
+/// nothing, so the bus's buffer fills and its slow-consumer policy (drop
+/// the oldest) drops and counts; the first gap after a delivered message
+/// is told to the browser as one `Busy` error with the `sid`. Returns the
+/// sid when the subscription ends by itself.
+async fn forward(mut subscription: courier_pubsub::Subscription, sid: String, out: Out) -> String {
     let mut reported = false;
     while let Some(Ok(event)) = subscription.recv().await {
-        let text = match event {
+        match event {
             Event::Message(message) => {
                 reported = false;
-                Outbound::Msg {
-                    sid: &sid,
-                    subject: message.subject.as_str(),
-                    body: Body::of(&message),
-                    reply: message.reply_to.as_ref().map(Subject::as_str),
-                }
-                .text()
+                let body = Body::of(&message);
+                let reply = message.reply_to.as_ref().map(Subject::as_str);
+                // `{"op":"msg","sid":`, `,"subject":`, `,"reply":`, `}`.
+                let len = 48
+                    + json_len(&sid)
+                    + json_len(message.subject.as_str())
+                    + reply.map_or(0, json_len)
+                    + body.len();
+                let Some(room) = out.reserve(len).await else {
+                    break;
+                };
+                room.send(
+                    Outbound::Msg {
+                        sid: &sid,
+                        subject: message.subject.as_str(),
+                        body,
+                        reply,
+                    }
+                    .text(),
+                );
             }
             Event::Gap { .. } | Event::Dropped { .. } if !reported => {
                 reported = true;
@@ -711,12 +963,12 @@ async fn forward(mut subscription: courier_pubsub::Subscription, sid: String, ou
                         subscription.dropped()
                     ),
                 );
-                frames::error(&refusal, None, Some(&sid))
+                if !out.send(frames::error(&refusal, None, Some(&sid))).await {
+                    break;
+                }
             }
-            _ => continue,
-        };
-        if !out.send(text).await {
-            return;
+            _ => {}
         }
     }
+    sid
 }

@@ -13,10 +13,14 @@ use serde_json::Value;
 use crate::config::MAX_NAME_LEN;
 
 /// A frame from the browser. Every field but `op` is optional here; each
-/// operation checks the ones it needs.
+/// operation checks the ones it needs. Deserialized straight from the text
+/// (unknown fields are skipped without being built, so a deeply nested
+/// one costs no memory; serde_json's recursion limit ends a nesting bomb).
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct Inbound {
     pub op: String,
+    #[serde(default)]
+    pub id: RawId,
     pub token: Option<String>,
     pub name: Option<String>,
     pub sid: Option<String>,
@@ -52,32 +56,112 @@ impl Refusal {
     }
 }
 
+/// An `id` as sent: absent (or null), usable, or not (any other JSON
+/// value, skipped without being built).
+#[derive(Debug, Default)]
+pub(crate) enum RawId {
+    #[default]
+    Absent,
+    Valid(Id),
+    Invalid,
+}
+
+impl<'de> Deserialize<'de> for RawId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<RawId, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawId;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an integer")
+            }
+            fn visit_unit<E>(self) -> Result<RawId, E> {
+                Ok(RawId::Absent)
+            }
+            fn visit_none<E>(self) -> Result<RawId, E> {
+                Ok(RawId::Absent)
+            }
+            fn visit_str<E>(self, s: &str) -> Result<RawId, E> {
+                Ok(if s.len() <= MAX_NAME_LEN {
+                    RawId::Valid(Value::String(s.to_string()))
+                } else {
+                    RawId::Invalid
+                })
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<RawId, E> {
+                Ok(RawId::Valid(Value::from(n)))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<RawId, E> {
+                Ok(RawId::Valid(Value::from(n)))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<RawId, E> {
+                Ok(RawId::Invalid)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<RawId, E> {
+                Ok(RawId::Invalid)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawId, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(RawId::Invalid)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawId, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(RawId::Invalid)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// Only the `id` of a frame that is otherwise wrong, so its error can
+/// carry it (every other field is skipped, whatever its type).
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    id: RawId,
+}
+
 /// Parses a text frame: its `id` (kept even when the rest is wrong, so the
 /// error can carry it) and the frame.
 pub(crate) fn parse(text: &str) -> (Option<Id>, Result<Inbound, Refusal>) {
-    let value: Value = match serde_json::from_str(text) {
-        Ok(value) => value,
-        Err(err) => return (None, Err(Refusal::invalid(format!("not JSON: {err}")))),
+    let bad_id = || {
+        Refusal::invalid(format!(
+            "id: a string of at most {MAX_NAME_LEN} bytes or an integer"
+        ))
     };
-    let Value::Object(mut object) = value else {
-        return (None, Err(Refusal::invalid("a frame is a JSON object")));
-    };
-    let id = match object.remove("id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= MAX_NAME_LEN => Some(Value::String(s)),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(Value::Number(n)),
-        Some(_) => {
-            return (
-                None,
-                Err(Refusal::invalid(format!(
-                    "id: a string of at most {MAX_NAME_LEN} bytes or an integer"
-                ))),
-            )
+    match serde_json::from_str::<Inbound>(text) {
+        Ok(mut frame) => match std::mem::take(&mut frame.id) {
+            RawId::Absent => (None, Ok(frame)),
+            RawId::Valid(id) => (Some(id), Ok(frame)),
+            RawId::Invalid => (None, Err(bad_id())),
+        },
+        Err(err) => {
+            // Leniently, for the error's sake: a frame whose only fault is
+            // a field of the wrong type (or a lone surrogate in a string
+            // skipped here) still has its id read.
+            let id = match serde_json::from_str::<IdOnly>(text) {
+                Ok(IdOnly {
+                    id: RawId::Valid(id),
+                }) => Some(id),
+                Ok(IdOnly { id: RawId::Invalid }) => return (None, Err(bad_id())),
+                _ => None,
+            };
+            let message = if err.is_data() {
+                format!("bad frame: {err}")
+            } else {
+                format!("not a JSON object: {err}")
+            };
+            (id, Err(Refusal::invalid(message)))
         }
-    };
-    let frame = serde_json::from_value::<Inbound>(Value::Object(object))
-        .map_err(|err| Refusal::invalid(format!("bad frame: {err}")));
-    (id, frame)
+    }
 }
 
 /// The payload of a `pub` or `req`: `data` (text) or `data64` (base64).
@@ -164,9 +248,10 @@ pub(crate) enum Outbound<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         reply: Option<&'a str>,
     },
+    /// No subject: the reply's is the connection's inbox, which no other
+    /// browser may learn.
     Reply {
         id: &'a Id,
-        subject: &'a str,
         #[serde(flatten)]
         body: Body<'a>,
     },
@@ -185,32 +270,111 @@ pub(crate) enum Outbound<'a> {
 }
 
 /// A message's payload and headers, as `msg` and `reply` carry them.
-#[derive(Debug, Serialize)]
+///
+/// The payload goes as `data` when it is UTF-8 and its JSON escaping is no
+/// longer than base64 would be (control characters escape to six bytes
+/// each, so such text goes as `data64`, at most 4/3 of the payload).
+/// Nothing is encoded until the frame is serialized, so a frame's size can
+/// be known (and its room reserved) before it is built.
+#[derive(Debug)]
 pub(crate) struct Body<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data64: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    headers: Option<BTreeMap<&'a str, &'a str>>,
+    payload: Payload<'a>,
+    headers: &'a Headers,
+    /// The JSON text of the payload and headers fields, at most.
+    len: usize,
+}
+
+#[derive(Debug)]
+enum Payload<'a> {
+    Text(&'a str),
+    Base64(&'a [u8]),
 }
 
 impl<'a> Body<'a> {
     pub fn of(message: &'a Message) -> Body<'a> {
-        let (data, data64) = match std::str::from_utf8(&message.payload) {
-            Ok(text) => (Some(text), None),
-            Err(_) => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(&message.payload)),
-            ),
+        let bytes = &message.payload[..];
+        let base64 = base64_len(bytes.len());
+        let (payload, payload_len) = match std::str::from_utf8(bytes) {
+            Ok(text) => {
+                let escaped = json_len(text);
+                // Quotes apart, as base64's are.
+                if escaped - 2 <= base64 {
+                    (Payload::Text(text), escaped)
+                } else {
+                    (Payload::Base64(bytes), base64 + 2)
+                }
+            }
+            Err(_) => (Payload::Base64(bytes), base64 + 2),
         };
-        let headers = (!message.headers.is_empty()).then(|| message.headers.iter().collect());
+        let headers_len = if message.headers.is_empty() {
+            0
+        } else {
+            // `,"headers":{` and `}`, then `"k":"v",` for each.
+            14 + message
+                .headers
+                .iter()
+                .map(|(k, v)| json_len(k) + json_len(v) + 2)
+                .sum::<usize>()
+        };
         Body {
-            data,
-            data64,
-            headers,
+            payload,
+            headers: &message.headers,
+            // `,"data64":` and the value's quotes (counted above).
+            len: 10 + payload_len + headers_len,
         }
     }
+
+    /// The most JSON text these fields take.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        match self.payload {
+            Payload::Text(text) => map.serialize_entry("data", text)?,
+            Payload::Base64(bytes) => map.serialize_entry("data64", &Base64(bytes))?,
+        }
+        if !self.headers.is_empty() {
+            let headers: BTreeMap<&str, &str> = self.headers.iter().collect();
+            map.serialize_entry("headers", &headers)?;
+        }
+        map.end()
+    }
+}
+
+/// Bytes serialized as a base64 string, encoded straight into the output.
+struct Base64<'a>(&'a [u8]);
+
+impl Serialize for Base64<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&base64::display::Base64Display::new(
+            self.0,
+            &base64::engine::general_purpose::STANDARD,
+        ))
+    }
+}
+
+/// The length of base64 (padded) for `n` bytes.
+pub(crate) fn base64_len(n: usize) -> usize {
+    n.div_ceil(3).saturating_mul(4)
+}
+
+/// The length of `text` as a JSON string, quotes included, as serde_json
+/// writes it: `"` and `\` and the short control escapes take two bytes,
+/// other control characters six (`\u00XX`), everything else itself.
+pub(crate) fn json_len(text: &str) -> usize {
+    2 + text
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
 }
 
 impl Outbound<'_> {

@@ -1,10 +1,11 @@
 //! The gateway itself: its shared state, its HTTP routes, and its own
 //! listener ([`Gateway::serve`], plain or TLS).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{State, WebSocketUpgrade};
@@ -12,13 +13,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use courier_pubsub::durable::Durable;
-use courier_pubsub::remote::{HostCounters, PubSubAccess, PubSubHost};
+use courier_pubsub::remote::{HostCounters, PubSubAccess};
 use courier_pubsub::Bus;
 use courier_rpc::Authenticator;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
+use crate::config::LONGEST_TIMEOUT;
 use crate::GatewayConfig;
 
 /// What the library's own operations fail with (browsers' errors are
@@ -41,39 +43,60 @@ pub enum WebError {
     Tls(String),
 }
 
-/// Counts and signals shared by every connection of one gateway, however
-/// they arrived (its own listener or a router served by someone else).
-#[derive(Debug)]
+/// Counts shared by every connection of one gateway, however they arrived
+/// (its own listeners or a router served by someone else).
+#[derive(Debug, Default)]
 pub(crate) struct Live {
     /// WebSocket connections open (past the connection limit check).
     pub connections: AtomicUsize,
     /// TCP connections accepted by `serve` not yet upgraded.
     pub handshakes: AtomicUsize,
-    /// Publisher identities, one per connection, for the internal host.
-    pub next_publisher: AtomicU64,
+    /// The inbox ids of connections that made requests: no other browser
+    /// may subscribe to them. At most one per connection.
+    pub inboxes: Mutex<HashSet<String>>,
+    /// Bytes of frames built and not yet written, over every connection.
+    pub queued_bytes: AtomicUsize,
+    /// The most `queued_bytes` has been.
+    pub queued_peak: AtomicUsize,
+}
+
+/// The connections of one [`WebServer`] (or of one [`Gateway::router`]):
+/// what its shutdown closes and waits for, apart from the gateway's other
+/// listeners.
+#[derive(Debug)]
+pub(crate) struct Scope {
     /// `true` once shutdown began: connections close with 1001.
     pub closing: watch::Sender<bool>,
     /// `true` once the grace period is over: connections are dropped.
     pub abort: watch::Sender<bool>,
-    /// Notified whenever a connection ends.
+    /// Connections open in this scope.
+    pub connections: AtomicUsize,
+    /// Notified whenever one of them ends.
     pub gone: Notify,
+}
+
+impl Scope {
+    fn new() -> Arc<Scope> {
+        Arc::new(Scope {
+            closing: watch::channel(false).0,
+            abort: watch::channel(false).0,
+            connections: AtomicUsize::new(0),
+            gone: Notify::new(),
+        })
+    }
 }
 
 /// Everything a connection needs.
 pub(crate) struct Shared {
     pub config: GatewayConfig,
     pub bus: Bus,
-    /// Publishes for browsers. The bus's public face has no publish with a
-    /// reply subject; the host's has, with the delivery count the counters
-    /// want. Its own access checks and counters are unused (the gateway
-    /// checks and counts itself, with the browser's identity).
-    pub host: PubSubHost,
     pub access: Option<Arc<dyn PubSubAccess>>,
     pub authenticator: Option<Arc<dyn Authenticator>>,
     pub auth_required: bool,
     pub counters: Arc<HostCounters>,
     pub durable: Option<Durable>,
     pub live: Arc<Live>,
+    pub scope: Arc<Scope>,
 }
 
 /// Browsers on a [`Bus`]: a WebSocket JSON gateway speaking PROTOCOL.md.
@@ -121,14 +144,7 @@ impl Gateway {
             auth_required: false,
             counters: Arc::default(),
             durable: None,
-            live: Arc::new(Live {
-                connections: AtomicUsize::new(0),
-                handshakes: AtomicUsize::new(0),
-                next_publisher: AtomicU64::new(1),
-                closing: watch::channel(false).0,
-                abort: watch::channel(false).0,
-                gone: Notify::new(),
-            }),
+            live: Arc::default(),
         }
     }
 
@@ -176,28 +192,49 @@ impl Gateway {
         self.live.connections.load(Ordering::Relaxed)
     }
 
-    fn shared(&self) -> Arc<Shared> {
+    /// Bytes of frames built for browsers and not yet written to them,
+    /// over every connection: each connection's share is bounded by
+    /// [`GatewayConfig::outbound_bytes`] (plus one larger frame, alone).
+    pub fn queued_bytes(&self) -> usize {
+        self.live.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The most [`queued_bytes`](Self::queued_bytes) has been; for tests of
+    /// the bound.
+    #[doc(hidden)]
+    pub fn queued_bytes_peak(&self) -> usize {
+        self.live.queued_peak.load(Ordering::Relaxed)
+    }
+
+    fn shared(&self, scope: Arc<Scope>) -> Arc<Shared> {
         Arc::new(Shared {
             config: self.config.clone(),
             bus: self.bus.clone(),
-            host: PubSubHost::new(self.bus.clone()),
             access: self.access.clone(),
             authenticator: self.authenticator.clone(),
             auth_required: self.auth_required,
             counters: self.counters.clone(),
             durable: self.durable.clone(),
             live: self.live.clone(),
+            scope,
         })
     }
 
-    /// The HTTP face: `GET /` upgrades to the WebSocket protocol, `GET
+    /// The HTTP face: `GET /` upgrades to the WebSocket protocol (from an
+    /// allowed `Origin`, see [`GatewayConfig::allowed_origins`]), `GET
     /// /courier.js` is the JavaScript client ([`COURIER_JS`](crate::COURIER_JS)),
-    /// anything else is 404.
+    /// anything else is 404. Its connections count against the gateway's
+    /// limits; no [`WebServer::shutdown`] closes them (the application
+    /// serving the router ends them as it ends).
     pub fn router(&self) -> Router {
+        self.router_in(Scope::new())
+    }
+
+    fn router_in(&self, scope: Arc<Scope>) -> Router {
         Router::new()
             .route("/", get(upgrade))
             .route("/courier.js", get(javascript))
-            .with_state(self.shared())
+            .with_state(self.shared(scope))
     }
 
     /// Serves the gateway on `listener`, over TLS if `tls` is given (its
@@ -215,7 +252,8 @@ impl Gateway {
             source,
         })?;
         let tls_on = tls.is_some();
-        let router = self.router();
+        let scope = Scope::new();
+        let router = self.router_in(scope.clone());
         let live = self.live.clone();
         let config = self.config.clone();
         let accept = tokio::spawn(accept_loop(
@@ -223,12 +261,14 @@ impl Gateway {
             tls.map(tokio_rustls::TlsAcceptor::from),
             router,
             live.clone(),
+            scope.clone(),
             config,
         ));
         Ok(WebServer {
             local_addr,
             tls: tls_on,
             live,
+            scope,
             accept,
         })
     }
@@ -297,6 +337,7 @@ pub struct WebServer {
     local_addr: SocketAddr,
     tls: bool,
     live: Arc<Live>,
+    scope: Arc<Scope>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -317,30 +358,44 @@ impl WebServer {
         self.live.connections.load(Ordering::Relaxed)
     }
 
-    /// Stops accepting, closes every browser connection with 1001 (going
-    /// away), and waits up to `grace` for them to end; those still open
-    /// then are dropped. Returns when every connection has ended or been
-    /// dropped.
+    /// [`Gateway::queued_bytes`], over the gateway's every router.
+    pub fn queued_bytes(&self) -> usize {
+        self.live.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// [`Gateway::queued_bytes_peak`].
+    #[doc(hidden)]
+    pub fn queued_bytes_peak(&self) -> usize {
+        self.live.queued_peak.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting, closes every browser connection that came through
+    /// this listener with 1001 (going away), and waits up to `grace` for
+    /// them to end; those still open then are dropped. Returns when every
+    /// one has ended or been dropped. The gateway's other listeners go on.
     pub async fn shutdown(self, grace: Duration) {
-        self.live.closing.send_replace(true);
-        let deadline = tokio::time::Instant::now() + grace;
+        let scope = &self.scope;
+        scope.closing.send_replace(true);
+        let deadline = tokio::time::Instant::now()
+            .checked_add(grace)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600));
         loop {
-            let gone = self.live.gone.notified();
-            if self.live.connections.load(Ordering::SeqCst) == 0 {
+            let gone = scope.gone.notified();
+            if scope.connections.load(Ordering::SeqCst) == 0 {
                 break;
             }
             if tokio::time::timeout_at(deadline, gone).await.is_err() {
                 tracing::warn!(
-                    open = self.live.connections.load(Ordering::SeqCst),
+                    open = scope.connections.load(Ordering::SeqCst),
                     "browser connections did not close within the grace period; dropping them"
                 );
-                self.live.abort.send_replace(true);
+                scope.abort.send_replace(true);
                 // Dropped at their next poll; bounded so a wedged task
                 // cannot hold shutdown.
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while self.live.connections.load(Ordering::SeqCst) > 0 {
-                        let gone = self.live.gone.notified();
-                        if self.live.connections.load(Ordering::SeqCst) == 0 {
+                    while scope.connections.load(Ordering::SeqCst) > 0 {
+                        let gone = scope.gone.notified();
+                        if scope.connections.load(Ordering::SeqCst) == 0 {
                             break;
                         }
                         gone.await;
@@ -350,16 +405,52 @@ impl WebServer {
                 break;
             }
         }
+        // Whatever is still in its handshake, or being refused, stops too.
+        scope.abort.send_replace(true);
         self.accept.abort();
         let _ = self.accept.await;
     }
 }
 
-async fn upgrade(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+/// The tungstenite buffers of each socket. Its defaults (128 KiB to read,
+/// 128 KiB to write) would be 2.5 GiB for 10,000 idle browsers; frames are
+/// mostly small, and a larger one is read and written in several steps,
+/// not refused (the message limits are `max_frame`'s).
+const SOCKET_BUFFER: usize = 8 << 10;
+
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
+        if !origin_allowed(&shared.config.allowed_origins, origin.as_bytes()) {
+            tracing::info!(origin = ?origin, "browser refused: origin not allowed");
+            return (
+                axum::http::StatusCode::FORBIDDEN,
+                "this origin may not open a WebSocket here\n",
+            )
+                .into_response();
+        }
+    }
     let limit = shared.config.max_frame;
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
         .on_upgrade(move |socket| crate::conn::run(socket, shared))
+}
+
+/// Whether a browser's `Origin` is in the list (any, if it is empty):
+/// compared without ASCII case, as origins are (RFC 6454), and without a
+/// trailing `/`.
+fn origin_allowed(allowed: &[String], origin: &[u8]) -> bool {
+    allowed.is_empty()
+        || allowed.iter().any(|ok| {
+            ok.trim_end_matches('/')
+                .as_bytes()
+                .eq_ignore_ascii_case(origin)
+        })
 }
 
 async fn javascript() -> Response {
@@ -387,9 +478,10 @@ async fn accept_loop(
     tls: Option<tokio_rustls::TlsAcceptor>,
     router: Router,
     live: Arc<Live>,
+    scope: Arc<Scope>,
     config: GatewayConfig,
 ) {
-    let mut closing = live.closing.subscribe();
+    let mut closing = scope.closing.subscribe();
     loop {
         let accepted = tokio::select! {
             _ = crate::gateway::raised(&mut closing) => return,
@@ -414,11 +506,15 @@ async fn accept_loop(
         let tls = tls.clone();
         let router = router.clone();
         let live = live.clone();
-        let timeout = config.connect_timeout;
-        let lifetime = config.connect_timeout + config.write_timeout;
+        // Cut, as the fields may have been set directly: hyper adds the
+        // header timeout to the clock, and would panic on overflow.
+        let timeout = config
+            .connect_timeout
+            .clamp(Duration::from_millis(1), LONGEST_TIMEOUT);
+        let lifetime = timeout.saturating_add(config.write_timeout.min(LONGEST_TIMEOUT));
+        let mut closing = scope.closing.subscribe();
         tokio::spawn(async move {
             let _slot = Slot(&live.handshakes);
-            let mut closing = live.closing.subscribe();
             let serve = async {
                 match tls {
                     None => serve_http(stream, router, timeout, lifetime).await,
@@ -463,26 +559,27 @@ where
     }
 }
 
-/// Holds a place among the gateway's open connections; gives it back (and
-/// tells a waiting shutdown) on drop.
-pub(crate) struct ConnectionSlot(Arc<Live>);
+/// Holds a place among the gateway's open connections and its scope's;
+/// gives both back (and tells a waiting shutdown) on drop.
+pub(crate) struct ConnectionSlot(Arc<Live>, Arc<Scope>);
 
 impl ConnectionSlot {
     /// A place, if fewer than `max` are taken.
-    pub fn take(live: &Arc<Live>, max: usize) -> Option<ConnectionSlot> {
+    pub fn take(live: &Arc<Live>, scope: &Arc<Scope>, max: usize) -> Option<ConnectionSlot> {
         if live.connections.fetch_add(1, Ordering::SeqCst) >= max {
             live.connections.fetch_sub(1, Ordering::SeqCst);
-            live.gone.notify_waiters();
             return None;
         }
-        Some(ConnectionSlot(live.clone()))
+        scope.connections.fetch_add(1, Ordering::SeqCst);
+        Some(ConnectionSlot(live.clone(), scope.clone()))
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::SeqCst);
-        self.0.gone.notify_waiters();
+        self.1.connections.fetch_sub(1, Ordering::SeqCst);
+        self.1.gone.notify_waiters();
     }
 }
 

@@ -706,3 +706,336 @@ async fn connections_stuck_in_their_handshake_are_bounded() -> Result<()> {
     }
     Ok(())
 }
+
+/// The broker's rules for request-reply plumbing (courier-broker's
+/// `auth::Policy` with users): anyone may publish to an inbox subject and
+/// subscribe to an inbox whose id it writes out. Here everyone may also use
+/// `svc.>`.
+struct BrokerLike;
+
+impl PubSubAccess for BrokerLike {
+    fn may_publish(&self, _: Option<&str>, subject: &Subject) -> bool {
+        let tokens = subject.tokens();
+        (matches!(tokens.len(), 2 | 3) && &*tokens[0] == "_inbox")
+            || Filter::new("svc.>").unwrap().matches(subject)
+    }
+    fn may_request(&self, _: Option<&str>, subject: &Subject) -> bool {
+        Filter::new("svc.>").unwrap().matches(subject)
+    }
+    fn may_subscribe(&self, _: Option<&str>, filter: &Filter) -> bool {
+        use courier_pubsub::subject::Token;
+        matches!(
+            filter.tokens(),
+            [Token::Literal(first), Token::Literal(_)]
+                | [Token::Literal(first), Token::Literal(_), Token::One]
+                if &**first == "_inbox"
+        ) || filter.is_within(&Filter::new("svc.>").unwrap())
+    }
+}
+
+/// Review finding: requests used the bus's one inbox prefix, and `reply`
+/// frames showed it, so any browser could listen to (and race to answer)
+/// every other browser's requests. Now each connection has an inbox of its
+/// own, shown to no one but the services it asks, and no other browser may
+/// subscribe to it.
+#[tokio::test]
+async fn each_connection_has_its_own_inbox_that_no_other_browser_can_use() -> Result<()> {
+    let bus = Bus::new();
+    let server = serve(
+        Gateway::new(bus.clone(), GatewayConfig::default()).with_access(Arc::new(BrokerLike)),
+    )
+    .await?;
+    let _echo = echo(&bus, "svc.echo").await?;
+    let mut watch = bus
+        .subscribe("svc.watch", SubscribeOptions::default())
+        .await?;
+    let baseline = bus.subscriptions();
+    let mut a = connected(&server.url()).await?;
+    let mut b = connected(&server.url()).await?;
+
+    // A reply frame names no inbox.
+    for client in [&mut a, &mut b] {
+        client
+            .send(json!({"op": "req", "id": 1, "subject": "svc.echo", "data": "hi"}))
+            .await?;
+        let reply = client.frame().await?;
+        assert_eq!(reply["op"], "reply");
+        assert_eq!(reply["data"], "re: hi");
+        assert!(reply.get("subject").is_none(), "{reply}");
+        assert!(!reply.to_string().contains("_inbox"), "{reply}");
+    }
+
+    // Each connection's inbox is random and its own (not the bus's one).
+    let mut inbox_ids = Vec::new();
+    for client in [&mut a, &mut b] {
+        client
+            .send(json!({"op": "req", "id": 2, "subject": "svc.watch", "timeout_ms": 100}))
+            .await?;
+        let Some(Ok(Event::Message(request))) = tokio::time::timeout(WAIT, watch.recv()).await?
+        else {
+            anyhow::bail!("the request did not reach the bus");
+        };
+        let reply_to = request.reply_to.expect("a reply subject");
+        let tokens = reply_to.tokens();
+        assert_eq!((tokens.len(), &*tokens[0]), (3, "_inbox"), "{reply_to}");
+        assert_eq!(tokens[1].len(), 32, "128 random bits: {reply_to}");
+        inbox_ids.push(tokens[1].to_string());
+        assert_eq!(client.error("TimedOut").await?["id"], 2);
+    }
+    assert_ne!(inbox_ids[0], inbox_ids[1], "one inbox per connection");
+
+    // B, as a service, sees A's inbox; it may answer that request, but not
+    // listen to A's inbox (or forge by subscribing first).
+    b.subscribe("svc", "svc.browser", None).await?;
+    a.send(json!({"op": "req", "id": 3, "subject": "svc.browser", "data": "q"}))
+        .await?;
+    let request = b.frame().await?;
+    let inbox = request["reply"]
+        .as_str()
+        .expect("a reply subject")
+        .to_string();
+    let id = inbox.split('.').nth(1).unwrap().to_string();
+    assert_eq!(id, inbox_ids[0]);
+    for filter in [
+        format!("_inbox.{id}.*"),
+        inbox.clone(),
+        format!("_inbox.{id}"),
+    ] {
+        b.send(json!({"op": "sub", "id": "spy", "sid": "spy", "subject": filter}))
+            .await?;
+        let err = b.error("Refused").await?;
+        assert_eq!(err["sid"], "spy", "{filter}");
+    }
+    b.send(json!({"op": "pub", "subject": inbox, "data": "answer"}))
+        .await?;
+    let reply = a.frame().await?;
+    assert_eq!(
+        (reply["op"].clone(), reply["id"].clone()),
+        (json!("reply"), json!(3))
+    );
+    assert_eq!(reply["data"], "answer");
+    // A second answer to the same request is dropped.
+    b.send(json!({"op": "pub", "subject": inbox, "data": "again"}))
+        .await?;
+    a.still_open().await?;
+
+    // A's connection gone (a request still waiting), its inbox leaves the
+    // bus and may be subscribed to by nobody's mistake.
+    a.send(json!({"op": "req", "id": 4, "subject": "svc.watch", "timeout_ms": 60000}))
+        .await?;
+    tokio::time::timeout(WAIT, watch.recv()).await?;
+    drop(a);
+    eventually(
+        || bus.subscriptions() == baseline + 2,
+        "A's inbox to leave the bus (B's inbox and sub stay)",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Review finding: a request was published from a task of its own, so a
+/// publish sent after it could reach subscribers first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_and_the_publish_after_it_arrive_in_order() -> Result<()> {
+    let (bus, server) = open_gateway(GatewayConfig::default()).await?;
+    let mut seen = bus
+        .subscribe("order.>", SubscribeOptions::default())
+        .await?;
+    let mut client = connected(&server.url()).await?;
+    for i in 0..50 {
+        client
+            .send(json!({"op": "req", "id": i, "subject": "order.req", "data": format!("{i}"), "timeout_ms": 1}))
+            .await?;
+        client
+            .send(json!({"op": "pub", "subject": "order.pub", "data": format!("{i}")}))
+            .await?;
+    }
+    for i in 0..50 {
+        for subject in ["order.req", "order.pub"] {
+            let Some(Ok(Event::Message(m))) = tokio::time::timeout(WAIT, seen.recv()).await? else {
+                anyhow::bail!("nothing on the bus");
+            };
+            assert_eq!(
+                (m.subject.as_str(), &m.payload[..]),
+                (subject, format!("{i}").as_bytes()),
+                "in the order sent"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Review finding: each subscription built its frame before waiting for
+/// room, and control characters escaped to six bytes each; so one browser
+/// with many subscriptions that stopped reading held many times its bound.
+/// Now room is reserved first, and such text goes as data64 (4/3).
+#[tokio::test]
+async fn a_browser_that_stops_reading_holds_at_most_its_outbound_bytes() -> Result<()> {
+    const BOUND: usize = 64 << 10;
+    const PAYLOAD: usize = 32 << 10;
+    let config = GatewayConfig::default()
+        .with_max_payload(PAYLOAD)
+        .with_outbound(1_000, BOUND)
+        .with_subscription_buffer(4);
+    let (bus, server) = open_gateway(config).await?;
+    let mut client = connected(&server.url()).await?;
+    for i in 0..100 {
+        client.subscribe(&format!("s{i}"), "flood", None).await?;
+    }
+    // Control characters: valid UTF-8 whose JSON text is six times as long.
+    let payload = vec![1u8; PAYLOAD];
+    for _ in 0..40 {
+        bus.publish("flood", payload.clone()).await?;
+        tokio::task::yield_now().await;
+    }
+    // The browser reads nothing meanwhile; once the socket's buffers are
+    // full, every forwarder waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let peak = server.queued_bytes_peak();
+    // What is queued is at most the bound: room is taken from an upper
+    // bound of each frame's size before the frame exists.
+    assert!(peak <= BOUND, "{peak} bytes queued, over {BOUND}");
+    assert!(peak > 0, "something was queued");
+    // And the browser, reading again, gets the payload as base64.
+    let msg = client.frame_with_op("msg").await?;
+    use base64::Engine as _;
+    let expected = base64::engine::general_purpose::STANDARD.encode(&payload);
+    assert_eq!(msg["data64"], expected.as_str());
+    assert!(msg.get("data").is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upgrade_from_an_origin_not_allowed_gets_403() -> Result<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let config = GatewayConfig::default().with_allowed_origins(["https://app.example.com"]);
+    let (_bus, server) = open_gateway(config).await?;
+    let with_origin = |origin: &str| -> Result<_> {
+        let mut request = server.url().into_client_request()?;
+        request.headers_mut().insert("origin", origin.parse()?);
+        Ok(request)
+    };
+    let refused = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async(with_origin("https://evil.example.com")?),
+    )
+    .await?;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => anyhow::bail!("expected 403, got {other:?}"),
+    }
+    assert_eq!(server.connections(), 0);
+    // The listed origin (in any case), and a client that sends none.
+    for origin in ["https://app.example.com", "HTTPS://APP.example.com"] {
+        let (mut ws, _) =
+            tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(with_origin(origin)?))
+                .await??;
+        ws.send(Message::text(r#"{"op":"connect"}"#)).await?;
+        let mut client = Client { ws };
+        assert_eq!(client.frame().await?["op"], "connected");
+    }
+    connected(&server.url()).await?.still_open().await?;
+
+    // Without a list, any origin.
+    let (_bus, open) = open_gateway(GatewayConfig::default()).await?;
+    let mut request = open.url().into_client_request()?;
+    request
+        .headers_mut()
+        .insert("origin", "https://anywhere.example".parse()?);
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request)).await??;
+    Ok(())
+}
+
+/// Two listeners of one gateway: shutting one down leaves the other's
+/// connections (and accepting) alone.
+#[tokio::test]
+async fn shutting_down_one_listener_leaves_the_others_running() -> Result<()> {
+    let bus = Bus::new();
+    let gateway = Gateway::new(bus.clone(), GatewayConfig::default());
+    let first = serve_same(&gateway).await?;
+    let second = serve_same(&gateway).await?;
+    let mut on_first = connected(&first.url()).await?;
+    let mut on_second = connected(&second.url()).await?;
+    on_second.subscribe("s", "news", None).await?;
+    let url = first.url();
+    tokio::time::timeout(WAIT, first.shutdown(Duration::from_secs(5))).await?;
+    on_first.closed_with(1001).await?;
+    assert!(open(&url).await.is_err(), "the first stopped listening");
+    on_second.still_open().await?;
+    bus.publish("news", "still here").await?;
+    assert_eq!(on_second.frame().await?["data"], "still here");
+    connected(&second.url()).await?.still_open().await?;
+    assert_eq!(second.connections(), 2);
+    Ok(())
+}
+
+async fn serve_same(gateway: &Gateway) -> Result<WebServer> {
+    Ok(gateway.bind("127.0.0.1:0", None).await?)
+}
+
+/// A frame that is not valid as a whole still has its id read for the
+/// error; deep nesting in an unknown field is skipped, not built; an
+/// over-long sid is not echoed.
+#[tokio::test]
+async fn bad_frames_keep_their_id_and_nesting_costs_nothing() -> Result<()> {
+    let (_bus, server) = open_gateway(GatewayConfig::default()).await?;
+    let mut client = connected(&server.url()).await?;
+    client
+        .send_text(r#"{"op":"pub","id":5,"subject":"a.b","data":"\ud800"}"#.into())
+        .await?;
+    assert_eq!(
+        client.error("InvalidInput").await?["id"],
+        5,
+        "a lone surrogate"
+    );
+    let deep = format!(
+        r#"{{"op":"ping","id":6,"x":{}{}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    client.send_text(deep).await?;
+    // Skipped (serde_json skips without recursing or building anything).
+    assert_eq!(client.frame().await?, json!({"op": "pong", "id": 6}));
+    client
+        .send(json!({"op": "sub", "id": 7, "sid": "x".repeat(65), "subject": "a.b"}))
+        .await?;
+    let err = client.error("InvalidInput").await?;
+    assert_eq!(err["id"], 7);
+    assert!(err.get("sid").is_none(), "{err}");
+    client.still_open().await?;
+    Ok(())
+}
+
+#[test]
+fn no_configured_value_panics() {
+    let config = GatewayConfig::default()
+        .with_request_timeouts(Duration::ZERO, Duration::ZERO)
+        .with_outbound(usize::MAX, usize::MAX);
+    assert_eq!(config.max_request_timeout, Duration::from_millis(1));
+    assert_eq!(config.default_request_timeout, Duration::from_millis(1));
+}
+
+/// Timeouts that overflow an `Instant` and a zero request ceiling set on
+/// the public fields directly still work.
+#[tokio::test]
+async fn huge_timeouts_and_a_zero_request_ceiling_do_not_panic() -> Result<()> {
+    let mut config = GatewayConfig::default()
+        .with_connect_timeout(Duration::MAX)
+        .with_write_timeout(Duration::MAX);
+    config.max_request_timeout = Duration::ZERO;
+    config.outbound_bytes = usize::MAX;
+    let (bus, server) = open_gateway(config).await?;
+    let _silent = bus
+        .subscribe("svc.silent", SubscribeOptions::default())
+        .await?;
+    let mut client = connected(&server.url()).await?;
+    client
+        .send(json!({"op": "req", "id": 1, "subject": "svc.silent"}))
+        .await?;
+    client.error("TimedOut").await?;
+    client.still_open().await?;
+    server.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
