@@ -23,7 +23,13 @@
 //!   ids it sends. A browser that does not read loses messages to its
 //!   subscriptions' slow-consumer policy (counted, and told once per burst
 //!   as a `Busy` error), never the broker's memory.
-//! - [`WebServer::shutdown`] closes every connection with 1001.
+//! - Requests go out at once, in order with the connection's publishes,
+//!   to an inbox of the connection's own (random, never shown in a `reply`
+//!   frame, and closed to other browsers' subscriptions).
+//! - [`GatewayConfig::allowed_origins`] lists the pages' origins that may
+//!   connect (HTTP 403 for others; by default any).
+//! - [`WebServer::shutdown`] closes that listener's connections with 1001
+//!   (the gateway's other listeners go on).
 //!
 //! The courier-broker crate starts a gateway for every `ws://` or `wss://`
 //! listen address (`courier serve --listen ws://127.0.0.1:7880`).
