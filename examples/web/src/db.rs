@@ -14,6 +14,15 @@ use crate::model::{Ticket, MAX_RESULTS};
 /// failing with "database is locked".
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long opening a database keeps retrying `PRAGMA journal_mode = WAL`
+/// while another process holds the file: switching to WAL upgrades a read
+/// transaction to a write, for which SQLite never calls the busy handler,
+/// so [`BUSY_TIMEOUT`] does not cover it.
+pub const WAL_SWITCH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The pause between two tries of the WAL switch.
+const WAL_SWITCH_PAUSE: Duration = Duration::from_millis(10);
+
 /// Where the database is, from `--database` / `DATABASE_URL`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DatabaseUrl {
@@ -38,9 +47,31 @@ pub enum DbError {
         /// The URL given.
         url: String,
     },
+    /// The URL has a `%` escape, which is not decoded.
+    #[error("database URL {url:?} has a %-escape: write the path's characters as they are")]
+    PercentEscape {
+        /// The URL given.
+        url: String,
+    },
     /// SQLite failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+}
+
+impl DbError {
+    /// Whether the error may pass by itself (another process holds the
+    /// lock, the disk is full or failing for now): worth trying again
+    /// later rather than giving the work up.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        match self {
+            DbError::Sqlite(rusqlite::Error::SqliteFailure(err, _)) => matches!(
+                err.code,
+                DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | CannotOpen
+            ),
+            _ => false,
+        }
+    }
 }
 
 impl std::str::FromStr for DatabaseUrl {
@@ -48,11 +79,16 @@ impl std::str::FromStr for DatabaseUrl {
 
     /// `sqlite:///abs/path.db` (an absolute path), `sqlite://rel.db` or
     /// `sqlite:rel.db` (relative to the working directory),
-    /// `sqlite::memory:`.
+    /// `sqlite::memory:`. The scheme is case-insensitive (`SQLITE:` too);
+    /// a `%` escape is refused rather than taken literally or guessed at.
     fn from_str(url: &str) -> Result<DatabaseUrl, DbError> {
-        let Some(rest) = url.strip_prefix("sqlite:") else {
-            return Err(DbError::UnsupportedScheme { url: url.into() });
+        let rest = match url.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("sqlite:") => &url[7..],
+            _ => return Err(DbError::UnsupportedScheme { url: url.into() }),
         };
+        if rest.contains('%') {
+            return Err(DbError::PercentEscape { url: url.into() });
+        }
         if rest == ":memory:" || rest == "//:memory:" {
             return Ok(DatabaseUrl::SqliteMemory);
         }
@@ -176,10 +212,16 @@ impl Db {
             DatabaseUrl::SqliteMemory => Connection::open_in_memory()?,
         };
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        // WAL: readers never wait for the writer, and a crash mid-write
-        // loses nothing committed. (In memory it stays "memory"; fine.)
-        let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
+        // WAL: readers never wait for the writer. (In memory it stays
+        // "memory"; fine.)
+        let mode = switch_to_wal(&conn, WAL_SWITCH_DEADLINE)?;
+        if mode != "wal" && !matches!(url, DatabaseUrl::SqliteMemory) {
+            tracing::warn!(%mode, "the database is not in WAL mode; readers will wait for writers");
+        }
+        // FULL, not NORMAL: in WAL, NORMAL may lose the last commits on a
+        // power cut, and the worker acknowledges a write right after its
+        // commit, so a lost commit would be a lost ticket.
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         let mut db = Db { conn };
         db.migrate_and_seed()?;
         Ok(db)
@@ -269,6 +311,27 @@ impl Db {
             .conn
             .query_row("SELECT COUNT(*) FROM tickets", [], |row| row.get(0))?;
         Ok(n.max(0) as u64)
+    }
+}
+
+/// Sets WAL mode, retrying while another connection holds the file (see
+/// [`WAL_SWITCH_DEADLINE`]) until `deadline` from now; returns the mode
+/// SQLite reports.
+fn switch_to_wal(conn: &Connection, deadline: Duration) -> Result<String, DbError> {
+    let give_up = std::time::Instant::now() + deadline;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get::<_, String>(0)) {
+            Ok(mode) => return Ok(mode.to_ascii_lowercase()),
+            Err(rusqlite::Error::SqliteFailure(err, _))
+                if matches!(
+                    err.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < give_up =>
+            {
+                std::thread::sleep(WAL_SWITCH_PAUSE);
+            }
+            Err(err) => return Err(err.into()),
+        }
     }
 }
 
@@ -362,6 +425,42 @@ mod tests {
             parse("sqlite:x.db?mode=ro"),
             Err(DbError::NoPath { .. })
         ));
+        assert_eq!(
+            parse("SQLite:///tmp/t.db").unwrap(),
+            DatabaseUrl::Sqlite("/tmp/t.db".into())
+        );
+        assert!(matches!(
+            parse("sqlite:///tmp/my%20db.db"),
+            Err(DbError::PercentEscape { .. })
+        ));
+        assert!(matches!(parse("sqlit"), Err(DbError::UnsupportedScheme { .. })));
+    }
+
+    #[test]
+    fn a_locked_database_is_a_transient_error() {
+        let temp = TempDb::new("locked");
+        let db = Db::open(&temp.url()).unwrap();
+        let holder = Db::open(&temp.url()).unwrap();
+        holder.conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        db.conn.busy_timeout(Duration::from_millis(10)).unwrap();
+        let err = db.insert(&ticket("t-9", "x", 1)).unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        holder.conn.execute_batch("ROLLBACK").unwrap();
+        assert!(db.insert(&ticket("t-9", "x", 1)).unwrap());
+        let bad = DbError::NoPath { url: "x".into() };
+        assert!(!bad.is_transient());
+    }
+
+    #[test]
+    fn a_fresh_database_is_durable_on_commit() {
+        let temp = TempDb::new("sync");
+        let db = Db::open(&temp.url()).unwrap();
+        // 2 = FULL.
+        let sync: i64 = db
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2);
     }
 
     #[test]
@@ -386,6 +485,20 @@ mod tests {
     fn two_processes_seeding_at_once_insert_each_row_once() {
         let temp = TempDb::new("race");
         let url = temp.url();
+        // Repeated on fresh files: the WAL switch's lock race is rare.
+        for round in 0..10 {
+            let _ = std::fs::remove_file(url_path(&url));
+            let _ = std::fs::remove_file(url_path(&url).with_extension("db-wal"));
+            let _ = std::fs::remove_file(url_path(&url).with_extension("db-shm"));
+            open_together(&url, round);
+        }
+    }
+
+    fn url_path(url: &DatabaseUrl) -> PathBuf {
+        Db::path(url).unwrap().to_path_buf()
+    }
+
+    fn open_together(url: &DatabaseUrl, round: usize) {
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let url = url.clone();
@@ -393,7 +506,8 @@ mod tests {
             })
             .collect();
         for t in threads {
-            assert_eq!(t.join().unwrap().unwrap(), SEED.len() as u64);
+            let count = t.join().unwrap();
+            assert_eq!(count.unwrap(), SEED.len() as u64, "round {round}");
         }
     }
 

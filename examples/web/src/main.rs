@@ -125,8 +125,17 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The service's and worker's database: a file, never `sqlite::memory:`,
+/// which would give each process a private database of its own (the
+/// worker's writes would never show in the service's reads).
 fn parse_database(url: &str) -> anyhow::Result<DatabaseUrl> {
-    Ok(url.parse::<DatabaseUrl>()?)
+    match url.parse::<DatabaseUrl>()? {
+        DatabaseUrl::SqliteMemory => anyhow::bail!(
+            "{url:?} is a private in-memory database per process: the service and the worker \
+             must share one file (e.g. sqlite:///tmp/tickets.db)"
+        ),
+        file => Ok(file),
+    }
 }
 
 /// SIGINT or SIGTERM, whichever comes first.
@@ -184,6 +193,8 @@ mod tests {
         assert_eq!(broker.to_string(), "tcp://127.0.0.1:7878");
         assert!(parse_database(&database).is_ok());
         assert!(parse_database("mysql://x").is_err());
+        let memory = parse_database("sqlite::memory:").unwrap_err();
+        assert!(memory.to_string().contains("share one file"), "{memory}");
         let cli = Cli::try_parse_from(["x", "gateway", "--listen", "127.0.0.1:0"]).unwrap();
         assert!(matches!(cli.role, Role::Gateway { listen, .. } if listen.port() == 0));
     }

@@ -13,7 +13,7 @@ use courier_pubsub::remote::{Address, ClientConfig, RemotePubSub, RemotePublishe
 use courier_queue::remote::RemoteQueue;
 use courier_queue::{ErrorKind, QueueDeclaration, TypedQueue};
 
-use crate::db::{DatabaseUrl, Db};
+use crate::db::{DatabaseUrl, Db, DbError};
 use crate::model::{validate_id, NewTicket, TicketWrite, CHANGES_SUBJECT, WRITES_QUEUE};
 use crate::Shutdown;
 
@@ -23,6 +23,14 @@ pub const PREFETCH: u32 = 16;
 pub const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Pause before making a new consumer after the broker ended one.
 pub const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// The first pause before storing a write again after a transient
+/// database error (busy, locked, I/O, disk full); doubled each try.
+pub const TRANSIENT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest pause between two tries of one write.
+pub const TRANSIENT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How far a held write's lease is extended on each try, so that a long
+/// outage neither hands it to someone else nor uses up its deliveries.
+pub const LEASE_EXTENSION: Duration = Duration::from_secs(30);
 /// Deliveries of one write before it goes to `tickets.writes.dlq`.
 pub const MAX_DELIVERIES: u32 = 5;
 
@@ -103,23 +111,56 @@ pub async fn run(broker: Address, url: DatabaseUrl, mut shutdown: Shutdown) -> a
                 continue;
             }
         };
-        let stored = {
-            let (db, ticket) = (db.clone(), ticket.clone());
-            tokio::task::spawn_blocking(move || {
-                let db = db.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                db.insert(&ticket)
-            })
-            .await
+        // An accepted write (the page was told 202) is only given up if it
+        // is poison (above) or the database refuses it for good: while the
+        // database is busy, locked, full or failing I/O, the write is held,
+        // its lease extended, and stored again after a backoff.
+        let mut pause = TRANSIENT_BACKOFF_MIN;
+        let stored = loop {
+            let stored = {
+                let (db, ticket) = (db.clone(), ticket.clone());
+                tokio::task::spawn_blocking(move || {
+                    let db = db.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let new = db.insert(&ticket)?;
+                    // A write whose id is stored already (a redelivery, or
+                    // someone reusing an id) announces the stored row, not
+                    // the payload: the pages show what the database holds.
+                    let shown = if new { None } else { db.get(&ticket.id)? };
+                    Ok::<_, DbError>((new, shown))
+                })
+                .await
+            };
+            match stored {
+                Ok(Err(err)) if err.is_transient() => {
+                    tracing::warn!(%err, id = %ticket.id, ?pause, "database unavailable; holding the write");
+                    if let Err(err) = delivery.extend(LEASE_EXTENSION).await {
+                        tracing::warn!(%err, id = %ticket.id, "cannot extend the lease");
+                    }
+                    tokio::select! {
+                        () = shutdown.wait() => break None,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(TRANSIENT_BACKOFF_MAX);
+                }
+                other => break Some(other),
+            }
+        };
+        let Some(stored) = stored else {
+            // Shutting down while the database is away: dropping the
+            // delivery gives the write back for the next worker.
+            drop(delivery);
+            break;
         };
         match stored {
-            Ok(Ok(new)) => {
+            Ok(Ok((new, shown))) => {
                 // Acknowledged only now that the row is committed.
                 if let Err(err) = delivery.ack().await {
                     tracing::warn!(%err, id = %ticket.id, "stored, but the ack failed; it will be redelivered");
                     continue;
                 }
                 tracing::info!(id = %ticket.id, new, "stored");
-                announce(&publisher, &ticket).await;
+                let shown = shown.unwrap_or(ticket);
+                announce(&publisher, &shown).await;
             }
             Ok(Err(err)) => {
                 tracing::error!(%err, id = %ticket.id, "insert failed; retrying later");
