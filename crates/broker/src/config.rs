@@ -8,8 +8,19 @@
 //! listen = ["tcp://127.0.0.1:7878", "unix:///run/courier.sock", "ws://127.0.0.1:7880"]
 //! # Queues, durable subscriptions and their registry.
 //! data_dir = "/var/lib/courier"
-//! # Prometheus text endpoint over HTTP ("" turns it off).
+//! # HTTP endpoint: dashboard at /, JSON at /api/stats, Prometheus text at
+//! # /metrics ("" turns it off).
 //! metrics = "127.0.0.1:7879"
+//! # Its connections at once (more are closed as they arrive), and the time
+//! # each has to send its request and be answered.
+//! metrics_max_connections = 32
+//! metrics_request_timeout_ms = 5000
+//! # Pages (origins: scheme, host, port) whose scripts may open a browser
+//! # WebSocket (ws://, wss://); others get HTTP 403. Empty (the default):
+//! # any page, including other websites' in a user's browser, so list your
+//! # pages when the gateway is reachable from browsers without tokens. As
+//! # COURIER_WEB_ALLOWED_ORIGINS, a comma-separated list.
+//! web_allowed_origins = ["https://app.example.com", "http://localhost:8080"]
 //! # "always" (fsync before acknowledging), "interval", or "never".
 //! fsync = "always"
 //! fsync_interval_ms = 5
@@ -166,10 +177,40 @@ pub struct BrokerConfig {
     pub max_buffered_bytes: usize,
     /// Bytes buffered for one subscription. Default 64 MiB.
     pub max_subscription_bytes: usize,
+    /// Connections the HTTP endpoint serves at once. Default 32
+    /// ([`metrics::MAX_CONNECTIONS`](crate::metrics::MAX_CONNECTIONS)).
+    pub metrics_max_connections: usize,
+    /// Time the HTTP endpoint gives a request head, and the whole
+    /// exchange. Default 5,000.
+    pub metrics_request_timeout_ms: u64,
+    /// Origins whose pages may open a browser WebSocket (exact, as
+    /// `https://app.example.com`); empty for any. In the environment, a
+    /// comma-separated list. Default empty.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub web_allowed_origins: Vec<String>,
     /// Who may connect and do what.
     pub auth: crate::auth::AuthConfig,
     /// Cluster membership; `None` for a single broker (no Raft at all).
     pub cluster: Option<ClusterSection>,
+}
+
+/// An origin as browsers send it: `scheme://host` or `scheme://host:port`,
+/// nothing after (a path or a trailing `/` would never match).
+fn check_origin(origin: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return Err("expected an origin such as https://app.example.com".into());
+    };
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    {
+        return Err("not a scheme".into());
+    }
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ', '@']) {
+        return Err("an origin is scheme://host[:port], with no path".into());
+    }
+    Ok(())
 }
 
 /// The data directory used when none is configured.
@@ -212,10 +253,37 @@ impl Default for BrokerConfig {
             max_queue_depth: queue.max_depth,
             max_buffered_bytes: bus.max_buffered_bytes,
             max_subscription_bytes: bus.max_subscription_bytes,
+            metrics_max_connections: crate::metrics::MAX_CONNECTIONS,
+            metrics_request_timeout_ms: crate::metrics::REQUEST_TIMEOUT.as_millis() as u64,
+            web_allowed_origins: Vec::new(),
             auth: Default::default(),
             cluster: None,
         }
     }
+}
+
+/// A list of strings, or one string of comma-separated items (as a
+/// `COURIER_*` variable gives it).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Commas(String),
+    }
+    Ok(
+        match <Either as serde::Deserialize>::deserialize(deserializer)? {
+            Either::List(list) => list,
+            Either::Commas(text) => text
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(String::from)
+                .collect(),
+        },
+    )
 }
 
 /// The `[cluster]` section: see the module docs.
@@ -451,7 +519,22 @@ impl BrokerConfig {
                 tls,
             });
         }
+        for origin in &self.web_allowed_origins {
+            check_origin(origin).map_err(|reason| ConfigError::Invalid {
+                key: "web_allowed_origins",
+                reason: format!("{origin:?}: {reason}"),
+            })?;
+        }
         Ok(found)
+    }
+
+    /// The HTTP endpoint's limits.
+    pub fn metrics_limits(&self) -> crate::metrics::EndpointLimits {
+        crate::metrics::EndpointLimits::default()
+            .with_max_connections(self.metrics_max_connections)
+            .with_request_timeout(Duration::from_millis(
+                self.metrics_request_timeout_ms.max(1),
+            ))
     }
 
     /// The gateway's limits, from the broker's: its connection limit and
@@ -465,6 +548,7 @@ impl BrokerConfig {
             .with_max_payload((self.max_frame_size / 4).max(1))
             .with_connect_timeout(Duration::from_millis(self.handshake_timeout_ms.max(1)))
             .with_idle_timeout(idle)
+            .with_allowed_origins(self.web_allowed_origins.iter().cloned())
     }
 
     /// TLS for `wss://` listen addresses, if there are any (then `tls_cert`

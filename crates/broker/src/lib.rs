@@ -13,11 +13,14 @@
 //!   instance each, in turn. An instance that dies loses its subscription
 //!   with its connection, so requests fail over to the others.
 //! - **Stats**: [`BrokerService::stats`] over RPC (what `courier stats`
-//!   shows), and the same as Prometheus text over HTTP ([`metrics`]).
-//! - **Browsers**: a `ws://HOST:PORT` or `wss://HOST:PORT` listen address
-//!   starts a courier-web gateway there over the same bus, with the same
-//!   `[auth]` tokens and permissions, durable subscriptions and counters
-//!   ([`Broker::web_addresses`], [`BrokerStats::web_connections`]).
+//!   shows), and over HTTP ([`metrics`]): a live dashboard at `/`, JSON at
+//!   `/api/stats`, Prometheus text at `/metrics`.
+//! - **Browsers** (`ws://`, `wss://`): a `ws://HOST:PORT` or
+//!   `wss://HOST:PORT` listen address starts a courier-web gateway there
+//!   over the same bus, with the same `[auth]` tokens and permissions,
+//!   durable subscriptions and counters, for the pages of
+//!   `web_allowed_origins` (any, by default) ([`Broker::web_addresses`],
+//!   [`BrokerStats::web_connections`]).
 //!
 //! [`Broker::shutdown`] stops accepting, lets calls in flight finish within
 //! the grace period, then closes the queues (their logs flush and fsync).
@@ -334,14 +337,19 @@ impl Broker {
             cluster,
             web,
         });
+        let metrics_limits = config.metrics_limits();
         let metrics = match metrics_address {
             Some(address) => Some(
-                metrics::Endpoint::start(address, state.clone())
-                    .await
-                    .map_err(|err| BrokerError::Bind {
-                        address: address.to_string(),
-                        reason: err.to_string(),
-                    })?,
+                // `start` is `start_with` the defaults.
+                if metrics_limits == metrics::EndpointLimits::default() {
+                    metrics::Endpoint::start(address, state.clone()).await
+                } else {
+                    metrics::Endpoint::start_with(address, state.clone(), metrics_limits).await
+                }
+                .map_err(|err| BrokerError::Bind {
+                    address: address.to_string(),
+                    reason: err.to_string(),
+                })?,
             ),
             None => None,
         };
@@ -472,15 +480,17 @@ impl Broker {
                 }
             }
         };
-        // Browsers get 1001 (going away) and the same grace, meanwhile.
-        // Every web server shares one gateway: the first closes them all.
+        // Browsers get 1001 (going away) and the same grace, meanwhile;
+        // each web server closes its own listener's connections.
+        // Together, so several listeners take one grace period, not one each.
         let browsers = async {
+            let mut stopping = tokio::task::JoinSet::new();
             for web in self.web {
-                if tokio::time::timeout(bound, web.shutdown(grace))
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(?bound, "the browser gateway did not stop in time");
+                stopping.spawn(tokio::time::timeout(bound, web.shutdown(grace)));
+            }
+            while let Some(stopped) = stopping.join_next().await {
+                if !matches!(stopped, Ok(Ok(()))) {
+                    tracing::warn!(?bound, "a browser listener did not stop in time");
                 }
             }
         };

@@ -267,3 +267,73 @@ async fn a_broker_may_serve_browsers_only() -> Result<()> {
     broker.shutdown().await;
     Ok(())
 }
+
+/// `web_allowed_origins`: an upgrade from a page of another origin gets
+/// HTTP 403; a listed one (and a client without `Origin`) gets in. The
+/// comma-separated form (`COURIER_WEB_ALLOWED_ORIGINS`) and a malformed
+/// origin are checked too.
+#[tokio::test]
+async fn only_the_allowed_origins_may_open_a_browser_connection() -> Result<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let dir = TempDir::new("broker-web-origins");
+    let mut config = BrokerConfig::parse(
+        r#"
+        listen = ["ws://127.0.0.1:0"]
+        metrics = "127.0.0.1:0"
+        metrics_max_connections = 4
+        metrics_request_timeout_ms = 2000
+        web_allowed_origins = ["https://app.example.com"]
+        "#,
+    )
+    .map_err(anyhow::Error::msg)?;
+    config.data_dir = dir.0.join("data");
+    assert_eq!(config.metrics_limits().max_connections, 4);
+    assert_eq!(
+        config.metrics_limits().request_timeout,
+        Duration::from_secs(2)
+    );
+    let broker = Broker::start(config).await?;
+    let url = broker.web_addresses()[0].clone();
+    let with_origin = |origin: &str| -> Result<_> {
+        let mut request = url.as_str().into_client_request()?;
+        request.headers_mut().insert("origin", origin.parse()?);
+        Ok(request)
+    };
+    match tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async(with_origin("https://evil.example.com")?),
+    )
+    .await?
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => bail!("expected 403, got {other:?}"),
+    }
+    tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async(with_origin("https://app.example.com")?),
+    )
+    .await??;
+    let (_ws, hello) = browser(&url, None).await?;
+    assert_eq!(hello["op"], "connected", "no Origin: not a browser");
+    broker.shutdown().await;
+
+    let listed =
+        BrokerConfig::parse(r#"web_allowed_origins = "https://a.example, http://b.example:8080""#)
+            .map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        listed.web_allowed_origins,
+        ["https://a.example", "http://b.example:8080"]
+    );
+    assert_eq!(
+        listed.web_config().allowed_origins,
+        ["https://a.example", "http://b.example:8080"]
+    );
+    let mut bad = BrokerConfig::parse(r#"web_allowed_origins = ["https://a.example/app"]"#)
+        .map_err(anyhow::Error::msg)?;
+    bad.listen = vec!["ws://127.0.0.1:0".into()];
+    let err = bad.web_listen().unwrap_err().to_string();
+    assert!(err.contains("web_allowed_origins"), "{err}");
+    Ok(())
+}
