@@ -320,7 +320,9 @@ impl Db {
 fn switch_to_wal(conn: &Connection, deadline: Duration) -> Result<String, DbError> {
     let give_up = std::time::Instant::now() + deadline;
     loop {
-        match conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get::<_, String>(0)) {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |row| {
+            row.get::<_, String>(0)
+        }) {
             Ok(mode) => return Ok(mode.to_ascii_lowercase()),
             Err(rusqlite::Error::SqliteFailure(err, _))
                 if matches!(
@@ -433,7 +435,10 @@ mod tests {
             parse("sqlite:///tmp/my%20db.db"),
             Err(DbError::PercentEscape { .. })
         ));
-        assert!(matches!(parse("sqlit"), Err(DbError::UnsupportedScheme { .. })));
+        assert!(matches!(
+            parse("sqlit"),
+            Err(DbError::UnsupportedScheme { .. })
+        ));
     }
 
     #[test]

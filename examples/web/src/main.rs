@@ -34,6 +34,12 @@ struct Cli {
     /// Log level on stderr: error, warn, info, debug or trace.
     #[arg(long, global = true, env = "COURIER_LOG", default_value = "info")]
     log: tracing::Level,
+    /// Shut down (as on SIGTERM) when stdin reaches end of file: a parent
+    /// that holds this process's stdin as a pipe stops it just by exiting,
+    /// even when killed with SIGKILL (used by `cargo xtask demo web` and
+    /// the browser tests, so nothing outlives them holding ports).
+    #[arg(long, global = true)]
+    exit_with_parent: bool,
     #[command(subcommand)]
     role: Role,
 }
@@ -95,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         // Installed before anything is ready, so a signal sent the moment
         // a ready line appears is not lost.
-        let shutdown = Shutdown::install()?;
+        let shutdown = Shutdown::install(cli.exit_with_parent)?;
         match cli.role {
             Role::Gateway {
                 broker,
@@ -138,19 +144,43 @@ fn parse_database(url: &str) -> anyhow::Result<DatabaseUrl> {
     }
 }
 
-/// SIGINT or SIGTERM, whichever comes first.
+/// SIGINT, SIGTERM or (with `--exit-with-parent`) stdin's end, whichever
+/// comes first.
 #[derive(Debug)]
 pub struct Shutdown {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    /// Becomes `true` when stdin ends; never, without the flag.
+    parent_gone: tokio::sync::watch::Receiver<bool>,
+    /// Without the flag, the sender, held so the channel never closes
+    /// (a closed channel would end `wait` at once).
+    _never: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Shutdown {
-    fn install() -> anyhow::Result<Shutdown> {
+    fn install(exit_with_parent: bool) -> anyhow::Result<Shutdown> {
         use tokio::signal::unix::{signal, SignalKind};
+        let (gone, parent_gone) = tokio::sync::watch::channel(false);
+        let mut never = None;
+        if exit_with_parent {
+            // A plain thread: stdin is read blocking, and whatever the
+            // parent writes is ignored (read in small chunks, so nothing
+            // is kept).
+            std::thread::Builder::new()
+                .name("parent-watch".into())
+                .spawn(move || {
+                    watch_stdin(std::io::stdin().lock());
+                    let _ = gone.send(true);
+                })
+                .context("cannot watch stdin")?;
+        } else {
+            never = Some(gone);
+        }
         Ok(Shutdown {
             interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
             terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            parent_gone,
+            _never: never,
         })
     }
 
@@ -159,6 +189,23 @@ impl Shutdown {
         tokio::select! {
             _ = self.interrupt.recv() => tracing::info!("SIGINT: shutting down"),
             _ = self.terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.parent_gone.wait_for(|gone| *gone) => {
+                tracing::info!("stdin closed (the parent is gone): shutting down");
+            }
+        }
+    }
+}
+
+/// Reads `input` until its end (or an error, which means the same: no one
+/// holds the other end usefully any more).
+fn watch_stdin(mut input: impl std::io::Read) {
+    let mut chunk = [0u8; 256];
+    loop {
+        match input.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }
@@ -182,6 +229,20 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watching_stdin_returns_at_its_end() {
+        watch_stdin(&b"anything the parent writes"[..]);
+        let cli = Cli::try_parse_from([
+            "x",
+            "worker",
+            "--database",
+            "sqlite:t.db",
+            "--exit-with-parent",
+        ])
+        .unwrap();
+        assert!(cli.exit_with_parent);
+    }
 
     #[test]
     fn roles_parse_with_their_defaults() {
