@@ -1039,3 +1039,78 @@ async fn huge_timeouts_and_a_zero_request_ceiling_do_not_panic() -> Result<()> {
     server.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
+
+/// Fills a browser's socket: it subscribes, then reads nothing while the
+/// bus sends it far more than the socket's buffers hold.
+async fn stalled(
+    bus: &Bus,
+    server: &WebServer,
+) -> Result<Client<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    let mut client = connected(&server.url()).await?;
+    client.subscribe("s", "flood", None).await?;
+    let payload = vec![b'x'; 64 << 10];
+    for _ in 0..1_000 {
+        bus.publish("flood", payload.clone()).await?;
+        tokio::task::yield_now().await;
+    }
+    Ok(client)
+}
+
+/// A browser that stopped reading is dropped after the write timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_that_stops_reading_is_dropped_after_the_write_timeout() -> Result<()> {
+    let config = GatewayConfig::default()
+        .with_max_payload(64 << 10)
+        .with_write_timeout(Duration::from_millis(300));
+    let (bus, server) = open_gateway(config).await?;
+    let _client = stalled(&bus, &server).await?;
+    eventually(
+        || server.connections() == 0,
+        "the stalled browser to be dropped",
+    )
+    .await?;
+    eventually(|| bus.subscriptions() == 0, "its subscription to leave").await?;
+    Ok(())
+}
+
+/// Shutdown's grace runs out on a browser whose close cannot be written
+/// (it reads nothing): it is dropped, and shutdown returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drops_what_does_not_close_within_the_grace() -> Result<()> {
+    let config = GatewayConfig::default().with_max_payload(64 << 10);
+    let (bus, server) = open_gateway(config).await?;
+    let _client = stalled(&bus, &server).await?;
+    assert_eq!(server.connections(), 1);
+    tokio::time::timeout(WAIT, server.shutdown(Duration::from_millis(200))).await?;
+    eventually(
+        || bus.subscriptions() == 0,
+        "the dropped browser's subscription to leave",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn too_many_headers_and_an_over_long_name_are_refused() -> Result<()> {
+    let (_bus, server) = open_gateway(GatewayConfig::default()).await?;
+    let mut client = connected(&server.url()).await?;
+    let many: serde_json::Map<String, serde_json::Value> =
+        (0..10_000).map(|i| (format!("h{i}"), json!("v"))).collect();
+    client
+        .send(json!({"op": "pub", "id": 1, "subject": "a.b", "headers": many}))
+        .await?;
+    assert_eq!(client.error("LimitExceeded").await?["id"], 1);
+    client
+        .send(json!({"op": "pub", "id": 2, "subject": "a.b", "headers": (0..8).map(|i| (format!("k{i}"), json!("v".repeat(1000)))).collect::<serde_json::Map<_, _>>()}))
+        .await?;
+    assert_eq!(client.error("LimitExceeded").await?["id"], 2);
+    client.still_open().await?;
+
+    let mut named = open(&server.url()).await?;
+    named
+        .send(json!({"op": "connect", "name": "n".repeat(65)}))
+        .await?;
+    named.error("InvalidInput").await?;
+    named.closed_with(1008).await?;
+    Ok(())
+}
