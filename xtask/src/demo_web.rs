@@ -9,10 +9,21 @@
 //! own, out of the terminal's reach; the gateway stays in the terminal's
 //! group (its own SIGINT handler replaces the inherited "ignore"), so
 //! Ctrl-C stops the gateway first. Seeing it exit, xtask stops the rest in
-//! order — SIGTERM to the worker and services, then SIGINT to the broker —
+//! order — SIGTERM to the worker and services, then to the broker —
 //! each within a bound (then SIGKILL), removes the data directory and
 //! exits 0. A service killed by hand (`kill <pid>`, as the demo suggests)
 //! is only reported: the other one answers.
+//!
+//! The gateway starts right after the broker, so a Ctrl-C while the
+//! worker and services start reaches it too: xtask, seeing it gone, stops
+//! what started and exits (a Ctrl-C during the broker's own start, which
+//! takes well under a second, waits for that).
+//!
+//! Nothing outlives xtask, even killed with SIGKILL or by a closed
+//! terminal: every child's stdin is a pipe whose writing end only xtask
+//! holds. The example's roles run with `--exit-with-parent` and shut down
+//! when it closes; `courier serve` has no such flag, so it runs under a
+//! small `sh` wrapper ([`PARENT_WATCH`]) that sends it SIGTERM then.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,6 +41,26 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of a log is shown when a process fails.
 const TAIL_BYTES: u64 = 4000;
+/// `sh -c PARENT_WATCH sh PROGRAM ARGS...`: runs the program, forwards
+/// SIGTERM to it, and sends it SIGTERM when stdin ends (xtask gone);
+/// exits with the program's status. SIGTERM, not SIGINT: the wrapper and
+/// its background job inherit xtask's ignored SIGINT, which sh cannot
+/// trap. Stdin is kept on fd 3 for the watcher, since a background
+/// command's stdin is /dev/null.
+const PARENT_WATCH: &str = r#"exec 3<&0
+"$@" 3<&- &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' TERM
+( cat <&3 >/dev/null 2>&1; kill -TERM "$pid" 2>/dev/null ) &
+watcher=$!
+exec 3<&- 0</dev/null
+status=0
+while kill -0 "$pid" 2>/dev/null; do
+  wait "$pid"
+  status=$?
+done
+kill "$watcher" 2>/dev/null
+exit "$status""#;
 /// How often the running demo looks at its processes.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -129,6 +160,8 @@ struct Proc {
     log: PathBuf,
     /// Whether it was stopped on purpose.
     stopping: bool,
+    /// Whether it leads a process group of its own (killed as a group).
+    own_group: bool,
 }
 
 impl Proc {
@@ -148,12 +181,7 @@ impl Drop for Demo {
     fn drop(&mut self) {
         // The app's processes first, the broker (the first started) last.
         while let Some(mut proc) = self.procs.pop() {
-            let signal = if self.procs.is_empty() {
-                "-INT"
-            } else {
-                "-TERM"
-            };
-            stop(&mut proc, signal);
+            stop(&mut proc, "-TERM");
         }
         if let Err(err) = std::fs::remove_dir_all(&self.dir) {
             eprintln!("cannot remove {}: {err}", self.dir.display());
@@ -184,6 +212,12 @@ fn stop(proc: &mut Proc, signal: &str) {
                     "{} did not stop within {STOP_TIMEOUT:?}; killing it",
                     proc.name
                 );
+                if proc.own_group {
+                    // The whole group: the broker's wrapper and the broker.
+                    let _ = Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{}", proc.pid())])
+                        .status();
+                }
                 let _ = proc.child.kill();
                 let _ = proc.child.wait();
                 return;
@@ -225,7 +259,9 @@ impl Demo {
             // `courier serve` refuses COURIER_* variables it does not know;
             // none of ours is meant for the children.
             .env_remove(STAGE_ENV)
-            .stdin(Stdio::null())
+            // Held by `child` (see the module docs): closed when xtask
+            // ends, however it ends.
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr);
         if own_group {
@@ -240,6 +276,7 @@ impl Demo {
             child,
             log: log.clone(),
             stopping: false,
+            own_group,
         });
         let (tx, rx) = mpsc::channel();
         let wanted = ready.to_string();
@@ -259,6 +296,17 @@ impl Demo {
         loop {
             if let Ok(line) = rx.recv_timeout(POLL) {
                 return Ok(line);
+            }
+            // Ctrl-C reached the gateway (started early for this): stop.
+            if let Some(gateway) = self
+                .procs
+                .iter_mut()
+                .find(|p| p.name == "gateway" && p.name != name)
+            {
+                if let Ok(Some(_)) = gateway.child.try_wait() {
+                    gateway.stopping = true;
+                    return Err(format!("interrupted while {name} was starting"));
+                }
             }
             let proc = self.procs.last_mut().expect("just pushed");
             if let Ok(Some(status)) = proc.child.try_wait() {
@@ -318,10 +366,15 @@ fn supervise(ports: Ports) -> Result<(), String> {
     let broker_data = broker_data.to_string_lossy();
 
     eprintln!("starting the broker ...");
+    let courier = courier.to_string_lossy();
     demo.start(
         "broker",
-        &courier,
+        Path::new("sh"),
         &[
+            "-c",
+            PARENT_WATCH,
+            "sh",
+            &courier,
             "serve",
             "--listen",
             &broker_url,
@@ -341,7 +394,26 @@ fn supervise(ports: Ports) -> Result<(), String> {
     ] {
         wait_accepting(SocketAddr::from(([127, 0, 0, 1], port)), what, &mut demo)?;
     }
+    eprintln!("starting the gateway (Ctrl-C stops the demo from here on) ...");
+    let http = format!("127.0.0.1:{}", ports.http);
+    let line = demo.start(
+        "gateway",
+        &app,
+        &[
+            "gateway",
+            "--exit-with-parent",
+            "--broker",
+            &broker_url,
+            "--ws-url",
+            &ws_url,
+            "--listen",
+            &http,
+        ],
+        "gateway listening on ",
+        false,
+    )?;
     let common = [
+        "--exit-with-parent",
         "--broker",
         broker_url.as_str(),
         "--database",
@@ -365,23 +437,6 @@ fn supervise(ports: Ports) -> Result<(), String> {
             true,
         )?;
     }
-    eprintln!("starting the gateway ...");
-    let http = format!("127.0.0.1:{}", ports.http);
-    let line = demo.start(
-        "gateway",
-        &app,
-        &[
-            "gateway",
-            "--broker",
-            &broker_url,
-            "--ws-url",
-            &ws_url,
-            "--listen",
-            &http,
-        ],
-        "gateway listening on ",
-        false,
-    )?;
     let url = line
         .trim_start_matches("gateway listening on ")
         .trim()
@@ -490,6 +545,51 @@ mod tests {
         assert!(parse(&args(&["--port", "65535"])).is_err());
         assert!(parse(&args(&["--http", "7879"])).is_err());
         assert!(parse(&args(&["--verbose"])).is_err());
+    }
+
+    /// The broker's wrapper stops its program when its stdin closes (xtask
+    /// gone), and on SIGTERM, and exits with the program's status.
+    #[test]
+    fn the_parent_watch_stops_its_program_when_stdin_closes() {
+        let start = |program: &str| {
+            Command::new("sh")
+                .args(["-c", PARENT_WATCH, "sh", "sh", "-c", program])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let wait = |child: &mut Child| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    return Some(status);
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        // `exec sleep`: SIGTERM kills it (no handler), so it exits at once.
+        let mut child = start("exec sleep 30");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(child.try_wait().unwrap().is_none(), "ended on its own");
+        drop(child.stdin.take());
+        let status = wait(&mut child).expect("still running after stdin closed");
+        assert!(!status.success(), "{status}");
+
+        let mut child = start("exec sleep 30");
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        assert!(wait(&mut child).is_some(), "SIGTERM was not forwarded");
+
+        // A program that ends by itself: its status, with stdin still open.
+        let mut child = start("exit 3");
+        let status = wait(&mut child).expect("did not exit with its program");
+        assert_eq!(status.code(), Some(3));
     }
 
     #[test]
