@@ -27,8 +27,10 @@ pub(crate) const LONGEST_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600
 pub const MAX_NAME_LEN: usize = 64;
 
 /// The frame limit for a payload limit: base64 makes a payload 4/3 as
-/// large, JSON escapes can double text; so twice the payload, plus room for
-/// the subject, headers and the rest of the object.
+/// large, and a client is expected to send text as `data` only while JSON
+/// escaping at most doubles it (courier.js sends `data64` past that: text
+/// of control characters escapes to six times its size); so twice the
+/// payload, plus room for the subject, headers and the rest of the object.
 pub fn frame_limit_for(max_payload: usize) -> usize {
     max_payload.saturating_mul(2).saturating_add(64 << 10)
 }

@@ -464,4 +464,59 @@ mod tests {
         assert_eq!(value["headers"]["k"], "v");
         assert_eq!(value["reply"], "_inbox.1");
     }
+
+    #[test]
+    fn a_body_is_never_longer_than_its_estimate_and_escapes_go_as_base64() {
+        let mut headers = Headers::new();
+        headers.insert("quote", r#"say "hi" \ back"#).unwrap();
+        let payloads: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"tea".to_vec(),
+            "caf\u{e9} \u{1f375}".as_bytes().to_vec(),
+            b"\"\\\"\\".repeat(100),
+            vec![1u8; 1000],
+            vec![0xff, 0, 1, 2],
+            b"line\nline\ttab\r".repeat(50),
+        ];
+        for payload in payloads {
+            for headers in [Headers::new(), headers.clone()] {
+                let message = Message {
+                    subject: courier_pubsub::Subject::new("a.b").unwrap(),
+                    payload: Bytes::from(payload.clone()),
+                    publisher: 1,
+                    seq: 0,
+                    reply_to: None,
+                    headers,
+                };
+                let body = Body::of(&message);
+                let estimate = body.len();
+                let id = Value::from("i".repeat(MAX_NAME_LEN));
+                let text = Outbound::Reply { id: &id, body }.text();
+                // The gateway reserves 96 bytes for the rest of a reply.
+                assert!(text.len() <= 96 + estimate, "{text}");
+                // Never more than base64's 4/3 for the payload.
+                assert!(
+                    estimate <= 16 + base64_len(payload.len()) + 4096 * 2,
+                    "{text}"
+                );
+            }
+        }
+        let control = Message {
+            subject: courier_pubsub::Subject::new("a.b").unwrap(),
+            payload: Bytes::from(vec![1u8; 30]),
+            publisher: 1,
+            seq: 0,
+            reply_to: None,
+            headers: Headers::new(),
+        };
+        let id = Value::from(1);
+        let text = Outbound::Reply {
+            id: &id,
+            body: Body::of(&control),
+        }
+        .text();
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["data64"], "AQEB".repeat(10));
+        assert!(value.get("data").is_none());
+    }
 }
