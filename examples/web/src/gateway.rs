@@ -13,7 +13,6 @@
 //!
 //! Errors are JSON too: `{"error": "..."}` with 400, 404, 413, 503 or 500.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,6 +48,13 @@ pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
 pub const MAX_REQUEST_BODY: usize = 16 * 1024;
 /// How long connections in flight get once shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Connections served at once by default; past that a new connection is
+/// closed as soon as it is accepted (a browser opens about six per page).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// How long a client has to send a request's head by default, including
+/// an idle keep-alive connection's next one: a slow or silent client
+/// (slowloris) cannot hold a connection slot longer.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const APP_JS: &str = include_str!("../static/app.js");
@@ -65,6 +71,10 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// One read's timeout.
     pub request_timeout: Duration,
+    /// Connections served at once ([`DEFAULT_MAX_CONNECTIONS`]).
+    pub max_connections: usize,
+    /// Time to receive a request head ([`DEFAULT_HEADER_TIMEOUT`]).
+    pub header_timeout: Duration,
 }
 
 /// Shared by every handler.
@@ -97,22 +107,100 @@ pub async fn run(config: GatewayConfig, mut shutdown: Shutdown) -> anyhow::Resul
     let address = listener.local_addr()?;
     tracing::info!(broker = %config.broker, ws = %config.ws_url, "serving the tickets page");
     crate::announce(&format!("gateway listening on http://{address}"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .into_future(),
-    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let limits = ServeLimits {
+        max_connections: config.max_connections.max(1),
+        header_timeout: config.header_timeout,
+    };
+    let server = tokio::spawn(serve(listener, router(state), limits, stopped));
     shutdown.wait().await;
-    let _ = stop.send(());
+    let _ = stop.send(true);
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(Ok(result)) => result.context("the HTTP server failed")?,
+        Ok(Ok(())) => {}
         Ok(Err(err)) => return Err(anyhow::Error::new(err).context("the HTTP server task failed")),
         Err(_) => tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them"),
     }
     Ok(())
+}
+
+/// The HTTP server's limits.
+#[derive(Clone, Copy, Debug)]
+struct ServeLimits {
+    max_connections: usize,
+    header_timeout: Duration,
+}
+
+/// Accepts until `stop` turns true, at most `limits.max_connections` at
+/// once, then lets each connection finish its request in flight.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: ServeLimits,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper::server::conn::http1;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http = http1::Builder::new();
+    http.header_read_timeout(limits.header_timeout)
+        .timer(TokioTimer::new());
+    let http = Arc::new(http);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stopped(&mut stop) => break,
+            accepted = listener.accept() => accepted,
+            // Reaped as they end, so the set is as small as what is open.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of descriptors, say: do not spin.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(
+                "{} connections open; closing a new one",
+                limits.max_connections
+            );
+            continue; // Closed by the drop.
+        };
+        let (http, service, mut stop) = (
+            http.clone(),
+            TowerToHyperService::new(router.clone()),
+            stop.clone(),
+        );
+        connections.spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let outcome = tokio::select! {
+                outcome = connection.as_mut() => outcome,
+                () = stopped(&mut stop) => {
+                    // Finish the request in flight, take no other.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = outcome {
+                tracing::debug!(%err, "HTTP connection ended");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// Returns once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -368,5 +456,74 @@ impl IntoResponse for ApiError {
             ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
         };
         (status, Json(json!({ "error": message }))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Serves a one-route router with `limits`; the address and the stop.
+    async fn start(limits: ServeLimits) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let router = Router::new().route("/", get(|| async { "ok" }));
+        tokio::spawn(serve(listener, router, limits, stopped));
+        (address, stop)
+    }
+
+    /// Reads until the server closes the connection; what it sent.
+    async fn read_to_close(stream: &mut tokio::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut got))
+            .await
+            .expect("the server kept the connection open")
+            .ok();
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_closed_after_the_header_timeout() {
+        let (address, _stop) = start(ServeLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+        })
+        .await;
+        let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+        // Half a head, then nothing.
+        silent.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        read_to_close(&mut silent).await;
+        // And the server still answers others.
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_at_once() {
+        let (address, stop) = start(ServeLimits {
+            max_connections: 1,
+            header_timeout: Duration::from_secs(30),
+        })
+        .await;
+        let _held = tokio::net::TcpStream::connect(address).await.unwrap();
+        // Accepted in order: the first holds the one slot.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut over = tokio::net::TcpStream::connect(address).await.unwrap();
+        let _ = over
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let answer = read_to_close(&mut over).await;
+        assert!(answer.is_empty(), "answered past the cap: {answer}");
+        // Stopping ends the held connection too (it had no request).
+        stop.send(true).unwrap();
     }
 }

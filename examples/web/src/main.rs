@@ -64,6 +64,13 @@ enum Role {
         /// (a read that times out is tried once more).
         #[arg(long, default_value_t = gateway::DEFAULT_REQUEST_TIMEOUT.as_millis() as u64)]
         request_timeout_ms: u64,
+        /// HTTP connections served at once; more are closed on accept.
+        #[arg(long, default_value_t = gateway::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// How long a client has to send a request's head (headers), in
+        /// milliseconds, before its connection is closed.
+        #[arg(long, default_value_t = gateway::DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
+        header_timeout_ms: u64,
     },
     /// One instance of the ticket service: answers svc.tickets from the
     /// database, sharing the requests with the other instances.
@@ -108,12 +115,16 @@ fn main() -> anyhow::Result<()> {
                 ws_url,
                 listen,
                 request_timeout_ms,
+                max_connections,
+                header_timeout_ms,
             } => {
                 let config = gateway::GatewayConfig {
                     broker,
                     ws_url,
                     listen,
                     request_timeout: Duration::from_millis(request_timeout_ms.max(1)),
+                    max_connections: max_connections.max(1),
+                    header_timeout: Duration::from_millis(header_timeout_ms.max(1)),
                 };
                 gateway::run(config, shutdown).await
             }
