@@ -44,8 +44,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before the one retry of a read (lets the broker notice an
 /// instance that died).
 pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
-/// The largest request body accepted (a ticket's JSON is well below).
-pub const MAX_REQUEST_BODY: usize = 16 * 1024;
+/// The largest request body accepted: a ticket at its limits in 4-byte
+/// characters (4 × 4200 bytes) and its JSON fit.
+pub const MAX_REQUEST_BODY: usize = 32 * 1024;
 /// How long connections in flight get once shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Connections served at once by default; past that a new connection is
@@ -495,7 +496,10 @@ mod tests {
         .await;
         let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
         // Half a head, then nothing.
-        silent.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        silent
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
         read_to_close(&mut silent).await;
         // And the server still answers others.
         let mut client = tokio::net::TcpStream::connect(address).await.unwrap();

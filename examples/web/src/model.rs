@@ -12,12 +12,15 @@ pub const WRITES_QUEUE: &str = "tickets.writes";
 /// Where the worker announces each stored ticket (JSON, for browsers).
 pub const CHANGES_SUBJECT: &str = "tickets.changed";
 
-/// A title's longest length, in bytes (UTF-8).
-pub const MAX_TITLE_BYTES: usize = 200;
-/// A body's longest length, in bytes (UTF-8).
-pub const MAX_BODY_BYTES: usize = 4000;
-/// A search text's longest length, in bytes.
-pub const MAX_QUERY_BYTES: usize = 200;
+/// A title's longest length, in characters (Unicode scalar values). In
+/// characters, not bytes, so that the page's `maxlength` (which counts
+/// UTF-16 units, never fewer than characters) lets through nothing the
+/// server refuses: 200 CJK characters are 600 bytes and fine.
+pub const MAX_TITLE_CHARS: usize = 200;
+/// A body's longest length, in characters.
+pub const MAX_BODY_CHARS: usize = 4000;
+/// A search text's longest length, in characters.
+pub const MAX_QUERY_CHARS: usize = 200;
 /// A ticket id's longest length, in bytes.
 pub const MAX_ID_BYTES: usize = 64;
 /// The most tickets one search returns.
@@ -84,9 +87,9 @@ pub type TicketWrite = Ticket;
 /// What the browser posts to create a ticket.
 #[derive(Clone, Debug, Deserialize)]
 pub struct NewTicket {
-    /// Its title: 1 to [`MAX_TITLE_BYTES`] bytes after trimming, one line.
+    /// Its title: 1 to [`MAX_TITLE_CHARS`] characters after trimming, one line.
     pub title: String,
-    /// Its body: at most [`MAX_BODY_BYTES`] bytes.
+    /// Its body: at most [`MAX_BODY_CHARS`] characters.
     #[serde(default)]
     pub body: String,
 }
@@ -98,11 +101,11 @@ pub enum ValidationError {
     #[error("{0} is empty")]
     Empty(&'static str),
     /// A field is longer than its limit.
-    #[error("{field} is {len} bytes long; at most {max} are allowed")]
+    #[error("{field} is {len} characters long; at most {max} are allowed")]
     TooLong {
         /// Which field.
         field: &'static str,
-        /// Its length.
+        /// Its length, in characters (ids: bytes, which are ASCII).
         len: usize,
         /// The limit.
         max: usize,
@@ -121,8 +124,8 @@ impl NewTicket {
         if title.is_empty() {
             return Err(ValidationError::Empty("title"));
         }
-        bounded("title", &title, MAX_TITLE_BYTES)?;
-        bounded("body", &body, MAX_BODY_BYTES)?;
+        bounded("title", &title, MAX_TITLE_CHARS)?;
+        bounded("body", &body, MAX_BODY_CHARS)?;
         if title.chars().any(char::is_control) {
             return Err(ValidationError::BadCharacters("title"));
         }
@@ -140,7 +143,7 @@ impl NewTicket {
 /// Checks a search text.
 pub fn validate_query(query: &str) -> Result<String, ValidationError> {
     let query = query.trim();
-    bounded("q", query, MAX_QUERY_BYTES)?;
+    bounded("q", query, MAX_QUERY_CHARS)?;
     if query.chars().any(char::is_control) {
         return Err(ValidationError::BadCharacters("q"));
     }
@@ -152,21 +155,25 @@ pub fn validate_id(id: &str) -> Result<(), ValidationError> {
     if id.is_empty() {
         return Err(ValidationError::Empty("id"));
     }
-    bounded("id", id, MAX_ID_BYTES)?;
     if !id
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         return Err(ValidationError::BadCharacters("id"));
     }
+    // ASCII by now: characters are bytes.
+    bounded("id", id, MAX_ID_BYTES)?;
     Ok(())
 }
 
+/// `value` at most `max` characters long.
 fn bounded(field: &'static str, value: &str, max: usize) -> Result<(), ValidationError> {
-    if value.len() > max {
+    // Counted only as far as needed: a huge value costs no more than `max`.
+    let len = value.chars().take(max + 1).count();
+    if len > max {
         return Err(ValidationError::TooLong {
             field,
-            len: value.len(),
+            len: value.chars().count(),
             max,
         });
     }
@@ -195,21 +202,38 @@ mod tests {
 
     #[test]
     fn an_oversize_title_or_body_is_refused() {
-        let long = "x".repeat(MAX_TITLE_BYTES + 1);
+        let long = "x".repeat(MAX_TITLE_CHARS + 1);
         assert_eq!(
             new(&long, "").validate().unwrap_err(),
             ValidationError::TooLong {
                 field: "title",
-                len: MAX_TITLE_BYTES + 1,
-                max: MAX_TITLE_BYTES
+                len: MAX_TITLE_CHARS + 1,
+                max: MAX_TITLE_CHARS
             }
         );
-        assert!(new(&"x".repeat(MAX_TITLE_BYTES), "").validate().is_ok());
-        let body = "y".repeat(MAX_BODY_BYTES + 1);
+        assert!(new(&"x".repeat(MAX_TITLE_CHARS), "").validate().is_ok());
+        let body = "y".repeat(MAX_BODY_CHARS + 1);
         assert!(matches!(
             new("t", &body).validate(),
             Err(ValidationError::TooLong { field: "body", .. })
         ));
+    }
+
+    #[test]
+    fn limits_count_characters_not_bytes() {
+        // 200 CJK characters: 600 bytes, as many as the page's maxlength allows.
+        let cjk = "票".repeat(MAX_TITLE_CHARS);
+        assert!(new(&cjk, &"é".repeat(MAX_BODY_CHARS)).validate().is_ok());
+        let over = "票".repeat(MAX_TITLE_CHARS + 1);
+        let err = new(&over, "").validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "title is {} characters long; at most {MAX_TITLE_CHARS} are allowed",
+                MAX_TITLE_CHARS + 1
+            )
+        );
+        assert!(validate_query(&"ü".repeat(MAX_QUERY_CHARS)).is_ok());
     }
 
     #[test]
@@ -236,6 +260,6 @@ mod tests {
         assert!(validate_id("../etc").is_err());
         assert!(validate_id(&"a".repeat(MAX_ID_BYTES + 1)).is_err());
         assert_eq!(validate_query("  printer ").unwrap(), "printer");
-        assert!(validate_query(&"q".repeat(MAX_QUERY_BYTES + 1)).is_err());
+        assert!(validate_query(&"q".repeat(MAX_QUERY_CHARS + 1)).is_err());
     }
 }

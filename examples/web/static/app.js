@@ -10,6 +10,10 @@ const MAX_ROWS = 200;
 /** First and longest pause between attempts to reach the broker (ms). */
 const RETRY_FIRST = 1000;
 const RETRY_MAX = 15000;
+/** Without the live feed, a created ticket is looked up this many times,
+ * the pause doubling from FOLLOW_FIRST (ms): about 30 s in all. */
+const FOLLOW_TRIES = 6;
+const FOLLOW_FIRST = 500;
 
 const $ = (id) => document.getElementById(id);
 
@@ -33,6 +37,22 @@ const el = {
 
 /** The query whose results the list shows (live tickets must match it). */
 let shownQuery = "";
+
+/** Tickets added to the list after its snapshot (live, or followed after a
+ * create), newest last, at most MAX_ROWS: a reload that raced them (the
+ * snapshot taken before they were stored) keeps them. */
+const added = new Map();
+
+function remember(t) {
+  added.delete(t.id);
+  added.set(t.id, t);
+  while (added.size > MAX_ROWS) added.delete(added.keys().next().value);
+}
+
+/** Newest first, as the service orders them. */
+function newestFirst(a, b) {
+  return b.created_at - a.created_at || (a.id < b.id ? 1 : a.id > b.id ? -1 : 0);
+}
 
 // ------------------------------------------------------------- rendering
 
@@ -63,7 +83,11 @@ function rowCount() {
   return el.results.querySelectorAll(".ticket-row").length;
 }
 
-function showTickets(tickets) {
+function showTickets(snapshot) {
+  // The snapshot, plus tickets added since that it does not hold yet.
+  const ids = new Set(snapshot.map((t) => t.id));
+  const extra = [...added.values()].filter((t) => !ids.has(t.id) && matchesShown(t));
+  const tickets = extra.length ? [...snapshot, ...extra].sort(newestFirst).slice(0, MAX_ROWS) : snapshot;
   el.results.replaceChildren(...tickets.map((t) => ticketRow(t)));
   if (tickets.length === 0) {
     const li = document.createElement("li");
@@ -130,12 +154,42 @@ async function create() {
     el.createStatus.dataset.id = data.id;
     el.title.value = "";
     el.body.value = "";
-    // Without the live feed, the list catches up by reloading.
-    if (el.live.textContent !== "live") setTimeout(() => load(shownQuery), 800);
+    // Without the live feed, the ticket is looked up until it is stored.
+    if (el.live.textContent !== "live") follow(data.id);
   } catch (e) {
     el.createStatus.textContent = `Not queued: ${e.message}`;
   } finally {
     el.createButton.disabled = false;
+  }
+}
+
+/** Looks `id` up until the worker has stored it (or FOLLOW_TRIES pass),
+ * then lists it as the live feed would have. */
+async function follow(id) {
+  let pause = FOLLOW_FIRST;
+  for (let n = 0; n < FOLLOW_TRIES; n++) {
+    await new Promise((r) => setTimeout(r, pause));
+    pause *= 2;
+    try {
+      const data = await api(`/api/tickets/${encodeURIComponent(id)}`);
+      if (data && data.ticket) {
+        addTicket(data.ticket);
+        return;
+      }
+    } catch {
+      // 404 until stored; other errors: try again too
+    }
+  }
+}
+
+/** Puts `t` on top of the list (once), if it matches the query shown. */
+function addTicket(t) {
+  remember(t);
+  if (matchesShown(t) && !el.results.querySelector(`.ticket-row[data-id="${CSS.escape(t.id)}"]`)) {
+    el.results.querySelector(".empty")?.remove();
+    el.results.prepend(ticketRow(t, true));
+    while (rowCount() > MAX_ROWS) el.results.lastElementChild.remove();
+    el.count.textContent = String(rowCount());
   }
 }
 
@@ -169,23 +223,24 @@ function onChange(message) {
     el.feed.prepend(li);
     while (el.feed.children.length > MAX_FEED) el.feed.lastElementChild.remove();
   }
-  if (matchesShown(t) && !el.results.querySelector(`.ticket-row[data-id="${CSS.escape(t.id)}"]`)) {
-    el.results.querySelector(".empty")?.remove();
-    el.results.prepend(ticketRow(t, true));
-    while (rowCount() > MAX_ROWS) el.results.lastElementChild.remove();
-    el.count.textContent = String(rowCount());
-  }
+  addTicket(t);
 }
 
 async function goLive(wsUrl) {
   let pause = RETRY_FIRST;
   for (;;) {
     setLive("connecting…");
+    let conn = null;
+    // Only this attempt's connection may set the status: an earlier one,
+    // closed below, must not flip it later.
+    let current = true;
     try {
       const { connect } = await import("/courier.js");
-      const conn = await connect(wsUrl, {
+      conn = await connect(wsUrl, {
         name: "tickets page",
-        onStatus: (status) => setLive(status === "connected" ? "live" : status === "closed" ? "offline" : "connecting…"),
+        onStatus: (status) => {
+          if (current) setLive(status === "connected" ? "live" : status === "closed" ? "offline" : "connecting…");
+        },
       });
       const sub = conn.subscribe(CHANGES);
       sub.onMessage = onChange;
@@ -197,6 +252,10 @@ async function goLive(wsUrl) {
     } catch (e) {
       console.warn("live updates unavailable:", e);
     }
+    current = false;
+    // A subscription refused leaves the connection open: close it, so the
+    // next attempt does not add one more.
+    if (conn) conn.close().catch(() => {});
     setLive("offline");
     await new Promise((r) => setTimeout(r, pause));
     pause = Math.min(pause * 2, RETRY_MAX);
