@@ -340,16 +340,12 @@ impl Broker {
         let metrics_limits = config.metrics_limits();
         let metrics = match metrics_address {
             Some(address) => Some(
-                // `start` is `start_with` the defaults.
-                if metrics_limits == metrics::EndpointLimits::default() {
-                    metrics::Endpoint::start(address, state.clone()).await
-                } else {
-                    metrics::Endpoint::start_with(address, state.clone(), metrics_limits).await
-                }
-                .map_err(|err| BrokerError::Bind {
-                    address: address.to_string(),
-                    reason: err.to_string(),
-                })?,
+                metrics::Endpoint::start(address, state.clone(), metrics_limits)
+                    .await
+                    .map_err(|err| BrokerError::Bind {
+                        address: address.to_string(),
+                        reason: err.to_string(),
+                    })?,
             ),
             None => None,
         };

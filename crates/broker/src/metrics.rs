@@ -490,13 +490,8 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// Binds `address` and serves with the default limits.
-    pub(crate) async fn start(address: SocketAddr, state: Arc<State>) -> std::io::Result<Endpoint> {
-        Endpoint::start_with(address, state, EndpointLimits::default()).await
-    }
-
     /// Binds `address` and serves within `limits`.
-    pub(crate) async fn start_with(
+    pub(crate) async fn start(
         address: SocketAddr,
         state: Arc<State>,
         limits: EndpointLimits,

@@ -534,7 +534,7 @@ fn the_queue_table_has_a_header_for_every_cell_of_a_row() {
 }
 
 /// The script parses, where Node is installed (CI installs it and sets
-/// `COURIER_REQUIRE_NODE`, so there it cannot skip).
+/// `CI_REQUIRE_NODE`, so there it cannot skip).
 #[test]
 fn the_script_is_valid_javascript() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/web/dashboard.js");
@@ -548,9 +548,9 @@ fn the_script_is_valid_javascript() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         ),
-        Err(err) if std::env::var_os("COURIER_REQUIRE_NODE").is_none() => {
+        Err(err) if std::env::var_os("CI_REQUIRE_NODE").is_none() => {
             eprintln!("skipped: node not found ({err})");
         }
-        Err(err) => panic!("node is required (COURIER_REQUIRE_NODE) but: {err}"),
+        Err(err) => panic!("node is required (CI_REQUIRE_NODE) but: {err}"),
     }
 }

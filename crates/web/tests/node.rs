@@ -12,7 +12,7 @@
 //!   subjects under `forbidden.`.
 //!
 //! Without `node` on the PATH the test is skipped (a line on stderr says
-//! so), unless `COURIER_REQUIRE_NODE` is set, as CI sets it: then it fails.
+//! so), unless `CI_REQUIRE_NODE` is set, as CI sets it: then it fails.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -91,10 +91,10 @@ fn find_node() -> Result<Option<Node>> {
     };
     match has_websocket(&[]) {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            if std::env::var_os("COURIER_REQUIRE_NODE").is_some() {
+            if std::env::var_os("CI_REQUIRE_NODE").is_some() {
                 bail!("node not found: install Node.js (Debian: apt-get install nodejs)");
             }
-            eprintln!("skipped: node not found (set COURIER_REQUIRE_NODE=1 to fail instead)");
+            eprintln!("skipped: node not found (set CI_REQUIRE_NODE=1 to fail instead)");
             Ok(None)
         }
         Err(err) => Err(err).context("running node"),
