@@ -209,7 +209,49 @@ async fn created_ticket_reaches_every_page(h: &Harness) -> Result<()> {
     if state.feed.len() < tickets.len() {
         bail!("the first page's feed holds {:?}", state.feed);
     }
-    h.save_screenshot(page, "web-example.png").await
+    h.save_screenshot(page, "web-example.png").await?;
+    offline_page_shows_what_it_creates(h).await
+}
+
+/// A page with no live feed (its gateway names a WebSocket where nothing
+/// listens) still shows a ticket it creates, once the worker stored it.
+async fn offline_page_shows_what_it_creates(h: &Harness) -> Result<()> {
+    let nowhere = format!("ws://127.0.0.1:{}", free_port()?);
+    let mut command = Command::new(EXAMPLE);
+    command
+        .env("RUST_BACKTRACE", "0")
+        .args([
+            "gateway",
+            "--exit-with-parent",
+            "--broker",
+            &h.tcp.to_string(),
+        ])
+        .args(["--ws-url", &nowhere, "--listen", "127.0.0.1:0"]);
+    let mut gateway = Process::spawn("gateway-offline", command, &h.logs, false)?;
+    let app = gateway.ready_line("gateway listening on").await?;
+    let page = h.browser();
+    page.goto(&format!("{}/", app.trim_end_matches('/')))
+        .await?;
+    wait_listed(page).await?;
+    let title = "Offline page creates a ticket";
+    let queued_as = create_ticket(page, title, "No WebSocket here.").await?;
+    let state = PageState::read(page).await?;
+    if state.live == "live" {
+        bail!("the page without a WebSocket says it is live: {state}");
+    }
+    let queued_as = &queued_as;
+    eventually(
+        format!("{title:?} ({queued_as}) at the top of the offline page's list"),
+        || async move {
+            let state = PageState::read(page).await?;
+            if !queued_as.is_empty() && state.rows.first() == Some(queued_as) {
+                return Ok(Some(()));
+            }
+            Err(anyhow!("the page shows {state}"))
+        },
+    )
+    .await?;
+    gateway.kill()
 }
 
 /// A service killed (SIGKILL) while the page is in use costs nothing: every
@@ -975,6 +1017,8 @@ struct Harness {
     /// The gateway's page, `http://127.0.0.1:PORT/`.
     app: String,
     database: PathBuf,
+    /// Where each process's stderr goes (in the temporary directory).
+    logs: PathBuf,
     _dir: TempDir,
 }
 
@@ -1141,6 +1185,7 @@ impl Harness {
             metrics,
             app,
             database,
+            logs,
             _dir: dir,
         }))
     }
