@@ -121,12 +121,7 @@ pub async fn run(broker: Address, url: DatabaseUrl, mut shutdown: Shutdown) -> a
                 let (db, ticket) = (db.clone(), ticket.clone());
                 tokio::task::spawn_blocking(move || {
                     let db = db.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    let new = db.insert(&ticket)?;
-                    // A write whose id is stored already (a redelivery, or
-                    // someone reusing an id) announces the stored row, not
-                    // the payload: the pages show what the database holds.
-                    let shown = if new { None } else { db.get(&ticket.id)? };
-                    Ok::<_, DbError>((new, shown))
+                    store(&db, ticket)
                 })
                 .await
             };
@@ -159,7 +154,6 @@ pub async fn run(broker: Address, url: DatabaseUrl, mut shutdown: Shutdown) -> a
                     continue;
                 }
                 tracing::info!(id = %ticket.id, new, "stored");
-                let shown = shown.unwrap_or(ticket);
                 announce(&publisher, &shown).await;
             }
             Ok(Err(err)) => {
@@ -179,6 +173,17 @@ pub async fn run(broker: Address, url: DatabaseUrl, mut shutdown: Shutdown) -> a
         tracing::warn!(%err, "announcements may not have reached the broker");
     }
     Ok(())
+}
+
+/// Stores `ticket` unless its id is there already; returns whether it was
+/// new and the ticket to announce. A write whose id is stored already (a
+/// redelivery, or someone reusing an id) announces the stored row, not its
+/// payload: the pages show what the database holds.
+fn store(db: &Db, ticket: TicketWrite) -> Result<(bool, TicketWrite), DbError> {
+    if db.insert(&ticket)? {
+        return Ok((true, ticket));
+    }
+    Ok((false, db.get(&ticket.id)?.unwrap_or(ticket)))
 }
 
 /// A write from the queue, checked as the gateway checked it (the queue
@@ -229,6 +234,27 @@ mod tests {
             json,
             serde_json::json!({"id": "t-1", "title": "Lamp", "body": "is \"off\"", "created_at": 7})
         );
+    }
+
+    #[test]
+    fn a_write_with_a_stored_id_announces_the_stored_row() {
+        let dir = std::env::temp_dir().join(format!("courier-web-worker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Db::open(&DatabaseUrl::Sqlite(dir.join("t.db"))).unwrap();
+        let first = TicketWrite {
+            id: "t-1".into(),
+            title: "Lamp".into(),
+            body: String::new(),
+            created_at: 7,
+        };
+        assert_eq!(store(&db, first.clone()).unwrap(), (true, first.clone()));
+        let reused = TicketWrite {
+            title: "Something else".into(),
+            ..first.clone()
+        };
+        assert_eq!(store(&db, reused).unwrap(), (false, first));
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
