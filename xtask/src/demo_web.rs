@@ -46,7 +46,10 @@ const TAIL_BYTES: u64 = 4000;
 /// exits with the program's status. SIGTERM, not SIGINT: the wrapper and
 /// its background job inherit xtask's ignored SIGINT, which sh cannot
 /// trap. Stdin is kept on fd 3 for the watcher, since a background
-/// command's stdin is /dev/null.
+/// command's stdin is /dev/null. A `wait` cut short by the trap (status
+/// over 128, the program still there) is waited again; the program's own
+/// status comes from `wait`, which keeps it even if the program ended at
+/// once.
 const PARENT_WATCH: &str = r#"exec 3<&0
 "$@" 3<&- &
 pid=$!
@@ -54,8 +57,9 @@ trap 'kill -TERM "$pid" 2>/dev/null' TERM
 ( cat <&3 >/dev/null 2>&1; kill -TERM "$pid" 2>/dev/null ) &
 watcher=$!
 exec 3<&- 0</dev/null
-status=0
-while kill -0 "$pid" 2>/dev/null; do
+wait "$pid"
+status=$?
+while [ "$status" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do
   wait "$pid"
   status=$?
 done
