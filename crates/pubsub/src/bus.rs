@@ -861,13 +861,30 @@ impl Bus {
         lock(&self.inner.turns).len()
     }
 
-    /// Whether `filter` is one of this bus's request inboxes (covered by
-    /// its permanent inbox interest).
+    /// `_inbox.<nonce>.`, this bus's own inbox prefix: one permanent
+    /// interest (`_inbox.<nonce>.>`) stands for everything under it, so
+    /// routes carry no interest change when a subscription to
+    /// `<prefix><id>` or `<prefix><id>.*` comes or goes. A component that
+    /// makes many inboxes of its own (a gateway's connections) puts them
+    /// under it, as `<prefix><id>.*`, with an `<id>` no one can guess; the
+    /// bus's own request inboxes are `<prefix><n>` (one token fewer), so
+    /// the two never meet.
+    pub fn inbox_prefix(&self) -> String {
+        self.inner.nonce.inbox_prefix()
+    }
+
+    /// Whether `filter` is an inbox under this bus's prefix, `<id>` or
+    /// `<id>.*` (covered by its permanent inbox interest). Wildcards in
+    /// the id's place are not: such a filter is interest like any other.
     fn own_inbox(&self, filter: &Filter) -> bool {
-        filter
+        let Some(rest) = filter
             .as_str()
             .strip_prefix(&self.inner.nonce.inbox_prefix())
-            .is_some_and(|rest| !rest.contains('.') && rest != ">" && rest != "*")
+        else {
+            return false;
+        };
+        let id = rest.strip_suffix(".*").unwrap_or(rest);
+        !id.is_empty() && !id.contains('.') && id != ">" && id != "*"
     }
 
     /// This bus's own interest: the distinct (filter, queue group) pairs
