@@ -9,10 +9,17 @@
 //! frame larger than it, sent alone), however many subscriptions wait.
 //!
 //! Requests go out inline, under the connection's own publisher identity
-//! (so in order with its publishes), to an inbox of the connection's own:
-//! `_inbox.<random>.<n>`, one bus subscription for all its requests. The
-//! random id is never shown to other browsers (a `reply` frame has no
-//! subject), and another browser may not subscribe to it.
+//! (so in order with its publishes), to an inbox of the connection's own
+//! under the bus's inbox prefix: `_inbox.<nonce>.<conn>.<req>`, with
+//! `<conn>` random per connection and `<req>` random per request (a
+//! service that saw one request cannot name the next one's inbox), one bus
+//! subscription (`…<conn>.*`) for all its requests. Being under the bus's
+//! prefix, that subscription is covered by the bus's one permanent inbox
+//! interest: requests cause no interest changes for routes to carry, and
+//! a reply from another node needs no interest to reach it first. No
+//! browser may subscribe to an `_inbox` subject, and a subscription whose
+//! first token is a wildcard is never given one, so replies reach only
+//! the request that asked.
 //!
 //! Dropping the connection's future (the socket closed, shutdown's grace
 //! ran out) drops its `JoinSet`s, which abort every subscription's
@@ -102,9 +109,14 @@ async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
     }
     let (sink, stream) = socket.split();
     // Clamped so that no configured value can make the channel or the
-    // semaphore panic (both refuse capacities past their maximum).
+    // semaphore panic (both refuse capacities past their maximum; the
+    // semaphore's is below u32::MAX on 32-bit targets), and so that a
+    // reservation fits `acquire_many_owned`'s u32.
     let frames = shared.config.outbound_messages.clamp(1, u32::MAX as usize);
-    let max_bytes = shared.config.outbound_bytes.clamp(1, u32::MAX as usize);
+    let max_bytes = shared
+        .config
+        .outbound_bytes
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let (tx, rx) = mpsc::channel(frames);
     let out = Out {
         tx,
@@ -122,7 +134,6 @@ async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
         requests: JoinSet::new(),
         inbox: None,
         pending: Arc::default(),
-        next_request: 0,
     };
     let reader = async {
         // Without a close to send (the browser went), the connection ends
@@ -445,37 +456,34 @@ struct Session {
     /// Made at the first request.
     inbox: Option<Inbox>,
     /// Requests awaiting their reply, by the inbox subject's last token
-    /// (at most `max_requests_in_flight`: each request task removes its
-    /// own entry as it ends).
+    /// (random per request; at most `max_requests_in_flight`: each request
+    /// task removes its own entry as it ends).
     pending: Pending,
-    next_request: u64,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The connection's inbox: `_inbox.<id>.*` on the bus, its replies handed
-/// to the waiting requests by a task of its own. Dropped with the session:
-/// the task stops (its subscription leaves the bus) and the id is no
-/// longer known to the gateway.
+/// The connection's inbox: `<prefix>.*` on the bus (`prefix` is
+/// `_inbox.<nonce>.<conn>`), its replies handed to the waiting requests by
+/// a task of its own. Dropped with the session: the task stops (its
+/// subscription leaves the bus).
 struct Inbox {
-    id: String,
+    prefix: String,
     task: AbortHandle,
-    live: Arc<Live>,
 }
 
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.task.abort();
-        lock(&self.live.inboxes).remove(&self.id);
     }
 }
 
 /// Takes a waiting request's entry out of [`Pending`] when it ends, however.
-struct Forget(Pending, u64);
+struct Forget(Pending, String);
 
 impl Drop for Forget {
     fn drop(&mut self) {
@@ -483,7 +491,7 @@ impl Drop for Forget {
     }
 }
 
-/// 128 unpredictable bits as hex, for an inbox id: SipHash keyed by
+/// 128 unpredictable bits as hex (32 digits), for an inbox's tokens: SipHash keyed by
 /// std's `RandomState` (seeded from the operating system's randomness) of
 /// a counter and the time. The workspace has no random-number crate; a
 /// keyed PRF of distinct inputs is as good for an unguessable name.
@@ -544,29 +552,47 @@ impl Session {
             let Some(next) = next else {
                 return Some((GOING_AWAY, "idle".into()));
             };
-            match next {
-                Some(Ok(WsMessage::Text(text))) => {
-                    if !self.handle(text.as_str()).await {
-                        return None;
-                    }
+            // An operation may wait for room in the writer's queue (a
+            // browser that does not read): shutdown must not wait for it.
+            let step = tokio::select! {
+                biased;
+                _ = crate::gateway::raised(closing) => {
+                    return Some((GOING_AWAY, "the broker is shutting down".into()));
                 }
-                Some(Ok(WsMessage::Binary(_))) => {
-                    let refusal = Refusal::invalid("binary frames are not part of the protocol");
-                    if !self.out.send(frames::error(&refusal, None, None)).await {
-                        return None;
-                    }
+                step = self.take(next) => step,
+            };
+            if let Some(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Acts on one thing read from the socket: `Some(end)` ends reading.
+    async fn take(&mut self, next: Option<Result<WsMessage, axum::Error>>) -> Option<End> {
+        match next {
+            Some(Ok(WsMessage::Text(text))) => {
+                if !self.handle(text.as_str()).await {
+                    return Some(None);
                 }
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
-                Some(Ok(WsMessage::Close(_))) | None => return Some((NORMAL, String::new())),
-                Some(Err(err)) if is_too_large(&err) => {
-                    let refusal = too_large_frame(self.shared.config.max_frame);
-                    let _ = self.out.send(frames::error(&refusal, None, None)).await;
-                    return Some((TOO_BIG, refusal.message));
+                None
+            }
+            Some(Ok(WsMessage::Binary(_))) => {
+                let refusal = Refusal::invalid("binary frames are not part of the protocol");
+                if !self.out.send(frames::error(&refusal, None, None)).await {
+                    return Some(None);
                 }
-                Some(Err(err)) => {
-                    tracing::debug!("reading from a browser: {err}");
-                    return None;
-                }
+                None
+            }
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => None,
+            Some(Ok(WsMessage::Close(_))) | None => Some(Some((NORMAL, String::new()))),
+            Some(Err(err)) if is_too_large(&err) => {
+                let refusal = too_large_frame(self.shared.config.max_frame);
+                let _ = self.out.send(frames::error(&refusal, None, None)).await;
+                Some(Some((TOO_BIG, refusal.message)))
+            }
+            Some(Err(err)) => {
+                tracing::debug!("reading from a browser: {err}");
+                Some(None)
             }
         }
     }
@@ -657,12 +683,16 @@ impl Session {
         }
         let subject = required(&frame.subject, "subject")?;
         let filter = Filter::new(subject).map_err(|err| Refusal::invalid(err.to_string()))?;
-        if self.is_anothers_inbox(&filter) {
+        // A browser never needs an inbox (its requests use the gateway's);
+        // refusing them all leaves no id, wildcard or node to get around.
+        if matches!(filter.tokens().first(), Some(Token::Literal(first)) if &**first == "_inbox") {
             return Err(Refusal::new(
                 ErrorKind::Refused,
-                "subscribing to another connection's inbox is not permitted",
+                "subscribing to _inbox subjects is not permitted (a req's reply comes as a reply frame)",
             ));
         }
+        // Such a filter matches inboxes too: its forwarder skips them.
+        let skip_inboxes = matches!(filter.tokens().first(), Some(Token::One | Token::Rest));
         if let Some(access) = &self.shared.access {
             if !access.may_subscribe(self.identity.as_deref(), &filter) {
                 return Err(Refusal::new(
@@ -689,26 +719,14 @@ impl Session {
                 return Ok(());
             }
         }
-        let forwarder =
-            self.forwarders
-                .spawn(forward(subscription, sid.to_string(), self.out.clone()));
+        let forwarder = self.forwarders.spawn(forward(
+            subscription,
+            sid.to_string(),
+            skip_inboxes,
+            self.out.clone(),
+        ));
         self.subscriptions.insert(sid.to_string(), forwarder);
         Ok(())
-    }
-
-    /// Whether `filter` names the inbox of another browser connection of
-    /// this gateway (`_inbox.<its id>...`). Under the broker's access rules
-    /// anyone may subscribe to an inbox whose id they write out; a browser
-    /// that saw one (as a service answering a request) must not listen to
-    /// that connection's other replies. Wildcards in the id's place are the
-    /// access rules' business.
-    fn is_anothers_inbox(&self, filter: &Filter) -> bool {
-        let [Token::Literal(first), Token::Literal(id), ..] = filter.tokens() else {
-            return false;
-        };
-        &**first == "_inbox"
-            && self.inbox.as_ref().is_none_or(|own| own.id != **id)
-            && lock(&self.shared.live.inboxes).contains(&**id)
     }
 
     /// The checks a `pub` and a `req` share: subject, payload, headers and
@@ -749,17 +767,20 @@ impl Session {
 
     /// Stores a message in the durable subscriptions it matches, then
     /// delivers it under the connection's publisher identity, as the
-    /// remote host does; counts it. Returns the deliveries.
+    /// remote host does; counts it. Returns how many took it: live
+    /// deliveries and stored copies (a durable subscriber answers later).
     async fn send(
         &self,
         message: (Subject, Option<Subject>, Headers, Bytes),
     ) -> Result<u64, Refusal> {
         let started = Instant::now();
         let counters = &self.shared.counters;
+        let mut stored = 0;
         if let Some(durable) = &self.shared.durable {
             match durable.store(std::slice::from_ref(&message)).await {
-                Ok(stored) => {
-                    counters.stored.fetch_add(stored as u64, Ordering::Relaxed);
+                Ok(n) => {
+                    stored = n as u64;
+                    counters.stored.fetch_add(stored, Ordering::Relaxed);
                 }
                 Err(err) => {
                     counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -781,7 +802,7 @@ impl Session {
         counters.published.fetch_add(1, Ordering::Relaxed);
         counters.delivered.fetch_add(delivered, Ordering::Relaxed);
         record(counters, started.elapsed());
-        Ok(delivered)
+        Ok(delivered.saturating_add(stored))
     }
 
     async fn publish(&mut self, frame: Inbound) -> Result<(), Refusal> {
@@ -789,12 +810,13 @@ impl Session {
         self.send(message).await.map(drop)
     }
 
-    /// The connection's inbox id, subscribing it at the first request.
+    /// The connection's inbox prefix (`_inbox.<nonce>.<conn>`), subscribing
+    /// `<prefix>.*` at the first request.
     async fn inbox(&mut self) -> Result<String, Refusal> {
         if let Some(inbox) = &self.inbox {
-            return Ok(inbox.id.clone());
+            return Ok(inbox.prefix.clone());
         }
-        let id = random_id();
+        let prefix = format!("{}{}", self.shared.bus.inbox_prefix(), random_id());
         // Room for every request's reply at once; more (duplicates, or
         // someone flooding it) drop the oldest, and the dispatcher drops
         // what no request waits for.
@@ -803,21 +825,19 @@ impl Session {
             .shared
             .bus
             .subscribe(
-                &format!("_inbox.{id}.*"),
+                &format!("{prefix}.*"),
                 SubscribeOptions::default()
                     .buffer(buffer)
                     .policy(SlowConsumer::DropOldest),
             )
             .await
             .map_err(|err| Refusal::new(ErrorKind::Internal, format!("inbox: {err}")))?;
-        lock(&self.shared.live.inboxes).insert(id.clone());
         let task = tokio::spawn(dispatch(subscription, self.pending.clone())).abort_handle();
         self.inbox = Some(Inbox {
-            id: id.clone(),
+            prefix: prefix.clone(),
             task,
-            live: self.shared.live.clone(),
         });
-        Ok(id)
+        Ok(prefix)
     }
 
     /// `req`: published here, in order with the connection's publishes;
@@ -841,17 +861,18 @@ impl Session {
             .max(Duration::from_millis(1));
         let (subject, _, headers, payload) = self.prepare(&frame, true)?;
         let inbox = self.inbox().await?;
-        let n = self.next_request;
-        self.next_request += 1;
-        let reply_to = Subject::new(&format!("_inbox.{inbox}.{n}"))
+        // Random, not counted: a service that saw this request's inbox
+        // cannot answer the next one before its real answer.
+        let token = random_id();
+        let reply_to = Subject::new(&format!("{inbox}.{token}"))
             .map_err(|err| Refusal::new(ErrorKind::Internal, format!("inbox: {err}")))?;
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(n, tx);
-        let forget = Forget(self.pending.clone(), n);
-        let delivered = self
+        lock(&self.pending).insert(token.clone(), tx);
+        let forget = Forget(self.pending.clone(), token);
+        let heard = self
             .send((subject.clone(), Some(reply_to), headers, payload))
             .await?;
-        if delivered == 0 {
+        if heard == 0 {
             return Err(Refusal::new(
                 ErrorKind::TimedOut,
                 format!("no responders for {subject}"),
@@ -863,9 +884,11 @@ impl Session {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(reply)) => {
                     let body = Body::of(&reply);
-                    // `{"op":"reply","id":` and the id (at most 64 bytes
-                    // as a string, 20 as an integer) and `}`.
-                    let Some(room) = out.reserve(96 + body.len()).await else {
+                    // `{"op":"reply","id":`, the id as JSON (a string of
+                    // control characters escapes to six bytes each) and
+                    // `}`; the body counts its own comma.
+                    let id_len = serde_json::to_string(&id).map_or(0, |text| text.len());
+                    let Some(room) = out.reserve(20 + id_len + body.len()).await else {
                         return;
                     };
                     room.send(Outbound::Reply { id: &id, body }.text());
@@ -909,13 +932,9 @@ async fn dispatch(mut inbox: courier_pubsub::Subscription, pending: Pending) {
         let Event::Message(reply) = event else {
             continue;
         };
-        let n = reply
-            .subject
-            .as_str()
-            .rsplit('.')
-            .next()
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(waiting) = n.and_then(|n| lock(&pending).remove(&n)) {
+        let token = reply.subject.as_str().rsplit('.').next().unwrap_or("");
+        let waiting = lock(&pending).remove(token);
+        if let Some(waiting) = waiting {
             let _ = waiting.send(reply);
         }
     }
@@ -926,11 +945,20 @@ async fn dispatch(mut inbox: courier_pubsub::Subscription, pending: Pending) {
 /// nothing, so the bus's buffer fills and its slow-consumer policy (drop
 /// the oldest) drops and counts; the first gap after a delivered message
 /// is told to the browser as one `Busy` error with the `sid`. Returns the
-/// sid when the subscription ends by itself.
-async fn forward(mut subscription: courier_pubsub::Subscription, sid: String, out: Out) -> String {
+/// sid when the subscription ends by itself. With `skip_inboxes` (a
+/// filter whose first token is a wildcard) messages to `_inbox.` subjects,
+/// other requests' replies, are dropped, never given to the browser.
+async fn forward(
+    mut subscription: courier_pubsub::Subscription,
+    sid: String,
+    skip_inboxes: bool,
+    out: Out,
+) -> String {
     let mut reported = false;
     while let Some(Ok(event)) = subscription.recv().await {
         match event {
+            Event::Message(message)
+                if skip_inboxes && message.subject.as_str().starts_with("_inbox.") => {}
             Event::Message(message) => {
                 reported = false;
                 let body = Body::of(&message);

@@ -1,11 +1,10 @@
 //! The gateway itself: its shared state, its HTTP routes, and its own
 //! listener ([`Gateway::serve`], plain or TLS).
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{State, WebSocketUpgrade};
@@ -51,9 +50,6 @@ pub(crate) struct Live {
     pub connections: AtomicUsize,
     /// TCP connections accepted by `serve` not yet upgraded.
     pub handshakes: AtomicUsize,
-    /// The inbox ids of connections that made requests: no other browser
-    /// may subscribe to them. At most one per connection.
-    pub inboxes: Mutex<HashSet<String>>,
     /// Bytes of frames built and not yet written, over every connection.
     pub queued_bytes: AtomicUsize,
     /// The most `queued_bytes` has been.

@@ -708,15 +708,16 @@ async fn connections_stuck_in_their_handshake_are_bounded() -> Result<()> {
 }
 
 /// The broker's rules for request-reply plumbing (courier-broker's
-/// `auth::Policy` with users): anyone may publish to an inbox subject and
-/// subscribe to an inbox whose id it writes out. Here everyone may also use
-/// `svc.>`.
+/// `auth::Policy` with users): anyone may publish to an inbox subject
+/// (here up to the four tokens of a gateway connection's,
+/// `_inbox.<nonce>.<conn>.<req>`) and subscribe to an inbox whose id it
+/// writes out. Here everyone may also use `svc.>`.
 struct BrokerLike;
 
 impl PubSubAccess for BrokerLike {
     fn may_publish(&self, _: Option<&str>, subject: &Subject) -> bool {
         let tokens = subject.tokens();
-        (matches!(tokens.len(), 2 | 3) && &*tokens[0] == "_inbox")
+        (matches!(tokens.len(), 2..=4) && &*tokens[0] == "_inbox")
             || Filter::new("svc.>").unwrap().matches(subject)
     }
     fn may_request(&self, _: Option<&str>, subject: &Subject) -> bool {
@@ -777,9 +778,16 @@ async fn each_connection_has_its_own_inbox_that_no_other_browser_can_use() -> Re
         };
         let reply_to = request.reply_to.expect("a reply subject");
         let tokens = reply_to.tokens();
-        assert_eq!((tokens.len(), &*tokens[0]), (3, "_inbox"), "{reply_to}");
-        assert_eq!(tokens[1].len(), 32, "128 random bits: {reply_to}");
-        inbox_ids.push(tokens[1].to_string());
+        // Under the bus's inbox prefix, then the connection's and the
+        // request's own random tokens.
+        assert!(
+            reply_to.as_str().starts_with(&bus.inbox_prefix()),
+            "{reply_to}"
+        );
+        assert_eq!((tokens.len(), &*tokens[0]), (4, "_inbox"), "{reply_to}");
+        assert_eq!(tokens[2].len(), 32, "128 random bits: {reply_to}");
+        assert_eq!(tokens[3].len(), 32, "128 random bits: {reply_to}");
+        inbox_ids.push(tokens[2].to_string());
         assert_eq!(client.error("TimedOut").await?["id"], 2);
     }
     assert_ne!(inbox_ids[0], inbox_ids[1], "one inbox per connection");
@@ -794,12 +802,16 @@ async fn each_connection_has_its_own_inbox_that_no_other_browser_can_use() -> Re
         .as_str()
         .expect("a reply subject")
         .to_string();
-    let id = inbox.split('.').nth(1).unwrap().to_string();
-    assert_eq!(id, inbox_ids[0]);
+    let prefix = inbox.rsplit_once('.').unwrap().0.to_string();
+    assert_eq!(prefix.rsplit('.').next().unwrap(), inbox_ids[0]);
     for filter in [
-        format!("_inbox.{id}.*"),
+        format!("{prefix}.*"),
         inbox.clone(),
-        format!("_inbox.{id}"),
+        prefix.clone(),
+        "_inbox.>".to_string(),
+        "_inbox.*.*.*".to_string(),
+        "_inbox.*.*".to_string(),
+        "_inbox".to_string(),
     ] {
         b.send(json!({"op": "sub", "id": "spy", "sid": "spy", "subject": filter}))
             .await?;
@@ -830,6 +842,165 @@ async fn each_connection_has_its_own_inbox_that_no_other_browser_can_use() -> Re
         "A's inbox to leave the bus (B's inbox and sub stay)",
     )
     .await?;
+    Ok(())
+}
+
+/// Second review: a request's inbox ended in a counter, so a service that
+/// saw one request could answer the connection's next ones before their
+/// real answers (the first reply wins). Now the last token is random per
+/// request: guesses from the one seen inbox reach no request.
+#[tokio::test]
+async fn a_service_that_saw_one_request_cannot_answer_the_next_first() -> Result<()> {
+    let bus = Bus::new();
+    let server = serve(
+        Gateway::new(bus.clone(), GatewayConfig::default()).with_access(Arc::new(BrokerLike)),
+    )
+    .await?;
+    let mut slow = bus
+        .subscribe("svc.slow", SubscribeOptions::default())
+        .await?;
+    let publisher = bus.publisher();
+    let mut a = connected(&server.url()).await?;
+    let mut b = connected(&server.url()).await?;
+    b.subscribe("svc", "svc.browser", None).await?;
+    a.send(json!({"op": "req", "id": 1, "subject": "svc.browser", "data": "q"}))
+        .await?;
+    let seen = b.frame().await?["reply"]
+        .as_str()
+        .expect("a reply subject")
+        .to_string();
+    b.send(json!({"op": "pub", "subject": seen, "data": "real 1"}))
+        .await?;
+    assert_eq!(a.frame().await?["data"], "real 1");
+    let (prefix, last) = seen.rsplit_once('.').unwrap();
+    // The seen inbox itself, and its last token counted on (as decimal or
+    // hex, padded or not).
+    let mut guesses = vec![seen.clone()];
+    for step in 1..=4u128 {
+        if let Ok(n) = last.parse::<u128>() {
+            guesses.push(format!("{prefix}.{}", n.wrapping_add(step)));
+        }
+        if let Ok(n) = u128::from_str_radix(last, 16) {
+            guesses.push(format!("{prefix}.{:x}", n.wrapping_add(step)));
+            guesses.push(format!("{prefix}.{:032x}", n.wrapping_add(step)));
+        }
+    }
+    for k in 2..5 {
+        a.send(json!({"op": "req", "id": k, "subject": "svc.slow", "data": "q"}))
+            .await?;
+        let Some(Ok(Event::Message(request))) = tokio::time::timeout(WAIT, slow.recv()).await?
+        else {
+            anyhow::bail!("request {k} did not reach the bus");
+        };
+        let reply_to = request.reply_to.clone().expect("a reply subject");
+        assert!(
+            reply_to.as_str().starts_with(&format!("{prefix}.")),
+            "{reply_to}"
+        );
+        assert!(!guesses.contains(&reply_to.to_string()), "{reply_to}");
+        // B's forgeries are delivered (its `ok`) before the real answer.
+        for (i, guess) in guesses.iter().enumerate() {
+            b.send(json!({"op": "pub", "id": i, "subject": guess, "data": "forged"}))
+                .await?;
+            assert_eq!(b.frame().await?, json!({"op": "ok", "id": i}));
+        }
+        publisher.reply(&request, format!("real {k}")).await?;
+        let reply = a.frame().await?;
+        assert_eq!(
+            (
+                reply["op"].clone(),
+                reply["id"].clone(),
+                reply["data"].clone()
+            ),
+            (json!("reply"), json!(k), json!(format!("real {k}")))
+        );
+    }
+    a.still_open().await?;
+    Ok(())
+}
+
+/// Second review: the inbox check named one connection's id on one node;
+/// wildcards (`>`, `_inbox.>`) and other nodes got around it. Now no
+/// browser subscribes to `_inbox` subjects at all, and a filter starting
+/// with a wildcard is never given one.
+#[tokio::test]
+async fn wildcard_subscribers_never_see_replies_and_inbox_filters_are_refused() -> Result<()> {
+    let (bus, server) = open_gateway(GatewayConfig::default()).await?;
+    let _echo = echo(&bus, "svc.echo").await?;
+    let mut a = connected(&server.url()).await?;
+    let mut spy = connected(&server.url()).await?;
+    for filter in [
+        "_inbox.>",
+        "_inbox.*.*.*",
+        "_inbox.*.*",
+        "_inbox.*",
+        "_inbox",
+    ] {
+        spy.send(json!({"op": "sub", "id": "spy", "sid": "spy", "subject": filter}))
+            .await?;
+        assert_eq!(spy.error("Refused").await?["sid"], "spy", "{filter}");
+    }
+    let sids = ["all", "some", "four"];
+    spy.subscribe("all", ">", None).await?;
+    spy.subscribe("some", "*.>", None).await?;
+    spy.subscribe("four", "*.*.*.*", None).await?;
+    for i in 0..3 {
+        a.send(json!({"op": "req", "id": i, "subject": "svc.echo", "data": "hi"}))
+            .await?;
+        let reply = a.frame().await?;
+        assert_eq!(
+            (reply["op"].clone(), reply["id"].clone()),
+            (json!("reply"), json!(i))
+        );
+    }
+    // After the replies, a marker each subscription matches: a forwarder
+    // keeps the bus's order, so a reply given to the spy comes before it.
+    bus.publish("end.x.y.z", "end").await?;
+    let mut ended = Vec::new();
+    let mut requests = 0;
+    while ended.len() < sids.len() {
+        let frame = spy.frame().await?;
+        assert_eq!(frame["op"], "msg", "{frame}");
+        let subject = frame["subject"].as_str().unwrap_or_default();
+        assert!(
+            !subject.starts_with("_inbox"),
+            "a reply reached the spy: {frame}"
+        );
+        match subject {
+            "end.x.y.z" => ended.push(frame["sid"].to_string()),
+            "svc.echo" => requests += 1,
+            _ => anyhow::bail!("unexpected {frame}"),
+        }
+    }
+    assert_eq!(requests, 6, "the requests themselves (`>` and `*.>`)");
+    spy.still_open().await?;
+    Ok(())
+}
+
+/// Second review: a connection's inbox was outside the bus's inbox prefix,
+/// so each connection's first request changed the bus's interest (which
+/// routes must carry to every node before a remote reply can come back).
+/// Now connection inboxes sit under the prefix's one permanent interest.
+#[tokio::test]
+async fn browser_requests_change_no_interest() -> Result<()> {
+    let (bus, server) = open_gateway(GatewayConfig::default()).await?;
+    let _echo = echo(&bus, "svc.echo").await?;
+    let before = bus.local_interest();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut client = connected(&server.url()).await?;
+        client
+            .send(json!({"op": "req", "id": i, "subject": "svc.echo", "data": "hi"}))
+            .await?;
+        assert_eq!(client.frame().await?["data"], "re: hi");
+        assert_eq!(
+            bus.local_interest(),
+            before,
+            "after connection {i}'s request"
+        );
+        clients.push(client);
+    }
+    drop(clients);
     Ok(())
 }
 
