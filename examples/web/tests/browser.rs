@@ -12,7 +12,7 @@
 //! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium
 //! chromium-driver`; `CHROMIUM` and `CHROMEDRIVER` name other binaries).
 //! Without them each test prints that it was skipped and passes, unless
-//! `COURIER_REQUIRE_BROWSER` is set (CI sets it), when it fails instead.
+//! `CI_REQUIRE_BROWSER` is set (CI sets it), when it fails instead.
 //!
 //! What they leave behind, under `target/browser-tests/`: on success the
 //! README's screenshots (`web-example.png`, `dashboard.png`); on failure
@@ -1028,9 +1028,9 @@ impl Harness {
         let chromium = find_program("CHROMIUM", "/usr/bin/chromium", "chromium");
         let chromedriver = find_program("CHROMEDRIVER", "/usr/bin/chromedriver", "chromedriver");
         let (Some(chromium), Some(chromedriver)) = (chromium, chromedriver) else {
-            if std::env::var_os("COURIER_REQUIRE_BROWSER").is_some() {
+            if std::env::var_os("CI_REQUIRE_BROWSER").is_some() {
                 bail!(
-                    "COURIER_REQUIRE_BROWSER is set: install chromium and chromium-driver \
+                    "CI_REQUIRE_BROWSER is set: install chromium and chromium-driver \
                      (Debian: apt-get install chromium chromium-driver)"
                 );
             }
