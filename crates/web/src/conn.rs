@@ -9,17 +9,19 @@
 //! frame larger than it, sent alone), however many subscriptions wait.
 //!
 //! Requests go out inline, under the connection's own publisher identity
-//! (so in order with its publishes), to an inbox of the connection's own
-//! under the bus's inbox prefix: `_inbox.<nonce>.<conn>.<req>`, with
-//! `<conn>` random per connection and `<req>` random per request (a
-//! service that saw one request cannot name the next one's inbox), one bus
-//! subscription (`…<conn>.*`) for all its requests. Being under the bus's
-//! prefix, that subscription is covered by the bus's one permanent inbox
-//! interest: requests cause no interest changes for routes to carry, and
-//! a reply from another node needs no interest to reach it first. No
-//! browser may subscribe to an `_inbox` subject, and a subscription whose
-//! first token is a wildcard is never given one, so replies reach only
-//! the request that asked.
+//! (so in order with its publishes), to an inbox of the connection's own:
+//! `_inbox.<conn>.<req>`, with `<conn>` random per connection and `<req>`
+//! random per request (a service that saw one request cannot name the next
+//! one's inbox), one bus subscription (`_inbox.<conn>.*`) for all its
+//! requests. No browser may subscribe to an `_inbox` subject, and a
+//! subscription whose first token is a wildcard is never given one, so
+//! replies reach only the request that asked.
+//!
+//! Three tokens, not four under the bus's inbox prefix
+//! (`_inbox.<nonce>.<conn>.<req>`, which would spare routes one interest
+//! change per connection): the broker's access policy lets anyone answer
+//! only into `_inbox.<id>` and `_inbox.<id>.<n>`, so a service under it
+//! could not answer a four-token inbox.
 //!
 //! Dropping the connection's future (the socket closed, shutdown's grace
 //! ran out) drops its `JoinSet`s, which abort every subscription's
@@ -468,7 +470,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The connection's inbox: `<prefix>.*` on the bus (`prefix` is
-/// `_inbox.<nonce>.<conn>`), its replies handed to the waiting requests by
+/// `_inbox.<conn>`), its replies handed to the waiting requests by
 /// a task of its own. Dropped with the session: the task stops (its
 /// subscription leaves the bus).
 struct Inbox {
@@ -810,13 +812,13 @@ impl Session {
         self.send(message).await.map(drop)
     }
 
-    /// The connection's inbox prefix (`_inbox.<nonce>.<conn>`), subscribing
+    /// The connection's inbox prefix (`_inbox.<conn>`), subscribing
     /// `<prefix>.*` at the first request.
     async fn inbox(&mut self) -> Result<String, Refusal> {
         if let Some(inbox) = &self.inbox {
             return Ok(inbox.prefix.clone());
         }
-        let prefix = format!("{}{}", self.shared.bus.inbox_prefix(), random_id());
+        let prefix = format!("_inbox.{}", random_id());
         // Room for every request's reply at once; more (duplicates, or
         // someone flooding it) drop the oldest, and the dispatcher drops
         // what no request waits for.

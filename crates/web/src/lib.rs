@@ -24,9 +24,8 @@
 //!   subscriptions' slow-consumer policy (counted, and told once per burst
 //!   as a `Busy` error), never the broker's memory.
 //! - Requests go out at once, in order with the connection's publishes,
-//!   to an inbox of the connection's own under the bus's inbox prefix
-//!   (random per connection and per request, never shown in a `reply`
-//!   frame); no browser may subscribe to `_inbox` subjects, and a
+//!   to an inbox of the connection's own (random per connection and per
+//!   request, never shown in a `reply` frame); no browser may subscribe to `_inbox` subjects, and a
 //!   subscription starting with a wildcard is never given one.
 //! - [`GatewayConfig::allowed_origins`] lists the pages' origins that may
 //!   connect (HTTP 403 for others; by default any).
