@@ -886,11 +886,7 @@ impl Session {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(reply)) => {
                     let body = Body::of(&reply);
-                    // `{"op":"reply","id":`, the id as JSON (a string of
-                    // control characters escapes to six bytes each) and
-                    // `}`; the body counts its own comma.
-                    let id_len = serde_json::to_string(&id).map_or(0, |text| text.len());
-                    let Some(room) = out.reserve(20 + id_len + body.len()).await else {
+                    let Some(room) = out.reserve(reply_len(&id, &body)).await else {
                         return;
                     };
                     room.send(Outbound::Reply { id: &id, body }.text());
@@ -907,6 +903,14 @@ impl Session {
         });
         Ok(())
     }
+}
+
+/// The most a `reply` frame's text takes: `{"op":"reply","id":`, the id
+/// as JSON (a string of control characters escapes to six bytes each) and
+/// `}`; the body counts its own comma.
+fn reply_len(id: &Id, body: &Body<'_>) -> usize {
+    let id_len = serde_json::to_string(id).map_or(0, |text| text.len());
+    20 + id_len + body.len()
 }
 
 fn required<'a>(field: &'a Option<String>, name: &str) -> Result<&'a str, Refusal> {
@@ -1001,4 +1005,36 @@ async fn forward(
         }
     }
     sid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Second review: the reply frame's room was `96 + body`, too little
+    /// for an id of 64 control characters (386 bytes of JSON).
+    #[test]
+    fn a_reply_is_never_longer_than_its_room() {
+        let message = Message {
+            subject: Subject::new("_inbox.a.b").unwrap(),
+            payload: Bytes::from_static(b"tea"),
+            publisher: 1,
+            seq: 0,
+            reply_to: None,
+            headers: Headers::new(),
+        };
+        let ids = [
+            Id::from("\u{1}".repeat(MAX_NAME_LEN)),
+            Id::from("\"".repeat(MAX_NAME_LEN)),
+            Id::from(u64::MAX),
+            Id::from(i64::MIN),
+            Id::from(""),
+        ];
+        for id in ids {
+            let body = Body::of(&message);
+            let room = reply_len(&id, &body);
+            let text = Outbound::Reply { id: &id, body }.text();
+            assert!(text.len() <= room, "{} > {room}: {text}", text.len());
+        }
+    }
 }
