@@ -493,9 +493,9 @@ impl Drop for Forget {
     }
 }
 
-/// 128 unpredictable bits as hex (32 digits), for an inbox's tokens: SipHash keyed by
-/// std's `RandomState` (seeded from the operating system's randomness) of
-/// a counter and the time. The workspace has no random-number crate; a
+/// 128 unpredictable bits as hex (32 digits), for an inbox's tokens:
+/// SipHash keyed by std's `RandomState` (seeded from the operating
+/// system's randomness) of a counter and the time. The workspace has no random-number crate; a
 /// keyed PRF of distinct inputs is as good for an unguessable name.
 fn random_id() -> String {
     use std::hash::{BuildHasher, Hasher};
