@@ -105,7 +105,62 @@ impl tracing::Subscriber for Recorder {
     fn exit(&self, _: &tracing::span::Id) {}
 }
 
+std::thread_local! {
+    /// The recorder of the test running on this thread.
+    static CURRENT: std::cell::RefCell<Option<Recorder>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The global subscriber of this test binary: it hands each span to the
+/// recorder of the thread that made it (every test here runs on one
+/// thread). A scoped `set_default` per test is not enough: a test on
+/// another thread that reaches a callsite first, with no recorder alive,
+/// can cache that callsite as never enabled and the recorder misses its
+/// spans (seen under load).
+struct Forward;
+
+impl tracing::Subscriber for Forward {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        CURRENT.with(|current| current.borrow().is_some())
+    }
+    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        CURRENT.with(|current| match &*current.borrow() {
+            Some(recorder) => recorder.new_span(span),
+            None => tracing::span::Id::from_u64(u64::MAX),
+        })
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Stops the thread's recording when dropped.
+struct Recording;
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        CURRENT.with(|current| *current.borrow_mut() = None);
+    }
+}
+
 impl Recorder {
+    /// Records the spans made on this thread until the guard is dropped.
+    fn record_here(&self) -> Recording {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            tracing::subscriber::set_global_default(Forward).expect("no other global subscriber")
+        });
+        CURRENT.with(|current| *current.borrow_mut() = Some(self.clone()));
+        Recording
+    }
+
     /// The `rpc` spans, in the order they were made.
     fn rpc_spans(&self) -> Vec<HashMap<String, String>> {
         self.spans
@@ -121,7 +176,7 @@ impl Recorder {
 #[tokio::test]
 async fn a_client_server_server_chain_shares_one_trace() {
     let recorder = Recorder::default();
-    let _default = tracing::subscriber::set_default(recorder.clone());
+    let _recording = recorder.record_here();
     for address in [mem(), "tcp://127.0.0.1:0".parse().unwrap()] {
         recorder.spans.lock().unwrap().clear();
         let last = serve(mem(), Hopper::default()).await;
@@ -161,7 +216,7 @@ async fn a_client_server_server_chain_shares_one_trace() {
 #[tokio::test]
 async fn without_a_trace_context_none_is_sent_or_made() {
     let recorder = Recorder::default();
-    let _default = tracing::subscriber::set_default(recorder.clone());
+    let _recording = recorder.record_here();
     let last = serve(mem(), Hopper::default()).await;
     let middle = serve(
         mem(),
