@@ -56,7 +56,9 @@ impl QueueOptions {
 /// A message to enqueue.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
-    /// Its bytes.
+    /// Its bytes (decoded from the network as a slice of the received
+    /// frame where the decoder allows: see [`courier_wire::shared`]).
+    #[serde(deserialize_with = "courier_wire::shared::deserialize")]
     pub payload: Bytes,
     /// Idempotency key: an enqueue with a key seen recently is a duplicate.
     pub key: Option<String>,

@@ -175,7 +175,9 @@ pub struct WireDelivery {
     pub id: MessageId,
     /// 1 for the first delivery, then 2, …
     pub delivery: u32,
-    /// Its bytes.
+    /// Its bytes (a slice of the received frame: see
+    /// [`courier_wire::shared`]).
+    #[serde(deserialize_with = "courier_wire::shared::deserialize")]
     pub payload: Bytes,
     /// Its headers (bounded as they are decoded).
     pub headers: Headers,

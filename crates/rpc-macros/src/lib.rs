@@ -119,6 +119,38 @@ fn wrapped(ty: &syn::Type, wrapper: &str) -> Option<syn::Type> {
     }
 }
 
+/// The type an argument is decoded as on the server: `Bytes` (written
+/// `Bytes`, `bytes::Bytes` or `::bytes::Bytes`, with no generics) decodes as
+/// `courier_rpc`'s `SharedBytes`, the same on the wire but able to borrow
+/// the request's frame instead of copying; every other type as itself.
+fn decoded_as(ty: &syn::Type) -> syn::Type {
+    match is_bytes(ty) {
+        true => syn::parse_quote!(::courier_rpc::__private::SharedBytes),
+        false => ty.clone(),
+    }
+}
+
+/// Whether `ty` is written as `bytes::Bytes` (see [`decoded_as`]).
+fn is_bytes(ty: &syn::Type) -> bool {
+    let syn::Type::Path(path) = ty else {
+        return false;
+    };
+    let segments: Vec<String> = path
+        .path
+        .segments
+        .iter()
+        .map(|segment| match segment.arguments {
+            syn::PathArguments::None => segment.ident.to_string(),
+            _ => String::new(),
+        })
+        .collect();
+    path.qself.is_none()
+        && matches!(
+            segments.iter().map(String::as_str).collect::<Vec<_>>()[..],
+            ["Bytes"] | ["bytes", "Bytes"]
+        )
+}
+
 /// A type as the programmer would write it (`Vec<u8>`, not `Vec < u8 >`),
 /// for error messages.
 fn pretty(ty: &syn::Type) -> String {
@@ -511,9 +543,17 @@ fn expand(service: ItemTrait) -> syn::Result<proc_macro2::TokenStream> {
             ),
             (None, None) => (quote! {}, quote! { ::courier_rpc::__private::encode_reply(&service.#name(#(#args),*).await) }),
         };
+        let decoded = types.iter().map(decoded_as);
+        let shared: Vec<&syn::Ident> = args
+            .iter()
+            .zip(types)
+            .filter(|(_, ty)| is_bytes(ty))
+            .map(|(arg, _)| arg)
+            .collect();
         quote! {
             #method => {
-                let (#(#args,)*): (#(#types,)*) = ::courier_rpc::__private::decode_args(args)?;
+                let (#(#args,)*): (#(#decoded,)*) = ::courier_rpc::__private::decode_args(args)?;
+                #(let #shared = #shared.0;)*
                 #sink
                 let service = ::std::sync::Arc::clone(&self.0);
                 ::core::result::Result::Ok(::std::boxed::Box::pin(async move { #call }))

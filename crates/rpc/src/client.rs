@@ -20,6 +20,7 @@ use courier_transport::{
     connect, Address, Frame, FrameKind, FrameReceiver, FrameSender, Heartbeat, RecvError,
     SendError, TransportConfig,
 };
+use courier_wire::shared::Sharing;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -1329,7 +1330,8 @@ impl Client {
             Ok(Ok(outcome)) => {
                 guard.answered = true;
                 let bytes = outcome?;
-                crate::__private::decode(&bytes).map_err(|err| RpcError::Decode(err.to_string()))
+                crate::__private::decode_shared(&bytes, Sharing::Always)
+                    .map_err(|err| RpcError::Decode(err.to_string()))
             }
             Ok(Err(_)) => {
                 guard.answered = true;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use courier_transport::{Flags, Frame, FrameKind, FrameSender, SendError};
+use courier_wire::shared::Sharing;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -128,7 +129,9 @@ impl<T: DeserializeOwned> Incoming<T> {
             Some(Inbound::Item(bytes, _budget)) => {
                 self.consumed += 1;
                 Some(
-                    crate::__private::decode(&bytes)
+                    // The handler may keep what it receives: only large
+                    // payloads share their frame (see `Sharing::Large`).
+                    crate::__private::decode_shared(&bytes, Sharing::Large)
                         .map_err(|err| IncomingError::Decode(err.to_string())),
                 )
             }
@@ -354,6 +357,7 @@ impl<In: Serialize, R: DeserializeOwned> ClientStream<In, R> {
         };
         self.guard.answered = true;
         let bytes = answer?;
-        crate::__private::decode(&bytes).map_err(|err| RpcError::Decode(err.to_string()))
+        crate::__private::decode_shared(&bytes, Sharing::Always)
+            .map_err(|err| RpcError::Decode(err.to_string()))
     }
 }

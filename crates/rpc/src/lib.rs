@@ -262,6 +262,19 @@
 //! (as a mismatch, or as an undecodable report, since the mismatch report
 //! now names the method).
 //!
+//! ## Payloads without copies
+//!
+//! A `bytes::Bytes` argument, and any `Bytes` field marked
+//! `#[serde(deserialize_with = "courier_wire::shared::deserialize")]` in an
+//! argument, reply or item type, is decoded as a slice of the frame it
+//! arrived in instead of a copy (the wire form is `Bytes`'s own, so the
+//! fingerprint does not change). The client shares every such payload: a
+//! reply or item it keeps keeps its frame's buffer alive. The server shares
+//! only payloads of 32 KiB or more that are at least a quarter of their
+//! frame and copies the rest, so a handler that stores what it receives
+//! (a broker holding messages for a slow subscriber) stays within its
+//! memory bound; see [`courier_wire::shared::Sharing`].
+//!
 //! ## Server streaming
 //!
 //! A method whose last parameter is [`Items<T>`] streams: the handler sends
@@ -602,6 +615,20 @@ pub mod __private {
             Err(postcard::Error::DeserializeBadEncoding)
         }
     }
+
+    /// Decodes `bytes`, a received frame's payload, with its `Bytes`
+    /// fields (those marked with `courier_wire::shared::deserialize`, and
+    /// `Bytes` arguments) as slices of it where `sharing` allows.
+    pub fn decode_shared<T: DeserializeOwned>(
+        bytes: &bytes::Bytes,
+        sharing: courier_wire::shared::Sharing,
+    ) -> Result<T, postcard::Error> {
+        courier_wire::shared::with_source(bytes, sharing, || decode(bytes))
+    }
+
+    /// What a `Bytes` argument decodes as (a slice of the request where
+    /// the server shares: see `courier_wire::shared`).
+    pub use courier_wire::shared::SharedBytes;
 
     pub fn decode_args<T: DeserializeOwned>(args: &[u8]) -> Result<T, RpcFault> {
         decode(args).map_err(|err| RpcFault::Malformed {

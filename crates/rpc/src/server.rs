@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use courier_wire::shared::Sharing;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
@@ -1370,7 +1371,12 @@ fn start(
         credit: credit.clone(),
         inbound: source,
     };
-    let reply = service.call(header.method, args, items)?;
+    // The handler may keep its arguments (a broker holds payloads for slow
+    // subscribers under a memory bound): only large payloads share the
+    // request's frame, the rest are copied (see `Sharing::Large`).
+    let reply = courier_wire::shared::with_source(payload, Sharing::Large, || {
+        service.call(header.method, args, items)
+    })?;
     // A deadline too far to represent is as good as none (and must not
     // overflow the clock).
     let deadline = match ext.no_deadline {

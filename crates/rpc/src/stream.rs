@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use courier_transport::{Frame, FrameKind, FrameSender, SendError};
+use courier_wire::shared::Sharing;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
@@ -254,7 +255,7 @@ impl<T: DeserializeOwned> ItemStream<T> {
             Ok(Some(bytes)) => {
                 self.consumed += 1;
                 Some(
-                    crate::__private::decode(&bytes)
+                    crate::__private::decode_shared(&bytes, Sharing::Always)
                         .map_err(|err| RpcError::Decode(err.to_string())),
                 )
             }

@@ -16,6 +16,8 @@
 //!   headers.
 //! - [`preamble`]: the eight bytes that open every stream connection, so
 //!   strangers are refused before their bytes are read as frames.
+//! - [`shared`]: payload bytes decoded as slices of the received frame
+//!   rather than copies, bounded by what the decoder lets them keep alive.
 //! - [`schema`]: a type's serde shape and its fingerprint, which every
 //!   typed face (messages, RPC, pub/sub, queues) carries so that a peer
 //!   built with another version of the type is refused, not misread.
@@ -67,6 +69,7 @@ mod kind;
 pub mod payload;
 pub mod preamble;
 pub mod schema;
+pub mod shared;
 pub mod trace;
 
 pub use codec::{Checksum, FrameCodec};

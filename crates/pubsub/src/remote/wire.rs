@@ -137,7 +137,9 @@ pub struct WirePublish {
     pub subject: String,
     /// Where to reply, for request-reply.
     pub reply_to: Option<String>,
-    /// Its bytes.
+    /// Its bytes (a slice of the received frame where the decoder allows:
+    /// see [`courier_wire::shared`]).
+    #[serde(deserialize_with = "courier_wire::shared::deserialize")]
     pub payload: Bytes,
     /// Its headers (bounded when decoded).
     pub headers: Headers,
@@ -205,7 +207,9 @@ pub enum WireEvent {
     Message {
         /// Its subject.
         subject: WireText,
-        /// Its bytes.
+        /// Its bytes (a slice of the received frame: see
+        /// [`courier_wire::shared`]).
+        #[serde(deserialize_with = "courier_wire::shared::deserialize")]
         payload: Bytes,
         /// The publisher.
         publisher: u64,
