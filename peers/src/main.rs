@@ -57,6 +57,8 @@ struct Args {
 struct Counts {
     pubsub: u64,
     fan_out: u64,
+    /// Messages of the 64 KiB pub/sub row.
+    large: u64,
     warmup: u64,
     latency: u64,
     queue: u64,
@@ -69,6 +71,7 @@ impl Counts {
             Counts {
                 pubsub: 2_000,
                 fan_out: 1_000,
+                large: 200,
                 warmup: 50,
                 latency: 200,
                 queue: 1_000,
@@ -78,6 +81,7 @@ impl Counts {
             Counts {
                 pubsub: 1_000_000,
                 fan_out: 250_000,
+                large: 50_000,
                 warmup: 2_000,
                 latency: 20_000,
                 queue: 100_000,
@@ -196,9 +200,12 @@ impl Bench {
 
     fn pubsub_rows(&mut self, placement: Placement) {
         let runs = self.args.runs;
-        for (fan_out, count, name) in [
-            (1usize, self.counts.pubsub, "pubsub 1->1 128B"),
-            (4, self.counts.fan_out, "fan-out 1->4 128B"),
+        // The 64 KiB row is where copies of the payload, not per-message
+        // overheads, set the rate.
+        for (fan_out, count, size, name) in [
+            (1usize, self.counts.pubsub, 128, "pubsub 1->1 128B"),
+            (4, self.counts.fan_out, 128, "fan-out 1->4 128B"),
+            (1, self.counts.large, 64 * 1024, "pubsub 1->1 64KiB"),
         ] {
             if !self.wanted(name) {
                 continue;
@@ -210,19 +217,19 @@ impl Bench {
                     median(runs, || {
                         Ok(rate(
                             count,
-                            courier_benches::raw::stream(placement, 128, count),
+                            courier_benches::raw::stream(placement, size, count),
                         ))
                     }),
                 )
             });
             let nats = median(runs, || {
                 let broker = self.nats_broker(placement)?;
-                on_client_cpu(|| pubsub::nats(broker.addr, count, 128, fan_out))
+                on_client_cpu(|| pubsub::nats(broker.addr, count, size, fan_out))
             });
             for publishing in [pubsub::Publishing::Plain, pubsub::Publishing::Batched] {
                 let courier = median(runs, || {
                     let broker = self.courier_broker(placement, "never")?;
-                    on_client_cpu(|| pubsub::courier(broker.addr, count, 128, fan_out, publishing))
+                    on_client_cpu(|| pubsub::courier(broker.addr, count, size, fan_out, publishing))
                 });
                 let (how, target) = match publishing {
                     pubsub::Publishing::Plain => ("publish", ">= 4x NATS (floor 2x)"),
