@@ -183,7 +183,9 @@ pub enum RouteItem {
         reply_to: Option<WireText>,
         /// The publisher, as the sending node numbers them.
         publisher: u64,
-        /// Its bytes.
+        /// Its bytes (a large payload is a slice of the received frame:
+        /// see [`courier_wire::shared`]).
+        #[serde(deserialize_with = "courier_wire::shared::deserialize")]
         payload: Bytes,
         /// The queue groups, as (filter, group), the receiver is to give
         /// it to one member of.

@@ -119,10 +119,11 @@ fn wrapped(ty: &syn::Type, wrapper: &str) -> Option<syn::Type> {
     }
 }
 
-/// The type an argument is decoded as on the server: `Bytes` (written
-/// `Bytes`, `bytes::Bytes` or `::bytes::Bytes`, with no generics) decodes as
-/// `courier_rpc`'s `SharedBytes`, the same on the wire but able to borrow
-/// the request's frame instead of copying; every other type as itself.
+/// The type an argument is decoded as on the server: `bytes::Bytes`
+/// (written so, or `::bytes::Bytes`) decodes as `courier_rpc`'s
+/// `SharedBytes`, the same on the wire but able to borrow the request's
+/// frame instead of copying; every other type as itself. A bare `Bytes` is
+/// left alone: it may be the user's own type of that name.
 fn decoded_as(ty: &syn::Type) -> syn::Type {
     match is_bytes(ty) {
         true => syn::parse_quote!(::courier_rpc::__private::SharedBytes),
@@ -147,7 +148,7 @@ fn is_bytes(ty: &syn::Type) -> bool {
     path.qself.is_none()
         && matches!(
             segments.iter().map(String::as_str).collect::<Vec<_>>()[..],
-            ["Bytes"] | ["bytes", "Bytes"]
+            ["bytes", "Bytes"]
         )
 }
 

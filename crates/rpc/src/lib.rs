@@ -264,7 +264,8 @@
 //!
 //! ## Payloads without copies
 //!
-//! A `bytes::Bytes` argument, and any `Bytes` field marked
+//! An argument whose type is written `bytes::Bytes` (the path, not a bare
+//! `Bytes`, which could name another type), and any `Bytes` field marked
 //! `#[serde(deserialize_with = "courier_wire::shared::deserialize")]` in an
 //! argument, reply or item type, is decoded as a slice of the frame it
 //! arrived in instead of a copy (the wire form is `Bytes`'s own, so the

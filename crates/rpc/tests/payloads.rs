@@ -18,17 +18,42 @@ pub struct Pair {
     pub second: Bytes,
 }
 
+/// A type of the user's own that happens to be called `Bytes`: an
+/// argument of that type is decoded as itself.
+mod own {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+    pub struct Bytes(pub Vec<u8>);
+}
+
 #[courier_rpc::service]
 pub trait Payloads {
     /// Returns both arguments, as received.
-    async fn echo(&self, first: Bytes, n: u32, second: bytes::Bytes) -> Pair;
+    async fn echo(&self, first: ::bytes::Bytes, n: u32, second: bytes::Bytes) -> Pair;
     /// Sends `count` pairs, each a copy of the arguments.
-    async fn repeat(&self, first: Bytes, second: Bytes, count: u32, items: Items<Pair>);
+    async fn repeat(
+        &self,
+        first: bytes::Bytes,
+        second: bytes::Bytes,
+        count: u32,
+        items: Items<Pair>,
+    );
+    /// Whether the two payloads arrived as slices of the request (they
+    /// lie side by side in memory), with `padding` between them and the
+    /// rest of the frame.
+    async fn shared(&self, first: bytes::Bytes, second: bytes::Bytes, padding: Vec<u8>) -> bool;
+    /// The user's own `Bytes`, back.
+    async fn own(&self, value: own::Bytes) -> own::Bytes;
 }
 
 struct Service;
 
 impl Payloads for Service {
+    async fn shared(&self, first: Bytes, second: Bytes, _padding: Vec<u8>) -> bool {
+        adjacent(&first, &second)
+    }
+    async fn own(&self, value: own::Bytes) -> own::Bytes {
+        value
+    }
     async fn echo(&self, first: Bytes, n: u32, second: Bytes) -> Pair {
         assert_eq!(n, 7, "the argument after a payload decodes too");
         Pair { first, second }
@@ -132,6 +157,37 @@ async fn payloads_of_every_size_arrive_whole_and_the_client_shares_its_frames() 
                 }
             }
             assert!(items.next().await.is_none());
+        }
+        let value = own::Bytes(vec![1, 2, 3]);
+        assert_eq!(client.own(value.clone()).await.unwrap(), value);
+    }
+}
+
+/// The server shares only payloads of 32 KiB or more that are at least a
+/// quarter of their frame (`Sharing::Large`): a handler that keeps small
+/// ones must not pin the read buffers they arrived in.
+#[tokio::test]
+async fn the_server_shares_only_large_payloads_that_are_much_of_their_frame() {
+    for address in ["tcp://127.0.0.1:0".parse().unwrap(), mem()] {
+        let server = serve(address).await;
+        let client = PayloadsClient::new(
+            Client::connect(server.local_addr(), ClientConfig::default())
+                .await
+                .unwrap(),
+        );
+        let large = 40 * 1024;
+        for (first, second, padding, shared) in [
+            (large, large, 0, true),
+            (1024, 1024, 0, false),
+            (32 * 1024 - 1, 32 * 1024 - 1, 0, false),
+            // Each is under a quarter of the frame.
+            (large, large, 200 * 1024, false),
+        ] {
+            let answer = client
+                .shared(pattern(first, 1), pattern(second, 2), vec![0; padding])
+                .await
+                .unwrap();
+            assert_eq!(answer, shared, "{first} and {second} B beside {padding} B");
         }
     }
 }

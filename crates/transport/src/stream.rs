@@ -564,7 +564,26 @@ impl StreamReader {
     /// A frame already buffered, if there is one. Synchronous, so the common
     /// case of a read that brought many frames costs no async machinery.
     pub(crate) fn try_recv(&mut self) -> Result<Option<courier_wire::Frame>, RecvError> {
-        Ok(self.codec.decode_frame(&mut self.buf)?)
+        let frame = self.codec.decode_frame(&mut self.buf)?;
+        if let Some(frame) = &frame {
+            // Frames are slices of the read buffer, and payloads decoded
+            // from them may be slices too (`courier_wire::shared`): a
+            // small frame read into the tail of a buffer grown for a large
+            // one would keep that whole allocation alive. So after a large
+            // frame, or once the buffer has grown, what follows moves to a
+            // buffer of the usual size (at most one read's worth copied).
+            if frame.payload.len() > READ_CHUNK || self.buf.capacity() > 2 * READ_CHUNK {
+                self.rehome();
+            }
+        }
+        Ok(frame)
+    }
+
+    /// Moves the buffered bytes to a fresh buffer of [`READ_CHUNK`].
+    fn rehome(&mut self) {
+        let mut fresh = BytesMut::with_capacity(READ_CHUNK.max(self.buf.len()));
+        fresh.extend_from_slice(&self.buf);
+        self.buf = fresh;
     }
 
     /// The next frame, `None` at a clean end of stream. Cancel-safe: bytes
@@ -717,6 +736,42 @@ mod tests {
             ids.push(frame.id);
         }
         assert_eq!(ids, (0..=100).collect::<Vec<_>>(), "all frames, in order");
+    }
+
+    #[tokio::test]
+    async fn small_frames_after_a_large_one_do_not_share_its_allocation() {
+        let codec = FrameCodec::new().max_frame_size(4 << 20);
+        let mut wire = BytesMut::new();
+        let big = Frame::data(1, Bytes::from(vec![7u8; READ_CHUNK * 3 / 2]));
+        codec.encode_frame(&big, &mut wire).unwrap();
+        for id in 2..100 {
+            codec
+                .encode_frame(&Frame::data(id, &b"small"[..]), &mut wire)
+                .unwrap();
+        }
+        let mut reader = StreamReader::new(Box::new(std::io::Cursor::new(wire.to_vec())), codec);
+        let large = reader.recv().await.unwrap().unwrap();
+        assert_eq!(large.payload.len(), READ_CHUNK * 3 / 2);
+        let span =
+            large.payload.as_ptr() as usize..large.payload.as_ptr() as usize + large.payload.len();
+        // Held, like a payload a subscriber keeps: every later frame lives
+        // in a buffer of the usual size, not in the large frame's.
+        for id in 2..100 {
+            let small = reader.recv().await.unwrap().unwrap();
+            assert_eq!((small.id, &small.payload[..]), (id, &b"small"[..]));
+            // Without the move they would sit right after it in memory.
+            let at = small.payload.as_ptr() as usize;
+            assert!(
+                !(span.end..span.end + 2 * READ_CHUNK).contains(&at),
+                "frame {id}"
+            );
+            assert!(
+                reader.buf.capacity() <= 2 * READ_CHUNK,
+                "{}",
+                reader.buf.capacity()
+            );
+        }
+        assert!(reader.recv().await.unwrap().is_none());
     }
 
     #[tokio::test]

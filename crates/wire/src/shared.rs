@@ -50,13 +50,13 @@ pub enum Sharing {
     /// Every payload is a slice of the frame.
     Always,
     /// Only a payload of at least [`LARGE`] bytes that is at least a
-    /// quarter of its frame is a slice; smaller ones are copied. A held
-    /// payload then keeps at most about four times its own size alive
-    /// (its frame, and the read buffer the frame shares with its
-    /// neighbours, about as much again), so a store bounded in payload
-    /// bytes stays bounded in memory, while a batch of a few large
-    /// messages (a publisher's sender joins them up to 256 KiB a frame)
-    /// is forwarded without a copy.
+    /// quarter of its frame is a slice; smaller ones are copied. With
+    /// Courier's stream reader, which reads small frames into buffers of
+    /// at most 128 KiB and moves what follows a large frame out of that
+    /// frame's buffer, a held payload keeps at most about eight times its
+    /// own size alive, so a store bounded in payload bytes stays bounded in
+    /// memory, while a batch of a few large messages (a publisher's sender
+    /// joins them up to 256 KiB a frame) is forwarded without a copy.
     Large,
     /// Every payload is copied.
     Never,
@@ -338,6 +338,34 @@ mod tests {
         let result: Result<(u8, SharedBytes), _> =
             with_source(&cut, Sharing::Always, || postcard::from_bytes(&cut));
         assert!(result.is_err());
+    }
+
+    #[test]
+    fn a_shared_field_keeps_the_fingerprint_of_a_plain_one() {
+        mod plain {
+            #[derive(serde::Deserialize)]
+            pub struct Message {
+                pub _id: u32,
+                pub _payload: bytes::Bytes,
+            }
+        }
+        mod shared {
+            #[derive(serde::Deserialize)]
+            pub struct Message {
+                pub _id: u32,
+                #[serde(deserialize_with = "super::super::deserialize")]
+                pub _payload: bytes::Bytes,
+            }
+        }
+        let of = |schema: crate::schema::Schema| (schema.shape, schema.fingerprint);
+        assert_eq!(
+            of(crate::schema::Schema::of::<shared::Message>()),
+            of(crate::schema::Schema::of::<plain::Message>())
+        );
+        assert_eq!(
+            of(crate::schema::Schema::of::<(u8, SharedBytes)>()),
+            of(crate::schema::Schema::of::<(u8, Bytes)>())
+        );
     }
 
     #[test]

@@ -243,6 +243,9 @@ pub enum WireEvent {
 }
 
 /// The pub/sub protocol.
+// Payload arguments are written `bytes::Bytes` (the path) so that the
+// host decodes large ones as slices of the request (courier-rpc's docs,
+// "Payloads without copies").
 #[courier_rpc::service]
 pub trait PubSubService {
     /// Publishes under the client-chosen publisher identity `publisher`,
@@ -254,7 +257,7 @@ pub trait PubSubService {
         publisher: u64,
         subject: String,
         reply_to: Option<String>,
-        payload: Bytes,
+        payload: bytes::Bytes,
         headers: Headers,
     ) -> Result<u64, RemoteError>;
     /// Publishes one way: nothing comes back. The host applies one-way
@@ -271,7 +274,7 @@ pub trait PubSubService {
         seq: u64,
         subject: String,
         reply_to: Option<String>,
-        payload: Bytes,
+        payload: bytes::Bytes,
         headers: Headers,
     );
     /// A request, one way: published to `subject` with `reply_to` as
@@ -285,7 +288,7 @@ pub trait PubSubService {
         requester: u64,
         subject: String,
         reply_to: String,
-        payload: Bytes,
+        payload: bytes::Bytes,
         headers: Headers,
     );
     /// Many publishes, one way (one `seq` for the frame), each judged
