@@ -80,11 +80,16 @@ fn mem() -> Address {
     ))
 }
 
-async fn serve(address: Address) -> ServerHandle {
+/// A server at `address` and a client connected to it.
+async fn connected(address: Address) -> (ServerHandle, PayloadsClient) {
     let listener = bind(&address, &TransportConfig::default()).await.unwrap();
-    Server::new(ServerConfig::default())
+    let server = Server::new(ServerConfig::default())
         .service(PayloadsServer::new(Service))
-        .spawn(listener)
+        .spawn(listener);
+    let client = Client::connect(server.local_addr(), ClientConfig::default())
+        .await
+        .unwrap();
+    (server, PayloadsClient::new(client))
 }
 
 /// A payload of `len` bytes whose content depends on `seed` and position,
@@ -123,12 +128,7 @@ async fn payloads_of_every_size_arrive_whole_and_the_client_shares_its_frames() 
         300_000,
     ];
     for address in ["tcp://127.0.0.1:0".parse().unwrap(), mem()] {
-        let server = serve(address).await;
-        let client = PayloadsClient::new(
-            Client::connect(server.local_addr(), ClientConfig::default())
-                .await
-                .unwrap(),
-        );
+        let (_server, client) = connected(address).await;
         for (i, &size) in sizes.iter().enumerate() {
             let first = pattern(size, i as u8);
             let second = pattern(size / 2 + 1, 100 + i as u8);
@@ -169,12 +169,7 @@ async fn payloads_of_every_size_arrive_whole_and_the_client_shares_its_frames() 
 #[tokio::test]
 async fn the_server_shares_only_large_payloads_that_are_much_of_their_frame() {
     for address in ["tcp://127.0.0.1:0".parse().unwrap(), mem()] {
-        let server = serve(address).await;
-        let client = PayloadsClient::new(
-            Client::connect(server.local_addr(), ClientConfig::default())
-                .await
-                .unwrap(),
-        );
+        let (_server, client) = connected(address).await;
         let large = 40 * 1024;
         for (first, second, padding, shared) in [
             (large, large, 0, true),
