@@ -85,6 +85,7 @@
 pub mod client;
 pub mod network;
 pub mod node;
+pub mod queue_state;
 pub mod service;
 pub mod state;
 pub mod storage;

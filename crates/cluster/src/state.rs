@@ -342,6 +342,17 @@ impl ClusterState {
             Command::KvBatch(commands) => {
                 Response::KvBatch(commands.iter().map(|c| self.apply_kv(c)).collect())
             }
+            // Another kind of group's command: nothing changes.
+            Command::Queue(commands) => Response::Queue(
+                commands
+                    .iter()
+                    .map(|_| {
+                        crate::queue_state::QueueResponse::Refused(
+                            "the metadata group holds no queue".into(),
+                        )
+                    })
+                    .collect(),
+            ),
         }
     }
 

@@ -179,6 +179,14 @@ pub enum StorageOpenError {
 /// the `vote` and `snapshot` files beside it. Replays the log to rebuild
 /// the index and loads the snapshot, if any, into the state machine.
 pub async fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StorageOpenError> {
+    open_group(dir).await
+}
+
+/// [`open`] for a group whose log builds `S` (a queue group's state, say):
+/// the same files, the same guarantees.
+pub async fn open_group<S: GroupState>(
+    dir: &Path,
+) -> Result<(LogStore, StateMachineStore<S>), StorageOpenError> {
     let dir = dir.to_path_buf();
     let opened = tokio::task::spawn_blocking(move || open_files(dir))
         .await
@@ -745,21 +753,70 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// What a Raft group's log builds, applied in log order on every member.
+///
+/// Every group shares one [`TypeConfig`] (so one connection, one network
+/// and one log format carry them all); a group answers a command meant for
+/// another kind of group without changing anything.
+pub trait GroupState: Clone + Debug + Send + Sync + 'static {
+    /// The state before any entry.
+    fn empty() -> Self;
+    /// Applies one command. Deterministic: no clock, no randomness, no
+    /// iteration over unordered maps that reaches the result.
+    fn apply(&mut self, command: &crate::types::Command) -> Response;
+    /// The whole state as bytes.
+    fn to_snapshot(&self) -> Vec<u8>;
+    /// The state from [`GroupState::to_snapshot`]'s bytes; anything else is
+    /// an error, never a panic.
+    fn from_snapshot(bytes: &[u8]) -> Result<Self, SnapshotError>;
+    /// A number that moves whenever applying changed what readers watch.
+    fn revision(&self) -> u64;
+}
+
+impl GroupState for ClusterState {
+    fn empty() -> Self {
+        ClusterState::default()
+    }
+    fn apply(&mut self, command: &crate::types::Command) -> Response {
+        ClusterState::apply(self, command)
+    }
+    fn to_snapshot(&self) -> Vec<u8> {
+        ClusterState::to_snapshot(self)
+    }
+    fn from_snapshot(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        ClusterState::from_snapshot(bytes)
+    }
+    fn revision(&self) -> u64 {
+        ClusterState::revision(self)
+    }
+}
+
 /// The replicated state and what readers share of it. Cheap to clone.
 ///
 /// The state is updated before the applied index is published, so once
 /// [`SharedState::last_applied_index`] is at least `i`, [`SharedState::read`]
 /// reflects entry `i`.
-#[derive(Clone, Debug)]
-pub struct SharedState {
-    state: Arc<RwLock<ClusterState>>,
+#[derive(Debug)]
+pub struct SharedState<S = ClusterState> {
+    state: Arc<RwLock<S>>,
     /// Last applied index + 1; 0 when nothing is applied.
     applied: Arc<AtomicU64>,
     revision: watch::Receiver<u64>,
     applied_bytes: Arc<AtomicU64>,
 }
 
-impl SharedState {
+impl<S> Clone for SharedState<S> {
+    fn clone(&self) -> Self {
+        SharedState {
+            state: self.state.clone(),
+            applied: self.applied.clone(),
+            revision: self.revision.clone(),
+            applied_bytes: self.applied_bytes.clone(),
+        }
+    }
+}
+
+impl<S> SharedState<S> {
     /// Bytes of commands applied since this node started (to ask for a
     /// snapshot by size, not only by entry count).
     pub fn applied_bytes(&self) -> u64 {
@@ -767,12 +824,12 @@ impl SharedState {
     }
 
     /// The state as it is now. Hold the guard briefly: applying waits for it.
-    pub fn read(&self) -> RwLockReadGuard<'_, ClusterState> {
+    pub fn read(&self) -> RwLockReadGuard<'_, S> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Wakes on every change of the store's revision
-    /// ([`ClusterState::revision`]); fails once the state machine is gone.
+    /// ([`GroupState::revision`]); fails once the state machine is gone.
     pub fn revision_watch(&self) -> watch::Receiver<u64> {
         let mut receiver = self.revision.clone();
         receiver.mark_unchanged();
@@ -852,13 +909,14 @@ fn command_size(command: &crate::types::Command) -> u64 {
         Command::Kv(c) => kv(c),
         Command::KvBatch(cs) => cs.iter().map(kv).sum(),
         Command::Meta(_) => 64,
+        Command::Queue(cs) => cs.iter().map(crate::queue_state::QueueCommand::size).sum(),
     }
 }
 
-/// The state machine of the metadata group.
+/// The state machine of one group (the metadata group's by default).
 #[derive(Debug)]
-pub struct StateMachineStore {
-    state: Arc<RwLock<ClusterState>>,
+pub struct StateMachineStore<S = ClusterState> {
+    state: Arc<RwLock<S>>,
     applied: Arc<AtomicU64>,
     applied_bytes: Arc<AtomicU64>,
     last_applied: Option<LogId<NodeId>>,
@@ -868,14 +926,14 @@ pub struct StateMachineStore {
     snapshots: Arc<SnapshotFiles>,
 }
 
-impl StateMachineStore {
+impl<S: GroupState> StateMachineStore<S> {
     fn new(
         dir: PathBuf,
         snapshot: Option<(Meta, Vec<u8>)>,
-    ) -> Result<StateMachineStore, StorageOpenError> {
+    ) -> Result<StateMachineStore<S>, StorageOpenError> {
         let (state, last_applied, membership, current, counter) = match snapshot {
             Some((meta, data)) => {
-                let state = ClusterState::from_snapshot(&data)?;
+                let state = S::from_snapshot(&data)?;
                 // Ids go on from the loaded one's counter, so they stay
                 // unique across restarts.
                 let counter = meta
@@ -892,13 +950,7 @@ impl StateMachineStore {
                     counter,
                 )
             }
-            None => (
-                ClusterState::default(),
-                None,
-                Membership::default(),
-                None,
-                0,
-            ),
+            None => (S::empty(), None, Membership::default(), None, 0),
         };
         let (revision, revision_rx) = watch::channel(state.revision());
         let applied = Arc::new(AtomicU64::new(last_applied.map_or(0, |id| id.index + 1)));
@@ -920,7 +972,7 @@ impl StateMachineStore {
 
     /// What readers share: the state, its revision and the applied index.
     /// Take it before the store moves into `Raft::new`.
-    pub fn shared(&self) -> SharedState {
+    pub fn shared(&self) -> SharedState<S> {
         SharedState {
             state: self.state.clone(),
             applied: self.applied.clone(),
@@ -945,14 +997,14 @@ impl StateMachineStore {
 
 /// Builds a snapshot of the state as it was when the builder was made.
 #[derive(Debug)]
-pub struct SnapshotBuilder {
-    state: ClusterState,
+pub struct SnapshotBuilder<S = ClusterState> {
+    state: S,
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     snapshots: Arc<SnapshotFiles>,
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+impl<S: GroupState> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
         let data = self.state.to_snapshot();
         let meta = Meta {
@@ -968,8 +1020,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotBuilder = SnapshotBuilder;
+impl<S: GroupState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
+    type SnapshotBuilder = SnapshotBuilder<S>;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), Error> {
         Ok((self.last_applied, self.membership.clone()))
@@ -1004,7 +1056,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(responses)
     }
 
-    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder<S> {
         SnapshotBuilder {
             state: self.state.read().unwrap_or_else(|p| p.into_inner()).clone(),
             last_applied: self.last_applied,
@@ -1023,7 +1075,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), Error> {
         let data = snapshot.into_inner();
-        let state = ClusterState::from_snapshot(&data).map_err(|e| {
+        let state = S::from_snapshot(&data).map_err(|e| {
             Error::from(StorageIOError::read_snapshot(
                 Some(meta.signature()),
                 AnyError::new(&e),

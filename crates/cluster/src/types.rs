@@ -51,6 +51,10 @@ pub enum Command {
     /// the writes that arrived while the previous entry was in flight),
     /// applied one after another as if each had its own entry.
     KvBatch(Vec<KvCommand>),
+    /// Commands of a queue group (group commit: the commands that arrived
+    /// while the previous entry was in flight), applied in order; answered
+    /// by [`Response::Queue`], one answer per command.
+    Queue(Vec<crate::queue_state::QueueCommand>),
 }
 
 /// What a write requires of the key's current state (etcd's compare).
@@ -351,4 +355,6 @@ pub enum Response {
     Meta(MetaResponse),
     /// From a [`Command::KvBatch`]: one answer per command, in order.
     KvBatch(Vec<KvResponse>),
+    /// From a [`Command::Queue`]: one answer per command, in order.
+    Queue(Vec<crate::queue_state::QueueResponse>),
 }

@@ -35,7 +35,7 @@
 //! persists removals) and arm a timer for [`QueueCore::poll_timeout`],
 //! calling [`QueueCore::handle_timeout`] when it fires.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 /// A message's identity: the log position of its enqueue.
@@ -116,7 +116,7 @@ pub struct Delivery {
 }
 
 /// A past delivery, kept for the dead-letter record.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeliveryRecord {
     /// Who got it.
     pub consumer: ConsumerId,
@@ -127,7 +127,7 @@ pub struct DeliveryRecord {
 }
 
 /// How a delivery ended without an acknowledgement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeliveryOutcome {
     /// The consumer refused it.
     Nacked,
@@ -224,7 +224,7 @@ pub struct QueueStats {
     pub consumers: u64,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum State {
     /// Waiting in `ready` from this time on.
     Ready(Duration),
@@ -234,7 +234,7 @@ enum State {
     },
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Entry {
     state: State,
     deliveries: u32,
@@ -242,14 +242,16 @@ struct Entry {
     history: Vec<DeliveryRecord>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Consumer {
     prefetch: usize,
-    leased: HashSet<MessageId>,
+    /// Ordered, so releasing them all (the consumer went) emits events in
+    /// the same order on every replica of a replicated queue.
+    leased: BTreeSet<MessageId>,
 }
 
 /// The state machine. See the [module docs](self).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct QueueCore {
     config: QueueConfig,
     messages: BTreeMap<MessageId, Entry>,
@@ -385,7 +387,7 @@ impl QueueCore {
             consumer,
             Consumer {
                 prefetch: prefetch.max(1),
-                leased: HashSet::new(),
+                leased: BTreeSet::new(),
             },
         );
     }
@@ -698,6 +700,27 @@ impl QueueCore {
         self.messages.keys().next().copied()
     }
 
+    /// Whether [`QueueCore::poll_delivery`] would lease something to
+    /// `consumer` at `now` (changing nothing).
+    pub fn can_deliver(&self, consumer: ConsumerId, now: Duration) -> bool {
+        self.consumers
+            .get(&consumer)
+            .is_some_and(|c| c.leased.len() < c.prefetch)
+            && self.ready.first().is_some_and(|&(at, _)| at <= now)
+    }
+
+    /// The ids of every stored message, in increasing order.
+    pub fn message_ids(&self) -> Vec<MessageId> {
+        self.messages.keys().copied().collect()
+    }
+
+    /// The attached consumers, in increasing order.
+    pub fn consumer_ids(&self) -> Vec<ConsumerId> {
+        let mut ids: Vec<ConsumerId> = self.consumers.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Counters.
     pub fn stats(&self) -> QueueStats {
         QueueStats {
@@ -706,6 +729,155 @@ impl QueueCore {
             consumers: self.consumers.len() as u64,
             ..self.stats
         }
+    }
+}
+
+/// A queue core's whole state as plain data, for a replicated queue's
+/// snapshot: [`QueueCore::image`] takes it, [`QueueCore::from_image`] checks
+/// it and builds the same core again. Events not yet drained are not part
+/// of it (take it between inputs, after draining [`QueueCore::poll_event`]).
+///
+/// Postcard in snapshots: fields are only added, at the end.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CoreImage {
+    /// Every stored message, by increasing id.
+    messages: Vec<ImageMessage>,
+    /// (consumer, prefetch), by increasing consumer.
+    consumers: Vec<(ConsumerId, u64)>,
+    /// The idempotency window, oldest key first.
+    keys: Vec<(String, MessageId)>,
+    stats: QueueStats,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ImageMessage {
+    id: MessageId,
+    /// Leased to (consumer, until), or ready from `ready_at`.
+    leased: Option<(ConsumerId, Duration)>,
+    ready_at: Duration,
+    deliveries: u32,
+    expires_at: Option<Duration>,
+    history: Vec<DeliveryRecord>,
+}
+
+/// Why a [`CoreImage`] cannot be a queue (a damaged or forged snapshot).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid queue image: {0}")]
+pub struct ImageError(String);
+
+impl QueueCore {
+    /// The state as plain data (see [`CoreImage`]).
+    pub fn image(&self) -> CoreImage {
+        let messages = self
+            .messages
+            .iter()
+            .map(|(&id, entry)| {
+                let (leased, ready_at) = match entry.state {
+                    State::Ready(at) => (None, at),
+                    State::Leased { consumer, until } => (Some((consumer, until)), Duration::ZERO),
+                };
+                ImageMessage {
+                    id,
+                    leased,
+                    ready_at,
+                    deliveries: entry.deliveries,
+                    expires_at: entry.expires_at,
+                    history: entry.history.clone(),
+                }
+            })
+            .collect();
+        let mut consumers: Vec<(ConsumerId, u64)> = self
+            .consumers
+            .iter()
+            .map(|(&id, c)| (id, c.prefetch as u64))
+            .collect();
+        consumers.sort_unstable();
+        let keys = self
+            .key_order
+            .iter()
+            .filter_map(|key| self.keys.get(key).map(|&id| (key.clone(), id)))
+            .collect();
+        CoreImage {
+            messages,
+            consumers,
+            keys,
+            stats: self.stats,
+        }
+    }
+
+    /// The core an image describes, under `config`. Everything is checked,
+    /// so a damaged image is an error, never a panic or a core whose
+    /// indexes disagree: ids must increase, a lease must name an attached
+    /// consumer that has credit for it, histories stay within
+    /// [`MAX_HISTORY`], keys are unique (a window longer than `config`'s
+    /// keeps its newest keys).
+    pub fn from_image(config: QueueConfig, image: CoreImage) -> Result<QueueCore, ImageError> {
+        let mut core = QueueCore::new(config);
+        for (id, prefetch) in image.consumers {
+            let prefetch = usize::try_from(prefetch)
+                .ok()
+                .filter(|p| *p >= 1)
+                .ok_or_else(|| ImageError(format!("consumer {id} has prefetch {prefetch}")))?;
+            if core.consumers.contains_key(&id) {
+                return Err(ImageError(format!("consumer {id} appears twice")));
+            }
+            core.add_consumer(id, prefetch);
+        }
+        let mut last = None;
+        for m in image.messages {
+            if last.is_some_and(|last| m.id <= last) {
+                return Err(ImageError(format!("message {} out of order", m.id)));
+            }
+            last = Some(m.id);
+            if m.history.len() > MAX_HISTORY {
+                return Err(ImageError(format!(
+                    "message {} has {} records",
+                    m.id,
+                    m.history.len()
+                )));
+            }
+            let state = match m.leased {
+                Some((consumer, until)) => {
+                    let c = core.consumers.get_mut(&consumer).ok_or_else(|| {
+                        ImageError(format!(
+                            "message {} leased to unknown consumer {consumer}",
+                            m.id
+                        ))
+                    })?;
+                    if c.leased.len() >= c.prefetch || m.deliveries == 0 {
+                        return Err(ImageError(format!("message {} leased beyond credit", m.id)));
+                    }
+                    c.leased.insert(m.id);
+                    core.leases.insert((until, m.id));
+                    State::Leased { consumer, until }
+                }
+                None => {
+                    core.ready.insert((m.ready_at, m.id));
+                    State::Ready(m.ready_at)
+                }
+            };
+            if let Some(expiry) = m.expires_at {
+                core.expiries.insert((expiry, m.id));
+            }
+            core.messages.insert(
+                m.id,
+                Entry {
+                    state,
+                    deliveries: m.deliveries,
+                    expires_at: m.expires_at,
+                    history: m.history,
+                },
+            );
+        }
+        let skip = image.keys.len().saturating_sub(core.config.dedup_window);
+        for (key, id) in image.keys.into_iter().skip(skip) {
+            if core.keys.insert(key.clone(), id).is_some() {
+                return Err(ImageError(format!("key {key:?} appears twice")));
+            }
+            core.key_order.push_back(key);
+        }
+        core.stats = image.stats;
+        Ok(core)
     }
 }
 
@@ -768,5 +940,64 @@ mod tests {
         }
         let stats = core.stats();
         assert_eq!((stats.enqueued, stats.depth, stats.acknowledged), (2, 0, 3));
+    }
+
+    #[test]
+    fn an_image_builds_a_core_that_behaves_the_same() {
+        let config = QueueConfig::default()
+            .with_max_deliveries(2)
+            .with_visibility_timeout(Duration::from_secs(10));
+        let mut core = QueueCore::new(config.clone());
+        let t = Duration::from_secs;
+        core.handle_enqueue(1, Some("a".into()), T0, None);
+        core.handle_enqueue(2, None, t(5), Some(t(100)));
+        core.handle_enqueue(3, Some("c".into()), t(50), None);
+        core.add_consumer(7, 1);
+        core.add_consumer(8, 3);
+        let first = core.poll_delivery(7, T0).unwrap();
+        core.nack(7, first.id, first.delivery, Duration::ZERO, t(1))
+            .unwrap();
+        let again = core.poll_delivery(8, t(1)).unwrap();
+        while core.poll_event().is_some() {}
+
+        let image = core.image();
+        let mut copy = QueueCore::from_image(config, image.clone()).unwrap();
+        assert_eq!(copy.image(), image);
+        assert_eq!(copy.stats(), core.stats());
+        assert_eq!(copy.duplicate_of("c"), Some(3));
+        assert_eq!(core.duplicate_of("c"), Some(3));
+        // The lease, its delivery number and the history all came across:
+        // the second delivery coming back dead-letters it in both.
+        for c in [&mut core, &mut copy] {
+            c.handle_timeout(t(20));
+            let events: Vec<_> = std::iter::from_fn(|| c.poll_event()).collect();
+            assert!(
+                matches!(&events[..], [QueueEvent::DeadLettered { id, history }] if *id == again.id && history.len() == 2),
+                "{events:?}"
+            );
+            assert_eq!(c.poll_timeout(t(20)), Some(t(50)));
+        }
+        assert_eq!(copy.image(), core.image());
+    }
+
+    #[test]
+    fn a_damaged_image_is_an_error() {
+        let mut core = QueueCore::new(QueueConfig::default());
+        core.handle_enqueue(1, None, T0, None);
+        core.handle_enqueue(2, None, T0, None);
+        core.add_consumer(7, 1);
+        core.poll_delivery(7, T0).unwrap();
+        let good = core.image();
+
+        let mut unknown = good.clone();
+        unknown.consumers.clear();
+        let mut twice = good.clone();
+        twice.messages.swap(0, 1);
+        let mut over = good.clone();
+        over.messages[1].leased = Some((7, T0));
+        over.messages[1].deliveries = 1;
+        for bad in [unknown, twice, over] {
+            assert!(QueueCore::from_image(QueueConfig::default(), bad).is_err());
+        }
     }
 }
