@@ -25,6 +25,13 @@
 //!   per-key permissions for brokers that authenticate.
 //! - [`client::KvClient`]: a client that knows several nodes, follows the
 //!   leader and resumes watches where they stopped.
+//! - [`queue_state::QueueGroupState`] and [`queue_group::QueueGroup`]: a
+//!   durable queue replicated by its own Raft group. The state machine is
+//!   courier-queue's core applied to logged commands (enqueue, deliver
+//!   under a lease, answers, the leader's ticks and takeover), so delivery
+//!   counts, dead-letter histories and the idempotency window survive a
+//!   failover; an operation returns once its command is committed on a
+//!   majority's disk. The broker does not host queue groups yet.
 //!
 //! Standard Raft: openraft's `single-term-leader` feature is on, so a term
 //! has at most one leader. A node restarted from disk never resumes leading
@@ -85,6 +92,7 @@
 pub mod client;
 pub mod network;
 pub mod node;
+pub mod queue_group;
 pub mod queue_state;
 pub mod service;
 pub mod state;

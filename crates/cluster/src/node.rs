@@ -360,25 +360,34 @@ impl std::fmt::Debug for ClusterNode {
 }
 
 /// The wall clock the leader stamps into time-dependent commands.
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn raft_config(config: &NodeConfig) -> Result<Config, StartError> {
+    raft_config_for(config.timing, config.snapshot_after, config.max_message)
+}
+
+/// openraft's configuration for any group with these timers and limits.
+pub(crate) fn raft_config_for(
+    timing: Timing,
+    snapshot_after: u64,
+    max_message: usize,
+) -> Result<Config, StartError> {
     let raft = Config {
         cluster_name: "courier".into(),
-        heartbeat_interval: config.timing.heartbeat_ms,
-        election_timeout_min: config.timing.election_min_ms,
-        election_timeout_max: config.timing.election_max_ms,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after),
+        heartbeat_interval: timing.heartbeat_ms,
+        election_timeout_min: timing.election_min_ms,
+        election_timeout_max: timing.election_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_after),
         // Chunks of a quarter of the frame limit leave room for the
         // request's own fields and the framing.
-        snapshot_max_chunk_size: (config.max_message / 4) as u64,
+        snapshot_max_chunk_size: (max_message / 4) as u64,
         // Keep some log behind a snapshot, so a briefly lagging follower
         // catches up from the log instead of a whole snapshot.
-        max_in_snapshot_log_to_keep: config.snapshot_after.min(100),
+        max_in_snapshot_log_to_keep: snapshot_after.min(100),
         ..Default::default()
     };
     raft.validate()
@@ -1058,7 +1067,11 @@ async fn group_commit(raft: Raft, id: NodeId, mut queued: mpsc::Receiver<QueuedW
 /// or truncated, and an old leader's entry can be purged by an installed
 /// snapshot instead, leaving it unanswered. If the node stops leading (or
 /// a new term begins) while waiting, the write may or may not be applied.
-async fn propose(raft: &Raft, id: NodeId, entry: Command) -> Result<Response, ClusterError> {
+pub(crate) async fn propose(
+    raft: &Raft,
+    id: NodeId,
+    entry: Command,
+) -> Result<Response, ClusterError> {
     let mut metrics = raft.metrics();
     let (term, leading) = {
         let m = metrics.borrow_and_update();

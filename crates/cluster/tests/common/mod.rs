@@ -68,6 +68,17 @@ impl Router {
         })
     }
 
+    /// Node `id`'s Raft (of the one group the simulation runs) now
+    /// receives what is sent to `id`.
+    pub fn register(&self, id: NodeId, raft: Raft) {
+        self.rafts.lock().unwrap().insert(id, raft);
+    }
+
+    /// Node `id` is down: nothing reaches it.
+    pub fn unregister(&self, id: NodeId) {
+        self.rafts.lock().unwrap().remove(&id);
+    }
+
     pub fn set_faults(&self, faults: Faults) {
         *self.faults.lock().unwrap() = faults;
     }
@@ -121,6 +132,13 @@ pub struct SimLink {
     from: NodeId,
     to: NodeId,
     router: Arc<Router>,
+}
+
+impl SimNetwork {
+    /// Node `from`'s view of `router`.
+    pub fn new(from: NodeId, router: Arc<Router>) -> SimNetwork {
+        SimNetwork { from, router }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for SimNetwork {
