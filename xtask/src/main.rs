@@ -125,7 +125,10 @@ fn cluster(args: &[String]) -> Result<(), String> {
             .args(["--metrics", &format!("127.0.0.1:{}", 7877 + 2 * n)])
             .arg("--data")
             .arg(&data)
-            .args(["--node", &n.to_string()]);
+            .args(["--node", &n.to_string()])
+            // Queues named jobs.* are replicated, so the README's failover
+            // example runs as written.
+            .args(["--replicated-queue", "jobs.*"]);
         for peer in (1..=nodes).filter(|p| *p != n) {
             command.args(["--peer", &format!("{peer}={}", address(peer))]);
         }
@@ -142,7 +145,7 @@ fn cluster(args: &[String]) -> Result<(), String> {
     }
     let all: Vec<String> = (1..=nodes).map(address).collect();
     println!(
-        "\ntry:\n  export COURIER_URL={}\n  target/release/courier cluster status\n  target/release/courier kv put greeting hello\n  target/release/courier kv watch '' --from 1\nCtrl-C stops every node.",
+        "\ntry:\n  export COURIER_URL={}\n  target/release/courier cluster status\n  target/release/courier kv put greeting hello\n  target/release/courier kv watch '' --from 1\n  target/release/courier queue push jobs.demo 'first job'   # a replicated queue\n  target/release/courier queue stats jobs.demo               # its leader and replicas\nCtrl-C stops every node.",
         all.join(",")
     );
     let mut failed = 0;

@@ -178,8 +178,12 @@ impl Policy {
         match service {
             "BrokerService" => self.rules(who).is_some_and(|r| r.admin),
             // Only peers speak Raft: anyone else could vote or append.
-            // Likewise routes: anyone else could inject messages or interest.
-            "RaftTransport" | "RouteService" => self.rules(who).is_some_and(|r| r.cluster),
+            // Likewise routes: anyone else could inject messages or interest;
+            // and the replicated queues' forwarding, which trusts the
+            // forwarding member to have checked its caller.
+            "RaftTransport" | "RouteService" | "ReplicaQueue" => {
+                self.rules(who).is_some_and(|r| r.cluster)
+            }
             _ => true,
         }
     }

@@ -93,6 +93,13 @@
 //! # A node added to a running cluster starts with join = true, then
 //! # `courier cluster add-node ID ADDR` adds it (it never founds a cluster).
 //! join = false
+//! # Queues replicated by Raft over `queue_replicas` members (names, or
+//! # prefixes ending in *), so that an acknowledged message survives the
+//! # loss of a minority of them; clients may use any member. See the
+//! # broker's crate docs for what an answer means.
+//! replicated_queues = ["orders", "jobs.*"]
+//! queue_replicas = 3
+//! max_replicated_queues = 1000
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -320,6 +327,17 @@ pub struct ClusterSection {
     /// Join a running cluster (wait to be added with `courier cluster
     /// add-node`) instead of founding one with `peers`. Default false.
     pub join: bool,
+    /// Queues kept in Raft groups of their own, replicated over
+    /// `queue_replicas` members, instead of in one broker's data
+    /// directory: names, or prefixes ending in `*` (`["orders.*"]`, or
+    /// `["*"]` for every queue). Default none. Every member should be given
+    /// the same list.
+    pub replicated_queues: Vec<String>,
+    /// Replicas of each replicated queue: 1 to 5, at most the members.
+    /// Default 3.
+    pub queue_replicas: usize,
+    /// Replicated queues the cluster holds at most. Default 1,000.
+    pub max_replicated_queues: usize,
 }
 
 impl Default for ClusterSection {
@@ -342,6 +360,9 @@ impl Default for ClusterSection {
                 .max_wait
                 .as_millis() as u64,
             join: false,
+            replicated_queues: Vec::new(),
+            queue_replicas: 3,
+            max_replicated_queues: 1_000,
         }
     }
 }
@@ -377,6 +398,36 @@ impl ClusterSection {
             peers.insert(parsed, address.clone());
         }
         Ok(peers)
+    }
+
+    /// The replicated queues' settings, checked: patterns that are
+    /// names or `*`-ended prefixes, 1 to 5 replicas.
+    pub fn check_replicated(&self) -> Result<(), ConfigError> {
+        let max = courier_cluster::node::MAX_QUEUE_REPLICAS;
+        if self.queue_replicas == 0 || self.queue_replicas > max {
+            return Err(ConfigError::Invalid {
+                key: "cluster.queue_replicas",
+                reason: format!("{} replicas: 1 to {max}", self.queue_replicas),
+            });
+        }
+        if self.max_replicated_queues == 0 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.max_replicated_queues",
+                reason: "at least 1".into(),
+            });
+        }
+        for pattern in &self.replicated_queues {
+            let name = pattern.strip_suffix('*').unwrap_or(pattern);
+            if name.contains('*') || (name.is_empty() && pattern != "*") {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.replicated_queues",
+                    reason: format!(
+                        "{pattern:?}: a queue name, or a prefix ending in * (\"orders.*\", \"*\")"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Raft's timers.

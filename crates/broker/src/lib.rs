@@ -5,6 +5,17 @@
 //!
 //! - **Queues**: the courier-queue protocol over the queues under the data
 //!   directory; every queue found there is opened (and recovered) at start.
+//! - **Replicated queues** (cluster members only): a queue named by
+//!   `[cluster] replicated_queues` lives in a Raft group of its own on
+//!   `queue_replicas` members and is served through any member (see
+//!   `replicated.rs`). What each fsync policy can lose: the `fsync` key
+//!   is for the queues a broker keeps alone (`always`: nothing
+//!   acknowledged; `interval`: what came in the last interval before a
+//!   power loss; `never`: whatever the page cache held at a power loss,
+//!   nothing at a crash of the process). A replicated queue's log is
+//!   fdatasynced before every append counts, whatever `fsync` says, and an
+//!   enqueue or ack is answered once a majority of its replicas has it: it
+//!   is lost only if a majority loses its disk or power at once.
 //! - **Pub/sub**: the courier-pubsub protocol on one bus, with durable
 //!   subscriptions kept beside the queues.
 //! - **Named services**: a service instance subscribes to its subject (say
@@ -54,6 +65,10 @@
 pub mod auth;
 pub mod config;
 pub mod metrics;
+mod queues;
+mod replicated;
+
+pub use replicated::{ReplicaError, ReplicaQueue};
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -150,6 +165,28 @@ pub struct ClusterStats {
     pub status: courier_cluster::node::Status,
     /// Raft messages to peers that failed (unreachable, timed out, refused).
     pub raft_rpc_errors: u64,
+    /// The replicated queues this node holds a replica of, as it sees
+    /// each one's group.
+    pub queues: Vec<ReplicatedQueueStatus>,
+}
+
+/// One replica of a replicated queue, as its node sees the queue's group.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicatedQueueStatus {
+    /// The queue.
+    pub name: String,
+    /// Its Raft group.
+    pub group: u32,
+    /// This node's role in it: `leader`, `follower`, `candidate`, …
+    pub role: String,
+    /// The leader this node knows of.
+    pub leader: Option<u64>,
+    /// The group's term.
+    pub term: u64,
+    /// The last entry applied here.
+    pub applied_index: u64,
+    /// The replicas; on the leader, each one's lag in entries.
+    pub replicas: Vec<courier_cluster::node::Member>,
 }
 
 /// The broker's own protocol.
@@ -181,6 +218,12 @@ struct Cluster {
     routes: Arc<Routes>,
     /// Keeps `routes` to the membership.
     membership: tokio::task::JoinHandle<()>,
+    /// The replicated queues (of `[cluster] replicated_queues`).
+    replicated: Arc<replicated::Replicated>,
+    /// Every group's Raft, for the peers' Raft traffic.
+    raft_host: courier_cluster::network::RaftHost,
+    /// Keeps the replicas held here to the declarations.
+    declarations: tokio::task::JoinHandle<()>,
 }
 
 impl State {
@@ -203,6 +246,11 @@ impl State {
                 name: queue.name().to_string(),
                 stats: queue.stats_now(),
             });
+        }
+        if let Some(cluster) = &self.cluster {
+            for (name, stats) in cluster.replicated.reports() {
+                queues.push(QueueReport { name, stats });
+            }
         }
         queues.sort_by(|a, b| a.name.cmp(&b.name));
         let c = &self.counters;
@@ -229,6 +277,20 @@ impl State {
                     ..c.node.status()
                 },
                 raft_rpc_errors: c.peers.errors(),
+                queues: c
+                    .replicated
+                    .statuses()
+                    .into_iter()
+                    .map(|(name, status)| ReplicatedQueueStatus {
+                        name,
+                        group: status.group,
+                        role: status.role.to_string(),
+                        leader: status.leader,
+                        term: status.term,
+                        applied_index: status.applied_index,
+                        replicas: status.replicas,
+                    })
+                    .collect(),
             }),
         }
     }
@@ -278,9 +340,11 @@ impl Broker {
         let bus = Bus::with_config(config.bus_config());
         let mut host = PubSubHost::with_durable(bus.clone(), durable.clone());
         let mut queue_host = QueueHost::serving(queues.clone());
+        let mut queue_access: Option<Arc<dyn courier_queue::remote::QueueAccess>> = None;
         if !policy.is_open() {
             host = host.with_access(policy.clone());
             queue_host = queue_host.with_access(policy.clone());
+            queue_access = Some(policy.clone());
         }
         let transport = config.transport()?;
         let mut listeners = Vec::new();
@@ -372,14 +436,14 @@ impl Broker {
         }
         let mut server = Server::new(server_config)
             .service(PubSubServiceServer::new(host))
-            .service(QueueServiceServer::new(queue_host))
+            .service(QueueServiceServer::new(queues::BrokerQueues::new(
+                queue_host,
+                state.cluster.as_ref().map(|c| c.replicated.clone()),
+                queue_access,
+            )))
             .service(BrokerServiceServer::new(StatsHost(state.clone())));
         if let Some(cluster) = &state.cluster {
-            let raft_host = courier_cluster::network::RaftHost::default();
-            raft_host.insert(
-                courier_cluster::types::METADATA_GROUP,
-                cluster.node.raft().clone(),
-            );
+            let raft_host = cluster.raft_host.clone();
             let mut cluster_host = courier_cluster::service::ClusterHost::new(cluster.node.clone())
                 .with_routes(cluster.routes.clone());
             if !policy.is_open() {
@@ -392,7 +456,10 @@ impl Broker {
                 .service(courier_cluster::service::ClusterServiceServer::new(
                     cluster_host,
                 ))
-                .service(RouteServiceServer::new(cluster.routes.host()));
+                .service(RouteServiceServer::new(cluster.routes.host()))
+                .service(replicated::ReplicaQueueServer::new(
+                    replicated::ReplicaHost(cluster.replicated.clone()),
+                ));
         }
         // A broker for browsers only (every listen address ws:// or wss://)
         // serves no Courier protocol at all.
@@ -496,7 +563,9 @@ impl Broker {
         }
         if let Some(cluster) = &self.state.cluster {
             cluster.membership.abort();
+            cluster.declarations.abort();
             cluster.routes.close();
+            cluster.replicated.shutdown().await;
             // Raft stops here; its log is closed (and synced) as it drops.
             if let Err(e) = cluster.node.raft().shutdown().await {
                 tracing::warn!("raft shutdown: {e}");
@@ -537,6 +606,7 @@ async fn start_cluster(
     use courier_cluster::node::{ClusterNode, NodeConfig};
     let mut members = section.peer_ids()?;
     let timing = section.timing()?;
+    section.check_replicated()?;
     let own_listener = match &section.listen {
         Some(listen) => {
             let address: Address = listen.parse().map_err(|err| ConfigError::Invalid {
@@ -618,13 +688,43 @@ async fn start_cluster(
     let route_config = RouteConfig::default()
         .with_buffer(section.route_buffer, section.route_buffer_bytes)
         .with_max_wait(Duration::from_millis(section.route_max_wait_ms));
-    let routes = Arc::new(Routes::new(bus.clone(), section.node, client, route_config));
+    let routes = Arc::new(Routes::new(
+        bus.clone(),
+        section.node,
+        client.clone(),
+        route_config,
+    ));
     let membership = tokio::spawn(follow_membership(node.raft().clone(), routes.clone()));
+    let node = Arc::new(node);
+    let raft_host = courier_cluster::network::RaftHost::default();
+    raft_host.insert(courier_cluster::types::METADATA_GROUP, node.raft().clone());
+    let replicated = replicated::Replicated::new(
+        node.clone(),
+        peers.clone(),
+        raft_host.clone(),
+        replicated::ReplicatedConfig {
+            patterns: section.replicated_queues.clone(),
+            replicas: section.queue_replicas,
+            max_queues: section.max_replicated_queues,
+            settings: courier_cluster::queue_state::QueueSettings::from(
+                &config.queue_options().queue,
+            ),
+            timing,
+            snapshot_after: section.snapshot_after,
+            max_message: config.max_frame_size,
+            dir: config.data_dir.join(".cluster").join("queues"),
+        },
+        client,
+    );
+    let declarations = tokio::spawn(replicated.clone().follow_declarations());
     Ok(Cluster {
-        node: Arc::new(node),
+        node,
         peers,
         routes,
         membership,
+        replicated,
+        raft_host,
+        declarations,
     })
 }
 

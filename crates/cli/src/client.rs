@@ -596,11 +596,21 @@ pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Resu
             Ok(())
         }
         QueueCommand::Stats { queue } => {
-            let stats = RemoteQueue::with_client(client, &queue).stats().await?;
+            let stats = RemoteQueue::with_client(client.clone(), &queue)
+                .stats()
+                .await?;
+            let replication = replication(client, &queue).await;
             if json {
-                println!("{}", serde_json::to_string(&stats)?);
+                let mut value = serde_json::to_value(stats)?;
+                if let (Some(replication), Some(object)) = (&replication, value.as_object_mut()) {
+                    object.insert("replication".into(), serde_json::to_value(replication)?);
+                }
+                println!("{value}");
             } else {
                 print!("{}", stats_table(&queue, &stats));
+                if let Some(replication) = &replication {
+                    print!("{}", replication_table(replication));
+                }
             }
             Ok(())
         }
@@ -667,6 +677,69 @@ pub async fn queue(url: &str, json: bool, command: QueueCommand) -> anyhow::Resu
             Ok(())
         }
     }
+}
+
+/// How a replicated queue's group stands, as its leader sees it (with
+/// each replica's lag) if the leader can be asked, else as the node
+/// `client` is connected to sees it; `None` for a queue that is not
+/// replicated, or a broker outside a cluster.
+async fn replication(
+    client: courier_rpc::Client,
+    queue: &str,
+) -> Option<courier_broker::ReplicatedQueueStatus> {
+    let name = queue.strip_suffix(".dlq").unwrap_or(queue);
+    let here = BrokerServiceClient::new(client).stats().await.ok()?;
+    let status = here.cluster?.queues.into_iter().find(|q| q.name == name)?;
+    if status.role == "leader" {
+        return Some(status);
+    }
+    let address = status
+        .replicas
+        .iter()
+        .find(|r| Some(r.id) == status.leader)
+        .and_then(|r| r.address.parse::<courier_transport::Address>().ok());
+    if let Some(address) = address {
+        if let Ok(leader) = courier_rpc::Client::connect(&address, client_config()).await {
+            if let Ok(stats) = BrokerServiceClient::new(leader).stats().await {
+                let found = stats
+                    .cluster
+                    .and_then(|c| c.queues.into_iter().find(|q| q.name == name));
+                if let Some(found) = found.filter(|q| q.role == "leader") {
+                    return Some(found);
+                }
+            }
+        }
+    }
+    Some(status)
+}
+
+/// A replicated queue's group: leader, term and each replica's lag.
+fn replication_table(status: &courier_broker::ReplicatedQueueStatus) -> String {
+    let leader = status.leader.map_or_else(
+        || "none (an election)".to_string(),
+        |id| format!("node {id}"),
+    );
+    let mut table = format!(
+        "replicated (group {}): leader {leader}, term {}\n",
+        status.group, status.term
+    );
+    for replica in &status.replicas {
+        let lag = match replica.lag {
+            Some(0) => "up to date".to_string(),
+            Some(n) => format!("{n} entries behind"),
+            None => "lag unknown (ask the leader)".to_string(),
+        };
+        let role = if Some(replica.id) == status.leader {
+            "leader"
+        } else {
+            "follower"
+        };
+        table.push_str(&format!(
+            "  node {} {:<8} {}  {lag}\n",
+            replica.id, role, replica.address
+        ));
+    }
+    table
 }
 
 /// A queue's counters as a two-column table, one counter a line.

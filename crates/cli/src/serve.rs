@@ -13,7 +13,7 @@ use crate::Failure;
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n  # browsers too (WebSocket gateway, and /courier.js, on port 7880):\n  courier serve --listen tcp://127.0.0.1:7878 --listen ws://127.0.0.1:7880\n  courier serve --listen wss://0.0.0.0:7443 --cert server.pem --key server-key.pem\n  # node 1 of a three-node cluster:\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878\n  # a fourth node joining it, then added from anywhere:\n  courier serve --listen tcp://10.0.0.4:7878 --node 4 --join\n  courier --url tcp://10.0.0.1:7878 cluster add-node 4 tcp://10.0.0.4:7878\n  courier serve --fsync interval --fsync-interval 20ms --max-deliveries 3\n\nEvery key of the file is documented in the courier-broker crate (config module), and\nevery top-level key is also a variable: COURIER_<KEY>, e.g. COURIER_MAX_DELIVERIES=3\n(file, then variables, then flags, each overriding the one before)."
+    after_help = "Examples:\n  courier serve\n  courier serve --listen tcp://0.0.0.0:7878 --listen unix:///tmp/courier.sock --data /var/lib/courier\n  courier serve --config courier.toml --log debug\n  # browsers too (WebSocket gateway, and /courier.js, on port 7880):\n  courier serve --listen tcp://127.0.0.1:7878 --listen ws://127.0.0.1:7880\n  courier serve --listen wss://0.0.0.0:7443 --cert server.pem --key server-key.pem\n  # node 1 of a three-node cluster:\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878\n  # a fourth node joining it, then added from anywhere:\n  courier serve --listen tcp://10.0.0.4:7878 --node 4 --join\n  courier --url tcp://10.0.0.1:7878 cluster add-node 4 tcp://10.0.0.4:7878\n  # queues named orders.* replicated on three members (flags on every node):\n  courier serve --listen tcp://10.0.0.1:7878 --node 1 --peer 2=tcp://10.0.0.2:7878 --peer 3=tcp://10.0.0.3:7878 --replicated-queue 'orders.*'\n  courier serve --fsync interval --fsync-interval 20ms --max-deliveries 3\n\nEvery key of the file is documented in the courier-broker crate (config module), and\nevery top-level key is also a variable: COURIER_<KEY>, e.g. COURIER_MAX_DELIVERIES=3\n(file, then variables, then flags, each overriding the one before)."
 )]
 pub struct ServeArgs {
     /// A TOML configuration file (keys: listen, data_dir, metrics, fsync, ...).
@@ -82,6 +82,19 @@ pub struct ServeArgs {
         requires = "node"
     )]
     cluster_token: Option<String>,
+    /// Keep queues of this name (or prefix ending in *) replicated by Raft
+    /// across the cluster instead of on this broker alone (repeat for each;
+    /// every member should be given the same).
+    #[arg(
+        long = "replicated-queue",
+        env = "COURIER_REPLICATED_QUEUES",
+        value_delimiter = ',',
+        requires = "node"
+    )]
+    replicated_queues: Vec<String>,
+    /// Replicas of each replicated queue (1 to 5; default 3).
+    #[arg(long, env = "COURIER_QUEUE_REPLICAS", requires = "node")]
+    queue_replicas: Option<usize>,
 }
 
 fn parse_peer(text: &str) -> Result<(u64, String), String> {
@@ -146,6 +159,8 @@ const FLAG_VARIABLES: &[&str] = &[
     "CLUSTER_LISTEN",
     "ADVERTISE",
     "CLUSTER_TOKEN",
+    "REPLICATED_QUEUES",
+    "QUEUE_REPLICAS",
     "URL",
     "TOKEN",
     "TLS_CA",
@@ -275,11 +290,18 @@ fn config(args: ServeArgs) -> anyhow::Result<BrokerConfig> {
         if let Some(token) = args.cluster_token {
             cluster.token = Some(courier_rpc::Secret::new(token));
         }
+        if !args.replicated_queues.is_empty() {
+            cluster.replicated_queues = args.replicated_queues;
+        }
+        if let Some(replicas) = args.queue_replicas {
+            cluster.queue_replicas = replicas;
+        }
         config.cluster = Some(cluster);
     }
     if let Some(cluster) = &config.cluster {
         cluster.peer_ids().map_err(Failure::usage)?;
         cluster.timing().map_err(Failure::usage)?;
+        cluster.check_replicated().map_err(Failure::usage)?;
     }
     Ok(config)
 }

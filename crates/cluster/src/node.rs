@@ -53,9 +53,12 @@ use tokio::task::JoinHandle;
 
 use crate::storage::{self, SharedState};
 use crate::types::{
-    Command, Event, KeyValue, KvCommand, KvError, KvResponse, LeaseId, NodeId, Raft, Response,
-    TypeConfig,
+    Command, Event, KeyValue, KvCommand, KvError, KvResponse, LeaseId, MetaCommand, MetaResponse,
+    NodeId, Raft, Response, TypeConfig,
 };
+
+/// Replicas one queue may have at most.
+pub const MAX_QUEUE_REPLICAS: usize = 5;
 
 /// How long a node being added may take to copy the log before the change
 /// is abandoned.
@@ -785,6 +788,90 @@ impl ClusterNode {
             .await
             .map_err(write_error)?;
         Ok(())
+    }
+
+    /// The queues declared in the metadata group, as applied here: name →
+    /// replicas (see [`crate::types::queue_group_id`] for each one's group).
+    pub fn declared_queues(&self) -> BTreeMap<String, Vec<NodeId>> {
+        self.shared.read().queues().clone()
+    }
+
+    /// The replicas of queue `name`, if it is declared (as applied here).
+    pub fn declared_queue(&self, name: &str) -> Option<Vec<NodeId>> {
+        self.shared.read().queues().get(name).cloned()
+    }
+
+    /// Every member (voters and learners) and its address, in the
+    /// membership in effect here.
+    pub fn member_addresses(&self) -> BTreeMap<NodeId, String> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect()
+    }
+
+    /// The metadata leader this node knows of, with its address.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let leader = m.current_leader?;
+        let address = m
+            .membership_config
+            .membership()
+            .get_node(&leader)?
+            .addr
+            .clone();
+        Some((leader, address))
+    }
+
+    /// On the metadata leader: declares queue `name` with `count` replicas
+    /// (1 to [`MAX_QUEUE_REPLICAS`], at most the voters), placed where the fewest queues are
+    /// held, this node first among equals; an existing declaration is kept
+    /// as it is. Returns the replicas. `NotLeader` on any other node.
+    pub async fn declare_queue(
+        &self,
+        name: &str,
+        count: usize,
+    ) -> Result<Vec<NodeId>, ClusterError> {
+        if let Some(replicas) = self.declared_queue(name) {
+            return Ok(replicas);
+        }
+        let voters = self.voters();
+        let count = count.clamp(1, MAX_QUEUE_REPLICAS).min(voters.len().max(1));
+        let mut load: BTreeMap<NodeId, usize> = voters.iter().map(|id| (*id, 0)).collect();
+        for replicas in self.shared.read().queues().values() {
+            for id in replicas {
+                if let Some(held) = load.get_mut(id) {
+                    *held += 1;
+                }
+            }
+        }
+        // The first replica is the preferred leader: spread the firsts by
+        // rotating the order by the queue's hash.
+        let mut candidates: Vec<NodeId> = load.keys().copied().collect();
+        let turn = crate::types::queue_group_id(name) as usize % candidates.len().max(1);
+        candidates.rotate_left(turn);
+        candidates.sort_by_key(|id| load[id]);
+        candidates.truncate(count);
+        match self
+            .write(Command::Meta(MetaCommand::DeclareQueue {
+                name: name.to_owned(),
+                replicas: candidates,
+            }))
+            .await?
+        {
+            Response::Meta(MetaResponse::Declared { replicas, .. }) => Ok(replicas),
+            Response::Meta(MetaResponse::Invalid(why)) => {
+                Err(ClusterError::Kv(KvError::Invalid(why)))
+            }
+            other => Err(ClusterError::Unavailable(format!(
+                "unexpected answer to a declaration: {other:?}"
+            ))),
+        }
     }
 
     fn voters(&self) -> BTreeSet<NodeId> {

@@ -133,6 +133,12 @@ impl QueueGroupConfig {
         self.snapshot_after = entries.max(1);
         self
     }
+
+    /// With this frame limit (the nodes' connections').
+    pub fn with_max_message(mut self, bytes: usize) -> QueueGroupConfig {
+        self.max_message = bytes;
+        self
+    }
 }
 
 /// Why a queue operation failed.
@@ -343,6 +349,40 @@ impl QueueGroup {
         Ok(consumer)
     }
 
+    /// Answers deliveries made to consumer `consumer` (attached through
+    /// this node), as [`GroupConsumer::answer`] does, for a caller that
+    /// holds the consumer's id but not the consumer itself (a host whose
+    /// answers arrive on another call than the deliveries went out on).
+    pub async fn answer_for(
+        &self,
+        consumer: ConsumerId,
+        answers: Vec<Answer>,
+    ) -> Result<Vec<Result<Option<u64>, AnswerError>>, QueueGroupError> {
+        if answers.len() > crate::queue_state::MAX_ANSWERS {
+            return Err(QueueGroupError::Refused(format!(
+                "{} answers in one call (at most {})",
+                answers.len(),
+                crate::queue_state::MAX_ANSWERS
+            )));
+        }
+        let count = answers.len();
+        let command = QueueCommand::Answer {
+            consumer,
+            now_ms: now_ms(),
+            answers,
+        };
+        match self.inner.run(command).await? {
+            QueueResponse::Answered(results) if results.len() == count => Ok(results),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Whether this node leads the group now; if not, the leader it knows
+    /// of and its address (as [`ClusterError::NotLeader`]).
+    pub fn leading(&self) -> Result<(), ClusterError> {
+        self.inner.leading()
+    }
+
     /// The queue's counters as this replica has applied them.
     pub fn stats(&self) -> GroupStats {
         self.inner.shared.read().stats()
@@ -491,6 +531,19 @@ impl GroupConsumer {
     /// This consumer's id in the queue's state.
     pub fn id(&self) -> ConsumerId {
         self.id
+    }
+
+    /// The next delivery already here, if `fits` accepts it; never waits
+    /// (for a caller that sends what is ready together).
+    pub fn try_recv_if(
+        &mut self,
+        fits: impl FnOnce(&GroupDelivery) -> bool,
+    ) -> Option<GroupDelivery> {
+        if fits(self.buffered.front()?) {
+            self.buffered.pop_front()
+        } else {
+            None
+        }
     }
 
     async fn attach(&self) -> Result<(), QueueGroupError> {

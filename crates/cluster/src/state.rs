@@ -756,6 +756,17 @@ impl ClusterState {
         if self.queues.len() >= MAX_QUEUES {
             return Err(format!("too many queues: at most {MAX_QUEUES}"));
         }
+        // Deterministic on every node: the map is the same everywhere.
+        let group = crate::types::queue_group_id(name);
+        if let Some(other) = self
+            .queues
+            .keys()
+            .find(|other| crate::types::queue_group_id(other) == group)
+        {
+            return Err(format!(
+                "queue {name:?} would share Raft group {group} with queue {other:?}: choose another name"
+            ));
+        }
         self.queues.insert(name.to_owned(), replicas.to_vec());
         Ok(MetaResponse::Declared {
             existed: false,
@@ -2011,6 +2022,35 @@ mod tests {
                 replicas: replicas.to_vec(),
             },
         )
+    }
+
+    #[test]
+    fn a_queue_whose_group_would_be_anothers_is_refused() {
+        // Find two names with the same group id (32-bit FNV-1a: a few
+        // hundred thousand tries at most).
+        let mut seen = std::collections::HashMap::new();
+        let (first, second) = (0u64..)
+            .find_map(|n| {
+                let name = format!("q{n}");
+                let group = crate::types::queue_group_id(&name);
+                seen.insert(group, name.clone())
+                    .map(|earlier| (earlier, name))
+            })
+            .unwrap();
+        let mut state = ClusterState::default();
+        assert!(matches!(
+            declare(&mut state, &first, &[1, 2, 3]),
+            MetaResponse::Declared { existed: false, .. }
+        ));
+        match declare(&mut state, &second, &[1, 2, 3]) {
+            MetaResponse::Invalid(why) => assert!(why.contains("choose another name"), "{why}"),
+            other => panic!("{second} declared beside {first}: {other:?}"),
+        }
+        assert_eq!(state.queues().len(), 1);
+        assert_ne!(
+            crate::types::queue_group_id(""),
+            crate::types::METADATA_GROUP
+        );
     }
 
     #[test]

@@ -22,6 +22,23 @@ pub type GroupId = u32;
 /// The metadata group: membership, declarations and the key-value store.
 pub const METADATA_GROUP: GroupId = 0;
 
+/// The group that holds the replicated queue `name`: a 32-bit FNV-1a hash
+/// of the name, never [`METADATA_GROUP`]. Every node computes the same one,
+/// so a queue's group needs no number in the metadata; the metadata group
+/// refuses to declare a queue whose group would be another's.
+pub fn queue_group_id(name: &str) -> GroupId {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in name.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    if hash == METADATA_GROUP {
+        1
+    } else {
+        hash
+    }
+}
+
 /// A key-value lease, numbered from 1 in the order leases are granted.
 pub type LeaseId = u64;
 

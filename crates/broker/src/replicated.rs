@@ -1,0 +1,1240 @@
+//! Replicated queues on a cluster member.
+//!
+//! A queue whose name matches `[cluster] replicated_queues` is not kept in
+//! this broker's data directory: it is a Raft group of its own
+//! (courier-cluster's [`QueueGroup`]) on `queue_replicas` members, placed
+//! by the metadata leader where the fewest queues are held. Clients speak
+//! the ordinary queue protocol to **any** member:
+//!
+//! - an operation is served where the queue's leader is. A member that is
+//!   not the leader forwards it over [`ReplicaQueue`], the members' own
+//!   protocol (only peers may call it under `[auth]`); the receiving
+//!   member serves it only if it leads, and never forwards again, so a
+//!   call takes at most one hop;
+//! - a consumer's stream outlives failovers: when the leader goes, the
+//!   member serving the stream finds the new one and attaches there. What
+//!   the consumer held on the old leader is given out again by the new one
+//!   with its delivery counted (answers to it are `UnknownDelivery`);
+//! - an enqueue is answered once committed on a majority of the replicas
+//!   (each fsynced its log first). One that fails as retryable after it
+//!   was sent may or may not be stored: send it again with the same
+//!   idempotency key and the queue answers `Duplicate` instead of storing
+//!   it twice.
+//!
+//! The queue is declared (placed) on first use, as a local queue is
+//! created on first use; `<queue>.dlq` names its dead letters, which are
+//! part of the same group. Purging and peeking are not replicated
+//! operations yet, and a replicated queue takes the broker's queue
+//! settings (per-queue options in a declaration must match them).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use courier_cluster::network::{Peers, RaftHost};
+use courier_cluster::node::{ClusterError, ClusterNode, Timing};
+use courier_cluster::queue_group::{QueueGroup, QueueGroupConfig, QueueGroupError};
+use courier_cluster::queue_state::{
+    Action, Answer, EnqueueOutcome, GroupDelivery, Part, QueueSettings, MAX_PREFETCH,
+};
+use courier_cluster::types::{queue_group_id, NodeId};
+use courier_queue::core::{ConsumerId, MessageId, QueueStats};
+use courier_queue::remote::{
+    RemoteError, WireAnswer, WireDelivery, DELIVERIES_PER_ITEM, DELIVERY_BYTES_PER_ITEM,
+};
+use courier_queue::{Enqueued, Message, QueueDeclaration};
+use courier_rpc::{ClientConfig, Items};
+
+/// Tokens of deliveries from replicated queues have this bit set; a local
+/// queue's tokens count up from 1 and never reach it.
+pub(crate) const REPLICATED_TOKEN: u64 = 1 << 63;
+
+/// Deliveries waiting for an answer one member remembers at most; past
+/// this the oldest are forgotten (answering one is `UnknownDelivery`; its
+/// lease gives it to someone else).
+const MAX_TOKENS: usize = 1 << 20;
+
+/// The suffix naming a queue's dead letters.
+const DLQ_SUFFIX: &str = ".dlq";
+
+/// Why a member would not serve a forwarded operation.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicaError {
+    /// This member does not lead the queue's group (or the metadata
+    /// group, for a placement); nothing was done. `address`: the leader
+    /// it knows of.
+    #[error("not the leader{}", address.as_deref().map(|a| format!(" (try {a})")).unwrap_or_default())]
+    NotLeader {
+        /// Where the leader is, if known.
+        address: Option<String>,
+    },
+    /// This member holds no replica of the queue; nothing was done.
+    #[error("no replica of the queue here")]
+    NotHere,
+    /// The queue answered this.
+    #[error(transparent)]
+    Queue(#[from] RemoteError),
+}
+
+/// What members ask each other about replicated queues: each call is
+/// served only by a member that can serve it itself (it leads the group,
+/// or the metadata group for [`ReplicaQueue::place`]).
+#[courier_rpc::service]
+pub trait ReplicaQueue {
+    /// Declares where `queue` lives (on the metadata leader); its replicas.
+    async fn place(&self, queue: String) -> Result<Vec<NodeId>, ReplicaError>;
+    /// Stores messages in the queue; one outcome each, once committed.
+    async fn enqueue(
+        &self,
+        queue: String,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Enqueued>, ReplicaError>;
+    /// Deliveries for one consumer (of the dead letters if
+    /// `dead_letters`), under its `prefetch`, until the member stops
+    /// leading (the stream's last item is then `NotLeader`).
+    async fn consume(
+        &self,
+        queue: String,
+        dead_letters: bool,
+        prefetch: u32,
+        items: Items<Result<Vec<WireDelivery>, ReplicaError>>,
+    );
+    /// Answers deliveries this member gave out; one outcome each.
+    async fn answer(
+        &self,
+        answers: Vec<WireAnswer>,
+    ) -> Result<Vec<Result<(), RemoteError>>, ReplicaError>;
+    /// Extends the lease of a delivery this member gave out.
+    async fn extend(&self, token: u64, by_ms: u64) -> Result<(), ReplicaError>;
+    /// The queue's (or its dead letters') counters.
+    async fn stats(&self, queue: String, dead_letters: bool) -> Result<QueueStats, ReplicaError>;
+}
+
+/// How this member hosts replicated queues (from `[cluster]`).
+#[derive(Clone, Debug)]
+pub(crate) struct ReplicatedConfig {
+    pub patterns: Vec<String>,
+    pub replicas: usize,
+    pub max_queues: usize,
+    pub settings: QueueSettings,
+    pub timing: Timing,
+    pub snapshot_after: u64,
+    pub max_message: usize,
+    pub dir: PathBuf,
+}
+
+/// Whether `name` matches one of `patterns`: a name, or a prefix ending in
+/// `*` (`orders.*`, or `*` for every queue).
+pub(crate) fn matches(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => p == name,
+    })
+}
+
+/// A delivery waiting for its answer, by this member's token.
+#[derive(Clone, Debug)]
+enum Held {
+    /// Given out by this member, the group's leader.
+    Local {
+        queue: String,
+        consumer: ConsumerId,
+        id: MessageId,
+        delivery: u32,
+    },
+    /// Relayed from the leader at `address`, where it is `token`.
+    Forwarded { address: String, token: u64 },
+}
+
+struct Entry {
+    held: Held,
+    owner: Option<Arc<str>>,
+    stream: u64,
+}
+
+#[derive(Default)]
+struct Tokens {
+    held: BTreeMap<u64, Entry>,
+    by_stream: HashMap<u64, HashSet<u64>>,
+}
+
+impl Tokens {
+    fn insert(&mut self, token: u64, entry: Entry) {
+        if self.held.len() >= MAX_TOKENS {
+            if let Some((old, entry)) = self.held.pop_first() {
+                self.unlink(old, entry.stream);
+            }
+        }
+        self.by_stream
+            .entry(entry.stream)
+            .or_default()
+            .insert(token);
+        self.held.insert(token, entry);
+    }
+
+    fn unlink(&mut self, token: u64, stream: u64) {
+        if let Some(tokens) = self.by_stream.get_mut(&stream) {
+            tokens.remove(&token);
+            if tokens.is_empty() {
+                self.by_stream.remove(&stream);
+            }
+        }
+    }
+
+    fn get(&self, token: u64, who: &Option<Arc<str>>) -> Option<Held> {
+        self.held
+            .get(&token)
+            .filter(|e| e.owner == *who)
+            .map(|e| e.held.clone())
+    }
+
+    fn take(&mut self, token: u64, who: &Option<Arc<str>>) -> Option<Held> {
+        self.get(token, who)?;
+        let entry = self.held.remove(&token)?;
+        self.unlink(token, entry.stream);
+        Some(entry.held)
+    }
+
+    fn forget_stream(&mut self, stream: u64) {
+        for token in self.by_stream.remove(&stream).unwrap_or_default() {
+            self.held.remove(&token);
+        }
+    }
+}
+
+/// Forgets a consumer stream's tokens when it ends.
+struct StreamGuard {
+    tokens: Arc<Mutex<Tokens>>,
+    stream: u64,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        lock(&self.tokens).forget_stream(self.stream);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// Where an operation on a queue goes.
+enum Target {
+    /// This member leads the queue's group.
+    Local(Arc<QueueGroup>),
+    /// The member at this address is believed to.
+    Remote(String, ReplicaQueueClient),
+}
+
+/// Why serving a consumer stopped.
+enum Stop {
+    /// The stream's client went away.
+    Closed,
+    /// The leader changed or could not be reached: find it again.
+    Reroute,
+    /// The queue refused; the stream ends with this.
+    Failed(RemoteError),
+}
+
+/// Where a consumer's deliveries go.
+pub(crate) trait DeliverySink: Send + Sync {
+    /// Sends a group of deliveries; whether to go on.
+    fn send(&self, group: Vec<WireDelivery>) -> impl std::future::Future<Output = bool> + Send;
+    /// Ends the stream with this error.
+    fn fail(&self, err: RemoteError) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// A member's replicated queues: the replicas it holds and the way to the
+/// others (see the [module docs](self)).
+pub(crate) struct Replicated {
+    node: Arc<ClusterNode>,
+    id: NodeId,
+    peers: Peers,
+    raft_host: RaftHost,
+    config: ReplicatedConfig,
+    client_config: ClientConfig,
+    /// The replicas held here, by queue name.
+    groups: Mutex<HashMap<String, Arc<QueueGroup>>>,
+    /// Starting groups one at a time, so none starts twice.
+    starting: tokio::sync::Mutex<()>,
+    /// Where each queue's leader was last seen (declared queues only).
+    hints: Mutex<HashMap<String, String>>,
+    /// Clients of the other members, by address (members only).
+    clients: Mutex<HashMap<String, ReplicaQueueClient>>,
+    tokens: Arc<Mutex<Tokens>>,
+    next_token: AtomicU64,
+    next_stream: AtomicU64,
+}
+
+impl std::fmt::Debug for Replicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicated")
+            .field("node", &self.id)
+            .field("patterns", &self.config.patterns)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(what: impl std::fmt::Display) -> RemoteError {
+    RemoteError::Queue {
+        reason: format!("replicated queue unavailable: {what}"),
+        retryable: true,
+    }
+}
+
+fn group_error(err: QueueGroupError) -> RemoteError {
+    match err {
+        QueueGroupError::Refused(why) => RemoteError::Invalid(why),
+        QueueGroupError::Cluster(e) => unavailable(e),
+        other => unavailable(other),
+    }
+}
+
+fn split(queue: &str) -> (&str, Part) {
+    match queue.strip_suffix(DLQ_SUFFIX) {
+        Some(base) if !base.is_empty() => (base, Part::DeadLetters),
+        _ => (queue, Part::Main),
+    }
+}
+
+fn enqueued(outcomes: Vec<EnqueueOutcome>) -> Result<Vec<Enqueued>, RemoteError> {
+    outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            EnqueueOutcome::Stored(id) => Ok(Enqueued::Stored(id)),
+            EnqueueOutcome::Duplicate(id) => Ok(Enqueued::Duplicate(id)),
+            EnqueueOutcome::Full => Err(RemoteError::Queue {
+                reason: "the queue is full".into(),
+                retryable: true,
+            }),
+            EnqueueOutcome::Invalid(why) => Err(RemoteError::Invalid(why)),
+        })
+        .collect()
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((20u64 << attempt.min(5)).min(500))
+}
+
+impl Replicated {
+    pub(crate) fn new(
+        node: Arc<ClusterNode>,
+        peers: Peers,
+        raft_host: RaftHost,
+        config: ReplicatedConfig,
+        client_config: ClientConfig,
+    ) -> Arc<Replicated> {
+        Arc::new(Replicated {
+            id: node.id(),
+            node,
+            peers,
+            raft_host,
+            config,
+            client_config,
+            groups: Mutex::default(),
+            starting: tokio::sync::Mutex::new(()),
+            hints: Mutex::default(),
+            clients: Mutex::default(),
+            tokens: Arc::default(),
+            next_token: AtomicU64::new(1),
+            next_stream: AtomicU64::new(1),
+        })
+    }
+
+    /// Whether `queue` (or the queue whose dead letters it names) is a
+    /// replicated queue.
+    pub(crate) fn handles(&self, queue: &str) -> bool {
+        let (base, _) = split(queue);
+        matches(&self.config.patterns, base)
+    }
+
+    /// How long an operation looks for a leader before it gives up: a few
+    /// elections.
+    fn patience(&self) -> Duration {
+        Duration::from_millis(self.config.timing.election_max_ms * 4 + 2_000)
+    }
+
+    fn local(&self, name: &str) -> Option<Arc<QueueGroup>> {
+        lock(&self.groups).get(name).cloned()
+    }
+
+    fn client(&self, address: &str) -> Result<ReplicaQueueClient, RemoteError> {
+        let mut clients = lock(&self.clients);
+        if let Some(client) = clients.get(address) {
+            return Ok(client.clone());
+        }
+        let parsed: courier_transport::Address = address
+            .parse()
+            .map_err(|e| unavailable(format!("member address {address}: {e}")))?;
+        let client = ReplicaQueueClient::new(courier_rpc::Client::lazy(
+            &parsed,
+            self.client_config.clone(),
+        ));
+        // Only members' addresses come here; forget those that left.
+        let members: HashSet<String> = self.node.member_addresses().into_values().collect();
+        clients.retain(|a, _| members.contains(a));
+        clients.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    fn hint(&self, name: &str, address: Option<String>) {
+        let mut hints = lock(&self.hints);
+        match address {
+            Some(address) => {
+                hints.insert(name.to_owned(), address);
+            }
+            None => {
+                hints.remove(name);
+            }
+        }
+    }
+
+    /// The queue's replicas, declaring it (through the metadata leader) if
+    /// it is new.
+    async fn placement(&self, name: &str, declare: bool) -> Result<Vec<NodeId>, RemoteError> {
+        if let Some(replicas) = self.node.declared_queue(name) {
+            return Ok(replicas);
+        }
+        if !declare {
+            return Err(RemoteError::NotFound(name.to_owned()));
+        }
+        let deadline = Instant::now() + self.patience();
+        let mut attempt = 0;
+        loop {
+            let outcome = match self.node.leader() {
+                Some((leader, _)) if leader == self.id => self.place_here(name).await,
+                Some((_, address)) => match self.client(&address)?.place(name.to_owned()).await {
+                    Ok(answer) => answer,
+                    Err(e) => Err(ReplicaError::Queue(unavailable(e))),
+                },
+                None => Err(ReplicaError::NotLeader { address: None }),
+            };
+            match outcome {
+                Ok(replicas) => {
+                    self.reconcile().await;
+                    return Ok(replicas);
+                }
+                Err(ReplicaError::Queue(RemoteError::Queue {
+                    retryable: false,
+                    reason,
+                })) => return Err(RemoteError::Invalid(reason)),
+                Err(ReplicaError::Queue(e @ RemoteError::Invalid(_))) => return Err(e),
+                Err(e) => {
+                    if Instant::now() >= deadline {
+                        return Err(unavailable(format!("declaring {name}: {e}")));
+                    }
+                }
+            }
+            attempt += 1;
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// On the metadata leader: places a new queue.
+    async fn place_here(&self, name: &str) -> Result<Vec<NodeId>, ReplicaError> {
+        if !self.handles(name) || name.ends_with(DLQ_SUFFIX) {
+            return Err(
+                RemoteError::Invalid(format!("{name} is not a replicated queue here")).into(),
+            );
+        }
+        if let Some(replicas) = self.node.declared_queue(name) {
+            return Ok(replicas);
+        }
+        if self.node.declared_queues().len() >= self.config.max_queues {
+            return Err(RemoteError::Invalid(format!(
+                "too many replicated queues: at most {} (max_replicated_queues)",
+                self.config.max_queues
+            ))
+            .into());
+        }
+        match self.node.declare_queue(name, self.config.replicas).await {
+            Ok(replicas) => Ok(replicas),
+            Err(ClusterError::NotLeader { address, .. }) => {
+                Err(ReplicaError::NotLeader { address })
+            }
+            Err(ClusterError::Kv(e)) => Err(RemoteError::Invalid(e.to_string()).into()),
+            Err(e) => Err(unavailable(e).into()),
+        }
+    }
+
+    /// Starts a replica of every declared queue this member holds and has
+    /// not started yet.
+    pub(crate) async fn reconcile(&self) {
+        let _one_at_a_time = self.starting.lock().await;
+        let members = self.node.member_addresses();
+        for (name, replicas) in self.node.declared_queues() {
+            if !replicas.contains(&self.id) || lock(&self.groups).contains_key(&name) {
+                continue;
+            }
+            let addresses: BTreeMap<NodeId, String> = replicas
+                .iter()
+                .filter_map(|id| members.get(id).map(|a| (*id, a.clone())))
+                .collect();
+            if addresses.len() != replicas.len() {
+                tracing::warn!(queue = %name, ?replicas, "a replica is not a member; not starting");
+                continue;
+            }
+            let group = queue_group_id(&name);
+            let config = QueueGroupConfig::new(
+                self.id,
+                group,
+                name.clone(),
+                addresses,
+                self.config.dir.join(format!("{group:08x}")),
+            )
+            .with_settings(self.config.settings.clone())
+            .with_timing(self.config.timing)
+            .with_snapshot_after(self.config.snapshot_after)
+            .with_max_message(self.config.max_message);
+            match QueueGroup::start(config, self.peers.network(group)).await {
+                Ok(started) => {
+                    self.raft_host.insert(group, started.raft().clone());
+                    tracing::info!(queue = %name, group, "replica started");
+                    lock(&self.groups).insert(name, Arc::new(started));
+                }
+                Err(e) => tracing::warn!(queue = %name, group, "replica did not start: {e}"),
+            }
+        }
+    }
+
+    /// Keeps the replicas held here to the declarations, as they apply.
+    pub(crate) async fn follow_declarations(self: Arc<Self>) {
+        let mut metrics = self.node.raft().metrics();
+        loop {
+            self.reconcile().await;
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Where to send an operation on `name` now (its `attempt`th try).
+    async fn route(
+        &self,
+        name: &str,
+        declare: bool,
+        attempt: u32,
+    ) -> Result<Option<Target>, RemoteError> {
+        let replicas = self.placement(name, declare).await?;
+        if let Some(group) = self.local(name) {
+            return match group.leading() {
+                Ok(()) => Ok(Some(Target::Local(group))),
+                Err(ClusterError::NotLeader {
+                    address: Some(address),
+                    ..
+                }) => Ok(Some(Target::Remote(
+                    address.clone(),
+                    self.client(&address)?,
+                ))),
+                Err(_) => Ok(None), // an election: wait for it
+            };
+        }
+        let hinted = lock(&self.hints).get(name).cloned();
+        let address = match hinted {
+            Some(address) => address,
+            None => {
+                // Not a replica here: ask the replicas in turn.
+                let members = self.node.member_addresses();
+                let replica = replicas[attempt as usize % replicas.len()];
+                match members.get(&replica) {
+                    Some(address) => address.clone(),
+                    None => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(Target::Remote(
+            address.clone(),
+            self.client(&address)?,
+        )))
+    }
+
+    /// Stores `messages` in `queue`, through its leader.
+    pub(crate) async fn enqueue(
+        &self,
+        queue: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Enqueued>, RemoteError> {
+        let (name, part) = split(queue);
+        if part == Part::DeadLetters {
+            return Err(RemoteError::Invalid(format!(
+                "{queue} holds {name}'s dead letters; only the queue puts messages there"
+            )));
+        }
+        let deadline = Instant::now() + self.patience();
+        let mut attempt = 0;
+        loop {
+            match self.route(name, true, attempt).await? {
+                Some(Target::Local(group)) => match group.enqueue(messages.clone()).await {
+                    Ok(outcomes) => return enqueued(outcomes),
+                    // Nothing was done: find the leader again.
+                    Err(QueueGroupError::Cluster(ClusterError::NotLeader { .. })) => {}
+                    Err(e) => return Err(group_error(e)),
+                },
+                Some(Target::Remote(address, client)) => {
+                    if client.client().ready().await.is_err() {
+                        // Never sent: safe to send elsewhere.
+                        self.hint(name, None);
+                    } else {
+                        match client.enqueue(name.to_owned(), messages.clone()).await {
+                            Ok(Ok(stored)) => {
+                                self.hint(name, Some(address));
+                                return Ok(stored);
+                            }
+                            Ok(Err(ReplicaError::NotLeader { address })) => {
+                                self.hint(name, address)
+                            }
+                            Ok(Err(ReplicaError::NotHere)) => self.hint(name, None),
+                            Ok(Err(ReplicaError::Queue(e))) => return Err(e),
+                            // Sent, and maybe stored: only the caller, with
+                            // its idempotency keys, may send it again.
+                            Err(e) => {
+                                self.hint(name, None);
+                                return Err(unavailable(format!("enqueue at {address}: {e}")));
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+            attempt += 1;
+            if Instant::now() >= deadline {
+                return Err(unavailable(format!("no leader for {name}")));
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// Serves one consumer of `queue` to `sink` until the client goes
+    /// away, following the queue's leader from member to member.
+    pub(crate) async fn consume<S: DeliverySink>(&self, queue: &str, prefetch: u32, sink: S) {
+        let (name, part) = split(queue);
+        let owner = courier_rpc::caller();
+        let guard = StreamGuard {
+            tokens: self.tokens.clone(),
+            stream: self.next_stream.fetch_add(1, Ordering::Relaxed),
+        };
+        let mut attempt = 0;
+        loop {
+            let target = match self.route(name, true, attempt).await {
+                Ok(target) => target,
+                Err(e @ (RemoteError::Invalid(_) | RemoteError::NotFound(_))) => {
+                    sink.fail(e).await;
+                    return;
+                }
+                // No leader for now: a consumer waits for one as long as
+                // its client keeps the stream.
+                Err(_) => None,
+            };
+            let stop = match target {
+                Some(Target::Local(group)) => {
+                    self.serve_local(&group, name, part, prefetch, &owner, guard.stream, &sink)
+                        .await
+                }
+                Some(Target::Remote(address, client)) => {
+                    self.relay(
+                        &address,
+                        &client,
+                        name,
+                        part,
+                        prefetch,
+                        &owner,
+                        guard.stream,
+                        &sink,
+                    )
+                    .await
+                }
+                None => Stop::Reroute,
+            };
+            match stop {
+                Stop::Closed => return,
+                Stop::Failed(e) => {
+                    sink.fail(e).await;
+                    return;
+                }
+                Stop::Reroute => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt.min(4))).await;
+                }
+            }
+        }
+    }
+
+    /// Serves a consumer from the group led here, until it stops leading.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_local<S: DeliverySink>(
+        &self,
+        group: &QueueGroup,
+        name: &str,
+        part: Part,
+        prefetch: u32,
+        owner: &Option<Arc<str>>,
+        stream: u64,
+        sink: &S,
+    ) -> Stop {
+        let stop = |e: QueueGroupError| match e {
+            QueueGroupError::Cluster(_) => Stop::Reroute,
+            other => Stop::Failed(group_error(other)),
+        };
+        let prefetch = prefetch.clamp(1, MAX_PREFETCH);
+        let mut consumer = match group.consumer(prefetch, part).await {
+            Ok(consumer) => consumer,
+            Err(e) => return stop(e),
+        };
+        loop {
+            let first = match consumer.recv().await {
+                Ok(delivery) => delivery,
+                Err(e) => return stop(e),
+            };
+            let mut bytes = size(&first);
+            let mut taken = vec![first];
+            while taken.len() < DELIVERIES_PER_ITEM {
+                let room = DELIVERY_BYTES_PER_ITEM.saturating_sub(bytes);
+                let Some(next) = consumer.try_recv_if(|d| size(d) <= room) else {
+                    break;
+                };
+                bytes += size(&next);
+                taken.push(next);
+            }
+            let wire = {
+                let mut tokens = lock(&self.tokens);
+                taken
+                    .into_iter()
+                    .map(|d| {
+                        let token =
+                            REPLICATED_TOKEN | self.next_token.fetch_add(1, Ordering::Relaxed);
+                        tokens.insert(
+                            token,
+                            Entry {
+                                held: Held::Local {
+                                    queue: name.to_owned(),
+                                    consumer: consumer.id(),
+                                    id: d.id,
+                                    delivery: d.delivery,
+                                },
+                                owner: owner.clone(),
+                                stream,
+                            },
+                        );
+                        WireDelivery {
+                            token,
+                            id: d.id,
+                            delivery: d.delivery,
+                            payload: d.message.payload,
+                            headers: d.message.headers,
+                        }
+                    })
+                    .collect()
+            };
+            if !sink.send(wire).await {
+                return Stop::Closed;
+            }
+        }
+    }
+
+    /// Relays a consumer's deliveries from the leader at `address`.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay<S: DeliverySink>(
+        &self,
+        address: &str,
+        client: &ReplicaQueueClient,
+        name: &str,
+        part: Part,
+        prefetch: u32,
+        owner: &Option<Arc<str>>,
+        stream: u64,
+        sink: &S,
+    ) -> Stop {
+        let opened = client
+            .without_deadline()
+            .consume(name.to_owned(), part == Part::DeadLetters, prefetch)
+            .await;
+        let mut items = match opened {
+            Ok(items) => items,
+            Err(_) => {
+                self.hint(name, None);
+                return Stop::Reroute;
+            }
+        };
+        loop {
+            match items.next().await {
+                Some(Ok(Ok(group))) => {
+                    self.hint(name, Some(address.to_owned()));
+                    let wire = {
+                        let mut tokens = lock(&self.tokens);
+                        group
+                            .into_iter()
+                            .map(|mut d| {
+                                let token = REPLICATED_TOKEN
+                                    | self.next_token.fetch_add(1, Ordering::Relaxed);
+                                tokens.insert(
+                                    token,
+                                    Entry {
+                                        held: Held::Forwarded {
+                                            address: address.to_owned(),
+                                            token: d.token,
+                                        },
+                                        owner: owner.clone(),
+                                        stream,
+                                    },
+                                );
+                                d.token = token;
+                                d
+                            })
+                            .collect()
+                    };
+                    if !sink.send(wire).await {
+                        return Stop::Closed;
+                    }
+                }
+                Some(Ok(Err(ReplicaError::NotLeader { address }))) => {
+                    self.hint(name, address);
+                    return Stop::Reroute;
+                }
+                Some(Ok(Err(ReplicaError::Queue(e)))) => return Stop::Failed(e),
+                // Not a replica there, the connection lost (the leader may
+                // have died), or the stream ended: find the leader again.
+                _ => {
+                    self.hint(name, None);
+                    return Stop::Reroute;
+                }
+            }
+        }
+    }
+
+    /// Answers deliveries named by this member's tokens (given to `who`):
+    /// one outcome each, in order.
+    pub(crate) async fn answer(
+        &self,
+        answers: &[WireAnswer],
+        who: &Option<Arc<str>>,
+    ) -> Vec<Result<(), RemoteError>> {
+        let held: Vec<Option<Held>> = {
+            let mut tokens = lock(&self.tokens);
+            answers
+                .iter()
+                .map(|a| tokens.take(a.token(), who))
+                .collect()
+        };
+        let mut outcomes: Vec<Result<(), RemoteError>> =
+            vec![Err(RemoteError::UnknownDelivery); answers.len()];
+        // Answers to deliveries given out here, by (queue, consumer).
+        let mut local: BTreeMap<(String, ConsumerId), Vec<(usize, Answer)>> = BTreeMap::new();
+        // Answers relayed to the leaders that gave them, by address.
+        let mut forwarded: BTreeMap<String, Vec<(usize, WireAnswer)>> = BTreeMap::new();
+        for (index, (answer, held)) in answers.iter().zip(held).enumerate() {
+            match held {
+                None => {}
+                Some(Held::Local {
+                    queue,
+                    consumer,
+                    id,
+                    delivery,
+                }) => {
+                    let action = match *answer {
+                        WireAnswer::Ack { .. } => Action::Ack,
+                        WireAnswer::Nack { delay_ms, .. } => Action::Nack { delay_ms },
+                        WireAnswer::Reject { .. } => Action::Reject,
+                    };
+                    local.entry((queue, consumer)).or_default().push((
+                        index,
+                        Answer {
+                            id,
+                            delivery,
+                            action,
+                        },
+                    ));
+                }
+                Some(Held::Forwarded { address, token }) => {
+                    let relayed = match *answer {
+                        WireAnswer::Ack { .. } => WireAnswer::Ack { token },
+                        WireAnswer::Nack { delay_ms, .. } => WireAnswer::Nack { token, delay_ms },
+                        WireAnswer::Reject { .. } => WireAnswer::Reject { token },
+                    };
+                    forwarded.entry(address).or_default().push((index, relayed));
+                }
+            }
+        }
+        for ((queue, consumer), batch) in local {
+            let Some(group) = self.local(&queue) else {
+                continue;
+            };
+            let (indices, answers): (Vec<usize>, Vec<Answer>) = batch.into_iter().unzip();
+            match group.answer_for(consumer, answers).await {
+                Ok(results) => {
+                    for (index, result) in indices.into_iter().zip(results) {
+                        outcomes[index] =
+                            result.map(|_| ()).map_err(|_| RemoteError::UnknownDelivery);
+                    }
+                }
+                // The leader changed: the next one gives these out again.
+                Err(QueueGroupError::Cluster(_)) => {}
+                Err(e) => {
+                    let e = group_error(e);
+                    for index in indices {
+                        outcomes[index] = Err(e.clone());
+                    }
+                }
+            }
+        }
+        for (address, batch) in forwarded {
+            let (indices, answers): (Vec<usize>, Vec<WireAnswer>) = batch.into_iter().unzip();
+            let Ok(client) = self.client(&address) else {
+                continue;
+            };
+            match client.answer(answers).await {
+                Ok(Ok(results)) => {
+                    for (index, result) in indices.into_iter().zip(results) {
+                        outcomes[index] = result;
+                    }
+                }
+                Ok(Err(ReplicaError::Queue(e))) => {
+                    for index in indices {
+                        outcomes[index] = Err(e.clone());
+                    }
+                }
+                // Not the leader any more, or unreachable: the delivery
+                // comes again from the next one.
+                _ => {}
+            }
+        }
+        outcomes
+    }
+
+    /// Extends the lease of the delivery under `token` by `by_ms`.
+    pub(crate) async fn extend(
+        &self,
+        token: u64,
+        by_ms: u64,
+        who: &Option<Arc<str>>,
+    ) -> Result<(), RemoteError> {
+        let held = lock(&self.tokens)
+            .get(token, who)
+            .ok_or(RemoteError::UnknownDelivery)?;
+        match held {
+            Held::Local {
+                queue,
+                consumer,
+                id,
+                delivery,
+            } => {
+                let group = self.local(&queue).ok_or(RemoteError::UnknownDelivery)?;
+                let answer = Answer {
+                    id,
+                    delivery,
+                    action: Action::Extend { by_ms },
+                };
+                match group.answer_for(consumer, vec![answer]).await {
+                    Ok(mut results) => match results.pop() {
+                        Some(Ok(_)) => Ok(()),
+                        _ => Err(RemoteError::UnknownDelivery),
+                    },
+                    Err(QueueGroupError::Cluster(_)) => Err(RemoteError::UnknownDelivery),
+                    Err(e) => Err(group_error(e)),
+                }
+            }
+            Held::Forwarded { address, token } => {
+                match self.client(&address)?.extend(token, by_ms).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(ReplicaError::Queue(e))) => Err(e),
+                    _ => Err(RemoteError::UnknownDelivery),
+                }
+            }
+        }
+    }
+
+    /// The counters of `queue` (or its dead letters), from its leader.
+    pub(crate) async fn stats(&self, queue: &str) -> Result<QueueStats, RemoteError> {
+        let (name, part) = split(queue);
+        let deadline = Instant::now() + self.patience();
+        let mut attempt = 0;
+        loop {
+            match self.route(name, false, attempt).await? {
+                Some(Target::Local(group)) => return Ok(part_stats(&group, part)),
+                Some(Target::Remote(address, client)) => {
+                    match client
+                        .stats(name.to_owned(), part == Part::DeadLetters)
+                        .await
+                    {
+                        Ok(Ok(stats)) => return Ok(stats),
+                        Ok(Err(ReplicaError::NotLeader { address })) => self.hint(name, address),
+                        Ok(Err(ReplicaError::Queue(e))) => return Err(e),
+                        _ => {
+                            let _ = address;
+                            self.hint(name, None);
+                        }
+                    }
+                }
+                None => {}
+            }
+            attempt += 1;
+            if Instant::now() >= deadline {
+                return Err(unavailable(format!("no leader for {name}")));
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// Declares `queue`: places it; options must be the broker's own.
+    pub(crate) async fn declare(
+        &self,
+        queue: &str,
+        options: &QueueDeclaration,
+    ) -> Result<(), RemoteError> {
+        let (name, part) = split(queue);
+        if part == Part::DeadLetters {
+            return Err(RemoteError::Invalid(format!(
+                "{queue} is declared with {name}"
+            )));
+        }
+        let settings = &self.config.settings;
+        let differs = options
+            .max_deliveries
+            .is_some_and(|m| m != settings.max_deliveries)
+            || options
+                .lease
+                .is_some_and(|l| l.as_millis() as u64 != settings.lease_ms)
+            || options
+                .dead_lettering
+                .is_some_and(|d| d != settings.dead_lettering);
+        if differs {
+            return Err(RemoteError::Conflict(format!(
+                "{name} is a replicated queue, which takes the broker's settings (max_deliveries {}, lease {} ms, dead_lettering {}); per-queue options are not replicated yet",
+                settings.max_deliveries, settings.lease_ms, settings.dead_lettering
+            )));
+        }
+        self.placement(name, true).await.map(|_| ())
+    }
+
+    /// The counters of every replica held here, as this member applied
+    /// them (dead letters as `<queue>.dlq`).
+    pub(crate) fn reports(&self) -> Vec<(String, QueueStats)> {
+        let groups: Vec<(String, Arc<QueueGroup>)> = lock(&self.groups)
+            .iter()
+            .map(|(n, g)| (n.clone(), g.clone()))
+            .collect();
+        let mut reports = Vec::new();
+        for (name, group) in groups {
+            let stats = group.stats();
+            reports.push((format!("{name}{DLQ_SUFFIX}"), stats.dead_letters));
+            reports.push((name, stats.queue));
+        }
+        reports
+    }
+
+    /// The replicas held here and how each sees its group.
+    pub(crate) fn statuses(&self) -> Vec<(String, courier_cluster::queue_group::GroupStatus)> {
+        let mut statuses: Vec<_> = lock(&self.groups)
+            .iter()
+            .map(|(n, g)| (n.clone(), g.status()))
+            .collect();
+        statuses.sort_by(|a, b| a.0.cmp(&b.0));
+        statuses
+    }
+
+    /// Stops every replica held here (their logs are closed as Raft
+    /// drops them).
+    pub(crate) async fn shutdown(&self) {
+        let groups: Vec<(String, Arc<QueueGroup>)> = lock(&self.groups).drain().collect();
+        for (_, group) in groups {
+            self.raft_host.remove(group.group());
+            group.shutdown().await;
+        }
+    }
+}
+
+fn size(d: &GroupDelivery) -> usize {
+    d.message.payload.len() + d.message.headers.total_len()
+}
+
+fn part_stats(group: &QueueGroup, part: Part) -> QueueStats {
+    let stats = group.stats();
+    match part {
+        Part::Main => stats.queue,
+        Part::DeadLetters => stats.dead_letters,
+    }
+}
+
+/// Serves [`ReplicaQueue`] for the other members: only what this member
+/// can do itself.
+pub(crate) struct ReplicaHost(pub(crate) Arc<Replicated>);
+
+impl ReplicaHost {
+    /// The group of `queue` if this member leads it.
+    fn leading(&self, queue: &str) -> Result<Arc<QueueGroup>, ReplicaError> {
+        let group = self.0.local(queue).ok_or(ReplicaError::NotHere)?;
+        match group.leading() {
+            Ok(()) => Ok(group),
+            Err(ClusterError::NotLeader { address, .. }) => {
+                Err(ReplicaError::NotLeader { address })
+            }
+            Err(_) => Err(ReplicaError::NotLeader { address: None }),
+        }
+    }
+}
+
+struct ReplicaSink(Items<Result<Vec<WireDelivery>, ReplicaError>>);
+
+impl DeliverySink for ReplicaSink {
+    async fn send(&self, group: Vec<WireDelivery>) -> bool {
+        self.0.send(Ok(group)).await.is_ok()
+    }
+    async fn fail(&self, err: RemoteError) {
+        let _ = self.0.send(Err(ReplicaError::Queue(err))).await;
+    }
+}
+
+impl ReplicaQueue for ReplicaHost {
+    async fn place(&self, queue: String) -> Result<Vec<NodeId>, ReplicaError> {
+        match self.0.node.leader() {
+            Some((leader, _)) if leader == self.0.id => self.0.place_here(&queue).await,
+            Some((_, address)) => Err(ReplicaError::NotLeader {
+                address: Some(address),
+            }),
+            None => Err(ReplicaError::NotLeader { address: None }),
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        queue: String,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Enqueued>, ReplicaError> {
+        let group = self.leading(&queue)?;
+        match group.enqueue(messages).await {
+            Ok(outcomes) => Ok(enqueued(outcomes)?),
+            Err(QueueGroupError::Cluster(ClusterError::NotLeader { address, .. })) => {
+                Err(ReplicaError::NotLeader { address })
+            }
+            Err(e) => Err(group_error(e).into()),
+        }
+    }
+
+    async fn consume(
+        &self,
+        queue: String,
+        dead_letters: bool,
+        prefetch: u32,
+        items: Items<Result<Vec<WireDelivery>, ReplicaError>>,
+    ) {
+        let group = match self.leading(&queue) {
+            Ok(group) => group,
+            Err(e) => {
+                let _ = items.send(Err(e)).await;
+                return;
+            }
+        };
+        let part = if dead_letters {
+            Part::DeadLetters
+        } else {
+            Part::Main
+        };
+        let owner = courier_rpc::caller();
+        let guard = StreamGuard {
+            tokens: self.0.tokens.clone(),
+            stream: self.0.next_stream.fetch_add(1, Ordering::Relaxed),
+        };
+        let sink = ReplicaSink(items);
+        match self
+            .0
+            .serve_local(&group, &queue, part, prefetch, &owner, guard.stream, &sink)
+            .await
+        {
+            Stop::Closed => {}
+            Stop::Failed(e) => sink.fail(e).await,
+            Stop::Reroute => {
+                let address = match group.leading() {
+                    Err(ClusterError::NotLeader { address, .. }) => address,
+                    _ => None,
+                };
+                let _ = sink.0.send(Err(ReplicaError::NotLeader { address })).await;
+            }
+        }
+    }
+
+    async fn answer(
+        &self,
+        answers: Vec<WireAnswer>,
+    ) -> Result<Vec<Result<(), RemoteError>>, ReplicaError> {
+        if answers.len() > courier_queue::remote::MAX_ANSWER_BATCH {
+            return Err(RemoteError::Invalid(format!(
+                "{} answers in one call; at most {}",
+                answers.len(),
+                courier_queue::remote::MAX_ANSWER_BATCH
+            ))
+            .into());
+        }
+        Ok(self.0.answer(&answers, &courier_rpc::caller()).await)
+    }
+
+    async fn extend(&self, token: u64, by_ms: u64) -> Result<(), ReplicaError> {
+        Ok(self.0.extend(token, by_ms, &courier_rpc::caller()).await?)
+    }
+
+    async fn stats(&self, queue: String, dead_letters: bool) -> Result<QueueStats, ReplicaError> {
+        let group = self.leading(&queue)?;
+        let part = if dead_letters {
+            Part::DeadLetters
+        } else {
+            Part::Main
+        };
+        Ok(part_stats(&group, part))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_names_and_prefixes() {
+        let patterns = vec!["jobs".to_string(), "orders.*".to_string()];
+        assert!(matches(&patterns, "jobs"));
+        assert!(!matches(&patterns, "jobs2"));
+        assert!(matches(&patterns, "orders.eu"));
+        assert!(!matches(&patterns, "orders"));
+        assert!(matches(&["*".to_string()], "anything"));
+        assert!(!matches(&[], "jobs"));
+    }
+
+    #[test]
+    fn dead_letters_are_named_after_their_queue() {
+        assert_eq!(split("jobs.dlq"), ("jobs", Part::DeadLetters));
+        assert_eq!(split("jobs"), ("jobs", Part::Main));
+        assert_eq!(split(".dlq"), (".dlq", Part::Main));
+    }
+
+    #[test]
+    fn the_token_table_is_bounded_and_forgets_a_stream() {
+        let mut tokens = Tokens::default();
+        let who: Option<Arc<str>> = Some("alice".into());
+        for token in 0..(MAX_TOKENS as u64 + 10) {
+            tokens.insert(
+                token,
+                Entry {
+                    held: Held::Forwarded {
+                        address: "tcp://x:1".into(),
+                        token,
+                    },
+                    owner: who.clone(),
+                    stream: token % 3,
+                },
+            );
+        }
+        assert_eq!(tokens.held.len(), MAX_TOKENS);
+        // The oldest went first.
+        assert!(tokens.get(0, &who).is_none());
+        assert!(tokens.get(MAX_TOKENS as u64 + 9, &who).is_some());
+        // Another identity cannot answer it.
+        assert!(tokens.take(MAX_TOKENS as u64 + 9, &None).is_none());
+        assert!(tokens.take(MAX_TOKENS as u64 + 9, &who).is_some());
+        tokens.forget_stream(0);
+        tokens.forget_stream(1);
+        tokens.forget_stream(2);
+        assert!(tokens.held.is_empty());
+        assert!(tokens.by_stream.is_empty());
+    }
+}

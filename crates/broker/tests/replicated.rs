@@ -1,0 +1,254 @@
+//! Replicated queues on three brokers in one process: a queue of
+//! `[cluster] replicated_queues` is placed on every member, served through
+//! any of them, and keeps what it confirmed when its leader's broker stops;
+//! a consumer attached through a member that stays keeps its stream across
+//! the failover.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use courier_broker::config::ClusterSection;
+use courier_broker::{Broker, BrokerConfig};
+use courier_queue::remote::{RemoteQueue, RemoteQueueError};
+use courier_queue::{Enqueued, Message};
+use courier_rpc::ClientConfig;
+use courier_test_support::TempDir;
+use courier_transport::Address;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(dir: &TempDir, id: u64, addresses: &[String]) -> BrokerConfig {
+    let mut config = BrokerConfig::default();
+    config.listen = vec![addresses[(id - 1) as usize].clone()];
+    config.data_dir = dir.path().join(format!("node-{id}"));
+    config.metrics = String::new();
+    config.shutdown_grace_ms = 200;
+    let mut section = ClusterSection::default();
+    section.node = id;
+    section.heartbeat_ms = 50;
+    section.election_min_ms = 300;
+    section.election_max_ms = 600;
+    section.replicated_queues = vec!["jobs".into(), "orders.*".into()];
+    for (i, address) in addresses.iter().enumerate() {
+        let peer = i as u64 + 1;
+        if peer != id {
+            section.peers.insert(peer.to_string(), address.clone());
+        }
+    }
+    config.cluster = Some(section);
+    config
+}
+
+struct Nodes {
+    brokers: Vec<Option<Broker>>,
+    addresses: Vec<String>,
+    _dir: TempDir,
+}
+
+impl Nodes {
+    async fn start(label: &str) -> Nodes {
+        let dir = TempDir::new(label);
+        let addresses: Vec<String> = (0..3)
+            .map(|_| format!("tcp://127.0.0.1:{}", free_port()))
+            .collect();
+        let mut brokers = Vec::new();
+        for id in 1..=3 {
+            brokers.push(Some(
+                Broker::start(config(&dir, id, &addresses)).await.unwrap(),
+            ));
+        }
+        Nodes {
+            brokers,
+            addresses,
+            _dir: dir,
+        }
+    }
+
+    fn address(&self, id: u64) -> Address {
+        self.addresses[(id - 1) as usize].parse().unwrap()
+    }
+
+    async fn queue(&self, id: u64, name: &str) -> RemoteQueue {
+        RemoteQueue::connect(&self.address(id), name, ClientConfig::default())
+            .await
+            .unwrap()
+    }
+
+    /// The node whose stats say it leads `queue`'s group, once one does.
+    async fn leader_of(&self, queue: &str) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for (i, broker) in self.brokers.iter().enumerate() {
+                let Some(broker) = broker else { continue };
+                let stats = broker.stats().await;
+                let leads = stats.cluster.as_ref().is_some_and(|c| {
+                    c.queues
+                        .iter()
+                        .any(|q| q.name == queue && q.role == "leader")
+                });
+                if leads {
+                    return i as u64 + 1;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader for {queue}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        for broker in self.brokers.iter_mut() {
+            if let Some(broker) = broker.take() {
+                broker.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Enqueues `message`, retried (same key) while the queue has no leader.
+async fn enqueue(queue: &RemoteQueue, message: Message) -> Enqueued {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match queue.enqueue(message.clone()).await {
+            Ok(outcome) => return outcome,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("enqueue: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_queue_is_served_by_every_member_and_placed_on_all_three() {
+    let nodes = Nodes::start("replicated-any").await;
+    // Produced through one member, consumed through another, counted by
+    // the third.
+    let producer = nodes.queue(2, "jobs").await;
+    for n in 0..20 {
+        let message = Message::new(format!("job {n}")).with_key(format!("job-{n}"));
+        assert!(matches!(
+            enqueue(&producer, message).await,
+            Enqueued::Stored(_)
+        ));
+    }
+    // The same key again is a duplicate, not a second message.
+    let again = Message::new("job 3").with_key("job-3");
+    assert!(matches!(
+        enqueue(&producer, again).await,
+        Enqueued::Duplicate(_)
+    ));
+    let counter = nodes.queue(3, "jobs").await;
+    assert_eq!(counter.stats().await.unwrap().depth, 20);
+
+    let consuming = nodes.queue(1, "jobs").await;
+    let mut consumer = consuming.consumer(8).await.unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .expect("a delivery within 10 s")
+            .unwrap();
+        assert_eq!(delivery.delivery_count(), 1);
+        assert!(seen.insert(delivery.payload().clone()));
+        delivery.ack().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter.stats().await.unwrap().depth != 0 {
+        assert!(Instant::now() < deadline, "acks applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Every member holds a replica and reports it.
+    for broker in nodes.brokers.iter().flatten() {
+        let stats = broker.stats().await;
+        let cluster = stats.cluster.unwrap();
+        let jobs = cluster.queues.iter().find(|q| q.name == "jobs").unwrap();
+        assert_eq!(jobs.replicas.len(), 3, "{jobs:?}");
+        assert!(stats.queues.iter().any(|q| q.name == "jobs"));
+    }
+    // A queue the patterns do not name stays local to its broker.
+    let local = nodes.queue(1, "scratch").await;
+    local.enqueue(Message::new("here only")).await.unwrap();
+    let elsewhere = nodes.queue(2, "scratch").await;
+    assert!(matches!(
+        elsewhere.stats().await,
+        Err(RemoteQueueError::Queue(
+            courier_queue::remote::RemoteError::NotFound(_)
+        ))
+    ));
+    // Purging a replicated queue is refused clearly, not half done.
+    assert!(matches!(
+        counter.purge().await,
+        Err(RemoteQueueError::Queue(
+            courier_queue::remote::RemoteError::Invalid(_)
+        ))
+    ));
+    nodes.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_leaders_broker_loses_nothing_confirmed_and_a_consumer_follows() {
+    let mut nodes = Nodes::start("replicated-failover").await;
+    let name = "orders.eu";
+    // Declared by its first use; wait for its leader.
+    let first = nodes.queue(1, name).await;
+    enqueue(&first, Message::new("m0").with_key("m0")).await;
+    let leader = nodes.leader_of(name).await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let producer = nodes.queue(others[0], name).await;
+    let consuming = nodes.queue(others[1], name).await;
+    let mut consumer = consuming.consumer(4).await.unwrap();
+    for n in 1..40 {
+        let message = Message::new(format!("m{n}")).with_key(format!("m{n}"));
+        enqueue(&producer, message).await;
+    }
+    // The leader's broker goes; the member serving the consumer stays.
+    nodes.brokers[(leader - 1) as usize]
+        .take()
+        .unwrap()
+        .shutdown()
+        .await;
+    for n in 40..60 {
+        let message = Message::new(format!("m{n}")).with_key(format!("m{n}"));
+        enqueue(&producer, message).await;
+    }
+    // Every message, each acknowledged once it is seen; a delivery the
+    // old leader had given out comes again, counted.
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while seen.len() < 60 {
+        assert!(Instant::now() < deadline, "{} of 60 seen", seen.len());
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("a delivery within 30 s")
+            .unwrap();
+        let text = String::from_utf8(delivery.payload().to_vec()).unwrap();
+        seen.insert(text);
+        // An ack whose delivery the failover took back is refused; the
+        // message comes again.
+        let _ = delivery.ack().await;
+    }
+    let expected: BTreeSet<String> = (0..60).map(|n| format!("m{n}")).collect();
+    assert_eq!(seen, expected);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let depth = producer.stats().await.unwrap().depth;
+        if depth == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "depth {depth} left");
+        // Redelivered ones still to ack.
+        if let Ok(Ok(delivery)) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        {
+            let _ = delivery.ack().await;
+        }
+    }
+    nodes.shutdown().await;
+}

@@ -1,0 +1,246 @@
+//! A replicated queue across three real `courier serve` processes: a
+//! producer enqueues with confirmation as fast as it can (16 in flight)
+//! while the queue's leader is killed with SIGKILL at a random moment and
+//! restarted; afterwards every confirmed message is consumed, none is lost,
+//! and duplicates never exceed what was unconfirmed at the kill (producers
+//! resend with the same idempotency key, so there should be none).
+//!
+//! Seeded (printed; `COURIER_SEED=N` replays the choices of kill moment and
+//! restart delay) and repeated `COURIER_QUEUE_KILLS` times (2 by default;
+//! `cargo xtask long` runs more). Every wait is bounded; nothing is
+//! asserted about how long anything took.
+
+mod support;
+use support::cluster::*;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use courier_broker::BrokerServiceClient;
+use courier_queue::remote::RemoteQueue;
+use courier_queue::{Enqueued, Message};
+use courier_rpc::ClientConfig;
+use courier_test_support::Rng;
+use courier_transport::Address;
+
+/// Messages per round.
+const MESSAGES: usize = 400;
+/// Enqueues in flight at once.
+const PRODUCERS: usize = 16;
+
+fn addresses(cluster: &Cluster) -> Vec<Address> {
+    IDS.iter()
+        .map(|&id| cluster.address(id).parse().unwrap())
+        .collect()
+}
+
+/// The node that leads `queue`'s group, as the nodes' stats say.
+async fn leader_of(addresses: &[Address], queue: &str) -> Option<u64> {
+    for address in addresses {
+        let Ok(client) = courier_rpc::Client::connect(address, ClientConfig::default()).await
+        else {
+            continue;
+        };
+        let Ok(stats) = BrokerServiceClient::new(client).stats().await else {
+            continue;
+        };
+        let cluster = stats.cluster?;
+        if let Some(q) = cluster
+            .queues
+            .iter()
+            .find(|q| q.name == queue && q.role == "leader")
+        {
+            return q.leader;
+        }
+    }
+    None
+}
+
+/// What the producers saw.
+#[derive(Default)]
+struct Produced {
+    /// Key → the id its confirmed enqueue named.
+    confirmed: BTreeMap<String, u64>,
+    /// Enqueues that failed and were sent again.
+    resent: usize,
+}
+
+async fn produce(
+    addresses: Vec<Address>,
+    queue: String,
+    confirmed: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicUsize>,
+) -> Produced {
+    let remote = RemoteQueue::connect_any(&addresses, &queue, ClientConfig::default())
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for producer in 0..PRODUCERS {
+        let remote = remote.clone();
+        let confirmed = confirmed.clone();
+        let in_flight = in_flight.clone();
+        tasks.spawn(async move {
+            let mut produced = Produced::default();
+            for n in (producer..MESSAGES).step_by(PRODUCERS) {
+                let key = format!("m{n}");
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    let message = Message::new(key.clone()).with_key(key.clone());
+                    let outcome = remote.enqueue(message).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    match outcome {
+                        Ok(Enqueued::Stored(id) | Enqueued::Duplicate(id)) => {
+                            produced.confirmed.insert(key.clone(), id);
+                            confirmed.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        Err(e) => {
+                            assert!(Instant::now() < deadline, "{key}: still failing: {e}");
+                            produced.resent += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+            produced
+        });
+    }
+    let mut all = Produced::default();
+    while let Some(done) = tasks.join_next().await {
+        let done = done.unwrap();
+        all.confirmed.extend(done.confirmed);
+        all.resent += done.resent;
+    }
+    all
+}
+
+/// Consumes until every key of `expected` was seen and the queue is empty;
+/// key → the ids it was delivered under.
+async fn drain(
+    addresses: &[Address],
+    queue: &str,
+    expected: &BTreeSet<String>,
+) -> BTreeMap<String, BTreeSet<u64>> {
+    let remote = RemoteQueue::connect_any(addresses, queue, ClientConfig::default())
+        .await
+        .unwrap();
+    let mut consumer = remote.consumer(64).await.unwrap();
+    let mut seen: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let complete = expected.iter().all(|k| seen.contains_key(k));
+        if complete && remote.stats().await.is_ok_and(|s| s.depth == 0) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} keys consumed; missing e.g. {:?}",
+            seen.len(),
+            expected.len(),
+            expected.iter().find(|k| !seen.contains_key(*k))
+        );
+        match tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await {
+            Ok(Ok(delivery)) => {
+                let key = String::from_utf8(delivery.payload().to_vec()).unwrap();
+                seen.entry(key).or_default().insert(delivery.id());
+                // Refused only if a failover took the delivery back; it
+                // then comes again.
+                let _ = delivery.ack().await;
+            }
+            Ok(Err(_)) => {
+                consumer = remote.consumer(64).await.unwrap();
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[test]
+fn killing_a_replicated_queues_leader_loses_no_confirmed_message() {
+    let seed = std::env::var("COURIER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let rounds: usize = std::env::var("COURIER_QUEUE_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    println!("seed {seed} (COURIER_SEED={seed} replays it), {rounds} rounds");
+    let mut rng = Rng(seed);
+    let mut cluster = Cluster::on_loopback("cluster-queue", "replicated_queues = [\"jobs.*\"]\n");
+    cluster.wait_ready(&cluster.url());
+    let addresses = addresses(&cluster);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for round in 0..rounds {
+        let queue = format!("jobs.{round}");
+        let kill_at = 20 + rng.index(MESSAGES / 2);
+        let restart_after = Duration::from_millis(rng.below(1_000));
+        let confirmed = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let producer = runtime.spawn(produce(
+            addresses.clone(),
+            queue.clone(),
+            confirmed.clone(),
+            in_flight.clone(),
+        ));
+        // Kill the leader once `kill_at` enqueues are confirmed.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while confirmed.load(Ordering::SeqCst) < kill_at {
+            assert!(
+                Instant::now() < deadline && !producer.is_finished(),
+                "round {round}: only {} confirmed",
+                confirmed.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let leader = runtime
+            .block_on(leader_of(&addresses, &queue))
+            .expect("a leader while enqueues are confirmed");
+        let unconfirmed_at_kill = in_flight.load(Ordering::SeqCst);
+        cluster.kill(leader);
+        let confirmed_at_kill = confirmed.load(Ordering::SeqCst);
+        std::thread::sleep(restart_after);
+        cluster.start_node(leader);
+        let produced = runtime.block_on(producer).unwrap();
+        assert_eq!(produced.confirmed.len(), MESSAGES);
+
+        let expected: BTreeSet<String> = produced.confirmed.keys().cloned().collect();
+        let seen = runtime.block_on(drain(&addresses, &queue, &expected));
+        let lost: Vec<&String> = expected.iter().filter(|k| !seen.contains_key(*k)).collect();
+        let duplicates: usize = seen.values().map(|ids| ids.len() - 1).sum();
+        println!(
+            "round {round}: killed node {leader} after {confirmed_at_kill} confirmed ({unconfirmed_at_kill} in flight), restarted after {restart_after:?}; {} resent, {} consumed, {duplicates} duplicates, {} lost",
+            produced.resent,
+            seen.len(),
+            lost.len()
+        );
+        assert!(lost.is_empty(), "round {round}: lost {lost:?}");
+        assert!(
+            duplicates <= unconfirmed_at_kill,
+            "round {round}: {duplicates} duplicates, {unconfirmed_at_kill} unconfirmed at the kill"
+        );
+        // And since every resend carried its message's idempotency key,
+        // the queue stored none of them twice.
+        assert_eq!(duplicates, 0, "round {round}: a resend was stored twice");
+        // Each confirmed key names the one message consumed for it.
+        for (key, id) in &produced.confirmed {
+            assert!(
+                seen[key].contains(id),
+                "{key}: confirmed as {id}, consumed as {:?}",
+                seen[key]
+            );
+        }
+    }
+}
