@@ -39,6 +39,10 @@ commands:
                       the cluster simulations (3 and 5 nodes under partitions,
                       loss, crashes; power loss) for N seeds (default 10) of
                       N fault steps (default 40); CI runs one short seed each
+  queue-kills [--rounds N] [--seed S]
+                      kill -9 a replicated queue's leader under load N times
+                      (default 20; CI runs 2) over three `courier serve`
+                      processes, checking nothing confirmed is lost
   fuzz [--seconds N] [--seed S]
                       mutation-fuzz the frame decoder for N seconds (default 60)
   crash [--seeds N]   the kill -9 crash test of the durable log with N seeds
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         "deps" => check_deps(),
         "examples" => examples(),
         "crash" => crash(rest),
+        "queue-kills" => queue_kills(rest),
         "soak" => soak(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
@@ -197,6 +202,15 @@ fn sim(args: &[String]) -> Result<(), String> {
         .map_err(|e| {
             format!(
                 "{e}\nreplay: COURIER_SEED={seed} COURIER_SIM_STEPS={steps} cargo test -p courier-cluster --test cluster_sim"
+            )
+        })?;
+        cargo_env(
+            &["test", "-p", "courier-cluster", "--test", "queue_sim", "--", "--nocapture"],
+            &[("COURIER_SEED", &seed_text), ("COURIER_SIM_STEPS", &steps_text)],
+        )
+        .map_err(|e| {
+            format!(
+                "{e}\nreplay: COURIER_SEED={seed} COURIER_SIM_STEPS={steps} cargo test -p courier-cluster --test queue_sim"
             )
         })?;
     }
@@ -648,6 +662,44 @@ fn crash(rest: &[String]) -> Result<(), String> {
             "--nocapture",
         ],
         &[("COURIER_CRASH_SEEDS", seeds)],
+    )
+}
+
+/// The replicated queue's kill test, for more rounds than CI runs.
+fn queue_kills(rest: &[String]) -> Result<(), String> {
+    let (mut rounds, mut seed) = ("20".to_string(), None);
+    let mut args = rest.iter();
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .filter(|v| v.parse::<u64>().is_ok())
+            .ok_or_else(|| format!("{flag} needs a number"))?;
+        match flag.as_str() {
+            "--rounds" => rounds = value.clone(),
+            "--seed" => seed = Some(value.clone()),
+            other => {
+                return Err(format!(
+                    "unknown option {other:?}: queue-kills [--rounds N] [--seed S]"
+                ))
+            }
+        }
+    }
+    let mut env = vec![("COURIER_QUEUE_KILLS", rounds.as_str())];
+    if let Some(seed) = &seed {
+        env.push(("COURIER_SEED", seed));
+    }
+    cargo_env(
+        &[
+            "test",
+            "-p",
+            "courier-cli",
+            "--test",
+            "cluster_queue",
+            "killing",
+            "--",
+            "--nocapture",
+        ],
+        &env,
     )
 }
 

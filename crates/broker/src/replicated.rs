@@ -500,14 +500,25 @@ impl Replicated {
         }
     }
 
-    /// Keeps the replicas held here to the declarations, as they apply.
+    /// Keeps the replicas held here to the declarations, as they apply:
+    /// again whenever the metadata group applies an entry or its
+    /// membership changes (not on every heartbeat's metrics), and once a
+    /// second in case a start failed.
     pub(crate) async fn follow_declarations(self: Arc<Self>) {
         let mut metrics = self.node.raft().metrics();
+        let mut last = None;
         loop {
-            self.reconcile().await;
+            let now = {
+                let m = metrics.borrow_and_update();
+                (m.last_applied, *m.membership_config.log_id())
+            };
+            if last.as_ref() != Some(&now) {
+                self.reconcile().await;
+                last = Some(now);
+            }
             tokio::select! {
                 changed = metrics.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => last = None,
             }
         }
     }

@@ -1,5 +1,6 @@
-//! A replicated queue across three real `courier serve` processes: a
-//! producer enqueues with confirmation as fast as it can (16 in flight)
+//! A replicated queue across three real `courier serve` processes.
+//!
+//! Killing the leader: a producer enqueues with confirmation as fast as it can (16 in flight)
 //! while the queue's leader is killed with SIGKILL at a random moment and
 //! restarted; afterwards every confirmed message is consumed, none is lost,
 //! and duplicates never exceed what was unconfirmed at the kill (producers
@@ -7,8 +8,13 @@
 //!
 //! Seeded (printed; `COURIER_SEED=N` replays the choices of kill moment and
 //! restart delay) and repeated `COURIER_QUEUE_KILLS` times (2 by default;
-//! `cargo xtask long` runs more). Every wait is bounded; nothing is
+//! `cargo xtask queue-kills` runs more). Every wait is bounded; nothing is
 //! asserted about how long anything took.
+//!
+//! A rolling restart: each node in turn is stopped (SIGTERM) and started
+//! again while producers and a consumer run; every confirmed message is
+//! consumed, none stored twice, and the longest wait between deliveries is
+//! printed.
 
 mod support;
 use support::cluster::*;
@@ -243,4 +249,200 @@ fn killing_a_replicated_queues_leader_loses_no_confirmed_message() {
             );
         }
     }
+}
+
+/// SIGTERM: the broker shuts down gracefully.
+fn terminate(cluster: &mut Cluster, id: u64) {
+    let mut node = cluster.nodes[Cluster::index(id)]
+        .take()
+        .expect("the node runs");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "node {id} did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether the leader of `queue` sees every replica within `lag` entries.
+async fn caught_up(addresses: &[Address], queue: &str, lag: u64) -> bool {
+    let Some(leader) = leader_of(addresses, queue).await else {
+        return false;
+    };
+    let address = &addresses[Cluster::index(leader)];
+    let Ok(client) = courier_rpc::Client::connect(address, ClientConfig::default()).await else {
+        return false;
+    };
+    let Ok(stats) = BrokerServiceClient::new(client).stats().await else {
+        return false;
+    };
+    stats
+        .cluster
+        .and_then(|c| c.queues.into_iter().find(|q| q.name == queue))
+        .is_some_and(|q| {
+            q.role == "leader" && q.replicas.iter().all(|r| r.lag.is_some_and(|l| l <= lag))
+        })
+}
+
+#[test]
+fn a_rolling_restart_under_load_loses_nothing() {
+    let mut cluster =
+        Cluster::on_loopback("cluster-queue-roll", "replicated_queues = [\"jobs\"]\n");
+    cluster.wait_ready(&cluster.url());
+    let addresses = addresses(&cluster);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let confirmed = Arc::new(AtomicUsize::new(0));
+    // Producers: 8 in flight, each resending with its key until confirmed.
+    let producer = {
+        let (addresses, stop, confirmed) = (addresses.clone(), stop.clone(), confirmed.clone());
+        runtime.spawn(async move {
+            let remote = RemoteQueue::connect_any(&addresses, "jobs", ClientConfig::default())
+                .await
+                .unwrap();
+            let mut tasks = tokio::task::JoinSet::new();
+            for producer in 0..8 {
+                let (remote, stop, confirmed) = (remote.clone(), stop.clone(), confirmed.clone());
+                tasks.spawn(async move {
+                    let mut keys = BTreeSet::new();
+                    for n in (producer..).step_by(8) {
+                        if stop.load(Ordering::SeqCst) {
+                            return keys;
+                        }
+                        let key = format!("r{n}");
+                        let deadline = Instant::now() + Duration::from_secs(60);
+                        loop {
+                            let message = Message::new(key.clone()).with_key(key.clone());
+                            match remote.enqueue(message).await {
+                                Ok(_) => break,
+                                Err(e) => {
+                                    assert!(Instant::now() < deadline, "{key}: {e}");
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            }
+                        }
+                        keys.insert(key);
+                        confirmed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    keys
+                });
+            }
+            let mut all = BTreeSet::new();
+            while let Some(keys) = tasks.join_next().await {
+                all.extend(keys.unwrap());
+            }
+            all
+        })
+    };
+    // A consumer acking everything; the longest wait between deliveries
+    // is printed (not asserted: a wall-clock figure).
+    let seen: Arc<std::sync::Mutex<BTreeMap<String, BTreeSet<u64>>>> = Arc::default();
+    let longest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let consumer = {
+        let (addresses, seen, longest) = (addresses.clone(), seen.clone(), longest.clone());
+        runtime.spawn(async move {
+            let remote = RemoteQueue::connect_any(&addresses, "jobs", ClientConfig::default())
+                .await
+                .unwrap();
+            let mut consumer = remote.consumer(32).await.unwrap();
+            let mut last = Instant::now();
+            loop {
+                match tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await {
+                    Ok(Ok(delivery)) => {
+                        let gap = last.elapsed();
+                        last = Instant::now();
+                        {
+                            let mut longest = longest.lock().unwrap();
+                            *longest = (*longest).max(gap);
+                        }
+                        let key = String::from_utf8(delivery.payload().to_vec()).unwrap();
+                        seen.lock()
+                            .unwrap()
+                            .entry(key)
+                            .or_default()
+                            .insert(delivery.id());
+                        let _ = delivery.ack().await;
+                    }
+                    Ok(Err(_)) => consumer = remote.consumer(32).await.unwrap(),
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    let wait_for = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while confirmed.load(Ordering::SeqCst) < count {
+            assert!(
+                Instant::now() < deadline,
+                "only {} confirmed",
+                confirmed.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for(100);
+    for id in IDS {
+        terminate(&mut cluster, id);
+        wait_for(confirmed.load(Ordering::SeqCst) + 50);
+        cluster.start_node(id);
+        retry(
+            "every replica caught up",
+            600,
+            Duration::from_secs(60),
+            || {
+                if runtime.block_on(caught_up(&addresses, "jobs", 200)) {
+                    Ok(())
+                } else {
+                    Err(format!("node {id}'s log:\n{}", cluster.log(id)))
+                }
+            },
+        );
+        wait_for(confirmed.load(Ordering::SeqCst) + 50);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let produced = runtime.block_on(producer).unwrap();
+    // Everything confirmed is consumed, once.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let missing = {
+            let seen = seen.lock().unwrap();
+            produced.iter().filter(|k| !seen.contains_key(*k)).count()
+        };
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} confirmed never consumed",
+            produced.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    consumer.abort();
+    let seen = seen.lock().unwrap();
+    let duplicates: usize = seen.values().map(|ids| ids.len() - 1).sum();
+    println!(
+        "rolling restart: {} confirmed, {} consumed, {duplicates} stored twice, longest wait between deliveries {:?}",
+        produced.len(),
+        seen.len(),
+        *longest.lock().unwrap()
+    );
+    assert_eq!(duplicates, 0, "a resend was stored twice");
+    // Producers resend until confirmed, so nothing stored went unconfirmed.
+    let unconfirmed: Vec<&String> = seen.keys().filter(|k| !produced.contains(*k)).collect();
+    assert!(
+        unconfirmed.is_empty(),
+        "consumed but never confirmed: {unconfirmed:?}"
+    );
 }
