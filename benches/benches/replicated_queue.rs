@@ -413,6 +413,9 @@ fn raw_fsync_rate(count: usize) -> f64 {
 fn main() -> anyhow::Result<()> {
     let mode = Mode::from_args();
     let filters = filters();
+    // Before anything pins this thread: the CPUs it may use are what
+    // `available` counts.
+    let places = Placement::available();
     let mut report = Report::default();
     let timing = mode.pick(
         Timing::default(),
@@ -441,7 +444,7 @@ fn main() -> anyhow::Result<()> {
             "\n{:<18} {:<6} {:>6} {:>14} {:>14}  vs",
             "workload", "place", "subj", "enqueue/s", "consume+ack/s"
         );
-        for place in Placement::available() {
+        for &place in &places {
             for &queues in &queue_counts {
                 let mut rates = Vec::new();
                 for subject in [Subject::R3, Subject::R1, Subject::Local] {
@@ -519,7 +522,7 @@ fn main() -> anyhow::Result<()> {
 
     if selected(&filters, "failover") {
         let kills = mode.pick(10, 2);
-        let place = if Placement::available().contains(&Placement::Split) {
+        let place = if places.contains(&Placement::Split) {
             Placement::Split
         } else {
             Placement::Same

@@ -232,7 +232,10 @@ impl QueueService for BrokerQueues {
 
     async fn stats(&self, queue: String) -> Result<QueueStats, RemoteError> {
         match self.replicated(&queue) {
-            Some(replicated) => replicated.stats(&queue).await,
+            Some(replicated) => {
+                self.may_consume(&queue)?;
+                replicated.stats(&queue).await
+            }
             None => self.host.stats(queue).await,
         }
     }

@@ -27,9 +27,9 @@
 //! operations yet, and a replicated queue takes the broker's queue
 //! settings (per-queue options in a declaration must match them).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -158,16 +158,34 @@ struct Entry {
 #[derive(Default)]
 struct Tokens {
     held: BTreeMap<u64, Entry>,
-    by_stream: HashMap<u64, HashSet<u64>>,
+    by_stream: HashMap<u64, BTreeSet<u64>>,
 }
 
 impl Tokens {
-    fn insert(&mut self, token: u64, entry: Entry) {
+    /// Remembers `token`. Past `per_stream` for its stream (deliveries
+    /// whose leases ran out are never answered, and the consumer is given
+    /// more), or past [`MAX_TOKENS`] in all, the oldest go first.
+    fn insert(&mut self, token: u64, entry: Entry, per_stream: usize) {
+        let stream = self.by_stream.entry(entry.stream).or_default();
+        while stream.len() >= per_stream.max(1) {
+            match stream.pop_first() {
+                Some(old) => {
+                    self.held.remove(&old);
+                }
+                None => break,
+            }
+        }
         if self.held.len() >= MAX_TOKENS {
             if let Some((old, entry)) = self.held.pop_first() {
                 self.unlink(old, entry.stream);
             }
         }
+        self.restore(token, entry);
+    }
+
+    /// Puts back what [`Tokens::take`] took, for an answer that never
+    /// reached the queue (so the client may answer again).
+    fn restore(&mut self, token: u64, entry: Entry) {
         self.by_stream
             .entry(entry.stream)
             .or_default()
@@ -191,11 +209,11 @@ impl Tokens {
             .map(|e| e.held.clone())
     }
 
-    fn take(&mut self, token: u64, who: &Option<Arc<str>>) -> Option<Held> {
+    fn take(&mut self, token: u64, who: &Option<Arc<str>>) -> Option<Entry> {
         self.get(token, who)?;
         let entry = self.held.remove(&token)?;
         self.unlink(token, entry.stream);
-        Some(entry.held)
+        Some(entry)
     }
 
     fn forget_stream(&mut self, stream: u64) {
@@ -258,8 +276,9 @@ pub(crate) struct Replicated {
     client_config: ClientConfig,
     /// The replicas held here, by queue name.
     groups: Mutex<HashMap<String, Arc<QueueGroup>>>,
-    /// Starting groups one at a time, so none starts twice.
-    starting: tokio::sync::Mutex<()>,
+    /// Starting groups one at a time, so none starts twice; `true` once
+    /// shut down, so none starts after.
+    starting: tokio::sync::Mutex<bool>,
     /// Where each queue's leader was last seen (declared queues only).
     hints: Mutex<HashMap<String, String>>,
     /// Clients of the other members, by address (members only).
@@ -267,6 +286,9 @@ pub(crate) struct Replicated {
     tokens: Arc<Mutex<Tokens>>,
     next_token: AtomicU64,
     next_stream: AtomicU64,
+    /// Where a member holding no replica starts asking the replicas, in
+    /// turn, so that one unreachable replica does not stall every call.
+    next_replica: AtomicUsize,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -315,6 +337,12 @@ fn enqueued(outcomes: Vec<EnqueueOutcome>) -> Result<Vec<Enqueued>, RemoteError>
         .collect()
 }
 
+/// Tokens one consumer stream keeps at most: what it may hold at once,
+/// twice over (its leases may run out and more come), and some room.
+fn per_stream(prefetch: u32) -> usize {
+    2 * prefetch.clamp(1, MAX_PREFETCH) as usize + 64
+}
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((20u64 << attempt.min(5)).min(500))
 }
@@ -335,12 +363,13 @@ impl Replicated {
             config,
             client_config,
             groups: Mutex::default(),
-            starting: tokio::sync::Mutex::new(()),
+            starting: tokio::sync::Mutex::new(false),
             hints: Mutex::default(),
             clients: Mutex::default(),
             tokens: Arc::default(),
             next_token: AtomicU64::new(1),
             next_stream: AtomicU64::new(1),
+            next_replica: AtomicUsize::new(0),
         })
     }
 
@@ -463,7 +492,10 @@ impl Replicated {
     /// Starts a replica of every declared queue this member holds and has
     /// not started yet.
     pub(crate) async fn reconcile(&self) {
-        let _one_at_a_time = self.starting.lock().await;
+        let closed = self.starting.lock().await;
+        if *closed {
+            return;
+        }
         let members = self.node.member_addresses();
         for (name, replicas) in self.node.declared_queues() {
             if !replicas.contains(&self.id) || lock(&self.groups).contains_key(&name) {
@@ -506,6 +538,10 @@ impl Replicated {
     /// second in case a start failed.
     pub(crate) async fn follow_declarations(self: Arc<Self>) {
         let mut metrics = self.node.raft().metrics();
+        // Created once: openraft sends metrics on every heartbeat, which
+        // would put off a sleep made afresh each time round.
+        let mut every_second = tokio::time::interval(Duration::from_secs(1));
+        every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = None;
         loop {
             let now = {
@@ -518,7 +554,7 @@ impl Replicated {
             }
             tokio::select! {
                 changed = metrics.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(Duration::from_secs(1)) => last = None,
+                _ = every_second.tick() => last = None,
             }
         }
     }
@@ -550,7 +586,8 @@ impl Replicated {
             None => {
                 // Not a replica here: ask the replicas in turn.
                 let members = self.node.member_addresses();
-                let replica = replicas[attempt as usize % replicas.len()];
+                let turn = self.next_replica.fetch_add(1, Ordering::Relaxed);
+                let replica = replicas[turn.wrapping_add(attempt as usize) % replicas.len()];
                 match members.get(&replica) {
                     Some(address) => address.clone(),
                     None => return Ok(None),
@@ -667,6 +704,9 @@ impl Replicated {
                     return;
                 }
                 Stop::Reroute => {
+                    // What the old leader gave out is given out again by
+                    // the next one: answers to it would be refused anyway.
+                    lock(&self.tokens).forget_stream(guard.stream);
                     attempt += 1;
                     tokio::time::sleep(backoff(attempt.min(4))).await;
                 }
@@ -729,6 +769,7 @@ impl Replicated {
                                 owner: owner.clone(),
                                 stream,
                             },
+                            per_stream(prefetch),
                         );
                         WireDelivery {
                             token,
@@ -791,6 +832,7 @@ impl Replicated {
                                         owner: owner.clone(),
                                         stream,
                                     },
+                                    per_stream(prefetch),
                                 );
                                 d.token = token;
                                 d
@@ -817,13 +859,17 @@ impl Replicated {
     }
 
     /// Answers deliveries named by this member's tokens (given to `who`):
-    /// one outcome each, in order.
+    /// one outcome each, in order. A token is used up by an answer that
+    /// reached the queue, or that the queue can no longer take (its leader
+    /// changed: the next one gives the delivery out again); an answer that
+    /// may not have arrived is a retryable error and keeps its token, so it
+    /// can be sent again.
     pub(crate) async fn answer(
         &self,
         answers: &[WireAnswer],
         who: &Option<Arc<str>>,
     ) -> Vec<Result<(), RemoteError>> {
-        let held: Vec<Option<Held>> = {
+        let taken: Vec<Option<Entry>> = {
             let mut tokens = lock(&self.tokens);
             answers
                 .iter()
@@ -832,71 +878,100 @@ impl Replicated {
         };
         let mut outcomes: Vec<Result<(), RemoteError>> =
             vec![Err(RemoteError::UnknownDelivery); answers.len()];
+        // Each answer with its place in the call and its token's entry.
+        type Batch<A> = Vec<(usize, A, Entry)>;
         // Answers to deliveries given out here, by (queue, consumer).
-        let mut local: BTreeMap<(String, ConsumerId), Vec<(usize, Answer)>> = BTreeMap::new();
+        let mut local: BTreeMap<(String, ConsumerId), Batch<Answer>> = BTreeMap::new();
         // Answers relayed to the leaders that gave them, by address.
-        let mut forwarded: BTreeMap<String, Vec<(usize, WireAnswer)>> = BTreeMap::new();
-        for (index, (answer, held)) in answers.iter().zip(held).enumerate() {
-            match held {
-                None => {}
-                Some(Held::Local {
+        let mut forwarded: BTreeMap<String, Batch<WireAnswer>> = BTreeMap::new();
+        for (index, (answer, entry)) in answers.iter().zip(taken).enumerate() {
+            let Some(entry) = entry else { continue };
+            match entry.held.clone() {
+                Held::Local {
                     queue,
                     consumer,
                     id,
                     delivery,
-                }) => {
+                } => {
                     let action = match *answer {
                         WireAnswer::Ack { .. } => Action::Ack,
                         WireAnswer::Nack { delay_ms, .. } => Action::Nack { delay_ms },
                         WireAnswer::Reject { .. } => Action::Reject,
                     };
-                    local.entry((queue, consumer)).or_default().push((
-                        index,
-                        Answer {
-                            id,
-                            delivery,
-                            action,
-                        },
-                    ));
+                    let answer = Answer {
+                        id,
+                        delivery,
+                        action,
+                    };
+                    local
+                        .entry((queue, consumer))
+                        .or_default()
+                        .push((index, answer, entry));
                 }
-                Some(Held::Forwarded { address, token }) => {
+                Held::Forwarded { address, token } => {
                     let relayed = match *answer {
                         WireAnswer::Ack { .. } => WireAnswer::Ack { token },
                         WireAnswer::Nack { delay_ms, .. } => WireAnswer::Nack { token, delay_ms },
                         WireAnswer::Reject { .. } => WireAnswer::Reject { token },
                     };
-                    forwarded.entry(address).or_default().push((index, relayed));
+                    forwarded
+                        .entry(address)
+                        .or_default()
+                        .push((index, relayed, entry));
                 }
             }
         }
+        // Gives tokens back and says why, for answers that may be lost.
+        let keep = |batch: Vec<(usize, Entry)>,
+                    why: String,
+                    outcomes: &mut Vec<Result<(), RemoteError>>| {
+            let mut tokens = lock(&self.tokens);
+            for (index, entry) in batch {
+                tokens.restore(answers[index].token(), entry);
+                outcomes[index] = Err(unavailable(format!(
+                    "the answer may not have arrived: {why}"
+                )));
+            }
+        };
         for ((queue, consumer), batch) in local {
             let Some(group) = self.local(&queue) else {
                 continue;
             };
-            let (indices, answers): (Vec<usize>, Vec<Answer>) = batch.into_iter().unzip();
-            match group.answer_for(consumer, answers).await {
+            let mut indices = Vec::with_capacity(batch.len());
+            let mut group_answers = Vec::with_capacity(batch.len());
+            let mut entries = Vec::with_capacity(batch.len());
+            for (index, answer, entry) in batch {
+                indices.push(index);
+                group_answers.push(answer);
+                entries.push((index, entry));
+            }
+            match group.answer_for(consumer, group_answers).await {
                 Ok(results) => {
                     for (index, result) in indices.into_iter().zip(results) {
                         outcomes[index] =
                             result.map(|_| ()).map_err(|_| RemoteError::UnknownDelivery);
                     }
                 }
-                // The leader changed: the next one gives these out again.
-                Err(QueueGroupError::Cluster(_)) => {}
-                Err(e) => {
-                    let e = group_error(e);
-                    for index in indices {
-                        outcomes[index] = Err(e.clone());
-                    }
-                }
+                // Nothing done, and the next leader gives these out again.
+                Err(QueueGroupError::Cluster(ClusterError::NotLeader { .. })) => {}
+                Err(QueueGroupError::Cluster(e)) => keep(entries, e.to_string(), &mut outcomes),
+                // The consumer is gone (a takeover): so are its leases.
+                Err(_) => {}
             }
         }
         for (address, batch) in forwarded {
-            let (indices, answers): (Vec<usize>, Vec<WireAnswer>) = batch.into_iter().unzip();
+            let mut indices = Vec::with_capacity(batch.len());
+            let mut relayed = Vec::with_capacity(batch.len());
+            let mut entries = Vec::with_capacity(batch.len());
+            for (index, answer, entry) in batch {
+                indices.push(index);
+                relayed.push(answer);
+                entries.push((index, entry));
+            }
             let Ok(client) = self.client(&address) else {
                 continue;
             };
-            match client.answer(answers).await {
+            match client.answer(relayed).await {
                 Ok(Ok(results)) => {
                     for (index, result) in indices.into_iter().zip(results) {
                         outcomes[index] = result;
@@ -907,9 +982,10 @@ impl Replicated {
                         outcomes[index] = Err(e.clone());
                     }
                 }
-                // Not the leader any more, or unreachable: the delivery
-                // comes again from the next one.
-                _ => {}
+                // That member leads no more: the next leader gives these
+                // deliveries out again.
+                Ok(Err(_)) => {}
+                Err(e) => keep(entries, e.to_string(), &mut outcomes),
             }
         }
         outcomes
@@ -943,8 +1019,12 @@ impl Replicated {
                         Some(Ok(_)) => Ok(()),
                         _ => Err(RemoteError::UnknownDelivery),
                     },
-                    Err(QueueGroupError::Cluster(_)) => Err(RemoteError::UnknownDelivery),
-                    Err(e) => Err(group_error(e)),
+                    Err(QueueGroupError::Cluster(ClusterError::NotLeader { .. })) => {
+                        Err(RemoteError::UnknownDelivery)
+                    }
+                    Err(QueueGroupError::Cluster(e)) => Err(unavailable(e)),
+                    // The consumer is gone (a takeover): so are its leases.
+                    Err(_) => Err(RemoteError::UnknownDelivery),
                 }
             }
             Held::Forwarded { address, token } => {
@@ -1049,6 +1129,7 @@ impl Replicated {
     /// Stops every replica held here (their logs are closed as Raft
     /// drops them).
     pub(crate) async fn shutdown(&self) {
+        *self.starting.lock().await = true;
         let groups: Vec<(String, Arc<QueueGroup>)> = lock(&self.groups).drain().collect();
         for (_, group) in groups {
             self.raft_host.remove(group.group());
@@ -1233,6 +1314,7 @@ mod tests {
                     owner: who.clone(),
                     stream: token % 3,
                 },
+                usize::MAX,
             );
         }
         assert_eq!(tokens.held.len(), MAX_TOKENS);
@@ -1247,5 +1329,32 @@ mod tests {
         tokens.forget_stream(2);
         assert!(tokens.held.is_empty());
         assert!(tokens.by_stream.is_empty());
+    }
+
+    #[test]
+    fn a_stream_keeps_its_newest_tokens_and_an_answer_can_be_put_back() {
+        let mut tokens = Tokens::default();
+        let entry = |stream| Entry {
+            held: Held::Forwarded {
+                address: "tcp://x:1".into(),
+                token: 0,
+            },
+            owner: None,
+            stream,
+        };
+        for token in 0..100 {
+            tokens.insert(token, entry(1), 10);
+        }
+        tokens.insert(1000, entry(2), 10);
+        let kept: Vec<u64> = tokens.by_stream[&1].iter().copied().collect();
+        assert_eq!(kept, (90..100).collect::<Vec<_>>());
+        assert!(
+            tokens.get(1000, &None).is_some(),
+            "another stream's token stays"
+        );
+        let taken = tokens.take(95, &None).unwrap();
+        assert!(tokens.get(95, &None).is_none());
+        tokens.restore(95, taken);
+        assert!(tokens.take(95, &None).is_some());
     }
 }

@@ -196,6 +196,13 @@ struct Inner {
     shared: SharedState<QueueGroupState>,
     commands: mpsc::Sender<Queued>,
     consumers: std::sync::atomic::AtomicU64,
+    /// The largest command accepted, in [`QueueCommand::size`] bytes: a
+    /// quarter of the frame limit, so an entry (one such command, or many
+    /// within the same budget) always fits a frame and can replicate.
+    max_command: u64,
+    /// The term in which this node, as leader, declared the queue and
+    /// took it over: until then it accepts no operation.
+    ready_term: std::sync::atomic::AtomicU64,
 }
 
 /// One replica of a replicated queue (see the [module docs](self)).
@@ -268,9 +275,12 @@ impl QueueGroup {
             shared: shared.clone(),
             commands: commands.clone(),
             consumers: std::sync::atomic::AtomicU64::new(1),
+            max_command: (config.max_message / 4) as u64,
+            ready_term: std::sync::atomic::AtomicU64::new(0),
         });
+        let batch_bytes = BATCH_BYTES.min(inner.max_command);
         let tasks = vec![
-            tokio::spawn(group_commit(raft.clone(), config.node, queued)),
+            tokio::spawn(group_commit(raft.clone(), config.node, queued, batch_bytes)),
             tokio::spawn(lead(
                 raft,
                 shared,
@@ -278,6 +288,7 @@ impl QueueGroup {
                 config.name,
                 config.settings,
                 commands,
+                inner.clone(),
             )),
         ];
         Ok(QueueGroup {
@@ -310,14 +321,18 @@ impl QueueGroup {
             )));
         }
         let count = messages.len();
-        match self
-            .inner
-            .run(QueueCommand::Enqueue {
-                now_ms: now_ms(),
-                messages,
-            })
-            .await?
-        {
+        let command = QueueCommand::Enqueue {
+            now_ms: now_ms(),
+            messages,
+        };
+        if command.size() > self.inner.max_command {
+            return Err(QueueGroupError::Refused(format!(
+                "an enqueue of {} bytes (payloads, keys and headers) is over the {} a replicated queue takes at once: send fewer or smaller messages",
+                command.size(),
+                self.inner.max_command
+            )));
+        }
+        match self.inner.run(command).await? {
             QueueResponse::Enqueued(outcomes) if outcomes.len() == count => Ok(outcomes),
             other => Err(unexpected(other)),
         }
@@ -461,12 +476,22 @@ fn unexpected(response: QueueResponse) -> QueueGroupError {
 }
 
 impl Inner {
-    /// Whether this node leads the group now.
+    /// Whether this node leads the group now, and has declared and taken
+    /// over the queue in this term (before that, operations would be
+    /// refused as undeclared, or their consumers detached by the takeover):
+    /// a leader not ready yet answers `NotLeader` without an address.
     fn leading(&self) -> Result<(), ClusterError> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
         if m.current_leader == Some(self.node) {
-            Ok(())
+            if self.ready_term.load(std::sync::atomic::Ordering::Acquire) == m.current_term {
+                Ok(())
+            } else {
+                Err(ClusterError::NotLeader {
+                    leader: Some(self.node),
+                    address: None,
+                })
+            }
         } else {
             let address = m.current_leader.and_then(|leader| {
                 m.membership_config
@@ -715,7 +740,18 @@ impl Drop for GroupConsumer {
             consumer: self.id,
             now_ms: now_ms(),
         };
-        let _ = self.inner.commands.try_send((detach, answer));
+        // Not lost to a full command queue: then it waits its turn in a
+        // task of its own (one per consumer dropped, so bounded by them).
+        if let Err(mpsc::error::TrySendError::Full(queued)) =
+            self.inner.commands.try_send((detach, answer))
+        {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let commands = self.inner.commands.clone();
+                runtime.spawn(async move {
+                    let _ = commands.send(queued).await;
+                });
+            }
+        }
     }
 }
 
@@ -723,7 +759,12 @@ impl Drop for GroupConsumer {
 /// `group_commit`): what queued while an entry was being committed goes
 /// as the next entry. A command whose caller has gone before it is
 /// proposed is dropped, except a detach (whose caller never waits).
-async fn group_commit(raft: Raft, id: NodeId, mut queued: mpsc::Receiver<Queued>) {
+async fn group_commit(
+    raft: Raft,
+    id: NodeId,
+    mut queued: mpsc::Receiver<Queued>,
+    batch_bytes: u64,
+) {
     let mut carried: Option<Queued> = None;
     loop {
         let first = match carried.take() {
@@ -737,7 +778,7 @@ async fn group_commit(raft: Raft, id: NodeId, mut queued: mpsc::Receiver<Queued>
         let mut batch = vec![first];
         while batch.len() < BATCH_COMMANDS {
             match queued.try_recv() {
-                Ok(next) if bytes + next.0.size() > BATCH_BYTES => {
+                Ok(next) if bytes + next.0.size() > batch_bytes => {
                     carried = Some(next);
                     break;
                 }
@@ -783,6 +824,7 @@ async fn lead(
     name: String,
     settings: QueueSettings,
     commands: mpsc::Sender<Queued>,
+    inner: Arc<Inner>,
 ) {
     let run = |command: QueueCommand| {
         let commands = commands.clone();
@@ -825,7 +867,12 @@ async fn lead(
                     }
                 }
                 match run(QueueCommand::Takeover { now_ms: now_ms() }).await {
-                    Ok(_) => took_over_in = Some(term),
+                    Ok(_) => {
+                        took_over_in = Some(term);
+                        inner
+                            .ready_term
+                            .store(term, std::sync::atomic::Ordering::Release);
+                    }
                     Err(e) => {
                         tracing::debug!(node = id, queue = %name, "taking over: {e}");
                         tokio::time::sleep(LEADER_TICK).await;

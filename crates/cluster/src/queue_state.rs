@@ -30,7 +30,7 @@
 //! bytes each, at most [`MAX_CONSUMERS`] consumers): a command outside
 //! the bounds is answered [`QueueResponse::Refused`] and changes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use courier_queue::core::{
@@ -244,7 +244,12 @@ impl QueueCommand {
         match self {
             QueueCommand::Enqueue { messages, .. } => messages
                 .iter()
-                .map(|m| (m.payload.len() + m.key.as_ref().map_or(0, String::len) + 32) as u64)
+                .map(|m| {
+                    (m.payload.len()
+                        + m.key.as_ref().map_or(0, String::len)
+                        + m.headers.total_len()
+                        + 32) as u64
+                })
                 .sum(),
             QueueCommand::Answer { answers, .. } => 16 * answers.len() as u64,
             _ => 32,
@@ -451,6 +456,8 @@ impl QueueGroupState {
                         "{} messages in one enqueue (at most {MAX_BATCH})",
                         messages.len()
                     ))
+                } else if let Some(refusal) = q.refusal(messages) {
+                    QueueResponse::Enqueued(refusal)
                 } else {
                     let outcomes = messages
                         .iter()
@@ -526,6 +533,57 @@ impl Declared {
             Part::Main => &mut self.main,
             Part::DeadLetters => &mut self.dead,
         }
+    }
+
+    /// Why none of `messages` may be stored, one outcome each, if any of
+    /// them is refused: an enqueue is all or nothing, so a caller that
+    /// sends the batch again never stores part of it twice.
+    fn refusal(&self, messages: &[Message]) -> Option<Vec<EnqueueOutcome>> {
+        let invalid = messages.iter().enumerate().find_map(|(i, m)| {
+            if m.payload.len() > MAX_PAYLOAD {
+                Some((
+                    i,
+                    format!(
+                        "a payload of {} bytes is over {MAX_PAYLOAD}",
+                        m.payload.len()
+                    ),
+                ))
+            } else if m.key.as_ref().is_some_and(|k| k.len() > MAX_KEY_LEN) {
+                Some((
+                    i,
+                    format!("an idempotency key is at most {MAX_KEY_LEN} bytes"),
+                ))
+            } else {
+                None
+            }
+        });
+        if let Some((bad, why)) = invalid {
+            return Some(
+                (0..messages.len())
+                    .map(|i| {
+                        EnqueueOutcome::Invalid(if i == bad {
+                            why.clone()
+                        } else {
+                            format!(
+                                "not stored: message {bad} of the same enqueue was refused ({why})"
+                            )
+                        })
+                    })
+                    .collect(),
+            );
+        }
+        // What would be new: neither a known key nor one earlier in the batch.
+        let mut keys = BTreeSet::new();
+        let new = messages
+            .iter()
+            .filter(|m| match &m.key {
+                Some(key) => !self.main.knows_key(key) && keys.insert(key.as_str()),
+                None => true,
+            })
+            .count() as u64;
+        let stats = self.main.stats();
+        (stats.depth + stats.in_flight + new > self.settings.max_depth)
+            .then(|| vec![EnqueueOutcome::Full; messages.len()])
     }
 
     fn enqueue(
@@ -1129,7 +1187,33 @@ mod tests {
             0,
             vec![Message::new("1"), Message::new("2"), Message::new("3")],
         );
-        assert_eq!(outcomes[2], EnqueueOutcome::Full);
+        // All or nothing: none of the three is stored.
+        assert_eq!(outcomes, vec![EnqueueOutcome::Full; 3]);
+        assert_eq!(state.stats().queue.depth, 0);
+        let outcomes = enqueue(&mut state, 0, vec![Message::new("1"), Message::new("2")]);
+        assert!(matches!(
+            outcomes[..],
+            [EnqueueOutcome::Stored(_), EnqueueOutcome::Stored(_)]
+        ));
+        // A new key needs room like any message.
+        let keyed = enqueue(&mut state, 0, vec![Message::new("k").with_key("k")]);
+        assert_eq!(keyed, vec![EnqueueOutcome::Full]);
+    }
+
+    #[test]
+    fn an_invalid_message_refuses_its_whole_enqueue() {
+        let mut state = declared(3);
+        let long_key = "k".repeat(MAX_KEY_LEN + 1);
+        let outcomes = enqueue(
+            &mut state,
+            0,
+            vec![Message::new("fine"), Message::new("bad").with_key(long_key)],
+        );
+        assert!(
+            matches!(&outcomes[0], EnqueueOutcome::Invalid(why) if why.starts_with("not stored"))
+        );
+        assert!(matches!(&outcomes[1], EnqueueOutcome::Invalid(why) if why.contains("key")));
+        assert_eq!(state.stats().queue.depth, 0);
     }
 
     /// The state a snapshot gives back is the same state: it answers every

@@ -293,3 +293,28 @@ async fn a_consumers_lease_survives_a_failover_counted() {
     assert_eq!(stats.queue.depth, 0, "{stats:?}");
     cluster.shutdown().await;
 }
+
+/// An enqueue too large for one log entry to replicate in a frame is
+/// refused before it is proposed, and the queue keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_too_large_for_an_entry_is_refused_whole() {
+    let cluster = Cluster::start().await;
+    let group = *GROUPS.start();
+    let keys: Vec<String> = vec!["before".into()];
+    enqueue_until_confirmed(&cluster, group, &keys).await;
+    let leader = cluster.leader(group).await;
+    // Each payload is allowed; together they are over a quarter of the
+    // 4 MiB frame limit.
+    let big: Vec<Message> = (0..3)
+        .map(|i| Message::new(Bytes::from(vec![i as u8; 512 * 1024])))
+        .collect();
+    match cluster.queue(leader, group).enqueue(big).await {
+        Err(QueueGroupError::Refused(why)) => assert!(why.contains("fewer or smaller"), "{why}"),
+        other => panic!("an oversized enqueue answered {other:?}"),
+    }
+    assert_eq!(cluster.queue(leader, group).stats().queue.depth, 1);
+    let keys: Vec<String> = vec!["after".into()];
+    enqueue_until_confirmed(&cluster, group, &keys).await;
+    assert_eq!(cluster.queue(leader, group).stats().queue.depth, 2);
+    cluster.shutdown().await;
+}

@@ -290,6 +290,12 @@ impl QueueCore {
         }
     }
 
+    /// Whether an idempotency key is in the window, without counting a
+    /// duplicate (for a caller deciding whether a batch fits).
+    pub fn knows_key(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
+    }
+
     /// The message an idempotency key already names, if it is in the window.
     pub fn duplicate_of(&mut self, key: &str) -> Option<MessageId> {
         let id = self.keys.get(key).copied();
