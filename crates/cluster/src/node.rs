@@ -1195,6 +1195,65 @@ pub(crate) async fn propose(
     }
 }
 
+/// As [`propose`], in two steps, so that a caller can keep several entries
+/// in flight: awaiting this hands `entry` to Raft (entries go into the log
+/// in the order of these calls), and the future it returns waits until the
+/// entry is committed and applied here, or this node stops leading.
+pub(crate) async fn propose_ordered(
+    raft: &Raft,
+    id: NodeId,
+    entry: Command,
+) -> impl std::future::Future<Output = Result<Response, ClusterError>> + Send + 'static {
+    let mut metrics = raft.metrics();
+    let (term, leading) = {
+        let m = metrics.borrow_and_update();
+        (m.current_term, m.current_leader == Some(id))
+    };
+    let sent = raft.client_write_ff(entry).await;
+    async move {
+        let answered = match sent {
+            Ok(answered) => answered,
+            Err(fatal) => return Err(ClusterError::Unavailable(fatal.to_string())),
+        };
+        type Written = Result<
+            openraft::raft::ClientWriteResponse<TypeConfig>,
+            ClientWriteError<NodeId, BasicNode>,
+        >;
+        let answer = |answer: Result<Written, _>| match answer {
+            Ok(Ok(written)) => Ok(written.data),
+            Ok(Err(e)) => Err(write_error(RaftError::APIError(e))),
+            Err(_) => Err(ClusterError::Unavailable(
+                "raft stopped; the write may or may not have been applied".into(),
+            )),
+        };
+        if !leading {
+            // Not (yet) the leader: openraft answers at once, with where
+            // the leader is.
+            return answer(answered.await);
+        }
+        let deposed = async {
+            loop {
+                {
+                    let m = metrics.borrow_and_update();
+                    if m.current_term != term || m.current_leader != Some(id) {
+                        return;
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            written = answered => answer(written),
+            () = deposed => Err(ClusterError::Unavailable(
+                "leadership changed while the write was in flight; it may or may not have been applied".into(),
+            )),
+        }
+    }
+}
+
 /// Linearizable reads share the leader's check: every read waiting when a
 /// check starts is answered by it (it began after they did, so it fences
 /// them all), and reads that arrive during a check wait for the next one.
