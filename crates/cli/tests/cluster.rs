@@ -11,8 +11,8 @@
 //! setting).
 
 mod support;
-use std::process::Command;
 use support::cluster::*;
+use support::netns::Bridged;
 use support::{stderr, stdout};
 
 #[test]
@@ -280,90 +280,6 @@ fn killing_the_leader_elects_another_that_serves_writes_and_the_old_one_catches_
     }
 }
 
-/// Three network namespaces, one per node, each joined by a veth pair to a
-/// bridge in a fourth, where the test's clients run. Removed when dropped.
-struct Bridged {
-    bridge: String,
-    nodes: Vec<String>,
-    /// Per node, its end of its veth pair (in its namespace).
-    links: Vec<String>,
-}
-
-impl Bridged {
-    const SUBNET: &'static str = "10.233.0";
-
-    fn ip(args: &[&str]) -> Result<(), String> {
-        let output = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|err| format!("cannot run ip (iproute2): {err}"))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
-    }
-
-    /// Creates them, or says why it cannot (not root, no iproute2, no
-    /// permission to make namespaces or bridges).
-    fn create() -> Result<Bridged, String> {
-        let id = std::process::id() % 100_000;
-        let spaces = Bridged {
-            bridge: format!("courier-kb{id}"),
-            nodes: IDS.iter().map(|n| format!("courier-k{id}n{n}")).collect(),
-            links: IDS.iter().map(|n| format!("ck{id}n{n}")).collect(),
-        };
-        let ip = Bridged::ip;
-        let bridge = spaces.bridge.as_str();
-        ip(&["netns", "add", bridge])?;
-        // From here on, dropping `spaces` removes what was made.
-        ip(&["-n", bridge, "link", "add", "br0", "type", "bridge"])?;
-        let bridge_ip = format!("{}.100/24", Bridged::SUBNET);
-        ip(&["-n", bridge, "addr", "add", &bridge_ip, "dev", "br0"])?;
-        ip(&["-n", bridge, "link", "set", "br0", "up"])?;
-        ip(&["-n", bridge, "link", "set", "lo", "up"])?;
-        for (n, (space, link)) in IDS.iter().zip(spaces.nodes.iter().zip(&spaces.links)) {
-            let port = format!("ck{id}p{n}");
-            ip(&["netns", "add", space])?;
-            ip(&["link", "add", link, "type", "veth", "peer", "name", &port])?;
-            ip(&["link", "set", link, "netns", space])?;
-            ip(&["link", "set", &port, "netns", bridge])?;
-            ip(&["-n", bridge, "link", "set", &port, "master", "br0"])?;
-            ip(&["-n", bridge, "link", "set", &port, "up"])?;
-            let address = format!("{}.{n}/24", Bridged::SUBNET);
-            ip(&["-n", space, "addr", "add", &address, "dev", link])?;
-            ip(&["-n", space, "link", "set", link, "up"])?;
-            ip(&["-n", space, "link", "set", "lo", "up"])?;
-        }
-        Ok(spaces)
-    }
-
-    fn exec(space: &str) -> Vec<String> {
-        ["ip", "netns", "exec", space].map(String::from).to_vec()
-    }
-
-    /// Brings node `id`'s link up or down.
-    fn link(&self, id: u64, up: bool) {
-        let i = Cluster::index(id);
-        let state = if up { "up" } else { "down" };
-        Bridged::ip(&["-n", &self.nodes[i], "link", "set", &self.links[i], state]).unwrap();
-    }
-}
-
-impl Drop for Bridged {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes its end of a veth pair, and the pair
-        // with it; the bridge goes with its namespace.
-        for space in self.nodes.iter().chain([&self.bridge]) {
-            let _ = Command::new("ip").args(["netns", "del", space]).status();
-        }
-    }
-}
-
 #[test]
 fn in_network_namespaces_a_cut_off_leader_refuses_writes_and_catches_up_when_healed() {
     let spaces = match Bridged::create() {
@@ -373,18 +289,7 @@ fn in_network_namespaces_a_cut_off_leader_refuses_writes_and_catches_up_when_hea
             return;
         }
     };
-    let addresses = IDS
-        .iter()
-        .map(|n| format!("tcp://{}.{n}:7878", Bridged::SUBNET))
-        .collect();
-    let prefixes = spaces.nodes.iter().map(|s| Bridged::exec(s)).collect();
-    let cluster = Cluster::start(
-        "cluster-netns",
-        "",
-        addresses,
-        prefixes,
-        Bridged::exec(&spaces.bridge),
-    );
+    let cluster = spaces.cluster("cluster-netns", "");
     let url = cluster.url();
     cluster.wait_ready(&url);
     cluster.put_until_done(&url, "before", "1");

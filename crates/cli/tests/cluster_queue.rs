@@ -15,9 +15,16 @@
 //! again while producers and a consumer run; every confirmed message is
 //! consumed, none stored twice, and the longest wait between deliveries is
 //! printed.
+//!
+//! A queue's leader cut off from the majority, in network namespaces: an
+//! enqueue sent to it alone is never confirmed, the other two elect a new
+//! leader that takes enqueues and serves consumers, and after healing every
+//! confirmed message is consumed and the cut-off one never appears.
 
 mod support;
 use support::cluster::*;
+use support::netns::Bridged;
+use support::{stderr, stdout};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -445,4 +452,145 @@ fn a_rolling_restart_under_load_loses_nothing() {
         unconfirmed.is_empty(),
         "consumed but never confirmed: {unconfirmed:?}"
     );
+}
+
+/// `queue push QUEUE DATA --key DATA` through `url`, sent again until the
+/// broker confirms it (the key makes a resend store nothing twice).
+fn push_until_done(cluster: &Cluster, url: &str, queue: &str, data: &str) {
+    retry(
+        &format!("queue push {queue} {data}"),
+        300,
+        Duration::from_secs(60),
+        || {
+            let output = cluster.courier(url, &["queue", "push", queue, data, "--key", data]);
+            let said = stderr(&output);
+            if output.status.success()
+                && (said.contains("stored as") || said.contains("duplicate of"))
+            {
+                Ok(())
+            } else {
+                Err(show(&output))
+            }
+        },
+    );
+}
+
+/// The leader of `queue`'s group as `queue stats` through `url` reports it.
+fn queue_leader(cluster: &Cluster, url: &str, queue: &str) -> u64 {
+    retry("the queue's leader", 300, Duration::from_secs(60), || {
+        let output = cluster.courier(url, &["--json", "queue", "stats", queue]);
+        if !output.status.success() {
+            return Err(show(&output));
+        }
+        let stats: serde_json::Value =
+            serde_json::from_str(stdout(&output).trim()).map_err(|e| e.to_string())?;
+        let replication = &stats["replication"];
+        match (replication["role"].as_str(), replication["leader"].as_u64()) {
+            (Some("leader"), Some(leader)) => Ok(leader),
+            _ => Err(format!("not from the leader: {stats}")),
+        }
+    })
+}
+
+#[test]
+fn in_network_namespaces_a_cut_off_queue_leader_confirms_nothing_and_healing_loses_nothing() {
+    let spaces = match Bridged::create() {
+        Ok(spaces) => spaces,
+        Err(reason) => {
+            println!("skipped: cannot create network namespaces ({reason})");
+            return;
+        }
+    };
+    let queue = "jobs.cut";
+    let cluster = spaces.cluster("cluster-queue-netns", "replicated_queues = [\"jobs.*\"]\n");
+    let url = cluster.url();
+    cluster.wait_ready(&url);
+    for n in 0..4 {
+        push_until_done(&cluster, &url, queue, &format!("before-{n}"));
+    }
+    let old = queue_leader(&cluster, &url, queue);
+    let majority = cluster.url_without(old);
+
+    // Cut the queue's leader off, and send it an enqueue from its own
+    // namespace: it cannot reach a majority, so it must never confirm it.
+    spaces.link(old, false);
+    let cut_off = Bridged::exec(&spaces.nodes[Cluster::index(old)]);
+    let prefix: Vec<&str> = cut_off.iter().map(String::as_str).collect();
+    let refused = Background::start(
+        &prefix,
+        cluster.address(old),
+        &[
+            "queue",
+            "push",
+            queue,
+            "split-brain",
+            "--key",
+            "split-brain",
+        ],
+        "",
+    );
+
+    // The other two elect a leader of the queue that takes enqueues...
+    for n in 0..4 {
+        push_until_done(&cluster, &majority, queue, &format!("majority-{n}"));
+    }
+    let new = queue_leader(&cluster, &majority, queue);
+    assert_ne!(new, old, "the cut-off node still leads the queue");
+    // ...and serves a consumer, oldest first, the ack committed.
+    let first = ok(cluster.courier(&majority, &["queue", "pop", queue, "--wait", "10s"]));
+    assert!(first.ends_with(": before-0\n"), "{first}");
+
+    let refused = refused.finish("queue push (cut off)");
+    assert!(!refused.status.success(), "split brain: {}", show(&refused));
+    assert!(
+        !stderr(&refused).contains("stored as"),
+        "{}",
+        show(&refused)
+    );
+    // It reached the broker and was refused for want of a majority; an
+    // unreachable broker (exit 3) would prove nothing.
+    assert_ne!(refused.status.code(), Some(3), "{}", show(&refused));
+    println!("the cut-off leader answered: {}", stderr(&refused).trim());
+
+    // Heal. The old leader follows the new one; through it, everything
+    // confirmed is consumed once, and the enqueue it took while cut off
+    // was never committed anywhere.
+    spaces.link(old, true);
+    retry(
+        "the healed node following",
+        300,
+        Duration::from_secs(60),
+        || {
+            let output =
+                cluster.courier(cluster.address(old), &["--json", "queue", "stats", queue]);
+            let stats: serde_json::Value =
+                serde_json::from_str(stdout(&output).trim()).map_err(|_| show(&output))?;
+            let leader = stats["replication"]["leader"].as_u64();
+            if leader.is_some_and(|l| l != old) && stats["depth"].as_u64() == Some(7) {
+                Ok(())
+            } else {
+                Err(format!("{stats}"))
+            }
+        },
+    );
+    let rest = cluster.courier(
+        cluster.address(old),
+        &["queue", "pop", queue, "--count", "8", "--wait", "3s"],
+    );
+    // Seven messages, then none within 3 s: exit 4.
+    assert_eq!(rest.status.code(), Some(4), "{}", show(&rest));
+    // In any order: a message leased to the first `pop` beyond the one it
+    // took went back to the queue's tail when it left.
+    let mut got: Vec<String> = stdout(&rest)
+        .lines()
+        .map(|line| line.split_once(": ").unwrap().1.to_owned())
+        .collect();
+    got.sort();
+    let want: Vec<String> = (1..4)
+        .map(|n| format!("before-{n}"))
+        .chain((0..4).map(|n| format!("majority-{n}")))
+        .collect();
+    assert_eq!(got, want, "{}", show(&rest));
+    drop(cluster);
+    drop(spaces);
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod netns;
 
 use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,123 @@
+//! Network namespaces for the cluster tests: each node in its own, joined
+//! to the clients' through a bridge, so a node can be cut off by taking
+//! its link down.
+
+#![allow(dead_code)]
+
+use super::cluster::{Cluster, IDS};
+use std::process::Command;
+
+/// Three network namespaces, one per node, each joined by a veth pair to a
+/// bridge in a fourth, where the test's clients run. Removed when dropped.
+pub struct Bridged {
+    pub bridge: String,
+    pub nodes: Vec<String>,
+    /// Per node, its end of its veth pair (in its namespace).
+    links: Vec<String>,
+}
+
+impl Bridged {
+    pub const SUBNET: &'static str = "10.233.0";
+
+    fn ip(args: &[&str]) -> Result<(), String> {
+        let output = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|err| format!("cannot run ip (iproute2): {err}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+
+    /// Creates them, or says why it cannot (not root, no iproute2, no
+    /// permission to make namespaces or bridges).
+    pub fn create() -> Result<Bridged, String> {
+        let id = std::process::id() % 100_000;
+        let spaces = Bridged {
+            bridge: format!("courier-kb{id}"),
+            nodes: IDS.iter().map(|n| format!("courier-k{id}n{n}")).collect(),
+            links: IDS.iter().map(|n| format!("ck{id}n{n}")).collect(),
+        };
+        let ip = Bridged::ip;
+        let bridge = spaces.bridge.as_str();
+        ip(&["netns", "add", bridge])?;
+        // From here on, dropping `spaces` removes what was made.
+        ip(&["-n", bridge, "link", "add", "br0", "type", "bridge"])?;
+        let bridge_ip = format!("{}.100/24", Bridged::SUBNET);
+        ip(&["-n", bridge, "addr", "add", &bridge_ip, "dev", "br0"])?;
+        ip(&["-n", bridge, "link", "set", "br0", "up"])?;
+        ip(&["-n", bridge, "link", "set", "lo", "up"])?;
+        for (n, (space, link)) in IDS.iter().zip(spaces.nodes.iter().zip(&spaces.links)) {
+            let port = format!("ck{id}p{n}");
+            ip(&["netns", "add", space])?;
+            ip(&["link", "add", link, "type", "veth", "peer", "name", &port])?;
+            ip(&["link", "set", link, "netns", space])?;
+            ip(&["link", "set", &port, "netns", bridge])?;
+            ip(&["-n", bridge, "link", "set", &port, "master", "br0"])?;
+            ip(&["-n", bridge, "link", "set", &port, "up"])?;
+            let address = format!("{}.{n}/24", Bridged::SUBNET);
+            ip(&["-n", space, "addr", "add", &address, "dev", link])?;
+            ip(&["-n", space, "link", "set", link, "up"])?;
+            ip(&["-n", space, "link", "set", "lo", "up"])?;
+        }
+        Ok(spaces)
+    }
+
+    pub fn exec(space: &str) -> Vec<String> {
+        ["ip", "netns", "exec", space].map(String::from).to_vec()
+    }
+
+    /// Brings node `id`'s link up or down.
+    pub fn link(&self, id: u64, up: bool) {
+        let i = Cluster::index(id);
+        let state = if up { "up" } else { "down" };
+        Bridged::ip(&["-n", &self.nodes[i], "link", "set", &self.links[i], state]).unwrap();
+    }
+}
+
+impl Drop for Bridged {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of a veth pair, and the pair
+        // with it; the bridge goes with its namespace.
+        for space in self.nodes.iter().chain([&self.bridge]) {
+            let _ = Command::new("ip").args(["netns", "del", space]).status();
+        }
+    }
+}
+
+impl Bridged {
+    /// Each node's address, inside its namespace.
+    pub fn addresses(&self) -> Vec<String> {
+        IDS.iter()
+            .map(|n| format!("tcp://{}.{n}:7878", Bridged::SUBNET))
+            .collect()
+    }
+
+    /// What runs each node's processes.
+    pub fn prefixes(&self) -> Vec<Vec<String>> {
+        self.nodes.iter().map(|s| Bridged::exec(s)).collect()
+    }
+
+    /// What runs the test's clients: the bridge's namespace.
+    pub fn client_prefix(&self) -> Vec<String> {
+        Bridged::exec(&self.bridge)
+    }
+
+    /// Starts a cluster with `[cluster]` settings `extra`, a node in each
+    /// namespace and the clients on the bridge.
+    pub fn cluster(&self, label: &str, extra: &str) -> Cluster {
+        Cluster::start(
+            label,
+            extra,
+            self.addresses(),
+            self.prefixes(),
+            self.client_prefix(),
+        )
+    }
+}
