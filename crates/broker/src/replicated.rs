@@ -111,6 +111,11 @@ pub trait ReplicaQueue {
     async fn extend(&self, token: u64, by_ms: u64) -> Result<(), ReplicaError>;
     /// The queue's (or its dead letters') counters.
     async fn stats(&self, queue: String, dead_letters: bool) -> Result<QueueStats, ReplicaError>;
+    /// From the queue's leader in `term`: it has removed this member from
+    /// the queue's group, so this member stops its replica and drops its
+    /// data. A member taken out of the group never hears that from Raft
+    /// itself (the leader stops replicating to it), hence this call.
+    async fn retire(&self, queue: String, term: u64) -> Result<(), ReplicaError>;
 }
 
 /// How this member hosts replicated queues (from `[cluster]`).
@@ -289,6 +294,19 @@ pub(crate) struct Replicated {
     /// Where a member holding no replica starts asking the replicas, in
     /// turn, so that one unreachable replica does not stall every call.
     next_replica: AtomicUsize,
+    /// Queues whose group membership this member, as their leader, is
+    /// changing now (one change at a time per queue).
+    changing: Arc<Mutex<HashSet<String>>>,
+    /// Replicas held here that are no longer declared here, since when:
+    /// each keeps running until its group's membership leaves it out (its
+    /// vote may be needed to change that membership), or for
+    /// [`Replicated::retire_after`] at most.
+    retiring: Mutex<HashMap<String, Instant>>,
+    /// Replicas stopped on their group's word ([`ReplicaQueue::retire`]),
+    /// with the replicas declared here at the time: not started again
+    /// while this member's (perhaps stale) view of the declaration is
+    /// still that. At most one per queue declared here.
+    retired: Mutex<HashMap<String, Vec<NodeId>>>,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -343,6 +361,10 @@ fn per_stream(prefetch: u32) -> usize {
     2 * prefetch.clamp(1, MAX_PREFETCH) as usize + 64
 }
 
+/// Replica changes the metadata leader proposes per round of
+/// [`Replicated::converge`] (one round a second, or per metadata change).
+const MAX_REPLANS_PER_ROUND: usize = 16;
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((20u64 << attempt.min(5)).min(500))
 }
@@ -370,6 +392,9 @@ impl Replicated {
             next_token: AtomicU64::new(1),
             next_stream: AtomicU64::new(1),
             next_replica: AtomicUsize::new(0),
+            changing: Arc::default(),
+            retiring: Mutex::default(),
+            retired: Mutex::default(),
         })
     }
 
@@ -384,6 +409,13 @@ impl Replicated {
     /// elections.
     fn patience(&self) -> Duration {
         Duration::from_millis(self.config.timing.election_max_ms * 4 + 2_000)
+    }
+
+    /// How long a replica no longer declared here keeps running while its
+    /// group's leader changes the membership without it: long enough for
+    /// a new replica to catch up.
+    fn retire_after(&self) -> Duration {
+        self.patience() * 6
     }
 
     fn local(&self, name: &str) -> Option<Arc<QueueGroup>> {
@@ -489,16 +521,59 @@ impl Replicated {
         }
     }
 
-    /// Starts a replica of every declared queue this member holds and has
-    /// not started yet.
+    /// Keeps the replicas held here to the declarations: starts a replica
+    /// of every declared queue this member holds and has not started yet
+    /// (joining, not founding, a group it took over), and stops those it
+    /// no longer holds (moved to another member, or this one left the
+    /// cluster), removing their data.
     pub(crate) async fn reconcile(&self) {
         let closed = self.starting.lock().await;
         if *closed {
             return;
         }
         let members = self.node.member_addresses();
-        for (name, replicas) in self.node.declared_queues() {
-            if !replicas.contains(&self.id) || lock(&self.groups).contains_key(&name) {
+        let declared = self.node.declared_queues();
+        let leaving: Vec<(String, Arc<QueueGroup>)> = {
+            let mut groups = lock(&self.groups);
+            let mut retiring = lock(&self.retiring);
+            let held = |name: &String| {
+                members.contains_key(&self.id)
+                    && declared.get(name).is_some_and(|r| r.contains(&self.id))
+            };
+            retiring.retain(|name, _| groups.contains_key(name) && !held(name));
+            let gone: Vec<String> = groups
+                .iter()
+                .filter(|(name, group)| {
+                    if held(name) {
+                        return false;
+                    }
+                    let since = *retiring.entry((*name).clone()).or_insert_with(Instant::now);
+                    !group.members().contains(&self.id) || since.elapsed() >= self.retire_after()
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            gone.into_iter()
+                .filter_map(|name| {
+                    retiring.remove(&name);
+                    groups.remove(&name).map(|g| (name, g))
+                })
+                .collect()
+        };
+        for (name, group) in leaving {
+            // Only a replica moved away gives up its data: a member that
+            // merely left may be added back, and then serves what it had.
+            self.stop_group(&name, &group, members.contains_key(&self.id))
+                .await;
+        }
+        if !members.contains_key(&self.id) {
+            return;
+        }
+        lock(&self.retired).retain(|name, at| declared.get(name) == Some(at));
+        for (name, replicas) in declared {
+            if !replicas.contains(&self.id)
+                || lock(&self.groups).contains_key(&name)
+                || lock(&self.retired).contains_key(&name)
+            {
                 continue;
             }
             let addresses: BTreeMap<NodeId, String> = replicas
@@ -520,7 +595,8 @@ impl Replicated {
             .with_settings(self.config.settings.clone())
             .with_timing(self.config.timing)
             .with_snapshot_after(self.config.snapshot_after)
-            .with_max_message(self.config.max_message);
+            .with_max_message(self.config.max_message)
+            .joining(self.node.joined_queue(&name));
             match QueueGroup::start(config, self.peers.network(group)).await {
                 Ok(started) => {
                     self.raft_host.insert(group, started.raft().clone());
@@ -529,6 +605,125 @@ impl Replicated {
                 }
                 Err(e) => tracing::warn!(queue = %name, group, "replica did not start: {e}"),
             }
+        }
+    }
+
+    /// Stops a replica held here (already taken out of `groups`), and
+    /// removes its data if `remove_data`.
+    async fn stop_group(&self, name: &str, group: &QueueGroup, remove_data: bool) {
+        self.raft_host.remove(group.group());
+        group.shutdown().await;
+        if remove_data {
+            let dir = self.config.dir.join(format!("{:08x}", group.group()));
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(queue = %name, dir = %dir.display(), "cannot remove a moved replica's data: {e}");
+            }
+        }
+        tracing::info!(queue = %name, "replica stopped: no longer held here");
+    }
+
+    /// Told by the leader of `name`'s group in `term` that this member is
+    /// out of the group: stops the replica unless this member has seen a
+    /// later term, or leads the group itself.
+    async fn retire(&self, name: &str, term: u64) -> Result<(), ReplicaError> {
+        let _starting = self.starting.lock().await;
+        let group = {
+            let mut groups = lock(&self.groups);
+            let Some(group) = groups.get(name) else {
+                return Ok(());
+            };
+            let status = group.status();
+            if status.term > term || status.leader == Some(self.id) {
+                return Err(ReplicaError::Queue(RemoteError::Invalid(format!(
+                    "{name}: this member is in term {} (its leader {:?}), not out of the group in term {term}",
+                    status.term, status.leader
+                ))));
+            }
+            lock(&self.retiring).remove(name);
+            if let Some(declared) = self.node.declared_queue(name) {
+                lock(&self.retired).insert(name.to_owned(), declared);
+            }
+            groups.remove(name)
+        };
+        if let Some(group) = group {
+            self.stop_group(name, &group, true).await;
+        }
+        Ok(())
+    }
+
+    /// Hands replicas on from members that left, and brings the groups
+    /// led here to their declared replicas:
+    /// - on the metadata leader, every replica held by a node that is no
+    ///   longer a voter of the cluster is moved to a voter that holds none
+    ///   of that queue, or dropped if there is none; a queue with fewer
+    ///   replicas than `queue_replicas` grows when a voter is free
+    ///   ([`ClusterNode::queue_plans`]);
+    /// - on a queue's leader, a group whose members differ from its
+    ///   declaration adds the new replicas and removes the old, through
+    ///   openraft's membership changes (never by copying files), in a task
+    ///   of its own so one slow replica holds up no other queue.
+    async fn converge(self: &Arc<Self>) {
+        if self
+            .node
+            .leader()
+            .is_some_and(|(leader, _)| leader == self.id)
+        {
+            // A few per round (a second at most), so a node leaving a
+            // cluster of many queues does not start every catch-up at once.
+            let plans = self
+                .node
+                .queue_plans(self.config.replicas, MAX_REPLANS_PER_ROUND);
+            for (name, from, to) in plans {
+                match self.node.change_queue_replicas(&name, from, to).await {
+                    Ok(replicas) => tracing::info!(queue = %name, ?replicas, "replicas changed"),
+                    Err(e) => {
+                        tracing::warn!(queue = %name, "cannot change the replicas yet: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        let members = self.node.member_addresses();
+        let groups: Vec<(String, Arc<QueueGroup>)> = lock(&self.groups)
+            .iter()
+            .map(|(n, g)| (n.clone(), g.clone()))
+            .collect();
+        for (name, group) in groups {
+            let Some(replicas) = self.node.declared_queue(&name) else {
+                continue;
+            };
+            let wanted: BTreeSet<NodeId> = replicas.iter().copied().collect();
+            if group.leading().is_err() || group.has_replicas(&wanted) {
+                continue;
+            }
+            let addresses: BTreeMap<NodeId, String> = replicas
+                .iter()
+                .filter_map(|id| members.get(id).map(|a| (*id, a.clone())))
+                .collect();
+            if addresses.len() != replicas.len() || !lock(&self.changing).insert(name.clone()) {
+                continue;
+            }
+            let changing = self.changing.clone();
+            let catch_up = self.patience() * 4;
+            let this = self.clone();
+            tokio::spawn(async move {
+                let before = group.member_addresses();
+                match group.change_replicas(&addresses, catch_up).await {
+                    Ok(()) => {
+                        tracing::info!(queue = %name, replicas = ?wanted, "group membership changed");
+                        let term = group.status().term;
+                        for (id, address) in before {
+                            if !wanted.contains(&id) {
+                                this.tell_retired(&name, id, &address, term).await;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %name, "group membership not changed yet: {e}")
+                    }
+                }
+                lock(&changing).remove(&name);
+            });
         }
     }
 
@@ -550,11 +745,39 @@ impl Replicated {
             };
             if last.as_ref() != Some(&now) {
                 self.reconcile().await;
+                self.converge().await;
                 last = Some(now);
             }
             tokio::select! {
                 changed = metrics.changed() => if changed.is_err() { return },
                 _ = every_second.tick() => last = None,
+            }
+        }
+    }
+
+    /// Tells member `id` at `address` that the group of `name` let it go in
+    /// `term`; a few tries, then it is left to find out (its replica, out
+    /// of date, can never win an election in the group).
+    async fn tell_retired(&self, name: &str, id: NodeId, address: &str, term: u64) {
+        let Ok(parsed) = address.parse::<courier_transport::Address>() else {
+            return;
+        };
+        // Not through `client`: the member may have left the cluster.
+        let client = ReplicaQueueClient::new(courier_rpc::Client::lazy(
+            &parsed,
+            self.client_config.clone(),
+        ));
+        for attempt in 0..5 {
+            match client.retire(name.to_owned(), term).await {
+                Ok(Ok(())) => {
+                    tracing::info!(queue = %name, node = id, "told a removed replica to stop");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(queue = %name, node = id, "a removed replica refused to stop: {e}");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(backoff(attempt + 4)).await,
             }
         }
     }
@@ -1180,6 +1403,10 @@ impl DeliverySink for ReplicaSink {
 }
 
 impl ReplicaQueue for ReplicaHost {
+    async fn retire(&self, queue: String, term: u64) -> Result<(), ReplicaError> {
+        self.0.retire(&queue, term).await
+    }
+
     async fn place(&self, queue: String) -> Result<Vec<NodeId>, ReplicaError> {
         match self.0.node.leader() {
             Some((leader, _)) if leader == self.0.id => self.0.place_here(&queue).await,

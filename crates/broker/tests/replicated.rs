@@ -23,7 +23,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn config(dir: &TempDir, id: u64, addresses: &[String]) -> BrokerConfig {
+fn config(dir: &TempDir, id: u64, addresses: &[String], replicas: usize) -> BrokerConfig {
     let mut config = BrokerConfig::default();
     config.listen = vec![addresses[(id - 1) as usize].clone()];
     config.data_dir = dir.path().join(format!("node-{id}"));
@@ -35,6 +35,7 @@ fn config(dir: &TempDir, id: u64, addresses: &[String]) -> BrokerConfig {
     section.election_min_ms = 300;
     section.election_max_ms = 600;
     section.replicated_queues = vec!["jobs".into(), "orders.*".into()];
+    section.queue_replicas = replicas;
     for (i, address) in addresses.iter().enumerate() {
         let peer = i as u64 + 1;
         if peer != id {
@@ -53,14 +54,21 @@ struct Nodes {
 
 impl Nodes {
     async fn start(label: &str) -> Nodes {
+        Nodes::start_with(label, 3, 3).await
+    }
+
+    /// `count` brokers, each queue on `replicas` of them.
+    async fn start_with(label: &str, count: u64, replicas: usize) -> Nodes {
         let dir = TempDir::new(label);
-        let addresses: Vec<String> = (0..3)
+        let addresses: Vec<String> = (0..count)
             .map(|_| format!("tcp://127.0.0.1:{}", free_port()))
             .collect();
         let mut brokers = Vec::new();
-        for id in 1..=3 {
+        for id in 1..=count {
             brokers.push(Some(
-                Broker::start(config(&dir, id, &addresses)).await.unwrap(),
+                Broker::start(config(&dir, id, &addresses, replicas))
+                    .await
+                    .unwrap(),
             ));
         }
         Nodes {
@@ -68,6 +76,10 @@ impl Nodes {
             addresses,
             _dir: dir,
         }
+    }
+
+    fn broker(&self, id: u64) -> &Broker {
+        self.brokers[(id - 1) as usize].as_ref().unwrap()
     }
 
     fn address(&self, id: u64) -> Address {
@@ -249,6 +261,198 @@ async fn stopping_the_leaders_broker_loses_nothing_confirmed_and_a_consumer_foll
         {
             let _ = delivery.ack().await;
         }
+    }
+    nodes.shutdown().await;
+}
+
+/// The replicas of `queue` as the leader of its group reports them, once
+/// they are exactly `want` (voters all); panics after 60 s.
+async fn wait_for_replicas(nodes: &Nodes, queue: &str, want: &BTreeSet<u64>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    loop {
+        for broker in nodes.brokers.iter().flatten() {
+            let stats = broker.stats().await;
+            let Some(status) = stats
+                .cluster
+                .and_then(|c| c.queues.into_iter().find(|q| q.name == queue))
+            else {
+                continue;
+            };
+            if status.role != "leader" {
+                continue;
+            }
+            let held: BTreeSet<u64> = status.replicas.iter().map(|r| r.id).collect();
+            if &held == want && status.replicas.iter().all(|r| r.lag.is_some_and(|l| l < 5)) {
+                return;
+            }
+            last = format!("{status:?}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas never became {want:?}: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_members_replicas_are_handed_to_another_and_keep_every_message() {
+    // Four brokers, each queue on three of them.
+    let mut nodes = Nodes::start_with("replicated-handoff", 4, 3).await;
+    let name = "jobs";
+    let producer = nodes.queue(1, name).await;
+    for n in 0..30 {
+        let message = Message::new(format!("m{n}")).with_key(format!("m{n}"));
+        enqueue(&producer, message).await;
+    }
+    let leader = nodes.leader_of(name).await;
+    let stats = nodes.brokers[(leader - 1) as usize]
+        .as_ref()
+        .unwrap()
+        .stats()
+        .await;
+    let replicas: BTreeSet<u64> = stats
+        .cluster
+        .unwrap()
+        .queues
+        .iter()
+        .find(|q| q.name == name)
+        .unwrap()
+        .replicas
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(replicas.len(), 3);
+    let spare = (1..=4u64).find(|id| !replicas.contains(id)).unwrap();
+
+    // The queue's leader dies, and is removed from the cluster through a
+    // member that stays: its replica goes to the spare, which catches up
+    // from the group's leader.
+    nodes.brokers[(leader - 1) as usize]
+        .take()
+        .unwrap()
+        .shutdown()
+        .await;
+    let survivor = *replicas.iter().find(|id| **id != leader).unwrap();
+    let admin =
+        courier_cluster::client::KvClient::new(&[nodes.address(survivor)], ClientConfig::default())
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = admin.remove_member(leader).await {
+        assert!(Instant::now() < deadline, "remove_member: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut want = replicas.clone();
+    want.remove(&leader);
+    want.insert(spare);
+    wait_for_replicas(&nodes, name, &want).await;
+    for n in 30..40 {
+        let message = Message::new(format!("m{n}")).with_key(format!("m{n}"));
+        enqueue(&nodes.queue(survivor, name).await, message).await;
+    }
+
+    // Now another of the original replicas goes: the group has its
+    // majority only because the spare took over, with every message.
+    let other = *want
+        .iter()
+        .find(|id| **id != spare && **id != survivor)
+        .unwrap();
+    let keep = survivor;
+    nodes.brokers[(other - 1) as usize]
+        .take()
+        .unwrap()
+        .shutdown()
+        .await;
+    let consuming = nodes.queue(keep, name).await;
+    let mut consumer = consuming.consumer(8).await.unwrap();
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 40 seen: {seen:?}",
+            seen.len()
+        );
+        let Ok(delivery) = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await
+        else {
+            continue;
+        };
+        let delivery = delivery.unwrap();
+        seen.insert(String::from_utf8(delivery.payload().to_vec()).unwrap());
+        let _ = delivery.ack().await;
+    }
+    let expected: BTreeSet<String> = (0..40).map(|n| format!("m{n}")).collect();
+    assert_eq!(seen, expected);
+    nodes.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_leaves_while_running_hands_on_its_replica_then_stops_it() {
+    // Three brokers, each queue on two: with two replicas, the group can
+    // change its membership only with the leaving replica's vote.
+    let mut nodes = Nodes::start_with("replicated-leave", 3, 2).await;
+    let name = "orders.us";
+    let producer = nodes.queue(1, name).await;
+    for n in 0..20 {
+        let message = Message::new(format!("m{n}")).with_key(format!("m{n}"));
+        enqueue(&producer, message).await;
+    }
+    let leader = nodes.leader_of(name).await;
+    let status = |stats: courier_broker::BrokerStats| {
+        stats
+            .cluster
+            .and_then(|c| c.queues.into_iter().find(|q| q.name == name))
+    };
+    let replicas: BTreeSet<u64> = status(nodes.broker(leader).stats().await)
+        .unwrap()
+        .replicas
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    let leaving = *replicas.iter().find(|id| **id != leader).unwrap();
+    let spare = (1..=3u64).find(|id| !replicas.contains(id)).unwrap();
+    let admin =
+        courier_cluster::client::KvClient::new(&[nodes.address(leader)], ClientConfig::default())
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = admin.remove_member(leaving).await {
+        assert!(Instant::now() < deadline, "remove_member: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_replicas(&nodes, name, &BTreeSet::from([leader, spare])).await;
+    // The member that left stops its replica once the group has let it go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(nodes.broker(leaving).stats().await).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "node {leaving} still runs its replica"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And does not start it again (its view of the declarations stopped
+    // when it left): watched over three of its once-a-second rounds.
+    for _ in 0..30 {
+        assert!(status(nodes.broker(leaving).stats().await).is_none());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nodes.brokers[(leaving - 1) as usize]
+        .take()
+        .unwrap()
+        .shutdown()
+        .await;
+    // Every message is still there, served by the leader and the spare.
+    let consuming = nodes.queue(spare, name).await;
+    assert_eq!(consuming.stats().await.unwrap().depth, 20);
+    let mut consumer = consuming.consumer(8).await.unwrap();
+    let mut seen = BTreeSet::new();
+    while seen.len() < 20 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("a delivery within 30 s")
+            .unwrap();
+        seen.insert(String::from_utf8(delivery.payload().to_vec()).unwrap());
+        delivery.ack().await.unwrap();
     }
     nodes.shutdown().await;
 }

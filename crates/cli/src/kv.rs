@@ -107,7 +107,9 @@ pub enum ClusterCommand {
         /// Its address.
         address: String,
     },
-    /// Remove node ID from the cluster.
+    /// Remove node ID from the cluster. Its replicas of replicated queues
+    /// are handed to other members (or dropped, if every member already
+    /// holds one), each new one catching up before it votes.
     #[command(
         name = "remove-node",
         after_help = "Examples:\n  courier cluster remove-node 4\n  courier --url tcp://10.0.0.1:7878 cluster remove-node 4   # ask node 1"

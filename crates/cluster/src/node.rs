@@ -779,12 +779,16 @@ impl ClusterNode {
                 "cannot remove the last voter".into(),
             ));
         }
+        // One change for a voter: `retain = false` drops it from the nodes
+        // too. Two would break when the leader removes itself, since it is
+        // no longer the leader when the second one would be proposed.
+        let change = if voters.contains(&id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
         self.raft
-            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-            .await
-            .map_err(write_error)?;
-        self.raft
-            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .change_membership(change, false)
             .await
             .map_err(write_error)?;
         Ok(())
@@ -872,6 +876,77 @@ impl ClusterNode {
                 "unexpected answer to a declaration: {other:?}"
             ))),
         }
+    }
+
+    /// Whether this node took over its replica of queue `name` after the
+    /// queue was founded: it then joins the group, never founds it.
+    pub fn joined_queue(&self, name: &str) -> bool {
+        self.shared.read().joined_queue(name, self.id)
+    }
+
+    /// The queues whose replicas should change to keep them on voters,
+    /// `count` of each (1 to [`MAX_QUEUE_REPLICAS`], at most the voters):
+    /// `(name, replicas now, replicas wanted)`, at most `limit` of them. A
+    /// replica on a node that is no longer a voter is handed to the voter
+    /// holding the fewest queues among those holding none of this one, or
+    /// dropped if none is free; a queue with fewer replicas than `count`
+    /// grows the same way. A queue with no replica left on a voter is not
+    /// planned: nothing holds its data to copy from.
+    pub fn queue_plans(
+        &self,
+        count: usize,
+        limit: usize,
+    ) -> Vec<(String, Vec<NodeId>, Vec<NodeId>)> {
+        let voters = self.voters();
+        let state = self.shared.read();
+        let mut load: BTreeMap<NodeId, usize> = voters.iter().map(|id| (*id, 0)).collect();
+        for held in state.queues().values() {
+            for id in held {
+                if let Some(n) = load.get_mut(id) {
+                    *n += 1;
+                }
+            }
+        }
+        state
+            .queues()
+            .iter()
+            .filter_map(|(name, current)| {
+                let to = replan(current, &load, count)?;
+                Some((name.clone(), current.clone(), to))
+            })
+            .take(limit)
+            .collect()
+    }
+
+    /// On the metadata leader: changes queue `name`'s replicas from `from`
+    /// (refused if they are no longer that) to `to`. Returns the replicas.
+    pub async fn change_queue_replicas(
+        &self,
+        name: &str,
+        from: Vec<NodeId>,
+        to: Vec<NodeId>,
+    ) -> Result<Vec<NodeId>, ClusterError> {
+        match self
+            .write(Command::Meta(MetaCommand::ChangeQueueReplicas {
+                name: name.to_owned(),
+                from,
+                to,
+            }))
+            .await?
+        {
+            Response::Meta(MetaResponse::Declared { replicas, .. }) => Ok(replicas),
+            Response::Meta(MetaResponse::Invalid(why)) => {
+                Err(ClusterError::Kv(KvError::Invalid(why)))
+            }
+            other => Err(ClusterError::Unavailable(format!(
+                "unexpected answer to a replica change: {other:?}"
+            ))),
+        }
+    }
+
+    /// The voters of the metadata group, in the membership in effect here.
+    pub fn voter_ids(&self) -> BTreeSet<NodeId> {
+        self.voters()
     }
 
     fn voters(&self) -> BTreeSet<NodeId> {
@@ -990,7 +1065,45 @@ pub enum KvRequest {
     },
 }
 
-fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
+/// The replicas a queue on `current` should have, given the voters and
+/// how many queues each holds (`load`) and the replica count wanted:
+/// replicas on voters stay in place; those elsewhere are replaced, then
+/// the set is filled up to `count` (at most the voters; never shrunk
+/// for being over it), each time with
+/// the free voter holding the fewest queues (lowest id among equals).
+/// `None` if nothing should change, or if no replica is on a voter.
+fn replan(current: &[NodeId], load: &BTreeMap<NodeId, usize>, count: usize) -> Option<Vec<NodeId>> {
+    let count = count.clamp(1, MAX_QUEUE_REPLICAS).min(load.len());
+    let mut next: Vec<NodeId> = Vec::with_capacity(count);
+    let free = |next: &[NodeId]| {
+        load.iter()
+            .filter(|(id, _)| !current.contains(id) && !next.contains(id))
+            .min_by_key(|(id, n)| (**n, **id))
+            .map(|(id, _)| *id)
+    };
+    // In place, so the first replica (the preferred leader) stays first.
+    for id in current {
+        if load.contains_key(id) {
+            next.push(*id);
+        } else if let Some(other) = free(&next) {
+            next.push(other);
+        }
+    }
+    if !next.iter().any(|id| current.contains(id)) {
+        return None;
+    }
+    // Never fewer than now while voters are free: another leader may be
+    // configured with a smaller count, and that is no reason to shrink.
+    while next.len() < count {
+        let Some(other) = free(&next) else { break };
+        next.push(other);
+    }
+    (next != current).then_some(next)
+}
+
+pub(crate) fn write_error(
+    e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+) -> ClusterError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
             ClusterError::NotLeader {
@@ -1382,5 +1495,43 @@ mod kind_tests {
         assert!(unreachable.is_retryable());
         let late = KvClientError::Rpc(RpcError::DeadlineExceeded);
         assert_eq!(late.kind(), ErrorKind::TimedOut);
+    }
+}
+
+#[cfg(test)]
+mod replan_tests {
+    use super::replan;
+    use std::collections::BTreeMap;
+
+    fn load(pairs: &[(u64, usize)]) -> BTreeMap<u64, usize> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_replica_off_the_voters_goes_to_the_least_loaded_free_voter_in_its_place() {
+        // Node 2 left; 4 holds fewer queues than 5.
+        let voters = load(&[(1, 3), (3, 3), (4, 1), (5, 2)]);
+        assert_eq!(replan(&[1, 2, 3], &voters, 3), Some(vec![1, 4, 3]));
+        // The preferred leader left: its place is taken, first.
+        assert_eq!(replan(&[2, 1, 3], &voters, 3), Some(vec![4, 1, 3]));
+    }
+
+    #[test]
+    fn with_no_free_voter_the_replica_is_dropped_and_grows_back_when_one_joins() {
+        let two = load(&[(1, 0), (3, 0)]);
+        assert_eq!(replan(&[1, 2, 3], &two, 3), Some(vec![1, 3]));
+        assert_eq!(replan(&[1, 3], &two, 3), None);
+        let three = load(&[(1, 0), (3, 0), (7, 0)]);
+        assert_eq!(replan(&[1, 3], &three, 3), Some(vec![1, 3, 7]));
+    }
+
+    #[test]
+    fn nothing_changes_when_all_is_in_place_or_nothing_is_left() {
+        let voters = load(&[(1, 0), (2, 0), (3, 0), (4, 0)]);
+        assert_eq!(replan(&[1, 2, 3], &voters, 3), None);
+        // Over a smaller count: kept, not shrunk.
+        assert_eq!(replan(&[1, 2, 3], &voters, 1), None);
+        // Not one replica on a voter: the data is nowhere to copy from.
+        assert_eq!(replan(&[8, 9], &voters, 3), None);
     }
 }

@@ -47,12 +47,12 @@ use std::time::Duration;
 use courier_queue::core::ConsumerId;
 use courier_queue::Message;
 use openraft::network::RaftNetworkFactory;
-use openraft::{BasicNode, ServerState};
+use openraft::{BasicNode, ChangeMembers, ServerState};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::node::{
-    now_ms, propose_ordered, raft_config_for, ClusterError, Member, StartError, Timing,
+    now_ms, propose_ordered, raft_config_for, write_error, ClusterError, Member, StartError, Timing,
 };
 use crate::queue_state::{
     Action, Answer, AnswerError, EnqueueOutcome, GroupDelivery, GroupStats, Part, QueueCommand,
@@ -97,6 +97,11 @@ pub struct QueueGroupConfig {
     pub snapshot_after: u64,
     /// The frame limit of the nodes' connections. Default 4 MiB.
     pub max_message: usize,
+    /// Whether this replica took another's place after the group was
+    /// founded: it then waits for the leader to add it, and never founds
+    /// the group itself (which would give it a first entry that disagrees
+    /// with the group's).
+    pub joining: bool,
 }
 
 impl QueueGroupConfig {
@@ -119,7 +124,15 @@ impl QueueGroupConfig {
             timing: Timing::default(),
             snapshot_after: 10_000,
             max_message: 4 * 1024 * 1024,
+            joining: false,
         }
+    }
+
+    /// As a replica that joins the group (added by its leader), not one
+    /// of those that founded it.
+    pub fn joining(mut self, joining: bool) -> QueueGroupConfig {
+        self.joining = joining;
+        self
     }
 
     /// With these queue settings.
@@ -262,7 +275,7 @@ impl QueueGroup {
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        if pristine {
+        if pristine && !config.joining {
             let replicas: BTreeMap<NodeId, BasicNode> = config
                 .replicas
                 .iter()
@@ -402,6 +415,110 @@ impl QueueGroup {
     /// of and its address (as [`ClusterError::NotLeader`]).
     pub fn leading(&self) -> Result<(), ClusterError> {
         self.inner.leading()
+    }
+
+    /// The group's members (voters and learners) as this replica sees its
+    /// membership: empty on a replica that has not joined yet.
+    pub fn members(&self) -> BTreeSet<NodeId> {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The group's members and their addresses, as this replica sees its
+    /// membership.
+    pub fn member_addresses(&self) -> BTreeMap<NodeId, String> {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect()
+    }
+
+    /// Whether the group's members are exactly `replicas`, all voters
+    /// (as this replica sees its membership).
+    pub fn has_replicas(&self, replicas: &BTreeSet<NodeId>) -> bool {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let nodes: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        &voters == replicas && &nodes == replicas
+    }
+
+    /// On the leader: changes the group's members to exactly `replicas`
+    /// (ids and addresses), through openraft's membership changes. Each
+    /// new replica is first added as a learner and must catch up within
+    /// `catch_up` (it must be running its replica, started as
+    /// [`joining`](QueueGroupConfig::joining)); then the voters are
+    /// replaced in one joint-consensus step, so a majority of the old and
+    /// of the new set must agree, and members no longer wanted leave.
+    /// Safe to call again after any failure: each step checks what is done.
+    pub async fn change_replicas(
+        &self,
+        replicas: &BTreeMap<NodeId, String>,
+        catch_up: Duration,
+    ) -> Result<(), QueueGroupError> {
+        self.inner.leading()?;
+        let wanted: BTreeSet<NodeId> = replicas.keys().copied().collect();
+        if wanted.is_empty() {
+            return Err(QueueGroupError::Refused("a group needs replicas".into()));
+        }
+        let raft = &self.inner.raft;
+        let known: BTreeSet<NodeId> = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for (id, address) in replicas {
+            if known.contains(id) {
+                continue;
+            }
+            // Blocking: returns once the learner has the log up to its
+            // own addition, bounded so a replica that never starts does
+            // not hold the group's changes forever.
+            let added = raft.add_learner(*id, BasicNode::new(address.clone()), true);
+            match tokio::time::timeout(catch_up, added).await {
+                Ok(result) => {
+                    result.map_err(write_error)?;
+                }
+                Err(_) => {
+                    return Err(ClusterError::Membership(format!(
+                        "replica {id} at {address} did not catch up within {catch_up:?}"
+                    ))
+                    .into())
+                }
+            }
+        }
+        raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
+            .await
+            .map_err(write_error)?;
+        let extra: BTreeSet<NodeId> = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .filter(|id| !wanted.contains(id))
+                .collect()
+        };
+        if !extra.is_empty() {
+            raft.change_membership(ChangeMembers::RemoveNodes(extra), false)
+                .await
+                .map_err(write_error)?;
+        }
+        Ok(())
     }
 
     /// The queue's counters as this replica has applied them.

@@ -201,7 +201,8 @@ pub const MAX_DURABLES: usize = 10_000;
 
 /// The snapshot layout's number: a node refuses a snapshot of a layout it
 /// does not know instead of misreading it. 2: leases carry their owner.
-const SNAPSHOT_FORMAT: u32 = 2;
+/// 3: queues record the replicas that joined after founding.
+const SNAPSHOT_FORMAT: u32 = 3;
 
 /// Everything the metadata group's log builds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -217,6 +218,10 @@ pub struct ClusterState {
     /// Events in revision order, from `compacted` on.
     history: VecDeque<Event>,
     queues: BTreeMap<String, Vec<NodeId>>,
+    /// Per queue, the replicas that took over another's place
+    /// ([`MetaCommand::ChangeQueueReplicas`]) and so join its group rather
+    /// than found it. Only current replicas, and no empty sets.
+    joined: BTreeMap<String, BTreeSet<NodeId>>,
     durables: BTreeMap<String, Durable>,
 
     // Derived from the fields above (rebuilt when reading a snapshot).
@@ -729,9 +734,15 @@ impl ClusterState {
     fn apply_meta(&mut self, command: &MetaCommand) -> MetaResponse {
         let answer = match command {
             MetaCommand::DeclareQueue { name, replicas } => self.declare_queue(name, replicas),
-            MetaCommand::DeleteQueue { name } => Ok(MetaResponse::Removed {
-                existed: self.queues.remove(name).is_some(),
-            }),
+            MetaCommand::DeleteQueue { name } => {
+                self.joined.remove(name);
+                Ok(MetaResponse::Removed {
+                    existed: self.queues.remove(name).is_some(),
+                })
+            }
+            MetaCommand::ChangeQueueReplicas { name, from, to } => {
+                self.change_queue_replicas(name, from, to)
+            }
             MetaCommand::DeclareDurable {
                 name,
                 filter,
@@ -771,6 +782,48 @@ impl ClusterState {
         Ok(MetaResponse::Declared {
             existed: false,
             replicas: replicas.to_vec(),
+        })
+    }
+
+    fn change_queue_replicas(
+        &mut self,
+        name: &str,
+        from: &[NodeId],
+        to: &[NodeId],
+    ) -> Result<MetaResponse, String> {
+        check_replicas(to)?;
+        let replicas = self
+            .queues
+            .get_mut(name)
+            .ok_or_else(|| format!("queue {name:?} is not declared"))?;
+        if replicas.as_slice() == to {
+            // Already changed (a resent proposal): the same answer again.
+            return Ok(MetaResponse::Declared {
+                existed: true,
+                replicas: replicas.clone(),
+            });
+        }
+        if replicas.as_slice() != from {
+            return Err(format!(
+                "queue {name:?} is on {replicas:?} now, not {from:?}"
+            ));
+        }
+        // The group lives on only through a replica it already has.
+        if !to.iter().any(|id| from.contains(id)) {
+            return Err(format!(
+                "queue {name:?} cannot move from {from:?} to {to:?} at once: keep one replica"
+            ));
+        }
+        *replicas = to.to_vec();
+        let joined = self.joined.entry(name.to_owned()).or_default();
+        joined.retain(|id| to.contains(id));
+        joined.extend(to.iter().filter(|id| !from.contains(id)));
+        if joined.is_empty() {
+            self.joined.remove(name);
+        }
+        Ok(MetaResponse::Declared {
+            existed: true,
+            replicas: to.to_vec(),
         })
     }
 
@@ -1003,6 +1056,12 @@ impl ClusterState {
         &self.queues
     }
 
+    /// Whether `node` took over a replica of queue `name` after the queue
+    /// was founded (so it must join the group, never found it).
+    pub fn joined_queue(&self, name: &str, node: NodeId) -> bool {
+        self.joined.get(name).is_some_and(|j| j.contains(&node))
+    }
+
     /// The declared durable subscriptions.
     pub fn durables(&self) -> &BTreeMap<String, Durable> {
         &self.durables
@@ -1051,9 +1110,19 @@ impl ClusterState {
             compacted: parts.compacted,
             last_lease: parts.last_lease,
             queues: parts.queues,
+            joined: parts.joined,
             durables: parts.durables,
             ..ClusterState::default()
         };
+        for (name, joined) in &state.joined {
+            let replicas = state
+                .queues
+                .get(name)
+                .ok_or_else(|| format!("replicas joined undeclared queue {name:?}"))?;
+            if !joined.iter().all(|id| replicas.contains(id)) {
+                return Err(format!("a joined replica of {name:?} is not a replica"));
+            }
+        }
         for (id, ttl_ms, deadline_ms, owner) in parts.leases {
             if owner.as_ref().is_some_and(|o| o.len() > MAX_OWNER_LEN) {
                 return Err(format!(
@@ -1137,6 +1206,7 @@ struct SnapshotParts {
     keys: Vec<KeyValue>,
     history: Vec<Event>,
     queues: BTreeMap<String, Vec<NodeId>>,
+    joined: BTreeMap<String, BTreeSet<NodeId>>,
     durables: BTreeMap<String, Durable>,
 }
 
@@ -1153,6 +1223,7 @@ struct SnapshotRef<'a> {
     keys: &'a BTreeMap<String, KeyValue>,
     history: &'a VecDeque<Event>,
     queues: &'a BTreeMap<String, Vec<NodeId>>,
+    joined: &'a BTreeMap<String, BTreeSet<NodeId>>,
     durables: &'a BTreeMap<String, Durable>,
 }
 
@@ -1185,6 +1256,7 @@ impl Serialize for ClusterState {
             keys: &self.keys,
             history: &self.history,
             queues: &self.queues,
+            joined: &self.joined,
             durables: &self.durables,
         }
         .serialize(serializer)
@@ -2129,6 +2201,84 @@ mod tests {
     }
 
     #[test]
+    fn changed_replicas_join_and_only_current_ones_are_remembered() {
+        let mut state = ClusterState::default();
+        declare(&mut state, "jobs", &[1, 2, 3]);
+        let change = |state: &mut ClusterState, from: &[NodeId], to: &[NodeId]| {
+            meta(
+                state,
+                MetaCommand::ChangeQueueReplicas {
+                    name: "jobs".into(),
+                    from: from.to_vec(),
+                    to: to.to_vec(),
+                },
+            )
+        };
+        let declared = |replicas: &[NodeId]| MetaResponse::Declared {
+            existed: true,
+            replicas: replicas.to_vec(),
+        };
+        // Node 2 left: node 4 takes its place, and joins.
+        assert_eq!(
+            change(&mut state, &[1, 2, 3], &[1, 4, 3]),
+            declared(&[1, 4, 3])
+        );
+        assert!(state.joined_queue("jobs", 4));
+        assert!(!state.joined_queue("jobs", 1));
+        // Sent again: the same answer, nothing more changes.
+        let before = state.clone();
+        assert_eq!(
+            change(&mut state, &[1, 2, 3], &[1, 4, 3]),
+            declared(&[1, 4, 3])
+        );
+        assert_eq!(state, before);
+        // Refused, changing nothing: a stale `from`, no replica kept, bad
+        // replica sets, an undeclared queue.
+        let refused: [(&[NodeId], &[NodeId]); 5] = [
+            (&[1, 2, 3], &[1, 5, 3]),
+            (&[1, 4, 3], &[5, 6]),
+            (&[1, 4, 3], &[]),
+            (&[1, 4, 3], &[1, 1]),
+            (&[1, 4, 3], &[1, 0]),
+        ];
+        for (from, to) in refused {
+            let answer = change(&mut state, from, to);
+            assert!(
+                matches!(answer, MetaResponse::Invalid(_)),
+                "{from:?} -> {to:?}: {answer:?}"
+            );
+        }
+        let undeclared = meta(
+            &mut state,
+            MetaCommand::ChangeQueueReplicas {
+                name: "other".into(),
+                from: vec![1],
+                to: vec![1, 2],
+            },
+        );
+        assert!(matches!(undeclared, MetaResponse::Invalid(_)));
+        assert_eq!(state, before);
+        // Shrinking forgets a joined replica that goes; growing adds one.
+        assert_eq!(change(&mut state, &[1, 4, 3], &[1, 3]), declared(&[1, 3]));
+        assert!(!state.joined_queue("jobs", 4));
+        assert_eq!(
+            change(&mut state, &[1, 3], &[1, 3, 5]),
+            declared(&[1, 3, 5])
+        );
+        assert!(state.joined_queue("jobs", 5));
+        let back = ClusterState::from_snapshot(&state.to_snapshot()).unwrap();
+        assert_eq!(back, state);
+        meta(
+            &mut state,
+            MetaCommand::DeleteQueue {
+                name: "jobs".into(),
+            },
+        );
+        assert!(!state.joined_queue("jobs", 5));
+        assert_eq!(state, ClusterState::default());
+    }
+
+    #[test]
     fn declarations_are_validated() {
         let mut state = ClusterState::default();
         let long = "q".repeat(MAX_NAME_LEN);
@@ -2785,6 +2935,9 @@ mod tests {
                 })
             ),
             1 => name().prop_map(|name| Command::Meta(MetaCommand::DeleteDurable { name })),
+            1 => (name(), replicas(), replicas()).prop_map(|(name, from, to)| {
+                Command::Meta(MetaCommand::ChangeQueueReplicas { name, from, to })
+            }),
         ]
     }
 

@@ -211,6 +211,21 @@ pub enum MetaCommand {
         /// The subscription's name.
         name: String,
     },
+    /// Change a queue's replicas from `from` (as the proposer saw them:
+    /// refused if they changed since) to `to`, chosen by the leader when it
+    /// proposes: a replica on a node that left is handed to another, or
+    /// dropped if none is free, and a queue under its replica count grows
+    /// when a node joins. The nodes in `to` but not in `from` join the
+    /// queue's group instead of founding it; the queue's leader then
+    /// changes the group's membership to match.
+    ChangeQueueReplicas {
+        /// The queue's name.
+        name: String,
+        /// Its replicas now.
+        from: Vec<NodeId>,
+        /// Its replicas from then on (sharing one at least with `from`).
+        to: Vec<NodeId>,
+    },
 }
 
 /// A key with its value and history counters (etcd's `KeyValue`).
