@@ -1,6 +1,7 @@
 //! A replicated queue across three real `courier serve` processes.
 //!
-//! Killing the leader: a producer enqueues with confirmation as fast as it can (16 in flight)
+//! Killing the leader (in network namespaces, one per node, when the test
+//! runs as root; on loopback otherwise): a producer enqueues with confirmation as fast as it can (16 in flight)
 //! while the queue's leader is killed with SIGKILL at a random moment and
 //! restarted; afterwards every confirmed message is consumed, none is lost,
 //! and duplicates never exceed what was unconfirmed at the kill (producers
@@ -188,14 +189,26 @@ fn killing_a_replicated_queues_leader_loses_no_confirmed_message() {
         .unwrap_or(2);
     println!("seed {seed} (COURIER_SEED={seed} replays it), {rounds} rounds");
     let mut rng = Rng(seed);
-    let mut cluster = Cluster::on_loopback("cluster-queue", "replicated_queues = [\"jobs.*\"]\n");
+    // In network namespaces where the machine allows it (as root), on
+    // loopback where it does not.
+    let extra = "replicated_queues = [\"jobs.*\"]\n";
+    let spaces = Bridged::create();
+    let (mut cluster, runtime) = match &spaces {
+        Ok(spaces) => {
+            println!("in network namespaces");
+            let runtime = spaces.client_runtime().unwrap();
+            (spaces.cluster("cluster-queue", extra), runtime)
+        }
+        Err(reason) => {
+            println!("on loopback: cannot create network namespaces ({reason})");
+            let runtime = support::netns::runtime_in(None).unwrap();
+            (Cluster::on_loopback("cluster-queue", extra), runtime)
+        }
+    };
     cluster.wait_ready(&cluster.url());
     let addresses = addresses(&cluster);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // On the runtime's threads, which are in the clients' namespace.
+    let run = |future| runtime.block_on(runtime.spawn(future)).unwrap();
     for round in 0..rounds {
         let queue = format!("jobs.{round}");
         let kill_at = 20 + rng.index(MESSAGES / 2);
@@ -218,8 +231,7 @@ fn killing_a_replicated_queues_leader_loses_no_confirmed_message() {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        let leader = runtime
-            .block_on(leader_of(&addresses, &queue))
+        let leader = run_leader(&runtime, &addresses, &queue)
             .expect("a leader while enqueues are confirmed");
         let unconfirmed_at_kill = in_flight.load(Ordering::SeqCst);
         cluster.kill(leader);
@@ -230,7 +242,10 @@ fn killing_a_replicated_queues_leader_loses_no_confirmed_message() {
         assert_eq!(produced.confirmed.len(), MESSAGES);
 
         let expected: BTreeSet<String> = produced.confirmed.keys().cloned().collect();
-        let seen = runtime.block_on(drain(&addresses, &queue, &expected));
+        let seen = {
+            let (addresses, queue, expected) = (addresses.clone(), queue.clone(), expected.clone());
+            run(async move { drain(&addresses, &queue, &expected).await })
+        };
         let lost: Vec<&String> = expected.iter().filter(|k| !seen.contains_key(*k)).collect();
         let duplicates: usize = seen.values().map(|ids| ids.len() - 1).sum();
         println!(
@@ -256,6 +271,18 @@ fn killing_a_replicated_queues_leader_loses_no_confirmed_message() {
             );
         }
     }
+}
+
+/// `leader_of`, on `runtime`'s threads.
+fn run_leader(
+    runtime: &tokio::runtime::Runtime,
+    addresses: &[Address],
+    queue: &str,
+) -> Option<u64> {
+    let (addresses, queue) = (addresses.to_vec(), queue.to_owned());
+    runtime
+        .block_on(runtime.spawn(async move { leader_of(&addresses, &queue).await }))
+        .unwrap()
 }
 
 /// SIGTERM: the broker shuts down gracefully.

@@ -38,7 +38,10 @@ impl Bridged {
     /// Creates them, or says why it cannot (not root, no iproute2, no
     /// permission to make namespaces or bridges).
     pub fn create() -> Result<Bridged, String> {
-        let id = std::process::id() % 100_000;
+        // Unique per process and call: tests of one binary run at once.
+        static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let id = format!("{}{call}", std::process::id() % 100_000);
         let spaces = Bridged {
             bridge: format!("courier-kb{id}"),
             nodes: IDS.iter().map(|n| format!("courier-k{id}n{n}")).collect(),
@@ -109,6 +112,14 @@ impl Bridged {
         Bridged::exec(&self.bridge)
     }
 
+    /// A tokio runtime whose threads live in the bridge's namespace, so
+    /// the connections its tasks open reach the nodes. Run client code
+    /// with `spawn` (not `block_on`, which polls on the caller's thread,
+    /// outside the namespace).
+    pub fn client_runtime(&self) -> Result<tokio::runtime::Runtime, String> {
+        runtime_in(Some(&self.bridge))
+    }
+
     /// Starts a cluster with `[cluster]` settings `extra`, a node in each
     /// namespace and the clients on the bridge.
     pub fn cluster(&self, label: &str, extra: &str) -> Cluster {
@@ -119,5 +130,41 @@ impl Bridged {
             self.prefixes(),
             self.client_prefix(),
         )
+    }
+}
+
+/// A multi-threaded tokio runtime (2 workers) built on a thread that has
+/// entered network namespace `space` first (if given): its workers, and
+/// the threads they start, inherit it.
+pub fn runtime_in(space: Option<&str>) -> Result<tokio::runtime::Runtime, String> {
+    let space = space.map(str::to_owned);
+    std::thread::spawn(move || {
+        if let Some(space) = space {
+            enter(&space)?;
+        }
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .join()
+    .map_err(|_| "the runtime's thread panicked".to_owned())?
+}
+
+/// Moves the calling thread into network namespace `space` (made by
+/// `ip netns add`).
+fn enter(space: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{space}");
+    let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+    // SAFETY: setns only reads the descriptor, which `file` keeps open for
+    // the call, and changes nothing but this thread's network namespace.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("setns {path}: {}", std::io::Error::last_os_error()))
     }
 }
