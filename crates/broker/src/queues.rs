@@ -93,12 +93,6 @@ impl DeliverySink for BatchedSink {
     }
 }
 
-fn not_replicated(what: &str, queue: &str) -> RemoteError {
-    RemoteError::Invalid(format!(
-        "{what} is not available for the replicated queue {queue} yet"
-    ))
-}
-
 impl QueueService for BrokerQueues {
     async fn enqueue(
         &self,
@@ -242,14 +236,20 @@ impl QueueService for BrokerQueues {
 
     async fn purge(&self, queue: String) -> Result<u64, RemoteError> {
         match self.replicated(&queue) {
-            Some(_) => Err(not_replicated("purging", &queue)),
+            Some(replicated) => {
+                self.check(&queue, |a, who| a.may_purge(who, &queue), "purging")?;
+                replicated.purge(&queue).await
+            }
             None => self.host.purge(queue).await,
         }
     }
 
     async fn peek(&self, queue: String, count: u32) -> Result<Vec<Peeked>, RemoteError> {
         match self.replicated(&queue) {
-            Some(_) => Err(not_replicated("peeking", &queue)),
+            Some(replicated) => {
+                self.may_consume(&queue)?;
+                replicated.peek(&queue, count).await
+            }
             None => self.host.peek(queue, count).await,
         }
     }

@@ -23,9 +23,10 @@
 //!
 //! The queue is declared (placed) on first use, as a local queue is
 //! created on first use; `<queue>.dlq` names its dead letters, which are
-//! part of the same group. Purging and peeking are not replicated
-//! operations yet, and a replicated queue takes the broker's queue
-//! settings (per-queue options in a declaration must match them).
+//! part of the same group. A purge is a command in the group's log
+//! (answered once committed); a peek reads the leader's applied state. A
+//! replicated queue takes the broker's queue settings (per-queue options
+//! in a declaration must match them).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -44,7 +45,7 @@ use courier_queue::core::{ConsumerId, MessageId, QueueStats};
 use courier_queue::remote::{
     RemoteError, WireAnswer, WireDelivery, DELIVERIES_PER_ITEM, DELIVERY_BYTES_PER_ITEM,
 };
-use courier_queue::{Enqueued, Message, QueueDeclaration};
+use courier_queue::{Enqueued, Message, Peeked, QueueDeclaration};
 use courier_rpc::{ClientConfig, Items};
 
 /// Tokens of deliveries from replicated queues have this bit set; a local
@@ -116,6 +117,17 @@ pub trait ReplicaQueue {
     /// data. A member taken out of the group never hears that from Raft
     /// itself (the leader stops replicating to it), hence this call.
     async fn retire(&self, queue: String, term: u64) -> Result<(), ReplicaError>;
+    /// Removes every message not leased to a consumer from the queue (or
+    /// its dead letters), once committed; how many.
+    async fn purge(&self, queue: String, dead_letters: bool) -> Result<u64, ReplicaError>;
+    /// The next `count` ready messages of the queue (or its dead letters),
+    /// at most `MAX_PEEK` and `PEEK_BYTES`, changing nothing.
+    async fn peek(
+        &self,
+        queue: String,
+        dead_letters: bool,
+        count: u32,
+    ) -> Result<Vec<Peeked>, ReplicaError>;
 }
 
 /// How this member hosts replicated queues (from `[cluster]`).
@@ -1292,6 +1304,83 @@ impl Replicated {
         }
     }
 
+    /// Removes every message of `queue` (or its dead letters) not leased
+    /// to a consumer, through its leader; how many. A purge that failed
+    /// after it was sent is a retryable error, not sent again here: it may
+    /// have been applied, and a second one would take what came since.
+    pub(crate) async fn purge(&self, queue: &str) -> Result<u64, RemoteError> {
+        let (name, part) = split(queue);
+        let deadline = Instant::now() + self.patience();
+        let mut attempt = 0;
+        loop {
+            match self.route(name, false, attempt).await? {
+                Some(Target::Local(group)) => match group.purge(part).await {
+                    Ok(count) => return Ok(count),
+                    Err(QueueGroupError::Cluster(ClusterError::NotLeader { .. })) => {}
+                    Err(e) => return Err(group_error(e)),
+                },
+                Some(Target::Remote(address, client)) => {
+                    if client.client().ready().await.is_err() {
+                        self.hint(name, None);
+                    } else {
+                        match client
+                            .purge(name.to_owned(), part == Part::DeadLetters)
+                            .await
+                        {
+                            Ok(Ok(count)) => return Ok(count),
+                            Ok(Err(ReplicaError::NotLeader { address })) => {
+                                self.hint(name, address)
+                            }
+                            Ok(Err(ReplicaError::NotHere)) => self.hint(name, None),
+                            Ok(Err(ReplicaError::Queue(e))) => return Err(e),
+                            Err(e) => {
+                                self.hint(name, None);
+                                return Err(unavailable(format!("purge at {address}: {e}")));
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+            attempt += 1;
+            if Instant::now() >= deadline {
+                return Err(unavailable(format!("no leader for {name}")));
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// The next `count` ready messages of `queue` (or its dead letters),
+    /// as its leader has them, changing nothing.
+    pub(crate) async fn peek(&self, queue: &str, count: u32) -> Result<Vec<Peeked>, RemoteError> {
+        let (name, part) = split(queue);
+        let deadline = Instant::now() + self.patience();
+        let mut attempt = 0;
+        loop {
+            match self.route(name, false, attempt).await? {
+                Some(Target::Local(group)) => return Ok(bounded_peek(&group, part, count)),
+                Some(Target::Remote(_, client)) => {
+                    match client
+                        .peek(name.to_owned(), part == Part::DeadLetters, count)
+                        .await
+                    {
+                        Ok(Ok(peeked)) => return Ok(peeked),
+                        Ok(Err(ReplicaError::NotLeader { address })) => self.hint(name, address),
+                        Ok(Err(ReplicaError::Queue(e))) => return Err(e),
+                        // Nothing changes: safe to ask again, elsewhere.
+                        _ => self.hint(name, None),
+                    }
+                }
+                None => {}
+            }
+            attempt += 1;
+            if Instant::now() >= deadline {
+                return Err(unavailable(format!("no leader for {name}")));
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
     /// Declares `queue`: places it; options must be the broker's own.
     pub(crate) async fn declare(
         &self,
@@ -1365,6 +1454,22 @@ fn size(d: &GroupDelivery) -> usize {
     d.message.payload.len() + d.message.headers.total_len()
 }
 
+/// What a peek shows: at most `MAX_PEEK` messages and, after the first,
+/// `PEEK_BYTES` of payloads and headers (as the local host does).
+fn bounded_peek(group: &QueueGroup, part: Part, count: u32) -> Vec<Peeked> {
+    let mut bytes = 0;
+    let mut shown = Vec::new();
+    for peeked in group.peek(part, count.min(courier_queue::remote::MAX_PEEK) as usize) {
+        let size = peeked.payload.len() + peeked.headers.total_len();
+        if !shown.is_empty() && bytes + size > courier_queue::remote::PEEK_BYTES {
+            break;
+        }
+        bytes += size;
+        shown.push(peeked);
+    }
+    shown
+}
+
 fn part_stats(group: &QueueGroup, part: Part) -> QueueStats {
     let stats = group.stats();
     match part {
@@ -1405,6 +1510,37 @@ impl DeliverySink for ReplicaSink {
 impl ReplicaQueue for ReplicaHost {
     async fn retire(&self, queue: String, term: u64) -> Result<(), ReplicaError> {
         self.0.retire(&queue, term).await
+    }
+
+    async fn purge(&self, queue: String, dead_letters: bool) -> Result<u64, ReplicaError> {
+        let group = self.leading(&queue)?;
+        let part = if dead_letters {
+            Part::DeadLetters
+        } else {
+            Part::Main
+        };
+        match group.purge(part).await {
+            Ok(count) => Ok(count),
+            Err(QueueGroupError::Cluster(ClusterError::NotLeader { address, .. })) => {
+                Err(ReplicaError::NotLeader { address })
+            }
+            Err(e) => Err(group_error(e).into()),
+        }
+    }
+
+    async fn peek(
+        &self,
+        queue: String,
+        dead_letters: bool,
+        count: u32,
+    ) -> Result<Vec<Peeked>, ReplicaError> {
+        let group = self.leading(&queue)?;
+        let part = if dead_letters {
+            Part::DeadLetters
+        } else {
+            Part::Main
+        };
+        Ok(bounded_peek(&group, part, count))
     }
 
     async fn place(&self, queue: String) -> Result<Vec<NodeId>, ReplicaError> {

@@ -194,13 +194,32 @@ async fn a_replicated_queue_is_served_by_every_member_and_placed_on_all_three() 
             courier_queue::remote::RemoteError::NotFound(_)
         ))
     ));
-    // Purging a replicated queue is refused clearly, not half done.
-    assert!(matches!(
-        counter.purge().await,
-        Err(RemoteQueueError::Queue(
-            courier_queue::remote::RemoteError::Invalid(_)
-        ))
-    ));
+    // Peek and purge go through the leader too, from any member (once the
+    // consumer is gone, so that nothing is leased).
+    drop(consumer);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter.stats().await.unwrap().consumers != 0 {
+        assert!(Instant::now() < deadline, "the consumer detached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 0..3 {
+        let message = Message::new(format!("late {n}")).with_key(format!("late-{n}"));
+        enqueue(&producer, message).await;
+    }
+    let peeked = counter.peek(10).await.unwrap();
+    let shown: Vec<_> = peeked.iter().map(|p| p.payload.clone()).collect();
+    assert_eq!(
+        shown,
+        ["late 0", "late 1", "late 2"].map(bytes::Bytes::from)
+    );
+    assert_eq!(
+        counter.stats().await.unwrap().depth,
+        3,
+        "peek takes nothing"
+    );
+    assert_eq!(consuming.purge().await.unwrap(), 3);
+    assert_eq!(producer.stats().await.unwrap().depth, 0);
+    assert!(counter.peek(10).await.unwrap().is_empty());
     nodes.shutdown().await;
 }
 

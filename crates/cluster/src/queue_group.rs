@@ -521,6 +521,22 @@ impl QueueGroup {
         Ok(())
     }
 
+    /// Removes every message of `part` not leased to a consumer, once
+    /// committed; how many.
+    pub async fn purge(&self, part: Part) -> Result<u64, QueueGroupError> {
+        match self.inner.run(QueueCommand::Purge { part }).await? {
+            QueueResponse::Purged(count) => Ok(count),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The next `limit` ready messages of `part`, as this replica has
+    /// applied them (on the leader: every committed change), changing
+    /// nothing.
+    pub fn peek(&self, part: Part, limit: usize) -> Vec<courier_queue::Peeked> {
+        self.inner.shared.read().peek(part, now_ms(), limit)
+    }
+
     /// The queue's counters as this replica has applied them.
     pub fn stats(&self) -> GroupStats {
         self.inner.shared.read().stats()

@@ -37,7 +37,7 @@ use courier_queue::core::{
     ConsumerId, CoreImage, DeliveryRecord, MessageId, QueueConfig, QueueCore, QueueEvent,
     QueueStats,
 };
-use courier_queue::{Message, MAX_DELIVERIES_LIMIT, MAX_LEASE, MIN_LEASE};
+use courier_queue::{Message, Peeked, MAX_DELIVERIES_LIMIT, MAX_LEASE, MIN_LEASE};
 use serde::{Deserialize, Serialize};
 
 use crate::state::SnapshotError;
@@ -236,6 +236,12 @@ pub enum QueueCommand {
         /// The new leader's clock.
         now_ms: u64,
     },
+    /// Remove every message of `part` not leased to a consumer (ready or
+    /// delayed); leased ones stay until answered.
+    Purge {
+        /// The queue or its dead letters.
+        part: Part,
+    },
 }
 
 impl QueueCommand {
@@ -312,6 +318,8 @@ pub enum QueueResponse {
     Answered(Vec<Result<Option<u64>, AnswerError>>),
     /// Refused without changing anything: why.
     Refused(String),
+    /// How many messages a purge removed.
+    Purged(u64),
 }
 
 /// A queue group's counters: the queue's and its dead letters'.
@@ -412,6 +420,35 @@ impl QueueGroupState {
         core.can_deliver(consumer, now)
     }
 
+    /// The next `limit` ready messages of `part` at `now_ms` (or the log's
+    /// latest time, if later), in the order consumers would get them,
+    /// changing nothing. Delayed and leased messages are not shown.
+    pub fn peek(&self, part: Part, now_ms: u64, limit: usize) -> Vec<Peeked> {
+        let Some(q) = &self.queue else {
+            return Vec::new();
+        };
+        let now = Duration::from_millis(now_ms.max(self.clock_ms));
+        let core = match part {
+            Part::Main => &q.main,
+            Part::DeadLetters => &q.dead,
+        };
+        core.peek(now, limit)
+            .into_iter()
+            .filter_map(|(id, deliveries)| {
+                let message = match part {
+                    Part::Main => q.messages.get(&id)?,
+                    Part::DeadLetters => &q.dead_letters.get(&id)?.0,
+                };
+                Some(Peeked::new(
+                    id,
+                    deliveries,
+                    message.payload.clone(),
+                    message.headers.clone(),
+                ))
+            })
+            .collect()
+    }
+
     /// When the leader must next propose a [`QueueCommand::Tick`] (ms since
     /// the Unix epoch): a lease ends, a delay or a time-to-live passes.
     pub fn next_deadline_ms(&self) -> Option<u64> {
@@ -437,7 +474,9 @@ impl QueueGroupState {
             | QueueCommand::Answer { now_ms, .. }
             | QueueCommand::Tick { now_ms }
             | QueueCommand::Takeover { now_ms } => Some(*now_ms),
-            QueueCommand::Attach { .. } | QueueCommand::Declare { .. } => None,
+            QueueCommand::Attach { .. }
+            | QueueCommand::Declare { .. }
+            | QueueCommand::Purge { .. } => None,
         };
         if let Some(now_ms) = now_ms {
             // Time never goes back, whoever's clock stamped the command.
@@ -491,6 +530,20 @@ impl QueueGroupState {
                     q.core(part).remove_consumer(consumer, now);
                 }
                 QueueResponse::Done
+            }
+            QueueCommand::Purge { part } => {
+                let purged = q.core(*part).purge();
+                for id in &purged {
+                    match part {
+                        Part::Main => {
+                            q.messages.remove(id);
+                        }
+                        Part::DeadLetters => {
+                            q.dead_letters.remove(id);
+                        }
+                    }
+                }
+                QueueResponse::Purged(purged.len() as u64)
             }
         };
         q.settle();
@@ -863,6 +916,7 @@ impl GroupState for QueueGroupState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn declared(max_deliveries: u32) -> QueueGroupState {
         let mut state = QueueGroupState::default();
@@ -912,6 +966,75 @@ mod tests {
             part,
         };
         assert_eq!(state.apply_queue(&attach), QueueResponse::Done);
+    }
+
+    #[test]
+    fn purge_removes_what_is_not_leased_and_peek_shows_what_is_ready() {
+        let mut state = declared(3);
+        let messages = ["a", "b", "c", "d"].map(Message::new).to_vec();
+        enqueue(&mut state, 10, messages);
+        attach(&mut state, 1, Part::Main);
+        let got = match state.apply_queue(&QueueCommand::Deliver {
+            consumer: 1,
+            max: 2,
+            now_ms: 11,
+        }) {
+            QueueResponse::Delivered(d) => d,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got.len(), 2);
+        // a and b are leased: peek shows c and d, oldest first.
+        let peeked: Vec<Bytes> = state
+            .peek(Part::Main, 12, 10)
+            .into_iter()
+            .map(|p| p.payload)
+            .collect();
+        assert_eq!(peeked, [Bytes::from("c"), Bytes::from("d")]);
+        assert_eq!(state.peek(Part::Main, 12, 1).len(), 1);
+        // b goes to the dead letters.
+        state.apply_queue(&QueueCommand::Answer {
+            consumer: 1,
+            now_ms: 13,
+            answers: vec![Answer {
+                id: got[1].id,
+                delivery: 1,
+                action: Action::Reject,
+            }],
+        });
+        let dead = state.peek(Part::DeadLetters, 14, 10);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].payload, Bytes::from("b"));
+        // Purging the queue takes c and d, not the leased a.
+        let purge = |part| QueueCommand::Purge { part };
+        assert_eq!(
+            state.apply_queue(&purge(Part::Main)),
+            QueueResponse::Purged(2)
+        );
+        assert!(state.peek(Part::Main, 15, 10).is_empty());
+        assert_eq!(state.stats().queue.in_flight, 1);
+        assert_eq!(
+            state.apply_queue(&purge(Part::Main)),
+            QueueResponse::Purged(0)
+        );
+        // a is still answered as usual.
+        let acked = state.apply_queue(&QueueCommand::Answer {
+            consumer: 1,
+            now_ms: 16,
+            answers: vec![Answer {
+                id: got[0].id,
+                delivery: 1,
+                action: Action::Ack,
+            }],
+        });
+        assert_eq!(acked, QueueResponse::Answered(vec![Ok(None)]));
+        assert_eq!(
+            state.apply_queue(&purge(Part::DeadLetters)),
+            QueueResponse::Purged(1)
+        );
+        let copy = QueueGroupState::from_snapshot(&state.to_snapshot()).unwrap();
+        assert_eq!(copy.stats(), state.stats());
+        assert_eq!(state.stats().queue.depth, 0);
+        assert_eq!(state.stats().dead_letters.depth, 0);
     }
 
     #[test]

@@ -164,6 +164,19 @@ pub struct Peeked {
     pub headers: Headers,
 }
 
+impl Peeked {
+    /// A message as a peek shows it (for hosts of queues kept elsewhere,
+    /// such as a replicated queue's state).
+    pub fn new(id: MessageId, deliveries: u32, payload: Bytes, headers: Headers) -> Peeked {
+        Peeked {
+            id,
+            deliveries,
+            payload,
+            headers,
+        }
+    }
+}
+
 /// What went wrong with a queue operation.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
