@@ -420,13 +420,7 @@ impl QueueGroup {
     /// The group's members (voters and learners) as this replica sees its
     /// membership: empty on a replica that has not joined yet.
     pub fn members(&self) -> BTreeSet<NodeId> {
-        let metrics = self.inner.raft.metrics();
-        let m = metrics.borrow();
-        m.membership_config
-            .membership()
-            .nodes()
-            .map(|(id, _)| *id)
-            .collect()
+        self.member_addresses().into_keys().collect()
     }
 
     /// The group's members and their addresses, as this replica sees its
@@ -444,12 +438,12 @@ impl QueueGroup {
     /// Whether the group's members are exactly `replicas`, all voters
     /// (as this replica sees its membership).
     pub fn has_replicas(&self, replicas: &BTreeSet<NodeId>) -> bool {
-        let metrics = self.inner.raft.metrics();
-        let m = metrics.borrow();
-        let membership = m.membership_config.membership();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let nodes: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
-        &voters == replicas && &nodes == replicas
+        let voters: BTreeSet<NodeId> = {
+            let metrics = self.inner.raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        &voters == replicas && &self.members() == replicas
     }
 
     /// On the leader: changes the group's members to exactly `replicas`
@@ -471,15 +465,7 @@ impl QueueGroup {
             return Err(QueueGroupError::Refused("a group needs replicas".into()));
         }
         let raft = &self.inner.raft;
-        let known: BTreeSet<NodeId> = {
-            let metrics = raft.metrics();
-            let m = metrics.borrow();
-            m.membership_config
-                .membership()
-                .nodes()
-                .map(|(id, _)| *id)
-                .collect()
-        };
+        let known = self.members();
         for (id, address) in replicas {
             if known.contains(id) {
                 continue;
@@ -503,16 +489,11 @@ impl QueueGroup {
         raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
             .await
             .map_err(write_error)?;
-        let extra: BTreeSet<NodeId> = {
-            let metrics = raft.metrics();
-            let m = metrics.borrow();
-            m.membership_config
-                .membership()
-                .nodes()
-                .map(|(id, _)| *id)
-                .filter(|id| !wanted.contains(id))
-                .collect()
-        };
+        let extra: BTreeSet<NodeId> = self
+            .members()
+            .into_iter()
+            .filter(|id| !wanted.contains(id))
+            .collect();
         if !extra.is_empty() {
             raft.change_membership(ChangeMembers::RemoveNodes(extra), false)
                 .await
