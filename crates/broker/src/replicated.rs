@@ -533,11 +533,9 @@ impl Replicated {
         }
     }
 
-    /// Keeps the replicas held here to the declarations: starts a replica
-    /// of every declared queue this member holds and has not started yet
-    /// (joining, not founding, a group it took over), and stops those it
-    /// no longer holds (moved to another member, or this one left the
-    /// cluster), removing their data.
+    /// Starts a replica of every declared queue this member holds and has
+    /// not started yet (joining, not founding, a group it took over);
+    /// [`Replicated::stop_undeclared`] stops those it no longer holds.
     pub(crate) async fn reconcile(&self) {
         let closed = self.starting.lock().await;
         if *closed {
@@ -545,38 +543,6 @@ impl Replicated {
         }
         let members = self.node.member_addresses();
         let declared = self.node.declared_queues();
-        let leaving: Vec<(String, Arc<QueueGroup>)> = {
-            let mut groups = lock(&self.groups);
-            let mut retiring = lock(&self.retiring);
-            let held = |name: &String| {
-                members.contains_key(&self.id)
-                    && declared.get(name).is_some_and(|r| r.contains(&self.id))
-            };
-            retiring.retain(|name, _| groups.contains_key(name) && !held(name));
-            let gone: Vec<String> = groups
-                .iter()
-                .filter(|(name, group)| {
-                    if held(name) {
-                        return false;
-                    }
-                    let since = *retiring.entry((*name).clone()).or_insert_with(Instant::now);
-                    !group.members().contains(&self.id) || since.elapsed() >= self.retire_after()
-                })
-                .map(|(name, _)| name.clone())
-                .collect();
-            gone.into_iter()
-                .filter_map(|name| {
-                    retiring.remove(&name);
-                    groups.remove(&name).map(|g| (name, g))
-                })
-                .collect()
-        };
-        for (name, group) in leaving {
-            // Only a replica moved away gives up its data: a member that
-            // merely left may be added back, and then serves what it had.
-            self.stop_group(&name, &group, members.contains_key(&self.id))
-                .await;
-        }
         if !members.contains_key(&self.id) {
             return;
         }
@@ -617,6 +583,52 @@ impl Replicated {
                 }
                 Err(e) => tracing::warn!(queue = %name, group, "replica did not start: {e}"),
             }
+        }
+    }
+
+    /// Stops the replicas held here that are no longer declared here (moved
+    /// to another member, or this one left the cluster): each once its
+    /// group's membership leaves it out, or after `retire_after`. Only from
+    /// `follow_declarations`, never from a call a client could cancel
+    /// between taking a group out and stopping it.
+    async fn stop_undeclared(&self) {
+        let closed = self.starting.lock().await;
+        if *closed {
+            return;
+        }
+        let members = self.node.member_addresses();
+        let declared = self.node.declared_queues();
+        let leaving: Vec<(String, Arc<QueueGroup>)> = {
+            let mut groups = lock(&self.groups);
+            let mut retiring = lock(&self.retiring);
+            let held = |name: &String| {
+                members.contains_key(&self.id)
+                    && declared.get(name).is_some_and(|r| r.contains(&self.id))
+            };
+            retiring.retain(|name, _| groups.contains_key(name) && !held(name));
+            let gone: Vec<String> = groups
+                .iter()
+                .filter(|(name, group)| {
+                    if held(name) {
+                        return false;
+                    }
+                    let since = *retiring.entry((*name).clone()).or_insert_with(Instant::now);
+                    !group.members().contains(&self.id) || since.elapsed() >= self.retire_after()
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            gone.into_iter()
+                .filter_map(|name| {
+                    retiring.remove(&name);
+                    groups.remove(&name).map(|g| (name, g))
+                })
+                .collect()
+        };
+        for (name, group) in leaving {
+            // Only a replica moved away gives up its data: a member that
+            // merely left may be added back, and then serves what it had.
+            self.stop_group(&name, &group, members.contains_key(&self.id))
+                .await;
         }
     }
 
@@ -756,6 +768,7 @@ impl Replicated {
                 (m.last_applied, *m.membership_config.log_id())
             };
             if last.as_ref() != Some(&now) {
+                self.stop_undeclared().await;
                 self.reconcile().await;
                 self.converge().await;
                 last = Some(now);
@@ -1509,7 +1522,12 @@ impl DeliverySink for ReplicaSink {
 
 impl ReplicaQueue for ReplicaHost {
     async fn retire(&self, queue: String, term: u64) -> Result<(), ReplicaError> {
-        self.0.retire(&queue, term).await
+        // In a task of its own: a caller that goes away must not leave a
+        // replica taken out of the map but still running.
+        let replicated = self.0.clone();
+        tokio::spawn(async move { replicated.retire(&queue, term).await })
+            .await
+            .unwrap_or_else(|e| Err(ReplicaError::Queue(unavailable(e))))
     }
 
     async fn purge(&self, queue: String, dead_letters: bool) -> Result<u64, ReplicaError> {
