@@ -44,6 +44,11 @@ use serde_json::json;
 /// can be slow; a wait that times out fails the test with what it saw.
 const WAIT: Duration = Duration::from_secs(20);
 
+/// How long Chromium may take to start a session. Longer than `WAIT`: on
+/// a 2-core CI machine, two tests starting Chromium at once once took
+/// over 20 s (seen in a clean-clone run).
+const BROWSER_START: Duration = Duration::from_secs(90);
+
 /// How often a wait looks again.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -1145,13 +1150,13 @@ impl Harness {
         );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let browser = tokio::time::timeout(
-            WAIT,
+            BROWSER_START,
             ClientBuilder::new(connector)
                 .capabilities(capabilities)
                 .connect(&format!("http://{driver_address}")),
         )
         .await
-        .map_err(|_| anyhow!("chromedriver started no Chromium session within {WAIT:?}"))?
+        .map_err(|_| anyhow!("chromedriver started no Chromium session within {BROWSER_START:?}"))?
         .with_context(|| {
             format!(
                 "starting Chromium; chromedriver says:\n{}",
