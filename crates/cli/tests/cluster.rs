@@ -299,14 +299,7 @@ fn in_network_namespaces_a_cut_off_leader_refuses_writes_and_catches_up_when_hea
     // Cut the leader off. A write sent to it alone, from its own namespace,
     // must fail (it cannot reach a majority), however long it waits.
     spaces.link(old, false);
-    let cut_off = Bridged::exec(&spaces.nodes[Cluster::index(old)]);
-    let prefix: Vec<&str> = cut_off.iter().map(String::as_str).collect();
-    let refused = Background::start(
-        &prefix,
-        cluster.address(old),
-        &["kv", "put", "split", "brain"],
-        "",
-    );
+    let refused = spaces.start_at(&cluster, old, &["kv", "put", "split", "brain"]);
 
     // Meanwhile the other two elect a leader and take writes.
     let revision = cluster.put_until_done(&majority, "majority", "won");

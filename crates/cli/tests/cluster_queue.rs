@@ -541,11 +541,9 @@ fn in_network_namespaces_a_cut_off_queue_leader_confirms_nothing_and_healing_los
     // Cut the queue's leader off, and send it an enqueue from its own
     // namespace: it cannot reach a majority, so it must never confirm it.
     spaces.link(old, false);
-    let cut_off = Bridged::exec(&spaces.nodes[Cluster::index(old)]);
-    let prefix: Vec<&str> = cut_off.iter().map(String::as_str).collect();
-    let refused = Background::start(
-        &prefix,
-        cluster.address(old),
+    let refused = spaces.start_at(
+        &cluster,
+        old,
         &[
             "queue",
             "push",
@@ -554,7 +552,6 @@ fn in_network_namespaces_a_cut_off_queue_leader_confirms_nothing_and_healing_los
             "--key",
             "split-brain",
         ],
-        "",
     );
 
     // The other two elect a leader of the queue that takes enqueues...

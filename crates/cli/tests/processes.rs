@@ -518,21 +518,7 @@ impl Namespaces {
     /// Creates them, or says why it cannot (not root, no iproute2, no
     /// permission to make namespaces).
     fn create() -> Result<Namespaces, String> {
-        let ip = |args: &[&str]| -> Result<(), String> {
-            let output = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|err| format!("cannot run ip (iproute2): {err}"))?;
-            if output.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ))
-            }
-        };
+        let ip = support::netns::ip;
         let id = std::process::id() % 100_000;
         let spaces = Namespaces {
             broker: format!("courier-b{id}"),

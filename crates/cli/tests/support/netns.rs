@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use super::cluster::{Cluster, IDS};
+use super::cluster::{Background, Cluster, IDS};
 use std::process::Command;
 
 /// Three network namespaces, one per node, each joined by a veth pair to a
@@ -19,22 +19,6 @@ pub struct Bridged {
 impl Bridged {
     pub const SUBNET: &'static str = "10.233.0";
 
-    fn ip(args: &[&str]) -> Result<(), String> {
-        let output = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|err| format!("cannot run ip (iproute2): {err}"))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
-    }
-
     /// Creates them, or says why it cannot (not root, no iproute2, no
     /// permission to make namespaces or bridges).
     pub fn create() -> Result<Bridged, String> {
@@ -47,7 +31,7 @@ impl Bridged {
             nodes: IDS.iter().map(|n| format!("courier-k{id}n{n}")).collect(),
             links: IDS.iter().map(|n| format!("ck{id}n{n}")).collect(),
         };
-        let ip = Bridged::ip;
+        let ip = ip;
         let bridge = spaces.bridge.as_str();
         ip(&["netns", "add", bridge])?;
         // From here on, dropping `spaces` removes what was made.
@@ -76,11 +60,19 @@ impl Bridged {
         ["ip", "netns", "exec", space].map(String::from).to_vec()
     }
 
+    /// `courier ARGS…` against node `id` alone, from its own namespace,
+    /// in the background (for a node about to be, or already, cut off).
+    pub fn start_at(&self, cluster: &Cluster, id: u64, args: &[&str]) -> Background {
+        let exec = Bridged::exec(&self.nodes[Cluster::index(id)]);
+        let prefix: Vec<&str> = exec.iter().map(String::as_str).collect();
+        Background::start(&prefix, cluster.address(id), args, "")
+    }
+
     /// Brings node `id`'s link up or down.
     pub fn link(&self, id: u64, up: bool) {
         let i = Cluster::index(id);
         let state = if up { "up" } else { "down" };
-        Bridged::ip(&["-n", &self.nodes[i], "link", "set", &self.links[i], state]).unwrap();
+        ip(&["-n", &self.nodes[i], "link", "set", &self.links[i], state]).unwrap();
     }
 }
 
@@ -166,5 +158,22 @@ fn enter(space: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("setns {path}: {}", std::io::Error::last_os_error()))
+    }
+}
+
+/// Runs `ip ARGS…` (iproute2), or says why it failed.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|err| format!("cannot run ip (iproute2): {err}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
     }
 }
