@@ -10,6 +10,9 @@
 //!   (`queue_replicas = 3`): an enqueue is answered once two of them have
 //!   it fdatasynced. With several queues, their leaders spread over the
 //!   nodes, so most operations are forwarded one hop by node 1.
+//! - `R3-own`: the same, but each queue's group with a log of its own
+//!   (`shared_queue_log = false`), so one fsync per group per batch instead
+//!   of one per node: what the node's shared log saves.
 //! - `R1`: a one-member cluster, the queues replicated on it alone: the
 //!   same code path without the network hops.
 //! - `local`: one broker keeping the queues itself, `fsync = always`.
@@ -69,6 +72,7 @@ fn free_port() -> u16 {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Subject {
     R3,
+    R3Own,
     R1,
     Local,
 }
@@ -77,12 +81,13 @@ impl Subject {
     fn label(self) -> &'static str {
         match self {
             Subject::R3 => "R3",
+            Subject::R3Own => "R3-own",
             Subject::R1 => "R1",
             Subject::Local => "local",
         }
     }
     fn nodes(self) -> usize {
-        if self == Subject::R3 {
+        if matches!(self, Subject::R3 | Subject::R3Own) {
             3
         } else {
             1
@@ -183,6 +188,7 @@ impl Setup {
                 section.election_max_ms = timing.election_max_ms;
                 section.replicated_queues = vec!["bench.*".into()];
                 section.queue_replicas = count;
+                section.shared_queue_log = subject != Subject::R3Own;
                 for (i, address) in addresses.iter().enumerate() {
                     let peer = i as u64 + 1;
                     if peer != id {
@@ -447,7 +453,7 @@ fn main() -> anyhow::Result<()> {
         for &place in &places {
             for &queues in &queue_counts {
                 let mut rates = Vec::new();
-                for subject in [Subject::R3, Subject::R1, Subject::Local] {
+                for subject in [Subject::R3, Subject::R3Own, Subject::R1, Subject::Local] {
                     let setup = Setup::start(subject, place, timing);
                     pin(0);
                     let rt = runtime();

@@ -100,6 +100,10 @@
 //! replicated_queues = ["orders", "jobs.*"]
 //! queue_replicas = 3
 //! max_replicated_queues = 1000
+//! # The replicated queues of a node write their Raft entries to one log
+//! # (one fsync per batch for all of them); false gives each new queue a
+//! # log of its own. A queue keeps the kind it was created with.
+//! shared_queue_log = true
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -338,6 +342,11 @@ pub struct ClusterSection {
     pub queue_replicas: usize,
     /// Replicated queues the cluster holds at most. Default 1,000.
     pub max_replicated_queues: usize,
+    /// Whether the replicated queues of this node write their entries to
+    /// one log shared by all of them (`courier_cluster::wal`: one fsync
+    /// per batch, whatever the number of queues) rather than a log each.
+    /// Applies to queues created from now on. Default true.
+    pub shared_queue_log: bool,
 }
 
 impl Default for ClusterSection {
@@ -363,6 +372,7 @@ impl Default for ClusterSection {
             replicated_queues: Vec::new(),
             queue_replicas: 3,
             max_replicated_queues: 1_000,
+            shared_queue_log: true,
         }
     }
 }

@@ -696,6 +696,19 @@ async fn start_cluster(
     ));
     let membership = tokio::spawn(follow_membership(node.raft().clone(), routes.clone()));
     let node = Arc::new(node);
+    // Opened whatever `shared_queue_log` says: queues created while it was
+    // on keep their entries there.
+    let wal_dir = config.data_dir.join(".cluster").join("queue-log");
+    let wal = if section.shared_queue_log || wal_dir.exists() {
+        Some(
+            courier_cluster::wal::NodeWal::open(&wal_dir, Default::default())
+                .await
+                .map_err(courier_cluster::node::StartError::from)?,
+        )
+    } else {
+        None
+    };
+    let new_queues_share_log = section.shared_queue_log;
     let raft_host = courier_cluster::network::RaftHost::default();
     raft_host.insert(courier_cluster::types::METADATA_GROUP, node.raft().clone());
     let replicated = replicated::Replicated::new(
@@ -713,6 +726,8 @@ async fn start_cluster(
             snapshot_after: section.snapshot_after,
             max_message: config.max_frame_size,
             dir: config.data_dir.join(".cluster").join("queues"),
+            wal,
+            new_queues_share_log,
         },
         client,
     );

@@ -141,6 +141,11 @@ pub(crate) struct ReplicatedConfig {
     pub snapshot_after: u64,
     pub max_message: usize,
     pub dir: PathBuf,
+    /// The node's shared log for the groups' entries, if it has one.
+    pub wal: Option<courier_cluster::wal::NodeWal>,
+    /// Whether a group created here from now on goes into `wal` (one
+    /// created before keeps the kind of log it has).
+    pub new_queues_share_log: bool,
 }
 
 /// Whether `name` matches one of `patterns`: a name, or a prefix ending in
@@ -563,18 +568,17 @@ impl Replicated {
                 continue;
             }
             let group = queue_group_id(&name);
-            let config = QueueGroupConfig::new(
-                self.id,
-                group,
-                name.clone(),
-                addresses,
-                self.config.dir.join(format!("{group:08x}")),
-            )
-            .with_settings(self.config.settings.clone())
-            .with_timing(self.config.timing)
-            .with_snapshot_after(self.config.snapshot_after)
-            .with_max_message(self.config.max_message)
-            .joining(self.node.joined_queue(&name));
+            let dir = self.config.dir.join(format!("{group:08x}"));
+            let wal = self.config.wal.clone().filter(|_| {
+                self.config.new_queues_share_log || courier_cluster::storage::in_node_wal(&dir)
+            });
+            let config = QueueGroupConfig::new(self.id, group, name.clone(), addresses, dir)
+                .with_settings(self.config.settings.clone())
+                .with_timing(self.config.timing)
+                .with_snapshot_after(self.config.snapshot_after)
+                .with_max_message(self.config.max_message)
+                .with_wal(wal)
+                .joining(self.node.joined_queue(&name));
             match QueueGroup::start(config, self.peers.network(group)).await {
                 Ok(started) => {
                     self.raft_host.insert(group, started.raft().clone());
@@ -638,6 +642,15 @@ impl Replicated {
         self.raft_host.remove(group.group());
         group.shutdown().await;
         if remove_data {
+            // Its entries leave the node's log. Should that fail, a group
+            // of the same id created here later still never sees them: it
+            // finds no `in-node-wal` file in its fresh directory, and
+            // forgets them itself before it opens.
+            if let Some(wal) = &self.config.wal {
+                if let Err(e) = wal.forget(group.group()).await {
+                    tracing::warn!(queue = %name, "cannot drop a moved replica's entries from the node log: {e}");
+                }
+            }
             let dir = self.config.dir.join(format!("{:08x}", group.group()));
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(queue = %name, dir = %dir.display(), "cannot remove a moved replica's data: {e}");

@@ -49,7 +49,7 @@ fn config(dir: &TempDir, id: u64, addresses: &[String], replicas: usize) -> Brok
 struct Nodes {
     brokers: Vec<Option<Broker>>,
     addresses: Vec<String>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Nodes {
@@ -74,7 +74,7 @@ impl Nodes {
         Nodes {
             brokers,
             addresses,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -183,6 +183,22 @@ async fn a_replicated_queue_is_served_by_every_member_and_placed_on_all_three() 
         let jobs = cluster.queues.iter().find(|q| q.name == "jobs").unwrap();
         assert_eq!(jobs.replicas.len(), 3, "{jobs:?}");
         assert!(stats.queues.iter().any(|q| q.name == "jobs"));
+    }
+    // Each member keeps the queue's entries in its one shared log (not a
+    // log of the queue's own), and the log holds them.
+    for id in 1..=3u64 {
+        let cluster = nodes.dir.path().join(format!("node-{id}")).join(".cluster");
+        let groups: Vec<_> = std::fs::read_dir(cluster.join("queues"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        assert_eq!(groups.len(), 1, "{groups:?}");
+        assert!(courier_cluster::storage::in_node_wal(&groups[0]));
+        assert!(!groups[0].join("log").exists());
+        let segments = std::fs::read_dir(cluster.join("queue-log"))
+            .unwrap()
+            .count();
+        assert!(segments > 0, "node {id} has no shared log");
     }
     // A queue the patterns do not name stays local to its broker.
     let local = nodes.queue(1, "scratch").await;

@@ -31,7 +31,10 @@
 //!   under a lease, answers, the leader's ticks and takeover), so delivery
 //!   counts, dead-letter histories and the idempotency window survive a
 //!   failover; an operation returns once its command is committed on a
-//!   majority's disk. The broker does not host queue groups yet.
+//!   majority's disk. The broker hosts them.
+//! - [`wal::NodeWal`]: one write-ahead log per node for all its queue
+//!   groups' entries, so a node with many queues pays one fsync per batch
+//!   of appends, not one per queue.
 //!
 //! Standard Raft: openraft's `single-term-leader` feature is on, so a term
 //! has at most one leader. A node restarted from disk never resumes leading
@@ -98,6 +101,7 @@ pub mod service;
 pub mod state;
 pub mod storage;
 pub mod types;
+pub mod wal;
 
 /// What kind of failure an error is (every error's `kind()`), shared by
 /// every Courier crate.

@@ -102,6 +102,10 @@ pub struct QueueGroupConfig {
     /// the group itself (which would give it a first entry that disagrees
     /// with the group's).
     pub joining: bool,
+    /// The node's shared log, for the group's entries; `None` gives the
+    /// group a log of its own in `dir/log`. A group keeps the kind it was
+    /// created with.
+    pub wal: Option<crate::wal::NodeWal>,
 }
 
 impl QueueGroupConfig {
@@ -125,7 +129,14 @@ impl QueueGroupConfig {
             snapshot_after: 10_000,
             max_message: 4 * 1024 * 1024,
             joining: false,
+            wal: None,
         }
+    }
+
+    /// With its entries in the node's shared log (see [`crate::wal`]).
+    pub fn with_wal(mut self, wal: Option<crate::wal::NodeWal>) -> QueueGroupConfig {
+        self.wal = wal;
+        self
     }
 
     /// As a replica that joins the group (added by its leader), not one
@@ -265,7 +276,12 @@ impl QueueGroup {
             config.snapshot_after,
             config.max_message,
         )?);
-        let (log, machine) = storage::open_group::<QueueGroupState>(&config.dir).await?;
+        let (log, machine) = storage::open_queue_group::<QueueGroupState>(
+            &config.dir,
+            config.wal.as_ref(),
+            config.group,
+        )
+        .await?;
         let shared = machine.shared();
         let probe = log.durable_probe();
         let raft = Raft::new(config.node, raft_config, network, log, machine)

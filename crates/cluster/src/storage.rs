@@ -57,7 +57,6 @@
 //! [`StorageError`] later). The log bounds every record (4 MiB), the vote
 //! file is read up to 4 KiB and the snapshot file up to 1 GiB.
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{self, File};
 use std::io::{self, Cursor, Read, Write};
@@ -80,7 +79,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::state::{ClusterState, SnapshotError};
-use crate::types::{NodeId, Response, TypeConfig};
+use crate::types::{GroupId, NodeId, Response, TypeConfig};
+use crate::wal::{GroupLog, NodeWal};
 
 /// Record kind of the header at sequence number 0.
 const HEADER_KIND: u8 = 0;
@@ -103,7 +103,11 @@ type Error = StorageError<NodeId>;
 type Meta = SnapshotMeta<NodeId, BasicNode>;
 type Membership = StoredMembership<NodeId, BasicNode>;
 /// Raft index -> (log sequence number, entry).
-type Index = BTreeMap<u64, (Seq, Entry<TypeConfig>)>;
+use crate::wal::Index;
+
+/// The file in a group's directory saying its entries are in the node's
+/// shared log ([`NodeWal`]).
+const IN_NODE_WAL: &str = "in-node-wal";
 
 /// Why a file beside the log (vote, snapshot) could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +174,10 @@ pub enum StorageOpenError {
     /// A fresh log's header could not be written.
     #[error("cannot write the Raft log's header: {0}")]
     Header(#[from] AppendError),
+    /// A removed group's entries could not be dropped from the node's
+    /// shared log before a new group of the same id opened.
+    #[error("cannot drop a removed group's entries from the node log: {0}")]
+    Forget(#[source] AppendError),
     /// Opening stopped (its blocking task panicked or was cancelled).
     #[error("opening the storage stopped: {0}")]
     Interrupted(String),
@@ -206,10 +214,88 @@ pub async fn open_group<S: GroupState>(
     };
     let log_store = LogStore {
         dir: dir.clone(),
-        log,
+        backend: Backend::Own { log, next_seq },
         index: Arc::new(RwLock::new(index)),
         hard,
-        next_seq,
+    };
+    let state_machine = StateMachineStore::new(dir, snapshot)?;
+    Ok((log_store, state_machine))
+}
+
+/// Whether the group whose directory is `dir` keeps its entries in the
+/// node's shared log.
+pub fn in_node_wal(dir: &Path) -> bool {
+    dir.join(IN_NODE_WAL).exists()
+}
+
+/// Opens a queue group's storage in `dir`: its entries in the node's
+/// shared log `wal` if given (see [`crate::wal`]), in a log of its own in
+/// `dir/log` otherwise. A group that already has a log of its own keeps
+/// it, so a node upgraded to the shared log reads its old groups; a group
+/// whose entries are in the shared log cannot be opened without it.
+pub async fn open_queue_group<S: GroupState>(
+    dir: &Path,
+    wal: Option<&NodeWal>,
+    group: GroupId,
+) -> Result<(LogStore, StateMachineStore<S>), StorageOpenError> {
+    let owns_log = dir.join("log").exists();
+    let in_wal = dir.join(IN_NODE_WAL).exists();
+    match wal {
+        Some(wal) if !owns_log => open_in_wal(dir, wal, group, in_wal).await,
+        None if in_wal => Err(StorageOpenError::File(FileError::Corrupt {
+            path: dir.join(IN_NODE_WAL),
+            reason: "the group's entries are in the node's shared log, which is not open".into(),
+        })),
+        _ => open_group(dir).await,
+    }
+}
+
+async fn open_in_wal<S: GroupState>(
+    dir: &Path,
+    wal: &NodeWal,
+    group: GroupId,
+    in_wal: bool,
+) -> Result<(LogStore, StateMachineStore<S>), StorageOpenError> {
+    if !in_wal {
+        // Whatever the log holds for this id is a removed group's: a new
+        // one must not find it.
+        if wal.groups().contains(&group) {
+            wal.forget(group).await.map_err(StorageOpenError::Forget)?;
+        }
+    }
+    let dir = dir.to_path_buf();
+    let (hard, snapshot) = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, FileError> {
+            let side = read_side_files(&dir)?;
+            if !in_wal {
+                write_framed(&dir, IN_NODE_WAL, b"CWAL", &[])?;
+            }
+            Ok(side)
+        })
+        .await
+        .map_err(|e| StorageOpenError::Interrupted(e.to_string()))??
+    };
+    let log = wal.group(group);
+    {
+        let _writing = log.write.lock().await;
+        let purged = hard.purged.map(|id| id.index);
+        let mut index = log.index.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = purged {
+            *index = match p.checked_add(1) {
+                Some(from) => index.split_off(&from),
+                None => Index::new(),
+            };
+        }
+    }
+    let log_store = LogStore {
+        dir: dir.clone(),
+        index: log.index.clone(),
+        backend: Backend::Shared {
+            wal: wal.clone(),
+            group: log,
+        },
+        hard,
     };
     let state_machine = StateMachineStore::new(dir, snapshot)?;
     Ok((log_store, state_machine))
@@ -224,23 +310,33 @@ struct Opened {
     snapshot: Option<(Meta, Vec<u8>)>,
 }
 
-fn open_files(dir: PathBuf) -> Result<Opened, StorageOpenError> {
-    fs::create_dir_all(&dir).map_err(|source| FileError::Io {
-        path: dir.clone(),
+/// Creates `dir` if needed, clears what an interrupted write left, and
+/// reads the vote and snapshot files.
+/// A snapshot as read from its file: its meta and its state's bytes.
+type SnapshotFile = (Meta, Vec<u8>);
+
+fn read_side_files(dir: &Path) -> Result<(HardState, Option<SnapshotFile>), FileError> {
+    fs::create_dir_all(dir).map_err(|source| FileError::Io {
+        path: dir.to_path_buf(),
         source,
     })?;
     // Leftovers of a write a crash interrupted; the file they were to
     // replace is intact.
-    for name in [VOTE_FILE, SNAPSHOT_FILE] {
+    for name in [VOTE_FILE, SNAPSHOT_FILE, IN_NODE_WAL] {
         let temp = dir.join(format!("{name}.tmp"));
         match fs::remove_file(&temp) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(FileError::Io { path: temp, source }.into()),
+            Err(source) => return Err(FileError::Io { path: temp, source }),
         }
     }
-    let hard = read_hard_state(&dir)?.unwrap_or_default();
-    let snapshot = read_snapshot_file(&dir)?;
+    let hard = read_hard_state(dir)?.unwrap_or_default();
+    let snapshot = read_snapshot_file(dir)?;
+    Ok((hard, snapshot))
+}
+
+fn open_files(dir: PathBuf) -> Result<Opened, StorageOpenError> {
+    let (hard, snapshot) = read_side_files(&dir)?;
 
     let log_dir = dir.join("log");
     let purged = hard.purged.map(|id| id.index);
@@ -509,12 +605,23 @@ fn read_range(index: &RwLock<Index>, range: impl RangeBounds<u64>) -> Vec<Entry<
 #[derive(Debug)]
 pub struct LogStore {
     dir: PathBuf,
-    log: Log,
+    backend: Backend,
     /// Shared with the [`LogReader`]s of replication tasks.
     index: Arc<RwLock<Index>>,
     hard: HardState,
-    /// The sequence number the log gives the next record.
-    next_seq: Seq,
+}
+
+/// Where a store's entries are written.
+#[derive(Debug)]
+enum Backend {
+    /// A segment log of its own, in `dir/log`.
+    Own {
+        log: Log,
+        /// The sequence number the log gives the next record.
+        next_seq: Seq,
+    },
+    /// The node's shared log.
+    Shared { wal: NodeWal, group: Arc<GroupLog> },
 }
 
 /// Reads the entries of a [`LogStore`] (for openraft's replication tasks).
@@ -530,14 +637,17 @@ impl LogStore {
     /// durable once written, so they need no image.
     #[doc(hidden)]
     pub fn durable_image(&self) -> DurableImage {
-        self.log.durable_image()
+        self.durable_probe().image()
     }
 
     /// FOR TESTS: takes [`Self::durable_image`] later, after the store has
     /// moved into Raft.
     #[doc(hidden)]
     pub fn durable_probe(&self) -> courier_queue::log::DurableProbe {
-        self.log.durable_probe()
+        match &self.backend {
+            Backend::Own { log, .. } => log.durable_probe(),
+            Backend::Shared { wal, .. } => wal.durable_probe(),
+        }
     }
 
     /// The last index present, or the purge point when no entry is.
@@ -574,6 +684,29 @@ impl RaftLogReader<TypeConfig> for LogReader {
     ) -> Result<Vec<Entry<TypeConfig>>, Error> {
         Ok(read_range(&self.index, range))
     }
+}
+
+/// Appends `entries` to a store's own log, one record each, in one batch
+/// (one write, one fdatasync), then indexes them.
+async fn append_own(
+    log: &Log,
+    next_seq: &mut Seq,
+    index: &RwLock<Index>,
+    entries: Vec<Entry<TypeConfig>>,
+) -> Result<(), String> {
+    let records = entries
+        .iter()
+        .map(|entry| postcard::to_allocvec(entry).map(|bytes| (ENTRY_KIND, Bytes::from(bytes))))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let count = records.len() as u64;
+    let first = log.append_batch(records).await.map_err(|e| e.to_string())?;
+    let mut index = index.write().unwrap_or_else(|p| p.into_inner());
+    for (seq, entry) in (first..).zip(entries) {
+        index.insert(entry.log_id.index, (seq, entry));
+    }
+    *next_seq = first + count;
+    Ok(())
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -645,7 +778,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .filter(|e| purged.is_none_or(|p| e.log_id.index > p))
             .collect();
         let mut previous = self.last_log_id().map(|id| id.index);
-        let mut records = Vec::with_capacity(entries.len());
         for entry in &entries {
             let at = entry.log_id.index;
             if let Some(previous) = previous.filter(|&p| at <= p) {
@@ -660,39 +792,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 ));
             }
             previous = Some(at);
-            match postcard::to_allocvec(entry) {
-                Ok(bytes) => records.push((ENTRY_KIND, Bytes::from(bytes))),
-                Err(err) => {
-                    callback.log_io_completed(Err(io::Error::other(err.to_string())));
-                    return Err(storage_error(
-                        ErrorSubject::Log(entry.log_id),
-                        ErrorVerb::Write,
-                        &err,
-                    ));
-                }
-            }
         }
-        if records.is_empty() {
+        if entries.is_empty() {
             callback.log_io_completed(Ok(()));
             return Ok(());
         }
-        let count = records.len() as u64;
-        // One batch: one write and one fdatasync (FsyncPolicy::Always).
-        match self.log.append_batch(records).await {
-            Ok(first) => {
-                {
-                    let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-                    for (seq, entry) in (first..).zip(entries) {
-                        index.insert(entry.log_id.index, (seq, entry));
+        let written = match &mut self.backend {
+            Backend::Own { log, next_seq } => append_own(log, next_seq, &self.index, entries).await,
+            Backend::Shared { wal, group } => {
+                // Under the group's write lock, so a compaction copying
+                // the group sees the index and the disk agree.
+                let _writing = group.write.lock().await;
+                let written = match wal.append_entries(group.id, &entries).await {
+                    Ok(first) => {
+                        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+                        for (seq, entry) in (first..).zip(entries) {
+                            index.insert(entry.log_id.index, (seq, entry));
+                        }
+                        Ok(())
                     }
-                }
-                self.next_seq = first + count;
+                    Err(err) => Err(err.to_string()),
+                };
+                drop(_writing);
+                wal.after_write();
+                written
+            }
+        };
+        match written {
+            Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
             Err(err) => {
-                callback.log_io_completed(Err(io::Error::other(err.to_string())));
-                Err(logs_error(ErrorVerb::Write, &err))
+                callback.log_io_completed(Err(io::Error::other(err.clone())));
+                Err(logs_error(ErrorVerb::Write, &Refused(err)))
             }
         }
     }
@@ -705,20 +838,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let Some(first_removed) = first_removed else {
             return Ok(());
         };
-        // Sequence number 0 is the header, never an entry.
-        let Some(keep) = first_removed.checked_sub(1) else {
-            let err = Refused("an entry at sequence number 0".to_string());
-            return Err(logs_error(ErrorVerb::Delete, &err));
-        };
-        self.log
-            .truncate_after(keep)
-            .await
-            .map_err(|e: TruncateError| logs_error(ErrorVerb::Delete, &e))?;
+        match &mut self.backend {
+            Backend::Own { log, next_seq } => {
+                // Sequence number 0 is the header, never an entry.
+                let Some(keep) = first_removed.checked_sub(1) else {
+                    let err = Refused("an entry at sequence number 0".to_string());
+                    return Err(logs_error(ErrorVerb::Delete, &err));
+                };
+                log.truncate_after(keep)
+                    .await
+                    .map_err(|e: TruncateError| logs_error(ErrorVerb::Delete, &e))?;
+                *next_seq = first_removed;
+            }
+            Backend::Shared { wal, group } => {
+                let _writing = group.write.lock().await;
+                wal.truncate(group.id, log_id.index)
+                    .await
+                    .map_err(|e| logs_error(ErrorVerb::Delete, &e))?;
+                self.index
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .split_off(&log_id.index);
+                return Ok(());
+            }
+        }
         self.index
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .split_off(&log_id.index);
-        self.next_seq = first_removed;
         Ok(())
     }
 
@@ -732,6 +879,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             purged: Some(log_id),
             ..self.hard.clone()
         };
+        let shared = match &self.backend {
+            Backend::Shared { wal, group } => Some((wal.clone(), group.clone())),
+            Backend::Own { .. } => None,
+        };
+        let writing = match &shared {
+            Some((_, group)) => Some(group.write.lock().await),
+            None => None,
+        };
         self.save_hard_state(hard)
             .await
             .map_err(|e| logs_error(ErrorVerb::Write, &e))?;
@@ -743,12 +898,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             };
             index.first_key_value().map(|(_, (seq, _))| *seq)
         };
-        // Whole segments below the first kept entry (or, with none kept,
-        // below the next record) go; the log never deletes its tail.
-        self.log
-            .remove_before(first_kept.unwrap_or(self.next_seq))
-            .await
-            .map_err(|e| logs_error(ErrorVerb::Delete, &e))?;
+        drop(writing);
+        match (&self.backend, shared) {
+            // Segments go once no group of the node needs them.
+            (_, Some((wal, _))) => wal.release().await,
+            // Whole segments below the first kept entry (or, with none
+            // kept, below the next record) go; the log never deletes its
+            // tail.
+            (Backend::Own { log, next_seq }, None) => log
+                .remove_before(first_kept.unwrap_or(*next_seq))
+                .await
+                .map(drop)
+                .map_err(|e| logs_error(ErrorVerb::Delete, &e))?,
+            (Backend::Shared { .. }, None) => {}
+        }
         Ok(())
     }
 }

@@ -32,6 +32,7 @@ use courier_cluster::node::Timing;
 use courier_cluster::queue_group::{QueueGroup, QueueGroupConfig};
 use courier_cluster::queue_state::{EnqueueOutcome, Part, QueueSettings};
 use courier_cluster::types::NodeId;
+use courier_cluster::wal::{NodeWal, WalOptions};
 use courier_queue::Message;
 use courier_test_support::{Rng, TempDir};
 use openraft::ServerState;
@@ -62,6 +63,10 @@ struct QueueSim {
     powered: Mutex<HashMap<NodeId, Arc<AtomicBool>>>,
     dirs: BTreeMap<NodeId, TempDir>,
     replicas: BTreeMap<NodeId, String>,
+    /// Whether each node keeps the group's entries in its shared log
+    /// (`courier_cluster::wal`, what a broker does) or in a log of the
+    /// group's own (what groups created before it keep).
+    shared_log: bool,
 }
 
 fn settings() -> QueueSettings {
@@ -73,7 +78,7 @@ fn settings() -> QueueSettings {
 }
 
 impl QueueSim {
-    async fn start(seed: u64) -> QueueSim {
+    async fn start(seed: u64, shared_log: bool) -> QueueSim {
         let ids: Vec<NodeId> = vec![1, 2, 3];
         let sim = QueueSim {
             router: Router::new(seed),
@@ -88,6 +93,7 @@ impl QueueSim {
             ids: ids.clone(),
             groups: Mutex::new(BTreeMap::new()),
             powered: Mutex::new(HashMap::new()),
+            shared_log,
         };
         for id in ids {
             sim.boot(id).await;
@@ -108,6 +114,17 @@ impl QueueSim {
         // Snapshots every 50 entries: restarted and lagging
         // replicas also catch up by snapshot.
         .with_snapshot_after(50);
+        let config = if self.shared_log {
+            let wal = NodeWal::open(
+                &self.dirs[&id].path().join("node-wal"),
+                WalOptions::default(),
+            )
+            .await
+            .expect("the node log opens");
+            config.with_wal(Some(wal))
+        } else {
+            config
+        };
         let group = QueueGroup::start(config, SimNetwork::new(id, self.router.clone()))
             .await
             .expect("the group starts");
@@ -358,10 +375,11 @@ async fn nemesis(sim: Arc<QueueSim>, seed: u64, steps: usize, power: bool) {
     }
 }
 
-async fn run(default_seed: u64, default_steps: usize, power: bool) {
+async fn run(default_seed: u64, default_steps: usize, power: bool, shared_log: bool) {
     let seed = seed(default_seed);
     let steps = steps(default_steps);
-    let sim = Arc::new(QueueSim::start(seed).await);
+    println!("queue sim: seed {seed}, shared log {shared_log}");
+    let sim = Arc::new(QueueSim::start(seed, shared_log).await);
     let history = Arc::new(Mutex::new(History::default()));
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -496,12 +514,15 @@ async fn run(default_seed: u64, default_steps: usize, power: bool) {
     sim.shutdown().await;
 }
 
+/// With each group's log its own (as groups made before the shared log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicated_queue_under_partitions_loss_and_leader_kills_loses_nothing() {
-    run(0x517e_0001, 10, false).await;
+    run(0x517e_0001, 10, false, false).await;
 }
 
+/// In each node's shared log, as a broker keeps them: the power loss
+/// drops what that log's fsyncs did not cover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicated_queue_loses_nothing_when_a_minority_loses_power() {
-    run(0x517e_0002, 8, true).await;
+    run(0x517e_0002, 8, true, true).await;
 }
