@@ -12,6 +12,11 @@
 //! <dir>/snapshot   "CSNP" crc32c(u32 LE) postcard(SnapshotMeta, state bytes)
 //! ```
 //!
+//! A queue group may keep its entries in the node's shared log instead of
+//! `<dir>/log` ([`open_queue_group`], [`crate::wal`]); its vote, purge
+//! point and snapshot stay here, with the file `<dir>/in-node-wal` saying
+//! where its entries are.
+//!
 //! The Raft log index and the log's sequence number are different
 //! numbers: entries are appended in index order, but after a purge past
 //! the last entry (an installed snapshot) the next index jumps while the
