@@ -58,24 +58,40 @@ impl Nodes {
     }
 
     /// `count` brokers, each queue on `replicas` of them.
+    ///
+    /// Every member's address is picked before any starts (each is given
+    /// the others'), so a port may be taken in between, by another test
+    /// or by the outgoing connection of a member already running: then the
+    /// whole set starts again on fresh ports, in a fresh directory.
     async fn start_with(label: &str, count: u64, replicas: usize) -> Nodes {
-        let dir = TempDir::new(label);
-        let addresses: Vec<String> = (0..count)
-            .map(|_| format!("tcp://127.0.0.1:{}", free_port()))
-            .collect();
-        let mut brokers = Vec::new();
-        for id in 1..=count {
-            brokers.push(Some(
-                Broker::start(config(&dir, id, &addresses, replicas))
-                    .await
-                    .unwrap(),
-            ));
+        for attempt in 1.. {
+            let dir = TempDir::new(label);
+            let addresses: Vec<String> = (0..count)
+                .map(|_| format!("tcp://127.0.0.1:{}", free_port()))
+                .collect();
+            let mut nodes = Nodes {
+                brokers: Vec::new(),
+                addresses,
+                dir,
+            };
+            let mut taken = false;
+            for id in 1..=count {
+                match Broker::start(config(&nodes.dir, id, &nodes.addresses, replicas)).await {
+                    Ok(broker) => nodes.brokers.push(Some(broker)),
+                    Err(courier_broker::BrokerError::Bind { address, reason }) if attempt < 5 => {
+                        println!("attempt {attempt}: {address} was taken ({reason}); again");
+                        taken = true;
+                        break;
+                    }
+                    Err(e) => panic!("broker {id} did not start: {e}"),
+                }
+            }
+            if !taken {
+                return nodes;
+            }
+            nodes.shutdown().await;
         }
-        Nodes {
-            brokers,
-            addresses,
-            dir,
-        }
+        unreachable!("the loop returns or panics")
     }
 
     fn broker(&self, id: u64) -> &Broker {
