@@ -176,7 +176,8 @@ pub enum OpenError {
         /// What the system said.
         source: io::Error,
     },
-    /// Another log (in this process or another) has the directory open.
+    /// Another log (in this process or another) has the directory open,
+    /// still after half a second of trying (see `LOCK_PATIENCE`).
     #[error("the log at {path} is in use by another process or queue")]
     Locked {
         /// The lock file.
@@ -389,6 +390,16 @@ fn scan(
     })
 }
 
+/// How long [`lock_dir`] keeps trying a lock held by someone else.
+///
+/// A lock released a moment ago can still be held for a few milliseconds:
+/// a process forking a child (any thread's `Command::spawn`) duplicates
+/// every descriptor, the lock file's too, and the child holds the lock
+/// until its `exec` closes them. A log closed and opened again at once
+/// would see `Locked` in that window (CI saw it: one test reopening a log
+/// while another ran `umount`).
+const LOCK_PATIENCE: Duration = Duration::from_millis(500);
+
 /// Takes the directory's lock file, so that two logs (two processes, or a
 /// queue opened twice) never write the same segments.
 fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
@@ -399,10 +410,18 @@ fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(OpenError::Locked { path }),
-        Err(fs::TryLockError::Error(err)) => Err(io_err(&path)(err)),
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_PATIENCE => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(fs::TryLockError::WouldBlock) => return Err(OpenError::Locked { path }),
+            Err(fs::TryLockError::Error(err)) => return Err(io_err(&path)(err)),
+        }
     }
 }
 

@@ -125,6 +125,28 @@ async fn a_log_directory_in_use_cannot_be_opened_twice() {
     let (_log, _, _) = reopen(&dir.0, &LogOptions::default());
 }
 
+/// A lock someone holds for a moment more (a forked child keeps the lock
+/// file's descriptor until its `exec`) is waited for, not reported: CI
+/// once failed to reopen a log it had just closed, because another test
+/// was spawning `umount` at that instant.
+#[test]
+fn a_lock_released_a_moment_later_is_taken() {
+    let dir = TempDir::new("lock-later");
+    drop(Log::open(&dir.0, LogOptions::default(), |_| {}).unwrap());
+    let holder = std::fs::File::options()
+        .write(true)
+        .open(dir.0.join("LOCK"))
+        .unwrap();
+    holder.lock().unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        drop(holder);
+    });
+    let opened = Log::open(&dir.0, LogOptions::default(), |_| {});
+    release.join().unwrap();
+    assert!(opened.is_ok(), "{:?}", opened.map(|_| ()));
+}
+
 #[tokio::test]
 async fn a_torn_last_record_is_cut_off_at_every_possible_offset() {
     let source = TempDir::new("torn-source");
