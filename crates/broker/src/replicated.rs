@@ -578,6 +578,7 @@ impl Replicated {
                 .with_snapshot_after(self.config.snapshot_after)
                 .with_max_message(self.config.max_message)
                 .with_wal(wal)
+                .founded_by(replicas[0])
                 .joining(self.node.joined_queue(&name));
             match QueueGroup::start(config, self.peers.network(group)).await {
                 Ok(started) => {

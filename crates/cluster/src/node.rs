@@ -107,8 +107,9 @@ pub struct NodeConfig {
     pub address: String,
     /// Every member the cluster starts with, this node included, with
     /// their addresses. Every founding member must be given the same set:
-    /// a pristine node initializes the cluster with it, which is safe
-    /// however many do so, as long as they agree.
+    /// the lowest id initializes the cluster with it at once, the others
+    /// if they hear from no leader within an election timeout (safe however
+    /// many do so, as long as they agree).
     pub members: BTreeMap<NodeId, String>,
     /// Where the Raft log, vote and snapshots live.
     pub data_dir: PathBuf,
@@ -369,6 +370,56 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Founds a pristine group (`initialize`) with `members`.
+///
+/// Every founding member calling `initialize` at once is safe (they agree
+/// on the members) but slow: each stands for election in the same term,
+/// the votes split, and nobody leads until a randomized election timeout
+/// later (seconds, with the default timers, for every new queue). So only
+/// `founder` founds at once, and wins its first election in one round
+/// trip; the others found too only if, an election timeout later, nothing
+/// from a leader has reached them (the founder down or slow), which is
+/// the old behaviour. With no founder named, all found at once.
+///
+/// Returns the fallback's task, for the caller to abort when it stops.
+pub(crate) async fn found(
+    raft: &Raft,
+    members: &BTreeMap<NodeId, String>,
+    me: NodeId,
+    founder: Option<NodeId>,
+    timing: Timing,
+    group: crate::types::GroupId,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let members: BTreeMap<NodeId, BasicNode> = members
+        .iter()
+        .map(|(id, addr)| (*id, BasicNode::new(addr)))
+        .collect();
+    let founder = founder.filter(|id| members.contains_key(id));
+    if founder.is_none_or(|id| id == me) {
+        // `NotAllowed` means another one got there first.
+        if let Err(e) = raft.initialize(members).await {
+            tracing::debug!(node = me, group, "initialize: {e}");
+        }
+        return None;
+    }
+    let raft = raft.clone();
+    let patience = Duration::from_millis(timing.election_max_ms);
+    Some(tokio::spawn(async move {
+        tokio::time::sleep(patience).await;
+        if let Ok(false) = raft.is_initialized().await {
+            tracing::info!(
+                node = me,
+                group,
+                ?founder,
+                "the founder is silent; founding"
+            );
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(node = me, group, "initialize: {e}");
+            }
+        }
+    }))
+}
+
 fn raft_config(config: &NodeConfig) -> Result<Config, StartError> {
     raft_config_for(config.timing, config.snapshot_after, config.max_message)
 }
@@ -432,22 +483,27 @@ impl ClusterNode {
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
+        let mut tasks = Vec::new();
         if pristine && !config.join {
-            let members: BTreeMap<NodeId, BasicNode> = config
-                .members
-                .iter()
-                .map(|(id, addr)| (*id, BasicNode::new(addr)))
-                .collect();
-            // Safe on every founding node at once, as long as all agree on
-            // the members; `NotAllowed` means another one got there first.
-            if let Err(e) = raft.initialize(members).await {
-                tracing::debug!(node = config.id, "initialize: {e}");
-            }
+            // The lowest id founds the cluster at once; the others only if
+            // it has not reached them within an election timeout.
+            let founder = config.members.keys().next().copied();
+            tasks.extend(
+                found(
+                    &raft,
+                    &config.members,
+                    config.id,
+                    founder,
+                    config.timing,
+                    crate::types::METADATA_GROUP,
+                )
+                .await,
+            );
         }
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (writes, queued) = mpsc::channel(WRITE_QUEUE);
         let (reads, waiting) = mpsc::channel(WRITE_QUEUE);
-        let tasks = vec![
+        tasks.extend([
             tokio::spawn(group_commit(raft.clone(), config.id, queued)),
             tokio::spawn(read_fence(raft.clone(), waiting)),
             tokio::spawn(snapshot_by_size(
@@ -463,7 +519,7 @@ impl ClusterNode {
                 writes.clone(),
             )),
             tokio::spawn(count_leader_changes(raft.clone(), leader_changes.clone())),
-        ];
+        ]);
         Ok(ClusterNode {
             id: config.id,
             raft,

@@ -106,6 +106,10 @@ pub struct QueueGroupConfig {
     /// group a log of its own in `dir/log`. A group keeps the kind it was
     /// created with.
     pub wal: Option<crate::wal::NodeWal>,
+    /// The replica that founds the group and so leads it first (the
+    /// placement's preferred leader); the others found it only if it is
+    /// silent for an election timeout. `None`: the lowest id.
+    pub founder: Option<NodeId>,
 }
 
 impl QueueGroupConfig {
@@ -130,12 +134,19 @@ impl QueueGroupConfig {
             max_message: 4 * 1024 * 1024,
             joining: false,
             wal: None,
+            founder: None,
         }
     }
 
     /// With its entries in the node's shared log (see [`crate::wal`]).
     pub fn with_wal(mut self, wal: Option<crate::wal::NodeWal>) -> QueueGroupConfig {
         self.wal = wal;
+        self
+    }
+
+    /// Founded by `node` (see [`QueueGroupConfig::founder`]).
+    pub fn founded_by(mut self, node: NodeId) -> QueueGroupConfig {
+        self.founder = Some(node);
         self
     }
 
@@ -253,7 +264,9 @@ impl std::fmt::Debug for QueueGroup {
 
 impl QueueGroup {
     /// Opens the group's storage, starts its Raft on `network` and, if its
-    /// log is pristine, founds the group with `config.replicas`.
+    /// log is pristine, founds the group with `config.replicas`: at once on
+    /// the founder, after an election timeout without news of a leader on
+    /// the others.
     pub async fn start<N>(config: QueueGroupConfig, network: N) -> Result<QueueGroup, StartError>
     where
         N: RaftNetworkFactory<TypeConfig>,
@@ -291,16 +304,20 @@ impl QueueGroup {
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
+        let mut founding = None;
         if pristine && !config.joining {
-            let replicas: BTreeMap<NodeId, BasicNode> = config
-                .replicas
-                .iter()
-                .map(|(id, addr)| (*id, BasicNode::new(addr)))
-                .collect();
-            // Safe on every replica at once, as long as all agree.
-            if let Err(e) = raft.initialize(replicas).await {
-                tracing::debug!(node = config.node, group = config.group, "initialize: {e}");
-            }
+            let founder = config
+                .founder
+                .or_else(|| config.replicas.keys().next().copied());
+            founding = crate::node::found(
+                &raft,
+                &config.replicas,
+                config.node,
+                founder,
+                config.timing,
+                config.group,
+            )
+            .await;
         }
         let (commands, queued) = mpsc::channel(COMMAND_QUEUE);
         let inner = Arc::new(Inner {
@@ -314,7 +331,7 @@ impl QueueGroup {
             ready_term: std::sync::atomic::AtomicU64::new(0),
         });
         let batch_bytes = BATCH_BYTES.min(inner.max_command);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(group_commit(raft.clone(), config.node, queued, batch_bytes)),
             tokio::spawn(lead(
                 raft,
@@ -326,6 +343,7 @@ impl QueueGroup {
                 inner.clone(),
             )),
         ];
+        tasks.extend(founding);
         Ok(QueueGroup {
             inner,
             tasks,
