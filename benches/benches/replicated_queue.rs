@@ -26,6 +26,11 @@
 //!   (prefetch 256 / N, at least 16), each acknowledged as it comes with
 //!   up to the prefetch's acks in flight (the client coalesces them),
 //!   messages per second;
+//! - beside each rate, the CPU it cost per message: user and system time
+//!   of the whole process (every node, its log writers and the client)
+//!   over the workload, divided by its messages. On two CPUs running three
+//!   nodes, R3's rate is bounded by what it costs; the CPU ratio to R1 says
+//!   how much of R3's gap is work and how much is waiting;
 //! - `failover`: R3; the broker leading the queue is stopped abruptly (its
 //!   runtime dropped: every socket closes at once, as at a `kill -9`), and
 //!   the time is taken until the next enqueue through a surviving node is
@@ -38,7 +43,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use courier_benches::{filters, output_dir, pin, runtime, selected, Mode, Placement, Report};
+use courier_benches::{
+    filters, output_dir, pin, process_cpu, runtime, selected, Mode, Placement, Report,
+};
 use courier_broker::config::ClusterSection;
 use courier_broker::{Broker, BrokerConfig, BrokerServiceClient};
 use courier_cluster::node::Timing;
@@ -250,13 +257,13 @@ async fn enqueue_retrying(queue: &RemoteQueue, message: Message) -> anyhow::Resu
     }
 }
 
-/// (enqueue msgs/s, consume+ack msgs/s) for `messages` over `queues`.
+/// Rates and CPU per message for `messages` over `queues`.
 async fn measure(
     address: Address,
     prefix: &str,
     queues: usize,
     messages: usize,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<Measured> {
     let client = courier_rpc::Client::connect(&address, ClientConfig::default()).await?;
     let handles: Vec<RemoteQueue> = (0..queues)
         .map(|q| RemoteQueue::with_client(client.clone(), &format!("{prefix}.{q}")))
@@ -269,6 +276,7 @@ async fn measure(
     // What each queue gets: its declaring message, then its tasks' shares.
     let mut shares = vec![1usize; queues];
     let started = Instant::now();
+    let cpu = process_cpu();
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..IN_FLIGHT {
         let queue = handles[t % queues].clone();
@@ -286,9 +294,11 @@ async fn measure(
         done??;
     }
     let enqueue_rate = messages as f64 / started.elapsed().as_secs_f64();
+    let enqueue_cpu = (process_cpu() - cpu).as_secs_f64() * 1e6 / messages as f64;
 
     let prefetch = (IN_FLIGHT / queues).max(16) as u32;
     let started = Instant::now();
+    let cpu = process_cpu();
     let mut tasks = tokio::task::JoinSet::new();
     for (queue, share) in handles.iter().zip(shares) {
         let queue = queue.clone();
@@ -318,7 +328,25 @@ async fn measure(
         done??;
     }
     let ack_rate = (messages + queues) as f64 / started.elapsed().as_secs_f64();
-    Ok((enqueue_rate, ack_rate))
+    let ack_cpu = (process_cpu() - cpu).as_secs_f64() * 1e6 / (messages + queues) as f64;
+    Ok(Measured {
+        enqueue_rate,
+        ack_rate,
+        enqueue_cpu,
+        ack_cpu,
+    })
+}
+
+/// One subject's figures for one workload.
+struct Measured {
+    /// Enqueues confirmed per second.
+    enqueue_rate: f64,
+    /// Messages consumed and acknowledged per second.
+    ack_rate: f64,
+    /// CPU µs per enqueue, every node and the client together.
+    enqueue_cpu: f64,
+    /// CPU µs per consume + ack, likewise.
+    ack_cpu: f64,
 }
 
 /// The index of the node leading `queue`, from the nodes' stats.
@@ -447,79 +475,82 @@ fn main() -> anyhow::Result<()> {
         println!("raw disk (CPU 0): write + fdatasync of {SIZE} B, one at a time: {disk:.0}/s");
         report.add("raw_fsync_256B", "raw-disk", Placement::Same, "per_s", disk);
         println!(
-            "\n{:<18} {:<6} {:>6} {:>14} {:>14}  vs",
-            "workload", "place", "subj", "enqueue/s", "consume+ack/s"
+            "\n{:<18} {:<6} {:>6} {:>11} {:>14} {:>9} {:>9}  vs (rate; CPU per message)",
+            "workload", "place", "subj", "enqueue/s", "consume+ack/s", "enq µs", "ack µs"
         );
         for &place in &places {
             for &queues in &queue_counts {
-                let mut rates = Vec::new();
+                let mut first: Option<Measured> = None;
                 for subject in [Subject::R3, Subject::R3Own, Subject::R1, Subject::Local] {
                     let setup = Setup::start(subject, place, timing);
                     pin(0);
                     let rt = runtime();
                     let prefix = format!("bench.q{queues}");
-                    let (enq, ack) =
-                        rt.block_on(measure(setup.address(0), &prefix, queues, messages))?;
+                    let got = rt.block_on(measure(setup.address(0), &prefix, queues, messages))?;
                     drop(rt);
                     drop(setup);
-                    let workload = format!("queues_{queues}q");
-                    report.add(
-                        &format!("enqueue_{queues}q"),
-                        subject.label(),
-                        place,
-                        "msgs_per_s",
-                        enq,
-                    );
-                    report.add(
-                        &format!("consume_ack_{queues}q"),
-                        subject.label(),
-                        place,
-                        "msgs_per_s",
-                        ack,
-                    );
-                    let vs = match rates.first() {
+                    let label = subject.label();
+                    for (workload, unit, value) in [
+                        (format!("enqueue_{queues}q"), "msgs_per_s", got.enqueue_rate),
+                        (format!("consume_ack_{queues}q"), "msgs_per_s", got.ack_rate),
+                        (
+                            format!("enqueue_{queues}q_cpu"),
+                            "cpu_us_per_msg",
+                            got.enqueue_cpu,
+                        ),
+                        (
+                            format!("consume_ack_{queues}q_cpu"),
+                            "cpu_us_per_msg",
+                            got.ack_cpu,
+                        ),
+                    ] {
+                        report.add(&workload, label, place, unit, value);
+                    }
+                    let vs = match &first {
                         None => String::new(),
-                        Some(&(r3_enq, r3_ack)) => {
-                            format!(
-                                "R3 / {}: enqueue {:.2}x, consume+ack {:.2}x",
-                                subject.label(),
-                                r3_enq / enq,
-                                r3_ack / ack
-                            )
-                        }
+                        Some(r3) => format!(
+                            "R3 / {label}: enqueue {:.2}x, consume+ack {:.2}x; CPU {:.2}x, {:.2}x",
+                            r3.enqueue_rate / got.enqueue_rate,
+                            r3.ack_rate / got.ack_rate,
+                            r3.enqueue_cpu / got.enqueue_cpu,
+                            r3.ack_cpu / got.ack_cpu,
+                        ),
                     };
                     println!(
-                        "{workload:<18} {:<6} {:>6} {enq:>14.0} {ack:>14.0}  {vs}",
+                        "{:<18} {:<6} {:>6} {:>11.0} {:>14.0} {:>9.1} {:>9.1}  {vs}",
+                        format!("queues_{queues}q"),
                         place.label(),
-                        subject.label()
+                        label,
+                        got.enqueue_rate,
+                        got.ack_rate,
+                        got.enqueue_cpu,
+                        got.ack_cpu,
                     );
-                    if let Some(&(r3_enq, r3_ack)) = rates.first() {
+                    if let Some(r3) = &first {
+                        let target = if subject == Subject::R1 {
+                            0.5
+                        } else {
+                            f64::NAN
+                        };
                         report.ratio(
                             &format!("enqueue_{queues}q_R3_vs"),
-                            subject.label(),
+                            label,
                             place,
-                            r3_enq / enq,
-                            if subject == Subject::R1 {
-                                0.5
-                            } else {
-                                f64::NAN
-                            },
+                            r3.enqueue_rate / got.enqueue_rate,
+                            target,
                             true,
                         );
                         report.ratio(
                             &format!("consume_ack_{queues}q_R3_vs"),
-                            subject.label(),
+                            label,
                             place,
-                            r3_ack / ack,
-                            if subject == Subject::R1 {
-                                0.5
-                            } else {
-                                f64::NAN
-                            },
+                            r3.ack_rate / got.ack_rate,
+                            target,
                             true,
                         );
+                    } else {
+                        first = Some(got);
                     }
-                    rates.push((enq, ack));
                 }
             }
         }

@@ -108,6 +108,26 @@ pub fn pin(core: usize) {
     }
 }
 
+/// CPU time this process has used so far, user and system, all threads
+/// (`getrusage(RUSAGE_SELF)`): for benchmarks whose every party runs in
+/// process, what a workload costs however the scheduler placed it.
+#[allow(unsafe_code)] // one libc call; std has no getrusage
+pub fn process_cpu() -> std::time::Duration {
+    // SAFETY: `getrusage` only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return std::time::Duration::ZERO;
+        }
+        usage
+    };
+    let time = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec as u64)
+            + std::time::Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
 /// A current-thread tokio runtime with I/O and time enabled.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
