@@ -244,6 +244,8 @@ struct Inner {
     /// The term in which this node, as leader, declared the queue and
     /// took it over: until then it accepts no operation.
     ready_term: std::sync::atomic::AtomicU64,
+    /// Woken when `ready_term` moves, for [`QueueGroup::changed`].
+    ready: tokio::sync::Notify,
 }
 
 /// One replica of a replicated queue (see the [module docs](self)).
@@ -329,6 +331,7 @@ impl QueueGroup {
             consumers: std::sync::atomic::AtomicU64::new(1),
             max_command: (config.max_message / 4) as u64,
             ready_term: std::sync::atomic::AtomicU64::new(0),
+            ready: tokio::sync::Notify::new(),
         });
         let batch_bytes = BATCH_BYTES.min(inner.max_command);
         let mut tasks = vec![
@@ -449,6 +452,24 @@ impl QueueGroup {
     /// of and its address (as [`ClusterError::NotLeader`]).
     pub fn leading(&self) -> Result<(), ClusterError> {
         self.inner.leading()
+    }
+
+    /// Waits at most `patience` for something that may change what
+    /// [`QueueGroup::leading`] says: the replica's Raft state (a leader
+    /// elected or heard of, a term, an entry applied), or this node, as
+    /// leader, becoming ready. For a caller retrying while there is no
+    /// leader: it retries as soon as there may be one, not at its next
+    /// backoff tick.
+    pub async fn changed(&self, patience: Duration) {
+        let mut metrics = self.inner.raft.metrics();
+        let ready = self.inner.ready.notified();
+        let _ = tokio::time::timeout(patience, async {
+            tokio::select! {
+                _ = metrics.changed() => {}
+                _ = ready => {}
+            }
+        })
+        .await;
     }
 
     /// The group's members (voters and learners) as this replica sees its
@@ -1049,6 +1070,7 @@ async fn lead(
                         inner
                             .ready_term
                             .store(term, std::sync::atomic::Ordering::Release);
+                        inner.ready.notify_waiters();
                     }
                     Err(e) => {
                         tracing::debug!(node = id, queue = %name, "taking over: {e}");

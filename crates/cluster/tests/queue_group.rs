@@ -228,6 +228,24 @@ async fn a_new_group_is_led_first_by_its_founder_in_the_first_term() {
     cluster.shutdown().await;
 }
 
+/// `changed` wakes a caller waiting for a leader when the group's state
+/// moves (here: the two replicas found the group after their founder's
+/// silence and elect one), not when its patience runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_waiting_for_a_change_wakes_when_the_group_moves() {
+    let cluster = Cluster::start_founded(|_| Some(1), &[1]).await;
+    let group = 1;
+    let replica = cluster.queue(2, group);
+    assert_eq!(replica.status().leader, None, "no leader yet");
+    let woke = tokio::time::timeout(
+        Duration::from_secs(60),
+        replica.changed(Duration::from_secs(3600)),
+    )
+    .await;
+    assert!(woke.is_ok(), "changed() slept through the group's founding");
+    cluster.shutdown().await;
+}
+
 /// A founder that never comes up does not leave the group without a
 /// leader: the others found it after an election timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
