@@ -48,7 +48,7 @@ use courier_queue::core::ConsumerId;
 use courier_queue::Message;
 use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, ChangeMembers, ServerState};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::node::{
@@ -225,6 +225,8 @@ pub struct GroupStatus {
     pub replicas: Vec<Member>,
 }
 
+type ServerMetrics = openraft::metrics::RaftServerMetrics<NodeId, BasicNode>;
+
 type Queued = (
     QueueCommand,
     oneshot::Sender<Result<QueueResponse, ClusterError>>,
@@ -234,6 +236,11 @@ struct Inner {
     node: NodeId,
     group: GroupId,
     raft: Raft,
+    /// openraft's server metrics (vote, role, leader, membership): sent
+    /// only when one of them changes, unlike its full metrics, which are
+    /// sent at every step of every entry, so what follows the leader here
+    /// is not woken per entry.
+    server: watch::Receiver<ServerMetrics>,
     shared: SharedState<QueueGroupState>,
     commands: mpsc::Sender<Queued>,
     consumers: std::sync::atomic::AtomicU64,
@@ -326,6 +333,7 @@ impl QueueGroup {
             node: config.node,
             group: config.group,
             raft: raft.clone(),
+            server: raft.server_metrics(),
             shared: shared.clone(),
             commands: commands.clone(),
             consumers: std::sync::atomic::AtomicU64::new(1),
@@ -337,7 +345,6 @@ impl QueueGroup {
         let mut tasks = vec![
             tokio::spawn(group_commit(raft.clone(), config.node, queued, batch_bytes)),
             tokio::spawn(lead(
-                raft,
                 shared,
                 config.node,
                 config.name,
@@ -455,17 +462,26 @@ impl QueueGroup {
     }
 
     /// Waits at most `patience` for something that may change what
-    /// [`QueueGroup::leading`] says: the replica's Raft state (a leader
-    /// elected or heard of, a term, an entry applied), or this node, as
-    /// leader, becoming ready. For a caller retrying while there is no
+    /// [`QueueGroup::leading`] says here or on the leader: the replica's
+    /// Raft state (a vote, a leader elected or heard of, its role, its
+    /// membership), an entry applied (such as a new leader's takeover), or
+    /// this node, as leader, becoming ready. For a caller retrying while there is no
     /// leader: it retries as soon as there may be one, not at its next
     /// backoff tick.
     pub async fn changed(&self, patience: Duration) {
-        let mut metrics = self.inner.raft.metrics();
+        let mut metrics = self.inner.server.clone();
+        // A clone counts what its original has not seen (here: anything
+        // since the group started) as unseen, so `changed` would return
+        // at once: only what changes from here on may wake the caller.
+        metrics.borrow_and_update();
+        // An entry applied here: on a follower, the leader's declaration
+        // and takeover, after which it is ready.
+        let mut applied = self.inner.shared.revision_watch();
         let ready = self.inner.ready.notified();
         let _ = tokio::time::timeout(patience, async {
             tokio::select! {
                 _ = metrics.changed() => {}
+                _ = applied.changed() => {}
                 _ = ready => {}
             }
         })
@@ -666,10 +682,10 @@ impl Inner {
     /// refused as undeclared, or their consumers detached by the takeover):
     /// a leader not ready yet answers `NotLeader` without an address.
     fn leading(&self) -> Result<(), ClusterError> {
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow();
+        let m = self.server.borrow();
         if m.current_leader == Some(self.node) {
-            if self.ready_term.load(std::sync::atomic::Ordering::Acquire) == m.current_term {
+            let term = m.vote.leader_id().get_term();
+            if self.ready_term.load(std::sync::atomic::Ordering::Acquire) == term {
                 Ok(())
             } else {
                 Err(ClusterError::NotLeader {
@@ -1016,7 +1032,6 @@ async fn group_commit(
 
 /// The leader's duties (see the [module docs](self)).
 async fn lead(
-    raft: Raft,
     shared: SharedState<QueueGroupState>,
     id: NodeId,
     name: String,
@@ -1037,14 +1052,14 @@ async fn lead(
                 .map_err(|_| ClusterError::Unavailable("shutting down".into()))?
         }
     };
-    let mut metrics = raft.metrics();
+    let mut metrics = inner.server.clone();
     let mut applied = shared.revision_watch();
     // The term in which this node last took over as leader.
     let mut took_over_in: Option<u64> = None;
     loop {
         let (leader, term) = {
             let m = metrics.borrow_and_update();
-            (m.current_leader, m.current_term)
+            (m.current_leader, m.vote.leader_id().get_term())
         };
         let mut wait = LEADER_TICK;
         if leader == Some(id) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use courier_cluster::network::{Peers, RaftHost, RaftTransportServer};
 use courier_cluster::node::{ClusterError, Timing};
-use courier_cluster::queue_group::{QueueGroup, QueueGroupConfig, QueueGroupError};
+use courier_cluster::queue_group::{GroupStatus, QueueGroup, QueueGroupConfig, QueueGroupError};
 use courier_cluster::queue_state::{EnqueueOutcome, Part};
 use courier_cluster::types::{GroupId, NodeId};
 use courier_queue::Message;
@@ -236,13 +236,25 @@ async fn a_caller_waiting_for_a_change_wakes_when_the_group_moves() {
     let cluster = Cluster::start_founded(|_| Some(1), &[1]).await;
     let group = 1;
     let replica = cluster.queue(2, group);
-    assert_eq!(replica.status().leader, None, "no leader yet");
-    let woke = tokio::time::timeout(
-        Duration::from_secs(60),
-        replica.changed(Duration::from_secs(3600)),
-    )
-    .await;
-    assert!(woke.is_ok(), "changed() slept through the group's founding");
+    let seen = |s: GroupStatus| (s.role, s.leader, s.term, s.applied_index);
+    let before = seen(replica.status());
+    assert_eq!(before.1, None, "no leader yet");
+    // Each wake must follow a change: a `changed` that returned at once
+    // would spin through these tries long before the group is founded.
+    let mut moved = false;
+    for _ in 0..20 {
+        let woke = tokio::time::timeout(
+            Duration::from_secs(60),
+            replica.changed(Duration::from_secs(3600)),
+        )
+        .await;
+        assert!(woke.is_ok(), "changed() slept through the group's founding");
+        if seen(replica.status()) != before {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "changed() woke 20 times with nothing changed");
     cluster.shutdown().await;
 }
 
