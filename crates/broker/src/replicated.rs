@@ -60,6 +60,9 @@ const MAX_TOKENS: usize = 1 << 20;
 /// The suffix naming a queue's dead letters.
 const DLQ_SUFFIX: &str = ".dlq";
 
+/// The shortest wait between two tries at routing one operation.
+const RETRY_FLOOR: Duration = Duration::from_millis(2);
+
 /// Why a member would not serve a forwarded operation.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
 #[non_exhaustive]
@@ -828,7 +831,15 @@ impl Replicated {
     /// tick (up to 500 ms later).
     async fn before_rerouting(&self, name: &str, patience: Duration) {
         match self.local(name) {
-            Some(group) => group.changed(patience).await,
+            Some(group) => {
+                // Not sooner than `RETRY_FLOOR`: a busy group applies
+                // entries all the time, and a route failing for another
+                // reason (a leader it cannot reach) must not retry at
+                // that rate.
+                let floor = tokio::time::sleep(patience.min(RETRY_FLOOR));
+                group.changed(patience).await;
+                floor.await;
+            }
             None => tokio::time::sleep(patience).await,
         }
     }
