@@ -334,8 +334,10 @@ pub struct ClusterSection {
     /// Queues kept in Raft groups of their own, replicated over
     /// `queue_replicas` members, instead of in one broker's data
     /// directory: names, or prefixes ending in `*` (`["orders.*"]`, or
-    /// `["*"]` for every queue). Default none. Every member should be given
-    /// the same list.
+    /// `["*"]` for every queue but durable subscriptions', `durable.*`,
+    /// which the broker hosting each subscription keeps; a pattern naming
+    /// them is refused). Default none. Every member should be given the
+    /// same list.
     pub replicated_queues: Vec<String>,
     /// Replicas of each replicated queue: 1 to 5, at most the members.
     /// Default 3.
@@ -433,6 +435,14 @@ impl ClusterSection {
                     key: "cluster.replicated_queues",
                     reason: format!(
                         "{pattern:?}: a queue name, or a prefix ending in * (\"orders.*\", \"*\")"
+                    ),
+                });
+            }
+            if name.starts_with(courier_pubsub::durable::QUEUE_PREFIX) {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.replicated_queues",
+                    reason: format!(
+                        "{pattern:?}: durable subscriptions' queues are kept by the broker hosting the subscription, not replicated"
                     ),
                 });
             }
@@ -704,5 +714,29 @@ impl BrokerConfig {
             }
         }
         Ok(transport)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_patterns(patterns: &[&str]) -> Result<(), ConfigError> {
+        let section = ClusterSection {
+            replicated_queues: patterns.iter().map(|p| p.to_string()).collect(),
+            ..Default::default()
+        };
+        section.check_replicated()
+    }
+
+    #[test]
+    fn replicated_queue_patterns_are_names_or_prefixes_but_never_durable_subscriptions() {
+        assert!(with_patterns(&["*", "orders.*", "jobs", "d*"]).is_ok());
+        assert!(with_patterns(&["or*ders"]).is_err());
+        assert!(with_patterns(&["**"]).is_err());
+        for durable in ["durable.*", "durable.audit"] {
+            let refused = with_patterns(&[durable]).unwrap_err().to_string();
+            assert!(refused.contains("durable subscriptions"), "{refused}");
+        }
     }
 }

@@ -153,6 +153,16 @@ pub(crate) struct ReplicatedConfig {
 
 /// Whether `name` matches one of `patterns`: a name, or a prefix ending in
 /// `*` (`orders.*`, or `*` for every queue).
+/// Whether `patterns` make `queue` (or the queue whose dead letters it
+/// names) a replicated queue. A durable subscription's queue never is,
+/// whatever the patterns: the broker hosting the subscription stores what
+/// is published to it in its own queue set, so a replicated group of that
+/// name would stay empty while its consumers waited on it.
+pub(crate) fn replicates(patterns: &[String], queue: &str) -> bool {
+    let (base, _) = split(queue);
+    !base.starts_with(courier_pubsub::durable::QUEUE_PREFIX) && matches(patterns, base)
+}
+
 pub(crate) fn matches(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| match p.strip_suffix('*') {
         Some(prefix) => name.starts_with(prefix),
@@ -421,8 +431,7 @@ impl Replicated {
     /// Whether `queue` (or the queue whose dead letters it names) is a
     /// replicated queue.
     pub(crate) fn handles(&self, queue: &str) -> bool {
-        let (base, _) = split(queue);
-        matches(&self.config.patterns, base)
+        replicates(&self.config.patterns, queue)
     }
 
     /// How long an operation looks for a leader before it gives up: a few
@@ -1708,6 +1717,17 @@ mod tests {
         assert!(!matches(&patterns, "orders"));
         assert!(matches(&["*".to_string()], "anything"));
         assert!(!matches(&[], "jobs"));
+    }
+
+    #[test]
+    fn every_queue_is_replicated_under_a_star_but_durable_subscriptions() {
+        let star = vec!["*".to_string()];
+        assert!(replicates(&star, "jobs"));
+        assert!(replicates(&star, "jobs.dlq"));
+        assert!(!replicates(&star, "durable.audit"));
+        assert!(!replicates(&star, "durable.audit.dlq"));
+        assert!(!replicates(&["d*".to_string()], "durable.audit"));
+        assert!(replicates(&["d*".to_string()], "durably"));
     }
 
     #[test]

@@ -23,7 +23,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn config(dir: &TempDir, id: u64, addresses: &[String], replicas: usize) -> BrokerConfig {
+/// The queues these tests replicate, unless a test says otherwise.
+const PATTERNS: &[&str] = &["jobs", "orders.*"];
+
+fn config(
+    dir: &TempDir,
+    id: u64,
+    addresses: &[String],
+    replicas: usize,
+    patterns: &[&str],
+) -> BrokerConfig {
     let mut config = BrokerConfig::default();
     config.listen = vec![addresses[(id - 1) as usize].clone()];
     config.data_dir = dir.path().join(format!("node-{id}"));
@@ -34,7 +43,7 @@ fn config(dir: &TempDir, id: u64, addresses: &[String], replicas: usize) -> Brok
     section.heartbeat_ms = 50;
     section.election_min_ms = 300;
     section.election_max_ms = 600;
-    section.replicated_queues = vec!["jobs".into(), "orders.*".into()];
+    section.replicated_queues = patterns.iter().map(|p| p.to_string()).collect();
     section.queue_replicas = replicas;
     for (i, address) in addresses.iter().enumerate() {
         let peer = i as u64 + 1;
@@ -64,6 +73,16 @@ impl Nodes {
     /// or by the outgoing connection of a member already running: then the
     /// whole set starts again on fresh ports, in a fresh directory.
     async fn start_with(label: &str, count: u64, replicas: usize) -> Nodes {
+        Nodes::start_replicating(label, count, replicas, PATTERNS).await
+    }
+
+    /// As [`Nodes::start_with`], replicating the queues `patterns` name.
+    async fn start_replicating(
+        label: &str,
+        count: u64,
+        replicas: usize,
+        patterns: &[&str],
+    ) -> Nodes {
         for attempt in 1.. {
             let dir = TempDir::new(label);
             let addresses: Vec<String> = (0..count)
@@ -76,7 +95,8 @@ impl Nodes {
             };
             let mut taken = false;
             for id in 1..=count {
-                match Broker::start(config(&nodes.dir, id, &nodes.addresses, replicas)).await {
+                let config = config(&nodes.dir, id, &nodes.addresses, replicas, patterns);
+                match Broker::start(config).await {
                     Ok(broker) => nodes.brokers.push(Some(broker)),
                     Err(courier_broker::BrokerError::Bind { address, reason }) if attempt < 5 => {
                         println!("attempt {attempt}: {address} was taken ({reason}); again");
@@ -505,5 +525,42 @@ async fn a_member_that_leaves_while_running_hands_on_its_replica_then_stops_it()
         seen.insert(String::from_utf8(delivery.payload().to_vec()).unwrap());
         delivery.ack().await.unwrap();
     }
+    nodes.shutdown().await;
+}
+
+/// `replicated_queues = ["*"]` replicates every queue but a durable
+/// subscription's, which the broker hosting the subscription keeps: what
+/// is published to the subscription reaches its consumer (it used to be
+/// stored in the broker's own queue while the consumer waited on an empty
+/// replicated group of the same name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicating_every_queue_leaves_durable_subscriptions_working() {
+    let nodes = Nodes::start_replicating("durable-star", 3, 3, &["*"]).await;
+    let client = courier_rpc::Client::connect(&nodes.address(1), ClientConfig::default())
+        .await
+        .unwrap();
+    let bus = courier_pubsub::remote::RemotePubSub::with_client(client);
+    let audit = bus.durable("audit", "orders.>").await.unwrap();
+    let publisher = bus.publisher();
+    publisher.publish("orders.kept", "stored").await.unwrap();
+    publisher.flush().await.unwrap();
+    let mut consumer = audit.consumer(1).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .expect("the durable subscription's message arrives")
+        .unwrap();
+    let message = courier_pubsub::durable::DurableMessage::decode(&delivery.payload).unwrap();
+    assert_eq!(&message.payload[..], b"stored");
+    delivery.ack().await.unwrap();
+    drop(consumer);
+
+    // Any other queue is replicated, on all three.
+    let queue = nodes.queue(1, "anything").await;
+    assert!(matches!(
+        enqueue(&queue, Message::new("x")).await,
+        Enqueued::Stored(_)
+    ));
+    let leader = nodes.leader_of("anything").await;
+    assert!((1..=3).contains(&leader));
     nodes.shutdown().await;
 }

@@ -50,8 +50,9 @@ use crate::{Filter, Publisher, Router, Subject, SubjectError, SubscriptionId};
 
 /// The file, beside the queues, that lists the durable subscriptions.
 const REGISTRY_FILE: &str = "durable-subscriptions";
-/// Durable subscription `name` keeps its messages in queue `durable.<name>`.
-const QUEUE_PREFIX: &str = "durable.";
+/// Durable subscription `name` keeps its messages in queue `durable.<name>`
+/// ([`queue_name`]).
+pub const QUEUE_PREFIX: &str = "durable.";
 /// The registry is small; a bigger file is damage, not data.
 const MAX_REGISTRY_BYTES: u64 = 16 << 20;
 
